@@ -1,0 +1,196 @@
+"""Checkpoint files: where weights come from (file, sharded folder, Hugging Face repo) and how
+they are read and written, one tensor at a time, so no model is ever held twice in memory.
+
+The safetensors format (https://github.com/huggingface/safetensors): an 8-byte little-endian
+header length, a JSON header of {name: {dtype, shape, data_offsets}}, then the raw bytes.
+"""
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass
+class Checkpoint:
+    """The tensors of one safetensors file or of a sharded folder, opened lazily."""
+
+    files: dict[str, Path]  # tensor name -> file holding it
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    metadata: dict[str, str]
+    source: Path
+    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+
+    def get(self, key: str) -> Tensor:
+        """Read one tensor into memory."""
+        path = self.files[key]
+        if path not in self._handles:
+            self._handles[path] = _open(path)
+        return self._handles[path].get_tensor(key)
+
+    def where(self, key: str) -> str:
+        """The file a tensor lives in, for error messages."""
+        return str(self.files.get(key, self.source))
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: "
+            "download it again"
+        ) from None
+
+
+def _read_file(path: Path) -> Checkpoint:
+    handle = _open(path)
+    shapes, dtypes = {}, {}
+    for key in handle.keys():
+        s = handle.get_slice(key)
+        shapes[key], dtypes[key] = tuple(s.get_shape()), DTYPES[s.get_dtype()]
+    files = dict.fromkeys(shapes, path)
+    return Checkpoint(files, shapes, dtypes, handle.metadata() or {}, path, {path: handle})
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a .safetensors file, or a folder holding one file or an index.json with shards."""
+    path = Path(path)
+    if path.is_file():
+        return _read_file(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    files = sorted(path.glob("*.safetensors"))
+    if len(indexes) == 1:
+        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        shards = {name: path / name for name in sorted(set(weight_map.values()))}
+        if missing := [str(p) for p in shards.values() if not p.is_file()]:
+            raise FileNotFoundError(f"{indexes[0]} lists shards that are missing: {missing}")
+        parts = [_read_file(p) for p in shards.values()]
+        ckpt = Checkpoint({}, {}, {}, parts[0].metadata, path)
+        for part in parts:
+            ckpt.files.update(part.files), ckpt.shapes.update(part.shapes)
+            ckpt.dtypes.update(part.dtypes), ckpt._handles.update(part._handles)
+        if absent := sorted(set(weight_map) - set(ckpt.shapes)):
+            raise ValueError(f"{indexes[0]} names tensors no shard holds: {absent[:5]}")
+        return ckpt
+    if len(indexes) == 0 and len(files) == 1:
+        return _read_file(files[0])
+    found = [p.name for p in path.iterdir()]
+    raise FileNotFoundError(
+        f"{path} must hold one .safetensors file or one *.safetensors.index.json with its shards; "
+        f"found {found}"
+    )
+
+
+def looks_like_repo_id(src: str) -> bool:
+    """'owner/name' with no path syntax: a Hugging Face repo id rather than a local path."""
+    parts = str(src).split("/")
+    return len(parts) == 2 and all(parts) and not str(src).startswith((".", "~"))
+
+
+def resolve(src: str | Path, allow_patterns: list[str] | None = None) -> Path:
+    """A local path as is, or a Hugging Face repo id fetched (only `allow_patterns`) to the cache.
+
+    Honours HF_HOME, HF_TOKEN and HF_HUB_OFFLINE through huggingface_hub.
+    """
+    path = Path(src).expanduser()
+    if path.exists():
+        return path
+    if not looks_like_repo_id(str(src)):
+        raise FileNotFoundError(f"{src}: no such file or folder (and not a Hugging Face repo id)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(str(src), allow_patterns=allow_patterns))
+    except GatedRepoError:
+        raise PermissionError(
+            f"{src} is gated: accept its license on https://huggingface.co/{src} while logged in, "
+            "then log in with `hf auth login` or set HF_TOKEN"
+        ) from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(
+            f"Hugging Face repo {src} not found (or private: log in with `hf auth login`)"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"{src} is not in the Hugging Face cache and cannot be downloaded now (offline mode or "
+            "no network): download it once with network access, or pass a local folder"
+        ) from None
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary name next to `path`; rename it to `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_safetensors(
+    path: str | Path,
+    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    tensors: Iterable[tuple[str, Tensor]],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Stream tensors (in the order of `specs`) into a safetensors file, written atomically."""
+    header, offset = {}, 0
+    for name, (dtype, shape) in specs.items():
+        size = torch.Size(shape).numel() * dtype.itemsize
+        header[name] = {
+            "dtype": DTYPE_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        names = iter(specs)
+        for name, t in tensors:
+            expected = next(names, None)
+            if name != expected or (t.dtype, tuple(t.shape)) != specs[name]:
+                raise ValueError(
+                    f"tensor {name} {t.dtype} {tuple(t.shape)} out of order or off spec"
+                )
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        if (left := next(names, None)) is not None:
+            raise ValueError(f"tensor {left} was never written")

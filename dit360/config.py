@@ -1,0 +1,143 @@
+"""Model configuration: the flat `FluxParams` dataclass, presets, and readers.
+
+A configuration comes from a preset name, from a diffusers `transformer/config.json`, or from the
+tensor shapes of a checkpoint, so a tiny test model loads exactly like FLUX.1-dev.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class FluxParams:
+    """Hyperparameters of the FLUX MMDiT (names follow BFL's `FluxParams`)."""
+
+    in_channels: int = 64
+    out_channels: int = 64
+    vec_in_dim: int = 768
+    context_in_dim: int = 4096
+    hidden_size: int = 3072
+    mlp_ratio: float = 4.0
+    num_heads: int = 24
+    depth: int = 19
+    depth_single_blocks: int = 38
+    axes_dim: tuple[int, ...] = field(default=(16, 56, 56))
+    theta: int = 10_000
+    qkv_bias: bool = True
+    guidance_embed: bool = True
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} not divisible by {self.num_heads} heads"
+            )
+        if sum(self.axes_dim) != self.head_dim or any(d % 2 for d in self.axes_dim):
+            raise ValueError(
+                f"RoPE axes {tuple(self.axes_dim)} must be even and sum to head dim {self.head_dim}"
+            )
+        object.__setattr__(self, "axes_dim", tuple(self.axes_dim))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+PRESETS: dict[str, FluxParams] = {
+    "flux-dev": FluxParams(),
+    "flux-schnell": FluxParams(guidance_embed=False),
+}
+
+# FLUX.1 uses (16, 56, 56) for its 128-wide heads; the split is not recorded in the weights.
+DEFAULT_AXES = {128: (16, 56, 56)}
+
+
+def from_json(text: str) -> FluxParams:
+    """Read a config written by `FluxParams.to_json`."""
+    return FluxParams(**json.loads(text))
+
+
+def from_diffusers_config(config: dict | str | Path) -> FluxParams:
+    """Read a diffusers `FluxTransformer2DModel` config.json (a dict or a path)."""
+    if not isinstance(config, dict):
+        config = json.loads(Path(config).read_text())
+    if config.get("patch_size", 1) != 1:
+        raise ValueError(f"only patch_size 1 is supported, config has {config['patch_size']}")
+    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+    in_channels = config.get("in_channels", 64)
+    return FluxParams(
+        in_channels=in_channels,
+        out_channels=config.get("out_channels") or in_channels,
+        vec_in_dim=config.get("pooled_projection_dim", 768),
+        context_in_dim=config.get("joint_attention_dim", 4096),
+        hidden_size=heads * head_dim,
+        num_heads=heads,
+        depth=config.get("num_layers", 19),
+        depth_single_blocks=config.get("num_single_layers", 38),
+        axes_dim=tuple(config.get("axes_dims_rope", (16, 56, 56))),
+        guidance_embed=config.get("guidance_embeds", False),
+    )
+
+
+def to_diffusers_config(p: FluxParams) -> dict:
+    """The diffusers config.json for these parameters."""
+    if p.mlp_ratio != 4.0 or not p.qkv_bias:
+        raise ValueError("diffusers' FluxTransformer2DModel needs mlp_ratio 4 and qkv biases")
+    return {
+        "_class_name": "FluxTransformer2DModel",
+        "patch_size": 1,
+        "in_channels": p.in_channels,
+        "out_channels": p.out_channels,
+        "num_layers": p.depth,
+        "num_single_layers": p.depth_single_blocks,
+        "attention_head_dim": p.head_dim,
+        "num_attention_heads": p.num_heads,
+        "joint_attention_dim": p.context_in_dim,
+        "pooled_projection_dim": p.vec_in_dim,
+        "guidance_embeds": p.guidance_embed,
+        "axes_dims_rope": list(p.axes_dim),
+    }
+
+
+def from_shapes(shapes: dict[str, tuple[int, ...]], axes_dim: tuple[int, ...] | None = None):
+    """Infer `FluxParams` from the BFL-named tensor shapes of a checkpoint."""
+
+    def count(prefix: str) -> int:
+        return len({k.split(".")[1] for k in shapes if k.startswith(prefix)})
+
+    try:
+        hidden, in_channels = shapes["img_in.weight"]
+        head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+        mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
+        params = dict(
+            in_channels=in_channels,
+            out_channels=shapes["final_layer.linear.weight"][0],
+            vec_in_dim=shapes["vector_in.in_layer.weight"][1],
+            context_in_dim=shapes["txt_in.weight"][1],
+            hidden_size=hidden,
+            mlp_ratio=mlp_hidden / hidden,
+            num_heads=hidden // head_dim,
+        )
+    except KeyError as e:
+        raise ValueError(f"not a FLUX transformer checkpoint: tensor {e} is missing") from None
+    axes_dim = axes_dim or DEFAULT_AXES.get(head_dim)
+    if axes_dim is None:
+        raise ValueError(
+            f"head dim {head_dim}: the RoPE axes are not stored in the weights; pass axes_dim "
+            "or load from a folder with a config.json"
+        )
+    return FluxParams(
+        **params,
+        depth=count("double_blocks."),
+        depth_single_blocks=count("single_blocks."),
+        axes_dim=tuple(axes_dim),
+        qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes,
+        guidance_embed="guidance_in.in_layer.weight" in shapes,
+    )

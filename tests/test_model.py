@@ -1,0 +1,179 @@
+"""The FLUX transformer against diffusers on the same random weights, in every weight layout."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import TINY_TRANSFORMER, diffusers_transformer, save_transformer
+
+from dit360 import config, weights
+from dit360.checkpoint import Checkpoint
+from dit360.weights import convert_flux, load_flux, meta_flux, plan_from
+
+DATA = Path(__file__).parent / "data"
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def wrapped_ids(h: int, w: int, pad: int) -> torch.Tensor:
+    """Image ids (h*(w+2*pad), 3) of a grid with `pad` wrapped columns per side, written by hand."""
+    cols = [(c - pad) % w for c in range(w + 2 * pad)]
+    return torch.tensor([[0.0, r, c] for r in range(h) for c in cols])
+
+
+def inputs(seed: int = 1, batch: int = 2, h: int = 4, w: int = 6, pad: int = 1, txt_len: int = 7):
+    """Random model inputs on a padded token grid (as DESIGN section 2), diffusers' 2-D ids."""
+    g = torch.Generator().manual_seed(seed)
+    c = TINY_TRANSFORMER
+    img_ids = wrapped_ids(h, w, pad)
+    return dict(
+        img=torch.randn(batch, len(img_ids), c["in_channels"], generator=g),
+        img_ids=img_ids,
+        txt=torch.randn(batch, txt_len, c["joint_attention_dim"], generator=g),
+        txt_ids=torch.zeros(txt_len, 3),
+        t=torch.rand(batch, generator=g),
+        y=torch.randn(batch, c["pooled_projection_dim"], generator=g),
+        guidance=torch.full((batch,), 2.8),
+    )
+
+
+def run_ours(model, x: dict) -> torch.Tensor:
+    b = x["img"].shape[0]
+    return model(
+        x["img"],
+        x["img_ids"].expand(b, -1, -1),
+        x["txt"],
+        x["txt_ids"].expand(b, -1, -1),
+        x["t"],
+        x["y"],
+        x["guidance"] if model.params.guidance_embed else None,
+    )
+
+
+def run_diffusers(model, x: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(
+            hidden_states=x["img"],
+            encoder_hidden_states=x["txt"],
+            pooled_projections=x["y"],
+            timestep=x["t"],
+            img_ids=x["img_ids"],
+            txt_ids=x["txt_ids"],
+            guidance=x["guidance"] if model.config.guidance_embeds else None,
+            return_dict=False,
+        )[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A random diffusers transformer saved in the sharded FLUX.1-dev layout, and its output."""
+    model = diffusers_transformer(seed=0)
+    root = tmp_path_factory.mktemp("flux")
+    save_transformer(model, root)
+    x = inputs()
+    return root, x, run_diffusers(model, x)
+
+
+def test_diffusers_folder_parity(reference):
+    """Sharded diffusers folder -> our model: same output as diffusers within 1e-5."""
+    root, x, expected = reference
+    assert len(list((root / "transformer").glob("*.safetensors"))) > 3  # shards cut blocks
+    model = load_flux(root, dtype=torch.float32)
+    with torch.no_grad():
+        err = rel_err(run_ours(model, x), expected)
+    assert err < 1e-5, err
+
+
+def test_bfl_single_file_parity(reference, tmp_path):
+    """Converted to one BFL-layout file, the model loads from it and still matches diffusers."""
+    root, x, expected = reference
+    path = convert_flux(root, tmp_path / "flux.safetensors")
+    model = load_flux(path, dtype=torch.float32)
+    with torch.no_grad():
+        assert rel_err(run_ours(model, x), expected) < 1e-5
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_schnell_without_guidance(tmp_path):
+    """A model without the guidance embedding (schnell) loads and matches diffusers."""
+    model = diffusers_transformer(seed=3, guidance_embeds=False)
+    save_transformer(model, tmp_path)
+    x = inputs(seed=4)
+    ours = load_flux(tmp_path, dtype=torch.float32)
+    assert ours.guidance_in is None
+    with torch.no_grad():
+        assert rel_err(run_ours(ours, x), run_diffusers(model, x)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        ("swap", "identity"),  # forget the final adaLN [shift; scale] swap
+        ("to_q", "to_k"),  # exchange q and k of one fused qkv
+    ],
+)
+def test_negative_control(reference, monkeypatch, rule):
+    """Deliberately mis-mapping one tensor breaks parity: the check can fail."""
+    root, x, expected = reference
+    table = list(weights.FLUX_DIFFUSERS)
+    if rule[0] == "swap":
+        table[-2] = ("identity", *table[-2][1:])
+    else:
+        i = next(i for i, r in enumerate(table) if r[1] == "double_blocks.{i}.img_attn.qkv")
+        q, k, v = table[i][2]
+        table[i] = ("concat", table[i][1], (k, q, v))
+    monkeypatch.setattr(weights, "FLUX_DIFFUSERS", table)
+    with torch.no_grad():
+        err = rel_err(run_ours(load_flux(root, dtype=torch.float32), x), expected)
+    assert err > 1e-3, err
+
+
+def test_diffusers_export_round_trip(reference, tmp_path):
+    """Our diffusers export loads strictly in diffusers and reproduces the output."""
+    from diffusers import FluxTransformer2DModel
+
+    root, x, expected = reference
+    out = convert_flux(root, tmp_path / "transformer", to="diffusers", dtype=torch.float32)
+    model = FluxTransformer2DModel.from_pretrained(out).eval()
+    assert rel_err(run_diffusers(model, x), expected) < 1e-6
+
+
+def test_dtype_conversion(reference, tmp_path):
+    """--dtype bf16 stores bf16 tensors; loading keeps the requested dtype."""
+    root, x, expected = reference
+    path = convert_flux(root, tmp_path / "bf16.safetensors", dtype=torch.bfloat16)
+    model = load_flux(path, dtype=None)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        out = run_ours(model.float(), x)
+    assert rel_err(out, expected) < 5e-2
+
+
+def manifest(name: str) -> dict[str, tuple[int, ...]]:
+    tensors = json.loads((DATA / name).read_text())["tensors"]
+    return {k: tuple(v["shape"]) for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("preset", ["flux-dev", "flux-schnell"])
+def test_full_size_names_and_shapes(preset):
+    """On the meta device, our presets have exactly the names and shapes of the BFL files."""
+    ours = {k: tuple(v.shape) for k, v in meta_flux(config.PRESETS[preset]).state_dict().items()}
+    assert ours == manifest(f"{preset}.bfl.json")
+
+
+def test_full_size_diffusers_coverage():
+    """Every tensor of FLUX.1-dev's diffusers shards maps onto flux-dev, nothing left over."""
+    shapes = manifest("flux-dev.diffusers.json")
+    ckpt = Checkpoint({}, shapes, {}, {}, Path("flux-dev.diffusers.json"))
+    plan = plan_from(ckpt, weights.FLUX_DIFFUSERS)
+    used = [k for _, keys in plan.sources.values() for k in keys]
+    assert sorted(used) == sorted(shapes)
+    assert plan.shapes == manifest("flux-dev.bfl.json")
+    assert config.from_shapes(plan.shapes) == config.PRESETS["flux-dev"]
+    published = json.loads((DATA / "flux-dev.diffusers.json").read_text())["meta"]
+    assert config.from_diffusers_config(published["published_config_json"]) == config.PRESETS[
+        "flux-dev"
+    ]
