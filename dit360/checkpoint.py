@@ -114,16 +114,18 @@ def looks_like_repo_id(src: str) -> bool:
     return len(parts) == 2 and all(parts) and not str(src).startswith((".", "~"))
 
 
-def resolve(src: str | Path, allow_patterns: list[str] | None = None) -> Path:
+def resolve(src: str | Path, allow_patterns: list[str] | None = None, expected: str = "") -> Path:
     """A local path as is, or a Hugging Face repo id fetched (only `allow_patterns`) to the cache.
 
-    Honours HF_HOME, HF_TOKEN and HF_HUB_OFFLINE through huggingface_hub.
+    Honours HF_HOME, HF_TOKEN and HF_HUB_OFFLINE through huggingface_hub. `expected` describes
+    the layout wanted, for error messages.
     """
+    hint = f"; expected {expected}" if expected else ""
     path = Path(src).expanduser()
     if path.exists():
         return path
     if not looks_like_repo_id(str(src)):
-        raise FileNotFoundError(f"{src}: no such file or folder (and not a Hugging Face repo id)")
+        raise FileNotFoundError(f"{src}: no such file or folder (nor a Hugging Face repo id){hint}")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -140,12 +142,12 @@ def resolve(src: str | Path, allow_patterns: list[str] | None = None) -> Path:
         ) from None
     except RepositoryNotFoundError:
         raise FileNotFoundError(
-            f"Hugging Face repo {src} not found (or private: log in with `hf auth login`)"
+            f"Hugging Face repo {src} not found (or private: log in with `hf auth login`){hint}"
         ) from None
     except LocalEntryNotFoundError:
         raise FileNotFoundError(
             f"{src} is not in the Hugging Face cache and cannot be downloaded now (offline mode or "
-            "no network): download it once with network access, or pass a local folder"
+            f"no network): download it once with network access, or pass a local folder{hint}"
         ) from None
 
 

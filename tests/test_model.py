@@ -174,6 +174,7 @@ def test_full_size_diffusers_coverage():
     assert plan.shapes == manifest("flux-dev.bfl.json")
     assert config.from_shapes(plan.shapes) == config.PRESETS["flux-dev"]
     published = json.loads((DATA / "flux-dev.diffusers.json").read_text())["meta"]
-    assert config.from_diffusers_config(published["published_config_json"]) == config.PRESETS[
-        "flux-dev"
-    ]
+    assert (
+        config.from_diffusers_config(published["published_config_json"])
+        == config.PRESETS["flux-dev"]
+    )

@@ -1,0 +1,108 @@
+"""Text conditioning for FLUX: T5-XXL token embeddings (`txt`) and the CLIP-L pooled vector (`vec`).
+
+The only module of dit360 that imports transformers. `encode_prompt` computes what diffusers'
+`FluxPipeline.encode_prompt` computes: T5 on the prompt padded and truncated to 512 tokens, run
+without an attention mask (padding tokens are attended to, as in BFL's and diffusers' code), and
+CLIP's pooled output (the final hidden state at the first end-of-text token) on the prompt padded
+and truncated to 77 tokens. Text tokens take no RoPE position, so their ids are all zero.
+Weights come from a FLUX.1-dev folder (`tokenizer/`, `tokenizer_2/`, `text_encoder/`,
+`text_encoder_2/`) or a Hugging Face repo of that layout, by default
+https://huggingface.co/black-forest-labs/FLUX.1-dev (gated: accept its license first).
+"""
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+from .checkpoint import resolve
+
+TEXT_FOLDERS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
+LAYOUT = (
+    "a FLUX.1-dev folder with tokenizer/ (CLIP), tokenizer_2/ (T5), text_encoder/ (CLIP) and "
+    "text_encoder_2/ (T5), or a Hugging Face repo id such as black-forest-labs/FLUX.1-dev"
+)
+
+
+@dataclass
+class TextEncoders:
+    """The two tokenizers and encoders; drop the object (and empty the CUDA cache) to free them."""
+
+    clip_tokenizer: CLIPTokenizer
+    clip: CLIPTextModel
+    t5_tokenizer: T5TokenizerFast
+    t5: T5EncoderModel
+
+
+def resolve_text_folder(base: str | Path) -> Path:
+    """Return a local folder holding the four text subfolders, downloading `base` if a repo id."""
+    path = resolve(base, [f"{name}/*" for name in TEXT_FOLDERS], LAYOUT)
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file, but the text encoders need {LAYOUT}")
+    for name in TEXT_FOLDERS:
+        if not (path / name).is_dir():
+            raise FileNotFoundError(f"{path / name} is missing; expected {LAYOUT}")
+    return path
+
+
+def load_text_encoders(
+    base: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16
+) -> TextEncoders:
+    """Load CLIP and T5 with their tokenizers from a FLUX.1-dev folder or repo id, frozen."""
+    path = resolve_text_folder(base)
+    clip = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype)
+    t5 = T5EncoderModel.from_pretrained(path / "text_encoder_2", dtype=dtype)
+    return TextEncoders(
+        clip_tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
+        clip=clip.to(device).eval().requires_grad_(False),
+        t5_tokenizer=T5TokenizerFast.from_pretrained(path / "tokenizer_2"),
+        t5=t5.to(device).eval().requires_grad_(False),
+    )
+
+
+@torch.no_grad()
+def encode_prompt(
+    enc: TextEncoders, prompts: list[str], max_length: int = 512
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Encode to txt (B, L, d_t5), txt_ids (B, L, 3) zeros, vec (B, d_clip); L = max_length."""
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    device = enc.clip.device
+    # CLIP: 77 tokens (its position table), padded with <|endoftext|>; pooled at the first one.
+    ids = enc.clip_tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=enc.clip.config.max_position_embeddings,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids  # (B, 77)
+    vec = enc.clip(ids.to(device), output_hidden_states=False).pooler_output  # (B, d_clip)
+    vec = vec.to(enc.clip.dtype)
+    # T5: padded to max_length with <pad>, no attention mask, like FLUX.1-dev's training.
+    ids = enc.t5_tokenizer(
+        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids  # (B, L)
+    txt = enc.t5(ids.to(enc.t5.device), output_hidden_states=False)[0]  # (B, L, d_t5)
+    txt = txt.to(dtype=enc.t5.dtype, device=device)
+    txt_ids = torch.zeros(txt.shape[0], txt.shape[1], 3, device=device, dtype=enc.clip.dtype)
+    return txt, txt_ids, vec
+
+
+def encode(
+    base: str | Path,
+    prompts: list[str],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    max_length: int = 512,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Load the encoders, encode `prompts`, and free the encoders before returning."""
+    enc = load_text_encoders(base, device, dtype)
+    out = encode_prompt(enc, prompts, max_length)
+    del enc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # give the ~10 GB of T5-XXL back before denoising
+    return out
