@@ -187,7 +187,7 @@ TRANSFORMER_FILES = ["transformer/*.safetensors", "transformer/*.json"]
 def open_flux(src: str | Path) -> tuple[Checkpoint, list[Rule] | None, Path]:
     """Open a FLUX transformer from a file, a folder (FLUX.1-dev layout or `transformer/`) or a
     repo id; return the checkpoint, the key table to apply (None: BFL names) and its folder."""
-    path = resolve(src, allow_patterns=TRANSFORMER_FILES)
+    path = resolve(src, TRANSFORMER_FILES, "a FLUX transformer .safetensors file or folder")
     if path.is_dir() and (path / "transformer").is_dir():
         path = path / "transformer"
     ckpt = open_checkpoint(path)
