@@ -2,7 +2,9 @@
 they are read and written, one tensor at a time, so no model is ever held twice in memory.
 
 The safetensors format (https://github.com/huggingface/safetensors): an 8-byte little-endian
-header length, a JSON header of {name: {dtype, shape, data_offsets}}, then the raw bytes.
+header length, a JSON header of {name: {dtype, shape, data_offsets}}, then the raw bytes. We read
+and write it with plain file I/O rather than mmap, so converting a 24 GB model keeps only the
+tensor at hand in memory (mapped pages would stay resident until the file is closed).
 """
 
 import json
@@ -14,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 DTYPES = {
@@ -36,45 +37,56 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 @dataclass
 class Checkpoint:
-    """The tensors of one safetensors file or of a sharded folder, opened lazily."""
+    """The tensors of one safetensors file or of a sharded folder, read one at a time."""
 
     files: dict[str, Path]  # tensor name -> file holding it
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, torch.dtype]
     metadata: dict[str, str]
     source: Path
-    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # byte range in its file
 
     def get(self, key: str) -> Tensor:
-        """Read one tensor into memory."""
-        path = self.files[key]
-        if path not in self._handles:
-            self._handles[path] = _open(path)
-        return self._handles[path].get_tensor(key)
+        """Read one tensor into memory (plain reads, no mmap: only this tensor becomes resident)."""
+        start, end = self.spans[key]
+        data = torch.empty(end - start, dtype=torch.uint8)
+        with open(self.files[key], "rb") as f:
+            f.seek(start)
+            if f.readinto(data.numpy()) != end - start:
+                raise ValueError(f"{self.files[key]} ended early reading {key}: download it again")
+        return data.view(self.dtypes[key]).reshape(self.shapes[key])
 
     def where(self, key: str) -> str:
         """The file a tensor lives in, for error messages."""
         return str(self.files.get(key, self.source))
 
 
-def _open(path: Path):
-    try:
-        return safe_open(str(path), framework="pt")
-    except SafetensorError as e:
-        raise ValueError(
-            f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt: "
-            "download it again"
-        ) from None
-
-
 def _read_file(path: Path) -> Checkpoint:
-    handle = _open(path)
-    shapes, dtypes = {}, {}
-    for key in handle.keys():
-        s = handle.get_slice(key)
-        shapes[key], dtypes[key] = tuple(s.get_shape()), DTYPES[s.get_dtype()]
-    files = dict.fromkeys(shapes, path)
-    return Checkpoint(files, shapes, dtypes, handle.metadata() or {}, path, {path: handle})
+    """Parse a safetensors header and check that every tensor lies inside the file."""
+    size = path.stat().st_size
+    bad = f"{path} is not a readable safetensors file"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else size
+        if n > size - 8:
+            raise ValueError(f"{bad}: it may be truncated or corrupt, download it again")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{bad}: its header is not valid JSON (corrupt?)") from None
+    ckpt = Checkpoint({}, {}, {}, header.pop("__metadata__", None) or {}, path)
+    for key, info in header.items():
+        start, end = info["data_offsets"]
+        dtype, shape = DTYPES.get(info["dtype"]), tuple(info["shape"])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
+        if end - start != torch.Size(shape).numel() * dtype.itemsize or 8 + n + end > size:
+            raise ValueError(
+                f"{bad}: tensor {key} lies outside the file (truncated? download again)"
+            )
+        ckpt.files[key], ckpt.shapes[key], ckpt.dtypes[key] = path, shape, dtype
+        ckpt.spans[key] = (8 + n + start, 8 + n + end)
+    return ckpt
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -95,7 +107,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         ckpt = Checkpoint({}, {}, {}, parts[0].metadata, path)
         for part in parts:
             ckpt.files.update(part.files), ckpt.shapes.update(part.shapes)
-            ckpt.dtypes.update(part.dtypes), ckpt._handles.update(part._handles)
+            ckpt.dtypes.update(part.dtypes), ckpt.spans.update(part.spans)
         if absent := sorted(set(weight_map) - set(ckpt.shapes)):
             raise ValueError(f"{indexes[0]} names tensors no shard holds: {absent[:5]}")
         return ckpt
