@@ -1,0 +1,350 @@
+"""Panorama geometry and token layout: packing, wrap padding, projections, rotations, seam metrics.
+
+Conventions (every function here):
+- An equirectangular image is a tensor (B, C, H, W), usually W = 2H. Pixel (i, j) is sampled at its
+  centre: longitude lon = 2*pi*(j + 0.5)/W - pi runs left to right over [-pi, pi), so lon 0 is the
+  boundary between columns W/2 - 1 and W/2 (the image centre); latitude lat = pi/2 - pi*(i + 0.5)/H,
+  +pi/2 (up) at the top row. This is py360convert's equirectangular convention.
+- Directions: x = cos(lat) sin(lon), y = sin(lat), z = cos(lat) cos(lon): +z is the forward view
+  (image centre), +x is lon 90 degrees (to the right), +y is up.
+- Views are angles in degrees: yaw turns right (towards +x), pitch looks up, roll turns the camera
+  clockwise about its view axis, so the scene appears turned counter-clockwise (py360convert's
+  u_deg, v_deg, in_rot_deg). fov is horizontal; the vertical one follows from the image size
+  (square pixels). Perspective pixels are also sampled at their centres.
+- Cube faces (B, 6, C, F, F) in the order px nx py ny pz nz (three.js's names). Each face is the
+  upright 90-degree perspective view from the centre: px/nx/pz/nz are yaw 90/-90/0/180 at pitch 0;
+  py looks up with the front (+z) at its bottom edge, ny looks down with the front at its top edge.
+  These are py360convert's faces (F R B L U D = pz px nz nx py ny), same orientation. Layouts:
+  "cross" (3F, 4F) = py above pz, then nx pz px nz, ny below pz; "strip" (F, 6F) in FACES order.
+- Masks are 1 where valid / supervised.
+
+Everything is batched, differentiable with respect to the images, and runs on any device and
+float dtype; sampling grids are built in float32 (float64 for float64 images).
+
+`loss_yaw_rotation` and `loss_cube_faces` instead reproduce the conventions of the DiT360 training
+losses (github.com/Insta360-Research-Team/DiT360, src/yaw_rotate.py and src/cube_map.py), which
+differ from the above: lon/lat grids spaced over W-1 / H-1 (column 0 and column W-1 both at the
+seam), row 0 at latitude -pi/2, grid_sample with align_corners=True and border padding, face size
+H/2. One deliberate difference: the reference builds its grids in the input dtype, we build them
+in float32, so fp16/bf16 inputs are sampled at the float32 positions rounded once.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+FACES = ("px", "nx", "py", "ny", "pz", "nz")
+FACE_VIEWS = {  # (yaw, pitch) of each face's view
+    "px": (90.0, 0.0),
+    "nx": (-90.0, 0.0),
+    "py": (0.0, 90.0),
+    "ny": (0.0, -90.0),
+    "pz": (0.0, 0.0),
+    "nz": (180.0, 0.0),
+}
+CROSS = {"py": (0, 1), "nx": (1, 0), "pz": (1, 1), "px": (1, 2), "nz": (1, 3), "ny": (2, 1)}
+
+
+# --- tokens: 2x2 packing, image ids, circular wrap --------------------------------------------
+
+
+def pack(z: Tensor) -> Tensor:
+    """Latents (B, C, H, W) -> tokens (B, H/2*W/2, C*4) of 2x2 patches, channels (c ph pw)."""
+    return rearrange(z, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
+
+
+def unpack(x: Tensor, h: int, w: int) -> Tensor:
+    """Tokens (B, h*w, C*4) -> latents (B, C, 2h, 2w); h, w count packed tokens."""
+    return rearrange(x, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=h, w=w, ph=2, pw=2)
+
+
+def image_ids(h: int, w: int, pad: int = 0, batch: int = 1, device=None) -> Tensor:
+    """Position ids (batch, h*(w+2*pad), 3) = (0, row, col); pad columns carry the copied col."""
+    cols = torch.arange(w, device=device)
+    if pad:
+        cols = torch.cat([cols[w - pad :], cols, cols[:pad]])  # [last pad | grid | first pad]
+    ids = torch.zeros(h, len(cols), 3, device=device)
+    ids[..., 1] = torch.arange(h, device=device)[:, None]
+    ids[..., 2] = cols[None, :]
+    return ids.reshape(1, -1, 3).expand(batch, -1, -1)  # (batch, h*(w+2*pad), 3)
+
+
+def wrap_pad(x: Tensor, h: int, w: int, pad: int) -> Tensor:
+    """Tokens (B, h*w, C) -> (B, h*(w+2*pad), C) with columns [last pad | grid | first pad]."""
+    if pad == 0:
+        return x
+    grid = rearrange(x, "b (h w) c -> b h w c", h=h, w=w)
+    grid = torch.cat([grid[:, :, w - pad :], grid, grid[:, :, :pad]], dim=2)  # (B, h, w+2pad, C)
+    return rearrange(grid, "b h w c -> b (h w) c")
+
+
+def wrap_crop(x: Tensor, h: int, w: int, pad: int) -> Tensor:
+    """Inverse of wrap_pad: tokens (B, h*(w+2*pad), C) -> (B, h*w, C)."""
+    if pad == 0:
+        return x
+    grid = rearrange(x, "b (h w) c -> b h w c", h=h, w=w + 2 * pad)
+    return rearrange(grid[:, :, pad : pad + w], "b h w c -> b (h w) c")
+
+
+def roll(x: Tensor, shift: int) -> Tensor:
+    """Roll an image (..., W) right by shift columns: an exact yaw rotation of 360*shift/W deg."""
+    return torch.roll(x, shift, dims=-1)
+
+
+# --- geometry ------------------------------------------------------------------------------------
+
+
+def _geo_dtype(x: Tensor) -> torch.dtype:
+    """The dtype sampling grids are built in: float64 for float64 images, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def rotation(yaw: float, pitch: float = 0.0, roll: float = 0.0) -> Tensor:
+    """Camera-to-world rotation (3, 3) float64 of a view, R = R_y(yaw) R_x(pitch) R_z(roll)."""
+    y, p, r = (math.radians(a) for a in (yaw, pitch, roll))
+    ry = [[math.cos(y), 0, math.sin(y)], [0, 1, 0], [-math.sin(y), 0, math.cos(y)]]
+    rx = [[1, 0, 0], [0, math.cos(p), math.sin(p)], [0, -math.sin(p), math.cos(p)]]
+    rz = [[math.cos(r), math.sin(r), 0], [-math.sin(r), math.cos(r), 0], [0, 0, 1]]
+    ry, rx, rz = (torch.tensor(m, dtype=torch.float64) for m in (ry, rx, rz))
+    return ry @ rx @ rz  # columns: camera right, up, forward in world coordinates
+
+
+def equirect_dirs(h: int, w: int, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Unit directions (h, w, 3) of the pixel centres of an h x w equirectangular image."""
+    lon = (torch.arange(w, device=device, dtype=dtype) + 0.5) * (2 * math.pi / w) - math.pi
+    lat = math.pi / 2 - (torch.arange(h, device=device, dtype=dtype) + 0.5) * (math.pi / h)
+    lat, lon = torch.meshgrid(lat, lon, indexing="ij")  # (h, w) each
+    return torch.stack([lat.cos() * lon.sin(), lat.sin(), lat.cos() * lon.cos()], dim=-1)
+
+
+def camera_rays(
+    h: int, w: int, fov: float, device=None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Rays (h, w, 3) = (tan x, tan y, 1) through the pixel centres of a camera with this fov."""
+    tx = math.tan(math.radians(fov) / 2)
+    ty = tx * h / w
+    x = ((torch.arange(w, device=device, dtype=dtype) + 0.5) * (2 / w) - 1) * tx
+    y = (1 - (torch.arange(h, device=device, dtype=dtype) + 0.5) * (2 / h)) * ty
+    y, x = torch.meshgrid(y, x, indexing="ij")  # (h, w) each
+    return torch.stack([x, y, torch.ones_like(x)], dim=-1)
+
+
+def sample_equirect(x: Tensor, dirs: Tensor, mode: str = "bilinear") -> Tensor:
+    """Sample equirect x (B, C, H, W) along directions (h, w, 3) -> (B, C, h, w), seamlessly."""
+    b, _, h, w = x.shape
+    # One pixel of context so interpolation is seamless: the row beyond a pole is the edge row
+    # half a turn away, the column beyond the seam is the opposite edge column.
+    x = torch.cat([x[:, :, :1].roll(w // 2, -1), x, x[:, :, -1:].roll(w // 2, -1)], dim=2)
+    x = torch.cat([x[..., -1:], x, x[..., :1]], dim=3)  # (B, C, H+2, W+2)
+    lon = torch.atan2(dirs[..., 0], dirs[..., 2])
+    lat = torch.atan2(dirs[..., 1], torch.hypot(dirs[..., 0], dirs[..., 2]))
+    col = (lon + math.pi) * (w / (2 * math.pi)) + 0.5  # pixel centre j -> j + 1 in the padded image
+    row = (math.pi / 2 - lat) * (h / math.pi) + 0.5
+    grid = torch.stack([col * (2 / (w + 1)) - 1, row * (2 / (h + 1)) - 1], dim=-1)  # (h, w, 2)
+    grid = grid.to(x.dtype).expand(b, -1, -1, -1)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=True)
+
+
+# --- projections ---------------------------------------------------------------------------------
+
+
+def equirect_to_perspective(
+    x: Tensor,
+    fov: float,
+    yaw: float = 0.0,
+    pitch: float = 0.0,
+    roll: float = 0.0,
+    size: tuple[int, int] = (512, 512),
+    mode: str = "bilinear",
+) -> Tensor:
+    """Perspective view (B, C, h, w), size = (h, w), of the equirect image x (B, C, H, W)."""
+    dtype = _geo_dtype(x)
+    rot = rotation(yaw, pitch, roll).to(dtype).to(x.device)
+    rays = camera_rays(*size, fov, device=x.device, dtype=dtype)  # (h, w, 3)
+    return sample_equirect(x, rays @ rot.T, mode)
+
+
+def perspective_to_equirect(
+    img: Tensor,
+    fov: float,
+    yaw: float = 0.0,
+    pitch: float = 0.0,
+    roll: float = 0.0,
+    height: int = 1024,
+    width: int | None = None,
+    mode: str = "bilinear",
+) -> tuple[Tensor, Tensor]:
+    """Perspective image (B, C, h, w) -> equirect canvas (B, C, H, W) and its mask (B, 1, H, W)."""
+    b, _, h, w = img.shape
+    width = width or 2 * height
+    if not 0 < fov < 180:
+        raise ValueError(f"fov must be in (0, 180) degrees, got {fov}")
+    dtype = _geo_dtype(img)
+    rot = rotation(yaw, pitch, roll).to(dtype).to(img.device)
+    cam = equirect_dirs(height, width, img.device, dtype) @ rot  # (H, W, 3) in camera coordinates
+    tx = math.tan(math.radians(fov) / 2)
+    ty = tx * h / w
+    depth = cam[..., 2].clamp_min(1e-6)
+    u, v = cam[..., 0] / (depth * tx), cam[..., 1] / (depth * ty)  # image plane, [-1, 1] inside
+    valid = (cam[..., 2] > 0) & (u.abs() <= 1) & (v.abs() <= 1)  # (H, W)
+    grid = torch.stack([u, -v], dim=-1).clamp(-2, 2).to(img.dtype).expand(b, -1, -1, -1)
+    out = F.grid_sample(img, grid, mode=mode, padding_mode="border", align_corners=False)
+    mask = valid.to(img.dtype).expand(b, 1, -1, -1)
+    return out * mask, mask
+
+
+def _face_rotations() -> Tensor:
+    """Camera-to-world rotations (6, 3, 3) float64 of the cube faces, in FACES order."""
+    return torch.stack([rotation(*FACE_VIEWS[f]) for f in FACES])
+
+
+def equirect_to_cube(x: Tensor, face_size: int | None = None, mode: str = "bilinear") -> Tensor:
+    """Equirect (B, C, H, W) -> cube faces (B, 6, C, F, F) in FACES order; F defaults to W/4."""
+    face_size = face_size or x.shape[-1] // 4
+    dtype = _geo_dtype(x)
+    rays = camera_rays(face_size, face_size, 90.0, device=x.device, dtype=dtype)  # (F, F, 3)
+    rots = _face_rotations().to(dtype).to(x.device)
+    dirs = torch.einsum("fij,hwj->fhwi", rots, rays)  # (6, F, F, 3)
+    out = sample_equirect(x, rearrange(dirs, "f h w i -> (f h) w i"), mode)  # (B, C, 6F, F)
+    return rearrange(out, "b c (f h) w -> b f c h w", f=6)
+
+
+def sample_cube(faces: Tensor, dirs: Tensor, mode: str = "bilinear") -> Tensor:
+    """Sample cube faces (B, 6, C, F, F) along directions (h, w, 3) -> (B, C, h, w)."""
+    dtype = _geo_dtype(faces)
+    rots = _face_rotations().to(dtype).to(faces.device)
+    cam = torch.einsum("fji,hwj->fhwi", rots, dirs.to(dtype))  # (6, h, w, 3) in each face's camera
+    face = cam[..., 2].argmax(dim=0)  # (h, w) the face each direction hits
+    cam = cam.gather(0, face[None, ..., None].expand(1, -1, -1, 3))[0]  # (h, w, 3)
+    u, v = cam[..., 0] / cam[..., 2], cam[..., 1] / cam[..., 2]  # in [-1, 1] on that face
+    # A 3-D grid_sample with the face index as depth: the trilinear weights are 0/1 in depth.
+    depth = (2 * face + 1) / 6 - 1
+    grid = torch.stack([u, -v, depth.to(dtype)], dim=-1).to(faces.dtype)  # (h, w, 3)
+    grid = grid.expand(faces.shape[0], 1, -1, -1, -1)  # (B, 1, h, w, 3)
+    volume = rearrange(faces, "b f c h w -> b c f h w")
+    out = F.grid_sample(volume, grid, mode=mode, padding_mode="border", align_corners=False)
+    return out[:, :, 0]  # (B, C, h, w)
+
+
+def cube_to_equirect(
+    faces: Tensor, height: int, width: int | None = None, mode: str = "bilinear"
+) -> Tensor:
+    """Cube faces (B, 6, C, F, F) in FACES order -> equirect (B, C, height, width = 2 height)."""
+    dirs = equirect_dirs(height, width or 2 * height, faces.device, _geo_dtype(faces))
+    return sample_cube(faces, dirs, mode)
+
+
+def cube_to_layout(faces: Tensor, layout: str = "cross") -> Tensor:
+    """Faces (B, 6, C, F, F) -> one image: "cross" (B, C, 3F, 4F) or "strip" (B, C, F, 6F)."""
+    if layout == "strip":
+        return rearrange(faces, "b f c h w -> b c h (f w)")
+    if layout != "cross":
+        raise ValueError(f"unknown cube layout {layout!r}, expected 'cross' or 'strip'")
+    b, _, c, s, _ = faces.shape
+    out = faces.new_zeros(b, c, 3 * s, 4 * s)
+    for i, name in enumerate(FACES):
+        r, k = CROSS[name]  # horizontal cross: py above pz, then nx pz px nz, ny below pz
+        out[:, :, r * s : (r + 1) * s, k * s : (k + 1) * s] = faces[:, i]
+    return out
+
+
+def layout_to_cube(img: Tensor, layout: str = "cross") -> Tensor:
+    """Inverse of cube_to_layout: one image -> faces (B, 6, C, F, F) in FACES order."""
+    if layout == "strip":
+        return rearrange(img, "b c h (f w) -> b f c h w", f=6)
+    if layout != "cross":
+        raise ValueError(f"unknown cube layout {layout!r}, expected 'cross' or 'strip'")
+    s = img.shape[-2] // 3
+    tiles = [img[..., r * s : (r + 1) * s, k * s : (k + 1) * s] for r, k in map(CROSS.get, FACES)]
+    return torch.stack(tiles, dim=1)
+
+
+def rotate(
+    x: Tensor, yaw: float, pitch: float = 0.0, roll: float = 0.0, mode: str = "bilinear"
+) -> Tensor:
+    """Rotate the scene of equirect x (B, C, H, W) by rotation(yaw, pitch, roll), resampling.
+
+    Content at direction d moves to R d, so a yaw of 360 k / W degrees equals roll(x, k), and the
+    forward view of the result looking along (yaw, pitch, roll) is the original forward view.
+    """
+    dtype = _geo_dtype(x)
+    rot = rotation(yaw, pitch, roll).to(dtype).to(x.device)
+    dirs = equirect_dirs(*x.shape[-2:], x.device, dtype)  # (H, W, 3)
+    return sample_equirect(x, dirs @ rot, mode)  # row-vector d @ R = R^T d, the source direction
+
+
+# --- the DiT360 training losses' projections (reference conventions) -----------------------------
+
+
+def _loss_lat_range(h: int, w: int) -> tuple[float, float]:
+    """Latitudes of the first and last rows of a centred crop of height h of a w/2-high panorama."""
+    full = w // 2
+    top = (full - h) // 2
+    return math.pi / 2 - math.pi * (top + h) / full, math.pi / 2 - math.pi * top / full
+
+
+def _loss_sample(x: Tensor, theta: Tensor, phi: Tensor, lat: tuple[float, float]) -> Tensor:
+    """Sample x (B, C, H, W) at lon theta / lat phi grids as the reference does (W-1 spacing)."""
+    b, _, h, w = x.shape
+    col = (theta + math.pi) / (2 * math.pi) * (w - 1)
+    row = (phi - lat[0]) / (lat[1] - lat[0]) * (h - 1)
+    grid = torch.stack([col / (w - 1) * 2 - 1, row / (h - 1) * 2 - 1], dim=-1)
+    grid = grid.to(x.dtype).expand(b, *grid.shape)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def loss_yaw_rotation(x: Tensor, yaw: float) -> Tensor:
+    """DiT360's yaw-loss rotation of x (B, C, H, W) by yaw degrees: out(lon) = x(lon + yaw)."""
+    _, _, h, w = x.shape
+    lat = _loss_lat_range(h, w)
+    row = torch.arange(h, device=x.device, dtype=torch.float32)
+    col = torch.arange(w, device=x.device, dtype=torch.float32)
+    row, col = torch.meshgrid(row, col, indexing="ij")  # (H, W) each
+    phi = lat[0] + (lat[1] - lat[0]) * (row / (h - 1))  # row 0 at the lower latitude
+    theta = -math.pi + 2 * math.pi * (col / (w - 1))  # columns 0 and W-1 both on the seam
+    xyz = torch.stack([phi.cos() * theta.sin(), phi.sin(), phi.cos() * theta.cos()], dim=-1)
+    xyz = xyz.to(_geo_dtype(x))
+    c, s = math.cos(math.radians(yaw)), math.sin(math.radians(yaw))
+    rot = torch.tensor([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]], dtype=torch.float64)
+    xyz = xyz @ rot.to(xyz.dtype).to(x.device).T  # (H, W, 3)
+    phi = torch.asin(xyz[..., 1].clamp(-1, 1))
+    theta = torch.atan2(xyz[..., 0], xyz[..., 2])
+    return _loss_sample(x, theta, phi, lat)
+
+
+def loss_cube_faces(x: Tensor) -> Tensor:
+    """DiT360's cube-loss projection of x (B, C, H, W) -> faces (B, 6, C, H/2, H/2), +-X +-Y +-Z."""
+    _, _, h, w = x.shape
+    size = h // 2
+    lat = _loss_lat_range(h, w)
+    t = torch.linspace(-1, 1, size, device=x.device, dtype=_geo_dtype(x))
+    a, b = torch.meshgrid(t, -t, indexing="ij")  # a varies along rows, b along columns
+    one = torch.ones_like(a)
+    faces = [(one, b, a), (-one, b, -a), (a, one, b), (a, -one, -b), (a, b, one), (-a, b, -one)]
+    xyz = torch.stack([torch.stack(f, dim=-1) for f in faces])  # (6, F, F, 3)
+    xyz = xyz / xyz.norm(dim=-1, keepdim=True)
+    xyz = torch.rot90(xyz, 1, dims=(1, 2))  # the reference turns each sampled face 90 deg CCW
+    theta = torch.atan2(xyz[..., 0], xyz[..., 2])
+    phi = torch.asin(xyz[..., 1])
+    out = _loss_sample(
+        x, rearrange(theta, "f h w -> (f h) w"), rearrange(phi, "f h w -> (f h) w"), lat
+    )
+    return rearrange(out, "b c (f h) w -> b f c h w", f=6)  # (B, 6, C, F, F)
+
+
+# --- seam metrics --------------------------------------------------------------------------------
+
+
+def seam_score(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """Seam discontinuity (B,): mean |step| at the wrap over mean |step| one column in (1: none)."""
+    wrap = (x[..., 0] - x[..., -1]).abs().flatten(1).mean(1)
+    inner = (x[..., 1] - x[..., 0]).abs() + (x[..., -1] - x[..., -2]).abs()
+    return wrap / (inner.flatten(1).mean(1) / 2 + eps)
+
+
+def seam_error(x: Tensor) -> Tensor:
+    """Plain wrap-seam error (B,): mean |last column - first column|."""
+    return (x[..., 0] - x[..., -1]).abs().flatten(1).mean(1)

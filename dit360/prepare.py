@@ -1,0 +1,262 @@
+"""Build the hybrid-training jsonl files (DESIGN.md section 4) from folders of images + captions.
+
+    python -m dit360.prepare --out data --pano panoramas/ --persp photos/ --height 1024
+
+Writes `data/pano.jsonl` and/or `data/persp.jsonl`, one row per image:
+`{"image": path, "caption": str, "mask": path}`, with paths relative to the jsonl file's folder
+(or absolute with --absolute). Masks are single-channel PNGs, 255 = supervised.
+- Panoramas are used in place (not copied); each must be 2:1 (within 1%). Their masks are
+  all white, one shared file per image size under `masks/`.
+- Perspective photos are projected into an equirectangular canvas (height x 2 height) at a given
+  (--fov) or sampled (--fov-range) horizontal field of view and a sampled yaw / pitch / roll, and
+  written as PNGs under `persp/` with masks of the covered area (`persp/<name>_mask.png`).
+Every file is written under a temporary name and renamed, so a failure leaves no partial file.
+Bad rows (unreadable image, missing or empty caption, a panorama that is not 2:1) are collected
+and reported together in one error, and no jsonl is written, unless --skip-bad.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from dit360.panorama import perspective_to_equirect
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+Row = dict[str, str]
+Bad = list[tuple[str, str]]  # (file, reason)
+
+
+def find_images(folder: Path) -> list[Path]:
+    """Image files under folder (recursively), sorted."""
+    files = (p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in files if p.is_file())
+
+
+def read_caption(image: Path) -> str:
+    """The caption of an image: the text of the .txt file with the same stem next to it."""
+    path = image.with_suffix(".txt")
+    if not path.is_file():
+        raise ValueError(f"missing caption {path.name}")
+    caption = path.read_text(encoding="utf-8").strip()
+    if not caption:
+        raise ValueError(f"empty caption {path.name}")
+    return caption
+
+
+def save_atomic(img: Image.Image, path: Path) -> None:
+    """Save a PNG under a temporary name in the same folder, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        img.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_jsonl(rows: list[Row], path: Path) -> None:
+    """Write rows as a jsonl file, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _ref(path: Path, out: Path, absolute: bool) -> str:
+    """How a jsonl in folder out refers to path: relative to out, or absolute."""
+    path = path.resolve()
+    return str(path) if absolute else Path(os.path.relpath(path, out.resolve())).as_posix()
+
+
+def row(image: Path, caption: str, mask: Path, out: Path, absolute: bool = False) -> Row:
+    """One jsonl row for a jsonl file in folder out."""
+    return {
+        "image": _ref(image, out, absolute),
+        "caption": caption,
+        "mask": _ref(mask, out, absolute),
+    }
+
+
+def _name(image: Path, folder: Path) -> str:
+    """Output name of an input image: its path under folder without suffix, '/' -> '__'."""
+    return "__".join(image.relative_to(folder).with_suffix("").parts)
+
+
+def collect_panoramas(folder: Path, out: Path, absolute: bool = False) -> tuple[list[Row], Bad]:
+    """Rows for the 2:1 panoramas under folder, writing their all-white masks under out/masks."""
+    rows, bad = [], []
+    for image in tqdm(find_images(folder), desc="panoramas", unit="img"):
+        try:
+            caption = read_caption(image)
+            with Image.open(image) as img:
+                img.load()  # decode fully: truncated files fail here, not during training
+                w, h = img.size
+            if abs(w / h - 2) > 0.02:
+                raise ValueError(f"not 2:1 ({w}x{h})")
+        except READ_ERRORS as e:  # a bad row, reported with the others at the end
+            bad.append((str(image), str(e) or type(e).__name__))
+            continue
+        mask = out / "masks" / f"pano_{w}x{h}.png"
+        if not mask.exists():
+            save_atomic(Image.new("L", (w, h), 255), mask)
+        rows.append(row(image, caption, mask, out, absolute))
+    return rows, bad
+
+
+def photo_width(fov: float, canvas_width: int) -> int:
+    """Photo width whose centre pixels match the canvas resolution at the equator."""
+    return max(1, round(canvas_width * math.tan(math.radians(fov) / 2) / math.pi))
+
+
+def project_photo(
+    img: Image.Image, fov: float, yaw: float, pitch: float, roll: float, height: int
+) -> tuple[Image.Image, Image.Image]:
+    """Project an RGB photo into a height x 2 height canvas -> (canvas RGB, mask L)."""
+    target = photo_width(fov, 2 * height)
+    if img.width > target:  # downscale with antialiasing first; bilinear sampling would alias
+        img = img.resize((target, max(1, round(img.height * target / img.width))), Image.LANCZOS)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255)
+    x = x.permute(2, 0, 1)[None]  # (1, 3, h, w)
+    with torch.no_grad():
+        canvas, mask = perspective_to_equirect(x, fov, yaw, pitch, roll, height)
+    canvas = (canvas[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    mask = (mask[0, 0] * 255).to(torch.uint8).numpy()
+    return Image.fromarray(canvas, "RGB"), Image.fromarray(mask, "L")
+
+
+def collect_perspectives(
+    folder: Path,
+    out: Path,
+    height: int = 1024,
+    fov: float | None = None,
+    fov_range: tuple[float, float] = (60.0, 90.0),
+    yaw_range: tuple[float, float] = (-180.0, 180.0),
+    pitch_range: tuple[float, float] = (0.0, 0.0),
+    roll_range: tuple[float, float] = (0.0, 0.0),
+    seed: int = 0,
+    absolute: bool = False,
+) -> tuple[list[Row], Bad]:
+    """Rows for the photos under folder, projected with their masks into out/persp."""
+    rng = random.Random(seed)
+    rows, bad, seen = [], [], {}
+    for image in tqdm(find_images(folder), desc="perspective", unit="img"):
+        view = (
+            fov if fov is not None else rng.uniform(*fov_range),
+            rng.uniform(*yaw_range),
+            rng.uniform(*pitch_range),
+            rng.uniform(*roll_range),
+        )  # drawn for every file, so one bad file does not change the others' views
+        name = _name(image, folder)
+        try:
+            if name in seen:
+                raise ValueError(f"same name as {seen[name].name}")
+            seen[name] = image
+            caption = read_caption(image)
+            with Image.open(image) as img:
+                img = ImageOps.exif_transpose(img).convert("RGB")
+            canvas, mask = project_photo(img, *view, height)
+        except READ_ERRORS as e:  # a bad row, reported with the others at the end
+            bad.append((str(image), str(e) or type(e).__name__))
+            continue
+        paths = out / "persp" / f"{name}.png", out / "persp" / f"{name}_mask.png"
+        save_atomic(canvas, paths[0])
+        save_atomic(mask, paths[1])
+        rows.append(row(paths[0], caption, paths[1], out, absolute))
+    return rows, bad
+
+
+def prepare(
+    out: Path,
+    pano: Path | None = None,
+    persp: Path | None = None,
+    skip_bad: bool = False,
+    absolute: bool = False,
+    **views,
+) -> dict[str, Path]:
+    """Write out/pano.jsonl and/or out/persp.jsonl; raise one ValueError listing all bad rows.
+
+    views: the keyword arguments of collect_perspectives (height, fov, fov_range, ..., seed).
+    """
+    out = Path(out)
+    jobs, bad = {}, []
+    if pano is not None:
+        rows, b = collect_panoramas(Path(pano), out, absolute)
+        jobs["pano"], bad = rows, bad + b
+    if persp is not None:
+        rows, b = collect_perspectives(Path(persp), out, absolute=absolute, **views)
+        jobs["persp"], bad = rows, bad + b
+    if bad:
+        listing = "\n".join(f"  {file}: {reason}" for file, reason in bad)
+        if not skip_bad:
+            raise ValueError(f"{len(bad)} bad rows, no jsonl written:\n{listing}")
+        print(f"skipped {len(bad)} bad rows:\n{listing}", file=sys.stderr)
+    written = {}
+    for kind, rows in jobs.items():
+        written[kind] = out / f"{kind}.jsonl"
+        write_jsonl(rows, written[kind])
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line entry point."""
+    p = argparse.ArgumentParser(
+        prog="python -m dit360.prepare",
+        description="Build pano.jsonl / persp.jsonl for DiT360 hybrid training from image folders.",
+        epilog="Captions: each image needs a UTF-8 .txt file with the same stem next to it "
+        "(photo.jpg -> photo.txt). Image folders are searched recursively. jsonl paths are "
+        "relative to the jsonl file's folder unless --absolute.",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder for jsonl, images, masks")
+    p.add_argument("--pano", type=Path, help="folder of 2:1 equirectangular panoramas")
+    p.add_argument("--persp", type=Path, help="folder of perspective photos to project")
+    p.add_argument("--height", type=int, default=1024, help="canvas height for photos (width 2x)")
+    p.add_argument("--fov", type=float, help="horizontal fov of every photo, degrees")
+    p.add_argument("--fov-range", type=float, nargs=2, default=(60.0, 90.0), metavar=("LO", "HI"))
+    p.add_argument(
+        "--yaw-range", type=float, nargs=2, default=(-180.0, 180.0), metavar=("LO", "HI")
+    )
+    p.add_argument("--pitch-range", type=float, nargs=2, default=(0.0, 0.0), metavar=("LO", "HI"))
+    p.add_argument("--roll-range", type=float, nargs=2, default=(0.0, 0.0), metavar=("LO", "HI"))
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled views")
+    p.add_argument("--absolute", action="store_true", help="write absolute paths")
+    p.add_argument("--skip-bad", action="store_true", help="report bad rows and write the rest")
+    args = p.parse_args(argv)
+    if args.pano is None and args.persp is None:
+        p.error("give --pano and/or --persp")
+    try:
+        written = prepare(
+            args.out,
+            args.pano,
+            args.persp,
+            skip_bad=args.skip_bad,
+            absolute=args.absolute,
+            height=args.height,
+            fov=args.fov,
+            fov_range=tuple(args.fov_range),
+            yaw_range=tuple(args.yaw_range),
+            pitch_range=tuple(args.pitch_range),
+            roll_range=tuple(args.roll_range),
+            seed=args.seed,
+        )
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    for path in written.values():
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
