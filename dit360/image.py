@@ -1,0 +1,77 @@
+"""Images in and out: tensors in [-1, 1] <-> PIL, and panorama files with GPano XMP metadata
+(https://developers.google.com/streetview/spherical-metadata) so 360 viewers recognise them."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+from torch import Tensor
+
+from .checkpoint import atomic_path
+
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def to_pil(x: Tensor) -> Image.Image:
+    """An image (3, H, W) in [-1, 1] -> 8-bit RGB, rounded as diffusers' image processor does."""
+    x = (x.detach().float().cpu() / 2 + 0.5).clamp(0, 1)
+    return Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def from_pil(img: Image.Image) -> Tensor:
+    """8-bit RGB -> (3, H, W) float32 in [-1, 1]."""
+    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255)
+    return x.permute(2, 0, 1) * 2 - 1
+
+
+def gpano_xmp(width: int, height: int) -> bytes:
+    """GPano XMP for a full equirectangular panorama of this size."""
+    fields = {
+        "ProjectionType": "equirectangular",
+        "UsePanoramaViewer": "True",
+        "FullPanoWidthPixels": width,
+        "FullPanoHeightPixels": height,
+        "CroppedAreaImageWidthPixels": width,
+        "CroppedAreaImageHeightPixels": height,
+        "CroppedAreaLeftPixels": 0,
+        "CroppedAreaTopPixels": 0,
+    }
+    attrs = "".join(f' GPano:{k}="{v}"' for k, v in fields.items())
+    return (
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+        'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
+        f'xmlns:GPano="http://ns.google.com/photos/1.0/panorama/"{attrs}/></rdf:RDF></x:xmpmeta>'
+    ).encode()
+
+
+def check_output_path(path: str | Path) -> Path:
+    """Fail early (before any model runs) on an output path that cannot be written."""
+    path = Path(path)
+    if path.suffix.lower() not in FORMATS:
+        raise ValueError(f"{path}: use a .png, .jpg or .jpeg file name")
+    parent = path.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if path.is_dir() or not parent.is_dir() or not _writable(parent):
+        raise PermissionError(f"cannot write {path}: check the folder exists and is writable")
+    return path
+
+
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def save_panorama(img: Image.Image, path: str | Path, quality: int = 95) -> Path:
+    """Write a PNG or JPEG (by extension) with GPano XMP, atomically."""
+    path = check_output_path(path)
+    fmt, xmp = FORMATS[path.suffix.lower()], gpano_xmp(*img.size)
+    with atomic_path(path) as tmp:
+        if fmt == "PNG":
+            info = PngImagePlugin.PngInfo()
+            info.add_itxt("XML:com.adobe.xmp", xmp.decode())
+            img.save(tmp, format=fmt, pnginfo=info)
+        else:
+            img.save(tmp, format=fmt, quality=quality, xmp=xmp)
+    return path
