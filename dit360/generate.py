@@ -110,7 +110,6 @@ def generate(
     prompt: str, opts: Options, log: Callable[[str], None] = print
 ) -> tuple[Image.Image, Report]:
     """One equirectangular panorama for `prompt`."""
-    from .autoencoder import decode_latents
     from .text import encode
     from .weights import load_autoencoder, load_flux
 
@@ -132,9 +131,10 @@ def generate(
     del model, cond
     _free(dev)
     with _stage(report, "decode", log):
-        vae = load_autoencoder(opts.base, dev, dtype)
+        vae = load_autoencoder(opts.base, dev, dtype)  # the reference decodes in the model dtype
+        vae.set_circular(decoder=opts.seamless_vae)
         with torch.no_grad():
-            image = decode_latents(vae, latents, circular=opts.seamless_vae, tile=opts.vae_tile)
+            image = vae.decode(latents.to(dtype), tile=opts.vae_tile)
     del vae
     _free(dev)
     if str(dev).startswith("cuda"):

@@ -18,8 +18,10 @@ from functools import cache
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from . import autoencoder as ae
 from . import config as cfg
 from .checkpoint import Checkpoint, atomic_path, open_checkpoint, resolve, write_safetensors
 from .model import Flux
@@ -216,13 +218,29 @@ def meta_flux(params: cfg.FluxParams) -> Flux:
         return Flux(params)
 
 
-def flux_tensors(
+def stream_tensors(
     ckpt: Checkpoint, plan: Plan, names: list[str], dtype: torch.dtype | None
 ) -> Iterator[tuple[str, Tensor]]:
-    """Yield our tensors one by one, converted and cast."""
-    for name in names:
+    """Yield our tensors one by one, converted and cast, with a progress bar."""
+    for name in tqdm(names, desc=f"reading {ckpt.source.name}", unit="tensor", leave=False):
         t = build(ckpt, *plan.sources[name])
         yield name, t if dtype is None else t.to(dtype)
+
+
+def fill(
+    model: nn.Module, ckpt: Checkpoint, plan: Plan, device: str | torch.device, dtype
+) -> nn.Module:
+    """Check a meta-device model against the plan, then fill it tensor by tensor (one copy)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_plan(plan, expected, ckpt)
+    if dtype is None:  # keep the checkpoint's
+        dtype = ckpt.dtypes[next(iter(plan.sources.values()))[1][0]]
+    model = model.to(dtype).to_empty(device=device)
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, t in stream_tensors(ckpt, plan, list(expected), dtype):
+            state[name].copy_(t)
+    return model.eval().requires_grad_(False)
 
 
 def load_flux(
@@ -234,18 +252,7 @@ def load_flux(
     """Load a FLUX transformer from any supported layout, filling it tensor by tensor."""
     ckpt, table, folder = open_flux(src)
     plan = plan_from(ckpt, table)
-    params = flux_params(ckpt, plan, folder, axes_dim)
-    model = meta_flux(params)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_plan(plan, expected, ckpt)
-    if dtype is None:
-        dtype = ckpt.dtypes[next(iter(plan.sources.values()))[1][0]]
-    model = model.to(dtype).to_empty(device=device)
-    state = model.state_dict()
-    with torch.no_grad():
-        for name, t in flux_tensors(ckpt, plan, list(expected), dtype):
-            state[name].copy_(t)
-    return model.eval().requires_grad_(False)
+    return fill(meta_flux(flux_params(ckpt, plan, folder, axes_dim)), ckpt, plan, device, dtype)
 
 
 def convert_flux(
@@ -271,7 +278,7 @@ def convert_flux(
 
     if to == "bfl":
         specs = {k: (dtype_of(k), expected[k]) for k in names}
-        tensors = flux_tensors(ckpt, plan, names, dtype)
+        tensors = stream_tensors(ckpt, plan, names, dtype)
         write_safetensors(out, specs, tensors, {"dit360_config": params.to_json()})
         return Path(out)
     if to != "diffusers":
@@ -287,7 +294,7 @@ def convert_flux(
     }
 
     def diffusers_tensors() -> Iterator[tuple[str, Tensor]]:
-        ours = flux_tensors(ckpt, plan, names, dtype)
+        ours = stream_tensors(ckpt, plan, names, dtype)
         for (_, op, theirs), (_, t) in zip(layout, ours, strict=True):
             yield from zip(
                 theirs, split_tensor(op, t, len(theirs), params.hidden_size), strict=True
@@ -320,3 +327,116 @@ def split_tensor(op: str, t: Tensor, n: int, hidden: int) -> list[Tensor]:
     if op == "squeeze":
         return [t[:, :, 0, 0]]
     return [t]
+
+
+# --- FLUX autoencoder ---
+
+
+AE_CONFIG_KEY = "dit360_ae_config"  # safetensors metadata: our AutoEncoderParams as JSON
+
+
+def _ae_resnet(ours: str, theirs: str) -> list[Rule]:
+    """The layers of one resnet block; BFL's `nin_shortcut` is diffusers' `conv_shortcut`."""
+    layers = [("norm1",) * 2, ("conv1",) * 2, ("norm2",) * 2, ("conv2",) * 2]
+    layers.append(("nin_shortcut", "conv_shortcut"))
+    return [("identity", f"{ours}.{a}", f"{theirs}.{b}") for a, b in layers]
+
+
+def _ae_attention(ours: str, theirs: str) -> list[Rule]:
+    """The mid-block attention: BFL's 1x1 convs are diffusers' linears (weights squeezed)."""
+    rules: list[Rule] = [("identity", f"{ours}.norm", f"{theirs}.group_norm")]
+    for a, b in [("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")]:
+        rules.append(("squeeze", f"{ours}.{a}.weight", f"{theirs}.{b}.weight"))
+        rules.append(("identity", f"{ours}.{a}.bias", f"{theirs}.{b}.bias"))
+    return rules
+
+
+def ae_diffusers(levels: int = 4) -> list[Rule]:
+    """The key table of a diffusers AutoencoderKL with `levels` resolution levels.
+
+    `{i}` is a resnet index. diffusers numbers decoder levels in running order (coarsest first),
+    BFL by resolution (finest first): `decoder.up.{l}` is `decoder.up_blocks.{levels - 1 - l}`.
+    """
+    rules: list[Rule] = []
+    for part in ("encoder", "decoder"):
+        rules += [
+            ("identity", f"{part}.conv_in", f"{part}.conv_in"),
+            ("identity", f"{part}.norm_out", f"{part}.conv_norm_out"),
+            ("identity", f"{part}.conv_out", f"{part}.conv_out"),
+            *_ae_resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0"),
+            *_ae_attention(f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0"),
+            *_ae_resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1"),
+        ]
+    for l in range(levels):
+        down, up = f"encoder.down.{l}", f"decoder.up.{l}"
+        their_down, their_up = f"encoder.down_blocks.{l}", f"decoder.up_blocks.{levels - 1 - l}"
+        rules += _ae_resnet(f"{down}.block.{{i}}", f"{their_down}.resnets.{{i}}")
+        rules += _ae_resnet(f"{up}.block.{{i}}", f"{their_up}.resnets.{{i}}")
+        if l < levels - 1:
+            rules.append(
+                ("identity", f"{down}.downsample.conv", f"{their_down}.downsamplers.0.conv")
+            )
+        if l > 0:
+            rules.append(("identity", f"{up}.upsample.conv", f"{their_up}.upsamplers.0.conv"))
+    return rules
+
+
+AE_DIFFUSERS: list[Rule] = ae_diffusers(4)  # FLUX.1's VAE
+
+
+def open_autoencoder(src: str | Path) -> tuple[Checkpoint, list[Rule] | None, Path | None]:
+    """Open a FLUX VAE from BFL's `ae.safetensors`, a diffusers `vae/` folder, a FLUX.1-dev folder
+    or a repo id; return the checkpoint, its key table (None: BFL names), its config.json if any."""
+    expected = "a FLUX ae.safetensors file, a diffusers vae/ folder or a FLUX.1-dev folder"
+    path = resolve(src, ["vae/*"], expected)
+    if path.is_dir() and not (path / "vae").is_dir() and not any(path.glob("*.safetensors")):
+        path = resolve(src, ["ae.safetensors"], expected)  # a repo with BFL's single file only
+    if path.is_dir() and (path / "vae").is_dir():
+        path = path / "vae"
+    elif path.is_dir() and (path / "ae.safetensors").is_file():
+        path = path / "ae.safetensors"
+    ckpt = open_checkpoint(path)
+    folder = path if path.is_dir() else path.parent
+    if any(k.startswith("encoder.down_blocks.") for k in ckpt.shapes):
+        levels = len({k.split(".")[2] for k in ckpt.shapes if k.startswith("decoder.up_blocks.")})
+        config = folder / "config.json"
+        return ckpt, ae_diffusers(levels), config if config.is_file() else None
+    if any(k.startswith("encoder.down.") for k in ckpt.shapes):
+        return ckpt, None, None
+    raise ValueError(f"{ckpt.source} holds no FLUX autoencoder (no encoder.down weights)")
+
+
+def ae_params(ckpt: Checkpoint, plan: Plan, config: Path | None) -> ae.AutoEncoderParams:
+    """Config from (in order) a diffusers config.json, our safetensors metadata, the shapes."""
+    if config is not None:
+        return ae.ae_params_from_diffusers_config(config)
+    if AE_CONFIG_KEY in ckpt.metadata:
+        return ae.ae_params_from_json(ckpt.metadata[AE_CONFIG_KEY])
+    return ae.ae_params_from_shapes(plan.shapes)
+
+
+def load_autoencoder(
+    src: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+) -> ae.AutoEncoder:
+    """Load the FLUX VAE from any supported layout, filling it tensor by tensor.
+
+    float32 by default, as diffusers upcasts this VAE (`force_upcast`); None keeps the file's.
+    """
+    ckpt, table, config = open_autoencoder(src)
+    plan = plan_from(ckpt, table)
+    with torch.device("meta"):
+        model = ae.AutoEncoder(ae_params(ckpt, plan, config))
+    return fill(model, ckpt, plan, device, dtype)
+
+
+def save_autoencoder(model: ae.AutoEncoder, path: str | Path) -> Path:
+    """Write the VAE as one BFL-layout safetensors file (`ae.safetensors`), config in metadata."""
+    state = model.state_dict()
+    specs = {k: (t.dtype, tuple(t.shape)) for k, t in state.items()}
+    write_safetensors(path, specs, state.items(), {AE_CONFIG_KEY: model.params.to_json()})
+    return Path(path)
+
+
+flux_tensors = stream_tensors  # TEMPORARY alias while lora.py is being written

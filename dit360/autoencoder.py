@@ -1,0 +1,416 @@
+"""The FLUX autoencoder (VAE): its configuration, encoder, decoder and latent scale/shift.
+
+Parameter names are those of BFL's `ae.safetensors` (structure as in black-forest-labs/flux
+`src/flux/modules/autoencoder.py`), so that file loads with `strict=True`; diffusers' `vae/`
+layout goes through `weights.AE_DIFFUSERS`. Images are (B, 3, H, W) in [-1, 1]; latents are
+(B, 16, H/8, W/8), `z = scale * (mean - shift)`.
+
+Two options for panoramas, both off by default (then `decode` equals diffusers' AutoencoderKL):
+- circular padding along the width in every 3x3 convolution (decoder and, separately, encoder),
+  zero padding along the height: a latent rolled by k columns decodes to the image rolled by 8k
+  pixels, so the 360-degree wrap has no seam;
+- tiled decoding, which bounds activation memory by the tile size (see `decode_tiled`).
+"""
+
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class AutoEncoderParams:
+    """Hyperparameters of the FLUX VAE (names follow BFL's `AutoEncoderParams`)."""
+
+    resolution: int = 256
+    in_channels: int = 3
+    ch: int = 128
+    out_ch: int = 3
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+    norm_num_groups: int = 32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
+        if bad := [c for c in self.channels if c % self.norm_num_groups]:
+            raise ValueError(
+                f"channels {bad} are not divisible by norm_num_groups {self.norm_num_groups}"
+            )
+
+    @property
+    def channels(self) -> list[int]:
+        """Channel width of each resolution level, finest first."""
+        return [self.ch * m for m in self.ch_mult]
+
+    @property
+    def factor(self) -> int:
+        """Down-sampling factor between image and latent (8 for FLUX)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+AE_PRESETS: dict[str, AutoEncoderParams] = {"flux": AutoEncoderParams()}
+
+
+def ae_params_from_json(text: str) -> AutoEncoderParams:
+    """Read a config written by `AutoEncoderParams.to_json`."""
+    return AutoEncoderParams(**json.loads(text))
+
+
+def ae_params_from_diffusers_config(config: dict | str | Path) -> AutoEncoderParams:
+    """Read a diffusers `vae/config.json` (AutoencoderKL) as a dict or a path."""
+    if not isinstance(config, dict):
+        config = json.loads(Path(config).read_text())
+    if config.get("use_quant_conv", True) or config.get("use_post_quant_conv", True):
+        raise ValueError("the FLUX VAE has no quant_conv/post_quant_conv: set both to false")
+    if not config.get("mid_block_add_attention", True) or config.get("act_fn", "silu") != "silu":
+        raise ValueError("the FLUX VAE has a mid-block attention and silu activations")
+    widths = list(config["block_out_channels"])
+    if any(w % widths[0] for w in widths):
+        raise ValueError(f"block_out_channels {widths} are not multiples of the first")
+    return AutoEncoderParams(
+        resolution=config.get("sample_size", 256),
+        in_channels=config.get("in_channels", 3),
+        ch=widths[0],
+        out_ch=config.get("out_channels", 3),
+        ch_mult=tuple(w // widths[0] for w in widths),
+        num_res_blocks=config.get("layers_per_block", 2),
+        z_channels=config.get("latent_channels", 16),
+        scale_factor=config.get("scaling_factor", 0.3611),
+        shift_factor=config.get("shift_factor") or 0.0,
+        norm_num_groups=config.get("norm_num_groups", 32),
+    )
+
+
+def ae_params_from_shapes(
+    shapes: dict[str, tuple[int, ...]], norm_num_groups: int = 32
+) -> AutoEncoderParams:
+    """Infer the config from BFL-named shapes; scale/shift (not stored) are FLUX's."""
+
+    def count(prefix: str) -> int:
+        return len({k[len(prefix) :].split(".")[0] for k in shapes if k.startswith(prefix)})
+
+    try:
+        ch, in_channels = shapes["encoder.conv_in.weight"][:2]
+        widths = [
+            shapes[f"encoder.down.{i}.block.0.conv1.weight"][0]
+            for i in range(count("encoder.down."))
+        ]
+        return AutoEncoderParams(
+            in_channels=in_channels,
+            ch=ch,
+            out_ch=shapes["decoder.conv_out.weight"][0],
+            ch_mult=tuple(w // ch for w in widths),
+            num_res_blocks=count("encoder.down.0.block."),
+            z_channels=shapes["decoder.conv_in.weight"][1],
+            norm_num_groups=norm_num_groups,
+        )
+    except KeyError as e:
+        raise ValueError(f"not a FLUX autoencoder checkpoint: tensor {e} is missing") from None
+
+
+class Conv(nn.Conv2d):
+    """A 3x3 convolution with explicit (left, right, top, bottom) padding; the width may wrap."""
+
+    def __init__(
+        self, c_in: int, c_out: int, stride: int = 1, pad: tuple[int, ...] = (1, 1, 1, 1)
+    ) -> None:
+        super().__init__(c_in, c_out, kernel_size=3, stride=stride)
+        self.pad = pad
+        self.circular = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        l, r, t, b = self.pad
+        if self.circular:  # a 360-degree image has no left/right edge: column -1 is column W-1
+            x = F.pad(x, (l, r, 0, 0), mode="circular")
+            l = r = 0
+        if l == r and t == b:  # symmetric: let the convolution pad (no copy)
+            return F.conv2d(x, self.weight, self.bias, self.stride, (t, l))
+        return F.conv2d(F.pad(x, (l, r, t, b)), self.weight, self.bias, self.stride)
+
+
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    """GroupNorm with the VAE's eps."""
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    """norm-silu-conv twice plus a (1x1 conv when the width changes) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = group_norm(c_in, groups)
+        self.conv1 = Conv(c_in, c_out)
+        self.norm2 = group_norm(c_out, groups)
+        self.conv2 = Conv(c_out, c_out)
+        if c_in != c_out:
+            self.nin_shortcut = nn.Conv2d(c_in, c_out, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels (global, so roll-equivariant as it is)."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm = group_norm(channels, groups)
+        self.q, self.k, self.v, self.proj_out = (
+            nn.Conv2d(channels, channels, kernel_size=1) for _ in range(4)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.norm(x)
+        _, _, height, _ = x.shape
+        q, k, v = (rearrange(f(h), "b c h w -> b 1 (h w) c") for f in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, H*W, C)
+        return x + self.proj_out(rearrange(h, "b 1 (h w) c -> b c h w", h=height))
+
+
+class Downsample(nn.Module):
+    """Halve the size with a stride-2 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        # Stride 2 over [x | one zero column/row] on the right/bottom, as the reference; with
+        # circular padding that column is the image's first one, so a roll by 2k rolls by k.
+        self.conv = Conv(channels, channels, stride=2, pad=(0, 1, 0, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double the size: nearest neighbour, then a 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = Conv(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # nearest x2 maps a roll by k to a roll by 2k exactly
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Mid(nn.Module):
+    """Resnet, attention, resnet at the coarsest level."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Level(nn.Module):
+    """One resolution level: resnet blocks, then an optional down- or up-sampler."""
+
+    def __init__(self, c_in: int, c_out: int, n: int, groups: int, resample: str = "") -> None:
+        super().__init__()
+        self.block = nn.ModuleList(
+            ResnetBlock(c_in if j == 0 else c_out, c_out, groups) for j in range(n)
+        )
+        if resample == "down":
+            self.downsample = Downsample(c_out)
+        elif resample == "up":
+            self.upsample = Upsample(c_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.block:
+            x = block(x)
+        for name in ("downsample", "upsample"):
+            if hasattr(self, name):
+                x = getattr(self, name)(x)
+        return x
+
+
+class Encoder(nn.Module):
+    """Image (B, 3, H, W) -> latent moments (B, 2 z, H/8, W/8)."""
+
+    def __init__(self, p: AutoEncoderParams) -> None:
+        super().__init__()
+        widths, last, g = p.channels, len(p.channels) - 1, p.norm_num_groups
+        self.conv_in = Conv(p.in_channels, p.ch)
+        self.down = nn.ModuleList(
+            Level(([p.ch] + widths)[i], widths[i], p.num_res_blocks, g, "down" if i < last else "")
+            for i in range(last + 1)
+        )
+        self.mid = Mid(widths[-1], g)
+        self.norm_out = group_norm(widths[-1], g)
+        self.conv_out = Conv(widths[-1], 2 * p.z_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv_in(x)  # (B, ch, H, W)
+        for level in self.down:
+            h = level(h)  # (B, width, H/2^i, W/2^i)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2 z, H/8, W/8): mean, log-variance
+
+
+class Decoder(nn.Module):
+    """Unscaled latent (B, z, h, w) -> image (B, 3, 8h, 8w)."""
+
+    def __init__(self, p: AutoEncoderParams) -> None:
+        super().__init__()
+        widths, last, g = p.channels, len(p.channels) - 1, p.norm_num_groups
+        self.conv_in = Conv(p.z_channels, widths[-1])
+        self.mid = Mid(widths[-1], g)
+        # up[i] runs at level i (finest = 0); the levels run from last to 0
+        self.up = nn.ModuleList(
+            Level(
+                widths[min(i + 1, last)], widths[i], p.num_res_blocks + 1, g, "up" if i > 0 else ""
+            )
+            for i in range(last + 1)
+        )
+        self.norm_out = group_norm(widths[0], g)
+        self.conv_out = Conv(widths[0], p.out_ch)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.up_path(self.mid(self.conv_in(z)))  # (B, width, h, w) -> (B, 3, 8h, 8w)
+
+    def up_path(self, h: Tensor) -> Tensor:
+        """From the mid-block output to pixels: the up levels, norm and output conv."""
+        for level in reversed(self.up):
+            h = level(h)  # x2 in size except at level 0
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def set_circular(module: nn.Module, on: bool) -> None:
+    """Switch circular width padding on or off in every 3x3 convolution inside `module`."""
+    for m in module.modules():
+        if isinstance(m, Conv):
+            m.circular = on
+
+
+@contextmanager
+def _circular(module: nn.Module, on: bool) -> Iterator[None]:
+    """Set circular padding inside `module` for the duration of a block."""
+    convs = [m for m in module.modules() if isinstance(m, Conv)]
+    before = [m.circular for m in convs]
+    set_circular(module, on)
+    try:
+        yield
+    finally:
+        for m, c in zip(convs, before, strict=True):
+            m.circular = c
+
+
+def _starts(n: int, tile: int, overlap: int, wrap: bool) -> list[int]:
+    """Tile starts covering n positions, neighbours sharing about `overlap`; evenly spread,
+    either around a circle (wrap) or flush with both ends."""
+    if tile >= n:
+        return [0]
+    step = tile - overlap
+    if wrap:
+        count = math.ceil(n / step)
+        return [round(i * n / count) for i in range(count)]
+    count = math.ceil((n - overlap) / step)
+    return [round(i * (n - tile) / (count - 1)) for i in range(count)]
+
+
+def _ramp(n: int, ramp: int) -> Tensor:
+    """Blend weights along a tile: rising linearly over `ramp` pixels at both ends, never 0."""
+    x = torch.arange(n) + 0.5
+    return (torch.minimum(x, n - x) / max(ramp, 1)).clamp(max=1.0)
+
+
+def decode_tiled(
+    decoder: Decoder, z: Tensor, tile: int, overlap: int, circular: bool = False
+) -> Tensor:
+    """Decode (unscaled) latents (B, 16, h, w) with the up path in overlapping tiles, blended.
+
+    conv_in and the mid block (with its attention over all h*w latent pixels) run on the whole
+    latent, at 1/8 resolution; the up path, whose full-resolution activations dominate memory,
+    runs on tile x tile latent pixels at a time: at most B x max(widths) x (8 tile)^2 per tensor
+    instead of B x max(widths) x 8h x 8w. The price is accuracy: each tile normalises with its
+    own GroupNorm statistics and is zero-padded at its borders, so the result differs from the
+    untiled decode; the linear blend over `overlap` hides the tile borders, and the difference
+    shrinks as tile and overlap grow. With `circular`, the tiles wrap around the width.
+    """
+    if not 0 <= overlap < tile:
+        raise ValueError(f"need 0 <= overlap < tile, got overlap {overlap}, tile {tile}")
+    b, _, h, w = z.shape
+    f = 2 ** (len(decoder.up) - 1)
+    th, tw = min(tile, h), min(tile, w)
+    rows, cols = _starts(h, tile, overlap, False), _starts(w, tile, overlap, circular)
+    win = _ramp(th * f, overlap * f)[:, None] * _ramp(tw * f, overlap * f)  # (8 th, 8 tw)
+    win = win.to(z.device)  # blending is done in float32 whatever the model's dtype
+    out = z.new_zeros(b, decoder.conv_out.out_channels, h * f, w * f, dtype=torch.float32)
+    total = z.new_zeros(h * f, w * f, dtype=torch.float32)
+    with _circular(decoder, circular):
+        mid = decoder.mid(decoder.conv_in(z))  # (B, width, h, w)
+    # One tile across the whole width wraps onto itself; narrower tiles are padded with zeros.
+    with _circular(decoder, circular and len(cols) == 1):
+        for r in rows:
+            for c in cols:
+                cols_z = torch.arange(c, c + tw, device=z.device) % w
+                x = decoder.up_path(mid[:, :, r : r + th, cols_z])  # (B, 3, 8 th, 8 tw)
+                px = torch.arange(c * f, (c + tw) * f, device=z.device) % (w * f)
+                out[:, :, r * f : (r + th) * f].index_add_(3, px, x.float() * win)
+                total[r * f : (r + th) * f].index_add_(1, px, win)
+    return (out / total).to(z.dtype)
+
+
+class AutoEncoder(nn.Module):
+    """The FLUX VAE; `circular` / `circular_encoder` switch on the seam-free width padding."""
+
+    def __init__(
+        self, params: AutoEncoderParams, circular: bool = False, circular_encoder: bool = False
+    ) -> None:
+        super().__init__()
+        self.params = params
+        self.encoder = Encoder(params)
+        self.decoder = Decoder(params)
+        self.set_circular(circular, circular_encoder)
+
+    def set_circular(self, decoder: bool, encoder: bool = False) -> None:
+        """Circular width padding in the decoder's and the encoder's convolutions."""
+        set_circular(self.decoder, decoder)
+        set_circular(self.encoder, encoder)
+        self.circular = decoder
+
+    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and std (B, 16, H/8, W/8) of the latent distribution, before scale/shift."""
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # clamped as diffusers does
+
+    def encode(
+        self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Image (B, 3, H, W) in [-1, 1] -> latent: the posterior mean, or a sample of it."""
+        mean, std = self.posterior(x)
+        if sample:
+            device = generator.device if generator is not None else mean.device
+            eps = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+            mean = mean + std * eps.to(mean.device)
+        return self.params.scale_factor * (mean - self.params.shift_factor)
+
+    def decode(self, z: Tensor, tile: int | None = None, overlap: int | None = None) -> Tensor:
+        """Latent (B, 16, h, w) -> image (B, 3, 8h, 8w); `tile` (latent pixels) bounds memory,
+        `overlap` defaults to tile // 4."""
+        z = z / self.params.scale_factor + self.params.shift_factor
+        if tile is None or (tile >= z.shape[-2] and tile >= z.shape[-1]):
+            return self.decoder(z)
+        overlap = tile // 4 if overlap is None else overlap
+        return decode_tiled(self.decoder, z, tile, overlap, self.circular)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))

@@ -1,0 +1,264 @@
+"""The FLUX autoencoder against diffusers' AutoencoderKL, its layouts, and the panorama options."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tiny import randomize
+
+from dit360 import weights
+from dit360.autoencoder import (
+    AE_PRESETS,
+    AutoEncoder,
+    _starts,
+    ae_params_from_diffusers_config,
+    ae_params_from_shapes,
+)
+from dit360.checkpoint import Checkpoint
+from dit360.weights import (
+    AE_DIFFUSERS,
+    check_plan,
+    load_autoencoder,
+    plan_from,
+    save_autoencoder,
+    their_keys,
+)
+
+DATA = Path(__file__).parent / "data"
+SCALE, SHIFT = 0.3611, 0.1159
+
+# FLUX's VAE structure, small: 4 levels (x8), 16 latent channels, no quant convs, widths growing
+# like FLUX's (x1, x2, x4, x4) so that the decoder level order matters for shapes.
+SMALL_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 16, 32, 32),
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=16,
+    norm_num_groups=4,
+    sample_size=32,
+    scaling_factor=SCALE,
+    shift_factor=SHIFT,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    mid_block_add_attention=True,
+)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def small_vae(seed: int = 0, **overrides):
+    """A random diffusers AutoencoderKL with FLUX's structure."""
+    from diffusers import AutoencoderKL
+
+    return randomize(AutoencoderKL(**{**SMALL_VAE, **overrides}), seed).eval()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A FLUX.1-dev-like folder holding a random diffusers `vae/`, inputs and diffusers' outputs."""
+    vae = small_vae()
+    root = tmp_path_factory.mktemp("flux")
+    vae.save_pretrained(root / "vae")
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 32, 64, generator=g) * 2 - 1  # (B, 3, H, W) in [-1, 1]
+    z = torch.randn(2, 16, 4, 8, generator=g)  # (B, 16, H/8, W/8)
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+        sample = dist.sample(torch.Generator().manual_seed(2))
+        image = vae.decode(z / SCALE + SHIFT).sample
+    expected = dict(mean=dist.mean, std=dist.std, sample=SCALE * (sample - SHIFT), image=image)
+    return root, x, z, expected
+
+
+def check_parity(model: AutoEncoder, x, z, expected: dict) -> None:
+    """Posterior, scaled latent (mean and sampled) and decode equal diffusers' within 1e-5."""
+    with torch.no_grad():
+        mean, std = model.posterior(x)
+        got = dict(
+            mean=mean,
+            std=std,
+            latent=model.encode(x),
+            sample=model.encode(x, sample=True, generator=torch.Generator().manual_seed(2)),
+            image=model.decode(z),
+        )
+    expected = {**expected, "latent": SCALE * (expected["mean"] - SHIFT)}
+    errors = {k: rel_err(got[k], expected[k]) for k in got}
+    assert max(errors.values()) < 1e-5, errors
+
+
+def test_diffusers_folder_parity(reference):
+    """A FLUX.1-dev folder and its `vae/` load and match diffusers within 1e-5."""
+    root, x, z, expected = reference
+    for src in (root, root / "vae"):
+        model = load_autoencoder(src)
+        assert model.params.norm_num_groups == 4 and model.params.ch_mult == (1, 2, 4, 4)
+        check_parity(model, x, z, expected)
+
+
+def test_bfl_single_file_parity(reference, tmp_path):
+    """Written as a BFL `ae.safetensors`, the model loads (file or folder) and still matches."""
+    root, x, z, expected = reference
+    path = save_autoencoder(load_autoencoder(root), tmp_path / "ae.safetensors")
+    for src in (path, tmp_path):
+        model = load_autoencoder(src)
+        AutoEncoder(model.params).load_state_dict(model.state_dict(), strict=True)
+        check_parity(model, x, z, expected)
+
+
+def test_config_from_shapes(reference, tmp_path):
+    """Without config or metadata, the shapes give the config (but not the norm groups)."""
+    root, *_ = reference
+    model = load_autoencoder(root)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    inferred = ae_params_from_shapes(shapes, norm_num_groups=4)
+    assert inferred == dataclasses.replace(model.params, resolution=256)  # resolution: unused
+    save_file(model.state_dict(), tmp_path / "ae.safetensors")  # no metadata
+    with pytest.raises(ValueError, match="not divisible by norm_num_groups 32"):
+        load_autoencoder(tmp_path / "ae.safetensors")
+
+
+def test_full_size_layouts():
+    """The flux preset has exactly ae.bfl.json's tensors; AE_DIFFUSERS maps ae.diffusers.json."""
+    bfl = json.loads((DATA / "ae.bfl.json").read_text())
+    with torch.device("meta"):
+        model = AutoEncoder(AE_PRESETS["flux"])
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert list(ours) == list(bfl["tensors"])  # same names, in module order
+    assert ours == {k: tuple(v["shape"]) for k, v in bfl["tensors"].items()}
+    assert sum(v.numel() for v in model.state_dict().values()) == bfl["meta"]["param_count"]
+
+    diffusers = json.loads((DATA / "ae.diffusers.json").read_text())
+    shapes = {k: tuple(v["shape"]) for k, v in diffusers["tensors"].items()}
+    ckpt = Checkpoint({}, shapes, {}, {}, DATA / "ae.diffusers.json")
+    plan = plan_from(ckpt, AE_DIFFUSERS)
+    check_plan(plan, ours, ckpt)  # nothing missing, unexpected or misshapen
+    used = [k for _, keys in plan.sources.values() for k in keys]
+    assert sorted(used) == sorted(shapes)  # every diffusers tensor used once
+    assert all(their_keys(k, AE_DIFFUSERS) == plan.sources[k] for k in ours)  # invertible
+    assert sum(op == "squeeze" for op, _ in plan.sources.values()) == 8
+    params = ae_params_from_diffusers_config(diffusers["meta"]["config"])
+    assert params == dataclasses.replace(AE_PRESETS["flux"], resolution=1024)
+
+
+def test_decoder_level_order_negative_control(reference, monkeypatch, tmp_path):
+    """Not reversing the decoder levels fails: unplaceable tensors, or a wrong image."""
+    table = weights.ae_diffusers
+
+    def unreversed(levels: int, resnets_only: bool = False) -> list:
+        """The table with decoder.up.{l} -> up_blocks.{l} instead of up_blocks.{levels - 1 - l}."""
+        rules = table(levels)
+        for l in range(levels):
+            rules = [
+                (op, ours, theirs.replace(f"up_blocks.{levels - 1 - l}.", f"up_blocks.{l}."))
+                if ours.startswith(f"decoder.up.{l}.") and (".block." in ours or not resnets_only)
+                else (op, ours, theirs)
+                for op, ours, theirs in rules
+            ]
+        return rules
+
+    root, x, z, expected = reference
+    monkeypatch.setattr(weights, "ae_diffusers", unreversed)
+    with pytest.raises(ValueError, match="unexpected tensors.*up_blocks.0.upsamplers"):
+        load_autoencoder(root)
+    # With the same widths at every level and the upsamplers mapped right, the resnets load
+    # without a shape error, in the wrong order: the image no longer matches diffusers.
+    monkeypatch.setattr(weights, "ae_diffusers", lambda n: unreversed(n, resnets_only=True))
+    vae = small_vae(seed=5, block_out_channels=(16, 16, 16, 16))
+    vae.save_pretrained(tmp_path / "vae")
+    with torch.no_grad():
+        image = vae.decode(z / SCALE + SHIFT).sample
+        assert rel_err(load_autoencoder(tmp_path).decode(z), image) > 1e-2
+    monkeypatch.setattr(weights, "ae_diffusers", table)
+    assert rel_err(load_autoencoder(tmp_path).decode(z), image) < 1e-5
+
+
+def test_missing_tensor_is_named(reference, tmp_path):
+    """A checkpoint lacking a tensor fails with that tensor's name."""
+    root, *_ = reference
+    model = load_autoencoder(root)
+    state = {k: v for k, v in model.state_dict().items() if k != "decoder.up.1.upsample.conv.bias"}
+    save_file(state, tmp_path / "ae.safetensors", {"dit360_ae_config": model.params.to_json()})
+    with pytest.raises(ValueError, match=r"missing \(1\).*decoder.up.1.upsample.conv.bias"):
+        load_autoencoder(tmp_path / "ae.safetensors")
+
+
+def test_circular_decode_is_roll_equivariant(reference):
+    """Circular decoder: rolling the latent by k columns rolls the image by 8k, exactly."""
+    root, x, z, expected = reference
+    model = load_autoencoder(root)
+    k = 3
+    with torch.no_grad():
+        plain = model.decode(z)
+        assert rel_err(plain, expected["image"]) < 1e-5  # default = diffusers
+        rolled = model.decode(z.roll(k, dims=-1))
+        assert rel_err(rolled, plain.roll(8 * k, dims=-1)) > 1e-2  # zero padding has a seam
+        model.set_circular(True)
+        image = model.decode(z)
+        torch.testing.assert_close(model.decode(z.roll(k, dims=-1)), image.roll(8 * k, dims=-1))
+
+
+def test_circular_encode_is_roll_equivariant(reference):
+    """Circular encoder: rolling the image by 8k pixels rolls the latent by k columns."""
+    root, x, z, expected = reference
+    model = load_autoencoder(root)
+    model.set_circular(decoder=False, encoder=True)
+    with torch.no_grad():
+        latent = model.encode(x)
+        torch.testing.assert_close(model.encode(x.roll(16, dims=-1)), latent.roll(2, dims=-1))
+    assert rel_err(model.decode(z), expected["image"]) < 1e-5  # decoder unaffected
+
+
+def test_tile_starts():
+    """Tiles cover every position, overlap by at least overlap - 1, wrap only when asked."""
+    for n, tile, overlap in [(32, 8, 2), (33, 8, 4), (16, 12, 4), (8, 8, 2)]:
+        for wrap in (False, True):
+            starts = _starts(n, tile, overlap, wrap)
+            cover = torch.zeros(n)
+            for s in starts:
+                cover[torch.arange(s, s + min(tile, n)) % n] += 1
+            assert cover.min() >= 1
+            if len(starts) > 1:
+                assert cover.sum() - n >= len(starts if wrap else starts[1:]) * (overlap - 1)
+            assert wrap or starts[-1] + tile == n or starts == [0]
+    assert _starts(32, 8, 2, wrap=True) == [0, 5, 11, 16, 21, 27]  # the last tile crosses 32 -> 0
+
+
+def largest_activation(model: AutoEncoder, z: torch.Tensor, **kw) -> int:
+    """Decode, returning the largest number of elements any decoder module produced."""
+    sizes = []
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: sizes.append(o.numel()))
+        for m in model.decoder.modules()
+    ]
+    with torch.no_grad():
+        model.decode(z, **kw)
+    for h in hooks:
+        h.remove()
+    return max(sizes)
+
+
+@pytest.mark.parametrize("circular", [False, True])
+def test_tiled_decode(reference, circular):
+    """Tiled decode stays close to the untiled one (rel err < 0.1 at tile 8, random weights) and
+    bounds the largest activation by B x max width x (8 tile)^2."""
+    root, *_ = reference
+    model = load_autoencoder(root)
+    model.set_circular(circular)
+    z = torch.randn(1, 16, 8, 16, generator=torch.Generator().manual_seed(3))
+    tile = 4
+    with torch.no_grad():
+        full = model.decode(z)
+        assert model.decode(z, tile=16).equal(full)  # one tile = untiled
+        errors = [rel_err(model.decode(z, tile=t, overlap=2), full) for t in (4, 8)]
+    assert errors[1] < 0.1 and errors[1] < errors[0] < 0.25, errors
+    bound = max(model.params.channels) * (8 * tile) ** 2
+    assert largest_activation(model, z, tile=tile) <= bound < largest_activation(model, z)

@@ -1,0 +1,78 @@
+"""sample.py end to end on the tiny FLUX.1-dev folder: parity with FluxPipeline, files, errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+
+ROOT = Path(__file__).parents[1]
+PROMPT = "This is a panorama. A castle on a hill at sunset."
+
+
+def args(tiny_flux, out, *extra) -> list[str]:
+    return [
+        *("--prompt", PROMPT, "--base", str(tiny_flux), "--lora", "none"),
+        *("--height", "32", "--width", "64", "--steps", "3", "--seed", "4"),
+        *("--device", "cpu", "--dtype", "fp32", "--out", str(out), *extra),
+    ]
+
+
+def test_matches_flux_pipeline(tiny_flux, tmp_path):
+    """--lora none --wrap-pad 0: the same image as diffusers' FluxPipeline (max pixel diff <= 1)."""
+    from diffusers import FluxPipeline
+
+    out = tmp_path / "pano.png"
+    with pytest.warns(UserWarning, match="trained at 1024x2048"):
+        sample.main(args(tiny_flux, out, "--wrap-pad", "0"))
+    pipe = FluxPipeline.from_pretrained(tiny_flux, torch_dtype=torch.float32)
+    expected = pipe(
+        PROMPT,
+        height=32,
+        width=64,
+        num_inference_steps=3,
+        guidance_scale=2.8,
+        generator=torch.Generator("cpu").manual_seed(4),
+    ).images[0]
+    got = np.asarray(Image.open(out), dtype=np.int16)
+    diff = np.abs(got - np.asarray(expected, dtype=np.int16))
+    assert got.shape == (32, 64, 3)
+    assert diff.max() <= 1, diff.max()
+
+
+def test_gpano_metadata(tiny_flux, tmp_path):
+    """PNG and JPEG outputs carry GPano XMP with the equirectangular projection and sizes."""
+    for name in ("pano.png", "pano.jpg"):
+        out = tmp_path / name
+        sample.main(args(tiny_flux, out, "--seamless-vae"))
+        xmp = Image.open(out).info["xmp"]
+        xmp = xmp.decode() if isinstance(xmp, bytes) else xmp
+        assert 'GPano:ProjectionType="equirectangular"' in xmp
+        assert 'GPano:FullPanoWidthPixels="64"' in xmp
+        assert 'GPano:CroppedAreaImageHeightPixels="32"' in xmp
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pano.jpg", "pano.png"]
+
+
+def run(*argv: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "sample.py"), *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+
+
+def test_cli_errors(tiny_flux, tmp_path):
+    """Bad sizes, a missing base folder and an unwritable output fail with a clear message."""
+    out = tmp_path / "x.png"
+    r = run(*args(tiny_flux, out)[:-2], "--height", "30", "--out", str(out))
+    assert r.returncode == 1 and "multiples of 16" in r.stderr
+    r = run(*args(tmp_path / "no-such-folder", out))
+    assert r.returncode == 1 and "no-such-folder" in r.stderr
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    r = run(*args(tiny_flux, tmp_path / "blocker" / "x.png"))
+    assert r.returncode == 1 and "cannot write" in r.stderr
+    r = run(*args(tiny_flux, tmp_path / "x.gif"))
+    assert r.returncode == 1 and ".png, .jpg" in r.stderr
+    assert not out.exists()
