@@ -110,10 +110,10 @@ def generate(
     prompt: str, opts: Options, log: Callable[[str], None] = print
 ) -> tuple[Image.Image, Report]:
     """One equirectangular panorama for `prompt`."""
+    check_size(opts.height, opts.width)  # before the slow imports: fail fast
     from .text import encode
     from .weights import load_autoencoder, load_flux
 
-    check_size(opts.height, opts.width)
     report, dev, dtype = Report(), opts.device, opts.dtype
     if str(dev).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

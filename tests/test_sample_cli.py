@@ -58,21 +58,26 @@ def test_gpano_metadata(tiny_flux, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pano.jpg", "pano.png"]
 
 
-def run(*argv: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "sample.py"), *argv]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+def fails(*argv: str) -> str:
+    """Run sample.main expecting a clean exit with an error message; return the message."""
+    with pytest.raises(SystemExit) as e:
+        sample.main(list(argv))
+    return str(e.value.code)
 
 
 def test_cli_errors(tiny_flux, tmp_path):
     """Bad sizes, a missing base folder and an unwritable output fail with a clear message."""
     out = tmp_path / "x.png"
-    r = run(*args(tiny_flux, out)[:-2], "--height", "30", "--out", str(out))
-    assert r.returncode == 1 and "multiples of 16" in r.stderr
-    r = run(*args(tmp_path / "no-such-folder", out))
-    assert r.returncode == 1 and "no-such-folder" in r.stderr
+    assert "multiples of 16" in fails(*args(tiny_flux, out), "--height", "30")
+    assert "no-such-folder" in fails(*args(tmp_path / "no-such-folder", out))
     (tmp_path / "blocker").write_text("a file where a folder should be")
-    r = run(*args(tiny_flux, tmp_path / "blocker" / "x.png"))
-    assert r.returncode == 1 and "cannot write" in r.stderr
-    r = run(*args(tiny_flux, tmp_path / "x.gif"))
-    assert r.returncode == 1 and ".png, .jpg" in r.stderr
+    assert "cannot write" in fails(*args(tiny_flux, tmp_path / "blocker" / "x.png"))
+    assert ".png, .jpg" in fails(*args(tiny_flux, tmp_path / "x.gif"))
     assert not out.exists()
+
+
+def test_cli_exit_code(tmp_path):
+    """As a command, an error exits with status 1 and the message on stderr."""
+    cmd = [sys.executable, str(ROOT / "sample.py"), "--prompt", "x", "--width", "100"]
+    r = subprocess.run(cmd + ["--out", str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert r.returncode == 1 and "multiples of 16" in r.stderr
