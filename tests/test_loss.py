@@ -1,0 +1,334 @@
+"""Training losses: noise levels, the masked flow loss, yaw / cube terms, cached vs uncached."""
+
+import json
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tiny import SCHEDULER_CONFIG, randomize
+from torch import nn
+
+from dit360.config import FluxParams
+from dit360.data import (
+    Source,
+    collate,
+    conditioning,
+    epoch_order,
+    load_sample,
+    posterior,
+    read_rows,
+    sample_latents,
+)
+from dit360.loss import YAW_ANGLES, aux_active, draw_yaw, flow_loss, sample_sigmas
+from dit360.model import Flux
+from dit360.panorama import (
+    loss_cube_faces,
+    loss_yaw_rotation,
+    pack,
+    unpack,
+    wrap_crop,
+    wrap_pad,
+)
+from dit360.sampling import Conditioning, Grid, predict, time_shift
+
+PARAMS = FluxParams(
+    hidden_size=32,
+    num_heads=2,
+    depth=1,
+    depth_single_blocks=1,
+    axes_dim=(4, 6, 6),
+    context_in_dim=32,
+    vec_in_dim=24,
+)
+GRID = Grid.for_image(64, 128)  # 4 x 8 tokens, 1 pad column a side; latents (16, 8, 16)
+
+
+@pytest.fixture(scope="module")
+def model() -> Flux:
+    """A tiny random FLUX transformer."""
+    m = Flux(PARAMS)
+    m.init_weights()
+    return randomize(m, 0)
+
+
+class Capture(nn.Module):
+    """Wraps a model and keeps its last output, with its gradient."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        self.out = self.model(*args)
+        if self.out.requires_grad:
+            self.out.retain_grad()
+        return self.out
+
+
+class Tokenwise(nn.Module):
+    """A model with no token mixing, so x0 at one token affects that token's loss only."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, img, img_ids, txt, txt_ids, t, y, guidance):
+        return self.lin(img) * (1 + t[:, None, None])
+
+
+def inputs(b: int, seed: int = 0):
+    """Latents x0 and noise (B, 16, 8, 16), sigmas (B,), text conditioning."""
+    g = torch.Generator().manual_seed(seed)
+    x0, noise = torch.randn(2, b, 16, 8, 16, generator=g)
+    sigmas = torch.rand(b, generator=g)
+    cond = Conditioning(
+        torch.randn(b, 8, 32, generator=g), torch.zeros(b, 8, 3), torch.randn(b, 24)
+    )
+    return x0, noise, sigmas, cond
+
+
+def partial_mask(b: int) -> torch.Tensor:
+    """(B, 32) token masks with the left half of the grid supervised."""
+    m = torch.zeros(b, 4, 8, dtype=torch.bool)
+    m[:, :, :4] = True
+    return m.flatten(1)
+
+
+@pytest.mark.parametrize("scheme", ["none", "logit_normal", "mode"])
+def test_sigmas_match_reference_sampling(scheme):
+    """Same draws as diffusers' density + FLUX.1-dev's scheduler lookup, as the reference does."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    config = {k: v for k, v in SCHEDULER_CONFIG.items() if not k.startswith("_")}
+    sched = FlowMatchEulerDiscreteScheduler(**config)
+    u = compute_density_for_timestep_sampling(
+        scheme, 256, 0.0, 1.0, 1.29, generator=torch.Generator().manual_seed(5)
+    )
+    timesteps = sched.timesteps[(u * 1000).long()]
+    index = [(sched.timesteps == t).nonzero().item() for t in timesteps]
+    ours = sample_sigmas(256, torch.Generator().manual_seed(5), scheme)
+    assert torch.equal(ours, sched.sigmas[index])
+    assert ((ours * 1000).round() / 1000 == ours).all() and ours.min() > 0 and ours.max() <= 1
+
+
+def test_sigmas_shift_shares_sampling_code():
+    """With mu, the training sigmas go through sampling.time_shift."""
+    plain = sample_sigmas(16, torch.Generator().manual_seed(1))
+    shifted = sample_sigmas(16, torch.Generator().manual_seed(1), mu=1.15)
+    assert torch.equal(shifted, time_shift(1.15, plain))
+
+
+def test_flow_loss_matches_restatement(model):
+    """Sum over supervised tokens of the channel-mean squared error on the cropped prediction."""
+    x0, noise, sigmas, cond = inputs(2)
+    mask = partial_mask(2)
+    with torch.no_grad():
+        loss, count, parts = flow_loss(model, x0, noise, sigmas, cond, mask, GRID)
+        s = sigmas.view(2, 1, 1, 1)
+        tokens = wrap_pad(pack((1 - s) * x0 + s * noise), 4, 8, 1)
+        pred = wrap_crop(predict(model, tokens, GRID, cond, sigmas, 1.0), 4, 8, 1)
+        err = (pred - pack(noise - x0)).square().mean(-1)
+    torch.testing.assert_close(loss, err[mask].sum())
+    assert count == 32 and parts["yaw"] == 0 and parts["cube"] == 0
+
+
+def test_supervise_pad_targets_the_wrapped_grid(model):
+    """With supervise_pad the pad columns are supervised against the wrapped target, and counted."""
+    grid = Grid(4, 8, pad=2)
+    x0, noise, sigmas, cond = inputs(1)
+    mask = partial_mask(1)
+    with torch.no_grad():
+        loss, count, _ = flow_loss(model, x0, noise, sigmas, cond, mask, grid, supervise_pad=True)
+        s = sigmas.view(1, 1, 1, 1)
+        tokens = wrap_pad(pack((1 - s) * x0 + s * noise), 4, 8, 2)
+        pred = predict(model, tokens, grid, cond, sigmas, 1.0)
+        err = (pred - wrap_pad(pack(noise - x0), 4, 8, 2)).square().mean(-1)
+    padded = wrap_pad(mask[..., None], 4, 8, 2)[..., 0]  # (1, 4 * 12): pad cols 6, 7 | 0, 1
+    assert count == padded.sum() == 4 * (4 + 2)
+    torch.testing.assert_close(loss, err[padded].sum())
+
+
+def test_masked_prediction_gets_zero_gradient(model):
+    """Masked and pad tokens of the prediction get exactly zero gradient; supervised ones do not."""
+    x0, noise, sigmas, cond = inputs(2)
+    mask = partial_mask(2)
+    cap = Capture(model)
+    loss, _, _ = flow_loss(cap, x0, noise, sigmas, cond, mask, GRID, lambda_yaw=0.5, yaw=60.0)
+    loss.backward()
+    grad = cap.out.grad.view(2, 4, 10, 64)  # padded grid
+    inner = grad[:, :, 1:9].reshape(2, 32, 64)
+    assert (inner[~mask] == 0).all() and (grad[:, :, [0, 9]] == 0).all()
+    assert (inner[mask].abs().sum(-1) > 0).all()
+
+
+def test_masked_x0_gets_zero_gradient():
+    """With a token-wise model, x0 at masked tokens gets exactly zero gradient."""
+    torch.manual_seed(0)
+    x0, noise, sigmas, cond = inputs(2)
+    x0.requires_grad_(True)
+    mask = partial_mask(2)
+    loss, _, _ = flow_loss(Tokenwise(), x0, noise, sigmas, cond, mask, GRID)
+    loss.backward()
+    pixel_mask = unpack(mask[..., None].expand(-1, -1, 64).float(), 4, 8).bool()  # (2, 16, 8, 16)
+    assert (x0.grad[~pixel_mask] == 0).all() and (x0.grad[pixel_mask] != 0).all()
+
+
+def test_black_perspective_row_contributes_nothing(model):
+    """An all-black perspective row adds nothing to the loss and no gradient to the model."""
+    x0, noise, sigmas, cond = inputs(2)
+    mask = torch.ones(2, 32, dtype=torch.bool)
+    mask[1] = False
+    persp = torch.tensor([False, True])
+    both, count, _ = flow_loss(model, x0, noise, sigmas, cond, mask, GRID, persp=persp)
+    one = Conditioning(cond.txt[:1], cond.txt_ids[:1], cond.vec[:1])
+    alone, _, _ = flow_loss(model, x0[:1], noise[:1], sigmas[:1], one, mask[:1], GRID)
+    torch.testing.assert_close(both, alone)
+    assert count == 32
+    row = Conditioning(cond.txt[1:], cond.txt_ids[1:], cond.vec[1:])
+    model.zero_grad(set_to_none=True)
+    loss, count, _ = flow_loss(
+        model, x0[1:], noise[1:], sigmas[1:], row, mask[1:], GRID, persp=persp[1:]
+    )
+    loss.backward()
+    assert loss == 0 and count == 0
+    assert all(p.grad is None or (p.grad == 0).all() for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+
+
+def test_perspective_rows_weigh_half(model):
+    """A perspective row counts x0.5 (the reference's weight), per supervised token."""
+    x0, noise, sigmas, cond = inputs(1)
+    mask = partial_mask(1)
+    with torch.no_grad():
+        pano, _, _ = flow_loss(model, x0, noise, sigmas, cond, mask, GRID)
+        persp, _, _ = flow_loss(
+            model, x0, noise, sigmas, cond, mask, GRID, persp=torch.tensor([True])
+        )
+    torch.testing.assert_close(persp, 0.5 * pano)
+
+
+def test_yaw_and_cube_terms_match_restatement(model):
+    """Yaw and cube terms equal the reference's per-row formulas, on full panorama rows only."""
+    x0, noise, sigmas, cond = inputs(3)
+    mask = torch.ones(3, 32, dtype=torch.bool)
+    mask[2, 5] = False  # a partial panorama: no yaw / cube
+    persp = torch.tensor([False, True, False])  # a perspective row: no yaw / cube
+    cap = Capture(model)
+    with torch.no_grad():
+        loss, count, parts = flow_loss(
+            cap, x0, noise, sigmas, cond, mask, GRID, persp=persp, lambda_yaw=0.5,
+            lambda_cube=0.25, yaw=300.0,
+        )  # fmt: skip
+    pred = unpack(wrap_crop(cap.out[:1], 4, 8, 1), 4, 8)  # row 0 only, (1, 16, 8, 16)
+    n, x, p = noise[:1], x0[:1], pred
+    yaw = loss_yaw_rotation(p, 300.0) - (loss_yaw_rotation(n, 300.0) - loss_yaw_rotation(x, 300.0))
+    cube = loss_cube_faces(p) - (loss_cube_faces(n) - loss_cube_faces(x))
+    torch.testing.assert_close(parts["yaw"], yaw.square().mean() * 32)
+    torch.testing.assert_close(parts["cube"], cube.square().mean() * 32)
+    torch.testing.assert_close(loss, parts["flow"] + 0.5 * parts["yaw"] + 0.25 * parts["cube"])
+    assert count == 32 + 32 + 31
+    # One full panorama row: loss / count is the reference's loss_v + l_yaw * yaw + l_cube * cube.
+    with torch.no_grad():
+        loss, count, _ = flow_loss(
+            cap, x0[:1], noise[:1], sigmas[:1], Conditioning(cond.txt[:1], cond.txt_ids[:1],
+            cond.vec[:1]), mask[:1], GRID, lambda_yaw=0.5, lambda_cube=0.25, yaw=300.0,
+        )  # fmt: skip
+    mse = (unpack(wrap_crop(cap.out, 4, 8, 1), 4, 8) - (n - x)).square().mean()
+    expected = mse + 0.5 * yaw.square().mean() + 0.25 * cube.square().mean()
+    torch.testing.assert_close(loss / count, expected)
+
+
+def test_yaw_draw_and_aux_epochs():
+    """Yaw angles come from {60, 180, 300}, seeded; aux losses are on from epoch 2 by default."""
+    draws = [draw_yaw(torch.Generator().manual_seed(i)) for i in range(30)]
+    assert set(draws) == set(YAW_ANGLES)
+    assert draws == [draw_yaw(torch.Generator().manual_seed(i)) for i in range(30)]
+    assert [aux_active(e) for e in range(5)] == [False, False, True, True, True]
+    assert [aux_active(e, start=0, stop=3) for e in range(5)] == [True, True, True, False, False]
+    with pytest.raises(ValueError, match="yaw"):
+        x0, noise, sigmas, cond = inputs(1)
+        flow_loss(Tokenwise(), x0, noise, sigmas, cond, partial_mask(1) | True, GRID, lambda_yaw=1)
+
+
+# --- cached vs uncached ------------------------------------------------------------------------
+
+
+def fake_encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A deterministic 'VAE' that commutes with flips and 8-pixel rolls: 8x8 means, mixed."""
+    w = torch.linspace(-1, 1, 48).view(16, 3)
+    mean = torch.einsum("oc,bchw->bohw", w, F.avg_pool2d(x, 8))  # (B, 16, H/8, W/8)
+    return mean, 0.05 + 0.1 * mean.abs()
+
+
+def fake_text(captions: list[str]):
+    """Deterministic 'text encoders' keyed by the caption."""
+    gens = [torch.Generator().manual_seed(zlib.crc32(c.encode())) for c in captions]
+    txt = torch.stack([torch.randn(8, 32, generator=g) for g in gens])
+    vec = torch.stack([torch.randn(24, generator=g) for g in gens])
+    return txt, torch.zeros(len(captions), 8, 3), vec
+
+
+def epoch_losses(model, source: Source, epoch: int, encode) -> list[torch.Tensor]:
+    """The loss of every sample of an epoch, each with step-seeded noise, sigma and latents."""
+    out = []
+    for step, (kind, index) in enumerate(epoch_order(len(source.pano), 0, epoch, source.seed)):
+        batch = collate([load_sample(source, kind, index, epoch)])
+        gen = torch.Generator().manual_seed(1000 * epoch + step)
+        z = sample_latents(*posterior(batch, encode), gen)
+        noise = torch.randn(z.shape, generator=gen)
+        sigmas = sample_sigmas(1, gen)
+        cond = conditioning(batch, fake_text)
+        with torch.no_grad():
+            loss, _, _ = flow_loss(
+                model, z, noise, sigmas, cond, batch.token_mask, GRID, persp=batch.persp,
+                lambda_yaw=0.5, lambda_cube=0.5, yaw=draw_yaw(gen),
+            )  # fmt: skip
+        out.append(loss)
+    return out
+
+
+@pytest.fixture(scope="module")
+def panoramas(tmp_path_factory):
+    """Three random 64x128 panoramas and their rows."""
+    root = tmp_path_factory.mktemp("panos")
+    rows = []
+    for i in range(3):
+        rgb = np.random.default_rng(i).integers(0, 256, (64, 128, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(root / f"{i}.png")
+        rows.append(json.dumps({"image": f"{i}.png", "caption": f"panorama {i}"}))
+    (root / "pano.jsonl").write_text("\n".join(rows))
+    return read_rows(root / "pano.jsonl")["pano"]
+
+
+def test_cached_and_uncached_give_the_same_loss(model, panoramas, tmp_path):
+    """The cache path (both flips cached, latents rolled) gives the uncached loss, same seeds."""
+    from dit360.data import build_cache
+
+    build_cache(panoramas, tmp_path, 64, "fake", fake_encode, fake_text)
+    plain = Source(panoramas, [], height=64, seed=7)
+    cached = Source(panoramas, [], height=64, seed=7, cache_dir=tmp_path, model_id="fake")
+    for epoch in range(3):
+        a = epoch_losses(model, plain, epoch, fake_encode)
+        b = epoch_losses(model, cached, epoch, fake_encode)
+        torch.testing.assert_close(torch.stack(a), torch.stack(b))
+
+
+def test_cache_with_circular_vae_matches(model, panoramas, tmp_path):
+    """With a real (tiny) VAE whose encoder wraps the width, cached rolls match to round-off."""
+    from dit360.autoencoder import AutoEncoder, AutoEncoderParams
+    from dit360.data import build_cache
+
+    torch.manual_seed(0)
+    params = AutoEncoderParams(ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, norm_num_groups=4)
+    ae = AutoEncoder(params, circular_encoder=True).eval()
+    build_cache(panoramas, tmp_path, 64, "tiny-vae", ae.posterior, fake_text)
+    plain = Source(panoramas, [], height=64, seed=3)
+    cached = Source(panoramas, [], height=64, seed=3, cache_dir=tmp_path, model_id="tiny-vae")
+    with torch.no_grad():
+        a = torch.stack(epoch_losses(model, plain, 0, ae.posterior))
+        b = torch.stack(epoch_losses(model, cached, 0, ae.posterior))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
