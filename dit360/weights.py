@@ -10,7 +10,6 @@ carried over) or full keys; `{i}` stands for a block index. Ops:
 - squeeze:  ours is a 1x1 conv weight (O, I, 1, 1), theirs the same as a linear (O, I).
 """
 
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import autoencoder as ae
 from . import config as cfg
-from .checkpoint import Checkpoint, atomic_path, open_checkpoint, resolve, write_safetensors
+from .checkpoint import Checkpoint, open_checkpoint, resolve, write_safetensors
 from .model import Flux
 
 Rule = tuple[str, str, str | tuple[str, ...]]
@@ -243,6 +242,17 @@ def fill(
     return model.eval().requires_grad_(False)
 
 
+def read_flux(
+    src: str | Path, axes_dim: tuple[int, ...] | None = None
+) -> tuple[Checkpoint, Plan, Flux]:
+    """Open a FLUX transformer checkpoint (headers only) and check it against its meta model."""
+    ckpt, table, folder = open_flux(src)
+    plan = plan_from(ckpt, table)
+    model = meta_flux(flux_params(ckpt, plan, folder, axes_dim))
+    check_plan(plan, {k: tuple(v.shape) for k, v in model.state_dict().items()}, ckpt)
+    return ckpt, plan, model
+
+
 def load_flux(
     src: str | Path,
     device: str | torch.device = "cpu",
@@ -250,83 +260,13 @@ def load_flux(
     axes_dim: tuple[int, ...] | None = None,
 ) -> Flux:
     """Load a FLUX transformer from any supported layout, filling it tensor by tensor."""
-    ckpt, table, folder = open_flux(src)
-    plan = plan_from(ckpt, table)
-    return fill(meta_flux(flux_params(ckpt, plan, folder, axes_dim)), ckpt, plan, device, dtype)
-
-
-def convert_flux(
-    src: str | Path,
-    out: str | Path,
-    dtype: torch.dtype | None = None,
-    to: str = "bfl",
-    axes_dim: tuple[int, ...] | None = None,
-) -> Path:
-    """Write the transformer of `src` as one safetensors file in our (BFL) or diffusers layout.
-
-    `to="diffusers"` writes `out/config.json` + `out/diffusion_pytorch_model.safetensors`.
-    """
-    ckpt, table, folder = open_flux(src)
-    plan = plan_from(ckpt, table)
-    params = flux_params(ckpt, plan, folder, axes_dim)
-    expected = {k: tuple(v.shape) for k, v in meta_flux(params).state_dict().items()}
-    check_plan(plan, expected, ckpt)
-    names = list(expected)
-
-    def dtype_of(name: str) -> torch.dtype:
-        return dtype or ckpt.dtypes[plan.sources[name][1][0]]
-
-    if to == "bfl":
-        specs = {k: (dtype_of(k), expected[k]) for k in names}
-        tensors = stream_tensors(ckpt, plan, names, dtype)
-        write_safetensors(out, specs, tensors, {"dit360_config": params.to_json()})
-        return Path(out)
-    if to != "diffusers":
-        raise ValueError(f"unknown layout {to!r}: use 'bfl' or 'diffusers'")
-    out = Path(out)
-    layout = [(name, *their_keys(name, FLUX_DIFFUSERS)) for name in names]
-    specs = {
-        k: (dtype_of(name), shape)
-        for name, op, theirs in layout
-        for k, shape in zip(
-            theirs, split_shapes(op, expected[name], len(theirs), params), strict=True
-        )
-    }
-
-    def diffusers_tensors() -> Iterator[tuple[str, Tensor]]:
-        ours = stream_tensors(ckpt, plan, names, dtype)
-        for (_, op, theirs), (_, t) in zip(layout, ours, strict=True):
-            yield from zip(
-                theirs, split_tensor(op, t, len(theirs), params.hidden_size), strict=True
-            )
-
-    write_safetensors(out / "diffusion_pytorch_model.safetensors", specs, diffusers_tensors())
-    with atomic_path(out / "config.json") as tmp:
-        tmp.write_text(json.dumps(cfg.to_diffusers_config(params), indent=2))
-    return out
+    ckpt, plan, model = read_flux(src, axes_dim)
+    return fill(model, ckpt, plan, device, dtype)
 
 
 def split_sizes(op: str, rows: int, n: int, hidden: int) -> list[int]:
     """Row counts of the parts of a fused tensor: `hidden` each, the last one takes the rest."""
     return [hidden] * (n - 1) + [rows - hidden * (n - 1)] if op == "concat" else [rows]
-
-
-def split_shapes(op, shape, n, params) -> list[tuple[int, ...]]:
-    """Their shapes for one of our tensors (inverse of `plan_from`'s shapes)."""
-    if op == "squeeze":
-        return [shape[:2]]
-    return [(r, *shape[1:]) for r in split_sizes(op, shape[0], n, params.hidden_size)]
-
-
-def split_tensor(op: str, t: Tensor, n: int, hidden: int) -> list[Tensor]:
-    """Their tensors for one of ours (inverse of `build`)."""
-    if op == "concat":
-        return list(t.split(split_sizes(op, t.shape[0], n, hidden), dim=0))
-    if op == "swap":
-        return [torch.cat(t.chunk(2, dim=0)[::-1], dim=0)]
-    if op == "squeeze":
-        return [t[:, :, 0, 0]]
-    return [t]
 
 
 # --- FLUX autoencoder ---
@@ -437,6 +377,3 @@ def save_autoencoder(model: ae.AutoEncoder, path: str | Path) -> Path:
     specs = {k: (t.dtype, tuple(t.shape)) for k, t in state.items()}
     write_safetensors(path, specs, state.items(), {AE_CONFIG_KEY: model.params.to_json()})
     return Path(path)
-
-
-flux_tensors = stream_tensors  # TEMPORARY alias while lora.py is being written

@@ -9,7 +9,8 @@ from tiny import TINY_TRANSFORMER, diffusers_transformer, save_transformer
 
 from dit360 import config, weights
 from dit360.checkpoint import Checkpoint
-from dit360.weights import convert_flux, load_flux, meta_flux, plan_from
+from dit360.convert import convert_flux
+from dit360.weights import load_flux, meta_flux, plan_from
 
 DATA = Path(__file__).parent / "data"
 

@@ -1,0 +1,366 @@
+"""LoRA: DiT360/peft, kohya and BFL formats against diffusers + peft; merge, export, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_model import inputs, rel_err, run_diffusers, run_ours
+from tiny import TINY_TRANSFORMER, diffusers_transformer, save_transformer
+
+import convert_weights
+from dit360 import config, lora
+from dit360.weights import load_flux, meta_flux
+
+DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).parents[1]
+SEED = 0  # of the tiny base model
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """The tiny random transformer saved in the FLUX.1-dev folder layout."""
+    root = tmp_path_factory.mktemp("base")
+    save_transformer(diffusers_transformer(SEED), root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def x() -> dict:
+    """One set of model inputs."""
+    return inputs()
+
+
+def ours(base: Path) -> torch.nn.Module:
+    """Our model loaded from the tiny folder, float32."""
+    return load_flux(base, dtype=torch.float32)
+
+
+def out(model, x: dict) -> torch.Tensor:
+    """Our model's output, without autograd."""
+    with torch.no_grad():
+        return run_ours(model, x)
+
+
+def pipeline(transformer):
+    """A FluxPipeline holding only the transformer: enough for `load_lora_weights`."""
+    from diffusers import FluxPipeline
+
+    none = dict.fromkeys(["scheduler", "vae", "text_encoder", "tokenizer"], None)
+    return FluxPipeline(**none, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+
+
+def dit360_lora(folder: Path, r=4, alpha=8, seed=1, prefix="transformer.", targets=None):
+    """A random LoRA on the tiny model in DiT360's format (keys, file names, adapter_config)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors, targets = {}, targets or list(lora.DIT360_TARGETS)
+    for name, m in diffusers_transformer(SEED).named_modules():
+        if any(name == t or name.endswith("." + t) for t in targets):
+            tensors[f"{prefix}{name}.lora_A.weight"] = torch.randn(r, m.in_features, generator=g)
+            tensors[f"{prefix}{name}.lora_B.weight"] = torch.randn(m.out_features, r, generator=g)
+    tensors = {k: v * 0.1 for k, v in tensors.items()}
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder, tensors, config
+
+
+def bfl_lora(path: Path, modules: dict[str, float | None], style: str, r: int = 4, seed: int = 2):
+    """A random kohya/ComfyUI LoRA on whole BFL layers, and its deltas alpha / r * up @ down."""
+    g = torch.Generator().manual_seed(seed)
+    model, tensors, deltas = meta_flux(config.from_diffusers_config(TINY_TRANSFORMER)), {}, {}
+    for module, alpha in modules.items():
+        layer = model.get_submodule(module)
+        down = torch.randn(r, layer.in_features, generator=g) * 0.1
+        up = torch.randn(layer.out_features, r, generator=g) * 0.1
+        deltas[module] = up @ down * (1.0 if alpha is None else alpha / r)
+        stem = {"kohya": "lora_unet_" + module.replace(".", "_")}.get(
+            style, "diffusion_model." + module
+        )
+        a, b = ("lora_A", "lora_B") if style == "comfy" else ("lora_down", "lora_up")
+        tensors |= {f"{stem}.{a}.weight": down, f"{stem}.{b}.weight": up}
+        if alpha is not None:
+            tensors[f"{stem}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, path)
+    return path, deltas
+
+
+def merged_by_hand(base: Path, deltas: dict[str, torch.Tensor], factor: float = 1.0):
+    """Our model with W + factor * delta written into the weights directly."""
+    model = ours(base)
+    state = model.state_dict()
+    for module, delta in deltas.items():
+        state[module + ".weight"] += factor * delta
+    model.load_state_dict(state)
+    return model
+
+
+# Modules diffusers' kohya converter handles at any width (it hard-codes 3072 for linear1, and
+# drops final_layer LoRAs: it forgets their `transformer.` prefix).
+KOHYA_FOR_DIFFUSERS = {
+    "double_blocks.0.img_attn.qkv": 8.0,
+    "double_blocks.1.img_attn.proj": 2.0,
+    "double_blocks.0.txt_attn.qkv": 8.0,
+    "double_blocks.1.img_mlp.0": 4.0,
+    "double_blocks.0.txt_mod.lin": 8.0,
+    "single_blocks.1.linear2": 8.0,
+    "single_blocks.0.modulation.lin": 8.0,
+}
+FUSED = {
+    "double_blocks.0.img_attn.qkv": 8.0,
+    "double_blocks.1.txt_attn.proj": 2.0,
+    "single_blocks.0.linear1": 8.0,
+    "single_blocks.1.linear1": 1.0,
+    "txt_in": 8.0,
+    "time_in.in_layer": 8.0,
+    "final_layer.adaLN_modulation.1": 8.0,
+}
+
+
+def with_peft(tensors: dict, cfg: dict, x: dict) -> torch.Tensor:
+    """diffusers + peft output with a peft-format LoRA, told its alpha as diffusers reads it."""
+    reference = diffusers_transformer(SEED)
+    metadata = {"transformer." + k: v for k, v in cfg.items()}
+    reference.load_lora_adapter(tensors, prefix="transformer", metadata=metadata)
+    return run_diffusers(reference, x)
+
+
+def test_dit360_format_matches_peft(base, x, tmp_path):
+    """DiT360-format LoRA (r 4, alpha 8): ours = diffusers + peft, unmerged, merged, unmerged."""
+    folder, tensors, cfg = dit360_lora(tmp_path / "lora")
+    expected = with_peft(tensors, cfg, x)
+    model = ours(base)
+    plain = out(model, x)
+    lora.load_lora(model, folder)
+    qkv = model.double_blocks[0].img_attn.qkv.lora["lora0"]
+    assert qkv.A.shape == (12, 32) and qkv.rows == [(0, 32), (32, 64), (64, 96)]
+    assert model.single_blocks[0].linear1.lora["lora0"].rows == [(0, 32), (32, 64), (64, 96)]
+    assert qkv.scales == [2.0] * 3
+    err = rel_err(out(model, x), expected)
+    lora.merge_lora(model)
+    err_merged = rel_err(out(model, x), expected)
+    print(f"dit360 format: unmerged {err:.2e}, merged {err_merged:.2e}")
+    assert err < 1e-5 and err_merged < 1e-5
+    assert rel_err(plain, expected) > 1e-2  # the LoRA matters: the check can fail
+    lora.unmerge_lora(model)
+    assert rel_err(out(model, x), expected) < 1e-5
+    lora.set_scale(model, 0.0)
+    assert rel_err(out(model, x), plain) < 1e-6
+
+
+def test_other_peft_targets(base, x, tmp_path):
+    """peft LoRA on lone/unequal parts, MLPs, embedders, final adaLN: ours = diffusers + peft."""
+    targets = ["proj_mlp", "attn.to_k", "ff.net.0.proj", "norm_out.linear", "x_embedder"]
+    targets += ["proj_out", "norm1_context.linear", "time_text_embed.timestep_embedder.linear_1"]
+    folder, tensors, cfg = dit360_lora(tmp_path / "a", r=2, alpha=3, targets=targets)
+    model = lora.load_lora(ours(base), folder)
+    assert model.single_blocks[0].linear1.lora["lora0"].rows == [(32, 64), (96, 224)]
+    err = rel_err(out(model, x), with_peft(tensors, cfg, x))
+    print(f"other peft targets: {err:.2e}")
+    assert err < 1e-5
+    exported = lora.export_peft(model, tmp_path / "b") / "adapter_model.safetensors"
+    back = load_file(exported)
+    assert back.keys() == tensors.keys()
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+@pytest.mark.parametrize("spelling", ["", "old"])
+def test_peft_key_spellings(base, x, tmp_path, spelling):
+    """Without the `transformer.` prefix, or with `.lora.down/.up`: same as the DiT360 format."""
+    folder, tensors, _ = dit360_lora(tmp_path / "a")
+    expected = out(lora.load_lora(ours(base), folder), x)
+    renamed = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    if spelling == "old":
+        renamed = {
+            k.replace("lora_A", "lora.down").replace("lora_B", "lora.up"): v
+            for k, v in renamed.items()
+        }
+    save_file(renamed, tmp_path / "a" / "adapter_model.safetensors")
+    assert torch.equal(out(lora.load_lora(ours(base), folder), x), expected)
+
+
+def test_kohya_matches_diffusers(base, x, tmp_path):
+    """A kohya LoRA (fused qkv, per-module alpha, final adaLN): ours = diffusers' kohya loader."""
+    path, deltas = bfl_lora(tmp_path / "kohya.safetensors", KOHYA_FOR_DIFFUSERS, "kohya")
+    reference = diffusers_transformer(SEED)
+    pipeline(reference).load_lora_weights(str(path))
+    expected = run_diffusers(reference, x)
+    model = lora.load_lora(ours(base), path)
+    err = rel_err(out(model, x), expected)
+    err_merged = rel_err(out(lora.merge_lora(model), x), expected)
+    err_hand = rel_err(out(merged_by_hand(base, deltas), x), expected)
+    print(f"kohya: unmerged {err:.2e}, merged {err_merged:.2e}, by hand {err_hand:.2e}")
+    assert max(err, err_merged, err_hand) < 1e-5
+
+
+@pytest.mark.parametrize("style", ["kohya", "comfy", "comfy_down"])
+def test_bfl_named_formats(base, x, tmp_path, style):
+    """kohya and ComfyUI LoRAs on whole fused layers equal a merge by hand, unmerged and merged."""
+    modules = {k: (None if style == "comfy" else v) for k, v in FUSED.items()}
+    path, deltas = bfl_lora(tmp_path / "l.safetensors", modules, style)
+    expected = out(merged_by_hand(base, deltas), x)
+    model = lora.load_lora(ours(base), path)
+    assert rel_err(out(model, x), expected) < 1e-5
+    assert rel_err(out(lora.merge_lora(model), x), expected) < 1e-5
+
+
+def test_full_size_dit360_manifest():
+    """DiT360's 380 tensors map onto flux-dev (meta device), each on its listed BFL rows."""
+    manifest = json.loads((DATA / "dit360-lora.json").read_text())["tensors"]
+    model = meta_flux(config.PRESETS["flux-dev"])
+    tensors = {k: torch.empty(v["shape"], device="meta") for k, v in manifest.items()}
+    plan = lora.plan_lora(tensors, model, {"r": 64, "lora_alpha": 64})
+    placed = {
+        key: {"key": f"{layer}.weight", "rows": [p.start, p.end]}
+        for layer, parts in plan.items()
+        for p in parts
+        for key in p.keys
+    }
+    assert placed == {k: v["bfl_target"] for k, v in manifest.items()}
+    assert len(placed) == 380 and sum(map(len, plan.values())) == 190
+    lora.attach(model, plan, "dit360")
+    assert sum(p.numel() for p in lora.lora_state_dict(model).values()) == 74_711_040
+
+
+def test_inject_defaults():
+    """inject() = DiT360's LoraConfig on flux-dev (meta): same modules and sizes, peft's init."""
+    model = lora.inject(meta_flux(config.PRESETS["flux-dev"]))
+    state = lora.lora_state_dict(model)
+    assert sum(v.numel() for v in state.values()) == 74_711_040
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(state) and "double_blocks.0.img_attn.qkv.weight" in model.state_dict()
+    qkv = model.double_blocks[0].img_attn.qkv.lora["default"]
+    assert qkv.A.shape == (192, 3072) and qkv.scales == [1.0] * 3 and qkv.dropout.p == 0.05
+    assert model.single_blocks[0].linear1.lora["default"].rows == [
+        (0, 3072),
+        (3072, 6144),
+        (6144, 9216),
+    ]
+
+
+def test_inject_init_and_dropout(base, x):
+    """A new LoRA starts as a no-op (B = 0, A ~ N(0, 1/r)); dropout acts only in training."""
+    model = ours(base)
+    plain = out(model, x)
+    lora.inject(model, rank=16, alpha=16, dropout=0.5)
+    assert torch.equal(out(model, x), plain)
+    ad = model.single_blocks[0].linear1.lora["default"]
+    assert abs(ad.A.std().item() - 1 / 16) < 0.01 and all((b == 0).all() for b in ad.B)
+    for _, a in lora._adapters(model):
+        for b in a.B:
+            torch.nn.init.normal_(b)
+    assert torch.equal(out(model.eval(), x), out(model.eval(), x))
+    assert not torch.equal(out(model.train(), x), out(model.eval(), x))
+    run_ours(model, x).square().mean().backward()  # gradients reach A and every B, not the base
+    assert (ad.A.grad != 0).all() and all((b.grad != 0).any() for b in ad.B)
+    assert all(p.grad is None for n, p in model.named_parameters() if ".lora." not in n)
+
+
+def test_export_round_trip(base, x, tmp_path):
+    """A LoRA trained here (random B), exported, loads in diffusers and in ours: same output."""
+    model = lora.inject(ours(base), rank=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for _, ad in lora._adapters(model):
+            for b in ad.B:
+                b.normal_(std=0.1)
+    expected = out(model, x)
+    folder = lora.export_peft(model, tmp_path / "export")
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["peft_type"]) == (4, 8, "LORA")
+    assert sorted(cfg["target_modules"]) == sorted(lora.DIT360_TARGETS)
+    keys = load_file(folder / "adapter_model.safetensors")
+    assert "transformer.single_transformer_blocks.1.attn.to_v.lora_B.weight" in keys
+    reference = diffusers_transformer(SEED)
+    pipeline(reference).load_lora_weights(str(folder))
+    err = rel_err(run_diffusers(reference, x), expected)
+    print(f"round trip: diffusers vs ours {err:.2e}")
+    assert err < 1e-5
+    assert rel_err(out(lora.load_lora(ours(base), folder), x), expected) < 1e-6
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_several_loras(base, x, tmp_path):
+    """Two LoRAs at once, each with its weight, equal both merged by hand."""
+    folder, *_ = dit360_lora(tmp_path / "a")
+    path, deltas = bfl_lora(tmp_path / "k.safetensors", FUSED, "kohya")
+    expected = merged_by_hand(base, {k: -0.5 * v for k, v in deltas.items()})
+    lora.load_lora(expected, folder, scale=0.7, merge=True)
+    model = lora.load_lora(ours(base), folder, scale=0.7)
+    lora.load_lora(model, path, scale=-0.5)
+    assert rel_err(out(model, x), out(expected, x)) < 1e-5
+    with pytest.raises(ValueError, match="name the one"):
+        lora.export_peft(model, tmp_path / "x")
+
+
+def test_cli_merge(base, x, tmp_path):
+    """convert_weights.py --merge writes one file that equals the unmerged LoRA at --lora-scale."""
+    folder, *_ = dit360_lora(tmp_path / "a")
+    path = tmp_path / "merged.safetensors"
+    args = ["--base", str(base), "--lora", str(folder), "--merge", "--out", str(path)]
+    convert_weights.main([*args, "--lora-scale", "0.5"])
+    merged = load_flux(path, dtype=None)
+    assert {p.dtype for p in merged.parameters()} == {torch.float32}
+    expected = out(lora.load_lora(ours(base), folder, scale=0.5), x)
+    err = rel_err(out(merged, x), expected)
+    print(f"merged file vs unmerged LoRA: {err:.2e}")
+    assert err < 1e-5
+
+
+def test_cli_lora_to_peft(base, x, tmp_path):
+    """convert_weights.py --lora: kohya (linear1, alpha per module) to peft, loads everywhere."""
+    path, _ = bfl_lora(tmp_path / "k.safetensors", FUSED, "kohya")
+    folder = tmp_path / "peft"
+    convert_weights.main(["--lora", str(path), "--base", str(base), "--out", str(folder)])
+    expected = out(lora.load_lora(ours(base), path), x)
+    reference = diffusers_transformer(SEED)
+    pipeline(reference).load_lora_weights(str(folder))
+    assert rel_err(run_diffusers(reference, x), expected) < 1e-5
+    assert json.loads((folder / "adapter_config.json").read_text())["alpha_pattern"]
+    assert rel_err(out(lora.load_lora(ours(base), folder), x), expected) < 1e-5  # alpha_pattern
+
+
+def test_cli_lora_from_hub_cache(base, tmp_path):
+    """--lora takes a repo id, resolved through the Hugging Face cache (offline)."""
+    repo = tmp_path / "hf" / "hub" / "models--acme--tiny-lora"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    dit360_lora(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    args = ["--lora", "acme/tiny-lora", "--base", str(base), "--out", str(tmp_path / "o")]
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "convert_weights.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    assert len(load_file(tmp_path / "o" / "adapter_model.safetensors")) == 28
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"transformer.foo.lora_A.weight": torch.zeros(4, 32)}, r"match no layer.*foo\.lora_A"),
+        ({"lora_te1_text_model_x.lora_down.weight": torch.zeros(4, 8)}, r"lora_te1_text_model_x"),
+        ({"transformer.proj_out.lora_A.weight": torch.zeros(4, 32)}, r"proj_out: has \['A'\]"),
+        (
+            {"transformer.transformer_blocks.1.attn.to_k.lora_B.weight": torch.zeros(31, 4)},
+            r"transformer_blocks\.1\.attn\.to_k: A \(4, 32\), B \(31, 4\); double_blocks\.1\.img",
+        ),
+    ],
+)
+def test_errors_list_keys(base, tmp_path, edit, message):
+    """Unknown keys, missing halves and wrong shapes are listed; nothing is applied."""
+    folder, tensors, _ = dit360_lora(tmp_path / "a")
+    save_file({**tensors, **edit}, folder / "adapter_model.safetensors")
+    model = ours(base)
+    with pytest.raises(ValueError, match=message):
+        lora.load_lora(model, folder)
+    assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())
