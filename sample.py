@@ -23,6 +23,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lora", default=DIT360_LORA, help="LoRA repo id, folder or .safetensors file; 'none'"
     )
     p.add_argument("--lora-scale", type=float, default=d.lora_scale)
+    p.add_argument(
+        "--no-merge-lora",
+        action="store_true",
+        help="keep the LoRA as adapters (default: fold it into the weights, faster per step)",
+    )
     p.add_argument("--height", type=int, default=d.height)
     p.add_argument("--width", type=int, default=d.width)
     p.add_argument("--steps", type=int, default=d.steps)
@@ -55,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
             base=args.base,
             lora=None if str(args.lora).lower() == "none" else args.lora,
             lora_scale=args.lora_scale,
+            merge_lora=not args.no_merge_lora,
             height=args.height,
             width=args.width,
             steps=args.steps,

@@ -32,6 +32,7 @@ class Options:
     base: str | Path = FLUX_DEV
     lora: str | Path | None = DIT360_LORA
     lora_scale: float = 1.0
+    merge_lora: bool = True  # fold the LoRA into the weights: no LoRA cost per step
     height: int = 1024
     width: int = 2048
     steps: int = 28
@@ -125,7 +126,7 @@ def generate(
         if opts.lora:
             from .lora import load_lora
 
-            load_lora(model, opts.lora, scale=opts.lora_scale)
+            load_lora(model, opts.lora, scale=opts.lora_scale, merge=opts.merge_lora)
     with _stage(report, "denoise", log):
         latents = sample_latents(model, cond, opts)
     del model, cond

@@ -15,9 +15,9 @@ ROOT = Path(__file__).parents[1]
 PROMPT = "This is a panorama. A castle on a hill at sunset."
 
 
-def args(tiny_flux, out, *extra) -> list[str]:
+def args(tiny_flux, out, *extra, lora: str = "none") -> list[str]:
     return [
-        *("--prompt", PROMPT, "--base", str(tiny_flux), "--lora", "none"),
+        *("--prompt", PROMPT, "--base", str(tiny_flux), "--lora", lora),
         *("--height", "32", "--width", "64", "--steps", "3", "--seed", "4"),
         *("--device", "cpu", "--dtype", "fp32", "--out", str(out), *extra),
     ]
@@ -42,6 +42,31 @@ def test_matches_flux_pipeline(tiny_flux, tmp_path):
     got = np.asarray(Image.open(out), dtype=np.int16)
     diff = np.abs(got - np.asarray(expected, dtype=np.int16))
     assert got.shape == (32, 64, 3)
+    assert diff.max() <= 1, diff.max()
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_lora_matches_flux_pipeline(tiny_flux, tmp_path, merge):
+    """--lora DIR (DiT360 format), merged or not: the image of FluxPipeline + load_lora_weights."""
+    from diffusers import FluxPipeline
+    from test_lora import dit360_lora
+
+    folder = dit360_lora(tmp_path / "lora", r=4, alpha=4)[0]
+    out = tmp_path / "pano.png"
+    extra = ["--wrap-pad", "0"] + ([] if merge else ["--no-merge-lora"])
+    sample.main(args(tiny_flux, out, *extra, lora=str(folder)))
+    pipe = FluxPipeline.from_pretrained(tiny_flux, torch_dtype=torch.float32)
+    pipe.load_lora_weights(folder)
+    expected = pipe(
+        PROMPT,
+        height=32,
+        width=64,
+        num_inference_steps=3,
+        guidance_scale=2.8,
+        generator=torch.Generator("cpu").manual_seed(4),
+    ).images[0]
+    plain = np.asarray(Image.open(out), dtype=np.int16)
+    diff = np.abs(plain - np.asarray(expected, dtype=np.int16))
     assert diff.max() <= 1, diff.max()
 
 
