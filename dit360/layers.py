@@ -5,6 +5,7 @@ checkpoint loads with strict names. Shapes: B batch, L tokens, D hidden, H heads
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,10 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .rope import apply_rope
+
+# f(q, k, v) -> (q, k, v) on the joint [txt | img] heads (B, H, L, d), image tokens last, called
+# right before attention; set from outside (dit360.editing's token replacement), never by the model.
+QKVHook = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
@@ -113,6 +118,8 @@ def mlp(dim: int, hidden: int) -> nn.Sequential:
 class DoubleStreamBlock(nn.Module):
     """Separate image and text weights, one joint attention over [txt | img] tokens."""
 
+    qkv_hook: QKVHook | None = None  # see QKVHook; None costs nothing
+
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qkv_bias: bool):
         super().__init__()
         for s in ("img", "txt"):
@@ -127,6 +134,8 @@ class DoubleStreamBlock(nn.Module):
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1))
         # Joint attention over [txt | img] along L; pe holds the ids in the same order.
         q, k, v = (torch.cat(p, dim=2) for p in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+        if self.qkv_hook is not None:
+            q, k, v = self.qkv_hook(q, k, v)
         attn = attention(q, k, v, pe)  # (B, L_txt + L_img, D)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
@@ -139,6 +148,8 @@ class DoubleStreamBlock(nn.Module):
 
 class SingleStreamBlock(nn.Module):
     """Parallel attention + MLP over the joint sequence: fused `linear1` in, fused `linear2` out."""
+
+    qkv_hook: QKVHook | None = None  # see QKVHook; the MLP half of linear1 never sees it
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int):
         super().__init__()
@@ -155,6 +166,8 @@ class SingleStreamBlock(nn.Module):
         )
         q, k, v = rearrange(qkv, "b l (k h d) -> k b h l d", k=3, h=self.num_heads)
         q, k = self.norm(q, k, v)
+        if self.qkv_hook is not None:
+            q, k, v = self.qkv_hook(q, k, v)
         attn = attention(q, k, v, pe)  # (B, L, D)
         out = self.linear2(torch.cat((attn, F.gelu(hidden, approximate="tanh")), dim=2))
         return x + gate * out

@@ -1,0 +1,366 @@
+"""Editing (RF-Inversion + token replacement) against an independent re-statement of DiT360's
+editing on diffusers' transformer, its properties, and edit.py end to end on the tiny model."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.testing import assert_close
+
+import edit as edit_cli
+from dit360.editing import (
+    EditOptions,
+    check_mask,
+    edit,
+    feather,
+    invert,
+    pad_mask,
+    paste_back,
+    read_mask,
+    rows,
+)
+from dit360.panorama import wrap_crop, wrap_pad
+from dit360.sampling import Conditioning, Grid, schedule
+from dit360.text import encode
+from dit360.weights import load_flux
+
+SOURCE = "This is a panorama. A village by a lake under snow mountains."
+PROMPT = "This is a panorama. A city by a lake at sunset."
+H, W = 2, 4  # packed token grid: a 32x64 image
+STEPS = 6  # sigmas 1, .89, .76, .61 (> 0.5: swap + blend), .44, .24 at this token count
+DEFAULT = EditOptions()
+VARIED = EditOptions(gamma=0.6, eta=0.7, start=0.2, stop=0.8, tau=0.3, blend_until=0.7)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_flux):
+    """diffusers' FluxPipeline on the tiny random FLUX.1-dev folder, float32."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline.from_pretrained(tiny_flux, torch_dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_flux):
+    """Our transformer and the conditioning rows ["", SOURCE, PROMPT]."""
+    cond = Conditioning(*encode(tiny_flux, ["", SOURCE, PROMPT], "cpu", torch.float32))
+    return load_flux(tiny_flux, "cpu", torch.float32), cond
+
+
+def tensors(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unpadded packed source latents, inversion noise and target noise, each (1, H*W, 64)."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, H * W, 64, generator=g) for _ in range(3))
+
+
+KEEP = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)  # (H, W): first col kept
+
+
+# --- the reference, re-stated on diffusers' parts -------------------------------------------------
+
+
+class Replace:
+    """Personalize-Anything on diffusers' attention: while t > tau the target's (batch 1) image
+    hidden states at the mask take the source's (batch 0), in place, before q/k/v."""
+
+    def __init__(self, mask: torch.Tensor, tau: float, txt_len: int):
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        self.mask, self.tau, self.txt_len, self.plain = mask, tau, txt_len, FluxAttnProcessor()
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+        image_rotary_emb=None, timestep=None,
+    ):  # fmt: skip
+        if timestep > self.tau:  # single blocks see [txt | img]; the reference skips 512 tokens
+            img = hidden_states if encoder_hidden_states is not None else hidden_states[:, 512:]
+            assert encoder_hidden_states is not None or self.txt_len == 512
+            img[1, self.mask] = img[0, self.mask]
+        return self.plain(
+            attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
+        )
+
+
+def pad1(x: torch.Tensor) -> torch.Tensor:
+    """[last col | grid | first col] of (B, H*W, C) tokens, written out."""
+    g = x.reshape(x.shape[0], H, W, -1)
+    return torch.cat([g[:, :, -1:], g, g[:, :, :1]], dim=2).reshape(x.shape[0], -1, x.shape[-1])
+
+
+def reference(pipe, x0, y1, z, keep, o: EditOptions, steps=STEPS, guidance=2.8, calls=None):
+    """DiT360's pa_src/pipeline.py `invert` then `__call__` with editing.py's mask and the
+    PersonalizeAnything processor; inverted and target latents (1, H*(W+2), 64), padded."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    calls = [] if calls is None else calls
+    tr, sched = pipe.transformer, pipe.scheduler
+    x0, y1, z = pad1(x0), pad1(y1), pad1(z)
+    ids = pipe._prepare_latent_image_ids(1, H, W, "cpu", torch.float32)[None]
+    ids = pad1(ids)[0]
+    mask = torch.cat([keep[:, :1], keep, keep[:, -1:]], dim=1).reshape(-1)  # editing.py's quirk
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(H * W))
+    sigmas = sched.sigmas
+
+    def run(x, t, txt, vec, tids, g, **kw):
+        calls.append(x.shape[0])
+        return tr(hidden_states=x, timestep=t, guidance=g, pooled_projections=vec,
+                  encoder_hidden_states=txt, txt_ids=tids, img_ids=ids, return_dict=False,
+                  **kw)[0]  # fmt: skip
+
+    with torch.no_grad():
+        txt, vec, tids = pipe.encode_prompt("", prompt_2=None, max_sequence_length=512)
+        y, n = x0, len(sigmas)
+        for i in range(n - 1):  # Algorithm 1, t_i = i / N with N = len(sigmas)
+            t = torch.tensor(i / n)
+            u = run(y, t.expand(1), txt, vec, tids, torch.zeros(1))
+            y = y + (u + o.gamma * ((y1 - y) / (1 - t) - u)) * (sigmas[i] - sigmas[i + 1])
+        txt, vec, tids = pipe.encode_prompt(
+            [SOURCE, PROMPT], prompt_2=None, max_sequence_length=512
+        )
+        x, lo = torch.cat([y, z]), int(o.start * steps)
+        hi = min(int(o.stop * steps), steps)
+        tr.set_attn_processor(Replace(mask, o.tau, txt.shape[1]))
+        try:
+            for i, t in enumerate(sched.timesteps):  # Algorithm 2 on [source, target]
+                kw = {"joint_attention_kwargs": {"timestep": t.item() / 1000}}
+                v = run(x, t.expand(2) / 1000, txt, vec, tids, torch.full((2,), guidance), **kw)
+                eta = o.eta if lo <= i < hi else 0.0
+                v_t, v_c = -v[:1], (x0 - x[:1]) / (1 - (1 - t / 1000))
+                src = x[:1] + (v_t + eta * (v_c - v_t)) * (sigmas[i] - sigmas[i + 1])
+                tgt = sched.step(v[1:], t, x[1:], return_dict=False)[0]
+                if t.item() / 1000 >= o.blend_until:
+                    m = mask[:, None].float()
+                    tgt = tgt * (1.0 - m) + src * m
+                x = torch.cat([src, tgt])
+        finally:
+            tr.set_attn_processor(FluxAttnProcessor())
+    return y, x[1:]
+
+
+def run_ours(ours, x0, y1, z, keep, o: EditOptions, steps=STEPS, keep_source=False, calls=None):
+    """Our invert + edit on the same inputs; inverted, target, source (padded)."""
+    model, cond = ours
+    grid, pad = Grid(H, W, 1), lambda x: wrap_pad(x, H, W, 1)
+    sigmas = schedule(steps, H * W)
+    calls = [] if calls is None else calls
+    handle = model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    try:
+        with torch.no_grad():
+            inv = invert(model, pad(x0), pad(y1), grid, rows(cond, slice(0, 1)), sigmas, o.gamma)
+            mask, cond = pad_mask(keep, 1, o.mask_pad), rows(cond, slice(1, 3))
+            tgt, src = edit(
+                model, inv, pad(x0), pad(z), mask, grid, cond, sigmas, 2.8, o, keep_source
+            )
+    finally:
+        handle.remove()
+    return inv, tgt, src
+
+
+# --- parity with the reference ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.6])
+def test_invert_matches_reference(pipe, ours, gamma):
+    """Inverted latents equal the reference's; at gamma 1 without a single transformer call."""
+    x0, y1, _ = tensors(1)
+    model, cond = ours
+    ref_calls, our_calls = [], []
+    expected, _ = reference(pipe, x0, y1, y1, KEEP, EditOptions(gamma=gamma), calls=ref_calls)
+    sigmas, grid = schedule(STEPS, H * W), Grid(H, W, 1)
+    handle = model.register_forward_pre_hook(lambda m, a: our_calls.append(a[0].shape[0]))
+    with torch.no_grad():
+        got = invert(model, pad1(x0), pad1(y1), grid, rows(cond, slice(0, 1)), sigmas, gamma)
+    handle.remove()
+    assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert ref_calls[:STEPS] == [1] * STEPS  # the reference calls the model at every step
+    assert our_calls == ([] if gamma == 1 else [1] * STEPS)
+
+
+@pytest.mark.parametrize("o", [DEFAULT, VARIED], ids=["defaults", "varied"])
+def test_edit_matches_reference(pipe, ours, o):
+    """Inverted and edited latents equal the reference's (token replacement in every attention
+    layer, eta window, blending); at the defaults with half the reference's transformer calls."""
+    x0, y1, z = tensors(2)
+    ref_calls, our_calls = [], []
+    inv_ref, tgt_ref = reference(pipe, x0, y1, z, KEEP, o, calls=ref_calls)
+    inv, tgt, _ = run_ours(ours, x0, y1, z, KEEP, o, calls=our_calls)
+    assert_close(inv, inv_ref, rtol=1e-5, atol=1e-5)
+    assert_close(tgt, tgt_ref, rtol=1e-5, atol=1e-5)
+    assert ref_calls == [1] * STEPS + [2] * STEPS
+    if o == DEFAULT:  # no inversion calls; the source is dropped once t <= tau (last 2 steps)
+        assert our_calls == [2, 2, 2, 2, 1, 1]
+    model, _ = ours
+    assert all(b.qkv_hook is None for b in [*model.double_blocks, *model.single_blocks])
+
+
+def test_edit_uses_the_replacement(pipe, ours):
+    """Without token replacement and blending (tau, blend_until above 1) the result differs:
+    the parity above exercises the replacement, not a no-op."""
+    x0, y1, z = tensors(2)
+    _, with_swap, _ = run_ours(ours, x0, y1, z, KEEP, DEFAULT)
+    off = EditOptions(tau=2.0, blend_until=2.0)
+    _, without, _ = run_ours(ours, x0, y1, z, KEEP, off)
+    _, tgt_ref = reference(pipe, x0, y1, z, KEEP, off)
+    assert_close(without, tgt_ref, rtol=1e-5, atol=1e-5)
+    assert (with_swap - without).abs().max() > 1e-2
+
+
+def test_eta_one_returns_to_source(ours):
+    """eta = 1 over the whole range brings the source branch back to the source latents."""
+    x0, y1, z = tensors(3)
+    o = EditOptions(gamma=0.6, start=0.0, stop=1.0)
+    _, _, src = run_ours(ours, x0, y1, z, KEEP, o, keep_source=True)
+    assert_close(src, pad1(x0), rtol=1e-5, atol=1e-5)
+    _, _, src = run_ours(ours, x0, y1, z, KEEP, DEFAULT, keep_source=True)  # stop 0.99: last free
+    assert (src - pad1(x0)).abs().max() > 1e-3
+
+
+# --- masks and the wrap ------------------------------------------------------------------------
+
+
+def test_pad_mask():
+    """ "reference" pads [first | mask | last] (DiT360's editing.py), "wrap" like the latents."""
+    keep = torch.tensor([[1, 0, 0, 0]], dtype=torch.bool)
+    assert pad_mask(keep, 1, "reference").tolist() == [1, 1, 0, 0, 0, 0]
+    assert pad_mask(keep, 1, "wrap").tolist() == [0, 1, 0, 0, 0, 1]
+    assert pad_mask(keep, 0, "wrap").tolist() == [1, 0, 0, 0]
+    with pytest.raises(ValueError, match="mask_pad"):
+        pad_mask(keep, 1, "mirror")
+
+
+def test_wrap_mask_keeps_pad_columns_in_sync(ours):
+    """With the "wrap" mask a pad token and the column it copies stay equal through the edit;
+    DiT360's [first | mask | last] padding breaks that when the edge columns differ."""
+    x0, y1, z = tensors(4)
+    synced = lambda x: wrap_pad(wrap_crop(x, H, W, 1), H, W, 1)  # noqa: E731
+    _, tgt, _ = run_ours(ours, x0, y1, z, KEEP, EditOptions(mask_pad="wrap"))
+    assert_close(tgt, synced(tgt), rtol=1e-5, atol=1e-5)
+    _, tgt, _ = run_ours(ours, x0, y1, z, KEEP, DEFAULT)
+    assert (tgt - synced(tgt)).abs().max() > 1e-2
+
+
+def test_read_mask():
+    """Any size and mode, nearest resize to the grid, white >= 0.5 keeps, --invert flips."""
+    a = np.zeros((64, 128), np.uint8)
+    a[:, :64], a[:, 64:96] = 128, 127  # 128/255 >= 0.5 keeps, 127/255 does not
+    for img in (Image.fromarray(a), Image.fromarray(a).convert("RGB")):
+        assert read_mask(img, 2, 4).tolist() == [[True, True, False, False]] * 2
+        assert read_mask(img, 2, 4, invert=True).tolist() == [[False, False, True, True]] * 2
+    with pytest.raises(ValueError, match="nothing to generate"):
+        check_mask(torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="nothing to keep"):
+        check_mask(torch.zeros(2, 4, dtype=torch.bool))
+
+
+def test_feather_wraps_around_the_seam():
+    """The feather is 1 on kept pixels, crosses the seam, and commutes with a horizontal roll."""
+    keep = torch.zeros(16, 64, dtype=torch.bool)
+    keep[4:12, :6] = True
+    alpha = feather(keep, 4)
+    assert torch.all(alpha[keep] == 1)
+    assert alpha[8, -1] > 0.5 and alpha[8, -4] > 0 and alpha[8, 32] == 0  # across the seam
+    assert_close(feather(keep.roll(30, 1), 4), alpha.roll(30, 1))
+    edited, source = torch.rand(3, 16, 64) * 2 - 1, torch.rand(3, 16, 64) * 2 - 1
+    out = paste_back(edited, source, keep, 4)
+    assert torch.equal(out[:, keep], source[:, keep])
+    assert torch.equal(out[:, :, 32], edited[:, :, 32])
+
+
+# --- edit.py end to end ---------------------------------------------------------------------------
+
+
+def write_inputs(folder, size=(32, 64), keep=KEEP, seed=0):
+    """A smooth random source PNG of `size` and a mask PNG of twice its size, white = keep."""
+    folder.mkdir(exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    img = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 8, generator=g), size=size)
+    img = (img[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    src, mask = folder / "src.png", folder / "mask.png"
+    Image.fromarray(img).save(src)
+    m = keep.repeat_interleave(32, 0).repeat_interleave(2 * size[1] // keep.shape[1], 1)
+    Image.fromarray(m.numpy().astype(np.uint8) * 255).save(mask)
+    return src, mask
+
+
+def cli(tiny_flux, src, mask, out, *extra) -> list[str]:
+    return [
+        *("--image", str(src), "--mask", str(mask), "--prompt", PROMPT, "--source-prompt", SOURCE),
+        *("--base", str(tiny_flux), "--lora", "none", "--steps", str(STEPS), "--seed", "5"),
+        *("--height", "32", "--device", "cpu", "--dtype", "fp32", "--out", str(out), *extra),
+    ]
+
+
+def test_cli_outpaint_matches_reference(pipe, tiny_flux, tmp_path):
+    """edit.py writes the reference's edited image (diffusers' VAE, posterior mean) with XMP."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    src, mask = write_inputs(tmp_path)
+    out = tmp_path / "out.png"
+    edit_cli.main(cli(tiny_flux, src, mask, out))
+
+    vae, sc = pipe.vae, pipe.vae.config
+    pack = lambda x: pipe._pack_latents(x, 1, 16, 2 * H, 2 * W)  # noqa: E731
+    with torch.no_grad():
+        x = pipe.image_processor.preprocess(Image.open(src).convert("RGB"))
+        x0 = pack((vae.encode(x).latent_dist.mean - sc.shift_factor) * sc.scaling_factor)
+    n = randn_tensor((2, 16, 2 * H, 2 * W), generator=torch.Generator().manual_seed(5))
+    gray = Image.open(mask).resize((W, H), Image.Resampling.NEAREST).convert("L")
+    keep = torch.from_numpy(np.asarray(gray) == 255)  # pa_src/utils.py create_mask
+    _, tgt = reference(pipe, x0, pack(n[1:]), pack(n[:1]), keep, DEFAULT)
+    tgt = tgt.reshape(1, H, W + 2, 64)[:, :, 1:-1].reshape(1, -1, 64)
+    with torch.no_grad():
+        lat = pipe._unpack_latents(tgt, 16 * H, 16 * W, 8) / sc.scaling_factor + sc.shift_factor
+        expected = pipe.image_processor.postprocess(vae.decode(lat).sample, output_type="pil")[0]
+    got = Image.open(out)
+    diff = np.abs(np.asarray(got, np.int16) - np.asarray(expected, np.int16))
+    assert got.size == (16 * W, 16 * H) and diff.max() <= 1, diff.max()
+    xmp = got.info["xmp"]
+    xmp = xmp.decode() if isinstance(xmp, bytes) else xmp
+    assert 'GPano:ProjectionType="equirectangular"' in xmp
+
+
+def test_cli_inpaint_paste_back(tiny_flux, tmp_path):
+    """--invert --paste-back: the kept (black) region is the source, pixel for pixel; --resize
+    stretches a non-2:1 image to 2:1 at --height."""
+    from dit360.editing import open_image
+
+    src, mask = write_inputs(tmp_path, size=(48, 80))
+    out = tmp_path / "out.png"
+    extra = ("--invert", "--paste-back", "--feather", "3", "--resize")
+    edit_cli.main(cli(tiny_flux, src, mask, out, *extra))
+    got = np.asarray(Image.open(out))
+    source = np.asarray(open_image(src, 32, resize=True))
+    keep = read_mask(Image.open(mask), 32, 64, invert=True).numpy()
+    assert got.shape == (32, 64, 3) and keep.any() and not keep.all()
+    assert np.array_equal(got[keep], source[keep])
+    assert not np.array_equal(got[~keep], source[~keep])
+
+
+def fails(*argv: str) -> str:
+    """Run edit.main expecting a clean exit with an error message; return the message."""
+    with pytest.raises(SystemExit) as e:
+        edit_cli.main(list(argv))
+    return str(e.value.code)
+
+
+def test_cli_errors(tiny_flux, tmp_path):
+    """Bad images, masks and options fail with a clear message before any model runs, and
+    leave no output behind."""
+    src, mask = write_inputs(tmp_path)
+    out = tmp_path / "out.png"
+    white, black = tmp_path / "white.png", tmp_path / "black.png"
+    Image.new("L", (50, 20), 255).save(white)
+    Image.new("L", (50, 20), 0).save(black)
+    assert "nothing to generate" in fails(*cli(tiny_flux, src, white, out))
+    assert "nothing to keep" in fails(*cli(tiny_flux, src, black, out))
+    assert "nothing to keep" in fails(*cli(tiny_flux, src, white, out), "--invert")
+    square, _ = write_inputs(tmp_path / "square", size=(32, 32))
+    assert "not 2:1" in fails(*cli(tiny_flux, square, mask, out))
+    assert "multiples of 16" in fails(*cli(tiny_flux, src, mask, out), "--height", "40")
+    (tmp_path / "text.png").write_text("not an image")
+    assert "cannot identify" in fails(*cli(tiny_flux, tmp_path / "text.png", mask, out))
+    assert "No such file" in fails(*cli(tiny_flux, src, tmp_path / "missing.png", out))
+    bad_window = ("--start", "0.5", "--stop", "0.2")
+    assert "start <= stop" in fails(*cli(tiny_flux, src, mask, out), *bad_window)
+    assert not out.exists()
