@@ -81,9 +81,8 @@ class EditOptions:
 
 def read_mask(mask: Image.Image, h: int, w: int, invert: bool = False) -> Tensor:
     """Keep mask (h, w) bool of a mask image resized with nearest; white (>= 0.5) keeps."""
-    gray = mask.resize((w, h), Image.Resampling.NEAREST).convert(
-        "L"
-    )  # resize first, as create_mask
+    # Resize first, then to grey, in the order of the reference's create_mask.
+    gray = mask.resize((w, h), Image.Resampling.NEAREST).convert("L")
     keep = torch.from_numpy(np.asarray(gray) >= 128)
     return ~keep if invert else keep
 
