@@ -1,0 +1,214 @@
+"""Distribution for training: the process group, FSDP2 sharding with mixed precision, activation
+checkpointing, loading full weights into shards, and DCP checkpoints written atomically.
+
+The recipe is torchtitan's (github.com/pytorch/torchtitan, `distributed/`): build the model on
+the meta device, checkpoint each block, `fully_shard` each block and then the root with bf16
+parameters and fp32 gradient reduction, save and resume with torch.distributed.checkpoint (DCP).
+One code path for any number of processes: without torchrun the script is a world of one (an
+in-memory store), still sharded, so dtypes, numerics and checkpoints do not depend on the launch.
+"""
+
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils.checkpoint import checkpoint
+
+STEP_DIR = re.compile(r"step-(\d+)")  # a complete checkpoint; ".step-N.tmp" is one being written
+TRAINABLE = StateDictOptions(ignore_frozen_params=True)  # the LoRA, never the frozen base
+
+
+# --- process group ----------------------------------------------------------------------------
+
+
+def init(device: str | None = None) -> tuple[int, int, torch.device]:
+    """Join the process group: torchrun's environment, else a world of one -> (rank, world, dev).
+
+    NCCL for CUDA devices (one per local rank), gloo for CPU.
+    """
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
+        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def cleanup() -> None:
+    """Leave the process group (if joined)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main() -> bool:
+    """Rank 0, or no process group at all."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def all_sum(x: Tensor) -> Tensor:
+    """The sum of x over all ranks (a new tensor)."""
+    x = x.detach().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def barrier() -> None:
+    """Wait for every rank."""
+    dist.barrier()
+
+
+# --- activation checkpointing and FSDP2 -------------------------------------------------------
+
+
+def checkpoint_blocks(blocks: Iterable[nn.Module]) -> None:
+    """Recompute each block's activations in backward instead of keeping them.
+
+    Only the instance's `forward` is wrapped, so parameter names stay the same (torch's
+    checkpoint_wrapper would insert `_checkpoint_wrapped_module.`), and FSDP's hooks, which run
+    around `forward`, still gather the block's parameters before the recomputation.
+    """
+    for block in blocks:
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def shard(
+    model: nn.Module, blocks: Iterable[nn.Module], device: torch.device, dtype: torch.dtype | None
+) -> nn.Module:
+    """FSDP2 `fully_shard` on each block, then on the root, over all ranks.
+
+    Parameters are gathered in `dtype` (None: as stored) and gradients reduce-scattered in fp32,
+    averaged over ranks. Inputs are not cast: the caller feeds the dtype it wants, and RoPE stays
+    fp32 as in the unsharded model.
+    """
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(
+        param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+    )
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+@torch.no_grad()
+def copy_full_(model: nn.Module, tensors: Iterable[tuple[str, Tensor]]) -> None:
+    """Copy full tensors into parameters by name; each rank keeps its own shard of each."""
+    params = dict(model.named_parameters())
+    for name, full in tensors:
+        p = params[name]
+        full = full.to(p.device, p.dtype)
+        if isinstance(p, DTensor):  # no communication: every rank holds the full tensor
+            full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+            full, p = full.to_local(), p.to_local()
+        p.copy_(full)
+
+
+# --- DCP checkpoints ---------------------------------------------------------------------------
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer, train: dict[str, int]) -> dict:
+    """What a checkpoint holds: trainable parameters and optimizer state (sharded), counters."""
+    return {
+        "model": get_model_state_dict(model, options=TRAINABLE),
+        "optim": get_optimizer_state_dict(model, optimizer, options=TRAINABLE),
+        "train": dict(train),
+    }
+
+
+def _complete(folder: Path) -> dict[int, Path]:
+    """The complete checkpoints in a folder by step (`step-N` holding DCP's `.metadata`)."""
+    found = ((STEP_DIR.fullmatch(p.name), p) for p in folder.glob("step-*"))
+    return {int(m[1]): p for m, p in found if m and (p / ".metadata").is_file()}
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The complete checkpoint of the highest step, or None."""
+    done = _complete(Path(folder))
+    return done[max(done)] if done else None
+
+
+def save_checkpoint(
+    folder: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train: dict[str, int],
+    extra: Callable[[Path], None] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write `folder/step-N` atomically (all ranks call this); keep the newest `keep` (0: all).
+
+    Everything is written to `.step-N.tmp`, then renamed: a run killed while writing leaves the
+    previous checkpoints as they were. `extra(tmp)` adds files first (e.g. the LoRA export).
+    Checkpoints of later steps belong to a run this one branched off from (resumed from an
+    older checkpoint) and are removed, so the latest is always this run's. On several nodes
+    `folder` must be on a shared file system (as DCP requires).
+    """
+    folder, step = Path(folder), train["step"]
+    tmp, final = folder / f".step-{step:08d}.tmp", folder / f"step-{step:08d}"
+    if is_main():
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing it
+        tmp.mkdir(parents=True)
+    barrier()
+    dcp.save(_state(model, optimizer, train), checkpoint_id=tmp)
+    if extra is not None:
+        extra(tmp)
+    barrier()
+    if is_main():
+        for s, path in _complete(folder).items():
+            if s >= step:
+                shutil.rmtree(path)
+        os.replace(tmp, final)  # atomic: the checkpoint exists complete, or not at all
+        done = sorted(_complete(folder).items())
+        for _, old in done[:-keep] if keep else []:
+            shutil.rmtree(old)
+        for stale in folder.glob(".step-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, train: dict[str, int]
+) -> dict[str, int]:
+    """Load a checkpoint into the (sharded) model and optimizer, resharding if the world
+    changed; returns its counters (`train` names them)."""
+    state = _state(model, optimizer, train)
+    dcp.load(state, checkpoint_id=Path(path))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(model, optimizer, state["optim"], options=TRAINABLE)
+    return state["train"]
+
+
+def full_trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    """The trainable parameters gathered from all shards, on CPU (all ranks call; rank 0 gets
+    them, the others an empty dict)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options)
