@@ -47,6 +47,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .image import from_pil
 from .sampling import Conditioning
 
 KINDS = ("pano", "persp")
@@ -162,8 +163,7 @@ def load_image(path: Path, height: int) -> Tensor:
         img = img.convert("RGB")
         if img.size != (2 * height, height):
             img = img.resize((2 * height, height), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255)
-    return rearrange(x, "h w c -> c h w") * 2 - 1
+        return from_pil(img)
 
 
 def load_mask(path: Path | None, height: int) -> Tensor:
