@@ -10,11 +10,8 @@ python convert_weights.py --lora kohya_lora.safetensors --out my-lora-peft   # p
 
 import argparse
 
-import torch
-
 from dit360.convert import convert_flux, convert_lora
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from dit360.generate import DTYPES
 
 
 def main(argv: list[str] | None = None) -> None:

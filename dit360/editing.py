@@ -28,7 +28,6 @@ is multiplied by zero, so the source is only run where its attention tokens are 
 or its velocity is (eta != 1), and it is dropped once no later step reads it.
 """
 
-import resource
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,7 +40,16 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .generate import Options, Report, _free, _stage, check_size
+from .generate import (
+    Options,
+    Report,
+    _free,
+    _stage,
+    check_size,
+    finish_report,
+    load_model,
+    start_report,
+)
 from .image import from_pil, to_pil
 from .layers import QKVHook
 from .model import Flux
@@ -302,16 +310,14 @@ def edit_image(
     The size is the image's; `opts.height`/`width` are not used.
     """
     from .text import encode
-    from .weights import load_autoencoder, load_flux
+    from .weights import load_autoencoder
 
     e, (width, height) = edit_opts, image.size
     check_size(height, width)  # fail fast: sizes, then the mask, before any model loads
     grid = Grid.for_image(height, width, opts.wrap_pad)
     keep = read_mask(mask, grid.h, grid.w, e.inpaint)  # (h, w) on the token grid
     check_mask(keep)
-    report, dev, dtype = Report(), opts.device, opts.dtype
-    if str(dev).startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    report, dev, dtype = start_report(opts.device), opts.device, opts.dtype
 
     source = e.source_prompt if e.source_prompt is not None else prompt
     with _stage(report, "text encoders", log):  # rows: inversion (""), source, target
@@ -332,11 +338,7 @@ def edit_image(
     z, y1 = (wrap_pad(pack(n[None]).to(dev, dtype), grid.h, grid.w, grid.pad) for n in (z, y1))
     sigmas = schedule(opts.steps, grid.h * grid.w)  # the reference shifts by the unpadded count
     with _stage(report, "load transformer", log):
-        model = load_flux(opts.base, dev, dtype)
-        if opts.lora:
-            from .lora import load_lora
-
-            load_lora(model, opts.lora, scale=opts.lora_scale)
+        model = load_model(opts)
     with _stage(report, "invert", log), torch.no_grad():
         inv_cond = rows(cond, slice(0, 1))
         inverted = invert(model, x0, y1, grid, inv_cond, sigmas, e.gamma, e.inversion_guidance)
@@ -356,7 +358,4 @@ def edit_image(
     if e.paste_back:
         radius = height // 32 if e.feather is None else e.feather
         out = paste_back(out, pixels[0], read_mask(mask, height, width, e.inpaint), radius)
-    if str(dev).startswith("cuda"):
-        report.peak_gpu_gb = torch.cuda.max_memory_allocated() / 2**30
-    report.peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return to_pil(out), report
+    return to_pil(out), finish_report(report, dev)

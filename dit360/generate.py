@@ -4,6 +4,7 @@ transformer (+ LoRA) on the wrapped token grid, free it, decode with the VAE.
 Only one of T5/CLIP, the transformer and the VAE is on the device at any time.
 """
 
+import argparse
 import gc
 import resource
 import time
@@ -17,9 +18,11 @@ import torch
 from PIL import Image
 
 from .image import to_pil
+from .model import Flux
 from .panorama import pack, unpack, wrap_crop, wrap_pad
 from .sampling import Conditioning, Grid, denoise, noise, schedule
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 DIT360_LORA = "Insta360-Research/DiT360-Panorama-Image-Generation"
 TRAINED_SIZE = (1024, 2048)
@@ -90,6 +93,77 @@ def check_size(height: int, width: int) -> None:
         )
 
 
+def start_report(device: str) -> Report:
+    """An empty report; on CUDA the peak-memory counter starts here."""
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    return Report()
+
+
+def finish_report(report: Report, device: str) -> Report:
+    """Fill in the peak GPU memory and the peak resident memory of the process."""
+    if str(device).startswith("cuda"):
+        report.peak_gpu_gb = torch.cuda.max_memory_allocated() / 2**30
+    report.peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return report
+
+
+def load_model(opts: Options) -> Flux:
+    """The transformer on the device, with the LoRA (merged unless asked otherwise)."""
+    from .weights import load_flux
+
+    model = load_flux(opts.base, opts.device, opts.dtype)
+    if opts.lora:
+        from .lora import load_lora
+
+        load_lora(model, opts.lora, scale=opts.lora_scale, merge=opts.merge_lora)
+    return model
+
+
+def add_model_args(p: argparse.ArgumentParser, steps: int, out: str) -> None:
+    """The flags sample.py and edit.py share: weights, LoRA, steps, seed, VAE, device, output."""
+    d = Options()
+    p.add_argument("--base", default=FLUX_DEV, help="FLUX.1-dev repo id or a folder in its layout")
+    p.add_argument(
+        "--lora", default=DIT360_LORA, help="LoRA repo id, folder or .safetensors file; 'none'"
+    )
+    p.add_argument("--lora-scale", type=float, default=d.lora_scale)
+    p.add_argument(
+        "--no-merge-lora",
+        action="store_true",
+        help="keep the LoRA as adapters (default: fold it into the weights, faster per step)",
+    )
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--guidance", type=float, default=d.guidance)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--seamless-vae", action="store_true", help="circular VAE padding: no seam at the wrap"
+    )
+    p.add_argument("--vae-tile", type=int, help="decode in latent tiles of this size (less memory)")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--dtype", choices=DTYPES, help="default: bf16 on a GPU, fp32 on the CPU")
+    p.add_argument("--out", default=out, help=".png or .jpg, with 360 metadata")
+
+
+def options_from_args(args: argparse.Namespace, **extra) -> Options:
+    """Options from the shared flags of `add_model_args`, plus script-specific fields."""
+    cuda = str(args.device).startswith("cuda")
+    return Options(
+        base=args.base,
+        lora=None if str(args.lora).lower() == "none" else args.lora,
+        lora_scale=args.lora_scale,
+        merge_lora=not args.no_merge_lora,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        seamless_vae=args.seamless_vae,
+        vae_tile=args.vae_tile,
+        device=args.device,
+        dtype=DTYPES[args.dtype or ("bf16" if cuda else "fp32")],
+        **extra,
+    )
+
+
 def sample_latents(model, cond: Conditioning, opts: Options) -> torch.Tensor:
     """Denoise seeded noise on the wrapped token grid; latents (B, C, H/8, W/8) without the pad."""
     grid = Grid.for_image(opts.height, opts.width, opts.wrap_pad)
@@ -113,20 +187,14 @@ def generate(
     """One equirectangular panorama for `prompt`."""
     check_size(opts.height, opts.width)  # before the slow imports: fail fast
     from .text import encode
-    from .weights import load_autoencoder, load_flux
+    from .weights import load_autoencoder
 
-    report, dev, dtype = Report(), opts.device, opts.dtype
-    if str(dev).startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    report, dev, dtype = start_report(opts.device), opts.device, opts.dtype
 
     with _stage(report, "text encoders", log):
         cond = Conditioning(*encode(opts.base, [prompt], dev, dtype))
     with _stage(report, "load transformer", log):
-        model = load_flux(opts.base, dev, dtype)
-        if opts.lora:
-            from .lora import load_lora
-
-            load_lora(model, opts.lora, scale=opts.lora_scale, merge=opts.merge_lora)
+        model = load_model(opts)
     with _stage(report, "denoise", log):
         latents = sample_latents(model, cond, opts)
     del model, cond
@@ -138,7 +206,4 @@ def generate(
             image = vae.decode(latents.to(dtype), tile=opts.vae_tile)
     del vae
     _free(dev)
-    if str(dev).startswith("cuda"):
-        report.peak_gpu_gb = torch.cuda.max_memory_allocated() / 2**30
-    report.peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return to_pil(image[0]), report
+    return to_pil(image[0]), finish_report(report, dev)
