@@ -108,6 +108,12 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=1e-6) + shift
 
 
+def fp16_clip(x: Tensor) -> Tensor:
+    """Clamp float16 activations to the finite range: FLUX's text stream and single blocks
+    overflow float16 (the reference runs in float16; diffusers clips at the same two places)."""
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+
+
 def mlp(dim: int, hidden: int) -> nn.Sequential:
     """The FLUX feed-forward: Linear - GELU(tanh) - Linear (indices 0 and 2 hold weights)."""
     return nn.Sequential(
@@ -143,7 +149,7 @@ class DoubleStreamBlock(nn.Module):
         img = img + img_mod2[2] * self.img_mlp(modulate(img, img_mod2[0], img_mod2[1]))
         txt = txt + txt_gate1 * self.txt_attn.proj(txt_attn)
         txt = txt + txt_mod2[2] * self.txt_mlp(modulate(txt, txt_mod2[0], txt_mod2[1]))
-        return img, txt
+        return img, fp16_clip(txt)
 
 
 class SingleStreamBlock(nn.Module):
@@ -170,7 +176,7 @@ class SingleStreamBlock(nn.Module):
             q, k, v = self.qkv_hook(q, k, v)
         attn = attention(q, k, v, pe)  # (B, L, D)
         out = self.linear2(torch.cat((attn, F.gelu(hidden, approximate="tanh")), dim=2))
-        return x + gate * out
+        return fp16_clip(x + gate * out)
 
 
 class LastLayer(nn.Module):

@@ -179,3 +179,17 @@ def test_full_size_diffusers_coverage():
         config.from_diffusers_config(published["published_config_json"])
         == config.PRESETS["flux-dev"]
     )
+
+
+def test_float16_matches_diffusers(reference):
+    """In float16, as DiT360's inference.py runs, we match diffusers to float16 round-off."""
+    root, x, _ = reference
+    from diffusers import FluxTransformer2DModel
+
+    half = {k: v.half() if k in ("img", "txt", "t", "y", "guidance") else v for k, v in x.items()}
+    theirs = FluxTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=torch.float16)
+    expected = run_diffusers(theirs.eval(), half).float()
+    with torch.no_grad():
+        got = run_ours(load_flux(root, dtype=torch.float16), half).float()
+    assert torch.isfinite(got).all()
+    assert rel_err(got, expected) < 3e-3
