@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny import randomize
+from tiny import TINY_VAE, randomize
 
 from dit360 import weights
 from dit360.autoencoder import (
@@ -32,23 +32,13 @@ SCALE, SHIFT = 0.3611, 0.1159
 
 # FLUX's VAE structure, small: 4 levels (x8), 16 latent channels, no quant convs, widths growing
 # like FLUX's (x1, x2, x4, x4) so that the decoder level order matters for shapes.
-SMALL_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(8, 16, 32, 32),
-    layers_per_block=2,
-    act_fn="silu",
-    latent_channels=16,
-    norm_num_groups=4,
-    sample_size=32,
-    scaling_factor=SCALE,
-    shift_factor=SHIFT,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-    mid_block_add_attention=True,
-)
+SMALL_VAE = {
+    **TINY_VAE,
+    "block_out_channels": (8, 16, 32, 32),
+    "layers_per_block": 2,
+    "norm_num_groups": 4,
+    "sample_size": 32,
+}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
