@@ -11,7 +11,7 @@ python convert_weights.py --lora kohya_lora.safetensors --out my-lora-peft   # p
 import argparse
 
 from dit360.convert import convert_flux, convert_lora
-from dit360.generate import DTYPES
+from dit360.options import DTYPES
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from dit360.checkpoint import write_safetensors
 from dit360.config import FluxParams, to_diffusers_config
 from dit360.convert import split_shapes
+from dit360.files import write_safetensors
 from dit360.weights import FLUX_DIFFUSERS, meta_flux, their_keys
 
 ROOT = Path(__file__).parents[1]

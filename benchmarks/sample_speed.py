@@ -15,11 +15,12 @@ import time
 
 import torch
 
-from dit360.autoencoder import AE_PRESETS, AutoEncoder, AutoEncoderParams
-from dit360.config import PRESETS, FluxParams, to_diffusers_config
+from dit360.autoencoder import AutoEncoder
+from dit360.config import AE_PRESETS, PRESETS, AutoEncoderParams, FluxParams, to_diffusers_config
 from dit360.convert import split_tensor
-from dit360.generate import Options, sample_latents
+from dit360.generate import generate_latents
 from dit360.model import Flux
+from dit360.options import SampleOptions
 from dit360.sampling import Conditioning
 from dit360.weights import AE_DIFFUSERS, FLUX_DIFFUSERS, their_keys
 
@@ -88,12 +89,12 @@ def peak_gb(reset: bool = False) -> float:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
-def run_ours(model: Flux, vae: AutoEncoder, cond: Conditioning, opts: Options) -> dict:
+def run_ours(model: Flux, vae: AutoEncoder, cond: Conditioning, opts: SampleOptions) -> dict:
     """Seconds for denoising and decoding, and the peak memory, of dit360's sampling path."""
     peak_gb(reset=True)
     sync()
     t0 = time.perf_counter()
-    latents = sample_latents(model, cond, opts)
+    latents = generate_latents(model, cond, opts)
     sync()
     t1 = time.perf_counter()
     with torch.no_grad():
@@ -103,7 +104,7 @@ def run_ours(model: Flux, vae: AutoEncoder, cond: Conditioning, opts: Options) -
     return dict(step=(t1 - t0) / opts.steps, denoise=t1 - t0, decode=t2 - t1, peak=peak_gb())
 
 
-def run_diffusers(transformer, vae, cond: Conditioning, opts: Options) -> dict:
+def run_diffusers(transformer, vae, cond: Conditioning, opts: SampleOptions) -> dict:
     """The same for diffusers' FluxPipeline, given the prompt embeddings."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
@@ -170,7 +171,7 @@ def main() -> None:
     vae = randomize(on_device(lambda: AutoEncoder(ae_params), dev, dtype))
     results = {}
     for pad in (1, 0):
-        opts = Options(**base, wrap_pad=pad, dtype=dtype)
+        opts = SampleOptions(**base, wrap_pad=pad, dtype=dtype)
         run_ours(model, vae, cond, opts)  # warm-up (kernels, allocator)
         results[f"dit360, wrap pad {pad}"] = run_ours(model, vae, cond, opts)
 
@@ -181,7 +182,7 @@ def main() -> None:
     del model, vae
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    opts = Options(**base, wrap_pad=0, dtype=dtype)
+    opts = SampleOptions(**base, wrap_pad=0, dtype=dtype)
     run_diffusers(theirs, their_vae, cond, opts)  # warm-up
     results["diffusers FluxPipeline"] = run_diffusers(theirs, their_vae, cond, opts)
 

@@ -1,7 +1,9 @@
-"""Model configuration: the flat `FluxParams` dataclass, presets, and readers.
+"""Model configuration: the flat `FluxParams` and `AutoEncoderParams` dataclasses, presets, and
+readers.
 
-A configuration comes from a preset name, from a diffusers `transformer/config.json`, or from the
-tensor shapes of a checkpoint, so a tiny test model loads exactly like FLUX.1-dev.
+A configuration comes from a preset name, from a diffusers `config.json`, from our safetensors
+metadata, or from the tensor shapes of a checkpoint, so a tiny test model loads exactly like
+FLUX.1-dev.
 """
 
 import json
@@ -49,6 +51,9 @@ class FluxParams:
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
+
+FLUX_DEV = "black-forest-labs/FLUX.1-dev"  # the base model's Hugging Face repo (gated)
+DIT360_LORA = "Insta360-Research/DiT360-Panorama-Image-Generation"  # the published LoRA
 
 PRESETS: dict[str, FluxParams] = {
     "flux-dev": FluxParams(),
@@ -141,3 +146,102 @@ def from_shapes(shapes: dict[str, tuple[int, ...]], axes_dim: tuple[int, ...] | 
         qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes,
         guidance_embed="guidance_in.in_layer.weight" in shapes,
     )
+
+
+# --- the autoencoder ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AutoEncoderParams:
+    """Hyperparameters of the FLUX VAE (names follow BFL's `AutoEncoderParams`)."""
+
+    resolution: int = 256
+    in_channels: int = 3
+    ch: int = 128
+    out_ch: int = 3
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+    norm_num_groups: int = 32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
+        if bad := [c for c in self.channels if c % self.norm_num_groups]:
+            raise ValueError(
+                f"channels {bad} are not divisible by norm_num_groups {self.norm_num_groups}"
+            )
+
+    @property
+    def channels(self) -> list[int]:
+        """Channel width of each resolution level, finest first."""
+        return [self.ch * m for m in self.ch_mult]
+
+    @property
+    def factor(self) -> int:
+        """Down-sampling factor between image and latent (8 for FLUX)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+AE_PRESETS: dict[str, AutoEncoderParams] = {"flux": AutoEncoderParams()}
+
+
+def ae_from_json(text: str) -> AutoEncoderParams:
+    """Read a config written by `AutoEncoderParams.to_json`."""
+    return AutoEncoderParams(**json.loads(text))
+
+
+def ae_from_diffusers_config(config: dict | str | Path) -> AutoEncoderParams:
+    """Read a diffusers `vae/config.json` (AutoencoderKL) as a dict or a path."""
+    if not isinstance(config, dict):
+        config = json.loads(Path(config).read_text())
+    if config.get("use_quant_conv", True) or config.get("use_post_quant_conv", True):
+        raise ValueError("the FLUX VAE has no quant_conv/post_quant_conv: set both to false")
+    if not config.get("mid_block_add_attention", True) or config.get("act_fn", "silu") != "silu":
+        raise ValueError("the FLUX VAE has a mid-block attention and silu activations")
+    widths = list(config["block_out_channels"])
+    if any(w % widths[0] for w in widths):
+        raise ValueError(f"block_out_channels {widths} are not multiples of the first")
+    return AutoEncoderParams(
+        resolution=config.get("sample_size", 256),
+        in_channels=config.get("in_channels", 3),
+        ch=widths[0],
+        out_ch=config.get("out_channels", 3),
+        ch_mult=tuple(w // widths[0] for w in widths),
+        num_res_blocks=config.get("layers_per_block", 2),
+        z_channels=config.get("latent_channels", 16),
+        scale_factor=config.get("scaling_factor", 0.3611),
+        shift_factor=config.get("shift_factor") or 0.0,
+        norm_num_groups=config.get("norm_num_groups", 32),
+    )
+
+
+def ae_from_shapes(
+    shapes: dict[str, tuple[int, ...]], norm_num_groups: int = 32
+) -> AutoEncoderParams:
+    """Infer the config from BFL-named shapes; scale/shift (not stored) are FLUX's."""
+
+    def count(prefix: str) -> int:
+        return len({k[len(prefix) :].split(".")[0] for k in shapes if k.startswith(prefix)})
+
+    try:
+        ch, in_channels = shapes["encoder.conv_in.weight"][:2]
+        widths = [
+            shapes[f"encoder.down.{i}.block.0.conv1.weight"][0]
+            for i in range(count("encoder.down."))
+        ]
+        return AutoEncoderParams(
+            in_channels=in_channels,
+            ch=ch,
+            out_ch=shapes["decoder.conv_out.weight"][0],
+            ch_mult=tuple(w // ch for w in widths),
+            num_res_blocks=count("encoder.down.0.block."),
+            z_channels=shapes["decoder.conv_in.weight"][1],
+            norm_num_groups=norm_num_groups,
+        )
+    except KeyError as e:
+        raise ValueError(f"not a FLUX autoencoder checkpoint: tensor {e} is missing") from None

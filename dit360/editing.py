@@ -30,83 +30,24 @@ or its velocity is (eta != 1), and it is dropped once no later step reads it.
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .generate import (
-    Options,
-    Report,
-    _free,
-    _stage,
-    check_size,
-    finish_report,
-    load_model,
-    start_report,
-)
-from .image import from_pil, to_pil
+from .generate import initial_noise, load_model
+from .image import from_pil, open_image, read_mask, read_rgb, to_pil
 from .layers import QKVHook
 from .model import Flux
-from .panorama import pack, unpack, wrap_crop, wrap_pad
-from .sampling import Conditioning, Grid, noise, predict, schedule
-
-STEPS = 50  # the reference's editing.py; pass Options(steps=STEPS)
-MASK_PADS = ("reference", "wrap")
-
-
-@dataclass(frozen=True)
-class EditOptions:
-    """What an edit needs besides `generate.Options`; defaults are the reference's."""
-
-    gamma: float = 1.0  # inversion controller: 1 = straight toward the noise, no model calls
-    eta: float = 1.0  # source controller: 1 = straight back to the source latents
-    start: float = 0.0  # eta acts on steps [int(start * steps), int(stop * steps))
-    stop: float = 0.99
-    tau: float = 0.5  # token replacement while t > tau
-    blend_until: float = 0.5  # latent blending of the kept region while t >= blend_until
-    inversion_guidance: float = 0.0
-    mask_pad: str = "reference"  # "reference": [first | mask | last]; "wrap": as the latents
-    source_prompt: str | None = None  # the source branch's prompt; None = the target prompt
-    inpaint: bool = False  # invert the mask: regenerate the white region
-    paste_back: bool = False  # composite the kept source pixels back, feathered
-    feather: int | None = None  # paste-back feather in pixels; None = height // 32
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.start <= self.stop <= 1:
-            raise ValueError(f"need 0 <= start <= stop <= 1, got {self.start}, {self.stop}")
-        if self.mask_pad not in MASK_PADS:
-            raise ValueError(f"mask_pad must be one of {MASK_PADS}, got {self.mask_pad!r}")
-
+from .options import EditOptions, check_size
+from .panorama import Grid
+from .report import Report
+from .sampling import Conditioning, noise, predict, schedule, step, timestep
 
 # --- masks ----------------------------------------------------------------------------------------
-
-
-def read_mask(mask: Image.Image, h: int, w: int, invert: bool = False) -> Tensor:
-    """Keep mask (h, w) bool of a mask image resized with nearest; white (>= 0.5) keeps."""
-    # Resize first, then to grey, in the order of the reference's create_mask.
-    gray = mask.resize((w, h), Image.Resampling.NEAREST).convert("L")
-    keep = torch.from_numpy(np.asarray(gray) >= 128)
-    return ~keep if invert else keep
-
-
-def pad_mask(keep: Tensor, pad: int, mode: str = "reference") -> Tensor:
-    """Token mask (h, w) -> (h * (w + 2 * pad),) over the wrap-padded grid.
-
-    "reference" pads [first cols | mask | last cols] as DiT360's editing.py, so a pad token gets the
-    mask of the column beside it, not of the column it copies; "wrap" pads like the latents.
-    """
-    h, w = keep.shape
-    if mode == "wrap":
-        return wrap_pad(keep.reshape(1, h * w, 1), h, w, pad).flatten()
-    if mode != "reference":
-        raise ValueError(f"mask_pad must be one of {MASK_PADS}, got {mode!r}")
-    return torch.cat([keep[:, :pad], keep, keep[:, w - pad :]], dim=1).flatten()
 
 
 def check_mask(keep: Tensor) -> None:
@@ -159,11 +100,6 @@ def hooked(model: Flux, hook: QKVHook | None) -> Iterator[None]:
 # --- the two ODEs ---------------------------------------------------------------------------------
 
 
-def model_time(t: float | Tensor, dtype: torch.dtype) -> float:
-    """t as the model sees it (t * 1000 rounded to its dtype, / 1000): what tau is compared with."""
-    return float((torch.as_tensor(t, dtype=torch.float32) * 1000).to(dtype)) / 1000
-
-
 def rows(cond: Conditioning, sl: slice) -> Conditioning:
     """The conditioning of some batch rows."""
     return Conditioning(cond.txt[sl], cond.txt_ids[sl], cond.vec[sl])
@@ -178,7 +114,6 @@ def invert(
     sigmas: Tensor,
     gamma: float = 1.0,
     guidance: float = 0.0,
-    progress: bool = True,
 ) -> Tensor:
     """Controlled forward ODE (Algorithm 1) from source latents x0 toward noise y1, (1, L, C).
 
@@ -187,13 +122,13 @@ def invert(
     """
     g = guidance if model.params.guidance_embed else None
     n, x, sigmas = len(sigmas), x0, sigmas.to(x0.device)
-    for i in tqdm(range(n - 1), desc="invert", disable=not progress):
+    for i in tqdm(range(n - 1), desc="invert"):
         t = float(torch.tensor(i / n, dtype=x.dtype))
         u = (y1.float() - x.float()) / (1 - t)  # the conditional field: straight to y1
         if gamma != 1:  # at gamma = 1 the model's field has weight 0: skip the call
             u_model = predict(model, x, grid, cond, t, g).float()
             u = u_model + gamma * (u - u_model)
-        x = (x.float() + (sigmas[i] - sigmas[i + 1]) * u).to(x.dtype)
+        x = step(x, u, sigmas[i] - sigmas[i + 1])
     return x
 
 
@@ -207,9 +142,8 @@ def edit(
     cond: Conditioning,
     sigmas: Tensor,
     guidance: float,
-    opts: EditOptions = EditOptions(),
+    opts: EditOptions,
     keep_source: bool = False,
-    progress: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """The edit (Algorithm 2 + token replacement + blending): target latents (1, L, C) from noise
     z, and with `keep_source` the source branch's final latents, else None.
@@ -219,7 +153,7 @@ def edit(
     """
     steps, dtype = len(sigmas) - 1, z.dtype
     sigmas, keep = sigmas.to(z.device), keep.to(z.device)
-    times = [model_time(s, dtype) for s in sigmas[:-1]]
+    times = [float(timestep(s, dtype)) / 1000 for s in sigmas[:-1]]  # what the model sees
     lo, hi = int(opts.start * steps), min(int(opts.stop * steps), steps)
     eta = [opts.eta if lo <= i < hi else 0.0 for i in range(steps)]
     swap = [t > opts.tau for t in times]
@@ -230,7 +164,7 @@ def edit(
     last = max(reads + [steps if keep_source else 0])
     g = guidance if model.params.guidance_embed else None
     hook, src, tgt = replace_tokens(keep), inverted, z
-    for i in tqdm(range(steps), desc="edit", disable=not progress):
+    for i in tqdm(range(steps), desc="edit"):
         dt = sigmas[i + 1] - sigmas[i]
         if swap[i] or (i < last and eta[i] != 1):  # the source's tokens or velocity are needed
             with hooked(model, hook if swap[i] else None):
@@ -241,8 +175,8 @@ def edit(
         if i < last:
             v_cond = (src.float() - x0.float()) / sigmas[i]  # straight back to x0
             v_hat = v_cond if eta[i] == 1 else v_src + eta[i] * (v_cond - v_src)
-            src = (src.float() + dt * v_hat).to(dtype)
-        tgt = (tgt.float() + dt * v_tgt).to(dtype)
+            src = step(src, v_hat, dt)
+        tgt = step(tgt, v_tgt, dt)
         if blend[i]:
             tgt = torch.where(keep[None, :, None], src, tgt)
     return tgt, (src if keep_source else None)
@@ -275,87 +209,74 @@ def paste_back(edited: Tensor, source: Tensor, keep: Tensor, radius: int) -> Ten
 # --- files in, panorama out -----------------------------------------------------------------------
 
 
-def open_image(path: str | Path, height: int = 1024, resize: bool = False) -> Image.Image:
-    """The source panorama as RGB at height x 2 height (bicubic, as the reference resizes to
-    1024x2048); an image that is not 2:1 is an error unless `resize` stretches it."""
-    with Image.open(path) as f:
-        img = f.convert("RGB")
+def read_panorama(path: str | Path, height: int = 1024, resize: bool = False) -> Image.Image:
+    """The source panorama as RGB at height x 2 height; an image that is not 2:1 is an error
+    unless `resize` stretches it."""
+    img = open_image(path)
     w, h = img.size
     if w != 2 * h and not resize:
         raise ValueError(
             f"{path}: {w}x{h} is not 2:1 (equirectangular); pass --resize to stretch it to 2:1"
         )
-    if img.size != (2 * height, height):
-        img = img.resize((2 * height, height), Image.Resampling.BICUBIC)
-    return img
-
-
-def open_mask(path: str | Path) -> Image.Image:
-    """A mask image, read fully (any size and mode)."""
-    with Image.open(path) as f:
-        f.load()
-        return f.copy()
+    return read_rgb(img, 2 * height, height)
 
 
 def edit_image(
     image: Image.Image,
     mask: Image.Image,
     prompt: str,
-    opts: Options,
-    edit_opts: EditOptions = EditOptions(),
+    opts: EditOptions,
     log: Callable[[str], None] = print,
 ) -> tuple[Image.Image, Report]:
-    """Outpaint `image` where `mask` is black (with `inpaint`: where white), guided by `prompt`.
-
-    The size is the image's; `opts.height`/`width` are not used.
-    """
+    """Outpaint `image` where `mask` is black (with `invert`: where white), guided by `prompt`."""
     from .text import encode
     from .weights import load_autoencoder
 
-    e, (width, height) = edit_opts, image.size
+    (width, height), dev, dtype = image.size, opts.device, opts.dtype
     check_size(height, width)  # fail fast: sizes, then the mask, before any model loads
     grid = Grid.for_image(height, width, opts.wrap_pad)
-    keep = read_mask(mask, grid.h, grid.w, e.inpaint)  # (h, w) on the token grid
+    keep = read_mask(mask, grid.w, grid.h) ^ opts.invert  # (h, w) on the token grid
     check_mask(keep)
-    report, dev, dtype = start_report(opts.device), opts.device, opts.dtype
+    report = Report(dev, log=log)
 
-    source = e.source_prompt if e.source_prompt is not None else prompt
-    with _stage(report, "text encoders", log):  # rows: inversion (""), source, target
+    source = opts.source_prompt if opts.source_prompt is not None else prompt
+    with report.stage("text encoders"):  # rows: inversion (""), source, target
         cond = Conditioning(*encode(opts.base, ["", source, prompt], dev, dtype))
-    with _stage(report, "encode image", log):
+    with report.stage("encode image"):
         vae = load_autoencoder(opts.base, dev, dtype)
         vae.set_circular(decoder=opts.seamless_vae, encoder=opts.seamless_vae)
         pixels = from_pil(image)[None]  # (1, 3, H, W) float32, kept for the paste-back
         with torch.no_grad():  # the posterior mean (the reference samples it, unseeded)
-            x0 = wrap_pad(pack(vae.encode(pixels.to(dev, dtype))), grid.h, grid.w, grid.pad)
+            x0 = grid.pack(vae.encode(pixels.to(dev, dtype)))
         vae.to("cpu")  # parked: one model on the device at a time
-    _free(dev)
 
     c = x0.shape[-1] // 4
     z, y1 = noise(opts.seed, 2, height, width, c)  # target noise, inversion noise (CPU float32)
     if opts.reference_noise:
-        z = noise(opts.seed, 1, height, width, c, dev, dtype)[0]
-    z, y1 = (wrap_pad(pack(n[None]).to(dev, dtype), grid.h, grid.w, grid.pad) for n in (z, y1))
+        z = initial_noise(opts, 1, height, width, c)[0]
+    z, y1 = (grid.pack(n[None]).to(dev, dtype) for n in (z, y1))
     sigmas = schedule(opts.steps, grid.h * grid.w)  # the reference shifts by the unpadded count
-    with _stage(report, "load transformer", log):
+    with report.stage("load transformer"):
         model = load_model(opts)
-    with _stage(report, "invert", log), torch.no_grad():
+    with report.stage("invert"), torch.no_grad():
         inv_cond = rows(cond, slice(0, 1))
-        inverted = invert(model, x0, y1, grid, inv_cond, sigmas, e.gamma, e.inversion_guidance)
-    with _stage(report, "edit", log), torch.no_grad():
-        tokens = pad_mask(keep, grid.pad, e.mask_pad)
+        inverted = invert(
+            model, x0, y1, grid, inv_cond, sigmas, opts.gamma, opts.inversion_guidance
+        )
+    with report.stage("edit"), torch.no_grad():
+        tokens = grid.wrap_mask(keep.flatten(), opts.mask_pad)
         edit_cond = rows(cond, slice(1, 3))
-        latents, _ = edit(model, inverted, x0, z, tokens, grid, edit_cond, sigmas, opts.guidance, e)
-    del model, cond
-    _free(dev)
+        latents, _ = edit(
+            model, inverted, x0, z, tokens, grid, edit_cond, sigmas, opts.guidance, opts
+        )
+        del model, cond
 
-    with _stage(report, "decode", log), torch.no_grad():
+    with report.stage("decode"), torch.no_grad():
         vae.to(dev)
-        latents = unpack(wrap_crop(latents, grid.h, grid.w, grid.pad), grid.h, grid.w)
-        out = vae.decode(latents, tile=opts.vae_tile)[0].float().cpu()  # (3, H, W)
-    del vae
-    _free(dev)
-    if e.paste_back:
-        radius = height // 32 if e.feather is None else e.feather
-        out = paste_back(out, pixels[0], read_mask(mask, height, width, e.inpaint), radius)
-    return to_pil(out), finish_report(report, dev)
+        out = vae.decode(grid.unpack(latents), tile=opts.vae_tile)[0].float().cpu()  # (3, H, W)
+        del vae
+    if opts.paste_back:
+        radius = height // 32 if opts.feather is None else opts.feather
+        keep_px = read_mask(mask, width, height) ^ opts.invert
+        out = paste_back(out, pixels[0], keep_px, radius)
+    return to_pil(out), report

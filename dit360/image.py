@@ -1,4 +1,5 @@
-"""Images in and out: tensors in [-1, 1] <-> PIL, and panorama files with GPano XMP metadata
+"""Images in and out: the one reader of images and masks (the same convert-then-resize order
+everywhere), tensors in [-1, 1] <-> PIL, and panorama files with GPano XMP metadata
 (https://developers.google.com/streetview/spherical-metadata) so 360 viewers recognise them."""
 
 import os
@@ -9,7 +10,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from torch import Tensor
 
-from .checkpoint import atomic_path
+from .files import atomic_path
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
@@ -24,6 +25,42 @@ def from_pil(img: Image.Image) -> Tensor:
     """8-bit RGB -> (3, H, W) float32 in [-1, 1]."""
     x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255)
     return x.permute(2, 0, 1) * 2 - 1
+
+
+def open_image(src: str | Path | Image.Image) -> Image.Image:
+    """An image read fully from a file (closed again), or the image given."""
+    if isinstance(src, Image.Image):
+        return src
+    with Image.open(src) as f:
+        f.load()  # truncated or corrupt files fail here
+        return f.copy()
+
+
+def read_rgb(src: str | Path | Image.Image, width: int, height: int) -> Image.Image:
+    """RGB at width x height, resized with bicubic (as the reference resizes images)."""
+    img = open_image(src).convert("RGB")
+    return img if img.size == (width, height) else img.resize((width, height), Image.BICUBIC)
+
+
+def read_mask(src: str | Path | Image.Image, width: int, height: int) -> Tensor:
+    """A mask (height, width) bool, white (grey >= 128) = True, resized with nearest.
+
+    A mask is read from its grey levels; transparency would be ignored silently, so a mask whose
+    alpha channel is not fully opaque is refused.
+    """
+    img = open_image(src)
+    name = "the mask" if isinstance(src, Image.Image) else str(src)
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        alpha = img.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            raise ValueError(
+                f"{name} has transparent pixels: masks are read from grey levels (white = the "
+                "masked region), not from alpha; flatten it onto a black or white background"
+            )
+    gray = img.convert("L")
+    if gray.size != (width, height):
+        gray = gray.resize((width, height), Image.NEAREST)
+    return torch.from_numpy(np.asarray(gray) >= 128)
 
 
 def gpano_xmp(width: int, height: int) -> bytes:

@@ -33,8 +33,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .panorama import loss_cube_faces, loss_yaw_rotation, pack, unpack, wrap_crop, wrap_pad
-from .sampling import Conditioning, Grid, predict, time_shift
+from .panorama import Grid, loss_cube_faces, loss_yaw_rotation, pack
+from .sampling import Conditioning, add_noise, predict, time_shift
 
 YAW_ANGLES = (60.0, 180.0, 300.0)  # degrees, the reference's choices
 LEVELS = 1000  # num_train_timesteps of the FLUX.1-dev scheduler
@@ -114,26 +114,24 @@ def flow_loss(
     lambda_yaw / lambda_cube; 0 = off) apply to panorama rows whose mask is all white.
     parts: "flow", "yaw", "cube" sums before the lambdas (0 when off), like the loss sum.
     """
-    b, h, w, pad = x0.shape[0], grid.h, grid.w, grid.pad
+    b, h, w = x0.shape[0], grid.h, grid.w
     if x0.shape[-2:] != (2 * h, 2 * w) or noise.shape != x0.shape:
         raise ValueError(f"latents {tuple(x0.shape)}, {tuple(noise.shape)} do not fit {grid}")
     if token_mask.shape != (b, h * w):
         raise ValueError(f"token_mask {tuple(token_mask.shape)} is not ({b}, {h * w})")
-    dtype = dtype or x0.dtype
     x0, noise = x0.float(), noise.float()
-    s = sigmas.float().view(b, 1, 1, 1).to(x0.device)
-    xt = (1 - s) * x0 + s * noise  # (B, 16, 2h, 2w)
+    xt = add_noise(x0, noise, sigmas)  # (B, 16, 2h, 2w)
     target = noise - x0  # (B, 16, 2h, 2w)
 
-    tokens = wrap_pad(pack(xt), h, w, pad).to(dtype)  # (B, h*(w+2pad), 64)
+    tokens = grid.pack(xt).to(dtype or x0.dtype)  # (B, tokens, 64)
     pred = predict(model, tokens, grid, cond, sigmas.to(x0.device), guidance).float()
     tgt, mask = pack(target), token_mask.to(x0.device)  # (B, h*w, 64), (B, h*w)
     if supervise_pad:
-        tgt = wrap_pad(tgt, h, w, pad)  # (B, h*(w+2pad), 64): pad tokens target the wrapped grid
-        mask = wrap_pad(mask[..., None], h, w, pad)[..., 0]
-        err = (pred - tgt).square().mean(-1)  # (B, h*(w+2pad))
+        tgt = grid.wrap(tgt)  # (B, tokens, 64): pad tokens target the wrapped grid
+        mask = grid.wrap_mask(mask)
+        err = (pred - tgt).square().mean(-1)  # (B, tokens)
     else:
-        err = (wrap_crop(pred, h, w, pad) - tgt).square().mean(-1)  # (B, h*w)
+        err = (grid.crop(pred) - tgt).square().mean(-1)  # (B, h*w)
 
     row_w = loss_weights(sigmas, weighting).to(x0.device)  # (B,)
     if persp is not None:
@@ -147,7 +145,7 @@ def flow_loss(
 
     full = mask.all(-1) if persp is None else mask.all(-1) & ~persp  # (B,) rows for yaw / cube
     if (lambda_yaw or lambda_cube) and full.any():
-        p = unpack(wrap_crop(pred, h, w, pad)[full], h, w)  # (B', 16, 2h, 2w)
+        p = grid.unpack(pred[full])  # (B', 16, 2h, 2w)
         t = target[full]
         scale = (row_w * count)[full]  # each row's mean counts like its supervised tokens
         if lambda_yaw:

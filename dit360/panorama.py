@@ -1,4 +1,5 @@
-"""Panorama geometry and token layout: packing, wrap padding, projections, rotations, seam metrics.
+"""Panorama geometry and token layout: `Grid` (packing, wrap padding, image ids, token masks),
+projections, rotations, seam metrics.
 
 Conventions (every function here):
 - An equirectangular image is a tensor (B, C, H, W), usually W = 2H. Pixel (i, j) is sampled at its
@@ -30,6 +31,7 @@ in float32, so fp16/bf16 inputs are sampled at the float32 positions rounded onc
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +53,10 @@ CROSS = {"py": (0, 1), "nx": (1, 0), "pz": (1, 1), "px": (1, 2), "nz": (1, 3), "
 # --- tokens: 2x2 packing, image ids, circular wrap --------------------------------------------
 
 
+PATCH = 16  # pixels per packed token side: the VAE's x8, then 2x2 packing
+MASK_PADS = ("reference", "wrap")  # how Grid.wrap_mask fills a mask's pad columns
+
+
 def pack(z: Tensor) -> Tensor:
     """Latents (B, C, H, W) -> tokens (B, H/2*W/2, C*4) of 2x2 patches, channels (c ph pw)."""
     return rearrange(z, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
@@ -61,37 +67,84 @@ def unpack(x: Tensor, h: int, w: int) -> Tensor:
     return rearrange(x, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=h, w=w, ph=2, pw=2)
 
 
-def image_ids(h: int, w: int, pad: int = 0, batch: int = 1, device=None) -> Tensor:
-    """Position ids (batch, h*(w+2*pad), 3) = (0, row, col); pad columns carry the copied col."""
-    cols = torch.arange(w, device=device)
-    if pad:
-        cols = torch.cat([cols[w - pad :], cols, cols[:pad]])  # [last pad | grid | first pad]
-    ids = torch.zeros(h, len(cols), 3, device=device)
-    ids[..., 1] = torch.arange(h, device=device)[:, None]
-    ids[..., 2] = cols[None, :]
-    return ids.reshape(1, -1, 3).expand(batch, -1, -1)  # (batch, h*(w+2*pad), 3)
+def token_mask(mask: Tensor) -> Tensor:
+    """Pixel mask (..., H, W) bool -> (..., H/16 * W/16): True where the whole patch is True."""
+    patches = rearrange(mask, "... (h ph) (w pw) -> ... (h w) (ph pw)", ph=PATCH, pw=PATCH)
+    return patches.all(dim=-1)
 
 
-def wrap_pad(x: Tensor, h: int, w: int, pad: int) -> Tensor:
-    """Tokens (B, h*w, C) -> (B, h*(w+2*pad), C) with columns [last pad | grid | first pad]."""
-    if pad == 0:
-        return x
-    grid = rearrange(x, "b (h w) c -> b h w c", h=h, w=w)
-    grid = torch.cat([grid[:, :, w - pad :], grid, grid[:, :, :pad]], dim=2)  # (B, h, w+2pad, C)
-    return rearrange(grid, "b h w c -> b (h w) c")
+@dataclass(frozen=True)
+class Grid:
+    """The packed token grid of an image: h x w tokens, `pad` wrapped columns on each side.
 
+    The one owner of the token layout: a padded row is [last pad cols | the row | first pad cols]
+    (DiT360's panoramic wrap), and a pad token's image id is that of the column it copies.
+    """
 
-def wrap_crop(x: Tensor, h: int, w: int, pad: int) -> Tensor:
-    """Inverse of wrap_pad: tokens (B, h*(w+2*pad), C) -> (B, h*w, C)."""
-    if pad == 0:
-        return x
-    grid = rearrange(x, "b (h w) c -> b h w c", h=h, w=w + 2 * pad)
-    return rearrange(grid[:, :, pad : pad + w], "b h w c -> b (h w) c")
+    h: int
+    w: int
+    pad: int = 1
 
+    @classmethod
+    def for_image(cls, height: int, width: int, pad: int = 1) -> "Grid":
+        """The grid of a height x width image: VAE x8, then 2x2 packing."""
+        if height % PATCH or width % PATCH or height <= 0 or width <= 0:
+            raise ValueError(
+                f"height and width must be positive multiples of 16, got {height}x{width}"
+            )
+        return cls(height // PATCH, width // PATCH, pad)
 
-def roll(x: Tensor, shift: int) -> Tensor:
-    """Roll an image (..., W) right by shift columns: an exact yaw rotation of 360*shift/W deg."""
-    return torch.roll(x, shift, dims=-1)
+    @property
+    def tokens(self) -> int:
+        """Tokens of the padded grid."""
+        return self.h * (self.w + 2 * self.pad)
+
+    def wrap(self, x: Tensor) -> Tensor:
+        """Tokens (B, h*w, C) -> (B, h*(w+2*pad), C), columns [last pad | grid | first pad]."""
+        if self.pad == 0:
+            return x
+        g = rearrange(x, "b (h w) c -> b h w c", h=self.h)
+        g = torch.cat([g[:, :, self.w - self.pad :], g, g[:, :, : self.pad]], dim=2)
+        return rearrange(g, "b h w c -> b (h w) c")
+
+    def crop(self, x: Tensor) -> Tensor:
+        """Inverse of `wrap`: tokens (B, h*(w+2*pad), C) -> (B, h*w, C)."""
+        if self.pad == 0:
+            return x
+        g = rearrange(x, "b (h w) c -> b h w c", h=self.h)
+        return rearrange(g[:, :, self.pad : self.pad + self.w], "b h w c -> b (h w) c")
+
+    def pack(self, z: Tensor) -> Tensor:
+        """Latents (B, C, 2h, 2w) -> padded tokens (B, tokens, 4C)."""
+        return self.wrap(pack(z))
+
+    def unpack(self, x: Tensor) -> Tensor:
+        """Padded tokens (B, tokens, 4C) -> latents (B, C, 2h, 2w), the pad columns cropped."""
+        return unpack(self.crop(x), self.h, self.w)
+
+    def ids(self, batch: int = 1, device=None) -> Tensor:
+        """Image position ids (batch, tokens, 3) = (0, row, col); a pad column has its copy's."""
+        cols = torch.arange(self.w, device=device)
+        cols = torch.cat([cols[self.w - self.pad :], cols, cols[: self.pad]])
+        ids = torch.zeros(self.h, len(cols), 3, device=device)
+        ids[..., 1] = torch.arange(self.h, device=device)[:, None]
+        ids[..., 2] = cols[None, :]
+        return ids.reshape(1, -1, 3).expand(batch, -1, -1)
+
+    def wrap_mask(self, mask: Tensor, mode: str = "wrap") -> Tensor:
+        """A token mask (..., h*w) bool -> (..., tokens) over the padded grid.
+
+        "wrap" pads like the latents; "reference" pads [first cols | mask | last cols] as DiT360's
+        editing.py, so a pad token gets the mask of the column beside it, not of the one it copies.
+        """
+        if mode not in MASK_PADS:
+            raise ValueError(f"mask padding must be one of {MASK_PADS}, got {mode!r}")
+        if mode == "wrap":
+            flat = self.wrap(mask.reshape(-1, self.h * self.w, 1))  # (B', tokens, 1)
+            return flat.reshape(*mask.shape[:-1], self.tokens)
+        g = mask.unflatten(-1, (self.h, self.w))
+        g = torch.cat([g[..., : self.pad], g, g[..., self.w - self.pad :]], dim=-1)
+        return g.flatten(-2)
 
 
 # --- geometry ------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from dit360.panorama import perspective_to_equirect
+from .files import atomic_path
+from .panorama import perspective_to_equirect
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
@@ -54,26 +55,9 @@ def read_caption(image: Path) -> str:
 
 
 def save_atomic(img: Image.Image, path: Path) -> None:
-    """Save a PNG under a temporary name in the same folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    """Save a PNG, atomically."""
+    with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_jsonl(rows: list[Row], path: Path) -> None:
-    """Write rows as a jsonl file, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _ref(path: Path, out: Path, absolute: bool) -> str:
@@ -207,7 +191,9 @@ def prepare(
     written = {}
     for kind, rows in jobs.items():
         written[kind] = out / f"{kind}.jsonl"
-        write_jsonl(rows, written[kind])
+        with atomic_path(written[kind]) as tmp:
+            lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            tmp.write_text("".join(lines), encoding="utf-8")
     return written
 
 

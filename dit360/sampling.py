@@ -1,5 +1,6 @@
-"""Sampling: seeded noise, the shifted schedule, `predict()` (the one owner of the panoramic
-wrap) and the Euler `denoise` loop.
+"""Sampling: seeded noise, the shifted schedule, the time convention (`add_noise`, `timestep`),
+`predict()` (the one caller of the model, so the panoramic wrap reaches it in one way), the Euler
+`step` and the `denoise` loop.
 
 Time convention, everywhere in dit360: t = 1 is noise, t = 0 is data,
 x_t = (1 - t) * x0 + t * noise, and the model predicts the velocity v = noise - x0.
@@ -17,30 +18,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .model import Flux
-from .panorama import image_ids, wrap_crop, wrap_pad
+from .panorama import Grid
 
 # The shift grows linearly with the token count through (256, 0.5) and (4096, 1.15) (FLUX.1).
 BASE_SEQ, BASE_SHIFT, MAX_SEQ, MAX_SHIFT = 256, 0.5, 4096, 1.15
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A packed token grid of h x w tokens with `pad` wrapped columns on each side."""
-
-    h: int
-    w: int
-    pad: int = 1
-
-    @property
-    def tokens(self) -> int:
-        return self.h * (self.w + 2 * self.pad)
-
-    @classmethod
-    def for_image(cls, height: int, width: int, pad: int = 1) -> "Grid":
-        """The grid of a height x width image: VAE x8, then 2x2 packing."""
-        if height % 16 or width % 16:
-            raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
-        return cls(height // 16, width // 16, pad)
 
 
 def noise(
@@ -90,6 +71,24 @@ class Conditioning:
     vec: Tensor
 
 
+def add_noise(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """x_t = (1 - t) x0 + t noise in float32, for t (B,) and latents (B, ...)."""
+    t = t.float().view(-1, *[1] * (x0.ndim - 1)).to(x0.device)
+    return (1 - t) * x0.float() + t * noise.float()
+
+
+def step(x: Tensor, v: Tensor, dt: float | Tensor) -> Tensor:
+    """One Euler step x + dt * v, computed in float32 and stored in x's dtype (as the reference
+    scheduler does). The one place the ODE is integrated: sampling, inversion and editing."""
+    return (x.float() + dt * v.float()).to(x.dtype)
+
+
+def timestep(t: float | Tensor, dtype: torch.dtype) -> Tensor:
+    """The reference's timestep for time t: t * 1000 rounded to the model dtype. The model gets it
+    divided by 1000 again (`predict`), so t reaches it rounded as the reference rounds it."""
+    return (torch.as_tensor(t, dtype=torch.float32) * 1000).to(dtype)
+
+
 def predict(
     model: Flux,
     x: Tensor,
@@ -97,20 +96,12 @@ def predict(
     cond: Conditioning,
     t: float | Tensor,
     guidance: float | None,
-    resync: bool = False,
 ) -> Tensor:
-    """Velocity (B, grid.tokens, C) for tokens x (B, grid.tokens, C) that carry the wrap padding.
-
-    Image ids follow the padding: a pad column has the id of the column it copies. With `resync`
-    the pad columns are first copied again from the opposite edge.
-    """
+    """Velocity (B, grid.tokens, C) for tokens x (B, grid.tokens, C) that carry the wrap padding;
+    the image ids follow the padding (`Grid.ids`)."""
     b, dtype = x.shape[0], x.dtype
-    if resync and grid.pad:
-        x = wrap_pad(wrap_crop(x, grid.h, grid.w, grid.pad), grid.h, grid.w, grid.pad)
-    ids = image_ids(grid.h, grid.w, grid.pad, batch=b, device=x.device).to(dtype)
-    # The reference feeds t*1000 rounded to the model dtype, divided back: keep that rounding.
-    t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(b)
-    t = (t * 1000).to(dtype) / 1000
+    ids = grid.ids(b, x.device).to(dtype)
+    t = timestep(torch.as_tensor(t, device=x.device).expand(b), dtype) / 1000
     g = None if guidance is None else torch.full((b,), guidance, device=x.device)
     txt = cond.txt.to(x.device, dtype)
     return model(x, ids, txt, cond.txt_ids.to(x.device, dtype), t, cond.vec.to(x.device, dtype), g)
@@ -123,13 +114,9 @@ def denoise(
     cond: Conditioning,
     sigmas: Tensor,
     guidance: float | None,
-    resync: bool = False,
-    progress: bool = True,
 ) -> Tensor:
     """Integrate the flow from sigmas[0] to sigmas[-1] with Euler steps; x is padded tokens."""
     sigmas = sigmas.to(x.device)
-    for i in tqdm(range(len(sigmas) - 1), desc="denoise", disable=not progress):
-        v = predict(model, x, grid, cond, sigmas[i], guidance, resync)
-        # Update in float32, store in the model dtype (as the reference scheduler does).
-        x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v).to(x.dtype)
+    for i in tqdm(range(len(sigmas) - 1), desc="denoise"):
+        x = step(x, predict(model, x, grid, cond, sigmas[i], guidance), sigmas[i + 1] - sigmas[i])
     return x

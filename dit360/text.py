@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from .checkpoint import resolve
+from .files import resolve
 
 TEXT_FOLDERS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
 LAYOUT = (

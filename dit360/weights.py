@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import autoencoder as ae
 from . import config as cfg
-from .checkpoint import Checkpoint, open_checkpoint, resolve, write_safetensors
+from .files import TensorFile, open_tensors, resolve
 from .model import Flux
 
 Rule = tuple[str, str, str | tuple[str, ...]]
@@ -64,8 +64,20 @@ FLUX_DIFFUSERS: list[Rule] = [
     ("identity", "final_layer.linear", "proj_out"),
 ]
 
-# Prefixes other tools put in front of BFL names (ComfyUI, some merged single files).
-STRIP_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+# Prefixes other tools put in front of module names: ComfyUI and merged single files (BFL names),
+# diffusers pipelines and peft (diffusers names).
+PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "base_model.model.")
+
+
+def strip_prefix(name: str) -> str:
+    """A key without the first of PREFIXES it starts with."""
+    return next((name[len(p) :] for p in PREFIXES if name.startswith(p)), name)
+
+
+def swap_halves(t: Tensor) -> Tensor:
+    """Exchange the two halves along dim 0: BFL's final adaLN is [shift; scale], diffusers'
+    [scale; shift]. Its own inverse."""
+    return torch.cat(t.chunk(2, dim=0)[::-1], dim=0)
 
 
 @cache
@@ -108,37 +120,36 @@ class Plan:
     shapes: dict[str, tuple[int, ...]]
 
 
-def plan_from(ckpt: Checkpoint, table: list[Rule] | None) -> Plan:
+def plan_from(tfile: TensorFile, table: list[Rule] | None) -> Plan:
     """Map every checkpoint tensor onto our names; unknown keys and missing parts are errors."""
     if table is None:  # already our layout (possibly behind a ComfyUI-style prefix)
         sources = {}
-        for k in ckpt.shapes:
-            ours = next((k[len(p) :] for p in STRIP_PREFIXES if k.startswith(p)), k)
-            sources[ours] = ("identity", (k,))
+        for k in tfile.shapes:
+            sources[strip_prefix(k)] = ("identity", (k,))
     else:
         groups: dict[str, tuple[str, list[str | None]]] = {}
         unknown = []
-        for k in ckpt.shapes:
+        for k in tfile.shapes:
             if (hit := locate(k, table)) is None:
                 unknown.append(k)
                 continue
             op, ours, j, n = hit
             groups.setdefault(ours, (op, [None] * n))[1][j] = k
         if unknown:
-            raise ValueError(f"{len(unknown)} unexpected tensors in {ckpt.source}: {unknown[:8]}")
+            raise ValueError(f"{len(unknown)} unexpected tensors in {tfile.source}: {unknown[:8]}")
         sources = {}
         for ours, (op, parts) in groups.items():
             if None in parts:
                 raise ValueError(
-                    f"{ckpt.source}: {ours} needs {len(parts)} tensors, "
+                    f"{tfile.source}: {ours} needs {len(parts)} tensors, "
                     f"found only {[p for p in parts if p]}"
                 )
             sources[ours] = (op, tuple(parts))
     shapes = {}
     for ours, (op, keys) in sources.items():
-        first = ckpt.shapes[keys[0]]
+        first = tfile.shapes[keys[0]]
         if op == "concat":
-            shapes[ours] = (sum(ckpt.shapes[k][0] for k in keys), *first[1:])
+            shapes[ours] = (sum(tfile.shapes[k][0] for k in keys), *first[1:])
         elif op == "squeeze":
             shapes[ours] = (*first, 1, 1)
         else:
@@ -146,23 +157,23 @@ def plan_from(ckpt: Checkpoint, table: list[Rule] | None) -> Plan:
     return Plan(sources, shapes)
 
 
-def build(ckpt: Checkpoint, op: str, keys: tuple[str, ...]) -> Tensor:
+def build(tfile: TensorFile, op: str, keys: tuple[str, ...]) -> Tensor:
     """Read the source tensors of one of our tensors and combine them."""
     if op == "concat":
-        return torch.cat([ckpt.get(k) for k in keys], dim=0)
-    t = ckpt.get(keys[0])
+        return torch.cat([tfile.get(k) for k in keys], dim=0)
+    t = tfile.get(keys[0])
     if op == "swap":
-        return torch.cat(t.chunk(2, dim=0)[::-1], dim=0)
+        return swap_halves(t)
     if op == "squeeze":
         return t[:, :, None, None]
     return t
 
 
-def check_plan(plan: Plan, expected: dict[str, tuple[int, ...]], ckpt: Checkpoint) -> None:
+def check_plan(plan: Plan, expected: dict[str, tuple[int, ...]], tfile: TensorFile) -> None:
     """Compare planned tensors with the model's: name every missing, unexpected, misshapen one."""
 
     def files(k: str) -> str:
-        return " + ".join(sorted({ckpt.where(s) for s in plan.sources[k][1]}))
+        return " + ".join(sorted({tfile.where(s) for s in plan.sources[k][1]}))
 
     missing = [k for k in expected if k not in plan.shapes]
     unexpected = [f"{k} ({files(k)})" for k in plan.shapes if k not in expected]
@@ -177,7 +188,7 @@ def check_plan(plan: Plan, expected: dict[str, tuple[int, ...]], ckpt: Checkpoin
         if keys
     ]
     if problems:
-        raise ValueError(f"{ckpt.source} does not fit the model: " + "; ".join(problems))
+        raise ValueError(f"{tfile.source} does not fit the model: " + "; ".join(problems))
 
 
 # --- FLUX transformer -------------------------------------------------------------------------
@@ -185,29 +196,29 @@ def check_plan(plan: Plan, expected: dict[str, tuple[int, ...]], ckpt: Checkpoin
 TRANSFORMER_FILES = ["transformer/*.safetensors", "transformer/*.json"]
 
 
-def open_flux(src: str | Path) -> tuple[Checkpoint, list[Rule] | None, Path]:
+def open_flux(src: str | Path) -> tuple[TensorFile, list[Rule] | None, Path]:
     """Open a FLUX transformer from a file, a folder (FLUX.1-dev layout or `transformer/`) or a
     repo id; return the checkpoint, the key table to apply (None: BFL names) and its folder."""
     path = resolve(src, TRANSFORMER_FILES, "a FLUX transformer .safetensors file or folder")
     if path.is_dir() and (path / "transformer").is_dir():
         path = path / "transformer"
-    ckpt = open_checkpoint(path)
-    names = {k for k in ckpt.shapes}
+    tfile = open_tensors(path)
+    names = {k for k in tfile.shapes}
     if "x_embedder.weight" in names:
-        return ckpt, FLUX_DIFFUSERS, path if path.is_dir() else path.parent
+        return tfile, FLUX_DIFFUSERS, path if path.is_dir() else path.parent
     if any(k.endswith("img_in.weight") for k in names):
-        return ckpt, None, path if path.is_dir() else path.parent
-    raise ValueError(f"{ckpt.source} holds no FLUX transformer (no img_in or x_embedder weights)")
+        return tfile, None, path if path.is_dir() else path.parent
+    raise ValueError(f"{tfile.source} holds no FLUX transformer (no img_in or x_embedder weights)")
 
 
 def flux_params(
-    ckpt: Checkpoint, plan: Plan, folder: Path, axes_dim: tuple[int, ...] | None = None
+    tfile: TensorFile, plan: Plan, folder: Path, axes_dim: tuple[int, ...] | None = None
 ) -> cfg.FluxParams:
     """Config from (in order) a diffusers config.json, our safetensors metadata, the shapes."""
-    if (folder / "config.json").is_file() and ckpt.source.is_dir():
+    if (folder / "config.json").is_file() and tfile.source.is_dir():
         return cfg.from_diffusers_config(folder / "config.json")
-    if "dit360_config" in ckpt.metadata:
-        return cfg.from_json(ckpt.metadata["dit360_config"])
+    if "dit360_config" in tfile.metadata:
+        return cfg.from_json(tfile.metadata["dit360_config"])
     return cfg.from_shapes(plan.shapes, axes_dim)
 
 
@@ -218,39 +229,39 @@ def meta_flux(params: cfg.FluxParams) -> Flux:
 
 
 def stream_tensors(
-    ckpt: Checkpoint, plan: Plan, names: list[str], dtype: torch.dtype | None
+    tfile: TensorFile, plan: Plan, names: list[str], dtype: torch.dtype | None
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield our tensors one by one, converted and cast, with a progress bar."""
-    for name in tqdm(names, desc=f"reading {ckpt.source.name}", unit="tensor", leave=False):
-        t = build(ckpt, *plan.sources[name])
+    for name in tqdm(names, desc=f"reading {tfile.source.name}", unit="tensor", leave=False):
+        t = build(tfile, *plan.sources[name])
         yield name, t if dtype is None else t.to(dtype)
 
 
 def fill(
-    model: nn.Module, ckpt: Checkpoint, plan: Plan, device: str | torch.device, dtype
+    model: nn.Module, tfile: TensorFile, plan: Plan, device: str | torch.device, dtype
 ) -> nn.Module:
     """Check a meta-device model against the plan, then fill it tensor by tensor (one copy)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_plan(plan, expected, ckpt)
+    check_plan(plan, expected, tfile)
     if dtype is None:  # keep the checkpoint's
-        dtype = ckpt.dtypes[next(iter(plan.sources.values()))[1][0]]
+        dtype = tfile.dtypes[next(iter(plan.sources.values()))[1][0]]
     model = model.to(dtype).to_empty(device=device)
     state = model.state_dict()
     with torch.no_grad():
-        for name, t in stream_tensors(ckpt, plan, list(expected), dtype):
+        for name, t in stream_tensors(tfile, plan, list(expected), dtype):
             state[name].copy_(t)
     return model.eval().requires_grad_(False)
 
 
 def read_flux(
     src: str | Path, axes_dim: tuple[int, ...] | None = None
-) -> tuple[Checkpoint, Plan, Flux]:
+) -> tuple[TensorFile, Plan, Flux]:
     """Open a FLUX transformer checkpoint (headers only) and check it against its meta model."""
-    ckpt, table, folder = open_flux(src)
-    plan = plan_from(ckpt, table)
-    model = meta_flux(flux_params(ckpt, plan, folder, axes_dim))
-    check_plan(plan, {k: tuple(v.shape) for k, v in model.state_dict().items()}, ckpt)
-    return ckpt, plan, model
+    tfile, table, folder = open_flux(src)
+    plan = plan_from(tfile, table)
+    model = meta_flux(flux_params(tfile, plan, folder, axes_dim))
+    check_plan(plan, {k: tuple(v.shape) for k, v in model.state_dict().items()}, tfile)
+    return tfile, plan, model
 
 
 def load_flux(
@@ -260,8 +271,8 @@ def load_flux(
     axes_dim: tuple[int, ...] | None = None,
 ) -> Flux:
     """Load a FLUX transformer from any supported layout, filling it tensor by tensor."""
-    ckpt, plan, model = read_flux(src, axes_dim)
-    return fill(model, ckpt, plan, device, dtype)
+    tfile, plan, model = read_flux(src, axes_dim)
+    return fill(model, tfile, plan, device, dtype)
 
 
 def split_sizes(op: str, rows: int, n: int, hidden: int) -> list[int]:
@@ -324,7 +335,7 @@ def ae_diffusers(levels: int = 4) -> list[Rule]:
 AE_DIFFUSERS: list[Rule] = ae_diffusers(4)  # FLUX.1's VAE
 
 
-def open_autoencoder(src: str | Path) -> tuple[Checkpoint, list[Rule] | None, Path | None]:
+def open_autoencoder(src: str | Path) -> tuple[TensorFile, list[Rule] | None, Path | None]:
     """Open a FLUX VAE from BFL's `ae.safetensors`, a diffusers `vae/` folder, a FLUX.1-dev folder
     or a repo id; return the checkpoint, its key table (None: BFL names), its config.json if any."""
     expected = "a FLUX ae.safetensors file, a diffusers vae/ folder or a FLUX.1-dev folder"
@@ -335,24 +346,24 @@ def open_autoencoder(src: str | Path) -> tuple[Checkpoint, list[Rule] | None, Pa
         path = path / "vae"
     elif path.is_dir() and (path / "ae.safetensors").is_file():
         path = path / "ae.safetensors"
-    ckpt = open_checkpoint(path)
+    tfile = open_tensors(path)
     folder = path if path.is_dir() else path.parent
-    if any(k.startswith("encoder.down_blocks.") for k in ckpt.shapes):
-        levels = len({k.split(".")[2] for k in ckpt.shapes if k.startswith("decoder.up_blocks.")})
+    if any(k.startswith("encoder.down_blocks.") for k in tfile.shapes):
+        levels = len({k.split(".")[2] for k in tfile.shapes if k.startswith("decoder.up_blocks.")})
         config = folder / "config.json"
-        return ckpt, ae_diffusers(levels), config if config.is_file() else None
-    if any(k.startswith("encoder.down.") for k in ckpt.shapes):
-        return ckpt, None, None
-    raise ValueError(f"{ckpt.source} holds no FLUX autoencoder (no encoder.down weights)")
+        return tfile, ae_diffusers(levels), config if config.is_file() else None
+    if any(k.startswith("encoder.down.") for k in tfile.shapes):
+        return tfile, None, None
+    raise ValueError(f"{tfile.source} holds no FLUX autoencoder (no encoder.down weights)")
 
 
-def ae_params(ckpt: Checkpoint, plan: Plan, config: Path | None) -> ae.AutoEncoderParams:
+def ae_params(tfile: TensorFile, plan: Plan, config: Path | None) -> cfg.AutoEncoderParams:
     """Config from (in order) a diffusers config.json, our safetensors metadata, the shapes."""
     if config is not None:
-        return ae.ae_params_from_diffusers_config(config)
-    if AE_CONFIG_KEY in ckpt.metadata:
-        return ae.ae_params_from_json(ckpt.metadata[AE_CONFIG_KEY])
-    return ae.ae_params_from_shapes(plan.shapes)
+        return cfg.ae_from_diffusers_config(config)
+    if AE_CONFIG_KEY in tfile.metadata:
+        return cfg.ae_from_json(tfile.metadata[AE_CONFIG_KEY])
+    return cfg.ae_from_shapes(plan.shapes)
 
 
 def load_autoencoder(
@@ -364,16 +375,8 @@ def load_autoencoder(
 
     float32 by default, as diffusers upcasts this VAE (`force_upcast`); None keeps the file's.
     """
-    ckpt, table, config = open_autoencoder(src)
-    plan = plan_from(ckpt, table)
+    tfile, table, config = open_autoencoder(src)
+    plan = plan_from(tfile, table)
     with torch.device("meta"):
-        model = ae.AutoEncoder(ae_params(ckpt, plan, config))
-    return fill(model, ckpt, plan, device, dtype)
-
-
-def save_autoencoder(model: ae.AutoEncoder, path: str | Path) -> Path:
-    """Write the VAE as one BFL-layout safetensors file (`ae.safetensors`), config in metadata."""
-    state = model.state_dict()
-    specs = {k: (t.dtype, tuple(t.shape)) for k, t in state.items()}
-    write_safetensors(path, specs, state.items(), {AE_CONFIG_KEY: model.params.to_json()})
-    return Path(path)
+        model = ae.AutoEncoder(ae_params(tfile, plan, config))
+    return fill(model, tfile, plan, device, dtype)

@@ -7,23 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny import TINY_VAE, randomize
+from tiny import TINY_VAE, randomize, save_autoencoder
 
 from dit360 import weights
-from dit360.autoencoder import (
-    AE_PRESETS,
-    AutoEncoder,
-    _starts,
-    ae_params_from_diffusers_config,
-    ae_params_from_shapes,
-)
-from dit360.checkpoint import Checkpoint
+from dit360.autoencoder import AutoEncoder, _starts
+from dit360.config import AE_PRESETS, ae_from_diffusers_config, ae_from_shapes
+from dit360.files import TensorFile
 from dit360.weights import (
     AE_DIFFUSERS,
     check_plan,
     load_autoencoder,
     plan_from,
-    save_autoencoder,
     their_keys,
 )
 
@@ -109,7 +103,7 @@ def test_config_from_shapes(reference, tmp_path):
     root, *_ = reference
     model = load_autoencoder(root)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    inferred = ae_params_from_shapes(shapes, norm_num_groups=4)
+    inferred = ae_from_shapes(shapes, norm_num_groups=4)
     assert inferred == dataclasses.replace(model.params, resolution=256)  # resolution: unused
     save_file(model.state_dict(), tmp_path / "ae.safetensors")  # no metadata
     with pytest.raises(ValueError, match="not divisible by norm_num_groups 32"):
@@ -128,14 +122,14 @@ def test_full_size_layouts():
 
     diffusers = json.loads((DATA / "ae.diffusers.json").read_text())
     shapes = {k: tuple(v["shape"]) for k, v in diffusers["tensors"].items()}
-    ckpt = Checkpoint({}, shapes, {}, {}, DATA / "ae.diffusers.json")
-    plan = plan_from(ckpt, AE_DIFFUSERS)
-    check_plan(plan, ours, ckpt)  # nothing missing, unexpected or misshapen
+    tfile = TensorFile({}, shapes, {}, {}, DATA / "ae.diffusers.json")
+    plan = plan_from(tfile, AE_DIFFUSERS)
+    check_plan(plan, ours, tfile)  # nothing missing, unexpected or misshapen
     used = [k for _, keys in plan.sources.values() for k in keys]
     assert sorted(used) == sorted(shapes)  # every diffusers tensor used once
     assert all(their_keys(k, AE_DIFFUSERS) == plan.sources[k] for k in ours)  # invertible
     assert sum(op == "squeeze" for op, _ in plan.sources.values()) == 8
-    params = ae_params_from_diffusers_config(diffusers["meta"]["config"])
+    params = ae_from_diffusers_config(diffusers["meta"]["config"])
     assert params == dataclasses.replace(AE_PRESETS["flux"], resolution=1024)
 
 

@@ -8,19 +8,11 @@ from PIL import Image
 from torch.testing import assert_close
 
 import edit as edit_cli
-from dit360.editing import (
-    EditOptions,
-    check_mask,
-    edit,
-    feather,
-    invert,
-    pad_mask,
-    paste_back,
-    read_mask,
-    rows,
-)
-from dit360.panorama import wrap_crop, wrap_pad
-from dit360.sampling import Conditioning, Grid, schedule
+from dit360.editing import check_mask, edit, feather, invert, paste_back, read_panorama, rows
+from dit360.image import read_mask
+from dit360.options import EditOptions
+from dit360.panorama import Grid
+from dit360.sampling import Conditioning, schedule
 from dit360.text import encode
 from dit360.weights import load_flux
 
@@ -141,14 +133,15 @@ def reference(pipe, x0, y1, z, keep, o: EditOptions, steps=STEPS, guidance=2.8, 
 def run_ours(ours, x0, y1, z, keep, o: EditOptions, steps=STEPS, keep_source=False, calls=None):
     """Our invert + edit on the same inputs; inverted, target, source (padded)."""
     model, cond = ours
-    grid, pad = Grid(H, W, 1), lambda x: wrap_pad(x, H, W, 1)
+    grid = Grid(H, W, 1)
+    pad = grid.wrap
     sigmas = schedule(steps, H * W)
     calls = [] if calls is None else calls
     handle = model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
     try:
         with torch.no_grad():
             inv = invert(model, pad(x0), pad(y1), grid, rows(cond, slice(0, 1)), sigmas, o.gamma)
-            mask, cond = pad_mask(keep, 1, o.mask_pad), rows(cond, slice(1, 3))
+            mask, cond = grid.wrap_mask(keep.flatten(), o.mask_pad), rows(cond, slice(1, 3))
             tgt, src = edit(
                 model, inv, pad(x0), pad(z), mask, grid, cond, sigmas, 2.8, o, keep_source
             )
@@ -219,21 +212,12 @@ def test_eta_one_returns_to_source(ours):
 # --- masks and the wrap ------------------------------------------------------------------------
 
 
-def test_pad_mask():
-    """ "reference" pads [first | mask | last] (DiT360's editing.py), "wrap" like the latents."""
-    keep = torch.tensor([[1, 0, 0, 0]], dtype=torch.bool)
-    assert pad_mask(keep, 1, "reference").tolist() == [1, 1, 0, 0, 0, 0]
-    assert pad_mask(keep, 1, "wrap").tolist() == [0, 1, 0, 0, 0, 1]
-    assert pad_mask(keep, 0, "wrap").tolist() == [1, 0, 0, 0]
-    with pytest.raises(ValueError, match="mask_pad"):
-        pad_mask(keep, 1, "mirror")
-
-
 def test_wrap_mask_keeps_pad_columns_in_sync(ours):
     """With the "wrap" mask a pad token and the column it copies stay equal through the edit;
     DiT360's [first | mask | last] padding breaks that when the edge columns differ."""
     x0, y1, z = tensors(4)
-    synced = lambda x: wrap_pad(wrap_crop(x, H, W, 1), H, W, 1)  # noqa: E731
+    grid = Grid(H, W, 1)
+    synced = lambda x: grid.wrap(grid.crop(x))  # noqa: E731
     _, tgt, _ = run_ours(ours, x0, y1, z, KEEP, EditOptions(mask_pad="wrap"))
     assert_close(tgt, synced(tgt), rtol=1e-5, atol=1e-5)
     _, tgt, _ = run_ours(ours, x0, y1, z, KEEP, DEFAULT)
@@ -241,12 +225,16 @@ def test_wrap_mask_keeps_pad_columns_in_sync(ours):
 
 
 def test_read_mask():
-    """Any size and mode, nearest resize to the grid, white >= 0.5 keeps, --invert flips."""
+    """Any size and mode, nearest resize to the grid, white >= 0.5 keeps; transparency refused."""
     a = np.zeros((64, 128), np.uint8)
     a[:, :64], a[:, 64:96] = 128, 127  # 128/255 >= 0.5 keeps, 127/255 does not
     for img in (Image.fromarray(a), Image.fromarray(a).convert("RGB")):
-        assert read_mask(img, 2, 4).tolist() == [[True, True, False, False]] * 2
-        assert read_mask(img, 2, 4, invert=True).tolist() == [[False, False, True, True]] * 2
+        assert read_mask(img, 4, 2).tolist() == [[True, True, False, False]] * 2
+    rgba = Image.fromarray(a).convert("RGBA")
+    assert read_mask(rgba, 4, 2).tolist() == [[True, True, False, False]] * 2  # opaque: fine
+    rgba.putalpha(Image.fromarray((a > 0).astype(np.uint8) * 255))
+    with pytest.raises(ValueError, match="transparent pixels"):
+        read_mask(rgba, 4, 2)
     with pytest.raises(ValueError, match="nothing to generate"):
         check_mask(torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="nothing to keep"):
@@ -323,15 +311,13 @@ def test_cli_outpaint_matches_reference(pipe, tiny_flux, tmp_path):
 def test_cli_inpaint_paste_back(tiny_flux, tmp_path):
     """--invert --paste-back: the kept (black) region is the source, pixel for pixel; --resize
     stretches a non-2:1 image to 2:1 at --height."""
-    from dit360.editing import open_image
-
     src, mask = write_inputs(tmp_path, size=(48, 80))
     out = tmp_path / "out.png"
     extra = ("--invert", "--paste-back", "--feather", "3", "--resize")
     edit_cli.main(cli(tiny_flux, src, mask, out, *extra))
     got = np.asarray(Image.open(out))
-    source = np.asarray(open_image(src, 32, resize=True))
-    keep = read_mask(Image.open(mask), 32, 64, invert=True).numpy()
+    source = np.asarray(read_panorama(src, 32, resize=True))
+    keep = (~read_mask(Image.open(mask), 64, 32)).numpy()
     assert got.shape == (32, 64, 3) and keep.any() and not keep.all()
     assert np.array_equal(got[keep], source[keep])
     assert not np.array_equal(got[~keep], source[~keep])

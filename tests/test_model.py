@@ -8,8 +8,8 @@ import torch
 from tiny import TINY_TRANSFORMER, diffusers_transformer, save_transformer
 
 from dit360 import config, weights
-from dit360.checkpoint import Checkpoint
 from dit360.convert import convert_flux
+from dit360.files import TensorFile
 from dit360.weights import load_flux, meta_flux, plan_from
 
 DATA = Path(__file__).parent / "data"
@@ -168,8 +168,8 @@ def test_full_size_names_and_shapes(preset):
 def test_full_size_diffusers_coverage():
     """Every tensor of FLUX.1-dev's diffusers shards maps onto flux-dev, nothing left over."""
     shapes = manifest("flux-dev.diffusers.json")
-    ckpt = Checkpoint({}, shapes, {}, {}, Path("flux-dev.diffusers.json"))
-    plan = plan_from(ckpt, weights.FLUX_DIFFUSERS)
+    tfile = TensorFile({}, shapes, {}, {}, Path("flux-dev.diffusers.json"))
+    plan = plan_from(tfile, weights.FLUX_DIFFUSERS)
     used = [k for _, keys in plan.sources.values() for k in keys]
     assert sorted(used) == sorted(shapes)
     assert plan.shapes == manifest("flux-dev.bfl.json")

@@ -72,18 +72,36 @@ def test_pack_matches_flux_layout_and_roundtrips():
 
 
 def test_image_ids_and_wrap_pad():
-    """Ids are (0, row, col); padded ids equal wrap_pad of the ids; crop inverts pad."""
+    """Ids are (0, row, col); padded ids equal the wrapped ids; crop inverts wrap."""
     h, w = 3, 5
-    ids = P.image_ids(h, w)
+    ids = P.Grid(h, w, 0).ids()
     assert ids.shape == (1, h * w, 3)
     assert_close(ids[0, 2 * w + 4], torch.tensor([0.0, 2.0, 4.0]))
-    padded = P.image_ids(h, w, pad=2, batch=3)
-    assert padded.shape == (3, h * (w + 4), 3)
+    grid = P.Grid(h, w, 2)
+    padded = grid.ids(batch=3)
+    assert padded.shape == (3, h * (w + 4), 3) == (3, grid.tokens, 3)
     assert padded[0, : w + 4, 2].tolist() == [3, 4, 0, 1, 2, 3, 4, 0, 1]
-    assert_close(padded, P.wrap_pad(ids, h, w, 2).expand(3, -1, -1))
+    assert_close(padded, grid.wrap(ids).expand(3, -1, -1))
     x = torch.randn(2, h * w, 7)
-    assert_close(P.wrap_crop(P.wrap_pad(x, h, w, 1), h, w, 1), x, rtol=0, atol=0)
-    assert P.wrap_pad(x, h, w, 0) is x
+    assert_close(P.Grid(h, w, 1).crop(P.Grid(h, w, 1).wrap(x)), x, rtol=0, atol=0)
+    assert P.Grid(h, w, 0).wrap(x) is x
+    z = torch.randn(2, 4, 2 * h, 2 * w)
+    assert_close(grid.unpack(grid.pack(z)), z, rtol=0, atol=0)
+
+
+def test_grid_masks():
+    """Token masks from pixel masks (whole patches), and both pad modes of a token mask."""
+    pixels = torch.ones(32, 48, dtype=torch.bool)
+    pixels[3, 20] = False  # spoils token (0, 1)
+    assert P.token_mask(pixels).tolist() == [True, False, True, True, True, True]
+    keep = torch.tensor([[1, 0, 0, 0]], dtype=torch.bool)  # (h, w) = (1, 4)
+    assert P.Grid(1, 4, 1).wrap_mask(keep.flatten(), "reference").tolist() == [1, 1, 0, 0, 0, 0]
+    assert P.Grid(1, 4, 1).wrap_mask(keep.flatten(), "wrap").tolist() == [0, 1, 0, 0, 0, 1]
+    assert P.Grid(1, 4, 0).wrap_mask(keep.flatten(), "wrap").tolist() == [1, 0, 0, 0]
+    batched = P.Grid(1, 4, 1).wrap_mask(torch.stack([keep.flatten(), ~keep.flatten()]))
+    assert batched.tolist() == [[0, 1, 0, 0, 0, 1], [1, 0, 1, 1, 1, 0]]
+    with pytest.raises(ValueError, match="mask padding"):
+        P.Grid(1, 4, 1).wrap_mask(keep.flatten(), "mirror")
 
 
 # --- projections against py360convert -----------------------------------------------------------
@@ -189,10 +207,10 @@ def test_perspective_roundtrip_and_mask_area(fov, yaw, pitch, roll, size):
 
 @pytest.mark.parametrize("k", [1, 5, -3, 16])
 def test_roll_equals_yaw_rotation(k):
-    """roll by k pixels equals rotate by a yaw of 360 k / W degrees."""
+    """A roll by k pixels equals rotate by a yaw of 360 k / W degrees."""
     x = torch.randn(2, 3, 16, 32, dtype=torch.float64)
-    assert_close(P.rotate(x, 360 * k / 32), P.roll(x, k), rtol=0, atol=1e-10)
-    assert_close(P.rotate(x.float(), 360 * k / 32), P.roll(x.float(), k), rtol=0, atol=3e-5)
+    assert_close(P.rotate(x, 360 * k / 32), torch.roll(x, k, -1), rtol=0, atol=1e-10)
+    assert_close(P.rotate(x.float(), 360 * k / 32), torch.roll(x.float(), k, -1), rtol=0, atol=3e-5)
 
 
 def test_general_rotation_moves_views():

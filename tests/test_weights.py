@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny import diffusers_transformer, save_transformer
 
-from dit360.checkpoint import write_safetensors
 from dit360.convert import convert_flux
+from dit360.files import write_safetensors
 from dit360.weights import load_flux
 
 ROOT = Path(__file__).parents[1]

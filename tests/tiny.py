@@ -136,6 +136,17 @@ MODEL_INDEX = {
 }
 
 
+def save_autoencoder(model, path: Path) -> Path:
+    """Write our VAE as one BFL-layout safetensors file with its config in the metadata."""
+    from dit360.files import write_safetensors
+    from dit360.weights import AE_CONFIG_KEY
+
+    state = model.state_dict()
+    specs = {k: (t.dtype, tuple(t.shape)) for k, t in state.items()}
+    write_safetensors(path, specs, state.items(), {AE_CONFIG_KEY: model.params.to_json()})
+    return Path(path)
+
+
 def diffusers_vae(seed: int = 0, **overrides):
     """A random diffusers AutoencoderKL with FLUX's structure, tiny."""
     from diffusers import AutoencoderKL

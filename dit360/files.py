@@ -1,4 +1,4 @@
-"""Checkpoint files: where weights come from (file, sharded folder, Hugging Face repo) and how
+"""TensorFile files: where weights come from (file, sharded folder, Hugging Face repo) and how
 they are read and written, one tensor at a time, so no model is ever held twice in memory.
 
 The safetensors format (https://github.com/huggingface/safetensors): an 8-byte little-endian
@@ -9,6 +9,7 @@ tensor at hand in memory (mapped pages would stay resident until the file is clo
 
 import json
 import os
+import shutil
 import struct
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-DTYPES = {
+ST_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -32,11 +33,11 @@ DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
 @dataclass
-class Checkpoint:
+class TensorFile:
     """The tensors of one safetensors file or of a sharded folder, read one at a time."""
 
     files: dict[str, Path]  # tensor name -> file holding it
@@ -61,7 +62,7 @@ class Checkpoint:
         return str(self.files.get(key, self.source))
 
 
-def _read_file(path: Path) -> Checkpoint:
+def _read_file(path: Path) -> TensorFile:
     """Parse a safetensors header and check that every tensor lies inside the file."""
     size = path.stat().st_size
     bad = f"{path} is not a readable safetensors file"
@@ -74,22 +75,22 @@ def _read_file(path: Path) -> Checkpoint:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise ValueError(f"{bad}: its header is not valid JSON (corrupt?)") from None
-    ckpt = Checkpoint({}, {}, {}, header.pop("__metadata__", None) or {}, path)
+    tfile = TensorFile({}, {}, {}, header.pop("__metadata__", None) or {}, path)
     for key, info in header.items():
         start, end = info["data_offsets"]
-        dtype, shape = DTYPES.get(info["dtype"]), tuple(info["shape"])
+        dtype, shape = ST_DTYPES.get(info["dtype"]), tuple(info["shape"])
         if dtype is None:
             raise ValueError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
         if end - start != torch.Size(shape).numel() * dtype.itemsize or 8 + n + end > size:
             raise ValueError(
                 f"{bad}: tensor {key} lies outside the file (truncated? download again)"
             )
-        ckpt.files[key], ckpt.shapes[key], ckpt.dtypes[key] = path, shape, dtype
-        ckpt.spans[key] = (8 + n + start, 8 + n + end)
-    return ckpt
+        tfile.files[key], tfile.shapes[key], tfile.dtypes[key] = path, shape, dtype
+        tfile.spans[key] = (8 + n + start, 8 + n + end)
+    return tfile
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
+def open_tensors(path: str | Path) -> TensorFile:
     """Open a .safetensors file, or a folder holding one file or an index.json with shards."""
     path = Path(path)
     if path.is_file():
@@ -104,13 +105,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         if missing := [str(p) for p in shards.values() if not p.is_file()]:
             raise FileNotFoundError(f"{indexes[0]} lists shards that are missing: {missing}")
         parts = [_read_file(p) for p in shards.values()]
-        ckpt = Checkpoint({}, {}, {}, parts[0].metadata, path)
+        tfile = TensorFile({}, {}, {}, parts[0].metadata, path)
         for part in parts:
-            ckpt.files.update(part.files), ckpt.shapes.update(part.shapes)
-            ckpt.dtypes.update(part.dtypes), ckpt.spans.update(part.spans)
-        if absent := sorted(set(weight_map) - set(ckpt.shapes)):
+            tfile.files.update(part.files), tfile.shapes.update(part.shapes)
+            tfile.dtypes.update(part.dtypes), tfile.spans.update(part.spans)
+        if absent := sorted(set(weight_map) - set(tfile.shapes)):
             raise ValueError(f"{indexes[0]} names tensors no shard holds: {absent[:5]}")
-        return ckpt
+        return tfile
     if len(indexes) == 0 and len(files) == 1:
         return _read_file(files[0])
     found = [p.name for p in path.iterdir()]
@@ -163,17 +164,39 @@ def resolve(src: str | Path, allow_patterns: list[str] | None = None, expected: 
         ) from None
 
 
+def temp_path(path: Path, owner: str = "") -> Path:
+    """The hidden temporary name next to `path` that `atomic_path` writes under."""
+    return path.with_name(f".{path.name}.tmp{owner}")
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a folder, if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def commit(tmp: Path, path: Path) -> None:
+    """Move a finished temporary file or folder into place (replacing what was there)."""
+    if path.is_dir() and tmp.is_dir():
+        shutil.rmtree(path)  # os.replace cannot replace a non-empty folder
+    os.replace(tmp, path)
+
+
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary name next to `path`; rename it to `path` only if the block succeeds."""
+def atomic_path(path: str | Path, owner: str | None = None) -> Iterator[Path]:
+    """Yield a temporary name next to `path` (for a file or a folder); move it to `path` only if
+    the block succeeds, so `path` is complete or absent. The one owner of atomic writes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_path(path, str(os.getpid()) if owner is None else owner)
+    remove(tmp)
     try:
         yield tmp
-        os.replace(tmp, path)
+        commit(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        remove(tmp)
 
 
 def write_safetensors(
@@ -187,7 +210,7 @@ def write_safetensors(
     for name, (dtype, shape) in specs.items():
         size = torch.Size(shape).numel() * dtype.itemsize
         header[name] = {
-            "dtype": DTYPE_NAMES[dtype],
+            "dtype": ST_NAMES[dtype],
             "shape": list(shape),
             "data_offsets": [offset, offset + size],
         }

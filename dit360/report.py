@@ -1,0 +1,101 @@
+"""Run reports: seconds per stage and peak memory of a generation or an edit, freeing memory
+between stages, and the training log (log.jsonl) with its loss plot."""
+
+import gc
+import json
+import resource
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from PIL import Image, ImageDraw
+
+
+@dataclass
+class Report:
+    """Seconds per stage and peak memory (GB) of one run; on CUDA the peak counter starts here."""
+
+    device: str = "cpu"
+    seconds: dict[str, float] = field(default_factory=dict)
+    log: Callable[[str], None] = print
+
+    def __post_init__(self) -> None:
+        if str(self.device).startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time a stage (announced through `log`), then free what it left behind."""
+        self.log(f"{name}...")
+        start = time.perf_counter()
+        yield
+        if str(self.device).startswith("cuda"):
+            torch.cuda.synchronize()
+        self.seconds[name] = time.perf_counter() - start
+        free(self.device)
+
+    def __str__(self) -> str:
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
+        total = sum(self.seconds.values())
+        gpu = ""
+        if str(self.device).startswith("cuda"):
+            gpu = f", peak GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GB"
+        return f"{stages}; total {total:.1f}s{gpu}, peak RSS {peak_rss_gb():.2f} GB"
+
+
+def free(device: str | torch.device) -> None:
+    """Collect garbage and hand cached GPU memory back, so the next model fits."""
+    gc.collect()
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def peak_rss_gb() -> float:
+    """The peak resident memory of this process (kB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or the peak resident memory of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return peak_rss_gb()
+
+
+# --- training log -----------------------------------------------------------------------------
+
+
+def open_log(path: Path, step: int) -> TextIO:
+    """Append to the jsonl log, first dropping lines past `step` (written by a killed run)."""
+    old = path.read_text().splitlines() if path.exists() else []
+    path.write_text("".join(s + "\n" for s in old if s.strip() and json.loads(s)["step"] <= step))
+    return open(path, "a")  # noqa: SIM115
+
+
+def plot_losses(log: Path, png: Path, w: int = 800, h: int = 400, m: int = 50) -> None:
+    """The loss per step (grey) and its running mean (blue), drawn with PIL."""
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    if len(rows) < 2:
+        return
+    steps, loss, mean = [r["step"] for r in rows], [r["loss"] for r in rows], []
+    for v in loss:
+        mean.append(v if not mean else 0.9 * mean[-1] + 0.1 * v)
+    lo, hi, s0, s1 = min(loss), max(loss), steps[0], steps[-1]
+
+    def xy(s: int, v: float) -> tuple[float, float]:
+        x = m + (s - s0) / max(s1 - s0, 1) * (w - 2 * m)
+        return x, h - m - (v - lo) / max(hi - lo, 1e-12) * (h - 2 * m)
+
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([m, m, w - m, h - m], outline="black")
+    d.line([xy(s, v) for s, v in zip(steps, loss, strict=True)], fill=(170, 170, 170))
+    d.line([xy(s, v) for s, v in zip(steps, mean, strict=True)], fill=(0, 70, 200), width=2)
+    d.text((m, 15), f"loss at step {s1}: {loss[-1]:.4g} (running mean {mean[-1]:.4g})", "black")
+    d.text((4, m), f"{hi:.3g}", "black"), d.text((4, h - m - 10), f"{lo:.3g}", "black")
+    d.text((m, h - m + 6), str(s0), "black"), d.text((w - m - 40, h - m + 6), str(s1), "black")
+    img.save(png)
