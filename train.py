@@ -13,8 +13,9 @@ The model is always FSDP-sharded, also in a single process (a world of one): one
 same dtypes and numerics, and DCP checkpoints that resume on any number of ranks.
 
 Loss: sum of squared errors over supervised tokens / their number over all micro-batches of the
-step and all ranks (all-reduced before backward). FSDP averages gradients over the ranks, so each
-rank backpropagates world * (its sum) / (global count): the gradient of the global loss.
+step and all ranks (all-reduced before backward), torchtitan's normalisation by the global token
+count. Each rank backpropagates its sum / the global count, and FSDP sums the ranks' gradients
+(its divide factor is 1, `distributed.shard`): the gradient of the global loss.
 
 Randomness follows the counters, never hidden state: a sample's latents, noise and sigma come from
 a generator seeded with (seed, epoch, its index in the epoch's global order), the yaw angle from
@@ -28,26 +29,30 @@ that `sample.py --lora` and diffusers read), log.jsonl (one line a step), loss.p
 
 import argparse
 import copy
-import gc
 import json
 import math
-import resource
 import sys
 import time
 import warnings
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from functools import partial
 from itertools import islice
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from PIL import Image, ImageDraw
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from dit360 import distributed
+from dit360.autoencoder import scale_latents
+from dit360.config import AutoEncoderParams
 from dit360.data import (
+    Batch,
+    Encode,
+    EncodeText,
     Source,
     build_cache,
     conditioning,
@@ -55,20 +60,23 @@ from dit360.data import (
     epoch_order,
     posterior,
     read_rows,
-    sample_latents,
     seeded,
 )
 from dit360.distributed import print0
-from dit360.lora import DIT360_TARGETS, Adapter, export_peft, inject
+from dit360.lora import DIT360_TARGETS, Adapter, inject
+from dit360.lora_formats import export_peft
 from dit360.loss import aux_active, draw_yaw, flow_loss, sample_sigmas
-from dit360.panorama import wrap_pad
-from dit360.sampling import Grid
+from dit360.panorama import Grid
+from dit360.report import free, open_log, peak_memory_gb, plot_losses
 from dit360.text import encode_prompt, load_text_encoders
 from dit360.weights import build, load_autoencoder, read_flux
 
 # Streams of seeded generators; data.py uses 0 and 1 (augmentation of panoramas, perspectives).
 SAMPLE_STREAM, YAW_STREAM, DROPOUT = 10, 11, 12
 PARTS = ("flow", "yaw", "cube")  # the loss components flow_loss reports
+INPUT_ERRORS = (ValueError, FileNotFoundError, PermissionError)  # one line, no traceback
+
+# --- config -----------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps warming up")
     p.add_argument("--weight-decay", type=float, default=1e-5)
     p.add_argument("--max-grad-norm", type=float, default=0.0, help="clip gradients (0: off)")
-    p.add_argument("--rank", type=int, default=64, help="LoRA rank")
+    p.add_argument("--lora-rank", type=int, default=64, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=64, help="LoRA alpha")
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
     p.add_argument("--targets", nargs="+", default=list(DIT360_TARGETS), help="diffusers names")
@@ -113,42 +121,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", help="encode every image and caption once, into this folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--no-checkpointing", action="store_true", help="keep activations (more memory)")
+    p.add_argument(
+        "--no-recompute",
+        action="store_true",
+        help="activation checkpointing off: keep every block's activations (more memory)",
+    )
     p.add_argument("--workers", type=int, default=4, help="data loader processes per rank")
     return p.parse_args(argv)
 
 
-def lr_at(step: int, total: int, args: argparse.Namespace) -> float:
-    """Linear warm-up from 0 over the first `warmup` fraction of the steps, then constant."""
-    warm = int(args.warmup * total)
-    return args.lr * (step / warm if step < warm else 1.0)
+class Env(NamedTuple):
+    """Where this process runs: its rank, the world size, its device and compute dtype."""
+
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
 
 
-def supervised(mask: Tensor, grid: Grid, pad: bool) -> Tensor:
-    """Supervised tokens of a token mask (B, h*w); with `pad` the wrapped columns count too."""
-    return (wrap_pad(mask[..., None], grid.h, grid.w, grid.pad) if pad else mask).sum()
+@dataclass(frozen=True)
+class Encoders:
+    """How a batch becomes model inputs: the VAE's latent scale and shift, its posterior and the
+    text encoders (both None once --cache-dir has encoded every row)."""
+
+    ae_params: AutoEncoderParams
+    encode: Encode | None  # pixels -> posterior mean, std
+    encode_text: EncodeText | None  # captions -> txt, txt_ids, vec
 
 
-def draw(
-    mean: Tensor, std: Tensor, seed: int, epoch: int, first: int, stride: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Latents z, noise (B, 16, H/8, W/8) and sigmas (B,) from one generator per sample, seeded
-    by the sample's index in the epoch's global order: first, first + stride, ..."""
-    z, noise, sigmas = [], [], []
-    for j in range(mean.shape[0]):
-        gen = seeded(seed, epoch, SAMPLE_STREAM, first + j * stride)
-        z.append(sample_latents(mean[j : j + 1], std[j : j + 1], gen))  # (1, 16, H/8, W/8)
-        noise.append(torch.randn(z[-1].shape, generator=gen))
-        sigmas.append(sample_sigmas(1, gen))
-    return torch.cat(z), torch.cat(noise).to(mean.device), torch.cat(sigmas)
+# --- data -------------------------------------------------------------------------------------
 
 
-def export(model: nn.Module, shell: nn.Module, folder: Path) -> None:
-    """Gather the LoRA from all shards (all ranks call); rank 0 writes it in the peft format."""
-    lora = distributed.full_trainable_state(model)
-    if distributed.is_main():
-        shell.load_state_dict(lora, strict=False, assign=True)  # the meta base stays meta
-        export_peft(shell, folder)
+def load_encoders(args: argparse.Namespace, env: Env) -> Encoders:
+    """The frozen VAE and text encoders, on every rank."""
+    try:
+        text = load_text_encoders(args.base, env.device, env.dtype)
+        vae = load_autoencoder(args.base, env.device, torch.float32)  # fp32, as the reference
+    except INPUT_ERRORS as e:
+        sys.exit(f"error: {e}")
+    vae.set_circular(False, encoder=args.circular_encoder)
+    encode = torch.no_grad()(lambda x: vae.posterior(x.to(env.device)))
+    return Encoders(vae.params, encode, partial(encode_prompt, text))
+
+
+def cache_rows(source: Source, enc: Encoders, args: argparse.Namespace, env: Env) -> Source:
+    """Encode every row once into --cache-dir (each rank its share) -> the source reading it."""
+    base = Path(args.base).resolve() if Path(args.base).exists() else args.base
+    model_id = f"{base}|circular encoder {args.circular_encoder}|text {env.dtype}"
+    every = source.pano + source.persp
+    made = build_cache(
+        every, args.cache_dir, args.resolution, model_id, enc.encode, enc.encode_text,
+        env.rank, env.world,
+    )  # fmt: skip
+    distributed.barrier()
+    print0(f"cache {args.cache_dir}: {len(every)} rows, {made} new on rank 0")
+    return replace(source, cache_dir=Path(args.cache_dir), model_id=model_id)
 
 
 def steps_in_epoch(
@@ -160,44 +187,148 @@ def steps_in_epoch(
     return math.ceil(n // args.batch_size / args.grad_accum)
 
 
-def open_log(path: Path, step: int):  # noqa: ANN201
-    """Append to the jsonl log, first dropping lines past `step` (written by a killed run)."""
-    old = path.read_text().splitlines() if path.exists() else []
-    path.write_text("".join(s + "\n" for s in old if s.strip() and json.loads(s)["step"] <= step))
-    return open(path, "a")  # noqa: SIM115
+def total_steps(source: Source, args: argparse.Namespace, rank: int, world: int) -> int:
+    """Optimizer steps of the run: --max-steps, or those of --epochs epochs."""
+    if steps_in_epoch(source, 0, args, rank, world) == 0:
+        sys.exit(f"error: {len(source.pano)} panoramas: no batch of {args.batch_size} x {world}")
+    epochs = range(args.epochs)
+    return args.max_steps or sum(steps_in_epoch(source, e, args, rank, world) for e in epochs)
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak GPU memory allocated, or the peak resident memory of the process on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+def micro_batches(
+    source: Source, args: argparse.Namespace, epoch: int, batch: int, rank: int, world: int
+) -> Iterator[tuple[int, int, list[Batch]]]:
+    """Each step's (epoch, first batch, micro-batches) from batch `batch` of `epoch` on, forever."""
+    while True:
+        loader = epoch_loader(source, epoch, args.batch_size, rank, world, args.workers, batch)
+        loader = iter(loader)
+        while micro := list(islice(loader, args.grad_accum)):
+            yield epoch, batch, micro
+            batch += len(micro)
+        epoch, batch = epoch + 1, 0
 
 
-def plot_losses(log: Path, png: Path, w: int = 800, h: int = 400, m: int = 50) -> None:
-    """The loss per step (grey) and its running mean (blue), drawn with PIL."""
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    if len(rows) < 2:
-        return
-    steps, loss, mean = [r["step"] for r in rows], [r["loss"] for r in rows], []
-    for v in loss:
-        mean.append(v if not mean else 0.9 * mean[-1] + 0.1 * v)
-    lo, hi, s0, s1 = min(loss), max(loss), steps[0], steps[-1]
+# --- model ------------------------------------------------------------------------------------
 
-    def xy(s: int, v: float) -> tuple[float, float]:
-        return m + (s - s0) / max(s1 - s0, 1) * (w - 2 * m), h - m - (v - lo) / max(
-            hi - lo, 1e-12
-        ) * (h - 2 * m)
 
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    d.rectangle([m, m, w - m, h - m], outline="black")
-    d.line([xy(s, v) for s, v in zip(steps, loss, strict=True)], fill=(170, 170, 170))
-    d.line([xy(s, v) for s, v in zip(steps, mean, strict=True)], fill=(0, 70, 200), width=2)
-    d.text((m, 15), f"loss at step {s1}: {loss[-1]:.4g} (running mean {mean[-1]:.4g})", "black")
-    d.text((4, m), f"{hi:.3g}", "black"), d.text((4, h - m - 10), f"{lo:.3g}", "black")
-    d.text((m, h - m + 6), str(s0), "black"), d.text((w - m - 40, h - m + 6), str(s1), "black")
-    img.save(png)
+def export(model: nn.Module, shell: nn.Module, folder: Path) -> None:
+    """Gather the LoRA from all shards (all ranks call); rank 0 writes it in the peft format."""
+    lora = distributed.full_trainable_state(model)
+    if distributed.is_main():
+        shell.load_state_dict(lora, strict=False, assign=True)  # the meta base stays meta
+        export_peft(shell, folder)
+
+
+def resume(
+    args: argparse.Namespace,
+    out: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    world: int,
+) -> tuple[int, int, int]:
+    """(step, epoch, batch) to start from: zeros, or those of the checkpoint --resume names (the
+    latest by default), loaded into the model and optimizer."""
+    path = args.resume
+    if path == "latest":
+        path = distributed.latest_checkpoint(out / "checkpoints")
+        if path is None:
+            print0(f"no checkpoint in {out / 'checkpoints'}: starting from scratch")
+    if not path:
+        return 0, 0, 0
+    if not (Path(path) / ".metadata").is_file():
+        sys.exit(f"error: {path} is not a complete checkpoint (no .metadata)")
+    state = dict(step=0, epoch=0, batch=0, world=world, batch_size=args.batch_size)
+    state = distributed.load_checkpoint(path, model, optimizer, state)
+    # Samples consumed in the epoch, whatever the world and batch size were then.
+    batch = state["batch"] * state["batch_size"] * state["world"] // (args.batch_size * world)
+    print0(f"resumed from {path}: step {state['step']}, epoch {state['epoch']}, batch {batch}")
+    return state["step"], state["epoch"], batch
+
+
+# --- training step ----------------------------------------------------------------------------
+
+
+def lr_at(step: int, total: int, args: argparse.Namespace) -> float:
+    """Linear warm-up from 0 over the first `warmup` fraction of the steps, then constant."""
+    warm = int(args.warmup * total)
+    return args.lr * (step / warm if step < warm else 1.0)
+
+
+def draw(
+    ae_params: AutoEncoderParams,
+    mean: Tensor,
+    std: Tensor,
+    seed: int,
+    epoch: int,
+    first: int,
+    stride: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Latents z, noise (B, 16, H/8, W/8) and sigmas (B,) from one generator per sample, seeded
+    by the sample's index in the epoch's global order: first, first + stride, ..."""
+    z, noise, sigmas = [], [], []
+    for j in range(mean.shape[0]):
+        gen = seeded(seed, epoch, SAMPLE_STREAM, first + j * stride)
+        one = slice(j, j + 1)
+        z.append(scale_latents(ae_params, mean[one], std[one], gen))  # (1, 16, H/8, W/8)
+        noise.append(torch.randn(z[-1].shape, generator=gen))
+        sigmas.append(sample_sigmas(1, gen))
+    return torch.cat(z), torch.cat(noise).to(mean.device), torch.cat(sigmas)
+
+
+def supervised(mask: Tensor, grid: Grid, pad: bool) -> Tensor:
+    """Supervised tokens of a token mask (B, h*w); with `pad` the wrapped columns count too."""
+    return (grid.wrap_mask(mask) if pad else mask).sum()
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro: list[Batch],
+    at: tuple[int, int, int],
+    lr: float,
+    args: argparse.Namespace,
+    grid: Grid,
+    enc: Encoders,
+    env: Env,
+) -> dict[str, float]:
+    """One optimizer step on the micro-batches of `at` = (step, epoch, first batch) -> metrics."""
+    (step, epoch, batch), (rank, world, device, dtype) = at, env
+    t0, aux = time.perf_counter(), aux_active(epoch, args.aux_from_epoch)
+    guidance = args.guidance if model.params.guidance_embed else None
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    count = sum(supervised(b.token_mask, grid, args.supervise_pad) for b in micro)
+    count = distributed.all_sum(count.to(device))  # supervised tokens of the step, all ranks
+    sums = torch.zeros(5, device=device)  # loss, flow, yaw, cube sums; token count
+    for i, b in enumerate(micro):
+        b = b.to(device)
+        first = (batch + i) * args.batch_size * world + rank  # in the epoch's global order
+        z, noise, sigmas = draw(
+            enc.ae_params, *posterior(b, enc.encode), args.seed, epoch, first, world
+        )  # (B, 16, H/8, W/8) twice, (B,)
+        yaw = draw_yaw(seeded(args.seed, epoch, YAW_STREAM, batch + i))
+        torch.manual_seed(seeded(args.seed, step, DROPOUT, i, rank).initial_seed())
+        loss, n, parts = flow_loss(
+            model, z, noise, sigmas, conditioning(b, enc.encode_text), b.token_mask, grid,
+            guidance, persp=b.persp, supervise_pad=args.supervise_pad,
+            lambda_yaw=args.lambda_yaw * aux, lambda_cube=args.lambda_cube * aux, yaw=yaw,
+            dtype=dtype,
+        )  # fmt: skip
+        (loss / count.clamp(min=1)).backward()  # FSDP sums it over ranks: the global mean's
+        sums += torch.stack([loss.detach(), *(parts[k] for k in PARTS), n.to(sums)])
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    *sums, n = distributed.all_sum(sums).tolist()
+    assert n == count.item(), f"the loss counted {n} tokens, the step {count.item()}"
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    dt = time.perf_counter() - t0
+    tokens = world * len(micro) * args.batch_size * grid.tokens
+    metrics = {k: v / max(n, 1) for k, v in zip(("loss", *PARTS), sums, strict=True)}
+    metrics |= dict(lr=lr, grad_norm=norm.item(), steps_per_s=1 / dt, tokens_per_s=tokens / dt)
+    return metrics | dict(peak_gb=peak_memory_gb(device))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -205,101 +336,55 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
     try:
-        Grid.for_image(args.resolution, 2 * args.resolution)
+        grid = Grid.for_image(args.resolution, 2 * args.resolution, args.wrap_pad)
         rows = read_rows(args.pano, args.persp)  # one error naming every bad row
-        ckpt, plan, model = read_flux(args.base)  # headers only; the model on the meta device
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+        tfile, plan, model = read_flux(args.base)  # headers only; the model on the meta device
+    except INPUT_ERRORS as e:
         sys.exit(f"error: {e}")
     warnings.filterwarnings("ignore", message=".*returned a view tensor")  # FSDP; never in place
     torch.manual_seed(args.seed)
 
     # --- distributed
     rank, world, device = distributed.init(args.device)
+    env = Env(rank, world, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
-        cuda = device.type == "cuda"
-        dtype = torch.bfloat16 if cuda else torch.float32  # base weights and compute
-        print0(f"{world} x {device.type}, {dtype}; writing to {out}")
+        print0(f"{world} x {device.type}, {env.dtype}; writing to {out}")
 
-        # --- text encoders and VAE: frozen, on every rank; with --cache-dir used once, then freed
-        try:
-            encoders = load_text_encoders(args.base, device, dtype)
-            vae = load_autoencoder(args.base, device, torch.float32)  # fp32, as the reference
-        except (ValueError, FileNotFoundError, PermissionError) as e:
-            sys.exit(f"error: {e}")
-        vae.set_circular(False, encoder=args.circular_encoder)
-        encode = torch.no_grad()(lambda x: vae.posterior(x.to(device)))  # pixels -> mean, std
-        encode_text = partial(encode_prompt, encoders)  # captions -> txt, txt_ids, vec
+        # --- data: the rows; the VAE and text encoders, with --cache-dir used once and freed
         source = Source(rows["pano"], rows["persp"], args.resolution, args.seed)
+        enc = load_encoders(args, env)
         if args.cache_dir:
-            base = Path(args.base).resolve() if Path(args.base).exists() else args.base
-            model_id = f"{base}|circular encoder {args.circular_encoder}|text {dtype}"
-            every = rows["pano"] + rows["persp"]
-            made = build_cache(
-                every, args.cache_dir, args.resolution, model_id, encode, encode_text, rank, world
-            )  # each rank its share of the rows
-            distributed.barrier()
-            print0(f"cache {args.cache_dir}: {len(every)} rows, {made} new on rank 0")
-            source = replace(source, cache_dir=Path(args.cache_dir), model_id=model_id)
-            del encoders, vae, encode, encode_text
-            encode = encode_text = None
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
+            source = cache_rows(source, enc, args, env)
+            enc = replace(enc, encode=None, encode_text=None)
+            free(device)
+        total = total_steps(source, args, rank, world)
 
-        # --- model: on meta, LoRA injected (base frozen), activation checkpointing, FSDP, weights
-        model.to(dtype)  # meta: no memory yet
-        inject(model, args.rank, args.alpha, tuple(args.targets), args.dropout, dtype=torch.float32)
+        # --- model: on meta, LoRA injected (base frozen), recompute, FSDP, weights
+        model.to(env.dtype)  # meta: no memory yet
+        inject(model, args.lora_rank, args.alpha, tuple(args.targets), args.dropout)  # fp32 LoRA
         shell = copy.deepcopy(model)  # stays on meta; receives the gathered LoRA for export
         blocks = [*model.double_blocks, *model.single_blocks]
-        if not args.no_checkpointing:
-            distributed.checkpoint_blocks(blocks)
-        distributed.shard(model, blocks, device, dtype)
+        if not args.no_recompute:
+            distributed.recompute_blocks(blocks)
+        distributed.shard(model, blocks, device, env.dtype)
         model.to_empty(device=device)
         frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
         frozen = tqdm(frozen, desc="loading base", unit="tensor", disable=rank != 0)
-        distributed.copy_full_(model, ((n, build(ckpt, *plan.sources[n])) for n in frozen))
+        distributed.copy_full_(model, ((n, build(tfile, *plan.sources[n])) for n in frozen))
         torch.manual_seed(args.seed)  # the LoRA init, on CPU: the same for any number of ranks
         for m in shell.modules():
             if isinstance(m, Adapter):
                 m.to_empty(device="cpu").reset_parameters()
-        distributed.copy_full_(
-            model, ((n, p) for n, p in shell.named_parameters() if p.requires_grad)
-        )
+        init = ((n, p) for n, p in shell.named_parameters() if p.requires_grad)
+        distributed.copy_full_(model, init)  # the LoRA's initial values, into their shards
         model.train()
 
-        # --- optimizer on the LoRA only; resume
+        # --- optimizer on the LoRA only; resume; log
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             params, lr=args.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=args.weight_decay
         )
-        step, epoch, batch = 0, 0, 0
-        resume = args.resume
-        if resume == "latest":
-            resume = distributed.latest_checkpoint(out / "checkpoints")
-            if resume is None:
-                print0(f"no checkpoint in {out / 'checkpoints'}: starting from scratch")
-        if resume:
-            if not (Path(resume) / ".metadata").is_file():
-                sys.exit(f"error: {resume} is not a complete checkpoint (no .metadata)")
-            state = dict(step=0, epoch=0, batch=0, world=world, batch_size=args.batch_size)
-            state = distributed.load_checkpoint(resume, model, optimizer, state)
-            step, epoch = state["step"], state["epoch"]
-            # Samples consumed in the epoch, whatever the world and batch size were then.
-            batch = (
-                state["batch"] * state["batch_size"] * state["world"] // (args.batch_size * world)
-            )
-            print0(f"resumed from {resume}: step {step}, epoch {epoch}, batch {batch}")
-
-        # --- loader and schedule
-        if steps_in_epoch(source, 0, args, rank, world) == 0:
-            sys.exit(
-                f"error: {len(source.pano)} panoramas: no batch of {args.batch_size} x {world}"
-            )
-        total = args.max_steps or sum(
-            steps_in_epoch(source, e, args, rank, world) for e in range(args.epochs)
-        )
-        grid = Grid.for_image(args.resolution, 2 * args.resolution, args.wrap_pad)
-        guidance = args.guidance if model.params.guidance_embed else None
+        start, epoch, batch = resume(args, out, model, optimizer, world)
         print0(
             f"{sum(p.numel() for p in params) / 1e6:.2f}M LoRA parameters; {total} steps of "
             f"{world} x {args.batch_size} x {args.grad_accum} samples of {grid.tokens} tokens"
@@ -307,69 +392,27 @@ def main(argv: list[str] | None = None) -> None:
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-            log = open_log(out / "log.jsonl", step)
+            log = open_log(out / "log.jsonl", start)
         save = partial(
             distributed.save_checkpoint, out / "checkpoints", model, optimizer, keep=args.keep,
             extra=lambda folder: export(model, shell, folder / "lora"),
         )  # fmt: skip
+        sizes = dict(world=world, batch_size=args.batch_size)  # a checkpoint's batch is in these
 
         # --- loop
-        bar = tqdm(total=total, initial=step, desc="train", disable=rank != 0)
-        while step < total:
-            loader = epoch_loader(source, epoch, args.batch_size, rank, world, args.workers, batch)
-            loader, aux = iter(loader), aux_active(epoch, args.aux_from_epoch)
-            while step < total and (micro := list(islice(loader, args.grad_accum))):
-                t0, lr = time.perf_counter(), lr_at(step, total, args)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                count = sum(supervised(b.token_mask, grid, args.supervise_pad) for b in micro)
-                count = distributed.all_sum(count.to(device))  # supervised tokens of the step
-                sums = torch.zeros(5, device=device)  # loss, flow, yaw, cube sums; token count
-                for i, b in enumerate(micro):
-                    b = b.to(device)
-                    first = (batch + i) * args.batch_size * world + rank  # in the global order
-                    z, noise, sigmas = draw(*posterior(b, encode), args.seed, epoch, first, world)
-                    yaw = draw_yaw(seeded(args.seed, epoch, YAW_STREAM, batch + i))
-                    torch.manual_seed(seeded(args.seed, step, DROPOUT, i, rank).initial_seed())
-                    loss, n, parts = flow_loss(
-                        model, z, noise, sigmas, conditioning(b, encode_text), b.token_mask,
-                        grid, guidance, persp=b.persp, supervise_pad=args.supervise_pad,
-                        lambda_yaw=args.lambda_yaw * aux, lambda_cube=args.lambda_cube * aux,
-                        yaw=yaw, dtype=dtype,
-                    )  # fmt: skip
-                    # The gradient of sum / global count; FSDP divides its sum over ranks by world.
-                    (loss * world / count.clamp(min=1)).backward()
-                    sums += torch.stack([loss.detach(), *(parts[k] for k in PARTS), n.to(sums)])
-                norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step, batch = step + 1, batch + len(micro)
-
-                *sums, n = distributed.all_sum(sums).tolist()
-                assert n == count.item(), f"the loss counted {n} tokens, the step {count.item()}"
-                norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-                dt = time.perf_counter() - t0
-                tokens = world * len(micro) * args.batch_size * grid.tokens
-                metrics = {k: v / max(n, 1) for k, v in zip(("loss", *PARTS), sums, strict=True)}
-                metrics |= dict(lr=lr, grad_norm=norm.item(), steps_per_s=1 / dt)
-                metrics |= dict(tokens_per_s=tokens / dt, peak_gb=peak_memory_gb(device))
-                if rank == 0:
-                    log.write(json.dumps(dict(step=step, epoch=epoch, **metrics)) + "\n")
-                    log.flush()
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
-                    bar.update()
-                if step % args.save_every == 0 or step == total:
-                    save(
-                        dict(
-                            step=step,
-                            epoch=epoch,
-                            batch=batch,
-                            world=world,
-                            batch_size=args.batch_size,
-                        )
-                    )
-            if step < total:
-                epoch, batch = epoch + 1, 0
+        bar = tqdm(total=total, initial=start, desc="train", disable=rank != 0)
+        batches = micro_batches(source, args, epoch, batch, rank, world)
+        for step, (epoch, batch, micro) in zip(range(start, total), batches, strict=False):
+            lr, at = lr_at(step, total, args), (step, epoch, batch)
+            metrics = train_step(model, optimizer, micro, at, lr, args, grid, enc, env)
+            step, batch = step + 1, batch + len(micro)  # the counters a checkpoint resumes from
+            if rank == 0:
+                log.write(json.dumps(dict(step=step, epoch=epoch, **metrics)) + "\n")
+                log.flush()
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+                bar.update()
+            if step % args.save_every == 0 or step == total:
+                save(dict(sizes, step=step, epoch=epoch, batch=batch))
 
         # --- cleanup: the final LoRA, the loss curve
         bar.close()

@@ -11,9 +11,18 @@ import torch
 from torch import Tensor
 
 from . import config as cfg
-from .checkpoint import atomic_path, write_safetensors
-from .lora import fold_, read_lora, write_peft
-from .weights import FLUX_DIFFUSERS, meta_flux, read_flux, split_sizes, stream_tensors, their_keys
+from .files import atomic_path, write_safetensors
+from .lora import fold_
+from .lora_formats import read_lora, write_peft
+from .weights import (
+    FLUX_DIFFUSERS,
+    meta_flux,
+    read_flux,
+    split_sizes,
+    stream_tensors,
+    swap_halves,
+    their_keys,
+)
 
 
 def split_shapes(op: str, shape: tuple[int, ...], n: int, hidden: int) -> list[tuple[int, ...]]:
@@ -28,7 +37,7 @@ def split_tensor(op: str, t: Tensor, n: int, hidden: int) -> list[Tensor]:
     if op == "concat":
         return list(t.split(split_sizes(op, t.shape[0], n, hidden), dim=0))
     if op == "swap":
-        return [torch.cat(t.chunk(2, dim=0)[::-1], dim=0)]
+        return [swap_halves(t)]
     if op == "squeeze":
         return [t[:, :, 0, 0]]
     return [t]
@@ -47,15 +56,15 @@ def convert_flux(
     with `to="diffusers"` as `out/config.json` + `out/diffusion_pytorch_model.safetensors`."""
     if to not in ("bfl", "diffusers"):
         raise ValueError(f"unknown layout {to!r}: use 'bfl' or 'diffusers'")
-    ckpt, plan, model = read_flux(src, axes_dim)
+    tfile, plan, model = read_flux(src, axes_dim)
     params, shapes = model.params, {k: tuple(v.shape) for k, v in model.state_dict().items()}
     parts = read_lora(lora, model) if lora else {}
 
     def dtype_of(name: str) -> torch.dtype:
-        return dtype or ckpt.dtypes[plan.sources[name][1][0]]
+        return dtype or tfile.dtypes[plan.sources[name][1][0]]
 
     def ours() -> Iterator[tuple[str, Tensor]]:
-        for name, t in stream_tensors(ckpt, plan, list(shapes), None):
+        for name, t in stream_tensors(tfile, plan, list(shapes), None):
             if (layer := name.removesuffix(".weight")) in parts and name.endswith(".weight"):
                 t = fold_(t.float(), parts[layer], lora_scale)  # scale * B @ A into its rows
             yield name, t.to(dtype_of(name))

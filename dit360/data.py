@@ -32,7 +32,6 @@ within the encoder's receptive field of the image's left and right edges.
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -40,18 +39,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from einops import rearrange
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .image import from_pil
+from .files import atomic_path
+from .image import from_pil, read_mask, read_rgb
+from .panorama import PATCH, token_mask
 from .sampling import Conditioning
 
-KINDS = ("pano", "persp")
-PATCH = 16  # pixels per packed token side: VAE x8, then 2x2 packing
+ROW_KINDS = ("pano", "persp")
 READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
 Encode = Callable[[Tensor], tuple[Tensor, Tensor]]  # pixels (B, 3, H, W) -> posterior mean, std
 EncodeText = Callable[[list[str]], tuple[Tensor, Tensor, Tensor]]  # -> txt, txt_ids, vec
@@ -157,32 +156,6 @@ def read_rows(
 # --- images, masks, augmentation ----------------------------------------------------------------
 
 
-def load_image(path: Path, height: int) -> Tensor:
-    """RGB image resized to (height, 2 height) with PIL bicubic -> (3, H, W) in [-1, 1]."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        if img.size != (2 * height, height):
-            img = img.resize((2 * height, height), Image.BICUBIC)
-        return from_pil(img)
-
-
-def load_mask(path: Path | None, height: int) -> Tensor:
-    """Mask resized with nearest to (height, 2 height) -> (H, W) bool, white (>= 128) = True."""
-    if path is None:
-        return torch.ones(height, 2 * height, dtype=torch.bool)
-    with Image.open(path) as img:
-        img = img.convert("L")
-        if img.size != (2 * height, height):
-            img = img.resize((2 * height, height), Image.NEAREST)
-        return torch.from_numpy(np.asarray(img) >= 128)
-
-
-def token_mask(mask: Tensor) -> Tensor:
-    """Pixel mask (..., H, W) bool -> (..., H/16 * W/16): True where the whole patch is True."""
-    patches = rearrange(mask, "... (h ph) (w pw) -> ... (h w) (ph pw)", ph=PATCH, pw=PATCH)
-    return patches.all(dim=-1)
-
-
 def draw_augment(generator: torch.Generator, width_tokens: int) -> tuple[bool, int]:
     """(flip with p = 0.5, roll by a whole number of token columns in [0, width_tokens))."""
     flip = bool(torch.rand((), generator=generator) < 0.5)
@@ -228,19 +201,14 @@ def build_cache(
         path = cache_path(row, Path(cache_dir), height, model_id)
         if path.exists():
             continue
-        x = load_image(row.image, height)
+        x = from_pil(read_rgb(row.image, 2 * height, height))
         mean, std = encode(torch.stack([x, x.flip(-1)]))  # (2, 16, H/8, W/8): as is, mirrored
         txt, _, vec = encode_text([row.caption])
         tensors = {"mean": mean[0], "std": std[0], "mean_flip": mean[1], "std_flip": std[1]}
         tensors = {k: v.to("cpu", dtype).contiguous() for k, v in tensors.items()}
         tensors |= {"txt": txt[0].to("cpu", dtype).contiguous(), "vec": vec[0].to("cpu", dtype)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_path(path) as tmp:  # a killed run leaves no partial entry
             save_file(tensors, tmp)
-            os.replace(tmp, path)  # atomic: a killed run leaves no partial entry
-        finally:
-            tmp.unlink(missing_ok=True)
         written += 1
     return written
 
@@ -293,15 +261,16 @@ def load_sample(source: Source, kind: str, index: int, epoch: int) -> dict:
     """One sample, augmented by a generator seeded with (seed, epoch, kind, index)."""
     row = (source.pano if kind == "pano" else source.persp)[index]
     h = source.height
-    mask = load_mask(row.mask, h)  # (H, 2H)
+    mask = read_mask(row.mask, 2 * h, h) if row.mask else torch.ones(h, 2 * h, dtype=torch.bool)
     flip, shift = False, 0
     if kind == "pano":
-        gen = seeded(source.seed, epoch, KINDS.index(kind), index)
+        gen = seeded(source.seed, epoch, ROW_KINDS.index(kind), index)
         flip, shift = draw_augment(gen, 2 * h // PATCH)
     mask = token_mask(augment(mask, flip, shift * PATCH))
     sample = dict(kind=kind, index=index, token_mask=mask, caption=row.caption)
     if source.cache_dir is None:
-        sample["pixels"] = augment(load_image(row.image, h), flip, shift * PATCH)
+        pixels = from_pil(read_rgb(row.image, 2 * h, h))  # (3, H, W)
+        sample["pixels"] = augment(pixels, flip, shift * PATCH)
         return sample
     path = cache_path(row, source.cache_dir, h, source.model_id)
     if not path.exists():
@@ -333,19 +302,6 @@ def posterior(batch: Batch, encode: Encode) -> tuple[Tensor, Tensor]:
     if batch.mean is not None:
         return batch.mean, batch.std
     return encode(batch.pixels)
-
-
-def sample_latents(
-    mean: Tensor,
-    std: Tensor,
-    generator: torch.Generator | None = None,
-    scale: float = 0.3611,
-    shift: float = 0.1159,
-) -> Tensor:
-    """Scaled latents z = scale * (mean + std * eps - shift); eps on the generator's device."""
-    device = generator.device if generator is not None else mean.device
-    eps = torch.randn(mean.shape, generator=generator, device=device, dtype=torch.float32)
-    return scale * (mean.float() + std.float() * eps.to(mean.device) - shift)
 
 
 def conditioning(batch: Batch, encode_text: EncodeText | None = None) -> Conditioning:

@@ -1,16 +1,17 @@
-"""Distribution for training: the process group, FSDP2 sharding with mixed precision, activation
-checkpointing, loading full weights into shards, and DCP checkpoints written atomically.
+"""Distribution for training: the process group, FSDP2 sharding with mixed precision, recompute
+(activation checkpointing), loading full weights into shards, and DCP checkpoints written
+atomically. "Checkpoint" here means only the DCP training state on disk.
 
 The recipe is torchtitan's (github.com/pytorch/torchtitan, `distributed/`): build the model on
-the meta device, checkpoint each block, `fully_shard` each block and then the root with bf16
-parameters and fp32 gradient reduction, save and resume with torch.distributed.checkpoint (DCP).
+the meta device, recompute each block's activations in backward, `fully_shard` each block and
+then the root with bf16 parameters and fp32 gradients summed over ranks (divide factor 1: the
+loss is normalised by the global token count), save and resume with torch.distributed.checkpoint.
 One code path for any number of processes: without torchrun the script is a world of one (an
 in-memory store), still sharded, so dtypes, numerics and checkpoints do not depend on the launch.
 """
 
 import os
 import re
-import shutil
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
@@ -30,6 +31,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
+
+from .files import commit, remove, temp_path
 
 STEP_DIR = re.compile(r"step-(\d+)")  # a complete checkpoint; ".step-N.tmp" is one being written
 TRAINABLE = StateDictOptions(ignore_frozen_params=True)  # the LoRA, never the frozen base
@@ -85,11 +88,12 @@ def barrier() -> None:
     dist.barrier()
 
 
-# --- activation checkpointing and FSDP2 -------------------------------------------------------
+# --- recompute and FSDP2 -----------------------------------------------------------------------
 
 
-def checkpoint_blocks(blocks: Iterable[nn.Module]) -> None:
-    """Recompute each block's activations in backward instead of keeping them.
+def recompute_blocks(blocks: Iterable[nn.Module]) -> None:
+    """Recompute each block's activations in backward instead of keeping them (activation
+    checkpointing).
 
     Only the instance's `forward` is wrapped, so parameter names stay the same (torch's
     checkpoint_wrapper would insert `_checkpoint_wrapped_module.`), and FSDP's hooks, which run
@@ -105,16 +109,21 @@ def shard(
     """FSDP2 `fully_shard` on each block, then on the root, over all ranks.
 
     Parameters are gathered in `dtype` (None: as stored) and gradients reduce-scattered in fp32,
-    averaged over ranks. Inputs are not cast: the caller feeds the dtype it wants, and RoPE stays
-    fp32 as in the unsharded model.
+    summed over ranks, not averaged (torchtitan's recipe): the caller normalises its loss by the
+    global count, so the sum of the ranks' gradients is the gradient of the global loss. Inputs
+    are not cast: the caller feeds the dtype it wants, and RoPE stays fp32 as in the unsharded
+    model.
     """
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(
         param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
     )
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    for module in [*blocks, model]:
+        fully_shard(module, mesh=mesh, mp_policy=mp)
+        module.set_gradient_divide_factor(1.0)
+        # A plain SUM: a factor other than the world size would otherwise be NCCL's PREMUL_SUM,
+        # which gloo lacks; with factor 1 there is nothing to scale before or after.
+        module.set_force_sum_reduction_for_comms(True)
     return model
 
 
@@ -172,9 +181,10 @@ def save_checkpoint(
     `folder` must be on a shared file system (as DCP requires).
     """
     folder, step = Path(folder), train["step"]
-    tmp, final = folder / f".step-{step:08d}.tmp", folder / f"step-{step:08d}"
+    final = folder / f"step-{step:08d}"
+    tmp = temp_path(final)  # the same name on every rank
     if is_main():
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing it
+        remove(tmp)  # left by a run killed while writing it
         tmp.mkdir(parents=True)
     barrier()
     dcp.save(_state(model, optimizer, train), checkpoint_id=tmp)
@@ -184,13 +194,13 @@ def save_checkpoint(
     if is_main():
         for s, path in _complete(folder).items():
             if s >= step:
-                shutil.rmtree(path)
-        os.replace(tmp, final)  # atomic: the checkpoint exists complete, or not at all
+                remove(path)
+        commit(tmp, final)  # atomic: the checkpoint exists complete, or not at all
         done = sorted(_complete(folder).items())
         for _, old in done[:-keep] if keep else []:
-            shutil.rmtree(old)
-        for stale in folder.glob(".step-*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+            remove(old)
+        for stale in folder.glob(".step-*.tmp*"):
+            remove(stale)
     barrier()
     return final
 

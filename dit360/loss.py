@@ -20,6 +20,12 @@ Conventions learned from the reference (github.com/Insta360-Research-Team/DiT360
   (train_mix_staged_lora_dynamic.sh) sets both lambdas and padding_n to 0. `aux_active` defaults
   to "from epoch 2" (DESIGN.md section 4); `aux_active(e, start=0, stop=3)` is the mix file's rule.
 
+The yaw and cube projections reproduce the reference's (src/yaw_rotate.py, src/cube_map.py), which
+differ from panorama.py's conventions: lon/lat grids spaced over W-1 / H-1 (column 0 and column
+W-1 both at the seam), row 0 at latitude -pi/2, grid_sample with align_corners=True and border
+padding, face size H/2. One deliberate difference: the reference builds its grids in the input
+dtype, we build them in float32, so fp16/bf16 inputs are sampled at float32 positions rounded once.
+
 Ours differs in the reduction, so that the caller can normalise by the global count of supervised
 tokens over all ranks and micro-batches (torchtitan): `flow_loss` returns a SUM and a COUNT. Per
 token the squared error is averaged over the 64 packed channels, so sum / count is the reference's
@@ -31,13 +37,77 @@ cube) / count is the reference's loss. Perspective rows are weighted per token, 
 import math
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
-from .panorama import Grid, loss_cube_faces, loss_yaw_rotation, pack
+from .panorama import Grid, geo_dtype, pack
 from .sampling import Conditioning, add_noise, predict, time_shift
 
 YAW_ANGLES = (60.0, 180.0, 300.0)  # degrees, the reference's choices
 LEVELS = 1000  # num_train_timesteps of the FLUX.1-dev scheduler
+
+
+# --- the yaw and cube losses' projections (reference conventions) ---------------------------------
+
+
+def _loss_lat_range(h: int, w: int) -> tuple[float, float]:
+    """Latitudes of the first and last rows of a centred crop of height h of a w/2-high panorama."""
+    full = w // 2
+    top = (full - h) // 2
+    return math.pi / 2 - math.pi * (top + h) / full, math.pi / 2 - math.pi * top / full
+
+
+def _loss_sample(x: Tensor, theta: Tensor, phi: Tensor, lat: tuple[float, float]) -> Tensor:
+    """Sample x (B, C, H, W) at lon theta / lat phi grids as the reference does (W-1 spacing)."""
+    b, _, h, w = x.shape
+    col = (theta + math.pi) / (2 * math.pi) * (w - 1)
+    row = (phi - lat[0]) / (lat[1] - lat[0]) * (h - 1)
+    grid = torch.stack([col / (w - 1) * 2 - 1, row / (h - 1) * 2 - 1], dim=-1)
+    grid = grid.to(x.dtype).expand(b, *grid.shape)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def loss_yaw_rotation(x: Tensor, yaw: float) -> Tensor:
+    """DiT360's yaw-loss rotation of x (B, C, H, W) by yaw degrees: out(lon) = x(lon + yaw)."""
+    _, _, h, w = x.shape
+    lat = _loss_lat_range(h, w)
+    row = torch.arange(h, device=x.device, dtype=torch.float32)
+    col = torch.arange(w, device=x.device, dtype=torch.float32)
+    row, col = torch.meshgrid(row, col, indexing="ij")  # (H, W) each
+    phi = lat[0] + (lat[1] - lat[0]) * (row / (h - 1))  # row 0 at the lower latitude
+    theta = -math.pi + 2 * math.pi * (col / (w - 1))  # columns 0 and W-1 both on the seam
+    xyz = torch.stack([phi.cos() * theta.sin(), phi.sin(), phi.cos() * theta.cos()], dim=-1)
+    xyz = xyz.to(geo_dtype(x))
+    c, s = math.cos(math.radians(yaw)), math.sin(math.radians(yaw))
+    rot = torch.tensor([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]], dtype=torch.float64)
+    xyz = xyz @ rot.to(xyz.dtype).to(x.device).T  # (H, W, 3)
+    phi = torch.asin(xyz[..., 1].clamp(-1, 1))
+    theta = torch.atan2(xyz[..., 0], xyz[..., 2])
+    return _loss_sample(x, theta, phi, lat)
+
+
+def loss_cube_faces(x: Tensor) -> Tensor:
+    """DiT360's cube-loss projection of x (B, C, H, W) -> faces (B, 6, C, H/2, H/2), +-X +-Y +-Z."""
+    _, _, h, w = x.shape
+    size = h // 2
+    lat = _loss_lat_range(h, w)
+    t = torch.linspace(-1, 1, size, device=x.device, dtype=geo_dtype(x))
+    a, b = torch.meshgrid(t, -t, indexing="ij")  # a varies along rows, b along columns
+    one = torch.ones_like(a)
+    faces = [(one, b, a), (-one, b, -a), (a, one, b), (a, -one, -b), (a, b, one), (-a, b, -one)]
+    xyz = torch.stack([torch.stack(f, dim=-1) for f in faces])  # (6, F, F, 3)
+    xyz = xyz / xyz.norm(dim=-1, keepdim=True)
+    xyz = torch.rot90(xyz, 1, dims=(1, 2))  # the reference turns each sampled face 90 deg CCW
+    theta = torch.atan2(xyz[..., 0], xyz[..., 2])
+    phi = torch.asin(xyz[..., 1])
+    out = _loss_sample(
+        x, rearrange(theta, "f h w -> (f h) w"), rearrange(phi, "f h w -> (f h) w"), lat
+    )
+    return rearrange(out, "b c (f h) w -> b f c h w", f=6)  # (B, 6, C, F, F)
+
+
+# --- noise levels and the loss ------------------------------------------------------------------
 
 
 def sample_sigmas(

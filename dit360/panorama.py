@@ -20,14 +20,8 @@ Conventions (every function here):
 - Masks are 1 where valid / supervised.
 
 Everything is batched, differentiable with respect to the images, and runs on any device and
-float dtype; sampling grids are built in float32 (float64 for float64 images).
-
-`loss_yaw_rotation` and `loss_cube_faces` instead reproduce the conventions of the DiT360 training
-losses (github.com/Insta360-Research-Team/DiT360, src/yaw_rotate.py and src/cube_map.py), which
-differ from the above: lon/lat grids spaced over W-1 / H-1 (column 0 and column W-1 both at the
-seam), row 0 at latitude -pi/2, grid_sample with align_corners=True and border padding, face size
-H/2. One deliberate difference: the reference builds its grids in the input dtype, we build them
-in float32, so fp16/bf16 inputs are sampled at the float32 positions rounded once.
+float dtype; sampling grids are built in float32 (float64 for float64 images). The training
+losses' own projections, with the reference's conventions, are in loss.py.
 """
 
 import math
@@ -150,7 +144,7 @@ class Grid:
 # --- geometry ------------------------------------------------------------------------------------
 
 
-def _geo_dtype(x: Tensor) -> torch.dtype:
+def geo_dtype(x: Tensor) -> torch.dtype:
     """The dtype sampling grids are built in: float64 for float64 images, else float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -214,7 +208,7 @@ def equirect_to_perspective(
     mode: str = "bilinear",
 ) -> Tensor:
     """Perspective view (B, C, h, w), size = (h, w), of the equirect image x (B, C, H, W)."""
-    dtype = _geo_dtype(x)
+    dtype = geo_dtype(x)
     rot = rotation(yaw, pitch, roll).to(dtype).to(x.device)
     rays = camera_rays(*size, fov, device=x.device, dtype=dtype)  # (h, w, 3)
     return sample_equirect(x, rays @ rot.T, mode)
@@ -235,7 +229,7 @@ def perspective_to_equirect(
     width = width or 2 * height
     if not 0 < fov < 180:
         raise ValueError(f"fov must be in (0, 180) degrees, got {fov}")
-    dtype = _geo_dtype(img)
+    dtype = geo_dtype(img)
     rot = rotation(yaw, pitch, roll).to(dtype).to(img.device)
     cam = equirect_dirs(height, width, img.device, dtype) @ rot  # (H, W, 3) in camera coordinates
     tx = math.tan(math.radians(fov) / 2)
@@ -257,7 +251,7 @@ def _face_rotations() -> Tensor:
 def equirect_to_cube(x: Tensor, face_size: int | None = None, mode: str = "bilinear") -> Tensor:
     """Equirect (B, C, H, W) -> cube faces (B, 6, C, F, F) in FACES order; F defaults to W/4."""
     face_size = face_size or x.shape[-1] // 4
-    dtype = _geo_dtype(x)
+    dtype = geo_dtype(x)
     rays = camera_rays(face_size, face_size, 90.0, device=x.device, dtype=dtype)  # (F, F, 3)
     rots = _face_rotations().to(dtype).to(x.device)
     dirs = torch.einsum("fij,hwj->fhwi", rots, rays)  # (6, F, F, 3)
@@ -267,7 +261,7 @@ def equirect_to_cube(x: Tensor, face_size: int | None = None, mode: str = "bilin
 
 def sample_cube(faces: Tensor, dirs: Tensor, mode: str = "bilinear") -> Tensor:
     """Sample cube faces (B, 6, C, F, F) along directions (h, w, 3) -> (B, C, h, w)."""
-    dtype = _geo_dtype(faces)
+    dtype = geo_dtype(faces)
     rots = _face_rotations().to(dtype).to(faces.device)
     cam = torch.einsum("fji,hwj->fhwi", rots, dirs.to(dtype))  # (6, h, w, 3) in each face's camera
     face = cam[..., 2].argmax(dim=0)  # (h, w) the face each direction hits
@@ -286,7 +280,7 @@ def cube_to_equirect(
     faces: Tensor, height: int, width: int | None = None, mode: str = "bilinear"
 ) -> Tensor:
     """Cube faces (B, 6, C, F, F) in FACES order -> equirect (B, C, height, width = 2 height)."""
-    dirs = equirect_dirs(height, width or 2 * height, faces.device, _geo_dtype(faces))
+    dirs = equirect_dirs(height, width or 2 * height, faces.device, geo_dtype(faces))
     return sample_cube(faces, dirs, mode)
 
 
@@ -323,69 +317,10 @@ def rotate(
     Content at direction d moves to R d, so a yaw of 360 k / W degrees equals roll(x, k), and the
     forward view of the result looking along (yaw, pitch, roll) is the original forward view.
     """
-    dtype = _geo_dtype(x)
+    dtype = geo_dtype(x)
     rot = rotation(yaw, pitch, roll).to(dtype).to(x.device)
     dirs = equirect_dirs(*x.shape[-2:], x.device, dtype)  # (H, W, 3)
     return sample_equirect(x, dirs @ rot, mode)  # row-vector d @ R = R^T d, the source direction
-
-
-# --- the DiT360 training losses' projections (reference conventions) -----------------------------
-
-
-def _loss_lat_range(h: int, w: int) -> tuple[float, float]:
-    """Latitudes of the first and last rows of a centred crop of height h of a w/2-high panorama."""
-    full = w // 2
-    top = (full - h) // 2
-    return math.pi / 2 - math.pi * (top + h) / full, math.pi / 2 - math.pi * top / full
-
-
-def _loss_sample(x: Tensor, theta: Tensor, phi: Tensor, lat: tuple[float, float]) -> Tensor:
-    """Sample x (B, C, H, W) at lon theta / lat phi grids as the reference does (W-1 spacing)."""
-    b, _, h, w = x.shape
-    col = (theta + math.pi) / (2 * math.pi) * (w - 1)
-    row = (phi - lat[0]) / (lat[1] - lat[0]) * (h - 1)
-    grid = torch.stack([col / (w - 1) * 2 - 1, row / (h - 1) * 2 - 1], dim=-1)
-    grid = grid.to(x.dtype).expand(b, *grid.shape)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
-
-
-def loss_yaw_rotation(x: Tensor, yaw: float) -> Tensor:
-    """DiT360's yaw-loss rotation of x (B, C, H, W) by yaw degrees: out(lon) = x(lon + yaw)."""
-    _, _, h, w = x.shape
-    lat = _loss_lat_range(h, w)
-    row = torch.arange(h, device=x.device, dtype=torch.float32)
-    col = torch.arange(w, device=x.device, dtype=torch.float32)
-    row, col = torch.meshgrid(row, col, indexing="ij")  # (H, W) each
-    phi = lat[0] + (lat[1] - lat[0]) * (row / (h - 1))  # row 0 at the lower latitude
-    theta = -math.pi + 2 * math.pi * (col / (w - 1))  # columns 0 and W-1 both on the seam
-    xyz = torch.stack([phi.cos() * theta.sin(), phi.sin(), phi.cos() * theta.cos()], dim=-1)
-    xyz = xyz.to(_geo_dtype(x))
-    c, s = math.cos(math.radians(yaw)), math.sin(math.radians(yaw))
-    rot = torch.tensor([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]], dtype=torch.float64)
-    xyz = xyz @ rot.to(xyz.dtype).to(x.device).T  # (H, W, 3)
-    phi = torch.asin(xyz[..., 1].clamp(-1, 1))
-    theta = torch.atan2(xyz[..., 0], xyz[..., 2])
-    return _loss_sample(x, theta, phi, lat)
-
-
-def loss_cube_faces(x: Tensor) -> Tensor:
-    """DiT360's cube-loss projection of x (B, C, H, W) -> faces (B, 6, C, H/2, H/2), +-X +-Y +-Z."""
-    _, _, h, w = x.shape
-    size = h // 2
-    lat = _loss_lat_range(h, w)
-    t = torch.linspace(-1, 1, size, device=x.device, dtype=_geo_dtype(x))
-    a, b = torch.meshgrid(t, -t, indexing="ij")  # a varies along rows, b along columns
-    one = torch.ones_like(a)
-    faces = [(one, b, a), (-one, b, -a), (a, one, b), (a, -one, -b), (a, b, one), (-a, b, -one)]
-    xyz = torch.stack([torch.stack(f, dim=-1) for f in faces])  # (6, F, F, 3)
-    xyz = xyz / xyz.norm(dim=-1, keepdim=True)
-    xyz = torch.rot90(xyz, 1, dims=(1, 2))  # the reference turns each sampled face 90 deg CCW
-    theta = torch.atan2(xyz[..., 0], xyz[..., 2])
-    phi = torch.asin(xyz[..., 1])
-    out = _loss_sample(
-        x, rearrange(theta, "f h w -> (f h) w"), rearrange(phi, "f h w -> (f h) w"), lat
-    )
-    return rearrange(out, "b c (f h) w -> b f c h w", f=6)  # (B, 6, C, F, F)
 
 
 # --- seam metrics --------------------------------------------------------------------------------

@@ -113,14 +113,14 @@ def their_keys(key: str, table: list[Rule]) -> tuple[str, tuple[str, ...]] | Non
 
 
 @dataclass
-class Plan:
+class KeyPlan:
     """How to build each of our tensors from a checkpoint: op and source keys in order."""
 
     sources: dict[str, tuple[str, tuple[str, ...]]]
     shapes: dict[str, tuple[int, ...]]
 
 
-def plan_from(tfile: TensorFile, table: list[Rule] | None) -> Plan:
+def plan_from(tfile: TensorFile, table: list[Rule] | None) -> KeyPlan:
     """Map every checkpoint tensor onto our names; unknown keys and missing parts are errors."""
     if table is None:  # already our layout (possibly behind a ComfyUI-style prefix)
         sources = {}
@@ -154,7 +154,7 @@ def plan_from(tfile: TensorFile, table: list[Rule] | None) -> Plan:
             shapes[ours] = (*first, 1, 1)
         else:
             shapes[ours] = first
-    return Plan(sources, shapes)
+    return KeyPlan(sources, shapes)
 
 
 def build(tfile: TensorFile, op: str, keys: tuple[str, ...]) -> Tensor:
@@ -169,7 +169,7 @@ def build(tfile: TensorFile, op: str, keys: tuple[str, ...]) -> Tensor:
     return t
 
 
-def check_plan(plan: Plan, expected: dict[str, tuple[int, ...]], tfile: TensorFile) -> None:
+def check_plan(plan: KeyPlan, expected: dict[str, tuple[int, ...]], tfile: TensorFile) -> None:
     """Compare planned tensors with the model's: name every missing, unexpected, misshapen one."""
 
     def files(k: str) -> str:
@@ -212,7 +212,7 @@ def open_flux(src: str | Path) -> tuple[TensorFile, list[Rule] | None, Path]:
 
 
 def flux_params(
-    tfile: TensorFile, plan: Plan, folder: Path, axes_dim: tuple[int, ...] | None = None
+    tfile: TensorFile, plan: KeyPlan, folder: Path, axes_dim: tuple[int, ...] | None = None
 ) -> cfg.FluxParams:
     """Config from (in order) a diffusers config.json, our safetensors metadata, the shapes."""
     if (folder / "config.json").is_file() and tfile.source.is_dir():
@@ -229,7 +229,7 @@ def meta_flux(params: cfg.FluxParams) -> Flux:
 
 
 def stream_tensors(
-    tfile: TensorFile, plan: Plan, names: list[str], dtype: torch.dtype | None
+    tfile: TensorFile, plan: KeyPlan, names: list[str], dtype: torch.dtype | None
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield our tensors one by one, converted and cast, with a progress bar."""
     for name in tqdm(names, desc=f"reading {tfile.source.name}", unit="tensor", leave=False):
@@ -238,7 +238,7 @@ def stream_tensors(
 
 
 def fill(
-    model: nn.Module, tfile: TensorFile, plan: Plan, device: str | torch.device, dtype
+    model: nn.Module, tfile: TensorFile, plan: KeyPlan, device: str | torch.device, dtype
 ) -> nn.Module:
     """Check a meta-device model against the plan, then fill it tensor by tensor (one copy)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -255,7 +255,7 @@ def fill(
 
 def read_flux(
     src: str | Path, axes_dim: tuple[int, ...] | None = None
-) -> tuple[TensorFile, Plan, Flux]:
+) -> tuple[TensorFile, KeyPlan, Flux]:
     """Open a FLUX transformer checkpoint (headers only) and check it against its meta model."""
     tfile, table, folder = open_flux(src)
     plan = plan_from(tfile, table)
@@ -357,7 +357,7 @@ def open_autoencoder(src: str | Path) -> tuple[TensorFile, list[Rule] | None, Pa
     raise ValueError(f"{tfile.source} holds no FLUX autoencoder (no encoder.down weights)")
 
 
-def ae_params(tfile: TensorFile, plan: Plan, config: Path | None) -> cfg.AutoEncoderParams:
+def ae_params(tfile: TensorFile, plan: KeyPlan, config: Path | None) -> cfg.AutoEncoderParams:
     """Config from (in order) a diffusers config.json, our safetensors metadata, the shapes."""
     if config is not None:
         return cfg.ae_from_diffusers_config(config)

@@ -1,5 +1,6 @@
 """LoRA: DiT360/peft, kohya and BFL formats against diffusers + peft; merge, export, errors."""
 
+import copy
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ from test_model import inputs, rel_err, run_diffusers, run_ours
 from tiny import TINY_TRANSFORMER, diffusers_transformer, save_transformer
 
 import convert_weights
-from dit360 import config, lora
+from dit360 import config, lora, lora_formats
 from dit360.weights import load_flux, meta_flux
 
 DATA = Path(__file__).parent / "data"
@@ -136,7 +137,7 @@ def test_dit360_format_matches_peft(base, x, tmp_path):
     expected = with_peft(tensors, cfg, x)
     model = ours(base)
     plain = out(model, x)
-    lora.load_lora(model, folder)
+    lora_formats.load_lora(model, folder)
     qkv = model.double_blocks[0].img_attn.qkv.lora["lora0"]
     assert qkv.A.shape == (12, 32) and qkv.rows == [(0, 32), (32, 64), (64, 96)]
     assert model.single_blocks[0].linear1.lora["lora0"].rows == [(0, 32), (32, 64), (64, 96)]
@@ -153,17 +154,69 @@ def test_dit360_format_matches_peft(base, x, tmp_path):
     assert rel_err(out(model, x), plain) < 1e-6
 
 
+def test_merge_leaves_plain_layer(base, x, tmp_path):
+    """Merged, a layer runs its plain forward (no hook); unmerged or rescaled, the hook is back."""
+    model = lora_formats.load_lora(ours(base), dit360_lora(tmp_path / "a")[0])
+    qkv = model.double_blocks[0].img_attn.qkv
+    assert type(qkv) is torch.nn.Linear and len(qkv._forward_hooks) == 1
+    names = ["weight", "lora.lora0.A", "lora.lora0.B.2"]
+    assert {f"double_blocks.0.img_attn.qkv.{n}" for n in names} <= set(model.state_dict())
+    expected = out(model, x)
+    lora.merge_lora(model)
+    assert not any(m._forward_hooks for m in model.modules())
+    assert rel_err(out(model, x), expected) < 1e-5
+    lora.unmerge_lora(model)
+    assert len(qkv._forward_hooks) == 1 and rel_err(out(model, x), expected) < 1e-5
+    lora.set_scale(model, 0.0)
+    assert not qkv._forward_hooks
+    assert torch.equal(out(copy.deepcopy(lora.set_scale(model, 1.0)), x), out(model, x))
+
+
+class Einsum(torch.nn.Module):
+    """A linear layer that is not an nn.Linear: its own parameters and matmul."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = n_in, n_out
+        self.weight = torch.nn.Parameter(torch.randn(n_out, n_in))
+        self.bias = torch.nn.Parameter(torch.randn(n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("...i,oi->...o", x, self.weight) + self.bias
+
+
+def test_adapter_on_any_linear():
+    """An adapter on a non-nn.Linear base equals W + scale * B @ A on its rows; merges exactly."""
+    torch.manual_seed(0)
+    layer, h = Einsum(8, 10), torch.randn(2, 5, 8)
+    ad = lora.add_adapter(layer, "a", [(0, 4, 2, 1.5), (6, 10, 3, 0.5)])
+    for p in ad.parameters():
+        torch.nn.init.normal_(p)
+    assert set(layer.state_dict()) == {"weight", "bias", "lora.a.A", "lora.a.B.0", "lora.a.B.1"}
+    w = layer.weight.detach().clone()
+    w[0:4] += 0.7 * 1.5 * ad.B[0].detach() @ ad.A[:2].detach()
+    w[6:10] += 0.7 * 0.5 * ad.B[1].detach() @ ad.A[2:].detach()
+    expected = h @ w.T + layer.bias.detach()
+    with torch.no_grad():
+        torch.testing.assert_close(lora.set_scale(layer, 0.7)(h), expected)
+        torch.testing.assert_close(lora.merge_lora(layer)(h), expected)
+        assert not layer._forward_hooks
+        torch.testing.assert_close(layer.weight, w)
+        assert lora.unmerge_lora(layer)._forward_hooks
+        torch.testing.assert_close(lora.set_scale(layer, 0.0)(h), h @ layer.weight.T + layer.bias)
+
+
 def test_other_peft_targets(base, x, tmp_path):
     """peft LoRA on lone/unequal parts, MLPs, embedders, final adaLN: ours = diffusers + peft."""
     targets = ["proj_mlp", "attn.to_k", "ff.net.0.proj", "norm_out.linear", "x_embedder"]
     targets += ["proj_out", "norm1_context.linear", "time_text_embed.timestep_embedder.linear_1"]
     folder, tensors, cfg = dit360_lora(tmp_path / "a", r=2, alpha=3, targets=targets)
-    model = lora.load_lora(ours(base), folder)
+    model = lora_formats.load_lora(ours(base), folder)
     assert model.single_blocks[0].linear1.lora["lora0"].rows == [(32, 64), (96, 224)]
     err = rel_err(out(model, x), with_peft(tensors, cfg, x))
     print(f"other peft targets: {err:.2e}")
     assert err < 1e-5
-    exported = lora.export_peft(model, tmp_path / "b") / "adapter_model.safetensors"
+    exported = lora_formats.export_peft(model, tmp_path / "b") / "adapter_model.safetensors"
     back = load_file(exported)
     assert back.keys() == tensors.keys()
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
@@ -173,7 +226,7 @@ def test_other_peft_targets(base, x, tmp_path):
 def test_peft_key_spellings(base, x, tmp_path, spelling):
     """Without the `transformer.` prefix, or with `.lora.down/.up`: same as the DiT360 format."""
     folder, tensors, _ = dit360_lora(tmp_path / "a")
-    expected = out(lora.load_lora(ours(base), folder), x)
+    expected = out(lora_formats.load_lora(ours(base), folder), x)
     renamed = {k.removeprefix("transformer."): v for k, v in tensors.items()}
     if spelling == "old":
         renamed = {
@@ -181,7 +234,7 @@ def test_peft_key_spellings(base, x, tmp_path, spelling):
             for k, v in renamed.items()
         }
     save_file(renamed, tmp_path / "a" / "adapter_model.safetensors")
-    assert torch.equal(out(lora.load_lora(ours(base), folder), x), expected)
+    assert torch.equal(out(lora_formats.load_lora(ours(base), folder), x), expected)
 
 
 def test_kohya_matches_diffusers(base, x, tmp_path):
@@ -190,7 +243,7 @@ def test_kohya_matches_diffusers(base, x, tmp_path):
     reference = diffusers_transformer(SEED)
     pipeline(reference).load_lora_weights(str(path))
     expected = run_diffusers(reference, x)
-    model = lora.load_lora(ours(base), path)
+    model = lora_formats.load_lora(ours(base), path)
     err = rel_err(out(model, x), expected)
     err_merged = rel_err(out(lora.merge_lora(model), x), expected)
     err_hand = rel_err(out(merged_by_hand(base, deltas), x), expected)
@@ -204,7 +257,7 @@ def test_bfl_named_formats(base, x, tmp_path, style):
     modules = {k: (None if style == "comfy" else v) for k, v in FUSED.items()}
     path, deltas = bfl_lora(tmp_path / "l.safetensors", modules, style)
     expected = out(merged_by_hand(base, deltas), x)
-    model = lora.load_lora(ours(base), path)
+    model = lora_formats.load_lora(ours(base), path)
     assert rel_err(out(model, x), expected) < 1e-5
     assert rel_err(out(lora.merge_lora(model), x), expected) < 1e-5
 
@@ -214,7 +267,7 @@ def test_full_size_dit360_manifest():
     manifest = json.loads((DATA / "dit360-lora.json").read_text())["tensors"]
     model = meta_flux(config.PRESETS["flux-dev"])
     tensors = {k: torch.empty(v["shape"], device="meta") for k, v in manifest.items()}
-    plan = lora.plan_lora(tensors, model, {"r": 64, "lora_alpha": 64})
+    plan = lora_formats.plan_lora(tensors, model, {"r": 64, "lora_alpha": 64})
     placed = {
         key: {"key": f"{layer}.weight", "rows": [p.start, p.end]}
         for layer, parts in plan.items()
@@ -224,13 +277,14 @@ def test_full_size_dit360_manifest():
     assert placed == {k: v["bfl_target"] for k, v in manifest.items()}
     assert len(placed) == 380 and sum(map(len, plan.values())) == 190
     lora.attach(model, plan, "dit360")
-    assert sum(p.numel() for p in lora.lora_state_dict(model).values()) == 74_711_040
+    state = {k: v for k, v in model.state_dict().items() if ".lora." in k}
+    assert sum(p.numel() for p in state.values()) == 74_711_040
 
 
 def test_inject_defaults():
     """inject() = DiT360's LoraConfig on flux-dev (meta): same modules and sizes, peft's init."""
     model = lora.inject(meta_flux(config.PRESETS["flux-dev"]))
-    state = lora.lora_state_dict(model)
+    state = {k: v for k, v in model.state_dict().items() if ".lora." in k}
     assert sum(v.numel() for v in state.values()) == 74_711_040
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(state) and "double_blocks.0.img_attn.qkv.weight" in model.state_dict()
@@ -251,7 +305,7 @@ def test_inject_init_and_dropout(base, x):
     assert torch.equal(out(model, x), plain)
     ad = model.single_blocks[0].linear1.lora["default"]
     assert abs(ad.A.std().item() - 1 / 16) < 0.01 and all((b == 0).all() for b in ad.B)
-    for _, a in lora._adapters(model):
+    for *_, a in lora.adapters(model):
         for b in a.B:
             torch.nn.init.normal_(b)
     assert torch.equal(out(model.eval(), x), out(model.eval(), x))
@@ -265,11 +319,11 @@ def test_export_round_trip(base, x, tmp_path):
     """A LoRA trained here (random B), exported, loads in diffusers and in ours: same output."""
     model = lora.inject(ours(base), rank=4, alpha=8, dropout=0.0)
     with torch.no_grad():
-        for _, ad in lora._adapters(model):
+        for *_, ad in lora.adapters(model):
             for b in ad.B:
                 b.normal_(std=0.1)
     expected = out(model, x)
-    folder = lora.export_peft(model, tmp_path / "export")
+    folder = lora_formats.export_peft(model, tmp_path / "export")
     cfg = json.loads((folder / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"], cfg["peft_type"]) == (4, 8, "LORA")
     assert sorted(cfg["target_modules"]) == sorted(lora.DIT360_TARGETS)
@@ -280,7 +334,7 @@ def test_export_round_trip(base, x, tmp_path):
     err = rel_err(run_diffusers(reference, x), expected)
     print(f"round trip: diffusers vs ours {err:.2e}")
     assert err < 1e-5
-    assert rel_err(out(lora.load_lora(ours(base), folder), x), expected) < 1e-6
+    assert rel_err(out(lora_formats.load_lora(ours(base), folder), x), expected) < 1e-6
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
@@ -289,12 +343,12 @@ def test_several_loras(base, x, tmp_path):
     folder, *_ = dit360_lora(tmp_path / "a")
     path, deltas = bfl_lora(tmp_path / "k.safetensors", FUSED, "kohya")
     expected = merged_by_hand(base, {k: -0.5 * v for k, v in deltas.items()})
-    lora.load_lora(expected, folder, scale=0.7, merge=True)
-    model = lora.load_lora(ours(base), folder, scale=0.7)
-    lora.load_lora(model, path, scale=-0.5)
+    lora_formats.load_lora(expected, folder, scale=0.7, merge=True)
+    model = lora_formats.load_lora(ours(base), folder, scale=0.7)
+    lora_formats.load_lora(model, path, scale=-0.5)
     assert rel_err(out(model, x), out(expected, x)) < 1e-5
     with pytest.raises(ValueError, match="name the one"):
-        lora.export_peft(model, tmp_path / "x")
+        lora_formats.export_peft(model, tmp_path / "x")
 
 
 def test_cli_merge(base, x, tmp_path):
@@ -305,7 +359,7 @@ def test_cli_merge(base, x, tmp_path):
     convert_weights.main([*args, "--lora-scale", "0.5"])
     merged = load_flux(path, dtype=None)
     assert {p.dtype for p in merged.parameters()} == {torch.float32}
-    expected = out(lora.load_lora(ours(base), folder, scale=0.5), x)
+    expected = out(lora_formats.load_lora(ours(base), folder, scale=0.5), x)
     err = rel_err(out(merged, x), expected)
     print(f"merged file vs unmerged LoRA: {err:.2e}")
     assert err < 1e-5
@@ -316,12 +370,14 @@ def test_cli_lora_to_peft(base, x, tmp_path):
     path, _ = bfl_lora(tmp_path / "k.safetensors", FUSED, "kohya")
     folder = tmp_path / "peft"
     convert_weights.main(["--lora", str(path), "--base", str(base), "--out", str(folder)])
-    expected = out(lora.load_lora(ours(base), path), x)
+    expected = out(lora_formats.load_lora(ours(base), path), x)
     reference = diffusers_transformer(SEED)
     pipeline(reference).load_lora_weights(str(folder))
     assert rel_err(run_diffusers(reference, x), expected) < 1e-5
     assert json.loads((folder / "adapter_config.json").read_text())["alpha_pattern"]
-    assert rel_err(out(lora.load_lora(ours(base), folder), x), expected) < 1e-5  # alpha_pattern
+    assert (
+        rel_err(out(lora_formats.load_lora(ours(base), folder), x), expected) < 1e-5
+    )  # alpha_pattern
 
 
 def test_cli_lora_from_hub_cache(base, tmp_path):
@@ -362,5 +418,5 @@ def test_errors_list_keys(base, tmp_path, edit, message):
     save_file({**tensors, **edit}, folder / "adapter_model.safetensors")
     model = ours(base)
     with pytest.raises(ValueError, match=message):
-        lora.load_lora(model, folder)
-    assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())
+        lora_formats.load_lora(model, folder)
+    assert not any(hasattr(m, "lora") or m._forward_hooks for m in model.modules())

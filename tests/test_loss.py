@@ -11,7 +11,8 @@ from PIL import Image
 from tiny import SCHEDULER_CONFIG, randomize
 from torch import nn
 
-from dit360.config import FluxParams
+from dit360.autoencoder import scale_latents
+from dit360.config import AutoEncoderParams, FluxParams
 from dit360.data import (
     Source,
     collate,
@@ -20,19 +21,19 @@ from dit360.data import (
     load_sample,
     posterior,
     read_rows,
-    sample_latents,
 )
-from dit360.loss import YAW_ANGLES, aux_active, draw_yaw, flow_loss, sample_sigmas
-from dit360.model import Flux
-from dit360.panorama import (
+from dit360.loss import (
+    YAW_ANGLES,
+    aux_active,
+    draw_yaw,
+    flow_loss,
     loss_cube_faces,
     loss_yaw_rotation,
-    pack,
-    unpack,
-    wrap_crop,
-    wrap_pad,
+    sample_sigmas,
 )
-from dit360.sampling import Conditioning, Grid, predict, time_shift
+from dit360.model import Flux
+from dit360.panorama import Grid
+from dit360.sampling import Conditioning, time_shift
 
 PARAMS = FluxParams(
     hidden_size=32,
@@ -90,6 +91,77 @@ def inputs(b: int, seed: int = 0):
     return x0, noise, sigmas, cond
 
 
+# --- an independent restatement of the token layout and the model call -----------------------
+# Written from the conventions (FLUX 2x2 packing, DiT360 wrap padding), with plain reshape /
+# permute / index gathers; nothing here calls dit360's pack, wrap_pad, wrap_crop or predict.
+
+
+def ref_pack(z: torch.Tensor) -> torch.Tensor:
+    """Latents (B, C, H, W) -> tokens (B, H/2 * W/2, 4C): 2x2 patches, channel order (c ph pw)."""
+    b, c, hh, ww = z.shape
+    z = z.reshape(b, c, hh // 2, 2, ww // 2, 2).permute(0, 2, 4, 1, 3, 5)  # b h w c ph pw
+    return z.reshape(b, (hh // 2) * (ww // 2), 4 * c)
+
+
+def ref_unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Tokens (B, h*w, 4C) -> latents (B, C, 2h, 2w), the inverse of ref_pack."""
+    b, _, c4 = x.shape
+    x = x.reshape(b, h, w, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # b c h ph w pw
+    return x.reshape(b, c4 // 4, 2 * h, 2 * w)
+
+
+def ref_columns(w: int, pad: int) -> list[int]:
+    """The grid column each padded token column copies: [last pad | grid | first pad]."""
+    return [w - pad + i for i in range(pad)] + list(range(w)) + list(range(pad))
+
+
+def ref_pad(x: torch.Tensor, h: int, w: int, pad: int) -> torch.Tensor:
+    """Tokens (B, h*w, C) -> (B, h*(w+2pad), C), each row's columns gathered by ref_columns."""
+    cols = ref_columns(w, pad)
+    return x.reshape(x.shape[0], h, w, -1)[:, :, cols].reshape(x.shape[0], h * len(cols), -1)
+
+
+def ref_crop(x: torch.Tensor, h: int, w: int, pad: int) -> torch.Tensor:
+    """Tokens (B, h*(w+2pad), C) -> (B, h*w, C): the middle w columns of each row."""
+    grid = x.reshape(x.shape[0], h, w + 2 * pad, -1)[:, :, pad : pad + w]
+    return grid.reshape(x.shape[0], h * w, -1)
+
+
+def ref_ids(b: int, h: int, w: int, pad: int) -> torch.Tensor:
+    """Image ids (B, h*(w+2pad), 3) = (0, row, col); a pad column has the id of its copy."""
+    ids = [[0.0, float(r), float(c)] for r in range(h) for c in ref_columns(w, pad)]
+    return torch.tensor(ids).expand(b, -1, -1)
+
+
+def ref_velocity(model, tokens, h, w, pad, cond: Conditioning, sigmas) -> torch.Tensor:
+    """The model called directly on padded tokens; guidance 1.0, timesteps = sigmas.
+
+    The model takes round_to_model_dtype(sigma * 1000) / 1000: in float32 that is sigma.
+    """
+    b = tokens.shape[0]
+    ids, guidance = ref_ids(b, h, w, pad), torch.full((b,), 1.0)
+    return model(
+        tokens, ids, cond.txt, torch.zeros(b, cond.txt.shape[1], 3), sigmas, cond.vec, guidance
+    )
+
+
+def test_restatement_matches_diffusers_layout():
+    """The restated packing and ids agree with diffusers' FluxPipeline; pads copy the far edge."""
+    from diffusers import FluxPipeline
+
+    z = torch.randn(2, 16, 8, 16)
+    assert torch.equal(ref_pack(z), FluxPipeline._pack_latents(z, 2, 16, 8, 16))
+    assert torch.equal(ref_unpack(ref_pack(z), 4, 8), z)
+    assert torch.equal(
+        ref_ids(1, 4, 8, 0)[0],
+        FluxPipeline._prepare_latent_image_ids(1, 4, 8, "cpu", torch.float32),
+    )
+    x = torch.arange(4 * 8).view(1, 32, 1)
+    rows = ref_pad(x, 4, 8, 2).view(4, 12)
+    assert rows[0].tolist() == [6, 7, *range(8), 0, 1] and torch.equal(rows[:, 2:10], x.view(4, 8))
+    assert torch.equal(ref_crop(ref_pad(x, 4, 8, 2), 4, 8, 2), x)
+
+
 def partial_mask(b: int) -> torch.Tensor:
     """(B, 32) token masks with the left half of the grid supervised."""
     m = torch.zeros(b, 4, 8, dtype=torch.bool)
@@ -129,9 +201,9 @@ def test_flow_loss_matches_restatement(model):
     with torch.no_grad():
         loss, count, parts = flow_loss(model, x0, noise, sigmas, cond, mask, GRID)
         s = sigmas.view(2, 1, 1, 1)
-        tokens = wrap_pad(pack((1 - s) * x0 + s * noise), 4, 8, 1)
-        pred = wrap_crop(predict(model, tokens, GRID, cond, sigmas, 1.0), 4, 8, 1)
-        err = (pred - pack(noise - x0)).square().mean(-1)
+        tokens = ref_pad(ref_pack((1 - s) * x0 + s * noise), 4, 8, 1)  # (2, 4 * 10, 64)
+        pred = ref_crop(ref_velocity(model, tokens, 4, 8, 1, cond, sigmas), 4, 8, 1)
+        err = (pred - ref_pack(noise - x0)).square().mean(-1)  # (2, 32)
     torch.testing.assert_close(loss, err[mask].sum())
     assert count == 32 and parts["yaw"] == 0 and parts["cube"] == 0
 
@@ -144,10 +216,10 @@ def test_supervise_pad_targets_the_wrapped_grid(model):
     with torch.no_grad():
         loss, count, _ = flow_loss(model, x0, noise, sigmas, cond, mask, grid, supervise_pad=True)
         s = sigmas.view(1, 1, 1, 1)
-        tokens = wrap_pad(pack((1 - s) * x0 + s * noise), 4, 8, 2)
-        pred = predict(model, tokens, grid, cond, sigmas, 1.0)
-        err = (pred - wrap_pad(pack(noise - x0), 4, 8, 2)).square().mean(-1)
-    padded = wrap_pad(mask[..., None], 4, 8, 2)[..., 0]  # (1, 4 * 12): pad cols 6, 7 | 0, 1
+        tokens = ref_pad(ref_pack((1 - s) * x0 + s * noise), 4, 8, 2)  # (1, 4 * 12, 64)
+        pred = ref_velocity(model, tokens, 4, 8, 2, cond, sigmas)
+        err = (pred - ref_pad(ref_pack(noise - x0), 4, 8, 2)).square().mean(-1)  # (1, 4 * 12)
+    padded = ref_pad(mask[..., None], 4, 8, 2)[..., 0]  # (1, 4 * 12): pad cols 6, 7 | 0, 1
     assert count == padded.sum() == 4 * (4 + 2)
     torch.testing.assert_close(loss, err[padded].sum())
 
@@ -173,7 +245,8 @@ def test_masked_x0_gets_zero_gradient():
     mask = partial_mask(2)
     loss, _, _ = flow_loss(Tokenwise(), x0, noise, sigmas, cond, mask, GRID)
     loss.backward()
-    pixel_mask = unpack(mask[..., None].expand(-1, -1, 64).float(), 4, 8).bool()  # (2, 16, 8, 16)
+    per_channel = mask[..., None].expand(-1, -1, 64).float()  # (2, 32, 64)
+    pixel_mask = ref_unpack(per_channel, 4, 8).bool()  # (2, 16, 8, 16)
     assert (x0.grad[~pixel_mask] == 0).all() and (x0.grad[pixel_mask] != 0).all()
 
 
@@ -223,7 +296,7 @@ def test_yaw_and_cube_terms_match_restatement(model):
             cap, x0, noise, sigmas, cond, mask, GRID, persp=persp, lambda_yaw=0.5,
             lambda_cube=0.25, yaw=300.0,
         )  # fmt: skip
-    pred = unpack(wrap_crop(cap.out[:1], 4, 8, 1), 4, 8)  # row 0 only, (1, 16, 8, 16)
+    pred = ref_unpack(ref_crop(cap.out[:1], 4, 8, 1), 4, 8)  # row 0 only, (1, 16, 8, 16)
     n, x, p = noise[:1], x0[:1], pred
     yaw = loss_yaw_rotation(p, 300.0) - (loss_yaw_rotation(n, 300.0) - loss_yaw_rotation(x, 300.0))
     cube = loss_cube_faces(p) - (loss_cube_faces(n) - loss_cube_faces(x))
@@ -237,7 +310,7 @@ def test_yaw_and_cube_terms_match_restatement(model):
             cap, x0[:1], noise[:1], sigmas[:1], Conditioning(cond.txt[:1], cond.txt_ids[:1],
             cond.vec[:1]), mask[:1], GRID, lambda_yaw=0.5, lambda_cube=0.25, yaw=300.0,
         )  # fmt: skip
-    mse = (unpack(wrap_crop(cap.out, 4, 8, 1), 4, 8) - (n - x)).square().mean()
+    mse = (ref_unpack(ref_crop(cap.out, 4, 8, 1), 4, 8) - (n - x)).square().mean()
     expected = mse + 0.5 * yaw.square().mean() + 0.25 * cube.square().mean()
     torch.testing.assert_close(loss / count, expected)
 
@@ -278,7 +351,7 @@ def epoch_losses(model, source: Source, epoch: int, encode) -> list[torch.Tensor
     for step, (kind, index) in enumerate(epoch_order(len(source.pano), 0, epoch, source.seed)):
         batch = collate([load_sample(source, kind, index, epoch)])
         gen = torch.Generator().manual_seed(1000 * epoch + step)
-        z = sample_latents(*posterior(batch, encode), gen)
+        z = scale_latents(AutoEncoderParams(), *posterior(batch, encode), gen)
         noise = torch.randn(z.shape, generator=gen)
         sigmas = sample_sigmas(1, gen)
         cond = conditioning(batch, fake_text)
@@ -319,7 +392,7 @@ def test_cached_and_uncached_give_the_same_loss(model, panoramas, tmp_path):
 
 def test_cache_with_circular_vae_matches(model, panoramas, tmp_path):
     """With a real (tiny) VAE whose encoder wraps the width, cached rolls match to round-off."""
-    from dit360.autoencoder import AutoEncoder, AutoEncoderParams
+    from dit360.autoencoder import AutoEncoder
     from dit360.data import build_cache
 
     torch.manual_seed(0)

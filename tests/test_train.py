@@ -19,7 +19,7 @@ import sample
 import train
 from dit360 import distributed
 from dit360.data import epoch_order
-from dit360.lora import load_lora
+from dit360.lora_formats import load_lora
 from dit360.weights import load_flux
 
 ROOT = Path(__file__).parents[1]
@@ -80,7 +80,7 @@ def args(tiny_flux: Path, data: Path, out: Path, *extra: str) -> list[str]:
     """train.py arguments for the tiny model and data."""
     return [
         *("--base", str(tiny_flux), "--pano", str(data / "pano.jsonl"), "--out", str(out)),
-        *("--resolution", str(H), "--rank", "4", "--alpha", "8", "--workers", "0"),
+        *("--resolution", str(H), "--lora-rank", "4", "--alpha", "8", "--workers", "0"),
         *("--device", "cpu", "--seed", "3", *extra),
     ]
 
@@ -89,10 +89,10 @@ def log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def state(ckpt: Path) -> dict:
+def state(tfile: Path) -> dict:
     """A DCP checkpoint read into one process: {"model", "optim", "train"}."""
-    dcp_to_torch_save(ckpt, ckpt.parent / f"{ckpt.name}.pt")
-    return torch.load(ckpt.parent / f"{ckpt.name}.pt")
+    dcp_to_torch_save(tfile, tfile.parent / f"{tfile.name}.pt")
+    return torch.load(tfile.parent / f"{tfile.name}.pt")
 
 
 def lora_file(out: Path) -> dict[str, torch.Tensor]:
@@ -140,12 +140,13 @@ def test_run_writes_everything(trained):
 
 
 def test_two_processes_equal_one_and_overfit(tiny_flux, data, tmp_path):
-    """torchrun, 2 ranks x batch 1 = 1 rank x batch 2: the same step-1 loss and gradients; and the
-    loss falls over 30 steps at a high learning rate."""
-    common = ("--grad-accum", "1", "--lr", "1e-2", "--warmup", "0", "--rank", "8", "--alpha", "8")
-    common += ("--dropout", "0", "--aux-from-epoch", "0")  # yaw and cube on from the start
+    """torchrun, 2 ranks x batch 1 = 1 rank x batch 2 (FSDP sums the ranks' gradients; recompute
+    off in one): the same step-1 loss and gradients; and the loss falls over 30 steps."""
+    common = ("--grad-accum", "1", "--lr", "1e-2", "--warmup", "0", "--lora-rank", "8")
+    common += ("--alpha", "8", "--dropout", "0", "--aux-from-epoch", "0")  # yaw, cube from step 1
     one, two = tmp_path / "one", tmp_path / "two"
-    train.main(args(tiny_flux, data, one, *common, "--batch-size", "2", "--max-steps", "1"))
+    one_args = (*common, "--batch-size", "2", "--max-steps", "1", "--no-recompute")  # same numbers
+    train.main(args(tiny_flux, data, one, *one_args))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["train.py", *args(tiny_flux, data, two, *common, "--batch-size", "1")]
     cmd += ["--max-steps", "30", "--save-every", "1", "--keep", "0"]
