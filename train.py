@@ -71,7 +71,7 @@ from dit360.report import free, open_log, peak_memory_gb, plot_losses
 from dit360.text import encode_prompt, load_text_encoders
 from dit360.weights import build, load_autoencoder, read_flux
 
-# Streams of seeded generators; data.py uses 0 and 1 (augmentation of panoramas, perspectives).
+# Streams of seeded generators; data.py uses 0 (data.AUGMENT_STREAM, panorama augmentation).
 SAMPLE_STREAM, YAW_STREAM, DROPOUT = 10, 11, 12
 PARTS = ("flow", "yaw", "cube")  # the loss components flow_loss reports
 INPUT_ERRORS = (ValueError, FileNotFoundError, PermissionError)  # one line, no traceback
@@ -173,7 +173,7 @@ def cache_rows(source: Source, enc: Encoders, args: argparse.Namespace, env: Env
         every, args.cache_dir, args.resolution, model_id, enc.encode, enc.encode_text,
         env.rank, env.world,
     )  # fmt: skip
-    distributed.barrier()
+    torch.distributed.barrier()
     print0(f"cache {args.cache_dir}: {len(every)} rows, {made} new on rank 0")
     return replace(source, cache_dir=Path(args.cache_dir), model_id=model_id)
 

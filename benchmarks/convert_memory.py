@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 
 from dit360.config import FluxParams, to_diffusers_config
-from dit360.convert import split_shapes
 from dit360.files import write_safetensors
-from dit360.weights import FLUX_DIFFUSERS, meta_flux, their_keys
+from dit360.weights import FLUX_DIFFUSERS, meta_flux, split, their_keys
 
 ROOT = Path(__file__).parents[1]
 MB = 2**20
@@ -30,10 +29,8 @@ def write_synthetic(folder: Path, params: FluxParams, shard_bytes: int = 400 * M
     specs = {}
     for name, p in meta_flux(params).state_dict().items():
         op, theirs = their_keys(name, FLUX_DIFFUSERS)
-        for k, shape in zip(
-            theirs, split_shapes(op, p.shape, len(theirs), params.hidden_size), strict=True
-        ):
-            specs[k] = (torch.float32, shape)
+        for k, t in zip(theirs, split(op, p, len(theirs), params.hidden_size), strict=True):
+            specs[k] = (torch.float32, tuple(t.shape))
     shards, current, size = [], {}, 0
     for k, spec in specs.items():
         current[k] = spec

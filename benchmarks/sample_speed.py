@@ -17,12 +17,11 @@ import torch
 
 from dit360.autoencoder import AutoEncoder
 from dit360.config import AE_PRESETS, PRESETS, AutoEncoderParams, FluxParams, to_diffusers_config
-from dit360.convert import split_tensor
 from dit360.generate import generate_latents
 from dit360.model import Flux
 from dit360.options import SampleOptions
 from dit360.sampling import Conditioning
-from dit360.weights import AE_DIFFUSERS, FLUX_DIFFUSERS, their_keys
+from dit360.weights import AE_DIFFUSERS, FLUX_DIFFUSERS, split, their_keys
 
 TINY = FluxParams(
     vec_in_dim=24, context_in_dim=32, hidden_size=32, num_heads=2, depth=2,
@@ -53,7 +52,7 @@ def copy_to_diffusers(ours: torch.nn.Module, theirs: torch.nn.Module, table, hid
     with torch.no_grad():
         for name, t in ours.state_dict().items():
             op, keys = their_keys(name, table)
-            for k, part in zip(keys, split_tensor(op, t, len(keys), hidden), strict=True):
+            for k, part in zip(keys, split(op, t, len(keys), hidden), strict=True):
                 target[k].copy_(part)
                 done.add(k)
     assert done == set(target), sorted(set(target) - done)[:5]

@@ -1,20 +1,17 @@
-"""The FLUX autoencoder (VAE): its configuration, encoder, decoder and latent scale/shift.
+"""The FLUX autoencoder (VAE): encoder, decoder and latent scale/shift.
 
-Parameter names are those of BFL's `ae.safetensors` (structure as in black-forest-labs/flux
-`src/flux/modules/autoencoder.py`), so that file loads with `strict=True`; diffusers' `vae/`
-layout goes through `weights.AE_DIFFUSERS`. Images are (B, 3, H, W) in [-1, 1]; latents are
-(B, 16, H/8, W/8), `z = scale * (mean - shift)`.
+Parameter names are those of BFL's `ae.safetensors` (black-forest-labs/flux
+`src/flux/modules/autoencoder.py`); diffusers' `vae/` goes through `weights.AE_DIFFUSERS`.
+Images are (B, 3, H, W) in [-1, 1]; latents (B, 16, H/8, W/8), `z = scale * (mean - shift)`.
 
-Two options for panoramas, both off by default (then `decode` equals diffusers' AutoencoderKL):
-- circular padding along the width in every 3x3 convolution (decoder and, separately, encoder),
-  zero padding along the height: a latent rolled by k columns decodes to the image rolled by 8k
-  pixels, so the 360-degree wrap has no seam;
-- tiled decoding, which bounds activation memory by the tile size (see `decode_tiled`).
+Two panorama options, both off by default (then `decode` equals diffusers' AutoencoderKL): circular
+padding along the width in every 3x3 convolution, so a latent rolled by k columns decodes to the
+image rolled by 8k pixels (no seam at the 360-degree wrap); and tiled decoding, which bounds
+activation memory by the tile size.
 """
 
+import itertools
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -85,29 +82,22 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(rearrange(h, "b 1 (h w) c -> b c h w", h=height))
 
 
-class Downsample(nn.Module):
-    """Halve the size with a stride-2 3x3 conv."""
+class Resample(nn.Module):
+    """Halve the size with a stride-2 3x3 conv, or double it: nearest neighbour, then a 3x3 conv."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, up: bool) -> None:
         super().__init__()
-        # Stride 2 over [x | one zero column/row] on the right/bottom, as the reference; with
-        # circular padding that column is the image's first one, so a roll by 2k rolls by k.
-        self.conv = Conv(channels, channels, stride=2, pad=(0, 1, 0, 1))
+        self.up = up
+        if up:
+            self.conv = Conv(channels, channels)
+        else:  # stride 2 over [x | one zero column/row] on the right/bottom, as the reference;
+            # with circular padding that column is the image's first one: a roll by 2k rolls by k
+            self.conv = Conv(channels, channels, stride=2, pad=(0, 1, 0, 1))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.up:  # nearest x2 maps a roll by k to a roll by 2k exactly
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Double the size: nearest neighbour, then a 3x3 conv."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = Conv(channels, channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        # nearest x2 maps a roll by k to a roll by 2k exactly
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Mid(nn.Module):
@@ -132,9 +122,9 @@ class Level(nn.Module):
             ResnetBlock(c_in if j == 0 else c_out, c_out, groups) for j in range(n)
         )
         if resample == "down":
-            self.downsample = Downsample(c_out)
+            self.downsample = Resample(c_out, up=False)
         elif resample == "up":
-            self.upsample = Upsample(c_out)
+            self.upsample = Resample(c_out, up=True)
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self.block:
@@ -196,24 +186,11 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-def set_circular(module: nn.Module, on: bool) -> None:
+def _set_circular(module: nn.Module, on: bool) -> None:
     """Switch circular width padding on or off in every 3x3 convolution inside `module`."""
     for m in module.modules():
         if isinstance(m, Conv):
             m.circular = on
-
-
-@contextmanager
-def _circular(module: nn.Module, on: bool) -> Iterator[None]:
-    """Set circular padding inside `module` for the duration of a block."""
-    convs = [m for m in module.modules() if isinstance(m, Conv)]
-    before = [m.circular for m in convs]
-    set_circular(module, on)
-    try:
-        yield
-    finally:
-        for m, c in zip(convs, before, strict=True):
-            m.circular = c
 
 
 def _starts(n: int, tile: int, overlap: int, wrap: bool) -> list[int]:
@@ -233,43 +210,6 @@ def _ramp(n: int, ramp: int) -> Tensor:
     """Blend weights along a tile: rising linearly over `ramp` pixels at both ends, never 0."""
     x = torch.arange(n) + 0.5
     return (torch.minimum(x, n - x) / max(ramp, 1)).clamp(max=1.0)
-
-
-def decode_tiled(
-    decoder: Decoder, z: Tensor, tile: int, overlap: int, circular: bool = False
-) -> Tensor:
-    """Decode (unscaled) latents (B, 16, h, w) with the up path in overlapping tiles, blended.
-
-    conv_in and the mid block (with its attention over all h*w latent pixels) run on the whole
-    latent, at 1/8 resolution; the up path, whose full-resolution activations dominate memory,
-    runs on tile x tile latent pixels at a time: at most B x max(widths) x (8 tile)^2 per tensor
-    instead of B x max(widths) x 8h x 8w. The price is accuracy: each tile normalises with its
-    own GroupNorm statistics and is zero-padded at its borders, so the result differs from the
-    untiled decode; the linear blend over `overlap` hides the tile borders, and the difference
-    shrinks as tile and overlap grow. With `circular`, the tiles wrap around the width.
-    """
-    if not 0 <= overlap < tile:
-        raise ValueError(f"need 0 <= overlap < tile, got overlap {overlap}, tile {tile}")
-    b, _, h, w = z.shape
-    f = 2 ** (len(decoder.up) - 1)
-    th, tw = min(tile, h), min(tile, w)
-    rows, cols = _starts(h, tile, overlap, False), _starts(w, tile, overlap, circular)
-    win = _ramp(th * f, overlap * f)[:, None] * _ramp(tw * f, overlap * f)  # (8 th, 8 tw)
-    win = win.to(z.device)  # blending is done in float32 whatever the model's dtype
-    out = z.new_zeros(b, decoder.conv_out.out_channels, h * f, w * f, dtype=torch.float32)
-    total = z.new_zeros(h * f, w * f, dtype=torch.float32)
-    with _circular(decoder, circular):
-        mid = decoder.mid(decoder.conv_in(z))  # (B, width, h, w)
-    # One tile across the whole width wraps onto itself; narrower tiles are padded with zeros.
-    with _circular(decoder, circular and len(cols) == 1):
-        for r in rows:
-            for c in cols:
-                cols_z = torch.arange(c, c + tw, device=z.device) % w
-                x = decoder.up_path(mid[:, :, r : r + th, cols_z])  # (B, 3, 8 th, 8 tw)
-                px = torch.arange(c * f, (c + tw) * f, device=z.device) % (w * f)
-                out[:, :, r * f : (r + th) * f].index_add_(3, px, x.float() * win)
-                total[r * f : (r + th) * f].index_add_(1, px, win)
-    return (out / total).to(z.dtype)
 
 
 def scale_latents(
@@ -302,8 +242,8 @@ class AutoEncoder(nn.Module):
 
     def set_circular(self, decoder: bool, encoder: bool = False) -> None:
         """Circular width padding in the decoder's and the encoder's convolutions."""
-        set_circular(self.decoder, decoder)
-        set_circular(self.encoder, encoder)
+        _set_circular(self.decoder, decoder)
+        _set_circular(self.encoder, encoder)
         self.circular = decoder
 
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -325,7 +265,38 @@ class AutoEncoder(nn.Module):
         if tile is None or (tile >= z.shape[-2] and tile >= z.shape[-1]):
             return self.decoder(z)
         overlap = tile // 4 if overlap is None else overlap
-        return decode_tiled(self.decoder, z, tile, overlap, self.circular)
+        return self.decode_tiled(z, tile, overlap)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x))
+    def decode_tiled(self, z: Tensor, tile: int, overlap: int) -> Tensor:
+        """Decode unscaled latents (B, 16, h, w) with the up path in overlapping tiles, blended.
+
+        conv_in and the mid block (attention over all h*w latent pixels) run on the whole latent;
+        the up path, whose full-resolution activations dominate memory, runs on tile x tile latent
+        pixels at a time: at most B x max(widths) x (8 tile)^2 per tensor. The price: each tile has
+        its own GroupNorm statistics and zero-padded borders, so the result differs from the
+        untiled decode; the linear blend over `overlap` hides the seams, and the difference
+        shrinks as tile and overlap grow. With circular padding, the tiles wrap around the width.
+        """
+        if not 0 <= overlap < tile:
+            raise ValueError(f"need 0 <= overlap < tile, got overlap {overlap}, tile {tile}")
+        dec, f = self.decoder, self.params.factor  # f: image pixels per latent pixel
+        b, _, h, w = z.shape
+        th, tw = min(tile, h), min(tile, w)
+        rows, cols = _starts(h, tile, overlap, False), _starts(w, tile, overlap, self.circular)
+        win = _ramp(th * f, overlap * f)[:, None] * _ramp(tw * f, overlap * f)  # (8 th, 8 tw)
+        win = win.to(z.device)  # blending is done in float32 whatever the model's dtype
+        out = z.new_zeros(b, dec.conv_out.out_channels, h * f, w * f, dtype=torch.float32)
+        total = z.new_zeros(h * f, w * f, dtype=torch.float32)
+        mid = dec.mid(dec.conv_in(z))  # (B, width, h, w)
+        # One tile across the whole width wraps onto itself; narrower tiles are zero-padded.
+        _set_circular(dec, self.circular and len(cols) == 1)
+        try:
+            for r, c in itertools.product(rows, cols):
+                cols_z = torch.arange(c, c + tw, device=z.device) % w
+                x = dec.up_path(mid[:, :, r : r + th, cols_z])  # (B, 3, 8 th, 8 tw)
+                px = torch.arange(c * f, (c + tw) * f, device=z.device) % (w * f)
+                out[:, :, r * f : (r + th) * f].index_add_(3, px, x.float() * win)
+                total[r * f : (r + th) * f].index_add_(1, px, win)
+        finally:
+            _set_circular(dec, self.circular)
+        return (out / total).to(z.dtype)

@@ -1,6 +1,6 @@
-"""Writing converted checkpoints: the transformer in our (BFL) or the diffusers layout, with a
-LoRA folded in, and LoRAs in the peft/diffusers format. Every path streams one tensor at a time
-and writes atomically, so a 24 GB model never sits in memory and a failure leaves no file."""
+"""Writing converted checkpoints: the transformer in our (BFL) or the diffusers layout, a LoRA
+folded in, and LoRAs in the peft/diffusers format; streamed one tensor at a time, written
+atomically, so a 24 GB model never sits in memory and a failure leaves no file."""
 
 import json
 from collections.abc import Iterator
@@ -15,32 +15,14 @@ from .files import atomic_path, write_safetensors
 from .lora import fold_
 from .lora_formats import read_lora, write_peft
 from .weights import (
+    FLUX_CONFIG_KEY,
     FLUX_DIFFUSERS,
     meta_flux,
     read_flux,
-    split_sizes,
+    split,
     stream_tensors,
-    swap_halves,
     their_keys,
 )
-
-
-def split_shapes(op: str, shape: tuple[int, ...], n: int, hidden: int) -> list[tuple[int, ...]]:
-    """Their shapes for one of our tensors (inverse of `weights.plan_from`'s shapes)."""
-    if op == "squeeze":
-        return [shape[:2]]
-    return [(r, *shape[1:]) for r in split_sizes(op, shape[0], n, hidden)]
-
-
-def split_tensor(op: str, t: Tensor, n: int, hidden: int) -> list[Tensor]:
-    """Their tensors for one of ours (inverse of `weights.build`)."""
-    if op == "concat":
-        return list(t.split(split_sizes(op, t.shape[0], n, hidden), dim=0))
-    if op == "swap":
-        return [swap_halves(t)]
-    if op == "squeeze":
-        return [t[:, :, 0, 0]]
-    return [t]
 
 
 def convert_flux(
@@ -57,35 +39,33 @@ def convert_flux(
     if to not in ("bfl", "diffusers"):
         raise ValueError(f"unknown layout {to!r}: use 'bfl' or 'diffusers'")
     tfile, plan, model = read_flux(src, axes_dim)
-    params, shapes = model.params, {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    params, state = model.params, model.state_dict()  # meta tensors: names and shapes
     parts = read_lora(lora, model) if lora else {}
 
     def dtype_of(name: str) -> torch.dtype:
         return dtype or tfile.dtypes[plan.sources[name][1][0]]
 
     def ours() -> Iterator[tuple[str, Tensor]]:
-        for name, t in stream_tensors(tfile, plan, list(shapes), None):
+        for name, t in stream_tensors(tfile, plan, list(state), None):
             if (layer := name.removesuffix(".weight")) in parts and name.endswith(".weight"):
                 t = fold_(t.float(), parts[layer], lora_scale)  # scale * B @ A into its rows
             yield name, t.to(dtype_of(name))
 
     if to == "bfl":
-        specs = {k: (dtype_of(k), s) for k, s in shapes.items()}
-        write_safetensors(out, specs, ours(), {"dit360_config": params.to_json()})
+        specs = {k: (dtype_of(k), tuple(t.shape)) for k, t in state.items()}
+        write_safetensors(out, specs, ours(), {FLUX_CONFIG_KEY: params.to_json()})
         return Path(out)
     out, hidden = Path(out), params.hidden_size
-    layout = [(name, *their_keys(name, FLUX_DIFFUSERS)) for name in shapes]
+    layout = [(name, *their_keys(name, FLUX_DIFFUSERS)) for name in state]
     specs = {
-        k: (dtype_of(name), shape)
-        for name, op, theirs in layout
-        for k, shape in zip(
-            theirs, split_shapes(op, shapes[name], len(theirs), hidden), strict=True
-        )
+        k: (dtype_of(name), tuple(t.shape))
+        for name, op, keys in layout
+        for k, t in zip(keys, split(op, state[name], len(keys), hidden), strict=True)
     }
 
     def theirs() -> Iterator[tuple[str, Tensor]]:
         for (_, op, keys), (_, t) in zip(layout, ours(), strict=True):
-            yield from zip(keys, split_tensor(op, t, len(keys), hidden), strict=True)
+            yield from zip(keys, split(op, t, len(keys), hidden), strict=True)
 
     write_safetensors(out / "diffusion_pytorch_model.safetensors", specs, theirs())
     with atomic_path(out / "config.json") as tmp:

@@ -1,33 +1,20 @@
 """Training data: jsonl rows, per-token masks, panorama augmentation, the DiT360 mixing schedule,
 and the VAE-posterior / text-embedding cache.
 
-Reference conventions (github.com/Insta360-Research-Team/DiT360), and ours:
-- Rows `{"image", "caption", "mask"}` from two jsonl files (src/dynamic_dataset.py:18-33); a list
-  caption uses its longest entry (:67-70). Paths are relative to the jsonl's folder unless
-  absolute. We check every row first and report all bad rows in one ValueError.
-- Images: resized to (H, 2H) with PIL bicubic (= torchvision Resize(BICUBIC) on a PIL image,
-  :41-44), then mapped to [-1, 1] (:44).
-- Masks: resized with nearest, white = supervised (:76-81 thresholds `> 128`; we use `>= 128`).
-  The reference's (H/4, H/8) mask is flattened against the (H/8, W/8) latent grid, misaligned
-  (DESIGN.md section 4); ours is per token on the packed (H/16, W/16) grid: a token is supervised
-  only if its whole 16x16 patch is white. Panoramas without a mask are all white.
-- Augmentation, panoramas only (:47-57): flip with p = 0.5, then a roll. The reference rolls by
-  a pixel count uniform in [W/3, W] (src/data.py:16-36); we roll by whole 16-pixel token columns,
-  uniform in [0, W/16), so the roll is exact on latents (2 columns a token) and on the token
-  mask. Image and mask get the same flip and roll.
-- Mixing (src/dynamic_dataset.py:126-151): epochs 0-1 panoramas only; epoch e >= 2 adds
-  max(1, int(n_persp * 0.5**(e - 1))) perspective rows without replacement; the union is shuffled,
-  the last partial batch dropped. The reference uses the global RNG; we seed by (seed, epoch), so
-  a resumed run sees the same order.
+Ours differs from the reference (github.com/Insta360-Research-Team/DiT360, src/dynamic_dataset.py):
+- Masks (:76-81) are per token on the packed (H/16, W/16) grid, supervised where the whole patch
+  is white (>= 128, the reference > 128); the reference flattens an (H/4, H/8) mask against the
+  (H/8, W/8) latent grid, misaligned (DESIGN.md section 4). No mask: all white.
+- Panoramas only: flip with p = 0.5, then a roll (:47-57), image and mask alike, by whole token
+  columns uniform in [0, W/16), exact on latents and token masks (the reference rolls a pixel
+  count uniform in [W/3, W], src/data.py:16-36).
+- The mixing (:126-151, persp_count) is seeded by (seed, epoch), not the global RNG: a resumed run
+  sees the same order.
 
-Cache: `build_cache` stores once per row the VAE posterior (mean, std before scale/shift; latents
-are still sampled each step) of the image and of its mirror image, and the text embeddings, in a
-safetensors file named by a hash of (image path, file size, mtime, caption, height, model id).
-Flipping an image does not flip its latent exactly (the encoder's kernels are not symmetric), so
-both flips are cached: a flip picks the other entry, exactly. A roll by k tokens rolls the cached
-posterior by 2k latent columns: exact with a width-circular encoder
-(`AutoEncoder(circular_encoder=True)`); with the zero-padded encoder an approximation that differs
-within the encoder's receptive field of the image's left and right edges.
+Cache: per row, the text embeddings and the VAE posterior of the image and of its mirror (the
+encoder is not flip-symmetric: a flip picks the other entry). A roll by k tokens rolls the
+posterior by 2k columns: exact with `AutoEncoder(circular_encoder=True)`, else approximate near
+the left and right edges.
 """
 
 import hashlib
@@ -35,6 +22,7 @@ import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,14 +31,14 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from .files import atomic_path
-from .image import from_pil, read_mask, read_rgb
+from .image import from_pil, open_image, read_mask, read_rgb
 from .panorama import PATCH, token_mask
 from .sampling import Conditioning
 
-ROW_KINDS = ("pano", "persp")
+AUGMENT_STREAM = 0  # seeded(seed, epoch, AUGMENT_STREAM, index): a panorama's flip and roll
 READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
 Encode = Callable[[Tensor], tuple[Tensor, Tensor]]  # pixels (B, 3, H, W) -> posterior mean, std
 EncodeText = Callable[[list[str]], tuple[Tensor, Tensor, Tensor]]  # -> txt, txt_ids, vec
@@ -72,11 +60,9 @@ def seeded(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
 
-# --- rows ------------------------------------------------------------------------------------
-
-
-def _parse(line: str, folder: Path) -> tuple[Path, str, Path | None]:
-    """Image path, caption and mask path of one jsonl line; ValueError if malformed."""
+def _parse(line: str, folder: Path, source: str) -> Row:
+    """The Row of a jsonl line {"image", "caption", "mask"}, paths relative to folder (the
+    reference's format, src/dynamic_dataset.py:18-33); ValueError if malformed."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -85,34 +71,26 @@ def _parse(line: str, folder: Path) -> tuple[Path, str, Path | None]:
         raise ValueError('no "image" path')
     caption = obj.get("caption")
     if isinstance(caption, list) and caption and all(isinstance(c, str) for c in caption):
-        caption = max(caption, key=len)  # the reference keeps the longest of several captions
+        caption = max(caption, key=len)  # as the reference (src/dynamic_dataset.py:67-70)
     if not isinstance(caption, str) or not caption.strip():
         raise ValueError("missing or empty caption")
     mask = obj.get("mask")
     if mask is not None and not isinstance(mask, str):
         raise ValueError('"mask" is not a path')
     image = folder / obj["image"]  # an absolute path stays absolute
-    return image, caption.strip(), None if mask is None else folder / mask
+    return Row(image, caption.strip(), None if mask is None else folder / mask, source)
 
 
-def _image_size(path: Path, decode: bool) -> tuple[int, int]:
-    """(width, height) of an image file; with decode the whole file is decoded."""
-    with Image.open(path) as img:
-        if decode:
-            img.load()  # truncated or corrupt files fail here, not during training
-        return img.size
-
-
-def _check(row: Row, kind: str, decode: bool) -> str | None:
+def _check(row: Row, kind: str) -> str | None:
     """What is wrong with a row, or None."""
     if kind == "persp" and row.mask is None:
         return "perspective row without a mask"
     try:
-        w, h = _image_size(row.image, decode)
+        w, h = open_image(row.image).size
         if kind == "pano" and abs(w / h - 2) > 0.02:
             return f"panorama is not 2:1 ({w}x{h})"
         if row.mask is not None:
-            mw, mh = _image_size(row.mask, decode)
+            mw, mh = open_image(row.mask).size
             if abs(mw / mh - w / h) > 0.02:
                 return f"mask {row.mask.name} is {mw}x{mh}, image is {w}x{h}"
     except FileNotFoundError as e:
@@ -123,51 +101,30 @@ def _check(row: Row, kind: str, decode: bool) -> str | None:
 
 
 def read_rows(
-    pano: str | Path | None = None,
-    persp: str | Path | None = None,
-    decode: bool = True,
-    workers: int = 8,
+    pano: str | Path | None = None, persp: str | Path | None = None
 ) -> dict[str, list[Row]]:
     """Read and check both jsonl files; one ValueError lists every bad row of both."""
-    rows: dict[str, list[Row]] = {}
+    rows: dict[str, list[Row]] = {"pano": [], "persp": []}
     bad: list[str] = []
     for kind, file in (("pano", pano), ("persp", persp)):
-        path, parsed = Path(file or ""), []
-        lines = path.read_text(encoding="utf-8").splitlines() if file is not None else []
-        for n, line in enumerate(lines, start=1):
+        if file is None:
+            continue
+        path, parsed = Path(file), []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                image, caption, mask = _parse(line, path.parent)
+                parsed.append(_parse(line, path.parent, f"{path.name}:{n}"))
             except ValueError as e:
                 bad.append(f"{path.name}:{n}: {e}")
-                continue
-            parsed.append(Row(image, caption, mask, f"{path.name}:{n}"))
-        with ThreadPoolExecutor(workers) as pool:  # PIL decodes without holding the GIL
-            errors = list(pool.map(lambda r, k=kind: _check(r, k, decode), parsed))
+        with ThreadPoolExecutor(8) as pool:  # PIL decodes without holding the GIL
+            errors = list(pool.map(partial(_check, kind=kind), parsed))
         checked = list(zip(parsed, errors, strict=True))
         bad += [f"{r.source} ({r.image.name}): {e}" for r, e in checked if e]
         rows[kind] = [r for r, e in checked if e is None]
     if bad:
         raise ValueError(f"{len(bad)} bad rows:\n" + "\n".join(f"  {b}" for b in bad))
     return rows
-
-
-# --- images, masks, augmentation ----------------------------------------------------------------
-
-
-def draw_augment(generator: torch.Generator, width_tokens: int) -> tuple[bool, int]:
-    """(flip with p = 0.5, roll by a whole number of token columns in [0, width_tokens))."""
-    flip = bool(torch.rand((), generator=generator) < 0.5)
-    return flip, int(torch.randint(width_tokens, (), generator=generator))
-
-
-def augment(x: Tensor, flip: bool, shift: int) -> Tensor:
-    """Mirror x (..., W) left-right if flip, then roll it right by shift columns."""
-    return torch.roll(x.flip(-1) if flip else x, shift, dims=-1)
-
-
-# --- cache -------------------------------------------------------------------------------------
 
 
 def cache_path(row: Row, cache_dir: Path, height: int, model_id: str) -> Path:
@@ -188,14 +145,10 @@ def build_cache(
     encode_text: EncodeText,
     rank: int = 0,
     world: int = 1,
-    dtype: torch.dtype = torch.float32,
 ) -> int:
     """Cache this rank's share of rows (every world-th), skipping cached ones; returns the count.
-
-    encode: CPU float32 pixels (B, 3, H, W) in [-1, 1] -> posterior (mean, std), e.g. a wrapper of
-    `AutoEncoder.posterior` that moves them to its device; encode_text: captions -> (txt, txt_ids,
-    vec), e.g. `partial(text.encode_prompt, encoders)`.
-    """
+    encode: pixels in [-1, 1] on CPU -> posterior (mean, std); encode_text: captions -> (txt,
+    txt_ids, vec)."""
     written = 0
     for row in rows[rank::world]:
         path = cache_path(row, Path(cache_dir), height, model_id)
@@ -204,16 +157,12 @@ def build_cache(
         x = from_pil(read_rgb(row.image, 2 * height, height))
         mean, std = encode(torch.stack([x, x.flip(-1)]))  # (2, 16, H/8, W/8): as is, mirrored
         txt, _, vec = encode_text([row.caption])
-        tensors = {"mean": mean[0], "std": std[0], "mean_flip": mean[1], "std_flip": std[1]}
-        tensors = {k: v.to("cpu", dtype).contiguous() for k, v in tensors.items()}
-        tensors |= {"txt": txt[0].to("cpu", dtype).contiguous(), "vec": vec[0].to("cpu", dtype)}
+        tensors = dict(mean=mean[0], std=std[0], mean_flip=mean[1], std_flip=std[1])
+        tensors |= dict(txt=txt[0], vec=vec[0])
         with atomic_path(path) as tmp:  # a killed run leaves no partial entry
-            save_file(tensors, tmp)
+            save_file({k: v.to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, tmp)
         written += 1
     return written
-
-
-# --- samples, batches --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -227,10 +176,6 @@ class Source:
     cache_dir: Path | None = None
     model_id: str = ""
 
-    def __post_init__(self) -> None:
-        if self.height % PATCH:
-            raise ValueError(f"training height must be a multiple of {PATCH}, got {self.height}")
-
 
 @dataclass
 class Batch:
@@ -239,7 +184,7 @@ class Batch:
     kind: tuple[str, ...]  # "pano" / "persp" per row
     index: tuple[int, ...]  # row number within its kind
     token_mask: Tensor  # (B, L) bool on the packed grid, L = H/16 * W/16
-    captions: tuple[str, ...]
+    caption: tuple[str, ...]
     pixels: Tensor | None = None  # (B, 3, H, W) in [-1, 1]
     mean: Tensor | None = None  # (B, 16, H/8, W/8) posterior mean, before scale/shift
     std: Tensor | None = None  # (B, 16, H/8, W/8)
@@ -253,19 +198,25 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         """The batch with its tensors on device."""
-        move = {k: getattr(self, k) for k in ("token_mask", "pixels", "mean", "std", "txt", "vec")}
-        return replace(self, **{k: v.to(device) for k, v in move.items() if v is not None})
+        tensors = {k: v for k, v in vars(self).items() if isinstance(v, Tensor)}
+        return replace(self, **{k: v.to(device) for k, v in tensors.items()})
+
+
+def augment(x: Tensor, flip: bool, shift: int) -> Tensor:
+    """Mirror x (..., W) left-right if flip, then roll it right by shift columns."""
+    return torch.roll(x.flip(-1) if flip else x, shift, dims=-1)
 
 
 def load_sample(source: Source, kind: str, index: int, epoch: int) -> dict:
-    """One sample, augmented by a generator seeded with (seed, epoch, kind, index)."""
+    """One sample; a panorama is flipped and rolled as drawn from (seed, epoch, index)."""
     row = (source.pano if kind == "pano" else source.persp)[index]
     h = source.height
     mask = read_mask(row.mask, 2 * h, h) if row.mask else torch.ones(h, 2 * h, dtype=torch.bool)
-    flip, shift = False, 0
+    flip, shift = False, 0  # shift in token columns
     if kind == "pano":
-        gen = seeded(source.seed, epoch, ROW_KINDS.index(kind), index)
-        flip, shift = draw_augment(gen, 2 * h // PATCH)
+        gen = seeded(source.seed, epoch, AUGMENT_STREAM, index)
+        flip = bool(torch.rand((), generator=gen) < 0.5)
+        shift = int(torch.randint(2 * h // PATCH, (), generator=gen))
     mask = token_mask(augment(mask, flip, shift * PATCH))
     sample = dict(kind=kind, index=index, token_mask=mask, caption=row.caption)
     if source.cache_dir is None:
@@ -284,56 +235,39 @@ def load_sample(source: Source, kind: str, index: int, epoch: int) -> dict:
 
 
 def collate(samples: list[dict]) -> Batch:
-    """Stack samples into a Batch."""
-    first = samples[0]
-    tensors = {
-        k: torch.stack([s[k] for s in samples]) for k in first if isinstance(first[k], Tensor)
-    }
+    """Stack samples into a Batch: tensors stacked, the rest as tuples."""
+    fields = {k: [s[k] for s in samples] for k in samples[0]}
     return Batch(
-        kind=tuple(s["kind"] for s in samples),
-        index=tuple(s["index"] for s in samples),
-        captions=tuple(s["caption"] for s in samples),
-        **tensors,
+        **{k: torch.stack(v) if isinstance(v[0], Tensor) else tuple(v) for k, v in fields.items()}
     )
 
 
 def posterior(batch: Batch, encode: Encode) -> tuple[Tensor, Tensor]:
     """The VAE posterior (mean, std) of a batch: cached, or encoded from its pixels."""
-    if batch.mean is not None:
-        return batch.mean, batch.std
-    return encode(batch.pixels)
+    return (batch.mean, batch.std) if batch.mean is not None else encode(batch.pixels)
 
 
 def conditioning(batch: Batch, encode_text: EncodeText | None = None) -> Conditioning:
     """Text conditioning of a batch: cached embeddings, or encode_text(captions)."""
     if batch.txt is not None:
-        txt, vec = batch.txt, batch.vec
-        txt_ids = torch.zeros(*txt.shape[:2], 3, device=txt.device, dtype=txt.dtype)
-        return Conditioning(txt, txt_ids, vec)
+        txt_ids = batch.txt.new_zeros(*batch.txt.shape[:2], 3)  # (B, L_txt, 3)
+        return Conditioning(batch.txt, txt_ids, batch.vec)
     if encode_text is None:
         raise ValueError("the batch is not cached: pass encode_text")
-    return Conditioning(*encode_text(list(batch.captions)))
-
-
-# --- mixing schedule and loader ----------------------------------------------------------------
+    return Conditioning(*encode_text(list(batch.caption)))
 
 
 def persp_count(n_persp: int, epoch: int) -> int:
     """Perspective rows in an epoch: 0 for epochs 0-1, then max(1, int(n * 0.5**(e - 1)))."""
-    if epoch < 2 or n_persp == 0:
-        return 0
-    return max(1, int(n_persp * 0.5 ** (epoch - 1)))
+    return 0 if epoch < 2 or n_persp == 0 else max(1, int(n_persp * 0.5 ** (epoch - 1)))
 
 
 def epoch_order(
     n_pano: int, n_persp: int, epoch: int, seed: int, rank: int = 0, world: int = 1
 ) -> list[tuple[str, int]]:
-    """This rank's (kind, index) samples of an epoch, the same for the same (seed, epoch).
-
-    All panoramas plus a fresh random subset of persp_count perspective rows, shuffled. Every rank
-    gets the same count: the shuffled list is cut to a multiple of world (at most world - 1
-    samples dropped, different ones each epoch), then rank r takes every world-th from r.
-    """
+    """This rank's (kind, index) samples of an epoch, the same for the same (seed, epoch): all
+    panoramas and a fresh random subset of persp_count perspective rows, shuffled, cut to a
+    multiple of world (at most world - 1 dropped); rank r takes every world-th from r."""
     gen = seeded(seed, epoch)
     persp = torch.randperm(n_persp, generator=gen)[: persp_count(n_persp, epoch)].tolist()
     items = [("pano", i) for i in range(n_pano)] + [("persp", i) for i in persp]
@@ -342,19 +276,9 @@ def epoch_order(
     return items[rank::world]
 
 
-class EpochData(Dataset):
-    """The samples of one epoch on one rank, from sample `start` of its order on."""
-
-    def __init__(self, source: Source, epoch: int, rank: int = 0, world: int = 1, start: int = 0):
-        self.source, self.epoch = source, epoch
-        order = epoch_order(len(source.pano), len(source.persp), epoch, source.seed, rank, world)
-        self.order = order[start:]
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __getitem__(self, i: int) -> dict:
-        return load_sample(self.source, *self.order[i], self.epoch)
+def _load_batch(source: Source, epoch: int, items: list[tuple[str, int]]) -> Batch:
+    """Load the samples (kind, index) of a batch and stack them."""
+    return collate([load_sample(source, kind, index, epoch) for kind, index in items])
 
 
 def epoch_loader(
@@ -368,12 +292,12 @@ def epoch_loader(
 ) -> DataLoader:
     """Batches of an epoch in order (already shuffled), the last partial one dropped as in the
     reference; start_batch skips batches already trained on (resume)."""
-    data = EpochData(source, epoch, rank, world, start_batch * batch_size)
+    order = epoch_order(len(source.pano), len(source.persp), epoch, source.seed, rank, world)
     return DataLoader(
-        data,
+        order[start_batch * batch_size :],  # (kind, index) pairs, loaded in the workers
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=partial(_load_batch, source, epoch),
         drop_last=True,
         pin_memory=torch.cuda.is_available(),
     )

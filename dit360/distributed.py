@@ -1,13 +1,9 @@
 """Distribution for training: the process group, FSDP2 sharding with mixed precision, recompute
-(activation checkpointing), loading full weights into shards, and DCP checkpoints written
-atomically. "Checkpoint" here means only the DCP training state on disk.
+(activation checkpointing), loading full weights into shards, and atomic DCP checkpoints.
 
-The recipe is torchtitan's (github.com/pytorch/torchtitan, `distributed/`): build the model on
-the meta device, recompute each block's activations in backward, `fully_shard` each block and
-then the root with bf16 parameters and fp32 gradients summed over ranks (divide factor 1: the
-loss is normalised by the global token count), save and resume with torch.distributed.checkpoint.
-One code path for any number of processes: without torchrun the script is a world of one (an
-in-memory store), still sharded, so dtypes, numerics and checkpoints do not depend on the launch.
+torchtitan's recipe (github.com/pytorch/torchtitan, `distributed/`). Without torchrun the script
+is a world of one (an in-memory store), still sharded: one code path, so dtypes, numerics and
+checkpoints do not depend on the launch.
 """
 
 import os
@@ -38,14 +34,8 @@ STEP_DIR = re.compile(r"step-(\d+)")  # a complete checkpoint; ".step-N.tmp" is 
 TRAINABLE = StateDictOptions(ignore_frozen_params=True)  # the LoRA, never the frozen base
 
 
-# --- process group ----------------------------------------------------------------------------
-
-
 def init(device: str | None = None) -> tuple[int, int, torch.device]:
-    """Join the process group: torchrun's environment, else a world of one -> (rank, world, dev).
-
-    NCCL for CUDA devices (one per local rank), gloo for CPU.
-    """
+    """Join the process group (torchrun's, else a world of one) -> (rank, world, device)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":
         if dev.index is None:
@@ -83,22 +73,9 @@ def all_sum(x: Tensor) -> Tensor:
     return x
 
 
-def barrier() -> None:
-    """Wait for every rank."""
-    dist.barrier()
-
-
-# --- recompute and FSDP2 -----------------------------------------------------------------------
-
-
 def recompute_blocks(blocks: Iterable[nn.Module]) -> None:
-    """Recompute each block's activations in backward instead of keeping them (activation
-    checkpointing).
-
-    Only the instance's `forward` is wrapped, so parameter names stay the same (torch's
-    checkpoint_wrapper would insert `_checkpoint_wrapped_module.`), and FSDP's hooks, which run
-    around `forward`, still gather the block's parameters before the recomputation.
-    """
+    """Recompute each block's activations in backward (activation checkpointing). Wrapping the
+    instance's `forward` keeps parameter names, and FSDP's hooks still gather for the recompute."""
     for block in blocks:
         block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
@@ -106,14 +83,9 @@ def recompute_blocks(blocks: Iterable[nn.Module]) -> None:
 def shard(
     model: nn.Module, blocks: Iterable[nn.Module], device: torch.device, dtype: torch.dtype | None
 ) -> nn.Module:
-    """FSDP2 `fully_shard` on each block, then on the root, over all ranks.
-
-    Parameters are gathered in `dtype` (None: as stored) and gradients reduce-scattered in fp32,
-    summed over ranks, not averaged (torchtitan's recipe): the caller normalises its loss by the
-    global count, so the sum of the ranks' gradients is the gradient of the global loss. Inputs
-    are not cast: the caller feeds the dtype it wants, and RoPE stays fp32 as in the unsharded
-    model.
-    """
+    """FSDP2 `fully_shard` on each block, then on the root: parameters gathered in `dtype` (None:
+    as stored), inputs not cast (RoPE stays fp32), gradients reduced in fp32 and summed over
+    ranks, not averaged: the caller normalises its loss by the global token count."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(
         param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
@@ -138,9 +110,6 @@ def copy_full_(model: nn.Module, tensors: Iterable[tuple[str, Tensor]]) -> None:
             full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
             full, p = full.to_local(), p.to_local()
         p.copy_(full)
-
-
-# --- DCP checkpoints ---------------------------------------------------------------------------
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer, train: dict[str, int]) -> dict:
@@ -169,16 +138,13 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     train: dict[str, int],
-    extra: Callable[[Path], None] | None = None,
+    extra: Callable[[Path], None],
     keep: int = 2,
 ) -> Path:
     """Write `folder/step-N` atomically (all ranks call this); keep the newest `keep` (0: all).
 
-    Everything is written to `.step-N.tmp`, then renamed: a run killed while writing leaves the
-    previous checkpoints as they were. `extra(tmp)` adds files first (e.g. the LoRA export).
-    Checkpoints of later steps belong to a run this one branched off from (resumed from an
-    older checkpoint) and are removed, so the latest is always this run's. On several nodes
-    `folder` must be on a shared file system (as DCP requires).
+    Written to `.step-N.tmp` (`extra(tmp)` adds files), then renamed. Later steps' checkpoints,
+    of the run this one branched off from by resuming, are removed. All nodes must share `folder`.
     """
     folder, step = Path(folder), train["step"]
     final = folder / f"step-{step:08d}"
@@ -186,11 +152,10 @@ def save_checkpoint(
     if is_main():
         remove(tmp)  # left by a run killed while writing it
         tmp.mkdir(parents=True)
-    barrier()
+    dist.barrier()
     dcp.save(_state(model, optimizer, train), checkpoint_id=tmp)
-    if extra is not None:
-        extra(tmp)
-    barrier()
+    extra(tmp)
+    dist.barrier()
     if is_main():
         for s, path in _complete(folder).items():
             if s >= step:
@@ -201,15 +166,14 @@ def save_checkpoint(
             remove(old)
         for stale in folder.glob(".step-*.tmp*"):
             remove(stale)
-    barrier()
+    dist.barrier()
     return final
 
 
 def load_checkpoint(
     path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, train: dict[str, int]
 ) -> dict[str, int]:
-    """Load a checkpoint into the (sharded) model and optimizer, resharding if the world
-    changed; returns its counters (`train` names them)."""
+    """Load a checkpoint into the sharded model and optimizer (any world size) -> its counters."""
     state = _state(model, optimizer, train)
     dcp.load(state, checkpoint_id=Path(path))
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
@@ -218,7 +182,6 @@ def load_checkpoint(
 
 
 def full_trainable_state(model: nn.Module) -> dict[str, Tensor]:
-    """The trainable parameters gathered from all shards, on CPU (all ranks call; rank 0 gets
-    them, the others an empty dict)."""
+    """The trainable parameters gathered on CPU: rank 0 gets them, the others {} (all call)."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     return get_model_state_dict(model, options=options)

@@ -1,31 +1,20 @@
 """Panorama inpainting and outpainting: RF-Inversion with Personalize-Anything token replacement.
 
-References: DiT360 (github.com/Insta360-Research-Team/DiT360) `editing.py`, `pa_src/pipeline.py`
-(`invert` and `__call__` of the RF-inversion pipeline), `pa_src/attn_processor.py` (the token
-replacement), `pa_src/utils.py` (`create_mask`); Rout et al. 2024, "Semantic Image Inversion and
-Editing using Rectified Stochastic Differential Equations" (arXiv:2410.10792), Algorithms 1 and 2;
-Feng et al., "Personalize Anything for Free with Diffusion Transformer" (AAAI 2026).
+References: DiT360 (github.com/Insta360-Research-Team/DiT360) `editing.py`, `pa_src/`; Rout et al.
+2024, RF-Inversion (arXiv:2410.10792), Algorithms 1, 2; Feng et al., "Personalize Anything for Free
+with Diffusion Transformer" (AAAI 2026). Time as in sampling.py; masks: True = keep.
 
-Time convention as in sampling.py: t = 1 noise, t = 0 data, the model predicts v = noise - data.
-Masks: True = keep the source, False = generate. All latents here are padded tokens (B, L, C).
+`invert` moves the source latents x0 toward noise y1 (empty prompt) along the controlled field
+u_model + gamma * ((y1 - Y) / (1 - t) - u_model). `edit` runs a batch [source, target]: the
+source back toward x0 along v + eta * ((X - x0) / t - v), the target plain Euler from noise with
+the new prompt; while t > tau the target's image tokens at the mask take the source's in
+attention, while t >= blend_until its latents there take the source's after each step.
 
-1. `invert`: the source latents x0 move toward noise y1 along the controlled forward ODE
-   u = u_model + gamma * ((y1 - Y) / (1 - t) - u_model), empty prompt, guidance 0.
-2. `edit`: a batch [source, target]. The source runs the controlled reverse ODE from the inverted
-   latents back toward x0 (v + eta * ((X - x0) / t - v) while the step is in [start, stop)); the
-   target runs plain Euler from fresh noise with the new prompt. While t > tau the target's image
-   tokens at the mask take the source's before attention in every block; while t >= blend_until
-   the target's latents at the mask are replaced by the source's after each step.
-
-Reference behaviour kept on purpose: the inversion's model time and conditional field use
-t_i = i / (steps + 1) while its step sizes are the reverse schedule's; the schedule shift comes
-from the unpadded token count (generation uses the padded one); the mask's pad columns are
-[first | mask | last] while the latents' are [last | grid | first] (`mask_pad="wrap"` fixes it);
-the eta window is [int(start * steps), int(stop * steps)).
-
-Cost: with gamma = 1 the inversion calls no model. With eta = 1 the source branch's own velocity
-is multiplied by zero, so the source is only run where its attention tokens are needed (t > tau)
-or its velocity is (eta != 1), and it is dropped once no later step reads it.
+Kept from the reference on purpose: inversion model time and field at t_i = i / (steps + 1) with
+the reverse schedule's step sizes; the shift from the unpadded token count; the mask's pad columns
+[first | mask | last] vs the latents' [last | grid | first] (`mask_pad="wrap"` fixes it); the eta
+window [int(start * steps), int(stop * steps)). Cost: gamma = 1 calls no model in the inversion;
+eta = 1 zeroes the source's own velocity, so it then runs only while its tokens (t > tau) are read.
 """
 
 from collections.abc import Callable, Iterator
@@ -40,14 +29,11 @@ from tqdm.auto import tqdm
 
 from .generate import initial_noise, load_model
 from .image import from_pil, open_image, read_mask, read_rgb, to_pil
-from .layers import QKVHook
 from .model import Flux
 from .options import EditOptions, check_size
 from .panorama import Grid
 from .report import Report
 from .sampling import Conditioning, noise, predict, schedule, step, timestep
-
-# --- masks ----------------------------------------------------------------------------------------
 
 
 def check_mask(keep: Tensor) -> None:
@@ -62,42 +48,27 @@ def check_mask(keep: Tensor) -> None:
         )
 
 
-# --- token replacement ----------------------------------------------------------------------------
-
-
-def replace_tokens(keep: Tensor) -> QKVHook:
-    """A qkv hook for a batch [source, target]: the target's image tokens at `keep` (L_img,)
-    take the source's queries, keys and values.
-
-    The reference replaces the modulated hidden states before the q/k/v projections; projections
-    and QK norm act token by token and a replaced token keeps its position (RoPE), so replacing
-    their outputs is the same, and the MLP half of the single blocks' fused `linear1` keeps the
-    unreplaced input, as in diffusers where the MLP reads it before the attention processor.
-    """
-    n = keep.numel()
+@contextmanager
+def replacing_tokens(model: Flux, keep: Tensor | None) -> Iterator[None]:
+    """Inside it, on a batch [source, target] the target's image tokens at `keep` (L_img,) take the
+    source's q, k, v in every block (None: none do). The reference replaces the hidden states before
+    the projections, which act token by token like QK norm (RoPE keeps the position): the same, and
+    the MLP half of the single blocks' `linear1` reads the unreplaced input, as in diffusers."""
 
     def hook(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        rows = torch.cat([keep.new_zeros(q.shape[2] - n), keep.to(q.device)])  # (L,) [txt | img]
+        txt = keep.new_zeros(q.shape[2] - keep.numel())
+        rows = torch.cat([txt, keep.to(q.device)])  # (L,) [txt | img]
         sel = torch.stack([torch.zeros_like(rows), rows])[:, None, :, None]  # (2, 1, L, 1)
         return tuple(torch.where(sel, x[:1], x) for x in (q, k, v))
 
-    return hook
-
-
-@contextmanager
-def hooked(model: Flux, hook: QKVHook | None) -> Iterator[None]:
-    """Set `hook` on every double and single block for the duration of a block."""
     blocks = [*model.double_blocks, *model.single_blocks]
     for b in blocks:
-        b.qkv_hook = hook
+        b.qkv_hook = None if keep is None else hook
     try:
         yield
     finally:
         for b in blocks:
             b.qkv_hook = None
-
-
-# --- the two ODEs ---------------------------------------------------------------------------------
 
 
 def rows(cond: Conditioning, sl: slice) -> Conditioning:
@@ -112,22 +83,18 @@ def invert(
     grid: Grid,
     cond: Conditioning,
     sigmas: Tensor,
-    gamma: float = 1.0,
-    guidance: float = 0.0,
+    opts: EditOptions,
 ) -> Tensor:
-    """Controlled forward ODE (Algorithm 1) from source latents x0 toward noise y1, (1, L, C).
-
-    As the reference: len(sigmas) - 1 steps of size sigmas[i] - sigmas[i + 1], while the model and
-    the conditional field (y1 - Y) / (1 - t_i) take t_i = i / len(sigmas) in the latent dtype.
-    """
-    g = guidance if model.params.guidance_embed else None
+    """Controlled forward ODE (Algorithm 1) from x0 toward noise y1, (1, L, C). As the reference:
+    steps sigmas[i] - sigmas[i + 1], but model and field see t_i = i / len(sigmas), latent dtype."""
+    g = opts.inversion_guidance if model.params.guidance_embed else None
     n, x, sigmas = len(sigmas), x0, sigmas.to(x0.device)
     for i in tqdm(range(n - 1), desc="invert"):
         t = float(torch.tensor(i / n, dtype=x.dtype))
         u = (y1.float() - x.float()) / (1 - t)  # the conditional field: straight to y1
-        if gamma != 1:  # at gamma = 1 the model's field has weight 0: skip the call
+        if opts.gamma != 1:  # at gamma = 1 the model's field has weight 0: skip the call
             u_model = predict(model, x, grid, cond, t, g).float()
-            u = u_model + gamma * (u - u_model)
+            u = u_model + opts.gamma * (u - u_model)
         x = step(x, u, sigmas[i] - sigmas[i + 1])
     return x
 
@@ -141,33 +108,26 @@ def edit(
     grid: Grid,
     cond: Conditioning,
     sigmas: Tensor,
-    guidance: float,
     opts: EditOptions,
     keep_source: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """The edit (Algorithm 2 + token replacement + blending): target latents (1, L, C) from noise
-    z, and with `keep_source` the source branch's final latents, else None.
-
-    inverted, x0: the source's inverted and encoded latents; keep (L,) the padded token mask;
-    cond: 2 rows, [source, target].
-    """
-    steps, dtype = len(sigmas) - 1, z.dtype
-    sigmas, keep = sigmas.to(z.device), keep.to(z.device)
-    times = [float(timestep(s, dtype)) / 1000 for s in sigmas[:-1]]  # what the model sees
+    """Algorithm 2 + token replacement + blending on [source, target] (cond; keep (L,) padded):
+    target latents (1, L, C) from noise z, and with `keep_source` the source's last, else None."""
+    steps, sigmas, keep = len(sigmas) - 1, sigmas.to(z.device), keep.to(z.device)
+    times = [float(timestep(s, z.dtype)) / 1000 for s in sigmas[:-1]]  # what the model sees
     lo, hi = int(opts.start * steps), min(int(opts.stop * steps), steps)
     eta = [opts.eta if lo <= i < hi else 0.0 for i in range(steps)]
-    swap = [t > opts.tau for t in times]
-    blend = [t >= opts.blend_until for t in times]
-    # The source latents are read as model input (at i) while swapping, after step i for blending,
-    # and at the end if asked: track them up to the last index read, no further.
+    swap, blend = [t > opts.tau for t in times], [t >= opts.blend_until for t in times]
+    # The source is read as input at step i while swapping, after it when blending, at the end if
+    # asked: track it up to the last read, no further.
     reads = [i for i in range(steps) if swap[i]] + [i + 1 for i in range(steps) if blend[i]]
     last = max(reads + [steps if keep_source else 0])
-    g = guidance if model.params.guidance_embed else None
-    hook, src, tgt = replace_tokens(keep), inverted, z
+    g = opts.guidance if model.params.guidance_embed else None
+    src, tgt = inverted, z
     for i in tqdm(range(steps), desc="edit"):
         dt = sigmas[i + 1] - sigmas[i]
         if swap[i] or (i < last and eta[i] != 1):  # the source's tokens or velocity are needed
-            with hooked(model, hook if swap[i] else None):
+            with replacing_tokens(model, keep if swap[i] else None):
                 v = predict(model, torch.cat([src, tgt]), grid, cond, sigmas[i], g).float()
             v_src, v_tgt = v[:1], v[1:]
         else:  # the target alone: nothing of the source is read at this step
@@ -182,12 +142,8 @@ def edit(
     return tgt, (src if keep_source else None)
 
 
-# --- pixels: paste-back ---------------------------------------------------------------------------
-
-
 def feather(keep: Tensor, radius: int) -> Tensor:
-    """Alpha (H, W) in [0, 1]: 1 on the kept pixels, falling to 0 over about `radius` pixels
-    outside them; the box blur wraps around the left/right seam."""
+    """Alpha (H, W): 1 on kept pixels, 0 beyond about `radius` pixels; the blur wraps the seam."""
     a = keep.float()[None, None]  # (1, 1, H, W)
     if radius <= 0:
         return a[0, 0]
@@ -206,18 +162,12 @@ def paste_back(edited: Tensor, source: Tensor, keep: Tensor, radius: int) -> Ten
     return alpha * source + (1 - alpha) * edited
 
 
-# --- files in, panorama out -----------------------------------------------------------------------
-
-
 def read_panorama(path: str | Path, height: int = 1024, resize: bool = False) -> Image.Image:
-    """The source panorama as RGB at height x 2 height; an image that is not 2:1 is an error
-    unless `resize` stretches it."""
+    """The source panorama as RGB at height x 2 height; not 2:1 is an error unless `resize`."""
     img = open_image(path)
     w, h = img.size
     if w != 2 * h and not resize:
-        raise ValueError(
-            f"{path}: {w}x{h} is not 2:1 (equirectangular); pass --resize to stretch it to 2:1"
-        )
+        raise ValueError(f"{path}: {w}x{h} is not 2:1; pass --resize to stretch it to 2:1")
     return read_rgb(img, 2 * height, height)
 
 
@@ -238,16 +188,14 @@ def edit_image(
     keep = read_mask(mask, grid.w, grid.h) ^ opts.invert  # (h, w) on the token grid
     check_mask(keep)
     report = Report(dev, log=log)
-
     source = opts.source_prompt if opts.source_prompt is not None else prompt
     with report.stage("text encoders"):  # rows: inversion (""), source, target
         cond = Conditioning(*encode(opts.base, ["", source, prompt], dev, dtype))
-    with report.stage("encode image"):
+    with report.stage("encode image"), torch.no_grad():
         vae = load_autoencoder(opts.base, dev, dtype)
         vae.set_circular(decoder=opts.seamless_vae, encoder=opts.seamless_vae)
         pixels = from_pil(image)[None]  # (1, 3, H, W) float32, kept for the paste-back
-        with torch.no_grad():  # the posterior mean (the reference samples it, unseeded)
-            x0 = grid.pack(vae.encode(pixels.to(dev, dtype)))
+        x0 = grid.pack(vae.encode(pixels.to(dev, dtype)))  # the mean (the reference: a sample)
         vae.to("cpu")  # parked: one model on the device at a time
 
     c = x0.shape[-1] // 4
@@ -259,24 +207,16 @@ def edit_image(
     with report.stage("load transformer"):
         model = load_model(opts)
     with report.stage("invert"), torch.no_grad():
-        inv_cond = rows(cond, slice(0, 1))
-        inverted = invert(
-            model, x0, y1, grid, inv_cond, sigmas, opts.gamma, opts.inversion_guidance
-        )
+        inverted = invert(model, x0, y1, grid, rows(cond, slice(0, 1)), sigmas, opts)
     with report.stage("edit"), torch.no_grad():
-        tokens = grid.wrap_mask(keep.flatten(), opts.mask_pad)
-        edit_cond = rows(cond, slice(1, 3))
-        latents, _ = edit(
-            model, inverted, x0, z, tokens, grid, edit_cond, sigmas, opts.guidance, opts
-        )
+        keep = grid.wrap_mask(keep.flatten(), opts.mask_pad)  # (L,): on the padded tokens
+        latents, _ = edit(model, inverted, x0, z, keep, grid, rows(cond, slice(1, 3)), sigmas, opts)
         del model, cond
-
     with report.stage("decode"), torch.no_grad():
         vae.to(dev)
         out = vae.decode(grid.unpack(latents), tile=opts.vae_tile)[0].float().cpu()  # (3, H, W)
         del vae
     if opts.paste_back:
         radius = height // 32 if opts.feather is None else opts.feather
-        keep_px = read_mask(mask, width, height) ^ opts.invert
-        out = paste_back(out, pixels[0], keep_px, radius)
+        out = paste_back(out, pixels[0], read_mask(mask, width, height) ^ opts.invert, radius)
     return to_pil(out), report

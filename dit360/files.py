@@ -1,10 +1,10 @@
-"""TensorFile files: where weights come from (file, sharded folder, Hugging Face repo) and how
-they are read and written, one tensor at a time, so no model is ever held twice in memory.
+"""Where weights come from (file, sharded folder, Hugging Face repo), reading and writing them one
+tensor at a time, and atomic writes.
 
-The safetensors format (https://github.com/huggingface/safetensors): an 8-byte little-endian
-header length, a JSON header of {name: {dtype, shape, data_offsets}}, then the raw bytes. We read
-and write it with plain file I/O rather than mmap, so converting a 24 GB model keeps only the
-tensor at hand in memory (mapped pages would stay resident until the file is closed).
+safetensors (https://github.com/huggingface/safetensors): an 8-byte little-endian header length,
+a JSON header of {name: {dtype, shape, data_offsets}}, then the raw bytes. We use plain file I/O,
+not mmap, so converting a 24 GB model keeps only the tensor at hand in memory (mapped pages would
+stay resident until the file is closed).
 """
 
 import json
@@ -20,19 +20,10 @@ import torch
 from torch import Tensor
 
 ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
@@ -62,8 +53,8 @@ class TensorFile:
         return str(self.files.get(key, self.source))
 
 
-def _read_file(path: Path) -> TensorFile:
-    """Parse a safetensors header and check that every tensor lies inside the file."""
+def _read_file(path: Path, into: TensorFile | None = None) -> TensorFile:
+    """Parse a safetensors header (into `into`, for shards) and check every tensor lies inside."""
     size = path.stat().st_size
     bad = f"{path} is not a readable safetensors file"
     with open(path, "rb") as f:
@@ -75,7 +66,8 @@ def _read_file(path: Path) -> TensorFile:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise ValueError(f"{bad}: its header is not valid JSON (corrupt?)") from None
-    tfile = TensorFile({}, {}, {}, header.pop("__metadata__", None) or {}, path)
+    metadata = header.pop("__metadata__", None) or {}
+    tfile = into or TensorFile({}, {}, {}, metadata, path)
     for key, info in header.items():
         start, end = info["data_offsets"]
         dtype, shape = ST_DTYPES.get(info["dtype"]), tuple(info["shape"])
@@ -101,14 +93,13 @@ def open_tensors(path: str | Path) -> TensorFile:
     files = sorted(path.glob("*.safetensors"))
     if len(indexes) == 1:
         weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        shards = {name: path / name for name in sorted(set(weight_map.values()))}
-        if missing := [str(p) for p in shards.values() if not p.is_file()]:
+        shards = [path / name for name in sorted(set(weight_map.values()))]
+        if missing := [str(p) for p in shards if not p.is_file()]:
             raise FileNotFoundError(f"{indexes[0]} lists shards that are missing: {missing}")
-        parts = [_read_file(p) for p in shards.values()]
-        tfile = TensorFile({}, {}, {}, parts[0].metadata, path)
-        for part in parts:
-            tfile.files.update(part.files), tfile.shapes.update(part.shapes)
-            tfile.dtypes.update(part.dtypes), tfile.spans.update(part.spans)
+        tfile = _read_file(shards[0])  # its metadata stands for the whole folder
+        tfile.source = path
+        for shard in shards[1:]:
+            _read_file(shard, into=tfile)
         if absent := sorted(set(weight_map) - set(tfile.shapes)):
             raise ValueError(f"{indexes[0]} names tensors no shard holds: {absent[:5]}")
         return tfile
@@ -121,43 +112,30 @@ def open_tensors(path: str | Path) -> TensorFile:
     )
 
 
-def looks_like_repo_id(src: str) -> bool:
-    """'owner/name' with no path syntax: a Hugging Face repo id rather than a local path."""
-    parts = str(src).split("/")
-    return len(parts) == 2 and all(parts) and not str(src).startswith((".", "~"))
-
-
 def resolve(src: str | Path, allow_patterns: list[str] | None = None, expected: str = "") -> Path:
-    """A local path as is, or a Hugging Face repo id fetched (only `allow_patterns`) to the cache.
-
-    Honours HF_HOME, HF_TOKEN and HF_HUB_OFFLINE through huggingface_hub. `expected` describes
-    the layout wanted, for error messages.
-    """
+    """A local path as is, or a Hugging Face repo id fetched (only `allow_patterns`) to the cache
+    (HF_HOME, HF_TOKEN, HF_HUB_OFFLINE apply); `expected` names the layout, for error messages."""
     hint = f"; expected {expected}" if expected else ""
     path = Path(src).expanduser()
     if path.exists():
         return path
-    if not looks_like_repo_id(str(src)):
+    parts = str(src).split("/")  # a repo id is 'owner/name', with no path syntax
+    if len(parts) != 2 or not all(parts) or str(src).startswith((".", "~")):
         raise FileNotFoundError(f"{src}: no such file or folder (nor a Hugging Face repo id){hint}")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
+    from huggingface_hub import errors, snapshot_download
 
     try:
         return Path(snapshot_download(str(src), allow_patterns=allow_patterns))
-    except GatedRepoError:
+    except errors.GatedRepoError:
         raise PermissionError(
             f"{src} is gated: accept its license on https://huggingface.co/{src} while logged in, "
             "then log in with `hf auth login` or set HF_TOKEN"
         ) from None
-    except RepositoryNotFoundError:
+    except errors.RepositoryNotFoundError:
         raise FileNotFoundError(
             f"Hugging Face repo {src} not found (or private: log in with `hf auth login`){hint}"
         ) from None
-    except LocalEntryNotFoundError:
+    except errors.LocalEntryNotFoundError:
         raise FileNotFoundError(
             f"{src} is not in the Hugging Face cache and cannot be downloaded now (offline mode or "
             f"no network): download it once with network access, or pass a local folder{hint}"
@@ -185,12 +163,12 @@ def commit(tmp: Path, path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | Path, owner: str | None = None) -> Iterator[Path]:
+def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary name next to `path` (for a file or a folder); move it to `path` only if
     the block succeeds, so `path` is complete or absent. The one owner of atomic writes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path, str(os.getpid()) if owner is None else owner)
+    tmp = temp_path(path, str(os.getpid()))
     remove(tmp)
     try:
         yield tmp

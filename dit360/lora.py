@@ -1,16 +1,10 @@
 """LoRA adapters on the FLUX transformer's linear layers: add (inject, attach), merge, unmerge.
 
-A LoRA adds scale * B @ A to a linear weight (A: (r, in), B: (out, r), scale = alpha / r). Some
-of our (BFL) layers are fused: a double block's `img_attn.qkv` is diffusers' [to_q; to_k; to_v],
-a single block's `linear1` [to_q; to_k; to_v; proj_mlp]. So an adapter acts on row ranges of its
-layer: DiT360's q/k/v LoRAs are three parts of one adapter on qkv. It stacks their A, (sum r, in),
-so the down-projection is one matmul; each part's B maps its slice of that onto its rows of the
-output (a block-diagonal B, never built). B @ A is formed only to merge.
-
-The layer keeps its class and parameters; it gains a child `lora` (a ModuleDict of adapters:
-`<layer>.lora.<name>.A`, `.B.<i>`) and, while an adapter is unmerged and active, a forward hook
-adding their output: merged, it runs its plain forward. The hook uses only the layer's output,
-merging only its `weight`, so any linear (an fp8 one, say) can be the base. Files: lora_formats.py.
+A LoRA adds scale * B @ A to a weight (A: (r, in), B: (out, r), scale = alpha / r). A fused layer
+(`img_attn.qkv` = diffusers' [to_q; to_k; to_v]) takes DiT360's q/k/v LoRAs as row ranges of one
+adapter: A stacked (sum r, in) for one matmul, each B on its rows. The layer gains a child `lora`
+(`.lora.<name>.A`, `.B.<i>`) and, while an adapter is unmerged and active, a forward hook adding
+its output; it keeps its class, so any linear (fp8, say) can be the base. Files: lora_formats.py.
 Reference: Hu et al. 2021, https://arxiv.org/abs/2106.09685; mlx-examples `LoRALinear`.
 """
 
@@ -65,8 +59,7 @@ class Adapter(nn.Module):
 
     def parts(self) -> list[Part]:
         """The parts as plain tensors (scale = alpha / r, without the multiplier)."""
-        cols = self.A.split(self.ranks)
-        z = zip(self.rows, cols, self.B, self.scales, strict=True)
+        z = zip(self.rows, self.A.split(self.ranks), self.B, self.scales, strict=True)
         return [Part(s, e, a, b, scale) for (s, e), a, b, scale in z]
 
     def add_(self, x: Tensor, out: Tensor) -> None:
@@ -96,21 +89,14 @@ def _sync(layer: nn.Module) -> None:
         del hooks[k]
 
 
-def add_adapter(
-    layer: nn.Module,
-    name: str,
-    parts: list[Span],
-    dropout: float = 0.0,
-    dtype: torch.dtype | None = None,
-) -> Adapter:
-    """A new (uninitialised) adapter `name` on `layer`, on its weight's device; hooks the layer."""
+def add_adapter(layer: nn.Module, name: str, parts: list[Span], dropout: float = 0.0) -> Adapter:
+    """A new (uninitialised) adapter `name` on `layer`, like its weight; hooks the layer."""
     if "lora" not in layer._modules:
         layer.lora = nn.ModuleDict()
     w = layer.weight
-    ad = Adapter(layer.in_features, parts, dropout, device=w.device, dtype=dtype or w.dtype)
-    layer.lora[name] = ad
+    layer.lora[name] = Adapter(layer.in_features, parts, dropout, device=w.device, dtype=w.dtype)
     _sync(layer)
-    return ad
+    return layer.lora[name]
 
 
 def linears(model: nn.Module) -> dict[str, nn.Module]:
@@ -119,11 +105,12 @@ def linears(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if all(hasattr(m, a) for a in attrs)}
 
 
-def diffusers_split(name: str, rows: int, hidden: int) -> tuple[str, list[str], list[int]] | None:
-    """(op, diffusers module names, row bounds [0, ..., rows]) of our layer `name`, or None."""
+def diffusers_split(model: nn.Module, name: str) -> tuple[str, list[str], list[int]] | None:
+    """(op, diffusers module names, row bounds [0, ..., out]) of our layer `name`, or None."""
     if (hit := their_keys(name + ".weight", FLUX_DIFFUSERS)) is None:
         return None
     op, theirs = hit
+    rows, hidden = model.get_submodule(name).out_features, model.params.hidden_size
     sizes = split_sizes(op, rows, len(theirs), hidden)
     return op, [k.removesuffix(".weight") for k in theirs], [0, *accumulate(sizes)]
 
@@ -140,44 +127,27 @@ def lora_names(model: nn.Module) -> set[str]:
     return {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, Adapter)}
 
 
-# --- Training --------------------------------------------------------------------------------
-
-
 def inject(
     model: nn.Module,
     rank: int = 64,
     alpha: float = 64,
     targets: tuple[str, ...] = DIT360_TARGETS,
     dropout: float = 0.05,
-    name: str = "default",
-    dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
-    """Add a new trainable LoRA on diffusers-named targets (peft's suffix match); freeze the rest.
-
-    Defaults are DiT360's. Works on the meta device; call `reset_lora` after `to_empty`.
-    """
-    layers, hidden, found = linears(model), model.params.hidden_size, {}
-    for layer, m in layers.items():
-        _, modules, bounds = diffusers_split(layer, m.out_features, hidden) or (None, [], [])
+    """Add a trainable float32 LoRA "default" on diffusers-named targets (peft's suffix match),
+    freeze the rest; defaults are DiT360's. On meta: Adapter.reset_parameters after `to_empty`."""
+    layers, found = linears(model), {}
+    for layer in layers:
+        _, modules, bounds = diffusers_split(model, layer) or (None, [], [])
         for j, module in enumerate(modules):
             if any(module == t or module.endswith("." + t) for t in targets):
                 found.setdefault(layer, []).append((bounds[j], bounds[j + 1], rank, alpha / rank))
-    if not found or name in lora_names(model):
-        raise ValueError(f"LoRA {name!r} exists already, or no layer matches targets {targets}")
+    if not found or "default" in lora_names(model):
+        raise ValueError(f"LoRA 'default' exists already, or no layer matches targets {targets}")
     model.requires_grad_(False)
     for layer, parts in found.items():
-        add_adapter(layers[layer], name, parts, dropout, dtype)
-    return reset_lora(model, name)
-
-
-def reset_lora(model: nn.Module, name: str | None = None) -> nn.Module:
-    """(Re)initialise LoRA weights as peft's "gaussian" init does."""
-    for _, _, ad in adapters(model, name):
-        ad.reset_parameters()
+        add_adapter(layers[layer], "default", parts, dropout).float().reset_parameters()
     return model
-
-
-# --- Applying and merging --------------------------------------------------------------------
 
 
 def attach(model: nn.Module, plan: LoraPlan, name: str, multiplier: float = 1.0) -> nn.Module:
@@ -191,9 +161,7 @@ def attach(model: nn.Module, plan: LoraPlan, name: str, multiplier: float = 1.0)
             ad.A.copy_(torch.cat([p.A for p in parts]))
             for b, p in zip(ad.B, parts, strict=True):
                 b.copy_(p.B)
-        ad.multiplier = multiplier
-        _sync(lin)
-    return model
+    return set_scale(model, multiplier, name)
 
 
 def set_scale(model: nn.Module, scale: float, name: str | None = None) -> nn.Module:
@@ -211,26 +179,21 @@ def fold_(w: Tensor, parts: list[Part], factor: float) -> Tensor:
     """Add factor * scale * B @ A to each part's rows of w, in place (summed in float32)."""
     for p in parts:
         delta = p.B.to(w.device, torch.float32) @ p.A.to(w.device, torch.float32)
-        rows = w[p.start : p.end]
-        rows.copy_(rows.float() + delta * (factor * p.scale))
+        w[p.start : p.end] = w[p.start : p.end].float() + delta * (factor * p.scale)
     return w
 
 
-def merge_lora(model: nn.Module, name: str | None = None) -> nn.Module:
-    """Fold unmerged LoRAs (all, or the one named) into their layers' weights (and unhook)."""
+def merge_lora(model: nn.Module, name: str | None = None, undo: bool = False) -> nn.Module:
+    """Fold unmerged LoRAs (all, or the one named) into their layers' weights and unhook them;
+    with `undo`, take merged ones back out (exact in float32, rounded in 16-bit)."""
     for _, layer, ad in adapters(model, name):
-        if not ad.merged:
-            fold_(layer.weight, ad.parts(), ad.multiplier)
-            ad.merged = True
+        if ad.merged == undo:
+            fold_(layer.weight, ad.parts(), -ad.multiplier if undo else ad.multiplier)
+            ad.merged = not undo
             _sync(layer)
     return model
 
 
 def unmerge_lora(model: nn.Module, name: str | None = None) -> nn.Module:
-    """Take merged LoRAs back out of the weights (exact in float32, rounded in 16-bit)."""
-    for _, layer, ad in adapters(model, name):
-        if ad.merged:
-            fold_(layer.weight, ad.parts(), -ad.multiplier)
-            ad.merged = False
-            _sync(layer)
-    return model
+    """Take merged LoRAs back out of the weights."""
+    return merge_lora(model, name, undo=True)

@@ -1,9 +1,9 @@
 """LoRA files: read the common formats onto our layers (a `LoraPlan`), load, write peft.
 
-Read: peft/diffusers (`transformer.<diffusers module>.lora_A.weight`, DiT360's format, alpha from
+Read: peft/diffusers (`transformer.<diffusers module>.lora_A.weight`, DiT360's; alpha from
 `adapter_config.json`), kohya (`lora_unet_<BFL module, _ for .>.lora_down.weight` + `.alpha`),
 BFL/ComfyUI (`diffusion_model.<BFL module>.lora_A.weight`, or lora_down/lora_up + `.alpha`).
-Written: peft/diffusers, which diffusers' `load_lora_weights` reads. The layer is `lora.py`.
+Written: peft/diffusers (diffusers' `load_lora_weights` reads it). Adapters: lora.py.
 Reference: peft `src/peft/tuners/lora`; diffusers `loaders/lora_conversion_utils.py`.
 """
 
@@ -17,29 +17,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .config import DIT360_LORA
 from .files import atomic_path, open_tensors, resolve, write_safetensors
 from .lora import LoraPlan, Part, adapters, attach, diffusers_split, linears, lora_names, merge_lora
 from .weights import FLUX_DIFFUSERS, locate, strip_prefix, swap_halves
 
-LORA_FILES = ["*.safetensors", "*.json"]
 # File key endings -> which tensor: peft, diffusers-old and kohya/ComfyUI spellings.
 KEY_KINDS = dict.fromkeys([".lora_A.weight", ".lora.down.weight", ".lora_down.weight"], "A")
 KEY_KINDS |= dict.fromkeys([".lora_B.weight", ".lora.up.weight", ".lora_up.weight"], "B")
 KEY_KINDS[".alpha"] = "alpha"
-
-
-def _target(
-    name: str, layers: dict[str, nn.Module], hidden: int
-) -> tuple[str, int, int, bool] | None:
-    """(our layer, start row, end row, B halves swapped) for a BFL or diffusers module name."""
-    if name in layers:
-        return name, 0, layers[name].out_features, False
-    hit = locate(name + ".weight", FLUX_DIFFUSERS)
-    if hit and (ours := hit[1].removesuffix(".weight")) in layers:
-        bounds = diffusers_split(ours, layers[ours].out_features, hidden)[2]
-        return ours, bounds[hit[2]], bounds[hit[2] + 1], hit[0] == "swap"
-    return None
 
 
 def _scale(name: str, r: int, alpha: Tensor | None, config: dict | None) -> float:
@@ -58,40 +43,39 @@ def plan_lora(
     tensors: dict[str, Tensor], model: nn.Module, config: dict | None = None, source: str = "LoRA"
 ) -> LoraPlan:
     """Map a LoRA state dict (any supported format) onto `model`'s layers; every key must fit."""
-    layers, hidden = linears(model), model.params.hidden_size
+    layers = linears(model)
     kohya = {"lora_unet_" + n.replace(".", "_"): n for n in layers}
-    groups: dict[str, dict[str, str]] = {}
-    unknown, bad, plan, seen = [], [], {}, set()
+    groups, unknown, bad, plan = {}, [], [], {}  # groups: module -> {"A" | "B" | "alpha": key}
     for key in tensors:
-        end = next((e for e in KEY_KINDS if key.endswith(e)), None)
-        if end is None:
+        if end := next((e for e in KEY_KINDS if key.endswith(e)), None):
+            groups.setdefault(key[: -len(end)], {})[KEY_KINDS[end]] = key
+        else:
             unknown.append(key)
-            continue
-        groups.setdefault(key[: -len(end)], {})[KEY_KINDS[end]] = key
     for module, keys in groups.items():
         name = kohya.get(module) or strip_prefix(module)
-        if (hit := _target(name, layers, hidden)) is None:
+        hit = locate(name + ".weight", FLUX_DIFFUSERS)
+        if name in layers:  # a BFL module: the whole layer
+            ours, start, end, swap = name, 0, layers[name].out_features, False
+        elif hit and (ours := hit[1].removesuffix(".weight")) in layers:  # a diffusers module
+            bounds = diffusers_split(model, ours)[2]  # its rows of our layer; swap: B's halves
+            start, end, swap = bounds[hit[2]], bounds[hit[2] + 1], hit[0] == "swap"
+        else:
             unknown.extend(keys.values())
             continue
-        ours, start, end, swap = hit
         if "A" not in keys or "B" not in keys:
             bad.append(f"{module}: has {sorted(keys)}, needs A and B")
             continue
         A, B, n_in = tensors[keys["A"]], tensors[keys["B"]], layers[ours].in_features
-        r, fits = A.shape[0], A.ndim == B.ndim == 2
-        if not fits or A.shape[1] != n_in or B.shape != (end - start, r):
-            bad.append(
-                f"{module}: A {tuple(A.shape)}, B {tuple(B.shape)}; {ours} rows [{start}:{end}] "
-                f"needs A (r, {n_in}), B ({end - start}, r)"
-            )
-            continue
-        if (ours, start, end) in seen:
-            bad.append(f"{module}: a second LoRA for {ours} rows [{start}:{end}]")
-            continue
-        seen.add((ours, start, end))
-        scale = _scale(name, r, tensors[keys["alpha"]] if "alpha" in keys else None, config)
-        B = swap_halves(B) if swap else B  # diffusers' row order -> ours
-        plan.setdefault(ours, []).append(Part(start, end, A, B, scale, tuple(keys.values())))
+        r, rows = A.shape[0], f"{ours} rows [{start}:{end}]"
+        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != n_in or B.shape != (end - start, r):
+            shapes = f"A {tuple(A.shape)}, B {tuple(B.shape)}"
+            bad.append(f"{module}: {shapes}; {rows} needs A (r, {n_in}), B ({end - start}, r)")
+        elif any((p.start, p.end) == (start, end) for p in plan.get(ours, [])):
+            bad.append(f"{module}: a second LoRA for {rows}")
+        else:
+            scale = _scale(name, r, tensors[keys["alpha"]] if "alpha" in keys else None, config)
+            B = swap_halves(B) if swap else B  # diffusers' row order -> ours
+            plan.setdefault(ours, []).append(Part(start, end, A, B, scale, tuple(keys.values())))
     if unknown or bad:
         what = [f"{len(unknown)} keys that match no layer: {unknown[:8]}"] if unknown else []
         what += [f"{len(bad)} bad: {bad[:8]}"] if bad else []
@@ -103,77 +87,58 @@ def plan_lora(
 
 def read_lora(src: str | Path, model: nn.Module) -> LoraPlan:
     """Read a LoRA from a repo id, folder or .safetensors file and map it onto `model`."""
-    path = resolve(src, LORA_FILES, "a LoRA .safetensors file or a folder holding one")
+    path = resolve(src, ["*.safetensors", "*.json"], "a LoRA .safetensors file or a folder of one")
     if path.is_dir():
         usual = [path / "adapter_model.safetensors", path / "pytorch_lora_weights.safetensors"]
         files = [f for f in usual if f.is_file()][:1] or sorted(path.glob("*.safetensors"))
         if len(files) != 1:
-            raise FileNotFoundError(
-                f"{path} must hold adapter_model.safetensors or exactly one .safetensors file, "
-                f"found {[f.name for f in files]}"
-            )
+            found = [f.name for f in files]
+            raise FileNotFoundError(f"{path} must hold one LoRA .safetensors file, found {found}")
         path = files[0]
-    tfile = open_tensors(path)
-    config = None
+    tfile, config = open_tensors(path), None
     if (config_file := path.parent / "adapter_config.json").is_file():
         config = json.loads(config_file.read_text())
     elif meta := tfile.metadata.get("lora_adapter_metadata"):  # diffusers' save_lora_weights
-        meta = json.loads(meta).items()
-        config = {k[12:]: v for k, v in meta if k.startswith("transformer.")}
+        config = {k[12:]: v for k, v in json.loads(meta).items() if k.startswith("transformer.")}
     return plan_lora({k: tfile.get(k) for k in tfile.shapes}, model, config, str(path))
 
 
 def load_lora(
-    model: nn.Module,
-    src: str | Path = DIT360_LORA,
-    scale: float = 1.0,
-    merge: bool = False,
-    name: str | None = None,
+    model: nn.Module, src: str | Path, scale: float = 1.0, merge: bool = False
 ) -> nn.Module:
-    """Apply a LoRA (repo id, folder or file; any supported format) with weight `scale`.
-
-    Unmerged, it can be switched off (`scale` 0 via `set_scale`) or stacked with other LoRAs;
-    `merge=True` folds it into the weights (no cost at inference; `unmerge_lora` undoes it).
-    """
+    """Apply a LoRA (repo id, folder or file; any format) with weight `scale`: unmerged (stackable,
+    `set_scale` can switch it off) or with `merge` folded into the weights (free at inference)."""
     plan, names = read_lora(src, model), lora_names(model)
-    name = name or next(f"lora{i}" for i in range(len(names) + 1) if f"lora{i}" not in names)
+    name = next(f"lora{i}" for i in range(len(names) + 1) if f"lora{i}" not in names)
     attach(model, plan, name, scale)
     return merge_lora(model, name) if merge else model
 
 
-# --- Writing ---------------------------------------------------------------------------------
-
-
 def to_diffusers(plan: LoraPlan, model: nn.Module) -> tuple[dict[str, Tensor], dict[str, tuple]]:
-    """peft tensors of a plan (a part spanning several diffusers modules gives each a copy of A
-    and its rows of B), and (rank, alpha) per diffusers module."""
-    layers, hidden = linears(model), model.params.hidden_size
+    """peft tensors of a plan (each diffusers module: A and its rows of B), (rank, alpha) each."""
     tensors, ranks = {}, {}
     for layer, parts in plan.items():
-        op, modules, bounds = diffusers_split(layer, layers[layer].out_features, hidden)
+        op, modules, bounds = diffusers_split(model, layer)
         for p in parts:
             inside = [j for j, (a, b) in enumerate(pairwise(bounds)) if p.start <= a < b <= p.end]
             if sum(bounds[j + 1] - bounds[j] for j in inside) != p.end - p.start:
-                raise ValueError(
-                    f"{layer} rows [{p.start}:{p.end}] split diffusers modules {bounds}"
-                )
+                raise ValueError(f"{layer}[{p.start}:{p.end}] splits diffusers modules {bounds}")
+            r, alpha = p.A.shape[0], p.scale * p.A.shape[0]
             for j in inside:
-                if modules[j] in ranks:
-                    raise ValueError(f"two LoRA parts act on {modules[j]}: peft holds only one")
+                if (module := modules[j]) in ranks:
+                    raise ValueError(f"two LoRA parts act on {module}: peft holds only one")
                 B = p.B[bounds[j] - p.start : bounds[j + 1] - p.start]
-                tensors[f"transformer.{modules[j]}.lora_A.weight"] = p.A
                 B = swap_halves(B) if op == "swap" else B  # our row order -> diffusers'
-                tensors[f"transformer.{modules[j]}.lora_B.weight"] = B
-                alpha = p.scale * p.A.shape[0]
-                ranks[modules[j]] = (p.A.shape[0], int(alpha) if alpha == int(alpha) else alpha)
+                tensors[f"transformer.{module}.lora_A.weight"] = p.A
+                tensors[f"transformer.{module}.lora_B.weight"] = B
+                ranks[module] = (r, int(alpha) if alpha == int(alpha) else alpha)
     return tensors, ranks
 
 
 def _target_modules(modules: set[str], model: nn.Module) -> list[str]:
     """peft target_modules: short names (attn.to_q, ...) if they select exactly `modules`."""
     short = {re.sub(r"^(single_)?transformer_blocks\.\d+\.", "", m) for m in modules}
-    hidden = model.params.hidden_size
-    splits = (diffusers_split(n, m.out_features, hidden) for n, m in linears(model).items())
+    splits = (diffusers_split(model, n) for n in linears(model))
     every = {m for split in splits if split for m in split[1]}
     chosen = {m for m in every if any(m == s or m.endswith("." + s) for s in short)}
     return sorted(short if chosen == modules else modules)
@@ -212,16 +177,12 @@ def write_peft(
     return out
 
 
-def export_peft(
-    model: nn.Module, out_dir: str | Path, name: str | None = None, dtype: torch.dtype | None = None
-) -> Path:
+def export_peft(model: nn.Module, out_dir: str | Path, name: str | None = None) -> Path:
     """Write a LoRA of the model (the only one, or the one named) in the peft/diffusers format."""
-    names = lora_names(model)
-    if name is None and len(names) != 1:
-        raise ValueError(f"the model holds LoRAs {sorted(names)}: name the one to export")
-    name = name or names.pop()
+    names = sorted(lora_names(model))
+    name = names[0] if name is None and len(names) == 1 else name
+    if name not in names:
+        raise ValueError(f"the model holds LoRAs {names}: name the one to export")
     plan = {layer: ad.parts() for layer, _, ad in adapters(model, name)}
-    if not plan:
-        raise ValueError(f"no LoRA named {name!r} in the model")
     dropout = next(getattr(ad.dropout, "p", 0.0) for *_, ad in adapters(model, name))
-    return write_peft(plan, model, out_dir, dropout, dtype)
+    return write_peft(plan, model, out_dir, dropout)

@@ -1,5 +1,5 @@
 """Panorama geometry and token layout: `Grid` (packing, wrap padding, image ids, token masks),
-projections, rotations, seam metrics.
+projections, rotations, a seam metric.
 
 Conventions (every function here):
 - An equirectangular image is a tensor (B, C, H, W), usually W = 2H. Pixel (i, j) is sampled at its
@@ -298,17 +298,6 @@ def cube_to_layout(faces: Tensor, layout: str = "cross") -> Tensor:
     return out
 
 
-def layout_to_cube(img: Tensor, layout: str = "cross") -> Tensor:
-    """Inverse of cube_to_layout: one image -> faces (B, 6, C, F, F) in FACES order."""
-    if layout == "strip":
-        return rearrange(img, "b c h (f w) -> b f c h w", f=6)
-    if layout != "cross":
-        raise ValueError(f"unknown cube layout {layout!r}, expected 'cross' or 'strip'")
-    s = img.shape[-2] // 3
-    tiles = [img[..., r * s : (r + 1) * s, k * s : (k + 1) * s] for r, k in map(CROSS.get, FACES)]
-    return torch.stack(tiles, dim=1)
-
-
 def rotate(
     x: Tensor, yaw: float, pitch: float = 0.0, roll: float = 0.0, mode: str = "bilinear"
 ) -> Tensor:
@@ -331,8 +320,3 @@ def seam_score(x: Tensor, eps: float = 1e-8) -> Tensor:
     wrap = (x[..., 0] - x[..., -1]).abs().flatten(1).mean(1)
     inner = (x[..., 1] - x[..., 0]).abs() + (x[..., -1] - x[..., -2]).abs()
     return wrap / (inner.flatten(1).mean(1) / 2 + eps)
-
-
-def seam_error(x: Tensor) -> Tensor:
-    """Plain wrap-seam error (B,): mean |last column - first column|."""
-    return (x[..., 0] - x[..., -1]).abs().flatten(1).mean(1)

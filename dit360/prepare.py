@@ -2,17 +2,10 @@
 
     python -m dit360.prepare --out data --pano panoramas/ --persp photos/ --height 1024
 
-Writes `data/pano.jsonl` and/or `data/persp.jsonl`, one row per image:
-`{"image": path, "caption": str, "mask": path}`, with paths relative to the jsonl file's folder
-(or absolute with --absolute). Masks are single-channel PNGs, 255 = supervised.
-- Panoramas are used in place (not copied); each must be 2:1 (within 1%). Their masks are
-  all white, one shared file per image size under `masks/`.
-- Perspective photos are projected into an equirectangular canvas (height x 2 height) at a given
-  (--fov) or sampled (--fov-range) horizontal field of view and a sampled yaw / pitch / roll, and
-  written as PNGs under `persp/` with masks of the covered area (`persp/<name>_mask.png`).
-Every file is written under a temporary name and renamed, so a failure leaves no partial file.
-Bad rows (unreadable image, missing or empty caption, a panorama that is not 2:1) are collected
-and reported together in one error, and no jsonl is written, unless --skip-bad.
+Panoramas (2:1) are used in place, with an all-white mask; photos are projected into a height x
+2 height canvas at a given or sampled field of view and sampled yaw / pitch / roll, with a mask of
+the covered area (255 = supervised). All files are written atomically, and no jsonl at all if a
+row is bad, unless --skip-bad.
 """
 
 import argparse
@@ -28,11 +21,12 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from .data import READ_ERRORS
 from .files import atomic_path
+from .image import open_image
 from .panorama import perspective_to_equirect
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
-READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
 Row = dict[str, str]
 Bad = list[tuple[str, str]]  # (file, reason)
 
@@ -60,24 +54,12 @@ def save_atomic(img: Image.Image, path: Path) -> None:
         img.save(tmp, format="PNG")
 
 
-def _ref(path: Path, out: Path, absolute: bool) -> str:
-    """How a jsonl in folder out refers to path: relative to out, or absolute."""
-    path = path.resolve()
-    return str(path) if absolute else Path(os.path.relpath(path, out.resolve())).as_posix()
-
-
 def row(image: Path, caption: str, mask: Path, out: Path, absolute: bool = False) -> Row:
-    """One jsonl row for a jsonl file in folder out."""
-    return {
-        "image": _ref(image, out, absolute),
-        "caption": caption,
-        "mask": _ref(mask, out, absolute),
-    }
-
-
-def _name(image: Path, folder: Path) -> str:
-    """Output name of an input image: its path under folder without suffix, '/' -> '__'."""
-    return "__".join(image.relative_to(folder).with_suffix("").parts)
+    """One jsonl row for a jsonl file in folder out: paths relative to out, or absolute."""
+    image, mask = image.resolve(), mask.resolve()
+    if not absolute:
+        image, mask = (Path(os.path.relpath(p, out.resolve())) for p in (image, mask))
+    return {"image": image.as_posix(), "caption": caption, "mask": mask.as_posix()}
 
 
 def collect_panoramas(folder: Path, out: Path, absolute: bool = False) -> tuple[list[Row], Bad]:
@@ -86,9 +68,7 @@ def collect_panoramas(folder: Path, out: Path, absolute: bool = False) -> tuple[
     for image in tqdm(find_images(folder), desc="panoramas", unit="img"):
         try:
             caption = read_caption(image)
-            with Image.open(image) as img:
-                img.load()  # decode fully: truncated files fail here, not during training
-                w, h = img.size
+            w, h = open_image(image).size  # decoded in full: corrupt files fail here
             if abs(w / h - 2) > 0.02:
                 raise ValueError(f"not 2:1 ({w}x{h})")
         except READ_ERRORS as e:  # a bad row, reported with the others at the end
@@ -101,16 +81,12 @@ def collect_panoramas(folder: Path, out: Path, absolute: bool = False) -> tuple[
     return rows, bad
 
 
-def photo_width(fov: float, canvas_width: int) -> int:
-    """Photo width whose centre pixels match the canvas resolution at the equator."""
-    return max(1, round(canvas_width * math.tan(math.radians(fov) / 2) / math.pi))
-
-
 def project_photo(
     img: Image.Image, fov: float, yaw: float, pitch: float, roll: float, height: int
 ) -> tuple[Image.Image, Image.Image]:
     """Project an RGB photo into a height x 2 height canvas -> (canvas RGB, mask L)."""
-    target = photo_width(fov, 2 * height)
+    # The width whose centre pixels match the canvas resolution at the equator.
+    target = max(1, round(2 * height * math.tan(math.radians(fov) / 2) / math.pi))
     if img.width > target:  # downscale with antialiasing first; bilinear sampling would alias
         img = img.resize((target, max(1, round(img.height * target / img.width))), Image.LANCZOS)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255)
@@ -138,13 +114,10 @@ def collect_perspectives(
     rng = random.Random(seed)
     rows, bad, seen = [], [], {}
     for image in tqdm(find_images(folder), desc="perspective", unit="img"):
-        view = (
-            fov if fov is not None else rng.uniform(*fov_range),
-            rng.uniform(*yaw_range),
-            rng.uniform(*pitch_range),
-            rng.uniform(*roll_range),
-        )  # drawn for every file, so one bad file does not change the others' views
-        name = _name(image, folder)
+        # Drawn for every file, so one bad file does not change the others' views.
+        view_fov = fov if fov is not None else rng.uniform(*fov_range)
+        angles = [rng.uniform(*r) for r in (yaw_range, pitch_range, roll_range)]
+        name = "__".join(image.relative_to(folder).with_suffix("").parts)  # a/b.png -> a__b
         try:
             if name in seen:
                 raise ValueError(f"same name as {seen[name].name}")
@@ -152,7 +125,7 @@ def collect_perspectives(
             caption = read_caption(image)
             with Image.open(image) as img:
                 img = ImageOps.exif_transpose(img).convert("RGB")
-            canvas, mask = project_photo(img, *view, height)
+            canvas, mask = project_photo(img, view_fov, *angles, height)
         except READ_ERRORS as e:  # a bad row, reported with the others at the end
             bad.append((str(image), str(e) or type(e).__name__))
             continue
@@ -175,21 +148,19 @@ def prepare(
 
     views: the keyword arguments of collect_perspectives (height, fov, fov_range, ..., seed).
     """
-    out = Path(out)
-    jobs, bad = {}, []
+    out, found = Path(out), {}
     if pano is not None:
-        rows, b = collect_panoramas(Path(pano), out, absolute)
-        jobs["pano"], bad = rows, bad + b
+        found["pano"] = collect_panoramas(Path(pano), out, absolute)
     if persp is not None:
-        rows, b = collect_perspectives(Path(persp), out, absolute=absolute, **views)
-        jobs["persp"], bad = rows, bad + b
+        found["persp"] = collect_perspectives(Path(persp), out, absolute=absolute, **views)
+    bad = [b for _, bad_rows in found.values() for b in bad_rows]
     if bad:
         listing = "\n".join(f"  {file}: {reason}" for file, reason in bad)
         if not skip_bad:
             raise ValueError(f"{len(bad)} bad rows, no jsonl written:\n{listing}")
         print(f"skipped {len(bad)} bad rows:\n{listing}", file=sys.stderr)
     written = {}
-    for kind, rows in jobs.items():
+    for kind, (rows, _) in found.items():
         written[kind] = out / f"{kind}.jsonl"
         with atomic_path(written[kind]) as tmp:
             lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
@@ -205,39 +176,23 @@ def main(argv: list[str] | None = None) -> None:
         epilog="Captions: each image needs a UTF-8 .txt file with the same stem next to it "
         "(photo.jpg -> photo.txt). Image folders are searched recursively. jsonl paths are "
         "relative to the jsonl file's folder unless --absolute.",
+        argument_default=argparse.SUPPRESS,  # a flag not given takes prepare's default
     )
     p.add_argument("--out", type=Path, required=True, help="output folder for jsonl, images, masks")
     p.add_argument("--pano", type=Path, help="folder of 2:1 equirectangular panoramas")
     p.add_argument("--persp", type=Path, help="folder of perspective photos to project")
-    p.add_argument("--height", type=int, default=1024, help="canvas height for photos (width 2x)")
+    p.add_argument("--height", type=int, help="canvas height for photos (width 2x)")
     p.add_argument("--fov", type=float, help="horizontal fov of every photo, degrees")
-    p.add_argument("--fov-range", type=float, nargs=2, default=(60.0, 90.0), metavar=("LO", "HI"))
-    p.add_argument(
-        "--yaw-range", type=float, nargs=2, default=(-180.0, 180.0), metavar=("LO", "HI")
-    )
-    p.add_argument("--pitch-range", type=float, nargs=2, default=(0.0, 0.0), metavar=("LO", "HI"))
-    p.add_argument("--roll-range", type=float, nargs=2, default=(0.0, 0.0), metavar=("LO", "HI"))
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampled views")
+    for angle in ("fov", "yaw", "pitch", "roll"):
+        p.add_argument(f"--{angle}-range", type=float, nargs=2, metavar=("LO", "HI"))
+    p.add_argument("--seed", type=int, help="seed of the sampled views")
     p.add_argument("--absolute", action="store_true", help="write absolute paths")
     p.add_argument("--skip-bad", action="store_true", help="report bad rows and write the rest")
-    args = p.parse_args(argv)
-    if args.pano is None and args.persp is None:
+    args = vars(p.parse_args(argv))  # named as prepare's arguments
+    if "pano" not in args and "persp" not in args:
         p.error("give --pano and/or --persp")
     try:
-        written = prepare(
-            args.out,
-            args.pano,
-            args.persp,
-            skip_bad=args.skip_bad,
-            absolute=args.absolute,
-            height=args.height,
-            fov=args.fov,
-            fov_range=tuple(args.fov_range),
-            yaw_range=tuple(args.yaw_range),
-            pitch_range=tuple(args.pitch_range),
-            roll_range=tuple(args.roll_range),
-            seed=args.seed,
-        )
+        written = prepare(**args)
     except ValueError as e:
         sys.exit(f"error: {e}")
     for path in written.values():

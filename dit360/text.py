@@ -1,12 +1,7 @@
-"""Text conditioning for FLUX: T5-XXL token embeddings (`txt`) and the CLIP-L pooled vector (`vec`).
+"""Text conditioning for FLUX: T5-XXL token embeddings (`txt`) and the CLIP-L pooled vector (`vec`),
+as diffusers' `FluxPipeline.encode_prompt` computes them. The only module that imports transformers.
 
-The only module of dit360 that imports transformers. `encode_prompt` computes what diffusers'
-`FluxPipeline.encode_prompt` computes: T5 on the prompt padded and truncated to 512 tokens, run
-without an attention mask (padding tokens are attended to, as in BFL's and diffusers' code), and
-CLIP's pooled output (the final hidden state at the first end-of-text token) on the prompt padded
-and truncated to 77 tokens. Text tokens take no RoPE position, so their ids are all zero.
-Weights come from a FLUX.1-dev folder (`tokenizer/`, `tokenizer_2/`, `text_encoder/`,
-`text_encoder_2/`) or a Hugging Face repo of that layout, by default
+Weights come from a FLUX.1-dev folder or a Hugging Face repo of that layout, by default
 https://huggingface.co/black-forest-labs/FLUX.1-dev (gated: accept its license first).
 """
 
@@ -37,22 +32,16 @@ class TextEncoders:
     t5: T5EncoderModel
 
 
-def resolve_text_folder(base: str | Path) -> Path:
-    """Return a local folder holding the four text subfolders, downloading `base` if a repo id."""
+def load_text_encoders(
+    base: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16
+) -> TextEncoders:
+    """Load CLIP and T5 with their tokenizers from a FLUX.1-dev folder or repo id, frozen."""
     path = resolve(base, [f"{name}/*" for name in TEXT_FOLDERS], LAYOUT)
     if not path.is_dir():
         raise ValueError(f"{path} is a file, but the text encoders need {LAYOUT}")
     for name in TEXT_FOLDERS:
         if not (path / name).is_dir():
             raise FileNotFoundError(f"{path / name} is missing; expected {LAYOUT}")
-    return path
-
-
-def load_text_encoders(
-    base: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16
-) -> TextEncoders:
-    """Load CLIP and T5 with their tokenizers from a FLUX.1-dev folder or repo id, frozen."""
-    path = resolve_text_folder(base)
     clip = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype)
     t5 = T5EncoderModel.from_pretrained(path / "text_encoder_2", dtype=dtype)
     return TextEncoders(
@@ -63,6 +52,13 @@ def load_text_encoders(
     )
 
 
+def _token_ids(tokenizer: CLIPTokenizer | T5TokenizerFast, prompts: list[str], n: int) -> Tensor:
+    """Token ids (B, n): each prompt padded and truncated to exactly n tokens."""
+    return tokenizer(
+        prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
 @torch.no_grad()
 def encode_prompt(
     enc: TextEncoders, prompts: list[str], max_length: int = 512
@@ -71,22 +67,16 @@ def encode_prompt(
     if isinstance(prompts, str) or not prompts:
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
     device = enc.clip.device
-    # CLIP: 77 tokens (its position table), padded with <|endoftext|>; pooled at the first one.
-    ids = enc.clip_tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=enc.clip.config.max_position_embeddings,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids  # (B, 77)
+    # CLIP: 77 tokens (its position table), padded with <|endoftext|>, pooled at the first one.
+    ids = _token_ids(enc.clip_tokenizer, prompts, enc.clip.config.max_position_embeddings)
     vec = enc.clip(ids.to(device), output_hidden_states=False).pooler_output  # (B, d_clip)
     vec = vec.to(enc.clip.dtype)
-    # T5: padded to max_length with <pad>, no attention mask, like FLUX.1-dev's training.
-    ids = enc.t5_tokenizer(
-        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-    ).input_ids  # (B, L)
+    # T5: padded to max_length with <pad>; no attention mask (padding is attended to), like
+    # FLUX.1-dev's training and BFL's and diffusers' code.
+    ids = _token_ids(enc.t5_tokenizer, prompts, max_length)  # (B, L)
     txt = enc.t5(ids.to(enc.t5.device), output_hidden_states=False)[0]  # (B, L, d_t5)
     txt = txt.to(dtype=enc.t5.dtype, device=device)
+    # Text tokens take no RoPE position: their ids are all zero.
     txt_ids = torch.zeros(txt.shape[0], txt.shape[1], 3, device=device, dtype=enc.clip.dtype)
     return txt, txt_ids, vec
 

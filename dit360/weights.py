@@ -27,6 +27,9 @@ from .model import Flux
 
 Rule = tuple[str, str, str | tuple[str, ...]]
 
+# safetensors metadata keys under which we store our FluxParams / AutoEncoderParams as JSON
+FLUX_CONFIG_KEY, AE_CONFIG_KEY = "dit360_config", "dit360_ae_config"
+
 _DOUBLE = "double_blocks.{i}."
 _D = "transformer_blocks.{i}."
 _SINGLE = "single_blocks.{i}."
@@ -75,8 +78,7 @@ def strip_prefix(name: str) -> str:
 
 
 def swap_halves(t: Tensor) -> Tensor:
-    """Exchange the two halves along dim 0: BFL's final adaLN is [shift; scale], diffusers'
-    [scale; shift]. Its own inverse."""
+    """Exchange the two halves along dim 0 ([shift; scale] <-> [scale; shift]); its own inverse."""
     return torch.cat(t.chunk(2, dim=0)[::-1], dim=0)
 
 
@@ -121,12 +123,10 @@ class KeyPlan:
 
 
 def plan_from(tfile: TensorFile, table: list[Rule] | None) -> KeyPlan:
-    """Map every checkpoint tensor onto our names; unknown keys and missing parts are errors."""
-    if table is None:  # already our layout (possibly behind a ComfyUI-style prefix)
-        sources = {}
-        for k in tfile.shapes:
-            sources[strip_prefix(k)] = ("identity", (k,))
-    else:
+    """Map every checkpoint tensor onto our names (table None: ours already, maybe behind a
+    ComfyUI-style prefix); unknown keys and missing parts are errors."""
+    sources = {strip_prefix(k): ("identity", (k,)) for k in tfile.shapes}
+    if table is not None:
         groups: dict[str, tuple[str, list[str | None]]] = {}
         unknown = []
         for k in tfile.shapes:
@@ -140,33 +140,49 @@ def plan_from(tfile: TensorFile, table: list[Rule] | None) -> KeyPlan:
         sources = {}
         for ours, (op, parts) in groups.items():
             if None in parts:
+                found = [p for p in parts if p]
                 raise ValueError(
-                    f"{tfile.source}: {ours} needs {len(parts)} tensors, "
-                    f"found only {[p for p in parts if p]}"
+                    f"{tfile.source}: {ours} needs {len(parts)} tensors, found only {found}"
                 )
             sources[ours] = (op, tuple(parts))
     shapes = {}
     for ours, (op, keys) in sources.items():
-        first = tfile.shapes[keys[0]]
-        if op == "concat":
-            shapes[ours] = (sum(tfile.shapes[k][0] for k in keys), *first[1:])
-        elif op == "squeeze":
-            shapes[ours] = (*first, 1, 1)
-        else:
-            shapes[ours] = first
+        parts = [torch.empty(tfile.shapes[k], device="meta") for k in keys]
+        shapes[ours] = tuple(combine(op, parts).shape)
     return KeyPlan(sources, shapes)
+
+
+def combine(op: str, parts: list[Tensor]) -> Tensor:
+    """One of our tensors from its source tensors in their layout (meta tensors: its shape)."""
+    if op == "concat":
+        return torch.cat(parts, dim=0)
+    if op == "swap":
+        return swap_halves(parts[0])
+    return parts[0][:, :, None, None] if op == "squeeze" else parts[0]
+
+
+def split(op: str, t: Tensor, n: int, hidden: int) -> list[Tensor]:
+    """The inverse of `combine`: their `n` tensors from one of ours (`hidden` rows per part)."""
+    if op == "concat":
+        return list(t.split(split_sizes(op, t.shape[0], n, hidden), dim=0))
+    if op == "swap":
+        return [swap_halves(t)]
+    return [t[:, :, 0, 0]] if op == "squeeze" else [t]
+
+
+def split_sizes(op: str, rows: int, n: int, hidden: int) -> list[int]:
+    """Row counts of the parts of a fused tensor: `hidden` each, the last one takes the rest."""
+    return [hidden] * (n - 1) + [rows - hidden * (n - 1)] if op == "concat" else [rows]
 
 
 def build(tfile: TensorFile, op: str, keys: tuple[str, ...]) -> Tensor:
     """Read the source tensors of one of our tensors and combine them."""
-    if op == "concat":
-        return torch.cat([tfile.get(k) for k in keys], dim=0)
-    t = tfile.get(keys[0])
-    if op == "swap":
-        return swap_halves(t)
-    if op == "squeeze":
-        return t[:, :, None, None]
-    return t
+    return combine(op, [tfile.get(k) for k in keys])
+
+
+def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The shape of each tensor in the model's state dict."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def check_plan(plan: KeyPlan, expected: dict[str, tuple[int, ...]], tfile: TensorFile) -> None:
@@ -191,43 +207,6 @@ def check_plan(plan: KeyPlan, expected: dict[str, tuple[int, ...]], tfile: Tenso
         raise ValueError(f"{tfile.source} does not fit the model: " + "; ".join(problems))
 
 
-# --- FLUX transformer -------------------------------------------------------------------------
-
-TRANSFORMER_FILES = ["transformer/*.safetensors", "transformer/*.json"]
-
-
-def open_flux(src: str | Path) -> tuple[TensorFile, list[Rule] | None, Path]:
-    """Open a FLUX transformer from a file, a folder (FLUX.1-dev layout or `transformer/`) or a
-    repo id; return the checkpoint, the key table to apply (None: BFL names) and its folder."""
-    path = resolve(src, TRANSFORMER_FILES, "a FLUX transformer .safetensors file or folder")
-    if path.is_dir() and (path / "transformer").is_dir():
-        path = path / "transformer"
-    tfile = open_tensors(path)
-    names = {k for k in tfile.shapes}
-    if "x_embedder.weight" in names:
-        return tfile, FLUX_DIFFUSERS, path if path.is_dir() else path.parent
-    if any(k.endswith("img_in.weight") for k in names):
-        return tfile, None, path if path.is_dir() else path.parent
-    raise ValueError(f"{tfile.source} holds no FLUX transformer (no img_in or x_embedder weights)")
-
-
-def flux_params(
-    tfile: TensorFile, plan: KeyPlan, folder: Path, axes_dim: tuple[int, ...] | None = None
-) -> cfg.FluxParams:
-    """Config from (in order) a diffusers config.json, our safetensors metadata, the shapes."""
-    if (folder / "config.json").is_file() and tfile.source.is_dir():
-        return cfg.from_diffusers_config(folder / "config.json")
-    if "dit360_config" in tfile.metadata:
-        return cfg.from_json(tfile.metadata["dit360_config"])
-    return cfg.from_shapes(plan.shapes, axes_dim)
-
-
-def meta_flux(params: cfg.FluxParams) -> Flux:
-    """The model on the meta device: shapes and names, no memory."""
-    with torch.device("meta"):
-        return Flux(params)
-
-
 def stream_tensors(
     tfile: TensorFile, plan: KeyPlan, names: list[str], dtype: torch.dtype | None
 ) -> Iterator[tuple[str, Tensor]]:
@@ -238,29 +217,55 @@ def stream_tensors(
 
 
 def fill(
-    model: nn.Module, tfile: TensorFile, plan: KeyPlan, device: str | torch.device, dtype
+    model: nn.Module,
+    tfile: TensorFile,
+    plan: KeyPlan,
+    device: str | torch.device,
+    dtype: torch.dtype | None,
 ) -> nn.Module:
-    """Check a meta-device model against the plan, then fill it tensor by tensor (one copy)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_plan(plan, expected, tfile)
-    if dtype is None:  # keep the checkpoint's
+    """Fill a meta-device model (checked against the plan) tensor by tensor, one copy in memory;
+    dtype None keeps the checkpoint's."""
+    if dtype is None:
         dtype = tfile.dtypes[next(iter(plan.sources.values()))[1][0]]
     model = model.to(dtype).to_empty(device=device)
     state = model.state_dict()
     with torch.no_grad():
-        for name, t in stream_tensors(tfile, plan, list(expected), dtype):
+        for name, t in stream_tensors(tfile, plan, list(state), dtype):
             state[name].copy_(t)
     return model.eval().requires_grad_(False)
+
+
+def meta_flux(params: cfg.FluxParams) -> Flux:
+    """The model on the meta device: shapes and names, no memory."""
+    with torch.device("meta"):
+        return Flux(params)
 
 
 def read_flux(
     src: str | Path, axes_dim: tuple[int, ...] | None = None
 ) -> tuple[TensorFile, KeyPlan, Flux]:
-    """Open a FLUX transformer checkpoint (headers only) and check it against its meta model."""
-    tfile, table, folder = open_flux(src)
-    plan = plan_from(tfile, table)
-    model = meta_flux(flux_params(tfile, plan, folder, axes_dim))
-    check_plan(plan, {k: tuple(v.shape) for k, v in model.state_dict().items()}, tfile)
+    """Open a FLUX transformer (file, folder in the FLUX.1-dev or `transformer/` layout, or repo id)
+    and check its headers against its meta model. The config comes from (in order) a diffusers
+    config.json beside shards, our metadata, the shapes."""
+    expected = "a FLUX transformer .safetensors file or folder"
+    path = resolve(src, ["transformer/*.safetensors", "transformer/*.json"], expected)
+    if path.is_dir() and (path / "transformer").is_dir():
+        path = path / "transformer"
+    tfile = open_tensors(path)
+    diffusers = "x_embedder.weight" in tfile.shapes
+    if not diffusers and not any(k.endswith("img_in.weight") for k in tfile.shapes):
+        raise ValueError(
+            f"{tfile.source} holds no FLUX transformer (no img_in or x_embedder weights)"
+        )
+    plan = plan_from(tfile, FLUX_DIFFUSERS if diffusers else None)
+    if tfile.source.is_dir() and (path / "config.json").is_file():
+        params = cfg.from_diffusers_config(path / "config.json")
+    elif FLUX_CONFIG_KEY in tfile.metadata:
+        params = cfg.FluxParams.from_json(tfile.metadata[FLUX_CONFIG_KEY])
+    else:
+        params = cfg.from_shapes(plan.shapes, axes_dim)
+    model = meta_flux(params)
+    check_plan(plan, state_shapes(model), tfile)
     return tfile, plan, model
 
 
@@ -273,17 +278,6 @@ def load_flux(
     """Load a FLUX transformer from any supported layout, filling it tensor by tensor."""
     tfile, plan, model = read_flux(src, axes_dim)
     return fill(model, tfile, plan, device, dtype)
-
-
-def split_sizes(op: str, rows: int, n: int, hidden: int) -> list[int]:
-    """Row counts of the parts of a fused tensor: `hidden` each, the last one takes the rest."""
-    return [hidden] * (n - 1) + [rows - hidden * (n - 1)] if op == "concat" else [rows]
-
-
-# --- FLUX autoencoder ---
-
-
-AE_CONFIG_KEY = "dit360_ae_config"  # safetensors metadata: our AutoEncoderParams as JSON
 
 
 def _ae_resnet(ours: str, theirs: str) -> list[Rule]:
@@ -303,10 +297,10 @@ def _ae_attention(ours: str, theirs: str) -> list[Rule]:
 
 
 def ae_diffusers(levels: int = 4) -> list[Rule]:
-    """The key table of a diffusers AutoencoderKL with `levels` resolution levels.
+    """The key table of a diffusers AutoencoderKL with `levels` resolution levels (`{i}`: resnet).
 
-    `{i}` is a resnet index. diffusers numbers decoder levels in running order (coarsest first),
-    BFL by resolution (finest first): `decoder.up.{l}` is `decoder.up_blocks.{levels - 1 - l}`.
+    diffusers numbers decoder levels in running order (coarsest first), BFL by resolution (finest
+    first): `decoder.up.{l}` is `decoder.up_blocks.{levels - 1 - l}`.
     """
     rules: list[Rule] = []
     for part in ("encoder", "decoder"):
@@ -335,9 +329,13 @@ def ae_diffusers(levels: int = 4) -> list[Rule]:
 AE_DIFFUSERS: list[Rule] = ae_diffusers(4)  # FLUX.1's VAE
 
 
-def open_autoencoder(src: str | Path) -> tuple[TensorFile, list[Rule] | None, Path | None]:
-    """Open a FLUX VAE from BFL's `ae.safetensors`, a diffusers `vae/` folder, a FLUX.1-dev folder
-    or a repo id; return the checkpoint, its key table (None: BFL names), its config.json if any."""
+def load_autoencoder(
+    src: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32
+) -> ae.AutoEncoder:
+    """Load the FLUX VAE from BFL's `ae.safetensors`, a diffusers `vae/` folder, a FLUX.1-dev
+    folder or a repo id, tensor by tensor. The config comes from (in order) a diffusers
+    config.json, our metadata, the shapes. float32 by default, as diffusers upcasts this VAE
+    (`force_upcast`); dtype None keeps the file's."""
     expected = "a FLUX ae.safetensors file, a diffusers vae/ folder or a FLUX.1-dev folder"
     path = resolve(src, ["vae/*"], expected)
     if path.is_dir() and not (path / "vae").is_dir() and not any(path.glob("*.safetensors")):
@@ -347,36 +345,19 @@ def open_autoencoder(src: str | Path) -> tuple[TensorFile, list[Rule] | None, Pa
     elif path.is_dir() and (path / "ae.safetensors").is_file():
         path = path / "ae.safetensors"
     tfile = open_tensors(path)
-    folder = path if path.is_dir() else path.parent
-    if any(k.startswith("encoder.down_blocks.") for k in tfile.shapes):
-        levels = len({k.split(".")[2] for k in tfile.shapes if k.startswith("decoder.up_blocks.")})
-        config = folder / "config.json"
-        return tfile, ae_diffusers(levels), config if config.is_file() else None
-    if any(k.startswith("encoder.down.") for k in tfile.shapes):
-        return tfile, None, None
-    raise ValueError(f"{tfile.source} holds no FLUX autoencoder (no encoder.down weights)")
-
-
-def ae_params(tfile: TensorFile, plan: KeyPlan, config: Path | None) -> cfg.AutoEncoderParams:
-    """Config from (in order) a diffusers config.json, our safetensors metadata, the shapes."""
-    if config is not None:
-        return cfg.ae_from_diffusers_config(config)
-    if AE_CONFIG_KEY in tfile.metadata:
-        return cfg.ae_from_json(tfile.metadata[AE_CONFIG_KEY])
-    return cfg.ae_from_shapes(plan.shapes)
-
-
-def load_autoencoder(
-    src: str | Path,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = torch.float32,
-) -> ae.AutoEncoder:
-    """Load the FLUX VAE from any supported layout, filling it tensor by tensor.
-
-    float32 by default, as diffusers upcasts this VAE (`force_upcast`); None keeps the file's.
-    """
-    tfile, table, config = open_autoencoder(src)
-    plan = plan_from(tfile, table)
+    diffusers = any(k.startswith("encoder.down_blocks.") for k in tfile.shapes)
+    if not diffusers and not any(k.startswith("encoder.down.") for k in tfile.shapes):
+        raise ValueError(f"{tfile.source} holds no FLUX autoencoder (no encoder.down weights)")
+    levels = len({k.split(".")[2] for k in tfile.shapes if k.startswith("decoder.up_blocks.")})
+    plan = plan_from(tfile, ae_diffusers(levels) if diffusers else None)
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    if diffusers and config.is_file():
+        params = cfg.ae_from_diffusers_config(config)
+    elif AE_CONFIG_KEY in tfile.metadata:
+        params = cfg.AutoEncoderParams.from_json(tfile.metadata[AE_CONFIG_KEY])
+    else:
+        params = cfg.ae_from_shapes(plan.shapes)
     with torch.device("meta"):
-        model = ae.AutoEncoder(ae_params(tfile, plan, config))
+        model = ae.AutoEncoder(params)
+    check_plan(plan, state_shapes(model), tfile)
     return fill(model, tfile, plan, device, dtype)

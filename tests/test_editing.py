@@ -140,11 +140,9 @@ def run_ours(ours, x0, y1, z, keep, o: EditOptions, steps=STEPS, keep_source=Fal
     handle = model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
     try:
         with torch.no_grad():
-            inv = invert(model, pad(x0), pad(y1), grid, rows(cond, slice(0, 1)), sigmas, o.gamma)
+            inv = invert(model, pad(x0), pad(y1), grid, rows(cond, slice(0, 1)), sigmas, o)
             mask, cond = grid.wrap_mask(keep.flatten(), o.mask_pad), rows(cond, slice(1, 3))
-            tgt, src = edit(
-                model, inv, pad(x0), pad(z), mask, grid, cond, sigmas, 2.8, o, keep_source
-            )
+            tgt, src = edit(model, inv, pad(x0), pad(z), mask, grid, cond, sigmas, o, keep_source)
     finally:
         handle.remove()
     return inv, tgt, src
@@ -158,12 +156,12 @@ def test_invert_matches_reference(pipe, ours, gamma):
     """Inverted latents equal the reference's; at gamma 1 without a single transformer call."""
     x0, y1, _ = tensors(1)
     model, cond = ours
-    ref_calls, our_calls = [], []
-    expected, _ = reference(pipe, x0, y1, y1, KEEP, EditOptions(gamma=gamma), calls=ref_calls)
+    ref_calls, our_calls, o = [], [], EditOptions(gamma=gamma)
+    expected, _ = reference(pipe, x0, y1, y1, KEEP, o, calls=ref_calls)
     sigmas, grid = schedule(STEPS, H * W), Grid(H, W, 1)
     handle = model.register_forward_pre_hook(lambda m, a: our_calls.append(a[0].shape[0]))
     with torch.no_grad():
-        got = invert(model, pad1(x0), pad1(y1), grid, rows(cond, slice(0, 1)), sigmas, gamma)
+        got = invert(model, pad1(x0), pad1(y1), grid, rows(cond, slice(0, 1)), sigmas, o)
     handle.remove()
     assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert ref_calls[:STEPS] == [1] * STEPS  # the reference calls the model at every step

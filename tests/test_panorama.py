@@ -227,7 +227,8 @@ def test_general_rotation_moves_views():
 
 
 def test_cube_roundtrip_and_layouts():
-    """Six faces survive c2e -> e2c; cross and strip layouts invert exactly; cross edges meet."""
+    """Six faces survive c2e -> e2c; each face sits at its place in the cross and strip layouts;
+    cross edges meet."""
     face = 24
     faces = P.equirect_to_cube(smooth_pano(64), face)
     again = P.equirect_to_cube(P.cube_to_equirect(faces, 96), face)
@@ -235,7 +236,10 @@ def test_cube_roundtrip_and_layouts():
     for layout, shape in [("cross", (1, 3, 3 * face, 4 * face)), ("strip", (1, 3, face, 6 * face))]:
         img = P.cube_to_layout(faces, layout)
         assert img.shape == shape
-        assert_close(P.layout_to_cube(img, layout), faces, rtol=0, atol=0)
+        for i, name in enumerate(P.FACES):  # by position: cross rows/cols, or strip order
+            r, c = P.CROSS[name] if layout == "cross" else (0, i)
+            tile = img[..., r * face : (r + 1) * face, c * face : (c + 1) * face]
+            assert_close(tile, faces[:, i], rtol=0, atol=0)
     cross = P.cube_to_layout(faces, "cross")[0]
     s, tol = face, 0.04 * ptp(faces)  # measured <= 0.022 ptp; a flipped face gives ~0.5
     for r in (face - 1, 2 * face - 1):  # py | pz and pz | ny horizontal edges
@@ -332,10 +336,9 @@ def test_loss_projections_match_reference(shape):
 
 
 def test_seam_metrics():
-    """A seamless panorama scores ~1 with a small error; a ramp across the width scores high."""
+    """A seamless panorama scores ~1; a ramp across the width scores high."""
     x = smooth_pano(32).float()
-    score, error = P.seam_score(x), P.seam_error(x)
+    score = P.seam_score(x)
     assert score.shape == (1,) and 0.5 < score.item() < 1.5
     seamed = x + torch.linspace(0, 1, 64)
     assert P.seam_score(seamed).item() > 5
-    assert P.seam_error(seamed).item() > 0.9 and error.item() < 0.2
