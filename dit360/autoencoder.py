@@ -194,8 +194,7 @@ def _set_circular(module: nn.Module, on: bool) -> None:
 
 
 def _starts(n: int, tile: int, overlap: int, wrap: bool) -> list[int]:
-    """Tile starts covering n positions, neighbours sharing about `overlap`; evenly spread,
-    either around a circle (wrap) or flush with both ends."""
+    """Tile starts over n, neighbours sharing ~`overlap`: around a circle (wrap) or flush."""
     if tile >= n:
         return [0]
     step = tile - overlap
@@ -229,16 +228,14 @@ def scale_latents(
 
 
 class AutoEncoder(nn.Module):
-    """The FLUX VAE; `circular` / `circular_encoder` switch on the seam-free width padding."""
+    """The FLUX VAE; `set_circular` switches on the seam-free width padding."""
 
-    def __init__(
-        self, params: AutoEncoderParams, circular: bool = False, circular_encoder: bool = False
-    ) -> None:
+    def __init__(self, params: AutoEncoderParams) -> None:
         super().__init__()
         self.params = params
         self.encoder = Encoder(params)
         self.decoder = Decoder(params)
-        self.set_circular(circular, circular_encoder)
+        self.set_circular(False)
 
     def set_circular(self, decoder: bool, encoder: bool = False) -> None:
         """Circular width padding in the decoder's and the encoder's convolutions."""
@@ -259,8 +256,7 @@ class AutoEncoder(nn.Module):
         return scale_latents(self.params, mean, std if sample else None, generator)
 
     def decode(self, z: Tensor, tile: int | None = None, overlap: int | None = None) -> Tensor:
-        """Latent (B, 16, h, w) -> image (B, 3, 8h, 8w); `tile` (latent pixels) bounds memory,
-        `overlap` defaults to tile // 4."""
+        """Latent (B, 16, h, w) -> image (B, 3, 8h, 8w); tiles of `tile` latents bound memory."""
         z = z / self.params.scale_factor + self.params.shift_factor
         if tile is None or (tile >= z.shape[-2] and tile >= z.shape[-1]):
             return self.decoder(z)

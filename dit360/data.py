@@ -13,7 +13,7 @@ Ours differs from the reference (github.com/Insta360-Research-Team/DiT360, src/d
 
 Cache: per row, the text embeddings and the VAE posterior of the image and of its mirror (the
 encoder is not flip-symmetric: a flip picks the other entry). A roll by k tokens rolls the
-posterior by 2k columns: exact with `AutoEncoder(circular_encoder=True)`, else approximate near
+posterior by 2k columns: exact with a circular encoder (`set_circular`), else approximate near
 the left and right edges.
 """
 
@@ -61,8 +61,7 @@ def seeded(*keys: int) -> torch.Generator:
 
 
 def _parse(line: str, folder: Path, source: str) -> Row:
-    """The Row of a jsonl line {"image", "caption", "mask"}, paths relative to folder (the
-    reference's format, src/dynamic_dataset.py:18-33); ValueError if malformed."""
+    """A jsonl line {"image", "caption", "mask"} as a Row (src/dynamic_dataset.py:18-33)."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -290,8 +289,7 @@ def epoch_loader(
     workers: int = 0,
     start_batch: int = 0,
 ) -> DataLoader:
-    """Batches of an epoch in order (already shuffled), the last partial one dropped as in the
-    reference; start_batch skips batches already trained on (resume)."""
+    """An epoch's batches from start_batch, in order; the last partial one dropped."""
     order = epoch_order(len(source.pano), len(source.persp), epoch, source.seed, rank, world)
     return DataLoader(
         order[start_batch * batch_size :],  # (kind, index) pairs, loaded in the workers

@@ -164,8 +164,7 @@ def commit(tmp: Path, path: Path) -> None:
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary name next to `path` (for a file or a folder); move it to `path` only if
-    the block succeeds, so `path` is complete or absent. The one owner of atomic writes."""
+    """Yield a temp name for `path` (file or folder), moved into place only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path, str(os.getpid()))

@@ -32,8 +32,7 @@ def load_model(opts: Options) -> Flux:
 def initial_noise(
     opts: Options, batch: int, height: int, width: int, channels: int
 ) -> torch.Tensor:
-    """Seeded latent noise (B, C, H/8, W/8): CPU float32 (the same on every machine), or drawn on
-    the device in the model dtype with `reference_noise`, as DiT360's inference.py does."""
+    """Seeded noise: CPU float32, or on the device in the model dtype (`reference_noise`)."""
     if opts.reference_noise:
         return noise(opts.seed, batch, height, width, channels, opts.device, opts.dtype)
     return noise(opts.seed, batch, height, width, channels)

@@ -2,6 +2,7 @@
 everywhere), tensors in [-1, 1] <-> PIL, and panorama files with GPano XMP metadata
 (https://developers.google.com/streetview/spherical-metadata) so 360 viewers recognise them."""
 
+import math
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from PIL import Image, PngImagePlugin
 from torch import Tensor
 
 from .files import atomic_path
+from .panorama import perspective_to_equirect
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
@@ -43,11 +45,8 @@ def read_rgb(src: str | Path | Image.Image, width: int, height: int) -> Image.Im
 
 
 def read_mask(src: str | Path | Image.Image, width: int, height: int) -> Tensor:
-    """A mask (height, width) bool, white (grey >= 128) = True, resized with nearest.
-
-    A mask is read from its grey levels; transparency would be ignored silently, so a mask whose
-    alpha channel is not fully opaque is refused.
-    """
+    """A mask (height, width) bool, white (grey >= 128) = True, resized with nearest. Masks are
+    read from grey levels, so one with transparent pixels is refused, not silently misread."""
     img = open_image(src)
     name = "the mask" if isinstance(src, Image.Image) else str(src)
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
@@ -61,6 +60,23 @@ def read_mask(src: str | Path | Image.Image, width: int, height: int) -> Tensor:
     if gray.size != (width, height):
         gray = gray.resize((width, height), Image.NEAREST)
     return torch.from_numpy(np.asarray(gray) >= 128)
+
+
+def project_photo(
+    img: Image.Image, fov: float, yaw: float, pitch: float, roll: float, height: int
+) -> tuple[Image.Image, Image.Image]:
+    """An RGB photo (horizontal `fov`, view yaw/pitch/roll) in an H x 2H canvas, and its mask."""
+    # The width whose centre pixels match the canvas resolution at the equator.
+    target = max(1, round(2 * height * math.tan(math.radians(fov) / 2) / math.pi))
+    if img.width > target:  # downscale with antialiasing first; bilinear sampling would alias
+        img = img.resize((target, max(1, round(img.height * target / img.width))), Image.LANCZOS)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255)
+    x = x.permute(2, 0, 1)[None]  # (1, 3, h, w)
+    with torch.no_grad():
+        canvas, mask = perspective_to_equirect(x, fov, yaw, pitch, roll, height)
+    canvas = (canvas[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    mask = (mask[0, 0] * 255).to(torch.uint8).numpy()
+    return Image.fromarray(canvas, "RGB"), Image.fromarray(mask, "L")
 
 
 def gpano_xmp(width: int, height: int) -> bytes:

@@ -60,11 +60,9 @@ class Flux(nn.Module):
         y: Tensor,
         guidance: Tensor | None = None,
     ) -> Tensor:
-        """Velocity (B, L_img, out_channels) for packed latents img (B, L_img, in_channels).
-
-        img_ids (B, L_img, 3), txt (B, L_txt, context_in_dim), txt_ids (B, L_txt, 3),
-        timesteps (B,) sigma in [0, 1], y (B, vec_in_dim) pooled CLIP, guidance (B,) for dev.
-        """
+        """Velocity (B, L_img, out_channels) for packed latents img (B, L_img, in_channels);
+        img_ids (B, L_img, 3), txt (B, L_txt, context_in_dim), txt_ids (B, L_txt, 3), timesteps
+        (B,) sigma in [0, 1], y (B, vec_in_dim) pooled CLIP, guidance (B,) for flux-dev."""
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(
                 f"img and txt must be (B, L, C), got {tuple(img.shape)}, {tuple(txt.shape)}"

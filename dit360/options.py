@@ -11,20 +11,16 @@ from typing import Any
 import torch
 
 from .config import DIT360_LORA, FLUX_DEV
-from .panorama import MASK_PADS, Grid
+from .panorama import Grid
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAINED_SIZE = (1024, 2048)
+MASK_PADS = ("reference", "wrap")  # how Grid.wrap_mask fills the pad columns of an edit mask
 
 
 def opt(default: Any, help: str, **flag: Any) -> Any:
     """A field whose default and help also make its command-line flag (`flag`: argparse extras)."""
     return field(default=default, metadata={"help": help, **flag})
-
-
-def default_device() -> str:
-    """cuda when a GPU is visible, else cpu (asked when an Options is made, not at import)."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass
@@ -44,12 +40,13 @@ class Options:
     reference_noise: bool = opt(
         False, "draw the noise on --device in --dtype, as DiT360's inference.py (else CPU fp32)"
     )
-    device: str = field(default_factory=default_device, metadata={"help": "cuda, cuda:1, cpu"})
+    device: str | None = opt(None, "cuda, cuda:1, cpu; default: cuda if available, else cpu")
     dtype: torch.dtype | str | None = opt(
         None, "default: bf16 on a GPU, fp32 on the CPU", choices=list(DTYPES)
     )
 
     def __post_init__(self) -> None:
+        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if self.lora is not None and str(self.lora).lower() == "none":
             self.lora = None
         if self.dtype is None:
@@ -120,9 +117,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         name, meta = "--" + f.name.replace("_", "-"), dict(f.metadata)
         if "help" not in meta:
             continue
-        if f.name == "device":
-            parser.add_argument(name, default=None, help="default: cuda if available, else cpu")
-        elif isinstance(f.default, bool):
+        if isinstance(f.default, bool):
             parser.add_argument(
                 name, action=argparse.BooleanOptionalAction, default=f.default, **meta
             )
@@ -133,5 +128,4 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def from_args(cls: type, args: argparse.Namespace) -> Any:
     """The options dataclass `cls` from parsed flags (those of `add_flags`)."""
-    given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-    return cls(**{k: v for k, v in given.items() if v is not None or k != "device"})
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})

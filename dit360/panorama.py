@@ -1,27 +1,18 @@
 """Panorama geometry and token layout: `Grid` (packing, wrap padding, image ids, token masks),
 projections, rotations, a seam metric.
 
-Conventions (every function here):
-- An equirectangular image is a tensor (B, C, H, W), usually W = 2H. Pixel (i, j) is sampled at its
-  centre: longitude lon = 2*pi*(j + 0.5)/W - pi runs left to right over [-pi, pi), so lon 0 is the
-  boundary between columns W/2 - 1 and W/2 (the image centre); latitude lat = pi/2 - pi*(i + 0.5)/H,
-  +pi/2 (up) at the top row. This is py360convert's equirectangular convention.
-- Directions: x = cos(lat) sin(lon), y = sin(lat), z = cos(lat) cos(lon): +z is the forward view
-  (image centre), +x is lon 90 degrees (to the right), +y is up.
-- Views are angles in degrees: yaw turns right (towards +x), pitch looks up, roll turns the camera
-  clockwise about its view axis, so the scene appears turned counter-clockwise (py360convert's
-  u_deg, v_deg, in_rot_deg). fov is horizontal; the vertical one follows from the image size
-  (square pixels). Perspective pixels are also sampled at their centres.
-- Cube faces (B, 6, C, F, F) in the order px nx py ny pz nz (three.js's names). Each face is the
-  upright 90-degree perspective view from the centre: px/nx/pz/nz are yaw 90/-90/0/180 at pitch 0;
-  py looks up with the front (+z) at its bottom edge, ny looks down with the front at its top edge.
-  These are py360convert's faces (F R B L U D = pz px nz nx py ny), same orientation. Layouts:
-  "cross" (3F, 4F) = py above pz, then nx pz px nz, ny below pz; "strip" (F, 6F) in FACES order.
-- Masks are 1 where valid / supervised.
-
-Everything is batched, differentiable with respect to the images, and runs on any device and
-float dtype; sampling grids are built in float32 (float64 for float64 images). The training
-losses' own projections, with the reference's conventions, are in loss.py.
+Conventions (py360convert's, so its functions are our test oracle):
+- Equirect images are (B, C, H, W), W = 2H, sampled at pixel centres: longitude
+  lon = 2 pi (j + 0.5) / W - pi (lon 0 at the image centre), latitude lat = pi/2 - pi (i + 0.5) / H.
+- Directions: x = cos(lat) sin(lon), y = sin(lat), z = cos(lat) cos(lon): +z forward, +x right,
+  +y up. Views in degrees: yaw turns right, pitch looks up, roll turns the camera clockwise
+  (py360convert's u_deg, v_deg, in_rot_deg); fov is horizontal, pixels square.
+- Cube faces (B, 6, C, F, F) in three.js order px nx py ny pz nz: upright 90-degree views, px/nx/pz/
+  nz at yaw 90/-90/0/180; py looks up with the front at its bottom edge, ny down with the front at
+  its top edge (py360convert's F R B L U D = pz px nz nx py ny). Layouts: "cross" (3F, 4F) = py
+  above pz, then nx pz px nz, ny below pz; "strip" (F, 6F) in FACES order.
+- Masks are 1 where valid. Everything is batched and differentiable; sampling grids are float32
+  (float64 for float64 images). The training losses' own projections are in loss.py.
 """
 
 import math
@@ -44,11 +35,7 @@ FACE_VIEWS = {  # (yaw, pitch) of each face's view
 CROSS = {"py": (0, 1), "nx": (1, 0), "pz": (1, 1), "px": (1, 2), "nz": (1, 3), "ny": (2, 1)}
 
 
-# --- tokens: 2x2 packing, image ids, circular wrap --------------------------------------------
-
-
 PATCH = 16  # pixels per packed token side: the VAE's x8, then 2x2 packing
-MASK_PADS = ("reference", "wrap")  # how Grid.wrap_mask fills a mask's pad columns
 
 
 def pack(z: Tensor) -> Tensor:
@@ -69,11 +56,8 @@ def token_mask(mask: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Grid:
-    """The packed token grid of an image: h x w tokens, `pad` wrapped columns on each side.
-
-    The one owner of the token layout: a padded row is [last pad cols | the row | first pad cols]
-    (DiT360's panoramic wrap), and a pad token's image id is that of the column it copies.
-    """
+    """The packed token grid of an image, h x w tokens, and its panoramic wrap (DiT360): each
+    row padded [last `pad` cols | row | first `pad` cols], a pad token with its copy's image id."""
 
     h: int
     w: int
@@ -126,22 +110,14 @@ class Grid:
         return ids.reshape(1, -1, 3).expand(batch, -1, -1)
 
     def wrap_mask(self, mask: Tensor, mode: str = "wrap") -> Tensor:
-        """A token mask (..., h*w) bool -> (..., tokens) over the padded grid.
-
-        "wrap" pads like the latents; "reference" pads [first cols | mask | last cols] as DiT360's
-        editing.py, so a pad token gets the mask of the column beside it, not of the one it copies.
-        """
-        if mode not in MASK_PADS:
-            raise ValueError(f"mask padding must be one of {MASK_PADS}, got {mode!r}")
+        """A token mask (..., h*w) -> (..., tokens): "wrap" pads it like the latents, "reference"
+        [first cols | mask | last cols] as DiT360's editing.py (a pad gets its neighbour's)."""
         if mode == "wrap":
             flat = self.wrap(mask.reshape(-1, self.h * self.w, 1))  # (B', tokens, 1)
             return flat.reshape(*mask.shape[:-1], self.tokens)
         g = mask.unflatten(-1, (self.h, self.w))
         g = torch.cat([g[..., : self.pad], g, g[..., self.w - self.pad :]], dim=-1)
         return g.flatten(-2)
-
-
-# --- geometry ------------------------------------------------------------------------------------
 
 
 def geo_dtype(x: Tensor) -> torch.dtype:
@@ -193,9 +169,6 @@ def sample_equirect(x: Tensor, dirs: Tensor, mode: str = "bilinear") -> Tensor:
     grid = torch.stack([col * (2 / (w + 1)) - 1, row * (2 / (h + 1)) - 1], dim=-1)  # (h, w, 2)
     grid = grid.to(x.dtype).expand(b, -1, -1, -1)
     return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=True)
-
-
-# --- projections ---------------------------------------------------------------------------------
 
 
 def equirect_to_perspective(
@@ -301,18 +274,11 @@ def cube_to_layout(faces: Tensor, layout: str = "cross") -> Tensor:
 def rotate(
     x: Tensor, yaw: float, pitch: float = 0.0, roll: float = 0.0, mode: str = "bilinear"
 ) -> Tensor:
-    """Rotate the scene of equirect x (B, C, H, W) by rotation(yaw, pitch, roll), resampling.
-
-    Content at direction d moves to R d, so a yaw of 360 k / W degrees equals roll(x, k), and the
-    forward view of the result looking along (yaw, pitch, roll) is the original forward view.
-    """
+    """Rotate equirect x (B, C, H, W): content at d moves to R d (yaw 360 k / W = roll by k)."""
     dtype = geo_dtype(x)
     rot = rotation(yaw, pitch, roll).to(dtype).to(x.device)
     dirs = equirect_dirs(*x.shape[-2:], x.device, dtype)  # (H, W, 3)
     return sample_equirect(x, dirs @ rot, mode)  # row-vector d @ R = R^T d, the source direction
-
-
-# --- seam metrics --------------------------------------------------------------------------------
 
 
 def seam_score(x: Tensor, eps: float = 1e-8) -> Tensor:

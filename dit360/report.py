@@ -41,10 +41,9 @@ class Report:
     def __str__(self) -> str:
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
         total = sum(self.seconds.values())
-        gpu = ""
-        if str(self.device).startswith("cuda"):
-            gpu = f", peak GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GB"
-        return f"{stages}; total {total:.1f}s{gpu}, peak RSS {peak_rss_gb():.2f} GB"
+        cuda = str(self.device).startswith("cuda")
+        gpu = f", peak GPU {peak_memory_gb(self.device):.2f} GB" if cuda else ""
+        return f"{stages}; total {total:.1f}s{gpu}, peak RSS {peak_memory_gb():.2f} GB"
 
 
 def free(device: str | torch.device) -> None:
@@ -54,19 +53,11 @@ def free(device: str | torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def peak_rss_gb() -> float:
-    """The peak resident memory of this process (kB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak GPU memory allocated, or the peak resident memory of the process on CPU."""
-    if device.type == "cuda":
+def peak_memory_gb(device: str | torch.device = "cpu") -> float:
+    """Peak GPU memory allocated on a CUDA device, else the peak resident memory of the process."""
+    if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return peak_rss_gb()
-
-
-# --- training log -----------------------------------------------------------------------------
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
 def open_log(path: Path, step: int) -> TextIO:

@@ -33,11 +33,7 @@ def noise(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Seeded latent noise (B, C, 2*(H//16), 2*(W//16)) drawn by a generator on `device`.
-
-    The default (CPU, float32) is the same on every machine; DiT360's inference.py draws on its
-    GPU in the model dtype, which `device`/`dtype` reproduce.
-    """
+    """Seeded latent noise (B, C, 2*(H//16), 2*(W//16)) from a generator on `device`."""
     gen = torch.Generator(device).manual_seed(seed)
     shape = (batch, channels, 2 * (height // 16), 2 * (width // 16))
     return torch.randn(shape, generator=gen, device=device, dtype=dtype)
@@ -97,8 +93,7 @@ def predict(
     t: float | Tensor,
     guidance: float | None,
 ) -> Tensor:
-    """Velocity (B, grid.tokens, C) for tokens x (B, grid.tokens, C) that carry the wrap padding;
-    the image ids follow the padding (`Grid.ids`)."""
+    """Velocity (B, grid.tokens, C) of wrap-padded tokens x, with the grid's image ids."""
     b, dtype = x.shape[0], x.dtype
     ids = grid.ids(b, x.device).to(dtype)
     t = timestep(torch.as_tensor(t, device=x.device).expand(b), dtype) / 1000

@@ -5,7 +5,6 @@ Weights come from a FLUX.1-dev folder or a Hugging Face repo of that layout, by 
 https://huggingface.co/black-forest-labs/FLUX.1-dev (gated: accept its license first).
 """
 
-import gc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from .files import resolve
+from .report import free
 
 TEXT_FOLDERS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
 LAYOUT = (
@@ -92,7 +92,5 @@ def encode(
     enc = load_text_encoders(base, device, dtype)
     out = encode_prompt(enc, prompts, max_length)
     del enc
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # give the ~10 GB of T5-XXL back before denoising
+    free(device)  # give the ~10 GB of T5-XXL back before denoising
     return out

@@ -223,8 +223,7 @@ def fill(
     device: str | torch.device,
     dtype: torch.dtype | None,
 ) -> nn.Module:
-    """Fill a meta-device model (checked against the plan) tensor by tensor, one copy in memory;
-    dtype None keeps the checkpoint's."""
+    """Fill a meta-device model tensor by tensor (one copy); dtype None keeps the file's."""
     if dtype is None:
         dtype = tfile.dtypes[next(iter(plan.sources.values()))[1][0]]
     model = model.to(dtype).to_empty(device=device)

@@ -397,7 +397,8 @@ def test_cache_with_circular_vae_matches(model, panoramas, tmp_path):
 
     torch.manual_seed(0)
     params = AutoEncoderParams(ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, norm_num_groups=4)
-    ae = AutoEncoder(params, circular_encoder=True).eval()
+    ae = AutoEncoder(params).eval()
+    ae.set_circular(False, encoder=True)
     build_cache(panoramas, tmp_path, 64, "tiny-vae", ae.posterior, fake_text)
     plain = Source(panoramas, [], height=64, seed=3)
     cached = Source(panoramas, [], height=64, seed=3, cache_dir=tmp_path, model_id="tiny-vae")

@@ -11,6 +11,7 @@ from torch.testing import assert_close
 
 from dit360 import panorama as P
 from dit360.loss import loss_cube_faces, loss_yaw_rotation
+from dit360.options import EditOptions
 
 # py360convert's list order is F R B L U D; ours is px nx py ny pz nz = R L U D F B.
 OURS_TO_P3 = [1, 3, 4, 5, 0, 2]  # position of each of our faces in py360convert's list
@@ -101,8 +102,8 @@ def test_grid_masks():
     assert P.Grid(1, 4, 0).wrap_mask(keep.flatten(), "wrap").tolist() == [1, 0, 0, 0]
     batched = P.Grid(1, 4, 1).wrap_mask(torch.stack([keep.flatten(), ~keep.flatten()]))
     assert batched.tolist() == [[0, 1, 0, 0, 0, 1], [1, 0, 1, 1, 1, 0]]
-    with pytest.raises(ValueError, match="mask padding"):
-        P.Grid(1, 4, 1).wrap_mask(keep.flatten(), "mirror")
+    with pytest.raises(ValueError, match="mask_pad"):
+        EditOptions(mask_pad="mirror", device="cpu")
 
 
 # --- projections against py360convert -----------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from dit360.data import read_rows
-from dit360.prepare import main, prepare
+from prepare import main, prepare
 
 
 def make_images(folder: Path, sizes: dict[str, tuple[int, int]], seed: int = 0) -> None:
@@ -150,9 +150,9 @@ def test_projected_photo_matches_py360convert(tmp_path):
 
 
 def test_help_mentions_captions():
-    """python -m dit360.prepare --help runs and explains where captions come from."""
+    """python prepare.py --help runs and explains where captions come from."""
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run(
-        [sys.executable, "-m", "dit360.prepare", "--help"], cwd=root, capture_output=True, text=True
+        [sys.executable, "prepare.py", "--help"], cwd=root, capture_output=True, text=True
     )
     assert res.returncode == 0 and ".txt" in res.stdout and "same stem" in res.stdout

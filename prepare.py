@@ -1,6 +1,6 @@
 """Build the hybrid-training jsonl files (DESIGN.md section 4) from folders of images + captions.
 
-    python -m dit360.prepare --out data --pano panoramas/ --persp photos/ --height 1024
+python prepare.py --out data --pano panoramas/ --persp photos/ --height 1024
 
 Panoramas (2:1) are used in place, with an all-white mask; photos are projected into a height x
 2 height canvas at a given or sampled field of view and sampled yaw / pitch / roll, with a mask of
@@ -10,21 +10,17 @@ row is bad, unless --skip-bad.
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from .data import READ_ERRORS
-from .files import atomic_path
-from .image import open_image
-from .panorama import perspective_to_equirect
+from dit360.data import READ_ERRORS
+from dit360.files import atomic_path
+from dit360.image import open_image, project_photo
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 Row = dict[str, str]
@@ -79,23 +75,6 @@ def collect_panoramas(folder: Path, out: Path, absolute: bool = False) -> tuple[
             save_atomic(Image.new("L", (w, h), 255), mask)
         rows.append(row(image, caption, mask, out, absolute))
     return rows, bad
-
-
-def project_photo(
-    img: Image.Image, fov: float, yaw: float, pitch: float, roll: float, height: int
-) -> tuple[Image.Image, Image.Image]:
-    """Project an RGB photo into a height x 2 height canvas -> (canvas RGB, mask L)."""
-    # The width whose centre pixels match the canvas resolution at the equator.
-    target = max(1, round(2 * height * math.tan(math.radians(fov) / 2) / math.pi))
-    if img.width > target:  # downscale with antialiasing first; bilinear sampling would alias
-        img = img.resize((target, max(1, round(img.height * target / img.width))), Image.LANCZOS)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255)
-    x = x.permute(2, 0, 1)[None]  # (1, 3, h, w)
-    with torch.no_grad():
-        canvas, mask = perspective_to_equirect(x, fov, yaw, pitch, roll, height)
-    canvas = (canvas[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    mask = (mask[0, 0] * 255).to(torch.uint8).numpy()
-    return Image.fromarray(canvas, "RGB"), Image.fromarray(mask, "L")
 
 
 def collect_perspectives(
@@ -171,7 +150,6 @@ def prepare(
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point."""
     p = argparse.ArgumentParser(
-        prog="python -m dit360.prepare",
         description="Build pano.jsonl / persp.jsonl for DiT360 hybrid training from image folders.",
         epilog="Captions: each image needs a UTF-8 .txt file with the same stem next to it "
         "(photo.jpg -> photo.txt). Image folders are searched recursively. jsonl paths are "
