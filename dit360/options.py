@@ -4,9 +4,10 @@ its help, and the command-line flags of sample.py and edit.py are derived from t
 """
 
 import argparse
+import sys
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -109,6 +110,22 @@ def check_size(height: int, width: int) -> None:
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows each flag's default and keeps the description's line breaks."""
+
+
+class Parser(argparse.ArgumentParser):
+    """The scripts' parser: --help with defaults; a bad flag is one line `error: ...`, exit 2."""
+
+    def __init__(self, description: str | None = None, **kw: Any) -> None:
+        super().__init__(description=description, formatter_class=HelpFormatter, **kw)
+
+    def error(self, message: str) -> NoReturn:
+        fail(message)
+
+
+def fail(message: object, code: int = 2) -> NoReturn:
+    """Stop a command with one line `error: ...` on stderr: code 2 for bad usage, 1 for a failure."""
+    sys.stderr.write(f"error: {message}\n")
+    raise SystemExit(code)
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
