@@ -123,7 +123,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def fail(message: object, code: int = 2) -> NoReturn:
-    """Stop a command with one line `error: ...` on stderr: code 2 for bad usage, 1 for a failure."""
+    """Stop a command with one line `error: ...` on stderr; code 2: bad usage, 1: a failure."""
     sys.stderr.write(f"error: {message}\n")
     raise SystemExit(code)
 
