@@ -10,7 +10,9 @@ stay resident until the file is closed).
 import json
 import os
 import shutil
+import signal
 import struct
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -140,6 +142,11 @@ def resolve(src: str | Path, allow_patterns: list[str] | None = None, expected: 
             f"{src} is not in the Hugging Face cache and cannot be downloaded now (offline mode or "
             f"no network): download it once with network access, or pass a local folder{hint}"
         ) from None
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit(143), so `finally` blocks remove temporary files on the way."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
 def temp_path(path: Path, owner: str = "") -> Path:
