@@ -6,59 +6,131 @@ python convert_weights.py --base flux1-dev.safetensors --to diffusers \
 python convert_weights.py --base black-forest-labs/FLUX.1-dev \
     --lora Insta360-Research/DiT360-Panorama-Image-Generation --merge --out flux-dit360.safetensors
 python convert_weights.py --lora kohya_lora.safetensors --out my-lora-peft   # peft/diffusers format
+
+--out is a .safetensors file (our layout, --merge; an existing file is replaced) or a folder
+(--to diffusers, --lora alone) that is new, empty or a previous output of the same kind, which is
+replaced. Outputs appear whole or not at all; what a killed run left is removed by the next run.
+Arguments are checked before any weights are read. Exit status: 2 bad arguments, 1 failed.
 """
 
 import argparse
+import math
+import os
+import re
+from pathlib import Path
 
 from dit360.convert import convert_flux, convert_lora
-from dit360.options import DTYPES
+from dit360.files import exit_on_sigterm
+from dit360.options import DTYPES, Parser, fail
+
+# What a folder output may already hold (a previous output, and temporary files of a killed one).
+FOLDER_FILES = {
+    "diffusers": r"config\.json|diffusion_pytorch_model.*\.safetensors(\.index\.json)?",
+    "peft": r"adapter_config\.json|adapter_model\.safetensors",
+}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--base", help="repo id, FLUX.1-dev-style folder, or .safetensors file")
-    parser.add_argument(
+def axes(text: str) -> tuple[int, ...]:
+    """--axes-dim: three positive even integers, e.g. 16,56,56."""
+    dims = tuple(int(v) if v.strip().isdigit() else 0 for v in text.split(","))
+    if len(dims) != 3 or any(d <= 0 or d % 2 for d in dims):
+        raise argparse.ArgumentTypeError(f"{text!r}: give three positive even integers: 16,56,56")
+    return dims
+
+
+def finite(text: str) -> float:
+    """A float that is neither NaN nor infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = Parser(description=__doc__)
+    p.add_argument("--base", help="repo id, FLUX.1-dev-style folder, or .safetensors file")
+    p.add_argument(
         "--out",
         required=True,
+        type=Path,
         help="output .safetensors file (bfl, --merge) or folder (diffusers, --lora alone)",
     )
-    parser.add_argument(
+    p.add_argument(
         "--lora",
         help="LoRA: repo id, folder or .safetensors (peft/diffusers, kohya, BFL/ComfyUI keys); "
         "alone (--base only gives the sizes, default flux-dev) it is written in the peft format",
     )
-    parser.add_argument(
-        "--merge", action="store_true", help="fold --lora into --base: one file in our layout"
+    p.add_argument("--merge", action="store_true", help="fold --lora into --base: one file, bfl")
+    p.add_argument("--lora-scale", type=finite, default=1.0, help="weight of the LoRA")
+    p.add_argument(
+        "--to", choices=["bfl", "diffusers"], help="layout of a --base conversion; None: bfl"
     )
-    parser.add_argument("--lora-scale", type=float, default=1.0, help="weight of the LoRA")
-    parser.add_argument("--to", choices=["bfl", "diffusers"], default="bfl", help="output layout")
-    parser.add_argument("--dtype", choices=DTYPES, help="output dtype (default: keep the input's)")
-    parser.add_argument(
+    p.add_argument("--dtype", choices=DTYPES, help="output dtype; None: the input's")
+    p.add_argument(
         "--axes-dim",
-        type=lambda s: tuple(int(v) for v in s.split(",")),
+        type=axes,
         help="RoPE axes, e.g. 16,56,56; only needed for a bare file of a non-standard model",
     )
-    args = parser.parse_args(argv)
+    args = p.parse_args(argv)
     if not args.base and not args.lora or args.merge and not (args.base and args.lora):
-        parser.error("give --base, --lora, or both with --merge")
-    if args.merge and args.to != "bfl":
-        parser.error("--merge writes our (bfl) layout only")
+        p.error("give --base, --lora, or both with --merge")
+    if args.merge and args.to == "diffusers":
+        p.error("--merge writes our (bfl) layout only")
+    if args.lora and not args.merge and args.to:
+        p.error("--to sets the layout of a --base conversion; --lora alone writes the peft format")
+    if not args.lora and args.lora_scale != 1.0:
+        p.error("--lora-scale needs --lora")
+    if args.axes_dim and not args.base:
+        p.error("--axes-dim needs --base (it describes the base model)")
+    args.kind = "peft" if args.lora and not args.merge else args.to or "bfl"
+    try:
+        check_out(args.out, args.kind)
+    except OSError as e:  # an --out folder we may not even list
+        p.error(f"--out {args.out}: {e}")
+    return args
+
+
+def check_out(out: Path, kind: str) -> None:
+    """Fail (exit 2) on an --out the conversion could not write, or must not replace."""
+    if kind in FOLDER_FILES:
+        if out.suffix == ".safetensors" or out.is_file():
+            fail(f"--out {out}: the {kind} output is a folder (not a file, nor *.safetensors)")
+        allowed = rf"\.?({FOLDER_FILES[kind]})(\.tmp.*)?"
+        found = [p.name for p in out.iterdir()] if out.is_dir() else []
+        if other := [name for name in found if not re.fullmatch(allowed, name)]:
+            fail(
+                f"--out {out} holds other files ({', '.join(sorted(other)[:3])}): give a new or "
+                f"empty folder, or a previous {kind} output"
+            )
+    elif out.suffix != ".safetensors" or out.is_dir():
+        fail(f"--out {out}: name a .safetensors file (a folder only with --to diffusers)")
+    parent = out.absolute().parent
+    while not parent.exists():  # created by the conversion
+        parent = parent.parent
+    writable = [parent, out] if out.is_dir() else [parent]
+    if not parent.is_dir() or not all(os.access(p, os.W_OK | os.X_OK) for p in writable):
+        fail(f"--out {out}: cannot write there (check the folder exists and is writable)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    exit_on_sigterm()  # SIGTERM runs the `finally` that removes temporary files
+    args = parse_args(argv)
     dtype = DTYPES.get(args.dtype)
     try:
-        if args.merge:
-            out = convert_flux(
-                args.base, args.out, dtype, "bfl", args.axes_dim, args.lora, args.lora_scale
-            )
-        elif args.lora:
+        if args.kind == "peft":
             out = convert_lora(
                 args.lora, args.out, args.base, args.lora_scale, args.axes_dim, dtype
             )
         else:
-            out = convert_flux(args.base, args.out, dtype, args.to, args.axes_dim)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        parser.exit(1, f"error: {e}\n")
+            lora = args.lora if args.merge else None
+            out = convert_flux(
+                args.base, args.out, dtype, args.kind, args.axes_dim, lora, args.lora_scale
+            )
+    except (ValueError, OSError) as e:  # unreadable or unfit weights, a failed write
+        fail(" ".join(str(e).split()), code=1)
     print(f"wrote {out}")
 
 

@@ -9,14 +9,20 @@ python edit.py --image pano.png --mask mask.png --prompt "This is a panorama ima
 
 import argparse
 import sys
+import warnings
+from pathlib import Path
 
-from dit360.editing import edit_image, read_panorama
-from dit360.image import check_output_path, open_image, save_panorama
-from dit360.options import EditOptions, HelpFormatter, add_flags, from_args
+from PIL import Image
+
+from dit360.editing import edit_image
+from dit360.files import exit_on_sigterm
+from dit360.image import check_output_path, open_image, read_rgb, save_panorama
+from dit360.options import EditOptions, Parser, add_flags, fail, from_args
+from sample import check_sources
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--image", required=True, help="the source panorama (2:1)")
     p.add_argument("--mask", required=True, help="PNG, white = keep (any size: nearest resize)")
     p.add_argument("--prompt", required=True, help="the target prompt")
@@ -27,18 +33,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def read_panorama(path: str | Path, height: int = 1024, resize: bool = False) -> Image.Image:
+    """The source panorama as RGB at height x 2 height; not 2:1 is an error unless `resize`."""
+    img = open_image(path)
+    w, h = img.size
+    if w != 2 * h and not resize:
+        raise ValueError(f"{path}: {w}x{h} is not 2:1; pass --resize to stretch it to 2:1")
+    return read_rgb(img, 2 * height, height)
+
+
 def main(argv: list[str] | None = None) -> None:
+    exit_on_sigterm()
     args = parse_args(argv)
-    try:
-        out = check_output_path(args.out)
+    if args.height <= 0 or args.height % 16:
+        fail(f"--height must be a positive multiple of 16, got {args.height}")
+    with warnings.catch_warnings(record=True) as warned:  # shown once the arguments pass
+        warnings.simplefilter("always")
+        try:  # the arguments, then the files they name: a mistake is exit 2, before anything slow
+            opts = from_args(EditOptions, args)
+            out = check_output_path(args.out)
+            check_sources(opts)
+        except (ValueError, OSError) as e:
+            fail(e)
+        except RuntimeError as e:  # torch.device's, on a malformed --device
+            fail(f"--device {args.device}: {e}")
+    for w in warned:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    try:  # edit_image checks the size and the mask before it loads any model
         image = read_panorama(args.image, args.height, args.resize)
-        mask = open_image(args.mask)
-        opts = from_args(EditOptions, args)
         log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-        result, report = edit_image(image, mask, args.prompt, opts, log=log)
+        result, report = edit_image(image, open_image(args.mask), args.prompt, opts, log=log)
+    except (ValueError, OSError) as e:  # also missing or bad weights (--base, --lora)
+        fail(e)
+    except FloatingPointError as e:  # NaN/inf latents: nothing is written
+        fail(e, code=1)
+    try:
         save_panorama(result, out)
-    except (ValueError, OSError) as e:  # OSError: missing or unreadable files, unwritable output
-        sys.exit(f"error: {e}")
+    except OSError as e:
+        fail(f"cannot write {out}: {e}", code=1)
     print(f"wrote {out} ({result.width}x{result.height}): {report}")
 
 

@@ -4,8 +4,9 @@ python prepare.py --out data --pano panoramas/ --persp photos/ --height 1024
 
 Panoramas (2:1) are used in place, with an all-white mask; photos are projected into a height x
 2 height canvas at a given or sampled field of view and sampled yaw / pitch / roll, with a mask of
-the covered area (255 = supervised). All files are written atomically, and no jsonl at all if a
-row is bad, unless --skip-bad.
+the covered area (255 = supervised). Arguments are checked before any work. Everything is
+written into a hidden folder inside --out and moved into place at the end, so a failed or
+interrupted run leaves nothing behind; a bad row fails the run unless --skip-bad.
 """
 
 import argparse
@@ -13,18 +14,22 @@ import json
 import os
 import random
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from dit360.data import READ_ERRORS
-from dit360.files import atomic_path
+from dit360.files import exit_on_sigterm, remove, temp_path
 from dit360.image import open_image, project_photo
+from dit360.options import Parser, fail
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 Row = dict[str, str]
 Bad = list[tuple[str, str]]  # (file, reason)
+ANGLES = {"fov": (1, 179), "yaw": (-180, 180), "pitch": (-90, 90), "roll": (-180, 180)}  # degrees
 
 
 def find_images(folder: Path) -> list[Path]:
@@ -44,10 +49,10 @@ def read_caption(image: Path) -> str:
     return caption
 
 
-def save_atomic(img: Image.Image, path: Path) -> None:
-    """Save a PNG, atomically."""
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+def save_png(img: Image.Image, path: Path) -> None:
+    """Save a PNG (into the private staging folder: no temporary name needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG")
 
 
 def row(image: Path, caption: str, mask: Path, out: Path, absolute: bool = False) -> Row:
@@ -58,8 +63,10 @@ def row(image: Path, caption: str, mask: Path, out: Path, absolute: bool = False
     return {"image": image.as_posix(), "caption": caption, "mask": mask.as_posix()}
 
 
-def collect_panoramas(folder: Path, out: Path, absolute: bool = False) -> tuple[list[Row], Bad]:
-    """Rows for the 2:1 panoramas under folder, writing their all-white masks under out/masks."""
+def collect_panoramas(
+    folder: Path, out: Path, stage: Path, absolute: bool = False
+) -> tuple[list[Row], Bad]:
+    """Rows for the 2:1 panoramas under folder, their all-white masks staged for out/masks."""
     rows, bad = [], []
     for image in tqdm(find_images(folder), desc="panoramas", unit="img"):
         try:
@@ -70,16 +77,17 @@ def collect_panoramas(folder: Path, out: Path, absolute: bool = False) -> tuple[
         except READ_ERRORS as e:  # a bad row, reported with the others at the end
             bad.append((str(image), str(e) or type(e).__name__))
             continue
-        mask = out / "masks" / f"pano_{w}x{h}.png"
-        if not mask.exists():
-            save_atomic(Image.new("L", (w, h), 255), mask)
-        rows.append(row(image, caption, mask, out, absolute))
+        mask = Path("masks") / f"pano_{w}x{h}.png"
+        if not (stage / mask).exists():
+            save_png(Image.new("L", (w, h), 255), stage / mask)
+        rows.append(row(image, caption, out / mask, out, absolute))
     return rows, bad
 
 
 def collect_perspectives(
     folder: Path,
     out: Path,
+    stage: Path,
     height: int = 1024,
     fov: float | None = None,
     fov_range: tuple[float, float] = (60.0, 90.0),
@@ -89,7 +97,7 @@ def collect_perspectives(
     seed: int = 0,
     absolute: bool = False,
 ) -> tuple[list[Row], Bad]:
-    """Rows for the photos under folder, projected with their masks into out/persp."""
+    """Rows for the photos under folder, projected with their masks, staged for out/persp."""
     rng = random.Random(seed)
     rows, bad, seen = [], [], {}
     for image in tqdm(find_images(folder), desc="perspective", unit="img"):
@@ -108,11 +116,71 @@ def collect_perspectives(
         except READ_ERRORS as e:  # a bad row, reported with the others at the end
             bad.append((str(image), str(e) or type(e).__name__))
             continue
-        paths = out / "persp" / f"{name}.png", out / "persp" / f"{name}_mask.png"
-        save_atomic(canvas, paths[0])
-        save_atomic(mask, paths[1])
-        rows.append(row(paths[0], caption, paths[1], out, absolute))
+        paths = Path("persp") / f"{name}.png", Path("persp") / f"{name}_mask.png"
+        save_png(canvas, stage / paths[0])
+        save_png(mask, stage / paths[1])
+        rows.append(row(out / paths[0], caption, out / paths[1], out, absolute))
     return rows, bad
+
+
+def check_args(
+    out: Path,
+    pano: Path | None = None,
+    persp: Path | None = None,
+    height: int = 1024,
+    fov: float | None = None,
+    seed: int = 0,
+    **ranges: tuple[float, float],
+) -> None:
+    """Raise a ValueError naming the flag for the first bad argument (before any work)."""
+    if pano is None and persp is None:
+        raise ValueError("give --pano and/or --persp (folders of images)")
+    for flag, folder in (("--pano", pano), ("--persp", persp)):
+        if folder is not None and not Path(folder).is_dir():
+            what = "not a folder" if Path(folder).exists() else "no such folder"
+            raise ValueError(f"{flag} {folder}: {what}")
+        if folder is not None and not find_images(Path(folder)):
+            kinds = ", ".join(sorted(IMAGE_SUFFIXES))
+            raise ValueError(f"{flag} {folder}: no images in it (looked for {kinds})")
+    if not (isinstance(height, int) and height > 0 and height % 16 == 0):
+        raise ValueError(f"--height must be a positive multiple of 16, got {height}")
+    lo, hi = ANGLES["fov"]
+    if fov is not None and not lo <= fov <= hi:
+        raise ValueError(f"--fov must be {lo} to {hi} degrees, got {fov}")
+    for key, (a, b) in ranges.items():
+        lo, hi = ANGLES[key.removesuffix("_range")]
+        if not lo <= a <= b <= hi:  # NaN fails too
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"{flag} {a} {b}: need {lo} <= LO <= HI <= {hi} (degrees)")
+    if not (isinstance(seed, int) and seed >= 0):
+        raise ValueError(f"--seed must be an integer >= 0, got {seed}")
+    out = Path(out).absolute()
+    near = next(p for p in (out, *out.parents) if p.exists())  # the folder that gets written
+    if not near.is_dir() or not os.access(near, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {near} is not a writable folder; choose another --out")
+
+
+@contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A hidden folder inside out to write into. On success its files move into out (images and
+    masks before the jsonl files that name them); on failure out is left as it was."""
+    out = Path(out).absolute()
+    made = next((p for p in reversed((out, *out.parents)) if not p.exists()), None)
+    stage = temp_path(out / "prepare", str(os.getpid()))
+    remove(stage)  # left by a killed run with our pid
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+        files = sorted(p for p in stage.rglob("*") if p.is_file())
+        for f in sorted(files, key=lambda p: p.suffix == ".jsonl"):
+            (out / f.relative_to(stage)).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, out / f.relative_to(stage))
+    except BaseException:
+        if made is not None:  # the folders this run created, out among them
+            remove(made)
+        raise
+    finally:
+        remove(stage)
 
 
 def prepare(
@@ -123,33 +191,37 @@ def prepare(
     absolute: bool = False,
     **views,
 ) -> dict[str, Path]:
-    """Write out/pano.jsonl and/or out/persp.jsonl; raise one ValueError listing all bad rows.
+    """Write out/pano.jsonl and/or out/persp.jsonl with their masks and projected photos, all or
+    nothing; raise one ValueError listing all bad rows.
 
     views: the keyword arguments of collect_perspectives (height, fov, fov_range, ..., seed).
     """
+    check_args(out, pano, persp, **views)
     out, found = Path(out), {}
-    if pano is not None:
-        found["pano"] = collect_panoramas(Path(pano), out, absolute)
-    if persp is not None:
-        found["persp"] = collect_perspectives(Path(persp), out, absolute=absolute, **views)
-    bad = [b for _, bad_rows in found.values() for b in bad_rows]
-    if bad:
+    with staging(out) as stage:
+        if pano is not None:
+            found["pano"] = collect_panoramas(Path(pano), out, stage, absolute)
+        if persp is not None:
+            kw = dict(absolute=absolute, **views)
+            found["persp"] = collect_perspectives(Path(persp), out, stage, **kw)
+        bad = [b for _, bad_rows in found.values() for b in bad_rows]
         listing = "\n".join(f"  {file}: {reason}" for file, reason in bad)
-        if not skip_bad:
-            raise ValueError(f"{len(bad)} bad rows, no jsonl written:\n{listing}")
-        print(f"skipped {len(bad)} bad rows:\n{listing}", file=sys.stderr)
-    written = {}
-    for kind, (rows, _) in found.items():
-        written[kind] = out / f"{kind}.jsonl"
-        with atomic_path(written[kind]) as tmp:
+        if bad and not skip_bad:
+            raise ValueError(f"{len(bad)} bad rows, nothing written:\n{listing}")
+        if empty := [kind for kind, (rows, _) in found.items() if not rows]:
+            raise ValueError(f"no usable {' or '.join(empty)} images, nothing written:\n{listing}")
+        if bad:
+            print(f"skipped {len(bad)} bad rows:\n{listing}", file=sys.stderr)
+        for kind, (rows, _) in found.items():
             lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-            tmp.write_text("".join(lines), encoding="utf-8")
-    return written
+            (stage / f"{kind}.jsonl").write_text("".join(lines), encoding="utf-8")
+    return {kind: out / f"{kind}.jsonl" for kind in found}
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point."""
-    p = argparse.ArgumentParser(
+    exit_on_sigterm()
+    p = Parser(
         description="Build pano.jsonl / persp.jsonl for DiT360 hybrid training from image folders.",
         epilog="Captions: each image needs a UTF-8 .txt file with the same stem next to it "
         "(photo.jpg -> photo.txt). Image folders are searched recursively. jsonl paths are "
@@ -159,20 +231,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder for jsonl, images, masks")
     p.add_argument("--pano", type=Path, help="folder of 2:1 equirectangular panoramas")
     p.add_argument("--persp", type=Path, help="folder of perspective photos to project")
-    p.add_argument("--height", type=int, help="canvas height for photos (width 2x)")
+    p.add_argument(
+        "--height", type=int, help="canvas height for photos (width 2x), a multiple of 16"
+    )
     p.add_argument("--fov", type=float, help="horizontal fov of every photo, degrees")
-    for angle in ("fov", "yaw", "pitch", "roll"):
+    for angle in ANGLES:
         p.add_argument(f"--{angle}-range", type=float, nargs=2, metavar=("LO", "HI"))
     p.add_argument("--seed", type=int, help="seed of the sampled views")
     p.add_argument("--absolute", action="store_true", help="write absolute paths")
     p.add_argument("--skip-bad", action="store_true", help="report bad rows and write the rest")
     args = vars(p.parse_args(argv))  # named as prepare's arguments
-    if "pano" not in args and "persp" not in args:
-        p.error("give --pano and/or --persp")
+    views = {k: v for k, v in args.items() if k not in ("skip_bad", "absolute")}
+    try:
+        check_args(**views)
+    except ValueError as e:
+        fail(e)
     try:
         written = prepare(**args)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, OSError) as e:  # bad rows (listed), or a failed write
+        fail(e, code=1)
     for path in written.values():
         print(f"wrote {path}")
 

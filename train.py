@@ -10,7 +10,7 @@ reference: fp16 mixed precision), fp32 on CPU; the LoRA and its optimizer state 
 Ours, not the reference's: the VAE encoder wraps the width (--no-circular-encoder to zero-pad).
 
 The model is always FSDP-sharded, also in a single process (a world of one): one code path, the
-same dtypes and numerics, and DCP checkpoints that resume on any number of ranks.
+same dtypes and numerics, and checkpoints that resume on any number of ranks.
 
 Loss: sum of squared errors over supervised tokens / their number over all micro-batches of the
 step and all ranks (all-reduced before backward), torchtitan's normalisation by the global token
@@ -23,18 +23,42 @@ a generator seeded with (seed, epoch, its index in the epoch's global order), th
 (step, epoch, batch) is all the RNG state a resume needs, and a global batch gives the same loss
 however it is split over ranks.
 
-Writes to --out: checkpoints/step-N/ (DCP state + lora/), lora/ (the final LoRA in the peft format
-that `sample.py --lora` and diffusers read), log.jsonl (one line a step), loss.png.
+Every argument is checked before anything slow; a bad one is one line `error: ...` (exit 2).
+--out holds one run: a non-empty --out is refused unless --resume continues it or --overwrite
+deletes it first, and `out/.lock` (the pid and host of the run writing there) keeps a second run
+out; a lock left by a dead process is taken over, with a warning.
+
+Writes to --out: checkpoints/step-N/ (state.safetensors + lora/), lora/ (the final LoRA in the peft
+format that `sample.py --lora` and diffusers read), args.json, log.jsonl (one line a step),
+loss.png. state.safetensors holds the LoRA with its AdamW moments and step as full tensors, and
+the counters and arguments as JSON metadata: nothing is ever unpickled. Rank 0 writes it under a
+temporary name, then renames it; on resume every rank reads it and keeps its shards.
+
+--resume continues the latest readable checkpoint (an unreadable one is skipped, with a warning)
+or the one named; with unchanged arguments, bit-identical to a run never stopped. The arguments
+that fix what the state means must be those it was trained with (MUST_MATCH: the LoRA's rank,
+alpha, targets and dropout, the resolution, wrap pad and supervised pad, the encoder, the data
+files and the seed, as the counters index the data order and every random draw); one error lists
+every difference. The rest may change: steps, learning rate and schedule, loss weights, clipping,
+batch size, accumulation and world size (the place in the epoch is kept in samples), checkpoint
+interval and count, workers, device.
+
+Non-finite guard: a step whose loss or gradient norm is not finite updates nothing (its log line
+has a `skipped` field); --max-nonfinite of them in a row stop the run (exit 1). A checkpoint or
+LoRA holding a non-finite value is never written, so every checkpoint kept is a finite one.
 """
 
 import argparse
 import copy
 import json
 import math
+import os
+import re
+import socket
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from itertools import islice
@@ -42,13 +66,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from dit360 import distributed
 from dit360.autoencoder import scale_latents
-from dit360.config import AutoEncoderParams
+from dit360.config import FLUX_DEV, AutoEncoderParams
 from dit360.data import (
     Batch,
     Encode,
@@ -63,40 +88,79 @@ from dit360.data import (
     seeded,
 )
 from dit360.distributed import print0
+from dit360.files import (
+    TensorFile,
+    atomic_path,
+    commit,
+    exit_on_sigterm,
+    open_tensors,
+    remove,
+    temp_path,
+)
 from dit360.lora import DIT360_TARGETS, Adapter, inject
 from dit360.lora_formats import export_peft
 from dit360.loss import aux_active, draw_yaw, flow_loss, sample_sigmas
+from dit360.options import Parser, fail
 from dit360.panorama import Grid
 from dit360.report import free, open_log, peak_memory_gb, plot_losses
 from dit360.text import encode_prompt, load_text_encoders
-from dit360.weights import build, load_autoencoder, read_flux
+from dit360.weights import KeyPlan, build, load_autoencoder, read_flux
 
 # Streams of seeded generators; data.py uses 0 (data.AUGMENT_STREAM, panorama augmentation).
 SAMPLE_STREAM, YAW_STREAM, DROPOUT = 10, 11, 12
 PARTS = ("flow", "yaw", "cube")  # the loss components flow_loss reports
 INPUT_ERRORS = (ValueError, FileNotFoundError, PermissionError)  # one line, no traceback
+STATE = "state.safetensors"  # a checkpoint's LoRA, AdamW state, counters and arguments
+STEP_DIR = re.compile(r"step-(\d+)")  # a checkpoint; ".step-N.tmp" is one being written
+COUNTERS = ("step", "epoch", "batch", "world", "batch_size")  # where a checkpoint resumes
+OUTPUTS = ("checkpoints", "lora", "args.json", "log.jsonl", "loss.png")  # --overwrite deletes
+# What a checkpoint's state means, so a resume must keep them (the module docstring says why).
+MUST_MATCH = ("lora_rank", "alpha", "targets", "dropout", "resolution", "wrap_pad")
+MUST_MATCH += ("supervise_pad", "circular_encoder", "pano", "persp", "seed")
 
 # --- config -----------------------------------------------------------------------------------
 
 
+def bounded(kind: type, low: float, high: float = math.inf, above: bool = False) -> Callable:
+    """An argparse type: a finite `kind` (int or float) >= low (> low if `above`) and <= high."""
+    name = "a whole number" if kind is int else "a finite number"
+    limits = f"{'>' if above else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+
+    def parse(text: str) -> float:
+        try:
+            x = kind(text)
+        except ValueError:
+            x = math.nan
+        if not (math.isfinite(x) and (x > low if above else x >= low) and x <= high):
+            raise argparse.ArgumentTypeError(f"needs {name} {limits}, got {text!r}")
+        return x
+
+    return parse
+
+
+COUNT, NATURAL, NONNEG = bounded(int, 1), bounded(int, 0), bounded(float, 0)
+POSITIVE, FRACTION = bounded(float, 0, above=True), bounded(float, 0, 1)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--base", default="black-forest-labs/FLUX.1-dev", help="repo id or folder")
+    p = Parser(__doc__)
+    p.add_argument("--base", default=FLUX_DEV, help="repo id or folder")
     p.add_argument("--pano", required=True, help="jsonl of panoramas {image, caption[, mask]}")
     p.add_argument("--persp", help="jsonl of perspective photos on the canvas, with masks")
-    p.add_argument("--out", default="runs/dit360", help="checkpoints, LoRA, log, loss curve")
-    p.add_argument("--resolution", type=int, default=1024, help="height; width = 2 x height")
-    p.add_argument("--epochs", type=int, default=25)
-    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=1, help="per rank and micro-batch")
-    p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per step")
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps warming up")
-    p.add_argument("--weight-decay", type=float, default=1e-5)
-    p.add_argument("--max-grad-norm", type=float, default=0.0, help="clip gradients (0: off)")
-    p.add_argument("--lora-rank", type=int, default=64, help="LoRA rank")
-    p.add_argument("--alpha", type=float, default=64, help="LoRA alpha")
-    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
+    p.add_argument("--out", default="runs/dit360", help="the run: checkpoints, LoRA, log")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in --out first")
+    p.add_argument("--resolution", type=COUNT, default=1024, help="height; width = 2 x height")
+    p.add_argument("--epochs", type=COUNT, default=25)
+    p.add_argument("--max-steps", type=COUNT, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=COUNT, default=1, help="per rank and micro-batch")
+    p.add_argument("--grad-accum", type=COUNT, default=4, help="micro-batches per step")
+    p.add_argument("--lr", type=POSITIVE, default=5e-5)
+    p.add_argument("--warmup", type=FRACTION, default=0.05, help="fraction of steps warming up")
+    p.add_argument("--weight-decay", type=NONNEG, default=1e-5)
+    p.add_argument("--max-grad-norm", type=NONNEG, default=0.0, help="clip gradients (0: off)")
+    p.add_argument("--lora-rank", type=COUNT, default=64, help="LoRA rank")
+    p.add_argument("--alpha", type=POSITIVE, default=64, help="LoRA alpha")
+    p.add_argument("--dropout", type=FRACTION, default=0.05, help="LoRA dropout")
     p.add_argument("--targets", nargs="+", default=list(DIT360_TARGETS), help="diffusers names")
     p.add_argument("--wrap-pad", type=int, default=1, choices=(0, 1, 2), help="columns a side")
     p.add_argument(
@@ -104,30 +168,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="supervise the wrapped pad columns too (the maintainers' seam fix, with --wrap-pad 2)",
     )
-    p.add_argument("--lambda-yaw", type=float, default=0.5)
-    p.add_argument("--lambda-cube", type=float, default=0.5)
-    p.add_argument("--aux-from-epoch", type=int, default=2, help="first epoch with yaw / cube")
-    p.add_argument("--guidance", type=float, default=1.0, help="guidance input while training")
+    p.add_argument("--lambda-yaw", type=NONNEG, default=0.5)
+    p.add_argument("--lambda-cube", type=NONNEG, default=0.5)
+    p.add_argument("--aux-from-epoch", type=NATURAL, default=2, help="first epoch of yaw, cube")
+    p.add_argument("--guidance", type=NONNEG, default=1.0, help="guidance input while training")
     p.add_argument(
         "--circular-encoder",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="VAE encoder wraps the width: a roll of the image rolls its latents exactly, so the\n"
+        help="VAE encoder wraps the width: a roll of the image rolls its latents exactly, so the "
         "cache is exact (--no-circular-encoder: the reference's zero padding)",
     )
     p.add_argument("--resume", nargs="?", const="latest", help="checkpoint folder (default latest)")
-    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
-    p.add_argument("--keep", type=int, default=2, help="checkpoints kept (0: all)")
+    p.add_argument("--save-every", type=COUNT, default=500, help="steps between checkpoints")
+    p.add_argument("--keep", type=NATURAL, default=2, help="checkpoints kept (0: all)")
+    p.add_argument("--max-nonfinite", type=COUNT, default=3, help="skipped steps in a row: stop")
     p.add_argument("--cache-dir", help="encode every image and caption once, into this folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=NATURAL, default=0)
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument(
         "--no-recompute",
         action="store_true",
         help="activation checkpointing off: keep every block's activations (more memory)",
     )
-    p.add_argument("--workers", type=int, default=4, help="data loader processes per rank")
-    return p.parse_args(argv)
+    p.add_argument("--workers", type=NATURAL, default=4, help="data loader processes per rank")
+    args = p.parse_args(argv)
+    for flag in ("pano", "persp"):  # recorded resolved: a resume compares them
+        if (path := getattr(args, flag)) is not None and not Path(path).is_file():
+            fail(f"--{flag} {path}: no such file")
+        setattr(args, flag, path and str(Path(path).resolve()))
+    if args.resume and args.overwrite:
+        fail("--resume continues the run in --out, --overwrite deletes it: pass one")
+    return args
+
+
+def check_device(name: str | None) -> torch.device:
+    """--device as a torch.device that exists here (default: cuda if available, else cpu)."""
+    try:
+        dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        fail(f"--device {name}: not a device (cpu, cuda, cuda:1)")
+    if dev.type not in ("cpu", "cuda"):
+        fail(f"--device {name}: train.py runs on cpu or cuda")
+    index = int(os.environ.get("LOCAL_RANK", 0)) if dev.index is None else dev.index
+    if dev.type == "cuda" and index >= torch.cuda.device_count():
+        fail(f"--device {name}: {torch.cuda.device_count()} CUDA devices here; try --device cpu")
+    return dev
+
+
+def warn(message: str) -> None:
+    """One line `warning: ...` on stderr, from rank 0."""
+    if distributed.is_main():
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class Env(NamedTuple):
@@ -149,6 +241,186 @@ class Encoders:
     encode_text: EncodeText | None  # captions -> txt, txt_ids, vec
 
 
+# --- the run folder: its lock, checkpoints ----------------------------------------------------
+
+
+def check_out(out: Path, args: argparse.Namespace) -> None:
+    """--out: a folder we may write, and empty unless --resume or --overwrite."""
+    parent = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"--out {out}: {parent} is not a folder this user can write; choose another --out")
+    run = sorted(p.name for p in out.iterdir() if p.name != ".lock") if out.is_dir() else []
+    if run and not (args.resume or args.overwrite):
+        fail(
+            f"--out {out} holds a run ({', '.join(run[:4])}): continue it with --resume, "
+            "delete it with --overwrite, or choose another --out"
+        )
+
+
+def alive(pid: int) -> bool:
+    """Whether a process of this host runs with this pid."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
+
+
+def take_lock(out: Path) -> Path:
+    """Create out/.lock holding `pid host` (O_EXCL: one run a folder); a lock left by a dead
+    process of this host is taken over, with a warning."""
+    lock, me = out / ".lock", f"{os.getpid()} {socket.gethostname()}"
+    out.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid, _, host = lock.read_text().partition(" ")
+            if host != socket.gethostname() or not pid.isdigit() or alive(int(pid)):
+                fail(
+                    f"--out {out} is in use by process {pid} on {host or '?'}: wait for it, "
+                    f"or delete {lock} if that run is gone"
+                )
+            warn(f"process {pid}, which held {lock}, is gone: taking the lock over")
+            lock.unlink(missing_ok=True)
+            continue
+        os.write(fd, me.encode())
+        os.close(fd)
+        return lock
+
+
+def claim(out: Path, args: argparse.Namespace) -> Path:
+    """Rank 0: lock --out, then delete the old run (--overwrite) and a killed run's temp files."""
+    lock = take_lock(out)
+    for old in [*(out / n for n in OUTPUTS if args.overwrite), *out.rglob(".*.tmp*")]:
+        remove(old)
+    return lock
+
+
+def release(lock: Path, made: bool) -> None:
+    """Delete our lock, and --out if this run made it and wrote nothing in it."""
+    if lock.exists() and lock.read_text() == f"{os.getpid()} {socket.gethostname()}":
+        lock.unlink()
+    if made and lock.parent.is_dir() and not any(lock.parent.iterdir()):
+        lock.parent.rmdir()
+
+
+class Checkpoint(NamedTuple):
+    """A checkpoint read for a resume: where it is, its counters and its full state."""
+
+    path: Path
+    counters: dict[str, int]
+    state: dict[str, Tensor]
+
+
+def steps(folder: Path) -> dict[int, Path]:
+    """The checkpoint folders `step-N` by step (complete: a checkpoint is written, then renamed)."""
+    found = ((STEP_DIR.fullmatch(p.name), p) for p in folder.glob("step-*"))
+    return {int(m[1]): p for m, p in found if m and p.is_dir()}
+
+
+def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The tensors of a checkpoint of `model`: the LoRA, its AdamW moments and step."""
+    shapes = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            shape = tuple(p.shape)
+            shapes |= {f"model/{n}": shape, f"optim/{n}/step": ()}
+            shapes |= {f"optim/{n}/exp_avg": shape, f"optim/{n}/exp_avg_sq": shape}
+    return shapes
+
+
+def nonfinite(state: dict[str, Tensor]) -> list[str]:
+    """The names of the tensors holding a NaN or an infinity."""
+    return [k for k, t in state.items() if t.is_floating_point() and not t.isfinite().all()]
+
+
+def read_checkpoint(path: Path, args: argparse.Namespace, model: nn.Module) -> Checkpoint:
+    """A checkpoint of this model trained with our MUST_MATCH arguments (else one error listing
+    every difference); OSError, ValueError or KeyError if it is unreadable, torn or not finite."""
+    tfile = open_tensors(path / STATE)  # safetensors: a JSON header, raw tensors
+    counters, recorded = (json.loads(tfile.metadata[k]) for k in ("counters", "args"))
+    dicts = isinstance(recorded, dict) and isinstance(counters, dict)
+    if not dicts or not all(type(counters.get(k)) is int for k in COUNTERS):
+        raise ValueError("its counters or arguments are incomplete")
+    now = vars(args)
+    if diff := [k for k in MUST_MATCH if recorded.get(k) != now[k]]:
+        diff = [f"--{k.replace('_', '-')} {recorded.get(k)} (now {now[k]})" for k in diff]
+        fail(
+            f"--resume {path} was trained with other settings: {'; '.join(diff)}; resume "
+            "with those, or start a new run (another --out, or --overwrite)"
+        )
+    if tfile.shapes != state_shapes(model):
+        raise ValueError("it holds other tensors than this LoRA and its AdamW state")
+    state = {k: tfile.get(k) for k in tfile.shapes}
+    if bad := nonfinite(state):
+        raise ValueError(f"{len(bad)} tensors hold non-finite values ({bad[0]}, ...)")
+    return Checkpoint(path, counters, state)
+
+
+def find_checkpoint(out: Path, args: argparse.Namespace, model: nn.Module) -> Checkpoint | None:
+    """With --resume: the checkpoint it names, or the latest readable one in --out (an earlier
+    one stands in for an unreadable one, with a warning); None: start from scratch."""
+    if not args.resume:
+        return None
+    named = args.resume != "latest"
+    found = steps(out / "checkpoints")
+    paths = [Path(args.resume)] if named else [found[s] for s in sorted(found, reverse=True)]
+    for path in paths:
+        try:
+            return read_checkpoint(path, args, model)
+        except (OSError, ValueError, KeyError) as e:
+            if named:
+                fail(f"--resume {path}: not a readable checkpoint ({e})")
+            warn(f"skipping checkpoint {path}: {e}")
+    if paths:
+        fail(f"no readable checkpoint in {out / 'checkpoints'}: --overwrite starts again", 1)
+    print0(f"no checkpoint in {out / 'checkpoints'}: starting from scratch")
+    return None
+
+
+def save_checkpoint(
+    folder: Path,
+    state: dict[str, Tensor],
+    counters: dict,
+    args: argparse.Namespace,
+    shell: nn.Module,
+) -> Path | None:
+    """Rank 0: write `folder/step-N` (the state, its LoRA in lora/) under a temporary name, then
+    rename it; remove later steps' checkpoints (the branch a resume left) and all but the newest
+    --keep. A state holding a non-finite value is not written (a warning)."""
+    step = counters["step"]
+    if bad := nonfinite(state):
+        warn(f"step {step}: no checkpoint, {len(bad)} tensors are not finite ({bad[0]}, ...)")
+        return None
+    final = folder / f"step-{step:08d}"
+    tmp = temp_path(final)
+    remove(tmp)  # left by a run killed while writing it
+    tmp.mkdir(parents=True)
+    meta = dict(counters=json.dumps(counters), args=json.dumps(vars(args)))
+    save_file(state, tmp / STATE, metadata=meta)
+    export_lora(state, shell, tmp / "lora")
+    for s, path in steps(folder).items():
+        if s >= step:
+            remove(path)
+    commit(tmp, final)  # atomic: the checkpoint exists complete, or not at all
+    done = sorted(steps(folder).items())
+    for _, old in done[: -args.keep] if args.keep else []:
+        remove(old)
+    for stale in folder.glob(".step-*.tmp*"):
+        remove(stale)
+    return final
+
+
+def export_lora(state: dict[str, Tensor], shell: nn.Module, folder: Path) -> None:
+    """Rank 0: write the LoRA of a gathered state in the peft format."""
+    lora = {k.removeprefix("model/"): v for k, v in state.items() if k.startswith("model/")}
+    shell.load_state_dict(lora, strict=False, assign=True)  # the meta base stays meta
+    export_peft(shell, folder)
+
+
 # --- data -------------------------------------------------------------------------------------
 
 
@@ -158,7 +430,7 @@ def load_encoders(args: argparse.Namespace, env: Env) -> Encoders:
         text = load_text_encoders(args.base, env.device, env.dtype)
         vae = load_autoencoder(args.base, env.device, torch.float32)  # fp32, as the reference
     except INPUT_ERRORS as e:
-        sys.exit(f"error: {e}")
+        fail(e)
     vae.set_circular(False, encoder=args.circular_encoder)
     encode = torch.no_grad()(lambda x: vae.posterior(x.to(env.device)))
     return Encoders(vae.params, encode, partial(encode_prompt, text))
@@ -190,7 +462,7 @@ def steps_in_epoch(
 def total_steps(source: Source, args: argparse.Namespace, rank: int, world: int) -> int:
     """Optimizer steps of the run: --max-steps, or those of --epochs epochs."""
     if steps_in_epoch(source, 0, args, rank, world) == 0:
-        sys.exit(f"error: {len(source.pano)} panoramas: no batch of {args.batch_size} x {world}")
+        fail(f"{len(source.pano)} panoramas: no batch of {args.batch_size} x {world}")
     epochs = range(args.epochs)
     return args.max_steps or sum(steps_in_epoch(source, e, args, rank, world) for e in epochs)
 
@@ -211,38 +483,46 @@ def micro_batches(
 # --- model ------------------------------------------------------------------------------------
 
 
-def export(model: nn.Module, shell: nn.Module, folder: Path) -> None:
-    """Gather the LoRA from all shards (all ranks call); rank 0 writes it in the peft format."""
-    lora = distributed.full_trainable_state(model)
-    if distributed.is_main():
-        shell.load_state_dict(lora, strict=False, assign=True)  # the meta base stays meta
-        export_peft(shell, folder)
+def build_model(
+    model: nn.Module, tfile: TensorFile, plan: KeyPlan, args: argparse.Namespace, env: Env
+) -> nn.Module:
+    """The LoRA-injected meta model -> recompute, FSDP, the base weights, the LoRA initialised
+    (the same on any number of ranks). Returns a meta copy that receives the LoRA for export."""
+    shell = copy.deepcopy(model)  # stays on meta
+    blocks = [*model.double_blocks, *model.single_blocks]
+    if not args.no_recompute:
+        distributed.recompute_blocks(blocks)
+    distributed.shard(model, blocks, env.device, env.dtype)
+    model.to_empty(device=env.device)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    frozen = tqdm(frozen, desc="loading base", unit="tensor", disable=env.rank != 0)
+    distributed.copy_full_(model, ((n, build(tfile, *plan.sources[n])) for n in frozen))
+    torch.manual_seed(args.seed)  # the LoRA init, on CPU: the same for any number of ranks
+    for m in shell.modules():
+        if isinstance(m, Adapter):
+            m.to_empty(device="cpu").reset_parameters()
+    init = ((n, p) for n, p in shell.named_parameters() if p.requires_grad)
+    distributed.copy_full_(model, init)  # the LoRA's initial values, into their shards
+    model.train()
+    return shell
 
 
 def resume(
-    args: argparse.Namespace,
-    out: Path,
+    ckpt: Checkpoint | None,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
+    args: argparse.Namespace,
     world: int,
 ) -> tuple[int, int, int]:
-    """(step, epoch, batch) to start from: zeros, or those of the checkpoint --resume names (the
-    latest by default), loaded into the model and optimizer."""
-    path = args.resume
-    if path == "latest":
-        path = distributed.latest_checkpoint(out / "checkpoints")
-        if path is None:
-            print0(f"no checkpoint in {out / 'checkpoints'}: starting from scratch")
-    if not path:
+    """(step, epoch, batch) to start from: zeros, or the checkpoint's, its state loaded."""
+    if ckpt is None:
         return 0, 0, 0
-    if not (Path(path) / ".metadata").is_file():
-        sys.exit(f"error: {path} is not a complete checkpoint (no .metadata)")
-    state = dict(step=0, epoch=0, batch=0, world=world, batch_size=args.batch_size)
-    state = distributed.load_checkpoint(path, model, optimizer, state)
-    # Samples consumed in the epoch, whatever the world and batch size were then.
-    batch = state["batch"] * state["batch_size"] * state["world"] // (args.batch_size * world)
-    print0(f"resumed from {path}: step {state['step']}, epoch {state['epoch']}, batch {batch}")
-    return state["step"], state["epoch"], batch
+    distributed.load_state(model, optimizer, ckpt.state)
+    ckpt.state.clear()  # the full tensors, on every rank: free them
+    c = ckpt.counters  # the samples consumed in the epoch, whatever the world and batch then
+    batch = c["batch"] * c["batch_size"] * c["world"] // (args.batch_size * world)
+    print0(f"resumed from {ckpt.path}: step {c['step']}, epoch {c['epoch']}, batch {batch}")
+    return c["step"], c["epoch"], batch
 
 
 # --- training step ----------------------------------------------------------------------------
@@ -291,7 +571,8 @@ def train_step(
     enc: Encoders,
     env: Env,
 ) -> dict[str, float]:
-    """One optimizer step on the micro-batches of `at` = (step, epoch, first batch) -> metrics."""
+    """One optimizer step on the micro-batches of `at` = (step, epoch, first batch) -> metrics;
+    with a non-finite loss or gradient norm no update, and a `skipped` entry saying why."""
     (step, epoch, batch), (rank, world, device, dtype) = at, env
     t0, aux = time.perf_counter(), aux_active(epoch, args.aux_from_epoch)
     guidance = args.guidance if model.params.guidance_embed else None
@@ -316,38 +597,51 @@ def train_step(
         )  # fmt: skip
         (loss / count.clamp(min=1)).backward()  # FSDP sums it over ranks: the global mean's
         sums += torch.stack([loss.detach(), *(parts[k] for k in PARTS), n.to(sums)])
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
     *sums, n = distributed.all_sum(sums).tolist()
     assert n == count.item(), f"the loss counted {n} tokens, the step {count.item()}"
-    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf)
+    norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()  # all ranks'
+    bad = [name for name, v in (("loss", sums[0]), ("gradient norm", norm)) if not math.isfinite(v)]
+    if not bad:  # every rank sees the same global loss and norm: all skip, or none
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
     dt = time.perf_counter() - t0
     tokens = world * len(micro) * args.batch_size * grid.tokens
     metrics = {k: v / max(n, 1) for k, v in zip(("loss", *PARTS), sums, strict=True)}
-    metrics |= dict(lr=lr, grad_norm=norm.item(), steps_per_s=1 / dt, tokens_per_s=tokens / dt)
+    metrics |= dict(lr=lr, grad_norm=norm, steps_per_s=1 / dt, tokens_per_s=tokens / dt)
+    metrics |= dict(skipped="non-finite " + " and ".join(bad)) if bad else {}
     return metrics | dict(peak_gb=peak_memory_gb(device))
 
 
 def main(argv: list[str] | None = None) -> None:
-    # --- config: check every input before anything slow
+    # --- config: check every input before anything slow, and before writing anything
+    exit_on_sigterm()
     args = parse_args(argv)
-    out = Path(args.out)
+    out, rank0 = Path(args.out), distributed.is_main()
+    device = check_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if rank0:
+        check_out(out, args)
     try:
         grid = Grid.for_image(args.resolution, 2 * args.resolution, args.wrap_pad)
         rows = read_rows(args.pano, args.persp)  # one error naming every bad row
         tfile, plan, model = read_flux(args.base)  # headers only; the model on the meta device
+        model.to(dtype)  # meta: no memory yet
+        inject(model, args.lora_rank, args.alpha, tuple(args.targets), args.dropout)  # fp32 LoRA
     except INPUT_ERRORS as e:
-        sys.exit(f"error: {e}")
+        fail(e)
+    ckpt = find_checkpoint(out, args, model)  # read and checked against our arguments
     warnings.filterwarnings("ignore", message=".*returned a view tensor")  # FSDP; never in place
     torch.manual_seed(args.seed)
 
-    # --- distributed
-    rank, world, device = distributed.init(args.device)
-    env = Env(rank, world, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    # --- the run folder, ours (rank 0 locks it); distributed
+    made = rank0 and not out.exists()
+    lock = claim(out, args) if rank0 else None
     try:
+        rank, world, device = distributed.init(args.device)
+        env = Env(rank, world, device, dtype)
         print0(f"{world} x {device.type}, {env.dtype}; writing to {out}")
 
         # --- data: the rows; the VAE and text encoders, with --cache-dir used once and freed
@@ -359,70 +653,65 @@ def main(argv: list[str] | None = None) -> None:
             free(device)
         total = total_steps(source, args, rank, world)
 
-        # --- model: on meta, LoRA injected (base frozen), recompute, FSDP, weights
-        model.to(env.dtype)  # meta: no memory yet
-        inject(model, args.lora_rank, args.alpha, tuple(args.targets), args.dropout)  # fp32 LoRA
-        shell = copy.deepcopy(model)  # stays on meta; receives the gathered LoRA for export
-        blocks = [*model.double_blocks, *model.single_blocks]
-        if not args.no_recompute:
-            distributed.recompute_blocks(blocks)
-        distributed.shard(model, blocks, device, env.dtype)
-        model.to_empty(device=device)
-        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-        frozen = tqdm(frozen, desc="loading base", unit="tensor", disable=rank != 0)
-        distributed.copy_full_(model, ((n, build(tfile, *plan.sources[n])) for n in frozen))
-        torch.manual_seed(args.seed)  # the LoRA init, on CPU: the same for any number of ranks
-        for m in shell.modules():
-            if isinstance(m, Adapter):
-                m.to_empty(device="cpu").reset_parameters()
-        init = ((n, p) for n, p in shell.named_parameters() if p.requires_grad)
-        distributed.copy_full_(model, init)  # the LoRA's initial values, into their shards
-        model.train()
-
-        # --- optimizer on the LoRA only; resume; log
+        # --- model: recompute, FSDP, weights; the optimizer on the LoRA only; resume; log
+        shell = build_model(model, tfile, plan, args, env)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             params, lr=args.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=args.weight_decay
         )
-        start, epoch, batch = resume(args, out, model, optimizer, world)
+        start, epoch, batch = resume(ckpt, model, optimizer, args, world)
         print0(
             f"{sum(p.numel() for p in params) / 1e6:.2f}M LoRA parameters; {total} steps of "
             f"{world} x {args.batch_size} x {args.grad_accum} samples of {grid.tokens} tokens"
         )
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+            with atomic_path(out / "args.json") as tmp:
+                tmp.write_text(json.dumps(vars(args), indent=2) + "\n")
             log = open_log(out / "log.jsonl", start)
-        save = partial(
-            distributed.save_checkpoint, out / "checkpoints", model, optimizer, keep=args.keep,
-            extra=lambda folder: export(model, shell, folder / "lora"),
-        )  # fmt: skip
         sizes = dict(world=world, batch_size=args.batch_size)  # a checkpoint's batch is in these
 
         # --- loop
         bar = tqdm(total=total, initial=start, desc="train", disable=rank != 0)
         batches = micro_batches(source, args, epoch, batch, rank, world)
+        skipped = 0  # non-finite steps in a row
         for step, (epoch, batch, micro) in zip(range(start, total), batches, strict=False):
             lr, at = lr_at(step, total, args), (step, epoch, batch)
             metrics = train_step(model, optimizer, micro, at, lr, args, grid, enc, env)
             step, batch = step + 1, batch + len(micro)  # the counters a checkpoint resumes from
+            skipped = skipped + 1 if "skipped" in metrics else 0
             if rank == 0:
                 log.write(json.dumps(dict(step=step, epoch=epoch, **metrics)) + "\n")
                 log.flush()
-                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k != "skipped"})
                 bar.update()
             if step % args.save_every == 0 or step == total:
-                save(dict(sizes, step=step, epoch=epoch, batch=batch))
+                state = distributed.gather_state(model, optimizer)  # all ranks; rank 0 gets it
+                counters = dict(sizes, step=step, epoch=epoch, batch=batch)
+                if rank == 0:
+                    save_checkpoint(out / "checkpoints", state, counters, args, shell)
+            if skipped >= args.max_nonfinite:
+                bar.close()
+                last = max(steps(out / "checkpoints").items(), default=(0, "none"))[1]
+                fail(
+                    f"step {step}: loss or gradient norm not finite {skipped} steps in a row; "
+                    f"the last checkpoint is {last}: --resume with a lower --lr?",
+                    code=1,
+                )
 
-        # --- cleanup: the final LoRA, the loss curve
+        # --- cleanup: the final LoRA (if finite), the loss curve
         bar.close()
-        export(model, shell, out / "lora")
+        lora = distributed.gather_state(model)
         if rank == 0:
+            if bad := nonfinite(lora):
+                fail(f"the LoRA holds non-finite values ({bad[0]}, ...): not exported", code=1)
+            export_lora(lora, shell, out / "lora")
             log.close()
             plot_losses(out / "log.jsonl", out / "loss.png")
             print0(f"wrote {out / 'lora'} (peft LoRA) and {out / 'loss.png'}")
     finally:
         distributed.cleanup()
+        if lock:
+            release(lock, made)
 
 
 if __name__ == "__main__":

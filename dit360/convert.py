@@ -34,42 +34,40 @@ def convert_flux(
     lora: str | Path | None = None,
     lora_scale: float = 1.0,
 ) -> Path:
-    """Write the transformer of `src` (with `lora` folded in) in our layout as one file, or
-    with `to="diffusers"` as `out/config.json` + `out/diffusion_pytorch_model.safetensors`."""
+    """Write the transformer of `src` (with `lora` folded in) in our layout as one file, or with
+    `to="diffusers"` as a folder (config.json + diffusion_pytorch_model.safetensors) that replaces
+    `out`. All or nothing: a merge that gives NaN or inf (a diverged LoRA) leaves no file."""
     if to not in ("bfl", "diffusers"):
         raise ValueError(f"unknown layout {to!r}: use 'bfl' or 'diffusers'")
     tfile, plan, model = read_flux(src, axes_dim)
-    params, state = model.params, model.state_dict()  # meta tensors: names and shapes
+    params, state, out = model.params, model.state_dict(), Path(out)  # state: names and shapes
+    config = cfg.to_diffusers_config(params) if to == "diffusers" else None  # fails before writing
     parts = read_lora(lora, model) if lora else {}
+    dtypes = {k: dtype or tfile.dtypes[plan.sources[k][1][0]] for k in state}
+    layout = {k: their_keys(k, FLUX_DIFFUSERS) if config else ("identity", (k,)) for k in state}
 
-    def dtype_of(name: str) -> torch.dtype:
-        return dtype or tfile.dtypes[plan.sources[name][1][0]]
+    def pieces(name: str, t: Tensor) -> Iterator[tuple[str, Tensor]]:
+        op, keys = layout[name]
+        return zip(keys, split(op, t, len(keys), params.hidden_size), strict=True)
 
-    def ours() -> Iterator[tuple[str, Tensor]]:
+    def tensors() -> Iterator[tuple[str, Tensor]]:
         for name, t in stream_tensors(tfile, plan, list(state), None):
             if (layer := name.removesuffix(".weight")) in parts and name.endswith(".weight"):
-                t = fold_(t.float(), parts[layer], lora_scale)  # scale * B @ A into its rows
-            yield name, t.to(dtype_of(name))
+                t = fold_(t.float(), parts[layer], lora_scale).to(dtypes[name])  # + scale * B @ A
+                if not t.isfinite().all():
+                    raise ValueError(
+                        f"{name} is not finite after merging {lora} at scale {lora_scale}: the "
+                        "LoRA holds NaN or inf (a diverged training run?) or the scale is too large"
+                    )
+            yield from pieces(name, t.to(dtypes[name]))
 
-    if to == "bfl":
-        specs = {k: (dtype_of(k), tuple(t.shape)) for k, t in state.items()}
-        write_safetensors(out, specs, ours(), {FLUX_CONFIG_KEY: params.to_json()})
-        return Path(out)
-    out, hidden = Path(out), params.hidden_size
-    layout = [(name, *their_keys(name, FLUX_DIFFUSERS)) for name in state]
-    specs = {
-        k: (dtype_of(name), tuple(t.shape))
-        for name, op, keys in layout
-        for k, t in zip(keys, split(op, state[name], len(keys), hidden), strict=True)
-    }
-
-    def theirs() -> Iterator[tuple[str, Tensor]]:
-        for (_, op, keys), (_, t) in zip(layout, ours(), strict=True):
-            yield from zip(keys, split(op, t, len(keys), hidden), strict=True)
-
-    write_safetensors(out / "diffusion_pytorch_model.safetensors", specs, theirs())
-    with atomic_path(out / "config.json") as tmp:
-        tmp.write_text(json.dumps(cfg.to_diffusers_config(params), indent=2))
+    specs = {k: (dtypes[n], tuple(p.shape)) for n, t in state.items() for k, p in pieces(n, t)}
+    if config is None:
+        write_safetensors(out, specs, tensors(), {FLUX_CONFIG_KEY: params.to_json()})
+        return out
+    with atomic_path(out) as tmp:  # the whole folder appears at once, or not at all
+        write_safetensors(tmp / "diffusion_pytorch_model.safetensors", specs, tensors())
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return out
 
 
@@ -81,9 +79,11 @@ def convert_lora(
     axes_dim: tuple[int, ...] | None = None,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Rewrite a LoRA in the peft/diffusers format, `scale` folded into alpha; layer sizes from
-    `base` (headers only), else from the flux-dev preset."""
+    """Rewrite a LoRA as a peft/diffusers folder that replaces `out_dir`, `scale` folded into alpha;
+    layer sizes from `base` (headers only), else from the flux-dev preset."""
     model = read_flux(base, axes_dim)[2] if base else meta_flux(cfg.PRESETS["flux-dev"])
     plan = read_lora(src, model)
     plan = {k: [replace(p, scale=p.scale * scale) for p in ps] for k, ps in plan.items()}
-    return write_peft(plan, model, out_dir, dtype=dtype)
+    with atomic_path(out_dir) as tmp:  # a killed run leaves no folder of half a LoRA
+        write_peft(plan, model, tmp, dtype=dtype)
+    return Path(out_dir)

@@ -1,5 +1,6 @@
 """Distribution for training: the process group, FSDP2 sharding with mixed precision, recompute
-(activation checkpointing), loading full weights into shards, and atomic DCP checkpoints.
+(activation checkpointing), loading full weights into shards, and the trainable state gathered
+from the shards (for a checkpoint) and spread back into them (on resume).
 
 torchtitan's recipe (github.com/pytorch/torchtitan, `distributed/`). Without torchrun the script
 is a world of one (an in-memory store), still sharded: one code path, so dtypes, numerics and
@@ -7,14 +8,12 @@ checkpoints do not depend on the launch.
 """
 
 import os
-import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from dataclasses import replace
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -27,11 +26,6 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
-
-from .files import commit, remove, temp_path
-
-STEP_DIR = re.compile(r"step-(\d+)")  # a complete checkpoint; ".step-N.tmp" is one being written
-TRAINABLE = StateDictOptions(ignore_frozen_params=True)  # the LoRA, never the frozen base
 
 
 def init(device: str | None = None) -> tuple[int, int, torch.device]:
@@ -56,8 +50,8 @@ def cleanup() -> None:
 
 
 def is_main() -> bool:
-    """Rank 0, or no process group at all."""
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """Rank 0 (before the process group exists: torchrun's RANK; no torchrun: rank 0)."""
+    return (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))) == 0
 
 
 def print0(*args, **kwargs) -> None:
@@ -112,76 +106,35 @@ def copy_full_(model: nn.Module, tensors: Iterable[tuple[str, Tensor]]) -> None:
         p.copy_(full)
 
 
-def _state(model: nn.Module, optimizer: torch.optim.Optimizer, train: dict[str, int]) -> dict:
-    """What a checkpoint holds: trainable parameters and optimizer state (sharded), counters."""
-    return {
-        "model": get_model_state_dict(model, options=TRAINABLE),
-        "optim": get_optimizer_state_dict(model, optimizer, options=TRAINABLE),
-        "train": dict(train),
-    }
+def gather_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Tensor]:
+    """The trainable parameters (`model/{name}`) and, with `optimizer`, their optimizer state
+    (`optim/{name}/{key}`) gathered as full CPU tensors: rank 0 gets them, the others {} (all
+    call). Small: the LoRA, never the frozen base."""
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    state = {f"model/{k}": v for k, v in get_model_state_dict(model, options=full).items()}
+    osd = get_optimizer_state_dict(model, optimizer, options=full) if optimizer else {}
+    moments = osd.get("state", {}).items()
+    return state | {f"optim/{k}/{key}": v for k, d in moments for key, v in d.items()}
 
 
-def _complete(folder: Path) -> dict[int, Path]:
-    """The complete checkpoints in a folder by step (`step-N` holding DCP's `.metadata`)."""
-    found = ((STEP_DIR.fullmatch(p.name), p) for p in folder.glob("step-*"))
-    return {int(m[1]): p for m, p in found if m and (p / ".metadata").is_file()}
-
-
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    """The complete checkpoint of the highest step, or None."""
-    done = _complete(Path(folder))
-    return done[max(done)] if done else None
-
-
-def save_checkpoint(
-    folder: str | Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    train: dict[str, int],
-    extra: Callable[[Path], None],
-    keep: int = 2,
-) -> Path:
-    """Write `folder/step-N` atomically (all ranks call this); keep the newest `keep` (0: all).
-
-    Written to `.step-N.tmp` (`extra(tmp)` adds files), then renamed. Later steps' checkpoints,
-    of the run this one branched off from by resuming, are removed. All nodes must share `folder`.
-    """
-    folder, step = Path(folder), train["step"]
-    final = folder / f"step-{step:08d}"
-    tmp = temp_path(final)  # the same name on every rank
-    if is_main():
-        remove(tmp)  # left by a run killed while writing it
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    dcp.save(_state(model, optimizer, train), checkpoint_id=tmp)
-    extra(tmp)
-    dist.barrier()
-    if is_main():
-        for s, path in _complete(folder).items():
-            if s >= step:
-                remove(path)
-        commit(tmp, final)  # atomic: the checkpoint exists complete, or not at all
-        done = sorted(_complete(folder).items())
-        for _, old in done[:-keep] if keep else []:
-            remove(old)
-        for stale in folder.glob(".step-*.tmp*"):
-            remove(stale)
-    dist.barrier()
-    return final
-
-
-def load_checkpoint(
-    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, train: dict[str, int]
-) -> dict[str, int]:
-    """Load a checkpoint into the sharded model and optimizer (any world size) -> its counters."""
-    state = _state(model, optimizer, train)
-    dcp.load(state, checkpoint_id=Path(path))
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
-    set_optimizer_state_dict(model, optimizer, state["optim"], options=TRAINABLE)
-    return state["train"]
-
-
-def full_trainable_state(model: nn.Module) -> dict[str, Tensor]:
-    """The trainable parameters gathered on CPU: rank 0 gets them, the others {} (all call)."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    return get_model_state_dict(model, options=options)
+def load_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Tensor]
+) -> None:
+    """Load a gathered state (every rank holds all of it) into the sharded model and optimizer,
+    on any number of ranks; the optimizer's hyperparameters stay those it was built with."""
+    params, moments = {}, {}
+    for key, t in state.items():
+        kind, name = key.split("/", 1)
+        if kind == "model":
+            params[name] = t
+        else:
+            name, key = name.rsplit("/", 1)
+            moments.setdefault(name, {})[key] = t
+    names = {p: n for n, p in model.named_parameters()}
+    groups = [{**g, "params": [names[p] for p in g["params"]]} for g in optimizer.param_groups]
+    full = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
+    set_model_state_dict(model, params, options=replace(full, strict=False))
+    osd = {"state": moments, "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer, osd, options=full)

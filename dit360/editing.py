@@ -19,7 +19,6 @@ eta = 1 zeroes the source's own velocity, so it then runs only while its tokens 
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +26,8 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .generate import initial_noise, load_model
-from .image import from_pil, open_image, read_mask, read_rgb, to_pil
+from .generate import check_finite, initial_noise, load_model
+from .image import from_pil, read_mask, to_pil
 from .model import Flux
 from .options import EditOptions, check_size
 from .panorama import Grid
@@ -162,15 +161,6 @@ def paste_back(edited: Tensor, source: Tensor, keep: Tensor, radius: int) -> Ten
     return alpha * source + (1 - alpha) * edited
 
 
-def read_panorama(path: str | Path, height: int = 1024, resize: bool = False) -> Image.Image:
-    """The source panorama as RGB at height x 2 height; not 2:1 is an error unless `resize`."""
-    img = open_image(path)
-    w, h = img.size
-    if w != 2 * h and not resize:
-        raise ValueError(f"{path}: {w}x{h} is not 2:1; pass --resize to stretch it to 2:1")
-    return read_rgb(img, 2 * height, height)
-
-
 def edit_image(
     image: Image.Image,
     mask: Image.Image,
@@ -183,10 +173,10 @@ def edit_image(
     from .weights import load_autoencoder
 
     (width, height), dev, dtype = image.size, opts.device, opts.dtype
-    check_size(height, width)  # fail fast: sizes, then the mask, before any model loads
-    grid = Grid.for_image(height, width, opts.wrap_pad)
+    grid = Grid.for_image(height, width, opts.wrap_pad)  # fail fast, before any model loads
     keep = read_mask(mask, grid.w, grid.h) ^ opts.invert  # (h, w) on the token grid
     check_mask(keep)
+    check_size(height, width, opts.wrap_pad)  # the pad's range; warns last, once all is good
     report = Report(dev, log=log)
     source = opts.source_prompt if opts.source_prompt is not None else prompt
     with report.stage("text encoders"):  # rows: inversion (""), source, target
@@ -212,6 +202,7 @@ def edit_image(
         keep = grid.wrap_mask(keep.flatten(), opts.mask_pad)  # (L,): on the padded tokens
         latents, _ = edit(model, inverted, x0, z, keep, grid, rows(cond, slice(1, 3)), sigmas, opts)
         del model, cond
+        check_finite(latents)
     with report.stage("decode"), torch.no_grad():
         vae.to(dev)
         out = vae.decode(grid.unpack(latents), tile=opts.vae_tile)[0].float().cpu()  # (3, H, W)

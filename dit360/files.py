@@ -7,10 +7,12 @@ not mmap, so converting a 24 GB model keeps only the tensor at hand in memory (m
 stay resident until the file is closed).
 """
 
+import glob
 import json
 import os
 import shutil
 import signal
+import socket
 import struct
 import sys
 from collections.abc import Iterable, Iterator
@@ -76,9 +78,7 @@ def _read_file(path: Path, into: TensorFile | None = None) -> TensorFile:
         if dtype is None:
             raise ValueError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
         if end - start != torch.Size(shape).numel() * dtype.itemsize or 8 + n + end > size:
-            raise ValueError(
-                f"{bad}: tensor {key} lies outside the file (truncated? download again)"
-            )
+            raise ValueError(f"{bad}: {key} lies outside the file (truncated? download again)")
         tfile.files[key], tfile.shapes[key], tfile.dtypes[key] = path, shape, dtype
         tfile.spans[key] = (8 + n + start, 8 + n + end)
     return tfile
@@ -150,7 +150,7 @@ def exit_on_sigterm() -> None:
 
 
 def temp_path(path: Path, owner: str = "") -> Path:
-    """The hidden temporary name next to `path` that `atomic_path` writes under."""
+    """The hidden temporary name `.NAME.tmp<owner>` next to `path`."""
     return path.with_name(f".{path.name}.tmp{owner}")
 
 
@@ -169,13 +169,27 @@ def commit(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _dead(pid: str) -> bool:
+    """Whether `pid` is a process id of this machine that no longer runs."""
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except (ValueError, OverflowError, PermissionError):  # not a pid, or another user's process
+        pass
+    return False
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp name for `path` (file or folder), moved into place only on success."""
-    path = Path(path)
+    """Yield a temp name for `path` (file or folder), moved into place only on success. The name,
+    `.NAME.tmp<pid>.<host>`, lets a later run remove what a killed one left (its pid is dead)."""
+    path, host = Path(path), f".{socket.gethostname()}"  # pids are only unique on one machine
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path, str(os.getpid()))
-    remove(tmp)
+    tmp, stem = temp_path(path, f"{os.getpid()}{host}"), temp_path(path).name
+    for old in path.parent.glob(glob.escape(stem) + "*"):
+        if old == tmp or old.name.endswith(host) and _dead(old.name[len(stem) : -len(host)]):
+            remove(old)
     try:
         yield tmp
         commit(tmp, path)
@@ -190,28 +204,19 @@ def write_safetensors(
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Stream tensors (in the order of `specs`) into a safetensors file, written atomically."""
-    header, offset = {}, 0
+    header, offset = ({"__metadata__": metadata} if metadata else {}), 0
     for name, (dtype, shape) in specs.items():
-        size = torch.Size(shape).numel() * dtype.itemsize
-        header[name] = {
-            "dtype": ST_NAMES[dtype],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    if metadata:
-        header["__metadata__"] = metadata
+        end = offset + torch.Size(shape).numel() * dtype.itemsize
+        header[name] = dict(dtype=ST_NAMES[dtype], shape=shape, data_offsets=[offset, end])
+        offset = end
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         names = iter(specs)
         for name, t in tensors:
-            expected = next(names, None)
-            if name != expected or (t.dtype, tuple(t.shape)) != specs[name]:
-                raise ValueError(
-                    f"tensor {name} {t.dtype} {tuple(t.shape)} out of order or off spec"
-                )
+            if name != next(names, None) or (t.dtype, tuple(t.shape)) != specs[name]:
+                raise ValueError(f"tensor {name} {t.dtype} {tuple(t.shape)} off spec or order")
             f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         if (left := next(names, None)) is not None:
             raise ValueError(f"tensor {left} was never written")

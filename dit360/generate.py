@@ -33,9 +33,8 @@ def initial_noise(
     opts: Options, batch: int, height: int, width: int, channels: int
 ) -> torch.Tensor:
     """Seeded noise: CPU float32, or on the device in the model dtype (`reference_noise`)."""
-    if opts.reference_noise:
-        return noise(opts.seed, batch, height, width, channels, opts.device, opts.dtype)
-    return noise(opts.seed, batch, height, width, channels)
+    on = (opts.device, opts.dtype) if opts.reference_noise else ()
+    return noise(opts.seed, batch, height, width, channels, *on)
 
 
 def generate_latents(model: Flux, cond: Conditioning, opts: SampleOptions) -> torch.Tensor:
@@ -52,6 +51,16 @@ def generate_latents(model: Flux, cond: Conditioning, opts: SampleOptions) -> to
     return grid.unpack(x)
 
 
+def check_finite(latents: torch.Tensor) -> torch.Tensor:
+    """The latents, or FloatingPointError if any is NaN/inf (decoded: a black image)."""
+    if latents.isfinite().all():
+        return latents
+    raise FloatingPointError(
+        "the latents are NaN/inf, so nothing is decoded: check the LoRA (non-finite weights), "
+        "--guidance and --lora-scale, or fp16 overflow (use --dtype bf16 or fp32)"
+    )
+
+
 def generate(
     prompt: str, opts: SampleOptions, log: Callable[[str], None] = print
 ) -> tuple[Image.Image, Report]:
@@ -65,12 +74,11 @@ def generate(
     with report.stage("load transformer"):
         model = load_model(opts)
     with report.stage("denoise"):
-        latents = generate_latents(model, cond, opts)
+        latents = check_finite(generate_latents(model, cond, opts))
         del model, cond
-    with report.stage("decode"):
+    with report.stage("decode"), torch.no_grad():
         vae = load_autoencoder(opts.base, dev, dtype)  # the reference decodes in the model dtype
         vae.set_circular(decoder=opts.seamless_vae)
-        with torch.no_grad():
-            image = vae.decode(latents.to(dtype), tile=opts.vae_tile)
+        image = vae.decode(latents.to(dtype), tile=opts.vae_tile)
         del vae
     return to_pil(image[0]), report

@@ -4,6 +4,7 @@ everywhere), tensors in [-1, 1] <-> PIL, and panorama files with GPano XMP metad
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -82,15 +83,11 @@ def project_photo(
 def gpano_xmp(width: int, height: int) -> bytes:
     """GPano XMP for a full equirectangular panorama of this size."""
     fields = {
-        "ProjectionType": "equirectangular",
-        "UsePanoramaViewer": "True",
-        "FullPanoWidthPixels": width,
-        "FullPanoHeightPixels": height,
-        "CroppedAreaImageWidthPixels": width,
-        "CroppedAreaImageHeightPixels": height,
-        "CroppedAreaLeftPixels": 0,
-        "CroppedAreaTopPixels": 0,
-    }
+        "ProjectionType": "equirectangular", "UsePanoramaViewer": "True",
+        "FullPanoWidthPixels": width, "FullPanoHeightPixels": height,
+        "CroppedAreaImageWidthPixels": width, "CroppedAreaImageHeightPixels": height,
+        "CroppedAreaLeftPixels": 0, "CroppedAreaTopPixels": 0,
+    }  # fmt: skip
     attrs = "".join(f' GPano:{k}="{v}"' for k, v in fields.items())
     return (
         '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
@@ -107,24 +104,23 @@ def check_output_path(path: str | Path) -> Path:
     parent = path.resolve().parent
     while not parent.exists():
         parent = parent.parent
-    if path.is_dir() or not parent.is_dir() or not _writable(parent):
+    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write {path}: check the folder exists and is writable")
     return path
 
 
-def _writable(folder: Path) -> bool:
-    return os.access(folder, os.W_OK | os.X_OK)
-
-
 def save_panorama(img: Image.Image, path: str | Path, quality: int = 95) -> Path:
-    """Write a PNG or JPEG (by extension) with GPano XMP, atomically."""
-    path = check_output_path(path)
-    fmt, xmp = FORMATS[path.suffix.lower()], gpano_xmp(*img.size)
+    """Write a PNG or JPEG (by extension) atomically, with GPano XMP if 2:1 (a full sphere)."""
+    path, (w, h) = check_output_path(path), img.size
+    xmp = gpano_xmp(w, h) if w == 2 * h else None
+    if xmp is None:
+        warnings.warn(f"{w}x{h} is not 2:1, so {path} gets no 360 (GPano) metadata", stacklevel=2)
     with atomic_path(path) as tmp:
-        if fmt == "PNG":
+        if FORMATS[path.suffix.lower()] == "PNG":
             info = PngImagePlugin.PngInfo()
-            info.add_itxt("XML:com.adobe.xmp", xmp.decode())
-            img.save(tmp, format=fmt, pnginfo=info)
+            if xmp:
+                info.add_itxt("XML:com.adobe.xmp", xmp.decode())
+            img.save(tmp, format="PNG", pnginfo=info)
         else:
-            img.save(tmp, format=fmt, quality=quality, xmp=xmp)
+            img.save(tmp, format="JPEG", quality=quality, xmp=xmp)
     return path

@@ -4,6 +4,7 @@ its help, and the command-line flags of sample.py and edit.py are derived from t
 """
 
 import argparse
+import math
 import sys
 import warnings
 from dataclasses import dataclass, field, fields
@@ -15,8 +16,19 @@ from .config import DIT360_LORA, FLUX_DEV
 from .panorama import Grid
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TRAINED_SIZE = (1024, 2048)
 MASK_PADS = ("reference", "wrap")  # how Grid.wrap_mask fills the pad columns of an edit mask
+FINITE, UNIT = (math.isfinite, "a finite number"), (lambda v: 0 <= v <= 1, "in [0, 1]")
+CHECKS = {  # field: (test of its value, what it must be); NaN fails every comparison
+    "lora_scale": FINITE, "guidance": FINITE, "inversion_guidance": FINITE, "tau": FINITE,
+    "blend_until": FINITE, "gamma": UNIT, "eta": UNIT, "start": UNIT, "stop": UNIT,
+    "steps": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "seed": (lambda v: isinstance(v, int) and 0 <= v < 2**64, "an integer >= 0"),
+    "wrap_pad": (lambda v: v in range(5), "0 to 4 (packed columns a side)"),
+    "vae_tile": (lambda v: v is None or v >= 1, "at least 1 (latent pixels)"),
+    "feather": (lambda v: v is None or v >= 0, "at least 0 (pixels)"),
+    "mask_pad": (lambda v: v in MASK_PADS, f"one of {', '.join(MASK_PADS)}"),
+    "dtype": (lambda v: v is None or v in DTYPES or v in DTYPES.values(), "fp32, bf16 or fp16"),
+}  # fmt: skip
 
 
 def opt(default: Any, help: str, **flag: Any) -> Any:
@@ -47,13 +59,17 @@ class Options:
     )
 
     def __post_init__(self) -> None:
+        for name, (test, what) in CHECKS.items():  # before anything slow, so scripts fail fast
+            if hasattr(self, name) and not test(value := getattr(self, name)):
+                flag = f"--{name.replace('_', '-')} ({name})"  # for the CLI and the API
+                raise ValueError(f"{flag} must be {what}, got {value!r}")
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if self.lora is not None and str(self.lora).lower() == "none":
-            self.lora = None
-        if self.dtype is None:
-            self.dtype = "bf16" if str(self.device).startswith("cuda") else "fp32"
-        if isinstance(self.dtype, str):
-            self.dtype = DTYPES[self.dtype]
+        dev = torch.device(self.device)  # RuntimeError naming the device types if malformed
+        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {self.device}: no such CUDA GPU here; use --device cpu")
+        self.lora = None if str(self.lora).lower() == "none" else self.lora
+        dtype = self.dtype or ("bf16" if dev.type == "cuda" else "fp32")
+        self.dtype = DTYPES.get(dtype, dtype)
 
 
 @dataclass
@@ -65,7 +81,7 @@ class SampleOptions(Options):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_size(self.height, self.width)
+        check_size(self.height, self.width, self.wrap_pad)
 
 
 @dataclass
@@ -92,16 +108,15 @@ class EditOptions(Options):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 <= self.start <= self.stop <= 1:
-            raise ValueError(f"need 0 <= start <= stop <= 1, got {self.start}, {self.stop}")
-        if self.mask_pad not in MASK_PADS:
-            raise ValueError(f"mask_pad must be one of {MASK_PADS}, got {self.mask_pad!r}")
+        if self.start > self.stop:
+            raise ValueError(f"need --start <= --stop, got {self.start} > {self.stop}")
 
 
-def check_size(height: int, width: int) -> None:
-    """Multiples of 16 or an error; anything but 1024x2048 runs with a warning."""
-    Grid.for_image(height, width)
-    if (height, width) != TRAINED_SIZE:
+def check_size(height: int, width: int, wrap_pad: int = 0) -> None:
+    """Multiples of 16 and a pad under half the width or an error; not 1024x2048: a warning."""
+    if 2 * wrap_pad > Grid.for_image(height, width).w:
+        raise ValueError(f"--wrap-pad {wrap_pad} must be <= half the {width // 16} columns")
+    if (height, width) != (1024, 2048):
         warnings.warn(
             f"{height}x{width}: DiT360 was trained at 1024x2048 only; expect weaker panoramas",
             stacklevel=4,  # the caller of the options dataclass
@@ -135,12 +150,10 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         if "help" not in meta:
             continue
         if isinstance(f.default, bool):
-            parser.add_argument(
-                name, action=argparse.BooleanOptionalAction, default=f.default, **meta
-            )
+            meta["action"] = argparse.BooleanOptionalAction
         else:
             meta.setdefault("type", type(f.default) if f.default is not None else str)
-            parser.add_argument(name, default=f.default, **meta)
+        parser.add_argument(name, default=f.default, **meta)
 
 
 def from_args(cls: type, args: argparse.Namespace) -> Any:

@@ -5,6 +5,7 @@ import gc
 import json
 import resource
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ from typing import TextIO
 
 import torch
 from PIL import Image, ImageDraw
+
+from .files import atomic_path
 
 
 @dataclass
@@ -61,15 +64,23 @@ def peak_memory_gb(device: str | torch.device = "cpu") -> float:
 
 
 def open_log(path: Path, step: int) -> TextIO:
-    """Append to the jsonl log, first dropping lines past `step` (written by a killed run)."""
-    old = path.read_text().splitlines() if path.exists() else []
-    path.write_text("".join(s + "\n" for s in old if s.strip() and json.loads(s)["step"] <= step))
+    """Append to the jsonl log, first dropping lines past `step` (written by a killed run) and,
+    with a warning, unreadable ones (a killed run's partial last line)."""
+    lines, kept = path.read_text(errors="replace").splitlines() if path.exists() else [], []
+    for n, line in enumerate(lines, start=1):
+        try:
+            kept += [line + "\n"] if line.strip() and json.loads(line)["step"] <= step else []
+        except (ValueError, KeyError, TypeError):
+            warnings.warn(f"{path}:{n}: dropped an unreadable line", stacklevel=2)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(kept))
     return open(path, "a")  # noqa: SIM115
 
 
 def plot_losses(log: Path, png: Path, w: int = 800, h: int = 400, m: int = 50) -> None:
     """The loss per step (grey) and its running mean (blue), drawn with PIL."""
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "skipped" not in r]  # a skipped step's loss is not finite
     if len(rows) < 2:
         return
     steps, loss, mean = [r["step"] for r in rows], [r["loss"] for r in rows], []

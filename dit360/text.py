@@ -5,6 +5,7 @@ Weights come from a FLUX.1-dev folder or a Hugging Face repo of that layout, by 
 https://huggingface.co/black-forest-labs/FLUX.1-dev (gated: accept its license first).
 """
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,10 +53,12 @@ def load_text_encoders(
     )
 
 
-def _token_ids(tokenizer: CLIPTokenizer | T5TokenizerFast, prompts: list[str], n: int) -> Tensor:
-    """Token ids (B, n): each prompt padded and truncated to exactly n tokens."""
-    return tokenizer(
-        prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt"
+def _token_ids(tok: CLIPTokenizer | T5TokenizerFast, texts: list[str], n: int, name: str) -> Tensor:
+    """Token ids (B, n): each prompt padded and truncated to n tokens; we warn if cut, not HF."""
+    for count in (c for c in map(len, tok(texts, verbose=False).input_ids) if c > n):
+        warnings.warn(f"prompt is {count} {name} tokens; only the first {n} are used", stacklevel=2)
+    return tok(
+        texts, padding="max_length", max_length=n, truncation=True, return_tensors="pt"
     ).input_ids
 
 
@@ -68,12 +71,12 @@ def encode_prompt(
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
     device = enc.clip.device
     # CLIP: 77 tokens (its position table), padded with <|endoftext|>, pooled at the first one.
-    ids = _token_ids(enc.clip_tokenizer, prompts, enc.clip.config.max_position_embeddings)
+    ids = _token_ids(enc.clip_tokenizer, prompts, enc.clip.config.max_position_embeddings, "CLIP")
     vec = enc.clip(ids.to(device), output_hidden_states=False).pooler_output  # (B, d_clip)
     vec = vec.to(enc.clip.dtype)
     # T5: padded to max_length with <pad>; no attention mask (padding is attended to), like
     # FLUX.1-dev's training and BFL's and diffusers' code.
-    ids = _token_ids(enc.t5_tokenizer, prompts, max_length)  # (B, L)
+    ids = _token_ids(enc.t5_tokenizer, prompts, max_length, "T5")  # (B, L)
     txt = enc.t5(ids.to(enc.t5.device), output_hidden_states=False)[0]  # (B, L, d_t5)
     txt = txt.to(dtype=enc.t5.dtype, device=device)
     # Text tokens take no RoPE position: their ids are all zero.
@@ -89,8 +92,6 @@ def encode(
     max_length: int = 512,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Load the encoders, encode `prompts`, and free the encoders before returning."""
-    enc = load_text_encoders(base, device, dtype)
-    out = encode_prompt(enc, prompts, max_length)
-    del enc
-    free(device)  # give the ~10 GB of T5-XXL back before denoising
+    out = encode_prompt(load_text_encoders(base, device, dtype), prompts, max_length)
+    free(device)  # the encoders died with the call: give their ~10 GB back before denoising
     return out

@@ -10,6 +10,7 @@ carried over) or full keys; `{i}` stands for a block index. Ops:
 - squeeze:  ours is a 1x1 conv weight (O, I, 1, 1), theirs the same as a linear (O, I).
 """
 
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -127,16 +128,12 @@ def plan_from(tfile: TensorFile, table: list[Rule] | None) -> KeyPlan:
     ComfyUI-style prefix); unknown keys and missing parts are errors."""
     sources = {strip_prefix(k): ("identity", (k,)) for k in tfile.shapes}
     if table is not None:
-        groups: dict[str, tuple[str, list[str | None]]] = {}
-        unknown = []
-        for k in tfile.shapes:
-            if (hit := locate(k, table)) is None:
-                unknown.append(k)
-                continue
-            op, ours, j, n = hit
-            groups.setdefault(ours, (op, [None] * n))[1][j] = k
-        if unknown:
+        hits = {k: locate(k, table) for k in tfile.shapes}
+        if unknown := [k for k, hit in hits.items() if hit is None]:
             raise ValueError(f"{len(unknown)} unexpected tensors in {tfile.source}: {unknown[:8]}")
+        groups: dict[str, tuple[str, list[str | None]]] = {}
+        for k, (op, ours, j, n) in hits.items():
+            groups.setdefault(ours, (op, [None] * n))[1][j] = k
         sources = {}
         for ours, (op, parts) in groups.items():
             if None in parts:
@@ -165,9 +162,7 @@ def split(op: str, t: Tensor, n: int, hidden: int) -> list[Tensor]:
     """The inverse of `combine`: their `n` tensors from one of ours (`hidden` rows per part)."""
     if op == "concat":
         return list(t.split(split_sizes(op, t.shape[0], n, hidden), dim=0))
-    if op == "swap":
-        return [swap_halves(t)]
-    return [t[:, :, 0, 0]] if op == "squeeze" else [t]
+    return [t[:, :, 0, 0]] if op == "squeeze" else [combine(op, [t])]  # swap: its own inverse
 
 
 def split_sizes(op: str, rows: int, n: int, hidden: int) -> list[int]:
@@ -178,11 +173,6 @@ def split_sizes(op: str, rows: int, n: int, hidden: int) -> list[int]:
 def build(tfile: TensorFile, op: str, keys: tuple[str, ...]) -> Tensor:
     """Read the source tensors of one of our tensors and combine them."""
     return combine(op, [tfile.get(k) for k in keys])
-
-
-def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """The shape of each tensor in the model's state dict."""
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def check_plan(plan: KeyPlan, expected: dict[str, tuple[int, ...]], tfile: TensorFile) -> None:
@@ -210,10 +200,10 @@ def check_plan(plan: KeyPlan, expected: dict[str, tuple[int, ...]], tfile: Tenso
 def stream_tensors(
     tfile: TensorFile, plan: KeyPlan, names: list[str], dtype: torch.dtype | None
 ) -> Iterator[tuple[str, Tensor]]:
-    """Yield our tensors one by one, converted and cast, with a progress bar."""
-    for name in tqdm(names, desc=f"reading {tfile.source.name}", unit="tensor", leave=False):
-        t = build(tfile, *plan.sources[name])
-        yield name, t if dtype is None else t.to(dtype)
+    """Yield our tensors one by one, converted and cast, with a progress bar on a terminal."""
+    bar = tqdm(names, desc=f"reading {tfile.source.name}", unit="tensor", leave=False, disable=None)
+    for name in bar:
+        yield name, build(tfile, *plan.sources[name]).to(dtype)  # dtype None: as stored
 
 
 def fill(
@@ -234,6 +224,13 @@ def fill(
     return model.eval().requires_grad_(False)
 
 
+def diffusers_config(path: Path, cls: str) -> dict | None:
+    """The diffusers config.json of a `cls` model beside its weights (`path`: file or folder)."""
+    file = (path if path.is_dir() else path.parent) / "config.json"
+    config = json.loads(file.read_text()) if file.is_file() else {}
+    return config if config.get("_class_name") == cls else None
+
+
 def meta_flux(params: cfg.FluxParams) -> Flux:
     """The model on the meta device: shapes and names, no memory."""
     with torch.device("meta"):
@@ -245,7 +242,7 @@ def read_flux(
 ) -> tuple[TensorFile, KeyPlan, Flux]:
     """Open a FLUX transformer (file, folder in the FLUX.1-dev or `transformer/` layout, or repo id)
     and check its headers against its meta model. The config comes from (in order) a diffusers
-    config.json beside shards, our metadata, the shapes."""
+    config.json beside diffusers-named weights, our metadata, the shapes."""
     expected = "a FLUX transformer .safetensors file or folder"
     path = resolve(src, ["transformer/*.safetensors", "transformer/*.json"], expected)
     if path.is_dir() and (path / "transformer").is_dir():
@@ -253,18 +250,16 @@ def read_flux(
     tfile = open_tensors(path)
     diffusers = "x_embedder.weight" in tfile.shapes
     if not diffusers and not any(k.endswith("img_in.weight") for k in tfile.shapes):
-        raise ValueError(
-            f"{tfile.source} holds no FLUX transformer (no img_in or x_embedder weights)"
-        )
+        raise ValueError(f"{tfile.source} holds no FLUX transformer (no img_in or x_embedder)")
     plan = plan_from(tfile, FLUX_DIFFUSERS if diffusers else None)
-    if tfile.source.is_dir() and (path / "config.json").is_file():
-        params = cfg.from_diffusers_config(path / "config.json")
+    if config := diffusers and diffusers_config(path, "FluxTransformer2DModel"):
+        params = cfg.from_diffusers_config(config)
     elif FLUX_CONFIG_KEY in tfile.metadata:
         params = cfg.FluxParams.from_json(tfile.metadata[FLUX_CONFIG_KEY])
     else:
         params = cfg.from_shapes(plan.shapes, axes_dim)
     model = meta_flux(params)
-    check_plan(plan, state_shapes(model), tfile)
+    check_plan(plan, {k: tuple(v.shape) for k, v in model.state_dict().items()}, tfile)
     return tfile, plan, model
 
 
@@ -349,8 +344,7 @@ def load_autoencoder(
         raise ValueError(f"{tfile.source} holds no FLUX autoencoder (no encoder.down weights)")
     levels = len({k.split(".")[2] for k in tfile.shapes if k.startswith("decoder.up_blocks.")})
     plan = plan_from(tfile, ae_diffusers(levels) if diffusers else None)
-    config = (path if path.is_dir() else path.parent) / "config.json"
-    if diffusers and config.is_file():
+    if config := diffusers and diffusers_config(path, "AutoencoderKL"):
         params = cfg.ae_from_diffusers_config(config)
     elif AE_CONFIG_KEY in tfile.metadata:
         params = cfg.AutoEncoderParams.from_json(tfile.metadata[AE_CONFIG_KEY])
@@ -358,5 +352,5 @@ def load_autoencoder(
         params = cfg.ae_from_shapes(plan.shapes)
     with torch.device("meta"):
         model = ae.AutoEncoder(params)
-    check_plan(plan, state_shapes(model), tfile)
+    check_plan(plan, {k: tuple(v.shape) for k, v in model.state_dict().items()}, tfile)
     return fill(model, tfile, plan, device, dtype)

@@ -4,11 +4,12 @@ editing on diffusers' transformer, its properties, and edit.py end to end on the
 import numpy as np
 import pytest
 import torch
+from clitest import expect_error
 from PIL import Image
 from torch.testing import assert_close
 
 import edit as edit_cli
-from dit360.editing import check_mask, edit, feather, invert, paste_back, read_panorama, rows
+from dit360.editing import check_mask, edit, feather, invert, paste_back, rows
 from dit360.image import read_mask
 from dit360.options import EditOptions
 from dit360.panorama import Grid
@@ -314,37 +315,31 @@ def test_cli_inpaint_paste_back(tiny_flux, tmp_path):
     extra = ("--invert", "--paste-back", "--feather", "3", "--resize")
     edit_cli.main(cli(tiny_flux, src, mask, out, *extra))
     got = np.asarray(Image.open(out))
-    source = np.asarray(read_panorama(src, 32, resize=True))
+    source = np.asarray(edit_cli.read_panorama(src, 32, resize=True))
     keep = (~read_mask(Image.open(mask), 64, 32)).numpy()
     assert got.shape == (32, 64, 3) and keep.any() and not keep.all()
     assert np.array_equal(got[keep], source[keep])
     assert not np.array_equal(got[~keep], source[~keep])
 
 
-def fails(*argv: str) -> str:
-    """Run edit.main expecting a clean exit with an error message; return the message."""
-    with pytest.raises(SystemExit) as e:
-        edit_cli.main(list(argv))
-    return str(e.value.code)
-
-
-def test_cli_errors(tiny_flux, tmp_path):
-    """Bad images, masks and options fail with a clear message before any model runs, and
-    leave no output behind."""
+def test_cli_errors(tiny_flux, tmp_path, capsys):
+    """Bad images, masks and options fail with one clear line, exit 2, before any model runs,
+    and leave no output behind."""
     src, mask = write_inputs(tmp_path)
     out = tmp_path / "out.png"
     white, black = tmp_path / "white.png", tmp_path / "black.png"
     Image.new("L", (50, 20), 255).save(white)
     Image.new("L", (50, 20), 0).save(black)
-    assert "nothing to generate" in fails(*cli(tiny_flux, src, white, out))
-    assert "nothing to keep" in fails(*cli(tiny_flux, src, black, out))
-    assert "nothing to keep" in fails(*cli(tiny_flux, src, white, out), "--invert")
     square, _ = write_inputs(tmp_path / "square", size=(32, 32))
-    assert "not 2:1" in fails(*cli(tiny_flux, square, mask, out))
-    assert "multiples of 16" in fails(*cli(tiny_flux, src, mask, out), "--height", "40")
     (tmp_path / "text.png").write_text("not an image")
-    assert "cannot identify" in fails(*cli(tiny_flux, tmp_path / "text.png", mask, out))
-    assert "No such file" in fails(*cli(tiny_flux, src, tmp_path / "missing.png", out))
-    bad_window = ("--start", "0.5", "--stop", "0.2")
-    assert "start <= stop" in fails(*cli(tiny_flux, src, mask, out), *bad_window)
-    assert not out.exists()
+    for argv, match in [
+        (cli(tiny_flux, src, white, out), "nothing to generate"),
+        (cli(tiny_flux, src, black, out), "nothing to keep"),
+        ([*cli(tiny_flux, src, white, out), "--invert"], "nothing to keep"),
+        (cli(tiny_flux, square, mask, out), "not 2:1"),
+        ([*cli(tiny_flux, src, mask, out), "--height", "40"], "multiple of 16"),
+        (cli(tiny_flux, tmp_path / "text.png", mask, out), "cannot identify"),
+        (cli(tiny_flux, src, tmp_path / "missing.png", out), "No such file"),
+        ([*cli(tiny_flux, src, mask, out), "--start", "0.5", "--stop", "0.2"], "start <= --stop"),
+    ]:
+        expect_error(capsys, edit_cli.main, argv, tmp_path, match)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tiny import TINY_TRANSFORMER, diffusers_transformer, save_transformer
 
 from dit360 import config, weights
@@ -193,3 +194,35 @@ def test_float16_matches_diffusers(reference):
         got = run_ours(load_flux(root, dtype=torch.float16), half).float()
     assert torch.isfinite(got).all()
     assert rel_err(got, expected) < 3e-3
+
+
+def test_unsharded_diffusers_folder_parity(reference, tmp_path):
+    """One unsharded diffusers file: its config.json is read (head dim 16: RoPE axes need it),
+    whether given the FLUX.1-dev folder, its `transformer/` or the file itself."""
+    root, x, expected = reference
+    folder = save_transformer(diffusers_transformer(seed=0), tmp_path, shard="10GB")
+    file = folder / "diffusion_pytorch_model.safetensors"
+    assert [p.name for p in folder.glob("*.safetensors")] == [file.name]
+    for src in (tmp_path, folder, file):
+        model = load_flux(src, dtype=torch.float32)
+        assert model.params.axes_dim == TINY_TRANSFORMER["axes_dims_rope"]
+        with torch.no_grad():
+            assert rel_err(run_ours(model, x), expected) < 1e-5
+
+
+def test_config_only_beside_diffusers_weights(reference, tmp_path):
+    """config.json counts only as a FluxTransformer2DModel config beside diffusers-named weights:
+    a BFL file ignores one, and a diffusers file ignores another model's."""
+    root, *_ = reference
+    config = {**TINY_TRANSFORMER, "_class_name": "FluxTransformer2DModel"}
+    (tmp_path / "config.json").write_text(json.dumps({**config, "axes_dims_rope": [2, 8, 6]}))
+    ours = convert_flux(root, tmp_path / "flux.safetensors")  # axes (4, 6, 6) in its metadata
+    assert load_flux(ours).params.axes_dim == (4, 6, 6)
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(ours), bare)  # BFL names, no metadata: the config beside is not ours
+    with pytest.raises(ValueError, match="head dim 16: the RoPE axes are not stored"):
+        load_flux(bare)
+    theirs = convert_flux(root, tmp_path / "d", to="diffusers") / "config.json"
+    theirs.write_text(json.dumps({**config, "_class_name": "AutoencoderKL"}))
+    with pytest.raises(ValueError, match="head dim 16: the RoPE axes are not stored"):
+        load_flux(theirs.parent)

@@ -95,8 +95,9 @@ def test_prepare_absolute_paths_and_sampled_views(tmp_path):
     assert (masks[0][0] != masks[0][1]).any()
 
 
-def test_bad_rows_are_listed_together(tmp_path):
-    """An unreadable image, a missing caption and a non 2:1 panorama are all named in one error."""
+def test_bad_rows_are_listed_together(tmp_path, capsys):
+    """An unreadable image, a missing caption and a non 2:1 panorama are all named in one error,
+    and nothing at all is written (no jsonl, no masks, no projected photos)."""
     make_images(tmp_path / "pano", {"good.png": (64, 32), "square.png": (32, 32)})
     make_images(tmp_path / "photos", {"fine.png": (32, 24), "nocap.png": (32, 24)})
     (tmp_path / "photos" / "nocap.txt").unlink()
@@ -109,9 +110,12 @@ def test_bad_rows_are_listed_together(tmp_path):
     assert "3 bad rows" in message
     assert "square.png: not 2:1 (32x32)" in message and "nocap.png: missing caption" in message
     assert "broken.jpg" in message
-    assert not (out / "pano.jsonl").exists() and not (out / "persp.jsonl").exists()
-    with pytest.raises(SystemExit, match="1 bad rows"):
+    assert not out.exists()
+    out.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
         main(["--out", str(out), "--pano", str(tmp_path / "pano")])
+    assert exit_info.value.code == 1 and "error: 1 bad rows" in capsys.readouterr().err
+    assert not list(out.iterdir())
     written = prepare(
         out, pano=tmp_path / "pano", persp=tmp_path / "photos", height=32, skip_bad=True
     )

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from clitest import expect_error
 from PIL import Image
 
 import sample
@@ -78,26 +79,31 @@ def test_gpano_metadata(tiny_flux, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pano.jpg", "pano.png"]
 
 
-def fails(*argv: str) -> str:
-    """Run sample.main expecting a clean exit with an error message; return the message."""
-    with pytest.raises(SystemExit) as e:
-        sample.main(list(argv))
-    return str(e.value.code)
-
-
-def test_cli_errors(tiny_flux, tmp_path):
-    """Bad sizes, a missing base folder and an unwritable output fail with a clear message."""
+def test_cli_errors(tiny_flux, tmp_path, capsys):
+    """Bad sizes, a missing base folder and an unwritable output fail with one clear line, exit 2,
+    and write nothing."""
     out = tmp_path / "x.png"
-    assert "multiples of 16" in fails(*args(tiny_flux, out), "--height", "30")
-    assert "no-such-folder" in fails(*args(tmp_path / "no-such-folder", out))
     (tmp_path / "blocker").write_text("a file where a folder should be")
-    assert "cannot write" in fails(*args(tiny_flux, tmp_path / "blocker" / "x.png"))
-    assert ".png, .jpg" in fails(*args(tiny_flux, tmp_path / "x.gif"))
-    assert not out.exists()
+    for argv, match in [
+        ([*args(tiny_flux, out), "--height", "30"], "multiples of 16"),
+        (args(tmp_path / "no-such-folder", out), "no-such-folder"),
+        (args(tiny_flux, tmp_path / "blocker" / "x.png"), "cannot write"),
+        (args(tiny_flux, tmp_path / "x.gif"), r"\.png, \.jpg"),
+    ]:
+        expect_error(capsys, sample.main, argv, tmp_path, match)
 
 
 def test_cli_exit_code(tmp_path):
-    """As a command, an error exits with status 1 and the message on stderr."""
+    """As a command, a bad argument exits with status 2 and one line on stderr, no traceback."""
     cmd = [sys.executable, str(ROOT / "sample.py"), "--prompt", "x", "--width", "100"]
     r = subprocess.run(cmd + ["--out", str(tmp_path / "x.png")], capture_output=True, text=True)
-    assert r.returncode == 1 and "multiples of 16" in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "multiples of 16" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
+
+
+def test_not_2to1_has_no_gpano(tiny_flux, tmp_path):
+    """A 32x32 output is no full panorama: written with a warning and without GPano metadata."""
+    out = tmp_path / "square.png"
+    with pytest.warns(UserWarning, match="not 2:1.*no 360 \\(GPano\\) metadata"):
+        sample.main([*args(tiny_flux, out), "--width", "32"])
+    assert Image.open(out).size == (32, 32) and "xmp" not in Image.open(out).info

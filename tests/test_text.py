@@ -1,6 +1,7 @@
 """Text encoders against diffusers' FluxPipeline on the tiny FLUX.1-dev folder, and bad input."""
 
 import shutil
+import warnings
 from pathlib import Path
 
 import huggingface_hub
@@ -108,3 +109,22 @@ def test_gated_repo_message(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
     with pytest.raises(PermissionError, match=r"accept its license.*hf auth login.*HF_TOKEN"):
         text.load_text_encoders("black-forest-labs/FLUX.1-dev")
+
+
+def test_long_prompt_warns(tiny_flux: Path) -> None:
+    """A prompt over T5's 512 or CLIP's 77 tokens is cut with a warning giving the token count;
+    a short one is encoded silently."""
+    enc = text.load_text_encoders(tiny_flux, "cpu", torch.float32)
+    long = " ".join(["a quiet city street at night with neon lights and people"] * 60)
+    counts = [len(tok(long).input_ids) for tok in (enc.clip_tokenizer, enc.t5_tokenizer)]
+    assert counts[1] > 512
+    with pytest.warns(UserWarning) as record:
+        txt, _, _ = text.encode_prompt(enc, [long])
+    assert [str(w.message) for w in record] == [
+        f"prompt is {counts[0]} CLIP tokens; only the first 77 are used",
+        f"prompt is {counts[1]} T5 tokens; only the first 512 are used",
+    ]
+    assert txt.shape == (1, 512, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text.encode_prompt(enc, PROMPTS[:1])

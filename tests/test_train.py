@@ -2,6 +2,7 @@
 resume after a kill, export to sample.py and diffusers, the latent/text cache, input errors."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,15 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from clitest import expect_error
 from PIL import Image
 from safetensors.torch import load_file
 from test_lora import pipeline
 from test_model import inputs, rel_err, run_diffusers, run_ours
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import sample
 import train
-from dit360 import distributed
 from dit360.data import epoch_order
 from dit360.lora_formats import load_lora
 from dit360.weights import load_flux
@@ -89,10 +89,10 @@ def log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def state(tfile: Path) -> dict:
-    """A DCP checkpoint read into one process: {"model", "optim", "train"}."""
-    dcp_to_torch_save(tfile, tfile.parent / f"{tfile.name}.pt")
-    return torch.load(tfile.parent / f"{tfile.name}.pt")
+def first_moments(checkpoint: Path) -> torch.Tensor:
+    """A checkpoint's AdamW first moments (exp_avg), flat, in name order."""
+    state = load_file(checkpoint / train.STATE)
+    return torch.cat([state[k].flatten() for k in sorted(state) if k.endswith("/exp_avg")])
 
 
 def lora_file(out: Path) -> dict[str, torch.Tensor]:
@@ -141,25 +141,27 @@ def test_run_writes_everything(trained):
 
 def test_two_processes_equal_one_and_overfit(tiny_flux, data, tmp_path):
     """torchrun, 2 ranks x batch 1 = 1 rank x batch 2 (FSDP sums the ranks' gradients; recompute
-    off in one): the same step-1 loss and gradients; and the loss falls over 30 steps."""
+    off in one): the same step-1 loss and gradients; and the loss falls over 30 steps. A 2-rank
+    resume is bit-identical; a 2-rank checkpoint resumes on 1 rank."""
     common = ("--grad-accum", "1", "--lr", "1e-2", "--warmup", "0", "--lora-rank", "8")
     common += ("--alpha", "8", "--dropout", "0", "--aux-from-epoch", "0")  # yaw, cube from step 1
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two, again = tmp_path / "one", tmp_path / "two", tmp_path / "again"
     one_args = (*common, "--batch-size", "2", "--max-steps", "1", "--no-recompute")  # same numbers
     train.main(args(tiny_flux, data, one, *one_args))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["train.py", *args(tiny_flux, data, two, *common, "--batch-size", "1")]
-    cmd += ["--max-steps", "30", "--save-every", "1", "--keep", "0"]
-    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+
+    def torchrun(out: Path, *extra: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += ["--nproc_per_node", "2", "train.py", *args(tiny_flux, data, out, *common)]
+        cmd += ["--batch-size", "1", "--max-steps", "30", *extra]
+        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+
+    torchrun(two, "--save-every", "1", "--keep", "0")
 
     loss1, loss2 = log(one)[0]["loss"], log(two)[0]["loss"]
-    a = state(one / "checkpoints" / "step-00000001")["optim"]["state"]
-    b = state(two / "checkpoints" / "step-00000001")["optim"]["state"]
-    assert a.keys() == b.keys()
     # After one AdamW step exp_avg = (1 - beta1) * gradient, exactly as rounded in both runs.
-    ga = torch.cat([v["exp_avg"].flatten() for v in a.values()]) / 0.1
-    gb = torch.cat([v["exp_avg"].flatten() for v in b.values()]) / 0.1
+    ga = first_moments(one / "checkpoints" / "step-00000001") / 0.1
+    gb = first_moments(two / "checkpoints" / "step-00000001") / 0.1
     print(f"1 vs 2 processes: loss {loss1} vs {loss2}; max grad diff {(ga - gb).abs().max():.2e}")
     assert abs(loss1 - loss2) <= 1e-6 * abs(loss1)
     torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-5 * ga.abs().max().item())
@@ -172,7 +174,12 @@ def test_two_processes_equal_one_and_overfit(tiny_flux, data, tmp_path):
     )
     assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
 
-    # The 2-rank checkpoint resumes on 1 rank (DCP reshards; batch 2 covers the same samples).
+    # On 2 ranks, each rank takes its shards of the full state: steps 29-30 again, the same.
+    torchrun(again, "--resume", str(two / "checkpoints" / "step-00000028"))
+    assert_same_lora(again, two)
+
+    # The 2-rank checkpoint resumes on 1 rank (each rank takes its shards of the full state;
+    # batch 2 covers the same samples).
     train.main(
         args(tiny_flux, data, two, *common, "--batch-size", "2", "--max-steps", "31", "--resume")
     )
@@ -205,7 +212,7 @@ def test_black_mask_row_contributes_nothing(tiny_flux, data, tmp_path):
 def test_resume_after_kill_is_bit_identical(tiny_flux, data, tmp_path, monkeypatch, trained):
     """Killed after the step-4 checkpoint, resumed: the same LoRA at step 6 as without the kill."""
     out = tmp_path / "killed"
-    save = distributed.save_checkpoint
+    save = train.save_checkpoint
 
     def save_then_die(*a, **kw):
         path = save(*a, **kw)
@@ -213,7 +220,7 @@ def test_resume_after_kill_is_bit_identical(tiny_flux, data, tmp_path, monkeypat
             raise KeyboardInterrupt  # as if killed right after the checkpoint
         return path
 
-    monkeypatch.setattr(distributed, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train.main(args(tiny_flux, data, out, *RUN))
     monkeypatch.undo()
@@ -227,21 +234,19 @@ def test_kill_while_writing_a_checkpoint(tiny_flux, data, tmp_path, monkeypatch,
     """The step-4 checkpoint is cut off mid-write: step 2 stays the latest complete one, and
     resuming from it reaches the same LoRA as the uninterrupted run."""
     out = tmp_path / "torn"
-    write = distributed.dcp.save
+    write = train.save_file
 
-    def torn_write(state, checkpoint_id):
-        if state["train"]["step"] == 4:
-            write(state, checkpoint_id=checkpoint_id)
-            for f in Path(checkpoint_id).iterdir():  # half of every file, then the "kill"
-                f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    def torn_write(state, path, metadata):
+        write(state, path, metadata=metadata)
+        if json.loads(metadata["counters"])["step"] == 4:  # half the file, then the "kill"
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
             raise KeyboardInterrupt
-        write(state, checkpoint_id=checkpoint_id)
 
-    monkeypatch.setattr(distributed.dcp, "save", torn_write)
+    monkeypatch.setattr(train, "save_file", torn_write)
     with pytest.raises(KeyboardInterrupt):
         train.main(args(tiny_flux, data, out, *RUN))
     monkeypatch.undo()
-    assert distributed.latest_checkpoint(out / "checkpoints").name == "step-00000002"
+    assert sorted(train.steps(out / "checkpoints")) == [2]
     assert (out / "checkpoints" / ".step-00000004.tmp").is_dir()  # the torn one, ignored
     train.main(args(tiny_flux, data, out, *RUN, "--resume"))
     assert_same_lora(out, trained)
@@ -306,19 +311,21 @@ def test_cache_gives_the_uncached_losses(tiny_flux, data, tmp_path, trained):
 # --- errors ---------------------------------------------------------------------------------------
 
 
-def test_input_errors(tiny_flux, data, tmp_path):
+def test_input_errors(tiny_flux, data, tmp_path, capsys):
     """Bad rows are all named; a missing base and a bad resolution are one clear line each."""
     bad = write_rows(
         tmp_path / "bad.jsonl",
         [{"image": "p0.png", "caption": ""}, {"image": "nope.png", "caption": "x"}],
     )
     (tmp_path / "p0.png").write_bytes((data / "p0.png").read_bytes())
-    with pytest.raises(
-        SystemExit, match=r"2 bad rows:\n.*bad.jsonl:1.*\n.*bad.jsonl:2.*missing file nope.png"
-    ):
+    with pytest.raises(SystemExit):
         train.main(args(tiny_flux, data, tmp_path / "o", "--pano", str(bad)))
-    with pytest.raises(SystemExit, match="no-such-base: no such file or folder"):
-        train.main(args(tiny_flux, data, tmp_path / "o", "--base", str(tmp_path / "no-such-base")))
-    with pytest.raises(SystemExit, match="multiples of 16"):
-        train.main(args(tiny_flux, data, tmp_path / "o", "--resolution", "40"))
+    err = capsys.readouterr().err
+    assert re.search(
+        r"error: 2 bad rows:\n.*bad.jsonl:1.*\n.*bad.jsonl:2.*missing file nope.png", err
+    )
+    no_base = args(tiny_flux, data, tmp_path / "o", "--base", str(tmp_path / "no-such-base"))
+    expect_error(capsys, train.main, no_base, tmp_path, "no-such-base: no such file or folder")
+    resolution = args(tiny_flux, data, tmp_path / "o", "--resolution", "40")
+    expect_error(capsys, train.main, resolution, tmp_path, "multiples of 16")
     assert not (tmp_path / "o").exists()

@@ -1,6 +1,8 @@
 """Weight files: bad input gives errors that name the problem; hub ids resolve through the cache."""
 
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -8,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import diffusers_transformer, save_transformer
+from tiny import TINY_VAE, diffusers_transformer, diffusers_vae, save_autoencoder, save_transformer
 
 from dit360.convert import convert_flux
 from dit360.files import write_safetensors
-from dit360.weights import load_flux
+from dit360.weights import load_autoencoder, load_flux
 
 ROOT = Path(__file__).parents[1]
 
@@ -158,3 +160,41 @@ def test_cli_from_hub_cache(tmp_path):
     r = run_cli("--base", "acme/not-cached", "--out", str(tmp_path / "o.safetensors"), env=env)
     assert r.returncode == 1 and "not in the Hugging Face cache" in r.stderr
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_stale_temp_files_are_removed(tmp_path):
+    """A write removes temporary files of dead processes on this machine, and only those."""
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f".w.safetensors.tmp{dead.pid}.{host}"
+    kept = [f".w.safetensors.tmp1.{host}", f".w.safetensors.tmp{dead.pid}.elsewhere"]
+    kept += [f".v.safetensors.tmp{dead.pid}.{host}", ".w.safetensors.tmp"]  # not ours to remove
+    stale.mkdir()  # a folder (a killed diffusers export) goes too
+    for name in kept:
+        (tmp_path / name).write_bytes(b"partial")
+    write_safetensors(
+        tmp_path / "w.safetensors", {"a": (torch.float32, (2,))}, [("a", torch.ones(2))]
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "w.safetensors"])
+
+
+def test_vae_unsharded_and_sharded_folders(tmp_path):
+    """A diffusers vae/ folder, one file or shards, takes its config from config.json (norm groups
+    8: not in the shapes); a BFL ae.safetensors ignores a config.json beside it."""
+    vae = diffusers_vae(seed=4)
+    vae.save_pretrained(tmp_path / "one" / "vae")
+    vae.save_pretrained(tmp_path / "shards" / "vae", max_shard_size="40KB")
+    assert len(list((tmp_path / "one" / "vae").glob("*.safetensors"))) == 1
+    assert len(list((tmp_path / "shards" / "vae").glob("*.safetensors"))) > 1
+    z = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        image = vae.decode(z / TINY_VAE["scaling_factor"] + TINY_VAE["shift_factor"]).sample
+        for src in (tmp_path / "one", tmp_path / "one" / "vae", tmp_path / "shards"):
+            model = load_autoencoder(src)
+            assert model.params.norm_num_groups == 8
+            torch.testing.assert_close(model.decode(z), image, rtol=1e-4, atol=1e-5)
+    path = save_autoencoder(model, tmp_path / "bfl" / "ae.safetensors")
+    config = json.loads((tmp_path / "one" / "vae" / "config.json").read_text())
+    (path.parent / "config.json").write_text(json.dumps({**config, "norm_num_groups": 4}))
+    assert load_autoencoder(path.parent).params.norm_num_groups == 8  # from its metadata

@@ -1,0 +1,235 @@
+"""Every command's bad input, table-driven: one line `error: ...`, exit 2, no traceback, nothing
+written, all before any model loads; and the run-time refusal of non-finite latents (exit 1)."""
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from clitest import expect_error, snapshot
+from PIL import Image
+from test_editing import cli as edit_args
+from test_editing import write_inputs
+from test_prepare import make_images
+from test_sample_cli import args as sample_args
+
+import edit
+import prepare
+import sample
+
+SAMPLE_CASES = [  # extra flags (the last of a repeated flag wins), the error line
+    (["--steps", "0"], r"--steps \(steps\) must be an integer >= 1, got 0"),
+    (["--steps", "-3"], r"--steps \(steps\) must be an integer >= 1, got -3"),
+    (["--steps", "2.5"], r"--steps: invalid int value"),
+    (["--height", "0"], r"positive multiples of 16, got 0x64"),
+    (["--width", "100"], r"positive multiples of 16, got 32x100"),
+    (["--wrap-pad", "10"], r"--wrap-pad \(wrap_pad\) must be 0 to 4"),
+    (["--wrap-pad", "-1"], r"--wrap-pad \(wrap_pad\) must be 0 to 4"),
+    (["--wrap-pad", "3"], r"--wrap-pad 3 must be <= half the 4 columns"),
+    (["--vae-tile", "0"], r"--vae-tile \(vae_tile\) must be at least 1"),
+    (["--guidance", "nan"], r"--guidance \(guidance\) must be a finite number, got nan"),
+    (["--guidance", "inf"], r"--guidance \(guidance\) must be a finite number, got inf"),
+    (["--lora-scale", "nan"], r"--lora-scale \(lora_scale\) must be a finite number"),
+    (["--seed", "-1"], r"--seed \(seed\) must be an integer >= 0"),
+    (["--device", "cuda"], r"--device cuda: no such CUDA GPU here; use --device cpu"),
+    (["--device", "cuda:3"], r"--device cuda:3: no such CUDA GPU"),
+    (["--device", "nonsense"], r"--device nonsense: .*device string: nonsense"),
+    (["--dtype", "fp64"], r"--dtype: invalid choice"),
+    (["--prompt"], r"--prompt: expected one argument"),
+    (["--frobnicate"], r"unrecognized arguments: --frobnicate"),
+    (["--out", "{tmp}/x.gif"], r"use a \.png, \.jpg or \.jpeg"),
+    (["--out", "{tmp}/blocker/x.png"], r"cannot write"),
+    (["--base", "{tmp}/no-base"], r"--base: .*no-base: no such file or folder"),
+    (["--lora", "{tmp}/no-lora.safetensors"], r"--lora: .*no-lora.safetensors: no such file"),
+]
+
+EDIT_CASES = [
+    (["--steps", "0"], r"--steps \(steps\) must be an integer >= 1"),
+    (["--height", "0"], r"--height must be a positive multiple of 16, got 0"),
+    (["--height", "40"], r"--height must be a positive multiple of 16, got 40"),
+    (["--wrap-pad", "10"], r"--wrap-pad \(wrap_pad\) must be 0 to 4"),
+    (["--wrap-pad", "3"], r"--wrap-pad 3 must be <= half the 4 columns"),
+    (["--tau", "nan"], r"--tau \(tau\) must be a finite number, got nan"),
+    (["--feather", "-5"], r"--feather \(feather\) must be at least 0"),
+    (["--gamma", "1.5"], r"--gamma \(gamma\) must be in \[0, 1\], got 1.5"),
+    (["--eta", "nan"], r"--eta \(eta\) must be in \[0, 1\], got nan"),
+    (["--start", "-0.1"], r"--start \(start\) must be in \[0, 1\]"),
+    (["--stop", "1.5"], r"--stop \(stop\) must be in \[0, 1\]"),
+    (["--start", "0.5", "--stop", "0.2"], r"need --start <= --stop, got 0.5 > 0.2"),
+    (["--blend-until", "nan"], r"--blend-until \(blend_until\) must be a finite number"),
+    (["--inversion-guidance", "inf"], r"--inversion-guidance .* must be a finite number"),
+    (["--guidance=-inf"], r"--guidance \(guidance\) must be a finite number"),
+    (["--lora-scale", "nan"], r"--lora-scale \(lora_scale\) must be a finite number"),
+    (["--mask-pad", "mirror"], r"--mask-pad: invalid choice"),
+    (["--vae-tile", "0"], r"--vae-tile \(vae_tile\) must be at least 1"),
+    (["--seed", "-1"], r"--seed \(seed\) must be an integer >= 0"),
+    (["--device", "cuda"], r"--device cuda: no such CUDA GPU"),
+    (["--image", "{tmp}/missing.png"], r"No such file or directory.*missing\.png"),
+    (["--image", "{tmp}/square.png"], r"square\.png: 32x32 is not 2:1; pass --resize"),
+    (["--image", "{tmp}/text.png"], r"cannot identify image file"),
+    (["--mask", "{tmp}/missing.png"], r"No such file or directory.*missing\.png"),
+    (["--mask", "{tmp}/white.png"], r"nothing to generate"),
+    (["--out", "{tmp}/out.gif"], r"use a \.png, \.jpg or \.jpeg"),
+    (["--base", "{tmp}/no-base"], r"--base: .*no-base: no such file or folder"),
+]
+
+PREPARE_CASES = [  # the whole command line after --out {tmp}/data
+    ([], r"give --pano and/or --persp"),
+    (["--pano", "{tmp}/missing"], r"--pano .*missing: no such folder"),
+    (["--pano", "{tmp}/empty"], r"--pano .*empty: no images in it"),
+    (["--persp", "{tmp}/captions"], r"--persp .*captions: no images in it"),
+    (["--persp", "{tmp}/pano.txt"], r"--persp .*pano\.txt: not a folder"),
+    (["--persp", "{tmp}/photos", "--height", "0"], r"--height must be a positive multiple of 16"),
+    (["--persp", "{tmp}/photos", "--height", "30"], r"multiple of 16, got 30"),
+    (["--persp", "{tmp}/photos", "--height", "-16"], r"multiple of 16, got -16"),
+    (["--persp", "{tmp}/photos", "--height", "abc"], r"--height: invalid int value"),
+    (["--persp", "{tmp}/photos", "--fov", "0"], r"--fov must be 1 to 179 degrees, got 0"),
+    (["--persp", "{tmp}/photos", "--fov", "nan"], r"--fov must be 1 to 179 degrees, got nan"),
+    (["--persp", "{tmp}/photos", "--fov", "200"], r"--fov must be 1 to 179 degrees"),
+    (["--persp", "{tmp}/photos", "--fov-range", "0", "90"], r"--fov-range 0.0 90.0: need 1 <="),
+    (["--persp", "{tmp}/photos", "--fov-range", "90", "60"], r"--fov-range 90.0 60.0"),
+    (["--persp", "{tmp}/photos", "--pitch-range", "-100", "0"], r"need -90 <= LO <= HI <= 90"),
+    (["--persp", "{tmp}/photos", "--yaw-range", "10", "-10"], r"--yaw-range 10.0 -10.0"),
+    (["--persp", "{tmp}/photos", "--roll-range", "nan", "0"], r"--roll-range nan 0.0"),
+    (["--persp", "{tmp}/photos", "--seed", "-1"], r"--seed must be an integer >= 0"),
+    (["--pano", "{tmp}/pano", "--out", "{tmp}/pano.txt"], r"pano\.txt is not a writable folder"),
+    (["--pano", "{tmp}/pano", "--out", "{tmp}/pano.txt/x"], r"is not a writable folder"),
+    (["--pano", "{tmp}/pano", "--frobnicate"], r"unrecognized arguments: --frobnicate"),
+]
+
+
+def expand(argv: list[str], tmp: Path) -> list[str]:
+    return [a.format(tmp=tmp) for a in argv]
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """A machine without CUDA, whatever this one has."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize("extra,match", SAMPLE_CASES, ids=[" ".join(c[0]) for c in SAMPLE_CASES])
+def test_sample_bad_input(tiny_flux, tmp_path, capsys, no_cuda, extra, match):
+    """sample.py: one line naming the flag, exit 2, nothing written."""
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    argv = sample_args(tiny_flux, tmp_path / "pano.png", *expand(extra, tmp_path))
+    expect_error(capsys, sample.main, argv, tmp_path, match)
+
+
+@pytest.fixture
+def edit_inputs(tmp_path):
+    """A 2:1 source and its mask, a square source, an all-white mask, a text file named .png."""
+    src, mask = write_inputs(tmp_path)
+    write_inputs(tmp_path / "sq", size=(32, 32))[0].rename(tmp_path / "square.png")
+    Image.new("L", (50, 20), 255).save(tmp_path / "white.png")
+    (tmp_path / "text.png").write_text("not an image")
+    return src, mask
+
+
+@pytest.mark.parametrize("extra,match", EDIT_CASES, ids=[" ".join(c[0]) for c in EDIT_CASES])
+def test_edit_bad_input(tiny_flux, tmp_path, capsys, no_cuda, edit_inputs, extra, match):
+    """edit.py: one line naming the flag or file, exit 2, nothing written, no model loaded."""
+    argv = edit_args(tiny_flux, *edit_inputs, tmp_path / "out.png", *expand(extra, tmp_path))
+    expect_error(capsys, edit.main, argv, tmp_path, match)
+
+
+@pytest.mark.parametrize("extra,match", PREPARE_CASES, ids=[" ".join(c[0]) for c in PREPARE_CASES])
+def test_prepare_bad_input(tmp_path, capsys, extra, match):
+    """prepare.py: one line naming the flag, exit 2, no --out folder or file left behind."""
+    make_images(tmp_path / "pano", {"a.png": (64, 32)})
+    make_images(tmp_path / "photos", {"b.png": (32, 24)})
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "captions").mkdir()
+    (tmp_path / "captions" / "c.txt").write_text("a caption without its image")
+    (tmp_path / "pano.txt").write_text("a file, not a folder")
+    argv = expand(["--out", "{tmp}/data", *extra], tmp_path)
+    expect_error(capsys, prepare.main, argv, tmp_path, match)
+
+
+def test_prepare_requires_out(tmp_path, capsys):
+    """prepare.py without --out: the parser's one line."""
+    make_images(tmp_path / "pano", {"a.png": (64, 32)})
+    expect_error(capsys, prepare.main, ["--pano", str(tmp_path / "pano")], tmp_path, "--out")
+
+
+def test_read_only_output(tiny_flux, tmp_path, capsys, monkeypatch):
+    """A read-only output folder is refused up front (os.access as a non-root user sees it)."""
+    make_images(tmp_path / "pano", {"a.png": (64, 32)})
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked and access(p, mode))
+    argv = ["--out", str(locked / "data"), "--pano", str(tmp_path / "pano")]
+    expect_error(capsys, prepare.main, argv, tmp_path, r"locked is not a writable folder")
+    argv = sample_args(tiny_flux, locked / "pano.png")
+    expect_error(capsys, sample.main, argv, tmp_path, r"cannot write .*locked/pano\.png")
+
+
+def test_failed_prepare_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """A prepare that fails half-way (a write error on the second photo) removes what it wrote:
+    no masks/, persp/*.png, jsonl, or --out folder it created."""
+    make_images(tmp_path / "pano", {"a.png": (64, 32)})
+    make_images(tmp_path / "photos", {"b.png": (32, 24), "c.png": (32, 24)})
+    real, calls = prepare.save_png, []
+
+    def flaky(img, path):
+        calls.append(path)
+        if len(calls) == 4:  # the pano mask, photo b and its mask, then photo c
+            raise OSError(28, "No space left on device")
+        real(img, path)
+
+    monkeypatch.setattr(prepare, "save_png", flaky)
+    before = snapshot(tmp_path)
+    argv = ["--out", str(tmp_path / "data"), "--pano", str(tmp_path / "pano")]
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.main([*argv, "--persp", str(tmp_path / "photos"), "--height", "32"])
+    assert exit_info.value.code == 1 and len(calls) == 4
+    assert "error: [Errno 28] No space left" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before and not (tmp_path / "data").exists()
+
+
+def expect_failure(capsys, main, argv: list[str], folder: Path, match: str) -> None:
+    """A run that fails after its work began: exit 1, its last stderr line the only `error: ...`
+    (after progress lines), no traceback, `folder` unchanged."""
+    before = snapshot(folder)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert exit_info.value.code == 1 and len(errors) == 1, (exit_info.value.code, err)
+    assert err.strip().splitlines()[-1] == errors[0] and "Traceback" not in err
+    assert re.search(match, errors[0]), (match, errors[0])
+    assert snapshot(folder) == before, "the command left files behind or changed them"
+
+
+NON_FINITE = r"latents are NaN/inf, so nothing is decoded: check the LoRA .*--guidance.*fp16"
+
+
+def test_sample_refuses_nan_latents(tiny_flux, tmp_path, capsys):
+    """A LoRA holding a NaN makes NaN latents: exit 1 naming the likely causes, no image (it was
+    an all-black PNG and exit 0)."""
+    from safetensors.torch import load_file, save_file
+    from test_lora import dit360_lora
+
+    folder = dit360_lora(tmp_path / "lora", r=4, alpha=4)[0]
+    tensors = load_file(folder / "adapter_model.safetensors")
+    next(iter(tensors.values()))[0, 0] = float("nan")
+    save_file(tensors, folder / "adapter_model.safetensors")
+    argv = sample_args(tiny_flux, tmp_path / "pano.png", lora=str(folder))
+    expect_failure(capsys, sample.main, argv, tmp_path, NON_FINITE)
+
+
+def test_edit_refuses_nan_latents(tiny_flux, tmp_path, capsys, monkeypatch):
+    """edit.py: an edit that ends in inf latents (fp16 overflow, say) writes no image, exit 1."""
+    import dit360.editing
+
+    src, mask = write_inputs(tmp_path)
+    real = dit360.editing.edit
+    monkeypatch.setattr(
+        dit360.editing, "edit", lambda *a, **k: (real(*a, **k)[0] * float("inf"), None)
+    )
+    argv = edit_args(tiny_flux, src, mask, tmp_path / "out.png", "--steps", "2")
+    expect_failure(capsys, edit.main, argv, tmp_path, NON_FINITE)

@@ -1,0 +1,275 @@
+"""train.py's safety on the tiny FLUX.1-dev folder: bad arguments are one line and leave nothing,
+a run's folder is its own (relaunch refused, lock), a SIGKILLed run resumes bit-identically,
+non-finite steps are skipped and never saved, checkpoints hold no pickle and a torn one is
+skipped."""
+
+import math
+import os
+import pickle
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import test_train
+import torch
+from clitest import expect_error
+from safetensors.torch import load_file
+from test_train import ROOT, RUN, args, assert_same_lora, log, lora_file
+
+import train
+
+# The fixtures of test_train, module-scoped here too: the tiny data and an uninterrupted run.
+data, trained, one_thread = test_train.data, test_train.trained, test_train.one_thread
+
+
+def checkpoints(out: Path) -> list[int]:
+    return sorted(train.steps(out / "checkpoints"))
+
+
+def leftovers(out: Path) -> list[str]:
+    """Temporary files and the lock: what a finished or resumed run must not leave."""
+    return [str(p) for p in out.rglob(".*") if ".tmp" in p.name or p.name == ".lock"]
+
+
+# --- bad arguments: one line, exit 2, no traceback, nothing written -------------------------------
+
+
+def make_file(path: Path, text: str = "x") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def lock_it(tmp_path: Path) -> None:
+    """The lock of a live run (this process) on tmp_path/out."""
+    make_file(tmp_path / "out" / ".lock", f"{os.getpid()} {socket.gethostname()}")
+
+
+BAD = {  # case: (extra arguments, what the error says, what to set up in tmp_path)
+    "save-every 0": (["--save-every", "0"], r"--save-every: needs a whole number >= 1", None),
+    "grad-accum 0": (["--grad-accum", "0"], r"--grad-accum: needs a whole number >= 1", None),
+    "batch-size 0": (["--batch-size", "0"], r"--batch-size: needs a whole number >= 1", None),
+    "lora-rank 0": (["--lora-rank", "0"], r"--lora-rank: needs a whole number >= 1", None),
+    "max-steps 0": (["--max-steps", "0"], r"--max-steps: needs a whole number >= 1", None),
+    "epochs -1": (["--epochs", "-1"], r"--epochs: needs a whole number >= 1", None),
+    "keep -1": (["--keep", "-1"], r"--keep: needs a whole number >= 0", None),
+    "workers 1.5": (["--workers", "1.5"], r"--workers: needs a whole number >= 0", None),
+    "lr nan": (["--lr", "nan"], r"--lr: needs a finite number > 0, got 'nan'", None),
+    "lr inf": (["--lr", "inf"], r"--lr: needs a finite number > 0", None),
+    "lr 0": (["--lr", "0"], r"--lr: needs a finite number > 0", None),
+    "alpha -8": (["--alpha", "-8"], r"--alpha: needs a finite number > 0", None),
+    "dropout 2": (["--dropout", "2"], r"--dropout: needs a finite number >= 0 and <= 1", None),
+    "warmup nan": (["--warmup", "nan"], r"--warmup: needs a finite number >= 0 and <= 1", None),
+    "wrap-pad 3": (["--wrap-pad", "3"], r"--wrap-pad: invalid choice", None),
+    "unknown flag": (["--learning-rate", "1"], r"unrecognized arguments: --learning-rate", None),
+    "missing pano": (["--pano", "nope.jsonl"], r"--pano nope.jsonl: no such file", None),
+    "missing persp": (["--persp", "nope.jsonl"], r"--persp nope.jsonl: no such file", None),
+    "bad device": (["--device", "mps"], r"--device mps: train.py runs on cpu or cuda", None),
+    "no such gpu": (["--device", "cuda:99"], r"--device cuda:99: \d+ CUDA devices here", None),
+    "not a device": (["--device", "banana"], r"--device banana: not a device", None),
+    "bad targets": (["--targets", "attn.to_z"], r"no layer matches targets", None),
+    "resume and overwrite": (["--resume", "--overwrite"], r"--resume .* --overwrite", None),
+    "out is a file": ([], r"--out .*out: .*out is not a folder", lambda t: make_file(t / "out")),
+    "out in a file": (["--out", "f/out"], r"f is not a folder", lambda t: make_file(t / "f")),
+    "out holds a run": (
+        [],
+        r"--out .*out holds a run \(log.jsonl\): continue it with --resume, delete it with "
+        r"--overwrite, or choose another --out",
+        lambda t: make_file(t / "out" / "log.jsonl"),
+    ),
+    "out in use": (["--resume"], rf"--out .*out is in use by process {os.getpid()}", lock_it),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_arguments(case, tiny_flux, data, tmp_path, capsys, monkeypatch):
+    """Each bad input: one line `error: ...` naming the flag and the fix, exit 2, no file."""
+    extra, match, setup = BAD[case]
+    monkeypatch.chdir(tmp_path)  # relative paths in the table
+    if setup:
+        setup(tmp_path)
+    argv = args(tiny_flux, data, tmp_path / "out", *RUN, *extra)
+    expect_error(capsys, train.main, argv, tmp_path, match)
+
+
+def test_resume_with_other_settings_lists_every_difference(tiny_flux, data, trained, capsys):
+    """Another rank, alpha, resolution and seed: one error listing all four; the run untouched."""
+    other = ("--lora-rank", "8", "--alpha", "2", "--resolution", "48", "--seed", "4", "--resume")
+    argv = args(tiny_flux, data, trained, *RUN, *other)
+    expect_error(
+        capsys, train.main, argv, trained,
+        r"step-00000006 was trained with other settings: --lora-rank 4 \(now 8\); "
+        r"--alpha 8.0 \(now 2.0\); --resolution 32 \(now 48\); --seed 3 \(now 4\)",
+    )  # fmt: skip
+
+
+def test_relaunch_is_refused_and_overwrite_starts_again(tiny_flux, data, trained, tmp_path, capsys):
+    """Without --resume a finished run is left as it was; --overwrite deletes it first."""
+    expect_error(capsys, train.main, args(tiny_flux, data, trained, *RUN), trained, "holds a run")
+    out = tmp_path / "again"
+    shutil.copytree(trained, out)
+    (out / "notes.txt").write_text("mine")  # not the run's: --overwrite leaves it
+    train.main(args(tiny_flux, data, out, *RUN, "--max-steps", "2", "--overwrite"))
+    assert checkpoints(out) == [2] and [r["step"] for r in log(out)] == [1, 2]
+    assert (out / "notes.txt").read_text() == "mine" and not leftovers(out)
+
+
+# --- a real kill ----------------------------------------------------------------------------------
+
+
+def test_sigkill_then_resume_is_bit_identical(tiny_flux, data, trained, tmp_path, capsys):
+    """`python train.py` SIGKILLed once its first checkpoint is written; --resume takes its stale
+    lock over and ends with the LoRA and losses of the uninterrupted run, leaving no temp file."""
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # as the in-process run: the same sums
+    cmd = [sys.executable, "train.py", *args(tiny_flux, data, out, *RUN)]
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 240
+            while not (out / "checkpoints" / "step-00000002").exists():
+                assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint within 240 s"
+                time.sleep(0.02)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert (out / ".lock").read_text().startswith(f"{proc.pid} ")  # a dead process's lock
+    done = checkpoints(out)
+    assert done and done[-1] < 6, done  # killed mid-run
+    train.main(args(tiny_flux, data, out, *RUN, "--resume"))
+    assert f"process {proc.pid}, which held" in capsys.readouterr().err
+    assert [r["loss"] for r in log(out)] == [r["loss"] for r in log(trained)]
+    assert_same_lora(out, trained)
+    assert not leftovers(out)
+
+
+# --- non-finite steps -----------------------------------------------------------------------------
+
+
+def test_one_nonfinite_step_is_skipped(tiny_flux, data, tmp_path, monkeypatch):
+    """A NaN loss at step 2 only: no update there (step 1's LoRA and AdamW state stay), a
+    `skipped` log line, and the run goes on to a finite LoRA."""
+    real, calls = train.flow_loss, [0]
+
+    def flow_loss(*a, **kw):
+        calls[0] += 1
+        loss, n, parts = real(*a, **kw)
+        return (loss * math.nan if calls[0] in (3, 4) else loss), n, parts  # step 2's two
+
+    monkeypatch.setattr(train, "flow_loss", flow_loss)
+    out = tmp_path / "skip"
+    train.main(args(tiny_flux, data, out, *RUN, "--max-steps", "3", "--save-every", "1"))
+    assert [r.get("skipped") for r in log(out)] == [None, "non-finite loss and gradient norm", None]
+    one, two, three = (
+        load_file(out / "checkpoints" / f"step-{s:08d}" / train.STATE) for s in (1, 2, 3)
+    )
+    assert all(torch.equal(one[k], two[k]) for k in one)  # step 2 changed nothing
+    assert not all(torch.equal(two[k], three[k]) for k in two)  # step 3 did
+    assert all(v.isfinite().all() for v in lora_file(out).values())
+
+
+def poison_at(call: int) -> Callable:
+    """flow_loss that fills the LoRA with NaN at its `call`-th call (every loss after is NaN)."""
+    real, calls = train.flow_loss, [0]
+
+    def flow_loss(model, *a, **kw):
+        calls[0] += 1
+        if calls[0] == call:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.to_local().fill_(math.nan)  # this rank's shard
+        return real(model, *a, **kw)
+
+    return flow_loss
+
+
+@pytest.mark.parametrize(
+    ("steps", "match"),
+    [
+        ("8", r"step 5: loss or gradient norm not finite 3 steps in a row; the last checkpoint "
+              r"is .*step-00000002: --resume with a lower --lr"),
+        ("3", r"the LoRA holds non-finite values .*: not exported"),
+    ],
+    ids=["diverges", "at the end"],
+)  # fmt: skip
+def test_nonfinite_state_is_never_saved(
+    steps, match, tiny_flux, data, tmp_path, monkeypatch, capsys
+):
+    """The LoRA turns NaN at step 3: steps 3- are skipped and logged, the step-4 checkpoint is
+    not written, so --keep 1 keeps the finite step 2; exit 1 after --max-nonfinite steps or at
+    the end, and no NaN LoRA exported."""
+    monkeypatch.setattr(train, "flow_loss", poison_at(5))  # step 3, micro-batch 1
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args(tiny_flux, data, out, *RUN, "--max-steps", steps, "--keep", "1"))
+    err = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert exit_info.value.code == 1
+    assert re.search(match, err[-1]) and err[-1].startswith("error: "), err[-1]
+    assert [r.get("skipped") is not None for r in log(out)][2:] == [True] * (len(log(out)) - 2)
+    assert checkpoints(out) == [2]
+    state = load_file(out / "checkpoints" / "step-00000002" / train.STATE)
+    assert all(v.isfinite().all() for v in state.values())
+    assert not (out / "lora").exists() and not leftovers(out)
+
+
+# --- checkpoints: no pickle; a torn one is skipped ------------------------------------------------
+
+
+class Payload:
+    """Unpickling it creates a marker file: proof that a loader ran code from the file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickle_checkpoint_runs_nothing(tiny_flux, data, trained, tmp_path, capsys):
+    """A newer checkpoint made of pickles (DCP's .metadata, a .distcp, a fake state file) is
+    skipped with a warning and never unpickled; the resume uses the latest real one."""
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    shutil.copytree(trained, out)
+    payload = pickle.dumps(Payload(marker))
+    pickle.loads(payload)  # the payload is live: unpickling it makes the marker
+    assert marker.exists()
+    marker.unlink()
+    crafted = out / "checkpoints" / "step-00000009"
+    crafted.mkdir()
+    for name in (".metadata", "__0_0.distcp", train.STATE):
+        (crafted / name).write_bytes(payload)
+    train.main(args(tiny_flux, data, out, *RUN, "--resume"))
+    assert "warning: skipping checkpoint" in capsys.readouterr().err
+    expect_error(
+        capsys, train.main, args(tiny_flux, data, out, *RUN, "--resume", str(crafted)), out,
+        r"--resume .*step-00000009: not a readable checkpoint",
+    )  # fmt: skip
+    assert not marker.exists()
+    assert_same_lora(out, trained)
+
+
+def test_torn_checkpoint_and_partial_log_line(tiny_flux, data, trained, tmp_path, capsys):
+    """The latest checkpoint cut in half and a half-written last log line: both dropped with a
+    warning, the resume falls back to step 4 and ends bit-identical to the uninterrupted run."""
+    out = tmp_path / "torn"
+    shutil.copytree(trained, out)
+    state = out / "checkpoints" / "step-00000006" / train.STATE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 7, "epoch": 3, "lo')
+    with pytest.warns(UserWarning, match="log.jsonl:7: dropped an unreadable line"):
+        train.main(args(tiny_flux, data, out, *RUN, "--resume"))
+    assert "warning: skipping checkpoint" in capsys.readouterr().err
+    assert [(r["step"], r["loss"]) for r in log(out)] == [
+        (r["step"], r["loss"]) for r in log(trained)
+    ]
+    assert_same_lora(out, trained)
+    assert checkpoints(out) == [2, 4, 6] and not leftovers(out)
