@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from dit360.data import READ_ERRORS
-from dit360.files import exit_on_sigterm, remove, temp_path
+from dit360.files import exit_on_sigterm, own_temp, remove
 from dit360.image import open_image, project_photo
 from dit360.options import Parser, fail
 
@@ -166,8 +166,7 @@ def staging(out: Path) -> Iterator[Path]:
     masks before the jsonl files that name them); on failure out is left as it was."""
     out = Path(out).absolute()
     made = next((p for p in reversed((out, *out.parents)) if not p.exists()), None)
-    stage = temp_path(out / "prepare", str(os.getpid()))
-    remove(stage)  # left by a killed run with our pid
+    stage = own_temp(out / "prepare")  # removes stages that killed runs left
     stage.mkdir(parents=True)
     try:
         yield stage

@@ -180,19 +180,24 @@ def _dead(pid: str) -> bool:
     return False
 
 
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp name for `path` (file or folder), moved into place only on success. The name,
-    `.NAME.tmp<pid>.<host>`, lets a later run remove what a killed one left (its pid is dead)."""
-    path, host = Path(path), f".{socket.gethostname()}"  # pids are only unique on one machine
+def own_temp(path: Path) -> Path:
+    """Our temp name `.NAME.tmp<pid>.<host>` for `path`, removing those of dead pids here first."""
+    host = f".{socket.gethostname()}"  # pids are only unique on one machine
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, stem = temp_path(path, f"{os.getpid()}{host}"), temp_path(path).name
     for old in path.parent.glob(glob.escape(stem) + "*"):
         if old == tmp or old.name.endswith(host) and _dead(old.name[len(stem) : -len(host)]):
             remove(old)
+    return tmp
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp name for `path` (a file or folder), moved into place only on success."""
+    tmp = own_temp(Path(path))
     try:
         yield tmp
-        commit(tmp, path)
+        commit(tmp, Path(path))
     finally:
         remove(tmp)
 
