@@ -9,16 +9,15 @@ python edit.py --image pano.png --mask mask.png --prompt "This is a panorama ima
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 from PIL import Image
 
 from dit360.editing import edit_image
 from dit360.files import exit_on_sigterm
-from dit360.image import check_output_path, open_image, read_rgb, save_panorama
-from dit360.options import EditOptions, Parser, add_flags, fail, from_args
-from sample import check_sources
+from dit360.image import open_image, read_rgb, save_panorama
+from dit360.options import EditOptions, Parser, add_flags, fail
+from sample import checked
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,18 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.height <= 0 or args.height % 16:
         fail(f"--height must be a positive multiple of 16, got {args.height}")
-    with warnings.catch_warnings(record=True) as warned:  # shown once the arguments pass
-        warnings.simplefilter("always")
-        try:  # the arguments, then the files they name: a mistake is exit 2, before anything slow
-            opts = from_args(EditOptions, args)
-            out = check_output_path(args.out)
-            check_sources(opts)
-        except (ValueError, OSError) as e:
-            fail(e)
-        except RuntimeError as e:  # torch.device's, on a malformed --device
-            fail(f"--device {args.device}: {e}")
-    for w in warned:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    opts, out = checked(EditOptions, args)  # every flag, before anything slow (exit 2)
     try:  # edit_image checks the size and the mask before it loads any model
         image = read_panorama(args.image, args.height, args.resize)
         log = lambda m: print(m, file=sys.stderr)  # noqa: E731

@@ -6,6 +6,7 @@ python sample.py --prompt "This is a panorama. A medieval castle on a hilltop at
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 from dit360.files import exit_on_sigterm, resolve
 from dit360.generate import generate
@@ -34,13 +35,14 @@ def check_sources(opts: Options) -> None:
             raise ValueError(f"{flag}: {e}") from None
 
 
-def main(argv: list[str] | None = None) -> None:
-    exit_on_sigterm()
-    args = parse_args(argv)
-    with warnings.catch_warnings(record=True) as warned:  # shown once the arguments pass
+def checked(cls: type, args: argparse.Namespace) -> tuple[Options, Path]:
+    """The options (`cls`, from the flags) and the output path, every one checked before anything
+    slow: a mistake is one line and exit 2. Warnings raised meanwhile are shown once all pass.
+    edit.py uses it too."""
+    with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always")
-        try:  # every argument is checked before anything slow: a mistake is exit 2
-            opts = from_args(SampleOptions, args)
+        try:
+            opts = from_args(cls, args)
             out = check_output_path(args.out)
             check_sources(opts)
         except (ValueError, OSError) as e:
@@ -49,6 +51,13 @@ def main(argv: list[str] | None = None) -> None:
             fail(f"--device {args.device}: {e}")
     for w in warned:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return opts, out
+
+
+def main(argv: list[str] | None = None) -> None:
+    exit_on_sigterm()
+    args = parse_args(argv)
+    opts, out = checked(SampleOptions, args)
     try:
         image, report = generate(args.prompt, opts, log=lambda m: print(m, file=sys.stderr))
     except (ValueError, OSError) as e:  # missing or bad weights (--base, --lora)
