@@ -15,7 +15,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from .config import AutoEncoderParams
@@ -75,11 +74,10 @@ class AttnBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.norm(x)
-        _, _, height, _ = x.shape
-        q, k, v = (rearrange(f(h), "b c h w -> b 1 (h w) c") for f in (self.q, self.k, self.v))
+        h = self.norm(x)  # contiguous q, k, v: else SDPA falls back to building all (H*W)^2 scores
+        q, k, v = (f(h).flatten(2).mT.contiguous()[:, None] for f in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, H*W, C)
-        return x + self.proj_out(rearrange(h, "b 1 (h w) c -> b c h w", h=height))
+        return x + self.proj_out(h[:, 0].mT.reshape(x.shape))
 
 
 class Resample(nn.Module):

@@ -11,7 +11,7 @@ from tiny import TINY_VAE, randomize, save_autoencoder
 
 from dit360 import weights
 from dit360.autoencoder import AutoEncoder, _starts
-from dit360.config import AE_PRESETS, ae_from_diffusers_config, ae_from_shapes
+from dit360.config import AE_PRESETS, AutoEncoderParams, ae_from_diffusers_config, ae_from_shapes
 from dit360.files import TensorFile
 from dit360.weights import (
     AE_DIFFUSERS,
@@ -246,3 +246,24 @@ def test_tiled_decode(reference, circular):
     assert errors[1] < 0.1 and errors[1] < errors[0] < 0.25, errors
     bound = max(model.params.channels) * (8 * tile) ** 2
     assert largest_activation(model, z, tile=tile) <= bound < largest_activation(model, z)
+
+
+def test_attention_gets_contiguous_inputs(monkeypatch):
+    """The mid-block attention hands SDPA contiguous (B, 1, H*W, C) q, k, v: with a strided last
+    dim SDPA falls back to the math kernel and builds the whole (H*W)^2 score matrix (at
+    1024x2048, 32,768 latent pixels: +9 GB measured on CPU, against +0.05 GB contiguous)."""
+    import dit360.autoencoder as ae_module
+
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append([t.is_contiguous() and t.shape[1] == 1 for t in (q, k, v)])
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(ae_module.F, "scaled_dot_product_attention", spy)
+    model = randomize(
+        AutoEncoder(AE_PRESETS["flux"].__class__(ch=32, ch_mult=(1, 1), norm_num_groups=8)), 0
+    )
+    with torch.no_grad():
+        model.decode(model.encode(torch.randn(1, 3, 16, 32)))
+    assert seen == [[True] * 3, [True] * 3]  # the encoder's and the decoder's mid block
