@@ -11,7 +11,7 @@ from tiny import TINY_VAE, randomize, save_autoencoder
 
 from dit360 import weights
 from dit360.autoencoder import AutoEncoder, _starts
-from dit360.config import AE_PRESETS, AutoEncoderParams, ae_from_diffusers_config, ae_from_shapes
+from dit360.config import AE_PRESETS, ae_from_diffusers_config, ae_from_shapes
 from dit360.files import TensorFile
 from dit360.weights import (
     AE_DIFFUSERS,
