@@ -92,6 +92,7 @@ from dit360.files import (
     TensorFile,
     atomic_path,
     commit,
+    dead,
     exit_on_sigterm,
     open_tensors,
     remove,
@@ -257,17 +258,6 @@ def check_out(out: Path, args: argparse.Namespace) -> None:
         )
 
 
-def alive(pid: int) -> bool:
-    """Whether a process of this host runs with this pid."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's
-        return True
-    return True
-
-
 def take_lock(out: Path) -> Path:
     """Create out/.lock holding `pid host` (O_EXCL: one run a folder); a lock left by a dead
     process of this host is taken over, with a warning."""
@@ -278,7 +268,7 @@ def take_lock(out: Path) -> Path:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             pid, _, host = lock.read_text().partition(" ")
-            if host != socket.gethostname() or not pid.isdigit() or alive(int(pid)):
+            if host != socket.gethostname() or not dead(pid):
                 fail(
                     f"--out {out} is in use by process {pid} on {host or '?'}: wait for it, "
                     f"or delete {lock} if that run is gone"

@@ -169,7 +169,7 @@ def commit(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _dead(pid: str) -> bool:
+def dead(pid: str) -> bool:
     """Whether `pid` is a process id of this machine that no longer runs."""
     try:
         os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
@@ -186,7 +186,7 @@ def own_temp(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, stem = temp_path(path, f"{os.getpid()}{host}"), temp_path(path).name
     for old in path.parent.glob(glob.escape(stem) + "*"):
-        if old == tmp or old.name.endswith(host) and _dead(old.name[len(stem) : -len(host)]):
+        if old == tmp or old.name.endswith(host) and dead(old.name[len(stem) : -len(host)]):
             remove(old)
     return tmp
 
