@@ -26,13 +26,14 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .generate import check_finite, initial_noise, load_model
+from .generate import check_finite, initial_noise, load_model, load_vae, offload_mode, placed
 from .image import from_pil, read_mask, to_pil
 from .model import Flux
+from .offload import lent, park
 from .options import EditOptions, check_size
 from .panorama import Grid
 from .report import Report
-from .sampling import Conditioning, noise, predict, schedule, step, timestep
+from .sampling import Conditioning, ahead, noise, predict, schedule, step, timestep
 
 
 def check_mask(keep: Tensor) -> None:
@@ -88,8 +89,11 @@ def invert(
     steps sigmas[i] - sigmas[i + 1], but model and field see t_i = i / len(sigmas), latent dtype."""
     g = opts.inversion_guidance if model.params.guidance_embed else None
     n, x, sigmas = len(sigmas), x0, sigmas.to(x0.device)
+    times = [float(torch.tensor(i / n, dtype=x.dtype)) for i in range(n - 1)]
+    if opts.gamma != 1:
+        cond = ahead(model, cond, times, g)
     for i in tqdm(range(n - 1), desc="invert"):
-        t = float(torch.tensor(i / n, dtype=x.dtype))
+        t = times[i]
         u = (y1.float() - x.float()) / (1 - t)  # the conditional field: straight to y1
         if opts.gamma != 1:  # at gamma = 1 the model's field has weight 0: skip the call
             u_model = predict(model, x, grid, cond, t, g).float()
@@ -122,15 +126,19 @@ def edit(
     reads = [i for i in range(steps) if swap[i]] + [i + 1 for i in range(steps) if blend[i]]
     last = max(reads + [steps if keep_source else 0])
     g = opts.guidance if model.params.guidance_embed else None
+    # Both rows run while the source's tokens or velocity are needed, else the target alone.
+    both = [swap[i] or (i < last and eta[i] != 1) for i in range(steps)]
+    conds = [ahead(model, c, [s for s, b in zip(sigmas[:-1], both, strict=True) if b == m], g)
+             for m, c in ((False, rows(cond, slice(1, 2))), (True, cond))]  # fmt: skip
     src, tgt = inverted, z
     for i in tqdm(range(steps), desc="edit"):
         dt = sigmas[i + 1] - sigmas[i]
-        if swap[i] or (i < last and eta[i] != 1):  # the source's tokens or velocity are needed
+        if both[i]:
             with replacing_tokens(model, keep if swap[i] else None):
-                v = predict(model, torch.cat([src, tgt]), grid, cond, sigmas[i], g).float()
+                v = predict(model, torch.cat([src, tgt]), grid, conds[1], sigmas[i], g).float()
             v_src, v_tgt = v[:1], v[1:]
-        else:  # the target alone: nothing of the source is read at this step
-            v_tgt = predict(model, tgt, grid, rows(cond, slice(1, 2)), sigmas[i], g).float()
+        else:  # nothing of the source is read at this step
+            v_tgt = predict(model, tgt, grid, conds[0], sigmas[i], g).float()
         if i < last:
             v_cond = (src.float() - x0.float()) / sigmas[i]  # straight back to x0
             v_hat = v_cond if eta[i] == 1 else v_src + eta[i] * (v_cond - v_src)
@@ -170,23 +178,22 @@ def edit_image(
 ) -> tuple[Image.Image, Report]:
     """Outpaint `image` where `mask` is black (with `invert`: where white), guided by `prompt`."""
     from .text import encode
-    from .weights import load_autoencoder
 
     (width, height), dev, dtype = image.size, opts.device, opts.dtype
     grid = Grid.for_image(height, width, opts.wrap_pad)  # fail fast, before any model loads
     keep = read_mask(mask, grid.w, grid.h) ^ opts.invert  # (h, w) on the token grid
     check_mask(keep)
     check_size(height, width, opts.wrap_pad)  # the pad's range; warns last, once all is good
-    report = Report(dev, log=log)
+    report, mode = Report(dev, log=log), offload_mode(opts, log)
     source = opts.source_prompt if opts.source_prompt is not None else prompt
     with report.stage("text encoders"):  # rows: inversion (""), source, target
-        cond = Conditioning(*encode(opts.base, ["", source, prompt], dev, dtype))
+        cond = Conditioning(*encode(opts.base, ["", source, prompt], dev, dtype, offload=mode))
     with report.stage("encode image"), torch.no_grad():
-        vae = load_autoencoder(opts.base, dev, dtype)
-        vae.set_circular(decoder=opts.seamless_vae, encoder=opts.seamless_vae)
+        vae = load_vae(opts, mode)
         pixels = from_pil(image)[None]  # (1, 3, H, W) float32, kept for the paste-back
-        x0 = grid.pack(vae.encode(pixels.to(dev, dtype)))  # the mean (the reference: a sample)
-        vae.to("cpu")  # parked: one model on the device at a time
+        with lent(vae, dev):
+            x0 = grid.pack(vae.encode(pixels.to(dev, dtype)))  # the mean (the reference: a sample)
+        park(vae)  # in CPU memory until the decode: one model on the device at a time
 
     c = x0.shape[-1] // 4
     z, y1 = noise(opts.seed, 2, height, width, c)  # target noise, inversion noise (CPU float32)
@@ -195,18 +202,19 @@ def edit_image(
     z, y1 = (grid.pack(n[None]).to(dev, dtype) for n in (z, y1))
     sigmas = schedule(opts.steps, grid.h * grid.w)  # the reference shifts by the unpadded count
     with report.stage("load transformer"):
-        model = load_model(opts)
-    with report.stage("invert"), torch.no_grad():
-        inverted = invert(model, x0, y1, grid, rows(cond, slice(0, 1)), sigmas, opts)
-    with report.stage("edit"), torch.no_grad():
-        keep = grid.wrap_mask(keep.flatten(), opts.mask_pad)  # (L,): on the padded tokens
-        latents, _ = edit(model, inverted, x0, z, keep, grid, rows(cond, slice(1, 3)), sigmas, opts)
-        del model, cond
-        check_finite(latents)
-    with report.stage("decode"), torch.no_grad():
-        vae.to(dev)
+        model = load_model(opts, mode)
+    with torch.no_grad(), placed(model, mode, dev):
+        with report.stage("invert"):
+            inverted = invert(model, x0, y1, grid, rows(cond, slice(0, 1)), sigmas, opts)
+        with report.stage("edit"):
+            keep = grid.wrap_mask(keep.flatten(), opts.mask_pad)  # (L,): on the padded tokens
+            pair = rows(cond, slice(1, 3))
+            latents, _ = edit(model, inverted, x0, z, keep, grid, pair, sigmas, opts)
+            check_finite(latents)
+    del model, cond
+    with report.stage("decode"), torch.no_grad(), lent(vae, dev):
         out = vae.decode(grid.unpack(latents), tile=opts.vae_tile)[0].float().cpu()  # (3, H, W)
-        del vae
+    del vae
     if opts.paste_back:
         radius = height // 32 if opts.feather is None else opts.feather
         out = paste_back(out, pixels[0], read_mask(mask, width, height) ^ opts.invert, radius)

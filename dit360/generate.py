@@ -1,32 +1,75 @@
 """Text to panorama, end to end: encode the prompt, free the text encoders, denoise with the
 transformer (+ LoRA) on the wrapped token grid, free it, decode with the VAE.
 
-Only one of T5/CLIP, the transformer and the VAE is on the device at any time.
+Only one of T5/CLIP, the transformer and the VAE is on the device at any time, and of the
+transformer never its modulation layers (computed ahead, `sampling.ahead`). The offload mode
+(`dit360.offload`) says where the rest waits: loaded onto the device (none), parked in CPU memory
+and lent to the device for its stage (model), or its blocks streamed through it (blocks).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from PIL import Image
+from torch import nn
 
+from .autoencoder import AutoEncoder
 from .image import to_pil
 from .model import Flux
+from .offload import choose, lent, park, stream
 from .options import Options, SampleOptions
 from .panorama import Grid
 from .report import Report
 from .sampling import Conditioning, denoise, noise, schedule
 
+# GPU memory (GB) each mode needs for flux-dev at 1024x2048 in bf16, from the parts' sizes (T5-XXL
+# 9.5, CLIP-L 0.25, the transformer without its modulation 17.3, activations ~2, VAE decode ~2.5)
+# plus a margin: `offload.choose` takes the first that fits the free memory.
+NEEDS_GB = {"none": 31.0, "model": 21.0, "blocks": 8.0}
 
-def load_model(opts: Options) -> Flux:
-    """The transformer on the device, with the LoRA (merged unless asked otherwise)."""
+
+def offload_mode(opts: Options, log: Callable[[str], None] = print) -> str:
+    """--offload, or the mode the free GPU memory allows (said through `log`)."""
+    if opts.offload is not None:
+        return opts.offload
+    scale = torch.finfo(opts.dtype).bits / 16  # fp32 weights and activations take twice bf16's
+    return choose(opts.device, {k: v * scale for k, v in NEEDS_GB.items()}, log)
+
+
+def computed_ahead(model: Flux) -> list[nn.Module]:
+    """The modules `sampling.ahead` runs before denoising: they wait in CPU memory."""
+    return [*model.modulation_layers(), *model.embedders()]
+
+
+def load_model(opts: Options, offload: str = "none") -> Flux:
+    """The transformer with the LoRA (merged unless asked otherwise), parked in CPU memory except,
+    with offload none, what denoising needs: that is loaded onto the device."""
     from .weights import load_flux
 
-    model = load_flux(opts.base, opts.device, opts.dtype)
+    on_cpu = computed_ahead if offload == "none" else (lambda m: [m])
+    model = load_flux(opts.base, opts.device, opts.dtype, on_cpu=on_cpu)
     if opts.lora:
         from .lora_formats import load_lora
 
         load_lora(model, opts.lora, scale=opts.lora_scale, merge=opts.merge_lora)
+    park(nn.ModuleList(on_cpu(model)))  # pinned CPU memory on a CUDA machine
     return model
+
+
+@contextmanager
+def placed(model: Flux, offload: str, device: str | torch.device) -> Iterator[Flux]:
+    """The transformer ready to denoise on `device`: on it already (none), lent whole (model), or
+    its blocks streamed and the rest lent (blocks); what is computed ahead stays in CPU memory."""
+    home = computed_ahead(model)
+    blocks = [*model.double_blocks, *model.single_blocks]
+    stop = stream(blocks, device, ahead=1, skip=home) if offload == "blocks" else None
+    try:
+        with lent(model, device, skip=home):
+            yield model
+    finally:
+        if stop is not None:
+            stop()
 
 
 def initial_noise(
@@ -37,7 +80,9 @@ def initial_noise(
     return noise(opts.seed, batch, height, width, channels, *on)
 
 
-def generate_latents(model: Flux, cond: Conditioning, opts: SampleOptions) -> torch.Tensor:
+def generate_latents(
+    model: Flux, cond: Conditioning, opts: SampleOptions, offload: str = "none"
+) -> torch.Tensor:
     """Denoise seeded noise on the wrapped token grid; latents (B, C, H/8, W/8) without the pad."""
     grid = Grid.for_image(opts.height, opts.width, opts.wrap_pad)
     z = initial_noise(opts, 1, opts.height, opts.width, model.params.in_channels // 4)
@@ -46,7 +91,7 @@ def generate_latents(model: Flux, cond: Conditioning, opts: SampleOptions) -> to
     x = grid.pack(z).to(opts.device, opts.dtype)
     sigmas = schedule(opts.steps, grid.tokens)  # shift from the padded length, as DiT360
     guidance = opts.guidance if model.params.guidance_embed else None
-    with torch.no_grad():
+    with torch.no_grad(), placed(model, offload, opts.device):
         x = denoise(model, x, grid, cond, sigmas, guidance)
     return grid.unpack(x)
 
@@ -66,19 +111,29 @@ def generate(
 ) -> tuple[Image.Image, Report]:
     """One equirectangular panorama for `prompt`."""
     from .text import encode
-    from .weights import load_autoencoder
 
     report, dev, dtype = Report(opts.device, log=log), opts.device, opts.dtype
+    mode = offload_mode(opts, log)
     with report.stage("text encoders"):
-        cond = Conditioning(*encode(opts.base, [prompt], dev, dtype))
+        cond = Conditioning(*encode(opts.base, [prompt], dev, dtype, offload=mode))
     with report.stage("load transformer"):
-        model = load_model(opts)
+        model = load_model(opts, mode)
     with report.stage("denoise"):
-        latents = check_finite(generate_latents(model, cond, opts))
+        latents = check_finite(generate_latents(model, cond, opts, mode))
         del model, cond
     with report.stage("decode"), torch.no_grad():
-        vae = load_autoencoder(opts.base, dev, dtype)  # the reference decodes in the model dtype
-        vae.set_circular(decoder=opts.seamless_vae)
-        image = vae.decode(latents.to(dtype), tile=opts.vae_tile)
+        vae = load_vae(opts, mode)
+        with lent(vae, dev):
+            image = vae.decode(latents.to(dtype), tile=opts.vae_tile)
         del vae
     return to_pil(image[0]), report
+
+
+def load_vae(opts: Options, offload: str = "none") -> AutoEncoder:
+    """The VAE in the model dtype (as the reference decodes), seamless if asked: on the device, or
+    parked in CPU memory with offload model or blocks."""
+    from .weights import load_autoencoder
+
+    vae = load_autoencoder(opts.base, opts.device if offload == "none" else "cpu", opts.dtype)
+    vae.set_circular(decoder=opts.seamless_vae, encoder=opts.seamless_vae)
+    return vae if offload == "none" else park(vae)

@@ -5,7 +5,7 @@ checkpoint loads with strict names. Shapes: B batch, L tokens, D hidden, H heads
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +19,15 @@ from .rope import apply_rope
 QKVHook = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
-    """Joint attention with RoPE: q, k, v (B, H, L, d) -> (B, L, H*d)."""
-    q, k = apply_rope(q, pe), apply_rope(k, pe)
+def attention(qkv: list[Tensor], pe: Tensor) -> Tensor:
+    """Joint attention with RoPE on [q, k, v], each (B, H, L, d) -> (B, L, H*d). It empties the
+    list, so the unrotated q and k are freed as soon as they are rotated."""
+    q, k, v = qkv
+    qkv.clear()
+    q = apply_rope(q, pe)
+    k = apply_rope(k, pe)
     x = F.scaled_dot_product_attention(q, k, v)
+    del q, k, v
     return rearrange(x, "b h l d -> b l (h d)")
 
 
@@ -91,16 +96,20 @@ class SelfAttention(nn.Module):
 
 
 class Modulation(nn.Module):
-    """adaLN: vec (B, D) -> chunks of (shift, scale, gate), each (B, 1, D); two sets if double."""
+    """adaLN: vec (B, D) -> the raw modulation (B, 6D) if double, else (B, 3D); see `chunks`."""
 
     def __init__(self, dim: int, double: bool):
         super().__init__()
-        self.multiplier = 6 if double else 3
-        self.lin = nn.Linear(dim, self.multiplier * dim)
+        self.lin = nn.Linear(dim, (6 if double else 3) * dim)
 
-    def forward(self, vec: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
-        out = self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
-        return [out[i : i + 3] for i in range(0, self.multiplier, 3)]
+    def forward(self, vec: Tensor) -> Tensor:
+        return self.lin(F.silu(vec))
+
+
+def chunks(mod: Tensor, n: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """A raw modulation (B, 3nD) as n (shift, scale, gate) triples, each (B, 1, D)."""
+    out = mod[:, None, :].chunk(3 * n, dim=-1)
+    return [out[i : i + 3] for i in range(0, 3 * n, 3)]
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -133,21 +142,28 @@ class DoubleStreamBlock(nn.Module):
             setattr(self, f"{s}_attn", SelfAttention(dim, num_heads, qkv_bias))
             setattr(self, f"{s}_mlp", mlp(dim, mlp_hidden))
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-        (img_shift1, img_scale1, img_gate1), img_mod2 = self.img_mod(vec)
-        (txt_shift1, txt_scale1, txt_gate1), txt_mod2 = self.txt_mod(vec)
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1))
-        # Joint attention over [txt | img] along L; pe holds the ids in the same order.
-        q, k, v = (torch.cat(p, dim=2) for p in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-        if self.qkv_hook is not None:
-            q, k, v = self.qkv_hook(q, k, v)
-        attn = attention(q, k, v, pe)  # (B, L_txt + L_img, D)
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+    def joint_qkv(self, img: Tensor, txt: Tensor, img_mod: tuple, txt_mod: tuple) -> list[Tensor]:
+        """q, k, v (B, H, L_txt + L_img, d) of both streams, [txt | img] along L."""
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, *img_mod[:2]))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, *txt_mod[:2]))
+        qkv = [torch.cat(p, dim=2) for p in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v))]
+        return list(self.qkv_hook(*qkv)) if self.qkv_hook is not None else qkv
 
-        img = img + img_gate1 * self.img_attn.proj(img_attn)
+    def forward(
+        self, img: Tensor, txt: Tensor, vec: Tensor | None, pe: Tensor, mods: Sequence = (None,) * 2
+    ) -> tuple[Tensor, Tensor]:
+        """vec (B, D), or its img and txt modulations (B, 6D) computed ahead: mods."""
+        # Computed here, not by the caller: FSDP gathers a block's weights for its forward only.
+        pairs = zip(mods, (self.img_mod, self.txt_mod), strict=True)
+        mods = [m if m is not None else f(vec) for m, f in pairs]
+        (img_mod1, img_mod2), (txt_mod1, txt_mod2) = chunks(mods[0], 2), chunks(mods[1], 2)
+        # Freed as soon as dead (diffusers' peak, not more): the per-stream q, k, v when joint_qkv
+        # returns, the joint ones inside `attention`, its output before the MLPs run.
+        attn = attention(self.joint_qkv(img, txt, img_mod1, txt_mod1), pe)  # (B, L, D)
+        img = img + img_mod1[2] * self.img_attn.proj(attn[:, txt.shape[1] :])
+        txt = txt + txt_mod1[2] * self.txt_attn.proj(attn[:, : txt.shape[1]])
+        del attn
         img = img + img_mod2[2] * self.img_mlp(modulate(img, img_mod2[0], img_mod2[1]))
-        txt = txt + txt_gate1 * self.txt_attn.proj(txt_attn)
         txt = txt + txt_mod2[2] * self.txt_mlp(modulate(txt, txt_mod2[0], txt_mod2[1]))
         return img, fp16_clip(txt)
 
@@ -165,18 +181,27 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.modulation = Modulation(dim, double=False)
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
-        ((shift, scale, gate),) = self.modulation(vec)
-        qkv, hidden = self.linear1(modulate(x, shift, scale)).split(
-            [3 * self.dim, self.linear1.out_features - 3 * self.dim], dim=-1
+    def qkv_mlp(self, x: Tensor, shift: Tensor, scale: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Normalised q, k, v (B, H, L, d) and the MLP activation (B, L, mlp_hidden); the fused
+        `linear1` output they are cut from is freed on return (v is copied out of it)."""
+        h = self.linear1(modulate(x, shift, scale))  # (B, L, 3D + mlp_hidden)
+        q, k, v = rearrange(
+            h[..., : 3 * self.dim], "b l (k h d) -> k b h l d", k=3, h=self.num_heads
         )
-        q, k, v = rearrange(qkv, "b l (k h d) -> k b h l d", k=3, h=self.num_heads)
         q, k = self.norm(q, k, v)
-        if self.qkv_hook is not None:
-            q, k, v = self.qkv_hook(q, k, v)
-        attn = attention(q, k, v, pe)  # (B, L, D)
-        out = self.linear2(torch.cat((attn, F.gelu(hidden, approximate="tanh")), dim=2))
-        return fp16_clip(x + gate * out)
+        qkv = [q, k, v.contiguous()]
+        qkv = list(self.qkv_hook(*qkv)) if self.qkv_hook is not None else qkv
+        return qkv, F.gelu(h[..., 3 * self.dim :], approximate="tanh")
+
+    def forward(
+        self, x: Tensor, vec: Tensor | None, pe: Tensor, mod: Tensor | None = None
+    ) -> Tensor:
+        """vec (B, D), or its modulation (B, 3D) computed ahead: mod."""
+        ((shift, scale, gate),) = chunks(self.modulation(vec) if mod is None else mod, 1)
+        qkv, hidden = self.qkv_mlp(x, shift, scale)
+        out = torch.cat((attention(qkv, pe), hidden), dim=2)  # (B, L, D + mlp_hidden)
+        del hidden
+        return fp16_clip(x + gate * self.linear2(out))
 
 
 class LastLayer(nn.Module):
@@ -187,6 +212,8 @@ class LastLayer(nn.Module):
         self.linear = nn.Linear(dim, out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)
-        return self.linear(modulate(x, shift[:, None], scale[:, None]))
+    def forward(self, x: Tensor, vec: Tensor | None, mod: Tensor | None = None) -> Tensor:
+        """vec (B, D), or its modulation (B, 2D) computed ahead: mod."""
+        mod = self.adaLN_modulation(vec) if mod is None else mod
+        shift, scale = mod[:, None].chunk(2, dim=-1)
+        return self.linear(modulate(x, shift, scale))

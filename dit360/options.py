@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 import torch
 
 from .config import DIT360_LORA, FLUX_DEV
+from .offload import MODES as OFFLOADS
 from .panorama import Grid
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -27,6 +28,7 @@ CHECKS = {  # field: (test of its value, what it must be); NaN fails every compa
     "vae_tile": (lambda v: v is None or v >= 1, "at least 1 (latent pixels)"),
     "feather": (lambda v: v is None or v >= 0, "at least 0 (pixels)"),
     "mask_pad": (lambda v: v in MASK_PADS, f"one of {', '.join(MASK_PADS)}"),
+    "offload": (lambda v: v is None or v in OFFLOADS, f"one of {', '.join(OFFLOADS)}"),
     "dtype": (lambda v: v is None or v in DTYPES or v in DTYPES.values(), "fp32, bf16 or fp16"),
 }  # fmt: skip
 
@@ -54,6 +56,12 @@ class Options:
         False, "draw the noise on --device in --dtype, as DiT360's inference.py (else CPU fp32)"
     )
     device: str | None = opt(None, "cuda, cuda:1, cpu; default: cuda if available, else cpu")
+    offload: str | None = opt(
+        None,
+        "none: all on the GPU; model: each model on it for its stage only, parked in CPU memory; "
+        "blocks: also stream the blocks (least GPU memory); default: by the free GPU memory",
+        choices=list(OFFLOADS),
+    )
     dtype: torch.dtype | str | None = opt(
         None, "default: bf16 on a GPU, fp32 on the CPU", choices=list(DTYPES)
     )

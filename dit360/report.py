@@ -3,6 +3,7 @@ between stages, and the training log (log.jsonl) with its loss plot."""
 
 import gc
 import json
+import re
 import resource
 import time
 import warnings
@@ -20,33 +21,33 @@ from .files import atomic_path
 
 @dataclass
 class Report:
-    """Seconds per stage and peak memory (GB) of one run; on CUDA the peak counter starts here."""
+    """Seconds and peak memory (GB) per stage of one run. Peaks: on CUDA (allocated, reserved)
+    since the stage began; on the CPU (peak RSS, RSS at the end), reset per stage on Linux."""
 
     device: str = "cpu"
     seconds: dict[str, float] = field(default_factory=dict)
+    peaks: dict[str, tuple[float, float]] = field(default_factory=dict)
     log: Callable[[str], None] = print
-
-    def __post_init__(self) -> None:
-        if str(self.device).startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Time a stage (announced through `log`), then free what it left behind."""
         self.log(f"{name}...")
+        reset_peak(self.device)
         start = time.perf_counter()
         yield
         if str(self.device).startswith("cuda"):
             torch.cuda.synchronize()
         self.seconds[name] = time.perf_counter() - start
+        self.peaks[name] = peak_memory_gb(self.device), held_memory_gb(self.device)
         free(self.device)
 
     def __str__(self) -> str:
-        stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
-        total = sum(self.seconds.values())
-        cuda = str(self.device).startswith("cuda")
-        gpu = f", peak GPU {peak_memory_gb(self.device):.2f} GB" if cuda else ""
-        return f"{stages}; total {total:.1f}s{gpu}, peak RSS {peak_memory_gb():.2f} GB"
+        what = "GPU" if str(self.device).startswith("cuda") else "RSS"
+        stages = ", ".join(
+            f"{k} {v:.1f}s ({what} peak {self.peaks[k][0]:.2f} GB)" for k, v in self.seconds.items()
+        )
+        return f"{stages}; total {sum(self.seconds.values()):.1f}s"
 
 
 def free(device: str | torch.device) -> None:
@@ -57,10 +58,30 @@ def free(device: str | torch.device) -> None:
 
 
 def peak_memory_gb(device: str | torch.device = "cpu") -> float:
-    """Peak GPU memory allocated on a CUDA device, else the peak resident memory of the process."""
+    """Peak GPU memory allocated on a CUDA device, else the peak resident memory of the process
+    (since `reset_peak`)."""
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2**30
+    if (status := Path("/proc/self/status")).exists():
+        return int(re.search(r"VmHWM:\s+(\d+)", status.read_text())[1]) / 2**20  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+def held_memory_gb(device: str | torch.device = "cpu") -> float:
+    """GPU memory reserved by PyTorch's allocator at its peak, else the process's RSS now."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_reserved(device) / 2**30
+    if (status := Path("/proc/self/status")).exists():
+        return int(re.search(r"VmRSS:\s+(\d+)", status.read_text())[1]) / 2**20
+    return peak_memory_gb()
+
+
+def reset_peak(device: str | torch.device = "cpu") -> None:
+    """Start the peak counter of `peak_memory_gb` afresh (Linux: the kernel's peak RSS)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    elif Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size
 
 
 def open_log(path: Path, step: int) -> TextIO:

@@ -12,7 +12,7 @@ carried over) or full keys; `{i}` stands for a block index. Ops:
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -212,11 +212,16 @@ def fill(
     plan: KeyPlan,
     device: str | torch.device,
     dtype: torch.dtype | None,
+    on_cpu: Callable[[nn.Module], list[nn.Module]] | None = None,
 ) -> nn.Module:
-    """Fill a meta-device model tensor by tensor (one copy); dtype None keeps the file's."""
+    """Fill a meta-device model tensor by tensor (one copy); dtype None keeps the file's. The
+    modules `on_cpu(model)` lists are filled in CPU memory, the rest on `device`."""
     if dtype is None:
         dtype = tfile.dtypes[next(iter(plan.sources.values()))[1][0]]
-    model = model.to(dtype).to_empty(device=device)
+    model = model.to(dtype)
+    cpu = {id(m) for top in (on_cpu(model) if on_cpu else []) for m in top.modules()}
+    for m in model.modules():
+        m.to_empty(device="cpu" if id(m) in cpu else device, recurse=False)
     state = model.state_dict()
     with torch.no_grad():
         for name, t in stream_tensors(tfile, plan, list(state), dtype):
@@ -268,10 +273,12 @@ def load_flux(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = torch.bfloat16,
     axes_dim: tuple[int, ...] | None = None,
+    on_cpu: Callable[[Flux], list[nn.Module]] | None = None,
 ) -> Flux:
-    """Load a FLUX transformer from any supported layout, filling it tensor by tensor."""
+    """Load a FLUX transformer from any supported layout, filling it tensor by tensor; the modules
+    `on_cpu(model)` lists stay in CPU memory (`Flux.embedders`, `Flux.modulation_layers`)."""
     tfile, plan, model = read_flux(src, axes_dim)
-    return fill(model, tfile, plan, device, dtype)
+    return fill(model, tfile, plan, device, dtype, on_cpu)
 
 
 def _ae_resnet(ours: str, theirs: str) -> list[Rule]:

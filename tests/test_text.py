@@ -1,16 +1,25 @@
-"""Text encoders against diffusers' FluxPipeline on the tiny FLUX.1-dev folder, and bad input."""
+"""Text encoders against diffusers' FluxPipeline on the tiny FLUX.1-dev folder, bad input, our T5
+loader (one host copy, sharded folders) and the offload modes."""
 
+import json
 import shutil
+import subprocess
+import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import huggingface_hub
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
+from transformers import T5Config, T5EncoderModel
 
-from dit360 import text
+from dit360 import offload, text
 
+CUDA = pytest.mark.gpu  # deselected by default (pyproject): run with `pytest -m gpu` on a GPU
 PROMPTS = [
     "A beautiful 360-degree panorama of a mountain lake at sunset, café lights & reflections!",
     # Longer than 77 CLIP tokens (and truncated there), well under 512 T5 tokens.
@@ -128,3 +137,153 @@ def test_long_prompt_warns(tiny_flux: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         text.encode_prompt(enc, PROMPTS[:1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_load_t5_matches_from_pretrained(tiny_flux: Path, dtype: torch.dtype) -> None:
+    """Our meta-device T5 loader gives from_pretrained's tensors exactly, dtypes included (float16
+    keeps T5's `wo` in float32), with the embedding still tied."""
+    folder = tiny_flux / "text_encoder_2"
+    want = T5EncoderModel.from_pretrained(folder, dtype=dtype).state_dict()
+    t5 = text.load_t5(folder, "cpu", dtype)
+    got = t5.state_dict()
+    assert list(got) == list(want)
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    assert {got[k].dtype for k in got if ".wo." in k} == {
+        torch.float32 if dtype == torch.float16 else dtype
+    }
+    assert t5.shared.weight is t5.encoder.embed_tokens.weight
+    assert not any(p.requires_grad for p in t5.parameters()) and not t5.training
+
+
+def test_load_t5_tied_name(tiny_flux: Path, tmp_path: Path) -> None:
+    """A T5 file that names the embedding encoder.embed_tokens.weight (not shared.weight) loads."""
+    src = tiny_flux / "text_encoder_2"
+    state = load_file(src / "model.safetensors")
+    state["encoder.embed_tokens.weight"] = state.pop("shared.weight")
+    tmp_path.joinpath("config.json").write_text(src.joinpath("config.json").read_text())
+    save_file(state, tmp_path / "model.safetensors")
+    got, want = (
+        text.load_t5(tmp_path, "cpu", torch.float32),
+        text.load_t5(src, "cpu", torch.float32),
+    )
+    for (k, a), b in zip(got.state_dict().items(), want.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    state.pop("encoder.embed_tokens.weight")
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="no tensor shared.weight"):
+        text.load_t5(tmp_path, "cpu", torch.float32)
+
+
+def on_home(module: torch.nn.Module) -> bool:
+    """Whether every weight of a parked module is its home."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return all(t.data_ptr() == getattr(t, offload.HOME).data_ptr() for t in tensors)
+
+
+def at_home(enc: text.TextEncoders) -> bool:
+    """Whether every weight of both encoders is its parked home."""
+    return on_home(enc.clip) and on_home(enc.t5)
+
+
+@contextmanager
+def layers_on_home(*models: torch.nn.Module) -> Iterator[list]:
+    """Within the with-block, collect the layers of `models` that run on their home weights."""
+    found = []
+
+    def check(m: torch.nn.Module, args: tuple) -> None:
+        if any(t.data_ptr() == getattr(t, offload.HOME).data_ptr() for t in m.parameters(False)):
+            found.append(m)
+
+    hooks = [m.register_forward_pre_hook(check) for model in models for m in model.modules()]
+    try:
+        yield found
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def encode_watched(enc: text.TextEncoders) -> tuple[tuple, list, int]:
+    """encode_prompt, and the layers that ran on home weights, and the T5 blocks away from home
+    once the last one has run."""
+    blocks, resident = enc.t5.encoder.block, []
+    hook = enc.t5.encoder.final_layer_norm.register_forward_pre_hook(
+        lambda m, args: resident.append(sum(not on_home(b) for b in blocks))
+    )
+    with layers_on_home(enc.clip, enc.t5) as found:
+        out = text.encode_prompt(enc, PROMPTS, 64)
+    hook.remove()
+    return out, found, resident[0]
+
+
+@pytest.mark.filterwarnings("ignore:prompt is")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_offload_modes_match(tiny_flux: Path, dtype: torch.dtype, device: str) -> None:
+    """Parked ("model") and streamed ("blocks") encoders give exactly the resident ones' output,
+    every layer running on copies, all of T5's blocks lent at once ("model") or each dropped
+    after it ran ("blocks": only the next forward's first one is fetched ahead), home after."""
+    want = text.encode_prompt(text.load_text_encoders(tiny_flux, device, dtype), PROMPTS, 64)
+    for mode, resident in (("model", 2), ("blocks", 1)):
+        enc = text.load_text_encoders(tiny_flux, device, dtype, offload=mode)
+        assert enc.offload == mode and at_home(enc)
+        got, found, away = encode_watched(enc)
+        assert found == [] and away == resident and at_home(enc), mode
+        for a, b in zip(got, want, strict=True):
+            assert a.dtype == b.dtype and a.device == b.device and torch.equal(a, b), mode
+
+
+@pytest.mark.filterwarnings("ignore:prompt is")
+def test_sharded_t5_folder(tiny_flux: Path, tmp_path: Path) -> None:
+    """A sharded T5 folder (index.json, as FLUX.1-dev ships it) encodes the same in every mode."""
+    for name in text.TEXT_FOLDERS[:3]:
+        shutil.copytree(tiny_flux / name, tmp_path / name)
+    t5 = T5EncoderModel.from_pretrained(tiny_flux / "text_encoder_2")
+    t5.save_pretrained(tmp_path / "text_encoder_2", max_shard_size="20KB")
+    assert len(list((tmp_path / "text_encoder_2").glob("*.safetensors"))) > 2
+    assert (tmp_path / "text_encoder_2" / "model.safetensors.index.json").is_file()
+    want = text.encode(tiny_flux, PROMPTS[:1], "cpu", torch.float32, 32)
+    for mode in offload.MODES:
+        got = text.encode(tmp_path, PROMPTS[:1], "cpu", torch.float32, 32, offload=mode)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b), mode
+
+
+def test_bad_offload(tiny_flux: Path) -> None:
+    """An unknown offload mode is refused with the valid ones."""
+    with pytest.raises(ValueError, match="none, model, blocks"):
+        text.load_text_encoders(tiny_flux, offload="disk")
+
+
+PEAK = """
+import json, sys, torch
+from dit360 import offload, text
+from dit360.files import open_tensors
+from dit360.report import held_memory_gb, peak_memory_gb, reset_peak
+offload.CHUNK = 2**24  # 16 MiB: parking's transient extra, small next to the model here
+tfile = open_tensors(sys.argv[1])
+size = sum(end - start for start, end in tfile.spans.values())
+reset_peak()
+base = held_memory_gb()
+t5 = text.load_t5(sys.argv[1], "cpu", torch.float32)
+loaded = peak_memory_gb() - base
+offload.park(t5)
+print(json.dumps([size / 2**30, loaded, peak_memory_gb() - base]))
+"""
+
+
+def test_load_t5_host_peak(tmp_path: Path) -> None:
+    """Loading a 110 MB T5, then parking it, raises a fresh process's peak RSS by about one copy
+    (not the two of from_pretrained then .to(device))."""
+    assert Path("/proc/self/clear_refs").exists(), "measuring the peak RSS needs Linux's /proc"
+    config = T5Config(vocab_size=4096, d_model=512, d_ff=2048, num_layers=8, num_heads=8, d_kv=64)
+    T5EncoderModel(config).save_pretrained(tmp_path)  # 27 M float32 parameters, 1 M at most each
+    root = Path(__file__).parents[1]
+    run = subprocess.run(
+        [sys.executable, "-c", PEAK, str(tmp_path)], cwd=root, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    size, loaded, parked = json.loads(run.stdout.splitlines()[-1])
+    assert 0.9 * size < loaded < 1.15 * size, (loaded, size)  # measured 1.05
+    assert parked < 1.5 * size, (parked, size)  # measured 1.2 to 1.3: + chunks, malloc; not 2

@@ -1,0 +1,174 @@
+"""Offloading frozen weights to host memory, for GPUs too small to hold a whole model: `park` a
+module in (pinned) CPU memory, `lent` it to the GPU for a with-block, or `stream` its blocks
+through the GPU one at a time, the next ones copied ahead on a side CUDA stream; `choose` picks the
+mode from the free GPU memory. Inference only: we swap `tensor.data`, which autograd does not see.
+
+Each parked parameter and buffer keeps its host copy (its home) in the attribute `HOME`; a device
+copy replaces `.data` while it is needed and is dropped afterwards, never copied back.
+"""
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+MODES = ("none", "model", "blocks")  # least to most offloading: the order `choose` tries them
+HOME, STREAMED = "_offload_home", "_offload_streamed"
+# Pinned allocations are rounded up to a power of two (PyTorch's host caching allocator), so a
+# 132 MB flux-dev weight alone would pin 256 MB: we pin power-of-two chunks and cut homes from them.
+CHUNK, ALIGN = 2**29, 64  # bytes; 64: any dtype can view an aligned offset
+MARGIN = 1.1  # `choose` wants 10% over the caller's estimate: CUDA context, fragmentation
+
+
+def _tensors(
+    module: nn.Module, skip: Iterable[nn.Module] = (), lending: bool = False
+) -> list[Tensor]:
+    """Every parameter and buffer of `module` once (tied weights are one tensor), less those of
+    the modules in `skip` and, when lending, of the blocks a `stream` moves."""
+    found: dict[int, Tensor] = {}
+    todo, skip = [module], {id(m) for m in skip}
+    while todo:
+        m = todo.pop()
+        if id(m) in skip or lending and getattr(m, STREAMED, False):
+            continue
+        tensors = [*m._parameters.values(), *m._buffers.values()]
+        found |= {id(t): t for t in tensors if t is not None}
+        todo += m._modules.values()
+    return list(found.values())
+
+
+def _homes(tensors: list[Tensor], pin: bool) -> Iterator[tuple[Tensor, Tensor]]:
+    """(tensor, its host copy) one at a time: largest first, each copy cut from the first chunk with
+    room (first-fit decreasing); a new chunk is the largest power of two within what is left (at
+    most CHUNK, at least the tensor), so the chunks add up to about the tensors' size."""
+    sizes = [max(1, -(-t.nbytes // ALIGN)) * ALIGN for t in tensors]  # > 0: a chunk exists
+    left, chunks = sum(sizes), []  # chunks: [uint8 tensor, bytes used]
+    for i in sorted(range(len(tensors)), key=lambda i: -sizes[i]):
+        t, n = tensors[i], sizes[i]
+        chunk = next((c for c in chunks if len(c[0]) - c[1] >= n), None)
+        if chunk is None:
+            size = max(1 << (n - 1).bit_length(), 1 << (min(CHUNK, left).bit_length() - 1))
+            chunks.append(chunk := [torch.empty(size, dtype=torch.uint8, pin_memory=pin), 0])
+        home = chunk[0][chunk[1] : chunk[1] + t.nbytes].view(t.dtype).view(t.shape)
+        chunk[1], left = chunk[1] + n, left - n
+        yield t, home.copy_(t.detach())
+
+
+def park(module: nn.Module) -> nn.Module:
+    """Move every parameter and buffer to CPU memory, pinned when CUDA is available, tensor by
+    tensor (never a second full copy in host memory), as the module's home. Idempotent."""
+    new = []
+    for t in _tensors(module):
+        if hasattr(t, HOME):
+            t.data = getattr(t, HOME)  # parked already (maybe lent right now): back home
+        else:
+            new.append(t)
+    with torch.no_grad():
+        for t, home in _homes(new, torch.cuda.is_available()):
+            t.data = home  # the old copy is freed here, before the next one is made
+            setattr(t, HOME, home)
+    return module
+
+
+@contextmanager
+def lent(
+    module: nn.Module, device: torch.device | str, skip: Iterable[nn.Module] = ()
+) -> Iterator[nn.Module]:
+    """The parked module on `device` inside the with-block, back home after (the device copies
+    are dropped). Left as they are: tensors not parked, the modules in `skip`, and blocks being
+    streamed (their `stream` moves them)."""
+    tensors = [t for t in _tensors(module, skip, lending=True) if hasattr(t, HOME)]
+    try:
+        for t in tensors:  # copy=True: a real copy even when `device` is the CPU
+            t.data = getattr(t, HOME).to(device, non_blocking=True, copy=True)
+        yield module
+    finally:
+        for t in tensors:
+            t.data = getattr(t, HOME)
+
+
+def stream(
+    blocks: Sequence[nn.Module],
+    device: torch.device | str,
+    ahead: int = 1,
+    skip: Iterable[nn.Module] = (),
+) -> Callable[[], None]:
+    """Stream parked blocks that run in order (forward after forward) through `device`: a block's
+    copy is made before its forward and dropped after it, the next `ahead` blocks' copies are
+    issued early, so at most ahead + 1 blocks are on `device`; their submodules in `skip` stay
+    home. Returns the function that stops."""
+    device, n, skip = torch.device(device), len(blocks), list(skip)
+    tensors = [_tensors(b, skip) for b in blocks]
+    if any(not hasattr(t, HOME) for ts in tensors for t in ts):
+        raise ValueError("offload.stream: the blocks have tensors that are not parked: park() them")
+    ahead = max(0, min(ahead, n - 1))
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+    ready: dict[int, torch.cuda.Event | None] = {}  # blocks on `device` -> their copies' event
+    done: dict[int, torch.cuda.Event] = {}  # dropped blocks -> the end of their compute
+
+    def fetch(i: int) -> None:
+        """Issue the copy of block i: on the side stream on CUDA, so it overlaps compute."""
+        compute = torch.cuda.current_stream(device) if side else None
+        with torch.cuda.stream(side):  # a no-op when side is None (off CUDA)
+            for t in tensors[i]:
+                copy = getattr(t, HOME).to(device, non_blocking=True, copy=True)
+                if side:  # used on the compute stream: the allocator must not reuse it early
+                    copy.record_stream(compute)
+                t.data = copy
+            ready[i] = side.record_event() if side else None
+
+    def drop(i: int) -> None:
+        """Send block i back home, dropping its device copies."""
+        for t in tensors[i]:
+            t.data = getattr(t, HOME)
+        if ready.pop(i, None) is not None:  # on CUDA: mark where its compute ends
+            done[i] = torch.cuda.current_stream(device).record_event()
+
+    def before(i: int) -> None:
+        """Block i on `device` (waiting for its copy), the next `ahead` blocks' copies issued."""
+        if i not in ready:  # the first block, or blocks run out of order
+            fetch(i)
+        if (event := ready[i]) is not None:
+            torch.cuda.current_stream(device).wait_event(event)
+        # The CPU runs ahead of the GPU: before copying more, wait until the last dropped block's
+        # compute is over, so the allocator reuses its memory rather than taking more.
+        if (event := done.pop((i - 1) % n, None)) is not None:
+            event.synchronize()
+        for j in range(i + 1, i + 1 + ahead):  # wraps around to the next forward's first blocks
+            if j % n not in ready:
+                fetch(j % n)
+
+    hooks = []
+    for i, block in enumerate(blocks):
+        setattr(block, STREAMED, True)
+        hooks.append(block.register_forward_pre_hook(lambda m, args, i=i: before(i)))
+        hooks.append(block.register_forward_hook(lambda m, args, out, i=i: drop(i)))
+
+    def stop() -> None:
+        """Remove the hooks and send every block home."""
+        for hook in hooks:
+            hook.remove()
+        for i, block in enumerate(blocks):
+            drop(i)
+            block.__dict__.pop(STREAMED, None)
+
+    return stop
+
+
+def choose(
+    device: torch.device | str, needs: dict[str, float], log: Callable[[str], None] = print
+) -> str:
+    """The offload mode for `device`: the first of MODES whose need (GB) fits its free memory with
+    a margin, else "blocks"; "none" off CUDA. Logs the choice and why."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        log(f"offload none: {device} is not a CUDA device")
+        return "none"
+    free = torch.cuda.mem_get_info(device)[0] / 2**30
+    fits = [m for m in MODES if m in needs and needs[m] * MARGIN <= free]
+    mode = fits[0] if fits else "blocks"
+    wants = ", ".join(f"{m} {needs[m]:.1f}" for m in MODES if m in needs)
+    warn = "" if fits else " (nothing fits: expect out-of-memory)"
+    log(f"offload {mode}: {free:.1f} GB free on {device}, needs (GB, +10%): {wants}{warn}")
+    return mode
