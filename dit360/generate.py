@@ -23,10 +23,10 @@ from .panorama import Grid
 from .report import Report
 from .sampling import Conditioning, denoise, noise, schedule
 
-# GPU memory (GB) each mode needs for flux-dev at 1024x2048 in bf16, from the parts' sizes (T5-XXL
-# 9.5, CLIP-L 0.25, the transformer without its modulation 17.3, activations ~2, VAE decode ~2.5)
-# plus a margin: `offload.choose` takes the first that fits the free memory.
-NEEDS_GB = {"none": 31.0, "model": 21.0, "blocks": 8.0}
+# GPU memory (GB) each mode needs for flux-dev at 1024x2048 in bf16, estimated from the parts'
+# sizes (T5-XXL 9.5, the transformer without its modulation 17.2, activations ~2; one at a time):
+# `offload.choose` takes the first that fits. For one image `model` saves nothing over `none`.
+NEEDS_GB = {"none": 20.0, "model": 20.0, "blocks": 8.0}
 
 
 def offload_mode(opts: Options, log: Callable[[str], None] = print) -> str:

@@ -1,10 +1,24 @@
 """The benchmarks still run (small sizes; their figures are printed, never asserted)."""
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[1]
+GPU_ROWS = (
+    "dit360, offload none",
+    "diffusers FluxPipeline, all on the device",
+    "dit360, offload model",
+    "dit360, offload blocks",
+    "dit360, offload none, wrap pad 1",
+    "diffusers, model CPU offload",
+    "dit360 edit, half mask",
+)
+NUMBER = r"\d+\.\d+"
 
 
 def run(*argv: str) -> str:
@@ -13,11 +27,60 @@ def run(*argv: str) -> str:
     return r.stdout
 
 
-def test_sample_speed_smoke():
-    """The generation benchmark runs all three paths on a tiny model."""
-    out = run("benchmarks/sample_speed.py", "--tiny")
-    for row in ("dit360, wrap pad 1", "dit360, wrap pad 0", "diffusers FluxPipeline"):
-        assert f"| {row} |" in out
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """memory.py --small and gpu.py --tiny (2 rows at once), started together: both are mostly
+    process start-ups and imports. The running processes, their logs, gpu.py's output folder."""
+    tmp = tmp_path_factory.mktemp("bench")
+    argv = {
+        "memory": ["benchmarks/memory.py", "--small", "--workdir", str(tmp)],
+        "gpu": ["benchmarks/gpu.py", "--tiny", "--jobs", "2", "--work", str(tmp / "gpu")],
+    }
+    argv["gpu"] += ["--out", str(tmp / "out")]
+    procs = {}
+    for name, a in argv.items():  # output to files: a full pipe would stall a process not read yet
+        with open(tmp / f"{name}.out", "w") as out, open(tmp / f"{name}.err", "w") as err:
+            procs[name] = subprocess.Popen([sys.executable, *a], cwd=ROOT, stdout=out, stderr=err)
+    yield dict(procs=procs, logs=tmp, out=tmp / "out")
+    for p in procs.values():
+        p.kill()
+        p.wait()
+
+
+def output(smoke: dict, name: str) -> str:
+    """What one smoke run printed; it must have succeeded."""
+    code = smoke["procs"][name].wait(timeout=600)
+    assert code == 0, (smoke["logs"] / f"{name}.err").read_text()[-3000:]
+    return (smoke["logs"] / f"{name}.out").read_text()
+
+
+@pytest.mark.slow
+def test_memory_small(smoke):
+    """memory.py prints the stages of both generations, both forwards, and the modulation sizes."""
+    out = output(smoke, "memory")
+    for run_name in ("dit360 generate", "diffusers FluxPipeline"):
+        for stage in ("text encoders", "denoise", "decode"):
+            assert re.search(rf"\| {run_name} \| {stage} \| {NUMBER} \| {NUMBER} \|", out), out
+    assert re.search(rf"ratio dit360 / diffusers: wall {NUMBER}, peak RSS {NUMBER}", out), out
+    for impl in ("dit360", "diffusers"):
+        assert re.search(rf"\| {impl} \| {NUMBER} \| {NUMBER} \| -?{NUMBER} \|", out), out
+    assert "added peak ratio dit360 / diffusers" in out
+    assert re.search(rf"together {NUMBER} GiB of the transformer's {NUMBER} GiB", out), out
+    assert re.search(rf"{NUMBER} MiB per step", out), out
+
+
+@pytest.mark.slow
+def test_gpu_tiny(smoke):
+    """gpu.py --tiny runs every row on the CPU and writes its table and JSON."""
+    out = output(smoke, "gpu")
+    for label in GPU_ROWS:
+        assert re.search(rf"\| {re.escape(label)} \| {NUMBER} \|", out), out
+    assert re.search(r"\| dit360, offload none \|.*\| [\d.e+-]+ / (inf|[\d.]+) dB \|", out), out
+    assert "SDPA on (1, 2, 552, 16) fp32: picks" in out
+    results = json.loads((smoke["out"] / "results.json").read_text())
+    assert [r["label"] for r in results["rows"].values()] == list(GPU_ROWS)
+    table = (smoke["out"] / "table.md").read_text().splitlines()
+    assert sum(line.startswith("| ") for line in table) == len(GPU_ROWS) + 1  # and the header
 
 
 def test_convert_memory_smoke(tmp_path):

@@ -1,0 +1,227 @@
+"""GPU speed and memory at 1024x2048, 28 steps, bf16, on full-size random FLUX.1-dev weights
+(transformer, T5-XXL, CLIP-L, VAE) written in the real folder layout: dit360's `generate` in each
+offload mode, diffusers' FluxPipeline (all on the GPU, and with `enable_model_cpu_offload`), and
+one dit360 edit. One command, at most 8 minutes on an H100/H200 (--budget):
+
+    python benchmarks/gpu.py --out gpu-bench        # results.json, table.md; the table printed
+    python benchmarks/gpu.py --only none,diffusers --steps 10
+    python benchmarks/gpu.py --tiny                 # tiny models, 64x128, 2 steps, fp32, CPU
+
+The weights (~34 GB in bf16) are generated on the GPU and written to --work (default: in
+/dev/shm when it has room, else the temp folder), and reused by the next run. Each row runs in
+a fresh process, so its peak memory is its own and an OOM ends only that row. Per row: seconds
+per step, seconds and peak memory per stage (GPU: allocated / reserved, reset per stage; CPU:
+peak RSS / RSS), and the image against diffusers' and against dit360's offload none. dit360 rows
+run plain FLUX (no LoRA, --wrap-pad 0, comparable with diffusers) except "wrap1" (DiT360's
+default pad, for its time). Rows needing diffusers are skipped, with the reason, without it.
+"""
+
+import importlib.util
+import json
+import math
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from runs import spawn
+
+from dit360.options import Parser
+
+# key: (label, child kind, its arguments), in the order they run (the most wanted first).
+ROWS = {
+    "none": ("dit360, offload none", "dit360", dict(offload="none", wrap_pad=0)),
+    "diffusers": ("diffusers FluxPipeline, all on the device", "diffusers", dict(offload=False)),
+    "model": ("dit360, offload model", "dit360", dict(offload="model", wrap_pad=0)),
+    "blocks": ("dit360, offload blocks", "dit360", dict(offload="blocks", wrap_pad=0)),
+    "wrap1": ("dit360, offload none, wrap pad 1", "dit360", dict(offload="none", wrap_pad=1)),
+    "diffusers-offload": ("diffusers, model CPU offload", "diffusers", dict(offload=True)),
+    "edit": ("dit360 edit, half mask", "edit", {}),
+}
+# Table columns from stages: generate's, edit_image's and run_diffusers' names.
+COLUMNS = {
+    "text": ("text encoders",),
+    "load": ("load transformer", "load", "encode image"),
+    "denoise": ("denoise", "invert", "edit"),
+    "decode": ("decode",),
+}
+SDPA_SHAPE = (1, 24, 8832, 128)  # FLUX.1-dev at 1024x2048 with 1 pad column: 8,320 + 512 tokens
+
+
+def default_work(tiny: bool) -> Path:
+    """Where the weights go: /dev/shm when it holds them (no disk writes), else the temp folder."""
+    name, shm = "dit360-gpu-bench" + ("-tiny" if tiny else ""), Path("/dev/shm")
+    if (shm / name / "random-weights.json").is_file():
+        return shm / name
+    if not tiny and shm.is_dir() and shutil.disk_usage(shm).free > 40e9:
+        return shm / name
+    return Path(tempfile.gettempdir()) / name
+
+
+def compare(a: str, b: str) -> dict:
+    """Mean absolute pixel difference (0-255) and PSNR (dB) of two images of the same size."""
+    import numpy as np
+    from PIL import Image
+
+    x, y = (np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) for p in (a, b))
+    mse = float(((x - y) ** 2).mean())
+    psnr = 10 * math.log10(255**2 / mse) if mse else math.inf
+    return dict(mean_abs=float(np.abs(x - y).mean()), psnr=psnr)
+
+
+def columns(result: dict) -> dict:
+    """Seconds, peak and reserved (or RSS) GB per table column, from a run's stages."""
+    out = {}
+    for col, names in COLUMNS.items():
+        stages = [result["stages"][n] for n in names if n in result["stages"]]
+        if stages:
+            out[col] = dict(
+                s=sum(s["s"] for s in stages),
+                peak=max(s["peak"] for s in stages),
+                held=max(s["held"] for s in stages),
+            )
+    return out
+
+
+def table(rows: dict, steps: int, edit_steps: int, gpu: bool) -> str:
+    """The markdown table of all rows (skipped and failed ones included)."""
+    mem = "peak GiB (allocated / reserved)" if gpu else "peak RSS GiB (peak / RSS at end)"
+    lines = [
+        f"| run | s/step | text s | load s | denoise s | decode s | process s | {mem}: text "
+        "| load | denoise | decode | vs diffusers | vs dit360 none |",
+        "|---|" + "---|" * 13,
+    ]
+    for key, row in rows.items():
+        r, label = row["result"], row["label"]
+        if "error" in r or "skipped" in r:
+            lines.append(
+                f"| {label} | {r.get('error') or 'skipped: ' + r['skipped']} |" + " |" * 12
+            )
+            continue
+        c = columns(r)
+        n = edit_steps if key == "edit" else steps
+        cells = [f"{c['denoise']['s'] / n:.3f}" if "denoise" in c else ""]
+        cells += [f"{c[k]['s']:.2f}" if k in c else "" for k in COLUMNS]
+        cells += [f"{r['process_s']:.1f}"]
+        cells += [f"{c[k]['peak']:.2f} / {c[k]['held']:.2f}" if k in c else "" for k in COLUMNS]
+        for ref in ("vs_diffusers", "vs_none"):
+            d = row.get(ref)
+            cells.append(f"{d['mean_abs']:.3g} / {d['psnr']:.1f} dB" if d else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"s/step: denoise seconds / steps ({steps}; the edit: {edit_steps}, inversion + edit). "
+        "load: dit360 loads the transformer (an edit also encodes the image), diffusers the whole "
+        "pipeline. Image columns: mean absolute pixel difference (0-255) / PSNR.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = Parser(__doc__)
+    parser.add_argument("--tiny", action="store_true", help="tiny models, 64x128, fp32, on the CPU")
+    parser.add_argument("--only", help=f"comma-separated rows (None: all) of: {', '.join(ROWS)}")
+    parser.add_argument("--steps", type=int, help="generation steps (None: 28, with --tiny 2)")
+    parser.add_argument("--edit-steps", type=int, help="edit steps (None: 50, with --tiny 2)")
+    parser.add_argument(
+        "--work", type=Path, help="the weights folder (None: in /dev/shm or the temp folder)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("gpu-bench"), help="for results.json and table.md"
+    )
+    parser.add_argument("--budget", type=float, default=470, help="seconds for the whole run")
+    parser.add_argument("--jobs", type=int, default=1, help="rows at once (smoke runs: overlaps)")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    keys = args.only.split(",") if args.only else list(ROWS)
+    if bad := [k for k in keys if k not in ROWS]:
+        parser.error(f"--only: unknown rows {bad}; choose from {', '.join(ROWS)}")
+    if args.tiny:
+        sizes, device, dtype, height, width, default_steps = "tiny", "cpu", "fp32", 64, 128, 2
+    else:
+        sizes, device, dtype, height, width, default_steps = "full", "cuda", "bf16", 1024, 2048, 28
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("no CUDA GPU here; --tiny runs every code path on the CPU")
+    steps = args.steps or default_steps
+    edit_steps = args.edit_steps or (2 if args.tiny else 50)
+    work = args.work or default_work(args.tiny)
+
+    def left() -> float:
+        return args.budget - (time.perf_counter() - start)
+
+    def say(text: str) -> None:
+        print(f"[{time.perf_counter() - start:5.0f} s] {text}", flush=True)
+
+    # --- weights, environment, attention kernels
+    folder, shape = str(work / "flux"), SDPA_SHAPE if not args.tiny else (1, 2, 552, 16)
+    prep = dict(folder=folder, sizes=sizes, device=device, dtype=dtype, sdpa=shape)
+    wrote = spawn("prepare", timeout=left(), **prep)
+    if "error" in wrote:
+        raise SystemExit(f"writing the weights failed: {wrote['error']}")
+    how = "written" if wrote["written"] else "reused"
+    say(f"weights {how} in {folder}: {wrote['s']:.1f} s")
+    env, probe = wrote.pop("environment"), wrote.pop("sdpa")
+
+    # --- the rows, each in a fresh process
+    has_diffusers = importlib.util.find_spec("diffusers") is not None
+    base = dict(base=folder, height=height, width=width, device=device, dtype=dtype)
+
+    def run(key: str) -> dict:
+        label, kind, extra = ROWS[key]
+        if kind == "diffusers" and not has_diffusers:
+            result = dict(skipped="diffusers is not installed (pip install diffusers)")
+        elif left() < 30:
+            result = dict(skipped=f"out of time (--budget {args.budget:.0f} s)")
+        else:
+            n = edit_steps if kind == "edit" else steps
+            image = str(work / "images" / f"{key}.png")
+            result = spawn(kind, timeout=left(), **base, steps=n, image=image, **extra)
+        say(f"{label}: {result.get('error') or result.get('skipped') or 'done'}")
+        return dict(label=label, kind=kind, args=extra, result=result)
+
+    with ThreadPoolExecutor(args.jobs) as pool:  # more than 1: the rows' timings overlap
+        rows = dict(zip(keys, pool.map(run, keys), strict=True))
+    images = {k: r["result"].get("image") for k, r in rows.items()}
+    for key, row in rows.items():
+        if key in ("edit", "wrap1") or not images[key]:
+            continue  # other inputs or sizes: nothing to compare with
+        for ref, name in (("diffusers", "vs_diffusers"), ("none", "vs_none")):
+            if ref != key and images.get(ref):
+                row[name] = compare(images[key], images[ref])
+
+    # --- report
+    text = table(rows, steps, edit_steps, gpu=not args.tiny)
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = dict(height=height, width=width, steps=steps, edit_steps=edit_steps, dtype=dtype)
+    summary = dict(settings=settings, environment=env, weights=wrote, sdpa=probe, rows=rows)
+    summary["seconds"] = time.perf_counter() - start
+    (args.out / "results.json").write_text(json.dumps(summary, indent=2))
+    (args.out / "table.md").write_text(text + "\n")
+    print()
+    print(", ".join(f"{k} {v}" for k, v in env.items()))
+    print(f"{height}x{width}, {steps} steps ({edit_steps} for the edit), {dtype}, random weights")
+    print()
+    print(text)
+    print()
+    if "error" in probe:
+        print(f"SDPA probe: {probe['error']}")
+    else:
+        print(f"SDPA on {tuple(probe['shape'])} {probe['dtype']}: picks {probe['chosen']}")
+        for name, b in probe["backends"].items():
+            print(
+                f"  {name}: " + (f"{b['s'] * 1000:.2f} ms" if "s" in b else f"fails ({b['error']})")
+            )
+        print(f"  ops and kernels of a default call: {', '.join(probe['kernels']) or 'none seen'}")
+    for row in rows.values():
+        if notes := [line for line in row["result"].get("log", []) if not line.endswith("...")]:
+            print(f"{row['label']} said: " + "; ".join(notes))
+        if "skipped" in row["result"]:
+            print(f"skipped: {row['label']}: {row['result']['skipped']}")
+    say(f"results in {args.out}/results.json and {args.out}/table.md")
+
+
+if __name__ == "__main__":
+    main()
