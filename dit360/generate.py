@@ -30,8 +30,9 @@ NEEDS_GB = {"none": 20.0, "model": 20.0, "blocks": 8.0}
 
 
 def offload_mode(opts: Options, log: Callable[[str], None] = print) -> str:
-    """--offload, or the mode the free GPU memory allows (said through `log`)."""
+    """--offload, or the mode the free GPU memory allows; said through `log`."""
     if opts.offload is not None:
+        log(f"offload {opts.offload} (--offload)")
         return opts.offload
     scale = torch.finfo(opts.dtype).bits / 16  # fp32 weights and activations take twice bf16's
     return choose(opts.device, {k: v * scale for k, v in NEEDS_GB.items()}, log)

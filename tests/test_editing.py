@@ -278,13 +278,16 @@ def cli(tiny_flux, src, mask, out, *extra) -> list[str]:
     ]
 
 
-def test_cli_outpaint_matches_reference(pipe, tiny_flux, tmp_path):
-    """edit.py writes the reference's edited image (diffusers' VAE, posterior mean) with XMP."""
+@pytest.mark.parametrize("offload", ["none", "blocks"])
+def test_cli_outpaint_matches_reference(pipe, tiny_flux, tmp_path, capsys, offload):
+    """edit.py writes the reference's edited image (diffusers' VAE, posterior mean) with XMP, in
+    each --offload mode."""
     from diffusers.utils.torch_utils import randn_tensor
 
     src, mask = write_inputs(tmp_path)
     out = tmp_path / "out.png"
-    edit_cli.main(cli(tiny_flux, src, mask, out))
+    edit_cli.main(cli(tiny_flux, src, mask, out, "--offload", offload))
+    assert f"offload {offload} (--offload)" in capsys.readouterr().err
 
     vae, sc = pipe.vae, pipe.vae.config
     pack = lambda x: pipe._pack_latents(x, 1, 16, 2 * H, 2 * W)  # noqa: E731

@@ -42,11 +42,14 @@ def pipeline_image(tiny_flux, lora=None) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
-def test_matches_flux_pipeline(tiny_flux, tmp_path):
-    """--lora none --wrap-pad 0: the same image as diffusers' FluxPipeline (max pixel diff <= 1)."""
+@pytest.mark.parametrize("offload", ["none", "model", "blocks"])
+def test_matches_flux_pipeline(tiny_flux, tmp_path, capsys, offload):
+    """--lora none --wrap-pad 0: the same image as diffusers' FluxPipeline (max pixel diff <= 1),
+    in each --offload mode."""
     out = tmp_path / "pano.png"
     with pytest.warns(UserWarning, match="trained at 1024x2048"):
-        sample.main(args(tiny_flux, out, "--wrap-pad", "0"))
+        sample.main(args(tiny_flux, out, "--wrap-pad", "0", "--offload", offload))
+    assert f"offload {offload} (--offload)" in capsys.readouterr().err
     got = np.asarray(Image.open(out), dtype=np.int16)
     assert got.shape == (32, 64, 3)
     assert np.abs(got - pipeline_image(tiny_flux)).max() <= 1
