@@ -18,6 +18,7 @@ from .panorama import Grid
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MASK_PADS = ("reference", "wrap")  # how Grid.wrap_mask fills the pad columns of an edit mask
+ATTENTION = ("auto", "flash", "cudnn", "efficient", "math")  # SDPA backends: layers.attention
 FINITE, UNIT = (math.isfinite, "a finite number"), (lambda v: 0 <= v <= 1, "in [0, 1]")
 CHECKS = {  # field: (test of its value, what it must be); NaN fails every comparison
     "lora_scale": FINITE, "guidance": FINITE, "inversion_guidance": FINITE, "tau": FINITE,
@@ -29,6 +30,7 @@ CHECKS = {  # field: (test of its value, what it must be); NaN fails every compa
     "feather": (lambda v: v is None or v >= 0, "at least 0 (pixels)"),
     "mask_pad": (lambda v: v in MASK_PADS, f"one of {', '.join(MASK_PADS)}"),
     "offload": (lambda v: v is None or v in OFFLOADS, f"one of {', '.join(OFFLOADS)}"),
+    "attention": (lambda v: v in ATTENTION, f"one of {', '.join(ATTENTION)}"),
     "dtype": (lambda v: v is None or v in DTYPES or v in DTYPES.values(), "fp32, bf16 or fp16"),
 }  # fmt: skip
 
@@ -64,6 +66,18 @@ class Options:
     )
     dtype: torch.dtype | str | None = opt(
         None, "default: bf16 on a GPU, fp32 on the CPU", choices=list(DTYPES)
+    )
+    compile: bool = opt(
+        False, "compile the transformer blocks (torch.compile): faster after a one-time compile"
+    )
+    fp8: bool = opt(
+        False,
+        "transformer linear weights in float8 (e4m3) with per-channel scales: half the memory",
+    )
+    attention: str = opt(
+        "auto",
+        "SDPA backend: auto (PyTorch picks), flash, cudnn, efficient, math",
+        choices=list(ATTENTION),
     )
 
     def __post_init__(self) -> None:
