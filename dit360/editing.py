@@ -203,7 +203,7 @@ def edit_image(
     sigmas = schedule(opts.steps, grid.h * grid.w)  # the reference shifts by the unpadded count
     with report.stage("load transformer"):
         model = load_model(opts, mode)
-    with torch.no_grad(), placed(model, mode, dev):
+    with torch.no_grad(), placed(model, opts, mode):
         with report.stage("invert"):
             inverted = invert(model, x0, y1, grid, rows(cond, slice(0, 1)), sigmas, opts)
         with report.stage("edit"):

@@ -16,6 +16,7 @@ from torch import nn
 
 from .autoencoder import AutoEncoder
 from .image import to_pil
+from .layers import attention_backend
 from .model import Flux
 from .offload import choose, lent, park, stream
 from .options import Options, SampleOptions
@@ -59,14 +60,16 @@ def load_model(opts: Options, offload: str = "none") -> Flux:
 
 
 @contextmanager
-def placed(model: Flux, offload: str, device: str | torch.device) -> Iterator[Flux]:
-    """The transformer ready to denoise on `device`: on it already (none), lent whole (model), or
-    its blocks streamed and the rest lent (blocks); what is computed ahead stays in CPU memory."""
+def placed(model: Flux, opts: Options, offload: str) -> Iterator[Flux]:
+    """The transformer ready to denoise on the device: on it already (none), lent whole (model), or
+    its blocks streamed and the rest lent (blocks); what is computed ahead stays in CPU memory.
+    Attention runs the kernel of --attention."""
+    device = opts.device
     home = computed_ahead(model)
     blocks = [*model.double_blocks, *model.single_blocks]
     stop = stream(blocks, device, ahead=1, skip=home) if offload == "blocks" else None
     try:
-        with lent(model, device, skip=home):
+        with lent(model, device, skip=home), attention_backend(opts.attention):
             yield model
     finally:
         if stop is not None:
@@ -92,7 +95,7 @@ def generate_latents(
     x = grid.pack(z).to(opts.device, opts.dtype)
     sigmas = schedule(opts.steps, grid.tokens)  # shift from the padded length, as DiT360
     guidance = opts.guidance if model.params.guidance_embed else None
-    with torch.no_grad(), placed(model, offload, opts.device):
+    with torch.no_grad(), placed(model, opts, offload):
         x = denoise(model, x, grid, cond, sigmas, guidance)
     return grid.unpack(x)
 

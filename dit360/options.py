@@ -13,12 +13,13 @@ from typing import Any, NoReturn
 import torch
 
 from .config import DIT360_LORA, FLUX_DEV
+from .layers import BACKENDS
 from .offload import MODES as OFFLOADS
 from .panorama import Grid
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MASK_PADS = ("reference", "wrap")  # how Grid.wrap_mask fills the pad columns of an edit mask
-ATTENTION = ("auto", "flash", "cudnn", "efficient", "math")  # SDPA backends: layers.attention
+ATTENTION = ("auto", *BACKENDS)  # SDPA's kernels: layers.attention_backend
 FINITE, UNIT = (math.isfinite, "a finite number"), (lambda v: 0 <= v <= 1, "in [0, 1]")
 CHECKS = {  # field: (test of its value, what it must be); NaN fails every comparison
     "lora_scale": FINITE, "guidance": FINITE, "inversion_guidance": FINITE, "tau": FINITE,
@@ -89,6 +90,8 @@ class Options:
         dev = torch.device(self.device)  # RuntimeError naming the device types if malformed
         if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
             raise ValueError(f"--device {self.device}: no such CUDA GPU here; use --device cpu")
+        if dev.type != "cuda" and getattr(self, "attention", "auto") in ("cudnn", "efficient"):
+            raise ValueError(f"--attention {self.attention} needs a CUDA GPU; use auto or flash")
         self.lora = None if str(self.lora).lower() == "none" else self.lora
         dtype = self.dtype or ("bf16" if dev.type == "cuda" else "fp32")
         self.dtype = DTYPES.get(dtype, dtype)

@@ -110,3 +110,26 @@ def test_not_2to1_has_no_gpano(tiny_flux, tmp_path):
     with pytest.warns(UserWarning, match="not 2:1.*no 360 \\(GPano\\) metadata"):
         sample.main([*args(tiny_flux, out), "--width", "32"])
     assert Image.open(out).size == (32, 32) and "xmp" not in Image.open(out).info
+
+
+@pytest.mark.parametrize("backend", ["math", "flash"])
+def test_attention_backend(tiny_flux, tmp_path, monkeypatch, backend):
+    """--attention forces SDPA's kernel in every attention call while denoising (the others are
+    off), and the image is still FluxPipeline's."""
+    from dit360 import layers
+
+    flags, attention = [], layers.attention
+
+    def spy(*a, **k):
+        b = torch.backends.cuda
+        flags.append((b.math_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled()))
+        return attention(*a, **k)
+
+    monkeypatch.setattr(layers, "attention", spy)  # the transformer's attention
+    out = tmp_path / "pano.png"
+    with pytest.warns(UserWarning, match="trained at 1024x2048"):
+        sample.main(args(tiny_flux, out, "--wrap-pad", "0", "--attention", backend))
+    expected = (backend == "math", backend == "flash", False)
+    assert flags and set(flags) == {expected}
+    got = np.asarray(Image.open(out), dtype=np.int16)
+    assert np.abs(got - pipeline_image(tiny_flux)).max() <= 1
