@@ -73,6 +73,7 @@ from tqdm.auto import tqdm
 
 from dit360 import distributed
 from dit360.autoencoder import scale_latents
+from dit360.compiling import compile_blocks
 from dit360.config import FLUX_DEV, AutoEncoderParams
 from dit360.data import (
     Batch,
@@ -191,6 +192,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-recompute",
         action="store_true",
         help="activation checkpointing off: keep every block's activations (more memory)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the transformer blocks (torch.compile): faster after a one-time compile",
     )
     p.add_argument("--workers", type=NATURAL, default=4, help="data loader processes per rank")
     args = p.parse_args(argv)
@@ -480,6 +486,8 @@ def build_model(
     (the same on any number of ranks). Returns a meta copy that receives the LoRA for export."""
     shell = copy.deepcopy(model)  # stays on meta
     blocks = [*model.double_blocks, *model.single_blocks]
+    if args.compile:  # first: recompute wraps the compiled forward, FSDP's hooks stay outside
+        compile_blocks(model)
     if not args.no_recompute:
         distributed.recompute_blocks(blocks)
     distributed.shard(model, blocks, env.device, env.dtype)

@@ -1,8 +1,10 @@
 """GPU speed and memory at 1024x2048, 28 steps, bf16, on full-size random FLUX.1-dev weights
 (transformer, T5-XXL, CLIP-L, VAE) written in the real folder layout: dit360's `generate` in each
-offload mode, diffusers' FluxPipeline (all on the GPU, and with `enable_model_cpu_offload`), and
-one dit360 edit. One command, at most 8 minutes on an H100/H200 (--budget):
+offload mode, compiled (`--compile`) and in fp8 (`--fp8`, compiled), diffusers' FluxPipeline (all
+on the GPU, and with `enable_model_cpu_offload`), and one dit360 edit, with the achieved TFLOP/s.
+One command, at most 8 minutes on an H100/H200 (--budget):
 
+    pip install --no-deps .whl/diffusers-*.whl      # the diffusers rows (a GPU machine is offline)
     python benchmarks/gpu.py --out gpu-bench        # results.json, table.md; the table printed
     python benchmarks/gpu.py --only none,diffusers --steps 10
     python benchmarks/gpu.py --tiny                 # tiny models, 64x128, 2 steps, fp32, CPU
@@ -25,8 +27,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from random_flux import FULL, TINY
 from runs import spawn
 
+from dit360.config import FluxParams
 from dit360.options import Parser
 
 # key: (label, child kind, its arguments), in the order they run (the most wanted first).
@@ -35,6 +39,16 @@ ROWS = {
     "diffusers": ("diffusers FluxPipeline, all on the device", "diffusers", dict(offload=False)),
     "model": ("dit360, offload model", "dit360", dict(offload="model", wrap_pad=0)),
     "blocks": ("dit360, offload blocks", "dit360", dict(offload="blocks", wrap_pad=0)),
+    "compile": (
+        "dit360, offload none, compiled",
+        "dit360",
+        dict(offload="none", wrap_pad=0, compile=True),
+    ),
+    "fp8": (
+        "dit360, fp8, compiled",
+        "dit360",
+        dict(offload="none", wrap_pad=0, compile=True, fp8=True),
+    ),
     "wrap1": ("dit360, offload none, wrap pad 1", "dit360", dict(offload="none", wrap_pad=1)),
     "diffusers-offload": ("diffusers, model CPU offload", "diffusers", dict(offload=True)),
     "edit": ("dit360 edit, half mask", "edit", {}),
@@ -57,6 +71,14 @@ def default_work(tiny: bool) -> Path:
     if not tiny and shm.is_dir() and shutil.disk_usage(shm).free > 40e9:
         return shm / name
     return Path(tempfile.gettempdir()) / name
+
+
+def step_tflop(p: FluxParams, img_tokens: int, txt_tokens: int = 512) -> float:
+    """TFLOP of one transformer call: the blocks' GEMMs (a double block's stream and a single
+    block hold the same weights) and attention (QK^T and AV); 168.7 for flux-dev at 8,320 + 512."""
+    d, n, blocks = p.hidden_size, img_tokens + txt_tokens, p.depth + p.depth_single_blocks
+    weights = 3 * d * d + d * d + 2 * d * p.mlp_hidden  # qkv, proj, MLP in + out
+    return (2 * weights * n + 4 * n * n * d) * blocks / 1e12
 
 
 def compare(a: str, b: str) -> dict:
@@ -84,24 +106,28 @@ def columns(result: dict) -> dict:
     return out
 
 
-def table(rows: dict, steps: int, edit_steps: int, gpu: bool) -> str:
-    """The markdown table of all rows (skipped and failed ones included)."""
+def table(rows: dict, steps: int, edit_steps: int, gpu: bool, tflop: dict) -> str:
+    """The markdown table of all rows (skipped and failed ones included); tflop: a step's, by
+    wrap pad (the generation rows)."""
     mem = "peak GiB (allocated / reserved)" if gpu else "peak RSS GiB (peak / RSS at end)"
     lines = [
-        f"| run | s/step | text s | load s | denoise s | decode s | process s | {mem}: text "
-        "| load | denoise | decode | vs diffusers | vs dit360 none |",
-        "|---|" + "---|" * 13,
+        f"| run | s/step | TFLOP/s | text s | load s | denoise s | decode s | process s | {mem}: "
+        "text | load | denoise | decode | vs diffusers | vs dit360 none |",
+        "|---|" + "---|" * 14,
     ]
     for key, row in rows.items():
         r, label = row["result"], row["label"]
         if "error" in r or "skipped" in r:
             lines.append(
-                f"| {label} | {r.get('error') or 'skipped: ' + r['skipped']} |" + " |" * 12
+                f"| {label} | {r.get('error') or 'skipped: ' + r['skipped']} |" + " |" * 13
             )
             continue
         c = columns(r)
         n = edit_steps if key == "edit" else steps
-        cells = [f"{c['denoise']['s'] / n:.3f}" if "denoise" in c else ""]
+        per_step = c["denoise"]["s"] / n if "denoise" in c else None
+        cells = [f"{per_step:.3f}" if per_step else ""]
+        pad = row["args"].get("wrap_pad")
+        cells += [f"{tflop[pad] / per_step:.0f}" if per_step and pad in tflop else ""]
         cells += [f"{c[k]['s']:.2f}" if k in c else "" for k in COLUMNS]
         cells += [f"{r['process_s']:.1f}"]
         cells += [f"{c[k]['peak']:.2f} / {c[k]['held']:.2f}" if k in c else "" for k in COLUMNS]
@@ -111,7 +137,9 @@ def table(rows: dict, steps: int, edit_steps: int, gpu: bool) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"s/step: denoise seconds / steps ({steps}; the edit: {edit_steps}, inversion + edit). "
+        f"s/step: denoise seconds / steps ({steps}; the edit: {edit_steps}, inversion + edit); "
+        f"compiled rows include the compile in their first step. TFLOP/s: a step's "
+        f"{tflop.get(0, 0):.1f} TFLOP (wrap pad 0; pad 1: {tflop.get(1, 0):.1f}) / s a step. "
         "load: dit360 loads the transformer (an edit also encodes the image), diffusers the whole "
         "pipeline. Image columns: mean absolute pixel difference (0-255) / PSNR.",
     ]
@@ -193,7 +221,9 @@ def main() -> None:
                 row[name] = compare(images[key], images[ref])
 
     # --- report
-    text = table(rows, steps, edit_steps, gpu=not args.tiny)
+    flux = (TINY if args.tiny else FULL).flux
+    tflop = {pad: step_tflop(flux, (height // 16) * (width // 16 + 2 * pad)) for pad in (0, 1)}
+    text = table(rows, steps, edit_steps, gpu=not args.tiny, tflop=tflop)
     args.out.mkdir(parents=True, exist_ok=True)
     settings = dict(height=height, width=width, steps=steps, edit_steps=edit_steps, dtype=dtype)
     summary = dict(settings=settings, environment=env, weights=wrote, sdpa=probe, rows=rows)

@@ -92,6 +92,8 @@ def run_dit360(
     wrap_pad: int = 0,
     offload: str | None = None,
     image: str | None = None,
+    compile: bool = False,
+    fp8: bool = False,
 ) -> dict:
     """dit360's `generate` (what sample.py runs), no LoRA."""
     import dit360.text  # noqa: F401  generate imports it (transformers) late: not in its seconds
@@ -102,6 +104,7 @@ def run_dit360(
     opts = SampleOptions(
         base=base, lora=None, height=height, width=width, steps=steps, wrap_pad=wrap_pad,
         device=device, dtype=dtype, offload=offload, seed=SEED, guidance=GUIDANCE,
+        compile=compile, fp8=fp8,
     )  # fmt: skip
     start, log = time.perf_counter(), []
     pil, report = generate(PROMPT, opts, log=log.append)

@@ -62,13 +62,13 @@ def replacing_tokens(model: Flux, keep: Tensor | None) -> Iterator[None]:
         return tuple(torch.where(sel, x[:1], x) for x in (q, k, v))
 
     blocks = [*model.double_blocks, *model.single_blocks]
-    for b in blocks:
-        b.qkv_hook = None if keep is None else hook
+    for b in blocks:  # no hook: the class's None (one compiled graph for both ways of none)
+        b.__dict__.pop("qkv_hook", None) if keep is None else setattr(b, "qkv_hook", hook)
     try:
         yield
     finally:
         for b in blocks:
-            b.qkv_hook = None
+            b.__dict__.pop("qkv_hook", None)
 
 
 def rows(cond: Conditioning, sl: slice) -> Conditioning:

@@ -8,13 +8,15 @@ and lent to the device for its stage (model), or its blocks streamed through it 
 """
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from PIL import Image
 from torch import nn
 
 from .autoencoder import AutoEncoder
+from .compiling import compile_blocks, first_step_timed
+from .fp8 import quantize_fp8
 from .image import to_pil
 from .layers import attention_backend
 from .model import Flux
@@ -55,7 +57,11 @@ def load_model(opts: Options, offload: str = "none") -> Flux:
         from .lora_formats import load_lora
 
         load_lora(model, opts.lora, scale=opts.lora_scale, merge=opts.merge_lora)
+    if opts.fp8:  # after the merge: a LoRA folds into the full-precision weights
+        quantize_fp8(model)
     park(nn.ModuleList(on_cpu(model)))  # pinned CPU memory on a CUDA machine
+    if opts.compile:  # lazily: the first denoising step compiles
+        compile_blocks(model)
     return model
 
 
@@ -122,7 +128,9 @@ def generate(
         cond = Conditioning(*encode(opts.base, [prompt], dev, dtype, offload=mode))
     with report.stage("load transformer"):
         model = load_model(opts, mode)
-    with report.stage("denoise"):
+    # With --compile the first step also compiles: its extra time is logged as the compile time.
+    timed = first_step_timed(model, log) if opts.compile else nullcontext()
+    with report.stage("denoise"), timed:
         latents = check_finite(generate_latents(model, cond, opts, mode))
         del model, cond
     with report.stage("decode"), torch.no_grad():

@@ -94,6 +94,8 @@ def add_adapter(layer: nn.Module, name: str, parts: list[Span], dropout: float =
     if "lora" not in layer._modules:
         layer.lora = nn.ModuleDict()
     w = layer.weight
+    if w.element_size() == 1:
+        raise ValueError("a LoRA on float8 weights must be added before --fp8 (quantize_fp8)")
     layer.lora[name] = Adapter(layer.in_features, parts, dropout, device=w.device, dtype=w.dtype)
     _sync(layer)
     return layer.lora[name]
@@ -177,6 +179,8 @@ def set_scale(model: nn.Module, scale: float, name: str | None = None) -> nn.Mod
 @torch.no_grad()
 def fold_(w: Tensor, parts: list[Part], factor: float) -> Tensor:
     """Add factor * scale * B @ A to each part's rows of w, in place (summed in float32)."""
+    if w.element_size() == 1:  # float8 rows carry a scale of their own: adding here is wrong
+        raise ValueError("cannot merge a LoRA into float8 weights: load it before --fp8")
     for p in parts:
         delta = p.B.to(w.device, torch.float32) @ p.A.to(w.device, torch.float32)
         w[p.start : p.end] = w[p.start : p.end].float() + delta * (factor * p.scale)

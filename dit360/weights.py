@@ -214,10 +214,12 @@ def fill(
     dtype: torch.dtype | None,
     on_cpu: Callable[[nn.Module], list[nn.Module]] | None = None,
 ) -> nn.Module:
-    """Fill a meta-device model tensor by tensor (one copy); dtype None keeps the file's. The
+    """Fill a meta-device model tensor by tensor (one copy); dtype None keeps the file's, but
+    bf16 for a float8 file (ComfyUI's fp8 FLUX: no scales, its values are the weights). The
     modules `on_cpu(model)` lists are filled in CPU memory, the rest on `device`."""
     if dtype is None:
         dtype = tfile.dtypes[next(iter(plan.sources.values()))[1][0]]
+        dtype = torch.bfloat16 if dtype.itemsize == 1 else dtype  # norms cannot run in float8
     model = model.to(dtype)
     cpu = {id(m) for top in (on_cpu(model) if on_cpu else []) for m in top.modules()}
     for m in model.modules():

@@ -14,6 +14,8 @@ GPU_ROWS = (
     "diffusers FluxPipeline, all on the device",
     "dit360, offload model",
     "dit360, offload blocks",
+    "dit360, offload none, compiled",
+    "dit360, fp8, compiled",
     "dit360, offload none, wrap pad 1",
     "diffusers, model CPU offload",
     "dit360 edit, half mask",
@@ -87,3 +89,14 @@ def test_convert_memory_smoke(tmp_path):
     """The conversion-memory benchmark runs on a small synthetic checkpoint."""
     out = run("benchmarks/convert_memory.py", "--hidden", "256", "--workdir", str(tmp_path))
     assert "peak RSS converting to bf16" in out
+
+
+@pytest.mark.slow
+def test_fp8_small(tmp_path):
+    """fp8.py --small prints the forward errors of each fp8 variant and the images' PSNR."""
+    out = run("benchmarks/fp8.py", "--small", "--workdir", str(tmp_path))
+    for row in ("bf16", "fp8 weight-only, bf16 activations", "fp8 W8A8 (torch._scaled_mm)"):
+        assert re.search(rf"\| {re.escape(row)}.* \| [\d.e+-]+ \| [\d.e+-]+ \|", out), out
+    assert re.search(
+        rf"fp8 on vs off: mean abs [\d.e+-]+ \(0-255\), PSNR (inf|{NUMBER}) dB", out
+    ), out

@@ -1,0 +1,108 @@
+"""float8 (e4m3) weights for the transformer blocks' linear layers, made at load (`--fp8`): half
+the bytes of bf16 to hold, park, lend and stream.
+
+Each weight row (output channel) is stored as float8_e4m3fn with its own float32 scale absmax/448
+(448: e4m3's largest finite value), so every row uses the whole float8 range. The product runs on
+the fp8 tensor cores of CUDA GPUs of compute capability 8.9+ (Ada, Hopper) through
+`torch._scaled_mm`, the activations quantized per token the same way; elsewhere (CPU, older GPUs,
+fp16/fp32 activations) the weight is upcast to the activation dtype and scaled (weight-only).
+Left in the model dtype: the embedders and modulation layers (computed ahead, in CPU memory),
+img_in, txt_in and final_layer (small, and at the model's input and output).
+Reference: Micikevicius et al. 2022, "FP8 Formats for Deep Learning", https://arxiv.org/abs/2209.05433;
+pytorch/ao `torchao.float8` (rowwise scaling).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .model import Flux
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+TINY = 1e-12  # floor of an absmax: an all-zero row or token gets a finite scale
+
+
+def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x (..., K) float32 or bf16 as float8 and float32 scales (..., 1), one per row:
+    x ~ q * scale."""
+    scale = x.detach().abs().amax(-1, keepdim=True).float().clamp(min=TINY) / FP8_MAX
+    # Divided in x's dtype (no float32 copy of a large activation), by the scale as rounded to
+    # it, which is also the one returned; clamped as round-off may carry a value past 448, which
+    # e4m3fn cannot hold (it has no infinity).
+    scale = scale.to(x.dtype)
+    q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale.float()
+
+
+def _fp8_cores(device: torch.device) -> bool:
+    """Whether `device` is a CUDA GPU with float8 tensor cores (compute capability >= 8.9)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def scaled_mm_fits(x: Tensor, weight: Tensor) -> bool:
+    """Whether x @ weight.T can run on the fp8 tensor cores: rowwise scaling computes in bf16,
+    and cuBLASLt wants K and N multiples of 16."""
+    n, k = weight.shape
+    return x.dtype == torch.bfloat16 and k % 16 == 0 and n % 16 == 0 and _fp8_cores(x.device)
+
+
+def fp8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """x (..., K) @ (weight * scale).T + bias, with weight (N, K) float8 and scale (N,) float32."""
+    if not scaled_mm_fits(x, weight):  # weight-only: float8 -> bf16/fp16/fp32 is exact
+        return F.linear(x, weight.to(x.dtype) * scale.to(x.dtype)[:, None], bias)
+    xq, xs = quantize(x.reshape(-1, x.shape[-1]))  # (M, K) row-major, (M, 1): per token
+    # Rowwise scaling: a (M, K) row-major, b (K, N) column-major (weight.t() is), scales (M, 1)
+    # and (1, N) float32; the output and the bias bf16.
+    bias = None if bias is None else bias.to(torch.bfloat16)
+    y = torch._scaled_mm(xq, weight.t(), xs, scale[None], bias=bias, out_dtype=torch.bfloat16)
+    return y.reshape(*x.shape[:-1], -1)  # (..., N)
+
+
+class FP8Linear(nn.Module):
+    """A linear layer with a float8 weight (N, K) and float32 scales (N,): `nn.Linear`'s duck
+    type (in_features, out_features, weight, bias), so LoRA hooks and offloading see a linear."""
+
+    def __init__(self, weight: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("scale", scale)  # a buffer: offloading moves it with the weight
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fp8_linear(x, self.weight, self.scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, float8_e4m3fn"
+
+
+@torch.no_grad()
+def to_fp8(linear: nn.Linear) -> FP8Linear:
+    """The float8 copy of a linear layer, on its device; it keeps the layer's hooks and LoRA
+    adapters (these stay in the model dtype, a side path)."""
+    q, scale = quantize(linear.weight.float())  # float32: one rounding, the float8 one
+    new = FP8Linear(q, scale[:, 0], linear.bias)
+    new._forward_hooks.update(linear._forward_hooks)  # dit360.lora's hook adds the adapters
+    new._forward_pre_hooks.update(linear._forward_pre_hooks)
+    if "lora" in linear._modules:
+        new.lora = linear.lora
+    return new
+
+
+def quantize_fp8(model: Flux) -> Flux:
+    """Replace the linear layers of the double and single blocks (not their modulation) by
+    FP8Linear, in place and layer by layer: at most one layer exists twice at a time. Merge a
+    LoRA before: merging into a float8 weight would round it again, unscaled."""
+    skip = {id(m) for mod in model.modulation_layers() for m in mod.modules()}
+    for block in [*model.double_blocks, *model.single_blocks]:
+        found = [
+            (name, m)
+            for name, m in block.named_modules()
+            if isinstance(m, nn.Linear) and id(m) not in skip
+        ]
+        for name, linear in found:
+            parent, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent), child, to_fp8(linear))
+            linear.weight = None  # freed now, not when the loop ends
+    return model
