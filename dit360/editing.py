@@ -202,7 +202,7 @@ def edit_image(
     z, y1 = (grid.pack(n[None]).to(dev, dtype) for n in (z, y1))
     sigmas = schedule(opts.steps, grid.h * grid.w)  # the reference shifts by the unpadded count
     with report.stage("load transformer"):
-        model = load_model(opts, mode)
+        model = load_model(opts, mode, log)
     with torch.no_grad(), placed(model, opts, mode):
         with report.stage("invert"):
             inverted = invert(model, x0, y1, grid, rows(cond, slice(0, 1)), sigmas, opts)

@@ -46,7 +46,7 @@ def computed_ahead(model: Flux) -> list[nn.Module]:
     return [*model.modulation_layers(), *model.embedders()]
 
 
-def load_model(opts: Options, offload: str = "none") -> Flux:
+def load_model(opts: Options, offload: str = "none", log: Callable[[str], None] = print) -> Flux:
     """The transformer with the LoRA (merged unless asked otherwise), parked in CPU memory except,
     with offload none, what denoising needs: that is loaded onto the device."""
     from .weights import load_flux
@@ -56,6 +56,8 @@ def load_model(opts: Options, offload: str = "none") -> Flux:
     if opts.lora:
         from .lora_formats import load_lora
 
+        how = "merged into the weights" if opts.merge_lora else "as adapters"
+        log(f"LoRA {opts.lora} at scale {opts.lora_scale}, {how}")
         load_lora(model, opts.lora, scale=opts.lora_scale, merge=opts.merge_lora)
     if opts.fp8:  # after the merge: a LoRA folds into the full-precision weights
         quantize_fp8(model)
@@ -127,7 +129,7 @@ def generate(
     with report.stage("text encoders"):
         cond = Conditioning(*encode(opts.base, [prompt], dev, dtype, offload=mode))
     with report.stage("load transformer"):
-        model = load_model(opts, mode)
+        model = load_model(opts, mode, log)
     # With --compile the first step also compiles: its extra time is logged as the compile time.
     timed = first_step_timed(model, log) if opts.compile else nullcontext()
     with report.stage("denoise"), timed:

@@ -56,14 +56,17 @@ def test_matches_flux_pipeline(tiny_flux, tmp_path, capsys, offload):
 
 
 @pytest.mark.parametrize("merge", [True, False])
-def test_lora_matches_flux_pipeline(tiny_flux, tmp_path, merge):
-    """--lora DIR (DiT360 format), merged or not: the image of FluxPipeline + load_lora_weights."""
+def test_lora_matches_flux_pipeline(tiny_flux, tmp_path, capsys, merge):
+    """--lora DIR (DiT360 format), merged or not: the image of FluxPipeline + load_lora_weights;
+    loading the LoRA is announced."""
     from test_lora import dit360_lora
 
     folder = dit360_lora(tmp_path / "lora", r=4, alpha=4)[0]
     out = tmp_path / "pano.png"
     extra = ["--wrap-pad", "0"] + ([] if merge else ["--no-merge-lora"])
     sample.main(args(tiny_flux, out, *extra, lora=str(folder)))
+    how = "merged into the weights" if merge else "as adapters"
+    assert f"LoRA {folder} at scale 1.0, {how}" in capsys.readouterr().err
     got = np.asarray(Image.open(out), dtype=np.int16)
     assert np.abs(got - pipeline_image(tiny_flux, folder)).max() <= 1
     assert np.abs(got - pipeline_image(tiny_flux)).max() > 1  # the LoRA changes it beyond that
