@@ -1,14 +1,19 @@
 """Text to panorama, end to end: encode the prompt, free the text encoders, denoise with the
 transformer (+ LoRA) on the wrapped token grid, free it, decode with the VAE.
 
-Only one of T5/CLIP, the transformer and the VAE is on the device at any time, and of the
-transformer never its modulation layers (computed ahead, `sampling.ahead`). The offload mode
+Only one of T5/CLIP, the transformer and the VAE is on the device at any time (in a batch,
+`generate_many`, the transformer and the VAE stay for all its images), and of the transformer
+never its modulation layers (computed ahead, `sampling.ahead`). The offload mode
 (`dit360.offload`) says where the rest waits: loaded onto the device (none), parked in CPU memory
 and lent to the device for its stage (model), or its blocks streamed through it (blocks).
 """
 
+import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -118,29 +123,75 @@ def check_finite(latents: torch.Tensor) -> torch.Tensor:
     )
 
 
+@dataclass
+class Job:
+    """One image of a batch: its prompt, seed and output file; steps and guidance if not opts'."""
+
+    prompt: str
+    seed: int
+    out: Path
+    steps: int | None = None
+    guidance: float | None = None
+
+
+def job_options(opts: SampleOptions, job: Job) -> SampleOptions:
+    """`opts` with the job's seed (and steps, guidance); ValueError if one is bad."""
+    steps = opts.steps if job.steps is None else job.steps
+    guidance = opts.guidance if job.guidance is None else job.guidance
+    with warnings.catch_warnings():  # the size warning was given once already
+        warnings.simplefilter("ignore")
+        return replace(opts, seed=job.seed, steps=steps, guidance=guidance)
+
+
+def encode_prompts(opts: Options, prompts: list[str], offload: str) -> dict[str, Conditioning]:
+    """Each distinct prompt encoded alone (as one image encodes it), the encoders loaded once."""
+    from .text import encode_prompt, load_text_encoders
+
+    enc = load_text_encoders(opts.base, opts.device, opts.dtype, offload)
+    return {p: Conditioning(*encode_prompt(enc, [p])) for p in dict.fromkeys(prompts)}
+
+
+def generate_many(
+    jobs: list[Job],
+    opts: SampleOptions,
+    log: Callable[[str], None] = print,
+    report: Report | None = None,
+) -> Iterator[tuple[Job, Image.Image, float]]:
+    """(job, panorama, seconds) for each job as soon as it is decoded: all prompts encoded first,
+    the text encoders freed, then the transformer and the VAE loaded once for all the jobs. The
+    transformer is freed after the last denoising, before the VAE first loads if one job."""
+    if not jobs:
+        return
+    report = report or Report(opts.device, log=log)
+    dev, dtype, mode = opts.device, opts.dtype, offload_mode(opts, log)
+    with report.stage("text encoders"):
+        conds = encode_prompts(opts, [job.prompt for job in jobs], mode)
+    with report.stage("load transformer"):
+        model = load_model(opts, mode, log)
+    vae = None
+    for i, job in enumerate(jobs):
+        start, o, last = time.perf_counter(), job_options(opts, job), i == len(jobs) - 1
+        # With --compile the first step also compiles: its extra time is logged as compile time.
+        timed = first_step_timed(model, log) if opts.compile and i == 0 else nullcontext()
+        with report.stage("denoise"), timed:
+            latents = check_finite(generate_latents(model, conds[job.prompt], o, mode))
+            if last:
+                del model, conds
+        with report.stage("decode"), torch.no_grad():
+            vae = load_vae(opts, mode) if vae is None else vae
+            with lent(vae, dev):
+                image = vae.decode(latents.to(dtype), tile=opts.vae_tile)
+            vae = None if last else vae
+        yield job, to_pil(image[0]), time.perf_counter() - start
+
+
 def generate(
     prompt: str, opts: SampleOptions, log: Callable[[str], None] = print
 ) -> tuple[Image.Image, Report]:
     """One equirectangular panorama for `prompt`."""
-    from .text import encode
-
-    report, dev, dtype = Report(opts.device, log=log), opts.device, opts.dtype
-    mode = offload_mode(opts, log)
-    with report.stage("text encoders"):
-        cond = Conditioning(*encode(opts.base, [prompt], dev, dtype, offload=mode))
-    with report.stage("load transformer"):
-        model = load_model(opts, mode, log)
-    # With --compile the first step also compiles: its extra time is logged as the compile time.
-    timed = first_step_timed(model, log) if opts.compile else nullcontext()
-    with report.stage("denoise"), timed:
-        latents = check_finite(generate_latents(model, cond, opts, mode))
-        del model, cond
-    with report.stage("decode"), torch.no_grad():
-        vae = load_vae(opts, mode)
-        with lent(vae, dev):
-            image = vae.decode(latents.to(dtype), tile=opts.vae_tile)
-        del vae
-    return to_pil(image[0]), report
+    report, job = Report(opts.device, log=log), Job(prompt, opts.seed, Path())
+    [(_, image, _)] = generate_many([job], opts, log, report)
+    return image, report
 
 
 def load_vae(opts: Options, offload: str = "none") -> AutoEncoder:

@@ -1,0 +1,128 @@
+"""sample.py batches (--prompts, --num-images, --out-dir): the images of single runs, the models
+loaded once, resumed without loading, .jsonl rows, and bad rows as one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from clitest import expect_error
+from PIL import Image
+
+import sample
+from dit360 import generate as gen
+from dit360 import text
+
+ROOT = Path(__file__).parents[1]
+PROMPTS = ["This is a panorama. A castle on a hill at sunset.", "This is a panorama. A lake."]
+
+
+def flags(tiny_flux, *extra: str) -> list[str]:
+    return [
+        *("--base", str(tiny_flux), "--lora", "none", "--height", "32", "--width", "64"),
+        *("--steps", "2", "--seed", "4", "--device", "cpu", "--dtype", "fp32", *extra),
+    ]
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def singles(tiny_flux, tmp_path_factory) -> dict[tuple[int, int], np.ndarray]:
+    """Single --prompt --seed runs, by (prompt index, seed)."""
+    folder, images = tmp_path_factory.mktemp("singles"), {}
+    for i, prompt in enumerate(PROMPTS):
+        for seed in (4, 5):
+            out = folder / f"{i}-{seed}.png"
+            sample.main(
+                [*flags(tiny_flux, "--seed", str(seed)), "--prompt", prompt, "--out", str(out)]
+            )
+            images[i, seed] = pixels(out)
+    return images
+
+
+def counted(monkeypatch, module, name: str) -> list[int]:
+    """Count the calls of module.name."""
+    calls, fn = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or fn(*a, **k))
+    return calls
+
+
+def test_batch_equals_single_runs_and_resumes(tiny_flux, tmp_path, singles, monkeypatch, capsys):
+    """2 prompts x --num-images 2: the single runs' images, pixel for pixel, with GPano metadata,
+    each model loaded once; a rerun skips all 4 and loads nothing."""
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "out"
+    prompts.write_text(f"# castles and lakes\n{PROMPTS[0]}\n\n  {PROMPTS[1]}  \n")
+    loads = [counted(monkeypatch, m, n) for m, n in
+             [(text, "load_text_encoders"), (gen, "load_model"), (gen, "load_vae")]]  # fmt: skip
+    argv = flags(tiny_flux, "--prompts", str(prompts), "--num-images", "2", "--out-dir", str(out))
+    sample.main(argv)
+    assert loads == [[1], [1], [1]]
+    names = ["0000-seed4.png", "0000-seed5.png", "0001-seed4.png", "0001-seed5.png"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    for name in names:
+        i, seed = int(name[:4]), int(name[9])
+        assert np.array_equal(pixels(out / name), singles[i, seed]), name
+    assert 'GPano:ProjectionType="equirectangular"' in str(Image.open(out / names[0]).info["xmp"])
+    printed = capsys.readouterr().out
+    assert printed.count("wrote ") == 4 and "4 images written, 0 skipped" in printed
+    assert "images/minute" in printed
+
+    def fail(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(gen, "load_model", fail)
+    monkeypatch.setattr(text, "load_text_encoders", fail)
+    sample.main(argv)
+    printed = capsys.readouterr().out
+    assert printed.count("skip ") == 4 and "0 images written, 4 skipped" in printed
+
+
+def test_jsonl_rows(tiny_flux, tmp_path, singles):
+    """.jsonl rows with their own seed and output name (relative to --out-dir), or neither."""
+    rows = tmp_path / "rows.jsonl"
+    lines = [{"prompt": PROMPTS[0], "seed": 5, "out": "sub/castle.png"}, {"prompt": PROMPTS[1]}]
+    rows.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = tmp_path / "out"
+    sample.main(flags(tiny_flux, "--prompts", str(rows), "--out-dir", str(out)))
+    assert np.array_equal(pixels(out / "sub" / "castle.png"), singles[0, 5])
+    assert np.array_equal(pixels(out / "0001-seed4.png"), singles[1, 4])
+
+
+def test_bad_rows(tiny_flux, tmp_path, capsys):
+    """A bad row is one line naming file:line, exit 2, before anything loads; nothing written."""
+    rows, good = tmp_path / "rows.jsonl", json.dumps({"prompt": "a lake"})
+    argv = flags(tiny_flux, "--prompts", str(rows), "--out-dir", str(tmp_path / "out"))
+    for bad, match in [
+        ('{"prompt": "a lake"', "not JSON"),
+        ('{"seed": 3}', 'need an object with a "prompt"'),
+        ('{"prompt": "a lake", "seed": "3"}', "bad 'seed'"),
+        ('{"prompt": "a lake", "sed": 3}', "bad 'sed'"),
+        ('{"prompt": "a lake", "steps": 0}', "steps.*integer >= 1"),
+        ('{"prompt": "a lake", "out": "x.gif"}', r"\.png, \.jpg"),
+        ('{"prompt": "a lake", "out": "0000-seed4.png"}', "as line 1 does"),
+    ]:
+        rows.write_text(f"{good}\n{bad}\n")
+        expect_error(capsys, sample.main, argv, tmp_path, f"rows.jsonl:2: .*{match}")
+    expect_error(capsys, sample.main, [*argv, "--num-images", "0"], tmp_path, "at least 1")
+    expect_error(capsys, sample.main, [*argv, "--prompt", "x"], tmp_path, "not allowed with")
+    rows.write_text("\n")
+    expect_error(capsys, sample.main, argv, tmp_path, "no prompts")
+
+
+def test_torchrun_shares_the_jobs(tiny_flux, tmp_path, singles):
+    """Under torchrun (2 CPU processes) rank r makes jobs[r::2]: together the 4 images of the
+    single runs."""
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "out"
+    prompts.write_text("\n".join(PROMPTS))
+    argv = flags(tiny_flux, "--prompts", str(prompts), "--num-images", "2", "--out-dir", str(out))
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    r = subprocess.run([*run, str(ROOT / "sample.py"), *argv], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank} of 2: 2 images written, 0 skipped" in r.stdout, r.stdout
+    for (i, seed), expected in singles.items():
+        assert np.array_equal(pixels(out / f"{i:04d}-seed{seed}.png"), expected), (i, seed)
