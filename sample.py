@@ -77,6 +77,8 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
     file:line on a bad row."""
     if path.suffix not in (".txt", ".jsonl"):
         raise ValueError(f"--prompts {path}: use a .txt or .jsonl file")
+    if not path.is_file():
+        raise ValueError(f"--prompts {path}: no such file")
     rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         line, where = line.strip(), f"{path}:{n}"

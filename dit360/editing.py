@@ -126,19 +126,23 @@ def edit(
     reads = [i for i in range(steps) if swap[i]] + [i + 1 for i in range(steps) if blend[i]]
     last = max(reads + [steps if keep_source else 0])
     g = opts.guidance if model.params.guidance_embed else None
-    # Both rows run while the source's tokens or velocity are needed, else the target alone.
+    # Both rows run while the source's tokens or velocity are needed, else the target alone;
+    # the modulations of each batch are computed ahead in that batch's shape.
     both = [swap[i] or (i < last and eta[i] != 1) for i in range(steps)]
-    conds = [ahead(model, c, [s for s, b in zip(sigmas[:-1], both, strict=True) if b == m], g)
-             for m, c in ((False, rows(cond, slice(1, 2))), (True, cond))]  # fmt: skip
+    times = {
+        b: [s for s, x in zip(sigmas[:-1], both, strict=True) if x == b] for b in (False, True)
+    }
+    pair = ahead(model, cond, times[True], g)
+    target = ahead(model, rows(cond, slice(1, 2)), times[False], g)
     src, tgt = inverted, z
     for i in tqdm(range(steps), desc="edit"):
         dt = sigmas[i + 1] - sigmas[i]
         if both[i]:
             with replacing_tokens(model, keep if swap[i] else None):
-                v = predict(model, torch.cat([src, tgt]), grid, conds[1], sigmas[i], g).float()
+                v = predict(model, torch.cat([src, tgt]), grid, pair, sigmas[i], g).float()
             v_src, v_tgt = v[:1], v[1:]
         else:  # nothing of the source is read at this step
-            v_tgt = predict(model, tgt, grid, conds[0], sigmas[i], g).float()
+            v_tgt = predict(model, tgt, grid, target, sigmas[i], g).float()
         if i < last:
             v_cond = (src.float() - x0.float()) / sigmas[i]  # straight back to x0
             v_hat = v_cond if eta[i] == 1 else v_src + eta[i] * (v_cond - v_src)

@@ -90,7 +90,7 @@ class Options:
         dev = torch.device(self.device)  # RuntimeError naming the device types if malformed
         if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
             raise ValueError(f"--device {self.device}: no such CUDA GPU here; use --device cpu")
-        if dev.type != "cuda" and getattr(self, "attention", "auto") in ("cudnn", "efficient"):
+        if dev.type != "cuda" and self.attention in ("cudnn", "efficient"):
             raise ValueError(f"--attention {self.attention} needs a CUDA GPU; use auto or flash")
         self.lora = None if str(self.lora).lower() == "none" else self.lora
         dtype = self.dtype or ("bf16" if dev.type == "cuda" else "fp32")

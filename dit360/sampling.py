@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .model import Flux
+from .offload import lent
 from .panorama import Grid
 
 # The shift grows linearly with the token count through (256, 0.5) and (4096, 1.15) (FLUX.1).
@@ -82,8 +83,6 @@ def ahead(
     """`cond` with the model's modulations at every time computed now, one layer at a time, so
     `predict` needs no modulation weights (27 % of FLUX.1-dev): they stay in CPU memory between
     uses (`offload.lent` brings each to the device here). Same values as computed per step."""
-    from .offload import lent
-
     dev, dtype, b = model.img_in.weight.device, model.img_in.weight.dtype, cond.vec.shape[0]
     y = cond.vec.to(dev, dtype)
     g = None if guidance is None else torch.full((b,), guidance, device=dev)

@@ -111,6 +111,8 @@ def test_bad_rows(tiny_flux, tmp_path, capsys):
     expect_error(capsys, sample.main, [*argv, "--prompt", "x"], tmp_path, "not allowed with")
     rows.write_text("\n")
     expect_error(capsys, sample.main, argv, tmp_path, "no prompts")
+    rows.unlink()
+    expect_error(capsys, sample.main, argv, tmp_path, r"--prompts .*rows\.jsonl: no such file")
 
 
 def test_torchrun_shares_the_jobs(tiny_flux, tmp_path, singles):
