@@ -7,7 +7,7 @@ python convert_weights.py --base black-forest-labs/FLUX.1-dev \
     --lora Insta360-Research/DiT360-Panorama-Image-Generation --merge --out flux-dit360.safetensors
 python convert_weights.py --lora kohya_lora.safetensors --out my-lora-peft   # peft/diffusers format
 
---out is a .safetensors file (our layout, --merge; an existing file is replaced) or a folder
+--out is a .safetensors file (our layout; an existing file is replaced) or a folder
 (--to diffusers, --lora alone) that is new, empty or a previous output of the same kind, which is
 replaced. Outputs appear whole or not at all; what a killed run left is removed by the next run.
 Arguments are checked before any weights are read. Exit status: 2 bad arguments, 1 failed.
@@ -56,14 +56,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out",
         required=True,
         type=Path,
-        help="output .safetensors file (bfl, --merge) or folder (diffusers, --lora alone)",
+        help="output .safetensors file (bfl) or folder (diffusers, --lora alone)",
     )
     p.add_argument(
         "--lora",
         help="LoRA: repo id, folder or .safetensors (peft/diffusers, kohya, BFL/ComfyUI keys); "
         "alone (--base only gives the sizes, default flux-dev) it is written in the peft format",
     )
-    p.add_argument("--merge", action="store_true", help="fold --lora into --base: one file, bfl")
+    p.add_argument("--merge", action="store_true", help="fold --lora into --base's weights")
     p.add_argument("--lora-scale", type=finite, default=1.0, help="weight of the LoRA")
     p.add_argument(
         "--to", choices=["bfl", "diffusers"], help="layout of a --base conversion; None: bfl"
@@ -77,8 +77,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.base and not args.lora or args.merge and not (args.base and args.lora):
         p.error("give --base, --lora, or both with --merge")
-    if args.merge and args.to == "diffusers":
-        p.error("--merge writes our (bfl) layout only")
     if args.lora and not args.merge and args.to:
         p.error("--to sets the layout of a --base conversion; --lora alone writes the peft format")
     if not args.lora and args.lora_scale != 1.0:

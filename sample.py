@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from dit360.files import exit_on_sigterm, resolve
-from dit360.generate import Job, generate, generate_many, job_options
+from dit360.files import exit_on_sigterm
+from dit360.generate import Job, check_inputs, generate, generate_many, job_options
 from dit360.image import check_output_path, save_panorama
 from dit360.options import Options, Parser, SampleOptions, add_flags, fail, from_args
 
@@ -37,19 +37,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_sources(opts: Options) -> None:
-    """Fail now, not after minutes of loading, on a missing --base or --lora (a repo id is fetched
-    now: --base's model_index.json only, the LoRA's files, which are needed anyway)."""
-    sources = [("--base", opts.base, ["model_index.json"], "a FLUX.1-dev folder or repo id")]
-    if opts.lora:
-        sources += [("--lora", opts.lora, ["*.safetensors", "*.json"], "a LoRA file or folder")]
-    for flag, src, files, expected in sources:
-        try:
-            resolve(src, files, expected)
-        except OSError as e:  # missing, gated, or not downloadable now
-            raise ValueError(f"{flag}: {e}") from None
-
-
 def checked(cls: type, args: argparse.Namespace, out: Path | None = None) -> tuple[Options, Path]:
     """The options (`cls`, from the flags) and the output path (`out`, or --out), every one checked
     before anything slow: a mistake is one line and exit 2. Warnings raised meanwhile are shown
@@ -59,7 +46,7 @@ def checked(cls: type, args: argparse.Namespace, out: Path | None = None) -> tup
         try:
             opts = from_args(cls, args)
             out = check_output_path(out or args.out)
-            check_sources(opts)
+            check_inputs(opts)  # every weight file found and its headers checked
         except (ValueError, OSError) as e:
             fail(e)
         except RuntimeError as e:  # torch.device's, on a malformed --device

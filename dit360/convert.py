@@ -17,6 +17,7 @@ from .lora_formats import read_lora, write_peft
 from .weights import (
     FLUX_CONFIG_KEY,
     FLUX_DIFFUSERS,
+    MERGED_KEY,
     meta_flux,
     read_flux,
     split,
@@ -43,7 +44,9 @@ def convert_flux(
     params, state, out = model.params, model.state_dict(), Path(out)  # state: names and shapes
     config = cfg.to_diffusers_config(params) if to == "diffusers" else None  # fails before writing
     parts = read_lora(lora, model) if lora else {}
-    dtypes = {k: dtype or tfile.dtypes[plan.sources[k][1][0]] for k in state}
+    first = {k: plan.sources[k][1][0] for k in state}  # scaled fp8 reads dequantized: bf16
+    stored = {k: torch.bfloat16 if f in tfile.scales else tfile.dtypes[f] for k, f in first.items()}
+    dtypes = {k: dtype or stored[k] for k in state}
     layout = {k: their_keys(k, FLUX_DIFFUSERS) if config else ("identity", (k,)) for k in state}
 
     def pieces(name: str, t: Tensor) -> Iterator[tuple[str, Tensor]]:
@@ -62,11 +65,14 @@ def convert_flux(
             yield from pieces(name, t.to(dtypes[name]))
 
     specs = {k: (dtypes[n], tuple(p.shape)) for n, t in state.items() for k, p in pieces(n, t)}
+    metadata = {} if config else {FLUX_CONFIG_KEY: params.to_json()}
+    if lora:  # so that sample.py does not apply the default LoRA a second time
+        metadata[MERGED_KEY] = json.dumps({"lora": str(lora), "scale": lora_scale})
     if config is None:
-        write_safetensors(out, specs, tensors(), {FLUX_CONFIG_KEY: params.to_json()})
+        write_safetensors(out, specs, tensors(), metadata)
         return out
     with atomic_path(out) as tmp:  # the whole folder appears at once, or not at all
-        write_safetensors(tmp / "diffusion_pytorch_model.safetensors", specs, tensors())
+        write_safetensors(tmp / "diffusion_pytorch_model.safetensors", specs, tensors(), metadata)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return out
 

@@ -41,16 +41,25 @@ class TensorFile:
     metadata: dict[str, str]
     source: Path
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # byte range in its file
+    scales: dict[str, str] = field(default_factory=dict)  # scaled fp8: weight -> its scale's key
 
     def get(self, key: str) -> Tensor:
-        """Read one tensor into memory (plain reads, no mmap: only this tensor becomes resident)."""
+        """Read one tensor into memory (plain reads, no mmap: only this tensor becomes resident);
+        a scaled fp8 weight comes back dequantized, in float32."""
+        t = self._read(key).reshape(self.shapes[key])
+        if scale := self.scales.get(key):  # a scalar, or one per output row
+            t = t.float() * self._read(scale).float().reshape(-1, *[1] * (t.ndim - 1))
+        return t
+
+    def _read(self, key: str) -> Tensor:
+        """The tensor's bytes in its dtype, flat."""
         start, end = self.spans[key]
         data = torch.empty(end - start, dtype=torch.uint8)
         with open(self.files[key], "rb") as f:
             f.seek(start)
             if f.readinto(data.numpy()) != end - start:
                 raise ValueError(f"{self.files[key]} ended early reading {key}: download it again")
-        return data.view(self.dtypes[key]).reshape(self.shapes[key])
+        return data.view(self.dtypes[key])
 
     def where(self, key: str) -> str:
         """The file a tensor lives in, for error messages."""
@@ -84,9 +93,40 @@ def _read_file(path: Path, into: TensorFile | None = None) -> TensorFile:
     return tfile
 
 
-def open_tensors(path: str | Path) -> TensorFile:
-    """Open a .safetensors file, or a folder holding one file or an index.json with shards."""
-    path = Path(path)
+def within(tfile: TensorFile, prefix: str) -> TensorFile:
+    """The tensors under `prefix` (one model of a bundled checkpoint), named without it."""
+    keys = {k: k[len(prefix) :] for k in tfile.shapes if k.startswith(prefix)}
+    view = TensorFile({}, {}, {}, tfile.metadata, tfile.source)
+    for table in ("files", "shapes", "dtypes", "spans"):
+        getattr(view, table).update({new: getattr(tfile, table)[k] for k, new in keys.items()})
+    return view
+
+
+def fold_scales(tfile: TensorFile) -> TensorFile:
+    """ComfyUI's "scaled fp8" files: each float8 `X.weight` has a float32 `X.scale_weight` (the
+    value is weight * scale; biases are stored unscaled), an `X.scale_input` (for fp8 matmuls,
+    unused: we dequantize) and a `scaled_fp8` marker. Afterwards `get` dequantizes the weights
+    and the scale, input-scale and marker tensors are no longer listed."""
+    if "scaled_fp8" not in tfile.shapes:
+        return tfile
+    for key in [k for k in tfile.shapes if k.endswith((".scale_weight", ".scale_input"))]:
+        weight = key.rsplit(".", 1)[0] + ".weight"
+        if key.endswith(".scale_weight") and weight in tfile.shapes:
+            tfile.scales[weight] = key  # still readable; no longer listed in `shapes`
+        del tfile.shapes[key]
+    del tfile.shapes["scaled_fp8"]
+    return tfile
+
+
+def open_tensors(path: str | Path, prefix: str = "") -> TensorFile:
+    """Open a .safetensors file, or a folder holding one file or an index.json with shards; with
+    `prefix`, only the tensors under it (one model of a bundle). Scaled fp8 reads dequantized."""
+    tfile = _open(Path(path))
+    return fold_scales(within(tfile, prefix) if prefix else tfile)
+
+
+def _open(path: Path) -> TensorFile:
+    """open_tensors without the prefix and the scales."""
     if path.is_file():
         return _read_file(path)
     if not path.is_dir():

@@ -21,6 +21,7 @@ from torch import nn
 
 from .autoencoder import AutoEncoder
 from .compiling import compile_blocks, first_step_timed
+from .config import DIT360_LORA
 from .fp8 import quantize_fp8
 from .image import to_pil
 from .layers import attention_backend
@@ -30,6 +31,7 @@ from .options import Options, SampleOptions
 from .panorama import Grid
 from .report import Report
 from .sampling import Conditioning, denoise, noise, schedule
+from .sources import flagged
 
 # GPU memory (GB) each mode needs for flux-dev at 1024x2048 in bf16, estimated from the parts'
 # sizes (T5-XXL 9.5, the transformer without its modulation 17.2, activations ~2; one at a time):
@@ -51,19 +53,55 @@ def computed_ahead(model: Flux) -> list[nn.Module]:
     return [*model.modulation_layers(), *model.embedders()]
 
 
+def lora_source(opts: Options, log: Callable[[str], None] | None = None) -> str | None:
+    """--lora; auto: DiT360's published LoRA, unless the transformer has a LoRA merged in already
+    (`convert_weights.py --merge` records it in the file), which is then said through `log`."""
+    from .weights import MERGED_KEY
+
+    if opts.lora != "auto":
+        return opts.lora
+    part = opts.sources().transformer
+    if merged := part.open().metadata.get(MERGED_KEY):
+        if log:
+            log(f"LoRA: none added; {part} has one merged in ({merged})")
+        return None
+    return DIT360_LORA
+
+
+def check_inputs(opts: Options) -> None:
+    """Resolve every weight file and check its headers against its model, the tokenizers and the
+    LoRA (against the transformer) before anything loads: a mistake costs seconds, not minutes and
+    33 GB read. The LoRA is found first, so a typo fails before --base downloads anything."""
+    from .lora_formats import find_lora, read_lora
+    from .text import check_encoder, load_tokenizers
+    from .weights import read_autoencoder, read_flux
+
+    if opts.lora not in (None, "auto"):
+        flagged("--lora", find_lora, opts.lora)
+    src = opts.sources()
+    flag = {p: f"--{p}" if getattr(opts, p) else "--base" for p in ("transformer", "t5", "clip")}
+    model = flagged(flag["transformer"], read_flux, src.transformer)[2]
+    for kind in ("t5", "clip"):
+        flagged(flag[kind], check_encoder, getattr(src, kind), kind)
+    flagged("--vae" if opts.vae else "--base", read_autoencoder, src.vae)
+    flagged("--base", load_tokenizers, src)
+    if lora := lora_source(opts):
+        flagged("--lora", read_lora, lora, model)
+
+
 def load_model(opts: Options, offload: str = "none", log: Callable[[str], None] = print) -> Flux:
     """The transformer with the LoRA (merged unless asked otherwise), parked in CPU memory except,
     with offload none, what denoising needs: that is loaded onto the device."""
     from .weights import load_flux
 
     on_cpu = computed_ahead if offload == "none" else (lambda m: [m])
-    model = load_flux(opts.base, opts.device, opts.dtype, on_cpu=on_cpu)
-    if opts.lora:
+    model = load_flux(opts.sources().transformer, opts.device, opts.dtype, on_cpu=on_cpu)
+    if lora := lora_source(opts, log):
         from .lora_formats import load_lora
 
         how = "merged into the weights" if opts.merge_lora else "as adapters"
-        log(f"LoRA {opts.lora} at scale {opts.lora_scale}, {how}")
-        load_lora(model, opts.lora, scale=opts.lora_scale, merge=opts.merge_lora)
+        log(f"LoRA {lora} at scale {opts.lora_scale}, {how}")
+        load_lora(model, lora, scale=opts.lora_scale, merge=opts.merge_lora)
     if opts.fp8:  # after the merge: a LoRA folds into the full-precision weights
         quantize_fp8(model)
     park(nn.ModuleList(on_cpu(model)))  # pinned CPU memory on a CUDA machine
@@ -147,7 +185,7 @@ def encode_prompts(opts: Options, prompts: list[str], offload: str) -> dict[str,
     """Each distinct prompt encoded alone (as one image encodes it), the encoders loaded once."""
     from .text import encode_prompt, load_text_encoders
 
-    enc = load_text_encoders(opts.base, opts.device, opts.dtype, offload)
+    enc = load_text_encoders(opts.sources(), opts.device, opts.dtype, offload)
     return {p: Conditioning(*encode_prompt(enc, [p])) for p in dict.fromkeys(prompts)}
 
 
@@ -199,6 +237,7 @@ def load_vae(opts: Options, offload: str = "none") -> AutoEncoder:
     parked in CPU memory with offload model or blocks."""
     from .weights import load_autoencoder
 
-    vae = load_autoencoder(opts.base, opts.device if offload == "none" else "cpu", opts.dtype)
+    home = opts.device if offload == "none" else "cpu"
+    vae = load_autoencoder(opts.sources().vae, home, opts.dtype)
     vae.set_circular(decoder=opts.seamless_vae, encoder=opts.seamless_vae)
     return vae if offload == "none" else park(vae)

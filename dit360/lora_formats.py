@@ -85,8 +85,8 @@ def plan_lora(
     return plan
 
 
-def read_lora(src: str | Path, model: nn.Module) -> LoraPlan:
-    """Read a LoRA from a repo id, folder or .safetensors file and map it onto `model`."""
+def find_lora(src: str | Path) -> Path:
+    """The LoRA's .safetensors file in a repo id (fetched: it is small), folder or file."""
     path = resolve(src, ["*.safetensors", "*.json"], "a LoRA .safetensors file or a folder of one")
     if path.is_dir():
         usual = [path / "adapter_model.safetensors", path / "pytorch_lora_weights.safetensors"]
@@ -95,6 +95,12 @@ def read_lora(src: str | Path, model: nn.Module) -> LoraPlan:
             found = [f.name for f in files]
             raise FileNotFoundError(f"{path} must hold one LoRA .safetensors file, found {found}")
         path = files[0]
+    return path
+
+
+def read_lora(src: str | Path, model: nn.Module) -> LoraPlan:
+    """Read a LoRA from a repo id, folder or .safetensors file and map it onto `model`."""
+    path = find_lora(src)
     tfile, config = open_tensors(path), None
     if (config_file := path.parent / "adapter_config.json").is_file():
         config = json.loads(config_file.read_text())

@@ -16,6 +16,7 @@ from .config import DIT360_LORA, FLUX_DEV
 from .layers import BACKENDS
 from .offload import MODES as OFFLOADS
 from .panorama import Grid
+from .sources import Sources, resolve_sources
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MASK_PADS = ("reference", "wrap")  # how Grid.wrap_mask fills the pad columns of an edit mask
@@ -45,8 +46,22 @@ def opt(default: Any, help: str, **flag: Any) -> Any:
 class Options:
     """What generation and editing share: the weights, the sampler, the VAE, the device."""
 
-    base: str = opt(FLUX_DEV, "FLUX.1-dev repo id, or a folder in its layout")
-    lora: str | None = opt(DIT360_LORA, "LoRA repo id, folder or .safetensors file; 'none'")
+    base: str | None = opt(
+        None,
+        "FLUX.1-dev repo id or folder, a folder of ComfyUI model files, or one .safetensors file "
+        f"(a transformer, or a checkpoint bundling all parts); default {FLUX_DEV}",
+    )
+    transformer: str | None = opt(
+        None, "the transformer alone: .safetensors (BFL, diffusers, ComfyUI; fp8 too) or folder"
+    )
+    t5: str | None = opt(None, "T5-XXL alone: e.g. t5xxl_fp16.safetensors, or a folder")
+    clip: str | None = opt(None, "CLIP-L alone: e.g. clip_l.safetensors, or a folder")
+    vae: str | None = opt(None, "the VAE alone: e.g. ae.safetensors, or a diffusers vae/ folder")
+    lora: str | None = opt(
+        "auto",
+        "LoRA repo id, folder or .safetensors file; none; auto: DiT360's published LoRA "
+        f"({DIT360_LORA}) unless the transformer has a LoRA merged in (convert_weights --merge)",
+    )
     lora_scale: float = opt(1.0, "weight of the LoRA")
     merge_lora: bool = opt(True, "fold the LoRA into the weights (no cost per step)")
     steps: int = opt(28, "sampling steps")
@@ -95,6 +110,11 @@ class Options:
         self.lora = None if str(self.lora).lower() == "none" else self.lora
         dtype = self.dtype or ("bf16" if dev.type == "cuda" else "fp32")
         self.dtype = DTYPES.get(dtype, dtype)
+
+    def sources(self) -> Sources:
+        """Where every model's weights are (resolved once; repo ids fetch only what is needed)."""
+        paths = (self.base, self.transformer, self.t5, self.clip, self.vae)
+        return resolve_sources(*(None if p is None else str(p) for p in paths))
 
 
 @dataclass

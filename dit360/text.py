@@ -13,17 +13,25 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
-from .files import open_tensors, resolve
+from .files import TensorFile
 from .offload import MODES, lent, park, stream
 from .report import free
+from .sources import Part, Sources, config_beside, resolve_sources
 
-TEXT_FOLDERS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
-LAYOUT = (
-    "a FLUX.1-dev folder with tokenizer/ (CLIP), tokenizer_2/ (T5), text_encoder/ (CLIP) and "
-    "text_encoder_2/ (T5), or a Hugging Face repo id such as black-forest-labs/FLUX.1-dev"
-)
+# CLIP-L as FLUX.1-dev's text_encoder/config.json has it; sizes come from the tensors. Heads are
+# 64 wide in CLIP-L (and G); eos_token_id 2 makes CLIP pool at argmax(ids), the first end token.
+CLIP_L = dict(hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
+# Tensors the CLIP-L files carry that CLIPTextModel has not (ComfyUI's and older saves).
+CLIP_EXTRAS = ("text_projection.weight", "logit_scale", "text_model.embeddings.position_ids")
 
 
 @dataclass
@@ -46,53 +54,140 @@ def _fp32(name: str, dtype: torch.dtype) -> bool:
     return not keep.isdisjoint(name.split("."))
 
 
-def load_t5(folder: Path, device: torch.device | str, dtype: torch.dtype) -> T5EncoderModel:
-    """T5 built on the meta device and filled from its safetensors tensor by tensor, straight onto
-    `device`: unlike from_pretrained then .to(device), the host never stages the whole model."""
+def t5_config(tfile: TensorFile) -> T5Config:
+    """T5 encoder sizes from the tensors (the relative position table is (buckets, heads))."""
+    shapes = tfile.shapes
+    vocab, d_model = shapes.get("shared.weight") or shapes["encoder.embed_tokens.weight"]
+    buckets, heads = shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    ff = "encoder.block.0.layer.1.DenseReluDense."
+    gated = ff + "wi_0.weight" in shapes
+    return T5Config(
+        vocab_size=vocab, d_model=d_model, num_heads=heads, relative_attention_num_buckets=buckets,
+        d_kv=shapes["encoder.block.0.layer.0.SelfAttention.q.weight"][0] // heads,
+        d_ff=shapes[ff + ("wi_0.weight" if gated else "wi.weight")][0],
+        num_layers=len({k.split(".")[2] for k in shapes if k.startswith("encoder.block.")}),
+        feed_forward_proj="gated-gelu" if gated else "relu", relative_attention_max_distance=128,
+        layer_norm_epsilon=1e-6, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def clip_config(tfile: TensorFile) -> CLIPTextConfig:
+    """CLIP text encoder sizes from the tensors, the rest as FLUX.1-dev's CLIP-L."""
+    shapes = {k.removeprefix("text_model."): v for k, v in tfile.shapes.items()}
+    vocab, hidden = shapes["embeddings.token_embedding.weight"]
+    return CLIPTextConfig(
+        vocab_size=vocab, hidden_size=hidden, num_attention_heads=max(1, hidden // 64),
+        max_position_embeddings=shapes["embeddings.position_embedding.weight"][0],
+        intermediate_size=shapes["encoder.layers.0.mlp.fc1.weight"][0],
+        num_hidden_layers=len({k.split(".")[2] for k in shapes if k.startswith("encoder.layers.")}),
+        projection_dim=hidden, **CLIP_L,
+    )  # fmt: skip
+
+
+def read_encoder(part: Part, kind: str) -> tuple[TensorFile, T5Config | CLIPTextConfig]:
+    """A text encoder's tensors (headers) and config: the config.json in its folder, else sizes
+    read from the tensors (single files: ComfyUI's t5xxl_*.safetensors, clip_l.safetensors)."""
+    tfile = part.open()
+    cls, model_type, infer = ENCODERS[kind]
+    config = config_beside(part.path, model_type=model_type) if not part.prefix else None
+    try:
+        config = cls.from_dict(config) if config else infer(tfile)
+    except KeyError as e:
+        raise ValueError(f"{part} is not a {kind.upper()} text encoder: no tensor {e}") from None
+    return tfile, config
+
+
+ENCODERS = {
+    "t5": (T5Config, "t5", t5_config),
+    "clip": (CLIPTextConfig, "clip_text_model", clip_config),
+}
+MODELS = {"t5": T5EncoderModel, "clip": CLIPTextModel}
+
+
+def check_encoder(part: Part, kind: str) -> None:
+    """Fail now if the file's tensors do not fit the encoder its config describes."""
+    tfile, config = read_encoder(part, kind)
     with torch.device("meta"):
-        t5 = T5EncoderModel(T5Config.from_pretrained(folder))
-    tfile = open_tensors(folder)
+        model = MODELS[kind](config)
+    _keys(model, tfile, part)
+
+
+def _keys(model: nn.Module, tfile: TensorFile, part: Part) -> dict[int, str]:
+    """For each parameter (by id): the file's key for it; ValueError naming what is missing,
+    misshapen or left over. Files may spell CLIP with or without transformers 4's `text_model.`."""
     names: dict[int, list[str]] = {}  # tied weights (shared, encoder.embed_tokens): one tensor
-    for name, p in t5.named_parameters(remove_duplicate=False):
+    for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
-    for p in list(t5.parameters()):
-        key = next((k for k in names[id(p)] if k in tfile.shapes), None)
-        if key is None or tfile.shapes[key] != p.shape:
-            raise ValueError(f"{tfile.source}: no tensor {names[id(p)][0]} of shape {p.shape}")
+    keys, used, problems = {}, set(), []
+    params = {id(p): p for p in model.parameters()}
+    for pid, ns in names.items():
+        spellings = [s for n in ns for s in (n, "text_model." + n, n.removeprefix("text_model."))]
+        key = next((k for k in spellings if k in tfile.shapes), None)
+        if key is None or tfile.shapes[key] != params[pid].shape:
+            problems.append(f"{ns[0]} {tuple(params[pid].shape)}")
+        else:
+            keys[pid] = key
+            used.update(k for k in spellings if k in tfile.shapes)
+    extra = [k for k in tfile.shapes if k not in used and k not in CLIP_EXTRAS]
+    if problems or extra:
+        raise ValueError(
+            f"{part} does not fit its {type(model).__name__}: missing or misshapen "
+            f"{problems[:5]}, unexpected {extra[:5]}"
+        )
+    return keys
+
+
+def load_encoder(
+    part: Part, kind: str, device: torch.device | str, dtype: torch.dtype
+) -> T5EncoderModel | CLIPTextModel:
+    """A text encoder built on the meta device and filled from its safetensors tensor by tensor,
+    straight onto `device`: unlike from_pretrained then .to(device), the host never stages the
+    whole model. float8 files (ComfyUI's t5xxl_fp8_e4m3fn, scaled or not) load upcast."""
+    tfile, config = read_encoder(part, kind)
+    with torch.device("meta"):
+        model = MODELS[kind](config)
+    keys = _keys(model, tfile, part)
+    for p in list(model.parameters()):
+        key = keys[id(p)]
         t = tfile.get(key).to(torch.float32 if _fp32(key, dtype) else dtype).to(device)
         torch.utils.swap_tensors(p, nn.Parameter(t, requires_grad=False))  # ties hold
-    return t5.eval().requires_grad_(False)
+    for module in model.modules():  # CLIP's position ids: a buffer the file need not hold
+        for name, buf in module.named_buffers(recurse=False):
+            if buf.is_meta:
+                module.register_buffer(
+                    name,
+                    torch.arange(buf.shape[-1], device=device).expand(buf.shape),
+                    persistent=False,
+                )
+    return model.eval().requires_grad_(False)
 
 
 def load_text_encoders(
-    base: str | Path,
+    src: str | Path | Sources,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     offload: str = "none",
 ) -> TextEncoders:
-    """Load CLIP and T5 with their tokenizers from a FLUX.1-dev folder or repo id, frozen; with
-    `offload` "model" or "blocks" they wait parked in (pinned) host memory, see `dit360.offload`."""
+    """Load CLIP and T5 with their tokenizers (`Sources`, or a FLUX.1-dev folder or repo id),
+    frozen; with `offload` "model" or "blocks" they wait parked in (pinned) host memory, see
+    `dit360.offload`."""
     if offload not in MODES:
         raise ValueError(f"offload must be one of {', '.join(MODES)}, got {offload!r}")
-    path = resolve(base, [f"{name}/*" for name in TEXT_FOLDERS], LAYOUT)
-    if not path.is_dir():
-        raise ValueError(f"{path} is a file, but the text encoders need {LAYOUT}")
-    for name in TEXT_FOLDERS:
-        if not (path / name).is_dir():
-            raise FileNotFoundError(f"{path / name} is missing; expected {LAYOUT}")
+    src = src if isinstance(src, Sources) else resolve_sources(str(src), parts=("t5", "clip"))
     home = device if offload == "none" else "cpu"
-    clip = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype)  # small: ~250 MB
-    clip = clip.to(home).eval().requires_grad_(False)
-    t5 = load_t5(path / "text_encoder_2", home, dtype)  # ~9.5 GB in bf16
+    clip = load_encoder(src.clip, "clip", home, dtype)  # small: ~250 MB
+    t5 = load_encoder(src.t5, "t5", home, dtype)  # ~9.5 GB in bf16
     if offload != "none":  # pinned host memory, tensor by tensor
         clip, t5 = park(clip), park(t5)
-    return TextEncoders(
-        clip_tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer"),
-        clip=clip,
-        t5_tokenizer=T5TokenizerFast.from_pretrained(path / "tokenizer_2"),
-        t5=t5,
-        device=torch.device(device),
-        offload=offload,
+    clip_tokenizer, t5_tokenizer = load_tokenizers(src)
+    return TextEncoders(clip_tokenizer, clip, t5_tokenizer, t5, torch.device(device), offload)
+
+
+def load_tokenizers(src: Sources) -> tuple[CLIPTokenizer, T5TokenizerFast]:
+    """CLIP's and T5's tokenizers (small: also loaded to check them before the models)."""
+    return (
+        CLIPTokenizer.from_pretrained(src.clip_tokenizer),
+        T5TokenizerFast.from_pretrained(src.t5_tokenizer),
     )
 
 

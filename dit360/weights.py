@@ -10,7 +10,6 @@ carried over) or full keys; `{i}` stands for a block index. Ops:
 - squeeze:  ours is a 1x1 conv weight (O, I, 1, 1), theirs the same as a linear (O, I).
 """
 
-import json
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,13 +22,15 @@ from tqdm.auto import tqdm
 
 from . import autoencoder as ae
 from . import config as cfg
-from .files import TensorFile, open_tensors, resolve
+from .files import TensorFile
 from .model import Flux
+from .sources import Part, config_beside, find_part
 
 Rule = tuple[str, str, str | tuple[str, ...]]
 
-# safetensors metadata keys under which we store our FluxParams / AutoEncoderParams as JSON
-FLUX_CONFIG_KEY, AE_CONFIG_KEY = "dit360_config", "dit360_ae_config"
+# safetensors metadata keys under which we store our FluxParams / AutoEncoderParams as JSON, and
+# the LoRA a converted transformer has merged in ({"lora": source, "scale": weight})
+FLUX_CONFIG_KEY, AE_CONFIG_KEY, MERGED_KEY = "dit360_config", "dit360_ae_config", "dit360_merged"
 
 _DOUBLE = "double_blocks.{i}."
 _D = "transformer_blocks.{i}."
@@ -206,6 +207,12 @@ def stream_tensors(
         yield name, build(tfile, *plan.sources[name]).to(dtype)  # dtype None: as stored
 
 
+def stored_dtype(tfile: TensorFile, key: str) -> torch.dtype:
+    """The dtype `key` is stored in, but bfloat16 for float8 (ComfyUI's fp8 files: norms cannot
+    run in float8, and scaled fp8 weights read dequantized)."""
+    return torch.bfloat16 if tfile.dtypes[key].itemsize == 1 else tfile.dtypes[key]
+
+
 def fill(
     model: nn.Module,
     tfile: TensorFile,
@@ -214,12 +221,9 @@ def fill(
     dtype: torch.dtype | None,
     on_cpu: Callable[[nn.Module], list[nn.Module]] | None = None,
 ) -> nn.Module:
-    """Fill a meta-device model tensor by tensor (one copy); dtype None keeps the file's, but
-    bf16 for a float8 file (ComfyUI's fp8 FLUX: no scales, its values are the weights). The
+    """Fill a meta-device model tensor by tensor (one copy); dtype None: `stored_dtype`. The
     modules `on_cpu(model)` lists are filled in CPU memory, the rest on `device`."""
-    if dtype is None:
-        dtype = tfile.dtypes[next(iter(plan.sources.values()))[1][0]]
-        dtype = torch.bfloat16 if dtype.itemsize == 1 else dtype  # norms cannot run in float8
+    dtype = dtype or stored_dtype(tfile, plan.sources[next(iter(plan.sources))][1][0])
     model = model.to(dtype)
     cpu = {id(m) for top in (on_cpu(model) if on_cpu else []) for m in top.modules()}
     for m in model.modules():
@@ -231,13 +235,6 @@ def fill(
     return model.eval().requires_grad_(False)
 
 
-def diffusers_config(path: Path, cls: str) -> dict | None:
-    """The diffusers config.json of a `cls` model beside its weights (`path`: file or folder)."""
-    file = (path if path.is_dir() else path.parent) / "config.json"
-    config = json.loads(file.read_text()) if file.is_file() else {}
-    return config if config.get("_class_name") == cls else None
-
-
 def meta_flux(params: cfg.FluxParams) -> Flux:
     """The model on the meta device: shapes and names, no memory."""
     with torch.device("meta"):
@@ -245,21 +242,16 @@ def meta_flux(params: cfg.FluxParams) -> Flux:
 
 
 def read_flux(
-    src: str | Path, axes_dim: tuple[int, ...] | None = None
+    src: str | Path | Part, axes_dim: tuple[int, ...] | None = None
 ) -> tuple[TensorFile, KeyPlan, Flux]:
-    """Open a FLUX transformer (file, folder in the FLUX.1-dev or `transformer/` layout, or repo id)
-    and check its headers against its meta model. The config comes from (in order) a diffusers
-    config.json beside diffusers-named weights, our metadata, the shapes."""
-    expected = "a FLUX transformer .safetensors file or folder"
-    path = resolve(src, ["transformer/*.safetensors", "transformer/*.json"], expected)
-    if path.is_dir() and (path / "transformer").is_dir():
-        path = path / "transformer"
-    tfile = open_tensors(path)
-    diffusers = "x_embedder.weight" in tfile.shapes
-    if not diffusers and not any(k.endswith("img_in.weight") for k in tfile.shapes):
-        raise ValueError(f"{tfile.source} holds no FLUX transformer (no img_in or x_embedder)")
+    """Open a FLUX transformer (a `Part`, or a file, folder or repo id to find it in) and check its
+    headers against its meta model. The config comes from (in order) a diffusers config.json
+    beside diffusers-named weights, our metadata, the shapes."""
+    part = src if isinstance(src, Part) else find_part(src, "transformer")
+    tfile = part.open()
+    diffusers = any(strip_prefix(k) == "x_embedder.weight" for k in tfile.shapes)
     plan = plan_from(tfile, FLUX_DIFFUSERS if diffusers else None)
-    if config := diffusers and diffusers_config(path, "FluxTransformer2DModel"):
+    if config := diffusers and config_beside(part.path, _class_name="FluxTransformer2DModel"):
         params = cfg.from_diffusers_config(config)
     elif FLUX_CONFIG_KEY in tfile.metadata:
         params = cfg.FluxParams.from_json(tfile.metadata[FLUX_CONFIG_KEY])
@@ -332,28 +324,18 @@ def ae_diffusers(levels: int = 4) -> list[Rule]:
 AE_DIFFUSERS: list[Rule] = ae_diffusers(4)  # FLUX.1's VAE
 
 
-def load_autoencoder(
-    src: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32
-) -> ae.AutoEncoder:
-    """Load the FLUX VAE from BFL's `ae.safetensors`, a diffusers `vae/` folder, a FLUX.1-dev
-    folder or a repo id, tensor by tensor. The config comes from (in order) a diffusers
-    config.json, our metadata, the shapes. float32 by default, as diffusers upcasts this VAE
-    (`force_upcast`); dtype None keeps the file's."""
-    expected = "a FLUX ae.safetensors file, a diffusers vae/ folder or a FLUX.1-dev folder"
-    path = resolve(src, ["vae/*"], expected)
-    if path.is_dir() and not (path / "vae").is_dir() and not any(path.glob("*.safetensors")):
-        path = resolve(src, ["ae.safetensors"], expected)  # a repo with BFL's single file only
-    if path.is_dir() and (path / "vae").is_dir():
-        path = path / "vae"
-    elif path.is_dir() and (path / "ae.safetensors").is_file():
-        path = path / "ae.safetensors"
-    tfile = open_tensors(path)
+def read_autoencoder(src: str | Path | Part) -> tuple[TensorFile, KeyPlan, ae.AutoEncoder]:
+    """Open the FLUX VAE (a `Part`, or BFL's `ae.safetensors`, a diffusers `vae/` folder, a
+    FLUX.1-dev folder or repo id) and check its headers against its meta model. The config comes
+    from (in order) a diffusers config.json, our metadata, the shapes."""
+    part = src if isinstance(src, Part) else find_part(src, "vae")
+    tfile = part.open()
     diffusers = any(k.startswith("encoder.down_blocks.") for k in tfile.shapes)
     if not diffusers and not any(k.startswith("encoder.down.") for k in tfile.shapes):
-        raise ValueError(f"{tfile.source} holds no FLUX autoencoder (no encoder.down weights)")
+        raise ValueError(f"{part} holds no FLUX autoencoder (no encoder.down weights)")
     levels = len({k.split(".")[2] for k in tfile.shapes if k.startswith("decoder.up_blocks.")})
     plan = plan_from(tfile, ae_diffusers(levels) if diffusers else None)
-    if config := diffusers and diffusers_config(path, "AutoencoderKL"):
+    if config := diffusers and config_beside(part.path, _class_name="AutoencoderKL"):
         params = cfg.ae_from_diffusers_config(config)
     elif AE_CONFIG_KEY in tfile.metadata:
         params = cfg.AutoEncoderParams.from_json(tfile.metadata[AE_CONFIG_KEY])
@@ -362,4 +344,15 @@ def load_autoencoder(
     with torch.device("meta"):
         model = ae.AutoEncoder(params)
     check_plan(plan, {k: tuple(v.shape) for k, v in model.state_dict().items()}, tfile)
+    return tfile, plan, model
+
+
+def load_autoencoder(
+    src: str | Path | Part,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+) -> ae.AutoEncoder:
+    """Load the FLUX VAE (see `read_autoencoder`) tensor by tensor; float32 by default, as
+    diffusers upcasts this VAE (`force_upcast`); dtype None keeps the file's."""
+    tfile, plan, model = read_autoencoder(src)
     return fill(model, tfile, plan, device, dtype)

@@ -51,7 +51,6 @@ BAD = [
     ("--base {base}", "required: --out", 2),
     ("--base {base} --out {out}/a.safetensors --bogus", "unrecognized arguments: --bogus", 2),
     ("--base {base} --merge --out {out}/a.safetensors", "give --base, --lora, or both", 2),
-    ("--base {base} --lora {lora} --merge --to diffusers --out {out}/m", "bfl.* layout only", 2),
     ("--base {base} --lora {lora} --to diffusers --out {out}/p", "--to sets the layout", 2),
     ("--base {base} --lora {lora} --merge --lora-scale nan --out {out}/a.safetensors", "finite", 2),
     ("--base {base} --lora {lora} --merge --lora-scale inf --out {out}/a.safetensors", "finite", 2),

@@ -15,9 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
-from transformers import T5Config, T5EncoderModel
+from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
 from dit360 import offload, text
+from dit360.sources import Part
 
 CUDA = pytest.mark.gpu  # deselected by default (pyproject): run with `pytest -m gpu` on a GPU
 PROMPTS = [
@@ -77,25 +78,29 @@ def test_encode_frees_and_matches(tiny_flux: Path) -> None:
 
 def test_missing_folder(tmp_path: Path) -> None:
     """A missing local folder names the path and the expected layout."""
-    with pytest.raises(FileNotFoundError, match="does-not-exist.*text_encoder_2"):
-        text.load_text_encoders(tmp_path / "does-not-exist")
-    with pytest.raises(FileNotFoundError, match="does-not-exist.*text_encoder_2"):
-        text.load_text_encoders(f"{tmp_path}/does-not-exist")
+    for src in (tmp_path / "does-not-exist", f"{tmp_path}/does-not-exist"):
+        with pytest.raises(FileNotFoundError, match="does-not-exist: no such.*FLUX.1-dev folder"):
+            text.load_text_encoders(src)
 
 
 def test_missing_subfolder(tiny_flux: Path, tmp_path: Path) -> None:
     """A folder without text_encoder_2/ names the missing subfolder."""
     for name in ("tokenizer", "tokenizer_2", "text_encoder"):
         shutil.copytree(tiny_flux / name, tmp_path / name)
-    with pytest.raises(FileNotFoundError, match="text_encoder_2 is missing.*FLUX.1-dev"):
+    with pytest.raises(ValueError, match="holds the CLIP-L but no T5-XXL: give --t5 .*FLUX.1-dev"):
         text.load_text_encoders(tmp_path)
 
 
-def test_file_instead_of_folder(tmp_path: Path) -> None:
-    """A single file is not a text-encoder source."""
-    (tmp_path / "flux1-dev.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="is a file"):
-        text.load_text_encoders(tmp_path / "flux1-dev.safetensors")
+def test_transformer_file_has_no_text_encoders(tiny_flux: Path, tmp_path: Path) -> None:
+    """A transformer-only file as the source names the flags of the missing encoders."""
+    from dit360.convert import convert_flux
+
+    file = convert_flux(tiny_flux, tmp_path / "flux1-dev.safetensors")
+    with pytest.raises(ValueError, match=r"holds no T5-XXL, CLIP-L: give --t5 \(e.g. t5xxl"):
+        text.load_text_encoders(file)
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.safetensors is not a readable safetensors file"):
+        text.load_text_encoders(tmp_path / "empty.safetensors")
 
 
 def test_repo_not_cached_offline() -> None:
@@ -145,7 +150,7 @@ def test_load_t5_matches_from_pretrained(tiny_flux: Path, dtype: torch.dtype) ->
     keeps T5's `wo` in float32), with the embedding still tied."""
     folder = tiny_flux / "text_encoder_2"
     want = T5EncoderModel.from_pretrained(folder, dtype=dtype).state_dict()
-    t5 = text.load_t5(folder, "cpu", dtype)
+    t5 = text.load_encoder(Part(folder), "t5", "cpu", dtype)
     got = t5.state_dict()
     assert list(got) == list(want)
     for k, v in want.items():
@@ -157,6 +162,19 @@ def test_load_t5_matches_from_pretrained(tiny_flux: Path, dtype: torch.dtype) ->
     assert not any(p.requires_grad for p in t5.parameters()) and not t5.training
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_load_clip_matches_from_pretrained(tiny_flux: Path, dtype: torch.dtype) -> None:
+    """Our meta-device CLIP loader gives from_pretrained's tensors exactly, position ids too."""
+    folder = tiny_flux / "text_encoder"
+    want = CLIPTextModel.from_pretrained(folder, dtype=dtype)
+    got = text.load_encoder(Part(folder), "clip", "cpu", dtype)
+    assert list(got.state_dict()) == list(want.state_dict())
+    for (k, a), b in zip(got.state_dict().items(), want.state_dict().values(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), k
+    for (k, a), b in zip(got.named_buffers(), want.buffers(), strict=True):
+        assert torch.equal(a, b), k
+
+
 def test_load_t5_tied_name(tiny_flux: Path, tmp_path: Path) -> None:
     """A T5 file that names the embedding encoder.embed_tokens.weight (not shared.weight) loads."""
     src = tiny_flux / "text_encoder_2"
@@ -165,15 +183,15 @@ def test_load_t5_tied_name(tiny_flux: Path, tmp_path: Path) -> None:
     tmp_path.joinpath("config.json").write_text(src.joinpath("config.json").read_text())
     save_file(state, tmp_path / "model.safetensors")
     got, want = (
-        text.load_t5(tmp_path, "cpu", torch.float32),
-        text.load_t5(src, "cpu", torch.float32),
+        text.load_encoder(Part(tmp_path), "t5", "cpu", torch.float32),
+        text.load_encoder(Part(src), "t5", "cpu", torch.float32),
     )
     for (k, a), b in zip(got.state_dict().items(), want.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     state.pop("encoder.embed_tokens.weight")
     save_file(state, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match="no tensor shared.weight"):
-        text.load_t5(tmp_path, "cpu", torch.float32)
+    with pytest.raises(ValueError, match=r"missing or misshapen \['shared.weight"):
+        text.load_encoder(Part(tmp_path), "t5", "cpu", torch.float32)
 
 
 def on_home(module: torch.nn.Module) -> bool:
@@ -237,7 +255,7 @@ def test_offload_modes_match(tiny_flux: Path, dtype: torch.dtype, device: str) -
 @pytest.mark.filterwarnings("ignore:prompt is")
 def test_sharded_t5_folder(tiny_flux: Path, tmp_path: Path) -> None:
     """A sharded T5 folder (index.json, as FLUX.1-dev ships it) encodes the same in every mode."""
-    for name in text.TEXT_FOLDERS[:3]:
+    for name in ("tokenizer", "tokenizer_2", "text_encoder"):
         shutil.copytree(tiny_flux / name, tmp_path / name)
     t5 = T5EncoderModel.from_pretrained(tiny_flux / "text_encoder_2")
     t5.save_pretrained(tmp_path / "text_encoder_2", max_shard_size="20KB")
@@ -258,15 +276,17 @@ def test_bad_offload(tiny_flux: Path) -> None:
 
 PEAK = """
 import json, sys, torch
+from pathlib import Path
 from dit360 import offload, text
 from dit360.files import open_tensors
+from dit360.sources import Part
 from dit360.report import held_memory_gb, peak_memory_gb, reset_peak
 offload.CHUNK = 2**24  # 16 MiB: parking's transient extra, small next to the model here
 tfile = open_tensors(sys.argv[1])
 size = sum(end - start for start, end in tfile.spans.values())
 reset_peak()
 base = held_memory_gb()
-t5 = text.load_t5(sys.argv[1], "cpu", torch.float32)
+t5 = text.load_encoder(Part(Path(sys.argv[1])), "t5", "cpu", torch.float32)
 loaded = peak_memory_gb() - base
 offload.park(t5)
 print(json.dumps([size / 2**30, loaded, peak_memory_gb() - base]))

@@ -16,7 +16,7 @@ TINY_TRANSFORMER = dict(
     attention_head_dim=16,
     num_attention_heads=2,
     joint_attention_dim=32,
-    pooled_projection_dim=24,
+    pooled_projection_dim=64,
     guidance_embeds=True,
     axes_dims_rope=(4, 6, 6),
 )
@@ -47,7 +47,8 @@ def save_transformer(model, folder: Path, shard: str = "40KB") -> Path:
 
 
 # FLUX.1-dev's VAE, shrunk: same 4 levels (x8 down-sampling), 16 latent channels, no quant convs,
-# the published scale/shift, a mid-block attention; 32 channels per level in 8 groups.
+# the published scale/shift, a mid-block attention; 32 channels per level in FLUX's 32 groups (a
+# BFL ae.safetensors has no config: the groups cannot be read from the shapes).
 TINY_VAE = dict(
     in_channels=3,
     out_channels=3,
@@ -57,7 +58,7 @@ TINY_VAE = dict(
     layers_per_block=1,
     act_fn="silu",
     latent_channels=16,
-    norm_num_groups=8,
+    norm_num_groups=32,
     sample_size=64,
     scaling_factor=0.3611,
     shift_factor=0.1159,
@@ -67,15 +68,16 @@ TINY_VAE = dict(
     mid_block_add_attention=True,
 )
 
-# CLIP-L shrunk: its pooled output (width = hidden size) feeds `pooled_projection_dim`.
+# CLIP-L shrunk: its pooled output (width = hidden size) feeds `pooled_projection_dim`; heads are
+# 64 wide as in CLIP-L (a clip_l.safetensors has no config: the head count follows from that).
 # eos_token_id 2 is what FLUX.1-dev's config says: CLIP then pools at argmax(input_ids), i.e. at
 # the first <|endoftext|>, which is the highest id of the vocabulary.
 TINY_CLIP = dict(
     hidden_size=TINY_TRANSFORMER["pooled_projection_dim"],
-    intermediate_size=48,
+    intermediate_size=96,
     projection_dim=TINY_TRANSFORMER["pooled_projection_dim"],
     num_hidden_layers=2,
-    num_attention_heads=2,
+    num_attention_heads=1,
     max_position_embeddings=77,
     hidden_act="quick_gelu",
     bos_token_id=0,

@@ -1,0 +1,192 @@
+"""Where each model's weights are: the transformer, T5-XXL, CLIP-L, the VAE and the two
+tokenizers, found in the layouts users hold and resolved before anything loads.
+
+- `--base`: a FLUX.1-dev folder or repo id (diffusers layout: transformer/, text_encoder_2/, ...),
+  a folder of ComfyUI-style model files (flux1-dev*.safetensors, t5xxl_*.safetensors,
+  clip_l*.safetensors, ae.safetensors, found by name and checked by content, in subfolders too),
+  or one .safetensors file: a transformer alone, or a ComfyUI checkpoint bundling all four
+  (keys `model.diffusion_model.`, `text_encoders.t5xxl.transformer.`,
+  `text_encoders.clip_l.transformer.`, `vae.`).
+- `--transformer`, `--t5`, `--clip`, `--vae`: a file or folder for that part alone, overriding
+  `--base`'s. Without `--base`, parts nobody names come from black-forest-labs/FLUX.1-dev.
+- Tokenizers come from `--base` when it has them, else from the public, ungated repos FLUX.1-dev's
+  were copied from (openai/clip-vit-large-patch14, google/t5-v1_1-xxl).
+"""
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import TypeVar
+
+from .config import FLUX_DEV
+from .files import TensorFile, open_tensors, resolve
+
+T = TypeVar("T")
+PARTS = ("transformer", "t5", "clip", "vae")
+TOKENIZERS = ("clip_tokenizer", "t5_tokenizer")
+FOLDERS = {  # FLUX.1-dev's (diffusers) folders
+    "transformer": "transformer", "t5": "text_encoder_2", "clip": "text_encoder", "vae": "vae",
+    "clip_tokenizer": "tokenizer", "t5_tokenizer": "tokenizer_2",
+}  # fmt: skip
+BUNDLE = {  # the key prefix of each model in a ComfyUI checkpoint
+    "transformer": "model.diffusion_model.", "t5": "text_encoders.t5xxl.transformer.",
+    "clip": "text_encoders.clip_l.transformer.", "vae": "vae.",
+}  # fmt: skip
+MARKERS = {  # a key every layout of the model has (our/BFL, diffusers, transformers 4 and 5)
+    "transformer": ("img_in.weight", "x_embedder.weight"),
+    "t5": ("encoder.final_layer_norm.weight",),
+    "clip": ("text_model.final_layer_norm.weight", "final_layer_norm.weight"),
+    "vae": ("decoder.conv_in.weight",),
+}
+NAMES = {  # ComfyUI's file names, as its model folders hold them
+    "transformer": ("flux*.safetensors",), "t5": ("t5xxl*.safetensors",),
+    "clip": ("clip_l*.safetensors",), "vae": ("ae.safetensors", "*vae*.safetensors"),
+}  # fmt: skip
+WHAT = {"transformer": "FLUX transformer", "t5": "T5-XXL", "clip": "CLIP-L", "vae": "VAE"}
+EXAMPLE = {
+    "transformer": "flux1-dev.safetensors", "t5": "t5xxl_fp16.safetensors",
+    "clip": "clip_l.safetensors", "vae": "ae.safetensors",
+}  # fmt: skip
+TOKENIZER_REPOS = {  # ungated; FLUX.1-dev's tokenizer/ and tokenizer_2/ are copies of these
+    "clip_tokenizer": ("openai/clip-vit-large-patch14", ["vocab.json", "merges.txt", "*.json"]),
+    "t5_tokenizer": ("google/t5-v1_1-xxl", ["spiece.model", "tokenizer*.json", "special*.json"]),
+}
+# `prefix` plus stripping: tools put these in front of a transformer's keys (see weights.PREFIXES)
+TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
+LAYOUT = (
+    "a FLUX.1-dev folder or repo id, a folder of ComfyUI model files, or a .safetensors file "
+    "(then name the parts it lacks with --transformer, --t5, --clip, --vae)"
+)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One model's weights: a .safetensors file or a folder of one (or of shards), and the key
+    prefix of the model inside a bundled checkpoint."""
+
+    path: Path
+    prefix: str = ""
+
+    def open(self) -> TensorFile:
+        """Its tensors (headers only until read), named without the prefix."""
+        return open_tensors(self.path, self.prefix)
+
+    def __str__(self) -> str:
+        return f"{self.path} ({self.prefix}*)" if self.prefix else str(self.path)
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Every model's weights and both tokenizer folders."""
+
+    clip_tokenizer: Path
+    t5_tokenizer: Path
+    transformer: Part | None = None  # None: not asked for
+    t5: Part | None = None
+    clip: Part | None = None
+    vae: Part | None = None
+
+
+def config_beside(path: Path, **match: str) -> dict | None:
+    """The config.json in a part's folder (or beside its file) if it has the `match` fields."""
+    file = (path if path.is_dir() else path.parent) / "config.json"
+    config = json.loads(file.read_text()) if file.is_file() else {}
+    return config if all(config.get(k) == v for k, v in match.items()) else None
+
+
+def in_file(tfile: TensorFile, part: str) -> str | None:
+    """The prefix under which `tfile` holds `part` ("" if unprefixed), or None if it does not."""
+    prefixes = [BUNDLE[part], *(TRANSFORMER_PREFIXES if part == "transformer" else ()), ""]
+    keys = tfile.shapes.keys()
+    return next((p for p in prefixes if any(p + m in keys for m in MARKERS[part])), None)
+
+
+def in_folder(folder: Path, part: str) -> Part | None:
+    """`part` in a folder: FLUX.1-dev's subfolder for it, the folder's own weights, or the one
+    ComfyUI-named file that holds it; None if none does. Several candidates are an error."""
+    if (folder / FOLDERS[part]).is_dir():
+        return Part(folder / FOLDERS[part])
+    if any(folder.glob("*.safetensors")):
+        try:
+            tfile = open_tensors(folder)
+        except FileNotFoundError:  # several files: not one model's folder
+            tfile = None
+        if tfile is not None and (prefix := in_file(tfile, part)) is not None:
+            return Part(folder, prefix)
+    named = {f for pattern in NAMES[part] for f in folder.rglob(pattern) if f.is_file()}
+    found = [Part(f, p) for f in sorted(named) if (p := in_file(open_tensors(f), part)) is not None]
+    if len(found) > 1:
+        names = ", ".join(str(p.path.relative_to(folder)) for p in found)
+        raise ValueError(
+            f"{folder}: several files hold a {WHAT[part]} ({names}); pick one: --{part}"
+        )
+    return found[0] if found else None
+
+
+def find_part(src: str | Path, part: str) -> Part:
+    """`part` in a file, a folder or a repo id (only its folder for `part` is fetched)."""
+    expected = f"a {WHAT[part]} .safetensors file or folder, e.g. {EXAMPLE[part]}"
+    path = resolve(src, [f"{FOLDERS[part]}/*", "*.json"], expected)
+    found = in_folder(path, part) if path.is_dir() else find_in_file(path, part)
+    if found is None:
+        raise ValueError(f"{path} holds no {WHAT[part]}; expected {expected}")
+    return found
+
+
+def find_in_file(path: Path, part: str) -> Part | None:
+    """`part` in one .safetensors file (alone, or bundled with the others), or None."""
+    prefix = in_file(open_tensors(path), part)
+    return None if prefix is None else Part(path, prefix)
+
+
+def tokenizer(root: Path | None, name: str) -> Path:
+    """A tokenizer folder: --base's if it has one, else the ungated repo's (cache or hub)."""
+    if root is not None and root.is_dir() and (root / FOLDERS[name]).is_dir():
+        return root / FOLDERS[name]
+    repo, files = TOKENIZER_REPOS[name]
+    return resolve(repo, files, f"the tokenizer of {repo} (or --base with {FOLDERS[name]}/)")
+
+
+@cache
+def resolve_sources(
+    base: str | None = None,
+    transformer: str | None = None,
+    t5: str | None = None,
+    clip: str | None = None,
+    vae: str | None = None,
+    parts: tuple[str, ...] = PARTS,
+) -> Sources:
+    """Every part (of `parts`) from its own flag, else from `base` (default FLUX.1-dev); tokenizers
+    from `base` or the ungated repos. Repo ids fetch only the folders needed. Errors name the flag
+    to give."""
+    flags = dict(transformer=transformer, t5=t5, clip=clip, vae=vae)
+    flags = {p: src for p, src in flags.items() if p in parts}
+    found = {p: flagged(f"--{p}", find_part, src, p) for p, src in flags.items() if src is not None}
+    missing, root = [p for p in parts if p not in found], None
+    if missing or base is not None:
+        wanted = [f"{FOLDERS[p]}/*" for p in (*missing, *TOKENIZERS)] + ["model_index.json"]
+        root = flagged("--base", resolve, base or FLUX_DEV, wanted, LAYOUT)
+        look = in_folder if root.is_dir() else find_in_file
+        from_base = {p: flagged("--base", look, root, p) for p in missing}
+        if absent := [p for p, part in from_base.items() if part is None]:
+            has = [WHAT[p] for p, part in from_base.items() if part is not None]
+            holds = f"holds the {' and '.join(has)} but" if has else "holds"
+            give = ", ".join(f"--{p} (e.g. {EXAMPLE[p]})" for p in absent)
+            raise ValueError(
+                f"--base {root} {holds} no {', '.join(WHAT[p] for p in absent)}: give {give}, "
+                "or --base a FLUX.1-dev folder or repo id"
+            )
+        found |= from_base
+    tokenizers = {n: flagged("--base", tokenizer, root, n) for n in TOKENIZERS}
+    return Sources(**found, **tokenizers)
+
+
+def flagged(flag: str, find: Callable[..., T], *args: object) -> T:
+    """find(*args), an error's message prefixed by the flag it is about."""
+    try:
+        return find(*args)
+    except (ValueError, OSError) as e:
+        message = str(e) if str(e).startswith("--") else f"{flag}: {e}"
+        raise type(e)(message) from None
