@@ -241,7 +241,7 @@ def check_job(job: EditJob, opts: EditOptions) -> tuple[int, int]:
     return own
 
 
-def pair(a: Conditioning, b: Conditioning) -> Conditioning:
+def cat_rows(a: Conditioning, b: Conditioning) -> Conditioning:
     """A batch [a, b] of two one-row conditionings."""
     cat = lambda x, y: torch.cat([x, y])  # noqa: E731
     return Conditioning(cat(a.txt, b.txt), cat(a.txt_ids, b.txt_ids), cat(a.vec, b.vec))
@@ -280,7 +280,6 @@ def edit_many(
             with lent(vae, dev):  # the posterior mean (the reference: a sample)
                 x0 = grid.pack(vae.encode(pixels.to(dev, dtype)))
             park(vae)  # in CPU memory until the decode: one model on the device at a time
-
         c = x0.shape[-1] // 4
         z, y1 = noise(o.seed, 2, height, width, c)  # target noise, inversion noise (CPU float32)
         if o.reference_noise:
@@ -295,7 +294,7 @@ def edit_many(
                 inverted = invert(model, x0, y1, grid, conds[""], sigmas, o)
             with report.stage("edit"):
                 keep = grid.wrap_mask(keep.flatten(), o.mask_pad)  # (L,): on the padded tokens
-                both = pair(conds[source], conds[job.prompt])
+                both = cat_rows(conds[source], conds[job.prompt])
                 latents, _ = edit(model, inverted, x0, z, keep, grid, both, sigmas, o)
                 check_finite(latents)
         if last:
