@@ -5,40 +5,111 @@ The mask is a PNG of any size: white = keep the source, black = generate (outpai
 --invert regenerates the white region instead (inpainting).
 
 python edit.py --image pano.png --mask mask.png --prompt "This is a panorama image. A village..."
+python edit.py --edits edits.jsonl --out-dir edited   # many edits, each model loaded once
+
+--edits: a .jsonl of rows {"image": ..., "mask": ..., "prompt": ..., and optionally "out"
+(relative to --out-dir), "seed", "invert", "source_prompt", "steps", "guidance"}; image and mask
+paths are relative to the file's folder. Outputs are {index:04d}-seed{seed}.png in --out-dir;
+those already there are skipped (resume). Under torchrun, rank r of w makes rows[r::w] on GPU
+LOCAL_RANK (no process group is needed).
 """
 
 import argparse
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
 
-from dit360.editing import edit_image
+from dit360.batch import checked_jobs, local_device, read_rows, run_batch
+from dit360.editing import EditJob, check_job, edit_image, edit_many
 from dit360.files import exit_on_sigterm
 from dit360.image import open_image, read_rgb, save_panorama
 from dit360.options import EditOptions, Parser, add_flags, fail
 from sample import checked
 
+SINGLE = ("image", "mask", "prompt")  # the flags of one edit, which --edits replaces
+KEYS = {
+    "image": str, "mask": str, "prompt": str, "out": str, "seed": int, "invert": bool,
+    "source_prompt": str, "steps": int, "guidance": (int, float),
+}  # fmt: skip
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = Parser(description=__doc__)
-    p.add_argument("--image", required=True, help="the source panorama (2:1)")
-    p.add_argument("--mask", required=True, help="PNG, white = keep (any size: nearest resize)")
-    p.add_argument("--prompt", required=True, help="the target prompt")
+    p.add_argument("--image", help="the source panorama (2:1)")
+    p.add_argument("--mask", help="PNG, white = keep (any size: nearest resize)")
+    p.add_argument("--prompt", help="the target prompt")
+    p.add_argument(
+        "--edits", type=Path, help="a .jsonl of edits, instead of --image/--mask/--prompt"
+    )
     p.add_argument("--height", type=int, default=1024, help="work at height x 2 height")
     p.add_argument("--resize", action="store_true", help="stretch an image that is not 2:1")
-    p.add_argument("--out", default="edited.png", help=".png or .jpg, with 360 metadata")
+    p.add_argument("--out", help=".png or .jpg, with 360 metadata (default: edited.png)")
+    p.add_argument("--out-dir", type=Path, help="--edits outputs (default: edited)")
     add_flags(p, EditOptions)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    given = [f"--{k.replace('_', '-')}" for k in (*SINGLE, "out") if getattr(args, k) is not None]
+    if args.edits and given:
+        p.error(f"argument --edits: not allowed with argument {given[0]}")
+    missing = [f"--{k}" for k in SINGLE if getattr(args, k) is None]
+    if not args.edits and missing:
+        p.error(f"the following arguments are required: {', '.join(missing)} (or --edits)")
+    if not args.edits and args.out_dir:
+        p.error("argument --out-dir: only with --edits (one edit: --out)")
+    return args
+
+
+def check_ratio(path: str | Path, size: tuple[int, int], resize: bool) -> None:
+    """ValueError if the image at `path`, of `size`, is not 2:1, unless it is to be `resize`d."""
+    w, h = size
+    if w != 2 * h and not resize:
+        raise ValueError(f"{path}: {w}x{h} is not 2:1; pass --resize to stretch it to 2:1")
 
 
 def read_panorama(path: str | Path, height: int = 1024, resize: bool = False) -> Image.Image:
     """The source panorama as RGB at height x 2 height; not 2:1 is an error unless `resize`."""
     img = open_image(path)
-    w, h = img.size
-    if w != 2 * h and not resize:
-        raise ValueError(f"{path}: {w}x{h} is not 2:1; pass --resize to stretch it to 2:1")
+    check_ratio(path, img.size, resize)
     return read_rgb(img, 2 * height, height)
+
+
+def edit_jobs(args: argparse.Namespace, opts: EditOptions) -> list[EditJob]:
+    """The jobs of --edits, each checked (the source opens and is 2:1 unless --resize, the mask
+    keeps something and generates something, the output is new to the batch); ValueError if bad."""
+    rows = read_rows(args.edits, "--edits", KEYS, SINGLE)
+    folder, size = args.edits.parent, (2 * args.height, args.height)
+
+    def lines() -> Iterator[tuple[int, EditJob]]:
+        for index, (n, row) in enumerate(rows):
+            seed = row.get("seed", opts.seed)
+            out = args.out_dir / row.get("out", f"{index:04d}-seed{seed}.png")
+            yield n, EditJob(
+                row["prompt"], seed, out, row.get("steps"), row.get("guidance"),
+                image=folder / row["image"], mask=folder / row["mask"], size=size,
+                invert=row.get("invert"), source_prompt=row.get("source_prompt"),
+            )  # fmt: skip
+
+    def check(job: EditJob) -> None:
+        with warnings.catch_warnings():  # the size's, which edit_many gives once all is good
+            warnings.simplefilter("ignore")
+            check_ratio(job.image, check_job(job, opts), args.resize)
+
+    return checked_jobs(args.edits, lines(), check)
+
+
+def run_edits(args: argparse.Namespace) -> None:
+    """--edits: the rows checked, then the missing outputs made with each model loaded once."""
+    args.device = local_device(args.device)  # torchrun: a GPU per process
+    args.out_dir = args.out_dir or Path("edited")
+    opts = checked(EditOptions, args, args.out_dir / "x.png")[0]
+    try:
+        jobs = edit_jobs(args, opts)
+    except (ValueError, OSError) as e:
+        fail(e)
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    run_batch(jobs, lambda todo: edit_many(todo, opts, log))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.height <= 0 or args.height % 16:
         fail(f"--height must be a positive multiple of 16, got {args.height}")
+    if args.edits:
+        return run_edits(args)
+    args.out = args.out or "edited.png"
     opts, out = checked(EditOptions, args)  # every flag, before anything slow (exit 2)
     try:  # edit_image checks the size and the mask before it loads any model
         image = read_panorama(args.image, args.height, args.resize)

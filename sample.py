@@ -10,15 +10,12 @@ Under torchrun, rank r of w makes jobs[r::w] on GPU LOCAL_RANK (no process group
 """
 
 import argparse
-import json
-import os
 import sys
-import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
+from dit360.batch import checked_jobs, local_device, read_rows, run_batch
 from dit360.files import exit_on_sigterm
 from dit360.generate import Job, check_inputs, generate, generate_many, job_options
 from dit360.image import check_output_path, save_panorama
@@ -59,100 +56,44 @@ def checked(cls: type, args: argparse.Namespace, out: Path | None = None) -> tup
 KEYS = {"prompt": str, "seed": int, "out": str, "steps": int, "guidance": (int, float)}
 
 
-def read_rows(path: Path) -> list[tuple[int, dict]]:
-    """(line number, row) of a .txt (a prompt a line) or .jsonl prompts file; ValueError naming
-    file:line on a bad row."""
-    if path.suffix not in (".txt", ".jsonl"):
-        raise ValueError(f"--prompts {path}: use a .txt or .jsonl file")
-    if not path.is_file():
-        raise ValueError(f"--prompts {path}: no such file")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        line, where = line.strip(), f"{path}:{n}"
-        if not line or (path.suffix == ".txt" and line.startswith("#")):
-            continue
-        try:
-            row = json.loads(line) if path.suffix == ".jsonl" else {"prompt": line}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise ValueError(f'{where}: need an object with a "prompt" string')
-        for k, v in row.items():
-            if k not in KEYS or isinstance(v, bool) or not isinstance(v, KEYS[k]):
-                raise ValueError(f"{where}: bad {k!r}: {v!r} (keys: {', '.join(KEYS)})")
-        rows.append((n, row))
-    if not rows:
-        raise ValueError(f"--prompts {path}: no prompts in it")
-    return rows
-
-
 def batch_jobs(args: argparse.Namespace, opts: SampleOptions) -> list[Job]:
     """The jobs of --prompts (or --prompt) x --num-images, each checked; ValueError if bad."""
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
     src = args.prompts or "--prompt"
-    rows = read_rows(args.prompts) if args.prompts else [(1, {"prompt": args.prompt})]
+    if args.prompts:
+        rows = read_rows(args.prompts, "--prompts", KEYS, ("prompt",), text=True)
+    else:
+        rows = [(1, {"prompt": args.prompt})]
     suffix = Path(args.out).suffix if args.out else ".png"
-    jobs, seen = [], {}
-    for index, (n, row) in enumerate(rows):
-        where = f"{src}:{n}"
-        if "out" in row and args.num_images > 1:
-            raise ValueError(
-                f'{where}: "out" names one image, but --num-images is {args.num_images}'
-            )
-        for seed in range(row.get("seed", opts.seed), row.get("seed", opts.seed) + args.num_images):
-            out = args.out_dir / row.get("out", f"{index:04d}-seed{seed}{suffix}")
-            job = Job(row["prompt"], seed, out, row.get("steps"), row.get("guidance"))
-            try:
-                job_options(opts, job), check_output_path(out)
-            except (ValueError, OSError) as e:
-                raise ValueError(f"{where}: {e}") from None
-            if out in seen:
-                raise ValueError(f"{where}: writes {out}, as line {seen[out]} does")
-            jobs.append(job)
-            seen[out] = n
-    return jobs
 
+    def lines() -> Iterator[tuple[int, Job]]:
+        for index, (n, row) in enumerate(rows):
+            if "out" in row and args.num_images > 1:
+                raise ValueError(
+                    f'{src}:{n}: "out" names one image, but --num-images is {args.num_images}'
+                )
+            first = row.get("seed", opts.seed)
+            for seed in range(first, first + args.num_images):
+                out = args.out_dir / row.get("out", f"{index:04d}-seed{seed}{suffix}")
+                yield n, Job(row["prompt"], seed, out, row.get("steps"), row.get("guidance"))
 
-def run_batch(args: argparse.Namespace, opts: SampleOptions) -> None:
-    """Generate the batch's missing images with the models loaded once; print each, then a total."""
-    try:
-        jobs = batch_jobs(args, opts)
-    except (ValueError, OSError) as e:
-        fail(e)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    jobs, todo = jobs[rank::world], []  # under torchrun: this process's share
-    for job in jobs:
-        if job.out.exists():
-            print(f"skip {job.out}: it exists")
-        else:
-            todo.append(job)
-    start, log = time.perf_counter(), lambda m: print(m, file=sys.stderr)
-    try:
-        for job, image, seconds in generate_many(todo, opts, log):
-            try:
-                save_panorama(image, job.out)
-            except OSError as e:
-                fail(f"cannot write {job.out}: {e}", code=1)
-            print(f"wrote {job.out} ({image.width}x{image.height}) in {seconds:.1f}s")
-    except (ValueError, OSError) as e:  # missing or bad weights (--base, --lora)
-        fail(e)
-    except FloatingPointError as e:  # NaN/inf latents: that image is not written
-        fail(e, code=1)
-    minutes = (time.perf_counter() - start) / 60
-    rate = f", {len(todo) / minutes:.1f} images/minute" if todo else ""
-    who = f"rank {rank} of {world}: " if world > 1 else ""
-    print(f"{who}{len(todo)} images written, {len(jobs) - len(todo)} skipped (they exist){rate}")
+    return checked_jobs(src, lines(), lambda job: job_options(opts, job))
 
 
 def main(argv: list[str] | None = None) -> None:
     exit_on_sigterm()
     args = parse_args(argv)
     if args.prompts or args.num_images != 1 or args.out_dir:
-        if "LOCAL_RANK" in os.environ and args.device is None and torch.cuda.is_available():
-            args.device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: a GPU per process
+        args.device = local_device(args.device)  # torchrun: a GPU per process
         args.out_dir = args.out_dir or (Path(args.out).parent if args.out else Path("panoramas"))
-        return run_batch(args, checked(SampleOptions, args, args.out_dir / "x.png")[0])
+        opts = checked(SampleOptions, args, args.out_dir / "x.png")[0]
+        try:
+            jobs = batch_jobs(args, opts)
+        except (ValueError, OSError) as e:
+            fail(e)
+        log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+        return run_batch(jobs, lambda todo: generate_many(todo, opts, log))
     args.out = args.out or "panorama.png"
     opts, out = checked(SampleOptions, args)
     try:

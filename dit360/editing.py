@@ -15,10 +15,15 @@ the reverse schedule's step sizes; the shift from the unpadded token count; the 
 [first | mask | last] vs the latents' [last | grid | first] (`mask_pad="wrap"` fixes it); the eta
 window [int(start * steps), int(stop * steps)). Cost: gamma = 1 calls no model in the inversion;
 eta = 1 zeroes the source's own velocity, so it then runs only while its tokens (t > tau) are read.
+
+`edit_many` runs a batch of edits (`EditJob`s) with each model loaded once; `edit_image` is one.
 """
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +31,17 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .generate import check_finite, initial_noise, load_model, load_vae, offload_mode, placed
-from .image import from_pil, read_mask, to_pil
+from .generate import (
+    Job,
+    check_finite,
+    encode_prompts,
+    initial_noise,
+    load_model,
+    load_vae,
+    offload_mode,
+    placed,
+)
+from .image import from_pil, open_image, read_mask, read_rgb, to_pil
 from .model import Flux
 from .offload import lent, park
 from .options import EditOptions, check_size
@@ -173,6 +187,128 @@ def paste_back(edited: Tensor, source: Tensor, keep: Tensor, radius: int) -> Ten
     return alpha * source + (1 - alpha) * edited
 
 
+@dataclass(kw_only=True)
+class EditJob(Job):
+    """One edit of a batch: its source image and mask (images, or files read in their turn; the
+    source at `size` (width, height) if given) and what it sets that is not `opts`'."""
+
+    image: Image.Image | Path
+    mask: Image.Image | Path
+    size: tuple[int, int] | None = None
+    invert: bool | None = None
+    source_prompt: str | None = None
+
+
+def edit_options(opts: EditOptions, job: EditJob) -> EditOptions:
+    """`opts` with the job's seed, and its steps, guidance, invert, source prompt where it sets
+    them; ValueError if one is bad."""
+    given = ("steps", "guidance", "invert", "source_prompt")
+    return replace(
+        opts, seed=job.seed, **{k: v for k in given if (v := getattr(job, k)) is not None}
+    )
+
+
+def source_prompt(o: EditOptions, job: EditJob) -> str:
+    """The source branch's prompt: --source-prompt, else the target's."""
+    return o.source_prompt if o.source_prompt is not None else job.prompt
+
+
+def read_source(job: EditJob) -> Image.Image:
+    """The job's source image as RGB, at its size."""
+    if job.size is None:
+        return open_image(job.image).convert("RGB")
+    return read_rgb(job.image, *job.size)
+
+
+def token_mask(job: EditJob, o: EditOptions, width: int, height: int) -> tuple[Grid, Tensor]:
+    """The token grid of a width x height source and the job's mask on it, True = keep (h, w);
+    ValueError if it keeps everything or nothing."""
+    grid = Grid.for_image(height, width, o.wrap_pad)
+    keep = read_mask(job.mask, grid.w, grid.h) ^ o.invert  # (h, w) on the token grid
+    check_mask(keep)
+    return grid, keep
+
+
+def check_job(job: EditJob, opts: EditOptions) -> tuple[int, int]:
+    """Everything about a job that can fail before a model loads: its options, its source (it
+    opens; its size), its mask on the token grid. Warns if the size is not 1024x2048. Returns
+    the source file's own size (width, height)."""
+    o = edit_options(opts, job)
+    own = open_image(job.image).size  # it opens and decodes
+    width, height = job.size or own
+    token_mask(job, o, width, height)
+    check_size(height, width, o.wrap_pad)  # the pad's range; warns last, once all is good
+    return own
+
+
+def cat_rows(a: Conditioning, b: Conditioning) -> Conditioning:
+    """A batch [a, b] of two one-row conditionings."""
+    cat = lambda x, y: torch.cat([x, y])  # noqa: E731
+    return Conditioning(cat(a.txt, b.txt), cat(a.txt_ids, b.txt_ids), cat(a.vec, b.vec))
+
+
+def edit_many(
+    jobs: list[EditJob],
+    opts: EditOptions,
+    log: Callable[[str], None] = print,
+    report: Report | None = None,
+) -> Iterator[tuple[EditJob, Image.Image, float]]:
+    """(job, edited panorama, seconds) for each job as soon as it is decoded: every job checked
+    first, all prompts encoded (the inversion's empty one, sources, targets), the text encoders
+    freed, then the VAE and the transformer loaded once for all the jobs. Per job: encode the
+    source (the VAE then waits in CPU memory), invert, edit, decode; the transformer is freed
+    after the last edit, before its decode."""
+    if not jobs:
+        return
+    for job in jobs:  # fail fast, before any model loads
+        check_job(job, opts)
+    report = report or Report(opts.device, log=log)
+    dev, dtype, mode = opts.device, opts.dtype, offload_mode(opts, log)
+    options = [edit_options(opts, job) for job in jobs]
+    sources = [source_prompt(o, job) for o, job in zip(options, jobs, strict=True)]
+    with report.stage("text encoders"):  # the inversion's empty prompt, sources, targets
+        conds = encode_prompts(opts, ["", *sources, *(job.prompt for job in jobs)], mode)
+    model = vae = None
+    for i, (job, o, source) in enumerate(zip(jobs, options, sources, strict=True)):
+        start, last = time.perf_counter(), i == len(jobs) - 1
+        image = read_source(job)
+        width, height = image.size
+        grid, keep = token_mask(job, o, width, height)
+        with report.stage("encode image"), torch.no_grad():
+            vae = load_vae(opts, mode) if vae is None else vae
+            pixels = from_pil(image)[None]  # (1, 3, H, W) float32, kept for the paste-back
+            with lent(vae, dev):  # the posterior mean (the reference: a sample)
+                x0 = grid.pack(vae.encode(pixels.to(dev, dtype)))
+            park(vae)  # in CPU memory until the decode: one model on the device at a time
+        c = x0.shape[-1] // 4
+        z, y1 = noise(o.seed, 2, height, width, c)  # target noise, inversion noise (CPU float32)
+        if o.reference_noise:
+            z = initial_noise(o, 1, height, width, c)[0]
+        z, y1 = (grid.pack(n[None]).to(dev, dtype) for n in (z, y1))
+        sigmas = schedule(o.steps, grid.h * grid.w)  # the reference shifts by the unpadded count
+        if model is None:
+            with report.stage("load transformer"):
+                model = load_model(opts, mode, log)
+        with torch.no_grad(), placed(model, opts, mode):
+            with report.stage("invert"):
+                inverted = invert(model, x0, y1, grid, conds[""], sigmas, o)
+            with report.stage("edit"):
+                keep = grid.wrap_mask(keep.flatten(), o.mask_pad)  # (L,): on the padded tokens
+                both = cat_rows(conds[source], conds[job.prompt])
+                latents, _ = edit(model, inverted, x0, z, keep, grid, both, sigmas, o)
+                check_finite(latents)
+        if last:
+            del model, conds
+        with report.stage("decode"), torch.no_grad(), lent(vae, dev):
+            out = vae.decode(grid.unpack(latents), tile=o.vae_tile)[0].float().cpu()  # (3, H, W)
+        if last:
+            del vae
+        if o.paste_back:
+            radius = height // 32 if o.feather is None else o.feather
+            out = paste_back(out, pixels[0], read_mask(job.mask, width, height) ^ o.invert, radius)
+        yield job, to_pil(out), time.perf_counter() - start
+
+
 def edit_image(
     image: Image.Image,
     mask: Image.Image,
@@ -181,45 +317,7 @@ def edit_image(
     log: Callable[[str], None] = print,
 ) -> tuple[Image.Image, Report]:
     """Outpaint `image` where `mask` is black (with `invert`: where white), guided by `prompt`."""
-    from .text import encode
-
-    (width, height), dev, dtype = image.size, opts.device, opts.dtype
-    grid = Grid.for_image(height, width, opts.wrap_pad)  # fail fast, before any model loads
-    keep = read_mask(mask, grid.w, grid.h) ^ opts.invert  # (h, w) on the token grid
-    check_mask(keep)
-    check_size(height, width, opts.wrap_pad)  # the pad's range; warns last, once all is good
-    report, mode = Report(dev, log=log), offload_mode(opts, log)
-    source = opts.source_prompt if opts.source_prompt is not None else prompt
-    with report.stage("text encoders"):  # rows: inversion (""), source, target
-        cond = Conditioning(*encode(opts.base, ["", source, prompt], dev, dtype, offload=mode))
-    with report.stage("encode image"), torch.no_grad():
-        vae = load_vae(opts, mode)
-        pixels = from_pil(image)[None]  # (1, 3, H, W) float32, kept for the paste-back
-        with lent(vae, dev):
-            x0 = grid.pack(vae.encode(pixels.to(dev, dtype)))  # the mean (the reference: a sample)
-        park(vae)  # in CPU memory until the decode: one model on the device at a time
-
-    c = x0.shape[-1] // 4
-    z, y1 = noise(opts.seed, 2, height, width, c)  # target noise, inversion noise (CPU float32)
-    if opts.reference_noise:
-        z = initial_noise(opts, 1, height, width, c)[0]
-    z, y1 = (grid.pack(n[None]).to(dev, dtype) for n in (z, y1))
-    sigmas = schedule(opts.steps, grid.h * grid.w)  # the reference shifts by the unpadded count
-    with report.stage("load transformer"):
-        model = load_model(opts, mode, log)
-    with torch.no_grad(), placed(model, opts, mode):
-        with report.stage("invert"):
-            inverted = invert(model, x0, y1, grid, rows(cond, slice(0, 1)), sigmas, opts)
-        with report.stage("edit"):
-            keep = grid.wrap_mask(keep.flatten(), opts.mask_pad)  # (L,): on the padded tokens
-            pair = rows(cond, slice(1, 3))
-            latents, _ = edit(model, inverted, x0, z, keep, grid, pair, sigmas, opts)
-            check_finite(latents)
-    del model, cond
-    with report.stage("decode"), torch.no_grad(), lent(vae, dev):
-        out = vae.decode(grid.unpack(latents), tile=opts.vae_tile)[0].float().cpu()  # (3, H, W)
-    del vae
-    if opts.paste_back:
-        radius = height // 32 if opts.feather is None else opts.feather
-        out = paste_back(out, pixels[0], read_mask(mask, width, height) ^ opts.invert, radius)
-    return to_pil(out), report
+    report = Report(opts.device, log=log)
+    job = EditJob(prompt, opts.seed, Path(), image=image, mask=mask)
+    [(_, result, _)] = edit_many([job], opts, log, report)
+    return result, report

@@ -1,0 +1,117 @@
+"""Many images per load, for sample.py and edit.py alike: the rows of a .jsonl (or .txt) file
+read with typed keys, jobs checked with `file:line` errors before any model loads, each output
+written by one job only; then this process's share under torchrun, outputs that exist skipped
+(a rerun resumes), each image written as it comes, and a summary with the rate.
+"""
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from PIL import Image
+
+from .generate import Job
+from .image import check_output_path, save_panorama
+from .options import fail
+
+J = TypeVar("J", bound=Job)
+Types = type | tuple[type, ...]
+
+
+def read_rows(
+    path: Path, flag: str, keys: dict[str, Types], required: tuple[str, ...], text: bool = False
+) -> list[tuple[int, dict]]:
+    """(line number, row) of a .jsonl file (with `text`, also a .txt: a prompt a line, # comments
+    skipped): objects with the `required` strings, their keys and types in `keys` (an int is
+    no bool, a bool no int); ValueError naming file:line on a bad row."""
+    suffixes = (".txt", ".jsonl") if text else (".jsonl",)
+    if path.suffix not in suffixes:
+        raise ValueError(f"{flag} {path}: use a {' or '.join(suffixes)} file")
+    if not path.is_file():
+        raise ValueError(f"{flag} {path}: no such file")
+    names = ", ".join(f'"{k}"' for k in required)
+    names = f"{names} strings" if len(required) > 1 else f"a {names} string"
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line, where = line.strip(), f"{path}:{n}"
+        if not line or (path.suffix == ".txt" and line.startswith("#")):
+            continue
+        try:
+            row = json.loads(line) if path.suffix == ".jsonl" else {"prompt": line}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in required):
+            raise ValueError(f"{where}: need an object with {names}")
+        for k, v in row.items():
+            if (
+                k not in keys
+                or not isinstance(v, keys[k])
+                or isinstance(v, bool) != (keys[k] is bool)
+            ):
+                raise ValueError(f"{where}: bad {k!r}: {v!r} (keys: {', '.join(keys)})")
+        rows.append((n, row))
+    if not rows:
+        raise ValueError(f"{flag} {path}: no {flag.lstrip('-')} in it")
+    return rows
+
+
+def checked_jobs(
+    src: str | Path, lines: Iterable[tuple[int, J]], check: Callable[[J], object]
+) -> list[J]:
+    """The jobs of (line, job) pairs, each passing `check` and writing a valid output that no
+    other job writes; ValueError naming `src`:line on the first that does not."""
+    jobs, seen = [], {}
+    for n, job in lines:
+        where = f"{src}:{n}"
+        try:
+            check(job)
+            check_output_path(job.out)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{where}: {e}") from None
+        if job.out.resolve() in seen:
+            raise ValueError(f"{where}: writes {job.out}, as line {seen[job.out.resolve()]} does")
+        jobs.append(job)
+        seen[job.out.resolve()] = n
+    return jobs
+
+
+def local_device(device: str | None) -> str | None:
+    """`device`; under torchrun on GPUs with none given, this process's own: cuda:LOCAL_RANK."""
+    if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return device
+
+
+def run_batch(
+    jobs: list[J], make: Callable[[list[J]], Iterable[tuple[J, Image.Image, float]]]
+) -> None:
+    """Make this process's share of the jobs (rank r of w: jobs[r::w]) whose outputs are missing,
+    with `make` (the models loaded once), writing each image as it comes; print each, then a
+    total. Bad weights: exit 2; non-finite latents or an unwritable output: exit 1."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    jobs, todo = jobs[rank::world], []  # under torchrun: this process's share
+    for job in jobs:
+        if job.out.exists():
+            print(f"skip {job.out}: it exists")
+        else:
+            todo.append(job)
+    start = time.perf_counter()
+    try:
+        for job, image, seconds in make(todo):
+            try:
+                save_panorama(image, job.out)
+            except OSError as e:
+                fail(f"cannot write {job.out}: {e}", code=1)
+            print(f"wrote {job.out} ({image.width}x{image.height}) in {seconds:.1f}s")
+    except (ValueError, OSError) as e:  # missing or bad weights (--base, --lora)
+        fail(e)
+    except FloatingPointError as e:  # NaN/inf latents: that image is not written
+        fail(e, code=1)
+    minutes = (time.perf_counter() - start) / 60
+    rate = f", {len(todo) / minutes:.1f} images/minute" if todo else ""
+    who = f"rank {rank} of {world}: " if world > 1 else ""
+    print(f"{who}{len(todo)} images written, {len(jobs) - len(todo)} skipped (they exist){rate}")
