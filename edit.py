@@ -17,6 +17,7 @@ from dit360.editing import edit_image
 from dit360.files import exit_on_sigterm
 from dit360.image import open_image, read_rgb, save_panorama
 from dit360.options import EditOptions, Parser, add_flags, fail
+from dit360.outputs import add_output_flags, write_extras
 from sample import checked
 
 
@@ -29,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resize", action="store_true", help="stretch an image that is not 2:1")
     p.add_argument("--out", default="edited.png", help=".png or .jpg, with 360 metadata")
     add_flags(p, EditOptions)
+    add_output_flags(p)
     return p.parse_args(argv)
 
 
@@ -57,9 +59,10 @@ def main(argv: list[str] | None = None) -> None:
         fail(e, code=1)
     try:
         save_panorama(result, out)
+        extras = write_extras(result, out, args)
     except OSError as e:
         fail(f"cannot write {out}: {e}", code=1)
-    print(f"wrote {out} ({result.width}x{result.height}): {report}")
+    print(f"wrote {out} ({result.width}x{result.height}): {report}; {extras}")
 
 
 if __name__ == "__main__":

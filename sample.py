@@ -23,6 +23,7 @@ from dit360.files import exit_on_sigterm, resolve
 from dit360.generate import Job, generate, generate_many, job_options
 from dit360.image import check_output_path, save_panorama
 from dit360.options import Options, Parser, SampleOptions, add_flags, fail, from_args
+from dit360.outputs import add_output_flags, write_extras
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=1, help="seeds --seed.. for each prompt")
     p.add_argument("--out-dir", type=Path, help="batch outputs (default: --out's folder)")
     add_flags(p, SampleOptions)
+    add_output_flags(p)
     return p.parse_args(argv)
 
 
@@ -145,9 +147,10 @@ def run_batch(args: argparse.Namespace, opts: SampleOptions) -> None:
         for job, image, seconds in generate_many(todo, opts, log):
             try:
                 save_panorama(image, job.out)
+                extras = write_extras(image, job.out, args)
             except OSError as e:
                 fail(f"cannot write {job.out}: {e}", code=1)
-            print(f"wrote {job.out} ({image.width}x{image.height}) in {seconds:.1f}s")
+            print(f"wrote {job.out} ({image.width}x{image.height}) in {seconds:.1f}s; {extras}")
     except (ValueError, OSError) as e:  # missing or bad weights (--base, --lora)
         fail(e)
     except FloatingPointError as e:  # NaN/inf latents: that image is not written
@@ -176,9 +179,10 @@ def main(argv: list[str] | None = None) -> None:
         fail(e, code=1)
     try:
         save_panorama(image, out)
+        extras = write_extras(image, out, args)
     except OSError as e:
         fail(f"cannot write {out}: {e}", code=1)
-    print(f"wrote {out} ({image.width}x{image.height}): {report}")
+    print(f"wrote {out} ({image.width}x{image.height}): {report}; {extras}")
 
 
 if __name__ == "__main__":
