@@ -58,6 +58,7 @@ void main() {{
 const canvas = document.getElementById("view");
 const gl = canvas.getContext("webgl2", {{ preserveDrawingBuffer: true }});
 const view = {{ yaw: 0, pitch: 0, fov: 90 }};
+const FOV = [5, 150];  // the zoom's range, degrees
 let program = null, pending = false;
 
 function say(text) {{ document.getElementById("msg").textContent = text; }}
@@ -67,7 +68,7 @@ function readHash() {{  // #yaw=90&pitch=10&fov=75; missing or bad values keep t
   const num = (k, d) => (q.has(k) && isFinite(parseFloat(q.get(k))) ? parseFloat(q.get(k)) : d);
   view.yaw = num("yaw", 0);
   view.pitch = Math.max(-90, Math.min(90, num("pitch", 0)));
-  view.fov = Math.max(1, Math.min(170, num("fov", 90)));
+  view.fov = Math.max(FOV[0], Math.min(FOV[1], num("fov", 90)));
 }}
 
 function writeHash() {{
@@ -144,7 +145,7 @@ canvas.addEventListener("pointermove", (e) => {{
 canvas.addEventListener("pointerup", () => {{ drag = null; }});
 canvas.addEventListener("wheel", (e) => {{
   e.preventDefault();
-  view.fov = Math.max(10, Math.min(150, view.fov * Math.exp(e.deltaY * 0.001)));
+  view.fov = Math.max(FOV[0], Math.min(FOV[1], view.fov * Math.exp(e.deltaY * 0.001)));
   writeHash();
   redraw();
 }}, {{ passive: false }});

@@ -78,22 +78,35 @@ def chromium() -> str:
     return exe
 
 
-def screenshot(page: Path, fragment: str, width: int, height: int) -> np.ndarray:
-    """A screenshot (height, width, 3) uint8 of the page `page#fragment` in headless Chromium, its
-    WebGL drawn in software (SwiftShader): no GPU needed."""
+def headless(url: str, width: int, height: int, *flags: str) -> str:
+    """Run headless Chromium on `url` in a width x height window (WebGL drawn in software by
+    SwiftShader: no GPU needed) until the page is idle; returns its stdout."""
     with tempfile.TemporaryDirectory() as tmp:
-        shot = Path(tmp) / "shot.png"
         cmd = [
             chromium(), "--headless", "--no-sandbox", "--hide-scrollbars", "--mute-audio",
             "--use-gl=angle", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
             "--force-device-scale-factor=1", f"--window-size={width},{height}",
             "--virtual-time-budget=10000",  # run the page's timers and frames until it is drawn
-            f"--user-data-dir={tmp}/profile", f"--screenshot={shot}",
-            f"{page.resolve().as_uri()}#{fragment}",
+            f"--user-data-dir={tmp}", *flags, url,
         ]  # fmt: skip
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        assert run.returncode == 0 and shot.exists(), run.stderr[-2000:]
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stdout
+
+
+def screenshot(page: Path, fragment: str, width: int, height: int) -> np.ndarray:
+    """A screenshot (height, width, 3) uint8 of the page `page#fragment`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        shot = Path(tmp) / "shot.png"
+        headless(f"{page.resolve().as_uri()}#{fragment}", width, height, f"--screenshot={shot}")
         return np.asarray(Image.open(shot).convert("RGB"))
+
+
+def dom(page: Path, width: int, height: int) -> str:
+    """The page's DOM once it is idle (its scripts may open other local files)."""
+    return headless(
+        page.resolve().as_uri(), width, height, "--allow-file-access-from-files", "--dump-dom"
+    )
 
 
 if __name__ == "__main__":  # the README's screenshot: the viewer at a shared view

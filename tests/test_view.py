@@ -6,7 +6,7 @@ import pytest
 import torch
 from clitest import expect_error
 from PIL import Image
-from scene import drawn_panorama, screenshot
+from scene import dom, drawn_panorama, screenshot
 
 from dit360 import panorama as P
 from dit360 import view
@@ -44,6 +44,35 @@ def test_screenshot_matches_our_projection(tmp_path, yaw, pitch, fov, width, hei
     for wrong in [(yaw + 5, pitch, fov), (yaw, -pitch, fov), (yaw, pitch, vertical)]:
         control = np.abs(shot - render(pano, *wrong, size)).mean()
         assert control > 4 * BOUND, (wrong, control)  # measured >= 6.6 (5 degrees of yaw)
+
+
+# A page that shows the viewer in a 400 x 300 frame, drags across it and turns the wheel, then
+# records the viewer's address fragment on its own body.
+HARNESS = """<!DOCTYPE html><html><body style="margin: 0">
+<iframe id="f" src="scene.html#yaw=0&pitch=0&fov=90" width="400" height="300"></iframe>
+<script>
+const f = document.getElementById("f");
+f.onload = () => setTimeout(() => {
+  const w = f.contentWindow, c = w.document.getElementById("view");
+  const at = (type, x, y) => c.dispatchEvent(
+    new w.PointerEvent(type, { clientX: x, clientY: y, pointerId: 1, bubbles: true }));
+  at("pointerdown", 200, 150); at("pointermove", 100, 170); at("pointerup", 100, 170);
+  c.dispatchEvent(new w.WheelEvent("wheel", { deltaY: 100, cancelable: true, bubbles: true }));
+  document.body.dataset.hash = w.location.hash;
+}, 200);
+</script></body></html>"""
+
+
+def test_drag_and_wheel_update_the_fragment(tmp_path):
+    """Dragging 100 px left and 20 px down at fov 90 in a 400 px wide view turns the view 22.5
+    degrees right and 4.5 up (the panorama follows the pointer); the wheel widens the fov by
+    exp(deltaY / 1000); the address fragment follows, so the view can be shared."""
+    drawn_panorama(16).save(tmp_path / "scene.png")
+    view.write_viewer(tmp_path / "scene.png")
+    (tmp_path / "harness.html").write_text(HARNESS)
+    assert 'data-hash="#yaw=22.5&amp;pitch=4.5&amp;fov=99.5"' in dom(
+        tmp_path / "harness.html", 420, 320
+    )
 
 
 def test_page_is_self_contained(tmp_path):
