@@ -27,6 +27,7 @@ from dit360.editing import EditJob, check_job, edit_image, edit_many
 from dit360.files import exit_on_sigterm
 from dit360.image import open_image, read_rgb, save_panorama
 from dit360.options import EditOptions, Parser, add_flags, fail
+from dit360.outputs import add_output_flags, write_extras
 from sample import checked
 
 SINGLE = ("image", "mask", "prompt")  # the flags of one edit, which --edits replaces
@@ -49,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help=".png or .jpg, with 360 metadata (default: edited.png)")
     p.add_argument("--out-dir", type=Path, help="--edits outputs (default: edited)")
     add_flags(p, EditOptions)
+    add_output_flags(p)
     args = p.parse_args(argv)
     given = [f"--{k.replace('_', '-')}" for k in (*SINGLE, "out") if getattr(args, k) is not None]
     if args.edits and given:
@@ -109,7 +111,11 @@ def run_edits(args: argparse.Namespace) -> None:
     except (ValueError, OSError) as e:
         fail(e)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    run_batch(jobs, lambda todo: edit_many(todo, opts, log))
+    run_batch(
+        jobs,
+        lambda todo: edit_many(todo, opts, log),
+        lambda image, out: write_extras(image, out, args),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,9 +137,10 @@ def main(argv: list[str] | None = None) -> None:
         fail(e, code=1)
     try:
         save_panorama(result, out)
+        extras = write_extras(result, out, args)
     except OSError as e:
         fail(f"cannot write {out}: {e}", code=1)
-    print(f"wrote {out} ({result.width}x{result.height}): {report}")
+    print(f"wrote {out} ({result.width}x{result.height}): {report}; {extras}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from dit360.files import exit_on_sigterm
 from dit360.generate import Job, check_inputs, generate, generate_many, job_options
 from dit360.image import check_output_path, save_panorama
 from dit360.options import Options, Parser, SampleOptions, add_flags, fail, from_args
+from dit360.outputs import add_output_flags, write_extras
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=1, help="seeds --seed.. for each prompt")
     p.add_argument("--out-dir", type=Path, help="batch outputs (default: --out's folder)")
     add_flags(p, SampleOptions)
+    add_output_flags(p)
     return p.parse_args(argv)
 
 
@@ -93,7 +95,11 @@ def main(argv: list[str] | None = None) -> None:
         except (ValueError, OSError) as e:
             fail(e)
         log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-        return run_batch(jobs, lambda todo: generate_many(todo, opts, log))
+        return run_batch(
+            jobs,
+            lambda todo: generate_many(todo, opts, log),
+            lambda image, out: write_extras(image, out, args),
+        )
     args.out = args.out or "panorama.png"
     opts, out = checked(SampleOptions, args)
     try:
@@ -104,9 +110,10 @@ def main(argv: list[str] | None = None) -> None:
         fail(e, code=1)
     try:
         save_panorama(image, out)
+        extras = write_extras(image, out, args)
     except OSError as e:
         fail(f"cannot write {out}: {e}", code=1)
-    print(f"wrote {out} ({image.width}x{image.height}): {report}")
+    print(f"wrote {out} ({image.width}x{image.height}): {report}; {extras}")
 
 
 if __name__ == "__main__":

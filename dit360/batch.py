@@ -87,11 +87,14 @@ def local_device(device: str | None) -> str | None:
 
 
 def run_batch(
-    jobs: list[J], make: Callable[[list[J]], Iterable[tuple[J, Image.Image, float]]]
+    jobs: list[J],
+    make: Callable[[list[J]], Iterable[tuple[J, Image.Image, float]]],
+    extras: Callable[[Image.Image, Path], str] = lambda image, out: "",
 ) -> None:
     """Make this process's share of the jobs (rank r of w: jobs[r::w]) whose outputs are missing,
-    with `make` (the models loaded once), writing each image as it comes; print each, then a
-    total. Bad weights: exit 2; non-finite latents or an unwritable output: exit 1."""
+    with `make` (the models loaded once), writing each image as it comes and then `extras` (what
+    it returns ends the image's line); print each, then a total. Bad weights: exit 2; non-finite
+    latents or an unwritable output: exit 1."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     jobs, todo = jobs[rank::world], []  # under torchrun: this process's share
     for job in jobs:
@@ -104,9 +107,11 @@ def run_batch(
         for job, image, seconds in make(todo):
             try:
                 save_panorama(image, job.out)
+                note = extras(image, job.out)
             except OSError as e:
                 fail(f"cannot write {job.out}: {e}", code=1)
-            print(f"wrote {job.out} ({image.width}x{image.height}) in {seconds:.1f}s")
+            note = f"; {note}" if note else ""
+            print(f"wrote {job.out} ({image.width}x{image.height}) in {seconds:.1f}s{note}")
     except (ValueError, OSError) as e:  # missing or bad weights (--base, --lora)
         fail(e)
     except FloatingPointError as e:  # NaN/inf latents: that image is not written

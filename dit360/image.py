@@ -80,8 +80,12 @@ def project_photo(
     return Image.fromarray(canvas, "RGB"), Image.fromarray(mask, "L")
 
 
+XPACKET_ID = "W5M0MpCehiHzreSzNTczkc9d"  # the XMP specification's fixed packet id
+
+
 def gpano_xmp(width: int, height: int) -> bytes:
-    """GPano XMP for a full equirectangular panorama of this size."""
+    """GPano XMP for a full equirectangular panorama of this size, as a standard XMP packet: the
+    `<?xpacket?>` wrapper (begin = a UTF-8 byte order mark) that exiftool -validate expects."""
     fields = {
         "ProjectionType": "equirectangular", "UsePanoramaViewer": "True",
         "FullPanoWidthPixels": width, "FullPanoHeightPixels": height,
@@ -90,9 +94,11 @@ def gpano_xmp(width: int, height: int) -> bytes:
     }  # fmt: skip
     attrs = "".join(f' GPano:{k}="{v}"' for k, v in fields.items())
     return (
+        f'<?xpacket begin="\ufeff" id="{XPACKET_ID}"?>'
         '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
         'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
         f'xmlns:GPano="http://ns.google.com/photos/1.0/panorama/"{attrs}/></rdf:RDF></x:xmpmeta>'
+        '<?xpacket end="w"?>'
     ).encode()
 
 

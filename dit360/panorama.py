@@ -1,5 +1,5 @@
 """Panorama geometry and token layout: `Grid` (packing, wrap padding, image ids, token masks),
-projections, rotations, a seam metric.
+projections, rotations, the seam metric (Discontinuity Score).
 
 Conventions (py360convert's, so its functions are our test oracle):
 - Equirect images are (B, C, H, W), W = 2H, sampled at pixel centres: longitude
@@ -281,8 +281,25 @@ def rotate(
     return sample_equirect(x, dirs @ rot, mode)  # row-vector d @ R = R^T d, the source direction
 
 
-def seam_score(x: Tensor, eps: float = 1e-8) -> Tensor:
-    """Seam discontinuity (B,): mean |step| at the wrap over mean |step| one column in (1: none)."""
-    wrap = (x[..., 0] - x[..., -1]).abs().flatten(1).mean(1)
-    inner = (x[..., 1] - x[..., 0]).abs() + (x[..., -1] - x[..., -2]).abs()
-    return wrap / (inner.flatten(1).mean(1) / 2 + eps)
+# The horizontal Scharr kernel, as OpenCV's (not normalised): rows weighted 3 10 3.
+SCHARR_X = ((-3.0, 0.0, 3.0), (-10.0, 0.0, 10.0), (-3.0, 0.0, 3.0))
+
+
+def discontinuity_score(gray: Tensor, col: int = 0, c: float = 0.1) -> Tensor:
+    """Discontinuity Score (Christensen et al. 2024, arXiv 2407.18207) (...,) of grey images
+    (..., H, W) in [0, 1] across the boundary left of column `col` (0: the wrap). With a the strip
+    of columns col-3 .. col+2 (wrapping) and g = |Scharr_x(a)| at its columns 1 .. 4 (rows
+    reflected at the top and bottom, OpenCV's default border):
+    DS = 1/(2H) sum_y [g(2, y) / (g(1, y) + c) + g(3, y) / (g(4, y) + c)], c = 0.1: the gradient
+    across the boundary relative to the gradient beside it. Lower is better: 0.1-0.2 on our drawn
+    test panorama, 2.6 for a step of 5 grey levels in 255 there. (The paper averages DS(a_i) over
+    a representation's borders weighted by length: an equirectangular image has one, the wrap.)"""
+    h, w = gray.shape[-2:]
+    if h < 2 or w < 6:
+        raise ValueError(f"the Discontinuity Score needs at least 2 x 6 pixels, got {h}x{w}")
+    strip = gray.roll(3 - col, dims=-1)[..., :6].reshape(-1, 1, h, 6)  # (N, 1, H, 6)
+    strip = F.pad(strip, (0, 0, 1, 1), mode="reflect")  # (N, 1, H+2, 6)
+    kernel = torch.tensor(SCHARR_X, dtype=strip.dtype, device=strip.device)[None, None]
+    g = F.conv2d(strip, kernel)[:, 0].abs()  # (N, H, 4): columns 1 .. 4 of the strip
+    ratio = g[..., 1] / (g[..., 0] + c) + g[..., 2] / (g[..., 3] + c)  # (N, H)
+    return (ratio.mean(-1) / 2).reshape(gray.shape[:-2])

@@ -336,10 +336,42 @@ def test_loss_projections_match_reference(shape):
 # --- seam metrics ---------------------------------------------------------------------------------
 
 
-def test_seam_metrics():
-    """A seamless panorama scores ~1; a ramp across the width scores high."""
-    x = smooth_pano(32).float()
-    score = P.seam_score(x)
-    assert score.shape == (1,) and 0.5 < score.item() < 1.5
-    seamed = x + torch.linspace(0, 1, 64)
-    assert P.seam_score(seamed).item() > 5
+def scharr_ds(strip: np.ndarray, c: float = 0.1) -> float:
+    """The paper's DS of a strip (H, 6) restated with plain loops: rows reflected at the ends,
+    |Scharr x-gradient| at columns 1..4, the two across the middle over those beside them."""
+    h = strip.shape[0]
+    a = np.concatenate([strip[1:2], strip, strip[-2:-1]])  # reflect: row -1 = row 1
+    kernel = [[-3, 0, 3], [-10, 0, 10], [-3, 0, 3]]
+    total = 0.0
+    for y in range(1, h + 1):
+        g = {}
+        for x in range(1, 5):
+            g[x] = abs(
+                sum(kernel[i][j] * a[y + i - 1][x + j - 1] for i in range(3) for j in range(3))
+            )
+        total += g[2] / (g[1] + c) + g[3] / (g[4] + c)
+    return total / (2 * h)
+
+
+def test_discontinuity_score_restates_the_paper():
+    """discontinuity_score equals a loop restatement of Christensen et al.'s DS on a hand-made
+    strip, and takes the strip across the wrap (columns W-3 .. 2) of a wider image."""
+    strip = np.array(
+        [
+            [0.20, 0.22, 0.25, 0.80, 0.82, 0.81],
+            [0.21, 0.23, 0.24, 0.79, 0.80, 0.83],
+            [0.30, 0.30, 0.31, 0.31, 0.32, 0.32],
+            [0.10, 0.50, 0.10, 0.50, 0.10, 0.50],
+            [0.00, 0.00, 0.00, 1.00, 1.00, 1.00],
+        ]
+    )
+    expected = scharr_ds(strip)
+    got = P.discontinuity_score(torch.from_numpy(strip), col=3)
+    assert got.shape == () and abs(got.item() - expected) < 1e-12
+    image = np.random.default_rng(0).random((5, 16))
+    image[:, [13, 14, 15, 0, 1, 2]] = strip  # the wrap runs between columns 15 and 0
+    assert abs(P.discontinuity_score(torch.from_numpy(image)).item() - expected) < 1e-12
+    batch = torch.from_numpy(np.stack([image, image[::-1].copy()]))[:, None]  # (2, 1, 5, 16)
+    assert P.discontinuity_score(batch).shape == (2, 1)
+    with pytest.raises(ValueError, match="2 x 6"):
+        P.discontinuity_score(torch.zeros(8, 5))
