@@ -6,6 +6,11 @@ The mask is a PNG of any size: white = keep the source, black = generate (outpai
 
 python edit.py --image pano.png --mask mask.png --prompt "This is a panorama image. A village..."
 python edit.py --edits edits.jsonl --out-dir edited   # many edits, each model loaded once
+python edit.py --photo room.jpg --fov 90 --prompt "This is a panorama image. A living room..."
+
+--photo: a perspective photo placed in the panorama (horizontal --fov, looking at --yaw/--pitch/
+--roll degrees) and the rest outpainted; --paste-back keeps its pixels exactly. The prompt
+describes the whole scene.
 
 --edits: a .jsonl of rows {"image": ..., "mask": ..., "prompt": ..., and optionally "out"
 (relative to --out-dir), "seed", "invert", "source_prompt", "steps", "guidance"}; image and mask
@@ -25,7 +30,7 @@ from PIL import Image
 from dit360.batch import checked_jobs, local_device, read_rows, run_batch
 from dit360.editing import EditJob, check_job, edit_image, edit_many
 from dit360.files import exit_on_sigterm
-from dit360.image import open_image, read_rgb, save_panorama
+from dit360.image import open_image, project_photo, read_rgb, save_panorama
 from dit360.options import EditOptions, Parser, add_flags, fail
 from dit360.outputs import add_output_flags, write_extras
 from sample import checked
@@ -45,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--edits", type=Path, help="a .jsonl of edits, instead of --image/--mask/--prompt"
     )
+    p.add_argument(
+        "--photo", help="a perspective photo to extend to a panorama (no --image/--mask)"
+    )
+    p.add_argument("--fov", type=float, default=90.0, help="--photo's horizontal field of view")
+    for angle, what in [("yaw", "right"), ("pitch", "up"), ("roll", "clockwise")]:
+        p.add_argument(f"--{angle}", type=float, default=0.0, help=f"--photo's view, + = {what}")
     p.add_argument("--height", type=int, default=1024, help="work at height x 2 height")
     p.add_argument("--resize", action="store_true", help="stretch an image that is not 2:1")
     p.add_argument("--out", help=".png or .jpg, with 360 metadata (default: edited.png)")
@@ -53,11 +64,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_output_flags(p)
     args = p.parse_args(argv)
     given = [f"--{k.replace('_', '-')}" for k in (*SINGLE, "out") if getattr(args, k) is not None]
-    if args.edits and given:
-        p.error(f"argument --edits: not allowed with argument {given[0]}")
-    missing = [f"--{k}" for k in SINGLE if getattr(args, k) is None]
+    if args.edits and (given or args.photo):
+        p.error(f"argument --edits: not allowed with argument {(given or ['--photo'])[0]}")
+    if args.photo and (args.image or args.mask):
+        p.error("argument --photo: not allowed with --image or --mask (it makes both)")
+    single = ("prompt",) if args.photo else SINGLE
+    missing = [f"--{k}" for k in single if getattr(args, k) is None]
     if not args.edits and missing:
         p.error(f"the following arguments are required: {', '.join(missing)} (or --edits)")
+    if not 0 < args.fov < 180:  # NaN fails too
+        p.error(f"--fov must be between 0 and 180 degrees (exclusive), got {args.fov}")
     if not args.edits and args.out_dir:
         p.error("argument --out-dir: only with --edits (one edit: --out)")
     return args
@@ -75,6 +91,13 @@ def read_panorama(path: str | Path, height: int = 1024, resize: bool = False) ->
     img = open_image(path)
     check_ratio(path, img.size, resize)
     return read_rgb(img, 2 * height, height)
+
+
+def read_photo(args: argparse.Namespace) -> tuple[Image.Image, Image.Image]:
+    """--photo projected into a black H x 2H canvas at --fov/--yaw/--pitch/--roll, and its
+    footprint as the mask (white = keep the photo)."""
+    photo = open_image(args.photo).convert("RGB")
+    return project_photo(photo, args.fov, args.yaw, args.pitch, args.roll, args.height)
 
 
 def edit_jobs(args: argparse.Namespace, opts: EditOptions) -> list[EditJob]:
@@ -128,9 +151,12 @@ def main(argv: list[str] | None = None) -> None:
     args.out = args.out or "edited.png"
     opts, out = checked(EditOptions, args)  # every flag, before anything slow (exit 2)
     try:  # edit_image checks the size and the mask before it loads any model
-        image = read_panorama(args.image, args.height, args.resize)
+        if args.photo:
+            image, mask = read_photo(args)
+        else:
+            image, mask = read_panorama(args.image, args.height, args.resize), open_image(args.mask)
         log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-        result, report = edit_image(image, open_image(args.mask), args.prompt, opts, log=log)
+        result, report = edit_image(image, mask, args.prompt, opts, log=log)
     except (ValueError, OSError) as e:  # also missing or bad weights (--base, --lora)
         fail(e)
     except FloatingPointError as e:  # NaN/inf latents: nothing is written

@@ -134,6 +134,9 @@ class EditOptions(Options):
     """Options of an edit (the size is the source image's); defaults are DiT360's editing.py."""
 
     steps: int = opt(50, "sampling (and inversion) steps")
+    guidance: float = opt(
+        3.5, "guidance input: 3.5 is what DiT360's editing.py runs (it sets 2.8, never passes it)"
+    )
     invert: bool = opt(False, "inpaint: regenerate the white region of the mask")
     source_prompt: str | None = opt(None, "the source branch's prompt (default: --prompt)")
     gamma: float = opt(1.0, "inversion controller (1: straight to the noise, no model calls)")

@@ -80,7 +80,7 @@ def pad1(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([g[:, :, -1:], g, g[:, :, :1]], dim=2).reshape(x.shape[0], -1, x.shape[-1])
 
 
-def reference(pipe, x0, y1, z, keep, o: EditOptions, steps=STEPS, guidance=2.8, calls=None):
+def reference(pipe, x0, y1, z, keep, o: EditOptions, steps=STEPS, guidance=3.5, calls=None):
     """DiT360's pa_src/pipeline.py `invert` then `__call__` with editing.py's mask and the
     PersonalizeAnything processor; inverted and target latents (1, H*(W+2), 64), padded."""
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor

@@ -254,3 +254,21 @@ def test_bad_inputs_fail_before_loading(tiny_flux, tmp_path, capsys, monkeypatch
         expect_error(capsys, sample.main, [*argv, *flags], tmp_path, match)
         assert time.perf_counter() - start < 10
     assert built == []
+
+
+def test_repo_ids_fetch_only_what_is_used(tiny_flux, tmp_path, monkeypatch) -> None:
+    """With --transformer given, the --base repo is asked for the encoders, the VAE and the
+    tokenizers only, never for its 24 GB transformer/ folder."""
+    asked = []
+
+    def fake(src, patterns=None, expected=""):
+        asked.append((str(src), tuple(patterns or ())))
+        return tiny_flux if str(src) == "acme/flux" else Path(src)
+
+    monkeypatch.setattr("dit360.sources.resolve", fake)
+    file = convert_flux(tiny_flux, tmp_path / "flux1-dev.safetensors")
+    src = resolve_sources("acme/flux", str(file))
+    assert src.transformer == Part(file) and src.t5 == Part(tiny_flux / "text_encoder_2")
+    [patterns] = [p for s, p in asked if s == "acme/flux"]
+    assert "transformer/*" not in patterns
+    assert {"text_encoder_2/*", "text_encoder/*", "vae/*", "tokenizer/*"} <= set(patterns)
