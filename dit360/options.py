@@ -49,14 +49,20 @@ class Options:
     base: str | None = opt(
         None,
         "FLUX.1-dev repo id or folder, a folder of ComfyUI model files, or one .safetensors file "
-        f"(a transformer, or a checkpoint bundling all parts); default {FLUX_DEV}",
+        f"(a transformer, or a checkpoint bundling all parts); None: {FLUX_DEV} for the parts "
+        "no flag below gives",
     )
     transformer: str | None = opt(
-        None, "the transformer alone: .safetensors (BFL, diffusers, ComfyUI; fp8 too) or folder"
+        None,
+        "the transformer's own file or folder (BFL, diffusers, ComfyUI, fp8); None: --base's",
     )
-    t5: str | None = opt(None, "T5-XXL alone: e.g. t5xxl_fp16.safetensors, or a folder")
-    clip: str | None = opt(None, "CLIP-L alone: e.g. clip_l.safetensors, or a folder")
-    vae: str | None = opt(None, "the VAE alone: e.g. ae.safetensors, or a diffusers vae/ folder")
+    t5: str | None = opt(
+        None, "T5-XXL's own file or folder, e.g. t5xxl_fp16.safetensors; None: --base's"
+    )
+    clip: str | None = opt(
+        None, "CLIP-L's own file or folder, e.g. clip_l.safetensors; None: --base's"
+    )
+    vae: str | None = opt(None, "the VAE's own file or folder, e.g. ae.safetensors; None: --base's")
     lora: str | None = opt(
         "auto",
         "LoRA repo id, folder or .safetensors file; none; auto: DiT360's published LoRA "
