@@ -58,7 +58,7 @@ def test_encode_prompt_matches_diffusers(pipe, tiny_flux: Path) -> None:
     txt, txt_ids, vec = text.encode_prompt(enc, PROMPTS)
     with torch.no_grad():  # as in FluxPipeline.__call__ (SDPA picks another kernel under grad)
         ref_txt, ref_vec, ref_ids = pipe.encode_prompt(PROMPTS, device=torch.device("cpu"))
-    assert txt.shape == (2, 512, 32) and vec.shape == (2, 24) and txt_ids.shape == (2, 512, 3)
+    assert txt.shape == (2, 512, 32) and vec.shape == (2, 64) and txt_ids.shape == (2, 512, 3)
     assert txt.dtype == vec.dtype == txt_ids.dtype == torch.float32
     assert_close(txt, ref_txt, rtol=0, atol=0)
     assert_close(vec, ref_vec, rtol=0, atol=0)
