@@ -20,6 +20,7 @@ import sample
 import train
 from dit360.data import epoch_order
 from dit360.lora_formats import load_lora
+from dit360.report import has_matplotlib
 from dit360.weights import load_flux
 
 ROOT = Path(__file__).parents[1]
@@ -132,7 +133,7 @@ def test_run_writes_everything(trained):
     assert [r["epoch"] for r in rows] == [0, 0, 1, 1, 2, 2]
     assert rows[0]["yaw"] == rows[0]["cube"] == 0 and rows[-1]["yaw"] > 0 and rows[-1]["cube"] > 0
     assert all(r["lr"] == 1e-3 for r in rows)  # warm-up: int(0.05 * 6) = 0 steps
-    assert Image.open(trained / "loss.png").size == (800, 400)
+    assert (trained / "loss.png").is_file() == has_matplotlib()  # optional: test_train_memory
     assert any(v.abs().max() > 0 for k, v in lora_file(trained).items() if "lora_B" in k)
 
 
