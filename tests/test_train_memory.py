@@ -7,12 +7,18 @@ import copy
 import json
 import sys
 
+import numpy as np
 import pytest
 import test_offload as off
+import test_train
 import torch
+from PIL import Image
 from test_fp8 import flux
+from test_train import args, assert_same_lora, log
 from torch import nn
 
+import sample
+import train
 from dit360 import fp8, offload
 from dit360.distributed import recompute_blocks
 from dit360.fp8 import quantize_fp8, to_fp8, upcast
@@ -151,18 +157,123 @@ def test_missing_tensorboard_and_matplotlib_say_what_to_install(monkeypatch, tmp
     ):
         summary_writer()
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    log = tmp_path / "log.jsonl"
-    log.write_text("".join(json.dumps(dict(step=s, loss=1 / s)) + "\n" for s in (1, 2, 3)))
-    assert not plot_losses(log, tmp_path / "loss.png")
+    rows = tmp_path / "log.jsonl"
+    rows.write_text("".join(json.dumps(dict(step=s, loss=1 / s)) + "\n" for s in (1, 2, 3)))
+    assert not plot_losses(rows, tmp_path / "loss.png")
     assert not (tmp_path / "loss.png").exists()
 
 
 @pytest.mark.extras
 def test_loss_plot_with_matplotlib(tmp_path):
     """With matplotlib (the logs extra) the loss plot is an 800x400 PNG."""
-    from PIL import Image
-
-    log = tmp_path / "log.jsonl"
-    log.write_text("".join(json.dumps(dict(step=s, loss=1 / s)) + "\n" for s in range(1, 9)))
-    assert plot_losses(log, tmp_path / "loss.png")
+    rows = tmp_path / "log.jsonl"
+    rows.write_text("".join(json.dumps(dict(step=s, loss=1 / s)) + "\n" for s in range(1, 9)))
+    assert plot_losses(rows, tmp_path / "loss.png")
     assert Image.open(tmp_path / "loss.png").size == (800, 400)
+
+
+# --- train.py end to end ------------------------------------------------------------------------
+
+data, trained, one_thread = test_train.data, test_train.trained, test_train.one_thread
+SHORT = ("--max-steps", "2", "--grad-accum", "2", "--lr", "1e-3", "--aux-from-epoch", "0")
+
+
+def test_streamed_run_equals_resident_run(tiny_flux, data, tmp_path):
+    """train.py --offload blocks: the same losses and LoRA, bit for bit (fp32), as the base on the
+    device (both read the same --cache-dir)."""
+    cache, outs = str(tmp_path / "cache"), {}
+    for mode in ("none", "blocks"):
+        outs[mode] = tmp_path / mode
+        train.main(
+            args(tiny_flux, data, outs[mode], *SHORT, "--offload", mode, "--cache-dir", cache)
+        )
+    assert [r["loss"] for r in log(outs["blocks"])] == [r["loss"] for r in log(outs["none"])]
+    assert_same_lora(outs["blocks"], outs["none"])
+
+
+def test_fp8_base_overfits(tiny_flux, data, tmp_path):
+    """train.py --base-dtype fp8 (the cache by default) reduces the loss on 2 panoramas."""
+    out = tmp_path / "fp8"
+    a = ("--base-dtype", "fp8", "--pano", str(data / "pano2.jsonl"), "--batch-size", "2")
+    a += ("--grad-accum", "1", "--lr", "1e-2", "--warmup", "0", "--dropout", "0")
+    a += ("--lora-rank", "8", "--alpha", "8", "--max-steps", "16", "--aux-from-epoch", "99")
+    train.main(args(tiny_flux, data, out, *a))
+    losses = [r["loss"] for r in log(out)]
+    print(f"fp8 overfit: first 4 mean {np.mean(losses[:4]):.3f}, last 4 {np.mean(losses[-4:]):.3f}")
+    assert (out / "cache").is_dir()
+    assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
+
+
+class FakeWriter:
+    """tensorboard's SummaryWriter as train.py uses it: records the scalars."""
+
+    scalars: list = []
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        FakeWriter.scalars.append((tag, step))
+
+    def close(self) -> None:
+        pass
+
+
+def test_all_new_options_resume_bit_identical_and_previews_equal_sample(
+    tiny_flux, data, tmp_path, monkeypatch
+):
+    """fp8 base, streamed blocks, previews every 2 steps and tensorboard at once: killed after the
+    step-2 checkpoint and resumed, the same LoRA, losses and previews as a run never stopped; the
+    step-2 preview is `sample.py --lora` on the step-2 LoRA, pixel for pixel."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a lake at dawn\n\na city at night\n")
+    opts = ("--base-dtype", "fp8", "--offload", "blocks", "--log", "tensorboard")
+    opts += ("--sample-every", "2", "--sample-prompts", str(prompts), "--sample-steps", "2")
+    run = (*SHORT[:1], "4", *SHORT[2:], "--save-every", "2", "--keep", "0", *opts)
+    monkeypatch.setattr(train, "summary_writer", lambda: FakeWriter)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    train.main(args(tiny_flux, data, whole, *run))
+    assert sorted(set(FakeWriter.scalars))[:2] == [("train/cube", 1), ("train/cube", 2)]
+    save = train.save_checkpoint
+
+    def save_then_die(*a, **kw):
+        path = save(*a, **kw)
+        if path.name == "step-00000002":
+            raise KeyboardInterrupt  # as if killed right after the checkpoint
+        return path
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args(tiny_flux, data, killed, *run))
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    train.main(args(tiny_flux, data, killed, *run, "--resume"))
+    assert [r["loss"] for r in log(killed)] == [r["loss"] for r in log(whole)]
+    assert_same_lora(killed, whole)
+    for step in ("step-00000002", "step-00000004"):
+        for name in ("00.png", "01.png"):
+            a, b = (np.asarray(Image.open(o / "samples" / step / name)) for o in (whole, killed))
+            assert np.array_equal(a, b)
+
+    png = tmp_path / "sampled.png"
+    argv = ["--prompt", "a city at night", "--base", str(tiny_flux), "--seed", "3", "--fp8"]
+    argv += ["--lora", str(whole / "checkpoints" / "step-00000002" / "lora"), "--no-merge-lora"]
+    argv += [
+        "--height",
+        "32",
+        "--width",
+        "64",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(png),
+    ]
+    with pytest.warns(UserWarning, match="trained at 1024x2048"):
+        sample.main(argv)
+    preview = np.asarray(Image.open(whole / "samples" / "step-00000002" / "01.png"))
+    sampled = np.asarray(Image.open(png))
+    print(
+        f"preview vs sample.py: max pixel difference {np.abs(preview.astype(int) - sampled).max()}"
+    )
+    assert np.array_equal(preview, sampled)
