@@ -12,6 +12,7 @@ import pytest
 import test_offload as off
 import test_train
 import torch
+from clitest import expect_error
 from PIL import Image
 from test_fp8 import flux
 from test_train import args, assert_same_lora, log
@@ -148,14 +149,16 @@ def test_streamed_preview_without_grad_leaves_all_home():
     assert all(t.data_ptr() == h.data_ptr() for t, h in zip(tensors, home, strict=True))
 
 
-def test_missing_tensorboard_and_matplotlib_say_what_to_install(monkeypatch, tmp_path):
-    """Without tensorboard, --log tensorboard is one error naming the pip command; without
-    matplotlib, no plot is drawn (train.py says how to get one)."""
+def test_missing_tensorboard_and_matplotlib_say_what_to_install(
+    tiny_flux, data, monkeypatch, tmp_path, capsys
+):
+    """Without tensorboard, train.py --log tensorboard is one error naming the pip command, before
+    anything is written; without matplotlib, no plot is drawn (train.py says how to get one)."""
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
-    with pytest.raises(
-        ValueError, match=r"pip install tensorboard \(or pip install 'dit360\[logs\]'"
-    ):
+    with pytest.raises(ValueError, match=r"pip install tensorboard \(or pip install 'dit360"):
         summary_writer()
+    argv = args(tiny_flux, data, tmp_path / "out", "--log", "tensorboard")
+    expect_error(capsys, train.main, argv, tmp_path, r"--log tensorboard needs tensorboard: pip")
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     rows = tmp_path / "log.jsonl"
     rows.write_text("".join(json.dumps(dict(step=s, loss=1 / s)) + "\n" for s in (1, 2, 3)))
