@@ -182,16 +182,22 @@ SHORT = ("--max-steps", "2", "--grad-accum", "2", "--lr", "1e-3", "--aux-from-ep
 
 
 def test_streamed_run_equals_resident_run(tiny_flux, data, tmp_path):
-    """train.py --offload blocks: the same losses and LoRA, bit for bit (fp32), as the base on the
-    device (both read the same --cache-dir)."""
+    """train.py --offload blocks: the same losses, LoRA and step-2 preview, bit for bit (fp32), as
+    the base on the device (FSDP-sharded: the preview gathers it); both read one --cache-dir."""
     cache, outs = str(tmp_path / "cache"), {}
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a lake at dawn\n")
+    previews = ("--sample-every", "2", "--sample-prompts", str(prompts), "--sample-steps", "2")
     for mode in ("none", "blocks"):
         outs[mode] = tmp_path / mode
-        train.main(
-            args(tiny_flux, data, outs[mode], *SHORT, "--offload", mode, "--cache-dir", cache)
-        )
+        a = (*SHORT, *previews, "--offload", mode, "--cache-dir", cache)
+        train.main(args(tiny_flux, data, outs[mode], *a))
     assert [r["loss"] for r in log(outs["blocks"])] == [r["loss"] for r in log(outs["none"])]
     assert_same_lora(outs["blocks"], outs["none"])
+    a, b = (
+        np.asarray(Image.open(o / "samples" / "step-00000002" / "00.png")) for o in outs.values()
+    )
+    assert np.array_equal(a, b) and a.shape == (32, 64, 3)
 
 
 def test_fp8_base_overfits(tiny_flux, data, tmp_path):
@@ -280,3 +286,11 @@ def test_all_new_options_resume_bit_identical_and_previews_equal_sample(
         f"preview vs sample.py: max pixel difference {np.abs(preview.astype(int) - sampled).max()}"
     )
     assert np.array_equal(preview, sampled)
+
+
+def test_fp8_and_streaming_refused_on_several_ranks(tiny_flux, data, tmp_path, monkeypatch, capsys):
+    """--base-dtype fp8 or --offload blocks on a world of 2 (faked): one error saying why."""
+    monkeypatch.setattr(train.distributed, "init", lambda device: (0, 2, torch.device("cpu")))
+    for flag in (("--base-dtype", "fp8"), ("--offload", "blocks")):
+        argv = args(tiny_flux, data, tmp_path / "out", *flag)
+        expect_error(capsys, train.main, argv, tmp_path, r"are for one process: on several, FSDP")
