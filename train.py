@@ -10,7 +10,9 @@ reference: fp16 mixed precision), fp32 on CPU; the LoRA and its optimizer state 
 Ours, not the reference's: the VAE encoder wraps the width (--no-circular-encoder to zero-pad).
 
 The model is always FSDP-sharded, also in a single process (a world of one): one code path, the
-same dtypes and numerics, and checkpoints that resume on any number of ranks.
+same dtypes and numerics, and checkpoints that resume on any number of ranks. With a float8 base
+(--base-dtype fp8) or its blocks streamed from CPU memory (--offload blocks), for one GPU, FSDP
+shards the LoRA only and the base stays whole on the one process, out of FSDP.
 
 Loss: sum of squared errors over supervised tokens / their number over all micro-batches of the
 step and all ranks (all-reduced before backward), torchtitan's normalisation by the global token
@@ -30,7 +32,9 @@ out; a lock left by a dead process is taken over, with a warning.
 
 Writes to --out: checkpoints/step-N/ (state.safetensors + lora/), lora/ (the final LoRA in the peft
 format that `sample.py --lora` and diffusers read), args.json, log.jsonl (one line a step),
-loss.png. state.safetensors holds the LoRA with its AdamW moments and step as full tensors, and
+loss.png (with matplotlib), tensorboard/ (--log tensorboard), samples/step-N/ (previews with
+--sample-every), cache/ (the default --cache-dir of --base-dtype fp8 and --offload blocks).
+state.safetensors holds the LoRA with its AdamW moments and step as full tensors, and
 the counters and arguments as JSON metadata: nothing is ever unpickled. Rank 0 writes it under a
 temporary name, then renames it; on resume every rank reads it and keeps its shards.
 
@@ -115,6 +119,7 @@ from dit360.report import (
     peak_memory_gb,
     plot_losses,
     summary_writer,
+    write_scalars,
 )
 from dit360.sampling import Conditioning
 from dit360.text import encode_prompt, load_text_encoders
@@ -264,7 +269,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         fail(f"--sample-prompts {args.sample_prompts}: no such file")
     try:
         args.prompts = read_prompts(args.sample_prompts) if args.sample_prompts else []
-        _ = summary_writer() if args.log == "tensorboard" else None
+        if args.log == "tensorboard":
+            summary_writer()  # installed? Now, not after minutes of loading
     except (OSError, ValueError) as e:
         fail(e)
     if local_base(args) and not args.cache_dir:  # T5-XXL beside the base would not fit 24 GB
@@ -802,8 +808,8 @@ def main(argv: list[str] | None = None) -> None:
             if rank == 0:
                 log.write(json.dumps(dict(step=step, epoch=epoch, **metrics)) + "\n")
                 log.flush()
-                for k, v in metrics.items() if board else ():
-                    board.add_scalar(f"train/{k}", v, step) if k != "skipped" else None
+                if board:
+                    write_scalars(board, metrics, step)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k != "skipped"})
                 bar.update()
             if args.sample_every and step % args.sample_every == 0:  # rank 0 draws, all gather
@@ -831,7 +837,8 @@ def main(argv: list[str] | None = None) -> None:
                 fail(f"the LoRA holds non-finite values ({bad[0]}, ...): not exported", code=1)
             export_lora(lora, shell, out / "lora")
             log.close()
-            board.close() if board else None
+            if board:
+                board.close()
             drew = plot_losses(out / "log.jsonl", out / "loss.png")
             print0(
                 f"wrote {out / 'lora'} (peft LoRA)" + (f" and {out / 'loss.png'}" if drew else "")

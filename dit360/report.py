@@ -131,6 +131,13 @@ def plot_losses(log: Path, png: Path) -> bool:
     return True
 
 
+def write_scalars(board: Any, metrics: dict[str, float | str], step: int) -> None:
+    """A step's numeric metrics to a tensorboard SummaryWriter, as `train/<name>`."""
+    for name, value in metrics.items():
+        if isinstance(value, int | float):
+            board.add_scalar(f"train/{name}", value, step)
+
+
 def has_matplotlib() -> bool:
     """Whether `plot_losses` can draw."""
     try:
