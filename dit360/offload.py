@@ -190,11 +190,15 @@ def stream_recomputed(
     """Training: recompute each parked block in backward (activation checkpointing) and stream it
     through `device` twice a step, in forward (blocks 0, 1, ..., the next `ahead` prefetched) and
     in backward's recomputation (..., 1, 0, the previous `ahead` prefetched). The checkpointed
-    function itself fetches and drops, since the recomputation calls it without the module's hooks;
-    the last block stays for backward, which starts with it. Autograd saves the recomputed
-    block's tensors (device copies), so dropping after the recomputation frees them once that
-    block's backward is over: at most ahead + 2 blocks are on `device`. Returns the function that
-    stops (the blocks keep their checkpointed forward)."""
+    function itself fetches and drops, since the recomputation calls it without the module's hooks.
+
+    A forward drops its block at once (checkpointing saves none of its tensors), but the last:
+    backward starts with it. A recomputed block stays until the recomputation of the one before
+    it begins: autograd saved its weights themselves (a frozen tensor is not detached), so they
+    must stay the device copies until its backward is over, which it is by then (that backward
+    makes the gradient of the block's input, which the block before needs first). The first
+    block stays for the next forward. So at most ahead + 1 blocks are on `device`. Returns the
+    function that stops (the blocks keep their checkpointed forward)."""
     s, n = _Streamer(blocks, device, skip), len(blocks)
     ahead = max(0, min(ahead, n - 1))
     calls: list[int] = []  # blocks whose module call (a forward, not a recomputation) is under way
@@ -217,21 +221,21 @@ def stream_recomputed(
 def _streamed(
     forward: Callable, i: int, n: int, ahead: int, s: _Streamer, calls: list[int]
 ) -> Callable:
-    """Block i's forward between `s.before` and `s.drop`, prefetching in the pass's direction."""
+    """Block i's forward or recomputation between fetching and dropping (`stream_recomputed`)."""
 
     def run(*args: object, **kwargs: object) -> object:
-        forward_pass = bool(calls) and calls[-1] == i
-        if forward_pass:
+        if calls and calls[-1] == i:  # a forward
             calls.pop()
-        nxt = (
-            range(i + 1, min(n, i + 1 + ahead)) if forward_pass else range(i - 1, i - 1 - ahead, -1)
-        )
-        s.before(i, [j for j in nxt if j >= 0])
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            if not (forward_pass and i == n - 1 and torch.is_grad_enabled()):
-                s.drop(i)  # the last block of a training forward stays: backward starts with it
+            s.before(i, range(i + 1, min(n, i + 1 + ahead)))
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                if i < n - 1 or not torch.is_grad_enabled():
+                    s.drop(i)
+        for j in [j for j in s.ready if j > i]:  # a recomputation: their backward is over
+            s.drop(j)
+        s.before(i, range(i - 1, max(-1, i - 1 - ahead), -1))
+        return forward(*args, **kwargs)
 
     return run
 
