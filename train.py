@@ -45,7 +45,7 @@ alpha, targets and dropout, the resolution, wrap pad and supervised pad, the enc
 files and the seed, as the counters index the data order and every random draw); one error lists
 every difference. The rest may change: steps, learning rate and schedule, loss weights, clipping,
 batch size, accumulation and world size (the place in the epoch is kept in samples), checkpoint
-interval and count, workers, device.
+interval and count, workers, device, the base's dtype and offloading (memory modes), previews, logs.
 
 Non-finite guard: a step whose loss or gradient norm is not finite updates nothing (its log line
 has a `skipped` field); --max-nonfinite of them in a row stop the run (exit 1). A checkpoint or
