@@ -103,15 +103,18 @@ def shard(
 def unsharded(model: nn.Module) -> Iterator[nn.Module]:
     """Every FSDP module's parameters gathered whole inside the with-block (all ranks call it),
     so layers can also be called outside the model's forward (sampling computes modulations
-    ahead); sharded again after."""
+    ahead), and kept whole after each forward: a forward on one rank alone (a preview) then
+    gathers nothing, which would wait forever for the other ranks. Sharded again after."""
     fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in fsdp:
+        m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
     try:
         yield model
     finally:
         for m in fsdp:
             m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # shard()'s defaults
 
 
 @torch.no_grad()

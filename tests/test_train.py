@@ -175,9 +175,17 @@ def test_two_processes_equal_one_and_overfit(tiny_flux, data, tmp_path):
     )
     assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
 
-    # On 2 ranks, each rank takes its shards of the full state: steps 29-30 again, the same.
-    torchrun(again, "--resume", str(two / "checkpoints" / "step-00000028"))
+    # On 2 ranks, each rank takes its shards of the full state: steps 29-30 again, the same,
+    # with a preview at each (rank 0 draws it: a sampling of 2 steps on FSDP-sharded weights).
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a lake\n")
+    preview = ("--sample-every", "1", "--sample-prompts", str(prompts), "--sample-steps", "2")
+    torchrun(again, "--resume", str(two / "checkpoints" / "step-00000028"), *preview)
     assert_same_lora(again, two)
+    assert sorted(p.parent.name for p in (again / "samples").rglob("*.png")) == [
+        "step-00000029",
+        "step-00000030",
+    ]
 
     # The 2-rank checkpoint resumes on 1 rank (each rank takes its shards of the full state;
     # batch 2 covers the same samples).
