@@ -231,7 +231,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="blocks: the frozen base blocks wait in pinned CPU memory and stream through the GPU "
         "in forward and in backward's recomputation (least GPU memory; one process)",
     )
-    p.add_argument("--sample-every", type=NATURAL, default=0, help="preview every N steps (0: off)")
+    p.add_argument(
+        "--sample-every",
+        type=NATURAL,
+        default=0,
+        help="previews with the current LoRA every N steps, to OUT/samples/step-N/ (0: none)",
+    )
     p.add_argument("--sample-prompts", help="text file, one preview prompt a line")
     p.add_argument("--sample-steps", type=COUNT, default=28, help="sampling steps of a preview")
     p.add_argument(

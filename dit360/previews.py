@@ -5,7 +5,8 @@ the streamed blocks), written to out/samples/step-N/00.png, 01.png, ... (one per
 drawn from the same seed at every step, so the previews show what the LoRA learns).
 
 With the LoRA's dropout off (eval mode) the preview is `sample.py --lora` on the step's exported
-LoRA, unmerged (`--no-merge-lora`), with --seed, --steps and --wrap-pad as here.
+LoRA, unmerged (`--no-merge-lora`), with --seed, --steps and --wrap-pad as here (and `--fp8` for
+a float8 base).
 """
 
 import warnings
