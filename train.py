@@ -121,7 +121,7 @@ from dit360.report import (
     summary_writer,
     write_scalars,
 )
-from dit360.sampling import Conditioning
+from dit360.sampling import Conditioning, ahead
 from dit360.text import encode_prompt, load_text_encoders
 from dit360.weights import KeyPlan, build, load_autoencoder, read_flux
 
@@ -579,7 +579,8 @@ def build_model(
             lora = [m for m in model.modules() if isinstance(m, Adapter)]
             for block in blocks:  # again: FSDP moved the float8 scales to the device
                 park(block, skip=lora)
-            stream_recomputed(blocks, env.device, ahead=1, skip=lora)
+            # Not the adaLN layers: train_step computes the modulations ahead (they wait home).
+            stream_recomputed(blocks, env.device, 1, skip=[*lora, *model.modulation_layers()])
     else:
         distributed.shard(model, blocks, env.device, env.dtype)
         model.to_empty(device=env.device)
@@ -705,8 +706,11 @@ def train_step(
         )  # (B, 16, H/8, W/8) twice, (B,)
         yaw = draw_yaw(seeded(args.seed, epoch, YAW_STREAM, batch + i))
         torch.manual_seed(seeded(args.seed, step, DROPOUT, i, rank).initial_seed())
+        cond = conditioning(b, enc.encode_text)
+        if args.offload == "blocks":  # the adaLN weights stay in CPU memory, as at inference
+            cond = ahead(model, cond, [sigmas], guidance)
         loss, n, parts = flow_loss(
-            model, z, noise, sigmas, conditioning(b, enc.encode_text), b.token_mask, grid,
+            model, z, noise, sigmas, cond, b.token_mask, grid,
             guidance, persp=b.persp, supervise_pad=args.supervise_pad,
             lambda_yaw=args.lambda_yaw * aux, lambda_cube=args.lambda_cube * aux, yaw=yaw,
             dtype=dtype,

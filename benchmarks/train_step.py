@@ -50,7 +50,7 @@ def run_train(
     from dit360.loss import flow_loss
     from dit360.options import DTYPES
     from dit360.panorama import Grid
-    from dit360.sampling import Conditioning
+    from dit360.sampling import Conditioning, ahead
     from dit360.weights import read_flux
 
     rank, world, dev = distributed.init(device)
@@ -75,11 +75,13 @@ def run_train(
     guidance = 1.0 if p.guidance_embed else None
 
     def micro_batch() -> float:
-        start = time.perf_counter()
+        start, sigmas = time.perf_counter(), torch.tensor([0.5])
+        # As train.py: streamed blocks leave their adaLN weights home, the modulations computed
+        # ahead, one layer lent at a time.
+        c = ahead(model, cond, [sigmas], guidance) if offload == "blocks" else cond
         loss, n, _ = flow_loss(
-            model, z.to(dev), noise.to(dev), torch.tensor([0.5]), cond, mask, grid, guidance,
-            dtype=dt,
-        )  # fmt: skip
+            model, z.to(dev), noise.to(dev), sigmas, c, mask, grid, guidance, dtype=dt
+        )
         (loss / n).backward()
         model.zero_grad(set_to_none=True)
         sync(str(dev))

@@ -25,6 +25,7 @@ from dit360.distributed import recompute_blocks
 from dit360.fp8 import quantize_fp8, to_fp8, upcast
 from dit360.lora import Adapter, adapters
 from dit360.report import plot_losses, summary_writer
+from dit360.sampling import ahead
 
 # e4m3 rounds each weight to 3 mantissa bits: a relative error <= u = 2^-4, about u / sqrt(3) =
 # 3.6% rms when the rounding errors spread evenly. A LoRA gradient passes through several of the
@@ -196,10 +197,12 @@ data, trained, one_thread = test_train.data, test_train.trained, test_train.one_
 SHORT = ("--max-steps", "2", "--grad-accum", "2", "--lr", "1e-3", "--aux-from-epoch", "0")
 
 
-def test_streamed_run_equals_resident_run(tiny_flux, data, tmp_path):
+def test_streamed_run_equals_resident_run(tiny_flux, data, tmp_path, monkeypatch):
     """train.py --offload blocks: the same losses, LoRA and step-2 preview, bit for bit (fp32), as
-    the base on the device (FSDP-sharded: the preview gathers it); both read one --cache-dir."""
-    cache, outs = str(tmp_path / "cache"), {}
+    the base on the device (FSDP-sharded: the preview gathers it); both read one --cache-dir.
+    Streaming computes the modulations ahead, once a micro-batch (their weights wait home)."""
+    cache, outs, calls = str(tmp_path / "cache"), {}, []
+    monkeypatch.setattr(train, "ahead", lambda *a: calls.append(1) or ahead(*a))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a lake at dawn\n")
     previews = ("--sample-every", "2", "--sample-prompts", str(prompts), "--sample-steps", "2")
@@ -207,6 +210,7 @@ def test_streamed_run_equals_resident_run(tiny_flux, data, tmp_path):
         outs[mode] = tmp_path / mode
         a = (*SHORT, *previews, "--offload", mode, "--cache-dir", cache)
         train.main(args(tiny_flux, data, outs[mode], *a))
+    assert len(calls) == 2 * 2  # steps x micro-batches, in the streamed run only
     assert [r["loss"] for r in log(outs["blocks"])] == [r["loss"] for r in log(outs["none"])]
     assert_same_lora(outs["blocks"], outs["none"])
     a, b = (
