@@ -10,7 +10,9 @@ reference: fp16 mixed precision), fp32 on CPU; the LoRA and its optimizer state 
 Ours, not the reference's: the VAE encoder wraps the width (--no-circular-encoder to zero-pad).
 
 The model is always FSDP-sharded, also in a single process (a world of one): one code path, the
-same dtypes and numerics, and checkpoints that resume on any number of ranks.
+same dtypes and numerics, and checkpoints that resume on any number of ranks. With a float8 base
+(--base-dtype fp8) or its blocks streamed from CPU memory (--offload blocks), for one GPU, FSDP
+shards the LoRA only and the base stays whole on the one process, out of FSDP.
 
 Loss: sum of squared errors over supervised tokens / their number over all micro-batches of the
 step and all ranks (all-reduced before backward), torchtitan's normalisation by the global token
@@ -30,7 +32,9 @@ out; a lock left by a dead process is taken over, with a warning.
 
 Writes to --out: checkpoints/step-N/ (state.safetensors + lora/), lora/ (the final LoRA in the peft
 format that `sample.py --lora` and diffusers read), args.json, log.jsonl (one line a step),
-loss.png. state.safetensors holds the LoRA with its AdamW moments and step as full tensors, and
+loss.png (with matplotlib), tensorboard/ (--log tensorboard), samples/step-N/ (previews with
+--sample-every), cache/ (the default --cache-dir of --base-dtype fp8 and --offload blocks).
+state.safetensors holds the LoRA with its AdamW moments and step as full tensors, and
 the counters and arguments as JSON metadata: nothing is ever unpickled. Rank 0 writes it under a
 temporary name, then renames it; on resume every rank reads it and keeps its shards.
 
@@ -41,7 +45,7 @@ alpha, targets and dropout, the resolution, wrap pad and supervised pad, the enc
 files and the seed, as the counters index the data order and every random draw); one error lists
 every difference. The rest may change: steps, learning rate and schedule, loss weights, clipping,
 batch size, accumulation and world size (the place in the epoch is kept in samples), checkpoint
-interval and count, workers, device.
+interval and count, workers, device, the base's dtype and offloading (memory modes), previews, logs.
 
 Non-finite guard: a step whose loss or gradient norm is not finite updates nothing (its log line
 has a `skipped` field); --max-nonfinite of them in a row stop the run (exit 1). A checkpoint or
@@ -58,7 +62,7 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from itertools import islice
@@ -99,12 +103,25 @@ from dit360.files import (
     remove,
     temp_path,
 )
+from dit360.fp8 import quantize_block
 from dit360.lora import DIT360_TARGETS, Adapter, inject
 from dit360.lora_formats import export_peft
 from dit360.loss import aux_active, draw_yaw, flow_loss, sample_sigmas
+from dit360.offload import park, stream_recomputed
 from dit360.options import Parser, fail
 from dit360.panorama import Grid
-from dit360.report import free, open_log, peak_memory_gb, plot_losses
+from dit360.previews import preview_options, read_prompts, render
+from dit360.report import (
+    LOGS_EXTRA,
+    free,
+    has_matplotlib,
+    open_log,
+    peak_memory_gb,
+    plot_losses,
+    summary_writer,
+    write_scalars,
+)
+from dit360.sampling import Conditioning, ahead
 from dit360.text import encode_prompt, load_text_encoders
 from dit360.weights import KeyPlan, build, load_autoencoder, read_flux
 
@@ -115,7 +132,7 @@ INPUT_ERRORS = (ValueError, FileNotFoundError, PermissionError)  # one line, no 
 STATE = "state.safetensors"  # a checkpoint's LoRA, AdamW state, counters and arguments
 STEP_DIR = re.compile(r"step-(\d+)")  # a checkpoint; ".step-N.tmp" is one being written
 COUNTERS = ("step", "epoch", "batch", "world", "batch_size")  # where a checkpoint resumes
-OUTPUTS = ("checkpoints", "lora", "args.json", "log.jsonl", "loss.png")  # --overwrite deletes
+OUTPUTS = ("checkpoints", "lora", "args.json", "log.jsonl", "loss.png", "samples", "tensorboard")
 # What a checkpoint's state means, so a resume must keep them (the module docstring says why).
 MUST_MATCH = ("lora_rank", "alpha", "targets", "dropout", "resolution", "wrap_pad")
 MUST_MATCH += ("supervise_pad", "circular_encoder", "pano", "persp", "seed")
@@ -188,13 +205,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-every", type=COUNT, default=500, help="steps between checkpoints")
     p.add_argument("--keep", type=NATURAL, default=2, help="checkpoints kept (0: all)")
     p.add_argument("--max-nonfinite", type=COUNT, default=3, help="skipped steps in a row: stop")
-    p.add_argument("--cache-dir", help="encode every image and caption once, into this folder")
+    p.add_argument(
+        "--cache-dir",
+        help="encode every image and caption once, into this folder; no step runs T5 or the VAE "
+        "(default with --base-dtype fp8 or --offload blocks: OUT/cache)",
+    )
     p.add_argument("--seed", type=NATURAL, default=0)
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument(
         "--no-recompute",
         action="store_true",
         help="activation checkpointing off: keep every block's activations (more memory)",
+    )
+    p.add_argument(
+        "--base-dtype",
+        choices=("bf16", "fp8"),
+        default="bf16",
+        help="the frozen base's block linears: bf16 (fp32 on the CPU), or float8 with per-channel "
+        "scales (half the memory; one process); the LoRA and its optimizer stay fp32",
+    )
+    p.add_argument(
+        "--offload",
+        choices=("none", "blocks"),
+        default="none",
+        help="blocks: the frozen base blocks wait in pinned CPU memory and stream through the GPU "
+        "in forward and in backward's recomputation (least GPU memory; one process)",
+    )
+    p.add_argument(
+        "--sample-every",
+        type=NATURAL,
+        default=0,
+        help="previews with the current LoRA every N steps, to OUT/samples/step-N/ (0: none)",
+    )
+    p.add_argument("--sample-prompts", help="text file, one preview prompt a line")
+    p.add_argument("--sample-steps", type=COUNT, default=28, help="sampling steps of a preview")
+    p.add_argument(
+        "--log",
+        choices=("jsonl", "tensorboard"),
+        default="jsonl",
+        help="tensorboard: event files in OUT/tensorboard too (pip install tensorboard)",
     )
     p.add_argument(
         "--compile",
@@ -214,7 +263,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         setattr(args, flag, path and str(Path(path).resolve()))
     if args.resume and args.overwrite:
         fail("--resume continues the run in --out, --overwrite deletes it: pass one")
+    if args.offload == "blocks" and args.no_recompute:
+        fail(
+            "--offload blocks streams each block again for backward's recomputation: "
+            "drop --no-recompute"
+        )
+    if bool(args.sample_every) != bool(args.sample_prompts):
+        fail("previews need both --sample-every N and --sample-prompts FILE")
+    if args.sample_prompts and not Path(args.sample_prompts).is_file():
+        fail(f"--sample-prompts {args.sample_prompts}: no such file")
+    try:
+        args.prompts = read_prompts(args.sample_prompts) if args.sample_prompts else []
+        if args.log == "tensorboard":
+            summary_writer()  # installed? Now, not after minutes of loading
+    except (OSError, ValueError) as e:
+        fail(e)
+    if local_base(args) and not args.cache_dir:  # T5-XXL beside the base would not fit 24 GB
+        args.cache_dir = str(Path(args.out) / "cache")
     return args
+
+
+def local_base(args: argparse.Namespace) -> bool:
+    """Whether the frozen base stays out of FSDP, whole on this one rank: float8 or streamed."""
+    return args.base_dtype == "fp8" or args.offload == "blocks"
 
 
 def check_device(name: str | None) -> torch.device:
@@ -496,13 +567,24 @@ def build_model(
     blocks = [*model.double_blocks, *model.single_blocks]
     if args.compile:  # first: recompute wraps the compiled forward, FSDP's hooks stay outside
         compile_blocks(model)
-    if not args.no_recompute:
+    if not args.no_recompute and args.offload == "none":  # streaming recomputes on its own
         distributed.recompute_blocks(blocks)
-    distributed.shard(model, blocks, env.device, env.dtype)
-    model.to_empty(device=env.device)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     frozen = tqdm(frozen, desc="loading base", unit="tensor", disable=env.rank != 0)
-    distributed.copy_full_(model, ((n, build(tfile, *plan.sources[n])) for n in frozen))
+    weights = ((n, build(tfile, *plan.sources[n])) for n in frozen)
+    if local_base(args):  # the base outside FSDP, on this rank: FSDP shards the LoRA only
+        base = load_local_base(model, blocks, weights, args, env)
+        distributed.shard(model, blocks, env.device, env.dtype, ignored=base)
+        if args.offload == "blocks":
+            lora = [m for m in model.modules() if isinstance(m, Adapter)]
+            for block in blocks:  # again: FSDP moved the float8 scales to the device
+                park(block, skip=lora)
+            # Not the adaLN layers: train_step computes the modulations ahead (they wait home).
+            stream_recomputed(blocks, env.device, 1, skip=[*lora, *model.modulation_layers()])
+    else:
+        distributed.shard(model, blocks, env.device, env.dtype)
+        model.to_empty(device=env.device)
+        distributed.copy_full_(model, weights)
     torch.manual_seed(args.seed)  # the LoRA init, on CPU: the same for any number of ranks
     for m in shell.modules():
         if isinstance(m, Adapter):
@@ -511,6 +593,35 @@ def build_model(
     distributed.copy_full_(model, init)  # the LoRA's initial values, into their shards
     model.train()
     return shell
+
+
+def load_local_base(
+    model: nn.Module,
+    blocks: list[nn.Module],
+    weights: Iterable[tuple[str, Tensor]],
+    args: argparse.Namespace,
+    env: Env,
+) -> set[nn.Parameter]:
+    """--base-dtype fp8 or --offload blocks: the frozen base whole on this rank, out of FSDP (which
+    would gather float8 weights in bf16, and owns the tensors a stream swaps). Loaded into CPU
+    memory, each block made float8 on the device (fp8), then the blocks left on the device or, to
+    stream, in CPU memory; the rest on the device. Returns the frozen parameters."""
+    model.to_empty(device="cpu")  # the LoRA too: FSDP moves it to the device
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, full in weights:
+            params[name].copy_(full)
+    for block in blocks:
+        if args.base_dtype == "fp8":  # one block in bf16 on the device at a time
+            quantize_block(block.to(env.device), model.modulation_layers())  # adaLN stays bf16
+        if args.offload == "blocks":  # (pinned) CPU memory, block by block
+            park(block, skip=[m for m in block.modules() if isinstance(m, Adapter)])
+        else:
+            block.to(env.device)
+    for child in model.children():
+        if child not in (model.double_blocks, model.single_blocks):
+            child.to(env.device)
+    return {p for p in model.parameters() if not p.requires_grad}
 
 
 def resume(
@@ -595,8 +706,11 @@ def train_step(
         )  # (B, 16, H/8, W/8) twice, (B,)
         yaw = draw_yaw(seeded(args.seed, epoch, YAW_STREAM, batch + i))
         torch.manual_seed(seeded(args.seed, step, DROPOUT, i, rank).initial_seed())
+        cond = conditioning(b, enc.encode_text)
+        if args.offload == "blocks":  # the adaLN weights stay in CPU memory, as at inference
+            cond = ahead(model, cond, [sigmas], guidance)
         loss, n, parts = flow_loss(
-            model, z, noise, sigmas, conditioning(b, enc.encode_text), b.token_mask, grid,
+            model, z, noise, sigmas, cond, b.token_mask, grid,
             guidance, persp=b.persp, supervise_pad=args.supervise_pad,
             lambda_yaw=args.lambda_yaw * aux, lambda_cube=args.lambda_cube * aux, yaw=yaw,
             dtype=dtype,
@@ -648,11 +762,18 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rank, world, device = distributed.init(args.device)
         env = Env(rank, world, device, dtype)
-        print0(f"{world} x {device.type}, {env.dtype}; writing to {out}")
+        if world > 1 and local_base(args):
+            fail(
+                "--base-dtype fp8 and --offload blocks are for one process: on several, FSDP "
+                "shards the bf16 base over the ranks (README, Training on one GPU)"
+            )
+        print0(f"{world} x {device.type}, {env.dtype}, base {args.base_dtype}, offload "
+               f"{args.offload}; writing to {out}")  # fmt: skip
 
         # --- data: the rows; the VAE and text encoders, with --cache-dir used once and freed
         source = Source(rows["pano"], rows["persp"], args.resolution, args.seed)
         enc = load_encoders(args, env)
+        conds = [Conditioning(*enc.encode_text([p])) for p in args.prompts]  # the previews'
         if args.cache_dir:
             source = cache_rows(source, enc, args, env)
             enc = replace(enc, encode=None, encode_text=None)
@@ -674,6 +795,14 @@ def main(argv: list[str] | None = None) -> None:
             with atomic_path(out / "args.json") as tmp:
                 tmp.write_text(json.dumps(vars(args), indent=2) + "\n")
             log = open_log(out / "log.jsonl", start)
+            board = (
+                summary_writer()(str(out / "tensorboard")) if args.log == "tensorboard" else None
+            )
+            if not has_matplotlib():
+                warn(f"no loss.png: matplotlib is not installed ({LOGS_EXTRA})")
+        view = preview_options(
+            args.base, args.resolution, args.wrap_pad, args.sample_steps, args.seed, device
+        )
         sizes = dict(world=world, batch_size=args.batch_size)  # a checkpoint's batch is in these
 
         # --- loop
@@ -688,13 +817,18 @@ def main(argv: list[str] | None = None) -> None:
             if rank == 0:
                 log.write(json.dumps(dict(step=step, epoch=epoch, **metrics)) + "\n")
                 log.flush()
+                if board:
+                    write_scalars(board, metrics, step)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k != "skipped"})
                 bar.update()
+            if args.sample_every and step % args.sample_every == 0:  # rank 0 draws, all gather
+                render(model, conds, view, out / "samples" / f"step-{step:08d}", rank == 0)
             if step % args.save_every == 0 or step == total:
                 state = distributed.gather_state(model, optimizer)  # all ranks; rank 0 gets it
                 counters = dict(sizes, step=step, epoch=epoch, batch=batch)
                 if rank == 0:
                     save_checkpoint(out / "checkpoints", state, counters, args, shell)
+                    plot_losses(out / "log.jsonl", out / "loss.png")  # what a user watches
             if skipped >= args.max_nonfinite:
                 bar.close()
                 last = max(steps(out / "checkpoints").items(), default=(0, "none"))[1]
@@ -712,8 +846,12 @@ def main(argv: list[str] | None = None) -> None:
                 fail(f"the LoRA holds non-finite values ({bad[0]}, ...): not exported", code=1)
             export_lora(lora, shell, out / "lora")
             log.close()
-            plot_losses(out / "log.jsonl", out / "loss.png")
-            print0(f"wrote {out / 'lora'} (peft LoRA) and {out / 'loss.png'}")
+            if board:
+                board.close()
+            drew = plot_losses(out / "log.jsonl", out / "loss.png")
+            print0(
+                f"wrote {out / 'lora'} (peft LoRA)" + (f" and {out / 'loss.png'}" if drew else "")
+            )
     finally:
         distributed.cleanup()
         if lock:

@@ -1,12 +1,15 @@
 """GPU speed and memory at 1024x2048, 28 steps, bf16, on full-size random FLUX.1-dev weights
 (transformer, T5-XXL, CLIP-L, VAE) written in the real folder layout: dit360's `generate` in each
 offload mode, compiled (`--compile`) and in fp8 (`--fp8`, compiled), diffusers' FluxPipeline (all
-on the GPU, and with `enable_model_cpu_offload`), and one dit360 edit, with the achieved TFLOP/s.
+on the GPU, and with `enable_model_cpu_offload`), and one dit360 edit, with the achieved TFLOP/s;
+and one train.py micro-batch (LoRA r 64, FSDP over NCCL with a world of one) in each memory mode
+of training, seconds and peak memory against the targets of a 24 GB card (TRAIN_ROWS).
 One command, at most 8 minutes on an H100/H200 (--budget):
 
     pip install --no-deps .whl/diffusers-*.whl      # the diffusers rows (a GPU machine is offline)
     python benchmarks/gpu.py --out gpu-bench        # results.json, table.md; the table printed
     python benchmarks/gpu.py --only none,diffusers --steps 10
+    python benchmarks/gpu.py --only train-bf16,train-bf16-keep,train-fp8,train-fp8-blocks
     python benchmarks/gpu.py --tiny                 # tiny models, 64x128, 2 steps, fp32, CPU
 
 The weights (~34 GB in bf16) are generated on the GPU and written to --work (default: in
@@ -27,6 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import train_step
 from random_flux import FULL, TINY
 from runs import spawn
 
@@ -52,6 +56,29 @@ ROWS = {
     "wrap1": ("dit360, offload none, wrap pad 1", "dit360", dict(offload="none", wrap_pad=1)),
     "diffusers-offload": ("diffusers, model CPU offload", "diffusers", dict(offload=True)),
     "edit": ("dit360 edit, half mask", "edit", {}),
+}
+# Training micro-batches: key -> (label, train.py's memory mode, the target on one H100/H200).
+TRAIN_ROWS = {
+    "train-bf16": (
+        "train bf16, recompute",
+        dict(base_dtype="bf16", offload="none", recompute=True),
+        "<= 1.0 s",
+    ),
+    "train-bf16-keep": (
+        "train bf16, no recompute",
+        dict(base_dtype="bf16", offload="none", recompute=False),
+        "",
+    ),
+    "train-fp8": (
+        "train fp8 base, recompute",
+        dict(base_dtype="fp8", offload="none", recompute=True),
+        "<= 22 GB peak",
+    ),
+    "train-fp8-blocks": (
+        "train fp8 base, blocks streamed",
+        dict(base_dtype="fp8", offload="blocks", recompute=True),
+        "<= 12 GB peak, <= 1.5 x train bf16",
+    ),
 }
 # Table columns from stages: generate's, edit_image's and run_diffusers' names.
 COLUMNS = {
@@ -146,6 +173,35 @@ def table(rows: dict, steps: int, edit_steps: int, gpu: bool, tflop: dict) -> st
     return "\n".join(lines)
 
 
+def train_table(rows: dict, gpu: bool) -> str:
+    """The markdown table of the training rows: seconds and TFLOP/s a micro-batch, peak memory."""
+    mem = "peak GiB (allocated / reserved)" if gpu else "peak RSS GiB (peak / RSS)"
+    lines = [
+        f"| training micro-batch | s | TFLOP/s | load s | {mem} | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows.values():
+        r = row["result"]
+        if "error" in r or "skipped" in r:
+            why = r.get("error") or "skipped: " + r["skipped"]
+            lines.append(f"| {row['label']} | {why} | | | | {row['target']} |")
+            continue
+        s = sorted(r["micro_s"])[len(r["micro_s"]) // 2]  # the median
+        peak = r["stages"]["micro-batches"]
+        lines.append(
+            f"| {row['label']} | {s:.3f} | {r['tflop'] / s:.0f} | {r['stages']['load']['s']:.1f} "
+            f"| {peak['peak']:.2f} / {peak['held']:.2f} | {row['target']} |"
+        )
+    lines += [
+        "",
+        "s: the median of the timed micro-batches (after a warm-up one), forward and backward at "
+        "1 pad column, LoRA r 64 on DiT360's targets, random latents and text. TFLOP: the "
+        "forward (twice with recompute) and the backward of a frozen base (inputs' gradients "
+        "and attention's).",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = Parser(__doc__)
     parser.add_argument("--tiny", action="store_true", help="tiny models, 64x128, fp32, on the CPU")
@@ -162,9 +218,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="rows at once (smoke runs: overlaps)")
     args = parser.parse_args()
     start = time.perf_counter()
-    keys = args.only.split(",") if args.only else list(ROWS)
-    if bad := [k for k in keys if k not in ROWS]:
-        parser.error(f"--only: unknown rows {bad}; choose from {', '.join(ROWS)}")
+    keys = args.only.split(",") if args.only else [*ROWS, *TRAIN_ROWS]
+    if bad := [k for k in keys if k not in ROWS and k not in TRAIN_ROWS]:
+        parser.error(f"--only: unknown rows {bad}; choose from {', '.join([*ROWS, *TRAIN_ROWS])}")
+    train_keys, keys = [k for k in keys if k in TRAIN_ROWS], [k for k in keys if k in ROWS]
     if args.tiny:
         sizes, device, dtype, height, width, default_steps = "tiny", "cpu", "fp32", 64, 128, 2
     else:
@@ -212,6 +269,20 @@ def main() -> None:
 
     with ThreadPoolExecutor(args.jobs) as pool:  # more than 1: the rows' timings overlap
         rows = dict(zip(keys, pool.map(run, keys), strict=True))
+
+    def run_train(key: str) -> dict:
+        label, mode, target = TRAIN_ROWS[key]
+        if left() < 30:
+            result = dict(skipped=f"out of time (--budget {args.budget:.0f} s)")
+        else:
+            result = train_step.spawn(
+                timeout=left(), base=folder, height=height, device=device, dtype=dtype,
+                repeats=1 if args.tiny else 3, **mode,
+            )  # fmt: skip
+        say(f"{label}: {result.get('error') or result.get('skipped') or 'done'}")
+        return dict(label=label, mode=mode, target=target, result=result)
+
+    trains = {k: run_train(k) for k in train_keys}  # one at a time: each measures its own peak
     images = {k: r["result"].get("image") for k, r in rows.items()}
     for key, row in rows.items():
         if key in ("edit", "wrap1") or not images[key]:
@@ -223,10 +294,12 @@ def main() -> None:
     # --- report
     flux = (TINY if args.tiny else FULL).flux
     tflop = {pad: step_tflop(flux, (height // 16) * (width // 16 + 2 * pad)) for pad in (0, 1)}
-    text = table(rows, steps, edit_steps, gpu=not args.tiny, tflop=tflop)
+    text = table(rows, steps, edit_steps, gpu=not args.tiny, tflop=tflop) if rows else ""
     args.out.mkdir(parents=True, exist_ok=True)
     settings = dict(height=height, width=width, steps=steps, edit_steps=edit_steps, dtype=dtype)
     summary = dict(settings=settings, environment=env, weights=wrote, sdpa=probe, rows=rows)
+    summary["train"] = trains
+    text += ("\n\n" if rows else "") + train_table(trains, gpu=not args.tiny) if trains else ""
     summary["seconds"] = time.perf_counter() - start
     (args.out / "results.json").write_text(json.dumps(summary, indent=2))
     (args.out / "table.md").write_text(text + "\n")

@@ -8,7 +8,8 @@ checkpoints do not depend on the launch.
 """
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 
@@ -23,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -75,22 +76,45 @@ def recompute_blocks(blocks: Iterable[nn.Module]) -> None:
 
 
 def shard(
-    model: nn.Module, blocks: Iterable[nn.Module], device: torch.device, dtype: torch.dtype | None
+    model: nn.Module,
+    blocks: Iterable[nn.Module],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    ignored: set[nn.Parameter] | None = None,
 ) -> nn.Module:
     """FSDP2 `fully_shard` on each block, then on the root: parameters gathered in `dtype` (None:
     as stored), inputs not cast (RoPE stays fp32), gradients reduced in fp32 and summed over
-    ranks, not averaged: the caller normalises its loss by the global token count."""
+    ranks, not averaged: the caller normalises its loss by the global token count. FSDP leaves
+    the `ignored` parameters where they are (a float8 or streamed frozen base)."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(
         param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
     )
     for module in [*blocks, model]:
-        fully_shard(module, mesh=mesh, mp_policy=mp)
+        fully_shard(module, mesh=mesh, mp_policy=mp, ignored_params=ignored)
         module.set_gradient_divide_factor(1.0)
         # A plain SUM: a factor other than the world size would otherwise be NCCL's PREMUL_SUM,
         # which gloo lacks; with factor 1 there is nothing to scale before or after.
         module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+@contextmanager
+def unsharded(model: nn.Module) -> Iterator[nn.Module]:
+    """Every FSDP module's parameters gathered whole inside the with-block (all ranks call it),
+    so layers can also be called outside the model's forward (sampling computes modulations
+    ahead), and kept whole after each forward: a forward on one rank alone (a preview) then
+    gathers nothing, which would wait forever for the other ranks. Sharded again after."""
+    fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in fsdp:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # shard()'s defaults
 
 
 @torch.no_grad()

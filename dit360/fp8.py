@@ -6,6 +6,9 @@ Each weight row (output channel) is stored as float8_e4m3fn with its own float32
 the fp8 tensor cores of CUDA GPUs of compute capability 8.9+ (Ada, Hopper) through
 `torch._scaled_mm`, the activations quantized per token the same way; elsewhere (CPU, older GPUs,
 fp16/fp32 activations) the weight is upcast to the activation dtype and scaled (weight-only).
+Training a LoRA over a float8 base needs the gradient of the input only (the base is frozen):
+`_scaled_mm` has no autograd, so on the tensor cores a small autograd function multiplies the
+output gradient by the upcast weight in backward; the weight-only path is differentiable as is.
 Left in the model dtype: the embedders and modulation layers (computed ahead, in CPU memory),
 img_in, txt_in and final_layer (small, and at the model's input and output).
 Reference: Micikevicius et al. 2022, "FP8 Formats for Deep Learning", https://arxiv.org/abs/2209.05433;
@@ -47,10 +50,38 @@ def scaled_mm_fits(x: Tensor, weight: Tensor) -> bool:
     return x.dtype == torch.bfloat16 and k % 16 == 0 and n % 16 == 0 and _fp8_cores(x.device)
 
 
+def upcast(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """The weight (N, K) in `dtype`, scaled (float8 to bf16/fp16/fp32 is exact)."""
+    return weight.to(dtype) * scale.to(dtype)[:, None]
+
+
 def fp8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-    """x (..., K) @ (weight * scale).T + bias, with weight (N, K) float8 and scale (N,) float32."""
-    if not scaled_mm_fits(x, weight):  # weight-only: float8 -> bf16/fp16/fp32 is exact
-        return F.linear(x, weight.to(x.dtype) * scale.to(x.dtype)[:, None], bias)
+    """x (..., K) @ (weight * scale).T + bias, with weight (N, K) float8 and scale (N,) float32;
+    differentiable with respect to x."""
+    if not scaled_mm_fits(x, weight):  # weight-only
+        return F.linear(x, upcast(weight, scale, x.dtype), bias)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return ScaledMatmul.apply(x, weight, scale, bias)
+    return scaled_mm(x, weight, scale, bias)
+
+
+class ScaledMatmul(torch.autograd.Function):
+    """`scaled_mm` forward; backward: the input's gradient through the upcast weight, in bf16 (the
+    frozen weight, scale and bias get none)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(weight, scale)
+        return scaled_mm(x, weight, scale, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        weight, scale = ctx.saved_tensors
+        return grad @ upcast(weight, scale, grad.dtype), None, None, None  # (..., N) @ (N, K)
+
+
+def scaled_mm(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """x (..., K) bf16 quantized per token, times the float8 weight on the tensor cores -> bf16."""
     xq, xs = quantize(x.reshape(-1, x.shape[-1]))  # (M, K) row-major, (M, 1): per token
     # Rowwise scaling: a (M, K) row-major, b (K, N) column-major (weight.t() is), scales (M, 1)
     # and (1, N) float32; the output and the bias bf16.
@@ -67,7 +98,9 @@ class FP8Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.register_buffer("scale", scale)  # a buffer: offloading moves it with the weight
+        # A buffer, so offloading moves it with the weight; not persistent: a training state dict
+        # (the LoRA) leaves it out, like the frozen weight.
+        self.register_buffer("scale", scale, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -94,15 +127,21 @@ def quantize_fp8(model: Flux) -> Flux:
     """Replace the linear layers of the double and single blocks (not their modulation) by
     FP8Linear, in place and layer by layer: at most one layer exists twice at a time. Merge a
     LoRA before: merging into a float8 weight would round it again, unscaled."""
-    skip = {id(m) for mod in model.modulation_layers() for m in mod.modules()}
     for block in [*model.double_blocks, *model.single_blocks]:
-        found = [
-            (name, m)
-            for name, m in block.named_modules()
-            if isinstance(m, nn.Linear) and id(m) not in skip
-        ]
-        for name, linear in found:
-            parent, _, child = name.rpartition(".")
-            setattr(block.get_submodule(parent), child, to_fp8(linear))
-            linear.weight = None  # freed now, not when the loop ends
+        quantize_block(block, model.modulation_layers())
     return model
+
+
+def quantize_block(block: nn.Module, keep: list[nn.Module]) -> nn.Module:
+    """Replace the linear layers of one block by FP8Linear, in place, except those in `keep`."""
+    skip = {id(m) for mod in keep for m in mod.modules()}
+    found = [
+        (name, m)
+        for name, m in block.named_modules()
+        if isinstance(m, nn.Linear) and id(m) not in skip
+    ]
+    for name, linear in found:
+        parent, _, child = name.rpartition(".")
+        setattr(block.get_submodule(parent), child, to_fp8(linear))
+        linear.weight = None  # freed now, not when the loop ends
+    return block

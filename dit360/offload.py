@@ -1,7 +1,9 @@
 """Offloading frozen weights to host memory, for GPUs too small to hold a whole model: `park` a
 module in (pinned) CPU memory, `lent` it to the GPU for a with-block, or `stream` its blocks
 through the GPU one at a time, the next ones copied ahead on a side CUDA stream; `choose` picks the
-mode from the free GPU memory. Inference only: we swap `tensor.data`, which autograd does not see.
+mode from the free GPU memory. We swap `tensor.data`, which autograd does not see: inference, or
+training with each streamed block recomputed in backward (`stream_recomputed`), which fetches it
+again.
 
 Each parked parameter and buffer keeps its host copy (its home) in the attribute `HOME`; a device
 copy replaces `.data` while it is needed and is dropped afterwards, never copied back.
@@ -9,9 +11,11 @@ copy replaces `.data` while it is needed and is dropped afterwards, never copied
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 MODES = ("none", "model", "blocks")  # least to most offloading: the order `choose` tries them
 HOME, STREAMED = "_offload_home", "_offload_streamed"
@@ -55,11 +59,12 @@ def _homes(tensors: list[Tensor], pin: bool) -> Iterator[tuple[Tensor, Tensor]]:
         yield t, home.copy_(t.detach())
 
 
-def park(module: nn.Module) -> nn.Module:
-    """Move every parameter and buffer to CPU memory, pinned when CUDA is available, tensor by
-    tensor (never a second full copy in host memory), as the module's home. Idempotent."""
+def park(module: nn.Module, skip: Iterable[nn.Module] = ()) -> nn.Module:
+    """Move every parameter and buffer (but those of the modules in `skip`) to CPU memory, pinned
+    when CUDA is available, tensor by tensor (never a second full copy in host memory), as the
+    module's home. Idempotent."""
     new = []
-    for t in _tensors(module):
+    for t in _tensors(module, skip):
         if hasattr(t, HOME):
             t.data = getattr(t, HOME)  # parked already (maybe lent right now): back home
         else:
@@ -88,6 +93,65 @@ def lent(
             t.data = getattr(t, HOME)
 
 
+class _Streamer:
+    """The copies of parked blocks on `device`: `before(i, upcoming)` makes block i's (waiting for
+    it) and issues the upcoming blocks' early, on a side CUDA stream; `drop(i)` sends it home."""
+
+    def __init__(
+        self, blocks: Sequence[nn.Module], device: torch.device | str, skip: Iterable[nn.Module]
+    ) -> None:
+        self.device, skip = torch.device(device), list(skip)
+        self.tensors = [_tensors(b, skip) for b in blocks]
+        if any(not hasattr(t, HOME) for ts in self.tensors for t in ts):
+            raise ValueError(
+                "offload.stream: the blocks have tensors that are not parked: park() them"
+            )
+        cuda = self.device.type == "cuda"
+        self.side = torch.cuda.Stream(self.device) if cuda else None
+        self.ready: dict[int, torch.cuda.Event | None] = {}  # blocks on `device` -> copy events
+        self.done: list[torch.cuda.Event] = []  # the end of the compute of dropped blocks
+
+    def fetch(self, i: int) -> None:
+        """Issue the copy of block i: on the side stream on CUDA, so it overlaps compute."""
+        side = self.side
+        compute = torch.cuda.current_stream(self.device) if side else None
+        with torch.cuda.stream(side):  # a no-op when side is None (off CUDA)
+            for t in self.tensors[i]:
+                copy = getattr(t, HOME).to(self.device, non_blocking=True, copy=True)
+                if side:  # used on the compute stream: the allocator must not reuse it early
+                    copy.record_stream(compute)
+                t.data = copy
+            self.ready[i] = side.record_event() if side else None
+
+    def drop(self, i: int) -> None:
+        """Send block i back home, dropping its device copies (a tensor autograd saved keeps its
+        copy alive until backward is done with it)."""
+        for t in self.tensors[i]:
+            t.data = getattr(t, HOME)
+        if self.ready.pop(i, None) is not None:  # on CUDA: mark where its compute ends
+            self.done.append(torch.cuda.current_stream(self.device).record_event())
+
+    def before(self, i: int, upcoming: Iterable[int]) -> None:
+        """Block i on `device` (waiting for its copy), the upcoming blocks' copies issued."""
+        if i not in self.ready:  # the first block, or blocks run out of order
+            self.fetch(i)
+        if (event := self.ready[i]) is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        # The CPU runs ahead of the GPU: before copying more, wait until the dropped blocks'
+        # compute is over, so the allocator reuses their memory rather than taking more.
+        while self.done:
+            self.done.pop().synchronize()
+        for j in upcoming:
+            if j not in self.ready:
+                self.fetch(j)
+
+    def stop(self, blocks: Sequence[nn.Module]) -> None:
+        """Send every block home."""
+        for i, block in enumerate(blocks):
+            self.drop(i)
+            block.__dict__.pop(STREAMED, None)
+
+
 def stream(
     blocks: Sequence[nn.Module],
     device: torch.device | str,
@@ -98,62 +162,82 @@ def stream(
     copy is made before its forward and dropped after it, the next `ahead` blocks' copies are
     issued early, so at most ahead + 1 blocks are on `device`; their submodules in `skip` stay
     home. Returns the function that stops."""
-    device, n, skip = torch.device(device), len(blocks), list(skip)
-    tensors = [_tensors(b, skip) for b in blocks]
-    if any(not hasattr(t, HOME) for ts in tensors for t in ts):
-        raise ValueError("offload.stream: the blocks have tensors that are not parked: park() them")
+    s, n = _Streamer(blocks, device, skip), len(blocks)
     ahead = max(0, min(ahead, n - 1))
-    side = torch.cuda.Stream(device) if device.type == "cuda" else None
-    ready: dict[int, torch.cuda.Event | None] = {}  # blocks on `device` -> their copies' event
-    done: dict[int, torch.cuda.Event] = {}  # dropped blocks -> the end of their compute
-
-    def fetch(i: int) -> None:
-        """Issue the copy of block i: on the side stream on CUDA, so it overlaps compute."""
-        compute = torch.cuda.current_stream(device) if side else None
-        with torch.cuda.stream(side):  # a no-op when side is None (off CUDA)
-            for t in tensors[i]:
-                copy = getattr(t, HOME).to(device, non_blocking=True, copy=True)
-                if side:  # used on the compute stream: the allocator must not reuse it early
-                    copy.record_stream(compute)
-                t.data = copy
-            ready[i] = side.record_event() if side else None
-
-    def drop(i: int) -> None:
-        """Send block i back home, dropping its device copies."""
-        for t in tensors[i]:
-            t.data = getattr(t, HOME)
-        if ready.pop(i, None) is not None:  # on CUDA: mark where its compute ends
-            done[i] = torch.cuda.current_stream(device).record_event()
-
-    def before(i: int) -> None:
-        """Block i on `device` (waiting for its copy), the next `ahead` blocks' copies issued."""
-        if i not in ready:  # the first block, or blocks run out of order
-            fetch(i)
-        if (event := ready[i]) is not None:
-            torch.cuda.current_stream(device).wait_event(event)
-        # The CPU runs ahead of the GPU: before copying more, wait until the last dropped block's
-        # compute is over, so the allocator reuses its memory rather than taking more.
-        if (event := done.pop((i - 1) % n, None)) is not None:
-            event.synchronize()
-        for j in range(i + 1, i + 1 + ahead):  # wraps around to the next forward's first blocks
-            if j % n not in ready:
-                fetch(j % n)
-
     hooks = []
     for i, block in enumerate(blocks):
         setattr(block, STREAMED, True)
-        hooks.append(block.register_forward_pre_hook(lambda m, args, i=i: before(i)))
-        hooks.append(block.register_forward_hook(lambda m, args, out, i=i: drop(i)))
+        # Wraps around to the next forward's first blocks.
+        nxt = [(i + 1 + k) % n for k in range(ahead)]
+        hooks.append(block.register_forward_pre_hook(lambda m, a, i=i, nxt=nxt: s.before(i, nxt)))
+        hooks.append(block.register_forward_hook(lambda m, a, out, i=i: s.drop(i)))
 
     def stop() -> None:
         """Remove the hooks and send every block home."""
         for hook in hooks:
             hook.remove()
-        for i, block in enumerate(blocks):
-            drop(i)
-            block.__dict__.pop(STREAMED, None)
+        s.stop(blocks)
 
     return stop
+
+
+def stream_recomputed(
+    blocks: Sequence[nn.Module],
+    device: torch.device | str,
+    ahead: int = 1,
+    skip: Iterable[nn.Module] = (),
+) -> Callable[[], None]:
+    """Training: recompute each parked block in backward (activation checkpointing) and stream it
+    through `device` twice a step, in forward (blocks 0, 1, ..., the next `ahead` prefetched) and
+    in backward's recomputation (..., 1, 0, the previous `ahead` prefetched). The checkpointed
+    function itself fetches and drops, since the recomputation calls it without the module's hooks.
+
+    A forward drops its block at once (checkpointing saves none of its tensors), but the last:
+    backward starts with it. A recomputed block stays until the recomputation of the one before
+    it begins: autograd saved its weights themselves (a frozen tensor is not detached), so they
+    must stay the device copies until its backward is over, which it is by then (that backward
+    makes the gradient of the block's input, which the block before needs first). The first
+    block stays for the next forward. So at most ahead + 1 blocks are on `device`. Returns the
+    function that stops (the blocks keep their checkpointed forward)."""
+    s, n = _Streamer(blocks, device, skip), len(blocks)
+    ahead = max(0, min(ahead, n - 1))
+    calls: list[int] = []  # blocks whose module call (a forward, not a recomputation) is under way
+    hooks = []
+    for i, block in enumerate(blocks):
+        setattr(block, STREAMED, True)
+        hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: calls.append(i)))
+        run = _streamed(block.forward, i, n, ahead, s, calls)
+        block.forward = partial(checkpoint, run, use_reentrant=False)
+
+    def stop() -> None:
+        """Remove the hooks and send every block home."""
+        for hook in hooks:
+            hook.remove()
+        s.stop(blocks)
+
+    return stop
+
+
+def _streamed(
+    forward: Callable, i: int, n: int, ahead: int, s: _Streamer, calls: list[int]
+) -> Callable:
+    """Block i's forward or recomputation between fetching and dropping (`stream_recomputed`)."""
+
+    def run(*args: object, **kwargs: object) -> object:
+        if calls and calls[-1] == i:  # a forward
+            calls.pop()
+            s.before(i, range(i + 1, min(n, i + 1 + ahead)))
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                if i < n - 1 or not torch.is_grad_enabled():
+                    s.drop(i)
+        for j in [j for j in s.ready if j > i]:  # a recomputation: their backward is over
+            s.drop(j)
+        s.before(i, range(i - 1, max(-1, i - 1 - ahead), -1))
+        return forward(*args, **kwargs)
+
+    return run
 
 
 def choose(

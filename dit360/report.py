@@ -1,5 +1,6 @@
 """Run reports: seconds per stage and peak memory of a generation or an edit, freeing memory
-between stages, and the training log (log.jsonl) with its loss plot."""
+between stages, and the training log (log.jsonl) with its loss plot (matplotlib) and tensorboard
+events (both optional: `pip install 'dit360[logs]'`)."""
 
 import gc
 import json
@@ -11,10 +12,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
-from PIL import Image, ImageDraw
 
 from .files import atomic_path
 
@@ -98,27 +98,62 @@ def open_log(path: Path, step: int) -> TextIO:
     return open(path, "a")  # noqa: SIM115
 
 
-def plot_losses(log: Path, png: Path, w: int = 800, h: int = 400, m: int = 50) -> None:
-    """The loss per step (grey) and its running mean (blue), drawn with PIL."""
+LOGS_EXTRA = "pip install 'dit360[logs]'"  # matplotlib and tensorboard, optional
+
+
+def plot_losses(log: Path, png: Path) -> bool:
+    """The loss per step (grey) and its running mean (blue) from the jsonl log, drawn with
+    matplotlib; False (nothing drawn) without matplotlib or with under two finite steps."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "skipped" not in r]  # a skipped step's loss is not finite
     if len(rows) < 2:
-        return
+        return False
     steps, loss, mean = [r["step"] for r in rows], [r["loss"] for r in rows], []
     for v in loss:
         mean.append(v if not mean else 0.9 * mean[-1] + 0.1 * v)
-    lo, hi, s0, s1 = min(loss), max(loss), steps[0], steps[-1]
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+    ax.plot(steps, loss, color="0.7", linewidth=0.8, label="loss")
+    ax.plot(steps, mean, color=(0, 0.27, 0.78), linewidth=1.5, label="running mean (0.9)")
+    ax.set(xlabel="step", ylabel="loss", title=f"step {steps[-1]}: loss {loss[-1]:.4g}")
+    ax.legend(loc="upper right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return True
 
-    def xy(s: int, v: float) -> tuple[float, float]:
-        x = m + (s - s0) / max(s1 - s0, 1) * (w - 2 * m)
-        return x, h - m - (v - lo) / max(hi - lo, 1e-12) * (h - 2 * m)
 
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    d.rectangle([m, m, w - m, h - m], outline="black")
-    d.line([xy(s, v) for s, v in zip(steps, loss, strict=True)], fill=(170, 170, 170))
-    d.line([xy(s, v) for s, v in zip(steps, mean, strict=True)], fill=(0, 70, 200), width=2)
-    d.text((m, 15), f"loss at step {s1}: {loss[-1]:.4g} (running mean {mean[-1]:.4g})", "black")
-    d.text((4, m), f"{hi:.3g}", "black"), d.text((4, h - m - 10), f"{lo:.3g}", "black")
-    d.text((m, h - m + 6), str(s0), "black"), d.text((w - m - 40, h - m + 6), str(s1), "black")
-    img.save(png)
+def write_scalars(board: Any, metrics: dict[str, float | str], step: int) -> None:
+    """A step's numeric metrics to a tensorboard SummaryWriter, as `train/<name>`."""
+    for name, value in metrics.items():
+        if isinstance(value, int | float):
+            board.add_scalar(f"train/{name}", value, step)
+
+
+def has_matplotlib() -> bool:
+    """Whether `plot_losses` can draw."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def summary_writer() -> Any:
+    """tensorboard's SummaryWriter class; ValueError naming the pip command if tensorboard is not
+    installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError(
+            f"--log tensorboard needs tensorboard: pip install tensorboard (or {LOGS_EXTRA})"
+        ) from None
+    return SummaryWriter

@@ -18,6 +18,7 @@ GPU_ROWS = (
     "diffusers, model CPU offload",
     "dit360 edit, half mask",
 )
+TRAIN_ROWS = ("train bf16, recompute", "train fp8 base, blocks streamed")
 NUMBER = r"\d+\.\d+"
 
 
@@ -39,6 +40,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict:
     argv["gpu"] += ["--out", str(tmp / "out")]
     # Not the compiled rows: a cold compile takes a minute on 2 cores (see tests/test_compile.py).
     argv["gpu"] += ["--only", "none,diffusers,model,blocks,wrap1,diffusers-offload,edit"]
+    argv["gpu"][-1] += ",train-bf16,train-fp8-blocks"  # the training rows: two memory modes
     procs = {}
     for name, a in argv.items():  # output to files: a full pipe would stall a process not read yet
         with open(tmp / f"{name}.out", "w") as out, open(tmp / f"{name}.err", "w") as err:
@@ -82,7 +84,10 @@ def test_gpu_tiny(smoke):
     results = json.loads((smoke["out"] / "results.json").read_text())
     assert [r["label"] for r in results["rows"].values()] == list(GPU_ROWS)
     table = (smoke["out"] / "table.md").read_text().splitlines()
-    assert sum(line.startswith("| ") for line in table) == len(GPU_ROWS) + 1  # and the header
+    assert sum(line.startswith("| ") for line in table) == len(GPU_ROWS) + 1 + len(TRAIN_ROWS) + 1
+    for label in TRAIN_ROWS:
+        assert re.search(rf"\| {re.escape(label)} \| {NUMBER} \| \d+ \|", out), out
+    assert [r["label"] for r in results["train"].values()] == list(TRAIN_ROWS)
 
 
 def test_convert_memory_smoke(tmp_path):

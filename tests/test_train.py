@@ -20,6 +20,7 @@ import sample
 import train
 from dit360.data import epoch_order
 from dit360.lora_formats import load_lora
+from dit360.report import has_matplotlib
 from dit360.weights import load_flux
 
 ROOT = Path(__file__).parents[1]
@@ -132,7 +133,7 @@ def test_run_writes_everything(trained):
     assert [r["epoch"] for r in rows] == [0, 0, 1, 1, 2, 2]
     assert rows[0]["yaw"] == rows[0]["cube"] == 0 and rows[-1]["yaw"] > 0 and rows[-1]["cube"] > 0
     assert all(r["lr"] == 1e-3 for r in rows)  # warm-up: int(0.05 * 6) = 0 steps
-    assert Image.open(trained / "loss.png").size == (800, 400)
+    assert (trained / "loss.png").is_file() == has_matplotlib()  # optional: test_train_memory
     assert any(v.abs().max() > 0 for k, v in lora_file(trained).items() if "lora_B" in k)
 
 
@@ -174,9 +175,17 @@ def test_two_processes_equal_one_and_overfit(tiny_flux, data, tmp_path):
     )
     assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
 
-    # On 2 ranks, each rank takes its shards of the full state: steps 29-30 again, the same.
-    torchrun(again, "--resume", str(two / "checkpoints" / "step-00000028"))
+    # On 2 ranks, each rank takes its shards of the full state: steps 29-30 again, the same,
+    # with a preview at each (rank 0 draws it: a sampling of 2 steps on FSDP-sharded weights).
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a lake\n")
+    preview = ("--sample-every", "1", "--sample-prompts", str(prompts), "--sample-steps", "2")
+    torchrun(again, "--resume", str(two / "checkpoints" / "step-00000028"), *preview)
     assert_same_lora(again, two)
+    assert sorted(p.parent.name for p in (again / "samples").rglob("*.png")) == [
+        "step-00000029",
+        "step-00000030",
+    ]
 
     # The 2-rank checkpoint resumes on 1 rank (each rank takes its shards of the full state;
     # batch 2 covers the same samples).

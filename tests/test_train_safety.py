@@ -84,6 +84,29 @@ BAD = {  # case: (extra arguments, what the error says, what to set up in tmp_pa
         lambda t: make_file(t / "out" / "log.jsonl"),
     ),
     "out in use": (["--resume"], rf"--out .*out is in use by process {os.getpid()}", lock_it),
+    "base-dtype fp16": (["--base-dtype", "fp16"], r"--base-dtype: invalid choice", None),
+    "offload model": (["--offload", "model"], r"--offload: invalid choice", None),
+    "streaming without recompute": (
+        ["--offload", "blocks", "--no-recompute"],
+        r"--offload blocks streams each block again for backward's recomputation: drop "
+        r"--no-recompute",
+        None,
+    ),
+    "previews without prompts": (
+        ["--sample-every", "2"],
+        r"previews need both --sample-every N and --sample-prompts FILE",
+        None,
+    ),
+    "missing prompts": (
+        ["--sample-every", "2", "--sample-prompts", "nope.txt"],
+        r"--sample-prompts nope.txt: no such file",
+        None,
+    ),
+    "empty prompts": (
+        ["--sample-every", "2", "--sample-prompts", "p.txt"],
+        r"--sample-prompts p.txt: no prompt in it",
+        lambda t: make_file(t / "p.txt", "\n  \n"),
+    ),
 }
 
 
