@@ -75,7 +75,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from dit360 import distributed
+from dit360 import distributed, sources
 from dit360.autoencoder import scale_latents
 from dit360.compiling import compile_blocks
 from dit360.config import FLUX_DEV, AutoEncoderParams
@@ -122,6 +122,7 @@ from dit360.report import (
     write_scalars,
 )
 from dit360.sampling import Conditioning, ahead
+from dit360.sources import Sources, resolve_sources
 from dit360.text import encode_prompt, load_text_encoders
 from dit360.weights import KeyPlan, build, load_autoencoder, read_flux
 
@@ -166,7 +167,10 @@ POSITIVE, FRACTION = bounded(float, 0, above=True), bounded(float, 0, 1)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = Parser(__doc__)
-    p.add_argument("--base", default=FLUX_DEV, help="repo id or folder")
+    p.add_argument("--base", help=f"FLUX.1-dev repo id or folder, ComfyUI files (None: {FLUX_DEV})")
+    for part in sources.PARTS:
+        what, example = sources.WHAT[part], sources.EXAMPLE[part]
+        p.add_argument(f"--{part}", help=f"the {what}'s own file or folder, e.g. {example}")
     p.add_argument("--pano", required=True, help="jsonl of panoramas {image, caption[, mask]}")
     p.add_argument("--persp", help="jsonl of perspective photos on the canvas, with masks")
     p.add_argument("--out", default="runs/dit360", help="the run: checkpoints, LoRA, log")
@@ -499,11 +503,16 @@ def export_lora(state: dict[str, Tensor], shell: nn.Module, folder: Path) -> Non
 # --- data -------------------------------------------------------------------------------------
 
 
+def weights(args: argparse.Namespace) -> Sources:
+    """Where the weights of every model are (--base and the part flags; resolved once)."""
+    return resolve_sources(args.base, args.transformer, args.t5, args.clip, args.vae)
+
+
 def load_encoders(args: argparse.Namespace, env: Env) -> Encoders:
     """The frozen VAE and text encoders, on every rank."""
     try:
-        text = load_text_encoders(args.base, env.device, env.dtype)
-        vae = load_autoencoder(args.base, env.device, torch.float32)  # fp32, as the reference
+        text = load_text_encoders(weights(args), env.device, env.dtype)
+        vae = load_autoencoder(weights(args).vae, env.device, torch.float32)  # fp32, as the ref.
     except INPUT_ERRORS as e:
         fail(e)
     vae.set_circular(False, encoder=args.circular_encoder)
@@ -513,8 +522,9 @@ def load_encoders(args: argparse.Namespace, env: Env) -> Encoders:
 
 def cache_rows(source: Source, enc: Encoders, args: argparse.Namespace, env: Env) -> Source:
     """Encode every row once into --cache-dir (each rank its share) -> the source reading it."""
-    base = Path(args.base).resolve() if Path(args.base).exists() else args.base
-    model_id = f"{base}|circular encoder {args.circular_encoder}|text {env.dtype}"
+    src = weights(args)
+    parts = "|".join(f"{Path(p.path).resolve()}{p.prefix}" for p in (src.t5, src.clip, src.vae))
+    model_id = f"{parts}|circular encoder {args.circular_encoder}|text {env.dtype}"
     every = source.pano + source.persp
     made = build_cache(
         every, args.cache_dir, args.resolution, model_id, enc.encode, enc.encode_text,
@@ -747,7 +757,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         grid = Grid.for_image(args.resolution, 2 * args.resolution, args.wrap_pad)
         rows = read_rows(args.pano, args.persp)  # one error naming every bad row
-        tfile, plan, model = read_flux(args.base)  # headers only; the model on the meta device
+        tfile, plan, model = read_flux(weights(args).transformer)  # headers; the model on meta
         model.to(dtype)  # meta: no memory yet
         inject(model, args.lora_rank, args.alpha, tuple(args.targets), args.dropout)  # fp32 LoRA
     except INPUT_ERRORS as e:
@@ -800,8 +810,9 @@ def main(argv: list[str] | None = None) -> None:
             )
             if not has_matplotlib():
                 warn(f"no loss.png: matplotlib is not installed ({LOGS_EXTRA})")
+        parts = {k: getattr(args, k) for k in ("base", "transformer", "t5", "clip", "vae")}
         view = preview_options(
-            args.base, args.resolution, args.wrap_pad, args.sample_steps, args.seed, device
+            parts, args.resolution, args.wrap_pad, args.sample_steps, args.seed, device
         )
         sizes = dict(world=world, batch_size=args.batch_size)  # a checkpoint's batch is in these
 

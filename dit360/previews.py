@@ -32,14 +32,19 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def preview_options(
-    base: str, height: int, wrap_pad: int, steps: int, seed: int, device: torch.device
+    weights: dict[str, str | None],
+    height: int,
+    wrap_pad: int,
+    steps: int,
+    seed: int,
+    device: torch.device,
 ) -> SampleOptions:
     """sample.py's options for a preview: a 2:1 panorama, no LoRA file (the model has it), the
-    weights as the model holds them (offload none)."""
+    weights as the model holds them (offload none); `weights`: base, transformer, t5, clip, vae."""
     with warnings.catch_warnings():  # "not 1024x2048": the training resolution is the user's
         warnings.simplefilter("ignore")
         return SampleOptions(
-            base=base, lora=None, steps=steps, seed=seed, wrap_pad=wrap_pad, height=height,
+            **weights, lora=None, steps=steps, seed=seed, wrap_pad=wrap_pad, height=height,
             width=2 * height, device=str(device), offload="none",
         )  # fmt: skip
 

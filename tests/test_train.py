@@ -338,3 +338,19 @@ def test_input_errors(tiny_flux, data, tmp_path, capsys):
     resolution = args(tiny_flux, data, tmp_path / "o", "--resolution", "40")
     expect_error(capsys, train.main, resolution, tmp_path, "multiples of 16")
     assert not (tmp_path / "o").exists()
+
+
+def test_component_files_train_the_same(tiny_flux, data, tmp_path, trained):
+    """--transformer as convert_weights.py's BFL file and --vae as a BFL ae.safetensors (no
+    config) train exactly as the FLUX.1-dev folder does."""
+    from safetensors.torch import save_file
+
+    from dit360.convert import convert_flux
+    from dit360.weights import load_autoencoder
+
+    bfl = convert_flux(tiny_flux, tmp_path / "flux1-dev.safetensors")
+    save_file(load_autoencoder(tiny_flux).state_dict(), tmp_path / "ae.safetensors")
+    parts = ("--transformer", str(bfl), "--vae", str(tmp_path / "ae.safetensors"))
+    train.main(args(tiny_flux, data, tmp_path / "parts", *RUN, *parts))
+    assert [r["loss"] for r in log(tmp_path / "parts")] == [r["loss"] for r in log(trained)]
+    assert_same_lora(tmp_path / "parts", trained)
