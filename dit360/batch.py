@@ -117,6 +117,34 @@ def run_batch(
     except FloatingPointError as e:  # NaN/inf latents: that image is not written
         fail(e, code=1)
     minutes = (time.perf_counter() - start) / 60
-    rate = f", {len(todo) / minutes:.1f} images/minute" if todo else ""
     who = f"rank {rank} of {world}: " if world > 1 else ""
-    print(f"{who}{len(todo)} images written, {len(jobs) - len(todo)} skipped (they exist){rate}")
+    summary(who, len(todo), len(jobs) - len(todo), minutes)
+    if world > 1:  # the whole batch, on rank 0: the one exchange between the processes
+        (written, skipped), (minutes,) = across_ranks([len(todo), len(jobs) - len(todo)], [minutes])
+        if rank == 0:
+            summary(f"all {world} processes: ", int(written), int(skipped), minutes)
+
+
+def summary(who: str, written: int, skipped: int, minutes: float) -> None:
+    """The closing line: images written and skipped, and the rate."""
+    rate = f", {written / minutes:.1f} images/minute" if written else ""
+    print(f"{who}{written} images written, {skipped} skipped (they exist){rate}")
+
+
+def across_ranks(sums: list[float], maxima: list[float]) -> tuple[list[float], list[float]]:
+    """`sums` summed and `maxima` maximised over torchrun's processes, through a gloo group made
+    for it (CPU tensors, on any machine) and destroyed after: a barrier at the end of a batch."""
+    dist = torch.distributed
+    made = not dist.is_initialized()
+    if made:
+        dist.init_process_group("gloo")
+    try:
+        out = []
+        for values, op in [(sums, dist.ReduceOp.SUM), (maxima, dist.ReduceOp.MAX)]:
+            t = torch.tensor(values, dtype=torch.float64)
+            dist.all_reduce(t, op=op)
+            out.append(t.tolist())
+        return out[0], out[1]
+    finally:
+        if made:
+            dist.destroy_process_group()

@@ -117,7 +117,7 @@ def test_bad_rows(tiny_flux, tmp_path, capsys):
 
 def test_torchrun_shares_the_jobs(tiny_flux, tmp_path, singles):
     """Under torchrun (2 CPU processes) rank r makes jobs[r::2]: together the 4 images of the
-    single runs."""
+    single runs; rank 0 sums up the whole batch (a gloo all-reduce)."""
     prompts, out = tmp_path / "prompts.txt", tmp_path / "out"
     prompts.write_text("\n".join(PROMPTS))
     argv = flags(tiny_flux, "--prompts", str(prompts), "--num-images", "2", "--out-dir", str(out))
@@ -126,5 +126,6 @@ def test_torchrun_shares_the_jobs(tiny_flux, tmp_path, singles):
     assert r.returncode == 0, r.stderr[-3000:]
     for rank in (0, 1):
         assert f"rank {rank} of 2: 2 images written, 0 skipped" in r.stdout, r.stdout
+    assert "all 2 processes: 4 images written, 0 skipped" in r.stdout, r.stdout
     for (i, seed), expected in singles.items():
         assert np.array_equal(pixels(out / f"{i:04d}-seed{seed}.png"), expected), (i, seed)
