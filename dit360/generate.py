@@ -73,11 +73,12 @@ def check_inputs(opts: Options) -> None:
     LoRA (against the transformer) before anything loads: a mistake costs seconds, not minutes and
     33 GB read. The LoRA is found first, so a typo fails before --base downloads anything."""
     from .lora_formats import find_lora, read_lora
-    from .text import check_encoder, load_tokenizers
-    from .weights import read_autoencoder, read_flux
 
     if opts.lora not in (None, "auto"):
         flagged("--lora", find_lora, opts.lora)
+    from .text import check_encoder, load_tokenizers  # transformers: seconds to import
+    from .weights import read_autoencoder, read_flux
+
     src = opts.sources()
     flag = {p: f"--{p}" if getattr(opts, p) else "--base" for p in ("transformer", "t5", "clip")}
     model = flagged(flag["transformer"], read_flux, src.transformer)[2]
