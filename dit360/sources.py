@@ -174,9 +174,11 @@ def resolve_sources(
             has = [WHAT[p] for p, part in from_base.items() if part is not None]
             holds = f"holds the {' and '.join(has)} but" if has else "holds"
             give = ", ".join(f"--{p} (e.g. {EXAMPLE[p]})" for p in absent)
+            alone = has == [WHAT["transformer"]] and root.is_file()
+            instead = f"pass it as --transformer (the rest from {FLUX_DEV})" if alone else ""
             raise ValueError(
                 f"--base {root} {holds} no {', '.join(WHAT[p] for p in absent)}: give {give}, "
-                "or --base a FLUX.1-dev folder or repo id"
+                f"or {instead or '--base a FLUX.1-dev folder or repo id'}"
             )
         found |= from_base
     tokenizers = {n: flagged("--base", tokenizer, root, n) for n in TOKENIZERS}

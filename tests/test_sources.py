@@ -242,7 +242,8 @@ def test_bad_inputs_fail_before_loading(tiny_flux, tmp_path, capsys, monkeypatch
         (["--lora", str(tmp_path / "typo.safetensors")], r"--lora: .*typo.safetensors: no such"),
         (["--lora", "auto"], r"--lora: Insta360-Research/DiT360.* not in the Hugging Face cache"),
         (["--base", str(file)], r"--base .*flux1-dev.safetensors holds the FLUX transformer but no "
-         r"T5-XXL, CLIP-L, VAE: give --t5 \(e.g. t5xxl_fp16.safetensors\), --clip"),
+         r"T5-XXL, CLIP-L, VAE: give --t5 \(e.g. t5xxl_fp16.safetensors\), --clip .*, or pass "
+         r"it as --transformer \(the rest from black-forest-labs/FLUX.1-dev\)"),
         (["--t5", str(clip)], r"--t5: .*model.safetensors holds no T5-XXL"),
     ]  # fmt: skip
     for flags, match in cases:
