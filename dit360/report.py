@@ -22,12 +22,14 @@ from .files import atomic_path
 @dataclass
 class Report:
     """Seconds and peak memory (GB) per stage of one run. Peaks: on CUDA (allocated, reserved)
-    since the stage began; on the CPU (peak RSS, RSS at the end), reset per stage on Linux."""
+    since the stage began; on the CPU (peak RSS, RSS at the end), reset per stage on Linux. A
+    stage run again (a batch's denoise per image) adds its seconds and keeps the larger peaks."""
 
     device: str = "cpu"
     seconds: dict[str, float] = field(default_factory=dict)
     peaks: dict[str, tuple[float, float]] = field(default_factory=dict)
     log: Callable[[str], None] = print
+    counts: dict[str, int] = field(default_factory=dict)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -38,14 +40,18 @@ class Report:
         yield
         if str(self.device).startswith("cuda"):
             torch.cuda.synchronize()
-        self.seconds[name] = time.perf_counter() - start
-        self.peaks[name] = peak_memory_gb(self.device), held_memory_gb(self.device)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        self.counts[name] = self.counts.get(name, 0) + 1
+        now, was = (peak_memory_gb(self.device), held_memory_gb(self.device)), self.peaks.get(name)
+        self.peaks[name] = now if was is None else (max(now[0], was[0]), max(now[1], was[1]))
         free(self.device)
 
     def __str__(self) -> str:
         what = "GPU" if str(self.device).startswith("cuda") else "RSS"
+        times = {k: f" x{n}" if (n := self.counts.get(k, 1)) > 1 else "" for k in self.seconds}
         stages = ", ".join(
-            f"{k} {v:.1f}s ({what} peak {self.peaks[k][0]:.2f} GB)" for k, v in self.seconds.items()
+            f"{k}{times[k]} {v:.1f}s ({what} peak {self.peaks[k][0]:.2f} GB)"
+            for k, v in self.seconds.items()
         )
         return f"{stages}; total {sum(self.seconds.values()):.1f}s"
 

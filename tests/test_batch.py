@@ -129,3 +129,20 @@ def test_torchrun_shares_the_jobs(tiny_flux, tmp_path, singles):
     assert "all 2 processes: 4 images written, 0 skipped" in r.stdout, r.stdout
     for (i, seed), expected in singles.items():
         assert np.array_equal(pixels(out / f"{i:04d}-seed{seed}.png"), expected), (i, seed)
+
+
+def test_report_adds_up_a_batch():
+    """A stage run once per image adds up its seconds and keeps the larger peak; the report line
+    says how many times it ran."""
+    import time
+
+    from dit360.report import Report
+
+    report = Report("cpu", log=lambda message: None)
+    for pause in (0.01, 0.02):
+        with report.stage("denoise"):
+            time.sleep(pause)
+    with report.stage("decode"):
+        pass
+    assert report.counts == {"denoise": 2, "decode": 1} and report.seconds["denoise"] >= 0.03
+    assert "denoise x2 " in str(report) and "decode 0.0s" in str(report)
