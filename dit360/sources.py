@@ -115,8 +115,10 @@ def in_folder(folder: Path, part: str) -> Part | None:
             tfile = None
         if tfile is not None and (prefix := in_file(tfile, part)) is not None:
             return Part(folder, prefix)
-    named = {f for pattern in NAMES[part] for f in folder.rglob(pattern) if f.is_file()}
-    found = [Part(f, p) for f in sorted(named) if (p := in_file(open_tensors(f), part)) is not None]
+    files = sorted(f for pattern in NAMES[part] for f in folder.rglob(pattern) if f.is_file())
+    named = {(f.stat().st_dev, f.stat().st_ino): f for f in reversed(files)}  # links: one file
+    prefixes = {f: in_file(open_tensors(f), part) for f in sorted(named.values())}
+    found = [Part(f, p) for f, p in prefixes.items() if p is not None]
     if len(found) > 1:
         names = ", ".join(str(p.path.relative_to(folder)) for p in found)
         raise ValueError(

@@ -24,7 +24,7 @@ import convert_weights
 import sample
 from dit360 import text
 from dit360.convert import convert_flux
-from dit360.sources import BUNDLE, Part, resolve_sources
+from dit360.sources import BUNDLE, Part, in_folder, resolve_sources
 from dit360.weights import load_autoencoder, load_flux
 
 F8 = torch.float8_e4m3fn
@@ -218,14 +218,29 @@ def test_every_convert_output_samples(tiny_flux, folder_image, tmp_path, capsys)
 
 
 def test_folder_with_two_transformers(tiny_flux, tmp_path) -> None:
-    """Two ComfyUI transformer files in one folder: pick with --transformer, say which."""
+    """In a ComfyUI folder, links to one file (ComfyUI's clip/ and text_encoders/ often hold the
+    same file) count once; two different transformer files: pick with --transformer, say which."""
+    import os
+
     state = bfl_state(tiny_flux, tmp_path / "x")
-    for name in ("flux1-dev.safetensors", "flux1-dev-fp8.safetensors"):
-        save_file(state, tmp_path / name)
+    models = tmp_path / "models"
+    (models / "unet").mkdir(parents=True)
+    save_file(state, models / "unet" / "flux1-dev.safetensors")
+    (models / "diffusion_models").mkdir()
+    (models / "diffusion_models" / "flux1-dev.safetensors").symlink_to(
+        models / "unet" / "flux1-dev.safetensors"
+    )
+    (models / "checkpoints").mkdir()
+    os.link(
+        models / "unet" / "flux1-dev.safetensors", models / "checkpoints" / "flux1-hard.safetensors"
+    )
+    found = in_folder(models, "transformer")
+    assert found is not None and found.path.samefile(models / "unet" / "flux1-dev.safetensors")
+    save_file(state, models / "diffusion_models" / "flux1-dev-fp8.safetensors")
     with pytest.raises(
         ValueError, match=r"several files hold a FLUX transformer .*flux1-dev-fp8.*--transformer"
     ):
-        resolve_sources(str(tmp_path))
+        resolve_sources(str(models))
 
 
 @pytest.mark.filterwarnings("ignore:32x64")
