@@ -32,7 +32,7 @@ from dit360.editing import EditJob, check_job, edit_image, edit_many
 from dit360.files import exit_on_sigterm
 from dit360.image import open_image, project_photo, read_rgb, save_panorama
 from dit360.options import EditOptions, Parser, add_flags, fail
-from dit360.outputs import add_output_flags, write_extras
+from dit360.outputs import add_output_flags, extras_missing, write_extras
 from sample import checked
 
 SINGLE = ("image", "mask", "prompt")  # the flags of one edit, which --edits replaces
@@ -138,6 +138,7 @@ def run_edits(args: argparse.Namespace) -> None:
         jobs,
         lambda todo: edit_many(todo, opts, log),
         lambda image, out: write_extras(image, out, args),
+        lambda out: extras_missing(out, args),
     )
 
 

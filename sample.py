@@ -20,7 +20,7 @@ from dit360.files import exit_on_sigterm
 from dit360.generate import Job, check_inputs, generate, generate_many, job_options
 from dit360.image import check_output_path, save_panorama
 from dit360.options import Options, Parser, SampleOptions, add_flags, fail, from_args
-from dit360.outputs import add_output_flags, write_extras
+from dit360.outputs import add_output_flags, extras_missing, write_extras
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             jobs,
             lambda todo: generate_many(todo, opts, log),
             lambda image, out: write_extras(image, out, args),
+            lambda out: extras_missing(out, args),
         )
     args.out = args.out or "panorama.png"
     opts, out = checked(SampleOptions, args)

@@ -90,16 +90,19 @@ def run_batch(
     jobs: list[J],
     make: Callable[[list[J]], Iterable[tuple[J, Image.Image, float]]],
     extras: Callable[[Image.Image, Path], str] = lambda image, out: "",
+    missing: Callable[[Path], bool] = lambda out: False,
 ) -> None:
     """Make this process's share of the jobs (rank r of w: jobs[r::w]) whose outputs are missing,
     with `make` (the models loaded once), writing each image as it comes and then `extras` (what
-    it returns ends the image's line); print each, then a total. Bad weights: exit 2; non-finite
+    it returns ends the image's line; also for a skipped image whose extras are `missing`);
+    print each, then a total. Bad weights: exit 2; non-finite
     latents or an unwritable output: exit 1."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     jobs, todo = jobs[rank::world], []  # under torchrun: this process's share
     for job in jobs:
         if job.out.exists():
-            print(f"skip {job.out}: it exists")
+            note = extras(Image.open(job.out), job.out) if missing(job.out) else ""
+            print(f"skip {job.out}: it exists" + (f"; {note}" if note else ""))
         else:
             todo.append(job)
     start = time.perf_counter()

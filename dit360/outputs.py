@@ -65,6 +65,15 @@ def write_cubemap(image: Image.Image, path: Path, size: int | None = None) -> li
     ]
 
 
+def extras_missing(path: Path, args: argparse.Namespace) -> bool:
+    """Whether --viewer or --cubemap ask for a file beside the panorama at `path` that is not there
+    (a resumed batch makes them for the images it skips)."""
+    names = [".html"] * args.viewer + [
+        f"-{f}{path.suffix}" for f in (*FACES, "cross")
+    ] * args.cubemap
+    return any(not path.with_name(path.stem + name).exists() for name in names)
+
+
 def write_extras(image: Image.Image, path: Path, args: argparse.Namespace) -> str:
     """Write what --viewer and --cubemap ask for beside the panorama just written at `path`;
     returns the seam score and what was written, for the script's line."""
