@@ -350,9 +350,15 @@ KINDS = dict(
 def spawn(kind: str, timeout: float | None = None, env: dict | None = None, **args) -> dict:
     """Run KINDS[kind](**args) in a fresh Python process (`env`: more environment variables); its
     result, with the process's wall seconds (`process_s`), or {"error": ...}."""
+    return run_script(Path(__file__), dict(kind=kind, **args), timeout, env)
+
+
+def run_script(script: Path, args: dict, timeout: float | None, env: dict | None = None) -> dict:
+    """`python SCRIPT 'ARGS as JSON'` offline and quiet: the JSON of its last `RESULT ...` line
+    with the process's wall seconds (`process_s`), or {"error": ...} (an OOM, a timeout)."""
     quiet = dict(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1")
     env = {**os.environ, **quiet, **(env or {})}
-    cmd = [sys.executable, str(Path(__file__).resolve()), json.dumps(dict(kind=kind, **args))]
+    cmd = [sys.executable, str(Path(script).resolve()), json.dumps(args)]
     start = time.perf_counter()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)

@@ -10,14 +10,12 @@ backward of `flow_loss` at height x 2 height on random latents and text. Seconds
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from runs import MARK, Stages, environment, sync
+from runs import MARK, Stages, environment, run_script, sync
 
 from dit360.config import FluxParams
 
@@ -99,21 +97,7 @@ def run_train(
 
 def spawn(timeout: float | None = None, **args) -> dict:
     """run_train(**args) in a fresh process: its result with `process_s`, or {"error": ...}."""
-    quiet = dict(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1")
-    cmd = [sys.executable, str(Path(__file__).resolve()), json.dumps(args)]
-    start = time.perf_counter()
-    try:
-        r = subprocess.run(
-            cmd, capture_output=True, text=True, env={**os.environ, **quiet}, timeout=timeout
-        )
-    except subprocess.TimeoutExpired:
-        return dict(error=f"timeout after {timeout:.0f} s")
-    seconds = time.perf_counter() - start
-    lines = [line for line in r.stdout.splitlines() if line.startswith(MARK)]
-    if r.returncode == 0 and lines:
-        return dict(json.loads(lines[-1][len(MARK) :]), process_s=seconds)
-    why = [line for line in r.stderr.strip().splitlines() if line.strip()] or ["(no output)"]
-    return dict(error=f"exit {r.returncode}: {why[-1][:300]}", process_s=seconds)
+    return run_script(Path(__file__), args, timeout)
 
 
 if __name__ == "__main__":
