@@ -3,6 +3,7 @@ modulation vectors of full-size FLUX.1-dev weigh. Prints figures; asserts nothin
 
     python benchmarks/memory.py            # medium model at 1024x2048 (a few minutes, 2 cores)
     python benchmarks/memory.py --small    # tiny model at 64x128 (a smoke run, seconds)
+    python benchmarks/memory.py --only 2 --repeats 3   # the forward alone: time ratio, fastest of 3
 
 The model is a random "medium" FLUX (4 double + 8 single blocks, hidden 256: 2 heads of 128 with
 RoPE axes (16, 56, 56), T5 width 4096, CLIP width 768; one-layer T5/CLIP, a 32-channel VAE),
@@ -85,69 +86,57 @@ def print_generation(runs: dict[str, dict]) -> None:
             )
 
 
-def main() -> None:
-    parser = Parser(__doc__)
-    parser.add_argument("--small", action="store_true", help="tiny model at 64x128 (smoke run)")
-    parser.add_argument("--hidden", type=int, default=256, help="medium model width (heads of 128)")
-    parser.add_argument("--workdir", type=Path, help="where the weights go (None: a temp folder)")
-    args = parser.parse_args()
-    height, width = (64, 128) if args.small else (1024, 2048)
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        base = str(Path(tmp) / "flux")
-        sizes = "tiny" if args.small else "medium"
-        wrote = spawn(
-            "prepare", folder=base, sizes=sizes, device="cpu", dtype="fp32", hidden=args.hidden
+def generation(base: str, height: int, width: int) -> None:
+    """Section 1: generate against FluxPipeline, each in its own process."""
+    common = dict(base=base, height=height, width=width, steps=1, device="cpu", dtype="fp32")
+    runs = {
+        "dit360 generate": spawn("dit360", **common, wrap_pad=0),
+        "diffusers FluxPipeline": spawn("diffusers", **common),
+    }
+    print(f"## 1. generation at {height}x{width}, 1 step (dit360: --wrap-pad 0, no LoRA)\n")
+    print_generation(runs)
+    ours, theirs = runs.values()
+    if "error" not in ours and "error" not in theirs:
+        print(
+            f"ratio dit360 / diffusers: wall {ours['process_s'] / theirs['process_s']:.2f}, "
+            f"peak RSS {peak(ours) / peak(theirs):.2f}"
         )
-        if "error" in wrote:
-            raise SystemExit(f"writing the weights failed: {wrote['error']}")
-        what = "tiny" if args.small else f"medium (hidden {args.hidden})"
-        print(f"random {what} FLUX.1-dev folder written in {wrote['s']:.1f} s; float32, CPU\n")
 
-        # --- 1. generation, each in its own process
-        common = dict(base=base, height=height, width=width, steps=1, device="cpu", dtype="fp32")
-        runs = {
-            "dit360 generate": spawn("dit360", **common, wrap_pad=0),
-            "diffusers FluxPipeline": spawn("diffusers", **common),
-        }
-        print(f"## 1. generation at {height}x{width}, 1 step (dit360: --wrap-pad 0, no LoRA)\n")
-        print_generation(runs)
-        ours, theirs = runs.values()
-        if "error" not in ours and "error" not in theirs:
+
+def forward(base: str, tmp: str, height: int, width: int, repeats: int) -> None:
+    """Section 2: one transformer forward's added peak memory, and its seconds."""
+    runs = {
+        impl: spawn("forward", env=EXACT_RSS, base=base, impl=impl, height=height, width=width,
+                    out=str(Path(tmp) / f"{impl}.safetensors"), repeats=repeats)
+        for impl in ("dit360", "diffusers")
+    }  # fmt: skip
+    tokens = next((r["tokens"] for r in runs.values() if "tokens" in r), "?")
+    print(f"\n## 2. one transformer forward: {tokens} image + 512 text tokens, float32\n")
+    print("| model | RSS before GiB | peak RSS GiB | added GiB | first s | fastest s |")
+    print("|---|---|---|---|---|---|")
+    for impl, r in runs.items():
+        if "error" in r:
+            print(f"| {impl} | error: {r['error']} | | | | |")
+        else:
             print(
-                f"ratio dit360 / diffusers: wall {ours['process_s'] / theirs['process_s']:.2f}, "
-                f"peak RSS {peak(ours) / peak(theirs):.2f}"
+                f"| {impl} | {r['before_gb']:.3f} | {r['peak_gb']:.3f} | {r['added_gb']:.3f} "
+                f"| {r['seconds']:.2f} | {r['best_s']:.2f} |"
             )
+    ours, theirs = runs.values()
+    if "error" not in ours and "error" not in theirs:
+        from safetensors.torch import load_file
 
-        # --- 2. one transformer forward's added peak memory
-        forward = {
-            impl: spawn("forward", env=EXACT_RSS, base=base, impl=impl, height=height,
-                        width=width, out=str(Path(tmp) / f"{impl}.safetensors"))
-            for impl in ("dit360", "diffusers")
-        }  # fmt: skip
-        tokens = next((r["tokens"] for r in forward.values() if "tokens" in r), "?")
-        print(f"\n## 2. one transformer forward: {tokens} image + 512 text tokens, float32\n")
-        print("| model | RSS before GiB | peak RSS GiB | added GiB | seconds |")
-        print("|---|---|---|---|---|")
-        for impl, r in forward.items():
-            if "error" in r:
-                print(f"| {impl} | error: {r['error']} | | | |")
-            else:
-                print(
-                    f"| {impl} | {r['before_gb']:.3f} | {r['peak_gb']:.3f} | {r['added_gb']:.3f} "
-                    f"| {r['seconds']:.2f} |"
-                )
-        ours, theirs = forward.values()
-        if "error" not in ours and "error" not in theirs:
-            from safetensors.torch import load_file
+        a, b = (load_file(r["out"])["out"] for r in (ours, theirs))
+        rel = float((a - b).norm() / b.norm())
+        print(
+            f"dit360 / diffusers: added peak {ours['added_gb'] / theirs['added_gb']:.2f}, "
+            f"time {ours['best_s'] / theirs['best_s']:.2f} (fastest of {repeats}); "
+            f"outputs agree to {rel:.1e} relative (same weights)"
+        )
 
-            a, b = (load_file(r["out"])["out"] for r in (ours, theirs))
-            rel = float((a - b).norm() / b.norm())
-            print(
-                f"added peak ratio dit360 / diffusers: {ours['added_gb'] / theirs['added_gb']:.2f}"
-                f"; outputs agree to {rel:.1e} relative (same weights)"
-            )
 
-    # --- 3. the modulation of full-size FLUX.1-dev
+def modulation() -> None:
+    """Section 3: the modulation of full-size FLUX.1-dev."""
     m = modulation_bytes()
     weights = m["modulation"] + m["embedders"]
     print("\n## 3. full-size FLUX.1-dev modulation (meta device, bf16)\n")
@@ -165,6 +154,37 @@ def main() -> None:
         f"{m['steps']} steps: {m['steps'] * m['per_step'] / MiB:.1f} MiB; "
         f"an edit (batch up to 2, 50 steps): {100 * m['per_step'] / MiB:.1f} MiB"
     )
+
+
+def main() -> None:
+    parser = Parser(__doc__)
+    parser.add_argument("--small", action="store_true", help="tiny model at 64x128 (smoke run)")
+    parser.add_argument("--hidden", type=int, default=256, help="medium model width (heads of 128)")
+    parser.add_argument("--workdir", type=Path, help="where the weights go (None: a temp folder)")
+    parser.add_argument("--only", default="1,2,3", help="sections to run, comma-separated")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="section 2: forwards timed per model (the fastest)"
+    )
+    args = parser.parse_args()
+    sections = set(args.only.split(","))
+    height, width = (64, 128) if args.small else (1024, 2048)
+    if sections & {"1", "2"}:
+        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+            base = str(Path(tmp) / "flux")
+            sizes = "tiny" if args.small else "medium"
+            wrote = spawn(
+                "prepare", folder=base, sizes=sizes, device="cpu", dtype="fp32", hidden=args.hidden
+            )
+            if "error" in wrote:
+                raise SystemExit(f"writing the weights failed: {wrote['error']}")
+            what = "tiny" if args.small else f"medium (hidden {args.hidden})"
+            print(f"random {what} FLUX.1-dev folder written in {wrote['s']:.1f} s; float32, CPU\n")
+            if "1" in sections:
+                generation(base, height, width)
+            if "2" in sections:
+                forward(base, tmp, height, width, args.repeats)
+    if "3" in sections:
+        modulation()
 
 
 if __name__ == "__main__":

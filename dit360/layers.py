@@ -18,6 +18,7 @@ from .rope import apply_rope
 
 # f(q, k, v) -> (q, k, v) on the joint [txt | img] heads (B, H, L, d), image tokens last, called
 # right before attention; set from outside (dit360.editing's token replacement), never by the model.
+# It must return new tensors, not keep its inputs: a single block writes over v after attention.
 QKVHook = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
@@ -35,16 +36,18 @@ def attention_backend(name: str) -> AbstractContextManager:
     return nullcontext() if name == "auto" else sdpa_kernel(BACKENDS[name])
 
 
-def attention(qkv: list[Tensor], pe: Tensor) -> Tensor:
-    """Joint attention with RoPE on [q, k, v], each (B, H, L, d) -> (B, L, H*d). It empties the
-    list, so the unrotated q and k are freed as soon as they are rotated."""
+def attention(qkv: list[Tensor], pe: Tensor, out: Tensor | None = None) -> Tensor:
+    """Joint attention with RoPE on [q, k, v], each (B, H, L, d) -> (B, L, H*d), written into
+    `out` if given. It empties the list, so the unrotated q and k are freed once rotated."""
     q, k, v = qkv
     qkv.clear()
     q = apply_rope(q, pe)
     k = apply_rope(k, pe)
-    x = F.scaled_dot_product_attention(q, k, v)
+    x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, L, H, d)
     del q, k, v
-    return rearrange(x, "b h l d -> b l (h d)")
+    # SDPA's Flash, cuDNN and efficient kernels lay their output out as (B, L, H, d): flattening
+    # the heads is then a view, and writing into `out` the only copy.
+    return x.flatten(2) if out is None else out.unflatten(-1, x.shape[-2:]).copy_(x).flatten(2)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000, factor: float = 1000):
@@ -130,7 +133,7 @@ def chunks(mod: Tensor, n: int) -> list[tuple[Tensor, Tensor, Tensor]]:
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """Parameter-free LayerNorm then adaLN scale and shift."""
-    return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=1e-6) + shift
+    return torch.addcmul(shift, 1 + scale, F.layer_norm(x, x.shape[-1:], eps=1e-6))
 
 
 def fp16_clip(x: Tensor) -> Tensor:
@@ -176,11 +179,11 @@ class DoubleStreamBlock(nn.Module):
         # Freed as soon as dead (diffusers' peak, not more): the per-stream q, k, v when joint_qkv
         # returns, the joint ones inside `attention`, its output before the MLPs run.
         attn = attention(self.joint_qkv(img, txt, img_mod1, txt_mod1), pe)  # (B, L, D)
-        img = img + img_mod1[2] * self.img_attn.proj(attn[:, txt.shape[1] :])
-        txt = txt + txt_mod1[2] * self.txt_attn.proj(attn[:, : txt.shape[1]])
+        img = torch.addcmul(img, img_mod1[2], self.img_attn.proj(attn[:, txt.shape[1] :]))
+        txt = torch.addcmul(txt, txt_mod1[2], self.txt_attn.proj(attn[:, : txt.shape[1]]))
         del attn
-        img = img + img_mod2[2] * self.img_mlp(modulate(img, img_mod2[0], img_mod2[1]))
-        txt = txt + txt_mod2[2] * self.txt_mlp(modulate(txt, txt_mod2[0], txt_mod2[1]))
+        img = torch.addcmul(img, img_mod2[2], self.img_mlp(modulate(img, *img_mod2[:2])))
+        txt = torch.addcmul(txt, txt_mod2[2], self.txt_mlp(modulate(txt, *txt_mod2[:2])))
         return img, fp16_clip(txt)
 
 
@@ -198,26 +201,33 @@ class SingleStreamBlock(nn.Module):
         self.modulation = Modulation(dim, double=False)
 
     def qkv_mlp(self, x: Tensor, shift: Tensor, scale: Tensor) -> tuple[list[Tensor], Tensor]:
-        """Normalised q, k, v (B, H, L, d) and the MLP activation (B, L, mlp_hidden); the fused
-        `linear1` output they are cut from is freed on return (v is copied out of it)."""
-        h = self.linear1(modulate(x, shift, scale))  # (B, L, 3D + mlp_hidden)
+        """Normalised q, k and v (B, H, L, d; v a view) and the fused `linear1` output h they
+        are cut from (B, L, 3D + mlp_hidden)."""
+        h = self.linear1(modulate(x, shift, scale))
         q, k, v = rearrange(
             h[..., : 3 * self.dim], "b l (k h d) -> k b h l d", k=3, h=self.num_heads
         )
         q, k = self.norm(q, k, v)
-        qkv = [q, k, v.contiguous()]
-        qkv = list(self.qkv_hook(*qkv)) if self.qkv_hook is not None else qkv
-        return qkv, F.gelu(h[..., 3 * self.dim :], approximate="tanh")
+        qkv = [q, k, v]
+        return list(self.qkv_hook(*qkv)) if self.qkv_hook is not None else qkv, h
 
     def forward(
         self, x: Tensor, vec: Tensor | None, pe: Tensor, mod: Tensor | None = None
     ) -> Tensor:
         """vec (B, D), or its modulation (B, 3D) computed ahead: mod."""
         ((shift, scale, gate),) = chunks(self.modulation(vec) if mod is None else mod, 1)
-        qkv, hidden = self.qkv_mlp(x, shift, scale)
-        out = torch.cat((attention(qkv, pe), hidden), dim=2)  # (B, L, D + mlp_hidden)
-        del hidden
-        return fp16_clip(x + gate * self.linear2(out))
+        qkv, h = self.qkv_mlp(x, shift, scale)
+        d = self.dim
+        if torch.is_grad_enabled():  # autograd needs h unchanged: concatenate
+            mlp_out = F.gelu(h[..., 3 * d :], approximate="tanh")
+            out = torch.cat((attention(qkv, pe), mlp_out), dim=2)  # (B, L, D + mlp_hidden)
+            del mlp_out
+        else:  # in place: v's columns of h take attention's output, the MLP's its activation
+            out = h[..., 2 * d :]  # (B, L, D + mlp_hidden), v until attention has read it
+            torch.ops.aten.gelu_(out[..., d:], approximate="tanh")
+            attention(qkv, pe, out=out[..., :d])
+        del h
+        return fp16_clip(torch.addcmul(x, gate, self.linear2(out)))
 
 
 class LastLayer(nn.Module):

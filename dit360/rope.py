@@ -1,26 +1,38 @@
-"""Rotary position embedding over (B, L, 3) position ids, as in FLUX (one RoPE per id axis)."""
+"""Rotary position embedding over (B, L, 3) position ids, as in FLUX (one RoPE per id axis).
+
+The rotation of a channel pair (x0, x1) by angle a is the complex product (x0 + i x1) e^(ia):
+[x0 cos a - x1 sin a, x0 sin a + x1 cos a], each product rounded once, as the reference's
+rotation matrices and diffusers' cos/sin form compute it (bit-identical in float32 and, rounded
+back, in bfloat16; tested).
+"""
 
 import torch
 from torch import Tensor
 
 
 def rope(pos: Tensor, dim: int, theta: int) -> Tensor:
-    """Rotation matrices (..., L, dim/2, 2, 2) for positions (..., L) on one axis."""
+    """[cos, sin] (..., L, dim/2, 2) float32 of the angles of positions (..., L) on one axis."""
     # float64 on CPU/CUDA: positions up to ~128 times frequencies need the precision.
     dtype = torch.float32 if pos.device.type == "mps" else torch.float64
     omega = theta ** -(torch.arange(0, dim, 2, dtype=dtype, device=pos.device) / dim)
     angles = pos.to(dtype)[..., None] * omega  # (..., L, dim/2)
-    cos, sin = angles.cos(), angles.sin()
-    return torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2)).float()
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
 
 
 def embed_ids(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> Tensor:
-    """RoPE for ids (B, L, n_axes): (B, 1, L, head_dim/2, 2, 2), broadcast over heads."""
-    return torch.cat([rope(ids[..., i], d, theta) for i, d in enumerate(axes_dim)], dim=-3)[:, None]
+    """RoPE for ids (B, L, n_axes): [cos, sin] (B, 1, L, head_dim/2, 2), broadcast over heads."""
+    return torch.cat([rope(ids[..., i], d, theta) for i, d in enumerate(axes_dim)], dim=-2)[:, None]
 
 
 def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
-    """Rotate consecutive channel pairs of x (B, H, L, D) by pe (B, 1, L, D/2, 2, 2)."""
-    pairs = x.float().unflatten(-1, (-1, 1, 2))  # (B, H, L, D/2, 1, 2)
-    out = pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]  # (B, H, L, D/2, 2)
+    """Rotate consecutive channel pairs of x (B, H, L, D) by pe (B, 1, L, D/2, 2), in float32."""
+    pairs = x.float().contiguous().unflatten(-1, (-1, 2))  # (B, H, L, D/2, 2)
+    if torch.compiler.is_compiling():
+        # Inductor has no complex kernels (it would fall back to eager ones); real arithmetic
+        # fuses into one pass there.
+        (x0, x1), (cos, sin) = pairs.unbind(-1), pe.unbind(-1)
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    else:
+        # Eager: one complex multiply instead of ~5 real passes over q and k (3.5x faster on CPU).
+        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(pe))
     return out.flatten(-2).type_as(x)

@@ -226,3 +226,40 @@ def test_config_only_beside_diffusers_weights(reference, tmp_path):
     theirs.write_text(json.dumps({**config, "_class_name": "AutoencoderKL"}))
     with pytest.raises(ValueError, match="head dim 16: the RoPE axes are not stored"):
         load_flux(theirs.parent)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rope_bit_identical_to_diffusers(dtype):
+    """Our one complex multiply rotates q and k exactly as diffusers' cos/sin form (and the
+    reference's rotation matrices), on wrapped panorama ids, in every dtype we run."""
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+    from dit360.layers import apply_rope
+    from dit360.rope import embed_ids
+
+    ids = wrapped_ids(12, 20, pad=2)
+    cos, sin = FluxPosEmbed(10_000, [16, 56, 56])(ids)
+    x = torch.randn(2, 3, len(ids), 128, generator=torch.Generator().manual_seed(0)).to(dtype)
+    expected = apply_rotary_emb(x, (cos, sin), use_real=True, use_real_unbind_dim=-1)
+    got = apply_rope(x, embed_ids(ids[None], (16, 56, 56), 10_000))
+    assert got.dtype == dtype and torch.equal(got, expected)
+
+
+def test_single_block_in_place_path_equals_autograd_path():
+    """Without autograd the single block writes attention and the MLP activation into linear1's
+    output instead of concatenating them (training keeps the copy): both give one result."""
+    from dit360.layers import SingleStreamBlock
+    from dit360.rope import embed_ids
+
+    g = torch.Generator().manual_seed(3)
+    block = SingleStreamBlock(64, 4, 256)
+    for p in block.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.1
+    x, vec = torch.randn(2, 30, 64, generator=g), torch.randn(2, 64, generator=g)
+    pe = embed_ids(wrapped_ids(5, 4, pad=1)[None].expand(2, -1, -1), (4, 6, 6), 10_000)
+    with torch.no_grad():
+        in_place = block(x, vec, pe)
+    copied = block(x, vec, pe)
+    assert copied.requires_grad and not in_place.requires_grad
+    torch.testing.assert_close(in_place, copied.detach(), rtol=1e-6, atol=1e-6)
