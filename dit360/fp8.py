@@ -55,10 +55,13 @@ def upcast(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     return weight.to(dtype) * scale.to(dtype)[:, None]
 
 
-def fp8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+def fp8_linear(
+    x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, weight_only: bool = False
+) -> Tensor:
     """x (..., K) @ (weight * scale).T + bias, with weight (N, K) float8 and scale (N,) float32;
-    differentiable with respect to x."""
-    if not scaled_mm_fits(x, weight):  # weight-only
+    differentiable with respect to x. `weight_only`: never quantize x (T5's activations have
+    outliers that per-token float8 would flatten)."""
+    if weight_only or not scaled_mm_fits(x, weight):
         return F.linear(x, upcast(weight, scale, x.dtype), bias)
     if torch.is_grad_enabled() and x.requires_grad:
         return ScaledMatmul.apply(x, weight, scale, bias)
@@ -94,9 +97,12 @@ class FP8Linear(nn.Module):
     """A linear layer with a float8 weight (N, K) and float32 scales (N,): `nn.Linear`'s duck
     type (in_features, out_features, weight, bias), so LoRA hooks and offloading see a linear."""
 
-    def __init__(self, weight: Tensor, scale: Tensor, bias: Tensor | None) -> None:
+    def __init__(
+        self, weight: Tensor, scale: Tensor, bias: Tensor | None, weight_only: bool = False
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.weight_only = weight_only
         self.weight = nn.Parameter(weight, requires_grad=False)
         # A buffer, so offloading moves it with the weight; not persistent: a training state dict
         # (the LoRA) leaves it out, like the frozen weight.
@@ -104,18 +110,19 @@ class FP8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return fp8_linear(x, self.weight, self.scale, self.bias)
+        return fp8_linear(x, self.weight, self.scale, self.bias, self.weight_only)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, float8_e4m3fn"
+        only = ", weight-only" if self.weight_only else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3fn{only}"
 
 
 @torch.no_grad()
-def to_fp8(linear: nn.Linear) -> FP8Linear:
+def to_fp8(linear: nn.Linear, weight_only: bool = False) -> FP8Linear:
     """The float8 copy of a linear layer, on its device; it keeps the layer's hooks and LoRA
     adapters (these stay in the model dtype, a side path)."""
     q, scale = quantize(linear.weight.float())  # float32: one rounding, the float8 one
-    new = FP8Linear(q, scale[:, 0], linear.bias)
+    new = FP8Linear(q, scale[:, 0], linear.bias, weight_only)
     new._forward_hooks.update(linear._forward_hooks)  # dit360.lora's hook adds the adapters
     new._forward_pre_hooks.update(linear._forward_pre_hooks)
     if "lora" in linear._modules:

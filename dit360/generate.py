@@ -186,7 +186,7 @@ def encode_prompts(opts: Options, prompts: list[str], offload: str) -> dict[str,
     """Each distinct prompt encoded alone (as one image encodes it), the encoders loaded once."""
     from .text import encode_prompt, load_text_encoders
 
-    enc = load_text_encoders(opts.sources(), opts.device, opts.dtype, offload)
+    enc = load_text_encoders(opts.sources(), opts.device, opts.dtype, offload, opts.t5_fp8)
     return {p: Conditioning(*encode_prompt(enc, [p])) for p in dict.fromkeys(prompts)}
 
 

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from .files import TensorFile
+from .fp8 import to_fp8
 from .offload import MODES, lent, park, stream
 from .report import free
 from .sources import Part, Sources, config_beside, resolve_sources
@@ -137,20 +138,40 @@ def _keys(model: nn.Module, tfile: TensorFile, part: Part) -> dict[int, str]:
     return keys
 
 
+def fp8_targets(model: nn.Module) -> dict[int, tuple[nn.Module, str]]:
+    """T5's linear layers that `--t5-fp8` stores in float8, by weight id: (parent, name). All
+    but the feed-forward's `wo`: transformers' T5 casts wo's input to wo's weight dtype (float8
+    would wreck it), and keeps wo in float32 for 8-bit and float16 loads, as precision-critical."""
+    found = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and not name.endswith(".wo"):
+            parent, _, child = name.rpartition(".")
+            found[id(m.weight)] = (model.get_submodule(parent), child)
+    return found
+
+
 def load_encoder(
-    part: Part, kind: str, device: torch.device | str, dtype: torch.dtype
+    part: Part, kind: str, device: torch.device | str, dtype: torch.dtype, fp8: bool = False
 ) -> T5EncoderModel | CLIPTextModel:
     """A text encoder built on the meta device and filled from its safetensors tensor by tensor,
     straight onto `device`: unlike from_pretrained then .to(device), the host never stages the
-    whole model. float8 files (ComfyUI's t5xxl_fp8_e4m3fn, scaled or not) load upcast."""
+    whole model. float8 files (ComfyUI's t5xxl_fp8_e4m3fn, scaled or not) load upcast. `fp8`
+    (T5 only): `fp8_targets` in float8 with per-channel scales, weight-only, each as it is read."""
+    if fp8 and kind != "t5":
+        raise ValueError(f"fp8 text encoders: T5 only, not {kind}")
     tfile, config = read_encoder(part, kind)
     with torch.device("meta"):
         model = MODELS[kind](config)
     keys = _keys(model, tfile, part)
+    targets = fp8_targets(model) if fp8 else {}
     for p in list(model.parameters()):
         key = keys[id(p)]
         t = tfile.get(key).to(torch.float32 if _fp32(key, dtype) else dtype).to(device)
         torch.utils.swap_tensors(p, nn.Parameter(t, requires_grad=False))  # ties hold
+        if id(p) in targets:  # T5's linears have no bias: the weight is all there is to read
+            parent, child = targets[id(p)]
+            setattr(parent, child, to_fp8(getattr(parent, child), weight_only=True))
+            p.data = p.data.new_empty(0)  # the list above still holds it: free it now
     for module in model.modules():  # CLIP's position ids: a buffer the file need not hold
         for name, buf in module.named_buffers(recurse=False):
             if buf.is_meta:
@@ -167,16 +188,17 @@ def load_text_encoders(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     offload: str = "none",
+    t5_fp8: bool = False,
 ) -> TextEncoders:
     """Load CLIP and T5 with their tokenizers (`Sources`, or a FLUX.1-dev folder or repo id),
     frozen; with `offload` "model" or "blocks" they wait parked in (pinned) host memory, see
-    `dit360.offload`."""
+    `dit360.offload`; `t5_fp8`: T5's linears (but `wo`) in float8, see `load_encoder`."""
     if offload not in MODES:
         raise ValueError(f"offload must be one of {', '.join(MODES)}, got {offload!r}")
     src = src if isinstance(src, Sources) else resolve_sources(str(src), parts=("t5", "clip"))
     home = device if offload == "none" else "cpu"
     clip = load_encoder(src.clip, "clip", home, dtype)  # small: ~250 MB
-    t5 = load_encoder(src.t5, "t5", home, dtype)  # ~9.5 GB in bf16
+    t5 = load_encoder(src.t5, "t5", home, dtype, t5_fp8)  # ~9.5 GB in bf16, 5.8 GB with fp8
     if offload != "none":  # pinned host memory, tensor by tensor
         clip, t5 = park(clip), park(t5)
     clip_tokenizer, t5_tokenizer = load_tokenizers(src)

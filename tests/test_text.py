@@ -2,6 +2,7 @@
 loader (one host copy, sharded folders) and the offload modes."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -162,6 +163,46 @@ def test_load_t5_matches_from_pretrained(tiny_flux: Path, dtype: torch.dtype) ->
     assert not any(p.requires_grad for p in t5.parameters()) and not t5.training
 
 
+def test_t5_fp8_weight_only(tiny_flux: Path) -> None:
+    """--t5-fp8: every T5 linear but `wo` float8 with per-row scales, weight-only. Same output as
+    transformers' T5 holding those weights dequantized (rounded here, from the file), and within
+    e4m3's rounding of the bfloat16 encoder."""
+    folder = tiny_flux / "text_encoder_2"
+    t5 = text.load_encoder(Part(folder), "t5", "cpu", torch.bfloat16, fp8=True)
+    kinds = {
+        n: type(m).__name__ for n, m in t5.named_modules() if n.endswith((".q", ".wi_0", ".wo"))
+    }
+    assert set(kinds.values()) == {"FP8Linear", "Linear"} and all(
+        (k == "Linear") == n.endswith(".wo") for n, k in kinds.items()
+    )
+    assert all(m.weight_only for m in t5.modules() if hasattr(m, "weight_only"))
+    want = T5EncoderModel.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    plain = T5EncoderModel.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        for name, w in want.named_parameters():
+            if name.endswith(".weight") and name.rsplit(".", 2)[-2] in (
+                "q",
+                "k",
+                "v",
+                "o",
+                "wi_0",
+                "wi_1",
+            ):
+                w32 = w.float()
+                s = w32.abs().amax(1, keepdim=True) / 448
+                w.copy_((w32 / s).to(torch.float8_e4m3fn).bfloat16() * s.bfloat16())
+    ids = torch.randint(
+        0, t5.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        got, expected, bf16 = (m(ids).last_hidden_state.float() for m in (t5, want, plain))
+    assert_close(got, expected, rtol=0, atol=0)
+    err = ((got - bf16).norm() / bf16.norm()).item()
+    # e4m3 keeps 3 mantissa bits: a weight rounds by up to 2^-4 relative (about 2^-4/sqrt(3)
+    # rms), an output averages that over its products; 2 layers, each a residual around it.
+    assert 0 < err < 0.05, err
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_load_clip_matches_from_pretrained(tiny_flux: Path, dtype: torch.dtype) -> None:
     """Our meta-device CLIP loader gives from_pretrained's tensors exactly, position ids too."""
@@ -236,15 +277,19 @@ def encode_watched(enc: text.TextEncoders) -> tuple[tuple, list, int]:
 
 
 @pytest.mark.filterwarnings("ignore:prompt is")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "dtype, t5_fp8", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)]
+)
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
-def test_offload_modes_match(tiny_flux: Path, dtype: torch.dtype, device: str) -> None:
+def test_offload_modes_match(tiny_flux: Path, dtype: torch.dtype, t5_fp8: bool, device: str):
     """Parked ("model") and streamed ("blocks") encoders give exactly the resident ones' output,
     every layer running on copies, all of T5's blocks lent at once ("model") or each dropped
-    after it ran ("blocks": only the next forward's first one is fetched ahead), home after."""
-    want = text.encode_prompt(text.load_text_encoders(tiny_flux, device, dtype), PROMPTS, 64)
+    after it ran ("blocks": only the next forward's first one is fetched ahead), home after;
+    with T5's linears in float8 too (their scales move with them)."""
+    load = text.load_text_encoders
+    want = text.encode_prompt(load(tiny_flux, device, dtype, t5_fp8=t5_fp8), PROMPTS, 64)
     for mode, resident in (("model", 2), ("blocks", 1)):
-        enc = text.load_text_encoders(tiny_flux, device, dtype, offload=mode)
+        enc = load(tiny_flux, device, dtype, offload=mode, t5_fp8=t5_fp8)
         assert enc.offload == mode and at_home(enc)
         got, found, away = encode_watched(enc)
         assert found == [] and away == resident and at_home(enc), mode
@@ -286,8 +331,13 @@ tfile = open_tensors(sys.argv[1])
 size = sum(end - start for start, end in tfile.spans.values())
 reset_peak()
 base = held_memory_gb()
-t5 = text.load_encoder(Part(Path(sys.argv[1])), "t5", "cpu", torch.float32)
+fp8 = sys.argv[2] == "fp8"
+t5 = text.load_encoder(Part(Path(sys.argv[1])), "t5", "cpu", torch.float32, fp8)
 loaded = peak_memory_gb() - base
+if fp8:
+    kept = sum(p.numel() * p.element_size() for p in t5.parameters())
+    print(json.dumps([kept / 2**30, loaded]))
+    sys.exit()
 offload.park(t5)
 print(json.dumps([size / 2**30, loaded, peak_memory_gb() - base]))
 """
@@ -295,15 +345,24 @@ print(json.dumps([size / 2**30, loaded, peak_memory_gb() - base]))
 
 def test_load_t5_host_peak(tmp_path: Path) -> None:
     """Loading a 110 MB T5, then parking it, raises a fresh process's peak RSS by about one copy
-    (not the two of from_pretrained then .to(device))."""
+    (not the two of from_pretrained then .to(device)); with fp8, by about the float8 model: each
+    linear is quantized as it is read, T5 is never whole in its file's dtype."""
     assert Path("/proc/self/clear_refs").exists(), "measuring the peak RSS needs Linux's /proc"
     config = T5Config(vocab_size=4096, d_model=512, d_ff=2048, num_layers=8, num_heads=8, d_kv=64)
     T5EncoderModel(config).save_pretrained(tmp_path)  # 27 M float32 parameters, 1 M at most each
     root = Path(__file__).parents[1]
-    run = subprocess.run(
-        [sys.executable, "-c", PEAK, str(tmp_path)], cwd=root, capture_output=True, text=True
-    )
-    assert run.returncode == 0, run.stderr
-    size, loaded, parked = json.loads(run.stdout.splitlines()[-1])
+
+    def peaks(*args: str, **env: str) -> list[float]:
+        cmd = [sys.executable, "-c", PEAK, str(tmp_path), *args]
+        env = {**os.environ, **env}
+        run = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr
+        return json.loads(run.stdout.splitlines()[-1])
+
+    size, loaded, parked = peaks("")
     assert 0.9 * size < loaded < 1.15 * size, (loaded, size)  # measured 1.05
     assert parked < 1.5 * size, (parked, size)  # measured 1.2 to 1.3: + chunks, malloc; not 2
+    # glibc keeps the freed float32 weights for reuse unless large blocks are mmapped: RSS then
+    # follows the live tensors (benchmarks/memory.py's EXACT_RSS).
+    kept, loaded = peaks("fp8", MALLOC_MMAP_THRESHOLD_="131072")
+    assert kept < 0.6 * size and loaded < 1.4 * kept, (kept, loaded, size)  # measured 1.27
