@@ -1,6 +1,7 @@
 """GPU speed and memory at 1024x2048, 28 steps, bf16, on full-size random FLUX.1-dev weights
 (transformer, T5-XXL, CLIP-L, VAE) written in the real folder layout: dit360's `generate` in each
-offload mode, compiled (`--compile`) and in fp8 (`--fp8`, compiled), diffusers' FluxPipeline (all
+offload mode, compiled (`--compile`), in fp8 (`--fp8`, compiled; with `--t5-fp8`), with
+FlashAttention-3 if installed (`--attention fa3`), diffusers' FluxPipeline (all
 on the GPU, and with `enable_model_cpu_offload`), and one dit360 edit, with the achieved TFLOP/s;
 and one train.py micro-batch (LoRA r 64, FSDP over NCCL with a world of one) in each memory mode
 of training, seconds and peak memory against the targets of a 24 GB card (TRAIN_ROWS).
@@ -53,9 +54,19 @@ ROWS = {
         "dit360",
         dict(offload="none", wrap_pad=0, compile=True, fp8=True),
     ),
+    "fa3": (
+        "dit360, FlashAttention-3, compiled",
+        "dit360",
+        dict(offload="none", wrap_pad=0, compile=True, attention="fa3"),
+    ),
     "wrap1": ("dit360, offload none, wrap pad 1", "dit360", dict(offload="none", wrap_pad=1)),
     "diffusers-offload": ("diffusers, model CPU offload", "diffusers", dict(offload=True)),
     "edit": ("dit360 edit, half mask", "edit", {}),
+    "t5-fp8": (
+        "dit360, fp8 transformer and T5",
+        "dit360",
+        dict(offload="none", wrap_pad=0, fp8=True, t5_fp8=True),
+    ),
 }
 # Training micro-batches: key -> (label, train.py's memory mode, the target on one H100/H200).
 TRAIN_ROWS = {
@@ -252,12 +263,15 @@ def main() -> None:
 
     # --- the rows, each in a fresh process
     has_diffusers = importlib.util.find_spec("diffusers") is not None
+    has_fa3 = importlib.util.find_spec("flash_attn_interface") is not None
     base = dict(base=folder, height=height, width=width, device=device, dtype=dtype)
 
     def run(key: str) -> dict:
         label, kind, extra = ROWS[key]
         if kind == "diffusers" and not has_diffusers:
             result = dict(skipped="diffusers is not installed (pip install diffusers)")
+        elif extra.get("attention") == "fa3" and not (has_fa3 and not args.tiny):
+            result = dict(skipped="FlashAttention-3 (flash_attn_interface) is not installed")
         elif left() < 30:
             result = dict(skipped=f"out of time (--budget {args.budget:.0f} s)")
         else:

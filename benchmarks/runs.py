@@ -94,6 +94,8 @@ def run_dit360(
     image: str | None = None,
     compile: bool = False,
     fp8: bool = False,
+    attention: str = "auto",
+    t5_fp8: bool = False,
 ) -> dict:
     """dit360's `generate` (what sample.py runs), no LoRA."""
     import dit360.text  # noqa: F401  generate imports it (transformers) late: not in its seconds
@@ -104,7 +106,7 @@ def run_dit360(
     opts = SampleOptions(
         base=base, lora=None, height=height, width=width, steps=steps, wrap_pad=wrap_pad,
         device=device, dtype=dtype, offload=offload, seed=SEED, guidance=GUIDANCE,
-        compile=compile, fp8=fp8,
+        compile=compile, fp8=fp8, attention=attention, t5_fp8=t5_fp8,
     )  # fmt: skip
     start, log = time.perf_counter(), []
     pil, report = generate(PROMPT, opts, log=log.append)

@@ -4,6 +4,7 @@ its help, and the command-line flags of sample.py and edit.py are derived from t
 """
 
 import argparse
+import importlib.util
 import math
 import sys
 import warnings
@@ -20,7 +21,7 @@ from .sources import Sources, resolve_sources
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MASK_PADS = ("reference", "wrap")  # how Grid.wrap_mask fills the pad columns of an edit mask
-ATTENTION = ("auto", *BACKENDS)  # SDPA's kernels: layers.attention_backend
+ATTENTION = ("auto", *BACKENDS, "fa3")  # SDPA's kernels and FA3: layers.attention_backend
 FINITE, UNIT = (math.isfinite, "a finite number"), (lambda v: 0 <= v <= 1, "in [0, 1]")
 CHECKS = {  # field: (test of its value, what it must be); NaN fails every comparison
     "lora_scale": FINITE, "guidance": FINITE, "inversion_guidance": FINITE, "tau": FINITE,
@@ -103,7 +104,8 @@ class Options:
     )
     attention: str = opt(
         "auto",
-        "SDPA backend: auto (PyTorch picks), flash, cudnn, efficient, math",
+        "attention kernel: auto (PyTorch's SDPA picks), SDPA's flash, cudnn, efficient, math, "
+        "or fa3 (FlashAttention-3, if installed: Hopper, bf16/fp16)",
         choices=list(ATTENTION),
     )
 
@@ -121,6 +123,8 @@ class Options:
         self.lora = None if str(self.lora).lower() == "none" else self.lora
         dtype = self.dtype or ("bf16" if dev.type == "cuda" else "fp32")
         self.dtype = DTYPES.get(dtype, dtype)
+        if self.attention == "fa3":
+            check_fa3(dev, self.dtype)
 
     def sources(self) -> Sources:
         """Where every model's weights are (resolved once; repo ids fetch only what is needed)."""
@@ -169,6 +173,21 @@ class EditOptions(Options):
         super().__post_init__()
         if self.start > self.stop:
             raise ValueError(f"need --start <= --stop, got {self.start} > {self.stop}")
+
+
+def check_fa3(device: torch.device, dtype: torch.dtype) -> None:
+    """--attention fa3 runs here, or a ValueError that says what is missing."""
+    if importlib.util.find_spec("flash_attn_interface") is None:
+        raise ValueError(
+            "--attention fa3 needs FlashAttention-3 (module flash_attn_interface), built from "
+            "flash-attention's hopper/ folder (cd hopper && python setup.py install); without "
+            "it use --attention auto"
+        )
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"--attention fa3 runs on a CUDA GPU in bf16 or fp16, not {device.type} {dtype}; "
+            "use --attention auto"
+        )
 
 
 def check_size(height: int, width: int, wrap_pad: int = 0) -> None:

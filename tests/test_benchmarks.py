@@ -68,7 +68,7 @@ def test_memory_small(smoke):
     assert re.search(rf"ratio dit360 / diffusers: wall {NUMBER}, peak RSS {NUMBER}", out), out
     for impl in ("dit360", "diffusers"):
         assert re.search(rf"\| {impl} \| {NUMBER} \| {NUMBER} \| -?{NUMBER} \|", out), out
-    assert "added peak ratio dit360 / diffusers" in out
+    assert re.search(rf"dit360 / diffusers: added peak {NUMBER}, time {NUMBER} \(fastest", out)
     assert re.search(rf"together {NUMBER} GiB of the transformer's {NUMBER} GiB", out), out
     assert re.search(rf"{NUMBER} MiB per step", out), out
 

@@ -21,6 +21,7 @@ import sample
 SAMPLE_CASES = [  # extra flags (the last of a repeated flag wins), the error line
     (["--steps", "0"], r"--steps \(steps\) must be an integer >= 1, got 0"),
     (["--attention", "cudnn"], r"--attention cudnn needs a CUDA GPU; use auto or flash"),
+    (["--attention", "fa3"], r"--attention fa3 needs FlashAttention-3 \(module flash_attn_int"),
     (["--offload", "disk"], r"argument --offload: invalid choice: 'disk'"),
     (["--steps", "-3"], r"--steps \(steps\) must be an integer >= 1, got -3"),
     (["--steps", "2.5"], r"--steps: invalid int value"),

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tiny import TINY_TRANSFORMER, diffusers_transformer, save_transformer
 
@@ -263,3 +264,39 @@ def test_single_block_in_place_path_equals_autograd_path():
     copied = block(x, vec, pe)
     assert copied.requires_grad and not in_place.requires_grad
     torch.testing.assert_close(in_place, copied.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_fa3_gets_its_layout_and_matches_sdpa(reference, monkeypatch):
+    """--attention fa3 hands FlashAttention-3 q, k, v as (B, L, H, d) with contiguous heads and
+    takes its (B, L, H, d) output, (out, lse) or out alone, without a copy; the model's output is
+    the SDPA one. FA3 needs a Hopper GPU: a stand-in module with its signature checks the calls,
+    and the options refuse fa3 off CUDA even when the module is there."""
+    import sys
+    import types
+
+    from dit360.layers import attention_backend
+    from dit360.options import SampleOptions
+
+    root, x, _ = reference
+    calls = []
+
+    def flash_attn_func(q, k, v):
+        assert q.shape[1] > q.shape[2] and all(t.stride(-1) == 1 for t in (q, k, v))
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+        calls.append(out.shape)
+        out = out.transpose(1, 2).contiguous()  # FA3 writes (B, L, H, d)
+        return (out, None) if len(calls) % 2 else out
+
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", types.SimpleNamespace())
+    sys.modules["flash_attn_interface"].flash_attn_func = flash_attn_func
+    model = load_flux(root, dtype=torch.float32)
+    with torch.no_grad():
+        expected = run_ours(model, x)
+        with attention_backend("fa3"):
+            got = run_ours(model, x)
+    n = model.params.depth + model.params.depth_single_blocks
+    assert len(calls) == n
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: object())
+    with pytest.raises(ValueError, match="fa3 runs on a CUDA GPU in bf16 or fp16, not cpu"):
+        SampleOptions(attention="fa3", device="cpu")
