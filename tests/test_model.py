@@ -300,3 +300,19 @@ def test_fa3_gets_its_layout_and_matches_sdpa(reference, monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name: object())
     with pytest.raises(ValueError, match="fa3 runs on a CUDA GPU in bf16 or fp16, not cpu"):
         SampleOptions(attention="fa3", device="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rms_norm_bit_identical_to_reference(dtype):
+    """Our one fused pass equals BFL's RMSNorm (float32 inside, rounded to the input dtype, then
+    times the scale in that dtype), bit for bit."""
+    from dit360.layers import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 3, 50, 128, generator=g) * 4).to(dtype)
+    norm = RMSNorm(128).to(dtype)
+    norm.scale.data = torch.randn(128, generator=g).to(dtype)
+    xf = x.float()
+    expected = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype) * norm.scale
+    with torch.no_grad():
+        assert torch.equal(norm(x), expected)
