@@ -243,8 +243,15 @@ def test_rope_bit_identical_to_diffusers(dtype):
     cos, sin = FluxPosEmbed(10_000, [16, 56, 56])(ids)
     x = torch.randn(2, 3, len(ids), 128, generator=torch.Generator().manual_seed(0)).to(dtype)
     expected = apply_rotary_emb(x, (cos, sin), use_real=True, use_real_unbind_dim=-1)
-    got = apply_rope(x, embed_ids(ids[None], (16, 56, 56), 10_000))
-    assert got.dtype == dtype and torch.equal(got, expected)
+    pe = embed_ids(ids[None], (16, 56, 56), 10_000)
+    # q and k as the blocks hand them over: contiguous, laid out (B, L, H, D) (rotated in that
+    # layout, no copy), or cut at an odd offset (copied first)
+    strided = x.transpose(1, 2).contiguous().transpose(1, 2)
+    odd = torch.cat([x.new_zeros(1), x.flatten()])[1:].view(x.shape)
+    for q in (x, strided, odd):
+        got = apply_rope(q, pe)
+        assert got.dtype == dtype and torch.equal(got, expected)
+    assert apply_rope(strided, pe).stride() == strided.stride()
 
 
 def test_single_block_in_place_path_equals_autograd_path():
