@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .model import Flux
+from .offload import move
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -130,12 +131,15 @@ def to_fp8(linear: nn.Linear, weight_only: bool = False) -> FP8Linear:
     return new
 
 
-def quantize_fp8(model: Flux) -> Flux:
+def quantize_fp8(model: Flux, device: torch.device | str | None = None) -> Flux:
     """Replace the linear layers of the double and single blocks (not their modulation) by
-    FP8Linear, in place and layer by layer: at most one layer exists twice at a time. Merge a
-    LoRA before: merging into a float8 weight would round it again, unscaled."""
+    FP8Linear, in place and layer by layer: at most one layer exists twice at a time. `device`:
+    each block is moved there (but its modulation) just before it is quantized, so a model read
+    into CPU memory is never whole on the device in its own dtype (flux-dev: 17 GB bf16, 8.7 GB
+    as float8). Merge a LoRA before: merging into a float8 weight would round it again."""
+    keep = model.modulation_layers()
     for block in [*model.double_blocks, *model.single_blocks]:
-        quantize_block(block, model.modulation_layers())
+        quantize_block(block if device is None else move(block, device, keep), keep)
     return model
 
 

@@ -26,7 +26,7 @@ from .fp8 import quantize_fp8
 from .image import to_pil
 from .layers import attention_backend
 from .model import Flux
-from .offload import choose, lent, park, stream
+from .offload import choose, lent, move, park, stream
 from .options import Options, SampleOptions
 from .panorama import Grid
 from .report import Report
@@ -36,7 +36,15 @@ from .sources import flagged
 # GPU memory (GB) each mode needs for flux-dev at 1024x2048 in bf16, estimated from the parts'
 # sizes (T5-XXL 9.5, the transformer without its modulation 17.2, activations ~2; one at a time):
 # `offload.choose` takes the first that fits. For one image `model` saves nothing over `none`.
+# With --fp8 the transformer is 8.7 (its block linears float8), T5 the largest part.
 NEEDS_GB = {"none": 20.0, "model": 20.0, "blocks": 8.0}
+NEEDS_FP8_GB = {"none": 11.0, "model": 11.0, "blocks": 8.0}
+
+
+def offload_needs(opts: Options) -> dict[str, float]:
+    """The GPU memory (GB) each offload mode needs with these options (see NEEDS_GB)."""
+    scale = torch.finfo(opts.dtype).bits / 16  # fp32 weights and activations take twice bf16's
+    return {k: v * scale for k, v in (NEEDS_FP8_GB if opts.fp8 else NEEDS_GB).items()}
 
 
 def offload_mode(opts: Options, log: Callable[[str], None] = print) -> str:
@@ -44,8 +52,7 @@ def offload_mode(opts: Options, log: Callable[[str], None] = print) -> str:
     if opts.offload is not None:
         log(f"offload {opts.offload} (--offload)")
         return opts.offload
-    scale = torch.finfo(opts.dtype).bits / 16  # fp32 weights and activations take twice bf16's
-    return choose(opts.device, {k: v * scale for k, v in NEEDS_GB.items()}, log)
+    return choose(opts.device, offload_needs(opts), log)
 
 
 def computed_ahead(model: Flux) -> list[nn.Module]:
@@ -96,7 +103,10 @@ def load_model(opts: Options, offload: str = "none", log: Callable[[str], None] 
     from .weights import load_flux
 
     on_cpu = computed_ahead if offload == "none" else (lambda m: [m])
-    model = load_flux(opts.sources().transformer, opts.device, opts.dtype, on_cpu=on_cpu)
+    # fp8: read into CPU memory, each block quantized on the device (fast there), where the
+    # transformer in bf16 (17 GB) would not fit the cards fp8 is for
+    read_to = (lambda m: [m]) if opts.fp8 else on_cpu
+    model = load_flux(opts.sources().transformer, opts.device, opts.dtype, on_cpu=read_to)
     if lora := lora_source(opts, log):
         from .lora_formats import load_lora
 
@@ -104,7 +114,9 @@ def load_model(opts: Options, offload: str = "none", log: Callable[[str], None] 
         log(f"LoRA {lora} at scale {opts.lora_scale}, {how}")
         load_lora(model, lora, scale=opts.lora_scale, merge=opts.merge_lora)
     if opts.fp8:  # after the merge: a LoRA folds into the full-precision weights
-        quantize_fp8(model)
+        quantize_fp8(model, opts.device)
+        if offload == "none":
+            move(model, opts.device, skip=computed_ahead(model))
     park(nn.ModuleList(on_cpu(model)))  # pinned CPU memory on a CUDA machine
     if opts.compile:  # lazily: the first denoising step compiles
         compile_blocks(model)

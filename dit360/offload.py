@@ -59,6 +59,16 @@ def _homes(tensors: list[Tensor], pin: bool) -> Iterator[tuple[Tensor, Tensor]]:
         yield t, home.copy_(t.detach())
 
 
+def move(
+    module: nn.Module, device: torch.device | str, skip: Iterable[nn.Module] = ()
+) -> nn.Module:
+    """Move every parameter and buffer of `module` (but those of the modules in `skip`) to
+    `device`, tensor by tensor; not for parked modules (their homes stay)."""
+    for t in _tensors(module, skip):
+        t.data = t.data.to(device)
+    return module
+
+
 def park(module: nn.Module, skip: Iterable[nn.Module] = ()) -> nn.Module:
     """Move every parameter and buffer (but those of the modules in `skip`) to CPU memory, pinned
     when CUDA is available, tensor by tensor (never a second full copy in host memory), as the

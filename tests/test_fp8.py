@@ -178,7 +178,7 @@ def test_generate_fp8(tiny_flux, tmp_path, monkeypatch, lora):
     from dit360.options import SampleOptions
 
     seen, quantized = decoded(monkeypatch, gen), []
-    monkeypatch.setattr(gen, "quantize_fp8", lambda m: quantized.append(m) or quantize_fp8(m))
+    monkeypatch.setattr(gen, "quantize_fp8", lambda m, d: quantized.append(m) or quantize_fp8(m, d))
     folder = str(dit360_lora(tmp_path / "lora", r=4, alpha=4)[0])
     base = dict(base=tiny_flux, lora=folder, merge_lora=lora == "merged", height=32, width=64)
     runs = ((False, "none", False), (True, "none", False), (True, "blocks", False))
@@ -210,3 +210,63 @@ def test_load_float8_checkpoint(tmp_path):
         assert {v.dtype for v in got.values()} == {expected}
         for k, v in state.items():
             assert torch.equal(got[k.removeprefix(prefix)], v.to(expected))
+
+
+def test_quantize_on_device_block_by_block(monkeypatch):
+    """--fp8 reads the transformer into CPU memory and quantizes it block by block on the device:
+    each block is moved there (but its modulation, computed ahead in CPU memory) right before it
+    is quantized, so the device never holds more than one block in the model dtype."""
+    model = flux()
+    blocks = [*model.double_blocks, *model.single_blocks]
+    events, move, quantize_block = [], fp8.move, fp8.quantize_block
+
+    def spy_move(module, device, skip):
+        assert {id(m) for m in skip} == {id(m) for m in model.modulation_layers()}
+        wide = [m for m in module.modules() if isinstance(m, nn.Linear) and m not in skip]
+        events.append(("move", module, len(wide), device))
+        return move(module, device, skip)
+
+    def spy_quantize(block, keep):
+        events.append(("quantize", block))
+        return quantize_block(block, keep)
+
+    monkeypatch.setattr(fp8, "move", spy_move)
+    monkeypatch.setattr(fp8, "quantize_block", spy_quantize)
+    quantize_fp8(model, "cpu")
+    expected = [e for b in blocks for e in (("move", b), ("quantize", b))]
+    assert [e[:2] for e in events] == expected
+    assert all(e[2] > 0 and e[3] == "cpu" for e in events[::2])  # bf16 linears, moved
+    assert not [m for b in blocks for m in b.modules() if type(m) is nn.Linear and m not in
+                {l for mod in model.modulation_layers() for l in mod.modules()}]  # fmt: skip
+
+
+def test_fp8_needs_fit_a_16_gb_card():
+    """The offload chooser knows --fp8 halves the transformer: a 16 GB card (about 15 GB free)
+    keeps everything on it with fp8, and streams blocks in bf16."""
+    from dit360.generate import offload_needs
+    from dit360.offload import MARGIN
+    from dit360.options import SampleOptions
+
+    free = 15.0
+    for on, mode in ((True, "none"), (False, "blocks")):
+        needs = offload_needs(SampleOptions(fp8=on, device="cpu", dtype="bf16"))
+        assert next(m for m, gb in needs.items() if gb * MARGIN <= free) == mode
+
+
+@pytest.mark.gpu
+def test_quantize_on_cuda_peak():
+    """On a GPU: quantizing a CPU-held model onto it peaks at its float8 result plus one block in
+    bf16 (and the non-block layers), never the bf16 model."""
+    model = flux().to(torch.bfloat16)
+    bf16 = sum(
+        t.nbytes for t in [*model.double_blocks.parameters(), *model.single_blocks.parameters()]
+    )
+    one = max(
+        sum(t.nbytes for t in b.parameters()) for b in [*model.double_blocks, *model.single_blocks]
+    )
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    quantize_fp8(model, "cuda")
+    held = torch.cuda.memory_allocated() - base
+    peak = torch.cuda.max_memory_allocated() - base
+    assert held < 0.75 * bf16 and peak <= held + 2 * one, (held, peak, bf16, one)
