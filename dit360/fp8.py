@@ -35,7 +35,7 @@ def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
     # it, which is also the one returned; clamped as round-off may carry a value past 448, which
     # e4m3fn cannot hold (it has no infinity).
     scale = scale.to(x.dtype)
-    q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    q = (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
     return q, scale.float()
 
 

@@ -256,17 +256,16 @@ def test_fp8_needs_fit_a_16_gb_card():
 @pytest.mark.gpu
 def test_quantize_on_cuda_peak():
     """On a GPU: quantizing a CPU-held model onto it peaks at its float8 result plus one block in
-    bf16 (and the non-block layers), never the bf16 model."""
+    bf16 and the float32 temporaries of one layer (its copy and its quotient: 4x its bf16 bytes),
+    never the bf16 model."""
     model = flux().to(torch.bfloat16)
-    bf16 = sum(
-        t.nbytes for t in [*model.double_blocks.parameters(), *model.single_blocks.parameters()]
-    )
-    one = max(
-        sum(t.nbytes for t in b.parameters()) for b in [*model.double_blocks, *model.single_blocks]
-    )
+    blocks = [*model.double_blocks, *model.single_blocks]
+    bf16 = sum(t.nbytes for b in blocks for t in b.parameters())
+    one = max(sum(t.nbytes for t in b.parameters()) for b in blocks)
+    layer = max(m.weight.nbytes for b in blocks for m in b.modules() if isinstance(m, nn.Linear))
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     quantize_fp8(model, "cuda")
     held = torch.cuda.memory_allocated() - base
     peak = torch.cuda.max_memory_allocated() - base
-    assert held < 0.75 * bf16 and peak <= held + 2 * one, (held, peak, bf16, one)
+    assert held < 0.75 * bf16 and peak <= held + one + 4 * layer + 2**20, (held, peak, one, layer)
