@@ -156,9 +156,16 @@ def chunks(mod: Tensor, n: int) -> list[tuple[Tensor, Tensor, Tensor]]:
     return [out[i : i + 3] for i in range(0, 3 * n, 3)]
 
 
+def fma(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """x + a * b. In bf16 and fp16 one fused pass, rounded once (the reference rounds a * b
+    first: within its round-off); in float32 the reference's two passes, bit for bit (addcmul's
+    fused multiply-add would differ in the last bit)."""
+    return x + a * b if x.dtype == torch.float32 else torch.addcmul(x, a, b)
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """Parameter-free LayerNorm then adaLN scale and shift."""
-    return torch.addcmul(shift, 1 + scale, F.layer_norm(x, x.shape[-1:], eps=1e-6))
+    return fma(shift, 1 + scale, F.layer_norm(x, x.shape[-1:], eps=1e-6))
 
 
 def fp16_clip(x: Tensor) -> Tensor:
@@ -204,11 +211,11 @@ class DoubleStreamBlock(nn.Module):
         # Freed as soon as dead (diffusers' peak, not more): the per-stream q, k, v when joint_qkv
         # returns, the joint ones inside `attention`, its output before the MLPs run.
         attn = attention(self.joint_qkv(img, txt, img_mod1, txt_mod1), pe)  # (B, L, D)
-        img = torch.addcmul(img, img_mod1[2], self.img_attn.proj(attn[:, txt.shape[1] :]))
-        txt = torch.addcmul(txt, txt_mod1[2], self.txt_attn.proj(attn[:, : txt.shape[1]]))
+        img = fma(img, img_mod1[2], self.img_attn.proj(attn[:, txt.shape[1] :]))
+        txt = fma(txt, txt_mod1[2], self.txt_attn.proj(attn[:, : txt.shape[1]]))
         del attn
-        img = torch.addcmul(img, img_mod2[2], self.img_mlp(modulate(img, *img_mod2[:2])))
-        txt = torch.addcmul(txt, txt_mod2[2], self.txt_mlp(modulate(txt, *txt_mod2[:2])))
+        img = fma(img, img_mod2[2], self.img_mlp(modulate(img, *img_mod2[:2])))
+        txt = fma(txt, txt_mod2[2], self.txt_mlp(modulate(txt, *txt_mod2[:2])))
         return img, fp16_clip(txt)
 
 
@@ -252,7 +259,7 @@ class SingleStreamBlock(nn.Module):
             torch.ops.aten.gelu_(out[..., d:], approximate="tanh")
             attention(qkv, pe, out=out[..., :d])
         del h
-        return fp16_clip(torch.addcmul(x, gate, self.linear2(out)))
+        return fp16_clip(fma(x, gate, self.linear2(out)))
 
 
 class LastLayer(nn.Module):

@@ -81,13 +81,13 @@ def reference(tmp_path_factory):
 
 
 def test_diffusers_folder_parity(reference):
-    """Sharded diffusers folder -> our model: same output as diffusers within 1e-5."""
+    """Sharded diffusers folder -> our model: diffusers' output bit for bit in float32 (the fast
+    path's fusions are kept to bf16/fp16, where the reference rounds more)."""
     root, x, expected = reference
     assert len(list((root / "transformer").glob("*.safetensors"))) > 3  # shards cut blocks
     model = load_flux(root, dtype=torch.float32)
     with torch.no_grad():
-        err = rel_err(run_ours(model, x), expected)
-    assert err < 1e-5, err
+        assert torch.equal(run_ours(model, x), expected)
 
 
 def test_bfl_single_file_parity(reference, tmp_path):
