@@ -64,9 +64,10 @@ def fp8_linear(
     outliers that per-token float8 would flatten)."""
     if weight_only or not scaled_mm_fits(x, weight):
         return F.linear(x, upcast(weight, scale, x.dtype), bias)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return ScaledMatmul.apply(x, weight, scale, bias)
-    return scaled_mm(x, weight, scale, bias)
+    # 2-D in, 2-D out; the (..., N) view is made here, outside the autograd Function: a LoRA
+    # hook adds into the output in place, which PyTorch forbids on views a Function returns.
+    mm = ScaledMatmul.apply if torch.is_grad_enabled() and x.requires_grad else scaled_mm
+    return mm(x.reshape(-1, x.shape[-1]), weight, scale, bias).reshape(*x.shape[:-1], -1)
 
 
 class ScaledMatmul(torch.autograd.Function):
@@ -85,13 +86,13 @@ class ScaledMatmul(torch.autograd.Function):
 
 
 def scaled_mm(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-    """x (..., K) bf16 quantized per token, times the float8 weight on the tensor cores -> bf16."""
-    xq, xs = quantize(x.reshape(-1, x.shape[-1]))  # (M, K) row-major, (M, 1): per token
+    """x (M, K) bf16 quantized per token, times the float8 weight on the tensor cores -> (M, N)
+    bf16, a new tensor."""
+    xq, xs = quantize(x)  # (M, K) row-major, (M, 1): per token
     # Rowwise scaling: a (M, K) row-major, b (K, N) column-major (weight.t() is), scales (M, 1)
     # and (1, N) float32; the output and the bias bf16.
     bias = None if bias is None else bias.to(torch.bfloat16)
-    y = torch._scaled_mm(xq, weight.t(), xs, scale[None], bias=bias, out_dtype=torch.bfloat16)
-    return y.reshape(*x.shape[:-1], -1)  # (..., N)
+    return torch._scaled_mm(xq, weight.t(), xs, scale[None], bias=bias, out_dtype=torch.bfloat16)
 
 
 class FP8Linear(nn.Module):

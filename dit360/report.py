@@ -85,7 +85,9 @@ def held_memory_gb(device: str | torch.device = "cpu") -> float:
 def reset_peak(device: str | torch.device = "cpu") -> None:
     """Start the peak counter of `peak_memory_gb` afresh (Linux: the kernel's peak RSS)."""
     if str(device).startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
+        # Before CUDA starts nothing is allocated, and "cuda:0" would not start it: an error.
+        if torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats(device)
     elif Path("/proc/self/clear_refs").exists():
         Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size
 

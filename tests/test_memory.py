@@ -157,3 +157,17 @@ def test_edit_offload_modes_equal_none(tiny_flux, monkeypatch):
         )
         edit_image(image, mask, PROMPTS[2], o, log=lambda _: None)
     assert torch.equal(seen[0], seen[1]) and torch.equal(seen[0], seen[2])
+
+
+def test_reset_peak_before_cuda_starts(monkeypatch):
+    """`--device cuda:0` reaches the first stage's peak reset before anything started CUDA, where
+    resetting an indexed device's counters raises ("did you call init?"): it is not attempted
+    then (nothing was allocated), and done once CUDA runs."""
+    from dit360 import report
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", calls.append)
+    for started in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda s=started: s)
+        report.reset_peak("cuda:0")
+    assert calls == ["cuda:0"]

@@ -78,8 +78,8 @@ def test_fp8_base_lora_gradients_within_bound(device):
 
 def test_scaled_mm_path_is_differentiable(monkeypatch):
     """On fp8 tensor cores (forced: the CPU runs rowwise _scaled_mm too) an input that needs a
-    gradient goes through ScaledMatmul: the forward is _scaled_mm's, the input's gradient is the
-    output gradient times the upcast weight (bf16)."""
+    gradient goes through ScaledMatmul: the forward is _scaled_mm's, the output takes in-place
+    adds (a LoRA's), the input's gradient is the output gradient times the upcast weight (bf16)."""
     monkeypatch.setattr(fp8, "_fp8_cores", lambda device: True)
     g = torch.Generator().manual_seed(2)
     layer = to_fp8(nn.Linear(64, 48).to(torch.bfloat16))
@@ -87,6 +87,7 @@ def test_scaled_mm_path_is_differentiable(monkeypatch):
     y = layer(x)
     with torch.no_grad():
         assert torch.equal(y, layer(x))  # the same product without autograd
+    y[..., :16] += 1  # as a LoRA hook adds its rows: in place on the output (not a Function view)
     dy = torch.randn(y.shape, generator=g).bfloat16()
     y.backward(dy)
     torch.testing.assert_close(x.grad, dy @ upcast(layer.weight, layer.scale, torch.bfloat16))
