@@ -105,3 +105,11 @@ def test_fp8_small(tmp_path):
     assert re.search(
         rf"fp8 on vs off: mean abs [\d.e+-]+ \(0-255\), PSNR (inf|{NUMBER}) dB", out
     ), out
+
+
+def test_gpu_session_script_parses():
+    """The GPU session script is valid bash and refuses an unknown phase before any work."""
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert r.returncode != 0 and "infer, train or tiny" in r.stderr
