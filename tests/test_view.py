@@ -99,3 +99,22 @@ def test_cli_errors(tmp_path, capsys):
         ([], "required: image"),
     ]:
         expect_error(capsys, view.main, argv, tmp_path, match)
+
+
+def test_wheel_ships_the_page(tmp_path):
+    """The page is package data: a built wheel (what `pip install .` installs) carries it."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root, src = Path(__file__).parents[1], tmp_path / "src"  # built in a copy: no build/ here
+    shutil.copytree(root / "dit360", src / "dit360", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    r = subprocess.run([*cmd, "-w", str(tmp_path), str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = tmp_path.glob("dit360-*.whl")
+    assert "dit360/viewer.html" in zipfile.ZipFile(wheel).namelist()
