@@ -105,12 +105,14 @@ def lent(
 
 class _Streamer:
     """The copies of parked blocks on `device`: `before(i, upcoming)` makes block i's (waiting for
-    it) and issues the upcoming blocks' early, on a side CUDA stream; `drop(i)` sends it home."""
+    it) and issues the upcoming blocks' early, on a side CUDA stream; `drop(i)` sends it home.
+    It marks the blocks streamed (`lent` leaves them to it); `stop` removes `hooks`, unmarks
+    them and sends them home."""
 
     def __init__(
         self, blocks: Sequence[nn.Module], device: torch.device | str, skip: Iterable[nn.Module]
     ) -> None:
-        self.device, skip = torch.device(device), list(skip)
+        self.device, skip, self.blocks = torch.device(device), list(skip), blocks
         self.tensors = [_tensors(b, skip) for b in blocks]
         if any(not hasattr(t, HOME) for ts in self.tensors for t in ts):
             raise ValueError(
@@ -120,6 +122,9 @@ class _Streamer:
         self.side = torch.cuda.Stream(self.device) if cuda else None
         self.ready: dict[int, torch.cuda.Event | None] = {}  # blocks on `device` -> copy events
         self.done: list[torch.cuda.Event] = []  # the end of the compute of dropped blocks
+        self.hooks: list = []  # the callers' hooks on the blocks, removed by `stop`
+        for block in blocks:
+            setattr(block, STREAMED, True)
 
     def fetch(self, i: int) -> None:
         """Issue the copy of block i: on the side stream on CUDA, so it overlaps compute."""
@@ -155,9 +160,11 @@ class _Streamer:
             if j not in self.ready:
                 self.fetch(j)
 
-    def stop(self, blocks: Sequence[nn.Module]) -> None:
-        """Send every block home."""
-        for i, block in enumerate(blocks):
+    def stop(self) -> None:
+        """Remove the hooks and send every block home."""
+        for hook in self.hooks:
+            hook.remove()
+        for i, block in enumerate(self.blocks):
             self.drop(i)
             block.__dict__.pop(STREAMED, None)
 
@@ -174,21 +181,12 @@ def stream(
     home. Returns the function that stops."""
     s, n = _Streamer(blocks, device, skip), len(blocks)
     ahead = max(0, min(ahead, n - 1))
-    hooks = []
     for i, block in enumerate(blocks):
-        setattr(block, STREAMED, True)
         # Wraps around to the next forward's first blocks.
         nxt = [(i + 1 + k) % n for k in range(ahead)]
-        hooks.append(block.register_forward_pre_hook(lambda m, a, i=i, nxt=nxt: s.before(i, nxt)))
-        hooks.append(block.register_forward_hook(lambda m, a, out, i=i: s.drop(i)))
-
-    def stop() -> None:
-        """Remove the hooks and send every block home."""
-        for hook in hooks:
-            hook.remove()
-        s.stop(blocks)
-
-    return stop
+        s.hooks.append(block.register_forward_pre_hook(lambda m, a, i=i, nxt=nxt: s.before(i, nxt)))
+        s.hooks.append(block.register_forward_hook(lambda m, a, out, i=i: s.drop(i)))
+    return s.stop
 
 
 def stream_recomputed(
@@ -212,20 +210,11 @@ def stream_recomputed(
     s, n = _Streamer(blocks, device, skip), len(blocks)
     ahead = max(0, min(ahead, n - 1))
     calls: list[int] = []  # blocks whose module call (a forward, not a recomputation) is under way
-    hooks = []
     for i, block in enumerate(blocks):
-        setattr(block, STREAMED, True)
-        hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: calls.append(i)))
+        s.hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: calls.append(i)))
         run = _streamed(block.forward, i, n, ahead, s, calls)
         block.forward = partial(checkpoint, run, use_reentrant=False)
-
-    def stop() -> None:
-        """Remove the hooks and send every block home."""
-        for hook in hooks:
-            hook.remove()
-        s.stop(blocks)
-
-    return stop
+    return s.stop
 
 
 def _streamed(

@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_lora import pipeline
 from test_model import inputs, rel_err, run_diffusers, run_ours
+from test_sample_cli import args as sample_args
 
 import sample
 import train
@@ -271,19 +272,9 @@ def test_export_loads_in_sample_and_diffusers(tiny_flux, trained, tmp_path):
     from diffusers import FluxTransformer2DModel
 
     png = tmp_path / "pano.png"
-    argv = ["--prompt", "a lake", "--base", str(tiny_flux), "--lora", str(trained / "lora")]
-    argv += [
-        "--height",
-        "32",
-        "--width",
-        "64",
-        "--steps",
-        "2",
-        "--device",
-        "cpu",
-        "--out",
-        str(png),
-    ]
+    argv = sample_args(
+        tiny_flux, png, "--prompt", "a lake", "--steps", "2", lora=str(trained / "lora")
+    )
     with pytest.warns(UserWarning, match="trained at 1024x2048"):
         sample.main(argv)
     assert Image.open(png).size == (64, 32)

@@ -15,6 +15,7 @@ import torch
 from clitest import expect_error
 from PIL import Image
 from test_fp8 import flux
+from test_sample_cli import args as sample_args
 from test_train import args, assert_same_lora, log
 from torch import nn
 
@@ -284,20 +285,9 @@ def test_all_new_options_resume_bit_identical_and_previews_equal_sample(
             assert np.array_equal(a, b)
 
     png = tmp_path / "sampled.png"
-    argv = ["--prompt", "a city at night", "--base", str(tiny_flux), "--seed", "3", "--fp8"]
-    argv += ["--lora", str(whole / "checkpoints" / "step-00000002" / "lora"), "--no-merge-lora"]
-    argv += [
-        "--height",
-        "32",
-        "--width",
-        "64",
-        "--steps",
-        "2",
-        "--device",
-        "cpu",
-        "--out",
-        str(png),
-    ]
+    lora = str(whole / "checkpoints" / "step-00000002" / "lora")
+    argv = sample_args(tiny_flux, png, "--prompt", "a city at night", "--seed", "3", lora=lora)
+    argv += ["--steps", "2", "--fp8", "--no-merge-lora"]  # the last of a repeated flag wins
     with pytest.warns(UserWarning, match="trained at 1024x2048"):
         sample.main(argv)
     preview = np.asarray(Image.open(whole / "samples" / "step-00000002" / "01.png"))
