@@ -22,8 +22,9 @@ eta = 1 zeroes the source's own velocity, so it then runs only while its tokens 
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ from .generate import (
     check_finite,
     encode_prompts,
     initial_noise,
+    job_options,
     load_model,
     load_vae,
     offload_mode,
@@ -198,14 +200,7 @@ class EditJob(Job):
     invert: bool | None = None
     source_prompt: str | None = None
 
-
-def edit_options(opts: EditOptions, job: EditJob) -> EditOptions:
-    """`opts` with the job's seed, and its steps, guidance, invert, source prompt where it sets
-    them; ValueError if one is bad."""
-    given = ("steps", "guidance", "invert", "source_prompt")
-    return replace(
-        opts, seed=job.seed, **{k: v for k in given if (v := getattr(job, k)) is not None}
-    )
+    SETS: ClassVar = ("steps", "guidance", "invert", "source_prompt")
 
 
 def source_prompt(o: EditOptions, job: EditJob) -> str:
@@ -233,7 +228,7 @@ def check_job(job: EditJob, opts: EditOptions) -> tuple[int, int]:
     """Everything about a job that can fail before a model loads: its options, its source (it
     opens; its size), its mask on the token grid. Warns if the size is not 1024x2048. Returns
     the source file's own size (width, height)."""
-    o = edit_options(opts, job)
+    o = job_options(opts, job)
     own = open_image(job.image).size  # it opens and decodes
     width, height = job.size or own
     token_mask(job, o, width, height)
@@ -264,7 +259,7 @@ def edit_many(
         check_job(job, opts)
     report = report or Report(opts.device, log=log)
     dev, dtype, mode = opts.device, opts.dtype, offload_mode(opts, log)
-    options = [edit_options(opts, job) for job in jobs]
+    options = [job_options(opts, job) for job in jobs]
     sources = [source_prompt(o, job) for o, job in zip(options, jobs, strict=True)]
     with report.stage("text encoders"):  # the inversion's empty prompt, sources, targets
         conds = encode_prompts(opts, ["", *sources, *(job.prompt for job in jobs)], mode)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar, TypeVar
 
 import torch
 from PIL import Image
@@ -32,6 +33,8 @@ from .panorama import Grid
 from .report import Report
 from .sampling import Conditioning, denoise, noise, schedule
 from .sources import flagged
+
+Opts = TypeVar("Opts", bound=Options)
 
 # GPU memory (GB) each mode needs for flux-dev at 1024x2048 in bf16, estimated from the parts'
 # sizes (T5-XXL 9.5, the transformer without its modulation 17.2, activations ~2; one at a time):
@@ -184,14 +187,15 @@ class Job:
     steps: int | None = None
     guidance: float | None = None
 
+    SETS: ClassVar = ("steps", "guidance")  # the options a job sets where not None
 
-def job_options(opts: SampleOptions, job: Job) -> SampleOptions:
-    """`opts` with the job's seed (and steps, guidance); ValueError if one is bad."""
-    steps = opts.steps if job.steps is None else job.steps
-    guidance = opts.guidance if job.guidance is None else job.guidance
+
+def job_options(opts: Opts, job: Job) -> Opts:
+    """`opts` with the job's seed and the options it sets; ValueError if one is bad."""
+    given = {k: v for k in job.SETS if (v := getattr(job, k)) is not None}
     with warnings.catch_warnings():  # the size warning was given once already
         warnings.simplefilter("ignore")
-        return replace(opts, seed=job.seed, steps=steps, guidance=guidance)
+        return replace(opts, seed=job.seed, **given)
 
 
 def encode_prompts(opts: Options, prompts: list[str], offload: str) -> dict[str, Conditioning]:
