@@ -68,18 +68,21 @@ def peak_memory_gb(device: str | torch.device = "cpu") -> float:
     (since `reset_peak`)."""
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2**30
+    return _status_gb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB
+
+
+def _status_gb(field: str) -> float | None:
+    """A memory field of /proc/self/status in GB; None without /proc."""
     if (status := Path("/proc/self/status")).exists():
-        return int(re.search(r"VmHWM:\s+(\d+)", status.read_text())[1]) / 2**20  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+        return int(re.search(rf"{field}:\s+(\d+)", status.read_text())[1]) / 2**20  # kB
+    return None
 
 
 def held_memory_gb(device: str | torch.device = "cpu") -> float:
     """GPU memory reserved by PyTorch's allocator at its peak, else the process's RSS now."""
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_reserved(device) / 2**30
-    if (status := Path("/proc/self/status")).exists():
-        return int(re.search(r"VmRSS:\s+(\d+)", status.read_text())[1]) / 2**20
-    return peak_memory_gb()
+    return _status_gb("VmRSS") or peak_memory_gb()
 
 
 def reset_peak(device: str | torch.device = "cpu") -> None:
