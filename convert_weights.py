@@ -14,14 +14,13 @@ Arguments are checked before any weights are read. Exit status: 2 bad arguments,
 """
 
 import argparse
-import math
 import os
 import re
 from pathlib import Path
 
 from dit360.convert import convert_flux, convert_lora
 from dit360.files import exit_on_sigterm
-from dit360.options import DTYPES, Parser, fail
+from dit360.options import DTYPES, FINITE_FLOAT, Parser, fail
 
 # What a folder output may already hold (a previous output, and temporary files of a killed one).
 FOLDER_FILES = {
@@ -36,17 +35,6 @@ def axes(text: str) -> tuple[int, ...]:
     if len(dims) != 3 or any(d <= 0 or d % 2 for d in dims):
         raise argparse.ArgumentTypeError(f"{text!r}: give three positive even integers: 16,56,56")
     return dims
-
-
-def finite(text: str) -> float:
-    """A float that is neither NaN nor infinite."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "alone (--base only gives the sizes, default flux-dev) it is written in the peft format",
     )
     p.add_argument("--merge", action="store_true", help="fold --lora into --base's weights")
-    p.add_argument("--lora-scale", type=finite, default=1.0, help="weight of the LoRA")
+    p.add_argument("--lora-scale", type=FINITE_FLOAT, default=1.0, help="weight of the LoRA")
     p.add_argument(
         "--to", choices=["bfl", "diffusers"], help="layout of a --base conversion; None: bfl"
     )

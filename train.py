@@ -26,26 +26,19 @@ a generator seeded with (seed, epoch, its index in the epoch's global order), th
 however it is split over ranks.
 
 Every argument is checked before anything slow; a bad one is one line `error: ...` (exit 2).
---out holds one run: a non-empty --out is refused unless --resume continues it or --overwrite
-deletes it first, and `out/.lock` (the pid and host of the run writing there) keeps a second run
-out; a lock left by a dead process is taken over, with a warning.
 
-Writes to --out: checkpoints/step-N/ (state.safetensors + lora/), lora/ (the final LoRA in the peft
-format that `sample.py --lora` and diffusers read), args.json, log.jsonl (one line a step),
-loss.png (with matplotlib), tensorboard/ (--log tensorboard), samples/step-N/ (previews with
---sample-every), cache/ (the default --cache-dir of --base-dtype fp8 and --offload blocks).
-state.safetensors holds the LoRA with its AdamW moments and step as full tensors, and
-the counters and arguments as JSON metadata: nothing is ever unpickled. Rank 0 writes it under a
-temporary name, then renames it; on resume every rank reads it and keeps its shards.
+Writes to --out (one run a folder, locked; `dit360.checkpoints`): checkpoints/step-N/
+(state.safetensors + lora/), lora/ (the final LoRA in the peft format that `sample.py --lora` and
+diffusers read), args.json, log.jsonl (one line a step), loss.png (with matplotlib),
+tensorboard/ (--log tensorboard), samples/step-N/ (previews with --sample-every), cache/ (the
+default --cache-dir of --base-dtype fp8 and --offload blocks).
 
---resume continues the latest readable checkpoint (an unreadable one is skipped, with a warning)
-or the one named; with unchanged arguments, bit-identical to a run never stopped. The arguments
-that fix what the state means must be those it was trained with (MUST_MATCH: the LoRA's rank,
-alpha, targets and dropout, the resolution, wrap pad and supervised pad, the encoder, the data
-files and the seed, as the counters index the data order and every random draw); one error lists
-every difference. The rest may change: steps, learning rate and schedule, loss weights, clipping,
-batch size, accumulation and world size (the place in the epoch is kept in samples), checkpoint
-interval and count, workers, device, the base's dtype and offloading (memory modes), previews, logs.
+--resume continues the latest readable checkpoint or the one named; with unchanged arguments,
+bit-identical to a run never stopped. Those that fix what the state means must be unchanged
+(`checkpoints.MUST_MATCH`); the rest may change: steps, learning rate and schedule, loss weights,
+clipping, batch size, accumulation and world size (the place in the epoch is kept in samples),
+checkpoint interval and count, workers, device, the base's dtype and offloading (memory modes),
+previews, logs.
 
 Non-finite guard: a step whose loss or gradient norm is not finite updates nothing (its log line
 has a `skipped` field); --max-nonfinite of them in a row stop the run (exit 1). A checkpoint or
@@ -57,12 +50,9 @@ import copy
 import json
 import math
 import os
-import re
-import socket
-import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from itertools import islice
@@ -70,13 +60,23 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from dit360 import distributed, sources
 from dit360.autoencoder import scale_latents
+from dit360.checkpoints import (
+    Checkpoint,
+    check_out,
+    claim,
+    export_lora,
+    find_checkpoint,
+    nonfinite,
+    release,
+    save_checkpoint,
+    steps,
+)
 from dit360.compiling import compile_blocks
 from dit360.config import FLUX_DEV, AutoEncoderParams
 from dit360.data import (
@@ -92,23 +92,17 @@ from dit360.data import (
     read_rows,
     seeded,
 )
-from dit360.distributed import print0
+from dit360.distributed import print0, warn0
 from dit360.files import (
     TensorFile,
     atomic_path,
-    commit,
-    dead,
     exit_on_sigterm,
-    open_tensors,
-    remove,
-    temp_path,
 )
 from dit360.fp8 import quantize_block
 from dit360.lora import DIT360_TARGETS, Adapter, inject
-from dit360.lora_formats import export_peft
 from dit360.loss import aux_active, draw_yaw, flow_loss, sample_sigmas
 from dit360.offload import park, stream_recomputed
-from dit360.options import Parser, fail
+from dit360.options import COUNT, FRACTION, NATURAL, NONNEG, POSITIVE, Parser, fail
 from dit360.panorama import Grid
 from dit360.previews import preview_options, read_prompts, render
 from dit360.report import (
@@ -130,39 +124,11 @@ from dit360.weights import KeyPlan, build, load_autoencoder, read_flux
 SAMPLE_STREAM, YAW_STREAM, DROPOUT = 10, 11, 12
 PARTS = ("flow", "yaw", "cube")  # the loss components flow_loss reports
 INPUT_ERRORS = (ValueError, FileNotFoundError, PermissionError)  # one line, no traceback
-STATE = "state.safetensors"  # a checkpoint's LoRA, AdamW state, counters and arguments
-STEP_DIR = re.compile(r"step-(\d+)")  # a checkpoint; ".step-N.tmp" is one being written
-COUNTERS = ("step", "epoch", "batch", "world", "batch_size")  # where a checkpoint resumes
-OUTPUTS = ("checkpoints", "lora", "args.json", "log.jsonl", "loss.png", "samples", "tensorboard")
-# What a checkpoint's state means, so a resume must keep them (the module docstring says why).
-MUST_MATCH = ("lora_rank", "alpha", "targets", "dropout", "resolution", "wrap_pad")
-MUST_MATCH += ("supervise_pad", "circular_encoder", "pano", "persp", "seed")
 
 # --- config -----------------------------------------------------------------------------------
 
 # More loader processes than cores slows a run (4 on 2 cores: a tiny run 3x slower).
 WORKERS = min(4, max(0, (os.cpu_count() or 1) - 1))
-
-
-def bounded(kind: type, low: float, high: float = math.inf, above: bool = False) -> Callable:
-    """An argparse type: a finite `kind` (int or float) >= low (> low if `above`) and <= high."""
-    name = "a whole number" if kind is int else "a finite number"
-    limits = f"{'>' if above else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
-
-    def parse(text: str) -> float:
-        try:
-            x = kind(text)
-        except ValueError:
-            x = math.nan
-        if not (math.isfinite(x) and (x > low if above else x >= low) and x <= high):
-            raise argparse.ArgumentTypeError(f"needs {name} {limits}, got {text!r}")
-        return x
-
-    return parse
-
-
-COUNT, NATURAL, NONNEG = bounded(int, 1), bounded(int, 0), bounded(float, 0)
-POSITIVE, FRACTION = bounded(float, 0, above=True), bounded(float, 0, 1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -306,12 +272,6 @@ def check_device(name: str | None) -> torch.device:
     return dev
 
 
-def warn(message: str) -> None:
-    """One line `warning: ...` on stderr, from rank 0."""
-    if distributed.is_main():
-        print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
 class Env(NamedTuple):
     """Where this process runs: its rank, the world size, its device and compute dtype."""
 
@@ -329,175 +289,6 @@ class Encoders:
     ae_params: AutoEncoderParams
     encode: Encode | None  # pixels -> posterior mean, std
     encode_text: EncodeText | None  # captions -> txt, txt_ids, vec
-
-
-# --- the run folder: its lock, checkpoints ----------------------------------------------------
-
-
-def check_out(out: Path, args: argparse.Namespace) -> None:
-    """--out: a folder we may write, and empty unless --resume or --overwrite."""
-    parent = next(p for p in (out, *out.absolute().parents) if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        fail(f"--out {out}: {parent} is not a folder this user can write; choose another --out")
-    run = sorted(p.name for p in out.iterdir() if p.name != ".lock") if out.is_dir() else []
-    if run and not (args.resume or args.overwrite):
-        fail(
-            f"--out {out} holds a run ({', '.join(run[:4])}): continue it with --resume, "
-            "delete it with --overwrite, or choose another --out"
-        )
-
-
-def take_lock(out: Path) -> Path:
-    """Create out/.lock holding `pid host` (O_EXCL: one run a folder); a lock left by a dead
-    process of this host is taken over, with a warning."""
-    lock, me = out / ".lock", f"{os.getpid()} {socket.gethostname()}"
-    out.mkdir(parents=True, exist_ok=True)
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            pid, _, host = lock.read_text().partition(" ")
-            if host != socket.gethostname() or not dead(pid):
-                fail(
-                    f"--out {out} is in use by process {pid} on {host or '?'}: wait for it, "
-                    f"or delete {lock} if that run is gone"
-                )
-            warn(f"process {pid}, which held {lock}, is gone: taking the lock over")
-            lock.unlink(missing_ok=True)
-            continue
-        os.write(fd, me.encode())
-        os.close(fd)
-        return lock
-
-
-def claim(out: Path, args: argparse.Namespace) -> Path:
-    """Rank 0: lock --out, then delete the old run (--overwrite) and a killed run's temp files."""
-    lock = take_lock(out)
-    for old in [*(out / n for n in OUTPUTS if args.overwrite), *out.rglob(".*.tmp*")]:
-        remove(old)
-    return lock
-
-
-def release(lock: Path, made: bool) -> None:
-    """Delete our lock, and --out if this run made it and wrote nothing in it."""
-    if lock.exists() and lock.read_text() == f"{os.getpid()} {socket.gethostname()}":
-        lock.unlink()
-    if made and lock.parent.is_dir() and not any(lock.parent.iterdir()):
-        lock.parent.rmdir()
-
-
-class Checkpoint(NamedTuple):
-    """A checkpoint read for a resume: where it is, its counters and its full state."""
-
-    path: Path
-    counters: dict[str, int]
-    state: dict[str, Tensor]
-
-
-def steps(folder: Path) -> dict[int, Path]:
-    """The checkpoint folders `step-N` by step (complete: a checkpoint is written, then renamed)."""
-    found = ((STEP_DIR.fullmatch(p.name), p) for p in folder.glob("step-*"))
-    return {int(m[1]): p for m, p in found if m and p.is_dir()}
-
-
-def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """The tensors of a checkpoint of `model`: the LoRA, its AdamW moments and step."""
-    shapes = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            shape = tuple(p.shape)
-            shapes |= {f"model/{n}": shape, f"optim/{n}/step": ()}
-            shapes |= {f"optim/{n}/exp_avg": shape, f"optim/{n}/exp_avg_sq": shape}
-    return shapes
-
-
-def nonfinite(state: dict[str, Tensor]) -> list[str]:
-    """The names of the tensors holding a NaN or an infinity."""
-    return [k for k, t in state.items() if t.is_floating_point() and not t.isfinite().all()]
-
-
-def read_checkpoint(path: Path, args: argparse.Namespace, model: nn.Module) -> Checkpoint:
-    """A checkpoint of this model trained with our MUST_MATCH arguments (else one error listing
-    every difference); OSError, ValueError or KeyError if it is unreadable, torn or not finite."""
-    tfile = open_tensors(path / STATE)  # safetensors: a JSON header, raw tensors
-    counters, recorded = (json.loads(tfile.metadata[k]) for k in ("counters", "args"))
-    dicts = isinstance(recorded, dict) and isinstance(counters, dict)
-    if not dicts or not all(type(counters.get(k)) is int for k in COUNTERS):
-        raise ValueError("its counters or arguments are incomplete")
-    now = vars(args)
-    if diff := [k for k in MUST_MATCH if recorded.get(k) != now[k]]:
-        diff = [f"--{k.replace('_', '-')} {recorded.get(k)} (now {now[k]})" for k in diff]
-        fail(
-            f"--resume {path} was trained with other settings: {'; '.join(diff)}; resume "
-            "with those, or start a new run (another --out, or --overwrite)"
-        )
-    if tfile.shapes != state_shapes(model):
-        raise ValueError("it holds other tensors than this LoRA and its AdamW state")
-    state = {k: tfile.get(k) for k in tfile.shapes}
-    if bad := nonfinite(state):
-        raise ValueError(f"{len(bad)} tensors hold non-finite values ({bad[0]}, ...)")
-    return Checkpoint(path, counters, state)
-
-
-def find_checkpoint(out: Path, args: argparse.Namespace, model: nn.Module) -> Checkpoint | None:
-    """With --resume: the checkpoint it names, or the latest readable one in --out (an earlier
-    one stands in for an unreadable one, with a warning); None: start from scratch."""
-    if not args.resume:
-        return None
-    named = args.resume != "latest"
-    found = steps(out / "checkpoints")
-    paths = [Path(args.resume)] if named else [found[s] for s in sorted(found, reverse=True)]
-    for path in paths:
-        try:
-            return read_checkpoint(path, args, model)
-        except (OSError, ValueError, KeyError) as e:
-            if named:
-                fail(f"--resume {path}: not a readable checkpoint ({e})")
-            warn(f"skipping checkpoint {path}: {e}")
-    if paths:
-        fail(f"no readable checkpoint in {out / 'checkpoints'}: --overwrite starts again", 1)
-    print0(f"no checkpoint in {out / 'checkpoints'}: starting from scratch")
-    return None
-
-
-def save_checkpoint(
-    folder: Path,
-    state: dict[str, Tensor],
-    counters: dict,
-    args: argparse.Namespace,
-    shell: nn.Module,
-) -> Path | None:
-    """Rank 0: write `folder/step-N` (the state, its LoRA in lora/) under a temporary name, then
-    rename it; remove later steps' checkpoints (the branch a resume left) and all but the newest
-    --keep. A state holding a non-finite value is not written (a warning)."""
-    step = counters["step"]
-    if bad := nonfinite(state):
-        warn(f"step {step}: no checkpoint, {len(bad)} tensors are not finite ({bad[0]}, ...)")
-        return None
-    final = folder / f"step-{step:08d}"
-    tmp = temp_path(final)
-    remove(tmp)  # left by a run killed while writing it
-    tmp.mkdir(parents=True)
-    meta = dict(counters=json.dumps(counters), args=json.dumps(vars(args)))
-    save_file(state, tmp / STATE, metadata=meta)
-    export_lora(state, shell, tmp / "lora")
-    for s, path in steps(folder).items():
-        if s >= step:
-            remove(path)
-    commit(tmp, final)  # atomic: the checkpoint exists complete, or not at all
-    done = sorted(steps(folder).items())
-    for _, old in done[: -args.keep] if args.keep else []:
-        remove(old)
-    for stale in folder.glob(".step-*.tmp*"):
-        remove(stale)
-    return final
-
-
-def export_lora(state: dict[str, Tensor], shell: nn.Module, folder: Path) -> None:
-    """Rank 0: write the LoRA of a gathered state in the peft format."""
-    lora = {k.removeprefix("model/"): v for k, v in state.items() if k.startswith("model/")}
-    shell.load_state_dict(lora, strict=False, assign=True)  # the meta base stays meta
-    export_peft(shell, folder)
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -809,7 +600,7 @@ def main(argv: list[str] | None = None) -> None:
                 summary_writer()(str(out / "tensorboard")) if args.log == "tensorboard" else None
             )
             if not has_matplotlib():
-                warn(f"no loss.png: matplotlib is not installed ({LOGS_EXTRA})")
+                warn0(f"no loss.png: matplotlib is not installed ({LOGS_EXTRA})")
         parts = {k: getattr(args, k) for k in ("base", "transformer", "t5", "clip", "vae")}
         view = preview_options(
             parts, args.resolution, args.wrap_pad, args.sample_steps, args.seed, device

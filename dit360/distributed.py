@@ -8,6 +8,7 @@ checkpoints do not depend on the launch.
 """
 
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -59,6 +60,12 @@ def print0(*args, **kwargs) -> None:
     """print on rank 0 only."""
     if is_main():
         print(*args, **kwargs, flush=True)
+
+
+def warn0(message: str) -> None:
+    """One line `warning: ...` on stderr, from rank 0."""
+    if is_main():
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def all_sum(x: Tensor) -> Tensor:

@@ -221,6 +221,33 @@ def fail(message: object, code: int = 2) -> NoReturn:
     raise SystemExit(code)
 
 
+def bounded(kind: type, low: float = -math.inf, high: float = math.inf, above: bool = False):
+    """An argparse type: a finite `kind` (int or float) >= low (> low if `above`) and <= high."""
+    name = "a whole number" if kind is int else "a finite number"
+    limits = [f" {'>' if above else '>='} {low:g}"] if low > -math.inf else []
+    limits += [f" <= {high:g}"] if high < math.inf else []
+
+    def parse(text: str) -> float:
+        try:
+            x = kind(text)
+        except ValueError:
+            x = math.nan
+        if not (math.isfinite(x) and (x > low if above else x >= low) and x <= high):
+            raise argparse.ArgumentTypeError(f"needs {name}{' and'.join(limits)}, got {text!r}")
+        return x
+
+    return parse
+
+
+# The flag types of train.py, outputs' --cubemap-size and convert_weights.py.
+COUNT, NATURAL, NONNEG = bounded(int, 1), bounded(int, 0), bounded(float, 0)
+POSITIVE, FRACTION, FINITE_FLOAT = (
+    bounded(float, 0, above=True),
+    bounded(float, 0, 1),
+    bounded(float),
+)
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field of the options dataclass `cls`: --field-name, its default and help."""
     for f in fields(cls):

@@ -14,15 +14,9 @@ from torch import Tensor
 from .evaluate import seam_report
 from .files import atomic_path
 from .image import FORMATS
+from .options import COUNT
 from .panorama import FACES, cube_to_layout, equirect_to_cube
 from .view import write_viewer
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return int(text)
 
 
 def add_output_flags(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +29,7 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
         help="also write the cube faces NAME-px, -nx, -py, -ny, -pz, -nz and NAME-cross",
     )
     g.add_argument(
-        "--cubemap-size", type=positive_int, metavar="N", help="face size, height / 2 if not given"
+        "--cubemap-size", type=COUNT, metavar="N", help="face size, height / 2 if not given"
     )
 
 

@@ -131,7 +131,9 @@ def test_flag_errors(tiny_flux, tmp_path, capsys):
     out = tmp_path / "x.png"
     for size in ("0", "-3", "big"):
         argv = sample_args(tiny_flux, out, "--cubemap", "--cubemap-size", size)
-        expect_error(capsys, sample.main, argv, tmp_path, "--cubemap-size: must be an integer")
+        expect_error(
+            capsys, sample.main, argv, tmp_path, "--cubemap-size: needs a whole number >= 1"
+        )
     with pytest.warns(UserWarning) as warned:
         sample.main([*sample_args(tiny_flux, out, "--viewer", "--cubemap"), "--width", "32"])
     assert any("not 2:1: no viewer page or cube map" in str(w.message) for w in warned)

@@ -19,6 +19,8 @@ from test_sample_cli import args as sample_args
 
 import sample
 import train
+from dit360 import checkpoints
+from dit360.checkpoints import STATE
 from dit360.data import epoch_order
 from dit360.lora_formats import load_lora
 from dit360.report import has_matplotlib
@@ -93,7 +95,7 @@ def log(out: Path) -> list[dict]:
 
 def first_moments(checkpoint: Path) -> torch.Tensor:
     """A checkpoint's AdamW first moments (exp_avg), flat, in name order."""
-    state = load_file(checkpoint / train.STATE)
+    state = load_file(checkpoint / STATE)
     return torch.cat([state[k].flatten() for k in sorted(state) if k.endswith("/exp_avg")])
 
 
@@ -244,7 +246,7 @@ def test_kill_while_writing_a_checkpoint(tiny_flux, data, tmp_path, monkeypatch,
     """The step-4 checkpoint is cut off mid-write: step 2 stays the latest complete one, and
     resuming from it reaches the same LoRA as the uninterrupted run."""
     out = tmp_path / "torn"
-    write = train.save_file
+    write = checkpoints.save_file
 
     def torn_write(state, path, metadata):
         write(state, path, metadata=metadata)
@@ -252,7 +254,7 @@ def test_kill_while_writing_a_checkpoint(tiny_flux, data, tmp_path, monkeypatch,
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "save_file", torn_write)
+    monkeypatch.setattr(checkpoints, "save_file", torn_write)
     with pytest.raises(KeyboardInterrupt):
         train.main(args(tiny_flux, data, out, *RUN))
     monkeypatch.undo()

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from test_train import ROOT, RUN, args, assert_same_lora, log, lora_file
 
 import train
+from dit360.checkpoints import STATE
 
 # The fixtures of test_train, module-scoped here too: the tiny data and an uninterrupted run.
 data, trained, one_thread = test_train.data, test_train.trained, test_train.one_thread
@@ -190,9 +191,7 @@ def test_one_nonfinite_step_is_skipped(tiny_flux, data, tmp_path, monkeypatch):
     out = tmp_path / "skip"
     train.main(args(tiny_flux, data, out, *RUN, "--max-steps", "3", "--save-every", "1"))
     assert [r.get("skipped") for r in log(out)] == [None, "non-finite loss and gradient norm", None]
-    one, two, three = (
-        load_file(out / "checkpoints" / f"step-{s:08d}" / train.STATE) for s in (1, 2, 3)
-    )
+    one, two, three = (load_file(out / "checkpoints" / f"step-{s:08d}" / STATE) for s in (1, 2, 3))
     assert all(torch.equal(one[k], two[k]) for k in one)  # step 2 changed nothing
     assert not all(torch.equal(two[k], three[k]) for k in two)  # step 3 did
     assert all(v.isfinite().all() for v in lora_file(out).values())
@@ -238,7 +237,7 @@ def test_nonfinite_state_is_never_saved(
     assert re.search(match, err[-1]) and err[-1].startswith("error: "), err[-1]
     assert [r.get("skipped") is not None for r in log(out)][2:] == [True] * (len(log(out)) - 2)
     assert checkpoints(out) == [2]
-    state = load_file(out / "checkpoints" / "step-00000002" / train.STATE)
+    state = load_file(out / "checkpoints" / "step-00000002" / STATE)
     assert all(v.isfinite().all() for v in state.values())
     assert not (out / "lora").exists() and not leftovers(out)
 
@@ -267,7 +266,7 @@ def test_a_pickle_checkpoint_runs_nothing(tiny_flux, data, trained, tmp_path, ca
     marker.unlink()
     crafted = out / "checkpoints" / "step-00000009"
     crafted.mkdir()
-    for name in (".metadata", "__0_0.distcp", train.STATE):
+    for name in (".metadata", "__0_0.distcp", STATE):
         (crafted / name).write_bytes(payload)
     train.main(args(tiny_flux, data, out, *RUN, "--resume"))
     assert "warning: skipping checkpoint" in capsys.readouterr().err
@@ -284,7 +283,7 @@ def test_torn_checkpoint_and_partial_log_line(tiny_flux, data, trained, tmp_path
     warning, the resume falls back to step 4 and ends bit-identical to the uninterrupted run."""
     out = tmp_path / "torn"
     shutil.copytree(trained, out)
-    state = out / "checkpoints" / "step-00000006" / train.STATE
+    state = out / "checkpoints" / "step-00000006" / STATE
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     with open(out / "log.jsonl", "a") as f:
         f.write('{"step": 7, "epoch": 3, "lo')
