@@ -27,16 +27,38 @@ KEY_KINDS |= dict.fromkeys([".lora_B.weight", ".lora.up.weight", ".lora_up.weigh
 KEY_KINDS[".alpha"] = "alpha"
 
 
+PATTERNS = {"lora_alpha": "alpha_pattern", "r": "rank_pattern"}  # peft's per-module overrides
+
+
+def _configured(config: dict, key: str, name: str, default: float) -> float:
+    """peft's `lora_alpha` or `r` for module `name`: its pattern's first (suffix-regex) match."""
+    pattern = (config.get(PATTERNS[key]) or {}).items()
+    value = next((v for p, v in pattern if re.match(rf"(.*\.)?({p})$", name)), None)
+    return config.get(key, default) if value is None else value
+
+
 def _scale(name: str, r: int, alpha: Tensor | None, config: dict | None) -> float:
     """alpha / r from the file's `.alpha`, else peft's config; 1 without either (diffusers)."""
     if alpha is not None:
         return float(alpha) / r
     if not config:
         return 1.0  # diffusers' convention without alphas: W + B @ A
-    pattern = (config.get("alpha_pattern") or {}).items()  # its first (suffix-regex) match
-    a = next((a for p, a in pattern if re.match(rf"(.*\.)?({p})$", name)), None)
-    a = config.get("lora_alpha", r) if a is None else a
+    a = _configured(config, "lora_alpha", name, r)
     return a / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
+def _disagrees(name: str, r: int, config: dict | None) -> str | None:
+    """How module `name` with rank `r` contradicts peft's config (peft refuses such a file)."""
+    if not config:
+        return None
+    if (want := _configured(config, "r", name, r)) != r:
+        return f"rank {r}, but the config says r {want}"
+    targets = config.get("target_modules")
+    if isinstance(targets, str) and not re.fullmatch(targets, name):
+        return f"not matched by the config's target_modules {targets!r}"
+    if isinstance(targets, list) and not any(name == t or name.endswith("." + t) for t in targets):
+        return f"not in the config's target_modules {targets}"
+    return None
 
 
 def plan_lora(
@@ -72,6 +94,8 @@ def plan_lora(
             bad.append(f"{module}: {shapes}; {rows} needs A (r, {n_in}), B ({end - start}, r)")
         elif any((p.start, p.end) == (start, end) for p in plan.get(ours, [])):
             bad.append(f"{module}: a second LoRA for {rows}")
+        elif problem := _disagrees(name, r, config):
+            bad.append(f"{module}: {problem}")
         else:
             scale = _scale(name, r, tensors[keys["alpha"]] if "alpha" in keys else None, config)
             B = swap_halves(B) if swap else B  # diffusers' row order -> ours

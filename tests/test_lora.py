@@ -420,3 +420,37 @@ def test_errors_list_keys(base, tmp_path, edit, message):
     with pytest.raises(ValueError, match=message):
         lora_formats.load_lora(model, folder)
     assert not any(hasattr(m, "lora") or m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"r": 8}, r"to_q: rank 4, but the config says r 8"),
+        ({"rank_pattern": {"to_k": 2}}, r"to_k: rank 4, but the config says r 2"),
+        ({"target_modules": ["attn.to_k"]}, r"to_q: not in the config's target_modules"),
+        ({"target_modules": r".*\.to_k"}, r"to_q: not matched by the config's target_modules"),
+    ],
+)
+def test_config_contradicting_the_tensors(base, tmp_path, change, message):
+    """An adapter_config.json that disagrees with its tensors (rank, targets: peft would build
+    other layers) is refused with the module named, not applied with a wrong alpha / r."""
+    folder, _, cfg = dit360_lora(tmp_path / "a")
+    (folder / "adapter_config.json").write_text(json.dumps(cfg | change))
+    with pytest.raises(ValueError, match=message):
+        lora_formats.load_lora(ours(base), folder)
+
+
+def test_rank_pattern_that_fits(base, x, tmp_path):
+    """peft's rank_pattern gives the rank of the modules it matches: r 8 with every target's rank
+    4 in rank_pattern loads, equal to the same tensors under r 4; a target it leaves out is
+    refused."""
+    folder, _, cfg = dit360_lora(tmp_path / "a")
+    fours = dict.fromkeys(lora.DIT360_TARGETS, 4)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg | {"r": 8, "rank_pattern": fours}))
+    plain = dit360_lora(tmp_path / "b")[0]
+    got = out(lora_formats.load_lora(ours(base), folder), x)
+    assert torch.equal(got, out(lora_formats.load_lora(ours(base), plain), x))
+    fours.pop("attn.to_k")
+    (folder / "adapter_config.json").write_text(json.dumps(cfg | {"r": 8, "rank_pattern": fours}))
+    with pytest.raises(ValueError, match="to_k: rank 4, but the config says r 8"):
+        lora_formats.load_lora(ours(base), folder)
