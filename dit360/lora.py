@@ -8,6 +8,7 @@ its output; it keeps its class, so any linear (fp8, say) can be the base. Files:
 Reference: Hu et al. 2021, https://arxiv.org/abs/2106.09685; mlx-examples `LoRALinear`.
 """
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import accumulate
@@ -138,14 +139,21 @@ def inject(
 ) -> nn.Module:
     """Add a trainable float32 LoRA "default" on diffusers-named targets (peft's suffix match),
     freeze the rest; defaults are DiT360's. On meta: Adapter.reset_parameters after `to_empty`."""
-    layers, found = linears(model), {}
+    layers, found, names = linears(model), {}, set()
     for layer in layers:
         _, modules, bounds = diffusers_split(model, layer) or (None, [], [])
+        names.update(modules)
         for j, module in enumerate(modules):
             if any(module == t or module.endswith("." + t) for t in targets):
                 found.setdefault(layer, []).append((bounds[j], bounds[j + 1], rank, alpha / rank))
-    if not found or "default" in lora_names(model):
-        raise ValueError(f"LoRA 'default' exists already, or no layer matches targets {targets}")
+    if missing := [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]:
+        kinds = sorted({re.sub(r"^\w+\.\d+\.", "", n) for n in names})  # without the block
+        raise ValueError(
+            f"no layer matches the LoRA targets {', '.join(missing)} (diffusers module names, "
+            f"matched as peft does: the name or its end); choose among {', '.join(kinds)}"
+        )
+    if "default" in lora_names(model):
+        raise ValueError("the model holds a LoRA named 'default' already")
     model.requires_grad_(False)
     for layer, parts in found.items():
         add_adapter(layers[layer], "default", parts, dropout).float().reset_parameters()

@@ -74,7 +74,11 @@ BAD = {  # case: (extra arguments, what the error says, what to set up in tmp_pa
     "bad device": (["--device", "mps"], r"--device mps: train.py runs on cpu or cuda", None),
     "no such gpu": (["--device", "cuda:99"], r"--device cuda:99: \d+ CUDA devices here", None),
     "not a device": (["--device", "banana"], r"--device banana: not a device", None),
-    "bad targets": (["--targets", "attn.to_z"], r"no layer matches targets", None),
+    "bad targets": (
+        ["--targets", "attn.to_z"],
+        r"no layer matches the LoRA targets attn.to_z .*choose among .*attn.to_q",
+        None,
+    ),
     "resume and overwrite": (["--resume", "--overwrite"], r"--resume .* --overwrite", None),
     "out is a file": ([], r"--out .*out: .*out is not a folder", lambda t: make_file(t / "out")),
     "out in a file": (["--out", "f/out"], r"f is not a folder", lambda t: make_file(t / "f")),
