@@ -226,8 +226,10 @@ def _on_device(enc: TextEncoders, model: nn.Module) -> Iterator[None]:
 
 def _token_ids(tok: CLIPTokenizer | T5TokenizerFast, texts: list[str], n: int, name: str) -> Tensor:
     """Token ids (B, n): each prompt padded and truncated to n tokens; we warn if cut, not HF."""
-    for count in (c for c in map(len, tok(texts, verbose=False).input_ids) if c > n):
-        warnings.warn(f"prompt is {count} {name} tokens; only the first {n} are used", stacklevel=2)
+    for text, ids in zip(texts, tok(texts, verbose=False).input_ids, strict=True):
+        if len(ids) > n:
+            what = repr(text) if len(text) <= 40 else repr(text[:37] + "...")
+            warnings.warn(f"prompt {what} is {len(ids)} {name} tokens: {n} are used", stacklevel=2)
     return tok(
         texts, padding="max_length", max_length=n, truncation=True, return_tensors="pt"
     ).input_ids
