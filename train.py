@@ -142,13 +142,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/dit360", help="the run: checkpoints, LoRA, log")
     p.add_argument("--overwrite", action="store_true", help="delete the run in --out first")
     p.add_argument("--resolution", type=COUNT, default=1024, help="height; width = 2 x height")
-    p.add_argument("--epochs", type=COUNT, default=25)
+    p.add_argument("--epochs", type=COUNT, default=25, help="passes over the panoramas")
     p.add_argument("--max-steps", type=COUNT, help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=COUNT, default=1, help="per rank and micro-batch")
     p.add_argument("--grad-accum", type=COUNT, default=4, help="micro-batches per step")
-    p.add_argument("--lr", type=POSITIVE, default=5e-5)
+    p.add_argument("--lr", type=POSITIVE, default=5e-5, help="AdamW learning rate")
     p.add_argument("--warmup", type=FRACTION, default=0.05, help="fraction of steps warming up")
-    p.add_argument("--weight-decay", type=NONNEG, default=1e-5)
+    p.add_argument("--weight-decay", type=NONNEG, default=1e-5, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=NONNEG, default=0.0, help="clip gradients (0: off)")
     p.add_argument("--lora-rank", type=COUNT, default=64, help="LoRA rank")
     p.add_argument("--alpha", type=POSITIVE, default=64, help="LoRA alpha")
@@ -160,8 +160,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="supervise the wrapped pad columns too (the maintainers' seam fix, with --wrap-pad 2)",
     )
-    p.add_argument("--lambda-yaw", type=NONNEG, default=0.5)
-    p.add_argument("--lambda-cube", type=NONNEG, default=0.5)
+    p.add_argument("--lambda-yaw", type=NONNEG, default=0.5, help="weight of the yaw loss")
+    p.add_argument("--lambda-cube", type=NONNEG, default=0.5, help="weight of the cube loss")
     p.add_argument("--aux-from-epoch", type=NATURAL, default=2, help="first epoch of yaw, cube")
     p.add_argument("--guidance", type=NONNEG, default=1.0, help="guidance input while training")
     p.add_argument(
@@ -180,7 +180,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="encode every image and caption once, into this folder; no step runs T5 or the VAE "
         "(default with --base-dtype fp8 or --offload blocks: OUT/cache)",
     )
-    p.add_argument("--seed", type=NATURAL, default=0)
+    p.add_argument("--seed", type=NATURAL, default=0, help="data order, noise, yaw, dropout")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument(
         "--no-recompute",
