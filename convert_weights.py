@@ -10,7 +10,8 @@ python convert_weights.py --lora kohya_lora.safetensors --out my-lora-peft   # p
 --out is a .safetensors file (our layout; an existing file is replaced) or a folder
 (--to diffusers, --lora alone) that is new, empty or a previous output of the same kind, which is
 replaced. Outputs appear whole or not at all; what a killed run left is removed by the next run.
-Arguments are checked before any weights are read. Exit status: 2 bad arguments, 1 failed.
+Arguments are checked before any weights are read. Exit status: 2 bad arguments, 1 failed, 130
+interrupted (Ctrl-C).
 """
 
 import argparse
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from dit360.convert import convert_flux, convert_lora
 from dit360.files import exit_on_sigterm
-from dit360.options import DTYPES, FINITE_FLOAT, Parser, fail
+from dit360.options import DTYPES, FINITE_FLOAT, Parser, fail, run_main
 
 # What a folder output may already hold (a previous output, and temporary files of a killed one).
 FOLDER_FILES = {
@@ -121,4 +122,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -13,10 +13,10 @@ python edit.py --photo room.jpg --fov 90 --prompt "This is a panorama image. A l
 describes the whole scene.
 
 --edits: a .jsonl of rows {"image": ..., "mask": ..., "prompt": ..., and optionally "out"
-(relative to --out-dir), "seed", "invert", "source_prompt", "steps", "guidance"}; image and mask
-paths are relative to the file's folder. Outputs are {index:04d}-seed{seed}.png in --out-dir;
-those already there are skipped (resume). Under torchrun, rank r of w makes rows[r::w] on GPU
-LOCAL_RANK (no process group is needed).
+(relative to --out-dir, inside it), "seed", "invert", "source_prompt", "steps", "guidance"}; image
+and mask paths are relative to the file's folder. Outputs are {index:04d}-seed{seed}.png in
+--out-dir; those already there are skipped (resume). Under torchrun, rank r of w makes rows[r::w]
+on GPU LOCAL_RANK (no process group is needed).
 """
 
 import argparse
@@ -31,11 +31,13 @@ from dit360.batch import checked_jobs, local_device, read_rows, run_batch
 from dit360.editing import EditJob, check_job, edit_image, edit_many
 from dit360.files import exit_on_sigterm
 from dit360.image import open_image, project_photo, read_rgb, save_panorama
-from dit360.options import EditOptions, Parser, add_flags, fail
+from dit360.options import EditOptions, Parser, add_flags, bounded, fail, run_main, warnings_last
 from dit360.outputs import add_output_flags, extras_missing, write_extras
-from sample import checked
+from dit360.panorama import VIEW_RANGES
+from sample import batch_out, checked, out_dir
 
 SINGLE = ("image", "mask", "prompt")  # the flags of one edit, which --edits replaces
+SOURCES = ("image", "mask", "photo")  # input files, which --out must not overwrite
 KEYS = {
     "image": str, "mask": str, "prompt": str, "out": str, "seed": int, "invert": bool,
     "source_prompt": str, "steps": int, "guidance": (int, float),
@@ -53,9 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--photo", help="a perspective photo to extend to a panorama (no --image/--mask)"
     )
-    p.add_argument("--fov", type=float, default=90.0, help="--photo's horizontal field of view")
+    degrees = {k: bounded(float, lo, hi) for k, (lo, hi) in VIEW_RANGES.items()}  # prepare.py's
+    p.add_argument("--fov", type=degrees["fov"], default=90.0, help="--photo's horizontal fov")
     for angle, what in [("yaw", "right"), ("pitch", "up"), ("roll", "clockwise")]:
-        p.add_argument(f"--{angle}", type=float, default=0.0, help=f"--photo's view, + = {what}")
+        p.add_argument(
+            f"--{angle}", type=degrees[angle], default=0.0, help=f"--photo's view, + = {what}"
+        )
     p.add_argument("--height", type=int, default=1024, help="work at height x 2 height")
     p.add_argument("--resize", action="store_true", help="stretch an image that is not 2:1")
     p.add_argument("--out", help=".png or .jpg, with 360 metadata (default: edited.png)")
@@ -72,11 +77,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     missing = [f"--{k}" for k in single if getattr(args, k) is None]
     if not args.edits and missing:
         p.error(f"the following arguments are required: {', '.join(missing)} (or --edits)")
-    if not 0 < args.fov < 180:  # NaN fails too
-        p.error(f"--fov must be between 0 and 180 degrees (exclusive), got {args.fov}")
     if not args.edits and args.out_dir:
         p.error("argument --out-dir: only with --edits (one edit: --out)")
     return args
+
+
+def check_not_source(out: str | Path, flag: str, sources: dict[str, str | Path | None]) -> None:
+    """ValueError if the output `out` (given by `flag`) is one of the `sources` ({what: path}):
+    the edit would overwrite its own input."""
+    for what, src in sources.items():
+        if src is not None and Path(src).resolve() == Path(out).resolve():
+            raise ValueError(
+                f"{flag} {out} is {what}, which the edit would overwrite: choose another {flag}"
+            )
 
 
 def check_ratio(path: str | Path, size: tuple[int, int], resize: bool) -> None:
@@ -108,8 +121,8 @@ def edit_jobs(args: argparse.Namespace, opts: EditOptions) -> list[EditJob]:
 
     def lines() -> Iterator[tuple[int, EditJob]]:
         for index, (n, row) in enumerate(rows):
-            seed = row.get("seed", opts.seed)
-            out = args.out_dir / row.get("out", f"{index:04d}-seed{seed}.png")
+            seed, where = row.get("seed", opts.seed), f"{args.edits}:{n}"
+            out = batch_out(args.out_dir, row.get("out", f"{index:04d}-seed{seed}.png"), where)
             yield n, EditJob(
                 row["prompt"], seed, out, row.get("steps"), row.get("guidance"),
                 image=folder / row["image"], mask=folder / row["mask"], size=size,
@@ -120,6 +133,7 @@ def edit_jobs(args: argparse.Namespace, opts: EditOptions) -> list[EditJob]:
         with warnings.catch_warnings():  # the size's, which edit_many gives once all is good
             warnings.simplefilter("ignore")
             check_ratio(job.image, check_job(job, opts), args.resize)
+        check_not_source(job.out, '"out"', {'its "image"': job.image, 'its "mask"': job.mask})
 
     return checked_jobs(args.edits, lines(), check)
 
@@ -127,12 +141,13 @@ def edit_jobs(args: argparse.Namespace, opts: EditOptions) -> list[EditJob]:
 def run_edits(args: argparse.Namespace) -> None:
     """--edits: the rows checked, then the missing outputs made with each model loaded once."""
     args.device = local_device(args.device)  # torchrun: a GPU per process
-    args.out_dir = args.out_dir or Path("edited")
-    opts = checked(EditOptions, args, args.out_dir / "x.png")[0]
-    try:
-        jobs = edit_jobs(args, opts)
-    except (ValueError, OSError) as e:
-        fail(e)
+    args.out_dir = out_dir(args, Path("edited"))
+    with warnings_last():  # shown only once every row passed
+        opts = checked(EditOptions, args, args.out_dir / "x.png")[0]
+        try:
+            jobs = edit_jobs(args, opts)
+        except (ValueError, OSError) as e:
+            fail(e)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     run_batch(
         jobs,
@@ -147,9 +162,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.height <= 0 or args.height % 16:
         fail(f"--height must be a positive multiple of 16, got {args.height}")
+    if args.paste_back and args.feather is not None and args.feather >= 2 * args.height:
+        fail(
+            f"--feather {args.feather} must be under the image's width ({2 * args.height} px at "
+            f"--height {args.height}): lower it"
+        )
     if args.edits:
         return run_edits(args)
     args.out = args.out or "edited.png"
+    try:
+        check_not_source(args.out, "--out", {f"--{k}": getattr(args, k) for k in SOURCES})
+    except ValueError as e:
+        fail(e)
     opts, out = checked(EditOptions, args)  # every flag, before anything slow (exit 2)
     try:  # edit_image checks the size and the mask before it loads any model
         if args.photo:
@@ -171,4 +195,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -5,13 +5,13 @@ python sample.py --prompts prompts.txt --num-images 4 --out-dir panoramas   # ma
 
 --prompts: a .txt (a prompt a line; blank lines and # comments skipped) or a .jsonl (rows
 {"prompt": ..., and optionally "seed", "out" (relative to --out-dir), "steps", "guidance"}).
-Outputs are {index:04d}-seed{seed}.png in --out-dir; those already there are skipped (resume).
+Outputs are {index:04d}-seed{seed}.png in --out-dir (with --out NAME.png: NAME-seed{seed}.png for
+--prompt, NAME-{index:04d}-seed{seed}.png for --prompts); those already there are skipped (resume).
 Under torchrun, rank r of w makes jobs[r::w] on GPU LOCAL_RANK (no process group is needed).
 """
 
 import argparse
 import sys
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +19,16 @@ from dit360.batch import checked_jobs, local_device, read_rows, run_batch
 from dit360.files import exit_on_sigterm
 from dit360.generate import Job, check_inputs, generate, generate_many, job_options
 from dit360.image import check_output_path, save_panorama
-from dit360.options import Options, Parser, SampleOptions, add_flags, fail, from_args
+from dit360.options import (
+    Options,
+    Parser,
+    SampleOptions,
+    add_flags,
+    fail,
+    from_args,
+    run_main,
+    warnings_last,
+)
 from dit360.outputs import add_output_flags, extras_missing, write_extras
 
 
@@ -28,7 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt")
     what.add_argument("--prompts", type=Path, help="a .txt (a prompt a line) or .jsonl file")
-    p.add_argument("--out", help=".png or .jpg, with 360 metadata (default: panorama.png)")
+    p.add_argument(
+        "--out",
+        help=".png or .jpg, with 360 metadata (default: panorama.png); in a batch it names the "
+        "outputs: NAME-seed0.png ...",
+    )
     p.add_argument("--num-images", type=int, default=1, help="seeds --seed.. for each prompt")
     p.add_argument("--out-dir", type=Path, help="batch outputs (default: --out's folder)")
     add_flags(p, SampleOptions)
@@ -40,8 +53,7 @@ def checked(cls: type, args: argparse.Namespace, out: Path | None = None) -> tup
     """The options (`cls`, from the flags) and the output path (`out`, or --out), every one checked
     before anything slow: a mistake is one line and exit 2. Warnings raised meanwhile are shown
     once all pass. edit.py uses it too."""
-    with warnings.catch_warnings(record=True) as warned:
-        warnings.simplefilter("always")
+    with warnings_last():
         try:
             opts = from_args(cls, args)
             out = check_output_path(out or args.out)
@@ -50,9 +62,24 @@ def checked(cls: type, args: argparse.Namespace, out: Path | None = None) -> tup
             fail(e)
         except RuntimeError as e:  # torch.device's, on a malformed --device
             fail(f"--device {args.device}: {e}")
-    for w in warned:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return opts, out
+
+
+def out_dir(args: argparse.Namespace, default: Path) -> Path:
+    """--out-dir, else `default`; one line and exit 2 if it is a file. edit.py uses it too."""
+    if args.out_dir and args.out_dir.exists() and not args.out_dir.is_dir():
+        fail(f"--out-dir {args.out_dir} is a file: choose a folder")
+    return args.out_dir or default
+
+
+def batch_out(folder: Path, name: str, where: str) -> Path:
+    """`folder` / `name` (a row's "out", relative to --out-dir); ValueError naming `where`
+    (file:line) if it is absolute or climbs with "..": it would write outside --out-dir."""
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(
+            f'{where}: "out" {name} is outside --out-dir: give a path relative to it, no ".."'
+        )
+    return folder / name
 
 
 KEYS = {"prompt": str, "seed": int, "out": str, "steps": int, "guidance": (int, float)}
@@ -68,6 +95,12 @@ def batch_jobs(args: argparse.Namespace, opts: SampleOptions) -> list[Job]:
     else:
         rows = [(1, {"prompt": args.prompt})]
     suffix = Path(args.out).suffix if args.out else ".png"
+    name = Path(args.out).stem + "-" if args.out else ""  # --out names the outputs
+
+    def default(index: int, seed: int) -> str:
+        """{index:04d}-seed{seed}.png; after --out NAME: NAME-seed{seed} for one prompt."""
+        numbered = f"{index:04d}-" if args.prompts or not name else ""
+        return f"{name}{numbered}seed{seed}{suffix}"
 
     def lines() -> Iterator[tuple[int, Job]]:
         for index, (n, row) in enumerate(rows):
@@ -77,7 +110,7 @@ def batch_jobs(args: argparse.Namespace, opts: SampleOptions) -> list[Job]:
                 )
             first = row.get("seed", opts.seed)
             for seed in range(first, first + args.num_images):
-                out = args.out_dir / row.get("out", f"{index:04d}-seed{seed}{suffix}")
+                out = batch_out(args.out_dir, row.get("out", default(index, seed)), f"{src}:{n}")
                 yield n, Job(row["prompt"], seed, out, row.get("steps"), row.get("guidance"))
 
     return checked_jobs(src, lines(), lambda job: job_options(opts, job))
@@ -88,12 +121,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.prompts or args.num_images != 1 or args.out_dir:
         args.device = local_device(args.device)  # torchrun: a GPU per process
-        args.out_dir = args.out_dir or (Path(args.out).parent if args.out else Path("panoramas"))
-        opts = checked(SampleOptions, args, args.out_dir / "x.png")[0]
-        try:
-            jobs = batch_jobs(args, opts)
-        except (ValueError, OSError) as e:
-            fail(e)
+        args.out_dir = out_dir(args, Path(args.out).parent if args.out else Path("panoramas"))
+        with warnings_last():  # the size's warning only once every row passed
+            opts = checked(SampleOptions, args, args.out_dir / "x.png")[0]
+            try:
+                jobs = batch_jobs(args, opts)
+            except (ValueError, OSError) as e:
+                fail(e)
         log = lambda m: print(m, file=sys.stderr)  # noqa: E731
         return run_batch(
             jobs,
@@ -118,4 +152,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

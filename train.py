@@ -102,7 +102,7 @@ from dit360.fp8 import quantize_block
 from dit360.lora import DIT360_TARGETS, Adapter, inject
 from dit360.loss import aux_active, draw_yaw, flow_loss, sample_sigmas
 from dit360.offload import park, stream_recomputed
-from dit360.options import COUNT, FRACTION, NATURAL, NONNEG, POSITIVE, Parser, fail
+from dit360.options import COUNT, FRACTION, NATURAL, NONNEG, POSITIVE, Parser, fail, run_main
 from dit360.panorama import Grid
 from dit360.previews import preview_options, read_prompts, render
 from dit360.report import (
@@ -661,4 +661,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -8,6 +8,8 @@ import importlib.util
 import math
 import sys
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn
 
@@ -116,11 +118,20 @@ class Options:
                 raise ValueError(f"{flag} must be {what}, got {value!r}")
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dev = torch.device(self.device)  # RuntimeError naming the device types if malformed
+        mps = torch.backends.mps.is_available()
+        if dev.type not in ("cpu", "cuda") and not (dev.type == "mps" and mps):
+            runs = "cpu, cuda, cuda:N or mps" if mps else "cpu, cuda or cuda:N"
+            raise ValueError(f"--device {self.device}: cannot run there; use {runs}")
         if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
             raise ValueError(f"--device {self.device}: no such CUDA GPU here; use --device cpu")
         if dev.type != "cuda" and self.attention in ("cudnn", "efficient"):
             raise ValueError(f"--attention {self.attention} needs a CUDA GPU; use auto or flash")
         self.lora = None if str(self.lora).lower() == "none" else self.lora
+        if self.lora is None and self.lora_scale != 1.0:  # it would scale nothing
+            raise ValueError(
+                f"--lora-scale {self.lora_scale} needs --lora, which is none: give a LoRA or "
+                "drop --lora-scale"
+            )
         dtype = self.dtype or ("bf16" if dev.type == "cuda" else "fp32")
         self.dtype = DTYPES.get(dtype, dtype)
         if self.attention == "fa3":
@@ -216,9 +227,36 @@ class Parser(argparse.ArgumentParser):
 
 
 def fail(message: object, code: int = 2) -> NoReturn:
-    """Stop a command with one line `error: ...` on stderr; code 2: bad usage, 1: a failure."""
+    """Stop a command with one line `error: ...` on stderr; code 2: bad usage, 1: a failure,
+    130: interrupted."""
     sys.stderr.write(f"error: {message}\n")
     raise SystemExit(code)
+
+
+def one_line_warning(message: Warning | str, *args: Any, **kw: Any) -> str:
+    """A warning as the scripts print it: one line `warning: ...` (warnings.formatwarning)."""
+    return f"warning: {message}\n"
+
+
+@contextmanager
+def warnings_last() -> Iterator[None]:
+    """Warnings raised inside are shown as it ends, and only if it ends without an error: a bad
+    flag or row is the one line `error: ...`, with no warning before it."""
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        yield
+    for w in warned:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """A script's entry point: its warnings one line each; Ctrl-C, after main's own cleanup ran
+    (writes are atomic, so no partial file is left), one line `error: interrupted`, exit 130."""
+    warnings.formatwarning = one_line_warning
+    try:
+        main()
+    except KeyboardInterrupt:
+        fail("interrupted", code=130)
 
 
 def bounded(kind: type, low: float = -math.inf, high: float = math.inf, above: bool = False):

@@ -14,6 +14,7 @@ from PIL import Image
 import sample
 from dit360 import generate as gen
 from dit360 import text
+from dit360.options import SampleOptions
 
 ROOT = Path(__file__).parents[1]
 PROMPTS = ["This is a panorama. A castle on a hill at sunset.", "This is a panorama. A lake."]
@@ -104,6 +105,11 @@ def test_bad_rows(tiny_flux, tmp_path, capsys):
         ('{"prompt": "a lake", "steps": 0}', "steps.*integer >= 1"),
         ('{"prompt": "a lake", "out": "x.gif"}', r"\.png, \.jpg"),
         ('{"prompt": "a lake", "out": "0000-seed4.png"}', "as line 1 does"),
+        ('{"prompt": "a lake", "out": "../../escape.png"}', r"escape\.png is outside --out-dir"),
+        (
+            '{"prompt": "a lake", "out": "/tmp/abs.png"}',
+            r'abs\.png is outside --out-dir: .* no "\.\."',
+        ),
     ]:
         rows.write_text(f"{good}\n{bad}\n")
         expect_error(capsys, sample.main, argv, tmp_path, f"rows.jsonl:2: .*{match}")
@@ -113,6 +119,22 @@ def test_bad_rows(tiny_flux, tmp_path, capsys):
     expect_error(capsys, sample.main, argv, tmp_path, "no prompts")
     rows.unlink()
     expect_error(capsys, sample.main, argv, tmp_path, r"--prompts .*rows\.jsonl: no such file")
+
+
+def test_out_names_the_batch(tmp_path):
+    """--out NAME.jpg in a batch names its outputs (it was dropped): NAME-seed{seed}.jpg for
+    --prompt, NAME-{index}-seed{seed}.jpg for --prompts; without it {index}-seed{seed}.png."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    opts = SampleOptions(lora=None, device="cpu", height=1024, width=2048)
+    for argv, names in [
+        (["--prompt", "x", "--out", "mine.jpg"], ["mine-seed0.jpg", "mine-seed1.jpg"]),
+        (["--prompts", str(prompts), "--out", "m.jpg"], ["m-0000-seed0.jpg", "m-0000-seed1.jpg",
+                                                       "m-0001-seed0.jpg", "m-0001-seed1.jpg"]),
+        (["--prompt", "x"], ["0000-seed0.png", "0000-seed1.png"]),
+    ]:  # fmt: skip
+        args = sample.parse_args([*argv, "--num-images", "2", "--out-dir", str(tmp_path)])
+        assert [job.out.name for job in sample.batch_jobs(args, opts)] == names
 
 
 def test_torchrun_shares_the_jobs(tiny_flux, tmp_path, singles):

@@ -3,12 +3,15 @@ written, all before any model loads; and the run-time refusal of non-finite late
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from clitest import expect_error, snapshot
 from PIL import Image
+from test_batch import flags as batch_flags
 from test_editing import cli as edit_args
 from test_editing import write_inputs
 from test_prepare import make_images
@@ -38,6 +41,10 @@ SAMPLE_CASES = [  # extra flags (the last of a repeated flag wins), the error li
     (["--device", "cuda"], r"--device cuda: no such CUDA GPU here; use --device cpu"),
     (["--device", "cuda:3"], r"--device cuda:3: no such CUDA GPU"),
     (["--device", "nonsense"], r"--device nonsense: .*device string: nonsense"),
+    (["--device", "meta"], r"--device meta: cannot run there; use cpu, cuda or cuda:N"),
+    (["--device", "mps"], r"--device mps: cannot run there; use cpu, cuda or cuda:N"),
+    (["--lora-scale", "0.5"], r"--lora-scale 0.5 needs --lora, which is none: give a LoRA or"),
+    (["--num-images", "2", "--out-dir", "{tmp}/blocker"], r"blocker is a file: choose a folder"),
     (["--dtype", "fp64"], r"--dtype: invalid choice"),
     (["--prompt"], r"--prompt: expected one argument"),
     (["--frobnicate"], r"unrecognized arguments: --frobnicate"),
@@ -68,6 +75,14 @@ EDIT_CASES = [
     (["--vae-tile", "0"], r"--vae-tile \(vae_tile\) must be at least 1"),
     (["--seed", "-1"], r"--seed \(seed\) must be an integer >= 0"),
     (["--device", "cuda"], r"--device cuda: no such CUDA GPU"),
+    (["--device", "meta"], r"--device meta: cannot run there; use cpu, cuda or cuda:N"),
+    (["--lora-scale", "0.5"], r"--lora-scale 0.5 needs --lora, which is none"),
+    (["--paste-back", "--feather", "64"], r"--feather 64 must be under the image's width \(64 px"),
+    (
+        ["--out", "{tmp}/src.png"],
+        r"--out .*src\.png is --image, which the edit would overwrite: ch",
+    ),
+    (["--out", "{tmp}/mask.png"], r"--out .*mask\.png is --mask, which the edit would overwrite"),
     (["--image", "{tmp}/missing.png"], r"No such file or directory.*missing\.png"),
     (["--image", "{tmp}/square.png"], r"square\.png: 32x32 is not 2:1; pass --resize"),
     (["--image", "{tmp}/text.png"], r"cannot identify image file"),
@@ -108,9 +123,10 @@ def expand(argv: list[str], tmp: Path) -> list[str]:
 
 @pytest.fixture
 def no_cuda(monkeypatch):
-    """A machine without CUDA, whatever this one has."""
+    """A machine without CUDA or MPS, whatever this one has."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
 
 
 @pytest.mark.parametrize("extra,match", SAMPLE_CASES, ids=[" ".join(c[0]) for c in SAMPLE_CASES])
@@ -236,3 +252,48 @@ def test_edit_refuses_nan_latents(tiny_flux, tmp_path, capsys, monkeypatch):
     )
     argv = edit_args(tiny_flux, src, mask, tmp_path / "out.png", "--steps", "2")
     expect_failure(capsys, edit.main, argv, tmp_path, NON_FINITE)
+
+
+ROOT = Path(__file__).parents[1]
+
+
+def script(name: str, *argv: str) -> subprocess.CompletedProcess:
+    """Run a script as a user does (its `__main__` entry), capturing its output."""
+    cmd = [sys.executable, str(ROOT / name), *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_batch_error_is_the_only_line(tiny_flux, tmp_path):
+    """A bad batch row at a size that warns: stderr is the one `error:` line, no warning before
+    it (the size's warning was replayed before the rows were checked)."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a lake", "steps": 0}\n')
+    r = script(
+        "sample.py", *batch_flags(tiny_flux, "--prompts", str(rows), "--out-dir", str(tmp_path))
+    )
+    error = f"error: {rows}:1: --steps (steps) must be an integer >= 1, got 0"
+    assert r.returncode == 2 and r.stderr.splitlines() == [error], r.stderr
+
+
+def test_warning_is_one_line(tiny_flux, tmp_path):
+    """A warning is one line `warning: ...` on stderr, not Python's file:line and source line;
+    here of a batch whose image exists, so nothing loads."""
+    (tmp_path / "0000-seed4.png").write_bytes(b"")
+    r = script("sample.py", *batch_flags(tiny_flux, "--prompt", "a", "--out-dir", str(tmp_path)))
+    warning = "warning: 32x64: DiT360 was trained at 1024x2048 only; expect weaker panoramas"
+    assert r.returncode == 0 and r.stderr.splitlines()[0] == warning, r.stderr
+    assert "UserWarning" not in r.stderr and "skip " in r.stdout
+
+
+@pytest.mark.parametrize("name", ["sample.py", "edit.py", "train.py", "convert_weights.py"])
+def test_interrupt_is_one_line(name):
+    """Ctrl-C (a KeyboardInterrupt in main, here from its first call) is one line
+    `error: interrupted` and exit 130, no traceback."""
+    code = (
+        "import runpy, sys; import dit360.files as f\n"
+        "def stop(): raise KeyboardInterrupt\n"
+        f"f.exit_on_sigterm = stop; sys.argv = [{name!r}]\n"
+        f"runpy.run_path({name!r}, run_name='__main__')"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 130 and r.stderr == "error: interrupted\n", r.stderr

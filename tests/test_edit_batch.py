@@ -114,6 +114,7 @@ def test_bad_rows(tiny_flux, tmp_path, capsys, monkeypatch):
     Image.new("L", (50, 20), 255).save(tmp_path / "white.png")
     write_inputs(tmp_path / "sq", size=(32, 32))
     (tmp_path / "text.png").write_text("not an image")
+    write_inputs(tmp_path / "out")  # sources in --out-dir, where an "out" could overwrite them
     no_loads(monkeypatch)
     good, rows = ROWS[0], tmp_path / "edits.jsonl"
     argv = flags(tiny_flux, "--edits", str(rows), "--out-dir", str(tmp_path / "out"))
@@ -134,6 +135,10 @@ def test_bad_rows(tiny_flux, tmp_path, capsys, monkeypatch):
         ({**good, "seed": -1}, r"--seed \(seed\) must be an integer >= 0"),
         ({**good, "out": "x.gif"}, r"\.png, \.jpg"),
         ({**good, "out": "0000-seed5.png"}, "as line 1 does"),
+        ({**good, "out": "../escape.png"}, r'"out" \.\./escape\.png is outside --out-dir: give a'),
+        ({**good, "out": str(tmp_path / "abs.png")}, r"abs\.png is outside --out-dir"),
+        ({**good, "image": "out/src.png", "out": "src.png"}, r'src\.png is its "image", which'),
+        ({**good, "mask": "out/mask.png", "out": "mask.png"}, r'mask\.png is its "mask", which'),
     ]:
         write_rows(rows, [good, bad])
         expect_error(capsys, edit.main, argv, tmp_path, f"edits.jsonl:2: .*{match}")
@@ -157,6 +162,7 @@ def test_flags(tiny_flux, tmp_path, capsys, monkeypatch):
         ([*one, "--out-dir", str(tmp_path)], "--out-dir: only with --edits"),
         (flags(tiny_flux, "--edits", str(tmp_path / "no.jsonl")), r"--edits .*no\.jsonl: no such"),
         (flags(tiny_flux, "--edits", str(src)), r"src\.png: use a \.jsonl file"),
+        ([*batch, "--out-dir", str(src)], r"--out-dir .*src\.png is a file: choose a folder"),
     ]:
         expect_error(capsys, edit.main, argv, tmp_path, match)
     rows.write_text("\n")

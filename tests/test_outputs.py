@@ -103,16 +103,16 @@ def test_sample_writes_extras(tiny_flux, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count("seam score") == 2
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
-        "0000-seed4.html", "0000-seed4.jpg", "0000-seed5.html", "0000-seed5.jpg",
+        "pano-seed4.html", "pano-seed4.jpg", "pano-seed5.html", "pano-seed5.jpg",
     ]  # fmt: skip
-    (tmp_path / "b" / "0000-seed5.html").unlink()  # a resumed batch makes what is missing
-    page = (tmp_path / "b" / "0000-seed4.html").stat().st_mtime_ns
+    (tmp_path / "b" / "pano-seed5.html").unlink()  # a resumed batch makes what is missing
+    page = (tmp_path / "b" / "pano-seed4.html").stat().st_mtime_ns
     with pytest.warns(UserWarning, match="trained at 1024x2048"):
         sample.main(argv)
     printed = capsys.readouterr().out
-    assert "skip " in printed and "0000-seed5.jpg: it exists; seam score" in printed
-    assert (tmp_path / "b" / "0000-seed5.html").is_file()
-    assert (tmp_path / "b" / "0000-seed4.html").stat().st_mtime_ns == page  # not rewritten
+    assert "skip " in printed and "pano-seed5.jpg: it exists; seam score" in printed
+    assert (tmp_path / "b" / "pano-seed5.html").is_file()
+    assert (tmp_path / "b" / "pano-seed4.html").stat().st_mtime_ns == page  # not rewritten
 
 
 def test_edit_writes_extras(tiny_flux, tmp_path, capsys):

@@ -71,10 +71,16 @@ def test_photo_to_panorama(tiny_flux, tmp_path, monkeypatch) -> None:
 
 
 BAD = [  # extra flags, the error line
-    (["--fov", "0"], r"--fov must be between 0 and 180 degrees \(exclusive\), got 0.0"),
-    (["--fov", "180"], r"--fov must be between 0 and 180"),
-    (["--fov", "nan"], r"--fov must be between 0 and 180 degrees \(exclusive\), got nan"),
-    (["--fov", "-30"], r"--fov must be between 0 and 180"),
+    (["--fov", "0"], r"argument --fov: needs a finite number >= 1 and <= 179, got '0'"),
+    (["--fov", "180"], r"--fov: needs a finite number >= 1 and <= 179"),
+    (["--fov", "nan"], r"--fov: needs a finite number >= 1 and <= 179, got 'nan'"),
+    (["--fov", "-30"], r"--fov: needs a finite number >= 1 and <= 179"),
+    (["--yaw", "nan"], r"argument --yaw: needs a finite number >= -180 and <= 180, got 'nan'"),
+    (["--yaw", "181"], r"--yaw: needs a finite number >= -180 and <= 180"),
+    (["--pitch", "500"], r"argument --pitch: needs a finite number >= -90 and <= 90, got '500'"),
+    (["--pitch", "nan"], r"--pitch: needs a finite number >= -90 and <= 90"),
+    (["--roll", "inf"], r"argument --roll: needs a finite number >= -180 and <= 180, got 'inf'"),
+    (["--out", "{tmp}/photo.png"], r"--out .*photo\.png is --photo, which the edit would overwr"),
     (["--mask", "{tmp}/m.png"], r"--photo: not allowed with --image or --mask"),
     (["--photo", "{tmp}/notes.txt"], r"cannot identify image file .*notes.txt"),
     (["--photo", "{tmp}/missing.jpg"], r"No such file or directory.*missing.jpg"),
