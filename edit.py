@@ -22,7 +22,7 @@ on GPU LOCAL_RANK (no process group is needed).
 import argparse
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from PIL import Image
@@ -99,10 +99,15 @@ def check_ratio(path: str | Path, size: tuple[int, int], resize: bool) -> None:
         raise ValueError(f"{path}: {w}x{h} is not 2:1; pass --resize to stretch it to 2:1")
 
 
-def read_panorama(path: str | Path, height: int = 1024, resize: bool = False) -> Image.Image:
-    """The source panorama as RGB at height x 2 height; not 2:1 is an error unless `resize`."""
+def read_panorama(
+    path: str | Path, height: int = 1024, resize: bool = False, log: Callable = print
+) -> Image.Image:
+    """The source panorama as RGB at height x 2 height (logged if resized); not 2:1 is an error
+    unless `resize`."""
     img = open_image(path)
     check_ratio(path, img.size, resize)
+    if img.size != (2 * height, height):
+        log(f"{path}: {img.width}x{img.height}, edited at {2 * height}x{height} (--height)")
     return read_rgb(img, 2 * height, height)
 
 
@@ -176,11 +181,12 @@ def main(argv: list[str] | None = None) -> None:
         fail(e)
     opts, out = checked(EditOptions, args)  # every flag, before anything slow (exit 2)
     try:  # edit_image checks the size and the mask before it loads any model
+        log = lambda m: print(m, file=sys.stderr)  # noqa: E731
         if args.photo:
             image, mask = read_photo(args)
         else:
-            image, mask = read_panorama(args.image, args.height, args.resize), open_image(args.mask)
-        log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+            image = read_panorama(args.image, args.height, args.resize, log)
+            mask = open_image(args.mask)
         result, report = edit_image(image, mask, args.prompt, opts, log=log)
     except (ValueError, OSError) as e:  # also missing or bad weights (--base, --lora)
         fail(e)

@@ -213,7 +213,11 @@ def check_size(height: int, width: int, wrap_pad: int = 0) -> None:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows each flag's default and keeps the description's line breaks."""
+    """--help shows each flag's default (not None: the help says what it means) and keeps the
+    description's line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):

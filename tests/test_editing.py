@@ -310,13 +310,14 @@ def test_cli_outpaint_matches_reference(pipe, tiny_flux, tmp_path, capsys, offlo
     assert 'GPano:ProjectionType="equirectangular"' in xmp
 
 
-def test_cli_inpaint_paste_back(tiny_flux, tmp_path):
+def test_cli_inpaint_paste_back(tiny_flux, tmp_path, capsys):
     """--invert --paste-back: the kept (black) region is the source, pixel for pixel; --resize
-    stretches a non-2:1 image to 2:1 at --height."""
+    stretches a non-2:1 image to 2:1 at --height, and the resize is said."""
     src, mask = write_inputs(tmp_path, size=(48, 80))
     out = tmp_path / "out.png"
     extra = ("--invert", "--paste-back", "--feather", "3", "--resize")
     edit_cli.main(cli(tiny_flux, src, mask, out, *extra))
+    assert f"{src}: 80x48, edited at 64x32 (--height)" in capsys.readouterr().err
     got = np.asarray(Image.open(out))
     source = np.asarray(edit_cli.read_panorama(src, 32, resize=True))
     keep = (~read_mask(Image.open(mask), 64, 32)).numpy()
