@@ -110,8 +110,7 @@ def collect_perspectives(
                 raise ValueError(f"same name as {seen[name].name}")
             seen[name] = image
             caption = read_caption(image)
-            with Image.open(image) as img:
-                img = ImageOps.exif_transpose(img).convert("RGB")
+            img = ImageOps.exif_transpose(open_image(image)).convert("RGB")
             canvas, mask = project_photo(img, view_fov, *angles, height)
         except READ_ERRORS as e:  # a bad row, reported with the others at the end
             bad.append((str(image), str(e) or type(e).__name__))

@@ -102,6 +102,26 @@ def test_read_rows_paths_and_captions(tmp_path):
     assert rows["pano"][1].source == "pano.jsonl:3" and rows["persp"] == []
 
 
+def test_16_bit_rows_load_as_their_8_bit_version(tmp_path):
+    """A 16-bit grey panorama and mask pass read_rows and load as the 8-bit files (1 level)."""
+    x = np.linspace(0, 65535, H * 2 * H).round().astype(np.uint16).reshape(H, 2 * H)
+    m = np.zeros((H, 2 * H), np.uint16)
+    m[:, :H] = 65535
+    Image.fromarray(x).save(tmp_path / "p16.png")
+    Image.fromarray(m).save(tmp_path / "m16.png")
+    Image.fromarray(np.round(x / 65535 * 255).astype(np.uint8)).save(tmp_path / "p8.png")
+    write_mask(tmp_path / "m8.png", m > 0)
+    samples = []
+    for bits in (16, 8):
+        row = {"image": f"p{bits}.png", "caption": "a", "mask": f"m{bits}.png"}
+        rows = read_rows(write_jsonl(tmp_path / f"{bits}.jsonl", [row]))
+        samples.append(load_sample(Source(rows["pano"], [], H), "pano", 0, epoch=0))
+    sixteen, eight = samples
+    torch.testing.assert_close(sixteen["pixels"], eight["pixels"], rtol=0, atol=2 / 255)
+    assert torch.equal(sixteen["token_mask"], eight["token_mask"])
+    assert sixteen["token_mask"].any() and not sixteen["token_mask"].all()
+
+
 def test_load_image_bicubic_and_range(tmp_path):
     """Images are resized with PIL bicubic to (H, 2H) and mapped to [-1, 1]."""
     path = write_image(tmp_path / "a.png", 100, 50)

@@ -123,6 +123,20 @@ def test_bad_rows_are_listed_together(tmp_path, capsys):
     assert [len(rows[k]) for k in ("pano", "persp")] == [1, 1]
 
 
+def test_16_bit_photo_projects_as_its_8_bit_version(tmp_path):
+    """A 16-bit grey photo is projected as the same photo saved at 8 bits, not as solid white."""
+    x = np.linspace(0, 65535, 24 * 32).round().astype(np.uint16).reshape(24, 32)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(x).save(photos / "a16.png")
+    Image.fromarray(np.round(x / 65535 * 255).astype(np.uint8)).save(photos / "a8.png")
+    for name in ("a16", "a8"):
+        (photos / f"{name}.txt").write_text("a ramp")
+    written = prepare(tmp_path / "data", persp=photos, height=32, fov=80, yaw_range=(0, 0))
+    sixteen, eight = (load(r.image).astype(int) for r in read_rows(persp=written["persp"])["persp"])
+    assert np.abs(sixteen - eight).max() <= 1 and sixteen.std() > 10
+
+
 def test_projected_photo_matches_py360convert(tmp_path):
     """py360convert's perspective view of a written canvas, at the photo's view, is the photo."""
     make_images(tmp_path / "photos", {"wide.png": (40, 30), "tall.png": (30, 40)}, seed=2)
