@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from dit360.data import READ_ERRORS
-from dit360.files import exit_on_sigterm, own_temp, remove
+from dit360.files import exit_on_sigterm, own_temp, read_text, remove
 from dit360.image import open_image, project_photo
 from dit360.options import Parser, fail
 
@@ -43,7 +43,7 @@ def read_caption(image: Path) -> str:
     path = image.with_suffix(".txt")
     if not path.is_file():
         raise ValueError(f"missing caption {path.name}")
-    caption = path.read_text(encoding="utf-8").strip()
+    caption = read_text(path).strip()
     if not caption:
         raise ValueError(f"empty caption {path.name}")
     return caption

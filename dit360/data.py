@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from .files import atomic_path
+from .files import atomic_path, read_text
 from .image import from_pil, open_image, read_mask, read_rgb
 from .panorama import PATCH, token_mask
 from .sampling import Conditioning
@@ -109,7 +109,7 @@ def read_rows(
         if file is None:
             continue
         path, parsed = Path(file), []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for n, line in enumerate(read_text(path).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
