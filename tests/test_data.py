@@ -84,6 +84,23 @@ def test_read_rows_lists_every_bad_row(tmp_path):
     assert "missing.png" in msg and "garbage.png" in msg and "gone.png" in msg and "2:1" in msg
 
 
+def test_read_rows_refuses_an_empty_file(tmp_path):
+    """A --pano or --persp file with no rows (blank lines only): an error naming it and the fix."""
+    write_image(tmp_path / "good.png", 64, 32)
+    write_mask(tmp_path / "m.png", np.ones((32, 64), bool))
+    pano = write_jsonl(tmp_path / "pano.jsonl", [{"image": "good.png", "caption": "ok"}])
+    persp = write_jsonl(
+        tmp_path / "persp.jsonl", [{"image": "good.png", "caption": "ok", "mask": "m.png"}]
+    )
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match=f"--pano {empty}: no rows in it: fill it"):
+        read_rows(empty, persp)
+    with pytest.raises(ValueError, match=f"--persp {empty}: no rows in it: .* or drop --persp$"):
+        read_rows(pano, empty)
+    assert len(read_rows(pano, persp)["persp"]) == 1
+
+
 def test_read_rows_paths_and_captions(tmp_path):
     """Paths resolve against the jsonl's folder (absolute kept); list captions keep the longest."""
     (tmp_path / "d").mkdir()
