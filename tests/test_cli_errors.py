@@ -99,6 +99,11 @@ PREPARE_CASES = [  # the whole command line after --out {tmp}/data
     (["--pano", "{tmp}/pano", "--out", "{tmp}/pano.txt"], r"pano\.txt is not a writable folder"),
     (["--pano", "{tmp}/pano", "--out", "{tmp}/pano.txt/x"], r"is not a writable folder"),
     (["--pano", "{tmp}/pano", "--frobnicate"], r"unrecognized arguments: --frobnicate"),
+    (
+        ["--pano", "{tmp}/pano", "--out", "{tmp}/pano"],
+        r"--out \S+pano is --pano \S+pano: choose an",
+    ),
+    (["--persp", "{tmp}/photos", "--out", "{tmp}/photos/d"], r"d is inside --persp \S+photos: ch"),
 ]
 
 
