@@ -128,10 +128,14 @@ def check_output_path(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
         raise ValueError(f"{path}: use a .png, .jpg or .jpeg file name")
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"cannot write {path}: it is a folder; choose another file name or remove the folder"
+        )
     parent = path.resolve().parent
     while not parent.exists():
         parent = parent.parent
-    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write {path}: check the folder exists and is writable")
     return path
 

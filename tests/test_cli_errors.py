@@ -42,7 +42,8 @@ SAMPLE_CASES = [  # extra flags (the last of a repeated flag wins), the error li
     (["--prompt"], r"--prompt: expected one argument"),
     (["--frobnicate"], r"unrecognized arguments: --frobnicate"),
     (["--out", "{tmp}/x.gif"], r"use a \.png, \.jpg or \.jpeg"),
-    (["--out", "{tmp}/blocker/x.png"], r"cannot write"),
+    (["--out", "{tmp}/blocker/x.png"], r"cannot write .*x\.png: check the folder exists and"),
+    (["--out", "{tmp}/folder.png"], r"cannot write .*folder\.png: it is a folder; choose another"),
     (["--base", "{tmp}/no-base"], r"--base: .*no-base: no such file or folder"),
     (["--lora", "{tmp}/no-lora.safetensors"], r"--lora: .*no-lora.safetensors: no such file"),
 ]
@@ -122,6 +123,7 @@ def no_cuda(monkeypatch):
 def test_sample_bad_input(tiny_flux, tmp_path, capsys, no_cuda, extra, match):
     """sample.py: one line naming the flag, exit 2, nothing written."""
     (tmp_path / "blocker").write_text("a file where a folder should be")
+    (tmp_path / "folder.png").mkdir()
     argv = sample_args(tiny_flux, tmp_path / "pano.png", *expand(extra, tmp_path))
     expect_error(capsys, sample.main, argv, tmp_path, match)
 

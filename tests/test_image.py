@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dit360.image import read_mask, read_rgb
+from dit360.image import check_output_path, read_mask, read_rgb
 
 W, H = 64, 32
 
@@ -86,3 +86,14 @@ def test_float_and_out_of_range_images_refused(tmp_path):
         read_rgb(tmp_path / "f.tif", W, H)
     with pytest.raises(ValueError, match=r"big\.tif: integer pixels outside 0-65535"):
         read_mask(tmp_path / "big.tif", W, H)
+
+
+def test_output_path_that_is_a_folder(tmp_path):
+    """An output name that is an existing folder gets its own message, not 'check the folder'."""
+    (tmp_path / "o.png").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"o\.png: it is a folder; choose another file"):
+        check_output_path(tmp_path / "o.png")
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(PermissionError, match=r"cannot write .*: check the folder exists"):
+        check_output_path(tmp_path / "file" / "o.png")
+    assert check_output_path(tmp_path / "new" / "o.png") == tmp_path / "new" / "o.png"
