@@ -6,7 +6,9 @@ Panoramas (2:1) are used in place, with an all-white mask; photos are projected 
 2 height canvas at a given or sampled field of view and sampled yaw / pitch / roll, with a mask of
 the covered area (255 = supervised). Arguments are checked before any work. Everything is
 written into a hidden folder inside --out and moved into place at the end, so a failed or
-interrupted run leaves nothing behind; a bad row fails the run unless --skip-bad.
+interrupted run leaves nothing behind; a bad row fails the run unless --skip-bad. An earlier
+run's pano.jsonl / persp.jsonl in --out is replaced only with --overwrite; --out may not be (inside)
+an input folder.
 """
 
 import argparse
@@ -22,7 +24,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from dit360.data import READ_ERRORS
-from dit360.files import exit_on_sigterm, own_temp, remove
+from dit360.files import exit_on_sigterm, own_temp, read_text, remove
 from dit360.image import open_image, project_photo
 from dit360.options import Parser, fail
 
@@ -43,7 +45,7 @@ def read_caption(image: Path) -> str:
     path = image.with_suffix(".txt")
     if not path.is_file():
         raise ValueError(f"missing caption {path.name}")
-    caption = path.read_text(encoding="utf-8").strip()
+    caption = read_text(path).strip()
     if not caption:
         raise ValueError(f"empty caption {path.name}")
     return caption
@@ -110,8 +112,7 @@ def collect_perspectives(
                 raise ValueError(f"same name as {seen[name].name}")
             seen[name] = image
             caption = read_caption(image)
-            with Image.open(image) as img:
-                img = ImageOps.exif_transpose(img).convert("RGB")
+            img = ImageOps.exif_transpose(open_image(image)).convert("RGB")
             canvas, mask = project_photo(img, view_fov, *angles, height)
         except READ_ERRORS as e:  # a bad row, reported with the others at the end
             bad.append((str(image), str(e) or type(e).__name__))
@@ -130,6 +131,7 @@ def check_args(
     height: int = 1024,
     fov: float | None = None,
     seed: int = 0,
+    overwrite: bool = False,
     **ranges: tuple[float, float],
 ) -> None:
     """Raise a ValueError naming the flag for the first bad argument (before any work)."""
@@ -154,6 +156,20 @@ def check_args(
             raise ValueError(f"{flag} {a} {b}: need {lo} <= LO <= HI <= {hi} (degrees)")
     if not (isinstance(seed, int) and seed >= 0):
         raise ValueError(f"--seed must be an integer >= 0, got {seed}")
+    target = Path(out).resolve()
+    for flag, folder in (("--pano", pano), ("--persp", persp)):
+        if folder is not None and Path(folder).resolve() in (target, *target.parents):
+            where = "is" if Path(folder).resolve() == target else "is inside"
+            raise ValueError(  # the next run would find its masks and projections as images
+                f"--out {out} {where} {flag} {folder}: choose an --out outside the input folders"
+            )
+    given = [kind for kind, folder in (("pano", pano), ("persp", persp)) if folder is not None]
+    old = [f"{kind}.jsonl" for kind in given if (Path(out) / f"{kind}.jsonl").exists()]
+    if old and not overwrite:
+        raise ValueError(
+            f"--out {out} holds {' and '.join(old)} from an earlier run: replace it with "
+            "--overwrite, or choose another --out"
+        )
     out = Path(out).absolute()
     near = next(p for p in (out, *out.parents) if p.exists())  # the folder that gets written
     if not near.is_dir() or not os.access(near, os.W_OK | os.X_OK):
@@ -188,14 +204,16 @@ def prepare(
     persp: Path | None = None,
     skip_bad: bool = False,
     absolute: bool = False,
+    overwrite: bool = False,
     **views,
 ) -> dict[str, Path]:
     """Write out/pano.jsonl and/or out/persp.jsonl with their masks and projected photos, all or
-    nothing; raise one ValueError listing all bad rows.
+    nothing (replacing those of an earlier run only with `overwrite`); raise one ValueError
+    listing all bad rows.
 
     views: the keyword arguments of collect_perspectives (height, fov, fov_range, ..., seed).
     """
-    check_args(out, pano, persp, **views)
+    check_args(out, pano, persp, overwrite=overwrite, **views)
     out, found = Path(out), {}
     with staging(out) as stage:
         if pano is not None:
@@ -239,6 +257,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, help="seed of the sampled views")
     p.add_argument("--absolute", action="store_true", help="write absolute paths")
     p.add_argument("--skip-bad", action="store_true", help="report bad rows and write the rest")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the pano.jsonl / persp.jsonl (and the masks and projected photos) of an "
+        "earlier run in --out; without it an existing one is refused",
+    )
     args = vars(p.parse_args(argv))  # named as prepare's arguments
     views = {k: v for k, v in args.items() if k not in ("skip_bad", "absolute")}
     try:

@@ -14,6 +14,7 @@ from typing import TypeVar
 import torch
 from PIL import Image
 
+from .files import read_text
 from .generate import Job
 from .image import check_output_path, save_panorama
 from .options import fail
@@ -36,7 +37,7 @@ def read_rows(
     names = ", ".join(f'"{k}"' for k in required)
     names = f"{names} strings" if len(required) > 1 else f"a {names} string"
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(read_text(path).splitlines(), start=1):
         line, where = line.strip(), f"{path}:{n}"
         if not line or (path.suffix == ".txt" and line.startswith("#")):
             continue

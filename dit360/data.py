@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from .files import atomic_path
+from .files import atomic_path, read_text
 from .image import from_pil, open_image, read_mask, read_rgb
 from .panorama import PATCH, token_mask
 from .sampling import Conditioning
@@ -102,16 +102,22 @@ def _check(row: Row, kind: str) -> str | None:
 def read_rows(
     pano: str | Path | None = None, persp: str | Path | None = None
 ) -> dict[str, list[Row]]:
-    """Read and check both jsonl files; one ValueError lists every bad row of both."""
+    """Read and check both jsonl files; one ValueError lists every bad row of both. A file given
+    with no rows in it is an error of its own (train.py's --pano / --persp)."""
     rows: dict[str, list[Row]] = {"pano": [], "persp": []}
     bad: list[str] = []
     for kind, file in (("pano", pano), ("persp", persp)):
         if file is None:
             continue
         path, parsed = Path(file), []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
+        text = read_text(path).splitlines()
+        lines = [(n, line) for n, line in enumerate(text, start=1) if line.strip()]
+        if not lines:
+            drop = " or drop --persp" if kind == "persp" else ""
+            raise ValueError(
+                f"--{kind} {path}: no rows in it: fill it (prepare.py writes one){drop}"
+            )
+        for n, line in lines:
             try:
                 parsed.append(_parse(line, path.parent, f"{path.name}:{n}"))
             except ValueError as e:

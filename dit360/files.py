@@ -1,5 +1,5 @@
 """Where weights come from (file, sharded folder, Hugging Face repo), reading and writing them one
-tensor at a time, and atomic writes.
+tensor at a time, atomic writes, and reading the user's text files (UTF-8, or a clear error).
 
 safetensors (https://github.com/huggingface/safetensors): an 8-byte little-endian header length,
 a JSON header of {name: {dtype, shape, data_offsets}}, then the raw bytes. We use plain file I/O,
@@ -182,6 +182,16 @@ def resolve(src: str | Path, allow_patterns: list[str] | None = None, expected: 
             f"{src} is not in the Hugging Face cache and cannot be downloaded now (offline mode or "
             f"no network): download it once with network access, or pass a local folder{hint}"
         ) from None
+
+
+def read_text(path: str | Path) -> str:
+    """A text file read as UTF-8 (a leading byte order mark dropped); ValueError naming the file
+    and the first bad byte if it is not UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}): save it as UTF-8") from None
 
 
 def exit_on_sigterm() -> None:

@@ -25,18 +25,38 @@ def to_pil(x: Tensor) -> Image.Image:
 
 
 def from_pil(img: Image.Image) -> Tensor:
-    """8-bit RGB -> (3, H, W) float32 in [-1, 1]."""
-    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255)
+    """An image (as RGB, 16-bit grey scaled as open_image does) -> (3, H, W) float32 in [-1, 1]."""
+    x = torch.from_numpy(np.asarray(open_image(img).convert("RGB"), dtype=np.float32) / 255)
     return x.permute(2, 0, 1) * 2 - 1
 
 
 def open_image(src: str | Path | Image.Image) -> Image.Image:
-    """An image read fully from a file (closed again), or the image given."""
+    """An image read fully from a file (closed again), or the image given; the one place images
+    are opened, so every reader gets 16-bit grey at 8 bits (see eight_bit)."""
     if isinstance(src, Image.Image):
-        return src
+        return eight_bit(src, "the image")
     with Image.open(src) as f:
         f.load()  # truncated or corrupt files fail here
-        return f.copy()
+        return eight_bit(f.copy(), str(src))
+
+
+def eight_bit(img: Image.Image, name: str) -> Image.Image:
+    """16-bit grey (modes I;16, I;16B, ... and I, read as 0-65535) as 8-bit L, v / 257 rounded
+    (65535 -> 255; >= 128 from half the range, 32768, up); other modes as they are. PIL's own
+    convert("L"/"RGB") would clip these at 255 (a solid white image). Pillow already opens
+    16-bit RGB(A) PNGs as 8-bit RGB(A) (the high byte). Float images (mode F) are refused."""
+    if img.mode == "F":
+        raise ValueError(
+            f"{name}: a 32-bit float image has no standard 8-bit range: save it as 8 or 16 bits"
+        )
+    if img.mode != "I" and not img.mode.startswith("I;16"):
+        return img
+    x = np.asarray(img).astype(np.int64)
+    if x.size and (x.min() < 0 or x.max() > 65535):
+        raise ValueError(f"{name}: integer pixels outside 0-65535: save it as 8 or 16 bits")
+    out = Image.fromarray(((x + 128) // 257).astype(np.uint8))  # = round(x / 257)
+    out.info = {k: v for k, v in img.info.items() if k != "transparency"}  # keeps EXIF
+    return out
 
 
 def read_rgb(src: str | Path | Image.Image, width: int, height: int) -> Image.Image:
@@ -46,8 +66,9 @@ def read_rgb(src: str | Path | Image.Image, width: int, height: int) -> Image.Im
 
 
 def read_mask(src: str | Path | Image.Image, width: int, height: int) -> Tensor:
-    """A mask (height, width) bool, white (grey >= 128) = True, resized with nearest. Masks are
-    read from grey levels, so one with transparent pixels is refused, not silently misread."""
+    """A mask (height, width) bool, white (grey >= 128, or >= 32768 of 16 bits) = True, resized
+    with nearest. Masks are read from grey levels, so one with transparent pixels is refused,
+    not silently misread."""
     img = open_image(src)
     name = "the mask" if isinstance(src, Image.Image) else str(src)
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
@@ -107,10 +128,14 @@ def check_output_path(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
         raise ValueError(f"{path}: use a .png, .jpg or .jpeg file name")
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"cannot write {path}: it is a folder; choose another file name or remove the folder"
+        )
     parent = path.resolve().parent
     while not parent.exists():
         parent = parent.parent
-    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write {path}: check the folder exists and is writable")
     return path
 

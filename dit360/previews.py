@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .distributed import unsharded
-from .files import atomic_path
+from .files import atomic_path, read_text
 from .generate import check_finite, generate_latents, load_vae
 from .image import to_pil
 from .options import SampleOptions
@@ -25,7 +25,7 @@ from .sampling import Conditioning
 
 def read_prompts(path: str | Path) -> list[str]:
     """The non-empty lines of a text file; ValueError if there are none."""
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    prompts = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"--sample-prompts {path}: no prompt in it (one a line)")
     return prompts

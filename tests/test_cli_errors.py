@@ -49,7 +49,8 @@ SAMPLE_CASES = [  # extra flags (the last of a repeated flag wins), the error li
     (["--prompt"], r"--prompt: expected one argument"),
     (["--frobnicate"], r"unrecognized arguments: --frobnicate"),
     (["--out", "{tmp}/x.gif"], r"use a \.png, \.jpg or \.jpeg"),
-    (["--out", "{tmp}/blocker/x.png"], r"cannot write"),
+    (["--out", "{tmp}/blocker/x.png"], r"cannot write .*x\.png: check the folder exists and"),
+    (["--out", "{tmp}/folder.png"], r"cannot write .*folder\.png: it is a folder; choose another"),
     (["--base", "{tmp}/no-base"], r"--base: .*no-base: no such file or folder"),
     (["--lora", "{tmp}/no-lora.safetensors"], r"--lora: .*no-lora.safetensors: no such file"),
 ]
@@ -114,6 +115,11 @@ PREPARE_CASES = [  # the whole command line after --out {tmp}/data
     (["--pano", "{tmp}/pano", "--out", "{tmp}/pano.txt"], r"pano\.txt is not a writable folder"),
     (["--pano", "{tmp}/pano", "--out", "{tmp}/pano.txt/x"], r"is not a writable folder"),
     (["--pano", "{tmp}/pano", "--frobnicate"], r"unrecognized arguments: --frobnicate"),
+    (
+        ["--pano", "{tmp}/pano", "--out", "{tmp}/pano"],
+        r"--out \S+pano is --pano \S+pano: choose an",
+    ),
+    (["--persp", "{tmp}/photos", "--out", "{tmp}/photos/d"], r"d is inside --persp \S+photos: ch"),
 ]
 
 
@@ -133,6 +139,7 @@ def no_cuda(monkeypatch):
 def test_sample_bad_input(tiny_flux, tmp_path, capsys, no_cuda, extra, match):
     """sample.py: one line naming the flag, exit 2, nothing written."""
     (tmp_path / "blocker").write_text("a file where a folder should be")
+    (tmp_path / "folder.png").mkdir()
     argv = sample_args(tiny_flux, tmp_path / "pano.png", *expand(extra, tmp_path))
     expect_error(capsys, sample.main, argv, tmp_path, match)
 

@@ -84,6 +84,23 @@ def test_read_rows_lists_every_bad_row(tmp_path):
     assert "missing.png" in msg and "garbage.png" in msg and "gone.png" in msg and "2:1" in msg
 
 
+def test_read_rows_refuses_an_empty_file(tmp_path):
+    """A --pano or --persp file with no rows (blank lines only): an error naming it and the fix."""
+    write_image(tmp_path / "good.png", 64, 32)
+    write_mask(tmp_path / "m.png", np.ones((32, 64), bool))
+    pano = write_jsonl(tmp_path / "pano.jsonl", [{"image": "good.png", "caption": "ok"}])
+    persp = write_jsonl(
+        tmp_path / "persp.jsonl", [{"image": "good.png", "caption": "ok", "mask": "m.png"}]
+    )
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match=f"--pano {empty}: no rows in it: fill it"):
+        read_rows(empty, persp)
+    with pytest.raises(ValueError, match=f"--persp {empty}: no rows in it: .* or drop --persp$"):
+        read_rows(pano, empty)
+    assert len(read_rows(pano, persp)["persp"]) == 1
+
+
 def test_read_rows_paths_and_captions(tmp_path):
     """Paths resolve against the jsonl's folder (absolute kept); list captions keep the longest."""
     (tmp_path / "d").mkdir()
@@ -100,6 +117,26 @@ def test_read_rows_paths_and_captions(tmp_path):
     assert [r.image.resolve() for r in rows["pano"]] == [good.resolve()] * 2
     assert [r.caption for r in rows["pano"]] == ["the longest", "x"]
     assert rows["pano"][1].source == "pano.jsonl:3" and rows["persp"] == []
+
+
+def test_16_bit_rows_load_as_their_8_bit_version(tmp_path):
+    """A 16-bit grey panorama and mask pass read_rows and load as the 8-bit files (1 level)."""
+    x = np.linspace(0, 65535, H * 2 * H).round().astype(np.uint16).reshape(H, 2 * H)
+    m = np.zeros((H, 2 * H), np.uint16)
+    m[:, :H] = 65535
+    Image.fromarray(x).save(tmp_path / "p16.png")
+    Image.fromarray(m).save(tmp_path / "m16.png")
+    Image.fromarray(np.round(x / 65535 * 255).astype(np.uint8)).save(tmp_path / "p8.png")
+    write_mask(tmp_path / "m8.png", m > 0)
+    samples = []
+    for bits in (16, 8):
+        row = {"image": f"p{bits}.png", "caption": "a", "mask": f"m{bits}.png"}
+        rows = read_rows(write_jsonl(tmp_path / f"{bits}.jsonl", [row]))
+        samples.append(load_sample(Source(rows["pano"], [], H), "pano", 0, epoch=0))
+    sixteen, eight = samples
+    torch.testing.assert_close(sixteen["pixels"], eight["pixels"], rtol=0, atol=2 / 255)
+    assert torch.equal(sixteen["token_mask"], eight["token_mask"])
+    assert sixteen["token_mask"].any() and not sixteen["token_mask"].all()
 
 
 def test_load_image_bicubic_and_range(tmp_path):

@@ -1,6 +1,8 @@
 """Editing (RF-Inversion + token replacement) against an independent re-statement of DiT360's
 editing on diffusers' transformer, its properties, and edit.py end to end on the tiny model."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,16 @@ from PIL import Image
 from torch.testing import assert_close
 
 import edit as edit_cli
-from dit360.editing import check_mask, edit, feather, invert, paste_back, rows
+from dit360.editing import (
+    EditJob,
+    check_mask,
+    edit,
+    feather,
+    invert,
+    paste_back,
+    read_source,
+    rows,
+)
 from dit360.image import read_mask
 from dit360.options import EditOptions
 from dit360.panorama import Grid
@@ -238,6 +249,20 @@ def test_read_mask():
         check_mask(torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="nothing to keep"):
         check_mask(torch.zeros(2, 4, dtype=torch.bool))
+
+
+def test_16_bit_source_reads_as_its_8_bit_version(tmp_path):
+    """edit.py's --image and an --edits row's image read a 16-bit grey panorama as its 8 bits."""
+    x = np.linspace(0, 65535, 32 * 64).round().astype(np.uint16).reshape(32, 64)
+    Image.fromarray(x).save(tmp_path / "p16.png")
+    Image.fromarray(np.round(x / 65535 * 255).astype(np.uint8)).save(tmp_path / "p8.png")
+    cli, job = [], []
+    for name in ("p16.png", "p8.png"):
+        cli.append(np.asarray(edit_cli.read_panorama(tmp_path / name, height=32), np.int16))
+        row = EditJob("a", 0, Path(), image=tmp_path / name, mask=tmp_path / name)
+        job.append(np.asarray(read_source(row), np.int16))
+    assert np.abs(cli[0] - cli[1]).max() <= 1 and np.abs(job[0] - job[1]).max() <= 1
+    assert cli[0].std() > 10
 
 
 def test_feather_wraps_around_the_seam():

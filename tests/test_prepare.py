@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import py360convert
 import pytest
+from clitest import expect_error
 from PIL import Image
 
 from dit360.data import read_rows
@@ -121,6 +122,31 @@ def test_bad_rows_are_listed_together(tmp_path, capsys):
     )
     rows = read_rows(pano=written["pano"], persp=written["persp"])
     assert [len(rows[k]) for k in ("pano", "persp")] == [1, 1]
+
+
+def test_rerun_needs_overwrite(tmp_path, capsys):
+    """A second run into the same --out is refused (the jsonl untouched) unless --overwrite."""
+    make_images(tmp_path / "pano", {"a.png": (64, 32)})
+    out, pano = tmp_path / "data", ["--pano", str(tmp_path / "pano")]
+    main(["--out", str(out), *pano])
+    (out / "pano.jsonl").write_text('{"edited": "by hand"}\n')
+    expect_error(capsys, main, ["--out", str(out), *pano], tmp_path, r"holds pano\.jsonl from an")
+    main(["--out", str(out), *pano, "--overwrite"])
+    assert [r.image.name for r in read_rows(pano=out / "pano.jsonl")["pano"]] == ["a.png"]
+
+
+def test_16_bit_photo_projects_as_its_8_bit_version(tmp_path):
+    """A 16-bit grey photo is projected as the same photo saved at 8 bits, not as solid white."""
+    x = np.linspace(0, 65535, 24 * 32).round().astype(np.uint16).reshape(24, 32)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(x).save(photos / "a16.png")
+    Image.fromarray(np.round(x / 65535 * 255).astype(np.uint8)).save(photos / "a8.png")
+    for name in ("a16", "a8"):
+        (photos / f"{name}.txt").write_text("a ramp")
+    written = prepare(tmp_path / "data", persp=photos, height=32, fov=80, yaw_range=(0, 0))
+    sixteen, eight = (load(r.image).astype(int) for r in read_rows(persp=written["persp"])["persp"])
+    assert np.abs(sixteen - eight).max() <= 1 and sixteen.std() > 10
 
 
 def test_projected_photo_matches_py360convert(tmp_path):

@@ -71,6 +71,16 @@ BAD = {  # case: (extra arguments, what the error says, what to set up in tmp_pa
     "unknown flag": (["--learning-rate", "1"], r"unrecognized arguments: --learning-rate", None),
     "missing pano": (["--pano", "nope.jsonl"], r"--pano nope.jsonl: no such file", None),
     "missing persp": (["--persp", "nope.jsonl"], r"--persp nope.jsonl: no such file", None),
+    "empty pano": (
+        ["--pano", "e.jsonl"],
+        r"--pano \S*e\.jsonl: no rows in it: fill it \(prepare\.py writes one\)$",
+        lambda t: make_file(t / "e.jsonl", "\n"),
+    ),
+    "empty persp": (
+        ["--persp", "e.jsonl"],
+        r"--persp \S*e\.jsonl: no rows in it: fill it .* or drop --persp$",
+        lambda t: make_file(t / "e.jsonl", ""),
+    ),
     "bad device": (["--device", "mps"], r"--device mps: train.py runs on cpu or cuda", None),
     "no such gpu": (["--device", "cuda:99"], r"--device cuda:99: \d+ CUDA devices here", None),
     "not a device": (["--device", "banana"], r"--device banana: not a device", None),
