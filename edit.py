@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--photo", help="a perspective photo to extend to a panorama (no --image/--mask)"
     )
-    degrees = {k: bounded(float, lo, hi) for k, (lo, hi) in VIEW_RANGES.items()}  # prepare.py's
+    degrees = {k: bounded(float, lo, hi) for k, (lo, hi) in VIEW_RANGES.items()}  # as prepare.py's
     p.add_argument("--fov", type=degrees["fov"], default=90.0, help="--photo's horizontal fov")
     for angle, what in [("yaw", "right"), ("pitch", "up"), ("roll", "clockwise")]:
         p.add_argument(

@@ -27,11 +27,11 @@ from dit360.data import READ_ERRORS
 from dit360.files import exit_on_sigterm, own_temp, read_text, remove
 from dit360.image import open_image, project_photo
 from dit360.options import Parser, fail
+from dit360.panorama import VIEW_RANGES
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 Row = dict[str, str]
 Bad = list[tuple[str, str]]  # (file, reason)
-ANGLES = {"fov": (1, 179), "yaw": (-180, 180), "pitch": (-90, 90), "roll": (-180, 180)}  # degrees
 
 
 def find_images(folder: Path) -> list[Path]:
@@ -146,11 +146,11 @@ def check_args(
             raise ValueError(f"{flag} {folder}: no images in it (looked for {kinds})")
     if not (isinstance(height, int) and height > 0 and height % 16 == 0):
         raise ValueError(f"--height must be a positive multiple of 16, got {height}")
-    lo, hi = ANGLES["fov"]
+    lo, hi = VIEW_RANGES["fov"]
     if fov is not None and not lo <= fov <= hi:
         raise ValueError(f"--fov must be {lo} to {hi} degrees, got {fov}")
     for key, (a, b) in ranges.items():
-        lo, hi = ANGLES[key.removesuffix("_range")]
+        lo, hi = VIEW_RANGES[key.removesuffix("_range")]
         if not lo <= a <= b <= hi:  # NaN fails too
             flag = "--" + key.replace("_", "-")
             raise ValueError(f"{flag} {a} {b}: need {lo} <= LO <= HI <= {hi} (degrees)")
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         "--height", type=int, help="canvas height for photos (width 2x), a multiple of 16"
     )
     p.add_argument("--fov", type=float, help="horizontal fov of every photo, degrees")
-    for angle in ANGLES:
+    for angle in VIEW_RANGES:
         p.add_argument(f"--{angle}-range", type=float, nargs=2, metavar=("LO", "HI"))
     p.add_argument("--seed", type=int, help="seed of the sampled views")
     p.add_argument("--absolute", action="store_true", help="write absolute paths")

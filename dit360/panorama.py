@@ -24,6 +24,7 @@ from einops import rearrange
 from torch import Tensor
 
 FACES = ("px", "nx", "py", "ny", "pz", "nz")
+# Degrees a perspective view may take (edit.py --photo, prepare.py): fov, and the orientation.
 VIEW_RANGES = {"fov": (1, 179), "yaw": (-180, 180), "pitch": (-90, 90), "roll": (-180, 180)}
 FACE_VIEWS = {  # (yaw, pitch) of each face's view
     "px": (90.0, 0.0),
