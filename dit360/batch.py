@@ -16,7 +16,7 @@ from PIL import Image
 
 from .files import read_text
 from .generate import Job
-from .image import check_output_path, save_panorama
+from .image import check_output_path, open_image, save_panorama
 from .options import fail
 
 J = TypeVar("J", bound=Job)
@@ -102,7 +102,7 @@ def run_batch(
     jobs, todo = jobs[rank::world], []  # under torchrun: this process's share
     for job in jobs:
         if job.out.exists():
-            note = extras(Image.open(job.out), job.out) if missing(job.out) else ""
+            note = extras(open_image(job.out), job.out) if missing(job.out) else ""
             print(f"skip {job.out}: it exists" + (f"; {note}" if note else ""))
         else:
             todo.append(job)

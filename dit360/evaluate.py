@@ -22,7 +22,7 @@ LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L")
 
 def gray(img: Image.Image) -> torch.Tensor:
     """An image's luma (H, W) float64 in [0, 1]."""
-    rgb = np.asarray(img.convert("RGB"), dtype=np.float64) / 255
+    rgb = np.asarray(open_image(img).convert("RGB"), dtype=np.float64) / 255  # 16-bit grey too
     return torch.from_numpy(rgb @ np.array(LUMA))
 
 

@@ -65,3 +65,12 @@ def test_cli_errors(tmp_path, capsys):
         ([], "required: paths"),
     ]:
         expect_error(capsys, evaluate.main, argv, tmp_path, match)
+
+
+def test_16_bit_grey_scores_as_its_8_bit_version():
+    """A 16-bit grey panorama (PIL mode I;16) is scored as its 8-bit version, not clipped white."""
+    g = np.random.default_rng(0).integers(0, 65536, (32, 64)).astype(np.uint16)
+    wide = Image.fromarray(g)
+    narrow = Image.fromarray(np.round(g / 257).astype(np.uint8))
+    assert wide.mode == "I;16" and evaluate.seam_scores(wide)[0] > 0
+    assert evaluate.seam_scores(wide) == evaluate.seam_scores(narrow)
