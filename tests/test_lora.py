@@ -263,11 +263,13 @@ def test_bfl_named_formats(base, x, tmp_path, style):
 
 
 def test_full_size_dit360_manifest():
-    """DiT360's 380 tensors map onto flux-dev (meta device), each on its listed BFL rows."""
-    manifest = json.loads((DATA / "dit360-lora.json").read_text())["tensors"]
+    """DiT360's 380 tensors, under its adapter_config.json, map onto flux-dev (meta device),
+    each on its listed BFL rows."""
+    data = json.loads((DATA / "dit360-lora.json").read_text())
+    manifest, exported = data["tensors"], data["meta"]["adapter_config_json_as_exported_here"]
     model = meta_flux(config.PRESETS["flux-dev"])
     tensors = {k: torch.empty(v["shape"], device="meta") for k, v in manifest.items()}
-    plan = lora_formats.plan_lora(tensors, model, {"r": 64, "lora_alpha": 64})
+    plan = lora_formats.plan_lora(tensors, model, exported)  # its adapter_config.json fits
     placed = {
         key: {"key": f"{layer}.weight", "rows": [p.start, p.end]}
         for layer, parts in plan.items()
