@@ -456,3 +456,31 @@ def test_rank_pattern_that_fits(base, x, tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps(cfg | {"r": 8, "rank_pattern": fours}))
     with pytest.raises(ValueError, match="to_k: rank 4, but the config says r 8"):
         lora_formats.load_lora(ours(base), folder)
+
+
+def test_diffusers_save_lora_weights_file(base, x, tmp_path):
+    """A file written by diffusers' save_lora_weights, its peft config (alpha != r, a rank_pattern)
+    in the safetensors metadata: our model with it equals diffusers' load_lora_weights."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    trained = diffusers_transformer(SEED)
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["attn.to_q", "attn.to_v", "proj_mlp"],
+        rank_pattern={"proj_mlp": 2}, init_lora_weights=False,
+    )  # fmt: skip
+    trained.add_adapter(cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    layers = get_peft_model_state_dict(trained)
+    pipeline(None).save_lora_weights(
+        tmp_path, transformer_lora_layers=layers, transformer_lora_adapter_metadata=cfg.to_dict()
+    )
+    [path] = tmp_path.glob("*.safetensors")
+    reference = diffusers_transformer(SEED)
+    pipeline(reference).load_lora_weights(str(path))
+    expected = run_diffusers(reference, x)
+    assert rel_err(out(lora_formats.load_lora(ours(base), path), x), expected) < 1e-5
