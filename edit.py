@@ -37,6 +37,12 @@ from dit360.panorama import VIEW_RANGES
 from sample import batch_out, checked, out_dir
 
 SINGLE = ("image", "mask", "prompt")  # the flags of one edit, which --edits replaces
+PHOTO_VIEW = [  # flag, help, default
+    ("fov", "--photo's horizontal field of view", 90.0),
+    ("yaw", "--photo's view, + = right", 0.0),
+    ("pitch", "--photo's view, + = up", 0.0),
+    ("roll", "--photo's view, + = clockwise", 0.0),
+]
 SOURCES = ("image", "mask", "photo")  # input files, which --out must not overwrite
 KEYS = {
     "image": str, "mask": str, "prompt": str, "out": str, "seed": int, "invert": bool,
@@ -55,12 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--photo", help="a perspective photo to extend to a panorama (no --image/--mask)"
     )
-    degrees = {k: bounded(float, lo, hi) for k, (lo, hi) in VIEW_RANGES.items()}  # as prepare.py's
-    p.add_argument("--fov", type=degrees["fov"], default=90.0, help="--photo's horizontal fov")
-    for angle, what in [("yaw", "right"), ("pitch", "up"), ("roll", "clockwise")]:
+    for angle, what, default in PHOTO_VIEW:
+        lo, hi = VIEW_RANGES[angle]  # as prepare.py's
         p.add_argument(
-            f"--{angle}", type=degrees[angle], default=0.0, help=f"--photo's view, + = {what}"
-        )
+            f"--{angle}", type=bounded(float, lo, hi), default=default,
+            help=f"{what}, {lo} to {hi} degrees",
+        )  # fmt: skip
     p.add_argument("--height", type=int, default=1024, help="work at height x 2 height")
     p.add_argument("--resize", action="store_true", help="stretch an image that is not 2:1")
     p.add_argument("--out", help=".png or .jpg, with 360 metadata (default: edited.png)")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from dit360.data import READ_ERRORS
 from dit360.files import exit_on_sigterm, own_temp, read_text, remove
 from dit360.image import open_image, project_photo
-from dit360.options import Parser, fail
+from dit360.options import Parser, fail, run_main
 from dit360.panorama import VIEW_RANGES
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -167,8 +167,8 @@ def check_args(
     old = [f"{kind}.jsonl" for kind in given if (Path(out) / f"{kind}.jsonl").exists()]
     if old and not overwrite:
         raise ValueError(
-            f"--out {out} holds {' and '.join(old)} from an earlier run: replace it with "
-            "--overwrite, or choose another --out"
+            f"--out {out} holds {' and '.join(old)} from an earlier run: replace "
+            f"{'them' if len(old) > 1 else 'it'} with --overwrite, or choose another --out"
         )
     out = Path(out).absolute()
     near = next(p for p in (out, *out.parents) if p.exists())  # the folder that gets written
@@ -278,4 +278,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -18,7 +18,7 @@ from pathlib import Path
 from dit360.batch import checked_jobs, local_device, read_rows, run_batch
 from dit360.files import exit_on_sigterm
 from dit360.generate import Job, check_inputs, generate, generate_many, job_options
-from dit360.image import check_output_path, save_panorama
+from dit360.image import FORMATS, check_output_path, save_panorama
 from dit360.options import (
     Options,
     Parser,
@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.prompts or args.num_images != 1 or args.out_dir:
         args.device = local_device(args.device)  # torchrun: a GPU per process
+        if args.out and Path(args.out).suffix.lower() not in FORMATS:  # it names the outputs
+            fail(f"--out {args.out}: use a .png or .jpg name (a folder for them is --out-dir)")
         args.out_dir = out_dir(args, Path(args.out).parent if args.out else Path("panoramas"))
         with warnings_last():  # the size's warning only once every row passed
             opts = checked(SampleOptions, args, args.out_dir / "x.png")[0]

@@ -27,15 +27,19 @@ however it is split over ranks.
 
 Every argument is checked before anything slow; a bad one is one line `error: ...` (exit 2).
 
-Writes to --out (one run a folder, locked; `dit360.checkpoints`): checkpoints/step-N/
+--out holds one run: a non-empty --out is refused unless --resume continues it or --overwrite
+deletes it first, and out/.lock (the pid and host of the run writing there) keeps a second run
+out; a lock left by a dead process is taken over, with a warning. It receives checkpoints/step-N/
 (state.safetensors + lora/), lora/ (the final LoRA in the peft format that `sample.py --lora` and
 diffusers read), args.json, log.jsonl (one line a step), loss.png (with matplotlib),
 tensorboard/ (--log tensorboard), samples/step-N/ (previews with --sample-every), cache/ (the
 default --cache-dir of --base-dtype fp8 and --offload blocks).
 
---resume continues the latest readable checkpoint or the one named; with unchanged arguments,
-bit-identical to a run never stopped. Those that fix what the state means must be unchanged
-(`checkpoints.MUST_MATCH`); the rest may change: steps, learning rate and schedule, loss weights,
+--resume continues the latest readable checkpoint (an unreadable one is skipped, with a warning)
+or the one named; with unchanged arguments, bit-identical to a run never stopped. What fixes the
+state's meaning must be as it was trained: --lora-rank, --alpha, --targets, --dropout,
+--resolution, --wrap-pad, --supervise-pad, --circular-encoder, --pano, --persp, --seed (one error
+lists every difference). The rest may change: steps, learning rate and schedule, loss weights,
 clipping, batch size, accumulation and world size (the place in the epoch is kept in samples),
 checkpoint interval and count, workers, device, the base's dtype and offloading (memory modes),
 previews, logs.
@@ -224,7 +228,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workers",
         type=NATURAL,
         default=WORKERS,
-        help="data loader processes per rank (the default: the cores beside the main one, up to 4)",
+        help="data loader processes per rank (by default the cores beside the main one, up to 4)",
     )
     args = p.parse_args(argv)
     for flag in ("pano", "persp"):  # recorded resolved: a resume compares them

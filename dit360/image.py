@@ -55,6 +55,8 @@ def eight_bit(img: Image.Image, name: str) -> Image.Image:
     if x.size and (x.min() < 0 or x.max() > 65535):
         raise ValueError(f"{name}: integer pixels outside 0-65535: save it as 8 or 16 bits")
     out = Image.fromarray(((x + 128) // 257).astype(np.uint8))  # = round(x / 257)
+    if (t := img.info.get("transparency")) is not None:  # a transparent grey: as an alpha
+        out = Image.merge("LA", [out, Image.fromarray(((x != t) * 255).astype(np.uint8))])
     out.info = {k: v for k, v in img.info.items() if k != "transparency"}  # keeps EXIF
     return out
 

@@ -54,7 +54,7 @@ def _disagrees(name: str, r: int, config: dict | None) -> str | None:
     if (want := _configured(config, "r", name, r)) != r:
         return f"rank {r}, but the config says r {want}"
     targets = config.get("target_modules")
-    if isinstance(targets, str) and not re.fullmatch(targets, name):
+    if isinstance(targets, str) and targets != "all-linear" and not re.fullmatch(targets, name):
         return f"not matched by the config's target_modules {targets!r}"
     if isinstance(targets, list) and not any(name == t or name.endswith("." + t) for t in targets):
         return f"not in the config's target_modules {targets}"

@@ -6,6 +6,7 @@ its help, and the command-line flags of sample.py and edit.py are derived from t
 import argparse
 import importlib.util
 import math
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -260,6 +261,8 @@ def run_main(main: Callable[[], object]) -> None:
     try:
         main()
     except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 says it
+            raise SystemExit(130) from None
         fail("interrupted", code=130)
 
 

@@ -228,7 +228,7 @@ def _token_ids(tok: CLIPTokenizer | T5TokenizerFast, texts: list[str], n: int, n
     """Token ids (B, n): each prompt padded and truncated to n tokens; we warn if cut, not HF."""
     for text, ids in zip(texts, tok(texts, verbose=False).input_ids, strict=True):
         if len(ids) > n:
-            what = repr(text) if len(text) <= 40 else repr(text[:37] + "...")
+            what = repr(text if len(text) <= 60 else f"{text[:28]}...{text[-28:]}")  # its ends
             warnings.warn(f"prompt {what} is {len(ids)} {name} tokens: {n} are used", stacklevel=2)
     return tok(
         texts, padding="max_length", max_length=n, truncation=True, return_tensors="pt"

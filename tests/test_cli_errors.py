@@ -45,6 +45,7 @@ SAMPLE_CASES = [  # extra flags (the last of a repeated flag wins), the error li
     (["--device", "mps"], r"--device mps: cannot run there; use cpu, cuda or cuda:N"),
     (["--lora-scale", "0.5"], r"--lora-scale 0.5 needs --lora, which is none: give a LoRA or"),
     (["--num-images", "2", "--out-dir", "{tmp}/blocker"], r"blocker is a file: choose a folder"),
+    (["--num-images", "2", "--out", "{tmp}/results"], r"results: use a \.png or \.jpg name \(a fo"),
     (["--dtype", "fp64"], r"--dtype: invalid choice"),
     (["--prompt"], r"--prompt: expected one argument"),
     (["--frobnicate"], r"unrecognized arguments: --frobnicate"),
@@ -292,15 +293,23 @@ def test_warning_is_one_line(tiny_flux, tmp_path):
     assert "UserWarning" not in r.stderr and "skip " in r.stdout
 
 
-@pytest.mark.parametrize("name", ["sample.py", "edit.py", "train.py", "convert_weights.py"])
-def test_interrupt_is_one_line(name):
+@pytest.mark.parametrize(
+    "name, rank",
+    [(n, "0") for n in ("sample.py", "edit.py", "train.py", "convert_weights.py", "prepare.py")]
+    + [("train.py", "1")],
+)
+def test_interrupt_is_one_line(name, rank):
     """Ctrl-C (a KeyboardInterrupt in main, here from its first call) is one line
-    `error: interrupted` and exit 130, no traceback."""
+    `error: interrupted` and exit 130, no traceback; under torchrun from rank 0 alone."""
     code = (
         "import runpy, sys; import dit360.files as f\n"
         "def stop(): raise KeyboardInterrupt\n"
         f"f.exit_on_sigterm = stop; sys.argv = [{name!r}]\n"
         f"runpy.run_path({name!r}, run_name='__main__')"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 130 and r.stderr == "error: interrupted\n", r.stderr
+    env = {**os.environ, "RANK": rank}
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+    said = "error: interrupted\n" if rank == "0" else ""
+    assert r.returncode == 130 and r.stderr == said, r.stderr

@@ -78,6 +78,18 @@ def test_16_bit_mask_thresholds_at_half_range(tmp_path):
         assert read_mask(path, 4, 1).tolist() == [[False, False, True, True]], path
 
 
+def test_16_bit_mask_with_a_transparent_grey_refused(tmp_path):
+    """A 16-bit grey mask whose tRNS marks a grey as transparent is refused as its 8-bit twin
+    is, not read with the transparent region as white."""
+    levels = np.zeros((H, W), np.uint16)
+    levels[:, : W // 4] = 65535
+    Image.fromarray(levels).save(tmp_path / "m16.png", transparency=65535)
+    Image.fromarray((levels // 257).astype(np.uint8)).save(tmp_path / "m8.png", transparency=255)
+    for name in ("m8.png", "m16.png"):
+        with pytest.raises(ValueError, match=rf"{name} has transparent pixels"):
+            read_mask(tmp_path / name, W, H)
+
+
 def test_float_and_out_of_range_images_refused(tmp_path):
     """A float image, or 32-bit integers beyond 16 bits, is refused naming the file."""
     Image.fromarray(np.ones((H, W), np.float32)).save(tmp_path / "f.tif")

@@ -484,3 +484,11 @@ def test_diffusers_save_lora_weights_file(base, x, tmp_path):
     pipeline(reference).load_lora_weights(str(path))
     expected = run_diffusers(reference, x)
     assert rel_err(out(lora_formats.load_lora(ours(base), path), x), expected) < 1e-5
+
+
+def test_all_linear_config(base, x, tmp_path):
+    """peft's "all-linear" shorthand in target_modules matches every module of the file."""
+    folder, _, cfg = dit360_lora(tmp_path / "a")
+    plain = out(lora_formats.load_lora(ours(base), folder), x)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg | {"target_modules": "all-linear"}))
+    assert torch.equal(out(lora_formats.load_lora(ours(base), folder), x), plain)

@@ -127,25 +127,27 @@ def test_gated_repo_message(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_long_prompt_warns(tiny_flux: Path) -> None:
-    """A prompt over T5's 512 or CLIP's 77 tokens is cut with a warning naming it and its token
-    count, each long prompt of a batch its own; a short one is encoded silently."""
+    """A prompt over T5's 512 or CLIP's 77 tokens is cut with a warning naming it (its two ends)
+    and its token count, each long prompt its own also under Python's default once-per-message
+    filter (prompts alike but for their ends); a short one is encoded silently."""
     enc = text.load_text_encoders(tiny_flux, "cpu", torch.float32)
     long = " ".join(["a quiet city street at night with neon lights and people"] * 60)
-    longer = "one more, " + long
-    counts = [len(tok(long).input_ids) for tok in (enc.clip_tokenizer, enc.t5_tokenizer)]
-    more = [len(tok(longer).input_ids) for tok in (enc.clip_tokenizer, enc.t5_tokenizer)]
-    assert counts[1] > 512
-    with pytest.warns(UserWarning) as record:
-        txt, _, _ = text.encode_prompt(enc, [long, PROMPTS[0], longer])
-    a, b = (
-        "'a quiet city street at night with neo...'",
-        "'one more, a quiet city street at nigh...'",
-    )
+    prompts = [long + " and a red cat", PROMPTS[0], long + " and a red car"]
+    counts = [
+        [len(tok(p).input_ids) for p in prompts[::2]]
+        for tok in (enc.clip_tokenizer, enc.t5_tokenizer)
+    ]
+    assert min(counts[1]) > 512
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("default")
+        txt, _, _ = text.encode_prompt(enc, prompts)
+    a = "'a quiet city street at night...hts and people and a red cat'"
+    b = "'a quiet city street at night...hts and people and a red car'"
     assert [str(w.message) for w in record] == [
-        f"prompt {a} is {counts[0]} CLIP tokens: 77 are used",
-        f"prompt {b} is {more[0]} CLIP tokens: 77 are used",
-        f"prompt {a} is {counts[1]} T5 tokens: 512 are used",
-        f"prompt {b} is {more[1]} T5 tokens: 512 are used",
+        f"prompt {a} is {counts[0][0]} CLIP tokens: 77 are used",
+        f"prompt {b} is {counts[0][1]} CLIP tokens: 77 are used",
+        f"prompt {a} is {counts[1][0]} T5 tokens: 512 are used",
+        f"prompt {b} is {counts[1][1]} T5 tokens: 512 are used",
     ]
     assert txt.shape == (3, 512, 32)
     with warnings.catch_warnings():
