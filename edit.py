@@ -31,10 +31,10 @@ from dit360.batch import checked_jobs, local_device, read_rows, run_batch
 from dit360.editing import EditJob, check_job, edit_image, edit_many
 from dit360.files import exit_on_sigterm
 from dit360.image import open_image, project_photo, read_rgb, save_panorama
-from dit360.options import EditOptions, Parser, add_flags, bounded, fail, run_main, warnings_last
+from dit360.options import EditOptions, Parser, add_flags, bounded, fail, run_main
 from dit360.outputs import add_output_flags, extras_missing, write_extras
 from dit360.panorama import VIEW_RANGES
-from sample import batch_out, checked, out_dir
+from sample import batch_out, checked, checked_batch, out_dir
 
 SINGLE = ("image", "mask", "prompt")  # the flags of one edit, which --edits replaces
 PHOTO_VIEW = [  # flag, help, default
@@ -153,12 +153,7 @@ def run_edits(args: argparse.Namespace) -> None:
     """--edits: the rows checked, then the missing outputs made with each model loaded once."""
     args.device = local_device(args.device)  # torchrun: a GPU per process
     args.out_dir = out_dir(args, Path("edited"))
-    with warnings_last():  # shown only once every row passed
-        opts = checked(EditOptions, args, args.out_dir / "x.png")[0]
-        try:
-            jobs = edit_jobs(args, opts)
-        except (ValueError, OSError) as e:
-            fail(e)
+    opts, jobs = checked_batch(EditOptions, args, edit_jobs)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     run_batch(
         jobs,
@@ -173,11 +168,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.height <= 0 or args.height % 16:
         fail(f"--height must be a positive multiple of 16, got {args.height}")
-    if args.paste_back and args.feather is not None and args.feather >= 2 * args.height:
-        fail(
-            f"--feather {args.feather} must be under the image's width ({2 * args.height} px at "
-            f"--height {args.height}): lower it"
-        )
     if args.edits:
         return run_edits(args)
     args.out = args.out or "edited.png"

@@ -12,7 +12,7 @@ Under torchrun, rank r of w makes jobs[r::w] on GPU LOCAL_RANK (no process group
 
 import argparse
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dit360.batch import checked_jobs, local_device, read_rows, run_batch
@@ -63,6 +63,18 @@ def checked(cls: type, args: argparse.Namespace, out: Path | None = None) -> tup
         except RuntimeError as e:  # torch.device's, on a malformed --device
             fail(f"--device {args.device}: {e}")
     return opts, out
+
+
+def checked_batch(cls: type, args: argparse.Namespace, make_jobs: Callable) -> tuple[Options, list]:
+    """A batch's options and its jobs (`make_jobs(args, opts)`), every row checked before anything
+    slow: a bad one is one line `error: FILE:LINE: ...`; warnings only once all passed. edit.py
+    uses it too."""
+    with warnings_last():
+        opts = checked(cls, args, args.out_dir / "x.png")[0]
+        try:
+            return opts, make_jobs(args, opts)
+        except (ValueError, OSError) as e:
+            fail(e)
 
 
 def out_dir(args: argparse.Namespace, default: Path) -> Path:
@@ -124,12 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.out and Path(args.out).suffix.lower() not in FORMATS:  # it names the outputs
             fail(f"--out {args.out}: use a .png or .jpg name (a folder for them is --out-dir)")
         args.out_dir = out_dir(args, Path(args.out).parent if args.out else Path("panoramas"))
-        with warnings_last():  # the size's warning only once every row passed
-            opts = checked(SampleOptions, args, args.out_dir / "x.png")[0]
-            try:
-                jobs = batch_jobs(args, opts)
-            except (ValueError, OSError) as e:
-                fail(e)
+        opts, jobs = checked_batch(SampleOptions, args, batch_jobs)
         log = lambda m: print(m, file=sys.stderr)  # noqa: E731
         return run_batch(
             jobs,

@@ -1,19 +1,12 @@
-"""A training run's folder and its checkpoints.
-
---out holds one run: a non-empty --out is refused unless --resume continues it or --overwrite
-deletes it first, and `out/.lock` (the pid and host of the run writing there) keeps a second run
-out; a lock left by a dead process is taken over, with a warning.
+"""A training run's folder and its checkpoints; the rules for --out, --overwrite and --resume
+are stated once, in train.py's docstring (its --help).
 
 A checkpoint is `checkpoints/step-N/`: state.safetensors (the LoRA with its AdamW moments and step
 as full tensors, the counters and arguments as JSON metadata: nothing is ever unpickled) and its
 LoRA in lora/ (peft format). Rank 0 writes it under a temporary name, then renames it; on resume
 every rank reads it and keeps its shards. A state holding a non-finite value is never written.
-
---resume continues the latest readable checkpoint (an unreadable one is skipped, with a warning)
-or the one named. The arguments that fix what the state means must be those it was trained with
-(MUST_MATCH: the LoRA's rank, alpha, targets and dropout, the resolution, wrap pad and supervised
-pad, the encoder, the data files and the seed, as the counters index the data order and every
-random draw); one error lists every difference. The rest may change (train.py's docstring).
+MUST_MATCH are the arguments a resume must keep: the counters index the data order and every
+random draw, and the rest fix the LoRA's shape and what its state means.
 """
 
 import argparse

@@ -226,11 +226,13 @@ def token_mask(job: EditJob, o: EditOptions, width: int, height: int) -> tuple[G
 
 def check_job(job: EditJob, opts: EditOptions) -> tuple[int, int]:
     """Everything about a job that can fail before a model loads: its options, its source (it
-    opens; its size), its mask on the token grid. Warns if the size is not 1024x2048. Returns
-    the source file's own size (width, height)."""
+    opens; its size), its mask on the token grid, the paste-back feather. Warns if the size is
+    not 1024x2048. Returns the source file's own size (width, height)."""
     o = job_options(opts, job)
     own = open_image(job.image).size  # it opens and decodes
     width, height = job.size or own
+    if o.paste_back and o.feather is not None and o.feather >= width:
+        raise ValueError(f"--feather {o.feather} must be under the image's width ({width} px)")
     token_mask(job, o, width, height)
     check_size(height, width, o.wrap_pad)  # the pad's range; warns last, once all is good
     return own
