@@ -317,15 +317,24 @@ def probe(device: str, dtype: str, shape: tuple[int, ...]) -> dict:
 
 
 def run_prepare(
-    folder: str, sizes: str, device: str, dtype: str, hidden: int = 256, sdpa: list | None = None
+    folder: str,
+    sizes: str,
+    device: str,
+    dtype: str,
+    hidden: int = 256,
+    sdpa: list | None = None,
+    t5_layers: int | None = None,
 ) -> dict:
-    """Write (or reuse) a random FLUX.1-dev folder (sizes "full", "medium" or "tiny"); with
-    `sdpa` (a q/k/v shape), also probe the attention backends and report the environment."""
-    from random_flux import FULL, TINY, medium, write_flux_folder
+    """Write (or reuse) a random FLUX.1-dev folder (sizes "full", "medium" or "tiny"; T5 cut to
+    `t5_layers` blocks if given); with `sdpa` (a q/k/v shape), also probe the attention backends
+    and report the environment."""
+    from random_flux import FULL, TINY, medium, short_t5, write_flux_folder
 
     from dit360.options import DTYPES
 
     chosen = {"full": FULL, "tiny": TINY, "medium": medium(hidden)}[sizes]
+    if t5_layers:
+        chosen = short_t5(chosen, t5_layers)
     start = time.perf_counter()
     written = write_flux_folder(folder, chosen, device, DTYPES[dtype])
     sync(device)
@@ -349,8 +358,10 @@ def environment() -> dict:
             return "not installed"
 
     cuda = torch.cuda.is_available()
+    free, total = torch.cuda.mem_get_info() if cuda else (0, 0)
     return dict(
         gpu=torch.cuda.get_device_name() if cuda else "none (CPU)", torch=torch.__version__,
+        gpu_total_gib=round(total / 2**30, 1), gpu_free_gib=round(free / 2**30, 1),
         cuda=torch.version.cuda, cpus=os.cpu_count(), python=sys.version.split()[0],
         **{k: version(k) for k in ("transformers", "diffusers", "safetensors")},
     )  # fmt: skip

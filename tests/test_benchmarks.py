@@ -39,8 +39,9 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict:
     }
     argv["gpu"] += ["--out", str(tmp / "out")]
     # Not the compiled rows: a cold compile takes a minute on 2 cores (see tests/test_compile.py).
-    argv["gpu"] += ["--only", "none,diffusers,model,blocks,wrap1,diffusers-offload,edit"]
-    argv["gpu"][-1] += ",train-bf16,train-fp8-blocks"  # the training rows: two memory modes
+    # Training rows between generation rows: they run in the order given.
+    argv["gpu"] += ["--only", "none,diffusers,train-bf16,model,blocks,wrap1,diffusers-offload"]
+    argv["gpu"][-1] += ",edit,train-fp8-blocks"  # the training rows: two memory modes
     procs = {}
     for name, a in argv.items():  # output to files: a full pipe would stall a process not read yet
         with open(tmp / f"{name}.out", "w") as out, open(tmp / f"{name}.err", "w") as err:
@@ -83,6 +84,8 @@ def test_gpu_tiny(smoke):
     assert "SDPA on (1, 2, 552, 16) fp32: picks" in out
     results = json.loads((smoke["out"] / "results.json").read_text())
     assert [r["label"] for r in results["rows"].values()] == list(GPU_ROWS)
+    ends = [json.loads(line)["label"] for line in (smoke["out"] / "results.jsonl").open()]
+    assert ends[2] == "train bf16, recompute" and len(ends) == len(GPU_ROWS) + len(TRAIN_ROWS)
     table = (smoke["out"] / "table.md").read_text().splitlines()
     assert sum(line.startswith("| ") for line in table) == len(GPU_ROWS) + 1 + len(TRAIN_ROWS) + 1
     for label in TRAIN_ROWS:
@@ -107,9 +110,58 @@ def test_fp8_small(tmp_path):
     ), out
 
 
-def test_gpu_session_script_parses():
+def test_gpu_session_script_parses(tmp_path):
     """The GPU session script is valid bash and refuses an unknown phase before any work."""
     script = Path(__file__).parents[1] / "benchmarks" / "gpu_session.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    r = subprocess.run(["bash", str(script)], capture_output=True, text=True)
-    assert r.returncode != 0 and "infer, train or tiny" in r.stderr
+    r = subprocess.run(["bash", str(script), "infer", str(tmp_path / "o")], capture_output=True)
+    assert r.returncode == 2 and b"unknown phase infer: run, later or tiny" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def gpu_bench(tmp_path: Path, *argv: str) -> subprocess.Popen:
+    """gpu.py --tiny with its own weights and output folders, started."""
+    args = ["--tiny", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "out"), *argv]
+    return subprocess.Popen(
+        [sys.executable, "benchmarks/gpu.py", *args], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+
+
+def test_gpu_bench_cut_keeps_finished_rows(tmp_path):
+    """A run killed after its first row (a device call's limit) has that row, whole, in
+    results.json, results.jsonl and table.md; a run out of budget skips its rows cleanly."""
+    out = tmp_path / "out"
+    proc = gpu_bench(tmp_path, "--only", "none,blocks,train-fp8-blocks")
+    for line in proc.stdout:
+        if line.startswith("| dit360, offload none |"):
+            break
+    proc.kill()
+    proc.wait()
+    assert [json.loads(line)["key"] for line in (out / "results.jsonl").open()] == ["none"]
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["rows"]) == ["none"] and "stages" in results["rows"]["none"]["result"]
+    assert re.search(rf"\| dit360, offload none \| {NUMBER} \|", (out / "table.md").read_text())
+
+    proc = gpu_bench(tmp_path, "--only", "none,train-fp8-blocks", "--budget", "0")
+    assert proc.wait(timeout=300) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = [*results["rows"].values(), *results["train"].values()]
+    assert [r["result"] for r in rows] == [dict(skipped="out of time (--budget 0 s)")] * 2
+
+
+def test_gpu_bench_chooses_room(tmp_path):
+    """The weights go to the first folder with room, with a 2-layer T5 where none holds the full
+    one, to a folder that holds complete weights already before either; else one line."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu import choose_work
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    needs = {24: 100, 2: 50}
+    assert choose_work([a, b], needs, {a: 10, b: 2**31}, "w") == (b / "w", 24)
+    assert choose_work([a, b], needs, {a: 2**30 + 60, b: 2**30 + 90}, "w") == (a / "w", 2)
+    made = b / "w" / "flux" / "random-weights.json"
+    made.parent.mkdir(parents=True)
+    made.write_text(json.dumps({"sizes": {"t5": {"num_layers": 2}}}))
+    assert choose_work([a, b], needs, {a: 2**31, b: 0}, "w") == (b / "w", 2)
+    with pytest.raises(SystemExit, match=r"no folder has room .*/a: 0.0 GiB, .*/c: 0.0 GiB"):
+        choose_work([a, tmp_path / "c"], needs, {a: 10, tmp_path / "c": 20}, "w")
