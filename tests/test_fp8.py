@@ -247,7 +247,7 @@ def test_quantize_on_device_block_by_block(monkeypatch):
 
 
 def test_fp8_needs_fit_a_16_gb_card():
-    """The offload chooser knows --fp8 halves the transformer: a 16 GB card (about 15 GB free)
+    """The offload chooser knows --fp8 halves the transformer: a 16 GiB card (about 15 GiB free)
     keeps everything on it with fp8, and streams blocks in bf16."""
     from dit360.generate import offload_needs
     from dit360.offload import MARGIN
