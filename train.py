@@ -64,6 +64,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from dit360.options import require_torch
+
+# Before any import that needs it. FSDP2 as dit360.distributed uses it: fully_shard 2.6,
+# ignored_params and src_data_rank 2.7, set_gradient_divide_factor,
+# set_force_sum_reduction_for_comms and set_reshard_after_forward 2.8.
+require_torch((2, 8), "train.py", "FSDP2's fully_shard and its settings")
+
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm

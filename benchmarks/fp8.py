@@ -8,7 +8,10 @@ against the bf16 and float32 models on the same random weights. Prints figures; 
    weights std 1/sqrt(fan_in)) at 8,320 image + 512 text tokens: the relative error
    |out - ref| / |ref| of fp8 against bf16 and float32 references. fp8 runs weight-only (as on
    the CPU and older GPUs) with bf16 and float32 activations, and W8A8 as on fp8 GPUs (tokens
-   quantized too, through torch._scaled_mm, which the CPU also runs).
+   quantized too, through torch._scaled_mm, which the CPU runs from torch 2.12 on), once with
+   fast accumulation (fp8.FAST_ACCUM, the default) and once precise, each timed. On the CPU the
+   flag changes nothing (the outputs print as equal or not, whichever they are); on Hopper the
+   fast mode is about twice the fp8 throughput.
 2. `generate` end to end (random medium FLUX.1-dev folder, bf16 weights, float32 compute on the
    CPU, fixed prompt and seed) with --fp8 and without: the PSNR of the two images.
 """
@@ -31,6 +34,7 @@ from dit360.options import Parser, SampleOptions  # noqa: E402
 from dit360.panorama import Grid  # noqa: E402
 
 PROMPT, SEED, GUIDANCE = "A panorama of a mountain lake at dawn, pine forests, mist.", 0, 2.8
+W8A8 = "fp8 W8A8 (torch._scaled_mm)"
 
 
 def random_flux(sizes, dtype: torch.dtype) -> Flux:
@@ -52,18 +56,35 @@ def inputs(sizes, height: int, width: int) -> tuple:
     return img, img_ids, txt, txt_ids, torch.tensor([0.7]), y, torch.tensor([GUIDANCE])
 
 
-def forward(model: Flux, xs: tuple, dtype: torch.dtype, w8a8: bool = False) -> torch.Tensor:
+def forward(
+    model: Flux, xs: tuple, dtype: torch.dtype, w8a8: bool = False, fast: bool = True
+) -> torch.Tensor:
     """One forward in `dtype` (times and guidance stay float32), float32 out; `w8a8`: take the
-    torch._scaled_mm path as on an fp8 GPU."""
+    torch._scaled_mm path as on an fp8 GPU, with fast accumulation or not."""
     img, img_ids, txt, txt_ids, t, y, guidance = xs
-    cores = fp8._fp8_cores
+    cores, accum = fp8._fp8_cores, fp8.FAST_ACCUM
     fp8._fp8_cores = (lambda device: True) if w8a8 else cores
+    fp8.FAST_ACCUM = fast
     try:
         with torch.no_grad():
             out = model(img.to(dtype), img_ids, txt.to(dtype), txt_ids, t, y.to(dtype), guidance)
     finally:
-        fp8._fp8_cores = cores
+        fp8._fp8_cores, fp8.FAST_ACCUM = cores, accum
     return out.float()
+
+
+def w8a8(model: Flux, xs: tuple, outs: dict, seconds: dict) -> None:
+    """The W8A8 rows, fast and precise accumulation, timed; one line instead where this torch's
+    CPU has no row-wise _scaled_mm (before 2.12)."""
+    for fast, mode in ((True, "fast"), (False, "precise")):
+        name = f"{W8A8}, {mode} accumulation"
+        start = time.perf_counter()
+        try:
+            outs[name] = forward(model, xs, torch.bfloat16, w8a8=True, fast=fast)
+        except RuntimeError as e:  # "_scaled_mm only supports per-tensor scaling for CPU backend"
+            print(f"{name}: not measured, torch {torch.__version__}: {str(e).splitlines()[0]}\n")
+            return
+        seconds[name] = time.perf_counter() - start
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -77,19 +98,29 @@ def forward_errors(sizes, height: int, width: int) -> None:
     ref16 = copy.deepcopy(ref32).to(bf16)  # FLUX.1-dev's weights are bf16: fp8 is made from them
     q16 = fp8.quantize_fp8(copy.deepcopy(ref16))
     q32 = fp8.quantize_fp8(copy.deepcopy(ref32))
-    start = time.perf_counter()
-    outs = {"float32": forward(ref32, xs, f32)}
-    seconds = time.perf_counter() - start
-    outs["bf16"] = forward(ref16, xs, bf16)
-    outs["fp8 weight-only, bf16 activations"] = forward(q16, xs, bf16)
-    outs["fp8 weight-only, float32 activations"] = forward(q32, xs, f32)
-    outs["fp8 W8A8 (torch._scaled_mm), bf16 out"] = forward(q16, xs, bf16, w8a8=True)
+    runs = {
+        "float32": (ref32, f32),
+        "bf16": (ref16, bf16),
+        "fp8 weight-only, bf16 activations": (q16, bf16),
+        "fp8 weight-only, float32 activations": (q32, f32),
+    }
+    outs, seconds = {}, {}
+    for name, (model, dtype) in runs.items():
+        start = time.perf_counter()
+        outs[name] = forward(model, xs, dtype)
+        seconds[name] = time.perf_counter() - start
+    w8a8(q16, xs, outs, seconds)
     tokens = xs[0].shape[1]
-    print(f"## 1. one forward, {tokens} image + 512 text tokens ({seconds:.1f} s in float32)\n")
-    print("| model | rel. error vs bf16 | rel. error vs float32 |")
-    print("|---|---|---|")
+    print(f"## 1. one forward, {tokens} image + 512 text tokens, on the CPU\n")
+    print("| model | rel. error vs bf16 | rel. error vs float32 | seconds |")
+    print("|---|---|---|---|")
     for name, out in outs.items():
-        print(f"| {name} | {rel(out, outs['bf16']):.2e} | {rel(out, outs['float32']):.2e} |")
+        errs = f"{rel(out, outs['bf16']):.2e} | {rel(out, outs['float32']):.2e}"
+        print(f"| {name} | {errs} | {seconds[name]:.2f} |")
+    fast, precise = (outs.get(f"{W8A8}, {mode} accumulation") for mode in ("fast", "precise"))
+    if fast is not None and precise is not None:
+        same = "equal" if torch.equal(fast, precise) else f"differ by {rel(fast, precise):.2e}"
+        print(f"\nW8A8 fast vs precise accumulation on torch {torch.__version__}: outputs {same}")
     nbytes = [sum(t.nbytes for t in m.state_dict().values()) for m in (ref16, q16)]
     print(f"\ntransformer bytes: bf16 {nbytes[0] / 2**20:.1f} MiB, fp8 {nbytes[1] / 2**20:.1f} MiB")
 

@@ -6,9 +6,13 @@ Each weight row (output channel) is stored as float8_e4m3fn with its own float32
 the fp8 tensor cores of CUDA GPUs of compute capability 8.9+ (Ada, Hopper) through
 `torch._scaled_mm`, the activations quantized per token the same way; elsewhere (CPU, older GPUs,
 fp16/fp32 activations) the weight is upcast to the activation dtype and scaled (weight-only).
+The tensor cores accumulate with fast accumulation (`FAST_ACCUM`, as torchao does in the
+forward pass: about twice Hopper's throughput of the precise mode, which periodically promotes the
+partial sums to float32); set `fp8.FAST_ACCUM = False` for the precise mode.
 Training a LoRA over a float8 base needs the gradient of the input only (the base is frozen):
 `_scaled_mm` has no autograd, so on the tensor cores a small autograd function multiplies the
-output gradient by the upcast weight in backward; the weight-only path is differentiable as is.
+output gradient by the upcast weight in backward (a bf16 matmul, never `_scaled_mm`: the backward
+stays precise); the weight-only path is differentiable as is.
 Left in the model dtype: the embedders and modulation layers (computed ahead, in CPU memory),
 img_in, txt_in and final_layer (small, and at the model's input and output).
 Reference: Micikevicius et al. 2022, "FP8 Formats for Deep Learning", https://arxiv.org/abs/2209.05433;
@@ -25,6 +29,7 @@ from .offload import move
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 TINY = 1e-12  # floor of an absmax: an all-zero row or token gets a finite scale
+FAST_ACCUM = True  # _scaled_mm's use_fast_accum (forward only; the backward is a bf16 matmul)
 
 
 def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -87,12 +92,15 @@ class ScaledMatmul(torch.autograd.Function):
 
 def scaled_mm(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     """x (M, K) bf16 quantized per token, times the float8 weight on the tensor cores -> (M, N)
-    bf16, a new tensor."""
+    bf16, a new tensor; accumulated as FAST_ACCUM says."""
     xq, xs = quantize(x)  # (M, K) row-major, (M, 1): per token
     # Rowwise scaling: a (M, K) row-major, b (K, N) column-major (weight.t() is), scales (M, 1)
     # and (1, N) float32; the output and the bias bf16.
     bias = None if bias is None else bias.to(torch.bfloat16)
-    return torch._scaled_mm(xq, weight.t(), xs, scale[None], bias=bias, out_dtype=torch.bfloat16)
+    return torch._scaled_mm(
+        xq, weight.t(), xs, scale[None], bias=bias, out_dtype=torch.bfloat16,
+        use_fast_accum=FAST_ACCUM,
+    )  # fmt: skip
 
 
 class FP8Linear(nn.Module):

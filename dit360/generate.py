@@ -36,18 +36,19 @@ from .sources import flagged
 
 Opts = TypeVar("Opts", bound=Options)
 
-# GPU memory (GB) each mode needs for flux-dev at 1024x2048 in bf16, estimated from the parts'
-# sizes (T5-XXL 9.5, the transformer without its modulation 17.2, activations ~2; one at a time):
+# GPU memory (GiB, as torch.cuda.mem_get_info's free bytes / 2**30 that `offload.choose` compares
+# them with) each mode needs for flux-dev at 1024x2048 in bf16, estimated from the parts' sizes
+# (T5-XXL 8.9, the transformer without its modulation 16.1, activations ~1.9; one at a time):
 # `offload.choose` takes the first that fits. For one image `model` saves nothing over `none`.
-# With --fp8 the transformer is 8.7 (its block linears float8), T5 the largest part.
-NEEDS_GB = {"none": 20.0, "model": 20.0, "blocks": 8.0}
-NEEDS_FP8_GB = {"none": 11.0, "model": 11.0, "blocks": 8.0}
+# With --fp8 the transformer is 8.1 (its block linears float8), T5 about as large.
+NEEDS_GIB = {"none": 18.5, "model": 18.5, "blocks": 7.5}
+NEEDS_FP8_GIB = {"none": 10.5, "model": 10.5, "blocks": 7.5}
 
 
 def offload_needs(opts: Options) -> dict[str, float]:
-    """The GPU memory (GB) each offload mode needs with these options (see NEEDS_GB)."""
+    """The GPU memory (GiB) each offload mode needs with these options (see NEEDS_GIB)."""
     scale = torch.finfo(opts.dtype).bits / 16  # fp32 weights and activations take twice bf16's
-    return {k: v * scale for k, v in (NEEDS_FP8_GB if opts.fp8 else NEEDS_GB).items()}
+    return {k: v * scale for k, v in (NEEDS_FP8_GIB if opts.fp8 else NEEDS_GIB).items()}
 
 
 def offload_mode(opts: Options, log: Callable[[str], None] = print) -> str:

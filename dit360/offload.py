@@ -242,7 +242,7 @@ def _streamed(
 def choose(
     device: torch.device | str, needs: dict[str, float], log: Callable[[str], None] = print
 ) -> str:
-    """The offload mode for `device`: the first of MODES whose need (GB) fits its free memory with
+    """The offload mode for `device`: the first of MODES whose need (GiB) fits its free memory with
     a margin, else "blocks"; "none" off CUDA. Logs the choice and why."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -253,5 +253,5 @@ def choose(
     mode = fits[0] if fits else "blocks"
     wants = ", ".join(f"{m} {needs[m]:.1f}" for m in MODES if m in needs)
     warn = "" if fits else " (nothing fits: expect out-of-memory)"
-    log(f"offload {mode}: {free:.1f} GB free on {device}, needs (GB, +10%): {wants}{warn}")
+    log(f"offload {mode}: {free:.1f} GiB free on {device}, needs (GiB, +10%): {wants}{warn}")
     return mode

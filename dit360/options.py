@@ -238,6 +238,16 @@ def fail(message: object, code: int = 2) -> NoReturn:
     raise SystemExit(code)
 
 
+def require_torch(floor: tuple[int, int], command: str, why: str) -> None:
+    """Refuse a torch older than `floor` with one line `error: ...` (exit 2), before anything
+    slow or any import that needs it."""
+    have = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    if have < floor:
+        need = ".".join(map(str, floor))
+        fail(f"{command} needs torch >= {need} ({why}), this is {torch.__version__}: "
+             f"pip install 'torch>={need}'")  # fmt: skip
+
+
 def one_line_warning(message: Warning | str, *args: Any, **kw: Any) -> str:
     """A warning as the scripts print it: one line `warning: ...` (warnings.formatwarning)."""
     return f"warning: {message}\n"

@@ -21,7 +21,7 @@ from .files import atomic_path
 
 @dataclass
 class Report:
-    """Seconds and peak memory (GB) per stage of one run. Peaks: on CUDA (allocated, reserved)
+    """Seconds and peak memory (GiB) per stage of one run. Peaks: on CUDA (allocated, reserved)
     since the stage began; on the CPU (peak RSS, RSS at the end), reset per stage on Linux. A
     stage run again (a batch's denoise per image) adds its seconds and keeps the larger peaks."""
 
@@ -50,7 +50,7 @@ class Report:
         what = "GPU" if str(self.device).startswith("cuda") else "RSS"
         times = {k: f" x{n}" if (n := self.counts.get(k, 1)) > 1 else "" for k in self.seconds}
         stages = ", ".join(
-            f"{k}{times[k]} {v:.1f}s ({what} peak {self.peaks[k][0]:.2f} GB)"
+            f"{k}{times[k]} {v:.1f}s ({what} peak {self.peaks[k][0]:.2f} GiB)"
             for k, v in self.seconds.items()
         )
         return f"{stages}; total {sum(self.seconds.values()):.1f}s"
@@ -65,21 +65,21 @@ def free(device: str | torch.device) -> None:
 
 def peak_memory_gb(device: str | torch.device = "cpu") -> float:
     """Peak GPU memory allocated on a CUDA device, else the peak resident memory of the process
-    (since `reset_peak`)."""
+    (since `reset_peak`), in GiB."""
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2**30
     return _status_gb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB
 
 
 def _status_gb(field: str) -> float | None:
-    """A memory field of /proc/self/status in GB; None without /proc."""
+    """A memory field of /proc/self/status in GiB; None without /proc."""
     if (status := Path("/proc/self/status")).exists():
         return int(re.search(rf"{field}:\s+(\d+)", status.read_text())[1]) / 2**20  # kB
     return None
 
 
 def held_memory_gb(device: str | torch.device = "cpu") -> float:
-    """GPU memory reserved by PyTorch's allocator at its peak, else the process's RSS now."""
+    """GPU memory reserved by PyTorch's allocator at its peak, else the process's RSS now (GiB)."""
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_reserved(device) / 2**30
     return _status_gb("VmRSS") or peak_memory_gb()

@@ -168,3 +168,5 @@ def test_report_adds_up_a_batch():
         pass
     assert report.counts == {"denoise": 2, "decode": 1} and report.seconds["denoise"] >= 0.03
     assert "denoise x2 " in str(report) and "decode 0.0s" in str(report)
+    peak = report.peaks["decode"][0]  # bytes / 2**30: said in GiB, not GB
+    assert f"decode 0.0s (RSS peak {peak:.2f} GiB)" in str(report), str(report)

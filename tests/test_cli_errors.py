@@ -313,3 +313,26 @@ def test_interrupt_is_one_line(name, rank):
     )
     said = "error: interrupted\n" if rank == "0" else ""
     assert r.returncode == 130 and r.stderr == said, r.stderr
+
+
+@pytest.mark.parametrize("version, refused", [("2.7.1+cu126", True), ("2.8.0", False)])
+def test_train_refuses_an_old_torch(tmp_path, version, refused):
+    """train.py under a torch older than 2.8 (FSDP2's settings) stops with one line, exit 2,
+    before its imports (dit360.distributed's would be a traceback on < 2.6); 2.8 passes the
+    check (then --help)."""
+    code = (
+        "import runpy, sys, torch\n"
+        f"torch.__version__ = {version!r}; sys.argv = ['train.py', '--help']\n"
+        "runpy.run_path('train.py', run_name='__main__')"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    error = (
+        "error: train.py needs torch >= 2.8 (FSDP2's fully_shard and its settings), "
+        f"this is {version}: pip install 'torch>=2.8'"
+    )
+    if refused:
+        assert r.returncode == 2 and r.stderr.splitlines() == [error], r.stderr
+    else:
+        assert r.returncode == 0 and "usage:" in r.stdout, r.stderr

@@ -80,10 +80,13 @@ def test_forward_close_to_float32():
     assert all(m.weight.element_size() == 1 and m.scale.dtype == torch.float32 for m in layers)
 
 
-def test_scaled_mm_path_matches_its_emulation(monkeypatch):
-    """The fp8 tensor-core path (forced here: the CPU runs rowwise torch._scaled_mm too) equals
-    per-token-quantized x times the dequantized weight, to bf16 output rounding; it hands
-    _scaled_mm the layouts CUDA requires (a row-major, b column-major)."""
+@pytest.mark.scaled_mm_cpu
+@pytest.mark.parametrize("fast", [True, False])
+def test_scaled_mm_path_matches_its_emulation(monkeypatch, fast):
+    """The fp8 tensor-core path (forced here: the CPU runs rowwise torch._scaled_mm too, from
+    torch 2.12) equals per-token-quantized x times the dequantized weight, to bf16 output
+    rounding, with fast accumulation (the default) and precise; it hands _scaled_mm the layouts
+    CUDA requires (a row-major, b column-major) and fp8.FAST_ACCUM."""
     g = torch.Generator().manual_seed(1)
     lin = nn.Linear(64, 48).to(torch.bfloat16)
     x = (torch.randn(2, 5, 64, generator=g) * torch.logspace(-2, 2, 5)[:, None]).bfloat16()
@@ -91,13 +94,16 @@ def test_scaled_mm_path_matches_its_emulation(monkeypatch):
     scaled_mm = torch._scaled_mm
 
     def spy(a, b, *args, **kw):
-        seen.update(a=a.stride(), b=b.stride(), out=kw["out_dtype"])
+        seen.update(a=a.stride(), b=b.stride(), out=kw["out_dtype"], fast=kw["use_fast_accum"])
         return scaled_mm(a, b, *args, **kw)
 
+    assert fp8.FAST_ACCUM  # the default
+    monkeypatch.setattr(fp8, "FAST_ACCUM", fast)
     monkeypatch.setattr(fp8, "_fp8_cores", lambda device: True)
     monkeypatch.setattr(torch, "_scaled_mm", spy)
     got = layer(x)
-    assert seen == dict(a=(64, 1), b=(1, 64), out=torch.bfloat16) and got.shape == (2, 5, 48)
+    assert seen == dict(a=(64, 1), b=(1, 64), out=torch.bfloat16, fast=fast)
+    assert got.shape == (2, 5, 48)
     xq, xs = quantize(x.reshape(-1, 64))
     w = layer.weight.float() * layer.scale[:, None]
     expected = (xq.float() * xs) @ w.T + layer.bias.float()  # (10, 48)
@@ -241,7 +247,7 @@ def test_quantize_on_device_block_by_block(monkeypatch):
 
 
 def test_fp8_needs_fit_a_16_gb_card():
-    """The offload chooser knows --fp8 halves the transformer: a 16 GB card (about 15 GB free)
+    """The offload chooser knows --fp8 halves the transformer: a 16 GiB card (about 15 GiB free)
     keeps everything on it with fp8, and streams blocks in bf16."""
     from dit360.generate import offload_needs
     from dit360.offload import MARGIN

@@ -283,6 +283,6 @@ def test_choose_on_cuda(monkeypatch: pytest.MonkeyPatch, free_gb: float, mode: s
     needs, lines = {"none": 33.0, "model": 20.0, "blocks": 12.0}, []
     assert offload.choose("cuda", needs, lines.append) == mode
     (line,) = lines
-    assert line.startswith(f"offload {mode}: {free_gb:.1f} GB free on cuda")
+    assert line.startswith(f"offload {mode}: {free_gb:.1f} GiB free on cuda")
     assert "none 33.0, model 20.0, blocks 12.0" in line
     assert ("nothing fits" in line) == (free_gb < 12 * offload.MARGIN)

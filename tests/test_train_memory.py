@@ -77,6 +77,7 @@ def test_fp8_base_lora_gradients_within_bound(device):
     torch.testing.assert_close(loss8, loss, rtol=GRAD_BOUND / 4, atol=0)
 
 
+@pytest.mark.scaled_mm_cpu
 def test_scaled_mm_path_is_differentiable(monkeypatch):
     """On fp8 tensor cores (forced: the CPU runs rowwise _scaled_mm too) an input that needs a
     gradient goes through ScaledMatmul: the forward is _scaled_mm's, the output takes in-place

@@ -25,6 +25,7 @@ def render(pano: Image.Image, yaw: float, pitch: float, fov: float, size: tuple)
     return (out.numpy() * 255).round()
 
 
+@pytest.mark.browser
 @pytest.mark.parametrize(
     "yaw,pitch,fov,width,height",
     [(170, 15, 75, 320, 240), (-60, -30, 100, 200, 300)],  # across the seam; portrait, looking down
@@ -63,6 +64,7 @@ f.onload = () => setTimeout(() => {
 </script></body></html>"""
 
 
+@pytest.mark.browser
 def test_drag_and_wheel_update_the_fragment(tmp_path):
     """Dragging 100 px left and 20 px down at fov 90 in a 400 px wide view turns the view 22.5
     degrees right and 4.5 up (the panorama follows the pointer); the wheel widens the fov by
