@@ -149,7 +149,7 @@ def check_args(
 ) -> None:
     """Raise a ValueError naming the flag for the first bad argument (before any work)."""
     if pano is None and persp is None and hf_dataset is None:
-        raise ValueError("give --pano or --hf-dataset, and/or --persp (folders of images)")
+        raise ValueError("give --pano and/or --persp (folders of images), or --hf-dataset")
     if pano is not None and hf_dataset is not None:
         raise ValueError("give --pano or --hf-dataset, not both")
     for flag, folder in (("--pano", pano), ("--persp", persp)):
@@ -302,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
         views = {k: v for k, v in args.items() if k not in ("skip_bad", "absolute")}
         check_args(**views, hf_dataset=hub.get("name"))
         source = hub_data.open_source(**hub) if hub else None  # fetched or found in the cache
+        if poles and "pano" not in args and not hub:
+            raise ValueError("--refine-poles refines panoramas: give --pano or --hf-dataset")
         if poles:
             refine.check_weights(poles)  # found and checked before any work
     except (ValueError, OSError) as e:

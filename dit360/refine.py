@@ -148,7 +148,7 @@ def cap_alpha(height: int, width: int, feather: float) -> torch.Tensor:
 
 def pole_faces(pano: np.ndarray, face: int) -> dict[str, Image.Image]:
     """The top and bottom cube faces (face x face RGB) of an (H, W, 3) uint8 panorama."""
-    x = torch.from_numpy(pano).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
+    x = torch.from_numpy(pano.copy()).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
     cube = equirect_to_cube(x, face)[0]  # (6, 3, F, F)
     to8 = lambda t: (t.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()  # noqa: E731
     return {f: Image.fromarray(to8(cube[FACES.index(f)])) for f in POLES}
