@@ -9,6 +9,10 @@ written into a hidden folder inside --out and moved into place at the end, so a 
 interrupted run leaves nothing behind; a bad row fails the run unless --skip-bad. An earlier
 run's pano.jsonl / persp.jsonl in --out is replaced only with --overwrite; --out may not be (inside)
 an input folder.
+
+--hf-dataset writes a Hugging Face dataset's panoramas and captions into OUT/panoramas/ first
+(dit360.hub_data); --refine-poles regenerates the panoramas' poles into OUT/refined/
+(dit360.refine). Both resume where a killed run stopped; pano.jsonl lists the last of them.
 """
 
 import argparse
@@ -23,6 +27,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from dit360 import hub_data, refine
 from dit360.data import READ_ERRORS
 from dit360.files import exit_on_sigterm, own_temp, read_text, remove
 from dit360.image import open_image, project_photo
@@ -65,6 +70,16 @@ def row(image: Path, caption: str, mask: Path, out: Path, absolute: bool = False
     return {"image": image.as_posix(), "caption": caption, "mask": mask.as_posix()}
 
 
+def check_panorama(image: Path) -> tuple[str, tuple[int, int]]:
+    """A panorama's caption and size; ValueError if it has no caption, is not 2:1 or does not
+    decode."""
+    caption = read_caption(image)
+    w, h = open_image(image).size  # decoded in full: corrupt files fail here
+    if abs(w / h - 2) > 0.02:
+        raise ValueError(f"not 2:1 ({w}x{h})")
+    return caption, (w, h)
+
+
 def collect_panoramas(
     folder: Path, out: Path, stage: Path, absolute: bool = False
 ) -> tuple[list[Row], Bad]:
@@ -72,10 +87,7 @@ def collect_panoramas(
     rows, bad = [], []
     for image in tqdm(find_images(folder), desc="panoramas", unit="img"):
         try:
-            caption = read_caption(image)
-            w, h = open_image(image).size  # decoded in full: corrupt files fail here
-            if abs(w / h - 2) > 0.02:
-                raise ValueError(f"not 2:1 ({w}x{h})")
+            caption, (w, h) = check_panorama(image)
         except READ_ERRORS as e:  # a bad row, reported with the others at the end
             bad.append((str(image), str(e) or type(e).__name__))
             continue
@@ -132,11 +144,14 @@ def check_args(
     fov: float | None = None,
     seed: int = 0,
     overwrite: bool = False,
+    hf_dataset: str | None = None,
     **ranges: tuple[float, float],
 ) -> None:
     """Raise a ValueError naming the flag for the first bad argument (before any work)."""
-    if pano is None and persp is None:
-        raise ValueError("give --pano and/or --persp (folders of images)")
+    if pano is None and persp is None and hf_dataset is None:
+        raise ValueError("give --pano and/or --persp (folders of images), or --hf-dataset")
+    if pano is not None and hf_dataset is not None:
+        raise ValueError("give --pano or --hf-dataset, not both")
     for flag, folder in (("--pano", pano), ("--persp", persp)):
         if folder is not None and not Path(folder).is_dir():
             what = "not a folder" if Path(folder).exists() else "no such folder"
@@ -163,7 +178,7 @@ def check_args(
             raise ValueError(  # the next run would find its masks and projections as images
                 f"--out {out} {where} {flag} {folder}: choose an --out outside the input folders"
             )
-    given = [kind for kind, folder in (("pano", pano), ("persp", persp)) if folder is not None]
+    given = [kind for kind, src in (("pano", pano or hf_dataset), ("persp", persp)) if src]
     old = [f"{kind}.jsonl" for kind in given if (Path(out) / f"{kind}.jsonl").exists()]
     if old and not overwrite:
         raise ValueError(
@@ -235,6 +250,21 @@ def prepare(
     return {kind: out / f"{kind}.jsonl" for kind in found}
 
 
+def refined(pano: Path, out: Path, poles: refine.Refine, skip_bad: bool = False) -> Path:
+    """The panoramas under pano with their poles refined into out/refined (resuming); the bad
+    ones listed as prepare lists them."""
+    images = find_images(Path(pano))
+    check = lambda image: check_panorama(image)[0]  # noqa: E731
+    items, bad = refine.plan(Path(pano), images, Path(out) / "refined", check)
+    listing = "\n".join(f"  {file}: {reason}" for file, reason in bad)
+    if bad and not skip_bad or not items:
+        raise ValueError(f"{len(bad)} bad rows, nothing refined:\n{listing}")
+    if bad:
+        print(f"skipped {len(bad)} bad rows:\n{listing}", file=sys.stderr)
+    refine.refine_poles(items, poles, log=lambda m: print(m, file=sys.stderr))
+    return Path(out) / "refined"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point."""
     exit_on_sigterm()
@@ -263,13 +293,26 @@ def main(argv: list[str] | None = None) -> None:
         help="replace the pano.jsonl / persp.jsonl (and the masks and projected photos) of an "
         "earlier run in --out; without it an existing one is refused",
     )
-    args = vars(p.parse_args(argv))  # named as prepare's arguments
-    views = {k: v for k, v in args.items() if k not in ("skip_bad", "absolute")}
+    hub_data.add_flags(p)
+    refine.add_flags(p)
+    args = vars(p.parse_args(argv))  # named as prepare's arguments (once hub's and refine's go)
+    hub, poles = {}, None
     try:
-        check_args(**views)
-    except ValueError as e:
+        hub, poles = hub_data.from_flags(args), refine.from_flags(args)
+        views = {k: v for k, v in args.items() if k not in ("skip_bad", "absolute")}
+        check_args(**views, hf_dataset=hub.get("name"))
+        source = hub_data.open_source(**hub) if hub else None  # fetched or found in the cache
+        if poles and "pano" not in args and not hub:
+            raise ValueError("--refine-poles refines panoramas: give --pano or --hf-dataset")
+        if poles:
+            refine.check_weights(poles)  # found and checked before any work
+    except (ValueError, OSError) as e:
         fail(e)
     try:
+        if source is not None:
+            args["pano"] = hub_data.extract(source, Path(args["out"]) / "panoramas")
+        if poles and "pano" in args:
+            args["pano"] = refined(args["pano"], args["out"], poles, args.get("skip_bad", False))
         written = prepare(**args)
     except (ValueError, OSError) as e:  # bad rows (listed), or a failed write
         fail(e, code=1)

@@ -1,0 +1,219 @@
+"""Panoramas and captions from a Hugging Face dataset in the Hub's parquet layout (a repo id, or a
+local folder copy), read one record batch at a time with pyarrow (the optional extra `hub`), into a
+folder prepare.py's panorama path reads: `NNNNNN.<ext>` (the stored bytes, as they are) and
+`NNNNNN.txt` (the caption, written last: a row whose caption file exists is done, so a killed run
+resumes where it stopped). DiT360 trains on `Insta360-Research/Matterport3D_polished`, read by
+its loader as `load_dataset(...)["train"]` with columns `image` and `caption`.
+
+The Hub layout: `data/<split>-00000-of-0000N.parquet`, `<config>/<split>-*.parquet`, or the
+parquet conversion's `<config>/<split>/NNNN.parquet`; an image column is a struct {bytes, path}.
+"""
+
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from .files import atomic_path
+
+BATCH = 64  # rows decoded at a time: a row group can be large, a batch of images is not
+SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """The parquet files of one split of a dataset and the columns to read from them."""
+
+    name: str  # as the user gave it, for messages
+    files: list[Path]
+    image: str
+    caption: str
+    rows: int
+
+
+def patterns(split: str, config: str | None = None) -> list[str]:
+    """The files of a split in the Hub's layouts (fnmatch: `*` crosses folders)."""
+    top = f"{config}/" if config else "*"
+    return [f"{top}{split}-*.parquet", f"{top}{split}/*.parquet", f"{split}-*.parquet"]
+
+
+def fetch(name: str, split: str, config: str | None = None) -> Path:
+    """A local folder as it is, or a dataset repo's parquet files of the split fetched to the
+    Hugging Face cache (HF_HUB_CACHE, HF_TOKEN, HF_HUB_OFFLINE apply)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    flag = f"--hf-dataset {name}"
+    parts = name.split("/")
+    if path.exists() or len(parts) != 2 or not all(parts) or name.startswith((".", "~")):
+        raise ValueError(f"{flag}: not a folder, nor a Hugging Face dataset id (owner/name)")
+    from huggingface_hub import constants, errors, snapshot_download
+
+    allow = patterns(split, config)
+    try:
+        return Path(snapshot_download(name, repo_type="dataset", allow_patterns=allow))
+    except errors.LocalEntryNotFoundError:  # offline (or no network) and not (fully) cached
+        include = f"{config or '*'}/{split}-*.parquet"
+        raise ValueError(
+            f"{flag}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and it cannot be "
+            f"downloaded now (HF_HUB_OFFLINE=1 or no network): download it once with `hf download "
+            f"{name} --repo-type dataset --include '{include}'`, or unset HF_HUB_OFFLINE, "
+            "or pass a local folder copy"
+        ) from None
+    except errors.GatedRepoError:
+        raise ValueError(
+            f"{flag} is gated: accept its terms on https://huggingface.co/datasets/{name}, then "
+            "log in with `hf auth login` or set HF_TOKEN"
+        ) from None
+    except errors.RepositoryNotFoundError:
+        raise ValueError(
+            f"{flag}: no such dataset on the Hub (or private: log in with `hf auth login`)"
+        ) from None
+
+
+def split_files(root: Path, split: str, config: str | None = None) -> list[Path]:
+    """The split's parquet files under root, sorted; ValueError naming the splits and configs
+    there if there are none, or if several configs hold the split and none is chosen."""
+    found = sorted(p for p in root.rglob("*.parquet") if p.is_file())
+    rel = {p: p.relative_to(root) for p in found}
+    ours = lambda p, s: p.name.startswith(f"{s}-") or p.parent.name == s  # noqa: E731
+    conf = lambda p: rel[p].parts[0] if len(rel[p].parts) > 1 else None  # noqa: E731
+    files = [p for p in found if ours(p, split) and config in (None, conf(p))]
+    where = f"--hf-dataset {root}" + (f" --hf-config {config}" if config else "")
+    if not files:
+        splits = sorted({p.name.split("-")[0] if "-" in p.name else p.parent.name for p in found})
+        raise ValueError(
+            f"{where}: no parquet files of split {split!r} (<split>-*.parquet or "
+            f"<split>/*.parquet); splits there: {', '.join(splits) or 'none'}; choose one "
+            "with --hf-split"
+        )
+    if len(configs := sorted({str(conf(p)) for p in files})) > 1:
+        raise ValueError(
+            f"{where}: split {split!r} is in several configs ({', '.join(configs)}): choose one "
+            "with --hf-config"
+        )
+    return files
+
+
+def open_source(
+    name: str,
+    split: str = "train",
+    config: str | None = None,
+    image: str = "image",
+    caption: str = "caption",
+) -> HubSource:
+    """The split's files (fetched if a repo id) with the columns checked; ValueError if not."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(
+            "--hf-dataset needs pyarrow: pip install 'dit360[hub]' (or pip install pyarrow)"
+        ) from None
+    files = split_files(fetch(name, split, config), split, config)
+    schema = pq.read_schema(files[0])
+    for flag, column in (("--image-column", image), ("--caption-column", caption)):
+        if column not in schema.names:
+            raise ValueError(
+                f"{flag} {column}: no such column in {name} ({files[0].name}); its columns: "
+                f"{', '.join(schema.names)}"
+            )
+    kind = schema.field(image).type
+    import pyarrow as pa
+
+    binary = (pa.types.is_binary, pa.types.is_large_binary)
+    struct = pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
+    if not (struct or any(t(kind) for t in binary)):
+        raise ValueError(
+            f"--image-column {image}: {kind} is not an image column (a struct with bytes, or "
+            "binary); choose it with --image-column"
+        )
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    return HubSource(name, files, image, caption, rows)
+
+
+def image_bytes(value: dict | bytes | None, where: str) -> bytes:
+    """The encoded image of a cell: a {bytes, path} struct, or bytes."""
+    data = value.get("bytes") if isinstance(value, dict) else value
+    if not data:
+        path = value.get("path") if isinstance(value, dict) else None
+        raise ValueError(f"{where}: the image holds no bytes (path: {path})")
+    return data
+
+
+def suffix(data: bytes) -> str:
+    """The file suffix of encoded image bytes (.png if PIL cannot tell: the row is then listed
+    as unreadable by prepare, as a broken file would be)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return SUFFIXES.get(img.format, ".png")
+    except (UnidentifiedImageError, OSError):
+        return ".png"
+
+
+def write_row(folder: Path, name: str, data: bytes, caption: str | None) -> None:
+    """The image's bytes, then its caption (the done marker), each written atomically."""
+    with atomic_path(folder / f"{name}{suffix(data)}") as tmp:
+        tmp.write_bytes(data)
+    with atomic_path(folder / f"{name}.txt") as tmp:
+        tmp.write_text("" if caption is None else str(caption), encoding="utf-8")
+
+
+def read_group(pf, group: int, columns: list[str]) -> Iterator[tuple]:
+    """The rows (a tuple of the columns' values) of one row group of a pyarrow ParquetFile,
+    BATCH rows decoded at a time."""
+    for b in pf.iter_batches(batch_size=BATCH, row_groups=[group], columns=columns):
+        yield from zip(*(b[c].to_pylist() for c in columns), strict=True)
+
+
+def extract(src: HubSource, folder: Path) -> Path:
+    """Write each row as `NNNNNN.<ext>` + `NNNNNN.txt` (NNNNNN: its index in the split) into
+    folder, skipping the rows written before (a row group of done rows is not even read)."""
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    done, index = {p.stem for p in folder.glob("*.txt")}, 0
+    with tqdm(total=src.rows, desc="dataset", unit="img") as bar:
+        for path in src.files:
+            pf = pq.ParquetFile(path)
+            for group in range(pf.num_row_groups):
+                n = pf.metadata.row_group(group).num_rows
+                names, index = [f"{i:06d}" for i in range(index, index + n)], index + n
+                if done.issuperset(names):
+                    bar.update(n)
+                    continue
+                rows = read_group(pf, group, [src.image, src.caption])
+                for name, (image, caption) in zip(names, rows, strict=True):
+                    if name not in done:
+                        data = image_bytes(image, f"{src.name} row {int(name)} ({path.name})")
+                        write_row(folder, name, data, caption)
+                    bar.update(1)
+    return folder
+
+
+def add_flags(parser) -> None:
+    """prepare.py's --hf-* flags and the column names."""
+    parser.add_argument(
+        "--hf-dataset",
+        help="a Hugging Face dataset id (e.g. Insta360-Research/Matterport3D_polished) or a local "
+        "folder copy in the Hub's parquet layout: its panoramas and captions are written to "
+        "OUT/panoramas/ (resumable) and used as --pano (needs pip install 'dit360[hub]')",
+    )
+    parser.add_argument("--hf-split", help="the split to read (train)")
+    parser.add_argument("--hf-config", help="the config (subset) folder, if several hold the split")
+    parser.add_argument("--image-column", help="the dataset's image column (image)")
+    parser.add_argument("--caption-column", help="the dataset's caption column (caption)")
+
+
+def from_flags(args: dict) -> dict:
+    """Pop prepare.py's --hf-* and column values out of args: open_source's arguments, or {}
+    without --hf-dataset (ValueError if another of them is given then)."""
+    names = {"hf_dataset": "name", "hf_split": "split", "hf_config": "config"}
+    names |= {"image_column": "image", "caption_column": "caption"}
+    given = {names[k]: args.pop(k) for k in list(args) if k in names}
+    if given and "name" not in given:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k, v in names.items() if v in given)
+        raise ValueError(f"{flags} without --hf-dataset: add it, or drop them")
+    return given
