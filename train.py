@@ -7,7 +7,7 @@ DiT360's two training scripts: train.sh + src/dit360.py and train_mix_staged_lor
 src/dit360_mix_staged.py (RECIPES; the settings they pass and what their code does with them).
 Both: LoRA r 64, alpha 64, dropout 0.05 on attn to_q/k/v/out; AdamW lr 5e-5, betas (0.9, 0.999),
 eps 1e-6, weight decay 1e-5; batch 1 per rank; 25 epochs; guidance 1.0; no gradient clipping;
-the VAE encoder zero-pads; each sample's mean loss, then the mean over the step's samples.
+the VAE encoder zero-pads; each sample's mean loss, / batch x accumulation x world per step.
 pano: 1 wrap column; yaw and cube losses 0.5 each from epoch 2; 4 micro-batches a step; linear
 warm-up over the first 5% of steps, then constant. hybrid: no wrap column; yaw and cube weights 0
 (in epochs 0-2); 5 micro-batches a step; the learning rate x 0.2 + 0.8 * epoch / max(1, epochs //
@@ -20,12 +20,16 @@ same dtypes and numerics, and checkpoints that resume on any number of ranks. Wi
 (--base-dtype fp8) or its blocks streamed from CPU memory (--offload blocks), for one GPU, FSDP
 shards the LoRA only and the base stays whole on the one process, out of FSDP.
 
-Loss (--loss-norm): "sample", each row's mean squared error over its supervised elements (a
-perspective row's x 0.5), divided by the number of rows of the step on all ranks and micro-batches
-(DiT360's per-sample mean); "token", the sum of squared errors over supervised tokens divided by
-their number (torchtitan's global token count). The count is all-reduced before backward: each
-rank backpropagates its sum / the global count, and FSDP sums the ranks' gradients (its divide
-factor is 1, `distributed.shard`): the gradient of the global loss, however the step is split.
+Loss (--loss-norm): "sample", DiT360's: each micro-batch's sum of its rows' losses (a panorama
+row's mean squared error; the perspective rows' mean pooled over all their supervised elements
+x 0.5, once per perspective row), divided by the nominal rows of a step, --batch-size x
+--grad-accum x world: Lightning divides each training_step by accumulate_grad_batches, also
+in an epoch's last, short window, and DDP averages the ranks; "token", the sum of squared
+errors over supervised tokens divided by their number (torchtitan's global token count),
+all-reduced before backward.
+Each rank backpropagates its sum / the denominator, and FSDP sums the ranks' gradients (its
+divide factor is 1, `distributed.shard`): the gradient of the global loss, however the step is
+split over ranks and micro-batches.
 
 Randomness follows the counters, never hidden state: a sample's latents, noise and sigma come from
 a generator seeded with (seed, epoch, its index in the epoch's global order), the yaw angle from
@@ -261,9 +265,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     tuned(
         "--loss-norm",
-        "sample: each row's mean (perspective rows x 0.5), then the mean over the step's rows "
-        "(DiT360's); token: the step's squared errors / its supervised tokens (a perspective "
-        "row weighs by its coverage)",
+        "sample: each row's mean (a batch's perspective rows pooled, x 0.5), / --batch-size x "
+        "--grad-accum x world, also in a short last step (DiT360's, Lightning's division); "
+        "token: the step's squared errors / its supervised tokens (a perspective row weighs by "
+        "its coverage)",
         choices=NORMS,
     )
     tuned("--lambda-yaw", "weight of the yaw loss", type=NONNEG)
@@ -623,6 +628,10 @@ def train_step(
         group["lr"] = lr
     count = sum(supervised(b.token_mask, grid, args.supervise_pad, args.loss_norm) for b in micro)
     count = distributed.all_sum(count.to(device))  # rows or tokens of the step, all ranks
+    # "sample": the nominal rows, as Lightning divides each micro-batch by accumulate_grad_batches
+    # also in an epoch's last, short window (its rows weigh len(micro) / --grad-accum).
+    nominal = args.batch_size * args.grad_accum * world
+    denom = count.clamp(min=1) if args.loss_norm == "token" else count.new_tensor(nominal)
     sums = torch.zeros(5, device=device)  # loss, flow, yaw, cube sums; rows or tokens
     for i, b in enumerate(micro):
         b = b.to(device)
@@ -642,7 +651,7 @@ def train_step(
             lambda_yaw=args.lambda_yaw * aux, lambda_cube=args.lambda_cube * aux, yaw=yaw,
             dtype=dtype,
         )  # fmt: skip
-        (loss / count.clamp(min=1)).backward()  # FSDP sums it over ranks: the global mean's
+        (loss / denom).backward()  # FSDP sums it over ranks: the global loss's gradient
         sums += torch.stack([loss.detach(), *(parts[k] for k in PARTS), n.to(sums)])
     *sums, n = distributed.all_sum(sums).tolist()
     assert n == count.item(), f"the loss counted {n}, the step {count.item()}"
@@ -656,7 +665,7 @@ def train_step(
 
     dt = time.perf_counter() - t0
     tokens = world * len(micro) * args.batch_size * grid.tokens
-    metrics = {k: v / max(n, 1) for k, v in zip(("loss", *PARTS), sums, strict=True)}
+    metrics = {k: v / denom.item() for k, v in zip(("loss", *PARTS), sums, strict=True)}
     metrics |= dict(lr=lr, grad_norm=norm, steps_per_s=1 / dt, tokens_per_s=tokens / dt)
     metrics |= dict(skipped="non-finite " + " and ".join(bad)) if bad else {}
     return metrics | dict(peak_gb=peak_memory_gb(device))

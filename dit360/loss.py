@@ -14,13 +14,16 @@ As the reference (github.com/Insta360-Research-Team/DiT360, src/dit360.py unless
   -pi/2, align_corners=True, border padding, faces H/2.
   Our grids are float32, the reference's in the input dtype.
 
-`flow_loss` returns a SUM and a COUNT, for the caller to divide by the count over every rank and
-micro-batch of a step, so their split does not change the loss. norm "sample" (the reference's):
-each row's mean over its supervised elements (a perspective row's x its weight), counted as one
-row, so sum / count is the mean over the step's rows, as DiT360's per-sample means averaged over
-micro-batches (Lightning) and ranks (DDP). norm "token" (torchtitan's global token count): a
-token's channel-mean error summed, a row's yaw and cube means counted like its supervised tokens;
-a perspective row then weighs by its coverage. For one full panorama both are the reference's.
+`flow_loss` returns a SUM and a COUNT, for the caller to divide by a step's denominator over every
+rank and micro-batch, so their split does not change the loss. norm "sample" (the reference's):
+the sum is B x DiT360's loss of the micro-batch: a panorama row's mean over its elements, and the
+perspective rows' mean pooled over all their supervised elements (dit360_mix_staged.py:250-263,
+one torch.cat) x their weight x their number; the count is B rows. train.py divides by the
+nominal rows of a step, batch x accumulation x world, as Lightning divides each training_step by
+accumulate_grad_batches and DDP / DeepSpeed average the ranks. norm "token" (torchtitan's global
+token count): a token's channel-mean error summed, a row's yaw and cube means counted like its
+supervised tokens; a perspective row then weighs by its coverage. For one full panorama both are
+the reference's.
 """
 
 import math
@@ -155,8 +158,8 @@ def flow_loss(
     supervise_pad: bool = False,
     dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Masked flow-matching loss -> (loss sum, count, detached parts): norm "sample" sums each
-    row's mean and counts rows, "token" sums token errors and counts supervised tokens.
+    """Masked flow-matching loss -> (loss sum, count, detached parts): norm "sample" sums B x the
+    reference's batch loss and counts rows, "token" sums token errors and counts supervised tokens.
 
     x0, noise: latents (B, 16, 2h, 2w) for grid; sigmas (B,); token_mask (B, h*w) bool, True =
     supervised; persp (B,) bool rows weigh persp_weight. The model sees x_t wrap-padded, in
@@ -187,8 +190,9 @@ def flow_loss(
     persp = (torch.zeros(b, dtype=torch.bool) if persp is None else persp).to(x0.device)
     count = mask.sum(-1)  # (B,)
     row_w = torch.where(persp, persp_weight, 1.0)  # (B,) float32
-    if norm == "sample":  # each row's mean; a row with nothing supervised adds 0
-        row_w = row_w / count.clamp(min=1)
+    if norm == "sample":  # a panorama row's mean; the perspective rows' pooled mean x their number
+        pooled = torch.where(persp, count[persp].sum(), count).clamp(min=1)
+        row_w = row_w * torch.where(persp, persp.sum(), 1) / pooled  # nothing supervised adds 0
     # where, not a multiplication: masked tokens get exactly zero gradient, even from inf/nan.
     flow = (torch.where(mask, err, 0.0).sum(-1) * row_w).sum()
     parts = {"flow": flow, "yaw": flow.new_zeros(()), "cube": flow.new_zeros(())}

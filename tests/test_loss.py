@@ -210,6 +210,15 @@ def test_flow_loss_matches_restatement(model):
     row_means = [err[i][mask[i]].mean() for i in range(2)]  # "sample": each row's mean, summed
     torch.testing.assert_close(rows, sum(row_means))
     assert n_rows == 2
+    # Two perspective rows: DiT360 pools their supervised elements (one torch.cat, then the mean)
+    # x 0.5, the batch's loss; "sample" sums it once per row.
+    persp, mask[1, :8] = torch.ones(2, dtype=torch.bool), True  # 16 and 20 tokens: pooling is
+    with torch.no_grad():  # not the mean of the row means
+        pooled, n_rows, _ = flow_loss(
+            model, x0, noise, sigmas, cond, mask, GRID, persp=persp, norm="sample"
+        )
+    torch.testing.assert_close(pooled, 2 * 0.5 * err[mask].mean())
+    assert n_rows == 2
 
 
 def test_supervise_pad_targets_the_wrapped_grid(model):

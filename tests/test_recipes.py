@@ -155,9 +155,11 @@ def reference_model(tiny_flux: Path, script: str):
     return flux, vae, sched
 
 
-def reference_optimizer_step(flux, vae, sched, step: dict, script: str):
+def reference_optimizer_step(flux, vae, sched, step: dict, script: str, accum: int | None = None):
     """The reference's optimizer step as Lightning runs it: each micro-batch's training_step loss
-    / accumulate_grad_batches, backpropagated and summed -> (loss, LoRA gradients by peft name)."""
+    / accumulate_grad_batches (the script's, or `accum`), also when the step has fewer
+    micro-batches (an epoch's last window), backpropagated and summed -> (loss, LoRA gradients by
+    peft name)."""
     lora = {n: p for n, p in flux.named_parameters() if p.requires_grad}
     r = SCRIPTS[script]["rank"]
     start = peft_names(step["lora"], r)
@@ -167,7 +169,7 @@ def reference_optimizer_step(flux, vae, sched, step: dict, script: str):
             p.copy_(start[n])
             p.grad = None
     total = 0.0
-    accum = SCRIPTS[script]["accumulate_grad_batches"]
+    accum = accum or SCRIPTS[script]["accumulate_grad_batches"]
     for b, draws in zip(step["micro"], step["draws"], strict=True):
         h, w = draws["grid"]
         batch = dict(
@@ -288,19 +290,35 @@ def test_hybrid_recipe_step_equals_reference(tiny_flux, data, tmp_path, monkeypa
     assert "recipe hybrid:" in capsys.readouterr().out
     rows = log(out)
     assert [r["epoch"] for r in rows] == [0, 1, 2]
-    # Epochs 0 and 1 hold 4 panoramas: a short step, which Lightning would divide by 5 (we take
-    # the mean over its 4 rows; README, Reference fidelity); epoch 2 adds one perspective row.
+    # Epochs 0 and 1 hold 4 panoramas: a short step, each of its micro-batches / 5 as Lightning
+    # divides them (the rows weigh 4/5); epoch 2 adds one perspective row.
+    assert [len(s["micro"]) for s in steps] == [4, 4, 5]
     step = steps[2]
-    assert len(step["micro"]) == 5 and sum(b.kind == ("persp",) for b in step["micro"]) == 1
+    assert sum(b.kind == ("persp",) for b in step["micro"]) == 1
     persp = next(b for b in step["micro"] if b.kind == ("persp",))
     assert 0 < persp.token_mask.sum() < persp.token_mask.numel()
     flux, vae, sched = reference_model(tiny_flux, "hybrid")
-    ref = reference_optimizer_step(flux, vae, sched, step, "hybrid")
-    assert not assert_step_matches(step, rows[2]["loss"], ref, 64, "hybrid step 3 (pano + persp)")
+    for i, what in enumerate(["short, 4 of 5", "short, 4 of 5, trained", "pano + persp"]):
+        ref = reference_optimizer_step(flux, vae, sched, steps[i], "hybrid")
+        assert_step_matches(steps[i], rows[i]["loss"], ref, 64, f"hybrid step {i + 1} ({what})")
     # The reference's LambdaLR over epochs (max_epochs 25: 2 warm-up epochs).
     warm = max(1, 25 // 10)
     factors = [0.2 + 0.8 * (e / warm) if e < warm else 1.0 for e in range(3)]
     assert [r["lr"] for r in rows] == [5e-5 * f for f in factors]
+
+
+def test_short_last_window_equals_reference(tiny_flux, data, tmp_path, monkeypatch):
+    """--recipe pano --grad-accum 3 on 4 panoramas: an epoch is a step of 3 micro-batches and a
+    step of 1 (its last, short window), each equal to the reference's step with
+    accumulate_grad_batches=3: the short step's micro-batch / 3, as Lightning divides it."""
+    extra = ("--recipe", "pano", "--grad-accum", "3", *PINNED[:2], "--max-steps", "2")
+    steps = spied_run(monkeypatch, recipe_args(tiny_flux, data, tmp_path / "short", *extra))
+    rows = log(tmp_path / "short")
+    assert [len(s["micro"]) for s in steps] == [3, 1] and [r["epoch"] for r in rows] == [0, 0]
+    flux, vae, sched = reference_model(tiny_flux, "pano")
+    for i, what in enumerate(["full, 3 of 3", "short, 1 of 3"]):
+        ref = reference_optimizer_step(flux, vae, sched, steps[i], "pano", accum=3)
+        assert_step_matches(steps[i], rows[i]["loss"], ref, 64, f"pano step {i + 1} ({what})")
 
 
 def test_resume_keeps_the_recipe(tiny_flux, data, tmp_path, capsys):
