@@ -2,22 +2,34 @@
 
 torchrun --nproc_per_node 8 train.py --pano pano.jsonl --persp persp.jsonl --out runs/dit360
 
-Defaults are DiT360's (train.sh, src/dit360.py): LoRA r 64, alpha 64, dropout 0.05 on attn
-to_q/k/v/out; AdamW lr 5e-5, betas (0.9, 0.999), eps 1e-6, weight decay 1e-5; linear warm-up over
-the first 5% of steps, then constant; batch 1 x 4 accumulated per rank; 25 epochs; 1 wrap column;
-yaw and cube losses 0.5 each from epoch 2; guidance 1.0; no gradient clipping. bf16 on GPU (the
-reference: fp16 mixed precision), fp32 on CPU; the LoRA and its optimizer state are fp32.
-Ours, not the reference's: the VAE encoder wraps the width (--no-circular-encoder to zero-pad).
+--recipe pano (the default with --pano alone) and --recipe hybrid (the default with --persp) are
+DiT360's two training scripts: train.sh + src/dit360.py and train_mix_staged_lora_dynamic.sh +
+src/dit360_mix_staged.py (RECIPES; the settings they pass and what their code does with them).
+Both: LoRA r 64, alpha 64, dropout 0.05 on attn to_q/k/v/out; AdamW lr 5e-5, betas (0.9, 0.999),
+eps 1e-6, weight decay 1e-5; batch 1 per rank; 25 epochs; guidance 1.0; no gradient clipping;
+the VAE encoder zero-pads; each sample's mean loss, / batch x accumulation x world per step.
+pano: 1 wrap column; yaw and cube losses 0.5 each from epoch 2; 4 micro-batches a step; linear
+warm-up over the first 5% of steps, then constant. hybrid: no wrap column; yaw and cube weights 0
+(in epochs 0-2); 5 micro-batches a step; the learning rate x 0.2 + 0.8 * epoch / max(1, epochs //
+10) until that reaches 1. Any flag given overrides its recipe's value; the run prints the settings
+it resolved and args.json records them. bf16 on GPU (the reference: fp16 mixed precision), fp32 on
+CPU; the LoRA and its optimizer state are fp32.
 
 The model is always FSDP-sharded, also in a single process (a world of one): one code path, the
 same dtypes and numerics, and checkpoints that resume on any number of ranks. With a float8 base
 (--base-dtype fp8) or its blocks streamed from CPU memory (--offload blocks), for one GPU, FSDP
 shards the LoRA only and the base stays whole on the one process, out of FSDP.
 
-Loss: sum of squared errors over supervised tokens / their number over all micro-batches of the
-step and all ranks (all-reduced before backward), torchtitan's normalisation by the global token
-count. Each rank backpropagates its sum / the global count, and FSDP sums the ranks' gradients
-(its divide factor is 1, `distributed.shard`): the gradient of the global loss.
+Loss (--loss-norm): "sample", DiT360's: each micro-batch's sum of its rows' losses (a panorama
+row's mean squared error; the perspective rows' mean pooled over all their supervised elements
+x 0.5, once per perspective row), divided by the nominal rows of a step, --batch-size x
+--grad-accum x world: Lightning divides each training_step by accumulate_grad_batches, also
+in an epoch's last, short window, and DDP averages the ranks; "token", the sum of squared
+errors over supervised tokens divided by their number (torchtitan's global token count),
+all-reduced before backward.
+Each rank backpropagates its sum / the denominator, and FSDP sums the ranks' gradients (its
+divide factor is 1, `distributed.shard`): the gradient of the global loss, however the step is
+split over ranks and micro-batches.
 
 Randomness follows the counters, never hidden state: a sample's latents, noise and sigma come from
 a generator seeded with (seed, epoch, its index in the epoch's global order), the yaw angle from
@@ -39,7 +51,8 @@ default --cache-dir of --base-dtype fp8 and --offload blocks).
 or the one named; with unchanged arguments, bit-identical to a run never stopped. What fixes the
 state's meaning must be as it was trained: --lora-rank, --alpha, --targets, --dropout,
 --resolution, --wrap-pad, --supervise-pad, --circular-encoder, --pano, --persp, --seed (one error
-lists every difference). The rest may change: steps, learning rate and schedule, loss weights,
+lists every difference; a recipe's values count as given, so the same flags resolve the same).
+The rest may change: steps, learning rate and schedule, loss weights and normalisation,
 clipping, batch size, accumulation and world size (the place in the epoch is kept in samples),
 checkpoint interval and count, workers, device, the base's dtype and offloading (memory modes),
 previews, logs.
@@ -112,7 +125,7 @@ from dit360.files import (
 )
 from dit360.fp8 import quantize_block
 from dit360.lora import DIT360_TARGETS, Adapter, inject
-from dit360.loss import aux_active, draw_yaw, flow_loss, sample_sigmas
+from dit360.loss import NORMS, HybridSchedule, draw_yaw, flow_loss, sample_sigmas
 from dit360.offload import park, stream_recomputed
 from dit360.options import COUNT, FRACTION, NATURAL, NONNEG, POSITIVE, Parser, fail, run_main
 from dit360.panorama import Grid
@@ -139,6 +152,73 @@ INPUT_ERRORS = (ValueError, FileNotFoundError, PermissionError)  # one line, no 
 
 # --- config -----------------------------------------------------------------------------------
 
+# DiT360's two scripts as they run (train.sh / train_mix_staged_lora_dynamic.sh, their code where
+# it overrides a setting). Each key is a flag's dest; a flag given on the command line wins.
+COMMON = dict(
+    lora_rank=64, alpha=64.0, dropout=0.05, targets=list(DIT360_TARGETS), lr=5e-5,
+    weight_decay=1e-5, max_grad_norm=0.0, batch_size=1, epochs=25, guidance=1.0,
+    loss_norm="sample", circular_encoder=False,
+)  # fmt: skip
+RECIPES = {
+    "pano": COMMON | dict(
+        wrap_pad=1, lambda_yaw=0.5, lambda_cube=0.5, aux_epochs="2:", grad_accum=4,
+        warmup="linear:0.05",
+    ),  # src/dit360.py:239-242 (epoch >= 2), :270-276 (int(0.05 * steps), then constant)
+    "hybrid": COMMON | dict(
+        wrap_pad=0, lambda_yaw=0.0, lambda_cube=0.0, aux_epochs="0:3", grad_accum=5,
+        warmup="epochs:0.1",
+    ),  # src/dit360_mix_staged.py:244 (epoch < 3), :285-290 (per epoch, max(1, epochs // 10))
+}  # fmt: skip
+WARMUPS = ("linear", "epochs")
+
+
+def recipe_help(key: str) -> str:
+    """What the recipes set a flag to, for --help."""
+    values = {r: " ".join(v) if isinstance(v := RECIPES[r][key], list) else v for r in RECIPES}
+    if len(set(values.values())) == 1:
+        return f"both {values['pano']}"
+    return ", ".join(f"{r} {v}" for r, v in values.items())
+
+
+def aux_epochs(text: str) -> str:
+    """--aux-epochs START:STOP, STOP optional (START: to the end), START < STOP."""
+    start, _, stop = text.partition(":")
+    ok = start.isdigit() and (stop.isdigit() or stop == "") and ":" in text
+    if not ok or (stop and int(stop) <= int(start)):
+        raise argparse.ArgumentTypeError(
+            f"needs START:STOP epochs, STOP > START or none, got {text!r}"
+        )
+    return f"{int(start)}:{int(stop) if stop else ''}"
+
+
+def warmup(text: str) -> str:
+    """--warmup linear:FRACTION or epochs:FRACTION (a bare FRACTION: linear)."""
+    form, _, value = text.rpartition(":")
+    if (form or "linear") not in WARMUPS:
+        raise argparse.ArgumentTypeError(f"needs linear:FRACTION or epochs:FRACTION, got {text!r}")
+    try:
+        return f"{form or 'linear'}:{FRACTION(value)!r}"
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (linear:FRACTION or epochs:FRACTION)") from None
+
+
+def settings(args: argparse.Namespace) -> str:
+    """The resolved recipe settings, one block; a value the command line changed says so."""
+    recipe, lines = RECIPES[args.recipe], [f"recipe {args.recipe}:"]
+    for key, value in recipe.items():
+        now = getattr(args, key)
+        lines.append(
+            f"  --{key.replace('_', '-')} {now}" + (f" (recipe: {value})" if now != value else "")
+        )
+    return "\n".join(lines)
+
+
+def schedule(args: argparse.Namespace) -> HybridSchedule:
+    """The epochs' perspective mixing and auxiliary-loss window of the resolved arguments."""
+    start, stop = args.aux_epochs.split(":")
+    return HybridSchedule(aux_start=int(start), aux_stop=int(stop) if stop else None)
+
+
 # More loader processes than cores slows a run (4 on 2 cores: a tiny run 3x slower).
 WORKERS = min(4, max(0, (os.cpu_count() or 1) - 1))
 
@@ -153,35 +233,65 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--persp", help="jsonl of perspective photos on the canvas, with masks")
     p.add_argument("--out", default="runs/dit360", help="the run: checkpoints, LoRA, log")
     p.add_argument("--overwrite", action="store_true", help="delete the run in --out first")
+    p.add_argument(
+        "--recipe",
+        choices=tuple(RECIPES),
+        help="DiT360's settings: pano = train.sh (src/dit360.py), hybrid = "
+        "train_mix_staged_lora_dynamic.sh (src/dit360_mix_staged.py); default pano, hybrid with "
+        "--persp. A flag given overrides its value",
+    )
     p.add_argument("--resolution", type=COUNT, default=1024, help="height; width = 2 x height")
-    p.add_argument("--epochs", type=COUNT, default=25, help="passes over the panoramas")
+
+    def tuned(flag: str, help: str, **kw) -> None:
+        """A flag whose default is the recipe's."""
+        key = flag.removeprefix("--").replace("-", "_")
+        p.add_argument(flag, help=f"{help} (recipe: {recipe_help(key)})", **kw)
+
+    tuned("--epochs", "passes over the panoramas", type=COUNT)
     p.add_argument("--max-steps", type=COUNT, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=COUNT, default=1, help="per rank and micro-batch")
-    p.add_argument("--grad-accum", type=COUNT, default=4, help="micro-batches per step")
-    p.add_argument("--lr", type=POSITIVE, default=5e-5, help="AdamW learning rate")
-    p.add_argument("--warmup", type=FRACTION, default=0.05, help="fraction of steps warming up")
-    p.add_argument("--weight-decay", type=NONNEG, default=1e-5, help="AdamW weight decay")
-    p.add_argument("--max-grad-norm", type=NONNEG, default=0.0, help="clip gradients (0: off)")
-    p.add_argument("--lora-rank", type=COUNT, default=64, help="LoRA rank")
-    p.add_argument("--alpha", type=POSITIVE, default=64, help="LoRA alpha")
-    p.add_argument("--dropout", type=FRACTION, default=0.05, help="LoRA dropout")
-    p.add_argument("--targets", nargs="+", default=list(DIT360_TARGETS), help="diffusers names")
-    p.add_argument("--wrap-pad", type=int, default=1, choices=(0, 1, 2), help="columns a side")
+    tuned("--batch-size", "per rank and micro-batch", type=COUNT)
+    tuned("--grad-accum", "micro-batches per step", type=COUNT)
+    tuned("--lr", "AdamW learning rate", type=POSITIVE)
+    tuned(
+        "--warmup",
+        "learning-rate warm-up. linear:F: from 0 over the first F of the steps (counted as "
+        "DiT360 does: the epochs' batches // --grad-accum, or --max-steps), then constant; "
+        "epochs:F: x 0.2 + 0.8 * epoch / E in epochs below E = max(1, int(F * --epochs)), then 1",
+        type=warmup,
+    )
+    tuned("--weight-decay", "AdamW weight decay", type=NONNEG)
+    tuned("--max-grad-norm", "clip gradients (0: off)", type=NONNEG)
+    tuned("--lora-rank", "LoRA rank", type=COUNT)
+    tuned("--alpha", "LoRA alpha", type=POSITIVE)
+    tuned("--dropout", "LoRA dropout", type=FRACTION)
+    tuned("--targets", "diffusers names", nargs="+")
+    tuned("--wrap-pad", "columns a side", type=int, choices=(0, 1, 2))
     p.add_argument(
         "--supervise-pad",
         action="store_true",
         help="supervise the wrapped pad columns too (the maintainers' seam fix, with --wrap-pad 2)",
     )
-    p.add_argument("--lambda-yaw", type=NONNEG, default=0.5, help="weight of the yaw loss")
-    p.add_argument("--lambda-cube", type=NONNEG, default=0.5, help="weight of the cube loss")
-    p.add_argument("--aux-from-epoch", type=NATURAL, default=2, help="first epoch of yaw, cube")
-    p.add_argument("--guidance", type=NONNEG, default=1.0, help="guidance input while training")
-    p.add_argument(
+    tuned(
+        "--loss-norm",
+        "sample: each row's mean (a batch's perspective rows pooled, x 0.5), / --batch-size x "
+        "--grad-accum x world, also in a short last step (DiT360's, Lightning's division); "
+        "token: the step's squared errors / its supervised tokens (a perspective row weighs by "
+        "its coverage)",
+        choices=NORMS,
+    )
+    tuned("--lambda-yaw", "weight of the yaw loss", type=NONNEG)
+    tuned("--lambda-cube", "weight of the cube loss", type=NONNEG)
+    tuned(
+        "--aux-epochs",
+        "epochs START:STOP of the yaw and cube losses (START: to the end)",
+        type=aux_epochs,
+    )
+    tuned("--guidance", "guidance input while training", type=NONNEG)
+    tuned(
         "--circular-encoder",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="VAE encoder wraps the width: a roll of the image rolls its latents exactly, so the "
+        "VAE encoder wraps the width: a roll of the image rolls its latents exactly, so the "
         "cache is exact (--no-circular-encoder: the reference's zero padding)",
+        action=argparse.BooleanOptionalAction,
     )
     p.add_argument("--resume", nargs="?", const="latest", help="checkpoint folder (default latest)")
     p.add_argument("--save-every", type=COUNT, default=500, help="steps between checkpoints")
@@ -239,6 +349,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="data loader processes per rank (by default the cores beside the main one, up to 4)",
     )
     args = p.parse_args(argv)
+    args.recipe = args.recipe or ("hybrid" if args.persp else "pano")
+    for key, value in RECIPES[args.recipe].items():  # what the command line left unset
+        if getattr(args, key) is None:
+            setattr(args, key, copy.copy(value))
     for flag in ("pano", "persp"):  # recorded resolved: a resume compares them
         if (path := getattr(args, flag)) is not None and not Path(path).is_file():
             fail(f"--{flag} {path}: no such file")
@@ -338,21 +452,23 @@ def cache_rows(source: Source, enc: Encoders, args: argparse.Namespace, env: Env
     return replace(source, cache_dir=Path(args.cache_dir), model_id=model_id)
 
 
-def steps_in_epoch(
+def batches_in_epoch(
     source: Source, epoch: int, args: argparse.Namespace, rank: int, world: int
 ) -> int:
-    """Optimizer steps in an epoch on every rank (the perspective share changes with the epoch);
-    a last, partial accumulation still makes a step."""
-    n = len(epoch_order(len(source.pano), len(source.persp), epoch, source.seed, rank, world))
-    return math.ceil(n // args.batch_size / args.grad_accum)
+    """Micro-batches in an epoch on every rank (the perspective share changes with the epoch)."""
+    n = len(source.pano), len(source.persp)
+    return len(epoch_order(*n, epoch, source.seed, rank, world, source.schedule)) // args.batch_size
 
 
-def total_steps(source: Source, args: argparse.Namespace, rank: int, world: int) -> int:
-    """Optimizer steps of the run: --max-steps, or those of --epochs epochs."""
-    if steps_in_epoch(source, 0, args, rank, world) == 0:
+def total_steps(source: Source, args: argparse.Namespace, rank: int, world: int) -> tuple[int, int]:
+    """Optimizer steps of the run (--max-steps, or those of --epochs epochs; an epoch's last,
+    partial accumulation still makes a step) and the count a linear warm-up takes a fraction of:
+    DiT360's, the run's micro-batches // --grad-accum (its train.py:267), or --max-steps."""
+    if batches_in_epoch(source, 0, args, rank, world) == 0:
         fail(f"{len(source.pano)} panoramas: no batch of {args.batch_size} x {world}")
-    epochs = range(args.epochs)
-    return args.max_steps or sum(steps_in_epoch(source, e, args, rank, world) for e in epochs)
+    batches = [batches_in_epoch(source, e, args, rank, world) for e in range(args.epochs)]
+    steps = sum(math.ceil(n / args.grad_accum) for n in batches)
+    return args.max_steps or steps, args.max_steps or sum(batches) // args.grad_accum
 
 
 def micro_batches(
@@ -458,10 +574,16 @@ def resume(
 # --- training step ----------------------------------------------------------------------------
 
 
-def lr_at(step: int, total: int, args: argparse.Namespace) -> float:
-    """Linear warm-up from 0 over the first `warmup` fraction of the steps, then constant."""
-    warm = int(args.warmup * total)
-    return args.lr * (step / warm if step < warm else 1.0)
+def lr_at(step: int, epoch: int, counted: int, args: argparse.Namespace) -> float:
+    """--lr times the warm-up factor: linear:F, step / W below W = int(F * counted) steps (as
+    transformers' constant schedule with warm-up), or epochs:F, 0.2 + 0.8 * epoch / E below
+    E = max(1, int(F * --epochs)) epochs (DiT360's LambdaLR); then 1."""
+    form, fraction = args.warmup.split(":")
+    if form == "linear":
+        warm = int(float(fraction) * counted)
+        return args.lr * (step / warm if step < warm else 1.0)
+    warm = max(1, int(float(fraction) * args.epochs))
+    return args.lr * (0.2 + 0.8 * (epoch / warm) if epoch < warm else 1.0)  # parity: its rounding
 
 
 def draw(
@@ -485,8 +607,11 @@ def draw(
     return torch.cat(z), torch.cat(noise).to(mean.device), torch.cat(sigmas)
 
 
-def supervised(mask: Tensor, grid: Grid, pad: bool) -> Tensor:
-    """Supervised tokens of a token mask (B, h*w); with `pad` the wrapped columns count too."""
+def supervised(mask: Tensor, grid: Grid, pad: bool, norm: str) -> Tensor:
+    """What a token mask (B, h*w) counts: its rows (norm "sample") or supervised tokens ("token";
+    with `pad` the wrapped columns count too)."""
+    if norm == "sample":
+        return torch.tensor(mask.shape[0])
     return (grid.wrap_mask(mask) if pad else mask).sum()
 
 
@@ -504,13 +629,18 @@ def train_step(
     """One optimizer step on the micro-batches of `at` = (step, epoch, first batch) -> metrics;
     with a non-finite loss or gradient norm no update, and a `skipped` entry saying why."""
     (step, epoch, batch), (rank, world, device, dtype) = at, env
-    t0, aux = time.perf_counter(), aux_active(epoch, args.aux_from_epoch)
+    hybrid = schedule(args)
+    t0, aux = time.perf_counter(), hybrid.aux_active(epoch)
     guidance = args.guidance if model.params.guidance_embed else None
     for group in optimizer.param_groups:
         group["lr"] = lr
-    count = sum(supervised(b.token_mask, grid, args.supervise_pad) for b in micro)
-    count = distributed.all_sum(count.to(device))  # supervised tokens of the step, all ranks
-    sums = torch.zeros(5, device=device)  # loss, flow, yaw, cube sums; token count
+    count = sum(supervised(b.token_mask, grid, args.supervise_pad, args.loss_norm) for b in micro)
+    count = distributed.all_sum(count.to(device))  # rows or tokens of the step, all ranks
+    # "sample": the nominal rows, as Lightning divides each micro-batch by accumulate_grad_batches
+    # also in an epoch's last, short window (its rows weigh len(micro) / --grad-accum).
+    nominal = args.batch_size * args.grad_accum * world
+    denom = count.clamp(min=1) if args.loss_norm == "token" else count.new_tensor(nominal)
+    sums = torch.zeros(5, device=device)  # loss, flow, yaw, cube sums; rows or tokens
     for i, b in enumerate(micro):
         b = b.to(device)
         first = (batch + i) * args.batch_size * world + rank  # in the epoch's global order
@@ -524,14 +654,15 @@ def train_step(
             cond = ahead(model, cond, [sigmas], guidance)
         loss, n, parts = flow_loss(
             model, z, noise, sigmas, cond, b.token_mask, grid,
-            guidance, persp=b.persp, supervise_pad=args.supervise_pad,
+            guidance, persp=b.persp, persp_weight=hybrid.persp_weight, norm=args.loss_norm,
+            supervise_pad=args.supervise_pad,
             lambda_yaw=args.lambda_yaw * aux, lambda_cube=args.lambda_cube * aux, yaw=yaw,
             dtype=dtype,
         )  # fmt: skip
-        (loss / count.clamp(min=1)).backward()  # FSDP sums it over ranks: the global mean's
+        (loss / denom).backward()  # FSDP sums it over ranks: the global loss's gradient
         sums += torch.stack([loss.detach(), *(parts[k] for k in PARTS), n.to(sums)])
     *sums, n = distributed.all_sum(sums).tolist()
-    assert n == count.item(), f"the loss counted {n} tokens, the step {count.item()}"
+    assert n == count.item(), f"the loss counted {n}, the step {count.item()}"
     params = [p for group in optimizer.param_groups for p in group["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf)
     norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()  # all ranks'
@@ -542,7 +673,7 @@ def train_step(
 
     dt = time.perf_counter() - t0
     tokens = world * len(micro) * args.batch_size * grid.tokens
-    metrics = {k: v / max(n, 1) for k, v in zip(("loss", *PARTS), sums, strict=True)}
+    metrics = {k: v / denom.item() for k, v in zip(("loss", *PARTS), sums, strict=True)}
     metrics |= dict(lr=lr, grad_norm=norm, steps_per_s=1 / dt, tokens_per_s=tokens / dt)
     metrics |= dict(skipped="non-finite " + " and ".join(bad)) if bad else {}
     return metrics | dict(peak_gb=peak_memory_gb(device))
@@ -553,6 +684,7 @@ def main(argv: list[str] | None = None) -> None:
     exit_on_sigterm()
     args = parse_args(argv)
     out, rank0 = Path(args.out), distributed.is_main()
+    print0(settings(args))
     device = check_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if rank0:
@@ -584,14 +716,16 @@ def main(argv: list[str] | None = None) -> None:
                f"{args.offload}; writing to {out}")  # fmt: skip
 
         # --- data: the rows; the VAE and text encoders, with --cache-dir used once and freed
-        source = Source(rows["pano"], rows["persp"], args.resolution, args.seed)
+        source = Source(
+            rows["pano"], rows["persp"], args.resolution, args.seed, schedule=schedule(args)
+        )
         enc = load_encoders(args, env)
         conds = [Conditioning(*enc.encode_text([p])) for p in args.prompts]  # the previews'
         if args.cache_dir:
             source = cache_rows(source, enc, args, env)
             enc = replace(enc, encode=None, encode_text=None)
             free(device)
-        total = total_steps(source, args, rank, world)
+        total, counted = total_steps(source, args, rank, world)
 
         # --- model: recompute, FSDP, weights; the optimizer on the LoRA only; resume; log
         shell = build_model(model, tfile, plan, args, env)
@@ -624,7 +758,7 @@ def main(argv: list[str] | None = None) -> None:
         batches = micro_batches(source, args, epoch, batch, rank, world)
         skipped = 0  # non-finite steps in a row
         for step, (epoch, batch, micro) in zip(range(start, total), batches, strict=False):
-            lr, at = lr_at(step, total, args), (step, epoch, batch)
+            lr, at = lr_at(step, epoch, counted, args), (step, epoch, batch)
             metrics = train_step(model, optimizer, micro, at, lr, args, grid, enc, env)
             step, batch = step + 1, batch + len(micro)  # the counters a checkpoint resumes from
             skipped = skipped + 1 if "skipped" in metrics else 0

@@ -8,8 +8,8 @@ Ours differs from the reference (github.com/Insta360-Research-Team/DiT360, src/d
 - Panoramas only: flip with p = 0.5, then a roll (:47-57), image and mask alike, by whole token
   columns uniform in [0, W/16), exact on latents and token masks (the reference rolls a pixel
   count uniform in [W/3, W], src/data.py:16-36).
-- The mixing (:126-151, persp_count) is seeded by (seed, epoch), not the global RNG: a resumed run
-  sees the same order.
+- The mixing (:126-151, loss.HybridSchedule.persp_count) is seeded by (seed, epoch), not the
+  global RNG: a resumed run sees the same order.
 
 Cache: per row, the text embeddings and the VAE posterior of the image and of its mirror (the
 encoder is not flip-symmetric: a flip picks the other entry). A roll by k tokens rolls the
@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 
 from .files import atomic_path, read_text
 from .image import from_pil, open_image, read_mask, read_rgb
+from .loss import HybridSchedule
 from .panorama import PATCH, token_mask
 from .sampling import Conditioning
 
@@ -172,7 +173,8 @@ def build_cache(
 
 @dataclass(frozen=True)
 class Source:
-    """Everything a sample is loaded from: the rows, the training height, seed and cache."""
+    """Everything a sample is loaded from: the rows, the training height, seed, cache and the
+    epochs' mixing."""
 
     pano: list[Row]
     persp: list[Row]
@@ -180,6 +182,7 @@ class Source:
     seed: int = 0
     cache_dir: Path | None = None
     model_id: str = ""
+    schedule: HybridSchedule = HybridSchedule()
 
 
 @dataclass
@@ -262,19 +265,22 @@ def conditioning(batch: Batch, encode_text: EncodeText | None = None) -> Conditi
     return Conditioning(*encode_text(list(batch.caption)))
 
 
-def persp_count(n_persp: int, epoch: int) -> int:
-    """Perspective rows in an epoch: 0 for epochs 0-1, then max(1, int(n * 0.5**(e - 1)))."""
-    return 0 if epoch < 2 or n_persp == 0 else max(1, int(n_persp * 0.5 ** (epoch - 1)))
-
-
 def epoch_order(
-    n_pano: int, n_persp: int, epoch: int, seed: int, rank: int = 0, world: int = 1
+    n_pano: int,
+    n_persp: int,
+    epoch: int,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+    schedule: HybridSchedule | None = None,
 ) -> list[tuple[str, int]]:
     """This rank's (kind, index) samples of an epoch, the same for the same (seed, epoch): all
-    panoramas and a fresh random subset of persp_count perspective rows, shuffled, cut to a
-    multiple of world (at most world - 1 dropped); rank r takes every world-th from r."""
+    panoramas and a fresh random subset of schedule.persp_count perspective rows, shuffled, cut
+    to a multiple of world (at most world - 1 dropped); rank r takes every world-th from r.
+    schedule: DiT360's by default."""
     gen = seeded(seed, epoch)
-    persp = torch.randperm(n_persp, generator=gen)[: persp_count(n_persp, epoch)].tolist()
+    count = (schedule or HybridSchedule()).persp_count(n_persp, epoch)
+    persp = torch.randperm(n_persp, generator=gen)[:count].tolist()
     items = [("pano", i) for i in range(n_pano)] + [("persp", i) for i in persp]
     items = [items[i] for i in torch.randperm(len(items), generator=gen).tolist()]
     items = items[: len(items) - len(items) % world]
@@ -296,7 +302,8 @@ def epoch_loader(
     start_batch: int = 0,
 ) -> DataLoader:
     """An epoch's batches from start_batch, in order; the last partial one dropped."""
-    order = epoch_order(len(source.pano), len(source.persp), epoch, source.seed, rank, world)
+    n = len(source.pano), len(source.persp)
+    order = epoch_order(*n, epoch, source.seed, rank, world, source.schedule)
     return DataLoader(
         order[start_batch * batch_size :],  # (kind, index) pairs, loaded in the workers
         batch_size=batch_size,

@@ -9,17 +9,25 @@ As the reference (github.com/Insta360-Research-Team/DiT360, src/dit360.py unless
   (dit360_mix_staged.py:250-263).
 - Yaw / cube losses, lambda 0.5 each (train.sh), one yaw from {60, 180, 300} a step (:213-236),
   on from epoch 2 (:239-242; dit360_mix_staged.py: while epoch < 3, but its launcher sets them
-  to 0). The projections are src/yaw_rotate.py's and src/cube_map.py's, not panorama.py's: grids
-  spaced over W-1 / H-1, row 0 at latitude -pi/2, align_corners=True, border padding, faces H/2.
+  to 0): HybridSchedule's window, train.py's recipes. The projections are src/yaw_rotate.py's
+  and src/cube_map.py's, not panorama.py's: grids spaced over W-1 / H-1, row 0 at latitude
+  -pi/2, align_corners=True, border padding, faces H/2.
   Our grids are float32, the reference's in the input dtype.
 
-Unlike the reference, `flow_loss` returns a SUM and a COUNT of supervised tokens, for the caller
-to normalise by the global count over ranks and micro-batches (torchtitan). A token's error is
-its mean over the 64 channels and a row's yaw and cube means count like its supervised tokens, so
-for one full panorama sum / count is the reference's loss. Perspective rows weigh per token.
+`flow_loss` returns a SUM and a COUNT, for the caller to divide by a step's denominator over every
+rank and micro-batch, so their split does not change the loss. norm "sample" (the reference's):
+the sum is B x DiT360's loss of the micro-batch: a panorama row's mean over its elements, and the
+perspective rows' mean pooled over all their supervised elements (dit360_mix_staged.py:250-263,
+one torch.cat) x their weight x their number; the count is B rows. train.py divides by the
+nominal rows of a step, batch x accumulation x world, as Lightning divides each training_step by
+accumulate_grad_batches and DDP / DeepSpeed average the ranks. norm "token" (torchtitan's global
+token count): a token's channel-mean error summed, a row's yaw and cube means counted like its
+supervised tokens; a perspective row then weighs by its coverage. For one full panorama both are
+the reference's.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +39,30 @@ from .sampling import Conditioning, add_noise, predict, time_shift
 
 YAW_ANGLES = (60.0, 180.0, 300.0)  # degrees, the reference's choices
 LEVELS = 1000  # num_train_timesteps of the FLUX.1-dev scheduler
-PERSP_WEIGHT = 0.5  # the reference's weight of perspective rows
+NORMS = ("sample", "token")  # flow_loss's normalisations
+
+
+@dataclass(frozen=True)
+class HybridSchedule:
+    """DiT360's hybrid training over the epochs: the perspective rows an epoch mixes in, their loss
+    weight, and the epochs [aux_start, aux_stop) in which the yaw and cube losses act."""
+
+    persp_from: int = 2  # first epoch with perspective rows (src/dynamic_dataset.py:132-136)
+    persp_decay: float = 0.5  # of their share, epoch by epoch from persp_from on
+    persp_weight: float = 0.5  # a perspective row's loss factor (dit360_mix_staged.py:263)
+    aux_start: int = 2  # src/dit360.py:239; dit360_mix_staged.py:244 has 0 to 3
+    aux_stop: int | None = None  # None: to the end
+
+    def persp_count(self, n_persp: int, epoch: int) -> int:
+        """Perspective rows in an epoch: none before persp_from, then max(1, int(n * decay**k)),
+        k = epoch - persp_from + 1 (the reference: n * 0.5**(epoch - 1) from epoch 2)."""
+        if epoch < self.persp_from or n_persp == 0:
+            return 0
+        return max(1, int(n_persp * self.persp_decay ** (epoch - self.persp_from + 1)))
+
+    def aux_active(self, epoch: int) -> bool:
+        """Whether the yaw and cube losses act in this epoch: aux_start <= epoch (< aux_stop)."""
+        return epoch >= self.aux_start and (self.aux_stop is None or epoch < self.aux_stop)
 
 
 def _loss_lat_range(h: int, w: int) -> tuple[float, float]:
@@ -108,11 +139,6 @@ def draw_yaw(generator: torch.Generator) -> float:
     return YAW_ANGLES[int(torch.randint(len(YAW_ANGLES), (), generator=generator))]
 
 
-def aux_active(epoch: int, start: int = 2, stop: int | None = None) -> bool:
-    """Whether the yaw and cube losses are on in this epoch: start <= epoch (< stop)."""
-    return epoch >= start and (stop is None or epoch < stop)
-
-
 def flow_loss(
     model: nn.Module,
     x0: Tensor,
@@ -124,20 +150,25 @@ def flow_loss(
     guidance: float | None = 1.0,
     *,
     persp: Tensor | None = None,
+    persp_weight: float = HybridSchedule.persp_weight,
+    norm: str = "sample",
     lambda_yaw: float = 0.0,
     lambda_cube: float = 0.0,
     yaw: float | None = None,
     supervise_pad: bool = False,
     dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Masked flow-matching loss -> (loss sum, supervised token count, detached parts).
+    """Masked flow-matching loss -> (loss sum, count, detached parts): norm "sample" sums B x the
+    reference's batch loss and counts rows, "token" sums token errors and counts supervised tokens.
 
     x0, noise: latents (B, 16, 2h, 2w) for grid; sigmas (B,); token_mask (B, h*w) bool, True =
-    supervised; persp (B,) bool rows weigh PERSP_WEIGHT. The model sees x_t wrap-padded, in
+    supervised; persp (B,) bool rows weigh persp_weight. The model sees x_t wrap-padded, in
     `dtype` (default x0's); the pad tokens are cropped, or with supervise_pad supervised against
     the wrapped target. Yaw / cube terms (lambda 0 = off) apply to all-white panorama rows.
     parts: the "flow", "yaw", "cube" sums before the lambdas.
     """
+    if norm not in NORMS:
+        raise ValueError(f"norm {norm!r}: one of {', '.join(NORMS)}")
     b, h, w = x0.shape[0], grid.h, grid.w
     if x0.shape[-2:] != (2 * h, 2 * w) or noise.shape != x0.shape:
         raise ValueError(f"latents {tuple(x0.shape)}, {tuple(noise.shape)} do not fit {grid}")
@@ -157,16 +188,19 @@ def flow_loss(
     err = ((pred if supervise_pad else grid.crop(pred)) - tgt).square().mean(-1)  # like mask
 
     persp = (torch.zeros(b, dtype=torch.bool) if persp is None else persp).to(x0.device)
-    row_w = torch.where(persp, PERSP_WEIGHT, 1.0)  # (B,) float32
+    count = mask.sum(-1)  # (B,)
+    row_w = torch.where(persp, persp_weight, 1.0)  # (B,) float32
+    if norm == "sample":  # a panorama row's mean; the perspective rows' pooled mean x their number
+        pooled = torch.where(persp, count[persp].sum(), count).clamp(min=1)
+        row_w = row_w * torch.where(persp, persp.sum(), 1) / pooled  # nothing supervised adds 0
     # where, not a multiplication: masked tokens get exactly zero gradient, even from inf/nan.
     flow = (torch.where(mask, err, 0.0).sum(-1) * row_w).sum()
-    count = mask.sum(-1)  # (B,)
     parts = {"flow": flow, "yaw": flow.new_zeros(()), "cube": flow.new_zeros(())}
 
     full = mask.all(-1) & ~persp  # (B,) rows for yaw / cube
     if (lambda_yaw or lambda_cube) and full.any():
         p, t = grid.unpack(pred[full]), target[full]  # (B', 16, 2h, 2w) each
-        scale = (row_w * count)[full]  # each row's mean counts like its supervised tokens
+        scale = (row_w * count)[full]  # a row's mean: x1 (sample) or x its tokens (token)
         if lambda_yaw:
             d = loss_yaw_rotation(p, yaw) - loss_yaw_rotation(t, yaw)  # (B', 16, 2h, 2w)
             parts["yaw"] = (d.square().flatten(1).mean(1) * scale).sum()
@@ -174,4 +208,5 @@ def flow_loss(
             d = loss_cube_faces(p) - loss_cube_faces(t)  # (B', 6, 16, h, h)
             parts["cube"] = (d.square().flatten(1).mean(1) * scale).sum()
     total = flow + lambda_yaw * parts["yaw"] + lambda_cube * parts["cube"]
-    return total, count.sum(), {k: v.detach() for k, v in parts.items()}
+    n = count.sum() if norm == "token" else count.new_tensor(b)
+    return total, n, {k: v.detach() for k, v in parts.items()}

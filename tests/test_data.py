@@ -19,10 +19,10 @@ from dit360.data import (
     epoch_loader,
     epoch_order,
     load_sample,
-    persp_count,
     read_rows,
 )
 from dit360.image import from_pil, read_mask, read_rgb
+from dit360.loss import HybridSchedule
 from dit360.panorama import token_mask
 
 H = 32  # training height: 32 x 64 pixels = 2 x 4 tokens
@@ -171,10 +171,24 @@ def test_mask_resized_with_nearest(tmp_path):
     assert mask.shape == (32, 64) and mask[:, :32].all() and not mask[:, 32:].any()
 
 
+def reference_persp_count(n: int, epoch: int) -> int:
+    """DiT360's subset size (src/dynamic_dataset.py, train_dataloader), restated: none in epochs
+    0 and 1, then max(int(n * 0.50 ** (epoch - 1)), 1) of torch.randperm(n) (so none of none)."""
+    if epoch in (0, 1):
+        return 0
+    return len(torch.randperm(n)[: max(int(n * (0.50 ** (epoch - 1))), 1)])
+
+
 def test_persp_count_formula():
-    """Epochs 0-1 have no perspective rows, then max(1, int(n * 0.5**(e - 1)))."""
+    """The per-epoch perspective counts are the reference's, for many sizes and epochs."""
+    persp_count = HybridSchedule().persp_count
+    for n in (0, 1, 2, 3, 7, 40, 100, 1001):
+        assert [persp_count(n, e) for e in range(26)] == [
+            reference_persp_count(n, e) for e in range(26)
+        ]
     assert [persp_count(100, e) for e in range(7)] == [0, 0, 50, 25, 12, 6, 3]
-    assert persp_count(3, 6) == 1 and persp_count(0, 5) == 0
+    later = HybridSchedule(persp_from=3, persp_decay=0.25)
+    assert [later.persp_count(64, e) for e in range(6)] == [0, 0, 0, 16, 4, 1]
 
 
 def test_epoch_order_counts_and_seed():
@@ -182,7 +196,7 @@ def test_epoch_order_counts_and_seed():
     for epoch in range(6):
         order = epoch_order(7, 40, epoch, seed=3)
         kinds = Counter(k for k, _ in order)
-        assert kinds["pano"] == 7 and kinds["persp"] == persp_count(40, epoch)
+        assert kinds["pano"] == 7 and kinds["persp"] == HybridSchedule().persp_count(40, epoch)
         assert len(set(order)) == len(order)
         assert order == epoch_order(7, 40, epoch, seed=3)
     assert epoch_order(7, 40, 2, seed=3) != epoch_order(7, 40, 2, seed=4)

@@ -24,7 +24,7 @@ from dit360.data import (
 )
 from dit360.loss import (
     YAW_ANGLES,
-    aux_active,
+    HybridSchedule,
     draw_yaw,
     flow_loss,
     loss_cube_faces,
@@ -199,13 +199,26 @@ def test_flow_loss_matches_restatement(model):
     x0, noise, sigmas, cond = inputs(2)
     mask = partial_mask(2)
     with torch.no_grad():
-        loss, count, parts = flow_loss(model, x0, noise, sigmas, cond, mask, GRID)
+        loss, count, parts = flow_loss(model, x0, noise, sigmas, cond, mask, GRID, norm="token")
+        rows, n_rows, _ = flow_loss(model, x0, noise, sigmas, cond, mask, GRID, norm="sample")
         s = sigmas.view(2, 1, 1, 1)
         tokens = ref_pad(ref_pack((1 - s) * x0 + s * noise), 4, 8, 1)  # (2, 4 * 10, 64)
         pred = ref_crop(ref_velocity(model, tokens, 4, 8, 1, cond, sigmas), 4, 8, 1)
         err = (pred - ref_pack(noise - x0)).square().mean(-1)  # (2, 32)
     torch.testing.assert_close(loss, err[mask].sum())
     assert count == 32 and parts["yaw"] == 0 and parts["cube"] == 0
+    row_means = [err[i][mask[i]].mean() for i in range(2)]  # "sample": each row's mean, summed
+    torch.testing.assert_close(rows, sum(row_means))
+    assert n_rows == 2
+    # Two perspective rows: DiT360 pools their supervised elements (one torch.cat, then the mean)
+    # x 0.5, the batch's loss; "sample" sums it once per row.
+    persp, mask[1, :8] = torch.ones(2, dtype=torch.bool), True  # 16 and 20 tokens: pooling is
+    with torch.no_grad():  # not the mean of the row means
+        pooled, n_rows, _ = flow_loss(
+            model, x0, noise, sigmas, cond, mask, GRID, persp=persp, norm="sample"
+        )
+    torch.testing.assert_close(pooled, 2 * 0.5 * err[mask].mean())
+    assert n_rows == 2
 
 
 def test_supervise_pad_targets_the_wrapped_grid(model):
@@ -214,7 +227,9 @@ def test_supervise_pad_targets_the_wrapped_grid(model):
     x0, noise, sigmas, cond = inputs(1)
     mask = partial_mask(1)
     with torch.no_grad():
-        loss, count, _ = flow_loss(model, x0, noise, sigmas, cond, mask, grid, supervise_pad=True)
+        loss, count, _ = flow_loss(
+            model, x0, noise, sigmas, cond, mask, grid, supervise_pad=True, norm="token"
+        )
         s = sigmas.view(1, 1, 1, 1)
         tokens = ref_pad(ref_pack((1 - s) * x0 + s * noise), 4, 8, 2)  # (1, 4 * 12, 64)
         pred = ref_velocity(model, tokens, 4, 8, 2, cond, sigmas)
@@ -250,24 +265,26 @@ def test_masked_x0_gets_zero_gradient():
     assert (x0.grad[~pixel_mask] == 0).all() and (x0.grad[pixel_mask] != 0).all()
 
 
-def test_black_perspective_row_contributes_nothing(model):
-    """An all-black perspective row adds nothing to the loss and no gradient to the model."""
+@pytest.mark.parametrize("norm", ["sample", "token"])
+def test_black_perspective_row_contributes_nothing(model, norm):
+    """An all-black perspective row adds nothing to the loss and no gradient to the model; it
+    counts as a row ("sample", as the reference's loss of 0 in its step's mean), no tokens."""
     x0, noise, sigmas, cond = inputs(2)
     mask = torch.ones(2, 32, dtype=torch.bool)
     mask[1] = False
     persp = torch.tensor([False, True])
-    both, count, _ = flow_loss(model, x0, noise, sigmas, cond, mask, GRID, persp=persp)
+    both, count, _ = flow_loss(model, x0, noise, sigmas, cond, mask, GRID, persp=persp, norm=norm)
     one = Conditioning(cond.txt[:1], cond.txt_ids[:1], cond.vec[:1])
-    alone, _, _ = flow_loss(model, x0[:1], noise[:1], sigmas[:1], one, mask[:1], GRID)
+    alone, _, _ = flow_loss(model, x0[:1], noise[:1], sigmas[:1], one, mask[:1], GRID, norm=norm)
     torch.testing.assert_close(both, alone)
-    assert count == 32
+    assert count == {"sample": 2, "token": 32}[norm]
     row = Conditioning(cond.txt[1:], cond.txt_ids[1:], cond.vec[1:])
     model.zero_grad(set_to_none=True)
     loss, count, _ = flow_loss(
-        model, x0[1:], noise[1:], sigmas[1:], row, mask[1:], GRID, persp=persp[1:]
+        model, x0[1:], noise[1:], sigmas[1:], row, mask[1:], GRID, persp=persp[1:], norm=norm
     )
     loss.backward()
-    assert loss == 0 and count == 0
+    assert loss == 0 and count == {"sample": 1, "token": 0}[norm]
     assert all(p.grad is None or (p.grad == 0).all() for p in model.parameters())
     model.zero_grad(set_to_none=True)
 
@@ -294,7 +311,7 @@ def test_yaw_and_cube_terms_match_restatement(model):
     with torch.no_grad():
         loss, count, parts = flow_loss(
             cap, x0, noise, sigmas, cond, mask, GRID, persp=persp, lambda_yaw=0.5,
-            lambda_cube=0.25, yaw=300.0,
+            lambda_cube=0.25, yaw=300.0, norm="token",
         )  # fmt: skip
     pred = ref_unpack(ref_crop(cap.out[:1], 4, 8, 1), 4, 8)  # row 0 only, (1, 16, 8, 16)
     n, x, p = noise[:1], x0[:1], pred
@@ -320,8 +337,9 @@ def test_yaw_draw_and_aux_epochs():
     draws = [draw_yaw(torch.Generator().manual_seed(i)) for i in range(30)]
     assert set(draws) == set(YAW_ANGLES)
     assert draws == [draw_yaw(torch.Generator().manual_seed(i)) for i in range(30)]
-    assert [aux_active(e) for e in range(5)] == [False, False, True, True, True]
-    assert [aux_active(e, start=0, stop=3) for e in range(5)] == [True, True, True, False, False]
+    assert [HybridSchedule().aux_active(e) for e in range(5)] == [False, False, True, True, True]
+    window = HybridSchedule(aux_start=0, aux_stop=3)
+    assert [window.aux_active(e) for e in range(5)] == [True, True, True, False, False]
     with pytest.raises(ValueError, match="yaw"):
         x0, noise, sigmas, cond = inputs(1)
         flow_loss(Tokenwise(), x0, noise, sigmas, cond, partial_mask(1) | True, GRID, lambda_yaw=1)

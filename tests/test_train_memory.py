@@ -197,7 +197,7 @@ def test_loss_plot_with_matplotlib(tmp_path):
 # --- train.py end to end ------------------------------------------------------------------------
 
 data, trained, one_thread = test_train.data, test_train.trained, test_train.one_thread
-SHORT = ("--max-steps", "2", "--grad-accum", "2", "--lr", "1e-3", "--aux-from-epoch", "0")
+SHORT = ("--max-steps", "2", "--grad-accum", "2", "--lr", "1e-3", "--aux-epochs", "0:")
 
 
 def test_streamed_run_equals_resident_run(tiny_flux, data, tmp_path, monkeypatch):
@@ -227,7 +227,7 @@ def test_fp8_base_overfits(tiny_flux, data, tmp_path):
     out = tmp_path / "fp8"
     a = ("--base-dtype", "fp8", "--pano", str(data / "pano2.jsonl"), "--batch-size", "2")
     a += ("--grad-accum", "1", "--lr", "1e-2", "--warmup", "0", "--dropout", "0")
-    a += ("--lora-rank", "8", "--alpha", "8", "--max-steps", "16", "--aux-from-epoch", "99")
+    a += ("--lora-rank", "8", "--alpha", "8", "--max-steps", "16", "--aux-epochs", "99:")
     train.main(args(tiny_flux, data, out, *a))
     losses = [r["loss"] for r in log(out)]
     print(f"fp8 overfit: first 4 mean {np.mean(losses[:4]):.3f}, last 4 {np.mean(losses[-4:]):.3f}")
