@@ -79,6 +79,7 @@ from dit360.checkpoints import (
     nonfinite,
     release,
     save_checkpoint,
+    start_run,
     steps,
 )
 from dit360.compiling import compile_blocks
@@ -548,23 +549,23 @@ def main(argv: list[str] | None = None) -> None:
     device = check_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if rank0:
-        check_out(out, args)
-    try:
-        grid = Grid.for_image(args.resolution, 2 * args.resolution, args.wrap_pad)
-        rows = read_rows(args.pano, args.persp)  # one error naming every bad row
-        tfile, plan, model = read_flux(weights(args).transformer)  # headers; the model on meta
-        model.to(dtype)  # meta: no memory yet
-        inject(model, args.lora_rank, args.alpha, tuple(args.targets), args.dropout)  # fp32 LoRA
-    except INPUT_ERRORS as e:
-        fail(e)
-    ckpt = find_checkpoint(out, args, model)  # read and checked against our arguments
-    warnings.filterwarnings("ignore", message=".*returned a view tensor")  # FSDP; never in place
-    torch.manual_seed(args.seed)
+        check_out(out, args)  # refused early, nothing written; decided again under the lock
 
-    # --- the run folder, ours (rank 0 locks it); distributed
+    # --- the run folder: rank 0 locks it first, so that nothing changes it while we check
     made = rank0 and not out.exists()
-    lock = claim(out, args) if rank0 else None
+    lock = claim(out, args, made) if rank0 else None
     try:
+        try:
+            grid = Grid.for_image(args.resolution, 2 * args.resolution, args.wrap_pad)
+            rows = read_rows(args.pano, args.persp)  # one error naming every bad row
+            tfile, plan, model = read_flux(weights(args).transformer)  # headers; model on meta
+            model.to(dtype)  # meta: no memory yet
+            inject(model, args.lora_rank, args.alpha, tuple(args.targets), args.dropout)  # fp32
+        except INPUT_ERRORS as e:
+            fail(e)
+        ckpt = find_checkpoint(out, args, model)  # read and checked against our arguments
+        warnings.filterwarnings("ignore", message=".*returned a view tensor")  # FSDP: not in place
+        torch.manual_seed(args.seed)
         rank, world, device = distributed.init(args.device)
         env = Env(rank, world, device, dtype)
         if world > 1 and local_base(args):
@@ -572,18 +573,20 @@ def main(argv: list[str] | None = None) -> None:
                 "--base-dtype fp8 and --offload blocks are for one process: on several, FSDP "
                 "shards the bf16 base over the ranks (README, Training on one GPU)"
             )
+        source = Source(rows["pano"], rows["persp"], args.resolution, args.seed)
+        total = total_steps(source, args, rank, world)
+        enc = load_encoders(args, env)
+        if rank == 0:  # every check passed: the run is ours to write
+            start_run(out, args)
         print0(f"{world} x {device.type}, {env.dtype}, base {args.base_dtype}, offload "
                f"{args.offload}; writing to {out}")  # fmt: skip
 
-        # --- data: the rows; the VAE and text encoders, with --cache-dir used once and freed
-        source = Source(rows["pano"], rows["persp"], args.resolution, args.seed)
-        enc = load_encoders(args, env)
+        # --- data: with --cache-dir every row encoded once, then the encoders freed
         conds = [Conditioning(*enc.encode_text([p])) for p in args.prompts]  # the previews'
         if args.cache_dir:
             source = cache_rows(source, enc, args, env)
             enc = replace(enc, encode=None, encode_text=None)
             free(device)
-        total = total_steps(source, args, rank, world)
 
         # --- model: recompute, FSDP, weights; the optimizer on the LoRA only; resume; log
         shell = build_model(model, tfile, plan, args, env)
@@ -658,6 +661,8 @@ def main(argv: list[str] | None = None) -> None:
             print0(
                 f"wrote {out / 'lora'} (peft LoRA)" + (f" and {out / 'loss.png'}" if drew else "")
             )
+    except OSError as e:  # a full disk, a folder made read-only: one line, no temporary left
+        fail(f"the run in {out} stopped: {e}", code=1)
     finally:
         distributed.cleanup()
         if lock:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from test_train import ROOT, RUN, args, assert_same_lora, log, lora_file
 
 import train
-from dit360.checkpoints import STATE
+from dit360.checkpoints import MARKER, STATE
 
 # The fixtures of test_train, module-scoped here too: the tiny data and an uninterrupted run.
 data, trained, one_thread = test_train.data, test_train.trained, test_train.one_thread
@@ -96,7 +96,22 @@ BAD = {  # case: (extra arguments, what the error says, what to set up in tmp_pa
         [],
         r"--out .*out holds a run \(log.jsonl\): continue it with --resume, delete it with "
         r"--overwrite, or choose another --out",
-        lambda t: make_file(t / "out" / "log.jsonl"),
+        lambda t: [make_file(t / "out" / n) for n in (MARKER, "log.jsonl")],
+    ),
+    "overwrite a folder that is no run": (
+        ["--overwrite"],
+        r"--out .*out holds files that no training run wrote \(.thesis.tex.tmp, lora, samples\)",
+        lambda t: [make_file(t / "out" / n) for n in (".thesis.tex.tmp", "lora/a", "samples/b")],
+    ),
+    "resume a folder that is no run": (
+        ["--resume"],
+        r"--out .*out holds files that no training run wrote \(checkpoints\): choose a new",
+        lambda t: make_file(t / "out" / "checkpoints" / "step-00000002" / STATE),
+    ),
+    "empty lock": (
+        ["--resume"],
+        r"--out .*out: its lock .*\.lock names no run \(''.*delete it if no run is using --out",
+        lambda t: make_file(t / "out" / ".lock", ""),
     ),
     "out in use": (["--resume"], rf"--out .*out is in use by process {os.getpid()}", lock_it),
     "base-dtype fp16": (["--base-dtype", "fp16"], r"--base-dtype: invalid choice", None),
