@@ -28,10 +28,18 @@ STATE = "state.safetensors"  # a checkpoint's LoRA, AdamW state, counters and ar
 STEP_DIR = re.compile(r"step-(\d+)")  # a checkpoint (written as a hidden temporary, then renamed)
 COUNTERS = ("step", "epoch", "batch", "world", "batch_size")  # where a checkpoint resumes
 # A run marks --out as its own with MARKER, once its checks passed and before it writes anything
-# else; --resume and --overwrite act only on a marked folder. OUTPUTS are the run's own names in
-# it, all that --overwrite removes (cache/ stays: its entries are keyed by what made them).
+# else; --resume and --overwrite act only on a marked folder. OUTPUTS are the run's own files
+# (paths relative to --out) and FOLDERS its own folders, all that --overwrite removes: a user's
+# file anywhere below stays, with the folders holding it (cache/ stays too: its entries are keyed
+# by what made them, so a new run reuses them).
 MARKER = ".dit360-run"
-OUTPUTS = ("checkpoints", "lora", "args.json", "log.jsonl", "loss.png", "samples", "tensorboard")
+PEFT = r"lora/adapter_(config\.json|model\.safetensors)"
+OUTPUTS = re.compile(
+    rf"args\.json|log\.jsonl|loss\.png|{PEFT}|checkpoints/step-\d+/({re.escape(STATE)}|{PEFT})"
+    r"|samples/step-\d+/\d+\.png|tensorboard/events\.out\.tfevents\.[^/]+"
+)
+FOLDERS = re.compile(r"lora|checkpoints(/step-\d+(/lora)?)?|samples(/step-\d+)?|tensorboard")
+OWN_FOLDERS = ("lora", "checkpoints", "samples", "tensorboard")
 IDLE = {MARKER, "args.json", "log.jsonl", "cache"}  # a run stopped before its first step
 # What a checkpoint's state means, so a resume must keep them (the docstring says why).
 MUST_MATCH = ("lora_rank", "alpha", "targets", "dropout", "resolution", "wrap_pad")
@@ -127,11 +135,29 @@ def claim(out: Path, args: argparse.Namespace, made: bool) -> Path:
 def start_run(out: Path, args: argparse.Namespace) -> None:
     """Rank 0, under the lock, once every check passed: with --overwrite delete the old run's
     OUTPUTS; remove what our killed processes left; mark --out as a run."""
-    for name in OUTPUTS if args.overwrite else ():
-        remove(out / name)
+    if args.overwrite:
+        remove_outputs(out)
     for folder in (out, out / "checkpoints", out / "lora", *(out / "samples").glob("step-*")):
         clean_temps(folder)  # only our names, of processes now gone, only where we write them
     (out / MARKER).write_text("a dit360 training run: train.py --resume or --overwrite use it\n")
+
+
+def remove_outputs(out: Path, folder: Path | None = None) -> None:
+    """Delete the run's own files (OUTPUTS) in `folder` (None: all of out's), then its own
+    folders left empty; nothing else (a symbolic link is neither followed nor removed)."""
+    tops = [folder] if folder else [out / name for name in OWN_FOLDERS]
+    paths = [] if folder else [*out.iterdir()]
+    for top in tops:
+        for root, dirs, files in os.walk(top):  # does not enter linked folders
+            paths += [Path(root, name) for name in dirs + files]
+    for path in sorted([*tops, *paths], key=lambda p: len(p.parts), reverse=True):  # files first
+        rel = path.relative_to(out).as_posix()
+        if path.is_symlink() or not path.exists():
+            continue
+        if path.is_file() and OUTPUTS.fullmatch(rel):
+            path.unlink()
+        elif path.is_dir() and FOLDERS.fullmatch(rel) and not any(path.iterdir()):
+            path.rmdir()
 
 
 def release(lock: Path, made: bool) -> None:
@@ -239,10 +265,10 @@ def save_checkpoint(
         export_lora(state, shell, tmp / "lora")
         for s, path in steps(folder).items():
             if s >= step:
-                remove(path)
+                remove_outputs(folder.parent, path)
     done = sorted(steps(folder).items())
     for _, old in done[: -args.keep] if args.keep else []:
-        remove(old)
+        remove_outputs(folder.parent, old)
     clean_temps(folder)
     return final
 
