@@ -27,13 +27,17 @@ however it is split over ranks.
 
 Every argument is checked before anything slow; a bad one is one line `error: ...` (exit 2).
 
---out holds one run: a non-empty --out is refused unless --resume continues it or --overwrite
-deletes it first, and out/.lock (the pid and host of the run writing there) keeps a second run
-out; a lock left by a dead process is taken over, with a warning. It receives checkpoints/step-N/
-(state.safetensors + lora/), lora/ (the final LoRA in the peft format that `sample.py --lora` and
-diffusers read), args.json, log.jsonl (one line a step), loss.png (with matplotlib),
-tensorboard/ (--log tensorboard), samples/step-N/ (previews with --sample-every), cache/ (the
-default --cache-dir of --base-dtype fp8 and --offload blocks).
+--out holds one run. out/.lock (the pid and host of the run writing there) is taken first, before
+any other check, so a second run cannot start there meanwhile; a lock left by a dead process is
+taken over, with a warning. Once every check passed, the run marks --out as its own
+(out/.dit360-run). A new run needs an empty --out (or one whose run stopped before its first
+step); --resume continues a marked run; --overwrite deletes a marked run's own files first (the
+table in dit360/checkpoints.py), not its cache/ nor anything else; a folder that is not marked is
+never touched. It receives checkpoints/step-N/ (state.safetensors + lora/), lora/ (the final
+LoRA in the peft format that `sample.py --lora` and diffusers read), args.json, log.jsonl (one
+line a step), loss.png (with matplotlib), tensorboard/ (--log tensorboard), samples/step-N/
+(previews with --sample-every), cache/ (the default --cache-dir of --base-dtype fp8 and
+--offload blocks).
 
 --resume continues the latest readable checkpoint (an unreadable one is skipped, with a warning)
 or the one named; with unchanged arguments, bit-identical to a run never stopped. What fixes the
