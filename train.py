@@ -558,6 +558,7 @@ def main(argv: list[str] | None = None) -> None:
     # --- the run folder: rank 0 locks it first, so that nothing changes it while we check
     made = rank0 and not out.exists()
     lock = claim(out, args, made) if rank0 else None
+    bar = None  # the progress bar, closed before a late error's line
     try:
         try:
             grid = Grid.for_image(args.resolution, 2 * args.resolution, args.wrap_pad)
@@ -666,6 +667,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"wrote {out / 'lora'} (peft LoRA)" + (f" and {out / 'loss.png'}" if drew else "")
             )
     except OSError as e:  # a full disk, a folder made read-only: one line, no temporary left
+        if bar is not None:
+            bar.close()
         fail(f"the run in {out} stopped: {e}", code=1)
     finally:
         distributed.cleanup()

@@ -415,6 +415,25 @@ def test_a_full_disk_is_one_line(tiny_flux, data, trained, tmp_path):
     )
     err = proc.stderr.replace("\r", "\n").strip().splitlines()
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and sum(e.startswith("error: ") for e in err) == 1
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert sum(e.startswith("error: ") for e in err) == 1, proc.stderr[-3000:]
     assert re.fullmatch(r"error: the run in \S*full stopped: .*File too large.*", err[-1]), err[-1]
     assert checkpoints(out) == [] and not leftovers(out)
+
+
+def test_a_run_failing_before_its_first_step_does_not_block_the_next(
+    tiny_flux, data, tmp_path, monkeypatch
+):
+    """A run that passed its checks but failed at its first step (out of memory) leaves --out
+    marked, with no step logged: the next run there starts without --overwrite."""
+    out = tmp_path / "oom"
+
+    def no_memory(*a, **kw):
+        raise torch.OutOfMemoryError("out of memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "flow_loss", no_memory)
+        with pytest.raises(torch.OutOfMemoryError):
+            train.main(args(tiny_flux, data, out, *RUN, "--max-steps", "2"))
+    train.main(args(tiny_flux, data, out, *RUN, "--max-steps", "2"))
+    assert checkpoints(out) == [2] and [r["step"] for r in log(out)] == [1, 2]
