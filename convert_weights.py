@@ -9,9 +9,10 @@ python convert_weights.py --lora kohya_lora.safetensors --out my-lora-peft   # p
 
 --out is a .safetensors file (our layout; an existing file is replaced) or a folder
 (--to diffusers, --lora alone) that is new, empty or a previous output of the same kind, which is
-replaced. Outputs appear whole or not at all; what a killed run left is removed by the next run.
-Arguments are checked before any weights are read. Exit status: 2 bad arguments, 1 failed, 130
-interrupted (Ctrl-C).
+replaced; a symbolic link is refused (name what it points to). Outputs appear whole or not at
+all; what a killed run left is removed by the next run (only our temporary names, of processes
+that are gone). Arguments are checked before any weights are read. Exit status: 2 bad
+arguments, 1 failed, 130 interrupted (Ctrl-C).
 """
 
 import argparse
@@ -82,6 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_out(out: Path, kind: str) -> None:
     """Fail (exit 2) on an --out the conversion could not write, or must not replace."""
+    if out.is_symlink():  # replacing it would replace the link (or, through it, a cache's blob)
+        fail(
+            f"--out {out} is a symbolic link (to {os.readlink(out)}): name what it points to, "
+            "or another --out"
+        )
     if kind in FOLDER_FILES:
         if out.suffix == ".safetensors" or out.is_file():
             fail(f"--out {out}: the {kind} output is a folder (not a file, nor *.safetensors)")

@@ -13,12 +13,18 @@ an input folder.
 --hf-dataset writes a Hugging Face dataset's panoramas and captions into OUT/panoramas/ first
 (dit360.hub_data); --refine-poles regenerates the panoramas' poles into OUT/refined/
 (dit360.refine). Both resume where a killed run stopped; pano.jsonl lists the last of them.
+
+--out receives KIND.jsonl and the folder KIND-files-N of the masks and projections its rows name
+(KIND: pano, persp; N new for each run). A KIND.jsonl switches to its new rows in one rename, once
+its folder is complete, so at any moment it names only files of one run; then the other
+KIND-files-N folders (an earlier run's, or a killed run's) are removed. Nothing else in --out is.
 """
 
 import argparse
 import json
 import os
 import random
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -81,9 +87,9 @@ def check_panorama(image: Path) -> tuple[str, tuple[int, int]]:
 
 
 def collect_panoramas(
-    folder: Path, out: Path, stage: Path, absolute: bool = False
+    folder: Path, out: Path, stage: Path, absolute: bool = False, files: str = "masks"
 ) -> tuple[list[Row], Bad]:
-    """Rows for the 2:1 panoramas under folder, their all-white masks staged for out/masks."""
+    """Rows for the 2:1 panoramas under folder, their all-white masks staged for out/files."""
     rows, bad = [], []
     for image in tqdm(find_images(folder), desc="panoramas", unit="img"):
         try:
@@ -91,7 +97,7 @@ def collect_panoramas(
         except READ_ERRORS as e:  # a bad row, reported with the others at the end
             bad.append((str(image), str(e) or type(e).__name__))
             continue
-        mask = Path("masks") / f"pano_{w}x{h}.png"
+        mask = Path(files) / f"pano_{w}x{h}.png"
         if not (stage / mask).exists():
             save_png(Image.new("L", (w, h), 255), stage / mask)
         rows.append(row(image, caption, out / mask, out, absolute))
@@ -110,8 +116,9 @@ def collect_perspectives(
     roll_range: tuple[float, float] = (0.0, 0.0),
     seed: int = 0,
     absolute: bool = False,
+    files: str = "persp",
 ) -> tuple[list[Row], Bad]:
-    """Rows for the photos under folder, projected with their masks, staged for out/persp."""
+    """Rows for the photos under folder, projected with their masks, staged for out/files."""
     rng = random.Random(seed)
     rows, bad, seen = [], [], {}
     for image in tqdm(find_images(folder), desc="perspective", unit="img"):
@@ -129,7 +136,7 @@ def collect_perspectives(
         except READ_ERRORS as e:  # a bad row, reported with the others at the end
             bad.append((str(image), str(e) or type(e).__name__))
             continue
-        paths = Path("persp") / f"{name}.png", Path("persp") / f"{name}_mask.png"
+        paths = Path(files) / f"{name}.png", Path(files) / f"{name}_mask.png"
         save_png(canvas, stage / paths[0])
         save_png(mask, stage / paths[1])
         rows.append(row(out / paths[0], caption, out / paths[1], out, absolute))
@@ -191,26 +198,39 @@ def check_args(
         raise ValueError(f"--out {out}: {near} is not a writable folder; choose another --out")
 
 
+FILES = re.compile(r"(pano|persp)-files-(\d+)")  # ours in --out: the files a KIND.jsonl names
+
+
 @contextmanager
 def staging(out: Path) -> Iterator[Path]:
-    """A hidden folder inside out to write into. On success its files move into out (images and
-    masks before the jsonl files that name them); on failure out is left as it was."""
+    """A hidden folder inside out to write into: KIND.jsonl and KIND-files-N. On success each
+    folder moves into out (a new name), then its jsonl replaces the old one (one rename), then
+    the other KIND-files-N folders are removed; on failure out is left as it was."""
     out = Path(out).absolute()
     made = next((p for p in reversed((out, *out.parents)) if not p.exists()), None)
     stage = own_temp(out / "prepare")  # removes stages that killed runs left
     stage.mkdir(parents=True)
     try:
         yield stage
-        files = sorted(p for p in stage.rglob("*") if p.is_file())
-        for f in sorted(files, key=lambda p: p.suffix == ".jsonl"):
-            (out / f.relative_to(stage)).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(f, out / f.relative_to(stage))
+        for files in sorted(p.name for p in stage.iterdir() if FILES.fullmatch(p.name)):
+            kind = FILES.fullmatch(files)[1]
+            os.replace(stage / files, out / files)
+            os.replace(stage / f"{kind}.jsonl", out / f"{kind}.jsonl")  # the switch
+            for old in out.iterdir():  # the files of earlier (or killed) runs
+                if (m := FILES.fullmatch(old.name)) and m[1] == kind and old.name != files:
+                    remove(old)
     except BaseException:
         if made is not None:  # the folders this run created, out among them
             remove(made)
         raise
     finally:
         remove(stage)
+
+
+def files_folder(out: Path, kind: str) -> str:
+    """KIND-files-N, N above every N in out: a name no earlier run used."""
+    found = [int(m[2]) for p in out.iterdir() if (m := FILES.fullmatch(p.name))]
+    return f"{kind}-files-{max(found, default=0) + 1}"
 
 
 def prepare(
@@ -232,9 +252,10 @@ def prepare(
     out, found = Path(out), {}
     with staging(out) as stage:
         if pano is not None:
-            found["pano"] = collect_panoramas(Path(pano), out, stage, absolute)
+            files = files_folder(stage.parent, "pano")
+            found["pano"] = collect_panoramas(Path(pano), out, stage, absolute, files)
         if persp is not None:
-            kw = dict(absolute=absolute, **views)
+            kw = dict(absolute=absolute, files=files_folder(stage.parent, "persp"), **views)
             found["persp"] = collect_perspectives(Path(persp), out, stage, **kw)
         bad = [b for _, bad_rows in found.values() for b in bad_rows]
         listing = "\n".join(f"  {file}: {reason}" for file, reason in bad)

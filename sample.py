@@ -86,10 +86,16 @@ def out_dir(args: argparse.Namespace, default: Path) -> Path:
 
 def batch_out(folder: Path, name: str, where: str) -> Path:
     """`folder` / `name` (a row's "out", relative to --out-dir); ValueError naming `where`
-    (file:line) if it is absolute or climbs with "..": it would write outside --out-dir."""
+    (file:line) if it is absolute, climbs with ".." or leads out through a symbolic link: it
+    would write outside --out-dir."""
     if Path(name).is_absolute() or ".." in Path(name).parts:
         raise ValueError(
             f'{where}: "out" {name} is outside --out-dir: give a path relative to it, no ".."'
+        )
+    if not (folder / name).resolve().is_relative_to(folder.resolve()):  # where it really goes
+        raise ValueError(
+            f'{where}: "out" {name} leads outside --out-dir through a symbolic link (to '
+            f"{(folder / name).resolve()}): name a path inside --out-dir"
         )
     return folder / name
 

@@ -39,13 +39,17 @@ however it is split over ranks.
 
 Every argument is checked before anything slow; a bad one is one line `error: ...` (exit 2).
 
---out holds one run: a non-empty --out is refused unless --resume continues it or --overwrite
-deletes it first, and out/.lock (the pid and host of the run writing there) keeps a second run
-out; a lock left by a dead process is taken over, with a warning. It receives checkpoints/step-N/
-(state.safetensors + lora/), lora/ (the final LoRA in the peft format that `sample.py --lora` and
-diffusers read), args.json, log.jsonl (one line a step), loss.png (with matplotlib),
-tensorboard/ (--log tensorboard), samples/step-N/ (previews with --sample-every), cache/ (the
-default --cache-dir of --base-dtype fp8 and --offload blocks).
+--out holds one run. out/.lock (the pid and host of the run writing there) is taken first, before
+any other check, so a second run cannot start there meanwhile; a lock left by a dead process is
+taken over, with a warning. Once every check passed, the run marks --out as its own
+(out/.dit360-run). A new run needs an empty --out (or one whose run stopped before its first
+step); --resume continues a marked run; --overwrite deletes a marked run's own files first (the
+table in dit360/checkpoints.py), not its cache/ nor anything else; a folder that is not marked is
+never touched. It receives checkpoints/step-N/ (state.safetensors + lora/), lora/ (the final
+LoRA in the peft format that `sample.py --lora` and diffusers read), args.json, log.jsonl (one
+line a step), loss.png (with matplotlib), tensorboard/ (--log tensorboard), samples/step-N/
+(previews with --sample-every), cache/ (the default --cache-dir of --base-dtype fp8 and
+--offload blocks).
 
 --resume continues the latest readable checkpoint (an unreadable one is skipped, with a warning)
 or the one named; with unchanged arguments, bit-identical to a run never stopped. What fixes the
@@ -100,6 +104,7 @@ from dit360.checkpoints import (
     nonfinite,
     release,
     save_checkpoint,
+    start_run,
     steps,
 )
 from dit360.compiling import compile_blocks
@@ -688,23 +693,24 @@ def main(argv: list[str] | None = None) -> None:
     device = check_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if rank0:
-        check_out(out, args)
-    try:
-        grid = Grid.for_image(args.resolution, 2 * args.resolution, args.wrap_pad)
-        rows = read_rows(args.pano, args.persp)  # one error naming every bad row
-        tfile, plan, model = read_flux(weights(args).transformer)  # headers; the model on meta
-        model.to(dtype)  # meta: no memory yet
-        inject(model, args.lora_rank, args.alpha, tuple(args.targets), args.dropout)  # fp32 LoRA
-    except INPUT_ERRORS as e:
-        fail(e)
-    ckpt = find_checkpoint(out, args, model)  # read and checked against our arguments
-    warnings.filterwarnings("ignore", message=".*returned a view tensor")  # FSDP; never in place
-    torch.manual_seed(args.seed)
+        check_out(out, args)  # refused early, nothing written; decided again under the lock
 
-    # --- the run folder, ours (rank 0 locks it); distributed
+    # --- the run folder: rank 0 locks it first, so that nothing changes it while we check
     made = rank0 and not out.exists()
-    lock = claim(out, args) if rank0 else None
+    lock = claim(out, args, made) if rank0 else None
+    bar = None  # the progress bar, closed before a late error's line
     try:
+        try:
+            grid = Grid.for_image(args.resolution, 2 * args.resolution, args.wrap_pad)
+            rows = read_rows(args.pano, args.persp)  # one error naming every bad row
+            tfile, plan, model = read_flux(weights(args).transformer)  # headers; model on meta
+            model.to(dtype)  # meta: no memory yet
+            inject(model, args.lora_rank, args.alpha, tuple(args.targets), args.dropout)  # fp32
+        except INPUT_ERRORS as e:
+            fail(e)
+        ckpt = find_checkpoint(out, args, model)  # read and checked against our arguments
+        warnings.filterwarnings("ignore", message=".*returned a view tensor")  # FSDP: not in place
+        torch.manual_seed(args.seed)
         rank, world, device = distributed.init(args.device)
         env = Env(rank, world, device, dtype)
         if world > 1 and local_base(args):
@@ -712,20 +718,22 @@ def main(argv: list[str] | None = None) -> None:
                 "--base-dtype fp8 and --offload blocks are for one process: on several, FSDP "
                 "shards the bf16 base over the ranks (README, Training on one GPU)"
             )
-        print0(f"{world} x {device.type}, {env.dtype}, base {args.base_dtype}, offload "
-               f"{args.offload}; writing to {out}")  # fmt: skip
-
-        # --- data: the rows; the VAE and text encoders, with --cache-dir used once and freed
         source = Source(
             rows["pano"], rows["persp"], args.resolution, args.seed, schedule=schedule(args)
         )
+        total, counted = total_steps(source, args, rank, world)
         enc = load_encoders(args, env)
+        if rank == 0:  # every check passed: the run is ours to write
+            start_run(out, args)
+        print0(f"{world} x {device.type}, {env.dtype}, base {args.base_dtype}, offload "
+               f"{args.offload}; writing to {out}")  # fmt: skip
+
+        # --- data: with --cache-dir every row encoded once, then the encoders freed
         conds = [Conditioning(*enc.encode_text([p])) for p in args.prompts]  # the previews'
         if args.cache_dir:
             source = cache_rows(source, enc, args, env)
             enc = replace(enc, encode=None, encode_text=None)
             free(device)
-        total, counted = total_steps(source, args, rank, world)
 
         # --- model: recompute, FSDP, weights; the optimizer on the LoRA only; resume; log
         shell = build_model(model, tfile, plan, args, env)
@@ -800,6 +808,10 @@ def main(argv: list[str] | None = None) -> None:
             print0(
                 f"wrote {out / 'lora'} (peft LoRA)" + (f" and {out / 'loss.png'}" if drew else "")
             )
+    except OSError as e:  # a full disk, a folder made read-only: one line, no temporary left
+        if bar is not None:
+            bar.close()
+        fail(f"the run in {out} stopped: {e}", code=1)
     finally:
         distributed.cleanup()
         if lock:

@@ -17,30 +17,52 @@ import socket
 from pathlib import Path
 from typing import NamedTuple
 
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .distributed import print0, warn0
-from .files import commit, dead, open_tensors, remove, temp_path
+from .files import atomic_path, clean_temps, dead, open_tensors, own_temp, remove, write_safetensors
 from .lora_formats import export_peft
 from .options import fail
 
 STATE = "state.safetensors"  # a checkpoint's LoRA, AdamW state, counters and arguments
-STEP_DIR = re.compile(r"step-(\d+)")  # a checkpoint; ".step-N.tmp" is one being written
+STEP_DIR = re.compile(r"step-(\d+)")  # a checkpoint (written as a hidden temporary, then renamed)
 COUNTERS = ("step", "epoch", "batch", "world", "batch_size")  # where a checkpoint resumes
-OUTPUTS = ("checkpoints", "lora", "args.json", "log.jsonl", "loss.png", "samples", "tensorboard")
+# A run marks --out as its own with MARKER, once its checks passed and before it writes anything
+# else; --resume and --overwrite act only on a marked folder. OUTPUTS are the run's own files
+# (paths relative to --out) and FOLDERS its own folders, all that --overwrite removes: a user's
+# file anywhere below stays, with the folders holding it (cache/ stays too: its entries are keyed
+# by what made them, so a new run reuses them).
+MARKER = ".dit360-run"
+PEFT = r"lora/adapter_(config\.json|model\.safetensors)"
+OUTPUTS = re.compile(
+    rf"args\.json|log\.jsonl|loss\.png|{PEFT}|checkpoints/step-\d+/({re.escape(STATE)}|{PEFT})"
+    r"|samples/step-\d+/\d+\.png|tensorboard/events\.out\.tfevents\.[^/]+"
+)
+FOLDERS = re.compile(r"lora|checkpoints(/step-\d+(/lora)?)?|samples(/step-\d+)?|tensorboard")
+OWN_FOLDERS = ("lora", "checkpoints", "samples", "tensorboard")
+IDLE = {MARKER, "args.json", "log.jsonl", "cache"}  # a run stopped before its first step
 # What a checkpoint's state means, so a resume must keep them (the docstring says why).
 MUST_MATCH = ("lora_rank", "alpha", "targets", "dropout", "resolution", "wrap_pad")
 MUST_MATCH += ("supervise_pad", "circular_encoder", "pano", "persp", "seed")
 
 
 def check_out(out: Path, args: argparse.Namespace) -> None:
-    """--out: a folder we may write, and empty unless --resume or --overwrite."""
+    """--out: a folder we may write, empty or a run (marked) that --resume continues, --overwrite
+    replaces, or that stopped before its first step. Called early (to refuse before the slow
+    checks) and again under the lock, which decides."""
     parent = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         fail(f"--out {out}: {parent} is not a folder this user can write; choose another --out")
-    run = sorted(p.name for p in out.iterdir() if p.name != ".lock") if out.is_dir() else []
-    if run and not (args.resume or args.overwrite):
+    names = sorted(p.name for p in out.iterdir() if p.name != ".lock") if out.is_dir() else []
+    if names and MARKER not in names:
+        fail(
+            f"--out {out} holds files that no training run wrote ({', '.join(names[:4])}): "
+            f"choose a new or empty --out (--resume and --overwrite act only on a run's folder)"
+        )
+    log = out / "log.jsonl"
+    idle = set(names) <= IDLE and not (log.is_file() and log.stat().st_size)
+    if not (idle or args.resume or args.overwrite):
+        run = [n for n in names if n != MARKER]
         fail(
             f"--out {out} holds a run ({', '.join(run[:4])}): continue it with --resume, "
             "delete it with --overwrite, or choose another --out"
@@ -48,34 +70,94 @@ def check_out(out: Path, args: argparse.Namespace) -> None:
 
 
 def take_lock(out: Path) -> Path:
-    """Create out/.lock holding `pid host` (O_EXCL: one run a folder); a lock left by a dead
-    process of this host is taken over, with a warning."""
+    """Create out/.lock holding `pid host` (appearing whole, only if there is none: one run a
+    folder); a lock left by a dead process of this host is taken over, with a warning."""
     lock, me = out / ".lock", f"{os.getpid()} {socket.gethostname()}"
     out.mkdir(parents=True, exist_ok=True)
     while True:
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            holder = lock.read_text(errors="replace")
+        except FileNotFoundError:
+            if create_new(lock, me):
+                return lock
+            continue  # another run took it first: read its lock
+        except OSError:  # a folder, unreadable: not a lock of ours
+            holder = ""
+        pid, _, host = holder.partition(" ")
+        if not pid.isdigit() or not host:
+            fail(
+                f"--out {out}: its lock {lock} names no run ({holder[:40]!r}, not `pid host`): "
+                "delete it if no run is using --out"
+            )
+        if host != socket.gethostname() or not dead(pid):
+            fail(
+                f"--out {out} is in use by process {pid} on {host}: wait for it, "
+                f"or delete {lock} if that run is gone"
+            )
+        warn0(f"process {pid}, which held {lock}, is gone: taking the lock over")
+        lock.unlink(missing_ok=True)
+
+
+def create_new(path: Path, text: str) -> bool:
+    """Create `path` holding `text` only if it does not exist (False if it does), appearing whole:
+    a hard link of a written temporary file (a file system without hard links: created, then
+    written)."""
+    tmp = own_temp(path)
+    try:
+        tmp.write_text(text)
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            pid, _, host = lock.read_text().partition(" ")
-            if host != socket.gethostname() or not dead(pid):
-                fail(
-                    f"--out {out} is in use by process {pid} on {host or '?'}: wait for it, "
-                    f"or delete {lock} if that run is gone"
-                )
-            warn0(f"process {pid}, which held {lock}, is gone: taking the lock over")
-            lock.unlink(missing_ok=True)
-            continue
-        os.write(fd, me.encode())
+            return False
+        os.write(fd, text.encode())
         os.close(fd)
-        return lock
+    finally:
+        remove(tmp)
+    return True
 
 
-def claim(out: Path, args: argparse.Namespace) -> Path:
-    """Rank 0: lock --out, then delete the old run (--overwrite) and a killed run's temp files."""
+def claim(out: Path, args: argparse.Namespace, made: bool) -> Path:
+    """Rank 0, before the slow checks: lock --out (`made`: it did not exist), then check it
+    under the lock."""
     lock = take_lock(out)
-    for old in [*(out / n for n in OUTPUTS if args.overwrite), *out.rglob(".*.tmp*")]:
-        remove(old)
+    try:
+        check_out(out, args)
+    except BaseException:
+        release(lock, made)
+        raise
     return lock
+
+
+def start_run(out: Path, args: argparse.Namespace) -> None:
+    """Rank 0, under the lock, once every check passed: with --overwrite delete the old run's
+    OUTPUTS; remove what our killed processes left; mark --out as a run."""
+    if args.overwrite:
+        remove_outputs(out)
+    for folder in (out, out / "checkpoints", out / "lora", *(out / "samples").glob("step-*")):
+        clean_temps(folder)  # only our names, of processes now gone, only where we write them
+    (out / MARKER).write_text("a dit360 training run: train.py --resume or --overwrite use it\n")
+
+
+def remove_outputs(out: Path, folder: Path | None = None) -> None:
+    """Delete the run's own files (OUTPUTS) in `folder` (None: all of out's), then its own
+    folders left empty; nothing else (a symbolic link is neither followed nor removed)."""
+    tops = [folder] if folder else [out / name for name in OWN_FOLDERS]
+    paths = [] if folder else [*out.iterdir()]
+    for top in tops:
+        for root, dirs, files in os.walk(top):  # does not enter linked folders
+            paths += [Path(root, name) for name in dirs + files]
+    for path in sorted([*tops, *paths], key=lambda p: len(p.parts), reverse=True):  # files first
+        rel = path.relative_to(out).as_posix()
+        if path.is_symlink() or not path.exists():
+            continue
+        if path.is_file() and OUTPUTS.fullmatch(rel):
+            path.unlink()
+        elif path.is_dir() and FOLDERS.fullmatch(rel) and not any(path.iterdir()):
+            path.rmdir()
 
 
 def release(lock: Path, made: bool) -> None:
@@ -175,21 +257,19 @@ def save_checkpoint(
         warn0(f"step {step}: no checkpoint, {len(bad)} tensors are not finite ({bad[0]}, ...)")
         return None
     final = folder / f"step-{step:08d}"
-    tmp = temp_path(final)
-    remove(tmp)  # left by a run killed while writing it
-    tmp.mkdir(parents=True)
     meta = dict(counters=json.dumps(counters), args=json.dumps(vars(args)))
-    save_file(state, tmp / STATE, metadata=meta)
-    export_lora(state, shell, tmp / "lora")
-    for s, path in steps(folder).items():
-        if s >= step:
-            remove(path)
-    commit(tmp, final)  # atomic: the checkpoint exists complete, or not at all
+    specs = {k: (t.dtype, tuple(t.shape)) for k, t in state.items()}
+    with atomic_path(final) as tmp:  # the checkpoint exists complete, or not at all
+        tmp.mkdir()
+        write_safetensors(tmp / STATE, specs, state.items(), meta)
+        export_lora(state, shell, tmp / "lora")
+        for s, path in steps(folder).items():
+            if s >= step:
+                remove_outputs(folder.parent, path)
     done = sorted(steps(folder).items())
     for _, old in done[: -args.keep] if args.keep else []:
-        remove(old)
-    for stale in folder.glob(".step-*.tmp*"):
-        remove(stale)
+        remove_outputs(folder.parent, old)
+    clean_temps(folder)
     return final
 
 

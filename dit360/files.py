@@ -7,9 +7,10 @@ not mmap, so converting a 24 GB model keeps only the tensor at hand in memory (m
 stay resident until the file is closed).
 """
 
-import glob
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -199,9 +200,17 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
+# Our temporary files: `.NAME.tmp<pid>.<host>` beside NAME; a NAME over TEMP_NAME bytes is cut
+# and hashed, so that the temporary name of any legal NAME (255 bytes) stays a legal name.
+TEMP_NAME = 150
+
+
 def temp_path(path: Path, owner: str = "") -> Path:
-    """The hidden temporary name `.NAME.tmp<owner>` next to `path`."""
-    return path.with_name(f".{path.name}.tmp{owner}")
+    """The hidden temporary name `.NAME.tmp<owner>` next to `path` (a long NAME shortened)."""
+    name = os.fsencode(path.name)
+    if len(name) > TEMP_NAME:  # cut (maybe inside a character: bytes stay bytes) + a hash
+        name = name[:100] + b"~" + hashlib.sha256(name).hexdigest()[:16].encode()
+    return path.with_name(f".{os.fsdecode(name)}.tmp{owner}")
 
 
 def remove(path: Path) -> None:
@@ -230,14 +239,23 @@ def dead(pid: str) -> bool:
     return False
 
 
-def own_temp(path: Path) -> Path:
-    """Our temp name `.NAME.tmp<pid>.<host>` for `path`, removing those of dead pids here first."""
-    host = f".{socket.gethostname()}"  # pids are only unique on one machine
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, stem = temp_path(path, f"{os.getpid()}{host}"), temp_path(path).name
-    for old in path.parent.glob(glob.escape(stem) + "*"):
-        if old == tmp or old.name.endswith(host) and dead(old.name[len(stem) : -len(host)]):
+def clean_temps(folder: Path, of: Path | None = None) -> None:
+    """Remove our temporary files in `folder` (not below it) that a process of this machine,
+    now gone, left: exactly `.NAME.tmp<pid>.<host>` (of `of` only, if given), nothing else."""
+    stem = re.escape(temp_path(of).name) if of else r"\..+\.tmp"
+    ours = re.compile(rf"{stem}([1-9][0-9]*)\.{re.escape(socket.gethostname())}", re.S)
+    for old in folder.iterdir() if folder.is_dir() else ():
+        if (m := ours.fullmatch(old.name)) and int(m[1]) != os.getpid() and dead(m[1]):
             remove(old)
+
+
+def own_temp(path: Path) -> Path:
+    """Our temp name `.NAME.tmp<pid>.<host>` for `path` (pids are only unique on one machine),
+    removing first those of `path` that processes now gone left here."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path, f"{os.getpid()}.{socket.gethostname()}")
+    clean_temps(path.parent, path)
+    remove(tmp)  # ours, from an earlier call that failed
     return tmp
 
 

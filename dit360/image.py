@@ -134,6 +134,11 @@ def check_output_path(path: str | Path) -> Path:
         raise IsADirectoryError(
             f"cannot write {path}: it is a folder; choose another file name or remove the folder"
         )
+    if path.is_symlink():  # replacing it would replace the link, not what it points to
+        raise ValueError(
+            f"cannot write {path}: it is a symbolic link (to {os.readlink(path)}); name the file "
+            "it points to, or another file"
+        )
     parent = path.resolve().parent
     while not parent.exists():
         parent = parent.parent

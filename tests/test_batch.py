@@ -97,6 +97,11 @@ def test_bad_rows(tiny_flux, tmp_path, capsys):
     """A bad row is one line naming file:line, exit 2, before anything loads; nothing written."""
     rows, good = tmp_path / "rows.jsonl", json.dumps({"prompt": "a lake"})
     argv = flags(tiny_flux, "--prompts", str(rows), "--out-dir", str(tmp_path / "out"))
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "link").symlink_to(tmp_path / "elsewhere")  # a row writing through it
+    (tmp_path / "out" / "mine.png").write_bytes(b"the user's")
+    (tmp_path / "out" / "ln.png").symlink_to(tmp_path / "out" / "mine.png")  # would be replaced
     for bad, match in [
         ('{"prompt": "a lake"', "not JSON"),
         ('{"seed": 3}', 'need an object with a "prompt"'),
@@ -109,6 +114,14 @@ def test_bad_rows(tiny_flux, tmp_path, capsys):
         (
             '{"prompt": "a lake", "out": "/tmp/abs.png"}',
             r'abs\.png is outside --out-dir: .* no "\.\."',
+        ),
+        (
+            '{"prompt": "a lake", "out": "link/x.png"}',
+            r"link/x\.png leads outside --out-dir through",
+        ),
+        (
+            '{"prompt": "a lake", "out": "ln.png"}',
+            r"ln\.png: it is a symbolic link \(to .*mine\.png",
         ),
     ]:
         rows.write_text(f"{good}\n{bad}\n")

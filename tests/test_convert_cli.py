@@ -189,3 +189,26 @@ def test_terminated_conversion_removes_its_temp(inputs, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("to", ["bfl", "diffusers"])
+def test_a_linked_out_is_refused_up_front(inputs, tmp_path, capsys, to):
+    """--out a symbolic link (to a file, to a folder): one line before any weight is read, exit 2;
+    the link and what it points to unchanged."""
+    target = tmp_path / ("real.safetensors" if to == "bfl" else "real")
+    if to == "bfl":
+        target.write_bytes(b"the user's")
+    else:
+        target.mkdir()
+    link = tmp_path / ("link.safetensors" if to == "bfl" else "link")
+    link.symlink_to(target)
+    argv = ["--base", str(inputs["base"]), "--to", to, "--out", str(link)]
+    expect_error(capsys, convert_weights.main, argv, tmp_path, r"--out .*link.* is a symbolic link")
+
+
+def test_a_long_out_name_converts(inputs, tmp_path):
+    """A legal 250-byte --out file name (its temporary name would pass the 255-byte limit)."""
+    out = tmp_path / ("é" * 60 + "x" * 120 + ".safetensors")  # 120 + 120 + 12 bytes
+    convert_weights.main(["--base", str(inputs["base"]), "--out", str(out)])
+    assert_same(state(out), state(inputs["base"]))
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]

@@ -115,6 +115,8 @@ def test_bad_rows(tiny_flux, tmp_path, capsys, monkeypatch):
     write_inputs(tmp_path / "sq", size=(32, 32))
     (tmp_path / "text.png").write_text("not an image")
     write_inputs(tmp_path / "out")  # sources in --out-dir, where an "out" could overwrite them
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out" / "link").symlink_to(tmp_path / "elsewhere")  # a row writing through it
     no_loads(monkeypatch)
     good, rows = ROWS[0], tmp_path / "edits.jsonl"
     argv = flags(tiny_flux, "--edits", str(rows), "--out-dir", str(tmp_path / "out"))
@@ -137,6 +139,7 @@ def test_bad_rows(tiny_flux, tmp_path, capsys, monkeypatch):
         ({**good, "out": "0000-seed5.png"}, "as line 1 does"),
         ({**good, "out": "../escape.png"}, r'"out" \.\./escape\.png is outside --out-dir: give a'),
         ({**good, "out": str(tmp_path / "abs.png")}, r"abs\.png is outside --out-dir"),
+        ({**good, "out": "link/x.png"}, r"link/x\.png leads outside --out-dir through a symbolic"),
         ({**good, "image": "out/src.png", "out": "src.png"}, r'src\.png is its "image", which'),
         ({**good, "mask": "out/mask.png", "out": "mask.png"}, r'mask\.png is its "mask", which'),
     ]:

@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -186,3 +189,39 @@ def test_help_mentions_captions():
         [sys.executable, "prepare.py", "--help"], cwd=root, capture_output=True, text=True
     )
     assert res.returncode == 0 and ".txt" in res.stdout and "same stem" in res.stdout
+
+
+def test_overwrite_switches_whole_or_not_at_all(tmp_path, monkeypatch):
+    """prepare --overwrite stopped at each of its renames in turn (a kill at the switch): each
+    jsonl still names existing files of one run, every projected photo inside its own mask
+    (old and new views differ: a mix would not be), and a rerun leaves one run's files."""
+    make_images(tmp_path / "pano", {"p.png": (64, 32)})
+    make_images(tmp_path / "photos", {"a.png": (32, 24), "b.png": (32, 24)})
+    folders = dict(pano=tmp_path / "pano", persp=tmp_path / "photos", height=32)
+    old, new = dict(fov=60, yaw_range=(0, 0)), dict(fov=100, yaw_range=(150, 150))
+    prepare(tmp_path / "old", **folders, **old)
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == stop:
+            raise KeyboardInterrupt  # killed here
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    stop = 0
+    prepare(tmp_path / "count", **folders, **new)  # how many renames a run makes
+    for stop in range(1, len(calls) + 1):
+        calls.clear()
+        out = tmp_path / f"killed-{stop}"
+        shutil.copytree(tmp_path / "old", out)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(out, **folders, overwrite=True, **new)
+        rows = read_rows(pano=out / "pano.jsonl", persp=out / "persp.jsonl")  # files exist
+        for r in rows["persp"]:
+            image, mask = load(r.image).max(axis=2), load(r.mask)
+            assert (image[mask == 0] == 0).all() and (image[mask == 255] > 0).mean() > 0.95
+    stop = 0
+    prepare(out, **folders, overwrite=True, **new)  # after the last kill: old files left
+    names = " ".join(sorted(p.name for p in out.iterdir()))
+    assert re.fullmatch(r"pano-files-\d+ pano.jsonl persp-files-\d+ persp.jsonl", names), names

@@ -244,26 +244,25 @@ def test_resume_after_kill_is_bit_identical(tiny_flux, data, tmp_path, monkeypat
 
 
 def test_kill_while_writing_a_checkpoint(tiny_flux, data, tmp_path, monkeypatch, trained):
-    """The step-4 checkpoint is cut off mid-write: step 2 stays the latest complete one, and
-    resuming from it reaches the same LoRA as the uninterrupted run."""
+    """The step-4 checkpoint is cut off mid-write: step 2 stays the latest complete one, the torn
+    one is not left, and resuming from step 2 reaches the same LoRA as the uninterrupted run."""
     out = tmp_path / "torn"
-    write = checkpoints.save_file
+    write = checkpoints.write_safetensors
 
-    def torn_write(state, path, metadata):
-        write(state, path, metadata=metadata)
+    def torn_write(path, specs, tensors, metadata):
+        write(path, specs, tensors, metadata)
         if json.loads(metadata["counters"])["step"] == 4:  # half the file, then the "kill"
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoints, "save_file", torn_write)
+    monkeypatch.setattr(checkpoints, "write_safetensors", torn_write)
     with pytest.raises(KeyboardInterrupt):
         train.main(args(tiny_flux, data, out, *RUN))
     monkeypatch.undo()
     assert sorted(train.steps(out / "checkpoints")) == [2]
-    assert (out / "checkpoints" / ".step-00000004.tmp").is_dir()  # the torn one, ignored
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
     train.main(args(tiny_flux, data, out, *RUN, "--resume"))
     assert_same_lora(out, trained)
-    assert not (out / "checkpoints" / ".step-00000004.tmp").exists()
 
 
 # --- export ---------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from test_train import ROOT, RUN, args, assert_same_lora, log, lora_file
 
 import train
-from dit360.checkpoints import STATE
+from dit360.checkpoints import MARKER, STATE
 
 # The fixtures of test_train, module-scoped here too: the tiny data and an uninterrupted run.
 data, trained, one_thread = test_train.data, test_train.trained, test_train.one_thread
@@ -96,7 +96,22 @@ BAD = {  # case: (extra arguments, what the error says, what to set up in tmp_pa
         [],
         r"--out .*out holds a run \(log.jsonl\): continue it with --resume, delete it with "
         r"--overwrite, or choose another --out",
-        lambda t: make_file(t / "out" / "log.jsonl"),
+        lambda t: [make_file(t / "out" / n) for n in (MARKER, "log.jsonl")],
+    ),
+    "overwrite a folder that is no run": (
+        ["--overwrite"],
+        r"--out .*out holds files that no training run wrote \(.thesis.tex.tmp, lora, samples\)",
+        lambda t: [make_file(t / "out" / n) for n in (".thesis.tex.tmp", "lora/a", "samples/b")],
+    ),
+    "resume a folder that is no run": (
+        ["--resume"],
+        r"--out .*out holds files that no training run wrote \(checkpoints\): choose a new",
+        lambda t: make_file(t / "out" / "checkpoints" / "step-00000002" / STATE),
+    ),
+    "empty lock": (
+        ["--resume"],
+        r"--out .*out: its lock .*\.lock names no run \(''.*delete it if no run is using --out",
+        lambda t: make_file(t / "out" / ".lock", ""),
     ),
     "out in use": (["--resume"], rf"--out .*out is in use by process {os.getpid()}", lock_it),
     "base-dtype fp16": (["--base-dtype", "fp16"], r"--base-dtype: invalid choice", None),
@@ -309,3 +324,116 @@ def test_torn_checkpoint_and_partial_log_line(tiny_flux, data, trained, tmp_path
     ]
     assert_same_lora(out, trained)
     assert checkpoints(out) == [2, 4, 6] and not leftovers(out)
+
+
+# --- ownership: the lock decides; only our own files are removed; a full disk -------------------
+
+# train.py, stopped (SIGSTOP to itself) when it starts reading the rows: in its check window.
+STOP_IN_CHECKS = """
+import os, signal, train
+real = train.read_rows
+def read_rows(*a, **kw):
+    os.kill(os.getpid(), signal.SIGSTOP)
+    return real(*a, **kw)
+train.read_rows = read_rows
+train.run_main(train.main)
+"""
+
+
+def stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped (state T in /proc)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_a_run_started_during_anothers_checks_is_refused(
+    tiny_flux, data, trained, tmp_path, capsys
+):
+    """Run A, a real process, is stopped in its check window; run B on the same --out meanwhile
+    is refused with one line and changes nothing; A, continued, ends as the uninterrupted run."""
+    out, err = tmp_path / "race", tmp_path / "stderr.txt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # as the in-process run: the same sums
+    cmd = [sys.executable, "-c", STOP_IN_CHECKS, *args(tiny_flux, data, out, *RUN)]
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 120
+        while not stopped(proc.pid):
+            assert proc.poll() is None, err.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached its checks"
+            time.sleep(0.02)
+        out.mkdir(exist_ok=True)  # B's folder snapshot (A may not have made it)
+        expect_error(
+            capsys, train.main, args(tiny_flux, data, out, *RUN), out,
+            rf"--out .*race is in use by process {proc.pid} on ",
+        )  # fmt: skip
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        rc = proc.wait(timeout=300)
+    assert rc == 0, err.read_text()[-3000:]
+    assert [r["loss"] for r in log(out)] == [r["loss"] for r in log(trained)]
+    assert_same_lora(out, trained)
+    assert checkpoints(out) == [2, 4, 6] and not leftovers(out)
+
+
+USERS = [".thesis.tex.tmp", "checkpoints/.thesis.tex.tmp", "lora/.a.tmp", "notes/.b.tmp7"]
+USERS += ["samples/step-00000002/.c.png.tmp", "checkpoints/.x.tmp1." + socket.gethostname()]
+
+
+@pytest.mark.parametrize("mode", ["--resume", "--overwrite"])
+def test_resume_and_overwrite_remove_only_ours(mode, tiny_flux, data, trained, tmp_path):
+    """A user's hidden `.NAME.tmp` files anywhere below a run's --out (and one of our pattern
+    whose process, pid 1, is alive) survive --resume and --overwrite; ours of a dead process
+    (a pid that cannot exist) go."""
+    out, host = tmp_path / "run", socket.gethostname()
+    shutil.copytree(trained, out)
+    for name in USERS:
+        make_file(out / name, "mine")
+    ours = [out / f".args.json.tmp99999999.{host}", out / "checkpoints" / f".s.tmp99999999.{host}"]
+    for path in ours:
+        make_file(path, "left by a killed run")
+    train.main(args(tiny_flux, data, out, *RUN, "--max-steps", "2", mode))
+    assert all((out / name).read_text() == "mine" for name in USERS)
+    assert not any(p.exists() for p in ours)
+
+
+def test_a_full_disk_is_one_line(tiny_flux, data, trained, tmp_path):
+    """`python train.py` whose files may not grow past half a checkpoint's state (as a full
+    disk): its first checkpoint fails with one line, exit 1, no checkpoint nor temporary left."""
+    import resource
+
+    limit = (trained / "checkpoints" / "step-00000002" / STATE).stat().st_size // 2
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "full"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "train.py", *args(tiny_flux, data, out, *RUN)]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, preexec_fn=small_files, timeout=300
+    )
+    err = proc.stderr.replace("\r", "\n").strip().splitlines()
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert sum(e.startswith("error: ") for e in err) == 1, proc.stderr[-3000:]
+    assert re.fullmatch(r"error: the run in \S*full stopped: .*File too large.*", err[-1]), err[-1]
+    assert checkpoints(out) == [] and not leftovers(out)
+
+
+def test_a_run_failing_before_its_first_step_does_not_block_the_next(
+    tiny_flux, data, tmp_path, monkeypatch
+):
+    """A run that passed its checks but failed at its first step (out of memory) leaves --out
+    marked, with no step logged: the next run there starts without --overwrite."""
+    out = tmp_path / "oom"
+
+    def no_memory(*a, **kw):
+        raise torch.OutOfMemoryError("out of memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "flow_loss", no_memory)
+        with pytest.raises(torch.OutOfMemoryError):
+            train.main(args(tiny_flux, data, out, *RUN, "--max-steps", "2"))
+    train.main(args(tiny_flux, data, out, *RUN, "--max-steps", "2"))
+    assert checkpoints(out) == [2] and [r["step"] for r in log(out)] == [1, 2]
