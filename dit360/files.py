@@ -81,7 +81,9 @@ def _read_file(path: Path, into: TensorFile | None = None) -> TensorFile:
     with open(path, "rb") as f:
         head = f.read(8)
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else size
-        if n > min(size - 8, MAX_HEADER):  # read nothing the file does not hold
+        if n > MAX_HEADER:  # the format's limit: read no more (a sparse file may be that large)
+            raise ValueError(f"{bad}: its header claims {n} bytes, over the format's {MAX_HEADER}")
+        if n > size - 8:
             raise ValueError(f"{bad}: it may be truncated or corrupt, download it again")
         header = parse_json(f.read(n), f"{bad}: its header")
     header = check_json(header, {"__metadata__": STR_MAP}, f"{path}: header")
@@ -242,15 +244,16 @@ def check_json(
     obj: object, rules: dict[str, Rule], where: str, required: tuple[str, ...] = (), only=False
 ) -> dict:
     """`obj` (parsed JSON) as an object whose keys follow `rules` (a key absent or null is not
-    checked, unless `required`; with `only`, no other key); ValueError naming `where`, the key."""
+    checked, unless `required`; with `only`, no other key and no null); ValueError naming `where`
+    and the key."""
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object {{...}}, got {short(obj)}")
     if missing := [k for k in required if obj.get(k) is None]:
         raise ValueError(f"{where}: {missing[0]!r} is missing: add it")
     if only and (extra := [k for k in obj if k not in rules]):
         raise ValueError(f"{where}: unknown key {short(extra[0])}; the keys are {list(rules)}")
-    for key, rule in rules.items():
-        if obj.get(key) is not None and not follows(obj[key], rule):
+    for key, rule in rules.items():  # null: absent in diffusers' configs, wrong in ours (`only`)
+        if (obj.get(key) is not None or only and key in obj) and not follows(obj[key], rule):
             raise ValueError(f"{where}: {key!r} must be {rule[2]}, got {short(obj[key])}")
     return obj
 

@@ -92,12 +92,16 @@ def read_encoder(part: Part, kind: str) -> tuple[TensorFile, T5Config | CLIPText
     cls, model_type, infer = ENCODERS[kind]
     found = config_beside(part.path, model_type=model_type) if not part.prefix else None
     try:
-        checked = found and check_json(found[0], ENCODER_RULES, str(found[1]))
-        config = cls.from_dict(checked) if found else infer(tfile)
+        if found is None:
+            config = infer(tfile)
+        else:
+            config = cls.from_dict(check_json(found[0], ENCODER_RULES, str(found[1])))
     except KeyError as e:
         raise ValueError(f"{part} is not a {kind.upper()} text encoder: no tensor {e}") from None
-    except ValueError as e:  # transformers' own checks of a config
-        raise ValueError(f"{found[1] if found else part}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - transformers checks a config with errors of many kinds
+        message = " ".join(str(e).split())
+        where = "" if message.startswith(str(found[1] if found else part)) else f"{part}: "
+        raise ValueError(f"{where}{message}") from None
     return tfile, config
 
 
