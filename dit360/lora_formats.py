@@ -124,7 +124,7 @@ def plan_lora(
         r, rows = A.shape[0] if A.ndim == 2 else 0, f"{ours} rows [{start}:{end}]"
         floats = A.is_floating_point() and B.is_floating_point()
         if r < 1 or not floats or A.shape[1] != n_in or B.shape != (end - start, r):
-            shapes = f"A {tuple(A.shape)} {A.dtype}, B {tuple(B.shape)} {B.dtype}"
+            shapes = f"A {tuple(A.shape)}, B {tuple(B.shape)}"
             need = f"A (r, {n_in}), B ({end - start}, r) of floats, r >= 1"
             bad.append(f"{module}: {shapes}; {rows} needs {need}")
         elif alpha is not None and (alpha.numel() != 1 or not alpha.float().isfinite().all()):

@@ -266,13 +266,8 @@ def flux_shapes(params: cfg.FluxParams) -> dict[str, tuple[int, ...]]:
     """Every parameter's name and shape, from a model of one block of each kind (the blocks of a
     kind are alike), so that a config of any depth is compared with a file before it is built."""
     depths = {"double_blocks": params.depth, "single_blocks": params.depth_single_blocks}
-    one = meta_flux(
-        replace(
-            params,
-            depth=min(params.depth, 1),
-            depth_single_blocks=min(params.depth_single_blocks, 1),
-        )
-    )
+    ones = {k: min(getattr(params, k), 1) for k in ("depth", "depth_single_blocks")}
+    one = meta_flux(replace(params, **ones))
     shapes = {}
     for key, t in one.state_dict().items():
         kind, _, rest = key.partition(".0.")
