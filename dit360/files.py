@@ -293,7 +293,6 @@ def is_regex(text: str) -> bool:
 
 FLAG: Rule = (bool, lambda v: True, "true or false")
 TEXT: Rule = (str, lambda v: True, "a string")
-REGEX: Rule = (str, is_regex, "a valid regular expression")
 STR_MAP: Rule = mapping(TEXT)
 TENSOR = {  # one entry of a safetensors header
     "dtype": (str, lambda v: v in ST_DTYPES, f"one of {', '.join(ST_DTYPES)}"),
