@@ -22,8 +22,9 @@ from pathlib import Path
 
 from dit360.convert import convert_flux, convert_lora
 from dit360.files import exit_on_sigterm
-from dit360.options import DTYPES, FINITE_FLOAT, Parser, fail, run_main
+from dit360.options import DTYPES, Parser, bounded, fail, run_main
 
+LORA_SCALE = bounded(float, -1000, 1000)  # beyond it a LoRA outweighs any base weight
 # What a folder output may already hold (a previous output, and temporary files of a killed one).
 FOLDER_FILES = {
     "diffusers": r"config\.json|diffusion_pytorch_model.*\.safetensors(\.index\.json)?",
@@ -54,7 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "alone (--base only gives the sizes, default flux-dev) it is written in the peft format",
     )
     p.add_argument("--merge", action="store_true", help="fold --lora into --base's weights")
-    p.add_argument("--lora-scale", type=FINITE_FLOAT, default=1.0, help="weight of the LoRA")
+    p.add_argument(
+        "--lora-scale", type=LORA_SCALE, default=1.0, help="weight of the LoRA (|scale| <= 1000)"
+    )
     p.add_argument(
         "--to", choices=["bfl", "diffusers"], help="layout of a --base conversion; None: bfl"
     )

@@ -7,22 +7,48 @@ the tensor shapes of a checkpoint, so a tiny test model loads exactly like FLUX.
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
+
+from .files import FLAG, Rule, check_json, listed, number, parse_json, read_json, whole
+
+# Bounds of every size a config may give, far above FLUX.1's, so that a config can never make us
+# build a model larger than a file could hold: widths and channels, block counts.
+SIZE, BLOCKS = whole(1, 2**16), whole(0, 1024)
 
 
 class JsonParams:
-    """Round trip through the JSON we store in safetensors metadata."""
+    """Round trip through the JSON we store in safetensors metadata; every value checked."""
+
+    RULES: ClassVar[dict[str, Rule]]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "JsonParams":
-        return cls(**json.loads(text))
+    def from_json(cls, text: str, where: str = "the config") -> "JsonParams":
+        """Our JSON (from `where`, for messages): every field known and within its bounds."""
+        return cls.checked(check_json(parse_json(text, where), cls.RULES, where, only=True), where)
+
+    @classmethod
+    def checked(cls, values: dict, where: str) -> "JsonParams":
+        """The params of `values` (each within RULES) or a ValueError naming `where`."""
+        check_json(values, cls.RULES, where)
+        try:
+            return cls(**values)
+        except ValueError as e:  # what the fields say together (divisibility, RoPE axes)
+            raise ValueError(f"{where}: {e}") from None
 
 
 @dataclass(frozen=True)
 class FluxParams(JsonParams):
     """Hyperparameters of the FLUX MMDiT (names follow BFL's `FluxParams`)."""
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "in_channels": SIZE, "out_channels": SIZE, "vec_in_dim": SIZE, "context_in_dim": SIZE,
+        "hidden_size": SIZE, "mlp_ratio": number(1 / 64, 64), "num_heads": SIZE,
+        "depth": BLOCKS, "depth_single_blocks": BLOCKS, "axes_dim": listed(SIZE, range(1, 9)),
+        "theta": whole(1, 2**31), "qkv_bias": FLAG, "guidance_embed": FLAG,
+    }  # fmt: skip
 
     in_channels: int = 64
     out_channels: int = 64
@@ -83,11 +109,15 @@ FLUX_CONFIG_KEYS = {
 }
 
 
-def _read_config(config: dict | str | Path, keys: dict[str, str]) -> tuple[dict, dict]:
-    """A diffusers config (a dict or a path to config.json), and our fields it sets via `keys`."""
+def _read_config(
+    config: dict | str | Path, keys: dict[str, str], rules: dict[str, Rule], where: str
+) -> tuple[dict, dict, str]:
+    """A diffusers config (a dict or a path to config.json) checked against `rules` and our
+    RULES through `keys`, our fields it sets, and where it comes from (for messages)."""
     if not isinstance(config, dict):
-        config = json.loads(Path(config).read_text())
-    return config, {ours: config[k] for ours, k in keys.items() if config.get(k) is not None}
+        config, where = read_json(config), str(config)
+    check_json(config, rules, where)
+    return config, {ours: config[k] for ours, k in keys.items() if config.get(k) is not None}, where
 
 
 def _count(shapes: dict[str, tuple[int, ...]], prefix: str) -> int:
@@ -95,15 +125,19 @@ def _count(shapes: dict[str, tuple[int, ...]], prefix: str) -> int:
     return len({k[len(prefix) :].split(".")[0] for k in shapes if k.startswith(prefix)})
 
 
-def from_diffusers_config(config: dict | str | Path) -> FluxParams:
-    """Read a diffusers `FluxTransformer2DModel` config.json (a dict or a path)."""
-    config, ours = _read_config(config, FLUX_CONFIG_KEYS)
-    if config.get("patch_size", 1) != 1:
-        raise ValueError(f"only patch_size 1 is supported, config has {config['patch_size']}")
+# The rules of diffusers' keys: ours renamed, and the two that make the hidden size.
+FLUX_DIFFUSERS_RULES = {k: FluxParams.RULES[ours] for ours, k in FLUX_CONFIG_KEYS.items()}
+FLUX_DIFFUSERS_RULES |= {"attention_head_dim": SIZE, "patch_size": whole(1, 1)}
+
+
+def from_diffusers_config(config: dict | str | Path, where: str = "config.json") -> FluxParams:
+    """Read a diffusers `FluxTransformer2DModel` config.json (a dict from `where`, or a path)."""
+    config, ours, where = _read_config(config, FLUX_CONFIG_KEYS, FLUX_DIFFUSERS_RULES, where)
+    check_json(config, {}, where, required=("num_attention_heads", "attention_head_dim"))
     ours.setdefault("out_channels", ours.get("in_channels", 64))
     ours.setdefault("guidance_embed", False)  # diffusers' default
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
-    return FluxParams(**ours, hidden_size=hidden)
+    return FluxParams.checked({**ours, "hidden_size": hidden}, where)
 
 
 def to_diffusers_config(p: FluxParams) -> dict:
@@ -115,40 +149,63 @@ def to_diffusers_config(p: FluxParams) -> dict:
     return {"_class_name": "FluxTransformer2DModel", "patch_size": 1, **theirs}
 
 
+def _dims(shapes: dict[str, tuple[int, ...]], key: str, ndim: int) -> tuple[int, ...]:
+    """The shape of tensor `key`, which must have `ndim` dimensions (KeyError if absent)."""
+    if len(shape := shapes[key]) != ndim:
+        raise ValueError(f"tensor {key} has shape {shape}, not {ndim} dimensions")
+    return shape
+
+
+def _ratio(a: int, b: int) -> float:
+    """a / b, 0 for b = 0 (then the rules of the params refuse it)."""
+    return a / b if b else 0
+
+
 def from_shapes(
-    shapes: dict[str, tuple[int, ...]], axes_dim: tuple[int, ...] | None = None
+    shapes: dict[str, tuple[int, ...]],
+    axes_dim: tuple[int, ...] | None = None,
+    where: str = "the checkpoint",
 ) -> FluxParams:
-    """Infer `FluxParams` from the BFL-named tensor shapes of a checkpoint."""
+    """Infer `FluxParams` from the BFL-named tensor shapes of a checkpoint (`where`)."""
     try:
-        hidden, in_channels = shapes["img_in.weight"]
-        head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+        hidden, in_channels = _dims(shapes, "img_in.weight", 2)
+        head_dim = _dims(shapes, "double_blocks.0.img_attn.norm.query_norm.scale", 1)[0]
         params = dict(
             in_channels=in_channels,
-            out_channels=shapes["final_layer.linear.weight"][0],
-            vec_in_dim=shapes["vector_in.in_layer.weight"][1],
-            context_in_dim=shapes["txt_in.weight"][1],
+            out_channels=_dims(shapes, "final_layer.linear.weight", 2)[0],
+            vec_in_dim=_dims(shapes, "vector_in.in_layer.weight", 2)[1],
+            context_in_dim=_dims(shapes, "txt_in.weight", 2)[1],
             hidden_size=hidden,
-            mlp_ratio=shapes["double_blocks.0.img_mlp.0.weight"][0] / hidden,
-            num_heads=hidden // head_dim,
+            mlp_ratio=_ratio(_dims(shapes, "double_blocks.0.img_mlp.0.weight", 2)[0], hidden),
+            num_heads=int(_ratio(hidden, head_dim)),
             depth=_count(shapes, "double_blocks."),
             depth_single_blocks=_count(shapes, "single_blocks."),
             qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes,
             guidance_embed="guidance_in.in_layer.weight" in shapes,
         )
     except KeyError as e:
-        raise ValueError(f"not a FLUX transformer checkpoint: tensor {e} is missing") from None
+        raise ValueError(f"{where}: not a FLUX transformer: tensor {e} is missing") from None
+    except ValueError as e:
+        raise ValueError(f"{where}: not a FLUX transformer: {e}") from None
     axes_dim = axes_dim or DEFAULT_AXES.get(head_dim)
     if axes_dim is None:
         raise ValueError(
-            f"head dim {head_dim}: the RoPE axes are not stored in the weights; pass axes_dim "
-            "or load from a folder with a config.json"
+            f"{where}: head dim {head_dim}: the RoPE axes are not stored in the weights; pass "
+            "axes_dim or load from a folder with a config.json"
         )
-    return FluxParams(**params, axes_dim=tuple(axes_dim))
+    return FluxParams.checked({**params, "axes_dim": tuple(axes_dim)}, f"{where} (its shapes)")
 
 
 @dataclass(frozen=True)
 class AutoEncoderParams(JsonParams):
     """Hyperparameters of the FLUX VAE (names follow BFL's `AutoEncoderParams`)."""
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "resolution": SIZE, "in_channels": SIZE, "ch": SIZE, "out_ch": SIZE,
+        "ch_mult": listed(whole(1, 64), range(1, 9)), "num_res_blocks": whole(1, 16),
+        "z_channels": SIZE, "scale_factor": number(1e-6, 1e6), "shift_factor": number(-1e6, 1e6),
+        "norm_num_groups": SIZE,
+    }  # fmt: skip
 
     resolution: int = 256
     in_channels: int = 3
@@ -194,38 +251,46 @@ AE_CONFIG_KEYS = {
 }
 
 
-def ae_from_diffusers_config(config: dict | str | Path) -> AutoEncoderParams:
-    """Read a diffusers `vae/config.json` (AutoencoderKL) as a dict or a path."""
-    config, ours = _read_config(config, AE_CONFIG_KEYS)
+AE_DIFFUSERS_RULES = {k: AutoEncoderParams.RULES[ours] for ours, k in AE_CONFIG_KEYS.items()}
+AE_DIFFUSERS_RULES["block_out_channels"] = listed(SIZE, range(1, 9))
+
+
+def ae_from_diffusers_config(
+    config: dict | str | Path, where: str = "config.json"
+) -> AutoEncoderParams:
+    """Read a diffusers `vae/config.json` (AutoencoderKL) as a dict (from `where`) or a path."""
+    config, ours, where = _read_config(config, AE_CONFIG_KEYS, AE_DIFFUSERS_RULES, where)
     if config.get("use_quant_conv", True) or config.get("use_post_quant_conv", True):
-        raise ValueError("the FLUX VAE has no quant_conv/post_quant_conv: set both to false")
+        raise ValueError(f"{where}: the FLUX VAE has no quant_conv/post_quant_conv: set both false")
     if not config.get("mid_block_add_attention", True) or config.get("act_fn", "silu") != "silu":
-        raise ValueError("the FLUX VAE has a mid-block attention and silu activations")
-    widths = list(config["block_out_channels"])
+        raise ValueError(f"{where}: the FLUX VAE has a mid-block attention and silu activations")
+    widths = check_json(config, {}, where, required=("block_out_channels",))["block_out_channels"]
     if any(w % widths[0] for w in widths):
-        raise ValueError(f"block_out_channels {widths} are not multiples of the first")
+        raise ValueError(f"{where}: block_out_channels {widths} are not multiples of the first")
     ours.setdefault("shift_factor", 0.0)  # diffusers' default, unlike FLUX's
-    return AutoEncoderParams(**ours, ch=widths[0], ch_mult=tuple(w // widths[0] for w in widths))
+    ch_mult = [w // widths[0] for w in widths]
+    return AutoEncoderParams.checked({**ours, "ch": widths[0], "ch_mult": ch_mult}, where)
 
 
 def ae_from_shapes(
-    shapes: dict[str, tuple[int, ...]], norm_num_groups: int = 32
+    shapes: dict[str, tuple[int, ...]], norm_num_groups: int = 32, where: str = "the checkpoint"
 ) -> AutoEncoderParams:
-    """Infer the config from BFL-named shapes; scale/shift (not stored) are FLUX's."""
+    """Infer the config from BFL-named shapes (of `where`); scale/shift (not stored) are FLUX's."""
     try:
-        ch, in_channels = shapes["encoder.conv_in.weight"][:2]
-        widths = [
-            shapes[f"encoder.down.{i}.block.0.conv1.weight"][0]
-            for i in range(_count(shapes, "encoder.down."))
-        ]
-        return AutoEncoderParams(
+        ch, in_channels = _dims(shapes, "encoder.conv_in.weight", 4)[:2]
+        levels = range(_count(shapes, "encoder.down."))
+        widths = [_dims(shapes, f"encoder.down.{i}.block.0.conv1.weight", 4)[0] for i in levels]
+        params = dict(
             in_channels=in_channels,
             ch=ch,
-            out_ch=shapes["decoder.conv_out.weight"][0],
-            ch_mult=tuple(w // ch for w in widths),
+            out_ch=_dims(shapes, "decoder.conv_out.weight", 4)[0],
+            ch_mult=[int(_ratio(w, ch)) for w in widths],
             num_res_blocks=_count(shapes, "encoder.down.0.block."),
-            z_channels=shapes["decoder.conv_in.weight"][1],
+            z_channels=_dims(shapes, "decoder.conv_in.weight", 4)[1],
             norm_num_groups=norm_num_groups,
         )
     except KeyError as e:
-        raise ValueError(f"not a FLUX autoencoder checkpoint: tensor {e} is missing") from None
+        raise ValueError(f"{where}: not a FLUX autoencoder: tensor {e} is missing") from None
+    except ValueError as e:
+        raise ValueError(f"{where}: not a FLUX autoencoder: {e}") from None
+    return AutoEncoderParams.checked(params, f"{where} (its shapes)")

@@ -9,6 +9,7 @@ stay resident until the file is closed).
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -16,10 +17,11 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -67,29 +69,35 @@ class TensorFile:
         return str(self.files.get(key, self.source))
 
 
+# Limits of the safetensors format (its header is at most 100 MB) and of what we accept in one file.
+MAX_HEADER, MAX_TENSORS, MAX_DIM = 100_000_000, 100_000, 2**40
+
+
 def _read_file(path: Path, into: TensorFile | None = None) -> TensorFile:
-    """Parse a safetensors header (into `into`, for shards) and check every tensor lies inside."""
+    """Parse a safetensors header (into `into`, for shards), bounded and checked before anything is
+    allocated: every entry well formed and lying inside the file's data."""
     size = path.stat().st_size
     bad = f"{path} is not a readable safetensors file"
     with open(path, "rb") as f:
         head = f.read(8)
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else size
+        if n > MAX_HEADER:  # the format's limit: read no more (a sparse file may be that large)
+            raise ValueError(f"{bad}: its header claims {n} bytes, over the format's {MAX_HEADER}")
         if n > size - 8:
             raise ValueError(f"{bad}: it may be truncated or corrupt, download it again")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError(f"{bad}: its header is not valid JSON (corrupt?)") from None
+        header = parse_json(f.read(n), f"{bad}: its header")
+    header = check_json(header, {"__metadata__": STR_MAP}, f"{path}: header")
+    if len(header) > MAX_TENSORS:
+        raise ValueError(f"{bad}: {len(header)} tensors, more than the {MAX_TENSORS} we read")
     metadata = header.pop("__metadata__", None) or {}
     tfile = into or TensorFile({}, {}, {}, metadata, path)
+    data = size - 8 - n
     for key, info in header.items():
-        start, end = info["data_offsets"]
-        dtype, shape = ST_DTYPES.get(info["dtype"]), tuple(info["shape"])
-        if dtype is None:
-            raise ValueError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
-        if end - start != torch.Size(shape).numel() * dtype.itemsize or 8 + n + end > size:
+        check_json(info, TENSOR, f"{path}: tensor {short(key)}", required=tuple(TENSOR))
+        (start, end), dtype, shape = info["data_offsets"], ST_DTYPES[info["dtype"]], info["shape"]
+        if not start <= end <= data or end - start != math.prod(shape) * dtype.itemsize:
             raise ValueError(f"{bad}: {key} lies outside the file (truncated? download again)")
-        tfile.files[key], tfile.shapes[key], tfile.dtypes[key] = path, shape, dtype
+        tfile.files[key], tfile.shapes[key], tfile.dtypes[key] = path, tuple(shape), dtype
         tfile.spans[key] = (8 + n + start, 8 + n + end)
     return tfile
 
@@ -135,7 +143,8 @@ def _open(path: Path) -> TensorFile:
     indexes = sorted(path.glob("*.safetensors.index.json"))
     files = sorted(path.glob("*.safetensors"))
     if len(indexes) == 1:
-        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        index = check_json(read_json(indexes[0]), INDEX, str(indexes[0]), required=("weight_map",))
+        weight_map = index["weight_map"]
         shards = [path / name for name in sorted(set(weight_map.values()))]
         if missing := [str(p) for p in shards if not p.is_file()]:
             raise FileNotFoundError(f"{indexes[0]} lists shards that are missing: {missing}")
@@ -193,6 +202,109 @@ def read_text(path: str | Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+
+
+# The one checker of the JSON we read (configs, headers, adapter configs): a key's rule is
+# (types, test, what the value must be); an int is no bool and a bool no int.
+Rule = tuple[type | tuple[type, ...], Callable[[Any], bool], str]
+
+
+def short(value: object) -> str:
+    """A value for a one-line message: its repr, cut to 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_json(text: str | bytes, where: str) -> Any:
+    """JSON text parsed; ValueError naming `where` if it is not UTF-8 JSON."""
+    try:
+        return json.loads(text)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where} is not valid JSON ({e.msg}, line {e.lineno}): fix it") from None
+    except (ValueError, RecursionError) as e:  # a 5,000-digit number, [[[...]]] nested 10^5 deep
+        raise ValueError(f"{where} is not JSON we read ({short(str(e))}): fix it") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file parsed; ValueError naming the file if it is not UTF-8 JSON."""
+    return parse_json(read_text(path), str(path))
+
+
+def follows(value: object, rule: Rule) -> bool:
+    """Whether `value` has one of the rule's types (an int is no bool) and passes its test."""
+    types = rule[0] if isinstance(rule[0], tuple) else (rule[0],)
+    return (
+        isinstance(value, types) and isinstance(value, bool) == (bool in types) and rule[1](value)
+    )
+
+
+def check_json(
+    obj: object, rules: dict[str, Rule], where: str, required: tuple[str, ...] = (), only=False
+) -> dict:
+    """`obj` (parsed JSON) as an object whose keys follow `rules` (a key absent or null is not
+    checked, unless `required`; with `only`, no other key and no null); ValueError naming `where`
+    and the key."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object {{...}}, got {short(obj)}")
+    if missing := [k for k in required if obj.get(k) is None]:
+        raise ValueError(f"{where}: {missing[0]!r} is missing: add it")
+    if only and (extra := [k for k in obj if k not in rules]):
+        raise ValueError(f"{where}: unknown key {short(extra[0])}; the keys are {list(rules)}")
+    for key, rule in rules.items():  # null: absent in diffusers' configs, wrong in ours (`only`)
+        if (obj.get(key) is not None or only and key in obj) and not follows(obj[key], rule):
+            raise ValueError(f"{where}: {key!r} must be {rule[2]}, got {short(obj[key])}")
+    return obj
+
+
+def whole(low: int, high: int) -> Rule:
+    """An integer in [low, high]."""
+    return int, lambda v: low <= v <= high, f"an integer in [{low}, {high}]"
+
+
+def number(low: float, high: float) -> Rule:
+    """A finite number in [low, high]."""
+    return (int, float), lambda v: low <= v <= high, f"a finite number in [{low:g}, {high:g}]"
+
+
+def listed(rule: Rule, lengths: range = range(1 << 20)) -> Rule:
+    """A list of `lengths` values, each following `rule`."""
+    size = f"{lengths.start} " if len(lengths) == 1 else ""
+    what = f"a list of {size}values, each {rule[2]}"
+    test = lambda v: len(v) in lengths and all(follows(x, rule) for x in v)  # noqa: E731
+    return (list, tuple), test, what
+
+
+def mapping(rule: Rule) -> Rule:
+    """An object {str: value following `rule`}."""
+    what = f"an object whose values are each {rule[2]}"
+    return dict, lambda v: all(follows(x, rule) for x in v.values()), what
+
+
+def is_regex(text: str) -> bool:
+    """Whether `text` compiles as a Python regular expression."""
+    try:
+        re.compile(text)
+    except (re.error, RecursionError, OverflowError):
+        return False
+    return True
+
+
+FLAG: Rule = (bool, lambda v: True, "true or false")
+TEXT: Rule = (str, lambda v: True, "a string")
+STR_MAP: Rule = mapping(TEXT)
+TENSOR = {  # one entry of a safetensors header
+    "dtype": (str, lambda v: v in ST_DTYPES, f"one of {', '.join(ST_DTYPES)}"),
+    "shape": listed(whole(0, MAX_DIM), range(65)),
+    "data_offsets": listed(whole(0, 2**63), range(2, 3)),
+}
+SHARD: Rule = (
+    str,
+    lambda v: Path(v).name == v and v.endswith(".safetensors"),
+    "a .safetensors file name",
+)
+INDEX = {"weight_map": mapping(SHARD)}
 
 
 def exit_on_sigterm() -> None:

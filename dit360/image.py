@@ -35,9 +35,15 @@ def open_image(src: str | Path | Image.Image) -> Image.Image:
     are opened, so every reader gets 16-bit grey at 8 bits (see eight_bit)."""
     if isinstance(src, Image.Image):
         return eight_bit(src, "the image")
-    with Image.open(src) as f:
-        f.load()  # truncated or corrupt files fail here
-        return eight_bit(f.copy(), str(src))
+    try:
+        with Image.open(src) as f:
+            f.load()  # truncated or corrupt files fail here
+            img = f.copy()
+    except Exception as e:  # noqa: BLE001 - PIL reports a corrupt file with errors of many kinds
+        if isinstance(e, OSError) and e.errno is not None:  # the file itself: missing, unreadable
+            raise
+        raise ValueError(f"{src}: not a readable image ({' '.join(str(e).split())})") from None
+    return eight_bit(img, str(src))
 
 
 def eight_bit(img: Image.Image, name: str) -> Image.Image:

@@ -17,7 +17,21 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .files import atomic_path, open_tensors, resolve, write_safetensors
+from .files import (
+    FLAG,
+    Rule,
+    atomic_path,
+    check_json,
+    follows,
+    is_regex,
+    number,
+    open_tensors,
+    parse_json,
+    read_json,
+    resolve,
+    whole,
+    write_safetensors,
+)
 from .lora import LoraPlan, Part, adapters, attach, diffusers_split, linears, lora_names, merge_lora
 from .weights import FLUX_DIFFUSERS, locate, strip_prefix, swap_halves
 
@@ -28,6 +42,24 @@ KEY_KINDS[".alpha"] = "alpha"
 
 
 PATTERNS = {"lora_alpha": "alpha_pattern", "r": "rank_pattern"}  # peft's per-module overrides
+RANK, ALPHA = whole(1, 2**16), number(-1e6, 1e6)
+
+
+def patterns(rule: Rule) -> Rule:
+    """peft's {module regex: value} (`_configured` matches the regex as a name's suffix)."""
+    test = lambda v: all(is_regex(rf"(.*\.)?({p})$") and follows(x, rule) for p, x in v.items())  # noqa: E731
+    return dict, test, f"an object {{regular expression: {rule[2]}}}"
+
+
+TARGETS: Rule = (
+    (str, list),
+    lambda v: is_regex(v) if isinstance(v, str) else all(isinstance(t, str) for t in v),
+    "a regular expression or a list of module names",
+)
+ADAPTER_RULES = {  # what we read of peft's adapter_config.json
+    "r": RANK, "lora_alpha": ALPHA, "target_modules": TARGETS, "use_rslora": FLAG,
+    "rank_pattern": patterns(RANK), "alpha_pattern": patterns(ALPHA),
+}  # fmt: skip
 
 
 def _configured(config: dict, key: str, name: str, default: float) -> float:
@@ -88,16 +120,21 @@ def plan_lora(
             bad.append(f"{module}: has {sorted(keys)}, needs A and B")
             continue
         A, B, n_in = tensors[keys["A"]], tensors[keys["B"]], layers[ours].in_features
-        r, rows = A.shape[0], f"{ours} rows [{start}:{end}]"
-        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != n_in or B.shape != (end - start, r):
+        alpha = tensors[keys["alpha"]] if "alpha" in keys else None
+        r, rows = A.shape[0] if A.ndim == 2 else 0, f"{ours} rows [{start}:{end}]"
+        floats = A.is_floating_point() and B.is_floating_point()
+        if r < 1 or not floats or A.shape[1] != n_in or B.shape != (end - start, r):
             shapes = f"A {tuple(A.shape)}, B {tuple(B.shape)}"
-            bad.append(f"{module}: {shapes}; {rows} needs A (r, {n_in}), B ({end - start}, r)")
+            need = f"A (r, {n_in}), B ({end - start}, r) of floats, r >= 1"
+            bad.append(f"{module}: {shapes}; {rows} needs {need}")
+        elif alpha is not None and (alpha.numel() != 1 or not alpha.float().isfinite().all()):
+            bad.append(f"{module}: its .alpha must be one finite number, got {alpha.tolist()}")
         elif any((p.start, p.end) == (start, end) for p in plan.get(ours, [])):
             bad.append(f"{module}: a second LoRA for {rows}")
         elif problem := _disagrees(name, r, config):
             bad.append(f"{module}: {problem}")
         else:
-            scale = _scale(name, r, tensors[keys["alpha"]] if "alpha" in keys else None, config)
+            scale = _scale(name, r, alpha, config)
             B = swap_halves(B) if swap else B  # diffusers' row order -> ours
             plan.setdefault(ours, []).append(Part(start, end, A, B, scale, tuple(keys.values())))
     if unknown or bad:
@@ -127,9 +164,12 @@ def read_lora(src: str | Path, model: nn.Module) -> LoraPlan:
     path = find_lora(src)
     tfile, config = open_tensors(path), None
     if (config_file := path.parent / "adapter_config.json").is_file():
-        config = json.loads(config_file.read_text())
+        config = check_json(read_json(config_file), ADAPTER_RULES, str(config_file))
     elif meta := tfile.metadata.get("lora_adapter_metadata"):  # diffusers' save_lora_weights
-        config = {k[12:]: v for k, v in json.loads(meta).items() if k.startswith("transformer.")}
+        where = f"{path} metadata lora_adapter_metadata"
+        meta = check_json(parse_json(meta, where), {}, where)
+        config = {k[12:]: v for k, v in meta.items() if k.startswith("transformer.")}
+        check_json(config, ADAPTER_RULES, f"{where} (transformer.*)")
     return plan_lora({k: tfile.get(k) for k in tfile.shapes}, model, config, str(path))
 
 
@@ -161,7 +201,8 @@ def to_diffusers(plan: LoraPlan, model: nn.Module) -> tuple[dict[str, Tensor], d
                 B = swap_halves(B) if op == "swap" else B  # our row order -> diffusers'
                 tensors[f"transformer.{module}.lora_A.weight"] = p.A
                 tensors[f"transformer.{module}.lora_B.weight"] = B
-                ranks[module] = (r, int(alpha) if alpha == int(alpha) else alpha)
+                exact = float(alpha).is_integer() and abs(alpha) < 2**53  # an int as peft writes
+                ranks[module] = (r, int(alpha) if exact else alpha)
     return tensors, ranks
 
 
@@ -183,6 +224,12 @@ def write_peft(
 ) -> Path:
     """Write `adapter_model.safetensors` + `adapter_config.json` (peft/diffusers), atomically."""
     tensors, ranks = to_diffusers(plan, model)
+    unfit = [k for k, t in tensors.items() if not t.isfinite().all()]
+    unfit += [m for m, (_, alpha) in ranks.items() if not math.isfinite(alpha)]
+    if unfit:
+        raise ValueError(
+            f"the LoRA holds NaN or inf (in {unfit[0]}; a diverged training run?): not written"
+        )
     r = Counter(v[0] for v in ranks.values()).most_common(1)[0][0]
     alpha = Counter(v[1] for v in ranks.values()).most_common(1)[0][0]
     config = {

@@ -13,7 +13,6 @@ tokenizers, found in the layouts users hold and resolved before anything loads.
   were copied from (openai/clip-vit-large-patch14, google/t5-v1_1-xxl).
 """
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .config import FLUX_DEV
-from .files import TensorFile, open_tensors, resolve
+from .files import TensorFile, check_json, open_tensors, read_json, resolve
 
 T = TypeVar("T")
 PARTS = ("transformer", "t5", "clip", "vae")
@@ -89,11 +88,12 @@ class Sources:
     vae: Part | None = None
 
 
-def config_beside(path: Path, **match: str) -> dict | None:
-    """The config.json in a part's folder (or beside its file) if it has the `match` fields."""
+def config_beside(path: Path, **match: str) -> tuple[dict, Path] | None:
+    """The config.json in a part's folder (or beside its file), and its path, if it has the
+    `match` fields; ValueError naming the file if it is not a JSON object."""
     file = (path if path.is_dir() else path.parent) / "config.json"
-    config = json.loads(file.read_text()) if file.is_file() else {}
-    return config if all(config.get(k) == v for k, v in match.items()) else None
+    config = check_json(read_json(file), {}, str(file)) if file.is_file() else {}
+    return (config, file) if all(config.get(k) == v for k, v in match.items()) else None
 
 
 def in_file(tfile: TensorFile, part: str) -> str | None:
@@ -187,10 +187,15 @@ def resolve_sources(
     return Sources(**found, **tokenizers)
 
 
+# The kinds of error callers tell apart; a flagged error is raised again as the first it is (an
+# exception's own class may need more than a message: JSONDecodeError, UnicodeDecodeError).
+KINDS = (FileNotFoundError, PermissionError, OSError, ValueError)
+
+
 def flagged(flag: str, find: Callable[..., T], *args: object) -> T:
     """find(*args), an error's message prefixed by the flag it is about."""
     try:
         return find(*args)
-    except (ValueError, OSError) as e:
+    except KINDS as e:
         message = str(e) if str(e).startswith("--") else f"{flag}: {e}"
-        raise type(e)(message) from None
+        raise next(k for k in KINDS if isinstance(e, k))(message) from None

@@ -22,7 +22,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from .files import TensorFile
+from .files import Rule, TensorFile, check_json, number, whole
 from .fp8 import to_fp8
 from .offload import MODES, lent, park, stream
 from .report import free
@@ -86,16 +86,44 @@ def clip_config(tfile: TensorFile) -> CLIPTextConfig:
 
 
 def read_encoder(part: Part, kind: str) -> tuple[TensorFile, T5Config | CLIPTextConfig]:
-    """A text encoder's tensors (headers) and config: the config.json in its folder, else sizes
-    read from the tensors (single files: ComfyUI's t5xxl_*.safetensors, clip_l.safetensors)."""
+    """A text encoder's tensors (headers) and config: the config.json in its folder (its sizes
+    bounded), else sizes read from the tensors (ComfyUI's t5xxl_*.safetensors, clip_l...)."""
     tfile = part.open()
     cls, model_type, infer = ENCODERS[kind]
-    config = config_beside(part.path, model_type=model_type) if not part.prefix else None
+    found = config_beside(part.path, model_type=model_type) if not part.prefix else None
     try:
-        config = cls.from_dict(config) if config else infer(tfile)
+        if found is None:
+            config = infer(tfile)
+        else:
+            config = cls.from_dict(check_json(found[0], ENCODER_RULES, str(found[1])))
     except KeyError as e:
         raise ValueError(f"{part} is not a {kind.upper()} text encoder: no tensor {e}") from None
+    except Exception as e:  # noqa: BLE001 - transformers checks a config with errors of many kinds
+        message = " ".join(str(e).split())
+        where = "" if message.startswith(str(found[1] if found else part)) else f"{part}: "
+        raise ValueError(f"{where}{message}") from None
     return tfile, config
+
+
+def meta_encoder(part: Part, kind: str, config: T5Config | CLIPTextConfig) -> nn.Module:
+    """The encoder of `config` on the meta device; ValueError naming `part` if it makes none."""
+    try:
+        with torch.device("meta"):
+            return MODELS[kind](config)
+    except (ValueError, KeyError, TypeError) as e:  # an unknown activation, heads that do not fit
+        raise ValueError(f"{part}: its config makes no {kind.upper()} encoder: {e}") from None
+
+
+# The sizes of T5's and CLIP's config.json, bounded far above T5-XXL's and CLIP-L's (and more
+# than a file could hold), so that a config can never make us build a huge model.
+SIZE, LAYERS = whole(1, 2**16), whole(1, 256)
+ENCODER_RULES: dict[str, Rule] = {
+    "vocab_size": whole(1, 2**20), "d_model": SIZE, "d_ff": SIZE, "d_kv": SIZE, "num_heads": SIZE,
+    "num_layers": LAYERS, "relative_attention_num_buckets": SIZE,
+    "relative_attention_max_distance": SIZE, "hidden_size": SIZE, "intermediate_size": SIZE,
+    "num_attention_heads": SIZE, "num_hidden_layers": LAYERS, "max_position_embeddings": SIZE,
+    "projection_dim": SIZE, "layer_norm_epsilon": number(0, 1), "layer_norm_eps": number(0, 1),
+}  # fmt: skip
 
 
 ENCODERS = {
@@ -108,9 +136,7 @@ MODELS = {"t5": T5EncoderModel, "clip": CLIPTextModel}
 def check_encoder(part: Part, kind: str) -> None:
     """Fail now if the file's tensors do not fit the encoder its config describes."""
     tfile, config = read_encoder(part, kind)
-    with torch.device("meta"):
-        model = MODELS[kind](config)
-    _keys(model, tfile, part)
+    _keys(meta_encoder(part, kind, config), tfile, part)
 
 
 def _keys(model: nn.Module, tfile: TensorFile, part: Part) -> dict[int, str]:
@@ -160,8 +186,7 @@ def load_encoder(
     if fp8 and kind != "t5":
         raise ValueError(f"fp8 text encoders: T5 only, not {kind}")
     tfile, config = read_encoder(part, kind)
-    with torch.device("meta"):
-        model = MODELS[kind](config)
+    model = meta_encoder(part, kind, config)
     keys = _keys(model, tfile, part)
     targets = fp8_targets(model) if fp8 else {}
     for p in list(model.parameters()):

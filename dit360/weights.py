@@ -12,7 +12,7 @@ carried over) or full keys; `{i}` stands for a block index. Ops:
 
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -252,14 +252,28 @@ def read_flux(
     diffusers = any(strip_prefix(k) == "x_embedder.weight" for k in tfile.shapes)
     plan = plan_from(tfile, FLUX_DIFFUSERS if diffusers else None)
     if config := diffusers and config_beside(part.path, _class_name="FluxTransformer2DModel"):
-        params = cfg.from_diffusers_config(config)
+        params = cfg.from_diffusers_config(*config)
     elif FLUX_CONFIG_KEY in tfile.metadata:
-        params = cfg.FluxParams.from_json(tfile.metadata[FLUX_CONFIG_KEY])
+        where = f"{tfile.source} metadata {FLUX_CONFIG_KEY}"
+        params = cfg.FluxParams.from_json(tfile.metadata[FLUX_CONFIG_KEY], where)
     else:
-        params = cfg.from_shapes(plan.shapes, axes_dim)
-    model = meta_flux(params)
-    check_plan(plan, {k: tuple(v.shape) for k, v in model.state_dict().items()}, tfile)
-    return tfile, plan, model
+        params = cfg.from_shapes(plan.shapes, axes_dim, str(tfile.source))
+    check_plan(plan, flux_shapes(params), tfile)  # before building: a config is no cost
+    return tfile, plan, meta_flux(params)
+
+
+def flux_shapes(params: cfg.FluxParams) -> dict[str, tuple[int, ...]]:
+    """Every parameter's name and shape, from a model of one block of each kind (the blocks of a
+    kind are alike), so that a config of any depth is compared with a file before it is built."""
+    depths = {"double_blocks": params.depth, "single_blocks": params.depth_single_blocks}
+    ones = {k: min(getattr(params, k), 1) for k in ("depth", "depth_single_blocks")}
+    one = meta_flux(replace(params, **ones))
+    shapes = {}
+    for key, t in one.state_dict().items():
+        kind, _, rest = key.partition(".0.")
+        keys = [f"{kind}.{i}.{rest}" for i in range(depths[kind])] if kind in depths else [key]
+        shapes |= dict.fromkeys(keys, tuple(t.shape))
+    return shapes
 
 
 def load_flux(
@@ -336,11 +350,12 @@ def read_autoencoder(src: str | Path | Part) -> tuple[TensorFile, KeyPlan, ae.Au
     levels = len({k.split(".")[2] for k in tfile.shapes if k.startswith("decoder.up_blocks.")})
     plan = plan_from(tfile, ae_diffusers(levels) if diffusers else None)
     if config := diffusers and config_beside(part.path, _class_name="AutoencoderKL"):
-        params = cfg.ae_from_diffusers_config(config)
+        params = cfg.ae_from_diffusers_config(*config)
     elif AE_CONFIG_KEY in tfile.metadata:
-        params = cfg.AutoEncoderParams.from_json(tfile.metadata[AE_CONFIG_KEY])
+        where = f"{tfile.source} metadata {AE_CONFIG_KEY}"
+        params = cfg.AutoEncoderParams.from_json(tfile.metadata[AE_CONFIG_KEY], where)
     else:
-        params = cfg.ae_from_shapes(plan.shapes)
+        params = cfg.ae_from_shapes(plan.shapes, where=str(tfile.source))
     with torch.device("meta"):
         model = ae.AutoEncoder(params)
     check_plan(plan, {k: tuple(v.shape) for k, v in model.state_dict().items()}, tfile)

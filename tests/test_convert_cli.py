@@ -70,7 +70,17 @@ BAD = [
     ("--base {junk} --out {out}/a.safetensors", "holds no FLUX transformer", 1),
     ("--base {base} --lora {junk} --merge --out {out}/a.safetensors", "junk", 1),
     ("--base {base} --lora {nan} --merge --out {out}/a.safetensors", "not finite.*NaN", 1),
-    ("--base {base} --lora {lora} --merge --lora-scale 1e39 --out {out}/a.safetensors", "inf", 1),
+    (
+        "--base {base} --lora {lora} --merge --lora-scale 1e39 --out {out}/a.safetensors",
+        "<= 1000",
+        2,
+    ),
+    ("--lora {lora} --lora-scale 1e300 --out {out}/p", r"--lora-scale.*<= 1000, got '1e300'", 2),
+    (
+        "--base {base} --lora {nan} --out {out}/p",
+        r"NaN or inf \(in transformer\..*lora_A.*not written",
+        1,
+    ),
 ]
 
 
