@@ -77,7 +77,6 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from dit360 import distributed, sources
-from dit360.autoencoder import scale_latents
 from dit360.checkpoints import (
     Checkpoint,
     check_out,
@@ -91,6 +90,9 @@ from dit360.checkpoints import (
 )
 from dit360.compiling import compile_blocks
 from dit360.config import FLUX_DEV, AutoEncoderParams
+from dit360.core.autoencoder import scale_latents
+from dit360.core.lora import DIT360_TARGETS, Adapter, inject
+from dit360.core.loss import aux_active, draw_yaw, flow_loss, sample_sigmas
 from dit360.data import (
     Batch,
     Encode,
@@ -111,8 +113,6 @@ from dit360.files import (
     exit_on_sigterm,
 )
 from dit360.fp8 import quantize_block
-from dit360.lora import DIT360_TARGETS, Adapter, inject
-from dit360.loss import aux_active, draw_yaw, flow_loss, sample_sigmas
 from dit360.offload import park, stream_recomputed
 from dit360.options import COUNT, FRACTION, NATURAL, NONNEG, POSITIVE, Parser, fail, run_main
 from dit360.panorama import Grid

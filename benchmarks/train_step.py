@@ -44,8 +44,8 @@ def run_train(
     sys.path.insert(0, str(Path(__file__).parents[1]))
     import train
     from dit360 import distributed
-    from dit360.lora import inject
-    from dit360.loss import flow_loss
+    from dit360.core.lora import inject
+    from dit360.core.loss import flow_loss
     from dit360.options import DTYPES
     from dit360.panorama import Grid
     from dit360.sampling import Conditioning, ahead

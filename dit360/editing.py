@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .core.model import Flux
 from .generate import (
     Job,
     check_finite,
@@ -44,7 +45,6 @@ from .generate import (
     placed,
 )
 from .image import from_pil, open_image, read_mask, read_rgb, to_pil
-from .model import Flux
 from .offload import lent, park
 from .options import EditOptions, check_size
 from .panorama import Grid

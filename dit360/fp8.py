@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import Flux
+from .core.model import Flux
 from .offload import move
 
 FP8 = torch.float8_e4m3fn

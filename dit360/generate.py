@@ -20,13 +20,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .autoencoder import AutoEncoder
 from .compiling import compile_blocks, first_step_timed
 from .config import DIT360_LORA
+from .core.autoencoder import AutoEncoder
+from .core.layers import attention_backend
+from .core.model import Flux
 from .fp8 import quantize_fp8
 from .image import to_pil
-from .layers import attention_backend
-from .model import Flux
 from .offload import choose, lent, move, park, stream
 from .options import Options, SampleOptions
 from .panorama import Grid

@@ -17,8 +17,17 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .core.lora import (
+    LoraPlan,
+    Part,
+    adapters,
+    attach,
+    diffusers_split,
+    linears,
+    lora_names,
+    merge_lora,
+)
 from .files import atomic_path, open_tensors, resolve, write_safetensors
-from .lora import LoraPlan, Part, adapters, attach, diffusers_split, linears, lora_names, merge_lora
 from .weights import FLUX_DIFFUSERS, locate, strip_prefix, swap_halves
 
 # File key endings -> which tensor: peft, diffusers-old and kohya/ComfyUI spellings.

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .model import Flux
+from .core.model import Flux
 from .offload import lent
 from .panorama import Grid
 

@@ -20,10 +20,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import autoencoder as ae
 from . import config as cfg
+from .core import autoencoder as ae
+from .core.model import Flux
 from .files import TensorFile
-from .model import Flux
 from .sources import Part, config_beside, find_part
 
 Rule = tuple[str, str, str | tuple[str, ...]]

@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 from tiny import TINY_VAE, randomize, save_autoencoder
 
 from dit360 import weights
-from dit360.autoencoder import AutoEncoder, _starts
 from dit360.config import AE_PRESETS, ae_from_diffusers_config, ae_from_shapes
+from dit360.core.autoencoder import AutoEncoder, _starts
 from dit360.files import TensorFile
 from dit360.weights import (
     AE_DIFFUSERS,
@@ -252,7 +252,7 @@ def test_attention_gets_contiguous_inputs(monkeypatch):
     """The mid-block attention hands SDPA contiguous (B, 1, H*W, C) q, k, v: with a strided last
     dim SDPA falls back to the math kernel and builds the whole (H*W)^2 score matrix (at
     1024x2048, 32,768 latent pixels: +9 GB measured on CPU, against +0.05 GB contiguous)."""
-    import dit360.autoencoder as ae_module
+    import dit360.core.autoencoder as ae_module
 
     seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
 

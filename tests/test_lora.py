@@ -14,7 +14,8 @@ from test_model import inputs, rel_err, run_diffusers, run_ours
 from tiny import TINY_TRANSFORMER, diffusers_transformer, save_transformer
 
 import convert_weights
-from dit360 import config, lora, lora_formats
+from dit360 import config, lora_formats
+from dit360.core import lora
 from dit360.weights import load_flux, meta_flux
 
 DATA = Path(__file__).parent / "data"

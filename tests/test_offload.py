@@ -9,8 +9,8 @@ from torch import nn
 
 from dit360 import offload
 from dit360.config import FluxParams
-from dit360.lora import adapters, inject
-from dit360.model import Flux
+from dit360.core.lora import adapters, inject
+from dit360.core.model import Flux
 
 CUDA = pytest.mark.gpu  # deselected by default (pyproject): run with `pytest -m gpu` on a GPU
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .weights import FLUX_DIFFUSERS, split_sizes, their_keys
+from ..weights import FLUX_DIFFUSERS, split_sizes, their_keys
 
 DIT360_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")  # diffusers names
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import AutoEncoderParams
+from ..config import AutoEncoderParams
 
 
 class Conv(nn.Conv2d):
