@@ -28,7 +28,7 @@ def wrapped_ids(h: int, w: int, pad: int) -> torch.Tensor:
 
 
 def inputs(seed: int = 1, batch: int = 2, h: int = 4, w: int = 6, pad: int = 1, txt_len: int = 7):
-    """Random model inputs on a padded token grid (as DESIGN section 2), diffusers' 2-D ids."""
+    """Random model inputs on a padded token grid (docs/METHOD.md section 2), diffusers' 2-D ids."""
     g = torch.Generator().manual_seed(seed)
     c = TINY_TRANSFORMER
     img_ids = wrapped_ids(h, w, pad)
@@ -281,7 +281,7 @@ def test_fa3_gets_its_layout_and_matches_sdpa(reference, monkeypatch):
     import sys
     import types
 
-    from dit360.core.layers import attention_backend
+    from dit360.kernels import attention_backend
     from dit360.options import SampleOptions
 
     root, x, _ = reference

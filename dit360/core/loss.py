@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..panorama import Grid, geo_dtype, pack
-from ..sampling import Conditioning, add_noise, predict, time_shift
+from .grid import Grid, geo_dtype, pack
+from .sampling import Conditioning, add_noise, predict, time_shift
 
 YAW_ANGLES = (60.0, 180.0, 300.0)  # degrees, the reference's choices
 LEVELS = 1000  # num_train_timesteps of the FLUX.1-dev scheduler
