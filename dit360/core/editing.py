@@ -96,7 +96,7 @@ def invert(
     steps sigmas[i] - sigmas[i + 1], but model and field see t_i = i / len(sigmas), latent dtype."""
     g = p.inversion_guidance if model.params.guidance_embed else None
     n, x, sigmas = len(sigmas), x0, sigmas.to(x0.device)
-    times = [float(torch.tensor(i / n, dtype=x.dtype)) for i in range(n - 1)]
+    times = [float(torch.tensor(i / n, dtype=x.dtype)) for i in range(n - 1)]  # parity: rounded
     if p.gamma != 1:
         cond = ahead(cond, times, g)
     for i in progress(range(n - 1), "invert"):

@@ -87,7 +87,7 @@ class Grid:
         if mode == "wrap":
             flat = self.wrap(mask.reshape(-1, self.h * self.w, 1))  # (B', tokens, 1)
             return flat.reshape(*mask.shape[:-1], self.tokens)
-        g = mask.unflatten(-1, (self.h, self.w))
+        g = mask.unflatten(-1, (self.h, self.w))  # parity: the reference's quirk (--mask-pad)
         g = torch.cat([g[..., : self.pad], g, g[..., self.w - self.pad :]], dim=-1)
         return g.flatten(-2)
 

@@ -43,6 +43,7 @@ def _loss_lat_range(h: int, w: int) -> tuple[float, float]:
 
 def _loss_sample(x: Tensor, theta: Tensor, phi: Tensor, lat: tuple[float, float]) -> Tensor:
     """Sample x (B, C, H, W) at lon theta / lat phi grids as the reference does (W-1 spacing)."""
+    # parity: the reference's grids, not panorama.py's pixel centres (see the module docstring)
     b, _, h, w = x.shape
     col = (theta + math.pi) / (2 * math.pi) * (w - 1)
     row = (phi - lat[0]) / (lat[1] - lat[0]) * (h - 1)

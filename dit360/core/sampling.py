@@ -68,8 +68,8 @@ def time_shift(mu: float, t: Tensor | np.ndarray) -> Tensor | np.ndarray:
 
 def schedule(steps: int, seq_len: int) -> Tensor:
     """Sigmas (steps + 1,) float32 from 1 toward 0, shifted for `seq_len` tokens, ending at 0."""
-    # In numpy float32, as the reference scheduler computes it, so the values agree bit for bit
-    # (torch rounds the scalar division differently: the first sigma would be 1 - 6e-8).
+    # parity: in numpy float32, as the reference scheduler computes it, so the values agree bit
+    # for bit (torch rounds the scalar division differently: the first sigma would be 1 - 6e-8).
     t = np.linspace(1.0, 1 / steps, steps).astype(np.float32)
     return torch.cat([torch.from_numpy(time_shift(shift_mu(seq_len), t)), torch.zeros(1)])
 
@@ -100,13 +100,13 @@ def add_noise(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
 def step(x: Tensor, v: Tensor, dt: float | Tensor) -> Tensor:
     """One Euler step x + dt * v, computed in float32 and stored in x's dtype (as the reference
     scheduler does). The one place the ODE is integrated: sampling, inversion and editing."""
-    return (x.float() + dt * v.float()).to(x.dtype)
+    return (x.float() + dt * v.float()).to(x.dtype)  # parity: the scheduler's dtypes
 
 
 def timestep(t: float | Tensor, dtype: torch.dtype) -> Tensor:
     """The reference's timestep for time t: t * 1000 rounded to the model dtype. The model gets it
     divided by 1000 again (`predict`), so t reaches it rounded as the reference rounds it."""
-    return (torch.as_tensor(t, dtype=torch.float32) * 1000).to(dtype)
+    return (torch.as_tensor(t, dtype=torch.float32) * 1000).to(dtype)  # parity: its rounding
 
 
 def predict(
