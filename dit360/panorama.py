@@ -12,7 +12,7 @@ Conventions (py360convert's, so its functions are our test oracle):
   its top edge (py360convert's F R B L U D = pz px nz nx py ny). Layouts: "cross" (3F, 4F) = py
   above pz, then nx pz px nz, ny below pz; "strip" (F, 6F) in FACES order.
 - Masks are 1 where valid. Everything is batched and differentiable; sampling grids are float32
-  (float64 for float64 images). The training losses' own projections are in loss.py.
+  (float64 for float64 images). The training losses' own projections are in core/loss.py.
 """
 
 import math
