@@ -1,4 +1,5 @@
-"""Build the hybrid-training jsonl files (DESIGN.md section 4) from folders of images + captions.
+"""Build the hybrid-training jsonl files (docs/METHOD.md section 5) from folders of images and
+captions.
 
 python prepare.py --out data --pano panoramas/ --persp photos/ --height 1024
 

@@ -94,7 +94,6 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from dit360 import distributed, sources
-from dit360.autoencoder import scale_latents
 from dit360.checkpoints import (
     Checkpoint,
     check_out,
@@ -109,6 +108,9 @@ from dit360.checkpoints import (
 )
 from dit360.compiling import compile_blocks
 from dit360.config import FLUX_DEV, AutoEncoderParams
+from dit360.core.autoencoder import scale_latents
+from dit360.core.lora import Adapter, inject
+from dit360.core.loss import NORMS, HybridSchedule, draw_yaw, flow_loss, sample_sigmas
 from dit360.data import (
     Batch,
     Encode,
@@ -129,8 +131,7 @@ from dit360.files import (
     exit_on_sigterm,
 )
 from dit360.fp8 import quantize_block
-from dit360.lora import DIT360_TARGETS, Adapter, inject
-from dit360.loss import NORMS, HybridSchedule, draw_yaw, flow_loss, sample_sigmas
+from dit360.lora_formats import DIT360_TARGETS, target_rows
 from dit360.offload import park, stream_recomputed
 from dit360.options import COUNT, FRACTION, NATURAL, NONNEG, POSITIVE, Parser, fail, run_main
 from dit360.panorama import Grid
@@ -705,7 +706,8 @@ def main(argv: list[str] | None = None) -> None:
             rows = read_rows(args.pano, args.persp)  # one error naming every bad row
             tfile, plan, model = read_flux(weights(args).transformer)  # headers; model on meta
             model.to(dtype)  # meta: no memory yet
-            inject(model, args.lora_rank, args.alpha, tuple(args.targets), args.dropout)  # fp32
+            targets = target_rows(model, tuple(args.targets))
+            inject(model, targets, args.lora_rank, args.alpha, args.dropout)  # fp32 LoRA
         except INPUT_ERRORS as e:
             fail(e)
         ckpt = find_checkpoint(out, args, model)  # read and checked against our arguments

@@ -29,7 +29,7 @@ from gpu import compare  # noqa: E402
 from random_flux import TINY, medium, values, write_flux_folder  # noqa: E402
 
 from dit360 import fp8  # noqa: E402
-from dit360.model import Flux  # noqa: E402
+from dit360.core.model import Flux  # noqa: E402
 from dit360.options import Parser, SampleOptions  # noqa: E402
 from dit360.panorama import Grid  # noqa: E402
 

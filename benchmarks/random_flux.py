@@ -22,7 +22,6 @@ import torch
 ROOT = Path(__file__).parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # dit360 without an install; tests/tiny.py
 
-from dit360.autoencoder import AutoEncoder  # noqa: E402
 from dit360.config import (  # noqa: E402
     AE_PRESETS,
     PRESETS,
@@ -30,6 +29,7 @@ from dit360.config import (  # noqa: E402
     FluxParams,
     to_diffusers_config,
 )
+from dit360.core.autoencoder import AutoEncoder  # noqa: E402
 from dit360.files import write_safetensors  # noqa: E402
 from dit360.weights import AE_DIFFUSERS, FLUX_DIFFUSERS, meta_flux, split, their_keys  # noqa: E402
 

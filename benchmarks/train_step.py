@@ -44,8 +44,9 @@ def run_train(
     sys.path.insert(0, str(Path(__file__).parents[1]))
     import train
     from dit360 import distributed
-    from dit360.lora import inject
-    from dit360.loss import flow_loss
+    from dit360.core.lora import inject
+    from dit360.core.loss import flow_loss
+    from dit360.lora_formats import target_rows
     from dit360.options import DTYPES
     from dit360.panorama import Grid
     from dit360.sampling import Conditioning, ahead
@@ -56,7 +57,7 @@ def run_train(
     stages.begin("load")
     tfile, plan, model = read_flux(base)
     model.to(dt)
-    inject(model, lora_rank, lora_rank, dropout=0.0)
+    inject(model, target_rows(model), lora_rank, lora_rank, dropout=0.0)
     args = argparse.Namespace(
         compile=False, no_recompute=not recompute, base_dtype=base_dtype, offload=offload, seed=0
     )

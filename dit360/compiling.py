@@ -16,7 +16,7 @@ from types import MethodType
 import torch
 from torch import nn
 
-from .model import Flux
+from .core.model import Flux
 
 
 def compile_blocks(model: Flux, **options) -> Flux:

@@ -1,96 +1,52 @@
-"""Model configuration: the flat `FluxParams` and `AutoEncoderParams` dataclasses and presets.
+"""Reading a model configuration (the dataclasses and presets are `dit360.core.params`').
 
 A configuration comes from a preset, a diffusers `config.json`, our safetensors metadata (JSON), or
 the tensor shapes of a checkpoint, so a tiny test model loads exactly like FLUX.1-dev.
 """
 
-import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
+from .core.params import AE_PRESETS, PRESETS, AutoEncoderParams, FluxParams  # noqa: F401
 from .files import FLAG, Rule, check_json, listed, number, parse_json, read_json, whole
 
 # Bounds of every size a config may give, far above FLUX.1's, so that a config can never make us
 # build a model larger than a file could hold: widths and channels, block counts.
 SIZE, BLOCKS = whole(1, 2**16), whole(0, 1024)
 
-
-class JsonParams:
-    """Round trip through the JSON we store in safetensors metadata; every value checked."""
-
-    RULES: ClassVar[dict[str, Rule]]
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str, where: str = "the config") -> "JsonParams":
-        """Our JSON (from `where`, for messages): every field known and within its bounds."""
-        return cls.checked(check_json(parse_json(text, where), cls.RULES, where, only=True), where)
-
-    @classmethod
-    def checked(cls, values: dict, where: str) -> "JsonParams":
-        """The params of `values` (each within RULES) or a ValueError naming `where`."""
-        check_json(values, cls.RULES, where)
-        try:
-            return cls(**values)
-        except ValueError as e:  # what the fields say together (divisibility, RoPE axes)
-            raise ValueError(f"{where}: {e}") from None
+# What each field of our params may hold (checked before any model is built from them).
+FLUX_RULES: dict[str, Rule] = {
+    "in_channels": SIZE, "out_channels": SIZE, "vec_in_dim": SIZE, "context_in_dim": SIZE,
+    "hidden_size": SIZE, "mlp_ratio": number(1 / 64, 64), "num_heads": SIZE,
+    "depth": BLOCKS, "depth_single_blocks": BLOCKS, "axes_dim": listed(SIZE, range(1, 9)),
+    "theta": whole(1, 2**31), "qkv_bias": FLAG, "guidance_embed": FLAG,
+}  # fmt: skip
+AE_RULES: dict[str, Rule] = {
+    "resolution": SIZE, "in_channels": SIZE, "ch": SIZE, "out_ch": SIZE,
+    "ch_mult": listed(whole(1, 64), range(1, 9)), "num_res_blocks": whole(1, 16),
+    "z_channels": SIZE, "scale_factor": number(1e-6, 1e6), "shift_factor": number(-1e6, 1e6),
+    "norm_num_groups": SIZE,
+}  # fmt: skip
+RULES = {FluxParams: FLUX_RULES, AutoEncoderParams: AE_RULES}
 
 
-@dataclass(frozen=True)
-class FluxParams(JsonParams):
-    """Hyperparameters of the FLUX MMDiT (names follow BFL's `FluxParams`)."""
+def checked(cls: type, values: dict, where: str):
+    """`cls` (FluxParams or AutoEncoderParams) of `values`, each within its RULES, or a
+    ValueError naming `where`."""
+    check_json(values, RULES[cls], where)
+    try:
+        return cls(**values)
+    except ValueError as e:  # what the fields say together (divisibility, RoPE axes)
+        raise ValueError(f"{where}: {e}") from None
 
-    RULES: ClassVar[dict[str, Rule]] = {
-        "in_channels": SIZE, "out_channels": SIZE, "vec_in_dim": SIZE, "context_in_dim": SIZE,
-        "hidden_size": SIZE, "mlp_ratio": number(1 / 64, 64), "num_heads": SIZE,
-        "depth": BLOCKS, "depth_single_blocks": BLOCKS, "axes_dim": listed(SIZE, range(1, 9)),
-        "theta": whole(1, 2**31), "qkv_bias": FLAG, "guidance_embed": FLAG,
-    }  # fmt: skip
 
-    in_channels: int = 64
-    out_channels: int = 64
-    vec_in_dim: int = 768
-    context_in_dim: int = 4096
-    hidden_size: int = 3072
-    mlp_ratio: float = 4.0
-    num_heads: int = 24
-    depth: int = 19
-    depth_single_blocks: int = 38
-    axes_dim: tuple[int, ...] = field(default=(16, 56, 56))
-    theta: int = 10_000
-    qkv_bias: bool = True
-    guidance_embed: bool = True
-
-    def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} not divisible by {self.num_heads} heads"
-            )
-        if sum(self.axes_dim) != self.head_dim or any(d % 2 for d in self.axes_dim):
-            raise ValueError(
-                f"RoPE axes {tuple(self.axes_dim)} must be even and sum to head dim {self.head_dim}"
-            )
-        object.__setattr__(self, "axes_dim", tuple(self.axes_dim))
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
+def from_json(cls: type, text: str, where: str = "the config"):
+    """`cls` from our JSON (`to_json`; from `where`, for messages): every field known and within
+    its bounds."""
+    return checked(cls, check_json(parse_json(text, where), RULES[cls], where, only=True), where)
 
 
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"  # the base model's Hugging Face repo (gated)
 DIT360_LORA = "Insta360-Research/DiT360-Panorama-Image-Generation"  # the published LoRA
-
-PRESETS: dict[str, FluxParams] = {
-    "flux-dev": FluxParams(),
-    "flux-schnell": FluxParams(guidance_embed=False),
-}
 
 # FLUX.1 uses (16, 56, 56) for its 128-wide heads; the split is not recorded in the weights.
 DEFAULT_AXES = {128: (16, 56, 56)}
@@ -126,7 +82,7 @@ def _count(shapes: dict[str, tuple[int, ...]], prefix: str) -> int:
 
 
 # The rules of diffusers' keys: ours renamed, and the two that make the hidden size.
-FLUX_DIFFUSERS_RULES = {k: FluxParams.RULES[ours] for ours, k in FLUX_CONFIG_KEYS.items()}
+FLUX_DIFFUSERS_RULES = {k: FLUX_RULES[ours] for ours, k in FLUX_CONFIG_KEYS.items()}
 FLUX_DIFFUSERS_RULES |= {"attention_head_dim": SIZE, "patch_size": whole(1, 1)}
 
 
@@ -137,7 +93,7 @@ def from_diffusers_config(config: dict | str | Path, where: str = "config.json")
     ours.setdefault("out_channels", ours.get("in_channels", 64))
     ours.setdefault("guidance_embed", False)  # diffusers' default
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
-    return FluxParams.checked({**ours, "hidden_size": hidden}, where)
+    return checked(FluxParams, {**ours, "hidden_size": hidden}, where)
 
 
 def to_diffusers_config(p: FluxParams) -> dict:
@@ -193,50 +149,8 @@ def from_shapes(
             f"{where}: head dim {head_dim}: the RoPE axes are not stored in the weights; pass "
             "axes_dim or load from a folder with a config.json"
         )
-    return FluxParams.checked({**params, "axes_dim": tuple(axes_dim)}, f"{where} (its shapes)")
+    return checked(FluxParams, {**params, "axes_dim": tuple(axes_dim)}, f"{where} (its shapes)")
 
-
-@dataclass(frozen=True)
-class AutoEncoderParams(JsonParams):
-    """Hyperparameters of the FLUX VAE (names follow BFL's `AutoEncoderParams`)."""
-
-    RULES: ClassVar[dict[str, Rule]] = {
-        "resolution": SIZE, "in_channels": SIZE, "ch": SIZE, "out_ch": SIZE,
-        "ch_mult": listed(whole(1, 64), range(1, 9)), "num_res_blocks": whole(1, 16),
-        "z_channels": SIZE, "scale_factor": number(1e-6, 1e6), "shift_factor": number(-1e6, 1e6),
-        "norm_num_groups": SIZE,
-    }  # fmt: skip
-
-    resolution: int = 256
-    in_channels: int = 3
-    ch: int = 128
-    out_ch: int = 3
-    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    z_channels: int = 16
-    scale_factor: float = 0.3611
-    shift_factor: float = 0.1159
-    norm_num_groups: int = 32
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
-        if bad := [c for c in self.channels if c % self.norm_num_groups]:
-            raise ValueError(
-                f"channels {bad} are not divisible by norm_num_groups {self.norm_num_groups}"
-            )
-
-    @property
-    def channels(self) -> list[int]:
-        """Channel width of each resolution level, finest first."""
-        return [self.ch * m for m in self.ch_mult]
-
-    @property
-    def factor(self) -> int:
-        """Down-sampling factor between image and latent (8 for FLUX)."""
-        return 2 ** (len(self.ch_mult) - 1)
-
-
-AE_PRESETS: dict[str, AutoEncoderParams] = {"flux": AutoEncoderParams()}
 
 # Our field -> the key of diffusers' AutoencoderKL config (`ch`, `ch_mult`: block_out_channels).
 AE_CONFIG_KEYS = {
@@ -251,7 +165,7 @@ AE_CONFIG_KEYS = {
 }
 
 
-AE_DIFFUSERS_RULES = {k: AutoEncoderParams.RULES[ours] for ours, k in AE_CONFIG_KEYS.items()}
+AE_DIFFUSERS_RULES = {k: AE_RULES[ours] for ours, k in AE_CONFIG_KEYS.items()}
 AE_DIFFUSERS_RULES["block_out_channels"] = listed(SIZE, range(1, 9))
 
 
@@ -269,7 +183,7 @@ def ae_from_diffusers_config(
         raise ValueError(f"{where}: block_out_channels {widths} are not multiples of the first")
     ours.setdefault("shift_factor", 0.0)  # diffusers' default, unlike FLUX's
     ch_mult = [w // widths[0] for w in widths]
-    return AutoEncoderParams.checked({**ours, "ch": widths[0], "ch_mult": ch_mult}, where)
+    return checked(AutoEncoderParams, {**ours, "ch": widths[0], "ch_mult": ch_mult}, where)
 
 
 def ae_from_shapes(
@@ -293,4 +207,4 @@ def ae_from_shapes(
         raise ValueError(f"{where}: not a FLUX autoencoder: tensor {e} is missing") from None
     except ValueError as e:
         raise ValueError(f"{where}: not a FLUX autoencoder: {e}") from None
-    return AutoEncoderParams.checked(params, f"{where} (its shapes)")
+    return checked(AutoEncoderParams, params, f"{where} (its shapes)")

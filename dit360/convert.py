@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from . import config as cfg
+from .core.lora import fold_
 from .files import atomic_path, write_safetensors
-from .lora import fold_
 from .lora_formats import read_lora, write_peft
 from .weights import (
     FLUX_CONFIG_KEY,

@@ -4,7 +4,7 @@ and the VAE-posterior / text-embedding cache.
 Ours differs from the reference (github.com/Insta360-Research-Team/DiT360, src/dynamic_dataset.py):
 - Masks (:76-81) are per token on the packed (H/16, W/16) grid, supervised where the whole patch
   is white (>= 128, the reference > 128); the reference flattens an (H/4, H/8) mask against the
-  (H/8, W/8) latent grid, misaligned (DESIGN.md section 4). No mask: all white.
+  (H/8, W/8) latent grid, misaligned (docs/METHOD.md, section 5). No mask: all white.
 - Panoramas only: flip with p = 0.5, then a roll (:47-57), image and mask alike, by whole token
   columns uniform in [0, W/16), exact on latents and token masks (the reference rolls a pixel
   count uniform in [W/3, W], src/data.py:16-36).
@@ -33,9 +33,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from .core.loss import HybridSchedule
 from .files import atomic_path, read_text
 from .image import from_pil, open_image, read_mask, read_rgb
-from .loss import HybridSchedule
 from .panorama import PATCH, token_mask
 from .sampling import Conditioning
 

@@ -1,37 +1,22 @@
-"""Panorama inpainting and outpainting: RF-Inversion with Personalize-Anything token replacement.
-
-References: DiT360 (github.com/Insta360-Research-Team/DiT360) `editing.py`, `pa_src/`; Rout et al.
-2024, RF-Inversion (arXiv:2410.10792), Algorithms 1, 2; Feng et al., "Personalize Anything for Free
-with Diffusion Transformer" (AAAI 2026). Time as in sampling.py; masks: True = keep.
-
-`invert` moves the source latents x0 toward noise y1 (empty prompt) along the controlled field
-u_model + gamma * ((y1 - Y) / (1 - t) - u_model). `edit` runs a batch [source, target]: the
-source back toward x0 along v + eta * ((X - x0) / t - v), the target plain Euler from noise with
-the new prompt; while t > tau the target's image tokens at the mask take the source's in
-attention, while t >= blend_until its latents there take the source's after each step.
-
-Kept from the reference on purpose: inversion model time and field at t_i = i / (steps + 1) with
-the reverse schedule's step sizes; the shift from the unpadded token count; the mask's pad columns
-[first | mask | last] vs the latents' [last | grid | first] (`mask_pad="wrap"` fixes it); the eta
-window [int(start * steps), int(stop * steps)). Cost: gamma = 1 calls no model in the inversion;
-eta = 1 zeroes the source's own velocity, so it then runs only while its tokens (t > tau) are read.
-
-`edit_many` runs a batch of edits (`EditJob`s) with each model loaded once; `edit_image` is one.
+"""Editing as the runtime runs it: `invert` and `edit` from `EditOptions` (the method, RF-Inversion
+with token replacement, is `dit360.core.editing`), `edit_many` for a batch of edits (`EditJob`s)
+with each model loaded once, `edit_image` for one.
 """
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from .core import editing as core
+from .core.editing import RFInversion, cat_rows, paste_back
+from .core.model import Flux
 from .generate import (
     Job,
     check_finite,
@@ -44,12 +29,12 @@ from .generate import (
     placed,
 )
 from .image import from_pil, open_image, read_mask, read_rgb, to_pil
-from .model import Flux
 from .offload import lent, park
 from .options import EditOptions, check_size
 from .panorama import Grid
 from .report import Report
-from .sampling import Conditioning, ahead, noise, predict, schedule, step, timestep
+from .sampling import Conditioning, ahead, bar, noise, schedule
+from .tiling import decode
 
 
 def check_mask(keep: Tensor) -> None:
@@ -64,32 +49,9 @@ def check_mask(keep: Tensor) -> None:
         )
 
 
-@contextmanager
-def replacing_tokens(model: Flux, keep: Tensor | None) -> Iterator[None]:
-    """Inside it, on a batch [source, target] the target's image tokens at `keep` (L_img,) take the
-    source's q, k, v in every block (None: none do). The reference replaces the hidden states before
-    the projections, which act token by token like QK norm (RoPE keeps the position): the same, and
-    the MLP half of the single blocks' `linear1` reads the unreplaced input, as in diffusers."""
-
-    def hook(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        txt = keep.new_zeros(q.shape[2] - keep.numel())
-        rows = torch.cat([txt, keep.to(q.device)])  # (L,) [txt | img]
-        sel = torch.stack([torch.zeros_like(rows), rows])[:, None, :, None]  # (2, 1, L, 1)
-        return tuple(torch.where(sel, x[:1], x) for x in (q, k, v))
-
-    blocks = [*model.double_blocks, *model.single_blocks]
-    for b in blocks:  # no hook: the class's None (one compiled graph for both ways of none)
-        b.__dict__.pop("qkv_hook", None) if keep is None else setattr(b, "qkv_hook", hook)
-    try:
-        yield
-    finally:
-        for b in blocks:
-            b.__dict__.pop("qkv_hook", None)
-
-
-def rows(cond: Conditioning, sl: slice) -> Conditioning:
-    """The conditioning of some batch rows."""
-    return Conditioning(cond.txt[sl], cond.txt_ids[sl], cond.vec[sl])
+def rf_params(o: EditOptions) -> RFInversion:
+    """The method's parameters among the options."""
+    return RFInversion(**{f.name: getattr(o, f.name) for f in fields(RFInversion)})
 
 
 def invert(
@@ -101,21 +63,10 @@ def invert(
     sigmas: Tensor,
     opts: EditOptions,
 ) -> Tensor:
-    """Controlled forward ODE (Algorithm 1) from x0 toward noise y1, (1, L, C). As the reference:
-    steps sigmas[i] - sigmas[i + 1], but model and field see t_i = i / len(sigmas), latent dtype."""
-    g = opts.inversion_guidance if model.params.guidance_embed else None
-    n, x, sigmas = len(sigmas), x0, sigmas.to(x0.device)
-    times = [float(torch.tensor(i / n, dtype=x.dtype)) for i in range(n - 1)]
-    if opts.gamma != 1:
-        cond = ahead(model, cond, times, g)
-    for i in tqdm(range(n - 1), desc="invert"):
-        t = times[i]
-        u = (y1.float() - x.float()) / (1 - t)  # the conditional field: straight to y1
-        if opts.gamma != 1:  # at gamma = 1 the model's field has weight 0: skip the call
-            u_model = predict(model, x, grid, cond, t, g).float()
-            u = u_model + opts.gamma * (u - u_model)
-        x = step(x, u, sigmas[i] - sigmas[i + 1])
-    return x
+    """`core.editing.invert` with the modulations computed ahead and a progress bar."""
+    return core.invert(
+        model, x0, y1, grid, cond, sigmas, rf_params(opts), partial(ahead, model), bar
+    )
 
 
 def edit(
@@ -130,63 +81,11 @@ def edit(
     opts: EditOptions,
     keep_source: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """Algorithm 2 + token replacement + blending on [source, target] (cond; keep (L,) padded):
-    target latents (1, L, C) from noise z, and with `keep_source` the source's last, else None."""
-    steps, sigmas, keep = len(sigmas) - 1, sigmas.to(z.device), keep.to(z.device)
-    times = [float(timestep(s, z.dtype)) / 1000 for s in sigmas[:-1]]  # what the model sees
-    lo, hi = int(opts.start * steps), min(int(opts.stop * steps), steps)
-    eta = [opts.eta if lo <= i < hi else 0.0 for i in range(steps)]
-    swap, blend = [t > opts.tau for t in times], [t >= opts.blend_until for t in times]
-    # The source is read as input at step i while swapping, after it when blending, at the end if
-    # asked: track it up to the last read, no further.
-    reads = [i for i in range(steps) if swap[i]] + [i + 1 for i in range(steps) if blend[i]]
-    last = max(reads + [steps if keep_source else 0])
-    g = opts.guidance if model.params.guidance_embed else None
-    # Both rows run while the source's tokens or velocity are needed, else the target alone;
-    # the modulations of each batch are computed ahead in that batch's shape.
-    both = [swap[i] or (i < last and eta[i] != 1) for i in range(steps)]
-    times = {
-        b: [s for s, x in zip(sigmas[:-1], both, strict=True) if x == b] for b in (False, True)
-    }
-    pair = ahead(model, cond, times[True], g)
-    target = ahead(model, rows(cond, slice(1, 2)), times[False], g)
-    src, tgt = inverted, z
-    for i in tqdm(range(steps), desc="edit"):
-        dt = sigmas[i + 1] - sigmas[i]
-        if both[i]:
-            with replacing_tokens(model, keep if swap[i] else None):
-                v = predict(model, torch.cat([src, tgt]), grid, pair, sigmas[i], g).float()
-            v_src, v_tgt = v[:1], v[1:]
-        else:  # nothing of the source is read at this step
-            v_tgt = predict(model, tgt, grid, target, sigmas[i], g).float()
-        if i < last:
-            v_cond = (src.float() - x0.float()) / sigmas[i]  # straight back to x0
-            v_hat = v_cond if eta[i] == 1 else v_src + eta[i] * (v_cond - v_src)
-            src = step(src, v_hat, dt)
-        tgt = step(tgt, v_tgt, dt)
-        if blend[i]:
-            tgt = torch.where(keep[None, :, None], src, tgt)
-    return tgt, (src if keep_source else None)
-
-
-def feather(keep: Tensor, radius: int) -> Tensor:
-    """Alpha (H, W): 1 on kept pixels, 0 beyond about `radius` pixels; the blur wraps the seam."""
-    a = keep.float()[None, None]  # (1, 1, H, W)
-    if radius <= 0:
-        return a[0, 0]
-    if radius >= keep.shape[1]:
-        raise ValueError(f"feather {radius} px must be narrower than the image ({keep.shape[1]})")
-    k = 2 * radius + 1
-    b = F.pad(a, (radius, radius, 0, 0), mode="circular")  # columns wrap
-    b = F.pad(b, (0, 0, radius, radius), mode="replicate")  # rows do not
-    b = F.avg_pool2d(F.avg_pool2d(b, (1, k), stride=1), (k, 1), stride=1)  # separable box blur
-    return torch.maximum(a, (2 * b).clamp(max=1))[0, 0]  # 2x: about 1 at the edge, 0 at radius
-
-
-def paste_back(edited: Tensor, source: Tensor, keep: Tensor, radius: int) -> Tensor:
-    """Images (3, H, W): the source where keep (H, W), the edit beyond the feather."""
-    alpha = feather(keep, radius).to(edited)
-    return alpha * source + (1 - alpha) * edited
+    """`core.editing.edit_planned` with the modulations computed ahead and a progress bar."""
+    p, a = rf_params(opts), partial(ahead, model)
+    return core.edit_planned(
+        model, inverted, x0, z, keep, grid, cond, sigmas, p, keep_source, a, bar
+    )
 
 
 @dataclass(kw_only=True)
@@ -236,12 +135,6 @@ def check_job(job: EditJob, opts: EditOptions) -> tuple[int, int]:
     token_mask(job, o, width, height)
     check_size(height, width, o.wrap_pad)  # the pad's range; warns last, once all is good
     return own
-
-
-def cat_rows(a: Conditioning, b: Conditioning) -> Conditioning:
-    """A batch [a, b] of two one-row conditionings."""
-    cat = lambda x, y: torch.cat([x, y])  # noqa: E731
-    return Conditioning(cat(a.txt, b.txt), cat(a.txt_ids, b.txt_ids), cat(a.vec, b.vec))
 
 
 def edit_many(
@@ -297,7 +190,7 @@ def edit_many(
         if last:
             del model, conds
         with report.stage("decode"), torch.no_grad(), lent(vae, dev):
-            out = vae.decode(grid.unpack(latents), tile=o.vae_tile)[0].float().cpu()  # (3, H, W)
+            out = decode(vae, grid.unpack(latents), tile=o.vae_tile)[0].float().cpu()  # (3, H, W)
         if last:
             del vae
         if o.paste_back:

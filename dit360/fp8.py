@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import Flux
+from .core.model import Flux
 from .offload import move
 
 FP8 = torch.float8_e4m3fn
@@ -133,7 +133,7 @@ def to_fp8(linear: nn.Linear, weight_only: bool = False) -> FP8Linear:
     adapters (these stay in the model dtype, a side path)."""
     q, scale = quantize(linear.weight.float())  # float32: one rounding, the float8 one
     new = FP8Linear(q, scale[:, 0], linear.bias, weight_only)
-    new._forward_hooks.update(linear._forward_hooks)  # dit360.lora's hook adds the adapters
+    new._forward_hooks.update(linear._forward_hooks)  # dit360.core.lora's hook adds the adapters
     new._forward_pre_hooks.update(linear._forward_pre_hooks)
     if "lora" in linear._modules:
         new.lora = linear.lora

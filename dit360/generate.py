@@ -20,19 +20,20 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .autoencoder import AutoEncoder
 from .compiling import compile_blocks, first_step_timed
 from .config import DIT360_LORA
+from .core.autoencoder import AutoEncoder
+from .core.model import Flux
 from .fp8 import quantize_fp8
 from .image import to_pil
-from .layers import attention_backend
-from .model import Flux
+from .kernels import attention_backend
 from .offload import choose, lent, move, park, stream
 from .options import Options, SampleOptions
 from .panorama import Grid
 from .report import Report
 from .sampling import Conditioning, denoise, noise, schedule
 from .sources import flagged
+from .tiling import decode
 
 Opts = TypeVar("Opts", bound=Options)
 
@@ -236,7 +237,7 @@ def generate_many(
         with report.stage("decode"), torch.no_grad():
             vae = load_vae(opts, mode) if vae is None else vae
             with lent(vae, dev):
-                image = vae.decode(latents.to(dtype), tile=opts.vae_tile)
+                image = decode(vae, latents.to(dtype), tile=opts.vae_tile)
             vae = None if last else vae
         yield job, to_pil(image[0]), time.perf_counter() - start
 

@@ -3,7 +3,8 @@
 Read: peft/diffusers (`transformer.<diffusers module>.lora_A.weight`, DiT360's; alpha from
 `adapter_config.json`), kohya (`lora_unet_<BFL module, _ for .>.lora_down.weight` + `.alpha`),
 BFL/ComfyUI (`diffusion_model.<BFL module>.lora_A.weight`, or lora_down/lora_up + `.alpha`).
-Written: peft/diffusers (diffusers' `load_lora_weights` reads it). Adapters: lora.py.
+Written: peft/diffusers (diffusers' `load_lora_weights` reads it). Adapters: core/lora.py; which
+of our layers' rows a diffusers name means: `target_rows` (what `inject` adds adapters on).
 Reference: peft `src/peft/tuners/lora`; diffusers `loaders/lora_conversion_utils.py`.
 """
 
@@ -11,12 +12,13 @@ import json
 import math
 import re
 from collections import Counter
-from itertools import pairwise
+from itertools import accumulate, pairwise
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from .core.lora import LoraPlan, Part, adapters, attach, linears, lora_names, merge_lora
 from .files import (
     FLAG,
     Rule,
@@ -32,13 +34,46 @@ from .files import (
     whole,
     write_safetensors,
 )
-from .lora import LoraPlan, Part, adapters, attach, diffusers_split, linears, lora_names, merge_lora
-from .weights import FLUX_DIFFUSERS, locate, strip_prefix, swap_halves
+from .weights import FLUX_DIFFUSERS, locate, split_sizes, strip_prefix, swap_halves, their_keys
 
 # File key endings -> which tensor: peft, diffusers-old and kohya/ComfyUI spellings.
 KEY_KINDS = dict.fromkeys([".lora_A.weight", ".lora.down.weight", ".lora_down.weight"], "A")
 KEY_KINDS |= dict.fromkeys([".lora_B.weight", ".lora.up.weight", ".lora_up.weight"], "B")
 KEY_KINDS[".alpha"] = "alpha"
+
+
+DIT360_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")  # diffusers names
+
+
+def diffusers_split(model: nn.Module, name: str) -> tuple[str, list[str], list[int]] | None:
+    """(op, diffusers module names, row bounds [0, ..., out]) of our layer `name`, or None."""
+    if (hit := their_keys(name + ".weight", FLUX_DIFFUSERS)) is None:
+        return None
+    op, theirs = hit
+    rows, hidden = model.get_submodule(name).out_features, model.params.hidden_size
+    sizes = split_sizes(op, rows, len(theirs), hidden)
+    return op, [k.removesuffix(".weight") for k in theirs], [0, *accumulate(sizes)]
+
+
+def target_rows(
+    model: nn.Module, targets: tuple[str, ...] = DIT360_TARGETS
+) -> dict[str, list[tuple[int, int]]]:
+    """Our layers' row ranges [start, end) that diffusers-named targets name (peft's suffix match),
+    for `core.lora.inject`; defaults are DiT360's."""
+    found, names = {}, set()
+    for layer in linears(model):
+        _, modules, bounds = diffusers_split(model, layer) or (None, [], [])
+        names.update(modules)
+        for j, module in enumerate(modules):
+            if any(module == t or module.endswith("." + t) for t in targets):
+                found.setdefault(layer, []).append((bounds[j], bounds[j + 1]))
+    if missing := [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]:
+        kinds = sorted({re.sub(r"^\w+\.\d+\.", "", n) for n in names})  # without the block
+        raise ValueError(
+            f"no layer matches the LoRA targets {', '.join(missing)} (diffusers module names, "
+            f"matched as peft does: the name or its end); choose among {', '.join(kinds)}"
+        )
+    return found
 
 
 PATTERNS = {"lora_alpha": "alpha_pattern", "r": "rank_pattern"}  # peft's per-module overrides

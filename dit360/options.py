@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 import torch
 
 from .config import DIT360_LORA, FLUX_DEV
-from .layers import BACKENDS
+from .kernels import BACKENDS
 from .offload import MODES as OFFLOADS
 from .panorama import Grid
 from .sources import Sources, resolve_sources

@@ -21,6 +21,7 @@ from .generate import check_finite, generate_latents, load_vae
 from .image import to_pil
 from .options import SampleOptions
 from .sampling import Conditioning
+from .tiling import decode
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -68,7 +69,7 @@ def render(
                     except FloatingPointError as e:
                         warnings.warn(f"preview {folder.name}/{i:02d}: {e}", stacklevel=2)
                         continue
-                    image = vae.decode(latents.to(opts.dtype), tile=opts.vae_tile)
+                    image = decode(vae, latents.to(opts.dtype), tile=opts.vae_tile)
                     with atomic_path(folder / f"{i:02d}.png") as tmp:
                         to_pil(image[0]).save(tmp, format="PNG")
                     written.append(folder / f"{i:02d}.png")

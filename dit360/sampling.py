@@ -1,79 +1,34 @@
-"""Sampling: seeded noise, the shifted schedule, the time convention (`add_noise`, `timestep`),
-`predict()` (the one caller of the model, so the panoramic wrap reaches it in one way), the Euler
-`step` and the `denoise` loop.
+"""Sampling as the runtime runs it: the method's (`dit360.core.sampling`) with the modulations
+computed ahead, one layer at a time (`ahead`), and a progress bar."""
 
-Time convention, everywhere in dit360: t = 1 is noise, t = 0 is data,
-x_t = (1 - t) * x0 + t * noise, and the model predicts the velocity v = noise - x0.
-Reference conventions (diffusers FluxPipeline, DiT360 `src/pipeline.py`): sigmas
-linspace(1, 1/N, N) time-shifted with mu from the (padded) token count, a final 0 appended;
-Euler updates in float32, latents stored in the model dtype between steps.
-"""
-
-import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from functools import partial
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .model import Flux
+from .core import sampling
+from .core.model import Flux
+from .core.sampling import (  # noqa: F401, E501  the method's, importable from here as before
+    Conditioning,
+    Grid,
+    add_noise,
+    model_time,
+    noise,
+    predict,
+    schedule,
+    shift_mu,
+    step,
+    time_shift,
+    timestep,
+)
 from .offload import lent
-from .panorama import Grid
-
-# The shift grows linearly with the token count through (256, 0.5) and (4096, 1.15) (FLUX.1).
-BASE_SEQ, BASE_SHIFT, MAX_SEQ, MAX_SHIFT = 256, 0.5, 4096, 1.15
 
 
-def noise(
-    seed: int,
-    batch: int,
-    height: int,
-    width: int,
-    channels: int = 16,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """Seeded latent noise (B, C, 2*(H//16), 2*(W//16)) from a generator on `device`."""
-    gen = torch.Generator(device).manual_seed(seed)
-    shape = (batch, channels, 2 * (height // 16), 2 * (width // 16))
-    return torch.randn(shape, generator=gen, device=device, dtype=dtype)
-
-
-def shift_mu(seq_len: int) -> float:
-    """The schedule shift mu for a sequence of `seq_len` image tokens (extrapolated past 4096)."""
-    m = (MAX_SHIFT - BASE_SHIFT) / (MAX_SEQ - BASE_SEQ)
-    return seq_len * m + (BASE_SHIFT - m * BASE_SEQ)
-
-
-def time_shift(mu: float, t: Tensor | np.ndarray) -> Tensor | np.ndarray:
-    """Shift times toward noise: e^mu / (e^mu + (1/t - 1))."""
-    return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
-
-
-def schedule(steps: int, seq_len: int) -> Tensor:
-    """Sigmas (steps + 1,) float32 from 1 toward 0, shifted for `seq_len` tokens, ending at 0."""
-    # In numpy float32, as the reference scheduler computes it, so the values agree bit for bit
-    # (torch rounds the scalar division differently: the first sigma would be 1 - 6e-8).
-    t = np.linspace(1.0, 1 / steps, steps).astype(np.float32)
-    return torch.cat([torch.from_numpy(time_shift(shift_mu(seq_len), t)), torch.zeros(1)])
-
-
-@dataclass
-class Conditioning:
-    """Text conditioning: T5 tokens (B, L, 4096), their ids (B, L, 3), CLIP pooled (B, 768), and
-    optionally the modulations computed ahead (`ahead`), by (model time, guidance)."""
-
-    txt: Tensor
-    txt_ids: Tensor
-    vec: Tensor
-    mods: dict[tuple[float, float | None], list[Tensor]] | None = None
-
-
-def model_time(t: float | Tensor, batch: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The time (B,) the model is given at time t: `timestep` rounding, back in [0, 1]."""
-    return timestep(torch.as_tensor(t, device=device).expand(batch), dtype) / 1000
+def bar(steps: range, name: str) -> Iterable[int]:
+    """A progress bar over the steps (core's `Progress` seam)."""
+    return tqdm(steps, desc=name)
 
 
 @torch.no_grad()
@@ -99,58 +54,9 @@ def ahead(
     return Conditioning(cond.txt, cond.txt_ids, cond.vec, table)
 
 
-def add_noise(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-    """x_t = (1 - t) x0 + t noise in float32, for t (B,) and latents (B, ...)."""
-    t = t.float().view(-1, *[1] * (x0.ndim - 1)).to(x0.device)
-    return (1 - t) * x0.float() + t * noise.float()
-
-
-def step(x: Tensor, v: Tensor, dt: float | Tensor) -> Tensor:
-    """One Euler step x + dt * v, computed in float32 and stored in x's dtype (as the reference
-    scheduler does). The one place the ODE is integrated: sampling, inversion and editing."""
-    return (x.float() + dt * v.float()).to(x.dtype)
-
-
-def timestep(t: float | Tensor, dtype: torch.dtype) -> Tensor:
-    """The reference's timestep for time t: t * 1000 rounded to the model dtype. The model gets it
-    divided by 1000 again (`predict`), so t reaches it rounded as the reference rounds it."""
-    return (torch.as_tensor(t, dtype=torch.float32) * 1000).to(dtype)
-
-
-def predict(
-    model: Flux,
-    x: Tensor,
-    grid: Grid,
-    cond: Conditioning,
-    t: float | Tensor,
-    guidance: float | None,
-) -> Tensor:
-    """Velocity (B, grid.tokens, C) of wrap-padded tokens x, with the grid's image ids."""
-    b, dtype = x.shape[0], x.dtype
-    ids = grid.ids(b, x.device).to(dtype)
-    t = model_time(t, b, dtype, x.device)
-    txt, txt_ids = cond.txt.to(x.device, dtype), cond.txt_ids.to(x.device, dtype)
-    if cond.mods is not None:  # computed ahead
-        key = (float(t[0]), guidance)
-        if key not in cond.mods:
-            raise KeyError(f"no modulation computed ahead for (t, guidance) = {key}")
-        return model(x, ids, txt, txt_ids, None, None, mods=cond.mods[key])
-    g = None if guidance is None else torch.full((b,), guidance, device=x.device)
-    return model(x, ids, txt, txt_ids, t, cond.vec.to(x.device, dtype), g)
-
-
 def denoise(
-    model: Flux,
-    x: Tensor,
-    grid: Grid,
-    cond: Conditioning,
-    sigmas: Tensor,
-    guidance: float | None,
+    model: Flux, x: Tensor, grid: Grid, cond: Conditioning, sigmas: Tensor, guidance: float | None
 ) -> Tensor:
-    """Integrate the flow from sigmas[0] to sigmas[-1] with Euler steps; x is padded tokens.
-    The modulations are computed ahead, unless `cond` has them already."""
-    sigmas = sigmas.to(x.device)
-    cond = cond if cond.mods is not None else ahead(model, cond, sigmas[:-1], guidance)
-    for i in tqdm(range(len(sigmas) - 1), desc="denoise"):
-        x = step(x, predict(model, x, grid, cond, sigmas[i], guidance), sigmas[i + 1] - sigmas[i])
-    return x
+    """`core.sampling.denoise` with the modulations computed ahead (unless `cond` has them) and a
+    progress bar."""
+    return sampling.denoise(model, x, grid, cond, sigmas, guidance, partial(ahead, model), bar)

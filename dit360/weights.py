@@ -20,10 +20,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import autoencoder as ae
 from . import config as cfg
+from .core import autoencoder as ae
+from .core.model import Flux
 from .files import TensorFile
-from .model import Flux
 from .sources import Part, config_beside, find_part
 
 Rule = tuple[str, str, str | tuple[str, ...]]
@@ -255,7 +255,7 @@ def read_flux(
         params = cfg.from_diffusers_config(*config)
     elif FLUX_CONFIG_KEY in tfile.metadata:
         where = f"{tfile.source} metadata {FLUX_CONFIG_KEY}"
-        params = cfg.FluxParams.from_json(tfile.metadata[FLUX_CONFIG_KEY], where)
+        params = cfg.from_json(cfg.FluxParams, tfile.metadata[FLUX_CONFIG_KEY], where)
     else:
         params = cfg.from_shapes(plan.shapes, axes_dim, str(tfile.source))
     check_plan(plan, flux_shapes(params), tfile)  # before building: a config is no cost
@@ -353,7 +353,7 @@ def read_autoencoder(src: str | Path | Part) -> tuple[TensorFile, KeyPlan, ae.Au
         params = cfg.ae_from_diffusers_config(*config)
     elif AE_CONFIG_KEY in tfile.metadata:
         where = f"{tfile.source} metadata {AE_CONFIG_KEY}"
-        params = cfg.AutoEncoderParams.from_json(tfile.metadata[AE_CONFIG_KEY], where)
+        params = cfg.from_json(cfg.AutoEncoderParams, tfile.metadata[AE_CONFIG_KEY], where)
     else:
         params = cfg.ae_from_shapes(plan.shapes, where=str(tfile.source))
     with torch.device("meta"):

@@ -10,9 +10,10 @@ from safetensors.torch import save_file
 from tiny import TINY_VAE, randomize, save_autoencoder
 
 from dit360 import weights
-from dit360.autoencoder import AutoEncoder, _starts
 from dit360.config import AE_PRESETS, ae_from_diffusers_config, ae_from_shapes
+from dit360.core.autoencoder import AutoEncoder
 from dit360.files import TensorFile
+from dit360.tiling import _starts, decode
 from dit360.weights import (
     AE_DIFFUSERS,
     check_plan,
@@ -224,7 +225,7 @@ def largest_activation(model: AutoEncoder, z: torch.Tensor, **kw) -> int:
         for m in model.decoder.modules()
     ]
     with torch.no_grad():
-        model.decode(z, **kw)
+        decode(model, z, **kw)
     for h in hooks:
         h.remove()
     return max(sizes)
@@ -241,8 +242,8 @@ def test_tiled_decode(reference, circular):
     tile = 4
     with torch.no_grad():
         full = model.decode(z)
-        assert model.decode(z, tile=16).equal(full)  # one tile = untiled
-        errors = [rel_err(model.decode(z, tile=t, overlap=2), full) for t in (4, 8)]
+        assert decode(model, z, tile=16).equal(full)  # one tile = untiled
+        errors = [rel_err(decode(model, z, tile=t, overlap=2), full) for t in (4, 8)]
     assert errors[1] < 0.1 and errors[1] < errors[0] < 0.25, errors
     bound = max(model.params.channels) * (8 * tile) ** 2
     assert largest_activation(model, z, tile=tile) <= bound < largest_activation(model, z)
@@ -252,7 +253,7 @@ def test_attention_gets_contiguous_inputs(monkeypatch):
     """The mid-block attention hands SDPA contiguous (B, 1, H*W, C) q, k, v: with a strided last
     dim SDPA falls back to the math kernel and builds the whole (H*W)^2 score matrix (at
     1024x2048, 32,768 latent pixels: +9 GB measured on CPU, against +0.05 GB contiguous)."""
-    import dit360.autoencoder as ae_module
+    import dit360.core.autoencoder as ae_module
 
     seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
 

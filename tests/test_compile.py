@@ -9,7 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from dit360.compiling import compile_blocks
-from dit360.editing import replacing_tokens, rows
+from dit360.core.editing import replacing_tokens, rows
 from dit360.offload import park, stream
 from dit360.panorama import Grid
 from dit360.sampling import Conditioning, ahead, denoise, predict, schedule

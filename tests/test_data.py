@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dit360.core.loss import HybridSchedule
 from dit360.data import (
     Batch,
     Source,
@@ -22,7 +23,6 @@ from dit360.data import (
     read_rows,
 )
 from dit360.image import from_pil, read_mask, read_rgb
-from dit360.loss import HybridSchedule
 from dit360.panorama import token_mask
 
 H = 32  # training height: 32 x 64 pixels = 2 x 4 tokens

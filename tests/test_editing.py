@@ -11,16 +11,9 @@ from PIL import Image
 from torch.testing import assert_close
 
 import edit as edit_cli
-from dit360.editing import (
-    EditJob,
-    check_mask,
-    edit,
-    feather,
-    invert,
-    paste_back,
-    read_source,
-    rows,
-)
+from dit360.core import editing as core
+from dit360.core.editing import feather, paste_back, rows
+from dit360.editing import EditJob, check_mask, edit, invert, read_source, rf_params
 from dit360.image import read_mask
 from dit360.options import EditOptions
 from dit360.panorama import Grid
@@ -195,6 +188,33 @@ def test_edit_matches_reference(pipe, ours, o):
         assert our_calls == [2, 2, 2, 2, 1, 1]
     model, _ = ours
     assert all(b.qkv_hook is None for b in [*model.double_blocks, *model.single_blocks])
+
+
+@pytest.mark.parametrize("o", [DEFAULT, VARIED], ids=["defaults", "varied"])
+def test_planned_edit_equals_plain_loop(ours, o):
+    """`edit_planned` (what edit.py runs: the source row dropped once nothing reads it, the
+    modulations computed ahead) gives the plain Algorithm 2 loop's source bit for bit and its
+    target to float32 round-off; at the defaults with fewer rows through the model."""
+    x0, y1, z = (pad1(x) for x in tensors(5))
+    model, cond = ours
+    grid, sigmas, p = Grid(H, W, 1), schedule(STEPS, H * W), rf_params(o)
+    keep, both = grid.wrap_mask(KEEP.flatten(), o.mask_pad), rows(cond, slice(1, 3))
+    rows_seen = []
+    handle = model.register_forward_pre_hook(lambda m, a: rows_seen.append(a[0].shape[0]))
+    try:
+        with torch.no_grad():
+            inv = core.invert(model, x0, y1, grid, rows(cond, slice(0, 1)), sigmas, p)
+            plain = core.edit(model, inv, x0, z, keep, grid, both, sigmas, p)
+            n = len(rows_seen)
+            planned = edit(model, inv, x0, z, keep, grid, both, sigmas, o, keep_source=True)
+    finally:
+        handle.remove()
+    assert torch.equal(planned[1], plain[1])
+    # A step with the target alone is a batch of one: its float32 matmuls round differently
+    # from the pair's (measured 1.7e-6 on values up to 5).
+    assert_close(planned[0], plain[0], rtol=0, atol=1e-5)
+    assert rows_seen[n - STEPS : n] == [2] * STEPS
+    assert sum(rows_seen[n:]) < 2 * STEPS if o == DEFAULT else sum(rows_seen[n:]) <= 2 * STEPS
 
 
 def test_edit_uses_the_replacement(pipe, ours):

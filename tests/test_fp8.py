@@ -12,10 +12,11 @@ from tiny import randomize
 from torch import nn
 
 from dit360 import fp8
+from dit360.core.lora import adapters, inject, set_scale
+from dit360.core.model import Flux
 from dit360.files import write_safetensors
 from dit360.fp8 import FP8, FP8Linear, fp8_linear, quantize, quantize_fp8, to_fp8
-from dit360.lora import adapters, inject, set_scale
-from dit360.model import Flux
+from dit360.lora_formats import target_rows
 from dit360.offload import lent, park, stream
 from dit360.weights import load_flux
 
@@ -26,7 +27,7 @@ def flux(lora: bool = False, seed: int = 0) -> Flux:
     """The tiny FLUX of test_offload, weights std 1/sqrt(fan_in) (activations keep their scale),
     norms 1, biases small; with a random unmerged LoRA if asked."""
     model = Flux(off.PARAMS)
-    model = inject(model, rank=4, alpha=4, dropout=0.0) if lora else model
+    model = inject(model, target_rows(model), rank=4, alpha=4, dropout=0.0) if lora else model
     randomize(model, seed)  # the LoRA's B too: not a no-op
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -145,7 +146,7 @@ def test_unmerged_lora_hooks_act_on_fp8_linear():
 def test_lora_after_fp8_is_refused():
     """A LoRA cannot be merged into, or added onto, float8 weights (their rows carry scales): both
     fail with the fix (load the LoRA before quantizing) instead of corrupting the weights."""
-    from dit360.lora import Part, add_adapter, fold_
+    from dit360.core.lora import Part, add_adapter, fold_
 
     layer = to_fp8(nn.Linear(8, 4))
     part = Part(0, 4, torch.ones(2, 8), torch.ones(4, 2), 1.0)

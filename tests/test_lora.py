@@ -14,7 +14,8 @@ from test_model import inputs, rel_err, run_diffusers, run_ours
 from tiny import TINY_TRANSFORMER, diffusers_transformer, save_transformer
 
 import convert_weights
-from dit360 import config, lora, lora_formats
+from dit360 import config, lora_formats
+from dit360.core import lora
 from dit360.weights import load_flux, meta_flux
 
 DATA = Path(__file__).parent / "data"
@@ -58,7 +59,7 @@ def pipeline(transformer):
 def dit360_lora(folder: Path, r=4, alpha=8, seed=1, prefix="transformer.", targets=None):
     """A random LoRA on the tiny model in DiT360's format (keys, file names, adapter_config)."""
     g = torch.Generator().manual_seed(seed)
-    tensors, targets = {}, targets or list(lora.DIT360_TARGETS)
+    tensors, targets = {}, targets or list(lora_formats.DIT360_TARGETS)
     for name, m in diffusers_transformer(SEED).named_modules():
         if any(name == t or name.endswith("." + t) for t in targets):
             tensors[f"{prefix}{name}.lora_A.weight"] = torch.randn(r, m.in_features, generator=g)
@@ -285,7 +286,8 @@ def test_full_size_dit360_manifest():
 
 def test_inject_defaults():
     """inject() = DiT360's LoraConfig on flux-dev (meta): same modules and sizes, peft's init."""
-    model = lora.inject(meta_flux(config.PRESETS["flux-dev"]))
+    model = meta_flux(config.PRESETS["flux-dev"])
+    model = lora.inject(model, lora_formats.target_rows(model))
     state = {k: v for k, v in model.state_dict().items() if ".lora." in k}
     assert sum(v.numel() for v in state.values()) == 74_711_040
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -303,7 +305,7 @@ def test_inject_init_and_dropout(base, x):
     """A new LoRA starts as a no-op (B = 0, A ~ N(0, 1/r)); dropout acts only in training."""
     model = ours(base)
     plain = out(model, x)
-    lora.inject(model, rank=16, alpha=16, dropout=0.5)
+    lora.inject(model, lora_formats.target_rows(model), rank=16, alpha=16, dropout=0.5)
     assert torch.equal(out(model, x), plain)
     ad = model.single_blocks[0].linear1.lora["default"]
     assert abs(ad.A.std().item() - 1 / 16) < 0.01 and all((b == 0).all() for b in ad.B)
@@ -319,7 +321,8 @@ def test_inject_init_and_dropout(base, x):
 
 def test_export_round_trip(base, x, tmp_path):
     """A LoRA trained here (random B), exported, loads in diffusers and in ours: same output."""
-    model = lora.inject(ours(base), rank=4, alpha=8, dropout=0.0)
+    model = ours(base)
+    model = lora.inject(model, lora_formats.target_rows(model), rank=4, alpha=8, dropout=0.0)
     with torch.no_grad():
         for *_, ad in lora.adapters(model):
             for b in ad.B:
@@ -328,7 +331,7 @@ def test_export_round_trip(base, x, tmp_path):
     folder = lora_formats.export_peft(model, tmp_path / "export")
     cfg = json.loads((folder / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"], cfg["peft_type"]) == (4, 8, "LORA")
-    assert sorted(cfg["target_modules"]) == sorted(lora.DIT360_TARGETS)
+    assert sorted(cfg["target_modules"]) == sorted(lora_formats.DIT360_TARGETS)
     keys = load_file(folder / "adapter_model.safetensors")
     assert "transformer.single_transformer_blocks.1.attn.to_v.lora_B.weight" in keys
     reference = diffusers_transformer(SEED)
@@ -447,7 +450,7 @@ def test_rank_pattern_that_fits(base, x, tmp_path):
     4 in rank_pattern loads, equal to the same tensors under r 4; a target it leaves out is
     refused."""
     folder, _, cfg = dit360_lora(tmp_path / "a")
-    fours = dict.fromkeys(lora.DIT360_TARGETS, 4)
+    fours = dict.fromkeys(lora_formats.DIT360_TARGETS, 4)
     (folder / "adapter_config.json").write_text(json.dumps(cfg | {"r": 8, "rank_pattern": fours}))
     plain = dit360_lora(tmp_path / "b")[0]
     got = out(lora_formats.load_lora(ours(base), folder), x)

@@ -11,8 +11,18 @@ from PIL import Image
 from tiny import SCHEDULER_CONFIG, randomize
 from torch import nn
 
-from dit360.autoencoder import scale_latents
 from dit360.config import AutoEncoderParams, FluxParams
+from dit360.core.autoencoder import scale_latents
+from dit360.core.loss import (
+    YAW_ANGLES,
+    HybridSchedule,
+    draw_yaw,
+    flow_loss,
+    loss_cube_faces,
+    loss_yaw_rotation,
+    sample_sigmas,
+)
+from dit360.core.model import Flux
 from dit360.data import (
     Source,
     collate,
@@ -22,16 +32,6 @@ from dit360.data import (
     posterior,
     read_rows,
 )
-from dit360.loss import (
-    YAW_ANGLES,
-    HybridSchedule,
-    draw_yaw,
-    flow_loss,
-    loss_cube_faces,
-    loss_yaw_rotation,
-    sample_sigmas,
-)
-from dit360.model import Flux
 from dit360.panorama import Grid
 from dit360.sampling import Conditioning, time_shift
 
@@ -410,7 +410,7 @@ def test_cached_and_uncached_give_the_same_loss(model, panoramas, tmp_path):
 
 def test_cache_with_circular_vae_matches(model, panoramas, tmp_path):
     """With a real (tiny) VAE whose encoder wraps the width, cached rolls match to round-off."""
-    from dit360.autoencoder import AutoEncoder
+    from dit360.core.autoencoder import AutoEncoder
     from dit360.data import build_cache
 
     torch.manual_seed(0)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dit360 import editing
-from dit360.editing import edit, invert, rows
+from dit360.core.editing import rows
+from dit360.editing import edit, invert
 from dit360.options import EditOptions
 from dit360.panorama import Grid
 from dit360.sampling import Conditioning, ahead, denoise, schedule, step, timestep

@@ -28,7 +28,7 @@ def wrapped_ids(h: int, w: int, pad: int) -> torch.Tensor:
 
 
 def inputs(seed: int = 1, batch: int = 2, h: int = 4, w: int = 6, pad: int = 1, txt_len: int = 7):
-    """Random model inputs on a padded token grid (as DESIGN section 2), diffusers' 2-D ids."""
+    """Random model inputs on a padded token grid (docs/METHOD.md section 2), diffusers' 2-D ids."""
     g = torch.Generator().manual_seed(seed)
     c = TINY_TRANSFORMER
     img_ids = wrapped_ids(h, w, pad)
@@ -236,8 +236,8 @@ def test_rope_bit_identical_to_diffusers(dtype):
     from diffusers.models.embeddings import apply_rotary_emb
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
-    from dit360.layers import apply_rope
-    from dit360.rope import embed_ids
+    from dit360.core.layers import apply_rope
+    from dit360.core.rope import embed_ids
 
     ids = wrapped_ids(12, 20, pad=2)
     cos, sin = FluxPosEmbed(10_000, [16, 56, 56])(ids)
@@ -257,8 +257,8 @@ def test_rope_bit_identical_to_diffusers(dtype):
 def test_single_block_in_place_path_equals_autograd_path():
     """Without autograd the single block writes attention and the MLP activation into linear1's
     output instead of concatenating them (training keeps the copy): both give one result."""
-    from dit360.layers import SingleStreamBlock
-    from dit360.rope import embed_ids
+    from dit360.core.layers import SingleStreamBlock
+    from dit360.core.rope import embed_ids
 
     g = torch.Generator().manual_seed(3)
     block = SingleStreamBlock(64, 4, 256)
@@ -281,7 +281,7 @@ def test_fa3_gets_its_layout_and_matches_sdpa(reference, monkeypatch):
     import sys
     import types
 
-    from dit360.layers import attention_backend
+    from dit360.kernels import attention_backend
     from dit360.options import SampleOptions
 
     root, x, _ = reference
@@ -313,7 +313,7 @@ def test_fa3_gets_its_layout_and_matches_sdpa(reference, monkeypatch):
 def test_rms_norm_bit_identical_to_reference(dtype):
     """Our one fused pass equals BFL's RMSNorm (float32 inside, rounded to the input dtype, then
     times the scale in that dtype), bit for bit."""
-    from dit360.layers import RMSNorm
+    from dit360.core.layers import RMSNorm
 
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(2, 3, 50, 128, generator=g) * 4).to(dtype)

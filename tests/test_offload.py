@@ -9,8 +9,9 @@ from torch import nn
 
 from dit360 import offload
 from dit360.config import FluxParams
-from dit360.lora import adapters, inject
-from dit360.model import Flux
+from dit360.core.lora import adapters, inject
+from dit360.core.model import Flux
+from dit360.lora_formats import target_rows
 
 CUDA = pytest.mark.gpu  # deselected by default (pyproject): run with `pytest -m gpu` on a GPU
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -31,7 +32,8 @@ PARAMS = FluxParams(
 
 def tiny_flux(seed: int = 0) -> Flux:
     """A random tiny FLUX with a random (non-zero) LoRA, frozen."""
-    model = inject(Flux(PARAMS), rank=4, alpha=4, dropout=0.0)
+    model = Flux(PARAMS)
+    model = inject(model, target_rows(model), rank=4, alpha=4, dropout=0.0)
     return randomize(model, seed).eval().requires_grad_(False)
 
 

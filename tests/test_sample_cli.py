@@ -119,7 +119,7 @@ def test_not_2to1_has_no_gpano(tiny_flux, tmp_path):
 def test_attention_backend(tiny_flux, tmp_path, monkeypatch, backend):
     """--attention forces SDPA's kernel in every attention call while denoising (the others are
     off), and the image is still FluxPipeline's."""
-    from dit360 import layers
+    from dit360.core import layers
 
     flags, attention = [], layers.attention
 

@@ -22,9 +22,9 @@ from torch import nn
 import sample
 import train
 from dit360 import fp8, offload
+from dit360.core.lora import Adapter, adapters
 from dit360.distributed import recompute_blocks
 from dit360.fp8 import quantize_fp8, to_fp8, upcast
-from dit360.lora import Adapter, adapters
 from dit360.report import plot_losses, summary_writer
 from dit360.sampling import ahead
 

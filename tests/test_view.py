@@ -119,4 +119,5 @@ def test_wheel_ships_the_page(tmp_path):
     r = subprocess.run([*cmd, "-w", str(tmp_path), str(src)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     (wheel,) = tmp_path.glob("dit360-*.whl")
-    assert "dit360/viewer.html" in zipfile.ZipFile(wheel).namelist()
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "dit360/viewer.html" in names and "dit360/core/model.py" in names  # and the method

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .panorama import Grid, geo_dtype, pack
+from .grid import Grid, geo_dtype, pack
 from .sampling import Conditioning, add_noise, predict, time_shift
 
 YAW_ANGLES = (60.0, 180.0, 300.0)  # degrees, the reference's choices
@@ -74,6 +74,7 @@ def _loss_lat_range(h: int, w: int) -> tuple[float, float]:
 
 def _loss_sample(x: Tensor, theta: Tensor, phi: Tensor, lat: tuple[float, float]) -> Tensor:
     """Sample x (B, C, H, W) at lon theta / lat phi grids as the reference does (W-1 spacing)."""
+    # parity: the reference's grids, not panorama.py's pixel centres (see the module docstring)
     b, _, h, w = x.shape
     col = (theta + math.pi) / (2 * math.pi) * (w - 1)
     row = (phi - lat[0]) / (lat[1] - lat[0]) * (h - 1)

@@ -4,22 +4,17 @@ A LoRA adds scale * B @ A to a weight (A: (r, in), B: (out, r), scale = alpha / 
 (`img_attn.qkv` = diffusers' [to_q; to_k; to_v]) takes DiT360's q/k/v LoRAs as row ranges of one
 adapter: A stacked (sum r, in) for one matmul, each B on its rows. The layer gains a child `lora`
 (`.lora.<name>.A`, `.B.<i>`) and, while an adapter is unmerged and active, a forward hook adding
-its output; it keeps its class, so any linear (fp8, say) can be the base. Files: lora_formats.py.
+its output; it keeps its class, so any linear (fp8, say) can be the base. Files and diffusers
+names: dit360/lora_formats.py.
 Reference: Hu et al. 2021, https://arxiv.org/abs/2106.09685; mlx-examples `LoRALinear`.
 """
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from .weights import FLUX_DIFFUSERS, split_sizes, their_keys
-
-DIT360_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")  # diffusers names
 
 
 @dataclass
@@ -71,11 +66,11 @@ class Adapter(nn.Module):
             out[..., s:e] += F.linear(h_i, b.to(x.dtype)) * (scale * self.multiplier)  # (..., e-s)
 
 
-def _hook(layer: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
+def _hook(layer: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor:
     """Forward hook: the base output plus every unmerged, active adapter's."""
     for ad in layer.lora.values():
         if not ad.merged and ad.multiplier:
-            ad.add_(args[0], out)
+            ad.add_(inputs[0], out)
     return out
 
 
@@ -108,16 +103,6 @@ def linears(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if all(hasattr(m, a) for a in attrs)}
 
 
-def diffusers_split(model: nn.Module, name: str) -> tuple[str, list[str], list[int]] | None:
-    """(op, diffusers module names, row bounds [0, ..., out]) of our layer `name`, or None."""
-    if (hit := their_keys(name + ".weight", FLUX_DIFFUSERS)) is None:
-        return None
-    op, theirs = hit
-    rows, hidden = model.get_submodule(name).out_features, model.params.hidden_size
-    sizes = split_sizes(op, rows, len(theirs), hidden)
-    return op, [k.removesuffix(".weight") for k in theirs], [0, *accumulate(sizes)]
-
-
 def adapters(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, nn.Module, Adapter]]:
     """(layer name, layer, adapter) for every LoRA, or for the one named."""
     for n, m in model.named_modules():
@@ -132,31 +117,23 @@ def lora_names(model: nn.Module) -> set[str]:
 
 def inject(
     model: nn.Module,
+    rows: dict[str, list[tuple[int, int]]],
     rank: int = 64,
     alpha: float = 64,
-    targets: tuple[str, ...] = DIT360_TARGETS,
     dropout: float = 0.05,
 ) -> nn.Module:
-    """Add a trainable float32 LoRA "default" on diffusers-named targets (peft's suffix match),
-    freeze the rest; defaults are DiT360's. On meta: Adapter.reset_parameters after `to_empty`."""
-    layers, found, names = linears(model), {}, set()
-    for layer in layers:
-        _, modules, bounds = diffusers_split(model, layer) or (None, [], [])
-        names.update(modules)
-        for j, module in enumerate(modules):
-            if any(module == t or module.endswith("." + t) for t in targets):
-                found.setdefault(layer, []).append((bounds[j], bounds[j + 1], rank, alpha / rank))
-    if missing := [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]:
-        kinds = sorted({re.sub(r"^\w+\.\d+\.", "", n) for n in names})  # without the block
-        raise ValueError(
-            f"no layer matches the LoRA targets {', '.join(missing)} (diffusers module names, "
-            f"matched as peft does: the name or its end); choose among {', '.join(kinds)}"
-        )
+    """Add a trainable float32 LoRA "default" on row ranges of linear layers (layer name -> its
+    [start, end) ranges, one adapter part each; `dit360.lora_formats.target_rows` finds them from
+    diffusers names), freeze the rest; defaults are DiT360's. On meta: Adapter.reset_parameters
+    after `to_empty`."""
     if "default" in lora_names(model):
         raise ValueError("the model holds a LoRA named 'default' already")
     model.requires_grad_(False)
-    for layer, parts in found.items():
-        add_adapter(layers[layer], "default", parts, dropout).float().reset_parameters()
+    for layer, ranges in rows.items():
+        parts = [(start, end, rank, alpha / rank) for start, end in ranges]
+        add_adapter(
+            model.get_submodule(layer), "default", parts, dropout
+        ).float().reset_parameters()
     return model
 
 

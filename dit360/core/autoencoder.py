@@ -4,20 +4,17 @@ Parameter names are those of BFL's `ae.safetensors` (black-forest-labs/flux
 `src/flux/modules/autoencoder.py`); diffusers' `vae/` goes through `weights.AE_DIFFUSERS`.
 Images are (B, 3, H, W) in [-1, 1]; latents (B, 16, H/8, W/8), `z = scale * (mean - shift)`.
 
-Two panorama options, both off by default (then `decode` equals diffusers' AutoencoderKL): circular
+A panorama option, off by default (then `decode` equals diffusers' AutoencoderKL): circular
 padding along the width in every 3x3 convolution, so a latent rolled by k columns decodes to the
-image rolled by 8k pixels (no seam at the 360-degree wrap); and tiled decoding, which bounds
-activation memory by the tile size.
+image rolled by 8k pixels (no seam at the 360-degree wrap). Tiled decoding is the runtime's
+(`dit360.tiling`).
 """
-
-import itertools
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import AutoEncoderParams
+from .params import AutoEncoderParams
 
 
 class Conv(nn.Conv2d):
@@ -184,29 +181,11 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-def _set_circular(module: nn.Module, on: bool) -> None:
+def set_circular(module: nn.Module, on: bool) -> None:
     """Switch circular width padding on or off in every 3x3 convolution inside `module`."""
     for m in module.modules():
         if isinstance(m, Conv):
             m.circular = on
-
-
-def _starts(n: int, tile: int, overlap: int, wrap: bool) -> list[int]:
-    """Tile starts over n, neighbours sharing ~`overlap`: around a circle (wrap) or flush."""
-    if tile >= n:
-        return [0]
-    step = tile - overlap
-    if wrap:
-        count = math.ceil(n / step)
-        return [round(i * n / count) for i in range(count)]
-    count = math.ceil((n - overlap) / step)
-    return [round(i * (n - tile) / (count - 1)) for i in range(count)]
-
-
-def _ramp(n: int, ramp: int) -> Tensor:
-    """Blend weights along a tile: rising linearly over `ramp` pixels at both ends, never 0."""
-    x = torch.arange(n) + 0.5
-    return (torch.minimum(x, n - x) / max(ramp, 1)).clamp(max=1.0)
 
 
 def scale_latents(
@@ -237,8 +216,8 @@ class AutoEncoder(nn.Module):
 
     def set_circular(self, decoder: bool, encoder: bool = False) -> None:
         """Circular width padding in the decoder's and the encoder's convolutions."""
-        _set_circular(self.decoder, decoder)
-        _set_circular(self.encoder, encoder)
+        set_circular(self.decoder, decoder)
+        set_circular(self.encoder, encoder)
         self.circular = decoder
 
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -253,44 +232,6 @@ class AutoEncoder(nn.Module):
         mean, std = self.posterior(x)
         return scale_latents(self.params, mean, std if sample else None, generator)
 
-    def decode(self, z: Tensor, tile: int | None = None, overlap: int | None = None) -> Tensor:
-        """Latent (B, 16, h, w) -> image (B, 3, 8h, 8w); tiles of `tile` latents bound memory."""
-        z = z / self.params.scale_factor + self.params.shift_factor
-        if tile is None or (tile >= z.shape[-2] and tile >= z.shape[-1]):
-            return self.decoder(z)
-        overlap = tile // 4 if overlap is None else overlap
-        return self.decode_tiled(z, tile, overlap)
-
-    def decode_tiled(self, z: Tensor, tile: int, overlap: int) -> Tensor:
-        """Decode unscaled latents (B, 16, h, w) with the up path in overlapping tiles, blended.
-
-        conv_in and the mid block (attention over all h*w latent pixels) run on the whole latent;
-        the up path, whose full-resolution activations dominate memory, runs on tile x tile latent
-        pixels at a time: at most B x max(widths) x (8 tile)^2 per tensor. The price: each tile has
-        its own GroupNorm statistics and zero-padded borders, so the result differs from the
-        untiled decode; the linear blend over `overlap` hides the seams, and the difference
-        shrinks as tile and overlap grow. With circular padding, the tiles wrap around the width.
-        """
-        if not 0 <= overlap < tile:
-            raise ValueError(f"need 0 <= overlap < tile, got overlap {overlap}, tile {tile}")
-        dec, f = self.decoder, self.params.factor  # f: image pixels per latent pixel
-        b, _, h, w = z.shape
-        th, tw = min(tile, h), min(tile, w)
-        rows, cols = _starts(h, tile, overlap, False), _starts(w, tile, overlap, self.circular)
-        win = _ramp(th * f, overlap * f)[:, None] * _ramp(tw * f, overlap * f)  # (8 th, 8 tw)
-        win = win.to(z.device)  # blending is done in float32 whatever the model's dtype
-        out = z.new_zeros(b, dec.conv_out.out_channels, h * f, w * f, dtype=torch.float32)
-        total = z.new_zeros(h * f, w * f, dtype=torch.float32)
-        mid = dec.mid(dec.conv_in(z))  # (B, width, h, w)
-        # One tile across the whole width wraps onto itself; narrower tiles are zero-padded.
-        _set_circular(dec, self.circular and len(cols) == 1)
-        try:
-            for r, c in itertools.product(rows, cols):
-                cols_z = torch.arange(c, c + tw, device=z.device) % w
-                x = dec.up_path(mid[:, :, r : r + th, cols_z])  # (B, 3, 8 th, 8 tw)
-                px = torch.arange(c * f, (c + tw) * f, device=z.device) % (w * f)
-                out[:, :, r * f : (r + th) * f].index_add_(3, px, x.float() * win)
-                total[r * f : (r + th) * f].index_add_(1, px, win)
-        finally:
-            _set_circular(dec, self.circular)
-        return (out / total).to(z.dtype)
+    def decode(self, z: Tensor) -> Tensor:
+        """Latent (B, 16, h, w) -> image (B, 3, 8h, 8w)."""
+        return self.decoder(z / self.params.scale_factor + self.params.shift_factor)

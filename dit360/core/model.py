@@ -7,8 +7,8 @@ outside; this module knows neither.
 import torch
 from torch import Tensor, nn
 
-from .config import FluxParams
 from .layers import DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock, timestep_embedding
+from .params import FluxParams
 from .rope import embed_ids
 
 

@@ -5,14 +5,12 @@ checkpoint loads with strict names. Shapes: B batch, L tokens, D hidden, H heads
 """
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .rope import apply_rope
 
@@ -22,44 +20,15 @@ from .rope import apply_rope
 QKVHook = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
-# SDPA's kernels by name (--attention); "auto" lets PyTorch pick (cuDNN or Flash on Hopper).
-BACKENDS = {
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "math": SDPBackend.MATH,
-}
-
-
 def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """PyTorch's attention on (B, H, L, d) -> (B, L, H, d). Its Flash, cuDNN and efficient
     kernels lay the output out as (B, L, H, d): the transpose is a view, no copy."""
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
-def fa3(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """FlashAttention-3 (Hopper, bf16/fp16; flash-attn's `hopper/` build, module
-    `flash_attn_interface`) on (B, H, L, d) -> (B, L, H, d): it takes and gives (B, L, H, d)."""
-    from flash_attn_interface import flash_attn_func
-
-    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out[0] if isinstance(out, tuple) else out  # some versions also return the LSE
-
-
-_attend = sdpa  # what `attention` calls; attention_backend swaps it for fa3
-
-
-@contextmanager
-def attention_backend(name: str) -> Iterator[None]:
-    """Inside it, every `attention` runs kernel `name`: SDPA's (an error if it cannot), fa3, or
-    auto (PyTorch picks)."""
-    global _attend
-    before, _attend = _attend, fa3 if name == "fa3" else sdpa
-    try:
-        with nullcontext() if name in ("auto", "fa3") else sdpa_kernel(BACKENDS[name]):
-            yield
-    finally:
-        _attend = before
+# What `attention` calls: PyTorch's SDPA. The seam for other kernels: the runtime sets it
+# (dit360.kernels.attention_backend), the model never does.
+attend = sdpa
 
 
 def attention(qkv: list[Tensor], pe: Tensor, out: Tensor | None = None) -> Tensor:
@@ -69,7 +38,7 @@ def attention(qkv: list[Tensor], pe: Tensor, out: Tensor | None = None) -> Tenso
     qkv.clear()
     q = apply_rope(q, pe)
     k = apply_rope(k, pe)
-    x = _attend(q, k, v)  # (B, L, H, d)
+    x = attend(q, k, v)  # (B, L, H, d)
     del q, k, v
     # Flattening the heads is a view (see `sdpa`); writing into `out` the only copy.
     return x.flatten(2) if out is None else out.unflatten(-1, x.shape[-2:]).copy_(x).flatten(2)
@@ -160,6 +129,7 @@ def fma(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """x + a * b. In bf16 and fp16 one fused pass, rounded once (the reference rounds a * b
     first: within its round-off); in float32 the reference's two passes, bit for bit (addcmul's
     fused multiply-add would differ in the last bit)."""
+    # parity: float32 in the reference's two roundings; 16-bit in one fused pass (speed)
     return x + a * b if x.dtype == torch.float32 else torch.addcmul(x, a, b)
 
 

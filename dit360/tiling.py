@@ -1,0 +1,73 @@
+"""Tiled VAE decoding: the up path in overlapping tiles, blended, so activation memory is bounded
+by the tile size (`--vae-tile`)."""
+
+import itertools
+import math
+
+import torch
+from torch import Tensor
+
+from .core.autoencoder import AutoEncoder, set_circular
+
+
+def _starts(n: int, tile: int, overlap: int, wrap: bool) -> list[int]:
+    """Tile starts over n, neighbours sharing ~`overlap`: around a circle (wrap) or flush."""
+    if tile >= n:
+        return [0]
+    step = tile - overlap
+    if wrap:
+        count = math.ceil(n / step)
+        return [round(i * n / count) for i in range(count)]
+    count = math.ceil((n - overlap) / step)
+    return [round(i * (n - tile) / (count - 1)) for i in range(count)]
+
+
+def _ramp(n: int, ramp: int) -> Tensor:
+    """Blend weights along a tile: rising linearly over `ramp` pixels at both ends, never 0."""
+    x = torch.arange(n) + 0.5
+    return (torch.minimum(x, n - x) / max(ramp, 1)).clamp(max=1.0)
+
+
+def decode(
+    vae: AutoEncoder, z: Tensor, tile: int | None = None, overlap: int | None = None
+) -> Tensor:
+    """Latent (B, 16, h, w) -> image (B, 3, 8h, 8w); tiles of `tile` latents bound memory."""
+    if tile is None or (tile >= z.shape[-2] and tile >= z.shape[-1]):
+        return vae.decode(z)
+    overlap = tile // 4 if overlap is None else overlap
+    return decode_tiled(vae, z / vae.params.scale_factor + vae.params.shift_factor, tile, overlap)
+
+
+def decode_tiled(vae: AutoEncoder, z: Tensor, tile: int, overlap: int) -> Tensor:
+    """Decode unscaled latents (B, 16, h, w) with the up path in overlapping tiles, blended.
+
+    conv_in and the mid block (attention over all h*w latent pixels) run on the whole latent;
+    the up path, whose full-resolution activations dominate memory, runs on tile x tile latent
+    pixels at a time: at most B x max(widths) x (8 tile)^2 per tensor. The price: each tile has
+    its own GroupNorm statistics and zero-padded borders, so the result differs from the
+    untiled decode; the linear blend over `overlap` hides the seams, and the difference
+    shrinks as tile and overlap grow. With circular padding, the tiles wrap around the width.
+    """
+    if not 0 <= overlap < tile:
+        raise ValueError(f"need 0 <= overlap < tile, got overlap {overlap}, tile {tile}")
+    dec, f = vae.decoder, vae.params.factor  # f: image pixels per latent pixel
+    b, _, h, w = z.shape
+    th, tw = min(tile, h), min(tile, w)
+    rows, cols = _starts(h, tile, overlap, False), _starts(w, tile, overlap, vae.circular)
+    win = _ramp(th * f, overlap * f)[:, None] * _ramp(tw * f, overlap * f)  # (8 th, 8 tw)
+    win = win.to(z.device)  # blending is done in float32 whatever the model's dtype
+    out = z.new_zeros(b, dec.conv_out.out_channels, h * f, w * f, dtype=torch.float32)
+    total = z.new_zeros(h * f, w * f, dtype=torch.float32)
+    mid = dec.mid(dec.conv_in(z))  # (B, width, h, w)
+    # One tile across the whole width wraps onto itself; narrower tiles are zero-padded.
+    set_circular(dec, vae.circular and len(cols) == 1)
+    try:
+        for r, c in itertools.product(rows, cols):
+            cols_z = torch.arange(c, c + tw, device=z.device) % w
+            x = dec.up_path(mid[:, :, r : r + th, cols_z])  # (B, 3, 8 th, 8 tw)
+            px = torch.arange(c * f, (c + tw) * f, device=z.device) % (w * f)
+            out[:, :, r * f : (r + th) * f].index_add_(3, px, x.float() * win)
+            total[r * f : (r + th) * f].index_add_(1, px, win)
+    finally:
+        set_circular(dec, vae.circular)
+    return (out / total).to(z.dtype)
