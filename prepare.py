@@ -11,6 +11,12 @@ run's pano.jsonl / persp.jsonl in --out is replaced only with --overwrite; --out
 an input folder.
 """
 
+from dit360.cli import handle_signals, run_main
+
+if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
+    handle_signals()
+
+
 import argparse
 import json
 import os
@@ -24,9 +30,9 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from dit360.data import READ_ERRORS
-from dit360.files import exit_on_sigterm, own_temp, read_text, remove
+from dit360.files import own_temp, read_text, remove
 from dit360.image import open_image, project_photo
-from dit360.options import Parser, fail, run_main
+from dit360.options import Parser, fail
 from dit360.panorama import VIEW_RANGES
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -237,7 +243,6 @@ def prepare(
 
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point."""
-    exit_on_sigterm()
     p = Parser(
         description="Build pano.jsonl / persp.jsonl for DiT360 hybrid training from image folders.",
         epilog="Captions: each image needs a UTF-8 .txt file with the same stem next to it "

@@ -10,13 +10,18 @@ Outputs are {index:04d}-seed{seed}.png in --out-dir (with --out NAME.png: NAME-s
 Under torchrun, rank r of w makes jobs[r::w] on GPU LOCAL_RANK (no process group is needed).
 """
 
+from dit360.cli import handle_signals, run_main
+
+if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
+    handle_signals()
+
+
 import argparse
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dit360.batch import checked_jobs, local_device, read_rows, run_batch
-from dit360.files import exit_on_sigterm
 from dit360.generate import Job, check_inputs, generate, generate_many, job_options
 from dit360.image import FORMATS, check_output_path, save_panorama
 from dit360.options import (
@@ -26,7 +31,6 @@ from dit360.options import (
     add_flags,
     fail,
     from_args,
-    run_main,
     warnings_last,
 )
 from dit360.outputs import add_output_flags, extras_missing, write_extras
@@ -129,7 +133,6 @@ def batch_jobs(args: argparse.Namespace, opts: SampleOptions) -> list[Job]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    exit_on_sigterm()
     args = parse_args(argv)
     if args.prompts or args.num_images != 1 or args.out_dir:
         args.device = local_device(args.device)  # torchrun: a GPU per process

@@ -49,6 +49,12 @@ has a `skipped` field); --max-nonfinite of them in a row stop the run (exit 1). 
 LoRA holding a non-finite value is never written, so every checkpoint kept is a finite one.
 """
 
+from dit360.cli import handle_signals, run_main
+
+if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
+    handle_signals()
+
+
 import argparse
 import copy
 import json
@@ -100,13 +106,12 @@ from dit360.distributed import print0, warn0
 from dit360.files import (
     TensorFile,
     atomic_path,
-    exit_on_sigterm,
 )
 from dit360.fp8 import quantize_block
 from dit360.lora import DIT360_TARGETS, Adapter, inject
 from dit360.loss import aux_active, draw_yaw, flow_loss, sample_sigmas
 from dit360.offload import park, stream_recomputed
-from dit360.options import COUNT, FRACTION, NATURAL, NONNEG, POSITIVE, Parser, fail, run_main
+from dit360.options import COUNT, FRACTION, NATURAL, NONNEG, POSITIVE, Parser, fail
 from dit360.panorama import Grid
 from dit360.previews import preview_options, read_prompts, render
 from dit360.report import (
@@ -352,11 +357,16 @@ def micro_batches(
 ) -> Iterator[tuple[int, int, list[Batch]]]:
     """Each step's (epoch, first batch, micro-batches) from batch `batch` of `epoch` on, forever."""
     while True:
-        loader = epoch_loader(source, epoch, args.batch_size, rank, world, args.workers, batch)
-        loader = iter(loader)
-        while micro := list(islice(loader, args.grad_accum)):
-            yield epoch, batch, micro
-            batch += len(micro)
+        loader = iter(
+            epoch_loader(source, epoch, args.batch_size, rank, world, args.workers, batch)
+        )
+        try:
+            while micro := list(islice(loader, args.grad_accum)):
+                yield epoch, batch, micro
+                batch += len(micro)
+        finally:  # its processes stop here, where a Ctrl-C is heard: in the iterator's __del__
+            # (as main's frame goes), Python would print the KeyboardInterrupt and go on
+            getattr(loader, "_shutdown_workers", lambda: None)()
         epoch, batch = epoch + 1, 0
 
 
@@ -542,7 +552,6 @@ def train_step(
 
 def main(argv: list[str] | None = None) -> None:
     # --- config: check every input before anything slow, and before writing anything
-    exit_on_sigterm()
     args = parse_args(argv)
     out, rank0 = Path(args.out), distributed.is_main()
     device = check_device(args.device)
@@ -646,6 +655,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # --- cleanup: the final LoRA (if finite), the loss curve
         bar.close()
+        batches.close()  # the loader's processes stop now (see micro_batches)
         lora = distributed.gather_state(model)
         if rank == 0:
             if bad := nonfinite(lora):

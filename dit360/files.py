@@ -11,10 +11,8 @@ import glob
 import json
 import os
 import shutil
-import signal
 import socket
 import struct
-import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -192,11 +190,6 @@ def read_text(path: str | Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start}): save it as UTF-8") from None
-
-
-def exit_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit(143), so `finally` blocks remove temporary files on the way."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
 def temp_path(path: Path, owner: str = "") -> Path:

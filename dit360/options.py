@@ -6,16 +6,15 @@ its help, and the command-line flags of sample.py and edit.py are derived from t
 import argparse
 import importlib.util
 import math
-import os
-import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn
 
 import torch
 
+from .cli import fail, run_main  # noqa: F401  (the scripts import them from here too)
 from .config import DIT360_LORA, FLUX_DEV
 from .layers import BACKENDS
 from .offload import MODES as OFFLOADS
@@ -231,18 +230,6 @@ class Parser(argparse.ArgumentParser):
         fail(message)
 
 
-def fail(message: object, code: int = 2) -> NoReturn:
-    """Stop a command with one line `error: ...` on stderr; code 2: bad usage, 1: a failure,
-    130: interrupted."""
-    sys.stderr.write(f"error: {message}\n")
-    raise SystemExit(code)
-
-
-def one_line_warning(message: Warning | str, *args: Any, **kw: Any) -> str:
-    """A warning as the scripts print it: one line `warning: ...` (warnings.formatwarning)."""
-    return f"warning: {message}\n"
-
-
 @contextmanager
 def warnings_last() -> Iterator[None]:
     """Warnings raised inside are shown as it ends, and only if it ends without an error: a bad
@@ -252,18 +239,6 @@ def warnings_last() -> Iterator[None]:
         yield
     for w in warned:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-
-
-def run_main(main: Callable[[], object]) -> None:
-    """A script's entry point: its warnings one line each; Ctrl-C, after main's own cleanup ran
-    (writes are atomic, so no partial file is left), one line `error: interrupted`, exit 130."""
-    warnings.formatwarning = one_line_warning
-    try:
-        main()
-    except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 says it
-            raise SystemExit(130) from None
-        fail("interrupted", code=130)
 
 
 def bounded(kind: type, low: float = -math.inf, high: float = math.inf, above: bool = False):

@@ -299,12 +299,12 @@ def test_warning_is_one_line(tiny_flux, tmp_path):
     + [("train.py", "1")],
 )
 def test_interrupt_is_one_line(name, rank):
-    """Ctrl-C (a KeyboardInterrupt in main, here from its first call) is one line
+    """Ctrl-C (a KeyboardInterrupt in main, here from its parsing of the flags) is one line
     `error: interrupted` and exit 130, no traceback; under torchrun from rank 0 alone."""
     code = (
-        "import runpy, sys; import dit360.files as f\n"
-        "def stop(): raise KeyboardInterrupt\n"
-        f"f.exit_on_sigterm = stop; sys.argv = [{name!r}]\n"
+        "import argparse, runpy, sys\n"
+        "def stop(*a, **k): raise KeyboardInterrupt\n"
+        f"argparse.ArgumentParser.parse_args = stop; sys.argv = [{name!r}]\n"
         f"runpy.run_path({name!r}, run_name='__main__')"
     )
     env = {**os.environ, "RANK": rank}
