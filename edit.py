@@ -36,7 +36,7 @@ from PIL import Image
 from dit360.batch import checked_jobs, local_device, read_rows, run_batch
 from dit360.editing import EditJob, check_job, edit_image, edit_many
 from dit360.image import open_image, project_photo, read_rgb, save_panorama
-from dit360.options import EditOptions, Parser, add_flags, bounded, fail
+from dit360.options import EditOptions, Parser, add_flags, bounded, check_height, fail
 from dit360.outputs import add_output_flags, extras_missing, write_extras
 from dit360.panorama import VIEW_RANGES
 from sample import batch_out, checked, checked_batch, out_dir
@@ -170,8 +170,10 @@ def run_edits(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.height <= 0 or args.height % 16:
-        fail(f"--height must be a positive multiple of 16, got {args.height}")
+    try:
+        check_height("--height", args.height)
+    except ValueError as e:
+        fail(e)
     if args.edits:
         return run_edits(args)
     args.out = args.out or "edited.png"

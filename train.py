@@ -111,7 +111,19 @@ from dit360.fp8 import quantize_block
 from dit360.lora import DIT360_TARGETS, Adapter, inject
 from dit360.loss import aux_active, draw_yaw, flow_loss, sample_sigmas
 from dit360.offload import park, stream_recomputed
-from dit360.options import COUNT, FRACTION, NATURAL, NONNEG, POSITIVE, Parser, fail
+from dit360.options import (
+    COUNT,
+    FRACTION,
+    GUIDANCE,
+    NATURAL,
+    NONNEG,
+    POSITIVE,
+    STEPS,
+    Parser,
+    bounded,
+    check_height,
+    fail,
+)
 from dit360.panorama import Grid
 from dit360.previews import preview_options, read_prompts, render
 from dit360.report import (
@@ -172,7 +184,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lambda-yaw", type=NONNEG, default=0.5, help="weight of the yaw loss")
     p.add_argument("--lambda-cube", type=NONNEG, default=0.5, help="weight of the cube loss")
     p.add_argument("--aux-from-epoch", type=NATURAL, default=2, help="first epoch of yaw, cube")
-    p.add_argument("--guidance", type=NONNEG, default=1.0, help="guidance input while training")
+    p.add_argument(
+        "--guidance",
+        type=bounded(float, 0, GUIDANCE),
+        default=1.0,
+        help="guidance input while training",
+    )
     p.add_argument(
         "--circular-encoder",
         action=argparse.BooleanOptionalAction,
@@ -217,7 +234,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="previews with the current LoRA every N steps, to OUT/samples/step-N/ (0: none)",
     )
     p.add_argument("--sample-prompts", help="text file, one preview prompt a line")
-    p.add_argument("--sample-steps", type=COUNT, default=28, help="sampling steps of a preview")
+    p.add_argument(
+        "--sample-steps",
+        type=bounded(int, 1, STEPS),
+        default=28,
+        help="sampling steps of a preview",
+    )
     p.add_argument(
         "--log",
         choices=("jsonl", "tensorboard"),
@@ -236,6 +258,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="data loader processes per rank (by default the cores beside the main one, up to 4)",
     )
     args = p.parse_args(argv)
+    try:  # before anything is written: a huge size would fail only after args.json and the log
+        check_height("--resolution", args.resolution)
+    except ValueError as e:
+        fail(e)
     for flag in ("pano", "persp"):  # recorded resolved: a resume compares them
         if (path := getattr(args, flag)) is not None and not Path(path).is_file():
             fail(f"--{flag} {path}: no such file")

@@ -11,6 +11,14 @@ import warnings
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+# The stated limits (README, What is guaranteed): each size from a flag or a file is checked
+# against them before anything is allocated.
+PROMPT_CHARS = 20_000  # T5 reads 512 tokens, ~2,500 characters; a 10 MB prompt took 51 s to cut
+STEPS = 1000  # sampling steps: the modulations of every step are computed ahead
+SIDE = 8192  # pixels a side of what we make: <= 67 M pixels, under PIL's limit, so all reads back
+JOBS = 100_000  # images of one batch (rows x --num-images)
+GUIDANCE = 100  # the guidance input's magnitude (FLUX.1-dev was distilled on 1 to ~5)
+
 SIGNALS = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated")}
 STATE: dict[str, Any] = {"running": False, "got": None}  # run_main's main runs; last signal
 
@@ -19,8 +27,19 @@ def fail(message: object, code: int = 2) -> NoReturn:
     """Stop a command with one line `error: ...` on stderr; code 2: bad usage, 1: a failure,
     130 / 143: interrupted / terminated. Under torchrun, other ranks stop silently on a signal."""
     if code not in (130, 143) or os.environ.get("RANK", "0") == "0":
-        sys.stderr.write(f"error: {message}\n")
+        line = f"error: {message}\n".encode("utf-8", "backslashreplace").decode()  # odd names too
+        sys.stderr.write(line)
     raise SystemExit(code)
+
+
+def check_prompt(text: str, what: str) -> str:
+    """`text`, or ValueError naming `what` if it is longer than PROMPT_CHARS (before tokenizing)."""
+    if len(text) > PROMPT_CHARS:
+        raise ValueError(
+            f"{what} is {len(text):,} characters: at most {PROMPT_CHARS:,} (T5 reads 512 tokens, "
+            "about 2,500 characters): shorten it"
+        )
+    return text
 
 
 def on_signal(signum: int, frame: object) -> None:
