@@ -113,7 +113,13 @@ def test_bad_rows(tiny_flux, tmp_path, capsys):
     ]:
         rows.write_text(f"{good}\n{bad}\n")
         expect_error(capsys, sample.main, argv, tmp_path, f"rows.jsonl:2: .*{match}")
-    expect_error(capsys, sample.main, [*argv, "--num-images", "0"], tmp_path, "at least 1")
+    expect_error(
+        capsys,
+        sample.main,
+        [*argv, "--num-images", "0"],
+        tmp_path,
+        r"--num-images: needs a whole number >= 1",
+    )
     expect_error(capsys, sample.main, [*argv, "--prompt", "x"], tmp_path, "not allowed with")
     rows.write_text("\n")
     expect_error(capsys, sample.main, argv, tmp_path, "no prompts")

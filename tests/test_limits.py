@@ -5,8 +5,8 @@ time in CPU memory, whatever its size), a read-only --out-dir is named, train.py
 import os
 import weakref
 from contextlib import nullcontext
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import test_train
