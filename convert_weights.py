@@ -15,14 +15,19 @@ that are gone). Arguments are checked before any weights are read. Exit status: 
 arguments, 1 failed, 130 interrupted (Ctrl-C).
 """
 
+from dit360.cli import handle_signals, run_main
+
+if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
+    handle_signals()
+
+
 import argparse
 import os
 import re
 from pathlib import Path
 
 from dit360.convert import convert_flux, convert_lora
-from dit360.files import exit_on_sigterm
-from dit360.options import DTYPES, Parser, bounded, fail, run_main
+from dit360.options import DTYPES, Parser, bounded, fail
 
 LORA_SCALE = bounded(float, -1000, 1000)  # beyond it a LoRA outweighs any base weight
 # What a folder output may already hold (a previous output, and temporary files of a killed one).
@@ -112,7 +117,6 @@ def check_out(out: Path, kind: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    exit_on_sigterm()  # SIGTERM runs the `finally` that removes temporary files
     args = parse_args(argv)
     dtype = DTYPES.get(args.dtype)
     try:

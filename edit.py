@@ -19,6 +19,12 @@ and mask paths are relative to the file's folder. Outputs are {index:04d}-seed{s
 on GPU LOCAL_RANK (no process group is needed).
 """
 
+from dit360.cli import handle_signals, run_main
+
+if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
+    handle_signals()
+
+
 import argparse
 import sys
 import warnings
@@ -29,9 +35,8 @@ from PIL import Image
 
 from dit360.batch import checked_jobs, local_device, read_rows, run_batch
 from dit360.editing import EditJob, check_job, edit_image, edit_many
-from dit360.files import exit_on_sigterm
 from dit360.image import open_image, project_photo, read_rgb, save_panorama
-from dit360.options import EditOptions, Parser, add_flags, bounded, fail, run_main
+from dit360.options import EditOptions, Parser, add_flags, bounded, check_height, fail
 from dit360.outputs import add_output_flags, extras_missing, write_extras
 from dit360.panorama import VIEW_RANGES
 from sample import batch_out, checked, checked_batch, out_dir
@@ -164,10 +169,11 @@ def run_edits(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    exit_on_sigterm()
     args = parse_args(argv)
-    if args.height <= 0 or args.height % 16:
-        fail(f"--height must be a positive multiple of 16, got {args.height}")
+    try:
+        check_height("--height", args.height)
+    except ValueError as e:
+        fail(e)
     if args.edits:
         return run_edits(args)
     args.out = args.out or "edited.png"

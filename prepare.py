@@ -21,6 +21,12 @@ its folder is complete, so at any moment it names only files of one run; then th
 KIND-files-N folders (an earlier run's, or a killed run's) are removed. Nothing else in --out is.
 """
 
+from dit360.cli import check_prompt, handle_signals, run_main
+
+if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
+    handle_signals()
+
+
 import argparse
 import json
 import os
@@ -36,9 +42,9 @@ from tqdm import tqdm
 
 from dit360 import hub_data, refine
 from dit360.data import READ_ERRORS
-from dit360.files import exit_on_sigterm, own_temp, read_text, remove
+from dit360.files import own_temp, read_text, remove
 from dit360.image import open_image, project_photo
-from dit360.options import Parser, fail, run_main
+from dit360.options import Parser, check_height, fail
 from dit360.panorama import VIEW_RANGES
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -57,7 +63,7 @@ def read_caption(image: Path) -> str:
     path = image.with_suffix(".txt")
     if not path.is_file():
         raise ValueError(f"missing caption {path.name}")
-    caption = read_text(path).strip()
+    caption = check_prompt(read_text(path).strip(), f"caption {path.name}")
     if not caption:
         raise ValueError(f"empty caption {path.name}")
     return caption
@@ -167,8 +173,7 @@ def check_args(
         if folder is not None and not find_images(Path(folder)):
             kinds = ", ".join(sorted(IMAGE_SUFFIXES))
             raise ValueError(f"{flag} {folder}: no images in it (looked for {kinds})")
-    if not (isinstance(height, int) and height > 0 and height % 16 == 0):
-        raise ValueError(f"--height must be a positive multiple of 16, got {height}")
+    check_height("--height", height)
     lo, hi = VIEW_RANGES["fov"]
     if fov is not None and not lo <= fov <= hi:
         raise ValueError(f"--fov must be {lo} to {hi} degrees, got {fov}")
@@ -289,7 +294,6 @@ def refined(pano: Path, out: Path, poles: refine.Refine, skip_bad: bool = False)
 
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point."""
-    exit_on_sigterm()
     p = Parser(
         description="Build pano.jsonl / persp.jsonl for DiT360 hybrid training from image folders.",
         epilog="Captions: each image needs a UTF-8 .txt file with the same stem next to it "

@@ -10,13 +10,19 @@ Outputs are {index:04d}-seed{seed}.png in --out-dir (with --out NAME.png: NAME-s
 Under torchrun, rank r of w makes jobs[r::w] on GPU LOCAL_RANK (no process group is needed).
 """
 
+from dit360.cli import JOBS, check_prompt, handle_signals, run_main
+
+if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
+    handle_signals()
+
+
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dit360.batch import checked_jobs, local_device, read_rows, run_batch
-from dit360.files import exit_on_sigterm
 from dit360.generate import Job, check_inputs, generate, generate_many, job_options
 from dit360.image import FORMATS, check_output_path, save_panorama
 from dit360.options import (
@@ -24,9 +30,9 @@ from dit360.options import (
     Parser,
     SampleOptions,
     add_flags,
+    bounded,
     fail,
     from_args,
-    run_main,
     warnings_last,
 )
 from dit360.outputs import add_output_flags, extras_missing, write_extras
@@ -42,7 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=".png or .jpg, with 360 metadata (default: panorama.png); in a batch it names the "
         "outputs: NAME-seed0.png ...",
     )
-    p.add_argument("--num-images", type=int, default=1, help="seeds --seed.. for each prompt")
+    p.add_argument(
+        "--num-images",
+        type=bounded(int, 1, JOBS),
+        default=1,
+        help=f"seeds --seed.. for each prompt (a batch makes at most {JOBS:,} images)",
+    )
     p.add_argument("--out-dir", type=Path, help="batch outputs (default: --out's folder)")
     add_flags(p, SampleOptions)
     add_output_flags(p)
@@ -56,6 +67,8 @@ def checked(cls: type, args: argparse.Namespace, out: Path | None = None) -> tup
     with warnings_last():
         try:
             opts = from_args(cls, args)
+            if getattr(args, "prompt", None):
+                check_prompt(args.prompt, "--prompt")
             out = check_output_path(out or args.out)
             check_inputs(opts)  # every weight file found and its headers checked
         except (ValueError, OSError) as e:
@@ -79,9 +92,15 @@ def checked_batch(cls: type, args: argparse.Namespace, make_jobs: Callable) -> t
 
 def out_dir(args: argparse.Namespace, default: Path) -> Path:
     """--out-dir, else `default`; one line and exit 2 if it is a file. edit.py uses it too."""
-    if args.out_dir and args.out_dir.exists() and not args.out_dir.is_dir():
-        fail(f"--out-dir {args.out_dir} is a file: choose a folder")
-    return args.out_dir or default
+    folder = args.out_dir or default
+    if folder.exists() and not folder.is_dir():
+        fail(f"--out-dir {folder} is a file: choose a folder")
+    made = folder.resolve()  # the folder, or the nearest one above it, where it would be made
+    while not made.exists():
+        made = made.parent
+    if not os.access(made, os.W_OK | os.X_OK):
+        fail(f"--out-dir {folder}: cannot write in {made}: make it writable or choose another")
+    return folder
 
 
 def batch_out(folder: Path, name: str, where: str) -> Path:
@@ -105,13 +124,16 @@ KEYS = {"prompt": str, "seed": int, "out": str, "steps": int, "guidance": (int, 
 
 def batch_jobs(args: argparse.Namespace, opts: SampleOptions) -> list[Job]:
     """The jobs of --prompts (or --prompt) x --num-images, each checked; ValueError if bad."""
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
     src = args.prompts or "--prompt"
     if args.prompts:
         rows = read_rows(args.prompts, "--prompts", KEYS, ("prompt",), text=True)
     else:
         rows = [(1, {"prompt": args.prompt})]
+    if len(rows) * args.num_images > JOBS:  # before a job is made: 10^8 took hours in silence
+        raise ValueError(
+            f"{len(rows):,} prompts x --num-images {args.num_images:,} is more than {JOBS:,} "
+            "images, the most a batch makes: split it"
+        )
     suffix = Path(args.out).suffix if args.out else ".png"
     name = Path(args.out).stem + "-" if args.out else ""  # --out names the outputs
 
@@ -127,6 +149,11 @@ def batch_jobs(args: argparse.Namespace, opts: SampleOptions) -> list[Job]:
                     f'{src}:{n}: "out" names one image, but --num-images is {args.num_images}'
                 )
             first = row.get("seed", opts.seed)
+            if first + args.num_images > 2**64:
+                raise ValueError(
+                    f"{src}:{n}: the seeds {first}..{first + args.num_images - 1} (the seed, then "
+                    f"one more for each of --num-images) must fit in 64 bits: below 2**64"
+                )
             for seed in range(first, first + args.num_images):
                 out = batch_out(args.out_dir, row.get("out", default(index, seed)), f"{src}:{n}")
                 yield n, Job(row["prompt"], seed, out, row.get("steps"), row.get("guidance"))
@@ -135,7 +162,6 @@ def batch_jobs(args: argparse.Namespace, opts: SampleOptions) -> list[Job]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    exit_on_sigterm()
     args = parse_args(argv)
     if args.prompts or args.num_images != 1 or args.out_dir:
         args.device = local_device(args.device)  # torchrun: a GPU per process

@@ -66,6 +66,12 @@ has a `skipped` field); --max-nonfinite of them in a row stop the run (exit 1). 
 LoRA holding a non-finite value is never written, so every checkpoint kept is a finite one.
 """
 
+from dit360.cli import handle_signals, run_main
+
+if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
+    handle_signals()
+
+
 import argparse
 import copy
 import json
@@ -128,12 +134,23 @@ from dit360.distributed import print0, warn0
 from dit360.files import (
     TensorFile,
     atomic_path,
-    exit_on_sigterm,
 )
 from dit360.fp8 import quantize_block
 from dit360.lora_formats import DIT360_TARGETS, target_rows
 from dit360.offload import park, stream_recomputed
-from dit360.options import COUNT, FRACTION, NATURAL, NONNEG, POSITIVE, Parser, fail, run_main
+from dit360.options import (
+    COUNT,
+    FRACTION,
+    GUIDANCE,
+    NATURAL,
+    NONNEG,
+    POSITIVE,
+    STEPS,
+    Parser,
+    bounded,
+    check_height,
+    fail,
+)
 from dit360.panorama import Grid
 from dit360.previews import preview_options, read_prompts, render
 from dit360.report import (
@@ -292,7 +309,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "epochs START:STOP of the yaw and cube losses (START: to the end)",
         type=aux_epochs,
     )
-    tuned("--guidance", "guidance input while training", type=NONNEG)
+    tuned("--guidance", "guidance input while training", type=bounded(float, 0, GUIDANCE))
     tuned(
         "--circular-encoder",
         "VAE encoder wraps the width: a roll of the image rolls its latents exactly, so the "
@@ -336,7 +353,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="previews with the current LoRA every N steps, to OUT/samples/step-N/ (0: none)",
     )
     p.add_argument("--sample-prompts", help="text file, one preview prompt a line")
-    p.add_argument("--sample-steps", type=COUNT, default=28, help="sampling steps of a preview")
+    p.add_argument(
+        "--sample-steps",
+        type=bounded(int, 1, STEPS),
+        default=28,
+        help="sampling steps of a preview",
+    )
     p.add_argument(
         "--log",
         choices=("jsonl", "tensorboard"),
@@ -359,6 +381,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in RECIPES[args.recipe].items():  # what the command line left unset
         if getattr(args, key) is None:
             setattr(args, key, copy.copy(value))
+    try:  # before anything is written: a huge size would fail only after args.json and the log
+        check_height("--resolution", args.resolution)
+    except ValueError as e:
+        fail(e)
     for flag in ("pano", "persp"):  # recorded resolved: a resume compares them
         if (path := getattr(args, flag)) is not None and not Path(path).is_file():
             fail(f"--{flag} {path}: no such file")
@@ -482,11 +508,16 @@ def micro_batches(
 ) -> Iterator[tuple[int, int, list[Batch]]]:
     """Each step's (epoch, first batch, micro-batches) from batch `batch` of `epoch` on, forever."""
     while True:
-        loader = epoch_loader(source, epoch, args.batch_size, rank, world, args.workers, batch)
-        loader = iter(loader)
-        while micro := list(islice(loader, args.grad_accum)):
-            yield epoch, batch, micro
-            batch += len(micro)
+        loader = iter(
+            epoch_loader(source, epoch, args.batch_size, rank, world, args.workers, batch)
+        )
+        try:
+            while micro := list(islice(loader, args.grad_accum)):
+                yield epoch, batch, micro
+                batch += len(micro)
+        finally:  # its processes stop here, where a Ctrl-C is heard: in the iterator's __del__
+            # (as main's frame goes), Python would print the KeyboardInterrupt and go on
+            getattr(loader, "_shutdown_workers", lambda: None)()
         epoch, batch = epoch + 1, 0
 
 
@@ -687,7 +718,6 @@ def train_step(
 
 def main(argv: list[str] | None = None) -> None:
     # --- config: check every input before anything slow, and before writing anything
-    exit_on_sigterm()
     args = parse_args(argv)
     out, rank0 = Path(args.out), distributed.is_main()
     print0(settings(args))
@@ -798,6 +828,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # --- cleanup: the final LoRA (if finite), the loss curve
         bar.close()
+        batches.close()  # the loader's processes stop now (see micro_batches)
         lora = distributed.gather_state(model)
         if rank == 0:
             if bad := nonfinite(lora):

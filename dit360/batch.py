@@ -14,6 +14,7 @@ from typing import TypeVar
 import torch
 from PIL import Image
 
+from .cli import JOBS, check_prompt
 from .files import read_text
 from .generate import Job
 from .image import check_output_path, open_image, save_panorama
@@ -48,6 +49,8 @@ def read_rows(
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in required):
             raise ValueError(f"{where}: need an object with {names}")
         for k, v in row.items():
+            if isinstance(v, str):  # a prompt, or a path: none is that long
+                check_prompt(v, f"{where}: {k!r}")
             if (
                 k not in keys
                 or not isinstance(v, keys[k])
@@ -55,6 +58,11 @@ def read_rows(
             ):
                 raise ValueError(f"{where}: bad {k!r}: {v!r} (keys: {', '.join(keys)})")
         rows.append((n, row))
+        if len(rows) > JOBS:
+            raise ValueError(
+                f"{where}: more than {JOBS:,} rows: a batch makes at most {JOBS:,} "
+                "images; split the file"
+            )
     if not rows:
         raise ValueError(f"{flag} {path}: no {flag.lstrip('-')} in it")
     return rows
@@ -68,6 +76,10 @@ def checked_jobs(
     jobs, seen = [], {}
     for n, job in lines:
         where = f"{src}:{n}"
+        if len(jobs) == JOBS:
+            raise ValueError(
+                f"{where}: more than {JOBS:,} images: a batch makes at most {JOBS:,}; split it"
+            )
         try:
             check(job)
             check_output_path(job.out)
@@ -107,15 +119,19 @@ def run_batch(
         else:
             todo.append(job)
     start = time.perf_counter()
+    print(f"{len(todo)} images to make, {len(jobs) - len(todo)} exist", flush=True)
     try:
-        for job, image, seconds in make(todo):
+        for k, (job, image, seconds) in enumerate(make(todo), start=1):
             try:
                 save_panorama(image, job.out)
                 note = extras(image, job.out)
             except OSError as e:
                 fail(f"cannot write {job.out}: {e}", code=1)
             note = f"; {note}" if note else ""
-            print(f"wrote {job.out} ({image.width}x{image.height}) in {seconds:.1f}s{note}")
+            size = f"{image.width}x{image.height}"
+            print(
+                f"wrote {job.out} ({size}) in {seconds:.1f}s, {k} of {len(todo)}{note}", flush=True
+            )
     except (ValueError, OSError) as e:  # missing or bad weights (--base, --lora)
         fail(e)
     except FloatingPointError as e:  # NaN/inf latents: that image is not written

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from .cli import check_prompt
 from .core.loss import HybridSchedule
 from .files import atomic_path, read_text
 from .image import from_pil, open_image, read_mask, read_rgb
@@ -74,6 +75,7 @@ def _parse(line: str, folder: Path, source: str) -> Row:
         caption = max(caption, key=len)  # as the reference (src/dynamic_dataset.py:67-70)
     if not isinstance(caption, str) or not caption.strip():
         raise ValueError("missing or empty caption")
+    check_prompt(caption, "its caption")
     mask = obj.get("mask")
     if mask is not None and not isinstance(mask, str):
         raise ValueError('"mask" is not a path')

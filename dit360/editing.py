@@ -20,9 +20,11 @@ from .core.model import Flux
 from .generate import (
     Job,
     check_finite,
+    chunks,
     encode_prompts,
     initial_noise,
     job_options,
+    lend,
     load_model,
     load_vae,
     offload_mode,
@@ -144,16 +146,28 @@ def edit_many(
     report: Report | None = None,
 ) -> Iterator[tuple[EditJob, Image.Image, float]]:
     """(job, edited panorama, seconds) for each job as soon as it is decoded: every job checked
-    first, all prompts encoded (the inversion's empty one, sources, targets), the text encoders
-    freed, then the VAE and the transformer loaded once for all the jobs. Per job: encode the
-    source (the VAE then waits in CPU memory), invert, edit, decode; the transformer is freed
-    after the last edit, before its decode."""
-    if not jobs:
-        return
+    first; then CHUNK jobs at a time (`generate.chunks`), their prompts encoded (the inversion's
+    empty one, sources, targets), the text encoders freed, then the VAE and the transformer
+    loaded once for the chunk. Per job: encode the source (the VAE then waits in CPU memory),
+    invert, edit, decode; the transformer is freed after the chunk's last edit, before its
+    decode."""
     for job in jobs:  # fail fast, before any model loads
         check_job(job, opts)
     report = report or Report(opts.device, log=log)
-    dev, dtype, mode = opts.device, opts.dtype, offload_mode(opts, log)
+    mode = offload_mode(opts, log) if jobs else "none"
+    for part in chunks(jobs, log):
+        yield from edit_chunk(part, opts, mode, log, report)
+
+
+def edit_chunk(
+    jobs: list[EditJob],
+    opts: EditOptions,
+    mode: str,
+    log: Callable[[str], None],
+    report: Report,
+) -> Iterator[tuple[EditJob, Image.Image, float]]:
+    """edit_many's work for one chunk of checked jobs, in offload `mode`."""
+    dev, dtype = opts.device, opts.dtype
     options = [job_options(opts, job) for job in jobs]
     sources = [source_prompt(o, job) for o, job in zip(options, jobs, strict=True)]
     with report.stage("text encoders"):  # the inversion's empty prompt, sources, targets
@@ -181,10 +195,10 @@ def edit_many(
                 model = load_model(opts, mode, log)
         with torch.no_grad(), placed(model, opts, mode):
             with report.stage("invert"):
-                inverted = invert(model, x0, y1, grid, conds[""], sigmas, o)
+                inverted = invert(model, x0, y1, grid, lend(conds[""], dev), sigmas, o)
             with report.stage("edit"):
                 keep = grid.wrap_mask(keep.flatten(), o.mask_pad)  # (L,): on the padded tokens
-                both = cat_rows(conds[source], conds[job.prompt])
+                both = lend(cat_rows(conds[source], conds[job.prompt]), dev)
                 latents, _ = edit(model, inverted, x0, z, keep, grid, both, sigmas, o)
                 check_finite(latents)
         if last:

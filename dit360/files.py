@@ -13,10 +13,8 @@ import math
 import os
 import re
 import shutil
-import signal
 import socket
 import struct
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -305,11 +303,6 @@ SHARD: Rule = (
     "a .safetensors file name",
 )
 INDEX = {"weight_map": mapping(SHARD)}
-
-
-def exit_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit(143), so `finally` blocks remove temporary files on the way."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
 # Our temporary files: `.NAME.tmp<pid>.<host>` beside NAME; a NAME over TEMP_NAME bytes is cut

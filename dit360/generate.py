@@ -36,6 +36,7 @@ from .sources import flagged
 from .tiling import decode
 
 Opts = TypeVar("Opts", bound=Options)
+J = TypeVar("J")
 
 # GPU memory (GiB, as torch.cuda.mem_get_info's free bytes / 2**30 that `offload.choose` compares
 # them with) each mode needs for flux-dev at 1024x2048 in bf16, estimated from the parts' sizes
@@ -201,11 +202,31 @@ def job_options(opts: Opts, job: Job) -> Opts:
 
 
 def encode_prompts(opts: Options, prompts: list[str], offload: str) -> dict[str, Conditioning]:
-    """Each distinct prompt encoded alone (as one image encodes it), the encoders loaded once."""
+    """Each distinct prompt encoded alone (as one image encodes it), the encoders loaded once;
+    the conditionings wait in CPU memory (`lend` brings one to the device for its image)."""
     from .text import encode_prompt, load_text_encoders
 
     enc = load_text_encoders(opts.sources(), opts.device, opts.dtype, offload, opts.t5_fp8)
-    return {p: Conditioning(*encode_prompt(enc, [p])) for p in dict.fromkeys(prompts)}
+    return {p: lend(Conditioning(*encode_prompt(enc, [p])), "cpu") for p in dict.fromkeys(prompts)}
+
+
+def lend(cond: Conditioning, device: torch.device | str) -> Conditioning:
+    """The text conditioning on `device` (a copy; 4 MiB at full size, mostly T5's tokens)."""
+    return Conditioning(cond.txt.to(device), cond.txt_ids.to(device), cond.vec.to(device))
+
+
+# Jobs of a batch made at a time: their conditionings wait in CPU memory (4 MiB a prompt at full
+# size: 1 GiB), so a batch of any size runs in bounded host and GPU memory. The models load again
+# for each chunk: seconds, beside 256 images' tens of minutes.
+CHUNK = 256
+
+
+def chunks(jobs: list[J], log: Callable[[str], None]) -> Iterator[list[J]]:
+    """The jobs CHUNK at a time, each chunk said (when there are several) as it starts."""
+    for i in range(0, len(jobs), CHUNK):
+        if len(jobs) > CHUNK:
+            log(f"images {i + 1} to {min(i + CHUNK, len(jobs))} of {len(jobs)}: encoding prompts")
+        yield jobs[i : i + CHUNK]
 
 
 def generate_many(
@@ -214,13 +235,25 @@ def generate_many(
     log: Callable[[str], None] = print,
     report: Report | None = None,
 ) -> Iterator[tuple[Job, Image.Image, float]]:
-    """(job, panorama, seconds) for each job as soon as it is decoded: all prompts encoded first,
-    the text encoders freed, then the transformer and the VAE loaded once for all the jobs. The
-    transformer is freed after the last denoising, before the VAE first loads if one job."""
-    if not jobs:
-        return
+    """(job, panorama, seconds) for each job as soon as it is decoded, CHUNK jobs at a time: their
+    prompts encoded first, the text encoders freed, then the transformer and the VAE loaded once
+    for the chunk. The transformer is freed after the chunk's last denoising, before the VAE
+    first loads if one job."""
     report = report or Report(opts.device, log=log)
-    dev, dtype, mode = opts.device, opts.dtype, offload_mode(opts, log)
+    mode = offload_mode(opts, log) if jobs else "none"
+    for part in chunks(jobs, log):
+        yield from generate_chunk(part, opts, mode, log, report)
+
+
+def generate_chunk(
+    jobs: list[Job],
+    opts: SampleOptions,
+    mode: str,
+    log: Callable[[str], None],
+    report: Report,
+) -> Iterator[tuple[Job, Image.Image, float]]:
+    """generate_many's work for one chunk of jobs, in offload `mode`."""
+    dev, dtype = opts.device, opts.dtype
     with report.stage("text encoders"):
         conds = encode_prompts(opts, [job.prompt for job in jobs], mode)
     with report.stage("load transformer"):
@@ -231,7 +264,7 @@ def generate_many(
         # With --compile the first step also compiles: its extra time is logged as compile time.
         timed = first_step_timed(model, log) if opts.compile and i == 0 else nullcontext()
         with report.stage("denoise"), timed:
-            latents = check_finite(generate_latents(model, conds[job.prompt], o, mode))
+            latents = check_finite(generate_latents(model, lend(conds[job.prompt], dev), o, mode))
             if last:
                 del model, conds
         with report.stage("decode"), torch.no_grad():

@@ -5,6 +5,8 @@ everywhere), tensors in [-1, 1] <-> PIL, and panorama files with GPano XMP metad
 import math
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,20 +32,37 @@ def from_pil(img: Image.Image) -> Tensor:
     return x.permute(2, 0, 1) * 2 - 1
 
 
+@contextmanager
+def loaded(src: str | Path) -> Iterator[Image.Image]:
+    """The image file `src` opened and read whole; an error naming the file if it is truncated
+    or corrupt, or over PIL's decompression-bomb limit (its warning made an error: a larger
+    image is refused, whatever the format says, before its pixels are allocated)."""
+    f = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            f = Image.open(src)
+            f.load()  # truncated or corrupt files fail here, without naming the file
+    except Exception as e:  # noqa: BLE001 - PIL reports a corrupt file with errors of many kinds
+        if f is not None:
+            f.close()
+        if isinstance(e, Image.DecompressionBombError | Image.DecompressionBombWarning):
+            limit = f"at most {Image.MAX_IMAGE_PIXELS:,} pixels: resize it"
+            raise ValueError(f"{src}: {e} ({limit})") from None
+        if isinstance(e, OSError) and e.errno is not None:  # the file itself: missing, unreadable
+            raise
+        raise ValueError(f"{src}: not a readable image ({' '.join(str(e).split())})") from None
+    with f:
+        yield f
+
+
 def open_image(src: str | Path | Image.Image) -> Image.Image:
     """An image read fully from a file (closed again), or the image given; the one place images
     are opened, so every reader gets 16-bit grey at 8 bits (see eight_bit)."""
     if isinstance(src, Image.Image):
         return eight_bit(src, "the image")
-    try:
-        with Image.open(src) as f:
-            f.load()  # truncated or corrupt files fail here
-            img = f.copy()
-    except Exception as e:  # noqa: BLE001 - PIL reports a corrupt file with errors of many kinds
-        if isinstance(e, OSError) and e.errno is not None:  # the file itself: missing, unreadable
-            raise
-        raise ValueError(f"{src}: not a readable image ({' '.join(str(e).split())})") from None
-    return eight_bit(img, str(src))
+    with loaded(src) as f:
+        return eight_bit(f.copy(), str(src))
 
 
 def eight_bit(img: Image.Image, name: str) -> Image.Image:
@@ -136,6 +155,10 @@ def check_output_path(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
         raise ValueError(f"{path}: use a .png, .jpg or .jpeg file name")
+    try:  # a name that is not UTF-8 could be written, but not printed or put in a viewer page
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{path}: the name is not UTF-8 text: choose a UTF-8 name") from None
     if path.is_dir():
         raise IsADirectoryError(
             f"cannot write {path}: it is a folder; choose another file name or remove the folder"

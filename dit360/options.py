@@ -6,16 +6,15 @@ its help, and the command-line flags of sample.py and edit.py are derived from t
 import argparse
 import importlib.util
 import math
-import os
-import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn
 
 import torch
 
+from .cli import GUIDANCE, PROMPT_CHARS, SIDE, STEPS, fail, run_main  # noqa: F401 (scripts import them)
 from .config import DIT360_LORA, FLUX_DEV
 from .kernels import BACKENDS
 from .offload import MODES as OFFLOADS
@@ -26,11 +25,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MASK_PADS = ("reference", "wrap")  # how Grid.wrap_mask fills the pad columns of an edit mask
 ATTENTION = ("auto", *BACKENDS, "fa3")  # SDPA's kernels and FA3: layers.attention_backend
 FINITE, UNIT = (math.isfinite, "a finite number"), (lambda v: 0 <= v <= 1, "in [0, 1]")
+GUIDE = (lambda v: abs(v) <= GUIDANCE, f"a finite number from -{GUIDANCE} to {GUIDANCE}")
 CHECKS = {  # field: (test of its value, what it must be); NaN fails every comparison
-    "lora_scale": FINITE, "guidance": FINITE, "inversion_guidance": FINITE, "tau": FINITE,
+    "lora_scale": FINITE, "guidance": GUIDE, "inversion_guidance": GUIDE, "tau": FINITE,
     "blend_until": FINITE, "gamma": UNIT, "eta": UNIT, "start": UNIT, "stop": UNIT,
-    "steps": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    "seed": (lambda v: isinstance(v, int) and 0 <= v < 2**64, "an integer >= 0"),
+    "steps": (lambda v: isinstance(v, int) and 1 <= v <= STEPS, f"an integer from 1 to {STEPS}"),
+    "seed": (lambda v: isinstance(v, int) and 0 <= v < 2**64, "an integer from 0 to 2**64 - 1"),
+    "source_prompt": (lambda v: v is None or len(v) <= PROMPT_CHARS, f"at most {PROMPT_CHARS:,} "
+                      "characters (T5 reads 512 tokens, about 2,500 characters)"),
     "wrap_pad": (lambda v: v in range(5), "0 to 4 (packed columns a side)"),
     "vae_tile": (lambda v: v is None or v >= 1, "at least 1 (latent pixels)"),
     "feather": (lambda v: v is None or v >= 0, "at least 0 (pixels)"),
@@ -203,7 +205,13 @@ def check_fa3(device: torch.device, dtype: torch.dtype) -> None:
 
 
 def check_size(height: int, width: int, wrap_pad: int = 0) -> None:
-    """Multiples of 16 and a pad under half the width or an error; not 1024x2048: a warning."""
+    """Multiples of 16 up to SIDE and a pad under half the width or an error; not 1024x2048: a
+    warning."""
+    if max(height, width) > SIDE:
+        raise ValueError(
+            f"--height and --width must be at most {SIDE} pixels each, got {height}x{width}: "
+            f"{SIDE // 2}x{SIDE} is the largest 2:1 panorama"
+        )
     if 2 * wrap_pad > Grid.for_image(height, width).w:
         raise ValueError(f"--wrap-pad {wrap_pad} must be <= half the {width // 16} columns")
     if (height, width) != (1024, 2048):
@@ -231,13 +239,6 @@ class Parser(argparse.ArgumentParser):
         fail(message)
 
 
-def fail(message: object, code: int = 2) -> NoReturn:
-    """Stop a command with one line `error: ...` on stderr; code 2: bad usage, 1: a failure,
-    130: interrupted."""
-    sys.stderr.write(f"error: {message}\n")
-    raise SystemExit(code)
-
-
 def require_torch(floor: tuple[int, int], command: str, why: str) -> None:
     """Refuse a torch older than `floor` with one line `error: ...` (exit 2), before anything
     slow or any import that needs it."""
@@ -246,11 +247,6 @@ def require_torch(floor: tuple[int, int], command: str, why: str) -> None:
         need = ".".join(map(str, floor))
         fail(f"{command} needs torch >= {need} ({why}), this is {torch.__version__}: "
              f"pip install 'torch>={need}'")  # fmt: skip
-
-
-def one_line_warning(message: Warning | str, *args: Any, **kw: Any) -> str:
-    """A warning as the scripts print it: one line `warning: ...` (warnings.formatwarning)."""
-    return f"warning: {message}\n"
 
 
 @contextmanager
@@ -264,16 +260,14 @@ def warnings_last() -> Iterator[None]:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
-def run_main(main: Callable[[], object]) -> None:
-    """A script's entry point: its warnings one line each; Ctrl-C, after main's own cleanup ran
-    (writes are atomic, so no partial file is left), one line `error: interrupted`, exit 130."""
-    warnings.formatwarning = one_line_warning
-    try:
-        main()
-    except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 says it
-            raise SystemExit(130) from None
-        fail("interrupted", code=130)
+def check_height(flag: str, height: int) -> None:
+    """A panorama's height (its width is twice it): a multiple of 16 up to SIDE / 2, or
+    ValueError naming `flag`."""
+    if not (0 < height <= SIDE // 2 and height % 16 == 0):
+        raise ValueError(
+            f"{flag} must be a positive multiple of 16, got {height}: at most {SIDE // 2} (the "
+            f"width is twice it, at most {SIDE})"
+        )
 
 
 def bounded(kind: type, low: float = -math.inf, high: float = math.inf, above: bool = False):

@@ -14,7 +14,7 @@ from torch import Tensor
 from .evaluate import seam_report
 from .files import atomic_path
 from .image import FORMATS
-from .options import COUNT
+from .options import SIDE, bounded
 from .panorama import FACES, cube_to_layout, equirect_to_cube
 from .view import write_viewer
 
@@ -29,7 +29,10 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
         help="also write the cube faces NAME-px, -nx, -py, -ny, -pz, -nz and NAME-cross",
     )
     g.add_argument(
-        "--cubemap-size", type=COUNT, metavar="N", help="face size, height / 2 if not given"
+        "--cubemap-size",
+        type=bounded(int, 1, SIDE),
+        metavar="N",
+        help="face size, height / 2 if not given",
     )
 
 

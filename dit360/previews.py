@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cli import check_prompt
 from .distributed import unsharded
 from .files import atomic_path, read_text
 from .generate import check_finite, generate_latents, load_vae
@@ -26,7 +27,8 @@ from .tiling import decode
 
 def read_prompts(path: str | Path) -> list[str]:
     """The non-empty lines of a text file; ValueError if there are none."""
-    prompts = [line.strip() for line in read_text(path).splitlines() if line.strip()]
+    lines = enumerate(read_text(path).splitlines(), start=1)
+    prompts = [check_prompt(t.strip(), f"{path}:{n}") for n, t in lines if t.strip()]
     if not prompts:
         raise ValueError(f"--sample-prompts {path}: no prompt in it (one a line)")
     return prompts

@@ -22,6 +22,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from .cli import check_prompt
 from .files import Rule, TensorFile, check_json, number, whole
 from .fp8 import to_fp8
 from .offload import MODES, lent, park, stream
@@ -267,6 +268,8 @@ def encode_prompt(
     """Encode to txt (B, L, d_t5), txt_ids (B, L, 3) zeros, vec (B, d_clip); L = max_length."""
     if isinstance(prompts, str) or not prompts:
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    for p in prompts:  # before the tokenizer: a 100 MB prompt aborts it, 10 MB takes a minute
+        check_prompt(p, f"prompt {p[:28]!r}...")
     device = enc.device
     # CLIP: 77 tokens (its position table), padded with <|endoftext|>, pooled at the first one.
     ids = _token_ids(enc.clip_tokenizer, prompts, enc.clip.config.max_position_embeddings, "CLIP")

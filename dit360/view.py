@@ -16,9 +16,8 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from PIL import Image
-
 from .files import atomic_path
+from .image import loaded
 from .options import Parser, fail
 
 MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
@@ -42,8 +41,7 @@ def check_panorama(path: str | Path) -> str:
     """The format (PNG, JPEG, WEBP) of the image file at `path` if it is readable and 2:1 (a full
     sphere), else ValueError."""
     try:
-        with Image.open(path) as img:
-            img.load()  # truncated or corrupt files fail here
+        with loaded(path) as img:
             fmt, (w, h) = img.format, img.size
     except OSError as e:
         raise ValueError(f"{path}: not a readable image ({e})") from None

@@ -107,7 +107,7 @@ def test_bad_rows(tiny_flux, tmp_path, capsys):
         ('{"seed": 3}', 'need an object with a "prompt"'),
         ('{"prompt": "a lake", "seed": "3"}', "bad 'seed'"),
         ('{"prompt": "a lake", "sed": 3}', "bad 'sed'"),
-        ('{"prompt": "a lake", "steps": 0}', "steps.*integer >= 1"),
+        ('{"prompt": "a lake", "steps": 0}', "steps.*integer from 1 to 1000"),
         ('{"prompt": "a lake", "out": "x.gif"}', r"\.png, \.jpg"),
         ('{"prompt": "a lake", "out": "0000-seed4.png"}', "as line 1 does"),
         ('{"prompt": "a lake", "out": "../../escape.png"}', r"escape\.png is outside --out-dir"),
@@ -126,7 +126,13 @@ def test_bad_rows(tiny_flux, tmp_path, capsys):
     ]:
         rows.write_text(f"{good}\n{bad}\n")
         expect_error(capsys, sample.main, argv, tmp_path, f"rows.jsonl:2: .*{match}")
-    expect_error(capsys, sample.main, [*argv, "--num-images", "0"], tmp_path, "at least 1")
+    expect_error(
+        capsys,
+        sample.main,
+        [*argv, "--num-images", "0"],
+        tmp_path,
+        r"--num-images: needs a whole number >= 1",
+    )
     expect_error(capsys, sample.main, [*argv, "--prompt", "x"], tmp_path, "not allowed with")
     rows.write_text("\n")
     expect_error(capsys, sample.main, argv, tmp_path, "no prompts")

@@ -22,11 +22,11 @@ import prepare
 import sample
 
 SAMPLE_CASES = [  # extra flags (the last of a repeated flag wins), the error line
-    (["--steps", "0"], r"--steps \(steps\) must be an integer >= 1, got 0"),
+    (["--steps", "0"], r"--steps \(steps\) must be an integer from 1 to 1000, got 0"),
     (["--attention", "cudnn"], r"--attention cudnn needs a CUDA GPU; use auto or flash"),
     (["--attention", "fa3"], r"--attention fa3 needs FlashAttention-3 \(module flash_attn_int"),
     (["--offload", "disk"], r"argument --offload: invalid choice: 'disk'"),
-    (["--steps", "-3"], r"--steps \(steps\) must be an integer >= 1, got -3"),
+    (["--steps", "-3"], r"--steps \(steps\) must be an integer from 1 to 1000, got -3"),
     (["--steps", "2.5"], r"--steps: invalid int value"),
     (["--height", "0"], r"positive multiples of 16, got 0x64"),
     (["--width", "100"], r"positive multiples of 16, got 32x100"),
@@ -34,10 +34,16 @@ SAMPLE_CASES = [  # extra flags (the last of a repeated flag wins), the error li
     (["--wrap-pad", "-1"], r"--wrap-pad \(wrap_pad\) must be 0 to 4"),
     (["--wrap-pad", "3"], r"--wrap-pad 3 must be <= half the 4 columns"),
     (["--vae-tile", "0"], r"--vae-tile \(vae_tile\) must be at least 1"),
-    (["--guidance", "nan"], r"--guidance \(guidance\) must be a finite number, got nan"),
-    (["--guidance", "inf"], r"--guidance \(guidance\) must be a finite number, got inf"),
+    (
+        ["--guidance", "nan"],
+        r"--guidance \(guidance\) must be a finite number from -100 to 100, got nan",
+    ),
+    (
+        ["--guidance", "inf"],
+        r"--guidance \(guidance\) must be a finite number from -100 to 100, got inf",
+    ),
     (["--lora-scale", "nan"], r"--lora-scale \(lora_scale\) must be a finite number"),
-    (["--seed", "-1"], r"--seed \(seed\) must be an integer >= 0"),
+    (["--seed", "-1"], r"--seed \(seed\) must be an integer from 0 to 2\*\*64 - 1"),
     (["--device", "cuda"], r"--device cuda: no such CUDA GPU here; use --device cpu"),
     (["--device", "cuda:3"], r"--device cuda:3: no such CUDA GPU"),
     (["--device", "nonsense"], r"--device nonsense: .*device string: nonsense"),
@@ -54,10 +60,22 @@ SAMPLE_CASES = [  # extra flags (the last of a repeated flag wins), the error li
     (["--out", "{tmp}/folder.png"], r"cannot write .*folder\.png: it is a folder; choose another"),
     (["--base", "{tmp}/no-base"], r"--base: .*no-base: no such file or folder"),
     (["--lora", "{tmp}/no-lora.safetensors"], r"--lora: .*no-lora.safetensors: no such file"),
+    # the stated limits (README, What is guaranteed), before any allocation
+    (["--steps", "300000"], r"--steps \(steps\) must be an integer from 1 to 1000, got 300000"),
+    (["--guidance", "1e39"], r"--guidance \(guidance\) must be a finite number from -100 to 100"),
+    (["--height", "1000000"], r"--height and --width must be at most 8192 pixels each, got 1000"),
+    (["--num-images", "100000000"], r"--num-images: needs a whole number >= 1 and <= 100000, got"),
+    (["--cubemap-size", "100000"], r"--cubemap-size: needs a whole number >= 1 and <= 8192, got"),
+    (["--prompt", "x" * 20_001], r"--prompt is 20,001 characters: at most 20,000 \(T5 reads 512"),
+    (
+        ["--num-images", "2", "--seed", str(2**64 - 1), "--out-dir", "{tmp}/o"],
+        r"--prompt:1: the seeds 18446744073709551615\.\.18446744073709551616 .* must fit in 64 b",
+    ),
+    (["--out", "{tmp}/\udcff.png", "--viewer"], r"the name is not UTF-8 text: choose a UTF-8 name"),
 ]
 
 EDIT_CASES = [
-    (["--steps", "0"], r"--steps \(steps\) must be an integer >= 1"),
+    (["--steps", "0"], r"--steps \(steps\) must be an integer from 1 to 1000"),
     (["--height", "0"], r"--height must be a positive multiple of 16, got 0"),
     (["--height", "40"], r"--height must be a positive multiple of 16, got 40"),
     (["--wrap-pad", "10"], r"--wrap-pad \(wrap_pad\) must be 0 to 4"),
@@ -75,7 +93,7 @@ EDIT_CASES = [
     (["--lora-scale", "nan"], r"--lora-scale \(lora_scale\) must be a finite number"),
     (["--mask-pad", "mirror"], r"--mask-pad: invalid choice"),
     (["--vae-tile", "0"], r"--vae-tile \(vae_tile\) must be at least 1"),
-    (["--seed", "-1"], r"--seed \(seed\) must be an integer >= 0"),
+    (["--seed", "-1"], r"--seed \(seed\) must be an integer from 0 to 2\*\*64 - 1"),
     (["--device", "cuda"], r"--device cuda: no such CUDA GPU"),
     (["--device", "meta"], r"--device meta: cannot run there; use cpu, cuda or cuda:N"),
     (["--lora-scale", "0.5"], r"--lora-scale 0.5 needs --lora, which is none"),
@@ -92,6 +110,14 @@ EDIT_CASES = [
     (["--mask", "{tmp}/white.png"], r"nothing to generate"),
     (["--out", "{tmp}/out.gif"], r"use a \.png, \.jpg or \.jpeg"),
     (["--base", "{tmp}/no-base"], r"--base: .*no-base: no such file or folder"),
+    (["--height", "100000"], r"--height must be a positive multiple of 16, got 100000: at most 40"),
+    (["--steps", "300000"], r"--steps \(steps\) must be an integer from 1 to 1000"),
+    (["--source-prompt", "x" * 20_001], r"--source-prompt \(source_prompt\) must be at most 20,0"),
+    (["--image", "{tmp}/cut.jpg"], r"cut\.jpg: (Truncated File Read|image file is truncated)"),
+    (
+        ["--image", "{tmp}/bomb.png"],
+        r"bomb\.png: Image size \(\d+ pixels\) exceeds limit .*resize it",
+    ),
 ]
 
 PREPARE_CASES = [  # the whole command line after --out {tmp}/data
@@ -113,6 +139,7 @@ PREPARE_CASES = [  # the whole command line after --out {tmp}/data
     (["--persp", "{tmp}/photos", "--yaw-range", "10", "-10"], r"--yaw-range 10.0 -10.0"),
     (["--persp", "{tmp}/photos", "--roll-range", "nan", "0"], r"--roll-range nan 0.0"),
     (["--persp", "{tmp}/photos", "--seed", "-1"], r"--seed must be an integer >= 0"),
+    (["--persp", "{tmp}/photos", "--height", "1048576"], r"got 1048576: at most 4096 \(the width"),
     (["--pano", "{tmp}/pano", "--out", "{tmp}/pano.txt"], r"pano\.txt is not a writable folder"),
     (["--pano", "{tmp}/pano", "--out", "{tmp}/pano.txt/x"], r"is not a writable folder"),
     (["--pano", "{tmp}/pano", "--frobnicate"], r"unrecognized arguments: --frobnicate"),
@@ -152,6 +179,9 @@ def edit_inputs(tmp_path):
     write_inputs(tmp_path / "sq", size=(32, 32))[0].rename(tmp_path / "square.png")
     Image.new("L", (50, 20), 255).save(tmp_path / "white.png")
     (tmp_path / "text.png").write_text("not an image")
+    Image.new("RGB", (64, 32)).save(tmp_path / "cut.jpg")  # a JPEG cut short
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "cut.jpg").read_bytes()[:300])
+    Image.new("1", (20000, 10000)).save(tmp_path / "bomb.png")  # 200 M pixels in 26 KB
     return src, mask
 
 
@@ -279,7 +309,7 @@ def test_batch_error_is_the_only_line(tiny_flux, tmp_path):
     r = script(
         "sample.py", *batch_flags(tiny_flux, "--prompts", str(rows), "--out-dir", str(tmp_path))
     )
-    error = f"error: {rows}:1: --steps (steps) must be an integer >= 1, got 0"
+    error = f"error: {rows}:1: --steps (steps) must be an integer from 1 to 1000, got 0"
     assert r.returncode == 2 and r.stderr.splitlines() == [error], r.stderr
 
 
@@ -299,12 +329,12 @@ def test_warning_is_one_line(tiny_flux, tmp_path):
     + [("train.py", "1")],
 )
 def test_interrupt_is_one_line(name, rank):
-    """Ctrl-C (a KeyboardInterrupt in main, here from its first call) is one line
+    """Ctrl-C (a KeyboardInterrupt in main, here from its parsing of the flags) is one line
     `error: interrupted` and exit 130, no traceback; under torchrun from rank 0 alone."""
     code = (
-        "import runpy, sys; import dit360.files as f\n"
-        "def stop(): raise KeyboardInterrupt\n"
-        f"f.exit_on_sigterm = stop; sys.argv = [{name!r}]\n"
+        "import argparse, runpy, sys\n"
+        "def stop(*a, **k): raise KeyboardInterrupt\n"
+        f"argparse.ArgumentParser.parse_args = stop; sys.argv = [{name!r}]\n"
         f"runpy.run_path({name!r}, run_name='__main__')"
     )
     env = {**os.environ, "RANK": rank}

@@ -1,0 +1,87 @@
+"""What every command shares and needs no heavy import, so that a script sets it up on its first
+line, before torch and transformers load: one-line errors (`fail`), SIGINT and SIGTERM as one
+line and exit 130 / 143 from the first second on (`handle_signals`), and the entry point that
+says how a command ended (`run_main`).
+"""
+
+import os
+import signal
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+# The stated limits (README, What is guaranteed): each size from a flag or a file is checked
+# against them before anything is allocated.
+PROMPT_CHARS = 20_000  # T5 reads 512 tokens, ~2,500 characters; a 10 MB prompt took 51 s to cut
+STEPS = 1000  # sampling steps: the modulations of every step are computed ahead
+SIDE = 8192  # pixels a side of what we make: <= 67 M pixels, under PIL's limit, so all reads back
+JOBS = 100_000  # images of one batch (rows x --num-images)
+GUIDANCE = 100  # the guidance input's magnitude (FLUX.1-dev was distilled on 1 to ~5)
+
+SIGNALS = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated")}
+STATE: dict[str, Any] = {"running": False, "got": None}  # run_main's main runs; last signal
+
+
+def fail(message: object, code: int = 2) -> NoReturn:
+    """Stop a command with one line `error: ...` on stderr; code 2: bad usage, 1: a failure,
+    130 / 143: interrupted / terminated. Under torchrun, other ranks stop silently on a signal."""
+    if code not in (130, 143) or os.environ.get("RANK", "0") == "0":
+        line = f"error: {message}\n".encode("utf-8", "backslashreplace").decode()  # odd names too
+        sys.stderr.write(line)
+    raise SystemExit(code)
+
+
+def check_prompt(text: str, what: str) -> str:
+    """`text`, or ValueError naming `what` if it is longer than PROMPT_CHARS (before tokenizing)."""
+    if len(text) > PROMPT_CHARS:
+        raise ValueError(
+            f"{what} is {len(text):,} characters: at most {PROMPT_CHARS:,} (T5 reads 512 tokens, "
+            "about 2,500 characters): shorten it"
+        )
+    return text
+
+
+def on_signal(signum: int, frame: object) -> None:
+    """While importing: one line and exit now (nothing to clean up). In run_main's main: SIGINT
+    is a KeyboardInterrupt and SIGTERM a SystemExit(143), so `finally` blocks run (temporary
+    files are removed) before run_main says the line."""
+    STATE["got"] = signum
+    code, what = SIGNALS[signum]
+    if not STATE["running"]:
+        fail(what, code)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(code)
+
+
+def handle_signals() -> None:
+    """Install `on_signal` for SIGINT and SIGTERM (the scripts call it before their imports)."""
+    for signum in SIGNALS:
+        signal.signal(signum, on_signal)
+
+
+def one_line_warning(message: Warning | str, *args: Any, **kw: Any) -> str:
+    """A warning as the scripts print it: one line `warning: ...` (warnings.formatwarning)."""
+    return f"warning: {message}\n"
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """A script's entry point: its warnings one line each; Ctrl-C (SIGINT) and SIGTERM, after
+    main's own cleanup ran (writes are atomic, so no partial file is left), one line
+    `error: interrupted` / `error: terminated`, exit 130 / 143. A signal whose exception was
+    swallowed on the way (raised inside a `__del__` or a generator's finaliser, where Python only
+    prints it) still ends the command so, once main returns."""
+    handle_signals()
+    warnings.formatwarning = one_line_warning
+    STATE["running"] = True
+    try:
+        main()
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except SystemExit as e:
+        if e.code != 143 or STATE["got"] != signal.SIGTERM:
+            raise
+        fail("terminated", 143)
+    if STATE["got"] is not None:
+        fail(*reversed(SIGNALS[STATE["got"]]))
