@@ -203,7 +203,7 @@ def paired_loras(
             "or drop it"
         )
     if names == [None]:
-        if scales != (1.0,):  # it would scale nothing
+        if any(s != 1.0 for s in scales):  # it would scale nothing
             raise ValueError(
                 f"--lora-scale {said} needs --lora, which is none: give a LoRA or drop --lora-scale"
             )

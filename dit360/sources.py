@@ -163,15 +163,14 @@ def base_axes(root: Path) -> tuple[int, ...] | None:
 
 def fetch_base(base: str | None, wanted: list[str]) -> Path:
     """--base (default FLUX.1-dev) found or fetched; for the gated FLUX.1-dev, how to get it."""
+    if (base or FLUX_DEV) != FLUX_DEV:
+        return flagged("--base", resolve, base, wanted, LAYOUT)
     try:
-        return flagged("--base", resolve, base or FLUX_DEV, wanted, LAYOUT)
+        return flagged("--base", resolve, FLUX_DEV, wanted)
     except FileNotFoundError as e:
-        if (base or FLUX_DEV) != FLUX_DEV:
-            raise
         raise FileNotFoundError(
-            f"{e}. {FLUX_DEV} is gated: accept its license on https://huggingface.co/{FLUX_DEV} "
-            "while logged in, log in here with `hf auth login` (or set HF_TOKEN), then run once "
-            "with network access; or give --base a local FLUX.1-dev folder"
+            f"{e}. It is gated: accept its license on https://huggingface.co/{FLUX_DEV} while "
+            "logged in, and log in here with `hf auth login` (or set HF_TOKEN) before downloading"
         ) from None
 
 
