@@ -5,6 +5,9 @@ python convert_weights.py --base flux1-dev.safetensors --to diffusers \
     --out flux-diffusers/transformer
 python convert_weights.py --base black-forest-labs/FLUX.1-dev \
     --lora Insta360-Research/DiT360-Panorama-Image-Generation --merge --out flux-dit360.safetensors
+python convert_weights.py --base flux1-dev.safetensors --lora ./dit360-lora \
+    --lora style.safetensors --lora-scale 1 --lora-scale 0.6 --merge \
+    --out flux-dit360-style.safetensors   # several LoRAs, each at its scale
 python convert_weights.py --lora kohya_lora.safetensors --out my-lora-peft   # peft/diffusers format
 
 --out is a .safetensors file (our layout; an existing file is replaced) or a folder
@@ -27,7 +30,7 @@ import re
 from pathlib import Path
 
 from dit360.convert import convert_flux, convert_lora
-from dit360.options import DTYPES, Parser, bounded, fail
+from dit360.options import DTYPES, Parser, bounded, fail, paired_loras
 
 LORA_SCALE = bounded(float, -1000, 1000)  # beyond it a LoRA outweighs any base weight
 # What a folder output may already hold (a previous output, and temporary files of a killed one).
@@ -56,12 +59,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--lora",
-        help="LoRA: repo id, folder or .safetensors (peft/diffusers, kohya, BFL/ComfyUI keys); "
-        "alone (--base only gives the sizes, default flux-dev) it is written in the peft format",
+        action="append",
+        help="LoRA: repo id, folder or .safetensors (peft/diffusers, kohya, BFL/ComfyUI keys), or "
+        "a train.py run or checkpoint folder; alone (--base only gives the sizes, default "
+        "flux-dev) it is written in the peft format; with --merge it may be given several times",
     )
-    p.add_argument("--merge", action="store_true", help="fold --lora into --base's weights")
+    p.add_argument("--merge", action="store_true", help="fold the --lora into --base's weights")
     p.add_argument(
-        "--lora-scale", type=LORA_SCALE, default=1.0, help="weight of the LoRA (|scale| <= 1000)"
+        "--lora-scale",
+        type=LORA_SCALE,
+        action="append",
+        help="weight of the LoRA (|scale| <= 1000): once for all, or once per --lora in order; "
+        "default 1",
     )
     p.add_argument(
         "--to", choices=["bfl", "diffusers"], help="layout of a --base conversion; None: bfl"
@@ -73,12 +82,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="RoPE axes, e.g. 16,56,56; only needed for a bare file of a non-standard model",
     )
     args = p.parse_args(argv)
+    if args.lora:  # none, or each with its scale
+        try:
+            args.lora, args.lora_scale = paired_loras(tuple(args.lora), args.lora_scale or 1.0)
+        except ValueError as e:
+            p.error(str(e))
     if not args.base and not args.lora or args.merge and not (args.base and args.lora):
         p.error("give --base, --lora, or both with --merge")
     if args.lora and not args.merge and args.to:
         p.error("--to sets the layout of a --base conversion; --lora alone writes the peft format")
-    if not args.lora and args.lora_scale != 1.0:
+    if not args.lora and args.lora_scale:
         p.error("--lora-scale needs --lora")
+    if args.lora and len(args.lora) > 1 and not args.merge:
+        p.error(
+            f"--lora is given {len(args.lora)} times: only --merge folds several (into --base); "
+            "convert them to the peft format one at a time"
+        )
     if args.axes_dim and not args.base:
         p.error("--axes-dim needs --base (it describes the base model)")
     args.kind = "peft" if args.lora and not args.merge else args.to or "bfl"
@@ -121,14 +140,11 @@ def main(argv: list[str] | None = None) -> None:
     dtype = DTYPES.get(args.dtype)
     try:
         if args.kind == "peft":
-            out = convert_lora(
-                args.lora, args.out, args.base, args.lora_scale, args.axes_dim, dtype
-            )
+            [lora], [scale] = args.lora, args.lora_scale
+            out = convert_lora(lora, args.out, args.base, scale, args.axes_dim, dtype)
         else:
-            lora = args.lora if args.merge else None
-            out = convert_flux(
-                args.base, args.out, dtype, args.kind, args.axes_dim, lora, args.lora_scale
-            )
+            merge = dict(lora=args.lora, lora_scale=args.lora_scale) if args.merge else {}
+            out = convert_flux(args.base, args.out, dtype, args.kind, args.axes_dim, **merge)
     except (ValueError, OSError) as e:  # unreadable or unfit weights, a failed write
         fail(" ".join(str(e).split()), code=1)
     print(f"wrote {out}")

@@ -146,8 +146,10 @@ def from_shapes(
     axes_dim = axes_dim or DEFAULT_AXES.get(head_dim)
     if axes_dim is None:
         raise ValueError(
-            f"{where}: head dim {head_dim}: the RoPE axes are not stored in the weights; pass "
-            "axes_dim or load from a folder with a config.json"
+            f"{where}: head dim {head_dim}: the RoPE axes are not stored in the weights; give "
+            "--base a folder (or repo id) whose transformer/config.json has them (axes_dims_rope), "
+            "load the folder with its config.json, or give --axes-dim (convert_weights.py; "
+            "axes_dim in Python)"
         )
     return checked(FluxParams, {**params, "axes_dim": tuple(axes_dim)}, f"{where} (its shapes)")
 

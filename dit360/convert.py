@@ -14,6 +14,7 @@ from . import config as cfg
 from .core.lora import fold_
 from .files import atomic_path, write_safetensors
 from .lora_formats import read_lora, write_peft
+from .options import paired_loras
 from .weights import (
     FLUX_CONFIG_KEY,
     FLUX_DIFFUSERS,
@@ -32,18 +33,22 @@ def convert_flux(
     dtype: torch.dtype | None = None,
     to: str = "bfl",
     axes_dim: tuple[int, ...] | None = None,
-    lora: str | Path | None = None,
-    lora_scale: float = 1.0,
+    lora: str | Path | tuple[str | Path, ...] | None = None,
+    lora_scale: float | tuple[float, ...] = 1.0,
 ) -> Path:
-    """Write the transformer of `src` (with `lora` folded in) in our layout as one file, or with
-    `to="diffusers"` as a folder (config.json + diffusion_pytorch_model.safetensors) that replaces
-    `out`. All or nothing: a merge that gives NaN or inf (a diverged LoRA) leaves no file."""
+    """Write the transformer of `src` (with the LoRA or LoRAs `lora` folded in, each at its
+    `lora_scale`: one for all or one each) in our layout as one file, or with `to="diffusers"` as
+    a folder (config.json + diffusion_pytorch_model.safetensors) that replaces `out`. All or
+    nothing: a merge that gives NaN or inf (a diverged LoRA) leaves no file."""
     if to not in ("bfl", "diffusers"):
         raise ValueError(f"unknown layout {to!r}: use 'bfl' or 'diffusers'")
     tfile, plan, model = read_flux(src, axes_dim)
     params, state, out = model.params, model.state_dict(), Path(out)  # state: names and shapes
     config = cfg.to_diffusers_config(params) if to == "diffusers" else None  # fails before writing
-    parts = read_lora(lora, model) if lora else {}
+    loras, scales = paired_loras(lora, lora_scale)
+    pairs = list(zip(loras or (), scales, strict=True))
+    plans = [(read_lora(src, model), scale) for src, scale in pairs]
+    merged = ", ".join(f"{src} at scale {scale:g}" for src, scale in pairs)
     first = {k: plan.sources[k][1][0] for k in state}  # scaled fp8 reads dequantized: bf16
     stored = {k: torch.bfloat16 if f in tfile.scales else tfile.dtypes[f] for k, f in first.items()}
     dtypes = {k: dtype or stored[k] for k in state}
@@ -55,19 +60,22 @@ def convert_flux(
 
     def tensors() -> Iterator[tuple[str, Tensor]]:
         for name, t in stream_tensors(tfile, plan, list(state), None):
-            if (layer := name.removesuffix(".weight")) in parts and name.endswith(".weight"):
-                t = fold_(t.float(), parts[layer], lora_scale).to(dtypes[name])  # + scale * B @ A
+            layer, weight = name.removesuffix(".weight"), name.endswith(".weight")
+            if folds := [(p[layer], s) for p, s in plans if weight and layer in p]:
+                t = t.float()
+                for parts, scale in folds:  # summed in float32, rounded once
+                    fold_(t, parts, scale)  # + scale * B @ A
                 if not t.isfinite().all():
                     raise ValueError(
-                        f"{name} is not finite after merging {lora} at scale {lora_scale}: the "
-                        "LoRA holds NaN or inf (a diverged training run?) or the scale is too large"
+                        f"{name} is not finite after merging {merged}: a LoRA holds NaN or inf "
+                        "(a diverged training run?) or a scale is too large"
                     )
             yield from pieces(name, t.to(dtypes[name]))
 
     specs = {k: (dtypes[n], tuple(p.shape)) for n, t in state.items() for k, p in pieces(n, t)}
     metadata = {} if config else {FLUX_CONFIG_KEY: params.to_json()}
-    if lora:  # so that sample.py does not apply the default LoRA a second time
-        metadata[MERGED_KEY] = json.dumps({"lora": str(lora), "scale": lora_scale})
+    if pairs:  # so that sample.py does not apply the default LoRA a second time
+        metadata[MERGED_KEY] = json.dumps([{"lora": str(s), "scale": x} for s, x in pairs])
     if config is None:
         write_safetensors(out, specs, tensors(), metadata)
         return out

@@ -37,6 +37,7 @@ from .tiling import decode
 
 Opts = TypeVar("Opts", bound=Options)
 J = TypeVar("J")
+LoraUse = tuple[str, Path, float]  # a LoRA as --lora gives it, its file, its scale
 
 # GPU memory (GiB, as torch.cuda.mem_get_info's free bytes / 2**30 that `offload.choose` compares
 # them with) each mode needs for flux-dev at 1024x2048 in bf16, estimated from the parts' sizes
@@ -66,29 +67,47 @@ def computed_ahead(model: Flux) -> list[nn.Module]:
     return [*model.modulation_layers(), *model.embedders()]
 
 
-def lora_source(opts: Options, log: Callable[[str], None] | None = None) -> str | None:
-    """--lora; auto: DiT360's published LoRA, unless the transformer has a LoRA merged in already
-    (`convert_weights.py --merge` records it in the file), which is then said through `log`."""
+def lora_file(src: str) -> Path:
+    """--lora's file (find_lora); DiT360's LoRA not found also offers to go without it."""
+    from .lora_formats import find_lora
+
+    try:
+        return flagged("--lora", find_lora, src)
+    except FileNotFoundError as e:
+        if src != DIT360_LORA:
+            raise
+        raise FileNotFoundError(f"{e}; or run without it: --lora none (plain FLUX.1-dev)") from None
+
+
+def lora_sources(opts: Options, log: Callable[[str], None] | None = None) -> list[LoraUse]:
+    """(--lora as given, its file, scale) of each LoRA in order; auto: DiT360's published LoRA,
+    unless the transformer has a LoRA merged in already (`convert_weights.py --merge` records it
+    in the file), which is then said through `log`."""
     from .weights import MERGED_KEY
 
-    if opts.lora != "auto":
-        return opts.lora
-    part = opts.sources().transformer
-    if merged := part.open().metadata.get(MERGED_KEY):
-        if log:
-            log(f"LoRA: none added; {part} has one merged in ({merged})")
-        return None
-    return DIT360_LORA
+    merged = None
+    if "auto" in (opts.lora or ()):
+        part = opts.sources().transformer
+        if (merged := part.open().metadata.get(MERGED_KEY)) and log:
+            log(f"LoRA: none added for auto; {part} has one merged in ({merged})")
+    pairs = zip(opts.lora or (), opts.lora_scale, strict=True)
+    named = [
+        (DIT360_LORA if src == "auto" else src, s)
+        for src, s in pairs
+        if not merged or src != "auto"
+    ]
+    return [(src, lora_file(src), s) for src, s in named]
 
 
 def check_inputs(opts: Options) -> None:
     """Resolve every weight file and check its headers against its model, the tokenizers and the
-    LoRA (against the transformer) before anything loads: a mistake costs seconds, not minutes and
-    33 GB read. The LoRA is found first, so a typo fails before --base downloads anything."""
-    from .lora_formats import find_lora, read_lora
+    LoRAs (against the transformer) before anything loads: a mistake costs seconds, not minutes
+    and 33 GB read. The LoRAs are found first, so a typo fails before --base downloads anything."""
+    from .lora_formats import read_lora
 
-    if opts.lora not in (None, "auto"):
-        flagged("--lora", find_lora, opts.lora)
+    for src in opts.lora or ():
+        if src != "auto":
+            lora_file(src)
     from .text import check_encoder, load_tokenizers  # transformers: seconds to import
     from .weights import read_autoencoder, read_flux
 
@@ -99,12 +118,12 @@ def check_inputs(opts: Options) -> None:
         flagged(flag[kind], check_encoder, getattr(src, kind), kind)
     flagged("--vae" if opts.vae else "--base", read_autoencoder, src.vae)
     flagged("--base", load_tokenizers, src)
-    if lora := lora_source(opts):
-        flagged("--lora", read_lora, lora, model)
+    for _, path, _ in lora_sources(opts):
+        flagged("--lora", read_lora, path, model)
 
 
 def load_model(opts: Options, offload: str = "none", log: Callable[[str], None] = print) -> Flux:
-    """The transformer with the LoRA (merged unless asked otherwise), parked in CPU memory except,
+    """The transformer with the LoRAs (merged unless asked otherwise), parked in CPU memory except,
     with offload none, what denoising needs: that is loaded onto the device."""
     from .weights import load_flux
 
@@ -113,12 +132,12 @@ def load_model(opts: Options, offload: str = "none", log: Callable[[str], None] 
     # transformer in bf16 (17 GB) would not fit the cards fp8 is for
     read_to = (lambda m: [m]) if opts.fp8 else on_cpu
     model = load_flux(opts.sources().transformer, opts.device, opts.dtype, on_cpu=read_to)
-    if lora := lora_source(opts, log):
-        from .lora_formats import load_lora
+    from .lora_formats import load_lora
 
-        how = "merged into the weights" if opts.merge_lora else "as adapters"
-        log(f"LoRA {lora} at scale {opts.lora_scale}, {how}")
-        load_lora(model, lora, scale=opts.lora_scale, merge=opts.merge_lora)
+    how = "merged into the weights" if opts.merge_lora else "as adapters"
+    for src, path, scale in lora_sources(opts, log):  # merged: each folded in, in order
+        log(f"LoRA {src} at scale {scale}, {how}")
+        load_lora(model, path, scale=scale, merge=opts.merge_lora)
     if opts.fp8:  # after the merge: a LoRA folds into the full-precision weights
         quantize_fp8(model, opts.device)
         if offload == "none":

@@ -6,6 +6,7 @@ its help, and the command-line flags of sample.py and edit.py are derived from t
 import argparse
 import importlib.util
 import math
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +28,9 @@ ATTENTION = ("auto", *BACKENDS, "fa3")  # SDPA's kernels and FA3: layers.attenti
 FINITE, UNIT = (math.isfinite, "a finite number"), (lambda v: 0 <= v <= 1, "in [0, 1]")
 GUIDE = (lambda v: abs(v) <= GUIDANCE, f"a finite number from -{GUIDANCE} to {GUIDANCE}")
 CHECKS = {  # field: (test of its value, what it must be); NaN fails every comparison
-    "lora_scale": FINITE, "guidance": GUIDE, "inversion_guidance": GUIDE, "tau": FINITE,
+    "lora_scale": (lambda v: all(map(math.isfinite, v if isinstance(v, tuple | list) else [v])),
+                   "a finite number (each)"),
+    "guidance": GUIDE, "inversion_guidance": GUIDE, "tau": FINITE,
     "blend_until": FINITE, "gamma": UNIT, "eta": UNIT, "start": UNIT, "stop": UNIT,
     "steps": (lambda v: isinstance(v, int) and 1 <= v <= STEPS, f"an integer from 1 to {STEPS}"),
     "seed": (lambda v: isinstance(v, int) and 0 <= v < 2**64, "an integer from 0 to 2**64 - 1"),
@@ -69,13 +72,17 @@ class Options:
         None, "CLIP-L's own file or folder, e.g. clip_l.safetensors; None: --base's"
     )
     vae: str | None = opt(None, "the VAE's own file or folder, e.g. ae.safetensors; None: --base's")
-    lora: str | None = opt(
+    lora: str | tuple[str, ...] | None = opt(
         "auto",
-        "LoRA repo id, folder or .safetensors file; none; auto: DiT360's published LoRA "
+        "LoRA repo id, folder or .safetensors file, or a train.py run (--out) or checkpoint "
+        "folder; give it several times to apply several; none; auto: DiT360's published LoRA "
         f"({DIT360_LORA}) unless the transformer has a LoRA merged in (convert_weights --merge)",
+        action="several",
     )
-    lora_scale: float = opt(1.0, "weight of the LoRA")
-    merge_lora: bool = opt(True, "fold the LoRA into the weights (no cost per step)")
+    lora_scale: float | tuple[float, ...] = opt(
+        1.0, "weight of the LoRA: once for all, or once per --lora in order", action="several"
+    )
+    merge_lora: bool = opt(True, "fold the LoRAs into the weights (no cost per step)")
     steps: int = opt(28, "sampling steps")
     guidance: float = opt(2.8, "guidance input of the distilled FLUX.1-dev")
     seed: int = opt(0, "noise seed")
@@ -129,12 +136,7 @@ class Options:
             raise ValueError(f"--device {self.device}: no such CUDA GPU here; use --device cpu")
         if dev.type != "cuda" and self.attention in ("cudnn", "efficient"):
             raise ValueError(f"--attention {self.attention} needs a CUDA GPU; use auto or flash")
-        self.lora = None if str(self.lora).lower() == "none" else self.lora
-        if self.lora is None and self.lora_scale != 1.0:  # it would scale nothing
-            raise ValueError(
-                f"--lora-scale {self.lora_scale} needs --lora, which is none: give a LoRA or "
-                "drop --lora-scale"
-            )
+        self.lora, self.lora_scale = paired_loras(self.lora, self.lora_scale)
         dtype = self.dtype or ("bf16" if dev.type == "cuda" else "fp32")
         self.dtype = DTYPES.get(dtype, dtype)
         if self.attention == "fa3":
@@ -187,6 +189,36 @@ class EditOptions(Options):
         super().__post_init__()
         if self.start > self.stop:
             raise ValueError(f"need --start <= --stop, got {self.start} > {self.stop}")
+
+
+def paired_loras(
+    lora: str | tuple[str, ...] | None, scale: float | tuple[float, ...]
+) -> tuple[tuple[str, ...] | None, tuple[float, ...]]:
+    """--lora (one, several, or none: None) and a scale for each (--lora-scale once for all, or
+    once per --lora in order); ValueError naming the flags if they do not pair."""
+    names = [lora] if lora is None or isinstance(lora, str | os.PathLike) else list(lora)
+    names = [None if n is None or str(n).lower() == "none" else str(n) for n in names]
+    scales = tuple(scale) if isinstance(scale, tuple | list) else (scale,)
+    said = " ".join(f"{s:g}" for s in scales)
+    if None in names and len(names) > 1:
+        raise ValueError(
+            f"--lora none cannot be combined with other LoRAs (got {len(names)}): give none alone, "
+            "or drop it"
+        )
+    if names == [None]:
+        if any(s != 1.0 for s in scales):  # it would scale nothing
+            raise ValueError(
+                f"--lora-scale {said} needs --lora, which is none: give a LoRA or drop --lora-scale"
+            )
+        return None, ()
+    if twice := next((n for n in names if names.count(n) > 1), None):
+        raise ValueError(f"--lora {twice} is given twice: give it once, weighted by --lora-scale")
+    if len(scales) not in (1, len(names)):
+        raise ValueError(
+            f"--lora-scale {said}: {len(scales)} scales for {len(names)} LoRAs; give one scale "
+            "for all, or one per --lora in order"
+        )
+    return tuple(names), scales * len(names) if len(scales) == 1 else scales
 
 
 def check_fa3(device: torch.device, dtype: torch.dtype) -> None:
@@ -297,6 +329,15 @@ POSITIVE, FRACTION, FINITE_FLOAT = (
 )
 
 
+class Several(argparse.Action):
+    """A flag that may be given several times: the tuple of its values in order (the default
+    stands only if it is never given)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        given = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, (*(() if given is self.default else given), values))
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field of the options dataclass `cls`: --field-name, its default and help."""
     for f in fields(cls):
@@ -307,6 +348,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             meta["action"] = argparse.BooleanOptionalAction
         else:
             meta.setdefault("type", type(f.default) if f.default is not None else str)
+        if meta.get("action") == "several":
+            meta["action"] = Several
         parser.add_argument(name, default=f.default, **meta)
 
 

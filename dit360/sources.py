@@ -14,7 +14,7 @@ tokenizers, found in the layouts users hold and resolved before anything loads.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import TypeVar
@@ -67,6 +67,7 @@ class Part:
 
     path: Path
     prefix: str = ""
+    axes_dim: tuple[int, ...] | None = None  # RoPE axes for a file that lacks them (--base's)
 
     def open(self) -> TensorFile:
         """Its tensors (headers only until read), named without the prefix."""
@@ -151,6 +152,28 @@ def tokenizer(root: Path | None, name: str) -> Path:
     return resolve(repo, files, f"the tokenizer of {repo} (or --base with {FOLDERS[name]}/)")
 
 
+def base_axes(root: Path) -> tuple[int, ...] | None:
+    """The RoPE axes in --base's transformer config.json (diffusers), if it has one: what a
+    --transformer file whose heads are not 128 wide does not store."""
+    folder = root / FOLDERS["transformer"] if (root / FOLDERS["transformer"]).is_dir() else root
+    found = config_beside(folder, _class_name="FluxTransformer2DModel")
+    axes = found and found[0].get("axes_dims_rope")
+    return tuple(axes) if isinstance(axes, list) else None  # its values: checked with the model
+
+
+def fetch_base(base: str | None, wanted: list[str]) -> Path:
+    """--base (default FLUX.1-dev) found or fetched; for the gated FLUX.1-dev, how to get it."""
+    if (base or FLUX_DEV) != FLUX_DEV:
+        return flagged("--base", resolve, base, wanted, LAYOUT)
+    try:
+        return flagged("--base", resolve, FLUX_DEV, wanted)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"{e}. It is gated: accept its license on https://huggingface.co/{FLUX_DEV} while "
+            "logged in, and log in here with `hf auth login` (or set HF_TOKEN) before downloading"
+        ) from None
+
+
 @cache
 def resolve_sources(
     base: str | None = None,
@@ -169,7 +192,9 @@ def resolve_sources(
     missing, root = [p for p in parts if p not in found], None
     if missing or base is not None:
         wanted = [f"{FOLDERS[p]}/*" for p in (*missing, *TOKENIZERS)] + ["model_index.json"]
-        root = flagged("--base", resolve, base or FLUX_DEV, wanted, LAYOUT)
+        root = fetch_base(base, [*wanted, "transformer/config.json"])
+        if "transformer" in found and (axes := flagged("--base", base_axes, root)):
+            found["transformer"] = replace(found["transformer"], axes_dim=axes)
         look = in_folder if root.is_dir() else find_in_file
         from_base = {p: flagged("--base", look, root, p) for p in missing}
         if absent := [p for p, part in from_base.items() if part is None]:

@@ -257,7 +257,7 @@ def read_flux(
         where = f"{tfile.source} metadata {FLUX_CONFIG_KEY}"
         params = cfg.from_json(cfg.FluxParams, tfile.metadata[FLUX_CONFIG_KEY], where)
     else:
-        params = cfg.from_shapes(plan.shapes, axes_dim, str(tfile.source))
+        params = cfg.from_shapes(plan.shapes, axes_dim or part.axes_dim, str(tfile.source))
     check_plan(plan, flux_shapes(params), tfile)  # before building: a config is no cost
     return tfile, plan, meta_flux(params)
 

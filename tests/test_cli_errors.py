@@ -72,6 +72,14 @@ SAMPLE_CASES = [  # extra flags (the last of a repeated flag wins), the error li
         r"--prompt:1: the seeds 18446744073709551615\.\.18446744073709551616 .* must fit in 64 b",
     ),
     (["--out", "{tmp}/\udcff.png", "--viewer"], r"the name is not UTF-8 text: choose a UTF-8 name"),
+    (["--lora", "{tmp}/a", "--lora", "none"], r"--lora none cannot be combined with other LoRAs"),
+    (["--lora", "{tmp}/a", "--lora", "{tmp}/a"], r"--lora \S+a is given twice: give it once"),
+    (
+        ["--lora", "{tmp}/a", "--lora", "{tmp}/b", *["--lora-scale", "1"] * 3],
+        r"--lora-scale 1 1 1: 3 scales for 2 LoRAs; give one scale for all, or one per --lora in",
+    ),
+    (["--lora", "auto", "--lora", "{tmp}/typo"], r"--lora: \S+typo: no such file or folder"),
+    (["--lora", "none", "--lora-scale", "2", "--lora-scale", "1"], r"--lora-scale 2 1 needs --lo"),
 ]
 
 EDIT_CASES = [
@@ -168,7 +176,8 @@ def test_sample_bad_input(tiny_flux, tmp_path, capsys, no_cuda, extra, match):
     """sample.py: one line naming the flag, exit 2, nothing written."""
     (tmp_path / "blocker").write_text("a file where a folder should be")
     (tmp_path / "folder.png").mkdir()
-    argv = sample_args(tiny_flux, tmp_path / "pano.png", *expand(extra, tmp_path))
+    lora = None if "--lora" in extra else "none"  # --lora adds a LoRA: none is given alone
+    argv = sample_args(tiny_flux, tmp_path / "pano.png", *expand(extra, tmp_path), lora=lora)
     expect_error(capsys, sample.main, argv, tmp_path, match)
 
 

@@ -81,6 +81,20 @@ BAD = [
         r"NaN or inf \(in transformer\..*lora_A.*not written",
         1,
     ),
+    ("--lora {lora} --lora {nan} --out {out}/p", "--lora is given 2 times: only --merge folds", 2),
+    ("--base {base} --lora {lora} --lora {lora} --merge --out {out}/a.safetensors", "twice", 2),
+    ("--base {base} --lora none --lora {lora} --merge --out {out}/a.safetensors", "combined", 2),
+    (
+        "--base {base} --lora {lora} --lora {nan} --merge --lora-scale 1 --lora-scale 2 "
+        "--lora-scale 3 --out {out}/a.safetensors",
+        r"--lora-scale 1 2 3: 3 scales for 2 LoRAs; give one scale for all, or one per --lora",
+        2,
+    ),
+    (
+        "--base {base} --lora {lora} --lora {nan} --merge --out {out}/a.safetensors",
+        r"not finite after merging \S+lora at scale 1, \S+nan at scale 1: a LoRA holds NaN",
+        1,
+    ),
 ]
 
 

@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ from tiny import TINY_TRANSFORMER, diffusers_transformer, save_transformer
 import convert_weights
 from dit360 import config, lora_formats
 from dit360.core import lora
-from dit360.weights import load_flux, meta_flux
+from dit360.files import open_tensors
+from dit360.weights import MERGED_KEY, load_flux, meta_flux
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parents[1]
@@ -495,3 +497,92 @@ def test_all_linear_config(base, x, tmp_path):
     plain = out(lora_formats.load_lora(ours(base), folder), x)
     (folder / "adapter_config.json").write_text(json.dumps(cfg | {"target_modules": "all-linear"}))
     assert torch.equal(out(lora_formats.load_lora(ours(base), folder), x), plain)
+
+
+def two_loras(tiny_flux: Path, tmp_path: Path, x: dict, weights: list[float]):
+    """A DiT360-format LoRA (r 4, the attention projections; alpha = r: diffusers ignores
+    adapter_config.json) and a kohya one (r 2, fused qkv, MLP, modulation; alpha per module), and
+    diffusers' transformer output with both loaded by `load_lora_weights(..., adapter_name=...)`
+    and weighted by `set_adapters`."""
+    from diffusers import FluxTransformer2DModel
+
+    folder = dit360_lora(tmp_path / "dit360", r=4, alpha=4)[0]
+    path = bfl_lora(tmp_path / "style.safetensors", KOHYA_FOR_DIFFUSERS, "kohya", r=2, seed=5)[0]
+    reference = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer")
+    pipe = pipeline(reference)
+    pipe.load_lora_weights(str(folder), adapter_name="dit360")
+    pipe.load_lora_weights(str(path), adapter_name="style")
+    pipe.set_adapters(["dit360", "style"], adapter_weights=weights)
+    return folder, path, run_diffusers(reference.eval(), x)
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+def test_two_loras_match_diffusers_set_adapters(tiny_flux, x, tmp_path):
+    """--lora twice with a --lora-scale each (load_model: merged, and as adapters) and
+    convert_weights.py --merge of both equal diffusers' two adapters under set_adapters'
+    adapter_weights; the merged file records both, so --lora auto adds nothing to it."""
+    from dit360.generate import load_model, lora_sources
+    from dit360.options import Options
+
+    scales = [0.7, -0.5]
+    folder, path, expected = two_loras(tiny_flux, tmp_path, x, scales)
+    with torch.no_grad():  # each LoRA matters: the checks below can fail
+        alone = out(lora_formats.load_lora(load_flux(tiny_flux, dtype=torch.float32), folder), x)
+    assert rel_err(alone, expected) > 1e-2
+    errs, logs = {}, []
+    for merge in (True, False):
+        opts = Options(
+            base=str(tiny_flux), lora=(str(folder), str(path)), lora_scale=tuple(scales),
+            merge_lora=merge, device="cpu", dtype="fp32",
+        )  # fmt: skip
+        model = load_model(opts, log=logs.append)
+        assert len(lora.lora_names(model)) == 2
+        errs[merge] = rel_err(out(model, x), expected)
+    pairs = list(zip((folder, path), scales, strict=True))
+    how = ["merged into the weights", "as adapters"]
+    assert logs == [f"LoRA {p} at scale {s}, {h}" for h in how for p, s in pairs]
+    merged = tmp_path / "merged.safetensors"
+    argv = ["--base", str(tiny_flux), "--lora", str(folder), "--lora", str(path), "--merge"]
+    convert_weights.main(
+        [*argv, "--lora-scale", "0.7", "--lora-scale", "-0.5", "--out", str(merged)]
+    )
+    errs["file"] = rel_err(out(load_flux(merged, dtype=torch.float32), x), expected)
+    print(f"two LoRAs vs diffusers set_adapters: merged, adapters, --merge file: {errs}")
+    assert max(errs.values()) < 1e-5
+    opts = Options(base=str(tiny_flux), transformer=str(merged), device="cpu")
+    assert lora_sources(opts) == []  # auto: the file has LoRAs merged in
+    recorded = json.loads(open_tensors(merged).metadata[MERGED_KEY])
+    assert recorded == [{"lora": str(p), "scale": s} for p, s in pairs]
+
+
+def test_lora_from_a_training_run(tiny_flux, tmp_path):
+    """--lora takes a train.py run (--out) or one of its checkpoints: their lora/; a run without
+    its final lora/ names its latest checkpoint instead."""
+    import numpy as np
+    from PIL import Image
+
+    import train
+    from dit360.generate import lora_sources
+    from dit360.options import Options
+
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "p.png")
+    (tmp_path / "pano.jsonl").write_text(json.dumps({"image": "p.png", "caption": "a lake"}))
+    run = tmp_path / "run"
+    train.main([
+        "--base", str(tiny_flux), "--pano", str(tmp_path / "pano.jsonl"), "--out", str(run),
+        "--resolution", "32", "--lora-rank", "2", "--workers", "0", "--device", "cpu",
+        "--max-steps", "1", "--save-every", "1",
+    ])  # fmt: skip
+    step = run / "checkpoints" / "step-00000001"
+    for given, found in [(run, run / "lora"), (step, step / "lora")]:
+        opts = Options(base=str(tiny_flux), lora=str(given), lora_scale=0.5, device="cpu")
+        [(src, path, scale)] = lora_sources(opts)
+        assert (src, path, scale) == (str(given), found / "adapter_model.safetensors", 0.5)
+        plan = lora_formats.read_lora(given, load_flux(tiny_flux, dtype=None))
+        modules = [k for k in load_file(path) if k.endswith("lora_A.weight")]
+        assert sum(map(len, plan.values())) == len(modules) > 0  # a part for each
+    shutil.rmtree(run / "lora")  # as if the run were still going
+    unfinished = f"{run} is a training run that has not written its final lora/ yet: give its"
+    with pytest.raises(FileNotFoundError, match=f"{unfinished} latest checkpoint, {step}$"):
+        lora_formats.find_lora(run)

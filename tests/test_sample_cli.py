@@ -16,21 +16,27 @@ ROOT = Path(__file__).parents[1]
 PROMPT = "This is a panorama. A castle on a hill at sunset."
 
 
-def args(tiny_flux, out, *extra, lora: str = "none") -> list[str]:
+def args(tiny_flux, out, *extra, lora: str | None = "none") -> list[str]:
+    """sample.py's tiny run; `lora` None: no --lora flag (`extra` gives them)."""
     return [
-        *("--prompt", PROMPT, "--base", str(tiny_flux), "--lora", lora),
+        *("--prompt", PROMPT, "--base", str(tiny_flux), *(("--lora", lora) if lora else ())),
         *("--height", "32", "--width", "64", "--steps", "3", "--seed", "4"),
         *("--device", "cpu", "--dtype", "fp32", "--out", str(out), *extra),
     ]
 
 
-def pipeline_image(tiny_flux, lora=None) -> np.ndarray:
-    """diffusers' FluxPipeline (+ load_lora_weights) with the settings of `args`, as int16."""
+def pipeline_image(tiny_flux, lora=None, weights: dict | None = None) -> np.ndarray:
+    """diffusers' FluxPipeline (+ load_lora_weights; of each of `weights`' LoRAs, weighted by
+    set_adapters) with the settings of `args`, as int16."""
     from diffusers import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(tiny_flux, torch_dtype=torch.float32)
     if lora:
         pipe.load_lora_weights(lora)
+    for i, path in enumerate(weights or {}):
+        pipe.load_lora_weights(str(path), adapter_name=f"lora{i}")
+    if weights:
+        pipe.set_adapters([f"lora{i}" for i in range(len(weights))], list(weights.values()))
     image = pipe(
         PROMPT,
         height=32,
@@ -70,6 +76,27 @@ def test_lora_matches_flux_pipeline(tiny_flux, tmp_path, capsys, merge):
     got = np.asarray(Image.open(out), dtype=np.int16)
     assert np.abs(got - pipeline_image(tiny_flux, folder)).max() <= 1
     assert np.abs(got - pipeline_image(tiny_flux)).max() > 1  # the LoRA changes it beyond that
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+def test_two_loras_match_flux_pipeline(tiny_flux, tmp_path, capsys):
+    """--lora twice, a --lora-scale each, as adapters: FluxPipeline's image with both LoRAs
+    (load_lora_weights with adapter names) weighted by set_adapters."""
+    from test_lora import KOHYA_FOR_DIFFUSERS, bfl_lora, dit360_lora
+
+    folder = dit360_lora(tmp_path / "lora", r=4, alpha=4)[0]
+    style = bfl_lora(tmp_path / "style.safetensors", KOHYA_FOR_DIFFUSERS, "kohya", r=2)[0]
+    out = tmp_path / "pano.png"
+    loras = ["--lora", str(folder), "--lora", str(style), "--no-merge-lora"]
+    scales = ["--lora-scale", "0.8", "--lora-scale", "1.5"]
+    sample.main(args(tiny_flux, out, "--wrap-pad", "0", *loras, *scales, lora=None))
+    err = capsys.readouterr().err
+    assert f"LoRA {folder} at scale 0.8, as adapters" in err
+    assert f"LoRA {style} at scale 1.5, as adapters" in err
+    got = np.asarray(Image.open(out), dtype=np.int16)
+    assert np.abs(got - pipeline_image(tiny_flux, weights={folder: 0.8, style: 1.5})).max() <= 1
+    other = pipeline_image(tiny_flux, weights={folder: 0.8, style: 0.0})
+    assert np.abs(got - other).max() > 1  # the second LoRA changes it beyond that
 
 
 def test_gpano_metadata(tiny_flux, tmp_path):

@@ -7,6 +7,7 @@ flux1-dev.safetensors needs none, its RoPE axes follow from the 128-wide heads, 
 model's axes cannot be read from its shapes. Everything else is as the real files have it: no
 config beside T5, CLIP or the VAE, ComfyUI's prefixes and spare tensors, float8 norms."""
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ import sample
 from dit360 import text
 from dit360.convert import convert_flux
 from dit360.sources import BUNDLE, Part, in_folder, resolve_sources
-from dit360.weights import load_autoencoder, load_flux
+from dit360.weights import load_autoencoder, load_flux, read_flux
 
 F8 = torch.float8_e4m3fn
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -284,7 +285,49 @@ def test_repo_ids_fetch_only_what_is_used(tiny_flux, tmp_path, monkeypatch) -> N
     monkeypatch.setattr("dit360.sources.resolve", fake)
     file = convert_flux(tiny_flux, tmp_path / "flux1-dev.safetensors")
     src = resolve_sources("acme/flux", str(file))
-    assert src.transformer == Part(file) and src.t5 == Part(tiny_flux / "text_encoder_2")
+    axes = tuple(
+        json.loads((tiny_flux / "transformer" / "config.json").read_text())["axes_dims_rope"]
+    )
+    assert src.transformer == Part(file, axes_dim=axes)  # --base's, for a file without them
+    assert src.t5 == Part(tiny_flux / "text_encoder_2")
     [patterns] = [p for s, p in asked if s == "acme/flux"]
-    assert "transformer/*" not in patterns
+    assert "transformer/*" not in patterns and "transformer/config.json" in patterns
     assert {"text_encoder_2/*", "text_encoder/*", "vae/*", "tokenizer/*"} <= set(patterns)
+
+
+@pytest.mark.filterwarnings("ignore:32x64")
+def test_bare_transformer_takes_axes_from_base(tiny_flux, tmp_path, capsys, folder_image) -> None:
+    """A transformer file with 16-wide heads and no config (its RoPE axes are not in the weights)
+    as --transformer: the axes come from --base's transformer/config.json, and the image is the
+    folder's; a --base without that config, or no --base, is told what to give."""
+    file = tmp_path / "flux1-dev.safetensors"
+    save_file(bfl_state(tiny_flux, tmp_path / "x"), file)  # no metadata: no config
+    fix = r"head dim 16: the RoPE axes are not stored in the weights; give --base a folder \(or"
+    with pytest.raises(ValueError, match=fix):
+        read_flux(file)
+    got = image(tiny_flux, tmp_path / "a.png", "--base", str(tiny_flux), "--transformer", str(file))
+    assert np.array_equal(got, folder_image)
+    base = tmp_path / "no-config"
+    shutil.copytree(tiny_flux, base, ignore=shutil.ignore_patterns("transformer"))
+    argv = [*sample_args(base, tmp_path / "out" / "b.png"), "--transformer", str(file)]
+    (tmp_path / "out").mkdir()
+    expect_error(capsys, sample.main, argv, tmp_path / "out", rf"--transformer: \S+ {fix}")
+
+
+def test_uncached_defaults_say_what_to_do(tiny_flux, tmp_path, capsys, monkeypatch) -> None:
+    """Offline with nothing cached: the default --base says how to get the gated FLUX.1-dev
+    (its license, `hf auth login`); --lora auto offers --lora none."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    (out := tmp_path / "out").mkdir()
+    argv = sample_args(tiny_flux, out / "o.png", lora="auto")
+    gated = (
+        r"--base: black-forest-labs/FLUX.1-dev is not in the Hugging Face cache .*, or pass a "
+        r"local folder. It is gated: accept its license on https://huggingface.co/black-forest-"
+        r"labs/FLUX.1-dev while logged in, and log in here with `hf auth login` \(or set "
+        r"HF_TOKEN\) before downloading$"
+    )
+    i = argv.index("--base")
+    no_base = argv[:i] + argv[i + 2 :]
+    expect_error(capsys, sample.main, no_base, out, gated)
+    auto = r"--lora: Insta360-Research/DiT360.* not in the Hugging Face cache .*; or run without "
+    expect_error(capsys, sample.main, argv, out, auto + r"it: --lora none \(plain FLUX.1-dev\)$")
