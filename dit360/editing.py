@@ -101,7 +101,7 @@ class EditJob(Job):
     invert: bool | None = None
     source_prompt: str | None = None
 
-    SETS: ClassVar = ("steps", "guidance", "invert", "source_prompt")
+    SETS: ClassVar = ("steps", "guidance", "negative_prompt", "invert", "source_prompt")
 
 
 def source_prompt(o: EditOptions, job: EditJob) -> str:

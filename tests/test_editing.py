@@ -1,6 +1,7 @@
 """Editing (RF-Inversion + token replacement) against an independent re-statement of DiT360's
 editing on diffusers' transformer, its properties, and edit.py end to end on the tiny model."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -406,6 +407,25 @@ def test_cli_inpaint_paste_back(tiny_flux, tmp_path, capsys):
     assert got.shape == (32, 64, 3) and keep.any() and not keep.all()
     assert np.array_equal(got[keep], source[keep])
     assert not np.array_equal(got[~keep], source[~keep])
+
+
+def test_cli_true_cfg(tiny_flux, tmp_path, capsys):
+    """--negative-prompt --true-cfg 3 changes the edit and says its cost; an --edits row's
+    "negative_prompt" gives the same image."""
+    src, mask = write_inputs(tmp_path)
+    neg = ("--negative-prompt", "blurry", "--true-cfg", "3")
+    edit_cli.main(cli(tiny_flux, src, mask, tmp_path / "cfg.png", *neg))
+    assert "true CFG at scale 3.0 on the target" in capsys.readouterr().err
+    edit_cli.main(cli(tiny_flux, src, mask, tmp_path / "plain.png"))
+    assert "true CFG" not in capsys.readouterr().err
+    got, plain = (np.asarray(Image.open(tmp_path / f), np.int16) for f in ("cfg.png", "plain.png"))
+    assert np.abs(got - plain).max() > 1
+    row = {"image": "src.png", "mask": "mask.png", "prompt": PROMPT, "negative_prompt": "blurry"}
+    (tmp_path / "edits.jsonl").write_text(json.dumps(row | {"out": "row.png"}) + "\n")
+    argv = cli(tiny_flux, src, mask, tmp_path / "x.png", *neg[2:])
+    argv = [a for a in argv[6:] if a not in ("--out", str(tmp_path / "x.png"))]
+    edit_cli.main([*argv, "--edits", str(tmp_path / "edits.jsonl"), "--out-dir", str(tmp_path)])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "row.png"), np.int16), got)
 
 
 def test_cli_errors(tiny_flux, tmp_path, capsys):
