@@ -77,6 +77,7 @@ EDIT_CASES = [
     (["--guidance=-inf"], r"--guidance \(guidance\) must be a finite number"),
     (["--lora-scale", "nan"], r"--lora-scale \(lora_scale\) must be a finite number"),
     (["--mask-pad", "mirror"], r"--mask-pad: invalid choice"),
+    (["--true-cfg", "0"], r"--true-cfg \(true_cfg\) must be a finite number >= 1"),
     (["--vae-tile", "0"], r"--vae-tile \(vae_tile\) must be at least 1"),
     (["--seed", "-1"], r"--seed \(seed\) must be an integer >= 0"),
     (["--device", "cuda"], r"--device cuda: no such CUDA GPU"),
