@@ -13,10 +13,10 @@ python edit.py --photo room.jpg --fov 90 --prompt "This is a panorama image. A l
 describes the whole scene.
 
 --edits: a .jsonl of rows {"image": ..., "mask": ..., "prompt": ..., and optionally "out"
-(relative to --out-dir, inside it), "seed", "invert", "source_prompt", "steps", "guidance"}; image
-and mask paths are relative to the file's folder. Outputs are {index:04d}-seed{seed}.png in
---out-dir; those already there are skipped (resume). Under torchrun, rank r of w makes rows[r::w]
-on GPU LOCAL_RANK (no process group is needed).
+(relative to --out-dir, inside it), "seed", "invert", "source_prompt", "steps", "guidance",
+"negative_prompt"}; image and mask paths are relative to the file's folder. Outputs are
+{index:04d}-seed{seed}.png in --out-dir; those already there are skipped (resume). Under
+torchrun, rank r of w makes rows[r::w] on GPU LOCAL_RANK (no process group is needed).
 """
 
 from dit360.cli import handle_signals, run_main
@@ -51,7 +51,7 @@ PHOTO_VIEW = [  # flag, help, default
 SOURCES = ("image", "mask", "photo")  # input files, which --out must not overwrite
 KEYS = {
     "image": str, "mask": str, "prompt": str, "out": str, "seed": int, "invert": bool,
-    "source_prompt": str, "steps": int, "guidance": (int, float),
+    "source_prompt": str, "steps": int, "guidance": (int, float), "negative_prompt": str,
 }  # fmt: skip
 
 
@@ -143,6 +143,7 @@ def edit_jobs(args: argparse.Namespace, opts: EditOptions) -> list[EditJob]:
                 row["prompt"], seed, out, row.get("steps"), row.get("guidance"),
                 image=folder / row["image"], mask=folder / row["mask"], size=size,
                 invert=row.get("invert"), source_prompt=row.get("source_prompt"),
+                negative_prompt=row.get("negative_prompt"),
             )  # fmt: skip
 
     def check(job: EditJob) -> None:

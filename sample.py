@@ -4,7 +4,8 @@ python sample.py --prompt "This is a panorama. A medieval castle on a hilltop at
 python sample.py --prompts prompts.txt --num-images 4 --out-dir panoramas   # many, one load
 
 --prompts: a .txt (a prompt a line; blank lines and # comments skipped) or a .jsonl (rows
-{"prompt": ..., and optionally "seed", "out" (relative to --out-dir), "steps", "guidance"}).
+{"prompt": ..., and optionally "seed", "out" (relative to --out-dir), "steps", "guidance",
+"negative_prompt"}).
 Outputs are {index:04d}-seed{seed}.png in --out-dir (with --out NAME.png: NAME-seed{seed}.png for
 --prompt, NAME-{index:04d}-seed{seed}.png for --prompts); those already there are skipped (resume).
 Under torchrun, rank r of w makes jobs[r::w] on GPU LOCAL_RANK (no process group is needed).
@@ -19,6 +20,7 @@ if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while import
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -119,7 +121,8 @@ def batch_out(folder: Path, name: str, where: str) -> Path:
     return folder / name
 
 
-KEYS = {"prompt": str, "seed": int, "out": str, "steps": int, "guidance": (int, float)}
+KEYS = {"prompt": str, "seed": int, "out": str, "steps": int, "guidance": (int, float),
+        "negative_prompt": str}  # fmt: skip
 
 
 def batch_jobs(args: argparse.Namespace, opts: SampleOptions) -> list[Job]:
@@ -156,9 +159,14 @@ def batch_jobs(args: argparse.Namespace, opts: SampleOptions) -> list[Job]:
                 )
             for seed in range(first, first + args.num_images):
                 out = batch_out(args.out_dir, row.get("out", default(index, seed)), f"{src}:{n}")
-                yield n, Job(row["prompt"], seed, out, row.get("steps"), row.get("guidance"))
+                sets = {k: row.get(k) for k in Job.SETS}
+                yield n, Job(row["prompt"], seed, out, **sets)
 
-    return checked_jobs(src, lines(), lambda job: job_options(opts, job))
+    jobs = checked_jobs(src, lines(), lambda job: job_options(opts, job))
+    if opts.true_cfg == 1 and any(job.negative_prompt is not None for job in jobs):
+        warnings.warn(f'{src}: "negative_prompt" is ignored at --true-cfg 1: give --true-cfg > 1',
+                      stacklevel=2)  # fmt: skip
+    return jobs
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -82,11 +82,13 @@ def edit(
     sigmas: Tensor,
     opts: EditOptions,
     keep_source: bool = False,
+    negative: Conditioning | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """`core.editing.edit_planned` with the modulations computed ahead and a progress bar."""
+    """`core.editing.edit_planned` with the modulations computed ahead and a progress bar; true
+    CFG on the target with a `negative` conditioning."""
     p, a = rf_params(opts), partial(ahead, model)
     return core.edit_planned(
-        model, inverted, x0, z, keep, grid, cond, sigmas, p, keep_source, a, bar
+        model, inverted, x0, z, keep, grid, cond, sigmas, p, keep_source, a, bar, negative
     )
 
 
@@ -101,7 +103,7 @@ class EditJob(Job):
     invert: bool | None = None
     source_prompt: str | None = None
 
-    SETS: ClassVar = ("steps", "guidance", "invert", "source_prompt")
+    SETS: ClassVar = ("steps", "guidance", "negative_prompt", "invert", "source_prompt")
 
 
 def source_prompt(o: EditOptions, job: EditJob) -> str:
@@ -170,8 +172,12 @@ def edit_chunk(
     dev, dtype = opts.device, opts.dtype
     options = [job_options(opts, job) for job in jobs]
     sources = [source_prompt(o, job) for o, job in zip(options, jobs, strict=True)]
+    negatives = [n for o in options if (n := o.negative()) is not None]  # true CFG's
+    if negatives:
+        log(f"true CFG at scale {opts.true_cfg} on the target: its rows run twice a step")
     with report.stage("text encoders"):  # the inversion's empty prompt, sources, targets
-        conds = encode_prompts(opts, ["", *sources, *(job.prompt for job in jobs)], mode)
+        targets = [job.prompt for job in jobs]
+        conds = encode_prompts(opts, ["", *sources, *targets, *negatives], mode)
     model = vae = None
     for i, (job, o, source) in enumerate(zip(jobs, options, sources, strict=True)):
         start, last = time.perf_counter(), i == len(jobs) - 1
@@ -199,7 +205,8 @@ def edit_chunk(
             with report.stage("edit"):
                 keep = grid.wrap_mask(keep.flatten(), o.mask_pad)  # (L,): on the padded tokens
                 both = lend(cat_rows(conds[source], conds[job.prompt]), dev)
-                latents, _ = edit(model, inverted, x0, z, keep, grid, both, sigmas, o)
+                neg = None if o.negative() is None else lend(conds[o.negative()], dev)
+                latents, _ = edit(model, inverted, x0, z, keep, grid, both, sigmas, o, False, neg)
                 check_finite(latents)
         if last:
             del model, conds

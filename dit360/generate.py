@@ -174,9 +174,14 @@ def initial_noise(
 
 
 def generate_latents(
-    model: Flux, cond: Conditioning, opts: SampleOptions, offload: str = "none"
+    model: Flux,
+    cond: Conditioning,
+    opts: SampleOptions,
+    offload: str = "none",
+    negative: Conditioning | None = None,
 ) -> torch.Tensor:
-    """Denoise seeded noise on the wrapped token grid; latents (B, C, H/8, W/8) without the pad."""
+    """Denoise seeded noise on the wrapped token grid (true CFG with the `negative` prompt's
+    conditioning); latents (B, C, H/8, W/8) without the pad."""
     grid = Grid.for_image(opts.height, opts.width, opts.wrap_pad)
     z = initial_noise(opts, 1, opts.height, opts.width, model.params.in_channels // 4)
     # Pad once and never re-sync: the reference's behaviour (a pad token and the column it copies
@@ -185,7 +190,7 @@ def generate_latents(
     sigmas = schedule(opts.steps, grid.tokens)  # shift from the padded length, as DiT360
     guidance = opts.guidance if model.params.guidance_embed else None
     with torch.no_grad(), placed(model, opts, offload):
-        x = denoise(model, x, grid, cond, sigmas, guidance)
+        x = denoise(model, x, grid, cond, sigmas, guidance, negative, opts.true_cfg)
     return grid.unpack(x)
 
 
@@ -201,15 +206,17 @@ def check_finite(latents: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Job:
-    """One image of a batch: its prompt, seed and output file; steps and guidance if not opts'."""
+    """One image of a batch: its prompt, seed and output file; steps, guidance and negative
+    prompt if not opts'."""
 
     prompt: str
     seed: int
     out: Path
     steps: int | None = None
     guidance: float | None = None
+    negative_prompt: str | None = None
 
-    SETS: ClassVar = ("steps", "guidance")  # the options a job sets where not None
+    SETS: ClassVar = ("steps", "guidance", "negative_prompt")  # set where not None
 
 
 def job_options(opts: Opts, job: Job) -> Opts:
@@ -260,6 +267,8 @@ def generate_many(
     first loads if one job."""
     report = report or Report(opts.device, log=log)
     mode = offload_mode(opts, log) if jobs else "none"
+    if any(job_options(opts, job).negative() is not None for job in jobs):
+        log(f"true CFG at scale {opts.true_cfg}: two transformer calls a step (twice the time)")
     for part in chunks(jobs, log):
         yield from generate_chunk(part, opts, mode, log, report)
 
@@ -273,17 +282,22 @@ def generate_chunk(
 ) -> Iterator[tuple[Job, Image.Image, float]]:
     """generate_many's work for one chunk of jobs, in offload `mode`."""
     dev, dtype = opts.device, opts.dtype
+    negatives = [job_options(opts, job).negative() for job in jobs]  # None: true CFG off
     with report.stage("text encoders"):
-        conds = encode_prompts(opts, [job.prompt for job in jobs], mode)
+        prompts = [job.prompt for job in jobs] + [n for n in negatives if n is not None]
+        conds = encode_prompts(opts, prompts, mode)
     with report.stage("load transformer"):
         model = load_model(opts, mode, log)
     vae = None
-    for i, job in enumerate(jobs):
+    for i, (job, neg) in enumerate(zip(jobs, negatives, strict=True)):
         start, o, last = time.perf_counter(), job_options(opts, job), i == len(jobs) - 1
         # With --compile the first step also compiles: its extra time is logged as compile time.
         timed = first_step_timed(model, log) if opts.compile and i == 0 else nullcontext()
         with report.stage("denoise"), timed:
-            latents = check_finite(generate_latents(model, lend(conds[job.prompt], dev), o, mode))
+            negative = None if neg is None else lend(conds[neg], dev)
+            latents = check_finite(
+                generate_latents(model, lend(conds[job.prompt], dev), o, mode, negative)
+            )
             if last:
                 del model, conds
         with report.stage("decode"), torch.no_grad():

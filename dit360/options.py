@@ -36,6 +36,9 @@ CHECKS = {  # field: (test of its value, what it must be); NaN fails every compa
     "seed": (lambda v: isinstance(v, int) and 0 <= v < 2**64, "an integer from 0 to 2**64 - 1"),
     "source_prompt": (lambda v: v is None or len(v) <= PROMPT_CHARS, f"at most {PROMPT_CHARS:,} "
                       "characters (T5 reads 512 tokens, about 2,500 characters)"),
+    "true_cfg": (lambda v: math.isfinite(v) and v >= 1, "a finite number >= 1 (1: off)"),
+    "negative_prompt": (lambda v: v is None or len(v) <= PROMPT_CHARS, f"at most {PROMPT_CHARS:,} "
+                        "characters (T5 reads 512 tokens, about 2,500 characters)"),
     "wrap_pad": (lambda v: v in range(5), "0 to 4 (packed columns a side)"),
     "vae_tile": (lambda v: v is None or v >= 1, "at least 1 (latent pixels)"),
     "feather": (lambda v: v is None or v >= 0, "at least 0 (pixels)"),
@@ -86,6 +89,14 @@ class Options:
     steps: int = opt(28, "sampling steps")
     guidance: float = opt(2.8, "guidance input of the distilled FLUX.1-dev")
     seed: int = opt(0, "noise seed")
+    negative_prompt: str | None = opt(
+        None, "true CFG's negative prompt ('' for an empty one); used only with --true-cfg > 1"
+    )
+    true_cfg: float = opt(
+        1.0,
+        "true classifier-free guidance scale, with --negative-prompt (diffusers' true_cfg_scale): "
+        "two model calls a step; 1: off",
+    )
     wrap_pad: int = opt(1, "packed columns copied around the seam a side (0: plain FLUX)")
     seamless_vae: bool = opt(False, "circular VAE padding: no seam at the wrap")
     vae_tile: int | None = opt(None, "decode in latent tiles of this size (less memory)", type=int)
@@ -137,10 +148,20 @@ class Options:
         if dev.type != "cuda" and self.attention in ("cudnn", "efficient"):
             raise ValueError(f"--attention {self.attention} needs a CUDA GPU; use auto or flash")
         self.lora, self.lora_scale = paired_loras(self.lora, self.lora_scale)
+        if self.negative_prompt is not None and self.true_cfg == 1:  # diffusers: ignored
+            warnings.warn("--negative-prompt is ignored at --true-cfg 1: give --true-cfg > 1 "
+                          "(e.g. 4) to use it", stacklevel=3)  # fmt: skip
+        if self.negative_prompt is None and self.true_cfg > 1:  # diffusers: off
+            warnings.warn(f"--true-cfg {self.true_cfg} is off where no negative prompt is given: "
+                          "give --negative-prompt ('' for an empty one)", stacklevel=3)  # fmt: skip
         dtype = self.dtype or ("bf16" if dev.type == "cuda" else "fp32")
         self.dtype = DTYPES.get(dtype, dtype)
         if self.attention == "fa3":
             check_fa3(dev, self.dtype)
+
+    def negative(self) -> str | None:
+        """The negative prompt if true CFG is on (diffusers: a negative prompt and a scale > 1)."""
+        return self.negative_prompt if self.true_cfg > 1 else None
 
     def sources(self) -> Sources:
         """Where every model's weights are (resolved once; repo ids fetch only what is needed)."""

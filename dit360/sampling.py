@@ -55,8 +55,16 @@ def ahead(
 
 
 def denoise(
-    model: Flux, x: Tensor, grid: Grid, cond: Conditioning, sigmas: Tensor, guidance: float | None
+    model: Flux,
+    x: Tensor,
+    grid: Grid,
+    cond: Conditioning,
+    sigmas: Tensor,
+    guidance: float | None,
+    negative: Conditioning | None = None,
+    true_cfg: float = 1.0,
 ) -> Tensor:
     """`core.sampling.denoise` with the modulations computed ahead (unless `cond` has them) and a
-    progress bar."""
-    return sampling.denoise(model, x, grid, cond, sigmas, guidance, partial(ahead, model), bar)
+    progress bar; true CFG with a `negative` conditioning."""
+    a = partial(ahead, model)
+    return sampling.denoise(model, x, grid, cond, sigmas, guidance, a, bar, negative, true_cfg)

@@ -1,6 +1,7 @@
 """Editing (RF-Inversion + token replacement) against an independent re-statement of DiT360's
 editing on diffusers' transformer, its properties, and edit.py end to end on the tiny model."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,7 @@ class Replace:
         if timestep > self.tau:  # single blocks see [txt | img]; the reference skips 512 tokens
             img = hidden_states if encoder_hidden_states is not None else hidden_states[:, 512:]
             assert encoder_hidden_states is not None or self.txt_len == 512
-            img[1, self.mask] = img[0, self.mask]
+            img[1:, self.mask] = img[0, self.mask]  # the target (and its negative row)
         return self.plain(
             attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
         )
@@ -84,9 +85,13 @@ def pad1(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([g[:, :, -1:], g, g[:, :, :1]], dim=2).reshape(x.shape[0], -1, x.shape[-1])
 
 
-def reference(pipe, x0, y1, z, keep, o: EditOptions, steps=STEPS, guidance=3.5, calls=None):
+def reference(
+    pipe, x0, y1, z, keep, o: EditOptions, steps=STEPS, guidance=3.5, calls=None, negative=None
+):
     """DiT360's pa_src/pipeline.py `invert` then `__call__` with editing.py's mask and the
-    PersonalizeAnything processor; inverted and target latents (1, H*(W+2), 64), padded."""
+    PersonalizeAnything processor; inverted and target latents (1, H*(W+2), 64), padded. With a
+    `negative` prompt, true CFG (o.true_cfg) as FluxPipeline's on a third row, the target with
+    the negative prompt and the same replacement."""
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
@@ -112,31 +117,36 @@ def reference(pipe, x0, y1, z, keep, o: EditOptions, steps=STEPS, guidance=3.5, 
             t = torch.tensor(i / n)
             u = run(y, t.expand(1), txt, vec, tids, torch.zeros(1))
             y = y + (u + o.gamma * ((y1 - y) / (1 - t) - u)) * (sigmas[i] - sigmas[i + 1])
-        txt, vec, tids = pipe.encode_prompt(
-            [SOURCE, PROMPT], prompt_2=None, max_sequence_length=512
-        )
-        x, lo = torch.cat([y, z]), int(o.start * steps)
+        prompts = [SOURCE, PROMPT] + ([] if negative is None else [negative])
+        txt, vec, tids = pipe.encode_prompt(prompts, prompt_2=None, max_sequence_length=512)
+        b = len(prompts)
+        x, lo = torch.cat([y, *[z] * (b - 1)]), int(o.start * steps)
         hi = min(int(o.stop * steps), steps)
         tr.set_attn_processor(Replace(mask, o.tau, txt.shape[1]))
         try:
             for i, t in enumerate(sched.timesteps):  # Algorithm 2 on [source, target]
                 kw = {"joint_attention_kwargs": {"timestep": t.item() / 1000}}
-                v = run(x, t.expand(2) / 1000, txt, vec, tids, torch.full((2,), guidance), **kw)
+                v = run(x, t.expand(b) / 1000, txt, vec, tids, torch.full((b,), guidance), **kw)
                 eta = o.eta if lo <= i < hi else 0.0
                 v_t, v_c = -v[:1], (x0 - x[:1]) / (1 - (1 - t / 1000))
                 src = x[:1] + (v_t + eta * (v_c - v_t)) * (sigmas[i] - sigmas[i + 1])
-                tgt = sched.step(v[1:], t, x[1:], return_dict=False)[0]
+                if negative is not None:  # FluxPipeline's true CFG on the target
+                    v = torch.cat([v[:1], v[2:] + o.true_cfg * (v[1:2] - v[2:])])
+                tgt = sched.step(v[1:2], t, x[1:2], return_dict=False)[0]
                 if t.item() / 1000 >= o.blend_until:
                     m = mask[:, None].float()
                     tgt = tgt * (1.0 - m) + src * m
-                x = torch.cat([src, tgt])
+                x = torch.cat([src, *[tgt] * (b - 1)])
         finally:
             tr.set_attn_processor(FluxAttnProcessor())
-    return y, x[1:]
+    return y, x[1:2]
 
 
-def run_ours(ours, x0, y1, z, keep, o: EditOptions, steps=STEPS, keep_source=False, calls=None):
-    """Our invert + edit on the same inputs; inverted, target, source (padded)."""
+def run_ours(
+    ours, x0, y1, z, keep, o: EditOptions, steps=STEPS, keep_source=False, calls=None, neg=None
+):
+    """Our invert + edit on the same inputs (`neg`: the negative's conditioning); inverted,
+    target, source (padded)."""
     model, cond = ours
     grid = Grid(H, W, 1)
     pad = grid.wrap
@@ -147,7 +157,8 @@ def run_ours(ours, x0, y1, z, keep, o: EditOptions, steps=STEPS, keep_source=Fal
         with torch.no_grad():
             inv = invert(model, pad(x0), pad(y1), grid, rows(cond, slice(0, 1)), sigmas, o)
             mask, cond = grid.wrap_mask(keep.flatten(), o.mask_pad), rows(cond, slice(1, 3))
-            tgt, src = edit(model, inv, pad(x0), pad(z), mask, grid, cond, sigmas, o, keep_source)
+            args = (model, inv, pad(x0), pad(z), mask, grid, cond, sigmas, o, keep_source, neg)
+            tgt, src = edit(*args)
     finally:
         handle.remove()
     return inv, tgt, src
@@ -215,6 +226,33 @@ def test_planned_edit_equals_plain_loop(ours, o):
     assert_close(planned[0], plain[0], rtol=0, atol=1e-5)
     assert rows_seen[n - STEPS : n] == [2] * STEPS
     assert sum(rows_seen[n:]) < 2 * STEPS if o == DEFAULT else sum(rows_seen[n:]) <= 2 * STEPS
+
+
+@pytest.mark.parametrize("o", [DEFAULT, VARIED], ids=["defaults", "varied"])
+def test_true_cfg_edit_matches_reference(pipe, ours, tiny_flux, o):
+    """--negative-prompt --true-cfg 3 on an edit: the target's velocity is FluxPipeline's true CFG
+    combination (its negative row with the same token replacement), the inversion is unchanged,
+    and the target differs from the edit without it; the plain loop agrees with the planned."""
+    negative = "blurry, a seam"
+    o = EditOptions(**{**vars(o), "negative_prompt": negative, "true_cfg": 3.0})
+    neg = Conditioning(*encode(tiny_flux, [negative], "cpu", torch.float32))
+    x0, y1, z = tensors(2)
+    inv_ref, tgt_ref = reference(pipe, x0, y1, z, KEEP, o, negative=negative)
+    inv, tgt, _ = run_ours(ours, x0, y1, z, KEEP, o, neg=neg)
+    assert_close(inv, inv_ref, rtol=1e-5, atol=1e-5)
+    assert_close(tgt, tgt_ref, rtol=1e-5, atol=1e-5)
+    assert (tgt - run_ours(ours, x0, y1, z, KEEP, o)[1]).abs().max() > 1e-2
+    model, cond = ours
+    grid, sigmas, p, both = (
+        Grid(H, W, 1),
+        schedule(STEPS, H * W),
+        rf_params(o),
+        rows(cond, slice(1, 3)),
+    )
+    keep = grid.wrap_mask(KEEP.flatten(), o.mask_pad)
+    with torch.no_grad():
+        plain = core.edit(model, inv, pad1(x0), pad1(z), keep, grid, both, sigmas, p, negative=neg)
+    assert_close(plain[0], tgt, rtol=0, atol=1e-5)
 
 
 def test_edit_uses_the_replacement(pipe, ours):
@@ -369,6 +407,25 @@ def test_cli_inpaint_paste_back(tiny_flux, tmp_path, capsys):
     assert got.shape == (32, 64, 3) and keep.any() and not keep.all()
     assert np.array_equal(got[keep], source[keep])
     assert not np.array_equal(got[~keep], source[~keep])
+
+
+def test_cli_true_cfg(tiny_flux, tmp_path, capsys):
+    """--negative-prompt --true-cfg 3 changes the edit and says its cost; an --edits row's
+    "negative_prompt" gives the same image."""
+    src, mask = write_inputs(tmp_path)
+    neg = ("--negative-prompt", "blurry", "--true-cfg", "3")
+    edit_cli.main(cli(tiny_flux, src, mask, tmp_path / "cfg.png", *neg))
+    assert "true CFG at scale 3.0 on the target" in capsys.readouterr().err
+    edit_cli.main(cli(tiny_flux, src, mask, tmp_path / "plain.png"))
+    assert "true CFG" not in capsys.readouterr().err
+    got, plain = (np.asarray(Image.open(tmp_path / f), np.int16) for f in ("cfg.png", "plain.png"))
+    assert np.abs(got - plain).max() > 1
+    row = {"image": "src.png", "mask": "mask.png", "prompt": PROMPT, "negative_prompt": "blurry"}
+    (tmp_path / "edits.jsonl").write_text(json.dumps(row | {"out": "row.png"}) + "\n")
+    argv = cli(tiny_flux, src, mask, tmp_path / "x.png", *neg[2:])
+    argv = [a for a in argv[6:] if a not in ("--out", str(tmp_path / "x.png"))]
+    edit_cli.main([*argv, "--edits", str(tmp_path / "edits.jsonl"), "--out-dir", str(tmp_path)])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "row.png"), np.int16), got)
 
 
 def test_cli_errors(tiny_flux, tmp_path, capsys):

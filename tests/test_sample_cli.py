@@ -25,9 +25,9 @@ def args(tiny_flux, out, *extra, lora: str | None = "none") -> list[str]:
     ]
 
 
-def pipeline_image(tiny_flux, lora=None, weights: dict | None = None) -> np.ndarray:
+def pipeline_image(tiny_flux, lora=None, weights: dict | None = None, **kw) -> np.ndarray:
     """diffusers' FluxPipeline (+ load_lora_weights; of each of `weights`' LoRAs, weighted by
-    set_adapters) with the settings of `args`, as int16."""
+    set_adapters) with the settings of `args` (and `kw`), as int16."""
     from diffusers import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(tiny_flux, torch_dtype=torch.float32)
@@ -44,6 +44,7 @@ def pipeline_image(tiny_flux, lora=None, weights: dict | None = None) -> np.ndar
         num_inference_steps=3,
         guidance_scale=2.8,
         generator=torch.Generator("cpu").manual_seed(4),
+        **kw,
     ).images[0]
     return np.asarray(image, dtype=np.int16)
 
@@ -97,6 +98,36 @@ def test_two_loras_match_flux_pipeline(tiny_flux, tmp_path, capsys):
     assert np.abs(got - pipeline_image(tiny_flux, weights={folder: 0.8, style: 1.5})).max() <= 1
     other = pipeline_image(tiny_flux, weights={folder: 0.8, style: 0.0})
     assert np.abs(got - other).max() > 1  # the second LoRA changes it beyond that
+
+
+def test_true_cfg_matches_flux_pipeline(tiny_flux, tmp_path, capsys):
+    """--negative-prompt --true-cfg 4 --wrap-pad 0: FluxPipeline's image with negative_prompt and
+    true_cfg_scale; the cost is said; a batch row's "negative_prompt" is the same."""
+    neg = ("--negative-prompt", "blurry, a seam", "--true-cfg", "4")
+    out = tmp_path / "pano.png"
+    sample.main(args(tiny_flux, out, "--wrap-pad", "0", *neg))
+    assert "true CFG at scale 4.0: two transformer calls a step" in capsys.readouterr().err
+    got = np.asarray(Image.open(out), dtype=np.int16)
+    expected = pipeline_image(tiny_flux, negative_prompt=neg[1], true_cfg_scale=4.0)
+    assert np.abs(got - expected).max() <= 1
+    assert np.abs(got - pipeline_image(tiny_flux)).max() > 1  # true CFG changes it beyond that
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(f'{{"prompt": "{PROMPT}", "negative_prompt": "{neg[1]}", "out": "b.png"}}\n')
+    batch = args(tiny_flux, tmp_path / "x.png", "--wrap-pad", "0", *neg[2:])
+    batch[batch.index("--prompt") : batch.index("--prompt") + 2] = ["--prompts", str(rows)]
+    with pytest.warns(UserWarning, match="--true-cfg 4.0 is off where no negative prompt"):
+        sample.main([*batch, "--out-dir", str(tmp_path)])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png"), dtype=np.int16), got)
+
+
+def test_negative_prompt_ignored_at_true_cfg_1(tiny_flux, tmp_path, capsys):
+    """--negative-prompt without --true-cfg > 1 is ignored, as in diffusers, with a warning."""
+    out = tmp_path / "pano.png"
+    with pytest.warns(UserWarning, match="--negative-prompt is ignored at --true-cfg 1"):
+        sample.main(args(tiny_flux, out, "--wrap-pad", "0", "--negative-prompt", "blurry"))
+    assert "true CFG" not in capsys.readouterr().err
+    got = np.asarray(Image.open(out), dtype=np.int16)
+    assert np.abs(got - pipeline_image(tiny_flux)).max() <= 1
 
 
 def test_gpano_metadata(tiny_flux, tmp_path):

@@ -1,5 +1,7 @@
 """Sampling against diffusers' FluxPipeline and an independent re-statement of DiT360's wrap."""
 
+from contextlib import nullcontext
+
 import numpy as np
 import pytest
 import torch
@@ -127,3 +129,29 @@ def test_pad_columns_stay_in_sync(ours, tiny_flux):
         out = denoise(model, x, grid, cond, schedule(4, grid.tokens), 2.8)
     assert_close(out, grid.wrap(grid.crop(out)), rtol=1e-5, atol=1e-5)
     assert (out - x).abs().max() > 0.1  # the latents did move
+
+
+@pytest.mark.parametrize("scale", [4.0, 1.0])
+def test_true_cfg_latents_match_pipeline(pipe, ours, tiny_flux, scale):
+    """--negative-prompt with --true-cfg: the latents equal FluxPipeline's with negative_prompt
+    and true_cfg_scale (at 1 the negative prompt is ignored, as there), and differ from plain."""
+    negative = "blurry, a seam"
+    model, cond = ours
+    neg = Conditioning(*encode(tiny_flux, [negative], "cpu", torch.float32))
+    with pytest.warns(UserWarning, match="ignored") if scale == 1 else nullcontext():
+        o = opts(tiny_flux, wrap_pad=0, seed=5, negative_prompt=negative, true_cfg=scale)
+    got = generate_latents(model, cond, o, negative=neg if o.negative() else None)
+    packed = pipe(
+        PROMPT,
+        negative_prompt=negative,
+        true_cfg_scale=scale,
+        height=o.height,
+        width=o.width,
+        num_inference_steps=o.steps,
+        guidance_scale=o.guidance,
+        generator=torch.Generator("cpu").manual_seed(5),
+        output_type="latent",
+    ).images
+    assert_close(got, pipe._unpack_latents(packed, o.height, o.width, 8), rtol=1e-5, atol=1e-5)
+    plain = generate_latents(model, cond, opts(tiny_flux, wrap_pad=0, seed=5))
+    assert (got - plain).abs().max() > 1e-2 if scale > 1 else torch.equal(got, plain)

@@ -8,7 +8,9 @@ with Diffusion Transformer" (arXiv:2503.12590). Time as in sampling.py; masks: T
 u_model + gamma * ((y1 - Y) / (1 - t) - u_model). `edit` runs a batch [source, target]: the
 source back toward x0 along v + eta * ((X - x0) / t - v), the target plain Euler from noise with
 the new prompt; while t > tau the target's image tokens at the mask take the source's in
-attention, while t >= blend_until its latents there take the source's after each step.
+attention, while t >= blend_until its latents there take the source's after each step. True CFG
+(a negative prompt) adds a third row, the target with the negative prompt and the same token
+replacement; only the target's velocity is combined (`guided`), the inversion and source unchanged.
 `edit_planned` is the same loop without the model calls whose results are not read (tested
 equal); the runtime runs it.
 
@@ -28,14 +30,25 @@ from torch import Tensor
 
 from .grid import Grid
 from .model import Flux
-from .sampling import Ahead, Conditioning, Progress, per_step, predict, quiet, step, timestep
+from .sampling import (
+    Ahead,
+    Conditioning,
+    Progress,
+    guided,
+    per_step,
+    predict,
+    quiet,
+    step,
+    timestep,
+)
 
 
 @dataclass(frozen=True)
 class RFInversion:
     """RF-Inversion's parameters: the inversion's gamma, the editing's eta over the step window
     [start, stop) (fractions of the steps), token replacement while t > tau, latent blending
-    while t >= blend_until, and the guidance of each pass (flux-dev)."""
+    while t >= blend_until, the guidance of each pass (flux-dev), and the target's true CFG
+    scale (with a negative prompt)."""
 
     gamma: float
     eta: float
@@ -45,19 +58,22 @@ class RFInversion:
     blend_until: float
     guidance: float
     inversion_guidance: float
+    true_cfg: float = 1.0
 
 
 @contextmanager
 def replacing_tokens(model: Flux, keep: Tensor | None) -> Iterator[None]:
-    """Inside it, on a batch [source, target] the target's image tokens at `keep` (L_img,) take the
-    source's q, k, v in every block (None: none do). The reference replaces the hidden states before
-    the projections, which act token by token like QK norm (RoPE keeps the position): the same, and
-    the MLP half of the single blocks' `linear1` reads the unreplaced input, as in diffusers."""
+    """Inside it, on a batch [source, target(, negative)] the other rows' image tokens at `keep`
+    (L_img,) take the source's q, k, v in every block (None: none do). The reference replaces the
+    hidden states before the projections, which act token by token like QK norm (RoPE keeps the
+    position): the same, and the MLP half of the single blocks' `linear1` reads the unreplaced
+    input, as in diffusers."""
 
     def hook(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         txt = keep.new_zeros(q.shape[2] - keep.numel())
         rows = torch.cat([txt, keep.to(q.device)])  # (L,) [txt | img]
-        sel = torch.stack([torch.zeros_like(rows), rows])[:, None, :, None]  # (2, 1, L, 1)
+        later = torch.arange(q.shape[0], device=q.device)[:, None] > 0  # not the source row
+        sel = (later & rows)[:, None, :, None]  # (B, 1, L, 1)
         return tuple(torch.where(sel, x[:1], x) for x in (q, k, v))
 
     blocks = [*model.double_blocks, *model.single_blocks]
@@ -76,7 +92,7 @@ def rows(cond: Conditioning, sl: slice) -> Conditioning:
 
 
 def cat_rows(a: Conditioning, b: Conditioning) -> Conditioning:
-    """A batch [a, b] of two one-row conditionings."""
+    """A batch of a's rows then b's."""
     cat = lambda x, y: torch.cat([x, y])  # noqa: E731
     return Conditioning(cat(a.txt, b.txt), cat(a.txt_ids, b.txt_ids), cat(a.vec, b.vec))
 
@@ -125,20 +141,23 @@ def edit(
     sigmas: Tensor,
     p: RFInversion,
     progress: Progress = quiet,
+    negative: Conditioning | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Algorithm 2 + token replacement + blending on [source, target] (cond; keep (L,) padded):
-    target latents (1, L, C) from noise z, and the source's, each step both rows."""
+    target latents (1, L, C) from noise z, and the source's, each step both rows. With a
+    `negative` conditioning a third row, the target with it: true CFG on the target's velocity."""
     steps, sigmas, keep = len(sigmas) - 1, sigmas.to(z.device), keep.to(z.device)
+    cond, n = (cond, 1) if negative is None else (cat_rows(cond, negative), 2)
     lo, hi = int(p.start * steps), min(int(p.stop * steps), steps)
     g = p.guidance if model.params.guidance_embed else None
     src, tgt = inverted, z
     for i in progress(range(steps), "edit"):
         t, dt = float(timestep(sigmas[i], z.dtype)) / 1000, sigmas[i + 1] - sigmas[i]
         with replacing_tokens(model, keep if t > p.tau else None):
-            v = predict(model, torch.cat([src, tgt]), grid, cond, sigmas[i], g).float()
+            v = predict(model, torch.cat([src, *[tgt] * n]), grid, cond, sigmas[i], g).float()
         v_cond = (src.float() - x0.float()) / sigmas[i]  # straight back to x0
         src = step(src, controlled(v[:1], v_cond, p.eta if lo <= i < hi else 0.0), dt)
-        tgt = step(tgt, v[1:], dt)
+        tgt = step(tgt, v[1:] if n == 1 else guided(v[1:2], v[2:], p.true_cfg), dt)
         if t >= p.blend_until:
             tgt = torch.where(keep[None, :, None], src, tgt)
     return tgt, src
@@ -157,11 +176,13 @@ def edit_planned(
     keep_source: bool = False,
     ahead: Ahead = per_step,
     progress: Progress = quiet,
+    negative: Conditioning | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """`edit` without the calls whose results nobody reads: the source row runs only while its
     tokens are read (t > tau) or its own velocity counts (eta < 1) before its last read; the
     source is returned only with `keep_source`."""
     steps, sigmas, keep = len(sigmas) - 1, sigmas.to(z.device), keep.to(z.device)
+    cond, n = (cond, 1) if negative is None else (cat_rows(cond, negative), 2)  # target rows
     times = [float(timestep(s, z.dtype)) / 1000 for s in sigmas[:-1]]  # what the model sees
     lo, hi = int(p.start * steps), min(int(p.stop * steps), steps)
     eta = [p.eta if lo <= i < hi else 0.0 for i in range(steps)]
@@ -178,16 +199,18 @@ def edit_planned(
         b: [s for s, x in zip(sigmas[:-1], both, strict=True) if x == b] for b in (False, True)
     }
     pair = ahead(cond, times[True], g)
-    target = ahead(rows(cond, slice(1, 2)), times[False], g)
+    target = ahead(rows(cond, slice(1, None)), times[False], g)
     src, tgt = inverted, z
     for i in progress(range(steps), "edit"):
         dt = sigmas[i + 1] - sigmas[i]
         if both[i]:
             with replacing_tokens(model, keep if swap[i] else None):
-                v = predict(model, torch.cat([src, tgt]), grid, pair, sigmas[i], g).float()
+                v = predict(model, torch.cat([src, *[tgt] * n]), grid, pair, sigmas[i], g).float()
             v_src, v_tgt = v[:1], v[1:]
         else:  # nothing of the source is read at this step (eta is 1 if it moves)
-            v_src, v_tgt = None, predict(model, tgt, grid, target, sigmas[i], g).float()
+            x = torch.cat([tgt] * n)
+            v_src, v_tgt = None, predict(model, x, grid, target, sigmas[i], g).float()
+        v_tgt = v_tgt if n == 1 else guided(v_tgt[:1], v_tgt[1:], p.true_cfg)
         if i < last:
             v_cond = (src.float() - x0.float()) / sigmas[i]  # straight back to x0
             src = step(src, controlled(v_src, v_cond, eta[i]), dt)

@@ -131,6 +131,12 @@ def predict(
     return model(x, ids, txt, txt_ids, t, cond.vec.to(x.device, dtype), g)
 
 
+def guided(v: Tensor, v_neg: Tensor, scale: float) -> Tensor:
+    """True classifier-free guidance: v_neg + scale (v - v_neg), in the model dtype (as
+    diffusers' FluxPipeline with `true_cfg_scale`)."""
+    return v_neg + scale * (v - v_neg)
+
+
 def denoise(
     model: Flux,
     x: Tensor,
@@ -140,10 +146,18 @@ def denoise(
     guidance: float | None,
     ahead: Ahead = per_step,
     progress: Progress = quiet,
+    negative: Conditioning | None = None,
+    true_cfg: float = 1.0,
 ) -> Tensor:
-    """Integrate the flow from sigmas[0] to sigmas[-1] with Euler steps; x is padded tokens."""
+    """Integrate the flow from sigmas[0] to sigmas[-1] with Euler steps; x is padded tokens. With
+    a `negative` conditioning, true CFG at scale `true_cfg`: a second model call a step, the same
+    guidance input."""
     sigmas = sigmas.to(x.device)
-    cond = cond if cond.mods is not None else ahead(cond, sigmas[:-1], guidance)
+    cond, negative = (c if c is None or c.mods is not None else ahead(c, sigmas[:-1], guidance)
+                      for c in (cond, negative))  # fmt: skip
     for i in progress(range(len(sigmas) - 1), "denoise"):
-        x = step(x, predict(model, x, grid, cond, sigmas[i], guidance), sigmas[i + 1] - sigmas[i])
+        v = predict(model, x, grid, cond, sigmas[i], guidance)
+        if negative is not None:  # true CFG's second call
+            v = guided(v, predict(model, x, grid, negative, sigmas[i], guidance), true_cfg)
+        x = step(x, v, sigmas[i + 1] - sigmas[i])
     return x
