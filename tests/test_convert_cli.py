@@ -166,7 +166,9 @@ def paused(path, specs, tensors, metadata=None):
 
 files.write_safetensors = paused  # before convert_weights imports it
 import convert_weights
+from dit360.cli import handle_signals
 
+handle_signals()  # as the script's __main__ does
 convert_weights.main(sys.argv[1:])
 """
 
