@@ -15,7 +15,7 @@ from PIL import Image
 from torch import Tensor
 
 from .core import editing as core
-from .core.editing import RFInversion, cat_rows, paste_back
+from .core.editing import RFInversion, paste_back
 from .core.model import Flux
 from .generate import (
     Job,
@@ -35,6 +35,12 @@ from .panorama import Grid
 from .report import Report
 from .sampling import Conditioning, ahead, bar, noise, schedule
 from .tiling import decode
+
+
+def cat_rows(a: Conditioning, b: Conditioning) -> Conditioning:
+    """A batch [a, b] of two one-row conditionings."""
+    cat = lambda x, y: torch.cat([x, y])  # noqa: E731
+    return Conditioning(cat(a.txt, b.txt), cat(a.txt_ids, b.txt_ids), cat(a.vec, b.vec))
 
 
 def check_mask(keep: Tensor) -> None:
