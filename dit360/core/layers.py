@@ -133,10 +133,9 @@ def chunks(mod: Tensor, n: int) -> list[tuple[Tensor, Tensor, Tensor]]:
 
 
 def fma(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """x + a * b. In bf16 and fp16 one fused pass, rounded once (the reference rounds a * b
-    first: within its round-off); in float32 the reference's two passes, bit for bit (addcmul's
-    fused multiply-add would differ in the last bit)."""
-    # parity: float32 in the reference's two roundings; 16-bit in one fused pass (speed)
+    """x + a * b: in bf16 and fp16 one fused pass, rounded once (speed; the reference rounds a * b
+    first: within its round-off)."""
+    # parity: float32 in the reference's two passes, bit for bit (addcmul's would differ)
     return x + a * b if x.dtype == torch.float32 else torch.addcmul(x, a, b)
 
 
