@@ -116,7 +116,7 @@ from dit360.compiling import compile_blocks
 from dit360.config import FLUX_DEV, AutoEncoderParams
 from dit360.core.autoencoder import scale_latents
 from dit360.core.lora import Adapter, inject
-from dit360.core.loss import NORMS, HybridSchedule, draw_yaw, flow_loss, sample_sigmas
+from dit360.core.loss import NORMS, HybridSchedule, LossConfig, draw_yaw, flow_loss, sample_sigmas
 from dit360.data import (
     Batch,
     Encode,
@@ -678,6 +678,10 @@ def train_step(
     nominal = args.batch_size * args.grad_accum * world
     denom = count.clamp(min=1) if args.loss_norm == "token" else count.new_tensor(nominal)
     sums = torch.zeros(5, device=device)  # loss, flow, yaw, cube sums; rows or tokens
+    config = LossConfig(
+        norm=args.loss_norm, persp_weight=hybrid.persp_weight, supervise_pad=args.supervise_pad,
+        lambda_yaw=args.lambda_yaw * aux, lambda_cube=args.lambda_cube * aux,
+    )  # fmt: skip
     for i, b in enumerate(micro):
         b = b.to(device)
         first = (batch + i) * args.batch_size * world + rank  # in the epoch's global order
@@ -690,11 +694,8 @@ def train_step(
         if args.offload == "blocks":  # the adaLN weights stay in CPU memory, as at inference
             cond = ahead(model, cond, [sigmas], guidance)
         loss, n, parts = flow_loss(
-            model, z, noise, sigmas, cond, b.token_mask, grid,
-            guidance, persp=b.persp, persp_weight=hybrid.persp_weight, norm=args.loss_norm,
-            supervise_pad=args.supervise_pad,
-            lambda_yaw=args.lambda_yaw * aux, lambda_cube=args.lambda_cube * aux, yaw=yaw,
-            dtype=dtype,
+            model, z, noise, sigmas, cond, b.token_mask, grid, guidance, config,
+            persp=b.persp, yaw=yaw, dtype=dtype,
         )  # fmt: skip
         (loss / denom).backward()  # FSDP sums it over ranks: the global loss's gradient
         sums += torch.stack([loss.detach(), *(parts[k] for k in PARTS), n.to(sums)])

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .core.lora import LoraPlan, Part, adapters, attach, linears, lora_names, merge_lora
+from .core.lora import Adapter, Part, adapters, add_adapter, linears, merge_lora, sync_hook
 from .files import (
     FLAG,
     Rule,
@@ -40,6 +40,7 @@ from .weights import FLUX_DIFFUSERS, locate, split_sizes, strip_prefix, swap_hal
 KEY_KINDS = dict.fromkeys([".lora_A.weight", ".lora.down.weight", ".lora_down.weight"], "A")
 KEY_KINDS |= dict.fromkeys([".lora_B.weight", ".lora.up.weight", ".lora_up.weight"], "B")
 KEY_KINDS[".alpha"] = "alpha"
+LoraPlan = dict[str, list[Part]]  # our layer name -> its parts, a LoRA read from a file
 
 
 DIT360_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")  # diffusers names
@@ -220,6 +221,35 @@ def read_lora(src: str | Path, model: nn.Module) -> LoraPlan:
         config = {k[12:]: v for k, v in meta.items() if k.startswith("transformer.")}
         check_json(config, ADAPTER_RULES, f"{where} (transformer.*)")
     return plan_lora({k: tfile.get(k) for k in tfile.shapes}, model, config, str(path))
+
+
+def lora_names(model: nn.Module) -> set[str]:
+    """The names of the LoRAs applied to the model."""
+    return {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, Adapter)}
+
+
+def attach(model: nn.Module, plan: LoraPlan, name: str, multiplier: float = 1.0) -> nn.Module:
+    """Add a read LoRA to the model, unmerged, in the dtype of the weights."""
+    if name in lora_names(model):
+        raise ValueError(f"a LoRA named {name!r} is already applied")
+    for layer, parts in plan.items():
+        parts, lin = sorted(parts, key=lambda p: p.start), model.get_submodule(layer)
+        ad = add_adapter(lin, name, [(p.start, p.end, p.A.shape[0], p.scale) for p in parts])
+        with torch.no_grad():
+            ad.A.copy_(torch.cat([p.A for p in parts]))
+            for b, p in zip(ad.B, parts, strict=True):
+                b.copy_(p.B)
+    return set_scale(model, multiplier, name)
+
+
+def set_scale(model: nn.Module, scale: float, name: str | None = None) -> nn.Module:
+    """Change the weight of unmerged LoRAs (all, or the one named)."""
+    for _, layer, ad in adapters(model, name):
+        if ad.merged:
+            raise ValueError("unmerge the LoRA before changing its scale")
+        ad.multiplier = scale
+        sync_hook(layer)
+    return model
 
 
 def load_lora(

@@ -153,7 +153,7 @@ def test_dit360_format_matches_peft(base, x, tmp_path):
     assert rel_err(plain, expected) > 1e-2  # the LoRA matters: the check can fail
     lora.unmerge_lora(model)
     assert rel_err(out(model, x), expected) < 1e-5
-    lora.set_scale(model, 0.0)
+    lora_formats.set_scale(model, 0.0)
     assert rel_err(out(model, x), plain) < 1e-6
 
 
@@ -170,9 +170,9 @@ def test_merge_leaves_plain_layer(base, x, tmp_path):
     assert rel_err(out(model, x), expected) < 1e-5
     lora.unmerge_lora(model)
     assert len(qkv._forward_hooks) == 1 and rel_err(out(model, x), expected) < 1e-5
-    lora.set_scale(model, 0.0)
+    lora_formats.set_scale(model, 0.0)
     assert not qkv._forward_hooks
-    assert torch.equal(out(copy.deepcopy(lora.set_scale(model, 1.0)), x), out(model, x))
+    assert torch.equal(out(copy.deepcopy(lora_formats.set_scale(model, 1.0)), x), out(model, x))
 
 
 class Einsum(torch.nn.Module):
@@ -201,12 +201,14 @@ def test_adapter_on_any_linear():
     w[6:10] += 0.7 * 0.5 * ad.B[1].detach() @ ad.A[2:].detach()
     expected = h @ w.T + layer.bias.detach()
     with torch.no_grad():
-        torch.testing.assert_close(lora.set_scale(layer, 0.7)(h), expected)
+        torch.testing.assert_close(lora_formats.set_scale(layer, 0.7)(h), expected)
         torch.testing.assert_close(lora.merge_lora(layer)(h), expected)
         assert not layer._forward_hooks
         torch.testing.assert_close(layer.weight, w)
         assert lora.unmerge_lora(layer)._forward_hooks
-        torch.testing.assert_close(lora.set_scale(layer, 0.0)(h), h @ layer.weight.T + layer.bias)
+        torch.testing.assert_close(
+            lora_formats.set_scale(layer, 0.0)(h), h @ layer.weight.T + layer.bias
+        )
 
 
 def test_other_peft_targets(base, x, tmp_path):
@@ -281,7 +283,7 @@ def test_full_size_dit360_manifest():
     }
     assert placed == {k: v["bfl_target"] for k, v in manifest.items()}
     assert len(placed) == 380 and sum(map(len, plan.values())) == 190
-    lora.attach(model, plan, "dit360")
+    lora_formats.attach(model, plan, "dit360")
     state = {k: v for k, v in model.state_dict().items() if ".lora." in k}
     assert sum(p.numel() for p in state.values()) == 74_711_040
 

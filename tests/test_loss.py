@@ -16,6 +16,7 @@ from dit360.core.autoencoder import scale_latents
 from dit360.core.loss import (
     YAW_ANGLES,
     HybridSchedule,
+    LossConfig,
     draw_yaw,
     flow_loss,
     loss_cube_faces,
@@ -45,6 +46,7 @@ PARAMS = FluxParams(
     vec_in_dim=24,
 )
 GRID = Grid.for_image(64, 128)  # 4 x 8 tokens, 1 pad column a side; latents (16, 8, 16)
+TOKEN, SAMPLE, YAW = LossConfig("token"), LossConfig("sample"), LossConfig(lambda_yaw=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +201,8 @@ def test_flow_loss_matches_restatement(model):
     x0, noise, sigmas, cond = inputs(2)
     mask = partial_mask(2)
     with torch.no_grad():
-        loss, count, parts = flow_loss(model, x0, noise, sigmas, cond, mask, GRID, norm="token")
-        rows, n_rows, _ = flow_loss(model, x0, noise, sigmas, cond, mask, GRID, norm="sample")
+        loss, count, parts = flow_loss(model, x0, noise, sigmas, cond, mask, GRID, config=TOKEN)
+        rows, n_rows, _ = flow_loss(model, x0, noise, sigmas, cond, mask, GRID, config=SAMPLE)
         s = sigmas.view(2, 1, 1, 1)
         tokens = ref_pad(ref_pack((1 - s) * x0 + s * noise), 4, 8, 1)  # (2, 4 * 10, 64)
         pred = ref_crop(ref_velocity(model, tokens, 4, 8, 1, cond, sigmas), 4, 8, 1)
@@ -215,7 +217,7 @@ def test_flow_loss_matches_restatement(model):
     persp, mask[1, :8] = torch.ones(2, dtype=torch.bool), True  # 16 and 20 tokens: pooling is
     with torch.no_grad():  # not the mean of the row means
         pooled, n_rows, _ = flow_loss(
-            model, x0, noise, sigmas, cond, mask, GRID, persp=persp, norm="sample"
+            model, x0, noise, sigmas, cond, mask, GRID, config=SAMPLE, persp=persp
         )
     torch.testing.assert_close(pooled, 2 * 0.5 * err[mask].mean())
     assert n_rows == 2
@@ -225,11 +227,9 @@ def test_supervise_pad_targets_the_wrapped_grid(model):
     """With supervise_pad the pad columns are supervised against the wrapped target, and counted."""
     grid = Grid(4, 8, pad=2)
     x0, noise, sigmas, cond = inputs(1)
-    mask = partial_mask(1)
+    mask, pad = partial_mask(1), LossConfig("token", supervise_pad=True)
     with torch.no_grad():
-        loss, count, _ = flow_loss(
-            model, x0, noise, sigmas, cond, mask, grid, supervise_pad=True, norm="token"
-        )
+        loss, count, _ = flow_loss(model, x0, noise, sigmas, cond, mask, grid, config=pad)
         s = sigmas.view(1, 1, 1, 1)
         tokens = ref_pad(ref_pack((1 - s) * x0 + s * noise), 4, 8, 2)  # (1, 4 * 12, 64)
         pred = ref_velocity(model, tokens, 4, 8, 2, cond, sigmas)
@@ -244,7 +244,7 @@ def test_masked_prediction_gets_zero_gradient(model):
     x0, noise, sigmas, cond = inputs(2)
     mask = partial_mask(2)
     cap = Capture(model)
-    loss, _, _ = flow_loss(cap, x0, noise, sigmas, cond, mask, GRID, lambda_yaw=0.5, yaw=60.0)
+    loss, _, _ = flow_loss(cap, x0, noise, sigmas, cond, mask, GRID, config=YAW, yaw=60.0)
     loss.backward()
     grad = cap.out.grad.view(2, 4, 10, 64)  # padded grid
     inner = grad[:, :, 1:9].reshape(2, 32, 64)
@@ -273,15 +273,27 @@ def test_black_perspective_row_contributes_nothing(model, norm):
     mask = torch.ones(2, 32, dtype=torch.bool)
     mask[1] = False
     persp = torch.tensor([False, True])
-    both, count, _ = flow_loss(model, x0, noise, sigmas, cond, mask, GRID, persp=persp, norm=norm)
+    both, count, _ = flow_loss(
+        model, x0, noise, sigmas, cond, mask, GRID, config=LossConfig(norm), persp=persp
+    )
     one = Conditioning(cond.txt[:1], cond.txt_ids[:1], cond.vec[:1])
-    alone, _, _ = flow_loss(model, x0[:1], noise[:1], sigmas[:1], one, mask[:1], GRID, norm=norm)
+    alone, _, _ = flow_loss(
+        model, x0[:1], noise[:1], sigmas[:1], one, mask[:1], GRID, config=LossConfig(norm)
+    )
     torch.testing.assert_close(both, alone)
     assert count == {"sample": 2, "token": 32}[norm]
     row = Conditioning(cond.txt[1:], cond.txt_ids[1:], cond.vec[1:])
     model.zero_grad(set_to_none=True)
     loss, count, _ = flow_loss(
-        model, x0[1:], noise[1:], sigmas[1:], row, mask[1:], GRID, persp=persp[1:], norm=norm
+        model,
+        x0[1:],
+        noise[1:],
+        sigmas[1:],
+        row,
+        mask[1:],
+        GRID,
+        config=LossConfig(norm),
+        persp=persp[1:],
     )
     loss.backward()
     assert loss == 0 and count == {"sample": 1, "token": 0}[norm]
@@ -310,8 +322,8 @@ def test_yaw_and_cube_terms_match_restatement(model):
     cap = Capture(model)
     with torch.no_grad():
         loss, count, parts = flow_loss(
-            cap, x0, noise, sigmas, cond, mask, GRID, persp=persp, lambda_yaw=0.5,
-            lambda_cube=0.25, yaw=300.0, norm="token",
+            cap, x0, noise, sigmas, cond, mask, GRID,
+            config=LossConfig("token", lambda_yaw=0.5, lambda_cube=0.25), persp=persp, yaw=300.0,
         )  # fmt: skip
     pred = ref_unpack(ref_crop(cap.out[:1], 4, 8, 1), 4, 8)  # row 0 only, (1, 16, 8, 16)
     n, x, p = noise[:1], x0[:1], pred
@@ -325,7 +337,8 @@ def test_yaw_and_cube_terms_match_restatement(model):
     with torch.no_grad():
         loss, count, _ = flow_loss(
             cap, x0[:1], noise[:1], sigmas[:1], Conditioning(cond.txt[:1], cond.txt_ids[:1],
-            cond.vec[:1]), mask[:1], GRID, lambda_yaw=0.5, lambda_cube=0.25, yaw=300.0,
+            cond.vec[:1]), mask[:1], GRID, config=LossConfig(lambda_yaw=0.5, lambda_cube=0.25),
+            yaw=300.0,
         )  # fmt: skip
     mse = (ref_unpack(ref_crop(cap.out, 4, 8, 1), 4, 8) - (n - x)).square().mean()
     expected = mse + 0.5 * yaw.square().mean() + 0.25 * cube.square().mean()
@@ -342,7 +355,10 @@ def test_yaw_draw_and_aux_epochs():
     assert [window.aux_active(e) for e in range(5)] == [True, True, True, False, False]
     with pytest.raises(ValueError, match="yaw"):
         x0, noise, sigmas, cond = inputs(1)
-        flow_loss(Tokenwise(), x0, noise, sigmas, cond, partial_mask(1) | True, GRID, lambda_yaw=1)
+        mask = partial_mask(1) | True
+        flow_loss(Tokenwise(), x0, noise, sigmas, cond, mask, GRID, config=LossConfig(lambda_yaw=1))
+    with pytest.raises(ValueError, match="norm 'mean': one of sample, token"):
+        LossConfig("mean")
 
 
 # --- cached vs uncached ------------------------------------------------------------------------
@@ -375,8 +391,9 @@ def epoch_losses(model, source: Source, epoch: int, encode) -> list[torch.Tensor
         cond = conditioning(batch, fake_text)
         with torch.no_grad():
             loss, _, _ = flow_loss(
-                model, z, noise, sigmas, cond, batch.token_mask, GRID, persp=batch.persp,
-                lambda_yaw=0.5, lambda_cube=0.5, yaw=draw_yaw(gen),
+                model, z, noise, sigmas, cond, batch.token_mask, GRID,
+                config=LossConfig(lambda_yaw=0.5, lambda_cube=0.5), persp=batch.persp,
+                yaw=draw_yaw(gen),
             )  # fmt: skip
         out.append(loss)
     return out

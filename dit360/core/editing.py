@@ -1,23 +1,15 @@
-"""Panorama inpainting and outpainting: RF-Inversion with Personalize-Anything token replacement.
+"""Panorama inpainting and outpainting: RF-Inversion with Personalize-Anything token replacement
+(docs/METHOD.md section 4). Time as in sampling.py; masks: True = keep.
 
 References: DiT360 (github.com/Insta360-Research-Team/DiT360) `editing.py`, `pa_src/`; Rout et al.
 2024, RF-Inversion (arXiv:2410.10792), Algorithms 1, 2; Feng et al., "Personalize Anything for Free
-with Diffusion Transformer" (arXiv:2503.12590). Time as in sampling.py; masks: True = keep.
-
-`invert` moves the source latents x0 toward noise y1 (empty prompt) along the controlled field
-u_model + gamma * ((y1 - Y) / (1 - t) - u_model). `edit` runs a batch [source, target]: the
-source back toward x0 along v + eta * ((X - x0) / t - v), the target plain Euler from noise with
-the new prompt; while t > tau the target's image tokens at the mask take the source's in
-attention, while t >= blend_until its latents there take the source's after each step. True CFG
-(a negative prompt) adds a third row, the target with the negative prompt and the same token
-replacement; only the target's velocity is combined (`guided`), the inversion and source unchanged.
-`edit_planned` is the same loop without the model calls whose results are not read (tested
-equal); the runtime runs it.
+with Diffusion Transformer" (arXiv:2503.12590).
+True CFG (a negative prompt) adds a third row, the target with the negative prompt and the same
+token replacement; only the target's velocity is combined (`guided`).
 
 Kept from the reference on purpose: inversion model time and field at t_i = i / (steps + 1) with
 the reverse schedule's step sizes; the shift from the unpadded token count; the eta window
-[int(start * steps), int(stop * steps)). Cost: gamma = 1 calls no model in the inversion; eta = 1
-zeroes the source's own velocity, so it then runs only while its tokens (t > tau) are read.
+[int(start * steps), int(stop * steps)).
 """
 
 from collections.abc import Iterator

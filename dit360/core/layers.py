@@ -26,9 +26,7 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
-# What `attention` calls: PyTorch's SDPA. The seam for other kernels: the runtime sets it
-# (dit360.kernels.attention_backend), the model never does.
-attend = sdpa
+attend = sdpa  # what `attention` calls; the seam the runtime sets (dit360.kernels), never the model
 
 
 def attention(qkv: list[Tensor], pe: Tensor, out: Tensor | None = None) -> Tensor:
@@ -101,11 +99,20 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.proj = nn.Linear(dim, dim)
 
-    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def qkv_heads(self, x: Tensor) -> list[Tensor]:
         """Project x (B, L, D) to normalised q, k and v, each (B, H, L, d)."""
-        qkv = rearrange(self.qkv(x), "b l (k h d) -> k b h l d", k=3, h=self.num_heads)
-        q, k = self.norm(qkv[0], qkv[1], qkv[2])
-        return q, k, qkv[2]
+        return heads(self.qkv(x), self.num_heads, self.norm)
+
+
+def heads(qkv: Tensor, num_heads: int, norm: QKNorm) -> list[Tensor]:
+    """Fused q | k | v (B, L, 3D) -> normalised q, k and v (B, H, L, d), v a view."""
+    q, k, v = rearrange(qkv, "b l (k h d) -> k b h l d", k=3, h=num_heads)
+    return [*norm(q, k, v), v]
+
+
+def hooked(block: nn.Module, qkv: list[Tensor]) -> list[Tensor]:
+    """q, k, v through the block's `qkv_hook`, if it has one."""
+    return qkv if block.qkv_hook is None else list(block.qkv_hook(*qkv))
 
 
 class Modulation(nn.Module):
@@ -126,10 +133,9 @@ def chunks(mod: Tensor, n: int) -> list[tuple[Tensor, Tensor, Tensor]]:
 
 
 def fma(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """x + a * b. In bf16 and fp16 one fused pass, rounded once (the reference rounds a * b
-    first: within its round-off); in float32 the reference's two passes, bit for bit (addcmul's
-    fused multiply-add would differ in the last bit)."""
-    # parity: float32 in the reference's two roundings; 16-bit in one fused pass (speed)
+    """x + a * b: in bf16 and fp16 one fused pass, rounded once (speed; the reference rounds a * b
+    first: within its round-off)."""
+    # parity: float32 in the reference's two passes, bit for bit (addcmul's would differ)
     return x + a * b if x.dtype == torch.float32 else torch.addcmul(x, a, b)
 
 
@@ -165,10 +171,9 @@ class DoubleStreamBlock(nn.Module):
 
     def joint_qkv(self, img: Tensor, txt: Tensor, img_mod: tuple, txt_mod: tuple) -> list[Tensor]:
         """q, k, v (B, H, L_txt + L_img, d) of both streams, [txt | img] along L."""
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, *img_mod[:2]))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, *txt_mod[:2]))
-        qkv = [torch.cat(p, dim=2) for p in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v))]
-        return list(self.qkv_hook(*qkv)) if self.qkv_hook is not None else qkv
+        img_qkv = self.img_attn.qkv_heads(modulate(img, *img_mod[:2]))
+        txt_qkv = self.txt_attn.qkv_heads(modulate(txt, *txt_mod[:2]))
+        return hooked(self, [torch.cat(p, dim=2) for p in zip(txt_qkv, img_qkv, strict=True)])
 
     def forward(
         self, img: Tensor, txt: Tensor, vec: Tensor | None, pe: Tensor, mods: Sequence = (None,) * 2
@@ -206,12 +211,7 @@ class SingleStreamBlock(nn.Module):
         """Normalised q, k and v (B, H, L, d; v a view) and the fused `linear1` output h they
         are cut from (B, L, 3D + mlp_hidden)."""
         h = self.linear1(modulate(x, shift, scale))
-        q, k, v = rearrange(
-            h[..., : 3 * self.dim], "b l (k h d) -> k b h l d", k=3, h=self.num_heads
-        )
-        q, k = self.norm(q, k, v)
-        qkv = [q, k, v]
-        return list(self.qkv_hook(*qkv)) if self.qkv_hook is not None else qkv, h
+        return hooked(self, heads(h[..., : 3 * self.dim], self.num_heads, self.norm)), h
 
     def forward(
         self, x: Tensor, vec: Tensor | None, pe: Tensor, mod: Tensor | None = None

@@ -1,11 +1,11 @@
-"""LoRA adapters on the FLUX transformer's linear layers: add (inject, attach), merge, unmerge.
+"""LoRA adapters on the FLUX transformer's linear layers: add (`inject`), merge and unmerge.
 
 A LoRA adds scale * B @ A to a weight (A: (r, in), B: (out, r), scale = alpha / r). A fused layer
 (`img_attn.qkv` = diffusers' [to_q; to_k; to_v]) takes DiT360's q/k/v LoRAs as row ranges of one
 adapter: A stacked (sum r, in) for one matmul, each B on its rows. The layer gains a child `lora`
 (`.lora.<name>.A`, `.B.<i>`) and, while an adapter is unmerged and active, a forward hook adding
-its output; it keeps its class, so any linear (fp8, say) can be the base. Files and diffusers
-names: dit360/lora_formats.py.
+its output; it keeps its class, so any linear (fp8, say) can be the base. Files, diffusers names,
+reading a LoRA onto the model (`attach`) and its weight (`set_scale`): dit360/lora_formats.py.
 Reference: Hu et al. 2021, https://arxiv.org/abs/2106.09685; mlx-examples `LoRALinear`.
 """
 
@@ -29,7 +29,6 @@ class Part:
     keys: tuple[str, ...] = ()  # the file's tensors it came from
 
 
-LoraPlan = dict[str, list[Part]]  # our layer name -> its parts
 Span = tuple[int, int, int, float]  # an adapter part's start row, end row, rank, scale
 
 
@@ -74,7 +73,7 @@ def _hook(layer: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor:
     return out
 
 
-def _sync(layer: nn.Module) -> None:
+def sync_hook(layer: nn.Module) -> None:
     """Hook the layer while one of its adapters is unmerged and active; otherwise unhook it."""
     live = any(not ad.merged and ad.multiplier for ad in layer.lora.values())
     hooks = layer._forward_hooks  # torch's registry, not a handle: it survives deepcopy
@@ -93,7 +92,7 @@ def add_adapter(layer: nn.Module, name: str, parts: list[Span], dropout: float =
     if w.element_size() == 1:
         raise ValueError("a LoRA on float8 weights must be added before --fp8 (quantize_fp8)")
     layer.lora[name] = Adapter(layer.in_features, parts, dropout, device=w.device, dtype=w.dtype)
-    _sync(layer)
+    sync_hook(layer)
     return layer.lora[name]
 
 
@@ -110,11 +109,6 @@ def adapters(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, n
             yield from ((n, m, ad) for k, ad in lora.items() if name in (None, k))
 
 
-def lora_names(model: nn.Module) -> set[str]:
-    """The names of the LoRAs applied to the model."""
-    return {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, Adapter)}
-
-
 def inject(
     model: nn.Module,
     rows: dict[str, list[tuple[int, int]]],
@@ -126,7 +120,7 @@ def inject(
     [start, end) ranges, one adapter part each; `dit360.lora_formats.target_rows` finds them from
     diffusers names), freeze the rest; defaults are DiT360's. On meta: Adapter.reset_parameters
     after `to_empty`."""
-    if "default" in lora_names(model):
+    if next(adapters(model, "default"), None):
         raise ValueError("the model holds a LoRA named 'default' already")
     model.requires_grad_(False)
     for layer, ranges in rows.items():
@@ -134,30 +128,6 @@ def inject(
         add_adapter(
             model.get_submodule(layer), "default", parts, dropout
         ).float().reset_parameters()
-    return model
-
-
-def attach(model: nn.Module, plan: LoraPlan, name: str, multiplier: float = 1.0) -> nn.Module:
-    """Add a read LoRA to the model, unmerged, in the dtype of the weights."""
-    if name in lora_names(model):
-        raise ValueError(f"a LoRA named {name!r} is already applied")
-    for layer, parts in plan.items():
-        parts, lin = sorted(parts, key=lambda p: p.start), model.get_submodule(layer)
-        ad = add_adapter(lin, name, [(p.start, p.end, p.A.shape[0], p.scale) for p in parts])
-        with torch.no_grad():
-            ad.A.copy_(torch.cat([p.A for p in parts]))
-            for b, p in zip(ad.B, parts, strict=True):
-                b.copy_(p.B)
-    return set_scale(model, multiplier, name)
-
-
-def set_scale(model: nn.Module, scale: float, name: str | None = None) -> nn.Module:
-    """Change the weight of unmerged LoRAs (all, or the one named)."""
-    for _, layer, ad in adapters(model, name):
-        if ad.merged:
-            raise ValueError("unmerge the LoRA before changing its scale")
-        ad.multiplier = scale
-        _sync(layer)
     return model
 
 
@@ -179,7 +149,7 @@ def merge_lora(model: nn.Module, name: str | None = None, undo: bool = False) ->
         if ad.merged == undo:
             fold_(layer.weight, ad.parts(), -ad.multiplier if undo else ad.multiplier)
             ad.merged = not undo
-            _sync(layer)
+            sync_hook(layer)
     return model
 
 

@@ -1,6 +1,6 @@
-"""Training losses: noise-level sampling, the masked flow-matching loss on wrap-padded tokens, and
-DiT360's yaw and cube losses. Time convention as in sampling.py: x_t = (1 - s) x0 + s noise,
-target v = noise - x0.
+"""Training maths: noise levels, the masked flow-matching loss on wrap-padded tokens, DiT360's yaw
+and cube losses, the hybrid schedule (docs/METHOD.md section 5). Time as in sampling.py:
+x_t = (1 - s) x0 + s noise, target v = noise - x0.
 
 As the reference (github.com/Insta360-Research-Team/DiT360, src/dit360.py unless named):
 - sigma = the FLUX.1-dev scheduler's sigma at int(u * 1000), u from diffusers'
@@ -11,19 +11,8 @@ As the reference (github.com/Insta360-Research-Team/DiT360, src/dit360.py unless
   on from epoch 2 (:239-242; dit360_mix_staged.py: while epoch < 3, but its launcher sets them
   to 0): HybridSchedule's window, train.py's recipes. The projections are src/yaw_rotate.py's
   and src/cube_map.py's, not panorama.py's: grids spaced over W-1 / H-1, row 0 at latitude
-  -pi/2, align_corners=True, border padding, faces H/2.
-  Our grids are float32, the reference's in the input dtype.
-
-`flow_loss` returns a SUM and a COUNT, for the caller to divide by a step's denominator over every
-rank and micro-batch, so their split does not change the loss. norm "sample" (the reference's):
-the sum is B x DiT360's loss of the micro-batch: a panorama row's mean over its elements, and the
-perspective rows' mean pooled over all their supervised elements (dit360_mix_staged.py:250-263,
-one torch.cat) x their weight x their number; the count is B rows. train.py divides by the
-nominal rows of a step, batch x accumulation x world, as Lightning divides each training_step by
-accumulate_grad_batches and DDP / DeepSpeed average the ranks. norm "token" (torchtitan's global
-token count): a token's channel-mean error summed, a row's yaw and cube means counted like its
-supervised tokens; a perspective row then weighs by its coverage. For one full panorama both are
-the reference's.
+  -pi/2, align_corners=True, border padding, faces H/2. Our grids are float32, the reference's
+  in the input dtype.
 """
 
 import math
@@ -63,6 +52,33 @@ class HybridSchedule:
     def aux_active(self, epoch: int) -> bool:
         """Whether the yaw and cube losses act in this epoch: aux_start <= epoch (< aux_stop)."""
         return epoch >= self.aux_start and (self.aux_stop is None or epoch < self.aux_stop)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The parameters of `flow_loss`: its normalisation, the perspective rows' weight, the yaw and
+    cube losses' lambdas (0 = off), and whether the pad tokens are supervised (against the
+    wrapped target; else cropped).
+
+    `flow_loss` returns a sum and a count, for the caller to divide by a step's denominator over
+    every rank and micro-batch, so their split does not change the loss. norm "sample" (the
+    reference's): the sum is B x DiT360's loss of the micro-batch (a panorama row's mean over its
+    elements, the perspective rows' mean pooled over their supervised elements x their weight x
+    their number; dit360_mix_staged.py:250-263), the count B rows; train.py divides by the
+    nominal rows of a step, as Lightning divides each training_step by accumulate_grad_batches.
+    norm "token" (torchtitan's global token count): a token's channel-mean error summed, a row's
+    yaw and cube means counted like its supervised tokens, the count the supervised tokens.
+    For one full panorama both are the reference's."""
+
+    norm: str = "sample"
+    persp_weight: float = HybridSchedule.persp_weight
+    lambda_yaw: float = 0.0
+    lambda_cube: float = 0.0
+    supervise_pad: bool = False
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ValueError(f"norm {self.norm!r}: one of {', '.join(NORMS)}")
 
 
 def _loss_lat_range(h: int, w: int) -> tuple[float, float]:
@@ -149,33 +165,25 @@ def flow_loss(
     token_mask: Tensor,
     grid: Grid,
     guidance: float | None = 1.0,
+    config: LossConfig = LossConfig(),
     *,
     persp: Tensor | None = None,
-    persp_weight: float = HybridSchedule.persp_weight,
-    norm: str = "sample",
-    lambda_yaw: float = 0.0,
-    lambda_cube: float = 0.0,
     yaw: float | None = None,
-    supervise_pad: bool = False,
     dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Masked flow-matching loss -> (loss sum, count, detached parts): norm "sample" sums B x the
-    reference's batch loss and counts rows, "token" sums token errors and counts supervised tokens.
+    """Masked flow-matching loss -> (loss sum, count, detached parts), see LossConfig.norm.
 
     x0, noise: latents (B, 16, 2h, 2w) for grid; sigmas (B,); token_mask (B, h*w) bool, True =
-    supervised; persp (B,) bool rows weigh persp_weight. The model sees x_t wrap-padded, in
-    `dtype` (default x0's); the pad tokens are cropped, or with supervise_pad supervised against
-    the wrapped target. Yaw / cube terms (lambda 0 = off) apply to all-white panorama rows.
-    parts: the "flow", "yaw", "cube" sums before the lambdas.
+    supervised; persp (B,) bool rows weigh config.persp_weight; yaw: the yaw loss's angle
+    (draw_yaw). The model sees x_t wrap-padded, in `dtype` (default x0's). The yaw / cube terms
+    apply to all-white panorama rows. parts: the "flow", "yaw", "cube" sums before the lambdas.
     """
-    if norm not in NORMS:
-        raise ValueError(f"norm {norm!r}: one of {', '.join(NORMS)}")
     b, h, w = x0.shape[0], grid.h, grid.w
     if x0.shape[-2:] != (2 * h, 2 * w) or noise.shape != x0.shape:
         raise ValueError(f"latents {tuple(x0.shape)}, {tuple(noise.shape)} do not fit {grid}")
     if token_mask.shape != (b, h * w):
         raise ValueError(f"token_mask {tuple(token_mask.shape)} is not ({b}, {h * w})")
-    if lambda_yaw and yaw is None:
+    if config.lambda_yaw and yaw is None:
         raise ValueError("lambda_yaw > 0 needs a yaw angle (draw_yaw)")
     x0, noise = x0.float(), noise.float()
     xt = add_noise(x0, noise, sigmas)  # (B, 16, 2h, 2w)
@@ -184,14 +192,15 @@ def flow_loss(
     tokens = grid.pack(xt).to(dtype or x0.dtype)  # (B, tokens, 64)
     pred = predict(model, tokens, grid, cond, sigmas.to(x0.device), guidance).float()
     tgt, mask = pack(target), token_mask.to(x0.device)  # (B, h*w, 64), (B, h*w)
-    if supervise_pad:
+    pad = config.supervise_pad  # the pad tokens against the wrapped target, or cropped
+    if pad:
         tgt, mask = grid.wrap(tgt), grid.wrap_mask(mask)  # (B, tokens, 64), (B, tokens)
-    err = ((pred if supervise_pad else grid.crop(pred)) - tgt).square().mean(-1)  # like mask
+    err = ((pred if pad else grid.crop(pred)) - tgt).square().mean(-1)  # like mask
 
     persp = (torch.zeros(b, dtype=torch.bool) if persp is None else persp).to(x0.device)
     count = mask.sum(-1)  # (B,)
-    row_w = torch.where(persp, persp_weight, 1.0)  # (B,) float32
-    if norm == "sample":  # a panorama row's mean; the perspective rows' pooled mean x their number
+    row_w = torch.where(persp, config.persp_weight, 1.0)  # (B,) float32
+    if config.norm == "sample":  # a panorama row's mean; the persp rows' pooled mean x their number
         pooled = torch.where(persp, count[persp].sum(), count).clamp(min=1)
         row_w = row_w * torch.where(persp, persp.sum(), 1) / pooled  # nothing supervised adds 0
     # where, not a multiplication: masked tokens get exactly zero gradient, even from inf/nan.
@@ -199,15 +208,15 @@ def flow_loss(
     parts = {"flow": flow, "yaw": flow.new_zeros(()), "cube": flow.new_zeros(())}
 
     full = mask.all(-1) & ~persp  # (B,) rows for yaw / cube
-    if (lambda_yaw or lambda_cube) and full.any():
+    if (config.lambda_yaw or config.lambda_cube) and full.any():
         p, t = grid.unpack(pred[full]), target[full]  # (B', 16, 2h, 2w) each
         scale = (row_w * count)[full]  # a row's mean: x1 (sample) or x its tokens (token)
-        if lambda_yaw:
+        if config.lambda_yaw:
             d = loss_yaw_rotation(p, yaw) - loss_yaw_rotation(t, yaw)  # (B', 16, 2h, 2w)
             parts["yaw"] = (d.square().flatten(1).mean(1) * scale).sum()
-        if lambda_cube:
+        if config.lambda_cube:
             d = loss_cube_faces(p) - loss_cube_faces(t)  # (B', 6, 16, h, h)
             parts["cube"] = (d.square().flatten(1).mean(1) * scale).sum()
-    total = flow + lambda_yaw * parts["yaw"] + lambda_cube * parts["cube"]
-    n = count.sum() if norm == "token" else count.new_tensor(b)
+    total = flow + config.lambda_yaw * parts["yaw"] + config.lambda_cube * parts["cube"]
+    n = count.sum() if config.norm == "token" else count.new_tensor(b)
     return total, n, {k: v.detach() for k, v in parts.items()}

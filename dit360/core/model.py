@@ -42,12 +42,8 @@ class Flux(nn.Module):
             elif hasattr(m, "scale") and isinstance(m.scale, nn.Parameter):
                 nn.init.ones_(m.scale)
         # adaLN-Zero: every block starts as the identity and the output as zero.
-        for block in self.double_blocks:
-            for lin in (block.img_mod.lin, block.txt_mod.lin):
-                nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)
-        for block in self.single_blocks:
-            nn.init.zeros_(block.modulation.lin.weight), nn.init.zeros_(block.modulation.lin.bias)
-        for lin in (self.final_layer.adaLN_modulation[1], self.final_layer.linear):
+        mods = [m for layer in self.modulation_layers() for m in layer.modules()]
+        for lin in [m for m in mods if isinstance(m, nn.Linear)] + [self.final_layer.linear]:
             nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)
 
     def modulation_layers(self) -> list[nn.Module]:
