@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     scores = []
     for path in files:
         try:
-            img = open_image(path)
-        except OSError as e:
-            fail(f"{path}: not a readable image ({e})")
+            img = open_image(path)  # a ValueError or OSError that names the file
+        except (OSError, ValueError) as e:
+            fail(e)
         if img.width != 2 * img.height:  # e.g. the cube faces --cubemap writes beside a panorama
             print(f"{path}: skipped, {img.width}x{img.height} is not 2:1")
             continue

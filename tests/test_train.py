@@ -329,7 +329,7 @@ def test_input_errors(tiny_flux, data, tmp_path, capsys):
     no_base = args(tiny_flux, data, tmp_path / "o", "--base", str(tmp_path / "no-such-base"))
     expect_error(capsys, train.main, no_base, tmp_path, "no-such-base: no such file or folder")
     resolution = args(tiny_flux, data, tmp_path / "o", "--resolution", "40")
-    expect_error(capsys, train.main, resolution, tmp_path, "multiples of 16")
+    expect_error(capsys, train.main, resolution, tmp_path, "multiple of 16")
     assert not (tmp_path / "o").exists()
 
 
