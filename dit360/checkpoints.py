@@ -182,6 +182,16 @@ def steps(folder: Path) -> dict[int, Path]:
     return {int(m[1]): p for m, p in found if m and p.is_dir()}
 
 
+def unfinished_run(folder: Path) -> str:
+    """Why a train.py run (--out) without its final lora/ is no LoRA, and what to give instead;
+    "" for any other folder."""
+    if not (folder / MARKER).exists():
+        return ""
+    last = max(steps(folder / "checkpoints").items(), default=None)
+    instead = f"give its latest checkpoint, {last[1]}" if last else "it has no checkpoint yet"
+    return f"{folder} is a training run that has not written its final lora/ yet: {instead}"
+
+
 def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """The tensors of a checkpoint of `model`: the LoRA, its AdamW moments and step."""
     shapes = {}

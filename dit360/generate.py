@@ -68,12 +68,16 @@ def computed_ahead(model: Flux) -> list[nn.Module]:
 
 
 def lora_file(src: str) -> Path:
-    """--lora's file (find_lora); DiT360's LoRA not found also offers to go without it."""
+    """--lora's file (find_lora); a train.py run without its final LoRA says what to give
+    instead; DiT360's LoRA not found also offers to go without it."""
+    from .checkpoints import unfinished_run
     from .lora_formats import find_lora
 
     try:
         return flagged("--lora", find_lora, src)
     except FileNotFoundError as e:
+        if why := unfinished_run(Path(src)):
+            raise FileNotFoundError(f"--lora {why}") from None
         if src != DIT360_LORA:
             raise
         raise FileNotFoundError(f"{e}; or run without it: --lora none (plain FLUX.1-dev)") from None

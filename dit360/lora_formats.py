@@ -184,7 +184,8 @@ def plan_lora(
 
 def find_lora(src: str | Path) -> Path:
     """The LoRA's .safetensors file in a repo id (fetched: it is small), folder or file; a train.py
-    run (--out) or one of its checkpoints (step-N/) gives the LoRA in its lora/."""
+    run (--out) or one of its checkpoints (step-N/) gives the LoRA in its lora/ (a run without
+    one: `checkpoints.unfinished_run` says what to give instead)."""
     path = resolve(src, ["*.safetensors", "*.json"], "a LoRA .safetensors file or a folder of one")
     if path.is_dir():
         usual = ["adapter_model.safetensors", "pytorch_lora_weights.safetensors"]
@@ -192,21 +193,9 @@ def find_lora(src: str | Path) -> Path:
         files = [f for f in usual if f.is_file()][:1] or sorted(path.glob("*.safetensors"))
         if len(files) != 1:
             found = f"{path} must hold one LoRA .safetensors file, found {[f.name for f in files]}"
-            raise FileNotFoundError(_unfinished(path) or found)
+            raise FileNotFoundError(found)
         path = files[0]
     return path
-
-
-def _unfinished(folder: Path) -> str:
-    """Why a train.py run (--out) without its final lora/ is no LoRA, and what to give instead;
-    "" for any other folder."""
-    from .checkpoints import MARKER, steps  # it writes LoRAs with this module: import late
-
-    if not (folder / MARKER).exists():
-        return ""
-    last = max(steps(folder / "checkpoints").items(), default=None)
-    instead = f"give its latest checkpoint, {last[1]}" if last else "it has no checkpoint yet"
-    return f"{folder} is a training run that has not written its final lora/ yet: {instead}"
 
 
 def read_lora(src: str | Path, model: nn.Module) -> LoraPlan:

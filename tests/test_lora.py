@@ -564,7 +564,7 @@ def test_lora_from_a_training_run(tiny_flux, tmp_path):
     from PIL import Image
 
     import train
-    from dit360.generate import lora_sources
+    from dit360.generate import lora_file, lora_sources
     from dit360.options import Options
 
     rgb = np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8)
@@ -587,4 +587,4 @@ def test_lora_from_a_training_run(tiny_flux, tmp_path):
     shutil.rmtree(run / "lora")  # as if the run were still going
     unfinished = f"{run} is a training run that has not written its final lora/ yet: give its"
     with pytest.raises(FileNotFoundError, match=f"{unfinished} latest checkpoint, {step}$"):
-        lora_formats.find_lora(run)
+        lora_file(str(run))
