@@ -21,6 +21,7 @@ from PIL import Image
 
 from .editing import EditJob, edit_many
 from .files import atomic_path
+from .generate import CHUNK
 from .image import from_pil, open_image, save_panorama
 from .options import EditOptions
 from .panorama import FACE_VIEWS, FACES, cube_to_equirect, equirect_dirs, equirect_to_cube, rotation
@@ -45,7 +46,7 @@ class Refine:
     opts: EditOptions
     face: int = 1024
     prompt: str = PROMPT
-    batch: int = 32
+    batch: int = CHUNK // 2  # two faces a panorama: one chunk of the editor's, models loaded once
     feather: int | None = None  # None: face / 32
 
 
@@ -55,7 +56,9 @@ def renamed(message: str) -> str:
     return re.sub(rf"--({names})\b", r"--refine-\1", message)
 
 
-def refine_options(face: int = 1024, prompt: str = PROMPT, batch: int = 32, **flags) -> Refine:
+def refine_options(
+    face: int = 1024, prompt: str = PROMPT, batch: int = CHUNK // 2, **flags
+) -> Refine:
     """The refinement's settings from prepare.py's --refine-* values (flags: EditOptions field
     names); ValueError naming the --refine-* flag of the first bad one."""
     if not (face > 0 and face % 64 == 0):
@@ -98,7 +101,9 @@ def add_flags(parser) -> None:
     g = parser.add_argument_group("refinement (--refine-poles)")
     g.add_argument("--refine-face-size", type=int, help="cube face size, a multiple of 64 (1024)")
     g.add_argument("--refine-prompt", help=f"prompt template of a face ({PROMPT!r})")
-    g.add_argument("--refine-batch", type=int, help="panoramas per batch, models loaded once (32)")
+    g.add_argument(
+        "--refine-batch", type=int, help=f"panoramas per batch, models loaded once ({CHUNK // 2})"
+    )
     for f in fields(EditOptions):
         if f.name in FLAGS:
             meta = {k: v for k, v in f.metadata.items() if k in ("help", "choices", "type")}
