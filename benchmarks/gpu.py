@@ -398,7 +398,8 @@ def main() -> None:
     def save(key: str, done: dict) -> None:
         """Record a finished row: results.jsonl, then results.json and table.md anew, printed."""
         part = "train" if done["kind"] == "train" else "rows"
-        summary[part][key] = done
+        summary[part][key] = done  # in the plan's order, whichever row ended first
+        summary[part] = {k: summary[part][k] for k in keys if k in summary[part]}
         rows = summary["rows"]
         images = {k: r["result"].get("image") for k, r in rows.items()}
         for k, r in rows.items():

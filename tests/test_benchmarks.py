@@ -86,7 +86,7 @@ def test_gpu_tiny(smoke):
     results = json.loads((smoke["out"] / "results.json").read_text())
     assert [r["label"] for r in results["rows"].values()] == list(GPU_ROWS)
     ends = [json.loads(line)["label"] for line in (smoke["out"] / "results.jsonl").open()]
-    assert ends[2] == "train bf16, recompute" and len(ends) == len(GPU_ROWS) + len(TRAIN_ROWS)
+    assert sorted(ends) == sorted(GPU_ROWS + TRAIN_ROWS)  # each row saved once, as it ended
     table = (smoke["out"] / "table.md").read_text().splitlines()
     assert sum(line.startswith("| ") for line in table) == len(GPU_ROWS) + 1 + len(TRAIN_ROWS) + 1
     for label in TRAIN_ROWS:

@@ -38,7 +38,7 @@ def test_batch_conditionings_stay_bounded(tiny_flux, monkeypatch, tmp_path, coun
         alive.append(weakref.ref(c.txt))
         return c.txt, c.txt_ids, c.vec
 
-    def latents(model, cond, opts, offload):
+    def latents(model, cond, opts, offload, negative=None):
         peak[0] = max(peak[0], sum(r() is not None for r in alive))
         return torch.zeros(1, 16, 4, 8)
 

@@ -538,7 +538,7 @@ def test_two_loras_match_diffusers_set_adapters(tiny_flux, x, tmp_path):
             merge_lora=merge, device="cpu", dtype="fp32",
         )  # fmt: skip
         model = load_model(opts, log=logs.append)
-        assert len(lora.lora_names(model)) == 2
+        assert len(lora_formats.lora_names(model)) == 2
         errs[merge] = rel_err(out(model, x), expected)
     pairs = list(zip((folder, path), scales, strict=True))
     how = ["merged into the weights", "as adapters"]
