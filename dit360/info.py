@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"{args.image}: no such file")
     rec = read_record(args.image)
     if rec is None:
-        fail(f"{args.image}: records no dit360 settings (made by another tool, or before 0.1)")
+        fail(f"{args.image}: records no dit360 settings (made by another tool, or an older dit360)")
     print(parameters(rec))
     print(json.dumps(rec, indent=1, ensure_ascii=False))
     out = args.out or args.image.with_name(f"{args.image.stem}-again{args.image.suffix}")
