@@ -10,6 +10,7 @@ Two forms, written by `image.save_panorama`: `parameters`, the text A1111, Forge
 with the same settings.
 """
 
+import functools
 import hashlib
 import json
 import shlex
@@ -27,8 +28,10 @@ from .options import DTYPES, EditOptions, SampleOptions
 KEY = "dit360"  # our JSON's key; `parameters` is the web UIs'
 RUNTIME = ("device", "offload", "compile", "attention")  # how it runs, not what it makes
 HASHES: dict[tuple[str, int, int], str] = {}  # a file's hash by (path, size, mtime): once a run
+LORAS: dict[tuple, list[tuple[str, Path, float]]] = {}  # lora_sources by its flags: once a run
 
 
+@functools.cache
 def dit360_version() -> str:
     """The installed package's version (0+unknown when run from a plain checkout)."""
     try:
@@ -58,7 +61,10 @@ def record(script: str, opts: SampleOptions | EditOptions, **flags: Any) -> dict
     given = {k: v for k, v in flags.items() if v is not None and v is not False}
     values = {f.name: getattr(opts, f.name) for f in fields(opts) if f.name not in RUNTIME}
     values["dtype"] = next(k for k, v in DTYPES.items() if v == opts.dtype)
-    loras = [[src, scale, file_hash(path)] for src, path, scale in lora_sources(opts)]
+    key = (opts.lora, opts.lora_scale, opts.base, opts.transformer)  # what lora_sources reads
+    if key not in LORAS:  # a batch's jobs share them: found once, not once an image
+        LORAS[key] = lora_sources(opts)
+    loras = [[src, scale, file_hash(path)] for src, path, scale in LORAS[key]]
     rec = {"version": dit360_version(), "script": script, "flags": {**given, **values}}
     return json.loads(json.dumps({**rec, "loras": loras}))  # as it reads back: lists, not tuples
 
@@ -102,9 +108,9 @@ def difference(old: dict | None, new: dict) -> str | None:
     """The first setting in which the record `old` differs from `new`; None if none does."""
     if old is None:
         return "it records no settings"
-    for k, v in new["flags"].items():
-        if old["flags"].get(k) != v:
-            return f"--{k.replace('_', '-')} is {old['flags'].get(k)!r} there, {v!r} now"
+    for k in {**new["flags"], **old["flags"]}:  # a flag either gives, in order
+        if (was := old["flags"].get(k)) != (now := new["flags"].get(k)):
+            return f"--{k.replace('_', '-')} is {was!r} there, {now!r} now"
     if old.get("loras") != new["loras"]:
         return f"the LoRAs are {old.get('loras')} there, {new['loras']} now"
     return None

@@ -7,6 +7,7 @@ import json
 import shlex
 
 import numpy as np
+import pytest
 from clitest import expect_error
 from PIL import Image
 from test_batch import counted, flags, pixels
@@ -66,21 +67,45 @@ def test_png_and_jpeg_record_and_remake(tiny_flux, tmp_path, capsys):
         assert info.read_record(tmp_path / f"again-{name}")["flags"] == rec["flags"]
 
 
-def test_edit_records_and_remakes(tiny_flux, tmp_path, capsys):
-    """An edit records its source, mask and edit settings; its command gives the same pixels."""
+@pytest.mark.parametrize("source", ["image", "photo"])
+def test_edit_records_and_remakes(tiny_flux, tmp_path, capsys, source):
+    """An edit records its source and mask (or photo and view) and its edit settings; its command
+    gives the same pixels."""
     folder = sources(tmp_path)
+    if source == "photo":
+        rgb = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(tmp_path / "photo.png")
+        argv = ["--photo", str(tmp_path / "photo.png"), "--fov", "150", "--yaw", "10"]
+    else:
+        argv = ["--image", str(folder / "a/src.png"), "--mask", str(folder / "a/mask.png")]
+        argv += ["--invert"]
     out = tmp_path / "edited.png"
-    argv = ["--image", str(folder / "a/src.png"), "--mask", str(folder / "a/mask.png")]
-    argv += ["--prompt", PROMPT, "--invert", "--tau", "0.3", "--out", str(out)]
+    argv += ["--prompt", PROMPT, "--tau", "0.3", "--out", str(out)]
     edit.main([*edit_flags(tiny_flux), *argv])
     rec = info.read_record(out)
-    assert rec["flags"]["image"] == str(folder / "a/src.png") and rec["flags"]["invert"] is True
-    assert rec["flags"]["tau"] == 0.3 and rec["loras"] == []
-    assert "Mask: " in Image.open(out).info["parameters"]
+    assert rec["flags"]["invert"] is (source == "image") and rec["flags"]["tau"] == 0.3
+    assert rec["loras"] == []
+    if source == "photo":
+        assert rec["flags"]["photo"] == str(tmp_path / "photo.png") and rec["flags"]["fov"] == 150
+    else:
+        assert rec["flags"]["image"] == str(folder / "a/src.png")
+        assert "Mask: " in Image.open(out).info["parameters"]
     cmd = remade(capsys, out, tmp_path / "again.png")
     assert cmd[:2] == ["python", "edit.py"]
     edit.main(cmd[2:])
     assert np.array_equal(pixels(out), pixels(tmp_path / "again.png"))
+
+
+def test_difference_names_the_first_setting():
+    """The first differing setting, in the job's order, then those only the old record has."""
+    new = {"flags": {"prompt": "a", "steps": 2}, "loras": []}
+    assert info.difference(new, new) is None
+    assert info.difference(None, new) == "it records no settings"
+    old = {"flags": {"prompt": "b", "steps": 3}, "loras": []}
+    assert info.difference(old, new) == "--prompt is 'b' there, 'a' now"
+    old = {"flags": {**new["flags"], "resize": True}, "loras": []}
+    assert info.difference(old, new) == "--resize is True there, None now"
+    assert "LoRAs" in info.difference({**new, "loras": [["x", 1.0, "abc"]]}, new)
 
 
 def test_batch_skips_only_the_same_settings(tiny_flux, tmp_path, capsys, monkeypatch):
