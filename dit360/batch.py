@@ -119,7 +119,10 @@ def run_batch(
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     jobs, todo, stamps = jobs[rank::world], [], {}  # under torchrun: this process's share
     for job in jobs:
-        stamps[job.out] = rec = record(job)
+        try:  # hashes the LoRA files, once
+            stamps[job.out] = rec = record(job)
+        except (ValueError, OSError) as e:
+            fail(e)
         if not job.out.exists():
             todo.append(job)
         elif why := difference(read_record(job.out), rec):
