@@ -118,14 +118,15 @@ def difference(old: dict | None, new: dict) -> str | None:
 
 def command(rec: dict, out: str | Path) -> list[str]:
     """The command line that makes the recorded image again, into `out`."""
-    options = {f.name for cls in (SampleOptions, EditOptions) for f in fields(cls)}  # --no-X
+    defaults = {f.name: f.default for cls in (SampleOptions, EditOptions) for f in fields(cls)}
     argv = ["python", rec["script"]]
     for k, v in rec["flags"].items():
         flag = f"--{k.replace('_', '-')}"
         if k == "lora" and v is None:
             argv += ["--lora", "none"]
         elif isinstance(v, bool):
-            argv += [flag] if v else [f"--no-{k.replace('_', '-')}"] if k in options else []
+            if v != defaults.get(k, False):  # a switch at its default is left out
+                argv += [flag] if v else [f"--no-{k.replace('_', '-')}"]
         elif isinstance(v, list):
             for item in v:
                 argv += [flag, str(item)]
