@@ -15,7 +15,8 @@ describes the whole scene.
 --edits: a .jsonl of rows {"image": ..., "mask": ..., "prompt": ..., and optionally "out"
 (relative to --out-dir, inside it), "seed", "invert", "source_prompt", "steps", "guidance",
 "negative_prompt"}; image and mask paths are relative to the file's folder. Outputs are
-{index:04d}-seed{seed}.png in --out-dir; those already there are skipped (resume). Under
+{index:04d}-seed{seed}.png in --out-dir; those already there with the same settings are skipped
+(resume), one made with other settings stops the batch (--overwrite: made again). Under
 torchrun, rank r of w makes rows[r::w] on GPU LOCAL_RANK (no process group is needed).
 """
 
@@ -35,7 +36,9 @@ from PIL import Image
 
 from dit360.batch import checked_jobs, local_device, read_rows, run_batch
 from dit360.editing import EditJob, check_job, edit_image, edit_many
+from dit360.generate import job_options
 from dit360.image import open_image, project_photo, read_rgb, save_panorama
+from dit360.info import record, stamp
 from dit360.options import EditOptions, Parser, add_flags, bounded, check_height, fail
 from dit360.outputs import add_output_flags, extras_missing, write_extras
 from dit360.panorama import VIEW_RANGES
@@ -164,9 +167,18 @@ def run_edits(args: argparse.Namespace) -> None:
     run_batch(
         jobs,
         lambda todo: edit_many(todo, opts, log),
-        lambda image, out: write_extras(image, out, args),
-        lambda out: extras_missing(out, args),
+        lambda job: made(args, job_options(opts, job), job.prompt, image=job.image, mask=job.mask),
+        lambda job, image: write_extras(image, job.out, args, job.prompt),
+        lambda job: extras_missing(job.out, args),
+        args.overwrite,
     )
+
+
+def made(args: argparse.Namespace, opts: EditOptions, prompt: str, **sources: object) -> dict:
+    """The record (`info.record`) of an edit: its `sources` (the image and mask, or the photo
+    and its view), prompt, size and options."""
+    named = {k: str(v) if isinstance(v, Path) else v for k, v in sources.items()}
+    return record("edit.py", opts, **named, prompt=prompt, height=args.height, resize=args.resize)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,14 +202,21 @@ def main(argv: list[str] | None = None) -> None:
         else:
             image = read_panorama(args.image, args.height, args.resize, log)
             mask = open_image(args.mask)
+        view = {k: getattr(args, k) for k, _, _ in PHOTO_VIEW} if args.photo else {}
+        sources = (
+            {"photo": args.photo, **view}
+            if args.photo
+            else {"image": args.image, "mask": args.mask}
+        )
+        rec = made(args, opts, args.prompt, **sources)  # its LoRAs hashed before loading
         result, report = edit_image(image, mask, args.prompt, opts, log=log)
     except (ValueError, OSError) as e:  # also missing or bad weights (--base, --lora)
         fail(e)
     except FloatingPointError as e:  # NaN/inf latents: nothing is written
         fail(e, code=1)
     try:
-        save_panorama(result, out)
-        extras = write_extras(result, out, args)
+        save_panorama(result, out, stamp(rec))
+        extras = write_extras(result, out, args, args.prompt)
     except OSError as e:
         fail(f"cannot write {out}: {e}", code=1)
     print(f"wrote {out} ({result.width}x{result.height}): {report}; {extras}")

@@ -7,7 +7,10 @@ python sample.py --prompts prompts.txt --num-images 4 --out-dir panoramas   # ma
 {"prompt": ..., and optionally "seed", "out" (relative to --out-dir), "steps", "guidance",
 "negative_prompt"}).
 Outputs are {index:04d}-seed{seed}.png in --out-dir (with --out NAME.png: NAME-seed{seed}.png for
---prompt, NAME-{index:04d}-seed{seed}.png for --prompts); those already there are skipped (resume).
+--prompt, NAME-{index:04d}-seed{seed}.png for --prompts); those already there with the same
+settings are skipped (resume); one made with other settings stops the batch (--overwrite: made
+again). Each image records its settings: `python -m dit360.info IMAGE` prints them and the command
+that makes it again.
 Under torchrun, rank r of w makes jobs[r::w] on GPU LOCAL_RANK (no process group is needed).
 """
 
@@ -27,6 +30,7 @@ from pathlib import Path
 from dit360.batch import checked_jobs, local_device, read_rows, run_batch
 from dit360.generate import Job, check_inputs, generate, generate_many, job_options
 from dit360.image import FORMATS, check_output_path, save_panorama
+from dit360.info import record, stamp
 from dit360.options import (
     Options,
     Parser,
@@ -181,20 +185,23 @@ def main(argv: list[str] | None = None) -> None:
         return run_batch(
             jobs,
             lambda todo: generate_many(todo, opts, log),
-            lambda image, out: write_extras(image, out, args),
-            lambda out: extras_missing(out, args),
+            lambda job: record("sample.py", job_options(opts, job), prompt=job.prompt),
+            lambda job, image: write_extras(image, job.out, args, job.prompt),
+            lambda job: extras_missing(job.out, args),
+            args.overwrite,
         )
     args.out = args.out or "panorama.png"
     opts, out = checked(SampleOptions, args)
     try:
+        made = record("sample.py", opts, prompt=args.prompt)  # its LoRAs hashed before loading
         image, report = generate(args.prompt, opts, log=lambda m: print(m, file=sys.stderr))
     except (ValueError, OSError) as e:  # missing or bad weights (--base, --lora)
         fail(e)
     except FloatingPointError as e:  # NaN/inf latents: nothing is written
         fail(e, code=1)
     try:
-        save_panorama(image, out)
-        extras = write_extras(image, out, args)
+        save_panorama(image, out, stamp(made))
+        extras = write_extras(image, out, args, args.prompt)
     except OSError as e:
         fail(f"cannot write {out}: {e}", code=1)
     print(f"wrote {out} ({image.width}x{image.height}): {report}; {extras}")

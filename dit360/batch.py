@@ -1,7 +1,8 @@
 """Many images per load, for sample.py and edit.py alike: the rows of a .jsonl (or .txt) file
 read with typed keys, jobs checked with `file:line` errors before any model loads, each output
-written by one job only; then this process's share under torchrun, outputs that exist skipped
-(a rerun resumes), each image written as it comes, and a summary with the rate.
+written by one job only; then this process's share under torchrun, outputs that exist with the
+job's settings skipped (a rerun resumes), each image written as it comes with its settings
+(`info`), and a summary with the rate.
 """
 
 import json
@@ -18,6 +19,7 @@ from .cli import JOBS, check_prompt
 from .files import read_text
 from .generate import Job
 from .image import check_output_path, open_image, save_panorama
+from .info import difference, read_record, stamp
 from .options import fail
 
 J = TypeVar("J", bound=Job)
@@ -102,29 +104,46 @@ def local_device(device: str | None) -> str | None:
 def run_batch(
     jobs: list[J],
     make: Callable[[list[J]], Iterable[tuple[J, Image.Image, float]]],
-    extras: Callable[[Image.Image, Path], str] = lambda image, out: "",
-    missing: Callable[[Path], bool] = lambda out: False,
+    record: Callable[[J], dict],
+    extras: Callable[[J, Image.Image], str] = lambda job, image: "",
+    missing: Callable[[J], bool] = lambda job: False,
+    overwrite: bool = False,
 ) -> None:
     """Make this process's share of the jobs (rank r of w: jobs[r::w]) whose outputs are missing,
-    with `make` (the models loaded once), writing each image as it comes and then `extras` (what
-    it returns ends the image's line; also for a skipped image whose extras are `missing`);
-    print each, then a total. Bad weights: exit 2; non-finite
-    latents or an unwritable output: exit 1."""
+    with `make` (the models loaded once), writing each image with its settings (`record`, see
+    `info`) as it comes and then `extras` (what it returns ends the image's line; also for a
+    skipped image whose extras are `missing`); print each, then a total. An output that exists
+    is skipped only if it records the job's settings; one that records others stops the batch
+    before anything loads (exit 2), unless `overwrite` (it is made again). Bad weights: exit 2;
+    non-finite latents or an unwritable output: exit 1."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    jobs, todo = jobs[rank::world], []  # under torchrun: this process's share
+    jobs, todo, stamps = jobs[rank::world], [], {}  # under torchrun: this process's share
     for job in jobs:
-        if job.out.exists():
-            note = extras(open_image(job.out), job.out) if missing(job.out) else ""
-            print(f"skip {job.out}: it exists" + (f"; {note}" if note else ""))
-        else:
+        try:  # hashes the LoRA files, once
+            stamps[job.out] = rec = record(job)
+        except (ValueError, OSError) as e:
+            fail(e)
+        if not job.out.exists():
             todo.append(job)
+        elif why := difference(read_record(job.out), rec):
+            if not overwrite:
+                fail(
+                    f"{job.out} exists, made with other settings ({why}): --overwrite replaces "
+                    "it, or choose another --out-dir"
+                )
+            todo.append(job)
+    made = {job.out for job in todo}
+    for job in jobs:  # once every output is known to be the job's or to be made
+        if job.out not in made:
+            note = extras(job, open_image(job.out)) if missing(job) else ""
+            print(f"skip {job.out}: it exists" + (f"; {note}" if note else ""))
     start = time.perf_counter()
     print(f"{len(todo)} images to make, {len(jobs) - len(todo)} exist", flush=True)
     try:
         for k, (job, image, seconds) in enumerate(make(todo), start=1):
             try:
-                save_panorama(image, job.out)
-                note = extras(image, job.out)
+                save_panorama(image, job.out, stamp(stamps[job.out]))
+                note = extras(job, image)
             except OSError as e:
                 fail(f"cannot write {job.out}: {e}", code=1)
             note = f"; {note}" if note else ""

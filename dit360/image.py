@@ -176,9 +176,13 @@ def check_output_path(path: str | Path) -> Path:
     return path
 
 
-def save_panorama(img: Image.Image, path: str | Path, quality: int = 95) -> Path:
-    """Write a PNG or JPEG (by extension) atomically, with GPano XMP if 2:1 (a full sphere)."""
-    path, (w, h) = check_output_path(path), img.size
+def save_panorama(
+    img: Image.Image, path: str | Path, text: dict[str, str] | None = None, quality: int = 95
+) -> Path:
+    """Write a PNG or JPEG (by extension) atomically, with GPano XMP if 2:1 (a full sphere) and
+    the `text` entries (`info.stamp`: how it was made): PNG text chunks; in a JPEG, `parameters`
+    as the EXIF UserComment (where A1111 and Civitai read it) and the rest as its comment."""
+    path, (w, h), text = check_output_path(path), img.size, text or {}
     xmp = gpano_xmp(w, h) if w == 2 * h else None
     if xmp is None:
         warnings.warn(f"{w}x{h} is not 2:1, so {path} gets no 360 (GPano) metadata", stacklevel=2)
@@ -187,7 +191,14 @@ def save_panorama(img: Image.Image, path: str | Path, quality: int = 95) -> Path
             info = PngImagePlugin.PngInfo()
             if xmp:
                 info.add_itxt("XML:com.adobe.xmp", xmp.decode())
+            for key, value in text.items():
+                info.add_itxt(key, value)
             img.save(tmp, format="PNG", pnginfo=info)
         else:
-            img.save(tmp, format="JPEG", quality=quality, xmp=xmp)
+            exif, rest = Image.Exif(), [v for k, v in text.items() if k != "parameters"]
+            if "parameters" in text:  # EXIF's UNICODE comments are UTF-16, as piexif writes them
+                user_comment = b"UNICODE\0" + text["parameters"].encode("utf-16-be")
+                exif.get_ifd(0x8769)[0x9286] = user_comment  # Exif IFD, UserComment
+            extra = {"comment": "\n".join(rest)} if rest else {}
+            img.save(tmp, format="JPEG", quality=quality, xmp=xmp, exif=exif, **extra)
     return path

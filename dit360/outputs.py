@@ -1,6 +1,7 @@
 """What sample.py and edit.py write beside a panorama on request, and the seam score they print:
 --viewer (NAME.html, `dit360.view`), --cubemap (six faces NAME-px ... NAME-nz in three.js / Unity
-order, `panorama.FACES`, and the horizontal cross NAME-cross), --cubemap-size (default H/2)."""
+order, `panorama.FACES`, and the horizontal cross NAME-cross), --cubemap-size (default H/2),
+--captions (NAME.txt, the prompt, which prepare.py reads as the caption)."""
 
 import argparse
 import warnings
@@ -20,8 +21,13 @@ from .view import write_viewer
 
 
 def add_output_flags(parser: argparse.ArgumentParser) -> None:
-    """--viewer, --cubemap and --cubemap-size."""
+    """--viewer, --cubemap, --cubemap-size, --captions and --overwrite."""
     g = parser.add_argument_group("outputs beside the panorama")
+    g.add_argument(
+        "--captions",
+        action="store_true",
+        help="also write NAME.txt, the prompt (prepare.py reads it as the caption)",
+    )
     g.add_argument("--viewer", action="store_true", help="also write NAME.html, a 360 viewer")
     g.add_argument(
         "--cubemap",
@@ -33,6 +39,12 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
         type=bounded(int, 1, SIDE),
         metavar="N",
         help="face size, height / 2 if not given",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="a batch makes again the outputs that record other settings (without it, it stops "
+        "at the first); those with the job's settings are skipped either way",
     )
 
 
@@ -65,16 +77,26 @@ def write_cubemap(image: Image.Image, path: Path, size: int | None = None) -> li
 def extras_missing(path: Path, args: argparse.Namespace) -> bool:
     """Whether --viewer or --cubemap ask for a file beside the panorama at `path` that is not there
     (a resumed batch makes them for the images it skips)."""
-    names = [".html"] * args.viewer + [
-        f"-{f}{path.suffix}" for f in (*FACES, "cross")
-    ] * args.cubemap
+    names = (
+        [".html"] * args.viewer
+        + [".txt"] * args.captions
+        + [f"-{f}{path.suffix}" for f in (*FACES, "cross")] * args.cubemap
+    )
     return any(not path.with_name(path.stem + name).exists() for name in names)
 
 
-def write_extras(image: Image.Image, path: Path, args: argparse.Namespace) -> str:
-    """Write what --viewer and --cubemap ask for beside the panorama just written at `path`;
-    returns the seam score and what was written, for the script's line."""
-    wrote = []
+def write_caption(text: str, path: Path) -> Path:
+    """Write `text` (and a newline) to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+def write_extras(image: Image.Image, path: Path, args: argparse.Namespace, prompt: str) -> str:
+    """Write what --captions, --viewer and --cubemap ask for beside the panorama (made from
+    `prompt`) just written at `path`; returns the seam score and what was written, for the
+    script's line."""
+    wrote = [write_caption(prompt, path.with_suffix(".txt"))] if args.captions else []
     if (args.viewer or args.cubemap) and image.width != 2 * image.height:
         warnings.warn(f"{path} is not 2:1: no viewer page or cube map", stacklevel=2)
     else:

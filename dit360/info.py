@@ -1,0 +1,158 @@
+"""What made an image: the settings sample.py and edit.py write into every panorama (PNG text
+chunks; JPEG: EXIF UserComment and the comment), read back, and the command that makes it again.
+
+python -m dit360.info panorama.png   # the settings, and the command line that remakes it
+
+Two forms, written by `image.save_panorama`: `parameters`, the text A1111, Forge and Civitai show
+("PROMPT\\nNegative prompt: ...\\nSteps: 28, Sampler: Euler, ..."), and `dit360`, our JSON:
+{"version", "script", "flags" (every flag that sets a pixel, as the script takes it), "loras"
+([name, scale, sha256[:12]] of each LoRA applied)}. Batches compare it to skip only outputs made
+with the same settings.
+"""
+
+import functools
+import hashlib
+import json
+import shlex
+import sys
+from dataclasses import fields
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .config import FLUX_DEV
+from .options import DTYPES, EditOptions, SampleOptions
+
+KEY = "dit360"  # our JSON's key; `parameters` is the web UIs'
+RUNTIME = ("device", "offload", "compile", "attention")  # how it runs, not what it makes
+HASHES: dict[tuple[str, int, int], str] = {}  # a file's hash by (path, size, mtime): once a run
+LORAS: dict[tuple, list[tuple[str, Path, float]]] = {}  # lora_sources by its flags: once a run
+
+
+@functools.cache
+def dit360_version() -> str:
+    """The installed package's version (0+unknown when run from a plain checkout)."""
+    try:
+        return version("dit360")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def file_hash(path: Path) -> str:
+    """The first 12 hex digits of the file's sha256 (A1111's short LoRA hashes are 10 of them)."""
+    st = Path(path).stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+        HASHES[key] = h.hexdigest()[:12]
+    return HASHES[key]
+
+
+def record(script: str, opts: SampleOptions | EditOptions, **flags: Any) -> dict:
+    """The settings of one image made by `script` (sample.py, edit.py): the script's own `flags`
+    (None and False left out), then every option of `opts` (the job's) but the RUNTIME ones."""
+    from .generate import lora_sources
+
+    given = {k: v for k, v in flags.items() if v is not None and v is not False}
+    values = {f.name: getattr(opts, f.name) for f in fields(opts) if f.name not in RUNTIME}
+    values["dtype"] = next(k for k, v in DTYPES.items() if v == opts.dtype)
+    key = (opts.lora, opts.lora_scale, opts.base, opts.transformer)  # what lora_sources reads
+    if key not in LORAS:  # a batch's jobs share them: found once, not once an image
+        LORAS[key] = lora_sources(opts)
+    loras = [[src, scale, file_hash(path)] for src, path, scale in LORAS[key]]
+    rec = {"version": dit360_version(), "script": script, "flags": {**given, **values}}
+    return json.loads(json.dumps({**rec, "loras": loras}))  # as it reads back: lists, not tuples
+
+
+def parameters(rec: dict) -> str:
+    """The A1111/Forge `parameters` text of a record."""
+    f = rec["flags"]
+    width = f.get("width", 2 * f["height"])
+    fields_ = {
+        "Steps": f["steps"], "Sampler": "Euler", "CFG scale": f["true_cfg"],
+        "Distilled CFG Scale": f["guidance"], "Seed": f["seed"], "Size": f"{width}x{f['height']}",
+        "Model": f.get("base") or FLUX_DEV, "Wrap pad": f["wrap_pad"],
+        "Source": f.get("image") or f.get("photo"), "Mask": f.get("mask"),
+    }  # fmt: skip
+    if rec["loras"]:
+        hashes = ", ".join(f"{Path(name).stem}: {h}" for name, _, h in rec["loras"])
+        fields_["Lora hashes"] = f'"{hashes}"'
+    fields_["Version"] = f"dit360 {rec['version']}"
+    neg = f.get("negative_prompt")
+    lines = [f["prompt"], *([f"Negative prompt: {neg}"] if neg is not None else [])]
+    return "\n".join([*lines, ", ".join(f"{k}: {v}" for k, v in fields_.items() if v is not None)])
+
+
+def stamp(rec: dict) -> dict[str, str]:
+    """The text entries to write into the image: `parameters` and our JSON."""
+    return {"parameters": parameters(rec), KEY: json.dumps(rec, ensure_ascii=False)}
+
+
+def read_record(path: str | Path) -> dict | None:
+    """The record written into the image at `path`; None if it has none (or is unreadable)."""
+    try:
+        with Image.open(path) as f:  # text chunks and comments come before the pixels
+            text = f.info.get(KEY) or f.info.get("comment")
+        rec = json.loads(text.decode() if isinstance(text, bytes) else text)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("flags"), dict) else None
+
+
+def difference(old: dict | None, new: dict) -> str | None:
+    """The first setting in which the record `old` differs from `new`; None if none does."""
+    if old is None:
+        return "it records no settings"
+    for k in {**new["flags"], **old["flags"]}:  # a flag either gives, in order
+        if (was := old["flags"].get(k)) != (now := new["flags"].get(k)):
+            return f"--{k.replace('_', '-')} is {was!r} there, {now!r} now"
+    if old.get("loras") != new["loras"]:
+        return f"the LoRAs are {old.get('loras')} there, {new['loras']} now"
+    return None
+
+
+def command(rec: dict, out: str | Path) -> list[str]:
+    """The command line that makes the recorded image again, into `out`."""
+    defaults = {f.name: f.default for cls in (SampleOptions, EditOptions) for f in fields(cls)}
+    argv = ["python", rec["script"]]
+    for k, v in rec["flags"].items():
+        flag = f"--{k.replace('_', '-')}"
+        if k == "lora" and v is None:
+            argv += ["--lora", "none"]
+        elif isinstance(v, bool):
+            if v != defaults.get(k, False):  # a switch at its default is left out
+                argv += [flag] if v else [f"--no-{k.replace('_', '-')}"]
+        elif isinstance(v, list):
+            for item in v:
+                argv += [flag, str(item)]
+        elif v is not None:
+            argv += [flag, str(v)]
+    return [*argv, "--out", str(out)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print an image's recorded settings and the command that makes it again."""
+    from .options import Parser, fail
+
+    p = Parser(description=__doc__)
+    p.add_argument("image", type=Path)
+    p.add_argument("--out", help="the remade image's name in the command (default: NAME-again)")
+    args = p.parse_args(argv)
+    if not args.image.is_file():
+        fail(f"{args.image}: no such file")
+    rec = read_record(args.image)
+    if rec is None:
+        fail(f"{args.image}: records no dit360 settings (made by another tool, or an older dit360)")
+    print(parameters(rec))
+    print(json.dumps(rec, indent=1, ensure_ascii=False))
+    out = args.out or args.image.with_name(f"{args.image.stem}-again{args.image.suffix}")
+    print(shlex.join(command(rec, out)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
