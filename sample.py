@@ -56,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help=f"seeds --seed.. for each prompt (a batch makes at most {JOBS:,} images)",
     )
-    p.add_argument("--out-dir", type=Path, help="batch outputs (default: --out's folder)")
+    p.add_argument(
+        "--out-dir", type=Path, help="batch outputs (default: --out's folder, else panoramas)"
+    )
     add_flags(p, SampleOptions)
     add_output_flags(p)
     return p.parse_args(argv)
