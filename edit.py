@@ -36,7 +36,7 @@ from PIL import Image
 from dit360.batch import checked_jobs, local_device, read_rows, run_batch
 from dit360.editing import EditJob, check_job, edit_image, edit_many
 from dit360.image import open_image, project_photo, read_rgb, save_panorama
-from dit360.options import EditOptions, Parser, add_flags, bounded, check_height, fail
+from dit360.options import SIDE, EditOptions, Parser, add_flags, bounded, check_height, fail
 from dit360.outputs import add_output_flags, extras_missing, write_extras
 from dit360.panorama import VIEW_RANGES
 from sample import batch_out, checked, checked_batch, out_dir
@@ -117,8 +117,12 @@ def read_panorama(
     unless `resize`."""
     img = open_image(path)
     check_ratio(path, img.size, resize)
-    if img.size != (2 * height, height):
-        log(f"{path}: {img.width}x{img.height}, edited at {2 * height}x{height} (--height)")
+    if img.size != (2 * height, height):  # e.g. 1024, the reference's, on a small source: say so
+        near = min(SIDE // 2, max(16, round(img.height / 16) * 16))  # a height --height takes
+        why = "the reference's default" if height == 1024 else "given"
+        about = "" if near == img.height else " about"
+        log(f"{path}: {img.width}x{img.height}, edited at {2 * height}x{height} (--height "
+            f"{height}, {why}; --height {near} keeps{about} the source's height)")  # fmt: skip
     return read_rgb(img, 2 * height, height)
 
 
