@@ -19,10 +19,11 @@ describes the whole scene.
 torchrun, rank r of w makes rows[r::w] on GPU LOCAL_RANK (no process group is needed).
 """
 
-from dit360.cli import handle_signals, run_main
+from dit360.cli import handle_signals, run_main, starting
 
 if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
     handle_signals()
+    starting("edit.py")
 
 
 import argparse

@@ -11,10 +11,11 @@ Outputs are {index:04d}-seed{seed}.png in --out-dir (with --out NAME.png: NAME-s
 Under torchrun, rank r of w makes jobs[r::w] on GPU LOCAL_RANK (no process group is needed).
 """
 
-from dit360.cli import JOBS, check_prompt, handle_signals, run_main
+from dit360.cli import JOBS, check_prompt, handle_signals, run_main, starting
 
 if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
     handle_signals()
+    starting("sample.py")
 
 
 import argparse

@@ -66,10 +66,11 @@ has a `skipped` field); --max-nonfinite of them in a row stop the run (exit 1). 
 LoRA holding a non-finite value is never written, so every checkpoint kept is a finite one.
 """
 
-from dit360.cli import handle_signals, run_main
+from dit360.cli import handle_signals, run_main, starting
 
 if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
     handle_signals()
+    starting("train.py")
 
 
 import argparse

@@ -1,8 +1,11 @@
 """Every command's bad input, table-driven: one line `error: ...`, exit 2, no traceback, nothing
 written, all before any model loads; and the run-time refusal of non-finite latents (exit 1)."""
 
+import contextlib
 import os
+import pty
 import re
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -382,3 +385,24 @@ def test_train_refuses_an_old_torch(tmp_path, version, refused):
         assert r.returncode == 2 and r.stderr.splitlines() == [error], r.stderr
     else:
         assert r.returncode == 0 and "usage:" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("name", ["sample.py", "edit.py"])
+def test_a_terminal_sees_a_first_line_at_once(name):
+    """On a terminal, the first line comes before torch is imported (seconds of silence before),
+    and a pipe gets none (the error tests above: stderr is the one `error:` line)."""
+    master, slave = pty.openpty()
+    cmd = [sys.executable, "-X", "importtime", str(ROOT / name), "--help"]
+    p = subprocess.Popen(cmd, stderr=slave, stdout=subprocess.DEVNULL, cwd=ROOT)
+    os.close(slave)
+    err = b""
+    with contextlib.suppress(OSError):  # EIO once all is read: the script has closed its end
+        while select.select([master], [], [], 60)[0] and (chunk := os.read(master, 1 << 16)):
+            err += chunk  # read as it comes: a full pty would block the script
+    os.close(master)
+    r = subprocess.CompletedProcess(cmd, p.wait(timeout=60))
+    lines = err.decode().splitlines()
+    first = next(i for i, x in enumerate(lines) if not x.startswith("import time:"))
+    loaded = next(i for i, x in enumerate(lines) if re.search(r"\| +torch$", x))
+    assert r.returncode == 0 and lines[first] == f"{name}: starting (importing torch)..."
+    assert first < loaded, (first, loaded)
