@@ -20,10 +20,11 @@ describes the whole scene.
 torchrun, rank r of w makes rows[r::w] on GPU LOCAL_RANK (no process group is needed).
 """
 
-from dit360.cli import handle_signals, run_main
+from dit360.cli import handle_signals, run_main, starting
 
 if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
     handle_signals()
+    starting("edit.py")
 
 
 import argparse
@@ -39,7 +40,7 @@ from dit360.editing import EditJob, check_job, edit_image, edit_many
 from dit360.generate import job_options
 from dit360.image import open_image, project_photo, read_rgb, save_panorama
 from dit360.info import record, stamp
-from dit360.options import EditOptions, Parser, add_flags, bounded, check_height, fail
+from dit360.options import SIDE, EditOptions, Parser, add_flags, bounded, check_height, fail
 from dit360.outputs import add_output_flags, extras_missing, write_extras
 from dit360.panorama import VIEW_RANGES
 from sample import batch_out, checked, checked_batch, out_dir
@@ -120,8 +121,12 @@ def read_panorama(
     unless `resize`."""
     img = open_image(path)
     check_ratio(path, img.size, resize)
-    if img.size != (2 * height, height):
-        log(f"{path}: {img.width}x{img.height}, edited at {2 * height}x{height} (--height)")
+    if img.size != (2 * height, height):  # e.g. 1024, the reference's, on a small source: say so
+        near = min(SIDE // 2, max(16, round(img.height / 16) * 16))  # a height --height takes
+        why = "the reference's default" if height == 1024 else "given"
+        about = "" if near == img.height else " about"
+        log(f"{path}: {img.width}x{img.height}, edited at {2 * height}x{height} (--height "
+            f"{height}, {why}; --height {near} keeps{about} the source's height)")  # fmt: skip
     return read_rgb(img, 2 * height, height)
 
 
@@ -162,12 +167,18 @@ def run_edits(args: argparse.Namespace) -> None:
     """--edits: the rows checked, then the missing outputs made with each model loaded once."""
     args.device = local_device(args.device)  # torchrun: a GPU per process
     args.out_dir = out_dir(args, Path("edited"))
-    opts, jobs = checked_batch(EditOptions, args, edit_jobs)
+
+    def record_for(opts: EditOptions) -> Callable:
+        return lambda job: made(
+            args, job_options(opts, job), job.prompt, image=job.image, mask=job.mask
+        )
+
+    opts, jobs = checked_batch(EditOptions, args, edit_jobs, record_for)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     run_batch(
         jobs,
         lambda todo: edit_many(todo, opts, log),
-        lambda job: made(args, job_options(opts, job), job.prompt, image=job.image, mask=job.mask),
+        record_for(opts),
         lambda job, image: write_extras(image, job.out, args, job.prompt),
         lambda job: extras_missing(job.out, args),
         args.overwrite,

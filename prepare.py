@@ -28,6 +28,7 @@ if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while import
 
 
 import argparse
+import inspect
 import json
 import os
 import random
@@ -292,6 +293,19 @@ def refined(pano: Path, out: Path, poles: refine.Refine, skip_bad: bool = False)
     return Path(out) / "refined"
 
 
+# What --help says of the flags that default to collect_perspectives' own defaults.
+DEFAULTS = {k: v.default for k, v in inspect.signature(collect_perspectives).parameters.items()}
+RANGE_HELP = {
+    "fov": "horizontal fov (without --fov)", "yaw": "yaw, + = right",
+    "pitch": "pitch, + = up", "roll": "roll, + = clockwise",
+}  # fmt: skip
+
+
+def flat(value: object) -> tuple:
+    """A default as --help writes it: a range's two numbers, or the one value."""
+    return value if isinstance(value, tuple) else (value,)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point."""
     p = Parser(
@@ -304,13 +318,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder for jsonl, images, masks")
     p.add_argument("--pano", type=Path, help="folder of 2:1 equirectangular panoramas")
     p.add_argument("--persp", type=Path, help="folder of perspective photos to project")
-    p.add_argument(
-        "--height", type=int, help="canvas height for photos (width 2x), a multiple of 16"
-    )
-    p.add_argument("--fov", type=float, help="horizontal fov of every photo, degrees")
-    for angle in VIEW_RANGES:
-        p.add_argument(f"--{angle}-range", type=float, nargs=2, metavar=("LO", "HI"))
-    p.add_argument("--seed", type=int, help="seed of the sampled views")
+    said = lambda key: f" (default: {' '.join(map(str, flat(DEFAULTS[key])))})"  # noqa: E731
+    height = "canvas height for photos (width 2x), a multiple of 16"
+    p.add_argument("--height", type=int, help=height + said("height"))
+    p.add_argument("--fov", type=float, help="horizontal fov of every photo, degrees (default: "
+                   "drawn from --fov-range)")  # fmt: skip
+    for angle, (lo, hi) in VIEW_RANGES.items():
+        help = (
+            f"each photo's {RANGE_HELP[angle]}, drawn uniformly in [LO, HI] degrees ({lo} to {hi})"
+        )
+        p.add_argument(f"--{angle}-range", type=float, nargs=2, metavar=("LO", "HI"),
+                       help=help + said(f"{angle}_range"))  # fmt: skip
+    p.add_argument("--seed", type=int, help="seed of the sampled views" + said("seed"))
     p.add_argument("--absolute", action="store_true", help="write absolute paths")
     p.add_argument("--skip-bad", action="store_true", help="report bad rows and write the rest")
     p.add_argument(

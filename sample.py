@@ -14,10 +14,11 @@ that makes it again.
 Under torchrun, rank r of w makes jobs[r::w] on GPU LOCAL_RANK (no process group is needed).
 """
 
-from dit360.cli import JOBS, check_prompt, handle_signals, run_main
+from dit360.cli import JOBS, check_prompt, handle_signals, run_main, starting
 
 if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
     handle_signals()
+    starting("sample.py")
 
 
 import argparse
@@ -27,7 +28,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from dit360.batch import checked_jobs, local_device, read_rows, run_batch
+from dit360.batch import checked_jobs, existing, local_device, read_rows, run_batch, share
 from dit360.generate import Job, check_inputs, generate, generate_many, job_options
 from dit360.image import FORMATS, check_output_path, save_panorama
 from dit360.info import record, stamp
@@ -60,7 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help=f"seeds --seed.. for each prompt (a batch makes at most {JOBS:,} images)",
     )
-    p.add_argument("--out-dir", type=Path, help="batch outputs (default: --out's folder)")
+    p.add_argument(
+        "--out-dir", type=Path, help="batch outputs (default: --out's folder, else panoramas)"
+    )
     add_flags(p, SampleOptions)
     add_output_flags(p)
     return p.parse_args(argv)
@@ -84,14 +87,19 @@ def checked(cls: type, args: argparse.Namespace, out: Path | None = None) -> tup
     return opts, out
 
 
-def checked_batch(cls: type, args: argparse.Namespace, make_jobs: Callable) -> tuple[Options, list]:
+def checked_batch(
+    cls: type, args: argparse.Namespace, make_jobs: Callable, record_for: Callable
+) -> tuple[Options, list]:
     """A batch's options and its jobs (`make_jobs(args, opts)`), every row checked before anything
-    slow: a bad one is one line `error: FILE:LINE: ...`; warnings only once all passed. edit.py
-    uses it too."""
+    slow, and the outputs that exist (`batch.existing` with `record_for(opts)`, each job's
+    record): a bad one is one line `error: ...`; warnings only once all passed. edit.py uses it
+    too."""
     with warnings_last():
         opts = checked(cls, args, args.out_dir / "x.png")[0]
         try:
-            return opts, make_jobs(args, opts)
+            jobs = make_jobs(args, opts)
+            existing(share(jobs), record_for(opts), args.overwrite)
+            return opts, jobs
         except (ValueError, OSError) as e:
             fail(e)
 
@@ -180,12 +188,16 @@ def main(argv: list[str] | None = None) -> None:
         if args.out and Path(args.out).suffix.lower() not in FORMATS:  # it names the outputs
             fail(f"--out {args.out}: use a .png or .jpg name (a folder for them is --out-dir)")
         args.out_dir = out_dir(args, Path(args.out).parent if args.out else Path("panoramas"))
-        opts, jobs = checked_batch(SampleOptions, args, batch_jobs)
+
+        def record_for(opts: Options) -> Callable:
+            return lambda job: record("sample.py", job_options(opts, job), prompt=job.prompt)
+
+        opts, jobs = checked_batch(SampleOptions, args, batch_jobs, record_for)
         log = lambda m: print(m, file=sys.stderr)  # noqa: E731
         return run_batch(
             jobs,
             lambda todo: generate_many(todo, opts, log),
-            lambda job: record("sample.py", job_options(opts, job), prompt=job.prompt),
+            record_for(opts),
             lambda job, image: write_extras(image, job.out, args, job.prompt),
             lambda job: extras_missing(job.out, args),
             args.overwrite,

@@ -54,7 +54,7 @@ line a step), loss.png (with matplotlib), tensorboard/ (--log tensorboard), samp
 --resume continues the latest readable checkpoint (an unreadable one is skipped, with a warning)
 or the one named; with unchanged arguments, bit-identical to a run never stopped. What fixes the
 state's meaning must be as it was trained: --lora-rank, --alpha, --targets, --dropout,
---resolution, --wrap-pad, --supervise-pad, --circular-encoder, --pano, --persp, --seed (one error
+--height, --wrap-pad, --supervise-pad, --circular-encoder, --pano, --persp, --seed (one error
 lists every difference; a recipe's values count as given, so the same flags resolve the same).
 The rest may change: steps, learning rate and schedule, loss weights and normalisation,
 clipping, batch size, accumulation and world size (the place in the epoch is kept in samples),
@@ -66,10 +66,11 @@ has a `skipped` field); --max-nonfinite of them in a row stop the run (exit 1). 
 LoRA holding a non-finite value is never written, so every checkpoint kept is a finite one.
 """
 
-from dit360.cli import handle_signals, run_main
+from dit360.cli import handle_signals, run_main, starting
 
 if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
     handle_signals()
+    starting("train.py")
 
 
 import argparse
@@ -263,7 +264,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "train_mix_staged_lora_dynamic.sh (src/dit360_mix_staged.py); default pano, hybrid with "
         "--persp. A flag given overrides its value",
     )
-    p.add_argument("--resolution", type=COUNT, default=1024, help="height; width = 2 x height")
+    p.add_argument(  # --resolution: the reference's name; args.json keeps the key "resolution"
+        "--height", "--resolution", dest="resolution", type=COUNT, default=1024,
+        help="the panoramas' height (width = 2 x height; --resolution is the same flag)",
+    )  # fmt: skip
 
     def tuned(flag: str, help: str, **kw) -> None:
         """A flag whose default is the recipe's."""
@@ -382,7 +386,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, copy.copy(value))
     try:  # before anything is written: a huge size would fail only after args.json and the log
-        check_height("--resolution", args.resolution)
+        check_height("--height", args.resolution)
     except ValueError as e:
         fail(e)
     for flag in ("pano", "persp"):  # recorded resolved: a resume compares them
@@ -758,7 +762,8 @@ def main(argv: list[str] | None = None) -> None:
         enc = load_encoders(args, env)
         if rank == 0:  # every check passed: the run is ours to write
             start_run(out, args)
-        print0(f"{world} x {device.type}, {env.dtype}, base {args.base_dtype}, offload "
+        base = "float8" if args.base_dtype == "fp8" else str(dtype).removeprefix("torch.")
+        print0(f"{world} x {device.type}, {env.dtype}, base {base}, offload "
                f"{args.offload}; writing to {out}")  # fmt: skip
 
         # --- data: with --cache-dir every row encoded once, then the encoders freed

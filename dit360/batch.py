@@ -101,6 +101,33 @@ def local_device(device: str | None) -> str | None:
     return device
 
 
+def share(jobs: list[J]) -> list[J]:
+    """This process's jobs: under torchrun rank r of w makes jobs[r::w]."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return jobs[rank::world]
+
+
+def existing(
+    jobs: list[J], record: Callable[[J], dict], overwrite: bool = False
+) -> tuple[list[J], dict]:
+    """(the jobs to make, each output's record): an output that exists is skipped only if it
+    records the job's settings; one that records others is a ValueError naming it and the first
+    differing setting, unless `overwrite` (it is made again). The LoRAs are hashed once."""
+    todo, stamps = [], {}
+    for job in jobs:
+        stamps[job.out] = rec = record(job)
+        if not job.out.exists():
+            todo.append(job)
+        elif why := difference(read_record(job.out), rec):
+            if not overwrite:
+                raise ValueError(
+                    f"{job.out} exists, made with other settings ({why}): --overwrite replaces "
+                    "it, or choose another --out-dir"
+                )
+            todo.append(job)
+    return todo, stamps
+
+
 def run_batch(
     jobs: list[J],
     make: Callable[[list[J]], Iterable[tuple[J, Image.Image, float]]],
@@ -117,21 +144,11 @@ def run_batch(
     before anything loads (exit 2), unless `overwrite` (it is made again). Bad weights: exit 2;
     non-finite latents or an unwritable output: exit 1."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    jobs, todo, stamps = jobs[rank::world], [], {}  # under torchrun: this process's share
-    for job in jobs:
-        try:  # hashes the LoRA files, once
-            stamps[job.out] = rec = record(job)
-        except (ValueError, OSError) as e:
-            fail(e)
-        if not job.out.exists():
-            todo.append(job)
-        elif why := difference(read_record(job.out), rec):
-            if not overwrite:
-                fail(
-                    f"{job.out} exists, made with other settings ({why}): --overwrite replaces "
-                    "it, or choose another --out-dir"
-                )
-            todo.append(job)
+    jobs = share(jobs)  # under torchrun: this process's share
+    try:  # checked before anything loads (and by the scripts before their warnings show)
+        todo, stamps = existing(jobs, record, overwrite)
+    except (ValueError, OSError) as e:
+        fail(e)
     made = {job.out for job in todo}
     for job in jobs:  # once every output is known to be the job's or to be made
         if job.out not in made:

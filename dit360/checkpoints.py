@@ -218,7 +218,10 @@ def read_checkpoint(path: Path, args: argparse.Namespace, model: nn.Module) -> C
         raise ValueError("its counters or arguments are incomplete")
     now = vars(args)
     if diff := [k for k in MUST_MATCH if recorded.get(k) != now[k]]:
-        diff = [f"--{k.replace('_', '-')} {recorded.get(k)} (now {now[k]})" for k in diff]
+        flag = {"resolution": "height"}  # train.py's --height stores "resolution" (its alias)
+        diff = [
+            f"--{flag.get(k, k).replace('_', '-')} {recorded.get(k)} (now {now[k]})" for k in diff
+        ]
         fail(
             f"--resume {path} was trained with other settings: {'; '.join(diff)}; resume "
             "with those, or start a new run (another --out, or --overwrite)"

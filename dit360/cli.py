@@ -1,7 +1,7 @@
 """What every command shares and needs no heavy import, so that a script sets it up on its first
 line, before torch and transformers load: one-line errors (`fail`), SIGINT and SIGTERM as one
-line and exit 130 / 143 from the first second on (`handle_signals`), and the entry point that
-says how a command ended (`run_main`).
+line and exit 130 / 143 from the first second on (`handle_signals`), a first line at once on a
+terminal (`starting`), and the entry point that says how a command ended (`run_main`).
 """
 
 import os
@@ -59,6 +59,13 @@ def handle_signals() -> None:
     """Install `on_signal` for SIGINT and SIGTERM (the scripts call it before their imports)."""
     for signum in SIGNALS:
         signal.signal(signum, on_signal)
+
+
+def starting(command: str) -> None:
+    """On a terminal, one line at once, before the seconds of importing torch (a log file or a
+    pipe gets nothing: its lines stay the command's own, an error the one line)."""
+    if sys.stderr.isatty():
+        print(f"{command}: starting (importing torch)...", file=sys.stderr, flush=True)
 
 
 def one_line_warning(message: Warning | str, *args: Any, **kw: Any) -> str:

@@ -96,7 +96,15 @@ def convert_lora(
     """Rewrite a LoRA as a peft/diffusers folder that replaces `out_dir`, `scale` folded into alpha;
     layer sizes from `base` (headers only), else from the flux-dev preset."""
     model = read_flux(base, axes_dim)[2] if base else meta_flux(cfg.PRESETS["flux-dev"])
-    plan = read_lora(src, model)
+    try:
+        plan = read_lora(src, model)
+    except ValueError as e:  # without --base, sizes that are not FLUX.1-dev's: say the fix
+        if base or "does not fit the model" not in str(e):
+            raise
+        raise ValueError(
+            f"--lora {src} does not fit full-size FLUX.1-dev, whose layer sizes --lora alone "
+            "assumes: give the model it was trained on with --base"
+        ) from None
     plan = {k: [replace(p, scale=p.scale * scale) for p in ps] for k, ps in plan.items()}
     with atomic_path(out_dir) as tmp:  # a killed run leaves no folder of half a LoRA
         write_peft(plan, model, tmp, dtype=dtype)

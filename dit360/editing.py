@@ -20,6 +20,7 @@ from .core.model import Flux
 from .generate import (
     Job,
     check_finite,
+    check_jobs,
     chunks,
     encode_prompts,
     initial_noise,
@@ -32,7 +33,7 @@ from .generate import (
 )
 from .image import from_pil, open_image, read_mask, read_rgb, to_pil
 from .offload import lent, park
-from .options import EditOptions, check_size
+from .options import EditOptions, check_size, warnings_last
 from .panorama import Grid
 from .report import Report
 from .sampling import Conditioning, ahead, bar, noise, schedule
@@ -153,8 +154,10 @@ def edit_many(
     loaded once for the chunk. Per job: encode the source (the VAE then waits in CPU memory),
     invert, edit, decode; the transformer is freed after the chunk's last edit, before its
     decode."""
-    for job in jobs:  # fail fast, before any model loads
-        check_job(job, opts)
+    with warnings_last():  # fail fast, before any model loads; the size's warning once a batch
+        for job in jobs:
+            check_job(job, opts)
+        check_jobs(jobs, opts)
     report = report or Report(opts.device, log=log)
     mode = offload_mode(opts, log) if jobs else "none"
     for part in chunks(jobs, log):

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .cli import check_prompt
 from .compiling import compile_blocks, first_step_timed
 from .config import DIT360_LORA
 from .core.autoencoder import AutoEncoder
@@ -106,8 +107,13 @@ def lora_sources(opts: Options, log: Callable[[str], None] | None = None) -> lis
 def check_inputs(opts: Options) -> None:
     """Resolve every weight file and check its headers against its model, the tokenizers and the
     LoRAs (against the transformer) before anything loads: a mistake costs seconds, not minutes
-    and 33 GB read. The LoRAs are found first, so a typo fails before --base downloads anything."""
+    and 33 GB read. The LoRAs are found first, so a typo fails before --base downloads anything.
+    Once per process for the same inputs: the CLI checks, then the API it calls checks again."""
     from .lora_formats import read_lora
+
+    key = tuple(str(getattr(opts, k)) for k in ("base", "transformer", "t5", "clip", "vae", "lora"))
+    if key in CHECKED:
+        return
 
     for src in opts.lora or ():
         if src != "auto":
@@ -124,6 +130,10 @@ def check_inputs(opts: Options) -> None:
     flagged("--base", load_tokenizers, src)
     for _, path, _ in lora_sources(opts):
         flagged("--lora", read_lora, path, model)
+    CHECKED.add(key)
+
+
+CHECKED: set[tuple[str, ...]] = set()  # the inputs check_inputs passed in this process
 
 
 def load_model(opts: Options, offload: str = "none", log: Callable[[str], None] = print) -> Flux:
@@ -231,6 +241,15 @@ def job_options(opts: Opts, job: Job) -> Opts:
         return replace(opts, seed=job.seed, **given)
 
 
+def check_jobs(jobs: list[J], opts: Opts) -> None:
+    """What the CLI checks before anything loads, for the API too: each job's prompt and options,
+    every weight file's headers; ValueError or OSError naming the flag (the field's name)."""
+    for job in jobs:
+        check_prompt(job.prompt, "--prompt (prompt)")
+        job_options(opts, job)
+    check_inputs(opts)
+
+
 def encode_prompts(opts: Options, prompts: list[str], offload: str) -> dict[str, Conditioning]:
     """Each distinct prompt encoded alone (as one image encodes it), the encoders loaded once;
     the conditionings wait in CPU memory (`lend` brings one to the device for its image)."""
@@ -269,6 +288,7 @@ def generate_many(
     prompts encoded first, the text encoders freed, then the transformer and the VAE loaded once
     for the chunk. The transformer is freed after the chunk's last denoising, before the VAE
     first loads if one job."""
+    check_jobs(jobs, opts)
     report = report or Report(opts.device, log=log)
     mode = offload_mode(opts, log) if jobs else "none"
     if any(job_options(opts, job).negative() is not None for job in jobs):

@@ -246,7 +246,7 @@ def choose(
     a margin, else "blocks"; "none" off CUDA. Logs the choice and why."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
-        log(f"offload none: {device} is not a CUDA device")
+        log(f"offload none ({device})")  # not a CUDA device: nothing to offload to
         return "none"
     free = torch.cuda.mem_get_info(device)[0] / 2**30
     fits = [m for m in MODES if m in needs and needs[m] * MARGIN <= free]

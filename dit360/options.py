@@ -4,9 +4,11 @@ its help, and the command-line flags of sample.py and edit.py are derived from t
 """
 
 import argparse
+import dataclasses
 import importlib.util
 import math
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -135,7 +137,8 @@ class Options:
     def __post_init__(self) -> None:
         for name, (test, what) in CHECKS.items():  # before anything slow, so scripts fail fast
             if hasattr(self, name) and not test(value := getattr(self, name)):
-                flag = f"--{name.replace('_', '-')} ({name})"  # for the CLI and the API
+                flag = f"--{name.replace('_', '-')}"  # the CLI's name, and the API's if other
+                flag += f" ({name})" if "_" in name else ""
                 raise ValueError(f"{flag} must be {what}, got {value!r}")
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dev = torch.device(self.device)  # RuntimeError naming the device types if malformed
@@ -150,10 +153,11 @@ class Options:
         self.lora, self.lora_scale = paired_loras(self.lora, self.lora_scale)
         if self.negative_prompt is not None and self.true_cfg == 1:  # diffusers: ignored
             warnings.warn("--negative-prompt is ignored at --true-cfg 1: give --true-cfg > 1 "
-                          "(e.g. 4) to use it", stacklevel=3)  # fmt: skip
+                          "(e.g. 4) to use it", stacklevel=caller())  # fmt: skip
         if self.negative_prompt is None and self.true_cfg > 1:  # diffusers: off
             warnings.warn(f"--true-cfg {self.true_cfg} is off where no negative prompt is given: "
-                          "give --negative-prompt ('' for an empty one)", stacklevel=3)  # fmt: skip
+                          "give --negative-prompt ('' for an empty one)",
+                          stacklevel=caller())  # fmt: skip
         dtype = self.dtype or ("bf16" if dev.type == "cuda" else "fp32")
         self.dtype = DTYPES.get(dtype, dtype)
         if self.attention == "fa3":
@@ -257,9 +261,26 @@ def check_fa3(device: torch.device, dtype: torch.dtype) -> None:
         )
 
 
+# Frames a warning is not about: this package's, and those dataclasses make (__init__, replace).
+INSIDE = (os.path.dirname(__file__), "<", dataclasses.__file__)
+
+
+def caller() -> int:
+    """warnings.warn's stacklevel for the first frame outside this package: the line of the API
+    user's call (or of the script), however deep in dit360 the warning is raised."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(INSIDE):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def check_size(height: int, width: int, wrap_pad: int = 0) -> None:
     """Multiples of 16 up to SIDE and a pad under half the width or an error; not 1024x2048: a
     warning."""
+    if min(height, width) <= 0 or height % 16 or width % 16:
+        raise ValueError(
+            f"--height and --width must be positive multiples of 16, got {height}x{width}"
+        )
     if max(height, width) > SIDE:
         raise ValueError(
             f"--height and --width must be at most {SIDE} pixels each, got {height}x{width}: "
@@ -270,7 +291,7 @@ def check_size(height: int, width: int, wrap_pad: int = 0) -> None:
     if (height, width) != (1024, 2048):
         warnings.warn(
             f"{height}x{width}: DiT360 was trained at 1024x2048 only; expect weaker panoramas",
-            stacklevel=4,  # the caller of the options dataclass
+            stacklevel=caller(),
         )
 
 
@@ -304,12 +325,13 @@ def require_torch(floor: tuple[int, int], command: str, why: str) -> None:
 
 @contextmanager
 def warnings_last() -> Iterator[None]:
-    """Warnings raised inside are shown as it ends, and only if it ends without an error: a bad
-    flag or row is the one line `error: ...`, with no warning before it."""
+    """Warnings raised inside are shown as it ends, each once (a batch's rows share the size's),
+    and only if it ends without an error: a bad flag or row is the one line `error: ...`, with no
+    warning before it."""
     with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always")
         yield
-    for w in warned:
+    for w in {(str(w.message), w.category): w for w in warned}.values():
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 

@@ -1,8 +1,11 @@
 """Every command's bad input, table-driven: one line `error: ...`, exit 2, no traceback, nothing
 written, all before any model loads; and the run-time refusal of non-finite latents (exit 1)."""
 
+import contextlib
 import os
+import pty
 import re
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -22,28 +25,28 @@ import prepare
 import sample
 
 SAMPLE_CASES = [  # extra flags (the last of a repeated flag wins), the error line
-    (["--steps", "0"], r"--steps \(steps\) must be an integer from 1 to 1000, got 0"),
+    (["--steps", "0"], r"--steps must be an integer from 1 to 1000, got 0"),
     (["--attention", "cudnn"], r"--attention cudnn needs a CUDA GPU; use auto or flash"),
     (["--attention", "fa3"], r"--attention fa3 needs FlashAttention-3 \(module flash_attn_int"),
     (["--offload", "disk"], r"argument --offload: invalid choice: 'disk'"),
-    (["--steps", "-3"], r"--steps \(steps\) must be an integer from 1 to 1000, got -3"),
+    (["--steps", "-3"], r"--steps must be an integer from 1 to 1000, got -3"),
     (["--steps", "2.5"], r"--steps: invalid int value"),
-    (["--height", "0"], r"positive multiples of 16, got 0x64"),
-    (["--width", "100"], r"positive multiples of 16, got 32x100"),
+    (["--height", "0"], r"--height and --width must be positive multiples of 16, got 0x64"),
+    (["--width", "100"], r"--height and --width must be positive multiples of 16, got 32x100"),
     (["--wrap-pad", "10"], r"--wrap-pad \(wrap_pad\) must be 0 to 4"),
     (["--wrap-pad", "-1"], r"--wrap-pad \(wrap_pad\) must be 0 to 4"),
     (["--wrap-pad", "3"], r"--wrap-pad 3 must be <= half the 4 columns"),
     (["--vae-tile", "0"], r"--vae-tile \(vae_tile\) must be at least 1"),
     (
         ["--guidance", "nan"],
-        r"--guidance \(guidance\) must be a finite number from -100 to 100, got nan",
+        r"--guidance must be a finite number from -100 to 100, got nan",
     ),
     (
         ["--guidance", "inf"],
-        r"--guidance \(guidance\) must be a finite number from -100 to 100, got inf",
+        r"--guidance must be a finite number from -100 to 100, got inf",
     ),
     (["--lora-scale", "nan"], r"--lora-scale \(lora_scale\) must be a finite number"),
-    (["--seed", "-1"], r"--seed \(seed\) must be an integer from 0 to 2\*\*64 - 1"),
+    (["--seed", "-1"], r"--seed must be an integer from 0 to 2\*\*64 - 1"),
     (["--true-cfg", "0.5"], r"--true-cfg \(true_cfg\) must be a finite number >= 1 \(1: off\)"),
     (["--true-cfg", "inf"], r"--true-cfg \(true_cfg\) must be a finite number >= 1"),
     (["--true-cfg", "nan"], r"--true-cfg \(true_cfg\) must be a finite number >= 1"),
@@ -64,8 +67,8 @@ SAMPLE_CASES = [  # extra flags (the last of a repeated flag wins), the error li
     (["--base", "{tmp}/no-base"], r"--base: .*no-base: no such file or folder"),
     (["--lora", "{tmp}/no-lora.safetensors"], r"--lora: .*no-lora.safetensors: no such file"),
     # the stated limits (README, What is guaranteed), before any allocation
-    (["--steps", "300000"], r"--steps \(steps\) must be an integer from 1 to 1000, got 300000"),
-    (["--guidance", "1e39"], r"--guidance \(guidance\) must be a finite number from -100 to 100"),
+    (["--steps", "300000"], r"--steps must be an integer from 1 to 1000, got 300000"),
+    (["--guidance", "1e39"], r"--guidance must be a finite number from -100 to 100"),
     (["--height", "1000000"], r"--height and --width must be at most 8192 pixels each, got 1000"),
     (["--num-images", "100000000"], r"--num-images: needs a whole number >= 1 and <= 100000, got"),
     (["--cubemap-size", "100000"], r"--cubemap-size: needs a whole number >= 1 and <= 8192, got"),
@@ -86,26 +89,26 @@ SAMPLE_CASES = [  # extra flags (the last of a repeated flag wins), the error li
 ]
 
 EDIT_CASES = [
-    (["--steps", "0"], r"--steps \(steps\) must be an integer from 1 to 1000"),
+    (["--steps", "0"], r"--steps must be an integer from 1 to 1000"),
     (["--height", "0"], r"--height must be a positive multiple of 16, got 0"),
     (["--height", "40"], r"--height must be a positive multiple of 16, got 40"),
     (["--wrap-pad", "10"], r"--wrap-pad \(wrap_pad\) must be 0 to 4"),
     (["--wrap-pad", "3"], r"--wrap-pad 3 must be <= half the 4 columns"),
-    (["--tau", "nan"], r"--tau \(tau\) must be a finite number, got nan"),
-    (["--feather", "-5"], r"--feather \(feather\) must be at least 0"),
-    (["--gamma", "1.5"], r"--gamma \(gamma\) must be in \[0, 1\], got 1.5"),
-    (["--eta", "nan"], r"--eta \(eta\) must be in \[0, 1\], got nan"),
-    (["--start", "-0.1"], r"--start \(start\) must be in \[0, 1\]"),
-    (["--stop", "1.5"], r"--stop \(stop\) must be in \[0, 1\]"),
+    (["--tau", "nan"], r"--tau must be a finite number, got nan"),
+    (["--feather", "-5"], r"--feather must be at least 0"),
+    (["--gamma", "1.5"], r"--gamma must be in \[0, 1\], got 1.5"),
+    (["--eta", "nan"], r"--eta must be in \[0, 1\], got nan"),
+    (["--start", "-0.1"], r"--start must be in \[0, 1\]"),
+    (["--stop", "1.5"], r"--stop must be in \[0, 1\]"),
     (["--start", "0.5", "--stop", "0.2"], r"need --start <= --stop, got 0.5 > 0.2"),
     (["--blend-until", "nan"], r"--blend-until \(blend_until\) must be a finite number"),
     (["--inversion-guidance", "inf"], r"--inversion-guidance .* must be a finite number"),
-    (["--guidance=-inf"], r"--guidance \(guidance\) must be a finite number"),
+    (["--guidance=-inf"], r"--guidance must be a finite number"),
     (["--lora-scale", "nan"], r"--lora-scale \(lora_scale\) must be a finite number"),
     (["--mask-pad", "mirror"], r"--mask-pad: invalid choice"),
     (["--true-cfg", "0"], r"--true-cfg \(true_cfg\) must be a finite number >= 1"),
     (["--vae-tile", "0"], r"--vae-tile \(vae_tile\) must be at least 1"),
-    (["--seed", "-1"], r"--seed \(seed\) must be an integer from 0 to 2\*\*64 - 1"),
+    (["--seed", "-1"], r"--seed must be an integer from 0 to 2\*\*64 - 1"),
     (["--device", "cuda"], r"--device cuda: no such CUDA GPU"),
     (["--device", "meta"], r"--device meta: cannot run there; use cpu, cuda or cuda:N"),
     (["--lora-scale", "0.5"], r"--lora-scale 0.5 needs --lora, which is none"),
@@ -123,7 +126,7 @@ EDIT_CASES = [
     (["--out", "{tmp}/out.gif"], r"use a \.png, \.jpg or \.jpeg"),
     (["--base", "{tmp}/no-base"], r"--base: .*no-base: no such file or folder"),
     (["--height", "100000"], r"--height must be a positive multiple of 16, got 100000: at most 40"),
-    (["--steps", "300000"], r"--steps \(steps\) must be an integer from 1 to 1000"),
+    (["--steps", "300000"], r"--steps must be an integer from 1 to 1000"),
     (["--source-prompt", "x" * 20_001], r"--source-prompt \(source_prompt\) must be at most 20,0"),
     (
         ["--image", "{tmp}/cut.jpg"],
@@ -325,18 +328,23 @@ def test_batch_error_is_the_only_line(tiny_flux, tmp_path):
     r = script(
         "sample.py", *batch_flags(tiny_flux, "--prompts", str(rows), "--out-dir", str(tmp_path))
     )
-    error = f"error: {rows}:1: --steps (steps) must be an integer from 1 to 1000, got 0"
+    error = f"error: {rows}:1: --steps must be an integer from 1 to 1000, got 0"
     assert r.returncode == 2 and r.stderr.splitlines() == [error], r.stderr
 
 
 def test_warning_is_one_line(tiny_flux, tmp_path):
     """A warning is one line `warning: ...` on stderr, not Python's file:line and source line;
-    here of a batch whose image exists, so nothing loads."""
-    (tmp_path / "0000-seed4.png").write_bytes(b"")
-    r = script("sample.py", *batch_flags(tiny_flux, "--prompt", "a", "--out-dir", str(tmp_path)))
+    here of a batch whose image exists (made by the same job), so nothing loads; an image made
+    with other settings is the one line `error: ...`, no warning before it."""
+    flags = batch_flags(tiny_flux, "--prompt", "a", "--out-dir", str(tmp_path))
+    assert script("sample.py", *flags).returncode == 0
+    r = script("sample.py", *flags)
     warning = "warning: 32x64: DiT360 was trained at 1024x2048 only; expect weaker panoramas"
     assert r.returncode == 0 and r.stderr.splitlines()[0] == warning, r.stderr
     assert "UserWarning" not in r.stderr and "skip " in r.stdout
+    r = script("sample.py", *batch_flags(tiny_flux, "--prompt", "b", "--out-dir", str(tmp_path)))
+    assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "made with other settings" in r.stderr
 
 
 @pytest.mark.parametrize(
@@ -382,3 +390,24 @@ def test_train_refuses_an_old_torch(tmp_path, version, refused):
         assert r.returncode == 2 and r.stderr.splitlines() == [error], r.stderr
     else:
         assert r.returncode == 0 and "usage:" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("name", ["sample.py", "edit.py"])
+def test_a_terminal_sees_a_first_line_at_once(name):
+    """On a terminal, the first line comes before torch is imported (seconds of silence before),
+    and a pipe gets none (the error tests above: stderr is the one `error:` line)."""
+    master, slave = pty.openpty()
+    cmd = [sys.executable, "-X", "importtime", str(ROOT / name), "--help"]
+    p = subprocess.Popen(cmd, stderr=slave, stdout=subprocess.DEVNULL, cwd=ROOT)
+    os.close(slave)
+    err = b""
+    with contextlib.suppress(OSError):  # EIO once all is read: the script has closed its end
+        while select.select([master], [], [], 60)[0] and (chunk := os.read(master, 1 << 16)):
+            err += chunk  # read as it comes: a full pty would block the script
+    os.close(master)
+    r = subprocess.CompletedProcess(cmd, p.wait(timeout=60))
+    lines = err.decode().splitlines()
+    first = next(i for i, x in enumerate(lines) if not x.startswith("import time:"))
+    loaded = next(i for i, x in enumerate(lines) if re.search(r"\| +torch$", x))
+    assert r.returncode == 0 and lines[first] == f"{name}: starting (importing torch)..."
+    assert first < loaded, (first, loaded)

@@ -59,6 +59,12 @@ BAD = [
     ("--base {base} --axes-dim 4,x,6 --out {out}/a.safetensors", "three positive even", 2),
     ("--base {base} --axes-dim 4,5,7 --out {out}/a.safetensors", "three positive even", 2),
     ("--lora {lora} --axes-dim 4,6,6 --out {out}/p", "--axes-dim needs --base", 2),
+    (
+        "--lora {lora} --out {out}/p",
+        r"^error: --lora \S+ does not fit full-size FLUX.1-dev, whose "
+        r"layer sizes --lora alone assumes: give the model it was trained on with --base$",
+        1,
+    ),
     ("--base {base} --dtype fp8 --out {out}/a.safetensors", "invalid choice: 'fp8'", 2),
     ("--base {base} --out {out}/a.bin", "name a .safetensors file", 2),
     ("--base {base} --out {out}", "name a .safetensors file", 2),

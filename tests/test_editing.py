@@ -393,6 +393,16 @@ def test_cli_outpaint_matches_reference(pipe, tiny_flux, tmp_path, capsys, offlo
     assert 'GPano:ProjectionType="equirectangular"' in xmp
 
 
+def test_a_small_source_is_told_its_height(tmp_path):
+    """A 128x64 source at the default --height edits at 2048x1024 (the reference's default): the
+    line says so, and which --height keeps the source's size."""
+    src, _ = write_inputs(tmp_path, size=(64, 128))
+    lines = []
+    edit_cli.read_panorama(src, edit_cli.parse_args(["--edits", "x"]).height, log=lines.append)
+    said = "edited at 2048x1024 (--height 1024, the reference's default; --height 64 keeps the"
+    assert lines == [f"{src}: 128x64, {said} source's height)"]
+
+
 def test_cli_inpaint_paste_back(tiny_flux, tmp_path, capsys):
     """--invert --paste-back: the kept (black) region is the source, pixel for pixel; --resize
     stretches a non-2:1 image to 2:1 at --height, and the resize is said."""
@@ -400,7 +410,8 @@ def test_cli_inpaint_paste_back(tiny_flux, tmp_path, capsys):
     out = tmp_path / "out.png"
     extra = ("--invert", "--paste-back", "--feather", "3", "--resize")
     edit_cli.main(cli(tiny_flux, src, mask, out, *extra))
-    assert f"{src}: 80x48, edited at 64x32 (--height)" in capsys.readouterr().err
+    said = "edited at 64x32 (--height 32, given; --height 48 keeps the source's height)"
+    assert f"{src}: 80x48, {said}" in capsys.readouterr().err
     got = np.asarray(Image.open(out))
     source = np.asarray(edit_cli.read_panorama(src, 32, resize=True))
     keep = (~read_mask(Image.open(mask), 64, 32)).numpy()

@@ -76,4 +76,4 @@ def test_train_refuses_a_huge_resolution(tiny_flux, data, tmp_path, capsys):
     """--resolution 1000000: one line before anything is written (it left args.json and an empty
     log, so the next run was refused)."""
     argv = train_args(tiny_flux, data, tmp_path / "out", "--resolution", "1000000")
-    expect_error(capsys, train.main, argv, tmp_path, r"--resolution must be a positive multiple")
+    expect_error(capsys, train.main, argv, tmp_path, r"--height must be a positive multiple")

@@ -16,6 +16,7 @@ from clitest import expect_error
 from PIL import Image
 
 from dit360.data import read_rows
+from dit360.panorama import VIEW_RANGES
 from prepare import main, prepare
 
 
@@ -225,3 +226,16 @@ def test_overwrite_switches_whole_or_not_at_all(tmp_path, monkeypatch):
     prepare(out, **folders, overwrite=True, **new)  # after the last kill: old files left
     names = " ".join(sorted(p.name for p in out.iterdir()))
     assert re.fullmatch(r"pano-files-\d+ pano.jsonl persp-files-\d+ persp.jsonl", names), names
+
+
+def test_help_shows_every_default(capsys):
+    """prepare.py --help says each view flag's default (collect_perspectives'), the ranges too."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in [("--height HEIGHT", "1024"), ("--seed SEED", "0")]:
+        assert re.search(rf"{flag} [^-]*\(default: {default}\)", text), flag
+    for angle, (lo, hi) in VIEW_RANGES.items():  # the range flags had no help at all
+        assert re.search(
+            rf"--{angle}-range LO HI each photo's .*\({lo} to {hi}\) \(default: ", text
+        )

@@ -194,3 +194,11 @@ def test_attention_backend(tiny_flux, tmp_path, monkeypatch, backend):
     assert flags and set(flags) == {expected}
     got = np.asarray(Image.open(out), dtype=np.int16)
     assert np.abs(got - pipeline_image(tiny_flux)).max() <= 1
+
+
+def test_help_says_out_dirs_default(capsys):
+    """--out-dir's help names the folder a batch without --out writes to (panoramas)."""
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--out-dir OUT_DIR batch outputs (default: --out's folder, else panoramas)" in text

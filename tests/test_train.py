@@ -84,7 +84,7 @@ def args(tiny_flux: Path, data: Path, out: Path, *extra: str) -> list[str]:
     """train.py arguments for the tiny model and data."""
     return [
         *("--base", str(tiny_flux), "--pano", str(data / "pano.jsonl"), "--out", str(out)),
-        *("--resolution", str(H), "--lora-rank", "4", "--alpha", "8", "--workers", "0"),
+        *("--height", str(H), "--lora-rank", "4", "--alpha", "8", "--workers", "0"),
         *("--device", "cpu", "--seed", "3", *extra),
     ]
 
@@ -139,6 +139,20 @@ def test_run_writes_everything(trained):
     assert all(r["lr"] == 1e-3 for r in rows)  # warm-up: int(0.05 * 6) = 0 steps
     assert (trained / "loss.png").is_file() == has_matplotlib()  # optional: test_train_memory
     assert any(v.abs().max() > 0 for k, v in lora_file(trained).items() if "lora_B" in k)
+
+
+def test_args_height_is_resolution_and_the_line_says_the_real_dtype(
+    tiny_flux, data, tmp_path, capsys
+):
+    """--height (the other commands' name) and --resolution are one flag stored as "resolution"
+    (so an older args.json resumes); on the CPU the line says the base runs in float32, not bf16."""
+    out = tmp_path / "o"
+    old = train.parse_args(args(tiny_flux, data, out, "--resolution", str(2 * H)))
+    assert old.resolution == 2 * H
+    train.main(args(tiny_flux, data, out, "--max-steps", "1", "--batch-size", "1"))
+    assert json.loads((out / "args.json").read_text())["resolution"] == H
+    line = next(x for x in capsys.readouterr().out.splitlines() if "writing to" in x)
+    assert "base float32" in line and "bf16" not in line
 
 
 # --- 1 vs 2 processes --------------------------------------------------------------------------

@@ -158,7 +158,7 @@ def test_resume_with_other_settings_lists_every_difference(tiny_flux, data, trai
     expect_error(
         capsys, train.main, argv, trained,
         r"step-00000006 was trained with other settings: --lora-rank 4 \(now 8\); "
-        r"--alpha 8.0 \(now 2.0\); --resolution 32 \(now 48\); --seed 3 \(now 4\)",
+        r"--alpha 8.0 \(now 2.0\); --height 32 \(now 48\); --seed 3 \(now 4\)",
     )  # fmt: skip
 
 
