@@ -166,7 +166,6 @@ from dit360.report import (
 )
 from dit360.sampling import Conditioning, ahead
 from dit360.sources import Sources, resolve_sources
-from dit360.text import encode_prompt, load_text_encoders
 from dit360.weights import KeyPlan, build, load_autoencoder, read_flux
 
 # Streams of seeded generators; data.py uses 0 (data.AUGMENT_STREAM, panorama augmentation).
@@ -463,6 +462,8 @@ def weights(args: argparse.Namespace) -> Sources:
 
 def load_encoders(args: argparse.Namespace, env: Env) -> Encoders:
     """The frozen VAE and text encoders, on every rank."""
+    from dit360.text import encode_prompt, load_text_encoders  # transformers: 3 s, imported late
+
     try:
         text = load_text_encoders(weights(args), env.device, env.dtype)
         vae = load_autoencoder(weights(args).vae, env.device, torch.float32)  # fp32, as the ref.

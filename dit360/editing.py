@@ -37,7 +37,7 @@ from .options import EditOptions, check_size, warnings_last
 from .panorama import Grid
 from .report import Report
 from .sampling import Conditioning, ahead, bar, noise, schedule
-from .tiling import decode
+from .tiling import decode, encode
 
 
 def check_mask(keep: Tensor) -> None:
@@ -191,7 +191,7 @@ def edit_chunk(
             vae = load_vae(opts, mode) if vae is None else vae
             pixels = from_pil(image)[None]  # (1, 3, H, W) float32, kept for the paste-back
             with lent(vae, dev):  # the posterior mean (the reference: a sample)
-                x0 = grid.pack(vae.encode(pixels.to(dev, dtype)))
+                x0 = grid.pack(encode(vae, pixels.to(dev, dtype)))
             park(vae)  # in CPU memory until the decode: one model on the device at a time
         c = x0.shape[-1] // 4
         z, y1 = noise(o.seed, 2, height, width, c)  # target noise, inversion noise (CPU float32)

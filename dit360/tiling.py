@@ -1,11 +1,15 @@
 """Tiled VAE decoding: the up path in overlapping tiles, blended, so activation memory is bounded
-by the tile size (`--vae-tile`)."""
+by the tile size (`--vae-tile`); and a progress bar over the VAE's stages (`stages`), for a slow
+device (at 1024x2048 on a CPU a decode takes minutes)."""
 
 import itertools
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .core.autoencoder import AutoEncoder, set_circular
 
@@ -28,12 +32,40 @@ def _ramp(n: int, ramp: int) -> Tensor:
     return (torch.minimum(x, n - x) / max(ramp, 1)).clamp(max=1.0)
 
 
+@contextmanager
+def stages(modules: list[nn.Module], desc: str, total: int) -> Iterator[None]:
+    """A progress bar `desc` of `total` ticks, one each time one of `modules` (the VAE's levels,
+    hooked from outside: the model stays plain) finishes a forward."""
+    bar = tqdm(total=total, desc=desc, unit="stage", leave=False)
+
+    def tick(*_: object) -> None:  # None: the module's output stays as it is
+        bar.update()
+
+    hooks = [m.register_forward_hook(tick) for m in modules]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        bar.close()
+
+
+def encode(vae: AutoEncoder, x: Tensor) -> Tensor:
+    """Image (B, 3, H, W) -> the posterior mean's scaled latents, with a progress bar."""
+    enc = vae.encoder
+    with stages([*enc.down, enc.mid], "encode", len(enc.down) + 1):
+        return vae.encode(x)
+
+
 def decode(
     vae: AutoEncoder, z: Tensor, tile: int | None = None, overlap: int | None = None
 ) -> Tensor:
-    """Latent (B, 16, h, w) -> image (B, 3, 8h, 8w); tiles of `tile` latents bound memory."""
+    """Latent (B, 16, h, w) -> image (B, 3, 8h, 8w); tiles of `tile` latents bound memory. With
+    a progress bar over the mid block and the up levels (of each tile)."""
+    dec = vae.decoder
     if tile is None or (tile >= z.shape[-2] and tile >= z.shape[-1]):
-        return vae.decode(z)
+        with stages([dec.mid, *dec.up], "decode", 1 + len(dec.up)):
+            return vae.decode(z)
     overlap = tile // 4 if overlap is None else overlap
     return decode_tiled(vae, z / vae.params.scale_factor + vae.params.shift_factor, tile, overlap)
 
@@ -58,16 +90,18 @@ def decode_tiled(vae: AutoEncoder, z: Tensor, tile: int, overlap: int) -> Tensor
     win = win.to(z.device)  # blending is done in float32 whatever the model's dtype
     out = z.new_zeros(b, dec.conv_out.out_channels, h * f, w * f, dtype=torch.float32)
     total = z.new_zeros(h * f, w * f, dtype=torch.float32)
-    mid = dec.mid(dec.conv_in(z))  # (B, width, h, w)
-    # One tile across the whole width wraps onto itself; narrower tiles are zero-padded.
-    set_circular(dec, vae.circular and len(cols) == 1)
-    try:
-        for r, c in itertools.product(rows, cols):
-            cols_z = torch.arange(c, c + tw, device=z.device) % w
-            x = dec.up_path(mid[:, :, r : r + th, cols_z])  # (B, 3, 8 th, 8 tw)
-            px = torch.arange(c * f, (c + tw) * f, device=z.device) % (w * f)
-            out[:, :, r * f : (r + th) * f].index_add_(3, px, x.float() * win)
-            total[r * f : (r + th) * f].index_add_(1, px, win)
-    finally:
-        set_circular(dec, vae.circular)
+    ticks = 1 + len(dec.up) * len(rows) * len(cols)  # the mid block, each tile's up levels
+    with stages([dec.mid, *dec.up], "decode", ticks):
+        mid = dec.mid(dec.conv_in(z))  # (B, width, h, w)
+        # One tile across the whole width wraps onto itself; narrower tiles are zero-padded.
+        set_circular(dec, vae.circular and len(cols) == 1)
+        try:
+            for r, c in itertools.product(rows, cols):
+                cols_z = torch.arange(c, c + tw, device=z.device) % w
+                x = dec.up_path(mid[:, :, r : r + th, cols_z])  # (B, 3, 8 th, 8 tw)
+                px = torch.arange(c * f, (c + tw) * f, device=z.device) % (w * f)
+                out[:, :, r * f : (r + th) * f].index_add_(3, px, x.float() * win)
+                total[r * f : (r + th) * f].index_add_(1, px, win)
+        finally:
+            set_circular(dec, vae.circular)
     return (out / total).to(z.dtype)

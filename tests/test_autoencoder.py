@@ -268,3 +268,38 @@ def test_attention_gets_contiguous_inputs(monkeypatch):
     with torch.no_grad():
         model.decode(model.encode(torch.randn(1, 3, 16, 32)))
     assert seen == [[True] * 3, [True] * 3]  # the encoder's and the decoder's mid block
+
+
+def test_vae_progress_counts_every_stage(reference, monkeypatch):
+    """encode and decode (untiled and tiled) tick a progress bar once per VAE level and mid block,
+    reaching its total; the outputs are the plain model's and the hooks are gone afterwards."""
+    from dit360 import tiling
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total: int, desc: str, **kw) -> None:
+            self.total, self.desc, self.n = total, desc, 0
+            bars.append(self)
+
+        def update(self, n: int = 1) -> None:
+            self.n += n
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(tiling, "tqdm", Bar)
+    root, x, *_ = reference
+    model = load_autoencoder(root)
+    z = torch.randn(1, 16, 8, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert tiling.encode(model, x).equal(model.encode(x))
+        assert tiling.decode(model, z).equal(model.decode(z))
+        tiling.decode(model, z, tile=4, overlap=2)
+    levels = len(model.params.ch_mult)
+    tiles = len(_starts(8, 4, 2, False)) * len(_starts(16, 4, 2, False))  # 3 x 7
+    assert [(b.desc, b.total) for b in bars] == [
+        ("encode", levels + 1), ("decode", levels + 1), ("decode", 1 + levels * tiles)
+    ]  # fmt: skip
+    assert all(b.n == b.total for b in bars), [(b.n, b.total) for b in bars]
+    assert not any(m._forward_hooks for m in model.modules())

@@ -123,7 +123,10 @@ def test_refine_poles_resumes_after_a_kill(tiny_flux, tmp_path, monkeypatch):
     [
         (["--refine-steps", "2"], r"--refine-steps without --refine-poles"),
         (["--refine-poles", "--refine-face-size", "96"], r"--refine-face-size .* multiple of 64"),
-        (["--refine-poles", "--refine-steps", "0"], r"^error: --refine-steps \(steps\) must be"),
+        (
+            ["--refine-poles", "--refine-steps", "0"],
+            r"^error: --refine-steps must be an integer from 1 to",
+        ),
         (["--refine-poles", "--refine-prompt", "{where}"], r"--refine-prompt '\{where\}'"),
         (["--refine-poles", "--refine-base", "nowhere/at/all"], r"--refine-base"),
         (["--refine-poles", "--persp"], r"--refine-poles refines panoramas: give --pano or"),
