@@ -10,6 +10,7 @@ random draw, and the rest fix the LoRA's shape and what its state means.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -94,8 +95,27 @@ def take_lock(out: Path) -> Path:
                 f"--out {out} is in use by process {pid} on {host}: wait for it, "
                 f"or delete {lock} if that run is gone"
             )
-        warn0(f"process {pid}, which held {lock}, is gone: taking the lock over")
-        lock.unlink(missing_ok=True)
+        if take_over(lock, holder):
+            warn0(f"process {pid}, which held {lock}, is gone: taking the lock over")
+
+
+def take_over(lock: Path, holder: str) -> bool:
+    """Remove `lock` if it still holds `holder` (a dead run's): moved aside in one step, then put
+    back if it was another run's by then (two runs that found the same dead lock: the first takes
+    it over, the second finds the first alive). True if the dead lock was removed."""
+    aside = own_temp(lock)
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:  # another run removed it first
+        return False
+    try:
+        if aside.read_text(errors="replace") == holder:
+            return True
+        with contextlib.suppress(FileExistsError):  # a third run's lock stands there now
+            os.link(aside, lock)  # a live run's lock, moved by mistake: back in place
+        return False
+    finally:
+        remove(aside)
 
 
 def create_new(path: Path, text: str) -> bool:

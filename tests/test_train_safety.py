@@ -437,3 +437,30 @@ def test_a_run_failing_before_its_first_step_does_not_block_the_next(
             train.main(args(tiny_flux, data, out, *RUN, "--max-steps", "2"))
     train.main(args(tiny_flux, data, out, *RUN, "--max-steps", "2"))
     assert checkpoints(out) == [2] and [r["step"] for r in log(out)] == [1, 2]
+
+
+def test_two_runs_taking_over_one_dead_lock(tmp_path, monkeypatch, capsys):
+    """Two runs find the same dead run's lock: the first takes it over; the second, which judged
+    the same lock dead, must then find the first alive and stop, its lock left in place."""
+    from dit360 import checkpoints
+
+    host = socket.gethostname()
+    lock, gone, alive = tmp_path / ".lock", f"999999999 {host}", f"{os.getppid()} {host}"
+    lock.write_text(gone)
+    judged = []
+
+    def dead(pid: str) -> bool:
+        if not judged:  # the other run takes the lock over while this one looks at it
+            judged.append(pid)
+            (tmp_path / ".other").write_text(alive)
+            os.replace(tmp_path / ".other", lock)
+            return True  # what this run saw: the dead run's pid
+        return pid == "999999999"
+
+    monkeypatch.setattr(checkpoints, "dead", dead)
+    with pytest.raises(SystemExit):
+        checkpoints.take_lock(tmp_path)
+    assert f"in use by process {os.getppid()}" in capsys.readouterr().err
+    assert lock.read_text() == alive and sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+    lock.write_text(gone)  # alone, a dead run's lock is taken over
+    assert checkpoints.take_lock(tmp_path) == lock and lock.read_text() == f"{os.getpid()} {host}"
