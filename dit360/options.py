@@ -365,11 +365,7 @@ def bounded(kind: type, low: float = -math.inf, high: float = math.inf, above: b
 
 # The flag types of train.py, outputs' --cubemap-size and convert_weights.py.
 COUNT, NATURAL, NONNEG = bounded(int, 1), bounded(int, 0), bounded(float, 0)
-POSITIVE, FRACTION, FINITE_FLOAT = (
-    bounded(float, 0, above=True),
-    bounded(float, 0, 1),
-    bounded(float),
-)
+POSITIVE, FRACTION = bounded(float, 0, above=True), bounded(float, 0, 1)
 
 
 class Several(argparse.Action):
