@@ -138,7 +138,7 @@ from dit360.files import (
 )
 from dit360.fp8 import quantize_block
 from dit360.lora_formats import DIT360_TARGETS, target_rows
-from dit360.offload import park, stream_recomputed
+from dit360.offload import park, stream
 from dit360.options import (
     COUNT,
     FRACTION,
@@ -551,7 +551,7 @@ def build_model(
             for block in blocks:  # again: FSDP moved the float8 scales to the device
                 park(block, skip=lora)
             # Not the adaLN layers: train_step computes the modulations ahead (they wait home).
-            stream_recomputed(blocks, env.device, 1, skip=[*lora, *model.modulation_layers()])
+            stream(blocks, env.device, 1, [*lora, *model.modulation_layers()], recompute=True)
     else:
         distributed.shard(model, blocks, env.device, env.dtype)
         model.to_empty(device=env.device)

@@ -1,13 +1,7 @@
-"""Offloading frozen weights to host memory, for GPUs too small to hold a whole model: `park` a
-module in (pinned) CPU memory, `lent` it to the GPU for a with-block, or `stream` its blocks
-through the GPU one at a time, the next ones copied ahead on a side CUDA stream; `choose` picks the
-mode from the free GPU memory. We swap `tensor.data`, which autograd does not see: inference, or
-training with each streamed block recomputed in backward (`stream_recomputed`), which fetches it
-again.
-
-Each parked parameter and buffer keeps its host copy (its home) in the attribute `HOME`; a device
-copy replaces `.data` while it is needed and is dropped afterwards, never copied back.
-"""
+"""Offloading frozen weights to host memory: `park` a module in (pinned) CPU memory, `lent` it to
+the GPU for a with-block, or `stream` its blocks through it one at a time; `choose` picks the mode.
+We swap `tensor.data` (autograd does not see it): each parked tensor keeps its host copy (its home)
+in the attribute `HOME`; a device copy replaces `.data` while needed, dropped, never copied back."""
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -28,8 +22,7 @@ MARGIN = 1.1  # `choose` wants 10% over the caller's estimate: CUDA context, fra
 def _tensors(
     module: nn.Module, skip: Iterable[nn.Module] = (), lending: bool = False
 ) -> list[Tensor]:
-    """Every parameter and buffer of `module` once (tied weights are one tensor), less those of
-    the modules in `skip` and, when lending, of the blocks a `stream` moves."""
+    """Each parameter and buffer of `module` once, less `skip`'s and, lending, streamed blocks'."""
     found: dict[int, Tensor] = {}
     todo, skip = [module], {id(m) for m in skip}
     while todo:
@@ -43,15 +36,13 @@ def _tensors(
 
 
 def _homes(tensors: list[Tensor], pin: bool) -> Iterator[tuple[Tensor, Tensor]]:
-    """(tensor, its host copy) one at a time: largest first, each copy cut from the first chunk with
-    room (first-fit decreasing); a new chunk is the largest power of two within what is left (at
-    most CHUNK, at least the tensor), so the chunks add up to about the tensors' size."""
+    """(tensor, its host copy) one at a time, largest first, cut from the first chunk with room."""
     sizes = [max(1, -(-t.nbytes // ALIGN)) * ALIGN for t in tensors]  # > 0: a chunk exists
     left, chunks = sum(sizes), []  # chunks: [uint8 tensor, bytes used]
     for i in sorted(range(len(tensors)), key=lambda i: -sizes[i]):
         t, n = tensors[i], sizes[i]
         chunk = next((c for c in chunks if len(c[0]) - c[1] >= n), None)
-        if chunk is None:
+        if chunk is None:  # the largest power of two in what is left: chunks add up to the total
             size = max(1 << (n - 1).bit_length(), 1 << (min(CHUNK, left).bit_length() - 1))
             chunks.append(chunk := [torch.empty(size, dtype=torch.uint8, pin_memory=pin), 0])
         home = chunk[0][chunk[1] : chunk[1] + t.nbytes].view(t.dtype).view(t.shape)
@@ -62,17 +53,14 @@ def _homes(tensors: list[Tensor], pin: bool) -> Iterator[tuple[Tensor, Tensor]]:
 def move(
     module: nn.Module, device: torch.device | str, skip: Iterable[nn.Module] = ()
 ) -> nn.Module:
-    """Move every parameter and buffer of `module` (but those of the modules in `skip`) to
-    `device`, tensor by tensor; not for parked modules (their homes stay)."""
+    """Move `module` (but `skip`) to `device` tensor by tensor; not for parked modules."""
     for t in _tensors(module, skip):
         t.data = t.data.to(device)
     return module
 
 
 def park(module: nn.Module, skip: Iterable[nn.Module] = ()) -> nn.Module:
-    """Move every parameter and buffer (but those of the modules in `skip`) to CPU memory, pinned
-    when CUDA is available, tensor by tensor (never a second full copy in host memory), as the
-    module's home. Idempotent."""
+    """Home `module` (but `skip`) in CPU memory, pinned on CUDA, tensor by tensor. Idempotent."""
     new = []
     for t in _tensors(module, skip):
         if hasattr(t, HOME):
@@ -90,9 +78,7 @@ def park(module: nn.Module, skip: Iterable[nn.Module] = ()) -> nn.Module:
 def lent(
     module: nn.Module, device: torch.device | str, skip: Iterable[nn.Module] = ()
 ) -> Iterator[nn.Module]:
-    """The parked module on `device` inside the with-block, back home after (the device copies
-    are dropped). Left as they are: tensors not parked, the modules in `skip`, and blocks being
-    streamed (their `stream` moves them)."""
+    """The parked module on `device` inside the with-block, but `skip` and streamed blocks."""
     tensors = [t for t in _tensors(module, skip, lending=True) if hasattr(t, HOME)]
     try:
         for t in tensors:  # copy=True: a real copy even when `device` is the CPU
@@ -104,13 +90,16 @@ def lent(
 
 
 class _Streamer:
-    """The copies of parked blocks on `device`: `before(i, upcoming)` makes block i's (waiting for
-    it) and issues the upcoming blocks' early, on a side CUDA stream; `drop(i)` sends it home.
-    It marks the blocks streamed (`lent` leaves them to it); `stop` removes `hooks`, unmarks
-    them and sends them home."""
+    """The copies of parked blocks on `device`, made before a block runs, the next `ahead` ones
+    issued early on a side CUDA stream, dropped after (see `stream`); `stop` ends it all."""
 
     def __init__(
-        self, blocks: Sequence[nn.Module], device: torch.device | str, skip: Iterable[nn.Module]
+        self,
+        blocks: Sequence[nn.Module],
+        device: torch.device | str,
+        ahead: int,
+        skip: Iterable[nn.Module],
+        recompute: bool,
     ) -> None:
         self.device, skip, self.blocks = torch.device(device), list(skip), blocks
         self.tensors = [_tensors(b, skip) for b in blocks]
@@ -122,9 +111,17 @@ class _Streamer:
         self.side = torch.cuda.Stream(self.device) if cuda else None
         self.ready: dict[int, torch.cuda.Event | None] = {}  # blocks on `device` -> copy events
         self.done: list[torch.cuda.Event] = []  # the end of the compute of dropped blocks
-        self.hooks: list = []  # the callers' hooks on the blocks, removed by `stop`
-        for block in blocks:
+        self.n, self.recompute = len(blocks), recompute
+        self.ahead = max(0, min(ahead, self.n - 1))
+        self.called: int | None = None  # the block whose module call (not a recomputation) runs
+        self.hooks = []
+        for i, block in enumerate(blocks):
             setattr(block, STREAMED, True)
+            self.hooks.append(block.register_forward_pre_hook(partial(self.call, i)))
+            self.hooks.append(block.register_forward_hook(partial(self.returned, i)))
+            if recompute:  # checkpoint's recomputation calls `forward` without the module's hooks
+                run = partial(self.recomputed, block.forward, i)
+                block.forward = partial(checkpoint, run, use_reentrant=False)
 
     def fetch(self, i: int) -> None:
         """Issue the copy of block i: on the side stream on CUDA, so it overlaps compute."""
@@ -139,8 +136,7 @@ class _Streamer:
             self.ready[i] = side.record_event() if side else None
 
     def drop(self, i: int) -> None:
-        """Send block i back home, dropping its device copies (a tensor autograd saved keeps its
-        copy alive until backward is done with it)."""
+        """Send block i home (a tensor autograd saved keeps its copy alive until backward)."""
         for t in self.tensors[i]:
             t.data = getattr(t, HOME)
         if self.ready.pop(i, None) is not None:  # on CUDA: mark where its compute ends
@@ -160,8 +156,33 @@ class _Streamer:
             if j not in self.ready:
                 self.fetch(j)
 
+    def call(self, i: int, module: nn.Module, args: tuple) -> None:
+        """Before block i's forward: the next `ahead` prefetched, in inference around to the next
+        forward's first blocks; not in training, whose backward starts with the last block."""
+        self.called, end = i, i + 1 + self.ahead
+        end = min(end, self.n) if self.recompute else end
+        self.before(i, [j % self.n for j in range(i + 1, end)])
+
+    def returned(self, i: int, module: nn.Module, args: tuple, out: object) -> None:
+        """After block i's forward: dropped, but training's last block (backward starts with it)."""
+        if not self.recompute or i < self.n - 1 or not torch.is_grad_enabled():
+            self.drop(i)
+
+    def recomputed(self, forward: Callable, i: int, *args: object, **kwargs: object) -> object:
+        """Block i's checkpointed forward; in a recomputation (..., 1, 0) it fetches itself, the
+        previous `ahead` prefetched, and drops the later blocks: autograd saved their weights
+        themselves (a frozen tensor is not detached), and their backward is over by now (it made
+        the gradient of this block's output). The first block stays for the next forward."""
+        if self.called == i:  # a forward: its hooks fetch and drop
+            self.called = None
+        else:
+            for j in [j for j in self.ready if j > i]:
+                self.drop(j)
+            self.before(i, range(i - 1, max(-1, i - 1 - self.ahead), -1))
+        return forward(*args, **kwargs)
+
     def stop(self) -> None:
-        """Remove the hooks and send every block home."""
+        """Remove the hooks and send every block home (a recomputed forward stays)."""
         for hook in self.hooks:
             hook.remove()
         for i, block in enumerate(self.blocks):
@@ -174,76 +195,18 @@ def stream(
     device: torch.device | str,
     ahead: int = 1,
     skip: Iterable[nn.Module] = (),
+    recompute: bool = False,
 ) -> Callable[[], None]:
-    """Stream parked blocks that run in order (forward after forward) through `device`: a block's
-    copy is made before its forward and dropped after it, the next `ahead` blocks' copies are
-    issued early, so at most ahead + 1 blocks are on `device`; their submodules in `skip` stay
-    home. Returns the function that stops."""
-    s, n = _Streamer(blocks, device, skip), len(blocks)
-    ahead = max(0, min(ahead, n - 1))
-    for i, block in enumerate(blocks):
-        # Wraps around to the next forward's first blocks.
-        nxt = [(i + 1 + k) % n for k in range(ahead)]
-        s.hooks.append(block.register_forward_pre_hook(lambda m, a, i=i, nxt=nxt: s.before(i, nxt)))
-        s.hooks.append(block.register_forward_hook(lambda m, a, out, i=i: s.drop(i)))
-    return s.stop
-
-
-def stream_recomputed(
-    blocks: Sequence[nn.Module],
-    device: torch.device | str,
-    ahead: int = 1,
-    skip: Iterable[nn.Module] = (),
-) -> Callable[[], None]:
-    """Training: recompute each parked block in backward (activation checkpointing) and stream it
-    through `device` twice a step, in forward (blocks 0, 1, ..., the next `ahead` prefetched) and
-    in backward's recomputation (..., 1, 0, the previous `ahead` prefetched). The checkpointed
-    function itself fetches and drops, since the recomputation calls it without the module's hooks.
-
-    A forward drops its block at once (checkpointing saves none of its tensors), but the last:
-    backward starts with it. A recomputed block stays until the recomputation of the one before
-    it begins: autograd saved its weights themselves (a frozen tensor is not detached), so they
-    must stay the device copies until its backward is over, which it is by then (that backward
-    makes the gradient of the block's input, which the block before needs first). The first
-    block stays for the next forward. So at most ahead + 1 blocks are on `device`. Returns the
-    function that stops (the blocks keep their checkpointed forward)."""
-    s, n = _Streamer(blocks, device, skip), len(blocks)
-    ahead = max(0, min(ahead, n - 1))
-    calls: list[int] = []  # blocks whose module call (a forward, not a recomputation) is under way
-    for i, block in enumerate(blocks):
-        s.hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: calls.append(i)))
-        run = _streamed(block.forward, i, n, ahead, s, calls)
-        block.forward = partial(checkpoint, run, use_reentrant=False)
-    return s.stop
-
-
-def _streamed(
-    forward: Callable, i: int, n: int, ahead: int, s: _Streamer, calls: list[int]
-) -> Callable:
-    """Block i's forward or recomputation between fetching and dropping (`stream_recomputed`)."""
-
-    def run(*args: object, **kwargs: object) -> object:
-        if calls and calls[-1] == i:  # a forward
-            calls.pop()
-            s.before(i, range(i + 1, min(n, i + 1 + ahead)))
-            try:
-                return forward(*args, **kwargs)
-            finally:
-                if i < n - 1 or not torch.is_grad_enabled():
-                    s.drop(i)
-        for j in [j for j in s.ready if j > i]:  # a recomputation: their backward is over
-            s.drop(j)
-        s.before(i, range(i - 1, max(-1, i - 1 - ahead), -1))
-        return forward(*args, **kwargs)
-
-    return run
+    """Stream parked blocks that run in order through `device`, at most ahead + 1 there, their
+    submodules in `skip` home; `recompute` (training): checkpointed, streamed again in backward.
+    Returns the function that stops."""
+    return _Streamer(blocks, device, ahead, skip, recompute).stop
 
 
 def choose(
     device: torch.device | str, needs: dict[str, float], log: Callable[[str], None] = print
 ) -> str:
-    """The offload mode for `device`: the first of MODES whose need (GiB) fits its free memory with
-    a margin, else "blocks"; "none" off CUDA. Logs the choice and why."""
+    """The first of MODES whose need (GiB) fits `device`'s free memory, else "blocks"; logged."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         log(f"offload none ({device})")  # not a CUDA device: nothing to offload to

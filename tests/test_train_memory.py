@@ -109,7 +109,7 @@ def streamed_model(
     blocks, lora = off.blocks(model), [m for m in model.modules() if isinstance(m, Adapter)]
     for block in blocks:
         offload.park(block, skip=lora)
-    offload.stream_recomputed(blocks, device, ahead=ahead, skip=lora)
+    offload.stream(blocks, device, ahead=ahead, skip=lora, recompute=True)
     return model, blocks, lora
 
 
