@@ -34,8 +34,7 @@ def _ramp(n: int, ramp: int) -> Tensor:
 
 @contextmanager
 def stages(modules: list[nn.Module], desc: str, total: int) -> Iterator[None]:
-    """A progress bar `desc` of `total` ticks, one each time one of `modules` (the VAE's levels,
-    hooked from outside: the model stays plain) finishes a forward."""
+    """A progress bar `desc` of `total` ticks, one per forward of one of `modules` (hooked)."""
     bar = tqdm(total=total, desc=desc, unit="stage", leave=False)
 
     def tick(*_: object) -> None:  # None: the module's output stays as it is
@@ -60,35 +59,25 @@ def encode(vae: AutoEncoder, x: Tensor) -> Tensor:
 def decode(
     vae: AutoEncoder, z: Tensor, tile: int | None = None, overlap: int | None = None
 ) -> Tensor:
-    """Latent (B, 16, h, w) -> image (B, 3, 8h, 8w); tiles of `tile` latents bound memory. With
-    a progress bar over the mid block and the up levels (of each tile)."""
-    dec = vae.decoder
-    if tile is None or (tile >= z.shape[-2] and tile >= z.shape[-1]):
+    """Latent (B, 16, h, w) -> image (B, 3, 8h, 8w), with a progress bar; tiles bound memory."""
+    dec, f = vae.decoder, vae.params.factor  # f: image pixels per latent pixel
+    h, w = z.shape[-2:]
+    if tile is None or (tile >= h and tile >= w):
         with stages([dec.mid, *dec.up], "decode", 1 + len(dec.up)):
             return vae.decode(z)
     overlap = tile // 4 if overlap is None else overlap
-    return decode_tiled(vae, z / vae.params.scale_factor + vae.params.shift_factor, tile, overlap)
-
-
-def decode_tiled(vae: AutoEncoder, z: Tensor, tile: int, overlap: int) -> Tensor:
-    """Decode unscaled latents (B, 16, h, w) with the up path in overlapping tiles, blended.
-
-    conv_in and the mid block (attention over all h*w latent pixels) run on the whole latent;
-    the up path, whose full-resolution activations dominate memory, runs on tile x tile latent
-    pixels at a time: at most B x max(widths) x (8 tile)^2 per tensor. The price: each tile has
-    its own GroupNorm statistics and zero-padded borders, so the result differs from the
-    untiled decode; the linear blend over `overlap` hides the seams, and the difference
-    shrinks as tile and overlap grow. With circular padding, the tiles wrap around the width.
-    """
     if not 0 <= overlap < tile:
         raise ValueError(f"need 0 <= overlap < tile, got overlap {overlap}, tile {tile}")
-    dec, f = vae.decoder, vae.params.factor  # f: image pixels per latent pixel
-    b, _, h, w = z.shape
+    # conv_in and the mid block (attention over all h*w latent pixels) run on the whole latent; the
+    # up path, whose activations dominate memory, on tile x tile latent pixels at a time. Each tile
+    # has its own GroupNorm statistics and zero-padded borders, so the result differs from the
+    # untiled decode; the blend over `overlap` hides the seams. Circular: tiles wrap the width.
+    z = z / vae.params.scale_factor + vae.params.shift_factor
     th, tw = min(tile, h), min(tile, w)
     rows, cols = _starts(h, tile, overlap, False), _starts(w, tile, overlap, vae.circular)
     win = _ramp(th * f, overlap * f)[:, None] * _ramp(tw * f, overlap * f)  # (8 th, 8 tw)
     win = win.to(z.device)  # blending is done in float32 whatever the model's dtype
-    out = z.new_zeros(b, dec.conv_out.out_channels, h * f, w * f, dtype=torch.float32)
+    out = z.new_zeros(z.shape[0], dec.conv_out.out_channels, h * f, w * f, dtype=torch.float32)
     total = z.new_zeros(h * f, w * f, dtype=torch.float32)
     ticks = 1 + len(dec.up) * len(rows) * len(cols)  # the mid block, each tile's up levels
     with stages([dec.mid, *dec.up], "decode", ticks):
