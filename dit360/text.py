@@ -1,9 +1,7 @@
 """Text conditioning for FLUX: T5-XXL token embeddings (`txt`) and the CLIP-L pooled vector (`vec`),
-as diffusers' `FluxPipeline.encode_prompt` computes them. The only module that imports transformers.
-
-Weights come from a FLUX.1-dev folder or a Hugging Face repo of that layout, by default
-https://huggingface.co/black-forest-labs/FLUX.1-dev (gated: accept its license first).
-"""
+as diffusers' `FluxPipeline.encode_prompt` computes them; the only module importing transformers.
+Weights: a FLUX.1-dev folder or a Hugging Face repo of that layout, by default
+https://huggingface.co/black-forest-labs/FLUX.1-dev (gated: accept its license first)."""
 
 import warnings
 from collections.abc import Iterator
@@ -86,11 +84,11 @@ def clip_config(tfile: TensorFile) -> CLIPTextConfig:
     )  # fmt: skip
 
 
-def read_encoder(part: Part, kind: str) -> tuple[TensorFile, T5Config | CLIPTextConfig]:
-    """A text encoder's tensors (headers) and config: the config.json in its folder (its sizes
-    bounded), else sizes read from the tensors (ComfyUI's t5xxl_*.safetensors, clip_l...)."""
+def check_encoder(part: Part, kind: str) -> tuple[TensorFile, nn.Module, dict[int, str]]:
+    """A text encoder's tensors (headers), its model on the meta device and `_keys`; its config from
+    the config.json in its folder (sizes bounded), else the tensors (ComfyUI's t5xxl_*, clip_l)."""
     tfile = part.open()
-    cls, model_type, infer = ENCODERS[kind]
+    cls, model_type, infer, model_cls = ENCODERS[kind]
     found = config_beside(part.path, model_type=model_type) if not part.prefix else None
     try:
         if found is None:
@@ -103,16 +101,12 @@ def read_encoder(part: Part, kind: str) -> tuple[TensorFile, T5Config | CLIPText
         message = " ".join(str(e).split())
         where = "" if message.startswith(str(found[1] if found else part)) else f"{part}: "
         raise ValueError(f"{where}{message}") from None
-    return tfile, config
-
-
-def meta_encoder(part: Part, kind: str, config: T5Config | CLIPTextConfig) -> nn.Module:
-    """The encoder of `config` on the meta device; ValueError naming `part` if it makes none."""
     try:
         with torch.device("meta"):
-            return MODELS[kind](config)
+            model = model_cls(config)
     except (ValueError, KeyError, TypeError) as e:  # an unknown activation, heads that do not fit
         raise ValueError(f"{part}: its config makes no {kind.upper()} encoder: {e}") from None
+    return tfile, model, _keys(model, tfile, part)
 
 
 # The sizes of T5's and CLIP's config.json, bounded far above T5-XXL's and CLIP-L's (and more
@@ -127,22 +121,15 @@ ENCODER_RULES: dict[str, Rule] = {
 }  # fmt: skip
 
 
-ENCODERS = {
-    "t5": (T5Config, "t5", t5_config),
-    "clip": (CLIPTextConfig, "clip_text_model", clip_config),
+ENCODERS = {  # config class, config.json's model_type, config from the tensors, model class
+    "t5": (T5Config, "t5", t5_config, T5EncoderModel),
+    "clip": (CLIPTextConfig, "clip_text_model", clip_config, CLIPTextModel),
 }
-MODELS = {"t5": T5EncoderModel, "clip": CLIPTextModel}
-
-
-def check_encoder(part: Part, kind: str) -> None:
-    """Fail now if the file's tensors do not fit the encoder its config describes."""
-    tfile, config = read_encoder(part, kind)
-    _keys(meta_encoder(part, kind, config), tfile, part)
 
 
 def _keys(model: nn.Module, tfile: TensorFile, part: Part) -> dict[int, str]:
-    """For each parameter (by id): the file's key for it; ValueError naming what is missing,
-    misshapen or left over. Files may spell CLIP with or without transformers 4's `text_model.`."""
+    """The file's key per parameter id (CLIP's with or without `text_model.`); ValueError if any
+    is missing, misshapen or left over."""
     names: dict[int, list[str]] = {}  # tied weights (shared, encoder.embed_tokens): one tensor
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
@@ -165,47 +152,35 @@ def _keys(model: nn.Module, tfile: TensorFile, part: Part) -> dict[int, str]:
     return keys
 
 
-def fp8_targets(model: nn.Module) -> dict[int, tuple[nn.Module, str]]:
-    """T5's linear layers that `--t5-fp8` stores in float8, by weight id: (parent, name). All
-    but the feed-forward's `wo`: transformers' T5 casts wo's input to wo's weight dtype (float8
-    would wreck it), and keeps wo in float32 for 8-bit and float16 loads, as precision-critical."""
-    found = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and not name.endswith(".wo"):
-            parent, _, child = name.rpartition(".")
-            found[id(m.weight)] = (model.get_submodule(parent), child)
-    return found
-
-
 def load_encoder(
     part: Part, kind: str, device: torch.device | str, dtype: torch.dtype, fp8: bool = False
 ) -> T5EncoderModel | CLIPTextModel:
-    """A text encoder built on the meta device and filled from its safetensors tensor by tensor,
-    straight onto `device`: unlike from_pretrained then .to(device), the host never stages the
-    whole model. float8 files (ComfyUI's t5xxl_fp8_e4m3fn, scaled or not) load upcast. `fp8`
-    (T5 only): `fp8_targets` in float8 with per-channel scales, weight-only, each as it is read."""
+    """A text encoder filled tensor by tensor straight onto `device` (float8 files load upcast);
+    `fp8` (T5 only): its linears in float8, weight-only, each as it is read."""
     if fp8 and kind != "t5":
         raise ValueError(f"fp8 text encoders: T5 only, not {kind}")
-    tfile, config = read_encoder(part, kind)
-    model = meta_encoder(part, kind, config)
-    keys = _keys(model, tfile, part)
-    targets = fp8_targets(model) if fp8 else {}
+    tfile, model, keys = check_encoder(part, kind)
+    # Not the feed-forward's `wo`: T5 casts its input to its weight dtype (float8 would wreck it)
+    # and keeps it in float32 for 8-bit and float16 loads, as precision-critical.
+    targets = {
+        id(m.weight): name
+        for name, m in model.named_modules()
+        if fp8 and isinstance(m, nn.Linear) and not name.endswith(".wo")
+    }
     for p in list(model.parameters()):
         key = keys[id(p)]
         t = tfile.get(key).to(torch.float32 if _fp32(key, dtype) else dtype).to(device)
         torch.utils.swap_tensors(p, nn.Parameter(t, requires_grad=False))  # ties hold
         if id(p) in targets:  # T5's linears have no bias: the weight is all there is to read
-            parent, child = targets[id(p)]
+            parent, _, child = targets[id(p)].rpartition(".")
+            parent = model.get_submodule(parent)
             setattr(parent, child, to_fp8(getattr(parent, child), weight_only=True))
             p.data = p.data.new_empty(0)  # the list above still holds it: free it now
     for module in model.modules():  # CLIP's position ids: a buffer the file need not hold
         for name, buf in module.named_buffers(recurse=False):
             if buf.is_meta:
-                module.register_buffer(
-                    name,
-                    torch.arange(buf.shape[-1], device=device).expand(buf.shape),
-                    persistent=False,
-                )
+                ids = torch.arange(buf.shape[-1], device=device).expand(buf.shape)
+                module.register_buffer(name, ids, persistent=False)
     return model.eval().requires_grad_(False)
 
 
@@ -216,9 +191,8 @@ def load_text_encoders(
     offload: str = "none",
     t5_fp8: bool = False,
 ) -> TextEncoders:
-    """Load CLIP and T5 with their tokenizers (`Sources`, or a FLUX.1-dev folder or repo id),
-    frozen; with `offload` "model" or "blocks" they wait parked in (pinned) host memory, see
-    `dit360.offload`; `t5_fp8`: T5's linears (but `wo`) in float8, see `load_encoder`."""
+    """CLIP and T5, frozen, with their tokenizers (`Sources`, or a FLUX.1-dev folder or repo id);
+    offloaded ("model", "blocks"): parked in host memory; `t5_fp8`: see `load_encoder`."""
     if offload not in MODES:
         raise ValueError(f"offload must be one of {', '.join(MODES)}, got {offload!r}")
     src = src if isinstance(src, Sources) else resolve_sources(str(src), parts=("t5", "clip"))
@@ -256,9 +230,8 @@ def _token_ids(tok: CLIPTokenizer | T5TokenizerFast, texts: list[str], n: int, n
         if len(ids) > n:
             what = repr(text if len(text) <= 60 else f"{text[:28]}...{text[-28:]}")  # its ends
             warnings.warn(f"prompt {what} is {len(ids)} {name} tokens: {n} are used", stacklevel=2)
-    return tok(
-        texts, padding="max_length", max_length=n, truncation=True, return_tensors="pt"
-    ).input_ids
+    pad = dict(padding="max_length", max_length=n, truncation=True, return_tensors="pt")
+    return tok(texts, **pad).input_ids
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from tiny import TINY_TRANSFORMER, TINY_VAE
 from dit360 import batch, config, data, files, image
 from dit360.lora_formats import read_lora
 from dit360.sources import Part
-from dit360.text import meta_encoder, read_encoder
+from dit360.text import check_encoder
 from dit360.weights import FLUX_CONFIG_KEY, meta_flux, read_flux
 
 FUZZ = settings(
@@ -254,7 +254,7 @@ def test_text_encoder_config_json(tiny_flux, tmp_path, data):
     part = Part(folder)
 
     def read() -> object:
-        return meta_encoder(part, "t5", read_encoder(part, "t5")[1])
+        return check_encoder(part, "t5")[1]
 
     outcome(read, str(folder))
 
