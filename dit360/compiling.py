@@ -1,12 +1,7 @@
-"""Regional compilation (`--compile`): torch.compile of the double- and single-stream block's
-`forward`, one compiled function per kind that all 19 (38) blocks of flux-dev share.
-
-Only `forward` is compiled, not the module call: the hooks around it (offload streaming, FSDP)
-stay eager, and the weights they swap in (`param.data`) are graph inputs, not constants, so a swap
-recompiles nothing. The LoRA's forward hooks on the linears inside and the editing `qkv_hook` are
-traced into the graph and guarded (a graph with them, one without). Reference: PyTorch's "Reducing
-torch.compile cold start compilation time with regional compilation" recipe.
-"""
+"""Regional compilation (`--compile`): one torch.compile'd `forward` per block kind, shared by all
+blocks; hooks around it (streaming, FSDP) stay eager, the weights they swap are graph inputs, the
+LoRA hooks and `qkv_hook` inside are traced and guarded. Reference: PyTorch's "Reducing
+torch.compile cold start compilation time with regional compilation" recipe."""
 
 import time
 from collections.abc import Callable, Iterator
@@ -37,19 +32,16 @@ def compile_blocks(model: Flux, **options) -> Flux:
 
 @contextmanager
 def first_step_timed(model: nn.Module, log: Callable[[str], None] = print) -> Iterator[None]:
-    """Log how much longer the model's first forward in the with-block took than the others: with
-    compiled blocks, about the compile time (the first call compiles, the rest reuse it)."""
-    times: list[tuple[float, float]] = []
-    start = 0.0
+    """Log how much longer the model's first forward in the with-block took: about the compile."""
+    times: list[float] = []  # seconds per forward
 
     def before(module: nn.Module, args: tuple) -> None:
-        nonlocal start
-        start = time.perf_counter()
+        times.append(-time.perf_counter())
 
     def after(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         if out.is_cuda:  # the GPU runs behind the CPU: wait for the step to end
             torch.cuda.synchronize(out.device)
-        times.append((start, time.perf_counter()))
+        times[-1] += time.perf_counter()
 
     hooks = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
     try:
@@ -58,7 +50,7 @@ def first_step_timed(model: nn.Module, log: Callable[[str], None] = print) -> It
         for hook in hooks:
             hook.remove()
     if times:
-        first, rest = times[0][1] - times[0][0], [b - a for a, b in times[1:]]
+        first, rest = times[0], times[1:]
         each = sum(rest) / len(rest) if rest else 0.0
         log(
             f"compile: the first step took {first:.1f}s, the others {each:.2f}s each: "

@@ -19,8 +19,7 @@ BACKENDS = {
 
 
 def fa3(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """FlashAttention-3 (Hopper, bf16/fp16; flash-attn's `hopper/` build, module
-    `flash_attn_interface`) on (B, H, L, d) -> (B, L, H, d): it takes and gives (B, L, H, d)."""
+    """FlashAttention-3 (Hopper; flash-attn's `hopper/` build): (B, H, L, d) -> (B, L, H, d)."""
     from flash_attn_interface import flash_attn_func
 
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -29,8 +28,7 @@ def fa3(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 @contextmanager
 def attention_backend(name: str) -> Iterator[None]:
-    """Inside it, every `attention` runs kernel `name`: SDPA's (an error if it cannot), fa3, or
-    auto (PyTorch picks)."""
+    """Inside it, attention runs kernel `name`: SDPA's (an error if it cannot), fa3 or auto."""
     before, layers.attend = layers.attend, fa3 if name == "fa3" else layers.sdpa
     try:
         with nullcontext() if name in ("auto", "fa3") else sdpa_kernel(BACKENDS[name]):

@@ -21,9 +21,8 @@ from .files import atomic_path
 
 @dataclass
 class Report:
-    """Seconds and peak memory (GiB) per stage of one run. Peaks: on CUDA (allocated, reserved)
-    since the stage began; on the CPU (peak RSS, RSS at the end), reset per stage on Linux. A
-    stage run again (a batch's denoise per image) adds its seconds and keeps the larger peaks."""
+    """Seconds and peak memory (GiB) per stage: CUDA (allocated, reserved) or CPU (peak RSS, RSS at
+    the end). A stage run again (a batch's denoise per image) adds seconds, keeps larger peaks."""
 
     device: str = "cpu"
     seconds: dict[str, float] = field(default_factory=dict)
@@ -64,8 +63,7 @@ def free(device: str | torch.device) -> None:
 
 
 def peak_memory_gb(device: str | torch.device = "cpu") -> float:
-    """Peak GPU memory allocated on a CUDA device, else the peak resident memory of the process
-    (since `reset_peak`), in GiB."""
+    """Peak GPU memory allocated on CUDA, else the process's peak RSS (since `reset_peak`), GiB."""
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2**30
     return _status_gb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB
@@ -96,8 +94,7 @@ def reset_peak(device: str | torch.device = "cpu") -> None:
 
 
 def open_log(path: Path, step: int) -> TextIO:
-    """Append to the jsonl log, first dropping lines past `step` (written by a killed run) and,
-    with a warning, unreadable ones (a killed run's partial last line)."""
+    """Append to the jsonl log, less a killed run's lines past `step` and (warned) bad ones."""
     lines, kept = path.read_text(errors="replace").splitlines() if path.exists() else [], []
     for n, line in enumerate(lines, start=1):
         try:
@@ -113,8 +110,7 @@ LOGS_EXTRA = "pip install 'dit360[logs]'"  # matplotlib and tensorboard, optiona
 
 
 def plot_losses(log: Path, png: Path) -> bool:
-    """The loss per step (grey) and its running mean (blue) from the jsonl log, drawn with
-    matplotlib; False (nothing drawn) without matplotlib or with under two finite steps."""
+    """The loss per step and its running mean; False without matplotlib or two finite steps."""
     try:
         import matplotlib
 
@@ -159,8 +155,7 @@ def has_matplotlib() -> bool:
 
 
 def summary_writer() -> Any:
-    """tensorboard's SummaryWriter class; ValueError naming the pip command if tensorboard is not
-    installed."""
+    """tensorboard's SummaryWriter class; ValueError naming the pip command without tensorboard."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
