@@ -272,8 +272,7 @@ def is_regex(text: str) -> bool:
 
 
 FLAG: Rule = (bool, lambda v: True, "true or false")
-TEXT: Rule = (str, lambda v: True, "a string")
-STR_MAP: Rule = mapping(TEXT)
+STR_MAP: Rule = mapping((str, lambda v: True, "a string"))
 TENSOR = {  # one entry of a safetensors header
     "dtype": (str, lambda v: v in ST_DTYPES, f"one of {', '.join(ST_DTYPES)}"),
     "shape": listed(whole(0, MAX_DIM), range(65)),
@@ -287,15 +286,12 @@ SHARD: Rule = (
 INDEX = {"weight_map": mapping(SHARD)}
 
 
-# Our temporary files: `.NAME.tmp<pid>.<host>` beside NAME; a NAME over TEMP_NAME bytes is cut
-# and hashed, so that the temporary name of any legal NAME (255 bytes) stays a legal name.
-TEMP_NAME = 150
-
-
 def temp_path(path: Path, owner: str = "") -> Path:
     """The hidden temporary name `.NAME.tmp<owner>` next to `path` (a long NAME shortened)."""
     name = os.fsencode(path.name)
-    if len(name) > TEMP_NAME:  # cut (maybe inside a character: bytes stay bytes) + a hash
+    # over 150 bytes: cut (maybe inside a character) + a hash, so that the temporary name of any
+    # legal NAME (255 bytes) stays a legal name
+    if len(name) > 150:
         name = name[:100] + b"~" + hashlib.sha256(name).hexdigest()[:16].encode()
     return path.with_name(f".{os.fsdecode(name)}.tmp{owner}")
 

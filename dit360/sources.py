@@ -42,7 +42,7 @@ TOKENIZER_REPOS = {  # ungated; FLUX.1-dev's tokenizer/ and tokenizer_2/ are cop
     "clip_tokenizer": ("openai/clip-vit-large-patch14", ["vocab.json", "merges.txt", "*.json"]),
     "t5_tokenizer": ("google/t5-v1_1-xxl", ["spiece.model", "tokenizer*.json", "special*.json"]),
 }
-# `prefix` plus stripping: tools put these in front of a transformer's keys (see weights.PREFIXES)
+# Prefixes tools put before a transformer's keys: ComfyUI and merged files (BFL names), diffusers
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 LAYOUT = (
     "a FLUX.1-dev folder or repo id, a folder of ComfyUI model files, or a .safetensors file "

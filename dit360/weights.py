@@ -19,7 +19,7 @@ from . import config as cfg
 from .core import autoencoder as ae
 from .core.model import Flux
 from .files import TensorFile
-from .sources import Part, config_beside, find_part
+from .sources import TRANSFORMER_PREFIXES, Part, config_beside, find_part
 
 Rule = tuple[str, str, str | tuple[str, ...]]
 
@@ -64,9 +64,7 @@ FLUX_DIFFUSERS: list[Rule] = [
     ("identity", "final_layer.linear", "proj_out"),
 ]
 
-# Prefixes other tools put in front of module names: ComfyUI and merged single files (BFL names),
-# diffusers pipelines and peft (diffusers names).
-PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "base_model.model.")
+PREFIXES = (*TRANSFORMER_PREFIXES, "base_model.model.")  # and peft's, before diffusers names
 
 
 def strip_prefix(name: str) -> str:
