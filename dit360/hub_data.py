@@ -29,12 +29,6 @@ class HubSource:
     rows: int
 
 
-def patterns(split: str, config: str | None = None) -> list[str]:
-    """The files of a split in the Hub's layouts (fnmatch: `*` crosses folders)."""
-    top = f"{config}/" if config else "*"
-    return [f"{top}{split}-*.parquet", f"{top}{split}/*.parquet", f"{split}-*.parquet"]
-
-
 def fetch(name: str, split: str, config: str | None = None) -> Path:
     """A local folder as it is, or a dataset repo's parquet files of the split, fetched."""
     path = Path(name).expanduser()
@@ -46,7 +40,8 @@ def fetch(name: str, split: str, config: str | None = None) -> Path:
         raise ValueError(f"{flag}: not a folder, nor a Hugging Face dataset id (owner/name)")
     from huggingface_hub import constants, errors, snapshot_download
 
-    allow = patterns(split, config)
+    top = f"{config}/" if config else "*"  # the split's files in the Hub's layouts (`*`: folders)
+    allow = [f"{top}{split}-*.parquet", f"{top}{split}/*.parquet", f"{split}-*.parquet"]
     try:
         return Path(snapshot_download(name, repo_type="dataset", allow_patterns=allow))
     except errors.LocalEntryNotFoundError:  # offline (or no network) and not (fully) cached

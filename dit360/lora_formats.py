@@ -269,15 +269,6 @@ def to_diffusers(plan: LoraPlan, model: nn.Module) -> tuple[dict[str, Tensor], d
     return tensors, ranks
 
 
-def _target_modules(modules: set[str], model: nn.Module) -> list[str]:
-    """peft target_modules: short names (attn.to_q, ...) if they select exactly `modules`."""
-    short = {re.sub(r"^(single_)?transformer_blocks\.\d+\.", "", m) for m in modules}
-    splits = (diffusers_split(model, n) for n in linears(model))
-    every = {m for split in splits if split for m in split[1]}
-    chosen = {m for m in every if any(m == s or m.endswith("." + s) for s in short)}
-    return sorted(short if chosen == modules else modules)
-
-
 def write_peft(
     plan: LoraPlan,
     model: nn.Module,
@@ -295,11 +286,16 @@ def write_peft(
         )
     r = Counter(v[0] for v in ranks.values()).most_common(1)[0][0]
     alpha = Counter(v[1] for v in ranks.values()).most_common(1)[0][0]
+    # target_modules: the short names (attn.to_q, ...) if they select exactly these modules
+    short = {re.sub(r"^(single_)?transformer_blocks\.\d+\.", "", m) for m in ranks}
+    splits = (diffusers_split(model, n) for n in linears(model))
+    every = {m for split in splits if split for m in split[1]}
+    chosen = {m for m in every if any(m == s or m.endswith("." + s) for s in short)}
     config = {
         "peft_type": "LORA",
         "r": r,
         "lora_alpha": alpha,
-        "target_modules": _target_modules(set(ranks), model),
+        "target_modules": sorted(short if chosen == set(ranks) else ranks),
         "rank_pattern": {m: v[0] for m, v in ranks.items() if v[0] != r},
         "alpha_pattern": {m: v[1] for m, v in ranks.items() if v[1] != alpha},
         "lora_dropout": dropout,
