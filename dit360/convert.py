@@ -13,8 +13,7 @@ from torch import Tensor
 from . import config as cfg
 from .core.lora import fold_
 from .files import atomic_path, write_safetensors
-from .lora_formats import read_lora, write_peft
-from .options import paired_loras
+from .lora_formats import paired_loras, read_lora, write_peft
 from .weights import (
     FLUX_CONFIG_KEY,
     FLUX_DIFFUSERS,
@@ -36,10 +35,8 @@ def convert_flux(
     lora: str | Path | tuple[str | Path, ...] | None = None,
     lora_scale: float | tuple[float, ...] = 1.0,
 ) -> Path:
-    """Write the transformer of `src` (with the LoRA or LoRAs `lora` folded in, each at its
-    `lora_scale`: one for all or one each) in our layout as one file, or with `to="diffusers"` as
-    a folder (config.json + diffusion_pytorch_model.safetensors) that replaces `out`. All or
-    nothing: a merge that gives NaN or inf (a diverged LoRA) leaves no file."""
+    """The transformer of `src` (the LoRAs `lora` folded in at `lora_scale`) written as one file of
+    our layout, or a diffusers folder (`to="diffusers"`); a NaN or inf merge leaves no file."""
     if to not in ("bfl", "diffusers"):
         raise ValueError(f"unknown layout {to!r}: use 'bfl' or 'diffusers'")
     tfile, plan, model = read_flux(src, axes_dim)
@@ -93,8 +90,7 @@ def convert_lora(
     axes_dim: tuple[int, ...] | None = None,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Rewrite a LoRA as a peft/diffusers folder that replaces `out_dir`, `scale` folded into alpha;
-    layer sizes from `base` (headers only), else from the flux-dev preset."""
+    """A LoRA as a peft/diffusers folder, `scale` in alpha; sizes from `base`, else flux-dev's."""
     model = read_flux(base, axes_dim)[2] if base else meta_flux(cfg.PRESETS["flux-dev"])
     try:
         plan = read_lora(src, model)

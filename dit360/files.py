@@ -1,10 +1,7 @@
 """Where weights come from (file, sharded folder, Hugging Face repo), reading and writing them one
-tensor at a time, atomic writes, and reading the user's text files (UTF-8, or a clear error).
-
-safetensors (https://github.com/huggingface/safetensors): an 8-byte little-endian header length,
-a JSON header of {name: {dtype, shape, data_offsets}}, then the raw bytes. We use plain file I/O,
-not mmap, so converting a 24 GB model keeps only the tensor at hand in memory (mapped pages would
-stay resident until the file is closed).
+tensor at a time, atomic writes, and the user's text and JSON files (checked, or a clear error).
+safetensors (https://github.com/huggingface/safetensors): an 8-byte header length, a JSON header,
+the raw bytes; read with plain file I/O, not mmap (mapped pages stay resident until closed).
 """
 
 import hashlib
@@ -45,8 +42,7 @@ class TensorFile:
     scales: dict[str, str] = field(default_factory=dict)  # scaled fp8: weight -> its scale's key
 
     def get(self, key: str) -> Tensor:
-        """Read one tensor into memory (plain reads, no mmap: only this tensor becomes resident);
-        a scaled fp8 weight comes back dequantized, in float32."""
+        """One tensor read into memory; a scaled fp8 weight comes back dequantized, in float32."""
         t = self._read(key).reshape(self.shapes[key])
         if scale := self.scales.get(key):  # a scalar, or one per output row
             t = t.float() * self._read(scale).float().reshape(-1, *[1] * (t.ndim - 1))
@@ -72,8 +68,7 @@ MAX_HEADER, MAX_TENSORS, MAX_DIM = 100_000_000, 100_000, 2**40
 
 
 def _read_file(path: Path, into: TensorFile | None = None) -> TensorFile:
-    """Parse a safetensors header (into `into`, for shards), bounded and checked before anything is
-    allocated: every entry well formed and lying inside the file's data."""
+    """A safetensors header parsed (into `into`: shards), every entry checked before allocating."""
     size = path.stat().st_size
     bad = f"{path} is not a readable safetensors file"
     with open(path, "rb") as f:
@@ -100,36 +95,26 @@ def _read_file(path: Path, into: TensorFile | None = None) -> TensorFile:
     return tfile
 
 
-def within(tfile: TensorFile, prefix: str) -> TensorFile:
-    """The tensors under `prefix` (one model of a bundled checkpoint), named without it."""
-    keys = {k: k[len(prefix) :] for k in tfile.shapes if k.startswith(prefix)}
-    view = TensorFile({}, {}, {}, tfile.metadata, tfile.source)
-    for table in ("files", "shapes", "dtypes", "spans"):
-        getattr(view, table).update({new: getattr(tfile, table)[k] for k, new in keys.items()})
-    return view
-
-
-def fold_scales(tfile: TensorFile) -> TensorFile:
-    """ComfyUI's "scaled fp8" files: each float8 `X.weight` has a float32 `X.scale_weight` (the
-    value is weight * scale; biases are stored unscaled), an `X.scale_input` (for fp8 matmuls,
-    unused: we dequantize) and a `scaled_fp8` marker. Afterwards `get` dequantizes the weights
-    and the scale, input-scale and marker tensors are no longer listed."""
-    if "scaled_fp8" not in tfile.shapes:
-        return tfile
-    for key in [k for k in tfile.shapes if k.endswith((".scale_weight", ".scale_input"))]:
-        weight = key.rsplit(".", 1)[0] + ".weight"
-        if key.endswith(".scale_weight") and weight in tfile.shapes:
-            tfile.scales[weight] = key  # still readable; no longer listed in `shapes`
-        del tfile.shapes[key]
-    del tfile.shapes["scaled_fp8"]
-    return tfile
-
-
 def open_tensors(path: str | Path, prefix: str = "") -> TensorFile:
-    """Open a .safetensors file, or a folder holding one file or an index.json with shards; with
-    `prefix`, only the tensors under it (one model of a bundle). Scaled fp8 reads dequantized."""
+    """A .safetensors file, or a folder of one or of shards (index.json); with `prefix`, only the
+    tensors under it (one model of a bundle), named without it. Scaled fp8 reads dequantized."""
     tfile = _open(Path(path))
-    return fold_scales(within(tfile, prefix) if prefix else tfile)
+    if prefix:
+        keys = {k: k[len(prefix) :] for k in tfile.shapes if k.startswith(prefix)}
+        view = TensorFile({}, {}, {}, tfile.metadata, tfile.source)
+        for table in ("files", "shapes", "dtypes", "spans"):
+            getattr(view, table).update({new: getattr(tfile, table)[k] for k, new in keys.items()})
+        tfile = view
+    # ComfyUI's "scaled fp8": float8 `X.weight` * float32 `X.scale_weight` (biases unscaled),
+    # `X.scale_input` (for fp8 matmuls, unused: we dequantize) and a `scaled_fp8` marker
+    if "scaled_fp8" in tfile.shapes:
+        for key in [k for k in tfile.shapes if k.endswith((".scale_weight", ".scale_input"))]:
+            weight = key.rsplit(".", 1)[0] + ".weight"
+            if key.endswith(".scale_weight") and weight in tfile.shapes:
+                tfile.scales[weight] = key  # still readable; no longer listed in `shapes`
+            del tfile.shapes[key]
+        del tfile.shapes["scaled_fp8"]
+    return tfile
 
 
 def _open(path: Path) -> TensorFile:
@@ -193,8 +178,7 @@ def resolve(src: str | Path, allow_patterns: list[str] | None = None, expected: 
 
 
 def read_text(path: str | Path) -> str:
-    """A text file read as UTF-8 (a leading byte order mark dropped); ValueError naming the file
-    and the first bad byte if it is not UTF-8."""
+    """A text file read as UTF-8 (a leading BOM dropped); ValueError naming the file if not."""
     data = Path(path).read_bytes()
     try:
         return data.decode("utf-8-sig")
@@ -233,17 +217,15 @@ def read_json(path: str | Path) -> Any:
 def follows(value: object, rule: Rule) -> bool:
     """Whether `value` has one of the rule's types (an int is no bool) and passes its test."""
     types = rule[0] if isinstance(rule[0], tuple) else (rule[0],)
-    return (
-        isinstance(value, types) and isinstance(value, bool) == (bool in types) and rule[1](value)
-    )
+    typed = isinstance(value, types) and isinstance(value, bool) == (bool in types)
+    return typed and rule[1](value)
 
 
 def check_json(
     obj: object, rules: dict[str, Rule], where: str, required: tuple[str, ...] = (), only=False
 ) -> dict:
-    """`obj` (parsed JSON) as an object whose keys follow `rules` (a key absent or null is not
-    checked, unless `required`; with `only`, no other key and no null); ValueError naming `where`
-    and the key."""
+    """`obj` as a JSON object whose keys follow `rules`, or ValueError naming `where` and the key.
+    A key absent or null is not checked unless `required`; with `only`, no other key and no null."""
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object {{...}}, got {short(obj)}")
     if missing := [k for k in required if obj.get(k) is None]:
@@ -290,8 +272,7 @@ def is_regex(text: str) -> bool:
 
 
 FLAG: Rule = (bool, lambda v: True, "true or false")
-TEXT: Rule = (str, lambda v: True, "a string")
-STR_MAP: Rule = mapping(TEXT)
+STR_MAP: Rule = mapping((str, lambda v: True, "a string"))
 TENSOR = {  # one entry of a safetensors header
     "dtype": (str, lambda v: v in ST_DTYPES, f"one of {', '.join(ST_DTYPES)}"),
     "shape": listed(whole(0, MAX_DIM), range(65)),
@@ -305,15 +286,12 @@ SHARD: Rule = (
 INDEX = {"weight_map": mapping(SHARD)}
 
 
-# Our temporary files: `.NAME.tmp<pid>.<host>` beside NAME; a NAME over TEMP_NAME bytes is cut
-# and hashed, so that the temporary name of any legal NAME (255 bytes) stays a legal name.
-TEMP_NAME = 150
-
-
 def temp_path(path: Path, owner: str = "") -> Path:
     """The hidden temporary name `.NAME.tmp<owner>` next to `path` (a long NAME shortened)."""
     name = os.fsencode(path.name)
-    if len(name) > TEMP_NAME:  # cut (maybe inside a character: bytes stay bytes) + a hash
+    # over 150 bytes: cut (maybe inside a character) + a hash, so that the temporary name of any
+    # legal NAME (255 bytes) stays a legal name
+    if len(name) > 150:
         name = name[:100] + b"~" + hashlib.sha256(name).hexdigest()[:16].encode()
     return path.with_name(f".{os.fsdecode(name)}.tmp{owner}")
 
@@ -324,13 +302,6 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
-
-
-def commit(tmp: Path, path: Path) -> None:
-    """Move a finished temporary file or folder into place (replacing what was there)."""
-    if path.is_dir() and tmp.is_dir():
-        shutil.rmtree(path)  # os.replace cannot replace a non-empty folder
-    os.replace(tmp, path)
 
 
 def dead(pid: str) -> bool:
@@ -345,8 +316,7 @@ def dead(pid: str) -> bool:
 
 
 def clean_temps(folder: Path, of: Path | None = None) -> None:
-    """Remove our temporary files in `folder` (not below it) that a process of this machine,
-    now gone, left: exactly `.NAME.tmp<pid>.<host>` (of `of` only, if given), nothing else."""
+    """Remove exactly our `.NAME.tmp<pid>.<host>` in `folder` (of `of` only) that dead pids left."""
     stem = re.escape(temp_path(of).name) if of else r"\..+\.tmp"
     ours = re.compile(rf"{stem}([1-9][0-9]*)\.{re.escape(socket.gethostname())}", re.S)
     for old in folder.iterdir() if folder.is_dir() else ():
@@ -355,7 +325,7 @@ def clean_temps(folder: Path, of: Path | None = None) -> None:
 
 
 def own_temp(path: Path) -> Path:
-    """Our temp name `.NAME.tmp<pid>.<host>` for `path` (pids are only unique on one machine),
+    """Our temp name for `path`, `.NAME.tmp<pid>.<host>` (a pid is unique on one machine only),
     removing first those of `path` that processes now gone left here."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path, f"{os.getpid()}.{socket.gethostname()}")
@@ -367,10 +337,12 @@ def own_temp(path: Path) -> Path:
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp name for `path` (a file or folder), moved into place only on success."""
-    tmp = own_temp(Path(path))
+    tmp, path = own_temp(Path(path)), Path(path)
     try:
         yield tmp
-        commit(tmp, Path(path))
+        if path.is_dir() and tmp.is_dir():
+            shutil.rmtree(path)  # os.replace cannot replace a non-empty folder
+        os.replace(tmp, path)
     finally:
         remove(tmp)
 

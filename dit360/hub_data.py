@@ -1,12 +1,7 @@
-"""Panoramas and captions from a Hugging Face dataset in the Hub's parquet layout (a repo id, or a
-local folder copy), read one record batch at a time with pyarrow (the optional extra `hub`), into a
-folder prepare.py's panorama path reads: `NNNNNN.<ext>` (the stored bytes, as they are) and
-`NNNNNN.txt` (the caption, written last: a row whose caption file exists is done, so a killed run
-resumes where it stopped). DiT360 trains on `Insta360-Research/Matterport3D_polished`, read by
-its loader as `load_dataset(...)["train"]` with columns `image` and `caption`.
-
-The Hub layout: `data/<split>-00000-of-0000N.parquet`, `<config>/<split>-*.parquet`, or the
-parquet conversion's `<config>/<split>/NNNN.parquet`; an image column is a struct {bytes, path}.
+"""A Hugging Face dataset in the Hub's parquet layout (repo id or local copy; pyarrow: extra `hub`)
+written one record batch at a time as prepare.py's panorama folder: `NNNNNN.<ext>` (the stored
+bytes) and `NNNNNN.txt` (the caption, last: a done marker, so a killed run resumes). DiT360 trains
+on `Insta360-Research/Matterport3D_polished` (columns `image`, `caption`).
 """
 
 import io
@@ -34,15 +29,8 @@ class HubSource:
     rows: int
 
 
-def patterns(split: str, config: str | None = None) -> list[str]:
-    """The files of a split in the Hub's layouts (fnmatch: `*` crosses folders)."""
-    top = f"{config}/" if config else "*"
-    return [f"{top}{split}-*.parquet", f"{top}{split}/*.parquet", f"{split}-*.parquet"]
-
-
 def fetch(name: str, split: str, config: str | None = None) -> Path:
-    """A local folder as it is, or a dataset repo's parquet files of the split fetched to the
-    Hugging Face cache (HF_HUB_CACHE, HF_TOKEN, HF_HUB_OFFLINE apply)."""
+    """A local folder as it is, or a dataset repo's parquet files of the split, fetched."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path
@@ -52,7 +40,8 @@ def fetch(name: str, split: str, config: str | None = None) -> Path:
         raise ValueError(f"{flag}: not a folder, nor a Hugging Face dataset id (owner/name)")
     from huggingface_hub import constants, errors, snapshot_download
 
-    allow = patterns(split, config)
+    top = f"{config}/" if config else "*"  # the split's files in the Hub's layouts (`*`: folders)
+    allow = [f"{top}{split}-*.parquet", f"{top}{split}/*.parquet", f"{split}-*.parquet"]
     try:
         return Path(snapshot_download(name, repo_type="dataset", allow_patterns=allow))
     except errors.LocalEntryNotFoundError:  # offline (or no network) and not (fully) cached
@@ -75,8 +64,7 @@ def fetch(name: str, split: str, config: str | None = None) -> Path:
 
 
 def split_files(root: Path, split: str, config: str | None = None) -> list[Path]:
-    """The split's parquet files under root, sorted; ValueError naming the splits and configs
-    there if there are none, or if several configs hold the split and none is chosen."""
+    """The split's parquet files under root, sorted; ValueError if none, or if several configs."""
     found = sorted(p for p in root.rglob("*.parquet") if p.is_file())
     rel = {p: p.relative_to(root) for p in found}
     ours = lambda p, s: p.name.startswith(f"{s}-") or p.parent.name == s  # noqa: E731
@@ -144,8 +132,7 @@ def image_bytes(value: dict | bytes | None, where: str) -> bytes:
 
 
 def suffix(data: bytes) -> str:
-    """The file suffix of encoded image bytes (.png if PIL cannot tell: the row is then listed
-    as unreadable by prepare, as a broken file would be)."""
+    """The file suffix of encoded image bytes (.png if PIL cannot tell: prepare says unreadable)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             return SUFFIXES.get(img.format, ".png")
@@ -162,15 +149,13 @@ def write_row(folder: Path, name: str, data: bytes, caption: str | None) -> None
 
 
 def read_group(pf, group: int, columns: list[str]) -> Iterator[tuple]:
-    """The rows (a tuple of the columns' values) of one row group of a pyarrow ParquetFile,
-    BATCH rows decoded at a time."""
+    """The rows (tuples of the columns) of one row group of a ParquetFile, BATCH rows at a time."""
     for b in pf.iter_batches(batch_size=BATCH, row_groups=[group], columns=columns):
         yield from zip(*(b[c].to_pylist() for c in columns), strict=True)
 
 
 def extract(src: HubSource, folder: Path) -> Path:
-    """Write each row as `NNNNNN.<ext>` + `NNNNNN.txt` (NNNNNN: its index in the split) into
-    folder, skipping the rows written before (a row group of done rows is not even read)."""
+    """Each row as `NNNNNN.<ext>` + `NNNNNN.txt` (its index) in folder, but the rows done before."""
     import pyarrow.parquet as pq
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -208,8 +193,7 @@ def add_flags(parser) -> None:
 
 
 def from_flags(args: dict) -> dict:
-    """Pop prepare.py's --hf-* and column values out of args: open_source's arguments, or {}
-    without --hf-dataset (ValueError if another of them is given then)."""
+    """open_source's arguments popped out of prepare.py's args ({} without --hf-dataset)."""
     names = {"hf_dataset": "name", "hf_split": "split", "hf_config": "config"}
     names |= {"image_column": "image", "caption_column": "caption"}
     given = {names[k]: args.pop(k) for k in list(args) if k in names}

@@ -1,15 +1,13 @@
-"""LoRA files: read the common formats onto our layers (a `LoraPlan`), load, write peft.
-
-Read: peft/diffusers (`transformer.<diffusers module>.lora_A.weight`, DiT360's; alpha from
-`adapter_config.json`), kohya (`lora_unet_<BFL module, _ for .>.lora_down.weight` + `.alpha`),
+"""LoRA files: read the common formats onto our layers (a `LoraPlan`), load, write peft/diffusers.
+Read: peft/diffusers (`transformer.<diffusers module>.lora_A.weight`, DiT360's; alpha from its
+adapter_config.json), kohya (`lora_unet_<BFL module, _ for .>.lora_down.weight` + `.alpha`),
 BFL/ComfyUI (`diffusion_model.<BFL module>.lora_A.weight`, or lora_down/lora_up + `.alpha`).
-Written: peft/diffusers (diffusers' `load_lora_weights` reads it). Adapters: core/lora.py; which
-of our layers' rows a diffusers name means: `target_rows` (what `inject` adds adapters on).
 Reference: peft `src/peft/tuners/lora`; diffusers `loaders/lora_conversion_utils.py`.
 """
 
 import json
 import math
+import os
 import re
 from collections import Counter
 from itertools import accumulate, pairwise
@@ -59,8 +57,7 @@ def diffusers_split(model: nn.Module, name: str) -> tuple[str, list[str], list[i
 def target_rows(
     model: nn.Module, targets: tuple[str, ...] = DIT360_TARGETS
 ) -> dict[str, list[tuple[int, int]]]:
-    """Our layers' row ranges [start, end) that diffusers-named targets name (peft's suffix match),
-    for `core.lora.inject`; defaults are DiT360's."""
+    """Our layers' rows [start, end) that diffusers-named targets name (as peft: the name's end)."""
     found, names = {}, set()
     for layer in linears(model):
         _, modules, bounds = diffusers_split(model, layer) or (None, [], [])
@@ -184,8 +181,7 @@ def plan_lora(
 
 def find_lora(src: str | Path) -> Path:
     """The LoRA's .safetensors file in a repo id (fetched: it is small), folder or file; a train.py
-    run (--out) or one of its checkpoints (step-N/) gives the LoRA in its lora/ (a run without
-    one: `checkpoints.unfinished_run` says what to give instead)."""
+    run (--out) or one of its checkpoints (step-N/) gives the one in its lora/."""
     path = resolve(src, ["*.safetensors", "*.json"], "a LoRA .safetensors file or a folder of one")
     if path.is_dir():
         usual = ["adapter_model.safetensors", "pytorch_lora_weights.safetensors"]
@@ -244,8 +240,7 @@ def set_scale(model: nn.Module, scale: float, name: str | None = None) -> nn.Mod
 def load_lora(
     model: nn.Module, src: str | Path, scale: float = 1.0, merge: bool = False
 ) -> nn.Module:
-    """Apply a LoRA (repo id, folder or file; any format) with weight `scale`: unmerged (stackable,
-    `set_scale` can switch it off) or with `merge` folded into the weights (free at inference)."""
+    """Apply a LoRA (repo id, folder or file; any format) at `scale`, unmerged or `merge`d."""
     plan, names = read_lora(src, model), lora_names(model)
     name = next(f"lora{i}" for i in range(len(names) + 1) if f"lora{i}" not in names)
     attach(model, plan, name, scale)
@@ -274,15 +269,6 @@ def to_diffusers(plan: LoraPlan, model: nn.Module) -> tuple[dict[str, Tensor], d
     return tensors, ranks
 
 
-def _target_modules(modules: set[str], model: nn.Module) -> list[str]:
-    """peft target_modules: short names (attn.to_q, ...) if they select exactly `modules`."""
-    short = {re.sub(r"^(single_)?transformer_blocks\.\d+\.", "", m) for m in modules}
-    splits = (diffusers_split(model, n) for n in linears(model))
-    every = {m for split in splits if split for m in split[1]}
-    chosen = {m for m in every if any(m == s or m.endswith("." + s) for s in short)}
-    return sorted(short if chosen == modules else modules)
-
-
 def write_peft(
     plan: LoraPlan,
     model: nn.Module,
@@ -300,11 +286,16 @@ def write_peft(
         )
     r = Counter(v[0] for v in ranks.values()).most_common(1)[0][0]
     alpha = Counter(v[1] for v in ranks.values()).most_common(1)[0][0]
+    # target_modules: the short names (attn.to_q, ...) if they select exactly these modules
+    short = {re.sub(r"^(single_)?transformer_blocks\.\d+\.", "", m) for m in ranks}
+    splits = (diffusers_split(model, n) for n in linears(model))
+    every = {m for split in splits if split for m in split[1]}
+    chosen = {m for m in every if any(m == s or m.endswith("." + s) for s in short)}
     config = {
         "peft_type": "LORA",
         "r": r,
         "lora_alpha": alpha,
-        "target_modules": _target_modules(set(ranks), model),
+        "target_modules": sorted(short if chosen == set(ranks) else ranks),
         "rank_pattern": {m: v[0] for m, v in ranks.items() if v[0] != r},
         "alpha_pattern": {m: v[1] for m, v in ranks.items() if v[1] != alpha},
         "lora_dropout": dropout,
@@ -331,3 +322,32 @@ def export_peft(model: nn.Module, out_dir: str | Path, name: str | None = None) 
     plan = {layer: ad.parts() for layer, _, ad in adapters(model, name)}
     dropout = next(getattr(ad.dropout, "p", 0.0) for *_, ad in adapters(model, name))
     return write_peft(plan, model, out_dir, dropout)
+
+
+def paired_loras(
+    lora: str | tuple[str, ...] | None, scale: float | tuple[float, ...]
+) -> tuple[tuple[str, ...] | None, tuple[float, ...]]:
+    """--lora (one, several, none: None) paired with --lora-scale (one for all, or one each)."""
+    names = [lora] if lora is None or isinstance(lora, str | os.PathLike) else list(lora)
+    names = [None if n is None or str(n).lower() == "none" else str(n) for n in names]
+    scales = tuple(scale) if isinstance(scale, tuple | list) else (scale,)
+    said = " ".join(f"{s:g}" for s in scales)
+    if None in names and len(names) > 1:
+        raise ValueError(
+            f"--lora none cannot be combined with other LoRAs (got {len(names)}): give none alone, "
+            "or drop it"
+        )
+    if names == [None]:
+        if any(s != 1.0 for s in scales):  # it would scale nothing
+            raise ValueError(
+                f"--lora-scale {said} needs --lora, which is none: give a LoRA or drop --lora-scale"
+            )
+        return None, ()
+    if twice := next((n for n in names if names.count(n) > 1), None):
+        raise ValueError(f"--lora {twice} is given twice: give it once, weighted by --lora-scale")
+    if len(scales) not in (1, len(names)):
+        raise ValueError(
+            f"--lora-scale {said}: {len(scales)} scales for {len(names)} LoRAs; give one scale "
+            "for all, or one per --lora in order"
+        )
+    return tuple(names), scales * len(names) if len(scales) == 1 else scales

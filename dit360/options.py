@@ -20,6 +20,7 @@ import torch
 from .cli import GUIDANCE, PROMPT_CHARS, SIDE, STEPS, fail, run_main  # noqa: F401 (scripts import them)
 from .config import DIT360_LORA, FLUX_DEV
 from .kernels import BACKENDS
+from .lora_formats import paired_loras
 from .offload import MODES as OFFLOADS
 from .panorama import Grid
 from .sources import Sources, resolve_sources
@@ -214,36 +215,6 @@ class EditOptions(Options):
         super().__post_init__()
         if self.start > self.stop:
             raise ValueError(f"need --start <= --stop, got {self.start} > {self.stop}")
-
-
-def paired_loras(
-    lora: str | tuple[str, ...] | None, scale: float | tuple[float, ...]
-) -> tuple[tuple[str, ...] | None, tuple[float, ...]]:
-    """--lora (one, several, or none: None) and a scale for each (--lora-scale once for all, or
-    once per --lora in order); ValueError naming the flags if they do not pair."""
-    names = [lora] if lora is None or isinstance(lora, str | os.PathLike) else list(lora)
-    names = [None if n is None or str(n).lower() == "none" else str(n) for n in names]
-    scales = tuple(scale) if isinstance(scale, tuple | list) else (scale,)
-    said = " ".join(f"{s:g}" for s in scales)
-    if None in names and len(names) > 1:
-        raise ValueError(
-            f"--lora none cannot be combined with other LoRAs (got {len(names)}): give none alone, "
-            "or drop it"
-        )
-    if names == [None]:
-        if any(s != 1.0 for s in scales):  # it would scale nothing
-            raise ValueError(
-                f"--lora-scale {said} needs --lora, which is none: give a LoRA or drop --lora-scale"
-            )
-        return None, ()
-    if twice := next((n for n in names if names.count(n) > 1), None):
-        raise ValueError(f"--lora {twice} is given twice: give it once, weighted by --lora-scale")
-    if len(scales) not in (1, len(names)):
-        raise ValueError(
-            f"--lora-scale {said}: {len(scales)} scales for {len(names)} LoRAs; give one scale "
-            "for all, or one per --lora in order"
-        )
-    return tuple(names), scales * len(names) if len(scales) == 1 else scales
 
 
 def check_fa3(device: torch.device, dtype: torch.dtype) -> None:

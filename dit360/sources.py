@@ -1,16 +1,6 @@
-"""Where each model's weights are: the transformer, T5-XXL, CLIP-L, the VAE and the two
-tokenizers, found in the layouts users hold and resolved before anything loads.
-
-- `--base`: a FLUX.1-dev folder or repo id (diffusers layout: transformer/, text_encoder_2/, ...),
-  a folder of ComfyUI-style model files (flux1-dev*.safetensors, t5xxl_*.safetensors,
-  clip_l*.safetensors, ae.safetensors, found by name and checked by content, in subfolders too),
-  or one .safetensors file: a transformer alone, or a ComfyUI checkpoint bundling all four
-  (keys `model.diffusion_model.`, `text_encoders.t5xxl.transformer.`,
-  `text_encoders.clip_l.transformer.`, `vae.`).
-- `--transformer`, `--t5`, `--clip`, `--vae`: a file or folder for that part alone, overriding
-  `--base`'s. Without `--base`, parts nobody names come from black-forest-labs/FLUX.1-dev.
-- Tokenizers come from `--base` when it has them, else from the public, ungated repos FLUX.1-dev's
-  were copied from (openai/clip-vit-large-patch14, google/t5-v1_1-xxl).
+"""Where each model's weights are (transformer, T5-XXL, CLIP-L, VAE, the two tokenizers), found in
+the layouts users hold (FLUX.1-dev's diffusers folders, ComfyUI files by name and content, one
+bundled .safetensors) and resolved before anything loads: README "The weights you have".
 """
 
 from collections.abc import Callable
@@ -52,7 +42,7 @@ TOKENIZER_REPOS = {  # ungated; FLUX.1-dev's tokenizer/ and tokenizer_2/ are cop
     "clip_tokenizer": ("openai/clip-vit-large-patch14", ["vocab.json", "merges.txt", "*.json"]),
     "t5_tokenizer": ("google/t5-v1_1-xxl", ["spiece.model", "tokenizer*.json", "special*.json"]),
 }
-# `prefix` plus stripping: tools put these in front of a transformer's keys (see weights.PREFIXES)
+# Prefixes tools put before a transformer's keys: ComfyUI and merged files (BFL names), diffusers
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 LAYOUT = (
     "a FLUX.1-dev folder or repo id, a folder of ComfyUI model files, or a .safetensors file "
@@ -62,8 +52,7 @@ LAYOUT = (
 
 @dataclass(frozen=True)
 class Part:
-    """One model's weights: a .safetensors file or a folder of one (or of shards), and the key
-    prefix of the model inside a bundled checkpoint."""
+    """One model's weights: a .safetensors file or folder, and its key prefix in a bundle."""
 
     path: Path
     prefix: str = ""
@@ -90,8 +79,7 @@ class Sources:
 
 
 def config_beside(path: Path, **match: str) -> tuple[dict, Path] | None:
-    """The config.json in a part's folder (or beside its file), and its path, if it has the
-    `match` fields; ValueError naming the file if it is not a JSON object."""
+    """The config.json (and its path) in a part's folder or beside its file, if it has `match`."""
     file = (path if path.is_dir() else path.parent) / "config.json"
     config = check_json(read_json(file), {}, str(file)) if file.is_file() else {}
     return (config, file) if all(config.get(k) == v for k, v in match.items()) else None
@@ -106,7 +94,7 @@ def in_file(tfile: TensorFile, part: str) -> str | None:
 
 def in_folder(folder: Path, part: str) -> Part | None:
     """`part` in a folder: FLUX.1-dev's subfolder for it, the folder's own weights, or the one
-    ComfyUI-named file that holds it; None if none does. Several candidates are an error."""
+    ComfyUI-named file that holds it (several: an error); None if none does."""
     if (folder / FOLDERS[part]).is_dir():
         return Part(folder / FOLDERS[part])
     if any(folder.glob("*.safetensors")):
@@ -132,14 +120,15 @@ def find_part(src: str | Path, part: str) -> Part:
     """`part` in a file, a folder or a repo id (only its folder for `part` is fetched)."""
     expected = f"a {WHAT[part]} .safetensors file or folder, e.g. {EXAMPLE[part]}"
     path = resolve(src, [f"{FOLDERS[part]}/*", "*.json"], expected)
-    found = in_folder(path, part) if path.is_dir() else find_in_file(path, part)
-    if found is None:
+    if (found := find_in(path, part)) is None:
         raise ValueError(f"{path} holds no {WHAT[part]}; expected {expected}")
     return found
 
 
-def find_in_file(path: Path, part: str) -> Part | None:
-    """`part` in one .safetensors file (alone, or bundled with the others), or None."""
+def find_in(path: Path, part: str) -> Part | None:
+    """`part` in a folder (`in_folder`) or one .safetensors file (alone or bundled), or None."""
+    if path.is_dir():
+        return in_folder(path, part)
     prefix = in_file(open_tensors(path), part)
     return None if prefix is None else Part(path, prefix)
 
@@ -153,8 +142,7 @@ def tokenizer(root: Path | None, name: str) -> Path:
 
 
 def base_axes(root: Path) -> tuple[int, ...] | None:
-    """The RoPE axes in --base's transformer config.json (diffusers), if it has one: what a
-    --transformer file whose heads are not 128 wide does not store."""
+    """The RoPE axes in --base's diffusers config (a --transformer not 128 wide lacks them)."""
     folder = root / FOLDERS["transformer"] if (root / FOLDERS["transformer"]).is_dir() else root
     found = config_beside(folder, _class_name="FluxTransformer2DModel")
     axes = found and found[0].get("axes_dims_rope")
@@ -183,9 +171,8 @@ def resolve_sources(
     vae: str | None = None,
     parts: tuple[str, ...] = PARTS,
 ) -> Sources:
-    """Every part (of `parts`) from its own flag, else from `base` (default FLUX.1-dev); tokenizers
-    from `base` or the ungated repos. Repo ids fetch only the folders needed. Errors name the flag
-    to give."""
+    """Every part (of `parts`) from its own flag, else from `base` (default FLUX.1-dev), tokenizers
+    from `base` or the ungated repos; repo ids fetch only the folders needed."""
     flags = dict(transformer=transformer, t5=t5, clip=clip, vae=vae)
     flags = {p: src for p, src in flags.items() if p in parts}
     found = {p: flagged(f"--{p}", find_part, src, p) for p, src in flags.items() if src is not None}
@@ -195,8 +182,7 @@ def resolve_sources(
         root = fetch_base(base, [*wanted, "transformer/config.json"])
         if "transformer" in found and (axes := flagged("--base", base_axes, root)):
             found["transformer"] = replace(found["transformer"], axes_dim=axes)
-        look = in_folder if root.is_dir() else find_in_file
-        from_base = {p: flagged("--base", look, root, p) for p in missing}
+        from_base = {p: flagged("--base", find_in, root, p) for p in missing}
         if absent := [p for p, part in from_base.items() if part is None]:
             has = [WHAT[p] for p, part in from_base.items() if part is not None]
             holds = f"holds the {' and '.join(has)} but" if has else "holds"

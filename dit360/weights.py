@@ -1,13 +1,8 @@
-"""Key tables between our (BFL) parameter names and other layouts, and the engine that applies
-them while streaming tensors: load a FLUX transformer from any layout, or convert between layouts.
-
-A table is a list of rules `(op, ours, theirs)`. Names are module paths (".weight"/".bias" are
-carried over) or full keys; `{i}` stands for a block index. Ops:
-- identity: one tensor, renamed;
-- concat:   ours = cat(theirs..., dim 0), e.g. BFL's fused qkv and single-block linear1;
-- swap:     ours = theirs with its two halves exchanged along dim 0 (the final adaLN: BFL stores
-            [shift; scale], diffusers [scale; shift]);
-- squeeze:  ours is a 1x1 conv weight (O, I, 1, 1), theirs the same as a linear (O, I).
+"""Key tables between our (BFL) parameter names and other layouts, and the engine that applies them
+while streaming tensors. A rule is `(op, ours, theirs)`: module paths (".weight"/".bias" carried
+over) or full keys, `{i}` a block index. Ops: identity (renamed); concat (ours = cat(theirs, dim 0):
+fused qkv, linear1); swap (the halves exchanged along dim 0: BFL's final adaLN is [shift; scale],
+diffusers' [scale; shift]); squeeze (ours a 1x1 conv (O, I, 1, 1), theirs a linear (O, I)).
 """
 
 import re
@@ -24,7 +19,7 @@ from . import config as cfg
 from .core import autoencoder as ae
 from .core.model import Flux
 from .files import TensorFile
-from .sources import Part, config_beside, find_part
+from .sources import TRANSFORMER_PREFIXES, Part, config_beside, find_part
 
 Rule = tuple[str, str, str | tuple[str, ...]]
 
@@ -69,9 +64,7 @@ FLUX_DIFFUSERS: list[Rule] = [
     ("identity", "final_layer.linear", "proj_out"),
 ]
 
-# Prefixes other tools put in front of module names: ComfyUI and merged single files (BFL names),
-# diffusers pipelines and peft (diffusers names).
-PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "base_model.model.")
+PREFIXES = (*TRANSFORMER_PREFIXES, "base_model.model.")  # and peft's, before diffusers names
 
 
 def strip_prefix(name: str) -> str:
@@ -125,8 +118,7 @@ class KeyPlan:
 
 
 def plan_from(tfile: TensorFile, table: list[Rule] | None) -> KeyPlan:
-    """Map every checkpoint tensor onto our names (table None: ours already, maybe behind a
-    ComfyUI-style prefix); unknown keys and missing parts are errors."""
+    """Every checkpoint tensor mapped onto our names (table None: ours, maybe behind a prefix)."""
     sources = {strip_prefix(k): ("identity", (k,)) for k in tfile.shapes}
     if table is not None:
         hits = {k: locate(k, table) for k in tfile.shapes}
@@ -207,12 +199,6 @@ def stream_tensors(
         yield name, build(tfile, *plan.sources[name]).to(dtype)  # dtype None: as stored
 
 
-def stored_dtype(tfile: TensorFile, key: str) -> torch.dtype:
-    """The dtype `key` is stored in, but bfloat16 for float8 (ComfyUI's fp8 files: norms cannot
-    run in float8, and scaled fp8 weights read dequantized)."""
-    return torch.bfloat16 if tfile.dtypes[key].itemsize == 1 else tfile.dtypes[key]
-
-
 def fill(
     model: nn.Module,
     tfile: TensorFile,
@@ -221,9 +207,11 @@ def fill(
     dtype: torch.dtype | None,
     on_cpu: Callable[[nn.Module], list[nn.Module]] | None = None,
 ) -> nn.Module:
-    """Fill a meta-device model tensor by tensor (one copy); dtype None: `stored_dtype`. The
-    modules `on_cpu(model)` lists are filled in CPU memory, the rest on `device`."""
-    dtype = dtype or stored_dtype(tfile, plan.sources[next(iter(plan.sources))][1][0])
+    """Fill a meta-device model tensor by tensor (one copy); dtype None: the file's. The modules
+    `on_cpu(model)` lists are filled in CPU memory, the rest on `device`."""
+    stored = tfile.dtypes[plan.sources[next(iter(plan.sources))][1][0]]
+    # but bfloat16 for float8 (norms cannot run in float8; scaled fp8 weights read dequantized)
+    dtype = dtype or (torch.bfloat16 if stored.itemsize == 1 else stored)
     model = model.to(dtype)
     cpu = {id(m) for top in (on_cpu(model) if on_cpu else []) for m in top.modules()}
     for m in model.modules():
@@ -244,9 +232,8 @@ def meta_flux(params: cfg.FluxParams) -> Flux:
 def read_flux(
     src: str | Path | Part, axes_dim: tuple[int, ...] | None = None
 ) -> tuple[TensorFile, KeyPlan, Flux]:
-    """Open a FLUX transformer (a `Part`, or a file, folder or repo id to find it in) and check its
-    headers against its meta model. The config comes from (in order) a diffusers config.json
-    beside diffusers-named weights, our metadata, the shapes."""
+    """A FLUX transformer (a `Part`, or a file, folder or repo id holding one), headers checked
+    against its meta model; config from a diffusers config.json, else our metadata, else shapes."""
     part = src if isinstance(src, Part) else find_part(src, "transformer")
     tfile = part.open()
     diffusers = any(strip_prefix(k) == "x_embedder.weight" for k in tfile.shapes)
@@ -263,8 +250,7 @@ def read_flux(
 
 
 def flux_shapes(params: cfg.FluxParams) -> dict[str, tuple[int, ...]]:
-    """Every parameter's name and shape, from a model of one block of each kind (the blocks of a
-    kind are alike), so that a config of any depth is compared with a file before it is built."""
+    """Every parameter's name and shape, from a model of one block of each kind (cheap)."""
     depths = {"double_blocks": params.depth, "single_blocks": params.depth_single_blocks}
     ones = {k: min(getattr(params, k), 1) for k in ("depth", "depth_single_blocks")}
     one = meta_flux(replace(params, **ones))
@@ -283,8 +269,7 @@ def load_flux(
     axes_dim: tuple[int, ...] | None = None,
     on_cpu: Callable[[Flux], list[nn.Module]] | None = None,
 ) -> Flux:
-    """Load a FLUX transformer from any supported layout, filling it tensor by tensor; the modules
-    `on_cpu(model)` lists stay in CPU memory (`Flux.embedders`, `Flux.modulation_layers`)."""
+    """A FLUX transformer of any layout filled tensor by tensor; `on_cpu(model)`'s in CPU memory."""
     tfile, plan, model = read_flux(src, axes_dim)
     return fill(model, tfile, plan, device, dtype, on_cpu)
 
@@ -306,11 +291,8 @@ def _ae_attention(ours: str, theirs: str) -> list[Rule]:
 
 
 def ae_diffusers(levels: int = 4) -> list[Rule]:
-    """The key table of a diffusers AutoencoderKL with `levels` resolution levels (`{i}`: resnet).
-
-    diffusers numbers decoder levels in running order (coarsest first), BFL by resolution (finest
-    first): `decoder.up.{l}` is `decoder.up_blocks.{levels - 1 - l}`.
-    """
+    """The key table of a diffusers AutoencoderKL with `levels` levels (`{i}`: resnet). Decoder
+    levels: diffusers' coarsest first, BFL's finest (`up.{l}` is `up_blocks.{levels - 1 - l}`)."""
     rules: list[Rule] = []
     for part in ("encoder", "decoder"):
         rules += [
@@ -339,9 +321,8 @@ AE_DIFFUSERS: list[Rule] = ae_diffusers(4)  # FLUX.1's VAE
 
 
 def read_autoencoder(src: str | Path | Part) -> tuple[TensorFile, KeyPlan, ae.AutoEncoder]:
-    """Open the FLUX VAE (a `Part`, or BFL's `ae.safetensors`, a diffusers `vae/` folder, a
-    FLUX.1-dev folder or repo id) and check its headers against its meta model. The config comes
-    from (in order) a diffusers config.json, our metadata, the shapes."""
+    """The FLUX VAE (a `Part`, or a file, folder or repo id holding one), headers checked against
+    its meta model; config from a diffusers config.json, else our metadata, else the shapes."""
     part = src if isinstance(src, Part) else find_part(src, "vae")
     tfile = part.open()
     diffusers = any(k.startswith("encoder.down_blocks.") for k in tfile.shapes)
@@ -367,7 +348,6 @@ def load_autoencoder(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = torch.float32,
 ) -> ae.AutoEncoder:
-    """Load the FLUX VAE (see `read_autoencoder`) tensor by tensor; float32 by default, as
-    diffusers upcasts this VAE (`force_upcast`); dtype None keeps the file's."""
+    """The FLUX VAE filled tensor by tensor; float32 by default, as diffusers upcasts it."""
     tfile, plan, model = read_autoencoder(src)
     return fill(model, tfile, plan, device, dtype)
