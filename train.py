@@ -131,10 +131,7 @@ from dit360.data import (
     seeded,
 )
 from dit360.distributed import print0, warn0
-from dit360.files import (
-    TensorFile,
-    atomic_path,
-)
+from dit360.files import TensorFile, atomic_path
 from dit360.fp8 import quantize_block
 from dit360.lora_formats import DIT360_TARGETS, target_rows
 from dit360.offload import park, stream_recomputed
