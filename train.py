@@ -124,18 +124,14 @@ from dit360.data import (
     EncodeText,
     Source,
     build_cache,
-    conditioning,
+    encoded,
     epoch_loader,
     epoch_order,
-    posterior,
     read_rows,
     seeded,
 )
 from dit360.distributed import print0, warn0
-from dit360.files import (
-    TensorFile,
-    atomic_path,
-)
+from dit360.files import TensorFile, atomic_path
 from dit360.fp8 import quantize_block
 from dit360.lora_formats import DIT360_TARGETS, target_rows
 from dit360.offload import park, stream
@@ -420,7 +416,7 @@ def local_base(args: argparse.Namespace) -> bool:
 
 
 def check_device(name: str | None) -> torch.device:
-    """--device as a torch.device that exists here (default: cuda if available, else cpu)."""
+    """--device as a torch.device here (default: cuda if any, else cpu; cuda: cuda:LOCAL_RANK)."""
     try:
         dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
@@ -430,7 +426,7 @@ def check_device(name: str | None) -> torch.device:
     index = int(os.environ.get("LOCAL_RANK", 0)) if dev.index is None else dev.index
     if dev.type == "cuda" and index >= torch.cuda.device_count():
         fail(f"--device {name}: {torch.cuda.device_count()} CUDA devices here; try --device cpu")
-    return dev
+    return torch.device("cuda", index) if dev.type == "cuda" else dev
 
 
 class Env(NamedTuple):
@@ -481,8 +477,8 @@ def cache_rows(source: Source, enc: Encoders, args: argparse.Namespace, env: Env
     model_id = f"{parts}|circular encoder {args.circular_encoder}|text {env.dtype}"
     every = source.pano + source.persp
     made = build_cache(
-        every, args.cache_dir, args.resolution, model_id, enc.encode, enc.encode_text,
-        env.rank, env.world,
+        every[env.rank :: env.world], args.cache_dir, args.resolution, model_id, enc.encode,
+        enc.encode_text,
     )  # fmt: skip
     torch.distributed.barrier()
     print0(f"cache {args.cache_dir}: {len(every)} rows, {made} new on rank 0")
@@ -493,8 +489,7 @@ def batches_in_epoch(
     source: Source, epoch: int, args: argparse.Namespace, rank: int, world: int
 ) -> int:
     """Micro-batches in an epoch on every rank (the perspective share changes with the epoch)."""
-    n = len(source.pano), len(source.persp)
-    return len(epoch_order(*n, epoch, source.seed, rank, world, source.schedule)) // args.batch_size
+    return len(epoch_order(source, epoch, rank, world)) // args.batch_size
 
 
 def total_steps(source: Source, args: argparse.Namespace, rank: int, world: int) -> tuple[int, int]:
@@ -690,12 +685,10 @@ def train_step(
     for i, b in enumerate(micro):
         b = b.to(device)
         first = (batch + i) * args.batch_size * world + rank  # in the epoch's global order
-        z, noise, sigmas = draw(
-            enc.ae_params, *posterior(b, enc.encode), args.seed, epoch, first, world
-        )  # (B, 16, H/8, W/8) twice, (B,)
+        mean, std, cond = encoded(b, enc.encode, enc.encode_text)
+        z, noise, sigmas = draw(enc.ae_params, mean, std, args.seed, epoch, first, world)
         yaw = draw_yaw(seeded(args.seed, epoch, YAW_STREAM, batch + i))
         torch.manual_seed(seeded(args.seed, step, DROPOUT, i, rank).initial_seed())
-        cond = conditioning(b, enc.encode_text)
         if args.offload == "blocks":  # the adaLN weights stay in CPU memory, as at inference
             cond = ahead(model, cond, [sigmas], guidance)
         loss, n, parts = flow_loss(
@@ -749,7 +742,7 @@ def main(argv: list[str] | None = None) -> None:
         ckpt = find_checkpoint(out, args, model)  # read and checked against our arguments
         warnings.filterwarnings("ignore", message=".*returned a view tensor")  # FSDP: not in place
         torch.manual_seed(args.seed)
-        rank, world, device = distributed.init(args.device)
+        rank, world = distributed.init(device)
         env = Env(rank, world, device, dtype)
         if world > 1 and local_base(args):
             fail(

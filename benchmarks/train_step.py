@@ -52,7 +52,8 @@ def run_train(
     from dit360.sampling import Conditioning, ahead
     from dit360.weights import read_flux
 
-    rank, world, dev = distributed.init(device)
+    dev = train.check_device(device)
+    rank, world = distributed.init(dev)
     dt, stages = DTYPES[dtype], Stages(str(dev))
     stages.begin("load")
     tfile, plan, model = read_flux(base)

@@ -1,12 +1,6 @@
-"""A training run's folder and its checkpoints; the rules for --out, --overwrite and --resume
-are stated once, in train.py's docstring (its --help).
-
-A checkpoint is `checkpoints/step-N/`: state.safetensors (the LoRA with its AdamW moments and step
-as full tensors, the counters and arguments as JSON metadata: nothing is ever unpickled) and its
-LoRA in lora/ (peft format). Rank 0 writes it under a temporary name, then renames it; on resume
-every rank reads it and keeps its shards. A state holding a non-finite value is never written.
-MUST_MATCH are the arguments a resume must keep: the counters index the data order and every
-random draw, and the rest fix the LoRA's shape and what its state means.
+"""A training run's folder (the rules of --out, --overwrite and --resume: train.py's docstring) and
+its checkpoints, `checkpoints/step-N/`: state.safetensors (the LoRA, its AdamW moments and step as
+full tensors, counters and arguments as JSON metadata: nothing unpickled) and the LoRA in lora/.
 """
 
 import argparse
@@ -28,11 +22,9 @@ from .options import fail
 STATE = "state.safetensors"  # a checkpoint's LoRA, AdamW state, counters and arguments
 STEP_DIR = re.compile(r"step-(\d+)")  # a checkpoint (written as a hidden temporary, then renamed)
 COUNTERS = ("step", "epoch", "batch", "world", "batch_size")  # where a checkpoint resumes
-# A run marks --out as its own with MARKER, once its checks passed and before it writes anything
-# else; --resume and --overwrite act only on a marked folder. OUTPUTS are the run's own files
-# (paths relative to --out) and FOLDERS its own folders, all that --overwrite removes: a user's
-# file anywhere below stays, with the folders holding it (cache/ stays too: its entries are keyed
-# by what made them, so a new run reuses them).
+# A run marks --out as its own (MARKER) once its checks passed; --resume and --overwrite act only
+# on a marked folder. --overwrite removes only OUTPUTS (paths in --out) and FOLDERS: a user's files
+# stay (cache/ too: its entries are keyed by what made them, so a new run reuses them).
 MARKER = ".dit360-run"
 PEFT = r"lora/adapter_(config\.json|model\.safetensors)"
 OUTPUTS = re.compile(
@@ -42,15 +34,15 @@ OUTPUTS = re.compile(
 FOLDERS = re.compile(r"lora|checkpoints(/step-\d+(/lora)?)?|samples(/step-\d+)?|tensorboard")
 OWN_FOLDERS = ("lora", "checkpoints", "samples", "tensorboard")
 IDLE = {MARKER, "args.json", "log.jsonl", "cache"}  # a run stopped before its first step
-# What a checkpoint's state means, so a resume must keep them (the docstring says why).
+# A resume must keep them: the counters index the data order and every random draw, and these fix
+# the LoRA's shape and what its state means.
 MUST_MATCH = ("lora_rank", "alpha", "targets", "dropout", "resolution", "wrap_pad")
 MUST_MATCH += ("supervise_pad", "circular_encoder", "pano", "persp", "seed")
 
 
 def check_out(out: Path, args: argparse.Namespace) -> None:
-    """--out: a folder we may write, empty or a run (marked) that --resume continues, --overwrite
-    replaces, or that stopped before its first step. Called early (to refuse before the slow
-    checks) and again under the lock, which decides."""
+    """--out: writable, and empty or a run (marked) to --resume, --overwrite, or that never stepped.
+    Called early (to refuse before the slow checks) and again under the lock, which decides."""
     parent = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         fail(f"--out {out}: {parent} is not a folder this user can write; choose another --out")
@@ -71,8 +63,7 @@ def check_out(out: Path, args: argparse.Namespace) -> None:
 
 
 def take_lock(out: Path) -> Path:
-    """Create out/.lock holding `pid host` (appearing whole, only if there is none: one run a
-    folder); a lock left by a dead process of this host is taken over, with a warning."""
+    """Create out/.lock holding `pid host` (one run a folder); a dead process's is taken over."""
     lock, me = out / ".lock", f"{os.getpid()} {socket.gethostname()}"
     out.mkdir(parents=True, exist_ok=True)
     while True:
@@ -100,9 +91,8 @@ def take_lock(out: Path) -> Path:
 
 
 def take_over(lock: Path, holder: str) -> bool:
-    """Remove `lock` if it still holds `holder` (a dead run's): moved aside in one step, then put
-    back if it was another run's by then (two runs that found the same dead lock: the first takes
-    it over, the second finds the first alive). True if the dead lock was removed."""
+    """Remove `lock` if it still holds `holder` (a dead run's): moved aside in one step, put back if
+    another run took it over meanwhile (which the second run then finds alive). True if removed."""
     aside = own_temp(lock)
     try:
         os.rename(lock, aside)
@@ -119,9 +109,8 @@ def take_over(lock: Path, holder: str) -> bool:
 
 
 def create_new(path: Path, text: str) -> bool:
-    """Create `path` holding `text` only if it does not exist (False if it does), appearing whole:
-    a hard link of a written temporary file (a file system without hard links: created, then
-    written)."""
+    """Create `path` holding `text`, appearing whole (a hard link of a written temporary), only if
+    it does not exist (False if it does); without hard links: created, then written."""
     tmp = own_temp(path)
     try:
         tmp.write_text(text)
@@ -141,8 +130,7 @@ def create_new(path: Path, text: str) -> bool:
 
 
 def claim(out: Path, args: argparse.Namespace, made: bool) -> Path:
-    """Rank 0, before the slow checks: lock --out (`made`: it did not exist), then check it
-    under the lock."""
+    """Rank 0, before the slow checks: lock --out (`made`: it did not exist), then check it."""
     lock = take_lock(out)
     try:
         check_out(out, args)
@@ -153,8 +141,7 @@ def claim(out: Path, args: argparse.Namespace, made: bool) -> Path:
 
 
 def start_run(out: Path, args: argparse.Namespace) -> None:
-    """Rank 0, under the lock, once every check passed: with --overwrite delete the old run's
-    OUTPUTS; remove what our killed processes left; mark --out as a run."""
+    """Rank 0, every check passed: --overwrite's removal, dead processes' temporaries, MARKER."""
     if args.overwrite:
         remove_outputs(out)
     for folder in (out, out / "checkpoints", out / "lora", *(out / "samples").glob("step-*")):
@@ -163,8 +150,7 @@ def start_run(out: Path, args: argparse.Namespace) -> None:
 
 
 def remove_outputs(out: Path, folder: Path | None = None) -> None:
-    """Delete the run's own files (OUTPUTS) in `folder` (None: all of out's), then its own
-    folders left empty; nothing else (a symbolic link is neither followed nor removed)."""
+    """Delete OUTPUTS in `folder` (None: all of out), then FOLDERS left empty; no link followed."""
     tops = [folder] if folder else [out / name for name in OWN_FOLDERS]
     paths = [] if folder else [*out.iterdir()]
     for top in tops:
@@ -203,24 +189,12 @@ def steps(folder: Path) -> dict[int, Path]:
 
 
 def unfinished_run(folder: Path) -> str:
-    """Why a train.py run (--out) without its final lora/ is no LoRA, and what to give instead;
-    "" for any other folder."""
+    """Why a train.py run (--out) without its final lora/ is no LoRA, and what to give; or ""."""
     if not (folder / MARKER).exists():
         return ""
     last = max(steps(folder / "checkpoints").items(), default=None)
     instead = f"give its latest checkpoint, {last[1]}" if last else "it has no checkpoint yet"
     return f"{folder} is a training run that has not written its final lora/ yet: {instead}"
-
-
-def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """The tensors of a checkpoint of `model`: the LoRA, its AdamW moments and step."""
-    shapes = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            shape = tuple(p.shape)
-            shapes |= {f"model/{n}": shape, f"optim/{n}/step": ()}
-            shapes |= {f"optim/{n}/exp_avg": shape, f"optim/{n}/exp_avg_sq": shape}
-    return shapes
 
 
 def nonfinite(state: dict[str, Tensor]) -> list[str]:
@@ -229,8 +203,8 @@ def nonfinite(state: dict[str, Tensor]) -> list[str]:
 
 
 def read_checkpoint(path: Path, args: argparse.Namespace, model: nn.Module) -> Checkpoint:
-    """A checkpoint of this model trained with our MUST_MATCH arguments (else one error listing
-    every difference); OSError, ValueError or KeyError if it is unreadable, torn or not finite."""
+    """A checkpoint of this model with our MUST_MATCH arguments (else one error listing them all);
+    OSError, ValueError or KeyError if it is unreadable, torn or not finite."""
     tfile = open_tensors(path / STATE)  # safetensors: a JSON header, raw tensors
     counters, recorded = (json.loads(tfile.metadata[k]) for k in ("counters", "args"))
     dicts = isinstance(recorded, dict) and isinstance(counters, dict)
@@ -246,7 +220,12 @@ def read_checkpoint(path: Path, args: argparse.Namespace, model: nn.Module) -> C
             f"--resume {path} was trained with other settings: {'; '.join(diff)}; resume "
             "with those, or start a new run (another --out, or --overwrite)"
         )
-    if tfile.shapes != state_shapes(model):
+    shapes = {}  # the LoRA, its AdamW moments and step
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            shapes |= {f"model/{n}": (shape := tuple(p.shape)), f"optim/{n}/step": ()}
+            shapes |= {f"optim/{n}/exp_avg": shape, f"optim/{n}/exp_avg_sq": shape}
+    if tfile.shapes != shapes:
         raise ValueError("it holds other tensors than this LoRA and its AdamW state")
     state = {k: tfile.get(k) for k in tfile.shapes}
     if bad := nonfinite(state):
@@ -255,8 +234,7 @@ def read_checkpoint(path: Path, args: argparse.Namespace, model: nn.Module) -> C
 
 
 def find_checkpoint(out: Path, args: argparse.Namespace, model: nn.Module) -> Checkpoint | None:
-    """With --resume: the checkpoint it names, or the latest readable one in --out (an earlier
-    one stands in for an unreadable one, with a warning); None: start from scratch."""
+    """--resume's checkpoint: the one named, or the latest readable in --out; None: from scratch."""
     if not args.resume:
         return None
     named = args.resume != "latest"
@@ -282,9 +260,8 @@ def save_checkpoint(
     args: argparse.Namespace,
     shell: nn.Module,
 ) -> Path | None:
-    """Rank 0: write `folder/step-N` (the state, its LoRA in lora/) under a temporary name, then
-    rename it; remove later steps' checkpoints (the branch a resume left) and all but the newest
-    --keep. A state holding a non-finite value is not written (a warning)."""
+    """Rank 0: write `folder/step-N` whole (a non-finite state: a warning instead); remove later
+    steps' (the branch a resume left) and all but the newest --keep."""
     step = counters["step"]
     if bad := nonfinite(state):
         warn0(f"step {step}: no checkpoint, {len(bad)} tensors are not finite ({bad[0]}, ...)")

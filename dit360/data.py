@@ -1,20 +1,8 @@
-"""Training data: jsonl rows, per-token masks, panorama augmentation, the DiT360 mixing schedule,
-and the VAE-posterior / text-embedding cache.
-
-Ours differs from the reference (github.com/Insta360-Research-Team/DiT360, src/dynamic_dataset.py):
-- Masks (:76-81) are per token on the packed (H/16, W/16) grid, supervised where the whole patch
-  is white (>= 128, the reference > 128); the reference flattens an (H/4, H/8) mask against the
-  (H/8, W/8) latent grid, misaligned (docs/METHOD.md, section 5). No mask: all white.
-- Panoramas only: flip with p = 0.5, then a roll (:47-57), image and mask alike, by whole token
-  columns uniform in [0, W/16), exact on latents and token masks (the reference rolls a pixel
-  count uniform in [W/3, W], src/data.py:16-36).
-- The mixing (:126-151, loss.HybridSchedule.persp_count) is seeded by (seed, epoch), not the
-  global RNG: a resumed run sees the same order.
-
-Cache: per row, the text embeddings and the VAE posterior of the image and of its mirror (the
-encoder is not flip-symmetric: a flip picks the other entry). A roll by k tokens rolls the
-posterior by 2k columns: exact with a circular encoder (`set_circular`), else approximate near
-the left and right edges.
+"""Training data: jsonl rows, per-token masks, panorama augmentation (a flip, then a roll by whole
+token columns), the epochs' order (mixing seeded by (seed, epoch): a resume sees the same order)
+and the cache of text embeddings and VAE posteriors (of the image and its mirror: the encoder is
+not flip-symmetric). A roll by k tokens rolls the posterior by 2k columns: exact with a circular
+encoder. Masks and rolls differ from DiT360's src/dynamic_dataset.py: README, Reference fidelity.
 """
 
 import hashlib
@@ -35,10 +23,10 @@ from torch.utils.data import DataLoader
 
 from .cli import check_prompt
 from .core.loss import HybridSchedule
+from .core.sampling import Conditioning
 from .files import atomic_path, read_text
 from .image import from_pil, open_image, read_mask, read_rgb
 from .panorama import PATCH, token_mask
-from .sampling import Conditioning
 
 AUGMENT_STREAM = 0  # seeded(seed, epoch, AUGMENT_STREAM, index): a panorama's flip and roll
 READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
@@ -105,8 +93,7 @@ def _check(row: Row, kind: str) -> str | None:
 def read_rows(
     pano: str | Path | None = None, persp: str | Path | None = None
 ) -> dict[str, list[Row]]:
-    """Read and check both jsonl files; one ValueError lists every bad row of both. A file given
-    with no rows in it is an error of its own (train.py's --pano / --persp)."""
+    """Read and check both jsonl files; one ValueError lists every bad row or an empty file."""
     rows: dict[str, list[Row]] = {"pano": [], "persp": []}
     bad: list[str] = []
     for kind, file in (("pano", pano), ("persp", persp)):
@@ -151,14 +138,10 @@ def build_cache(
     model_id: str,
     encode: Encode,
     encode_text: EncodeText,
-    rank: int = 0,
-    world: int = 1,
 ) -> int:
-    """Cache this rank's share of rows (every world-th), skipping cached ones; returns the count.
-    encode: pixels in [-1, 1] on CPU -> posterior (mean, std); encode_text: captions -> (txt,
-    txt_ids, vec)."""
+    """Cache the rows not cached yet (a rank passes its share); returns how many were written."""
     written = 0
-    for row in rows[rank::world]:
+    for row in rows:
         path = cache_path(row, Path(cache_dir), height, model_id)
         if path.exists():
             continue
@@ -175,8 +158,7 @@ def build_cache(
 
 @dataclass(frozen=True)
 class Source:
-    """Everything a sample is loaded from: the rows, the training height, seed, cache and the
-    epochs' mixing."""
+    """What samples are loaded from: rows, training height, seed, cache, the epochs' mixing."""
 
     pano: list[Row]
     persp: list[Row]
@@ -194,17 +176,13 @@ class Batch:
     kind: tuple[str, ...]  # "pano" / "persp" per row
     index: tuple[int, ...]  # row number within its kind
     token_mask: Tensor  # (B, L) bool on the packed grid, L = H/16 * W/16
+    persp: Tensor  # (B,) bool: which rows are perspective canvases
     caption: tuple[str, ...]
     pixels: Tensor | None = None  # (B, 3, H, W) in [-1, 1]
     mean: Tensor | None = None  # (B, 16, H/8, W/8) posterior mean, before scale/shift
     std: Tensor | None = None  # (B, 16, H/8, W/8)
     txt: Tensor | None = None  # (B, L_txt, 4096) T5
     vec: Tensor | None = None  # (B, 768) CLIP pooled
-
-    @property
-    def persp(self) -> Tensor:
-        """(B,) bool: which rows are perspective canvases."""
-        return torch.tensor([k == "persp" for k in self.kind], device=self.token_mask.device)
 
     def to(self, device: torch.device | str) -> "Batch":
         """The batch with its tensors on device."""
@@ -228,7 +206,8 @@ def load_sample(source: Source, kind: str, index: int, epoch: int) -> dict:
         flip = bool(torch.rand((), generator=gen) < 0.5)
         shift = int(torch.randint(2 * h // PATCH, (), generator=gen))
     mask = token_mask(augment(mask, flip, shift * PATCH))
-    sample = dict(kind=kind, index=index, token_mask=mask, caption=row.caption)
+    sample = dict(kind=kind, index=index, token_mask=mask, persp=torch.tensor(kind == "persp"))
+    sample["caption"] = row.caption
     if source.cache_dir is None:
         pixels = from_pil(read_rgb(row.image, 2 * h, h))  # (3, H, W)
         sample["pixels"] = augment(pixels, flip, shift * PATCH)
@@ -244,54 +223,38 @@ def load_sample(source: Source, kind: str, index: int, epoch: int) -> dict:
     return sample
 
 
-def collate(samples: list[dict]) -> Batch:
-    """Stack samples into a Batch: tensors stacked, the rest as tuples."""
+def load_batch(source: Source, epoch: int, items: list[tuple[str, int]]) -> Batch:
+    """Load a batch's samples (kind, index) and stack them: tensors stacked, the rest as tuples."""
+    samples = [load_sample(source, kind, index, epoch) for kind, index in items]
     fields = {k: [s[k] for s in samples] for k in samples[0]}
     return Batch(
         **{k: torch.stack(v) if isinstance(v[0], Tensor) else tuple(v) for k, v in fields.items()}
     )
 
 
-def posterior(batch: Batch, encode: Encode) -> tuple[Tensor, Tensor]:
-    """The VAE posterior (mean, std) of a batch: cached, or encoded from its pixels."""
-    return (batch.mean, batch.std) if batch.mean is not None else encode(batch.pixels)
-
-
-def conditioning(batch: Batch, encode_text: EncodeText | None = None) -> Conditioning:
-    """Text conditioning of a batch: cached embeddings, or encode_text(captions)."""
+def encoded(
+    batch: Batch, encode: Encode | None, encode_text: EncodeText | None = None
+) -> tuple[Tensor, Tensor, Conditioning]:
+    """A batch's VAE posterior (mean, std) and text conditioning: cached, or encoded now."""
     if batch.txt is not None:
         txt_ids = batch.txt.new_zeros(*batch.txt.shape[:2], 3)  # (B, L_txt, 3)
-        return Conditioning(batch.txt, txt_ids, batch.vec)
+        return batch.mean, batch.std, Conditioning(batch.txt, txt_ids, batch.vec)
     if encode_text is None:
         raise ValueError("the batch is not cached: pass encode_text")
-    return Conditioning(*encode_text(list(batch.caption)))
+    return *encode(batch.pixels), Conditioning(*encode_text(list(batch.caption)))
 
 
-def epoch_order(
-    n_pano: int,
-    n_persp: int,
-    epoch: int,
-    seed: int,
-    rank: int = 0,
-    world: int = 1,
-    schedule: HybridSchedule | None = None,
-) -> list[tuple[str, int]]:
+def epoch_order(source: Source, epoch: int, rank: int = 0, world: int = 1) -> list[tuple[str, int]]:
     """This rank's (kind, index) samples of an epoch, the same for the same (seed, epoch): all
     panoramas and a fresh random subset of schedule.persp_count perspective rows, shuffled, cut
-    to a multiple of world (at most world - 1 dropped); rank r takes every world-th from r.
-    schedule: DiT360's by default."""
-    gen = seeded(seed, epoch)
-    count = (schedule or HybridSchedule()).persp_count(n_persp, epoch)
-    persp = torch.randperm(n_persp, generator=gen)[:count].tolist()
-    items = [("pano", i) for i in range(n_pano)] + [("persp", i) for i in persp]
+    to a multiple of world (at most world - 1 dropped); rank r takes every world-th from r."""
+    gen = seeded(source.seed, epoch)
+    n_persp = len(source.persp)
+    persp = torch.randperm(n_persp, generator=gen)[: source.schedule.persp_count(n_persp, epoch)]
+    items = [("pano", i) for i in range(len(source.pano))] + [("persp", i) for i in persp.tolist()]
     items = [items[i] for i in torch.randperm(len(items), generator=gen).tolist()]
     items = items[: len(items) - len(items) % world]
     return items[rank::world]
-
-
-def _load_batch(source: Source, epoch: int, items: list[tuple[str, int]]) -> Batch:
-    """Load the samples (kind, index) of a batch and stack them."""
-    return collate([load_sample(source, kind, index, epoch) for kind, index in items])
 
 
 def epoch_loader(
@@ -304,13 +267,11 @@ def epoch_loader(
     start_batch: int = 0,
 ) -> DataLoader:
     """An epoch's batches from start_batch, in order; the last partial one dropped."""
-    n = len(source.pano), len(source.persp)
-    order = epoch_order(*n, epoch, source.seed, rank, world, source.schedule)
     return DataLoader(
-        order[start_batch * batch_size :],  # (kind, index) pairs, loaded in the workers
+        epoch_order(source, epoch, rank, world)[start_batch * batch_size :],  # loaded in workers
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=partial(_load_batch, source, epoch),
+        collate_fn=partial(load_batch, source, epoch),
         drop_last=True,
         pin_memory=torch.cuda.is_available(),
     )

@@ -191,24 +191,29 @@ def test_persp_count_formula():
     assert [later.persp_count(64, e) for e in range(6)] == [0, 0, 0, 16, 4, 1]
 
 
+def order_of(n_pano: int, n_persp: int, epoch: int, seed: int, **ranks: int) -> list:
+    """epoch_order of n_pano panoramas and n_persp perspective rows (never read)."""
+    return epoch_order(Source([None] * n_pano, [None] * n_persp, 0, seed), epoch, **ranks)
+
+
 def test_epoch_order_counts_and_seed():
     """Each epoch holds all panoramas plus persp_count distinct perspective rows, seeded."""
     for epoch in range(6):
-        order = epoch_order(7, 40, epoch, seed=3)
+        order = order_of(7, 40, epoch, seed=3)
         kinds = Counter(k for k, _ in order)
         assert kinds["pano"] == 7 and kinds["persp"] == HybridSchedule().persp_count(40, epoch)
         assert len(set(order)) == len(order)
-        assert order == epoch_order(7, 40, epoch, seed=3)
-    assert epoch_order(7, 40, 2, seed=3) != epoch_order(7, 40, 2, seed=4)
-    persp = [sorted(i for k, i in epoch_order(7, 40, e, seed=3) if k == "persp") for e in (2, 3)]
+        assert order == order_of(7, 40, epoch, seed=3)
+    assert order_of(7, 40, 2, seed=3) != order_of(7, 40, 2, seed=4)
+    persp = [sorted(i for k, i in order_of(7, 40, e, seed=3) if k == "persp") for e in (2, 3)]
     assert persp[0][: len(persp[1])] != persp[1]  # a fresh subset each epoch
 
 
 def test_epoch_order_ranks_partition():
     """Ranks get equal, disjoint shares whose union is the epoch less at most world - 1 samples."""
     for world in (1, 2, 3, 4):
-        full = epoch_order(10, 8, 2, seed=0)
-        shards = [epoch_order(10, 8, 2, seed=0, rank=r, world=world) for r in range(world)]
+        full = order_of(10, 8, 2, seed=0)
+        shards = [order_of(10, 8, 2, seed=0, rank=r, world=world) for r in range(world)]
         assert len({len(s) for s in shards}) == 1
         union = [x for s in shards for x in s]
         assert len(set(union)) == len(union) and set(union) <= set(full)
@@ -258,7 +263,7 @@ def test_loader_batches_and_resume(tmp_path):
     assert len(batches) == 2 and all(isinstance(b, Batch) for b in batches)
     b = batches[0]
     assert b.pixels.shape == (2, 3, 32, 64) and b.token_mask.shape == (2, 8) and b.mean is None
-    order = epoch_order(3, 2, 2, seed=0)
+    order = order_of(3, 2, 2, seed=0)
     assert [(k, i) for b in batches for k, i in zip(b.kind, b.index, strict=True)] == order
     assert torch.equal(batches[0].persp, torch.tensor([k == "persp" for k in b.kind]))
     resumed = list(epoch_loader(source, 2, batch_size=2, start_batch=1))

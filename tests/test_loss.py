@@ -24,15 +24,7 @@ from dit360.core.loss import (
     sample_sigmas,
 )
 from dit360.core.model import Flux
-from dit360.data import (
-    Source,
-    collate,
-    conditioning,
-    epoch_order,
-    load_sample,
-    posterior,
-    read_rows,
-)
+from dit360.data import Source, encoded, epoch_order, load_batch, read_rows
 from dit360.panorama import Grid
 from dit360.sampling import Conditioning, time_shift
 
@@ -382,13 +374,13 @@ def fake_text(captions: list[str]):
 def epoch_losses(model, source: Source, epoch: int, encode) -> list[torch.Tensor]:
     """The loss of every sample of an epoch, each with step-seeded noise, sigma and latents."""
     out = []
-    for step, (kind, index) in enumerate(epoch_order(len(source.pano), 0, epoch, source.seed)):
-        batch = collate([load_sample(source, kind, index, epoch)])
+    for step, item in enumerate(epoch_order(source, epoch)):
+        batch = load_batch(source, epoch, [item])
         gen = torch.Generator().manual_seed(1000 * epoch + step)
-        z = scale_latents(AutoEncoderParams(), *posterior(batch, encode), gen)
+        mean, std, cond = encoded(batch, encode, fake_text)
+        z = scale_latents(AutoEncoderParams(), mean, std, gen)
         noise = torch.randn(z.shape, generator=gen)
         sigmas = sample_sigmas(1, gen)
-        cond = conditioning(batch, fake_text)
         with torch.no_grad():
             loss, _, _ = flow_loss(
                 model, z, noise, sigmas, cond, batch.token_mask, GRID,

@@ -21,7 +21,7 @@ import sample
 import train
 from dit360 import checkpoints
 from dit360.checkpoints import STATE
-from dit360.data import epoch_order
+from dit360.data import Source, epoch_order
 from dit360.lora_formats import load_lora
 from dit360.report import has_matplotlib
 from dit360.weights import load_flux
@@ -220,7 +220,7 @@ def test_black_mask_row_contributes_nothing(tiny_flux, data, tmp_path):
     """A perspective row whose mask is all black adds no loss and no gradient: another image
     under the same mask leaves the whole run bit-identical."""
     # 2 panoramas in epochs 0-1, + the perspective row in epoch 2: one step an epoch.
-    assert ("persp", 0) in epoch_order(2, 1, 2, seed=3)
+    assert ("persp", 0) in epoch_order(Source([None] * 2, [None], 0, seed=3), 2)
     outs = []
     for i in range(2):
         out = tmp_path / f"run{i}"

@@ -301,7 +301,7 @@ def test_all_new_options_resume_bit_identical_and_previews_equal_sample(
 
 def test_fp8_and_streaming_refused_on_several_ranks(tiny_flux, data, tmp_path, monkeypatch, capsys):
     """--base-dtype fp8 or --offload blocks on a world of 2 (faked): one error saying why."""
-    monkeypatch.setattr(train.distributed, "init", lambda device: (0, 2, torch.device("cpu")))
+    monkeypatch.setattr(train.distributed, "init", lambda device: (0, 2))
     for flag in (("--base-dtype", "fp8"), ("--offload", "blocks")):
         argv = args(tiny_flux, data, tmp_path / "out", *flag)
         expect_error(capsys, train.main, argv, tmp_path, r"are for one process: on several, FSDP")
