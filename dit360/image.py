@@ -2,7 +2,6 @@
 everywhere), tensors in [-1, 1] <-> PIL, and panorama files with GPano XMP metadata
 (https://developers.google.com/streetview/spherical-metadata) so 360 viewers recognise them."""
 
-import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -15,21 +14,22 @@ from PIL import Image, PngImagePlugin
 from torch import Tensor
 
 from .files import atomic_path
-from .panorama import perspective_to_equirect
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
 
-def to_pil(x: Tensor) -> Image.Image:
-    """An image (3, H, W) in [-1, 1] -> 8-bit RGB, rounded as diffusers' image processor does."""
-    x = (x.detach().float().cpu() / 2 + 0.5).clamp(0, 1)
+def to_pil(x: Tensor, unit: bool = False) -> Image.Image:
+    """An image (3, H, W) in [-1, 1] ([0, 1] if `unit`) -> 8-bit RGB, rounded as diffusers' does."""
+    x = x.detach().float().cpu()
+    x = (x if unit else x / 2 + 0.5).clamp(0, 1)
     return Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
-def from_pil(img: Image.Image) -> Tensor:
-    """An image (as RGB, 16-bit grey scaled as open_image does) -> (3, H, W) float32 in [-1, 1]."""
+def from_pil(img: Image.Image, unit: bool = False) -> Tensor:
+    """An image (as RGB, 16-bit grey as open_image reads it) -> (3, H, W) float32 in [-1, 1] ([0, 1]
+    if `unit`)."""
     x = torch.from_numpy(np.asarray(open_image(img).convert("RGB"), dtype=np.float32) / 255)
-    return x.permute(2, 0, 1) * 2 - 1
+    return x.permute(2, 0, 1) if unit else x.permute(2, 0, 1) * 2 - 1
 
 
 @contextmanager
@@ -109,23 +109,6 @@ def read_mask(src: str | Path | Image.Image, width: int, height: int) -> Tensor:
     if gray.size != (width, height):
         gray = gray.resize((width, height), Image.NEAREST)
     return torch.from_numpy(np.asarray(gray) >= 128)
-
-
-def project_photo(
-    img: Image.Image, fov: float, yaw: float, pitch: float, roll: float, height: int
-) -> tuple[Image.Image, Image.Image]:
-    """An RGB photo (horizontal `fov`, view yaw/pitch/roll) in an H x 2H canvas, and its mask."""
-    # The width whose centre pixels match the canvas resolution at the equator.
-    target = max(1, round(2 * height * math.tan(math.radians(fov) / 2) / math.pi))
-    if img.width > target:  # downscale with antialiasing first; bilinear sampling would alias
-        img = img.resize((target, max(1, round(img.height * target / img.width))), Image.LANCZOS)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255)
-    x = x.permute(2, 0, 1)[None]  # (1, 3, h, w)
-    with torch.no_grad():
-        canvas, mask = perspective_to_equirect(x, fov, yaw, pitch, roll, height)
-    canvas = (canvas[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    mask = (mask[0, 0] * 255).to(torch.uint8).numpy()
-    return Image.fromarray(canvas, "RGB"), Image.fromarray(mask, "L")
 
 
 XPACKET_ID = "W5M0MpCehiHzreSzNTczkc9d"  # the XMP specification's fixed packet id
