@@ -1,6 +1,5 @@
-"""Images in and out: the one reader of images and masks (the same convert-then-resize order
-everywhere), tensors in [-1, 1] <-> PIL, and panorama files with GPano XMP metadata
-(https://developers.google.com/streetview/spherical-metadata) so 360 viewers recognise them."""
+"""Images in and out: the one reader of images and masks, tensors <-> PIL, and panorama files with
+GPano XMP (https://developers.google.com/streetview/spherical-metadata) for 360 viewers."""
 
 import os
 import warnings
@@ -34,9 +33,8 @@ def from_pil(img: Image.Image, unit: bool = False) -> Tensor:
 
 @contextmanager
 def loaded(src: str | Path) -> Iterator[Image.Image]:
-    """The image file `src` opened and read whole; an error naming the file if it is truncated
-    or corrupt, or over PIL's decompression-bomb limit (its warning made an error: a larger
-    image is refused, whatever the format says, before its pixels are allocated)."""
+    """The image file `src` opened and read whole; ValueError naming it if truncated, corrupt, or
+    over PIL's decompression-bomb limit (its warning too: refused before allocating the pixels)."""
     f = None
     try:
         with warnings.catch_warnings():
@@ -57,8 +55,7 @@ def loaded(src: str | Path) -> Iterator[Image.Image]:
 
 
 def open_image(src: str | Path | Image.Image) -> Image.Image:
-    """An image read fully from a file (closed again), or the image given; the one place images
-    are opened, so every reader gets 16-bit grey at 8 bits (see eight_bit)."""
+    """An image read whole from a file (closed again), or the image given, 16-bit grey at 8 bits."""
     if isinstance(src, Image.Image):
         return eight_bit(src, "the image")
     with loaded(src) as f:
@@ -66,10 +63,8 @@ def open_image(src: str | Path | Image.Image) -> Image.Image:
 
 
 def eight_bit(img: Image.Image, name: str) -> Image.Image:
-    """16-bit grey (modes I;16, I;16B, ... and I, read as 0-65535) as 8-bit L, v / 257 rounded
-    (65535 -> 255; >= 128 from half the range, 32768, up); other modes as they are. PIL's own
-    convert("L"/"RGB") would clip these at 255 (a solid white image). Pillow already opens
-    16-bit RGB(A) PNGs as 8-bit RGB(A) (the high byte). Float images (mode F) are refused."""
+    """16-bit grey (modes I;16... and I, 0-65535) as 8-bit L, v / 257 rounded, where PIL's convert
+    would clip at 255 (16-bit RGB PNGs open as 8-bit already); float images (mode F) refused."""
     if img.mode == "F":
         raise ValueError(
             f"{name}: a 32-bit float image has no standard 8-bit range: save it as 8 or 16 bits"
@@ -93,9 +88,8 @@ def read_rgb(src: str | Path | Image.Image, width: int, height: int) -> Image.Im
 
 
 def read_mask(src: str | Path | Image.Image, width: int, height: int) -> Tensor:
-    """A mask (height, width) bool, white (grey >= 128, or >= 32768 of 16 bits) = True, resized
-    with nearest. Masks are read from grey levels, so one with transparent pixels is refused,
-    not silently misread."""
+    """A mask (height, width) bool, white (grey >= 128 of 255) = True, resized with nearest; one
+    with transparent pixels is refused, not misread (masks are read from grey levels)."""
     img = open_image(src)
     name = "the mask" if isinstance(src, Image.Image) else str(src)
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
@@ -115,8 +109,7 @@ XPACKET_ID = "W5M0MpCehiHzreSzNTczkc9d"  # the XMP specification's fixed packet 
 
 
 def gpano_xmp(width: int, height: int) -> bytes:
-    """GPano XMP for a full equirectangular panorama of this size, as a standard XMP packet: the
-    `<?xpacket?>` wrapper (begin = a UTF-8 byte order mark) that exiftool -validate expects."""
+    """GPano XMP of a full panorama, in the `<?xpacket?>` wrapper exiftool -validate expects."""
     fields = {
         "ProjectionType": "equirectangular", "UsePanoramaViewer": "True",
         "FullPanoWidthPixels": width, "FullPanoHeightPixels": height,
@@ -162,9 +155,8 @@ def check_output_path(path: str | Path) -> Path:
 def save_panorama(
     img: Image.Image, path: str | Path, text: dict[str, str] | None = None, quality: int = 95
 ) -> Path:
-    """Write a PNG or JPEG (by extension) atomically, with GPano XMP if 2:1 (a full sphere) and
-    the `text` entries (`info.stamp`: how it was made): PNG text chunks; in a JPEG, `parameters`
-    as the EXIF UserComment (where A1111 and Civitai read it) and the rest as its comment."""
+    """Write a PNG or JPEG atomically, with GPano XMP if 2:1 and the `text` entries (`info.stamp`):
+    PNG text chunks; JPEG: `parameters` as EXIF UserComment (for A1111), the rest as the comment."""
     path, (w, h), text = check_output_path(path), img.size, text or {}
     xmp = gpano_xmp(w, h) if w == 2 * h else None
     if xmp is None:

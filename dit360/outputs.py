@@ -23,29 +23,22 @@ SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what `python -m dit360.evaluate
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L")
 MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 # The viewer page: dit360/viewer.html, with @title@, @mime@ and @data@ (the file's bytes) filled in.
-# A WebGL2 shader looks each pixel's view direction up in the panorama with the projection of
-# `panorama.equirect_to_perspective` (same yaw and pitch signs), so a screenshot equals our render
-# (tested in headless Chromium): a ray (tan x, tan y, 1) through each pixel centre, tan x =
-# tan(fov / 2) at the left and right edges, turned by R = R_y(yaw) R_x(pitch); lon = atan2(x, z),
-# lat = atan2(y, |(x, z)|), the texel of (row i, column j) at lon 2 pi (j + 0.5) / W - pi, lat
-# pi / 2 - pi (i + 0.5) / H.
+# Its WebGL2 shader looks each pixel's view direction up in the panorama with the maths of
+# `panorama.equirect_to_perspective` (the same yaw and pitch signs, horizontal fov), so a screenshot
+# equals our render (tested in headless Chromium).
 FIELD = re.compile(r"@(title|mime|data)@")
+SWITCHES = {  # the flags of what is written beside the panorama, and their help
+    "--captions": "also write NAME.txt, the prompt (prepare.py reads it as the caption)",
+    "--viewer": "also write NAME.html, a 360 viewer",
+    "--cubemap": "also write the cube faces NAME-px, -nx, -py, -ny, -pz, -nz and NAME-cross",
+}
 
 
 def add_output_flags(parser: argparse.ArgumentParser) -> None:
     """--viewer, --cubemap, --cubemap-size, --captions and --overwrite."""
     g = parser.add_argument_group("outputs beside the panorama")
-    g.add_argument(
-        "--captions",
-        action="store_true",
-        help="also write NAME.txt, the prompt (prepare.py reads it as the caption)",
-    )
-    g.add_argument("--viewer", action="store_true", help="also write NAME.html, a 360 viewer")
-    g.add_argument(
-        "--cubemap",
-        action="store_true",
-        help="also write the cube faces NAME-px, -nx, -py, -ny, -pz, -nz and NAME-cross",
-    )
+    for flag, help in SWITCHES.items():
+        g.add_argument(flag, action="store_true", help=help)
     g.add_argument(
         "--cubemap-size",
         type=bounded(int, 1, SIDE),
