@@ -25,8 +25,7 @@ def to_pil(x: Tensor, unit: bool = False) -> Image.Image:
 
 
 def from_pil(img: Image.Image, unit: bool = False) -> Tensor:
-    """An image (as RGB, 16-bit grey as open_image reads it) -> (3, H, W) float32 in [-1, 1] ([0, 1]
-    if `unit`)."""
+    """An image as RGB (via open_image) -> (3, H, W) float32 in [-1, 1] ([0, 1] if `unit`)."""
     x = torch.from_numpy(np.asarray(open_image(img).convert("RGB"), dtype=np.float32) / 255)
     return x.permute(2, 0, 1) if unit else x.permute(2, 0, 1) * 2 - 1
 
@@ -88,8 +87,8 @@ def read_rgb(src: str | Path | Image.Image, width: int, height: int) -> Image.Im
 
 
 def read_mask(src: str | Path | Image.Image, width: int, height: int) -> Tensor:
-    """A mask (height, width) bool, white (grey >= 128 of 255) = True, resized with nearest; one
-    with transparent pixels is refused, not misread (masks are read from grey levels)."""
+    """A mask (height, width) bool, white (grey >= 128, or 32768 of 16 bits) = True, resized with
+    nearest; one with transparent pixels is refused, not misread (masks are read from grey)."""
     img = open_image(src)
     name = "the mask" if isinstance(src, Image.Image) else str(src)
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
