@@ -86,6 +86,7 @@ def test_module_commands(module, match, tmp_path, capsys, monkeypatch):
 
     def run(argv: list[str]) -> None:
         monkeypatch.setattr(sys, "argv", [module, *argv])
+        monkeypatch.delitem(sys.modules, module, raising=False)  # as `python -m` finds it
         runpy.run_module(module, run_name="__main__")
 
     expect_error(capsys, run, [], tmp_path, f"required: {match}")
