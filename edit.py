@@ -38,11 +38,11 @@ from PIL import Image
 from dit360.batch import checked_jobs, local_device, read_rows, run_batch
 from dit360.editing import EditJob, check_job, edit_image, edit_many
 from dit360.generate import job_options
-from dit360.image import open_image, project_photo, read_rgb, save_panorama
+from dit360.image import open_image, read_rgb, save_panorama
 from dit360.info import record, stamp
 from dit360.options import SIDE, EditOptions, Parser, add_flags, bounded, check_height, fail
 from dit360.outputs import add_output_flags, extras_missing, write_extras
-from dit360.panorama import VIEW_RANGES
+from dit360.panorama import VIEW_RANGES, project_photo
 from sample import batch_out, checked, checked_batch, out_dir
 
 SINGLE = ("image", "mask", "prompt")  # the flags of one edit, which --edits replaces

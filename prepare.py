@@ -44,9 +44,9 @@ from tqdm import tqdm
 from dit360 import hub_data, refine
 from dit360.data import READ_ERRORS
 from dit360.files import own_temp, read_text, remove
-from dit360.image import open_image, project_photo
+from dit360.image import open_image
 from dit360.options import Parser, check_height, fail
-from dit360.panorama import VIEW_RANGES
+from dit360.panorama import VIEW_RANGES, project_photo
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 Row = dict[str, str]

@@ -1,8 +1,6 @@
-"""What every command shares and needs no heavy import, so that a script sets it up on its first
-line, before torch and transformers load: one-line errors (`fail`), SIGINT and SIGTERM as one
-line and exit 130 / 143 from the first second on (`handle_signals`), a first line at once on a
-terminal (`starting`), and the entry point that says how a command ended (`run_main`).
-"""
+"""What every command shares with no heavy import, so a script sets it up before torch loads: the
+stated limits, one-line errors (`fail`), SIGINT and SIGTERM as one line and exit 130 / 143 from the
+first second on (`handle_signals`, `run_main`), a first line at once on a terminal (`starting`)."""
 
 import os
 import signal
@@ -24,8 +22,8 @@ STATE: dict[str, Any] = {"running": False, "got": None}  # run_main's main runs;
 
 
 def fail(message: object, code: int = 2) -> NoReturn:
-    """Stop a command with one line `error: ...` on stderr; code 2: bad usage, 1: a failure,
-    130 / 143: interrupted / terminated. Under torchrun, other ranks stop silently on a signal."""
+    """Stop with one line `error: ...` on stderr; code 2: bad usage, 1: a failure, 130 / 143: a
+    signal (which only rank 0 reports under torchrun)."""
     if code not in (130, 143) or os.environ.get("RANK", "0") == "0":
         line = f"error: {message}\n".encode("utf-8", "backslashreplace").decode()  # odd names too
         sys.stderr.write(line)
@@ -43,9 +41,8 @@ def check_prompt(text: str, what: str) -> str:
 
 
 def on_signal(signum: int, frame: object) -> None:
-    """While importing: one line and exit now (nothing to clean up). In run_main's main: SIGINT
-    is a KeyboardInterrupt and SIGTERM a SystemExit(143), so `finally` blocks run (temporary
-    files are removed) before run_main says the line."""
+    """While importing: one line and exit now. In run_main's main: SIGINT is a KeyboardInterrupt
+    and SIGTERM a SystemExit(143), so `finally` blocks (temporary files) run before the line."""
     STATE["got"] = signum
     code, what = SIGNALS[signum]
     if not STATE["running"]:
@@ -62,8 +59,7 @@ def handle_signals() -> None:
 
 
 def starting(command: str) -> None:
-    """On a terminal, one line at once, before the seconds of importing torch (a log file or a
-    pipe gets nothing: its lines stay the command's own, an error the one line)."""
+    """On a terminal (not a log or a pipe), one line at once, before the seconds importing torch."""
     if sys.stderr.isatty():
         print(f"{command}: starting (importing torch)...", file=sys.stderr, flush=True)
 
@@ -74,11 +70,9 @@ def one_line_warning(message: Warning | str, *args: Any, **kw: Any) -> str:
 
 
 def run_main(main: Callable[[], object]) -> None:
-    """A script's entry point: its warnings one line each; Ctrl-C (SIGINT) and SIGTERM, after
-    main's own cleanup ran (writes are atomic, so no partial file is left), one line
-    `error: interrupted` / `error: terminated`, exit 130 / 143. A signal whose exception was
-    swallowed on the way (raised inside a `__del__` or a generator's finaliser, where Python only
-    prints it) still ends the command so, once main returns."""
+    """A script's entry point: warnings one line each; SIGINT and SIGTERM, after main's cleanup,
+    one line `error: interrupted` / `terminated`, exit 130 / 143, even if their exception was
+    swallowed on the way (in a `__del__` or a finaliser, where Python only prints it)."""
     handle_signals()
     warnings.formatwarning = one_line_warning
     STATE["running"] = True

@@ -1,8 +1,6 @@
-"""Images in and out: the one reader of images and masks (the same convert-then-resize order
-everywhere), tensors in [-1, 1] <-> PIL, and panorama files with GPano XMP metadata
-(https://developers.google.com/streetview/spherical-metadata) so 360 viewers recognise them."""
+"""Images in and out: the one reader of images and masks, tensors <-> PIL, and panorama files with
+GPano XMP (https://developers.google.com/streetview/spherical-metadata) for 360 viewers."""
 
-import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -15,28 +13,27 @@ from PIL import Image, PngImagePlugin
 from torch import Tensor
 
 from .files import atomic_path
-from .panorama import perspective_to_equirect
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
 
-def to_pil(x: Tensor) -> Image.Image:
-    """An image (3, H, W) in [-1, 1] -> 8-bit RGB, rounded as diffusers' image processor does."""
-    x = (x.detach().float().cpu() / 2 + 0.5).clamp(0, 1)
+def to_pil(x: Tensor, unit: bool = False) -> Image.Image:
+    """An image (3, H, W) in [-1, 1] ([0, 1] if `unit`) -> 8-bit RGB, rounded as diffusers' does."""
+    x = x.detach().float().cpu()
+    x = (x if unit else x / 2 + 0.5).clamp(0, 1)
     return Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
-def from_pil(img: Image.Image) -> Tensor:
-    """An image (as RGB, 16-bit grey scaled as open_image does) -> (3, H, W) float32 in [-1, 1]."""
+def from_pil(img: Image.Image, unit: bool = False) -> Tensor:
+    """An image as RGB (via open_image) -> (3, H, W) float32 in [-1, 1] ([0, 1] if `unit`)."""
     x = torch.from_numpy(np.asarray(open_image(img).convert("RGB"), dtype=np.float32) / 255)
-    return x.permute(2, 0, 1) * 2 - 1
+    return x.permute(2, 0, 1) if unit else x.permute(2, 0, 1) * 2 - 1
 
 
 @contextmanager
 def loaded(src: str | Path) -> Iterator[Image.Image]:
-    """The image file `src` opened and read whole; an error naming the file if it is truncated
-    or corrupt, or over PIL's decompression-bomb limit (its warning made an error: a larger
-    image is refused, whatever the format says, before its pixels are allocated)."""
+    """The image file `src` opened and read whole; ValueError naming it if truncated, corrupt, or
+    over PIL's decompression-bomb limit (its warning too: refused before allocating the pixels)."""
     f = None
     try:
         with warnings.catch_warnings():
@@ -57,8 +54,7 @@ def loaded(src: str | Path) -> Iterator[Image.Image]:
 
 
 def open_image(src: str | Path | Image.Image) -> Image.Image:
-    """An image read fully from a file (closed again), or the image given; the one place images
-    are opened, so every reader gets 16-bit grey at 8 bits (see eight_bit)."""
+    """An image read whole from a file (closed again), or the image given, 16-bit grey at 8 bits."""
     if isinstance(src, Image.Image):
         return eight_bit(src, "the image")
     with loaded(src) as f:
@@ -66,10 +62,8 @@ def open_image(src: str | Path | Image.Image) -> Image.Image:
 
 
 def eight_bit(img: Image.Image, name: str) -> Image.Image:
-    """16-bit grey (modes I;16, I;16B, ... and I, read as 0-65535) as 8-bit L, v / 257 rounded
-    (65535 -> 255; >= 128 from half the range, 32768, up); other modes as they are. PIL's own
-    convert("L"/"RGB") would clip these at 255 (a solid white image). Pillow already opens
-    16-bit RGB(A) PNGs as 8-bit RGB(A) (the high byte). Float images (mode F) are refused."""
+    """16-bit grey (modes I;16... and I, 0-65535) as 8-bit L, v / 257 rounded, where PIL's convert
+    would clip at 255 (16-bit RGB PNGs open as 8-bit already); float images (mode F) refused."""
     if img.mode == "F":
         raise ValueError(
             f"{name}: a 32-bit float image has no standard 8-bit range: save it as 8 or 16 bits"
@@ -93,9 +87,8 @@ def read_rgb(src: str | Path | Image.Image, width: int, height: int) -> Image.Im
 
 
 def read_mask(src: str | Path | Image.Image, width: int, height: int) -> Tensor:
-    """A mask (height, width) bool, white (grey >= 128, or >= 32768 of 16 bits) = True, resized
-    with nearest. Masks are read from grey levels, so one with transparent pixels is refused,
-    not silently misread."""
+    """A mask (height, width) bool, white (grey >= 128, or 32768 of 16 bits) = True, resized with
+    nearest; one with transparent pixels is refused, not misread (masks are read from grey)."""
     img = open_image(src)
     name = "the mask" if isinstance(src, Image.Image) else str(src)
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
@@ -111,29 +104,11 @@ def read_mask(src: str | Path | Image.Image, width: int, height: int) -> Tensor:
     return torch.from_numpy(np.asarray(gray) >= 128)
 
 
-def project_photo(
-    img: Image.Image, fov: float, yaw: float, pitch: float, roll: float, height: int
-) -> tuple[Image.Image, Image.Image]:
-    """An RGB photo (horizontal `fov`, view yaw/pitch/roll) in an H x 2H canvas, and its mask."""
-    # The width whose centre pixels match the canvas resolution at the equator.
-    target = max(1, round(2 * height * math.tan(math.radians(fov) / 2) / math.pi))
-    if img.width > target:  # downscale with antialiasing first; bilinear sampling would alias
-        img = img.resize((target, max(1, round(img.height * target / img.width))), Image.LANCZOS)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255)
-    x = x.permute(2, 0, 1)[None]  # (1, 3, h, w)
-    with torch.no_grad():
-        canvas, mask = perspective_to_equirect(x, fov, yaw, pitch, roll, height)
-    canvas = (canvas[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    mask = (mask[0, 0] * 255).to(torch.uint8).numpy()
-    return Image.fromarray(canvas, "RGB"), Image.fromarray(mask, "L")
-
-
 XPACKET_ID = "W5M0MpCehiHzreSzNTczkc9d"  # the XMP specification's fixed packet id
 
 
 def gpano_xmp(width: int, height: int) -> bytes:
-    """GPano XMP for a full equirectangular panorama of this size, as a standard XMP packet: the
-    `<?xpacket?>` wrapper (begin = a UTF-8 byte order mark) that exiftool -validate expects."""
+    """GPano XMP of a full panorama, in the `<?xpacket?>` wrapper exiftool -validate expects."""
     fields = {
         "ProjectionType": "equirectangular", "UsePanoramaViewer": "True",
         "FullPanoWidthPixels": width, "FullPanoHeightPixels": height,
@@ -179,9 +154,8 @@ def check_output_path(path: str | Path) -> Path:
 def save_panorama(
     img: Image.Image, path: str | Path, text: dict[str, str] | None = None, quality: int = 95
 ) -> Path:
-    """Write a PNG or JPEG (by extension) atomically, with GPano XMP if 2:1 (a full sphere) and
-    the `text` entries (`info.stamp`: how it was made): PNG text chunks; in a JPEG, `parameters`
-    as the EXIF UserComment (where A1111 and Civitai read it) and the rest as its comment."""
+    """Write a PNG or JPEG atomically, with GPano XMP if 2:1 and the `text` entries (`info.stamp`):
+    PNG text chunks; JPEG: `parameters` as EXIF UserComment (for A1111), the rest as the comment."""
     path, (w, h), text = check_output_path(path), img.size, text or {}
     xmp = gpano_xmp(w, h) if w == 2 * h else None
     if xmp is None:

@@ -1,14 +1,7 @@
-"""What made an image: the settings sample.py and edit.py write into every panorama (PNG text
-chunks; JPEG: EXIF UserComment and the comment), read back, and the command that makes it again.
-
-python -m dit360.info panorama.png   # the settings, and the command line that remakes it
-
-Two forms, written by `image.save_panorama`: `parameters`, the text A1111, Forge and Civitai show
-("PROMPT\\nNegative prompt: ...\\nSteps: 28, Sampler: Euler, ..."), and `dit360`, our JSON:
-{"version", "script", "flags" (every flag that sets a pixel, as the script takes it), "loras"
-([name, scale, sha256[:12]] of each LoRA applied)}. Batches compare it to skip only outputs made
-with the same settings.
-"""
+"""python -m dit360.info panorama.png: the settings sample.py and edit.py write into every image
+(by `image.save_panorama`), and the command that makes it again. Two forms: `parameters`, the text
+A1111, Forge and Civitai show, and `dit360`, our JSON {"version", "script", "flags" (each that sets
+a pixel), "loras" ([name, scale, sha256[:12]])}, which batches compare to skip only equal ones."""
 
 import functools
 import hashlib
@@ -23,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from .config import FLUX_DEV
-from .options import DTYPES, EditOptions, SampleOptions
+from .options import DTYPES, EditOptions, Parser, SampleOptions, fail
 
 KEY = "dit360"  # our JSON's key; `parameters` is the web UIs'
 RUNTIME = ("device", "offload", "compile", "attention")  # how it runs, not what it makes
@@ -54,8 +47,7 @@ def file_hash(path: Path) -> str:
 
 
 def record(script: str, opts: SampleOptions | EditOptions, **flags: Any) -> dict:
-    """The settings of one image made by `script` (sample.py, edit.py): the script's own `flags`
-    (None and False left out), then every option of `opts` (the job's) but the RUNTIME ones."""
+    """An image's settings: the `script`'s `flags` (but None, False), then `opts` (but RUNTIME)."""
     from .generate import lora_sources
 
     given = {k: v for k, v in flags.items() if v is not None and v is not False}
@@ -137,8 +129,6 @@ def command(rec: dict, out: str | Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """Print an image's recorded settings and the command that makes it again."""
-    from .options import Parser, fail
-
     p = Parser(description=__doc__)
     p.add_argument("image", type=Path)
     p.add_argument("--out", help="the remade image's name in the command (default: NAME-again)")

@@ -1,11 +1,11 @@
 """Options of generation and editing, defined once: each dataclass field carries its default and
-its help, and the command-line flags of sample.py and edit.py are derived from the fields
-(`add_flags`, `from_args`), so an option is written in one place. Defaults are the reference's.
-"""
+help, and sample.py's and edit.py's flags are derived from the fields (`add_flags`, `from_args`);
+defaults are the reference's. Also the scripts' parser, flag types and input checks."""
 
 import argparse
 import dataclasses
 import importlib.util
+import inspect
 import math
 import os
 import sys
@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from .cli import GUIDANCE, PROMPT_CHARS, SIDE, STEPS, fail, run_main  # noqa: F401 (scripts import them)
+from .cli import GUIDANCE, PROMPT_CHARS, SIDE, STEPS, fail  # noqa: F401 (scripts import them)
 from .config import DIT360_LORA, FLUX_DEV
 from .kernels import BACKENDS
 from .lora_formats import paired_loras
@@ -26,10 +26,15 @@ from .panorama import Grid
 from .sources import Sources, resolve_sources
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES_16 = (torch.bfloat16, torch.float16)  # what FA3 runs in
 MASK_PADS = ("reference", "wrap")  # how Grid.wrap_mask fills the pad columns of an edit mask
 ATTENTION = ("auto", *BACKENDS, "fa3")  # SDPA's kernels and FA3: layers.attention_backend
 FINITE, UNIT = (math.isfinite, "a finite number"), (lambda v: 0 <= v <= 1, "in [0, 1]")
 GUIDE = (lambda v: abs(v) <= GUIDANCE, f"a finite number from -{GUIDANCE} to {GUIDANCE}")
+PROMPT = (
+    lambda v: v is None or len(v) <= PROMPT_CHARS,
+    f"at most {PROMPT_CHARS:,} characters (T5 reads 512 tokens, about 2,500 characters)",
+)
 CHECKS = {  # field: (test of its value, what it must be); NaN fails every comparison
     "lora_scale": (lambda v: all(map(math.isfinite, v if isinstance(v, tuple | list) else [v])),
                    "a finite number (each)"),
@@ -37,11 +42,8 @@ CHECKS = {  # field: (test of its value, what it must be); NaN fails every compa
     "blend_until": FINITE, "gamma": UNIT, "eta": UNIT, "start": UNIT, "stop": UNIT,
     "steps": (lambda v: isinstance(v, int) and 1 <= v <= STEPS, f"an integer from 1 to {STEPS}"),
     "seed": (lambda v: isinstance(v, int) and 0 <= v < 2**64, "an integer from 0 to 2**64 - 1"),
-    "source_prompt": (lambda v: v is None or len(v) <= PROMPT_CHARS, f"at most {PROMPT_CHARS:,} "
-                      "characters (T5 reads 512 tokens, about 2,500 characters)"),
+    "source_prompt": PROMPT, "negative_prompt": PROMPT,
     "true_cfg": (lambda v: math.isfinite(v) and v >= 1, "a finite number >= 1 (1: off)"),
-    "negative_prompt": (lambda v: v is None or len(v) <= PROMPT_CHARS, f"at most {PROMPT_CHARS:,} "
-                        "characters (T5 reads 512 tokens, about 2,500 characters)"),
     "wrap_pad": (lambda v: v in range(5), "0 to 4 (packed columns a side)"),
     "vae_tile": (lambda v: v is None or v >= 1, "at least 1 (latent pixels)"),
     "feather": (lambda v: v is None or v >= 0, "at least 0 (pixels)"),
@@ -161,8 +163,17 @@ class Options:
                           stacklevel=caller())  # fmt: skip
         dtype = self.dtype or ("bf16" if dev.type == "cuda" else "fp32")
         self.dtype = DTYPES.get(dtype, dtype)
-        if self.attention == "fa3":
-            check_fa3(dev, self.dtype)
+        if self.attention == "fa3" and importlib.util.find_spec("flash_attn_interface") is None:
+            raise ValueError(
+                "--attention fa3 needs FlashAttention-3 (module flash_attn_interface), built from "
+                "flash-attention's hopper/ folder (cd hopper && python setup.py install); without "
+                "it use --attention auto"
+            )
+        if self.attention == "fa3" and (dev.type != "cuda" or self.dtype not in DTYPES_16):
+            raise ValueError(
+                f"--attention fa3 runs on a CUDA GPU in bf16 or fp16, not {dev.type} {self.dtype}; "
+                "use --attention auto"
+            )
 
     def negative(self) -> str | None:
         """The negative prompt if true CFG is on (diffusers: a negative prompt and a scale > 1)."""
@@ -217,28 +228,12 @@ class EditOptions(Options):
             raise ValueError(f"need --start <= --stop, got {self.start} > {self.stop}")
 
 
-def check_fa3(device: torch.device, dtype: torch.dtype) -> None:
-    """--attention fa3 runs here, or a ValueError that says what is missing."""
-    if importlib.util.find_spec("flash_attn_interface") is None:
-        raise ValueError(
-            "--attention fa3 needs FlashAttention-3 (module flash_attn_interface), built from "
-            "flash-attention's hopper/ folder (cd hopper && python setup.py install); without "
-            "it use --attention auto"
-        )
-    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(
-            f"--attention fa3 runs on a CUDA GPU in bf16 or fp16, not {device.type} {dtype}; "
-            "use --attention auto"
-        )
-
-
 # Frames a warning is not about: this package's, and those dataclasses make (__init__, replace).
 INSIDE = (os.path.dirname(__file__), "<", dataclasses.__file__)
 
 
 def caller() -> int:
-    """warnings.warn's stacklevel for the first frame outside this package: the line of the API
-    user's call (or of the script), however deep in dit360 the warning is raised."""
+    """warnings.warn's stacklevel for the first frame outside this package (the API user's call)."""
     frame, level = sys._getframe(1), 1
     while frame.f_back is not None and frame.f_code.co_filename.startswith(INSIDE):
         frame, level = frame.f_back, level + 1
@@ -246,8 +241,7 @@ def caller() -> int:
 
 
 def check_size(height: int, width: int, wrap_pad: int = 0) -> None:
-    """Multiples of 16 up to SIDE and a pad under half the width or an error; not 1024x2048: a
-    warning."""
+    """Multiples of 16 up to SIDE, a pad to half the width, or ValueError; not 1024x2048 warns."""
     if min(height, width) <= 0 or height % 16 or width % 16:
         raise ValueError(
             f"--height and --width must be positive multiples of 16, got {height}x{width}"
@@ -267,8 +261,7 @@ def check_size(height: int, width: int, wrap_pad: int = 0) -> None:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows each flag's default (not None: the help says what it means) and keeps the
-    description's line breaks."""
+    """--help shows each flag's default (but None) and keeps the description's line breaks."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         return action.help if action.default is None else super()._get_help_string(action)
@@ -278,6 +271,7 @@ class Parser(argparse.ArgumentParser):
     """The scripts' parser: --help with defaults; a bad flag is one line `error: ...`, exit 2."""
 
     def __init__(self, description: str | None = None, **kw: Any) -> None:
+        description = description and inspect.cleandoc(description)  # a docstring's indentation
         super().__init__(description=description, formatter_class=HelpFormatter, **kw)
 
     def error(self, message: str) -> NoReturn:
@@ -285,8 +279,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def require_torch(floor: tuple[int, int], command: str, why: str) -> None:
-    """Refuse a torch older than `floor` with one line `error: ...` (exit 2), before anything
-    slow or any import that needs it."""
+    """Refuse a torch older than `floor`: one line `error: ...` (exit 2), before anything slow."""
     have = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
     if have < floor:
         need = ".".join(map(str, floor))
@@ -296,9 +289,8 @@ def require_torch(floor: tuple[int, int], command: str, why: str) -> None:
 
 @contextmanager
 def warnings_last() -> Iterator[None]:
-    """Warnings raised inside are shown as it ends, each once (a batch's rows share the size's),
-    and only if it ends without an error: a bad flag or row is the one line `error: ...`, with no
-    warning before it."""
+    """Warnings raised inside are shown as it ends, each once (a batch's rows share the size's), and
+    only if it ends without an error (a bad flag or row is the one line `error: ...`)."""
     with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always")
         yield
@@ -307,8 +299,7 @@ def warnings_last() -> Iterator[None]:
 
 
 def check_height(flag: str, height: int) -> None:
-    """A panorama's height (its width is twice it): a multiple of 16 up to SIDE / 2, or
-    ValueError naming `flag`."""
+    """A panorama's height: a multiple of 16 up to SIDE / 2, or ValueError naming `flag`."""
     if not (0 < height <= SIDE // 2 and height % 16 == 0):
         raise ValueError(
             f"{flag} must be a positive multiple of 16, got {height}: at most {SIDE // 2} (the "
@@ -340,8 +331,7 @@ POSITIVE, FRACTION = bounded(float, 0, above=True), bounded(float, 0, 1)
 
 
 class Several(argparse.Action):
-    """A flag that may be given several times: the tuple of its values in order (the default
-    stands only if it is never given)."""
+    """A flag that may be given several times: the tuple of its values (else the default)."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
         given = getattr(namespace, self.dest)

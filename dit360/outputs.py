@@ -1,39 +1,44 @@
-"""What sample.py and edit.py write beside a panorama on request, and the seam score they print:
---viewer (NAME.html, `dit360.view`), --cubemap (six faces NAME-px ... NAME-nz in three.js / Unity
-order, `panorama.FACES`, and the horizontal cross NAME-cross), --cubemap-size (default H/2),
---captions (NAME.txt, the prompt, which prepare.py reads as the caption)."""
+"""What sample.py and edit.py write beside a panorama on request (--captions NAME.txt, --viewer
+NAME.html, --cubemap NAME-px ... NAME-nz and NAME-cross) and the seam score they print; the same
+for any file: `python -m dit360.view` (`view_main`) and `python -m dit360.evaluate`."""
 
 import argparse
+import base64
+import html
+import re
 import warnings
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor
 
-from .evaluate import seam_report
 from .files import atomic_path
-from .image import FORMATS
-from .options import SIDE, bounded
-from .panorama import FACES, cube_to_layout, equirect_to_cube
-from .view import write_viewer
+from .image import FORMATS, from_pil, loaded, open_image, to_pil
+from .options import SIDE, Parser, bounded, fail
+from .panorama import FACES, cube_to_layout, discontinuity_score, equirect_to_cube
+
+SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what `python -m dit360.evaluate DIR` reads
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L")
+MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+# The viewer page: dit360/viewer.html, with @title@, @mime@ and @data@ (the file's bytes) filled in.
+# Its WebGL2 shader looks each pixel's view direction up in the panorama with the maths of
+# `panorama.equirect_to_perspective` (the same yaw and pitch signs, horizontal fov), so a screenshot
+# equals our render (tested in headless Chromium).
+FIELD = re.compile(r"@(title|mime|data)@")
+SWITCHES = {  # the flags of what is written beside the panorama, and their help
+    "--captions": "also write NAME.txt, the prompt (prepare.py reads it as the caption)",
+    "--viewer": "also write NAME.html, a 360 viewer",
+    "--cubemap": "also write the cube faces NAME-px, -nx, -py, -ny, -pz, -nz and NAME-cross",
+}
 
 
 def add_output_flags(parser: argparse.ArgumentParser) -> None:
     """--viewer, --cubemap, --cubemap-size, --captions and --overwrite."""
     g = parser.add_argument_group("outputs beside the panorama")
-    g.add_argument(
-        "--captions",
-        action="store_true",
-        help="also write NAME.txt, the prompt (prepare.py reads it as the caption)",
-    )
-    g.add_argument("--viewer", action="store_true", help="also write NAME.html, a 360 viewer")
-    g.add_argument(
-        "--cubemap",
-        action="store_true",
-        help="also write the cube faces NAME-px, -nx, -py, -ny, -pz, -nz and NAME-cross",
-    )
+    for flag, help in SWITCHES.items():
+        g.add_argument(flag, action="store_true", help=help)
     g.add_argument(
         "--cubemap-size",
         type=bounded(int, 1, SIDE),
@@ -48,35 +53,20 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def to_image(x: Tensor) -> Image.Image:
-    """(3, H, W) in [0, 1] -> 8-bit RGB."""
-    return Image.fromarray((x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-
-
-def save_image(img: Image.Image, path: Path) -> Path:
-    """Write a PNG or JPEG (by the extension; JPEG quality 95) atomically, without metadata."""
-    with atomic_path(path) as tmp:
-        img.save(tmp, format=FORMATS[path.suffix.lower()], quality=95)  # PNG ignores quality
-    return path
-
-
 def write_cubemap(image: Image.Image, path: Path, size: int | None = None) -> list[Path]:
-    """Write the cube map of the panorama `image` beside `path` (same format): the faces
-    PATH-px ... PATH-nz, size x size (default height / 2), then PATH-cross (3 x 4 faces, black
-    where no face is)."""
-    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255)
-    faces = equirect_to_cube(x.permute(2, 0, 1)[None], size or image.height // 2)  # (1, 6, 3, F, F)
-    names = [*(f"-{face}" for face in FACES), "-cross"]
-    images = [*faces[0], cube_to_layout(faces, "cross")[0]]
-    return [
-        save_image(to_image(img), path.with_name(path.stem + name + path.suffix))
-        for name, img in zip(names, images, strict=True)
-    ]
+    """Write the faces PATH-px ... PATH-nz (size x size, default height / 2; three.js and Unity's
+    order) of the panorama `image`, and PATH-cross (3 x 4 faces, black elsewhere), as PATH is."""
+    faces = equirect_to_cube(from_pil(image, unit=True)[None], size or image.height // 2)
+    wrote = [path.with_name(f"{path.stem}-{name}{path.suffix}") for name in (*FACES, "cross")]
+    for out, face in zip(wrote, [*faces[0], cube_to_layout(faces, "cross")[0]], strict=True):
+        with atomic_path(out) as tmp:  # faces: (1, 6, 3, F, F); PNG ignores the quality
+            to_pil(face, unit=True).save(tmp, format=FORMATS[path.suffix.lower()], quality=95)
+    return wrote
 
 
 def extras_missing(path: Path, args: argparse.Namespace) -> bool:
-    """Whether --viewer or --cubemap ask for a file beside the panorama at `path` that is not there
-    (a resumed batch makes them for the images it skips)."""
+    """Whether the flags ask for a file beside the panorama `path` that is not there (a resumed
+    batch makes them for the images it skips)."""
     names = (
         [".html"] * args.viewer
         + [".txt"] * args.captions
@@ -85,18 +75,14 @@ def extras_missing(path: Path, args: argparse.Namespace) -> bool:
     return any(not path.with_name(path.stem + name).exists() for name in names)
 
 
-def write_caption(text: str, path: Path) -> Path:
-    """Write `text` (and a newline) to `path` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text + "\n", encoding="utf-8")
-    return path
-
-
 def write_extras(image: Image.Image, path: Path, args: argparse.Namespace, prompt: str) -> str:
-    """Write what --captions, --viewer and --cubemap ask for beside the panorama (made from
-    `prompt`) just written at `path`; returns the seam score and what was written, for the
-    script's line."""
-    wrote = [write_caption(prompt, path.with_suffix(".txt"))] if args.captions else []
+    """Write what the flags ask for beside the panorama `path` (made from `prompt`); returns the
+    seam score and what was written, for the script's line."""
+    wrote = []
+    if args.captions:
+        wrote.append(path.with_suffix(".txt"))
+        with atomic_path(wrote[-1]) as tmp:
+            tmp.write_text(prompt + "\n", encoding="utf-8")
     if (args.viewer or args.cubemap) and image.width != 2 * image.height:
         warnings.warn(f"{path} is not 2:1: no viewer page or cube map", stacklevel=2)
     else:
@@ -104,3 +90,96 @@ def write_extras(image: Image.Image, path: Path, args: argparse.Namespace, promp
         wrote += write_cubemap(image, path, args.cubemap_size) if args.cubemap else []
     also = f"; also wrote {', '.join(p.name for p in wrote)}" if wrote else ""
     return seam_report(image) + also
+
+
+def write_viewer(image: str | Path, out: str | Path | None = None) -> Path:
+    """Write the viewer page of the 2:1 panorama file `image` (its bytes embedded as they are) to
+    `out` (default: beside it, .html), atomically; ValueError if not readable or not 2:1."""
+    image = Path(image)
+    try:
+        with loaded(image) as img:
+            fmt, (w, h) = img.format, img.size
+    except OSError as e:
+        raise ValueError(f"{image}: not a readable image ({e})") from None
+    if fmt not in MIME:
+        raise ValueError(f"{image}: {fmt} images are not embedded; use PNG, JPEG or WebP")
+    if w != 2 * h:
+        raise ValueError(f"{image}: {w}x{h} is not 2:1 (equirectangular)")
+    data = base64.b64encode(image.read_bytes()).decode("ascii")
+    fields = dict(title=html.escape(image.stem), mime=MIME[fmt], data=data)
+    page = resources.files(__package__).joinpath("viewer.html").read_text(encoding="utf-8")
+    out = Path(out) if out else image.with_suffix(".html")
+    with atomic_path(out) as tmp:
+        tmp.write_text(FIELD.sub(lambda m: fields[m[1]], page), encoding="utf-8")
+    return out
+
+
+def view_main(argv: list[str] | None = None) -> None:
+    """python -m dit360.view pano.png [--out pano.html]: a 360-degree viewer page, one HTML file
+    (the image embedded, no network). Drag to look around, the wheel zooms; the URL fragment
+    holds the view (#yaw=90&pitch=10&fov=75, degrees), so a view can be shared."""
+    p = Parser(description=view_main.__doc__)
+    p.add_argument("image", type=Path, help="an equirectangular panorama (2:1 PNG, JPEG or WebP)")
+    p.add_argument("--out", type=Path, help="the page to write (default: IMAGE with .html)")
+    args = p.parse_args(argv)
+    if not args.image.is_file():
+        fail(f"{args.image}: no such file")
+    if args.out is not None and args.out.suffix.lower() not in (".html", ".htm"):
+        fail(f"--out {args.out}: use a .html file name")
+    try:
+        out = write_viewer(args.image, args.out)
+    except ValueError as e:
+        fail(e)
+    except OSError as e:
+        fail(f"cannot write {args.out or args.image.with_suffix('.html')}: {e}")
+    print(f"wrote {out}: open it in a browser (drag to look around, the wheel zooms)")
+
+
+def seam_scores(img: Image.Image) -> tuple[float, float]:
+    """The Discontinuity Score of a panorama across the wrap and across the middle column."""
+    rgb = np.asarray(open_image(img).convert("RGB"), dtype=np.float64) / 255  # 16-bit grey too
+    g = torch.from_numpy(rgb @ np.array(LUMA))  # (H, W) luma in [0, 1]
+    return discontinuity_score(g, 0).item(), discontinuity_score(g, g.shape[-1] // 2).item()
+
+
+def seam_report(img: Image.Image) -> str:
+    """The seam scores as the scripts print them."""
+    wrap, middle = seam_scores(img)
+    return f"seam score {wrap:.3f} (middle {middle:.3f}; lower is better)"
+
+
+def evaluate_main(argv: list[str] | None = None) -> None:
+    """python -m dit360.evaluate DIR [DIR or IMAGE ...]: the Discontinuity Score (Christensen et
+    al. 2024, arXiv 2407.18207) of each 2:1 image across the wrap, and across the middle column,
+    where nothing was cut: a seam stands out when the first is clearly higher. Lower is better."""
+    p = Parser(description=evaluate_main.__doc__)
+    p.add_argument("paths", nargs="+", type=Path, help="folders of panoramas, or image files")
+    args = p.parse_args(argv)
+    files = []
+    for path in args.paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            fail(f"{path}: no such file or folder")
+    if not files:
+        fail(f"no images ({', '.join(SUFFIXES)}) in {', '.join(map(str, args.paths))}")
+    scores = []
+    for path in files:
+        try:
+            img = open_image(path)  # a ValueError or OSError that names the file
+        except (OSError, ValueError) as e:
+            fail(e)
+        if img.width != 2 * img.height:  # e.g. the cube faces --cubemap writes beside a panorama
+            print(f"{path}: skipped, {img.width}x{img.height} is not 2:1")
+            continue
+        scores.append(seam_scores(img))
+        print(f"{path}: seam {scores[-1][0]:.3f}, middle {scores[-1][1]:.3f}")
+    if not scores:
+        fail("no 2:1 panoramas among the images")
+    wrap, middle = np.mean(scores, axis=0)
+    print(
+        f"mean of {len(scores)} panoramas: seam {wrap:.3f}, middle {middle:.3f} "
+        "(Discontinuity Score, lower is better; a seam stands out when seam > middle)"
+    )

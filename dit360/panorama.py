@@ -1,18 +1,13 @@
-"""Panorama geometry: projections, rotations, the seam metric (Discontinuity Score). The token
-layout (`Grid`: packing, wrap padding, image ids, token masks) is `dit360.core.grid`'s.
-
-Conventions (py360convert's, so its functions are our test oracle):
-- Equirect images are (B, C, H, W), W = 2H, sampled at pixel centres: longitude
-  lon = 2 pi (j + 0.5) / W - pi (lon 0 at the image centre), latitude lat = pi/2 - pi (i + 0.5) / H.
-- Directions: x = cos(lat) sin(lon), y = sin(lat), z = cos(lat) cos(lon): +z forward, +x right,
-  +y up. Views in degrees: yaw turns right, pitch looks up, roll turns the camera clockwise
-  (py360convert's u_deg, v_deg, in_rot_deg); fov is horizontal, pixels square.
-- Cube faces (B, 6, C, F, F) in three.js order px nx py ny pz nz: upright 90-degree views, px/nx/pz/
-  nz at yaw 90/-90/0/180; py looks up with the front at its bottom edge, ny down with the front at
-  its top edge (py360convert's F R B L U D = pz px nz nx py ny). Layouts: "cross" (3F, 4F) = py
-  above pz, then nx pz px nz, ny below pz; "strip" (F, 6F) in FACES order.
-- Masks are 1 where valid. Everything is batched and differentiable; sampling grids are float32
-  (float64 for float64 images). The training losses' own projections are in core/loss.py.
+"""Panorama geometry: projections (equirect, cube, perspective, a photo onto the canvas), rotations,
+the seam metric. The token layout (`Grid`) is `dit360.core.grid`'s; the training losses' own
+projections are in core/loss.py. Conventions (py360convert's, so its functions are our oracle):
+- Equirect (B, C, H, W), W = 2H, sampled at pixel centres: lon = 2 pi (j + 0.5) / W - pi (0 at the
+  centre), lat = pi/2 - pi (i + 0.5) / H; directions x = cos(lat) sin(lon), y = sin(lat),
+  z = cos(lat) cos(lon). Views in degrees: yaw turns right, pitch looks up, roll turns the camera
+  clockwise (py360convert's u_deg, v_deg, in_rot_deg); fov is horizontal, pixels square.
+- Cube faces (B, 6, C, F, F) in three.js order px nx py ny pz nz (py360convert's F R B L U D = pz px
+  nz nx py ny): upright 90-degree views; py looks up, ny down, each with the front (pz) at the edge
+  nearest it. Masks are 1 where valid; grids are float32 (float64 for float64 images).
 """
 
 import math
@@ -20,9 +15,11 @@ import math
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from PIL import Image
 from torch import Tensor
 
 from .core.grid import PATCH, Grid, geo_dtype, pack, token_mask, unpack  # noqa: F401
+from .image import from_pil, to_pil
 
 FACES = ("px", "nx", "py", "ny", "pz", "nz")
 # Degrees a perspective view may take (edit.py --photo, prepare.py): fov, and the orientation.
@@ -68,7 +65,7 @@ def camera_rays(
     return torch.stack([x, y, torch.ones_like(x)], dim=-1)
 
 
-def sample_equirect(x: Tensor, dirs: Tensor, mode: str = "bilinear") -> Tensor:
+def sample_equirect(x: Tensor, dirs: Tensor) -> Tensor:
     """Sample equirect x (B, C, H, W) along directions (h, w, 3) -> (B, C, h, w), seamlessly."""
     b, _, h, w = x.shape
     # One pixel of context so interpolation is seamless: the row beyond a pole is the edge row
@@ -81,7 +78,7 @@ def sample_equirect(x: Tensor, dirs: Tensor, mode: str = "bilinear") -> Tensor:
     row = (math.pi / 2 - lat) * (h / math.pi) + 0.5
     grid = torch.stack([col * (2 / (w + 1)) - 1, row * (2 / (h + 1)) - 1], dim=-1)  # (h, w, 2)
     grid = grid.to(x.dtype).expand(b, -1, -1, -1)
-    return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=True)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=True)
 
 
 def equirect_to_perspective(
@@ -91,13 +88,12 @@ def equirect_to_perspective(
     pitch: float = 0.0,
     roll: float = 0.0,
     size: tuple[int, int] = (512, 512),
-    mode: str = "bilinear",
 ) -> Tensor:
     """Perspective view (B, C, h, w), size = (h, w), of the equirect image x (B, C, H, W)."""
     dtype = geo_dtype(x)
     rot = rotation(yaw, pitch, roll).to(dtype).to(x.device)
     rays = camera_rays(*size, fov, device=x.device, dtype=dtype)  # (h, w, 3)
-    return sample_equirect(x, rays @ rot.T, mode)
+    return sample_equirect(x, rays @ rot.T)
 
 
 def perspective_to_equirect(
@@ -107,26 +103,40 @@ def perspective_to_equirect(
     pitch: float = 0.0,
     roll: float = 0.0,
     height: int = 1024,
-    width: int | None = None,
-    mode: str = "bilinear",
 ) -> tuple[Tensor, Tensor]:
-    """Perspective image (B, C, h, w) -> equirect canvas (B, C, H, W) and its mask (B, 1, H, W)."""
+    """Perspective image (B, C, h, w) -> equirect canvas (B, C, H, 2H), its mask (B, 1, H, 2H)."""
     b, _, h, w = img.shape
-    width = width or 2 * height
     if not 0 < fov < 180:
         raise ValueError(f"fov must be in (0, 180) degrees, got {fov}")
     dtype = geo_dtype(img)
     rot = rotation(yaw, pitch, roll).to(dtype).to(img.device)
-    cam = equirect_dirs(height, width, img.device, dtype) @ rot  # (H, W, 3) in camera coordinates
+    cam = (
+        equirect_dirs(height, 2 * height, img.device, dtype) @ rot
+    )  # (H, W, 3) in camera coordinates
     tx = math.tan(math.radians(fov) / 2)
     ty = tx * h / w
     depth = cam[..., 2].clamp_min(1e-6)
     u, v = cam[..., 0] / (depth * tx), cam[..., 1] / (depth * ty)  # image plane, [-1, 1] inside
     valid = (cam[..., 2] > 0) & (u.abs() <= 1) & (v.abs() <= 1)  # (H, W)
     grid = torch.stack([u, -v], dim=-1).clamp(-2, 2).to(img.dtype).expand(b, -1, -1, -1)
-    out = F.grid_sample(img, grid, mode=mode, padding_mode="border", align_corners=False)
+    out = F.grid_sample(img, grid, padding_mode="border", align_corners=False)
     mask = valid.to(img.dtype).expand(b, 1, -1, -1)
     return out * mask, mask
+
+
+def project_photo(
+    img: Image.Image, fov: float, yaw: float, pitch: float, roll: float, height: int
+) -> tuple[Image.Image, Image.Image]:
+    """An RGB photo (horizontal `fov`, view yaw/pitch/roll) in an H x 2H canvas, and its mask."""
+    # The width whose centre pixels match the canvas resolution at the equator.
+    target = max(1, round(2 * height * math.tan(math.radians(fov) / 2) / math.pi))
+    if img.width > target:  # downscale with antialiasing first; bilinear sampling would alias
+        img = img.resize((target, max(1, round(img.height * target / img.width))), Image.LANCZOS)
+    x = from_pil(img, unit=True)[None]  # (1, 3, h, w)
+    with torch.no_grad():
+        canvas, mask = perspective_to_equirect(x, fov, yaw, pitch, roll, height)
+    mask = Image.fromarray((mask[0, 0] * 255).to(torch.uint8).numpy(), "L")
+    return to_pil(canvas[0], unit=True), mask
 
 
 def _face_rotations() -> Tensor:
@@ -134,18 +144,18 @@ def _face_rotations() -> Tensor:
     return torch.stack([rotation(*FACE_VIEWS[f]) for f in FACES])
 
 
-def equirect_to_cube(x: Tensor, face_size: int | None = None, mode: str = "bilinear") -> Tensor:
+def equirect_to_cube(x: Tensor, face_size: int | None = None) -> Tensor:
     """Equirect (B, C, H, W) -> cube faces (B, 6, C, F, F) in FACES order; F defaults to W/4."""
     face_size = face_size or x.shape[-1] // 4
     dtype = geo_dtype(x)
     rays = camera_rays(face_size, face_size, 90.0, device=x.device, dtype=dtype)  # (F, F, 3)
     rots = _face_rotations().to(dtype).to(x.device)
     dirs = torch.einsum("fij,hwj->fhwi", rots, rays)  # (6, F, F, 3)
-    out = sample_equirect(x, rearrange(dirs, "f h w i -> (f h) w i"), mode)  # (B, C, 6F, F)
+    out = sample_equirect(x, rearrange(dirs, "f h w i -> (f h) w i"))  # (B, C, 6F, F)
     return rearrange(out, "b c (f h) w -> b f c h w", f=6)
 
 
-def sample_cube(faces: Tensor, dirs: Tensor, mode: str = "bilinear") -> Tensor:
+def sample_cube(faces: Tensor, dirs: Tensor) -> Tensor:
     """Sample cube faces (B, 6, C, F, F) along directions (h, w, 3) -> (B, C, h, w)."""
     dtype = geo_dtype(faces)
     rots = _face_rotations().to(dtype).to(faces.device)
@@ -158,16 +168,14 @@ def sample_cube(faces: Tensor, dirs: Tensor, mode: str = "bilinear") -> Tensor:
     grid = torch.stack([u, -v, depth.to(dtype)], dim=-1).to(faces.dtype)  # (h, w, 3)
     grid = grid.expand(faces.shape[0], 1, -1, -1, -1)  # (B, 1, h, w, 3)
     volume = rearrange(faces, "b f c h w -> b c f h w")
-    out = F.grid_sample(volume, grid, mode=mode, padding_mode="border", align_corners=False)
+    out = F.grid_sample(volume, grid, padding_mode="border", align_corners=False)
     return out[:, :, 0]  # (B, C, h, w)
 
 
-def cube_to_equirect(
-    faces: Tensor, height: int, width: int | None = None, mode: str = "bilinear"
-) -> Tensor:
+def cube_to_equirect(faces: Tensor, height: int, width: int | None = None) -> Tensor:
     """Cube faces (B, 6, C, F, F) in FACES order -> equirect (B, C, height, width = 2 height)."""
     dirs = equirect_dirs(height, width or 2 * height, faces.device, geo_dtype(faces))
-    return sample_cube(faces, dirs, mode)
+    return sample_cube(faces, dirs)
 
 
 def cube_to_layout(faces: Tensor, layout: str = "cross") -> Tensor:
@@ -184,14 +192,12 @@ def cube_to_layout(faces: Tensor, layout: str = "cross") -> Tensor:
     return out
 
 
-def rotate(
-    x: Tensor, yaw: float, pitch: float = 0.0, roll: float = 0.0, mode: str = "bilinear"
-) -> Tensor:
+def rotate(x: Tensor, yaw: float, pitch: float = 0.0, roll: float = 0.0) -> Tensor:
     """Rotate equirect x (B, C, H, W): content at d moves to R d (yaw 360 k / W = roll by k)."""
     dtype = geo_dtype(x)
     rot = rotation(yaw, pitch, roll).to(dtype).to(x.device)
     dirs = equirect_dirs(*x.shape[-2:], x.device, dtype)  # (H, W, 3)
-    return sample_equirect(x, dirs @ rot, mode)  # row-vector d @ R = R^T d, the source direction
+    return sample_equirect(x, dirs @ rot)  # row-vector d @ R = R^T d, the source direction
 
 
 # The horizontal Scharr kernel, as OpenCV's (not normalised): rows weighted 3 10 3.
@@ -200,13 +206,11 @@ SCHARR_X = ((-3.0, 0.0, 3.0), (-10.0, 0.0, 10.0), (-3.0, 0.0, 3.0))
 
 def discontinuity_score(gray: Tensor, col: int = 0, c: float = 0.1) -> Tensor:
     """Discontinuity Score (Christensen et al. 2024, arXiv 2407.18207) (...,) of grey images
-    (..., H, W) in [0, 1] across the boundary left of column `col` (0: the wrap). With a the strip
-    of columns col-3 .. col+2 (wrapping) and g = |Scharr_x(a)| at its columns 1 .. 4 (rows
-    reflected at the top and bottom, OpenCV's default border):
-    DS = 1/(2H) sum_y [g(2, y) / (g(1, y) + c) + g(3, y) / (g(4, y) + c)], c = 0.1: the gradient
-    across the boundary relative to the gradient beside it. Lower is better: 0.1-0.2 on our drawn
-    test panorama, 2.6 for a step of 5 grey levels in 255 there. (The paper averages DS(a_i) over
-    a representation's borders weighted by length: an equirectangular image has one, the wrap.)"""
+    (..., H, W) in [0, 1] across the boundary left of column `col` (0: the wrap); lower: better."""
+    # With a the strip of columns col-3 .. col+2 (wrapping) and g = |Scharr_x(a)| at its columns
+    # 1 .. 4 (rows reflected, OpenCV's default border): DS = 1/(2H) sum_y [g(2, y) / (g(1, y) + c)
+    # + g(3, y) / (g(4, y) + c)], the gradient across the boundary relative to the one beside it.
+    # (The paper weights DS over a representation's borders: an equirectangular image has one.)
     h, w = gray.shape[-2:]
     if h < 2 or w < 6:
         raise ValueError(f"the Discontinuity Score needs at least 2 x 6 pixels, got {h}x{w}")

@@ -117,7 +117,7 @@ def dom(page: Path, width: int, height: int) -> str:
 
 
 if __name__ == "__main__":  # the README's screenshot: the viewer at a shared view
-    from dit360.view import write_viewer
+    from dit360.outputs import write_viewer
 
     with tempfile.TemporaryDirectory() as tmp:
         drawn_panorama(1024).save(Path(tmp) / "scene.png")

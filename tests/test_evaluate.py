@@ -1,12 +1,16 @@
-"""Seam scores (dit360.evaluate): a deliberate seam against its rolled, seamless version, and
-`python -m dit360.evaluate` on a folder."""
+"""Seam scores (`dit360.outputs.seam_scores`): a deliberate seam against its rolled, seamless
+version, and `python -m dit360.evaluate` on a folder (and that `-m dit360.view` runs too)."""
+
+import runpy
+import sys
 
 import numpy as np
+import pytest
 from clitest import expect_error
 from PIL import Image
 from scene import drawn_panorama
 
-from dit360 import evaluate
+from dit360.outputs import evaluate_main, seam_report, seam_scores
 
 
 def with_seam(img: Image.Image, step: float = 0.05) -> Image.Image:
@@ -23,12 +27,12 @@ def test_seam_scores_worse_than_rolled_version():
     pano = drawn_panorama(128)
     seamed = with_seam(pano)
     rolled = Image.fromarray(np.roll(np.asarray(seamed), seamed.width // 2, axis=1))
-    (seam, middle), (rolled_seam, rolled_middle) = map(evaluate.seam_scores, (seamed, rolled))
+    (seam, middle), (rolled_seam, rolled_middle) = map(seam_scores, (seamed, rolled))
     assert seam > 10 * rolled_seam and seam > 10 * middle  # measured 5.9 vs 0.17
     assert abs(rolled_middle - seam) < 1e-12 and abs(rolled_seam - middle) < 1e-12
-    wrap, mid = evaluate.seam_scores(pano)
+    wrap, mid = seam_scores(pano)
     assert wrap < 0.5 and mid < 0.5  # measured 0.16, 0.17
-    assert evaluate.seam_report(seamed).startswith(f"seam score {seam:.3f} (middle {middle:.3f}")
+    assert seam_report(seamed).startswith(f"seam score {seam:.3f} (middle {middle:.3f}")
 
 
 def test_cli_prints_scores(tmp_path, capsys):
@@ -40,10 +44,10 @@ def test_cli_prints_scores(tmp_path, capsys):
     with_seam(pano, 0.2).save(tmp_path / "sub" / "b.png")
     Image.new("RGB", (16, 16)).save(tmp_path / "a-px.png")
     (tmp_path / "notes.txt").write_text("not an image")
-    evaluate.main([str(tmp_path)])
+    evaluate_main([str(tmp_path)])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4 and "a-px.png: skipped, 16x16 is not 2:1" in lines[0]
-    (a, b) = (evaluate.seam_scores(Image.open(tmp_path / p)) for p in ("a.png", "sub/b.png"))
+    (a, b) = (seam_scores(Image.open(tmp_path / p)) for p in ("a.png", "sub/b.png"))
     assert lines[1] == f"{tmp_path / 'a.png'}: seam {a[0]:.3f}, middle {a[1]:.3f}"
     assert lines[2].startswith(f"{tmp_path / 'sub' / 'b.png'}: seam {b[0]:.3f}")
     assert lines[3].startswith(f"mean of 2 panoramas: seam {(a[0] + b[0]) / 2:.3f}")
@@ -64,7 +68,7 @@ def test_cli_errors(tmp_path, capsys):
         ([str(tmp_path / "square")], "no 2:1 panoramas"),
         ([], "required: paths"),
     ]:
-        expect_error(capsys, evaluate.main, argv, tmp_path, match)
+        expect_error(capsys, evaluate_main, argv, tmp_path, match)
 
 
 def test_16_bit_grey_scores_as_its_8_bit_version():
@@ -72,5 +76,17 @@ def test_16_bit_grey_scores_as_its_8_bit_version():
     g = np.random.default_rng(0).integers(0, 65536, (32, 64)).astype(np.uint16)
     wide = Image.fromarray(g)
     narrow = Image.fromarray(np.round(g / 257).astype(np.uint8))
-    assert wide.mode == "I;16" and evaluate.seam_scores(wide)[0] > 0
-    assert evaluate.seam_scores(wide) == evaluate.seam_scores(narrow)
+    assert wide.mode == "I;16" and seam_scores(wide)[0] > 0
+    assert seam_scores(wide) == seam_scores(narrow)
+
+
+@pytest.mark.parametrize("module,match", [("dit360.evaluate", "paths"), ("dit360.view", "image")])
+def test_module_commands(module, match, tmp_path, capsys, monkeypatch):
+    """`python -m dit360.evaluate` and `python -m dit360.view` run their commands."""
+
+    def run(argv: list[str]) -> None:
+        monkeypatch.setattr(sys, "argv", [module, *argv])
+        monkeypatch.delitem(sys.modules, module, raising=False)  # as `python -m` finds it
+        runpy.run_module(module, run_name="__main__")
+
+    expect_error(capsys, run, [], tmp_path, f"required: {match}")

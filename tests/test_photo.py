@@ -9,7 +9,7 @@ from PIL import Image
 
 import edit
 from dit360 import editing
-from dit360.image import project_photo
+from dit360.panorama import project_photo
 
 PROMPT = "This is a panorama image. A quiet lake under a cloudy sky."
 

@@ -1,5 +1,5 @@
-"""The viewer page (dit360.view): screenshots in headless Chromium against our own projection,
-and `python -m dit360.view` on good and bad input."""
+"""The viewer page (`dit360.outputs.write_viewer`): screenshots in headless Chromium against our
+own projection, and `python -m dit360.view` on good and bad input."""
 
 import numpy as np
 import pytest
@@ -9,7 +9,7 @@ from PIL import Image
 from scene import dom, drawn_panorama, screenshot
 
 from dit360 import panorama as P
-from dit360 import view
+from dit360.outputs import view_main, write_viewer
 
 # Mean absolute difference (0-255 levels) allowed between a screenshot and our render of the same
 # view. Measured: 1.3e-5 (SwiftShader samples the texture bilinearly as grid_sample does; one
@@ -36,7 +36,7 @@ def test_screenshot_matches_our_projection(tmp_path, yaw, pitch, fov, width, hei
     differs more than 4 x BOUND (the negative controls)."""
     pano = drawn_panorama(256)
     pano.save(tmp_path / "scene.png")
-    page = view.write_viewer(tmp_path / "scene.png")
+    page = write_viewer(tmp_path / "scene.png")
     shot = screenshot(page, f"yaw={yaw}&pitch={pitch}&fov={fov}", width, height).astype(float)
     size = (height, width)
     mad = np.abs(shot - render(pano, yaw, pitch, fov, size)).mean()
@@ -70,7 +70,7 @@ def test_drag_and_wheel_update_the_fragment(tmp_path):
     degrees right and 4.5 up (the panorama follows the pointer); the wheel widens the fov by
     exp(deltaY / 1000); the address fragment follows, so the view can be shared."""
     drawn_panorama(16).save(tmp_path / "scene.png")
-    view.write_viewer(tmp_path / "scene.png")
+    write_viewer(tmp_path / "scene.png")
     (tmp_path / "harness.html").write_text(HARNESS)
     assert 'data-hash="#yaw=22.5&amp;pitch=4.5&amp;fov=99.5"' in dom(
         tmp_path / "harness.html", 420, 320
@@ -81,10 +81,10 @@ def test_page_is_self_contained(tmp_path):
     """The page embeds the image's bytes as a data URI, loads nothing from the network, and
     `python -m dit360.view` writes it beside the image (or at --out)."""
     drawn_panorama(16).save(tmp_path / "p.jpg", quality=90)
-    view.main([str(tmp_path / "p.jpg")])
+    view_main([str(tmp_path / "p.jpg")])
     page = (tmp_path / "p.html").read_text()
     assert "data:image/jpeg;base64," in page and "http" not in page
-    view.main([str(tmp_path / "p.jpg"), "--out", str(tmp_path / "sub" / "v.html")])
+    view_main([str(tmp_path / "p.jpg"), "--out", str(tmp_path / "sub" / "v.html")])
     assert (tmp_path / "sub" / "v.html").read_text() == page
 
 
@@ -100,7 +100,7 @@ def test_cli_errors(tmp_path, capsys):
         ([str(tmp_path / "ok.png"), "--out", str(tmp_path / "v.txt")], "use a .html"),
         ([], "required: image"),
     ]:
-        expect_error(capsys, view.main, argv, tmp_path, match)
+        expect_error(capsys, view_main, argv, tmp_path, match)
 
 
 def test_wheel_ships_the_page(tmp_path):
