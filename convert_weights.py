@@ -30,7 +30,8 @@ import re
 from pathlib import Path
 
 from dit360.convert import convert_flux, convert_lora
-from dit360.options import DTYPES, Parser, bounded, fail, paired_loras
+from dit360.lora_formats import paired_loras
+from dit360.options import DTYPES, Parser, bounded, fail
 
 LORA_SCALE = bounded(float, -1000, 1000)  # beyond it a LoRA outweighs any base weight
 # What a folder output may already hold (a previous output, and temporary files of a killed one).
