@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .core.model import Flux
 from .offload import move
+from .sampling import modulation_layers
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -146,7 +147,7 @@ def quantize_fp8(model: Flux, device: torch.device | str | None = None) -> Flux:
     each block is moved there (but its modulation) just before it is quantized, so a model read
     into CPU memory is never whole on the device in its own dtype (flux-dev: 17 GB bf16, 8.7 GB
     as float8). Merge a LoRA before: merging into a float8 weight would round it again."""
-    keep = model.modulation_layers()
+    keep = modulation_layers(model)
     for block in [*model.double_blocks, *model.single_blocks]:
         quantize_block(block if device is None else move(block, device, keep), keep)
     return model

@@ -284,7 +284,7 @@ def load_flux(
     on_cpu: Callable[[Flux], list[nn.Module]] | None = None,
 ) -> Flux:
     """Load a FLUX transformer from any supported layout, filling it tensor by tensor; the modules
-    `on_cpu(model)` lists stay in CPU memory (`Flux.embedders`, `Flux.modulation_layers`)."""
+    `on_cpu(model)` lists stay in CPU memory (`sampling.embedders`, `.modulation_layers`)."""
     tfile, plan, model = read_flux(src, axes_dim)
     return fill(model, tfile, plan, device, dtype, on_cpu)
 

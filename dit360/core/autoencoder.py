@@ -1,13 +1,6 @@
-"""The FLUX autoencoder (VAE): encoder, decoder and latent scale/shift.
-
-Parameter names are those of BFL's `ae.safetensors` (black-forest-labs/flux
-`src/flux/modules/autoencoder.py`); diffusers' `vae/` goes through `weights.AE_DIFFUSERS`.
-Images are (B, 3, H, W) in [-1, 1]; latents (B, 16, H/8, W/8), `z = scale * (mean - shift)`.
-
-A panorama option, off by default (then `decode` equals diffusers' AutoencoderKL): circular
-padding along the width in every 3x3 convolution, so a latent rolled by k columns decodes to the
-image rolled by 8k pixels (no seam at the 360-degree wrap). Tiled decoding is the runtime's
-(`dit360.tiling`).
+"""The FLUX VAE with the names of BFL's `ae.safetensors` (black-forest-labs/flux
+`modules/autoencoder.py`): images (B, 3, H, W) in [-1, 1], latents (B, 16, H/8, W/8). Optional
+circular width padding (off: diffusers' AutoencoderKL) makes decoding roll-equivariant, no seam.
 """
 
 import torch
@@ -181,22 +174,14 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-def set_circular(module: nn.Module, on: bool) -> None:
-    """Switch circular width padding on or off in every 3x3 convolution inside `module`."""
-    for m in module.modules():
-        if isinstance(m, Conv):
-            m.circular = on
-
-
 def scale_latents(
     p: AutoEncoderParams,
     mean: Tensor,
     std: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Latents z = scale * (x - shift) of a posterior: x is its mean, or with `std` a sample
-    mean + std * eps, eps drawn in float32 on the generator's device. The one owner of the VAE's
-    latent scale and shift on the way in (`AutoEncoder.decode` undoes them)."""
+    """Latents z = scale * (x - shift), x the posterior's mean or with `std` a sample mean + std *
+    eps, eps float32 on the generator's device (`AutoEncoder.decode` undoes scale and shift)."""
     if std is not None:
         device = generator.device if generator is not None else mean.device
         eps = torch.randn(mean.shape, generator=generator, device=device, dtype=torch.float32)
@@ -215,9 +200,11 @@ class AutoEncoder(nn.Module):
         self.set_circular(False)
 
     def set_circular(self, decoder: bool, encoder: bool = False) -> None:
-        """Circular width padding in the decoder's and the encoder's convolutions."""
-        set_circular(self.decoder, decoder)
-        set_circular(self.encoder, encoder)
+        """Circular width padding in the decoder's and the encoder's 3x3 convolutions."""
+        for part, on in ((self.decoder, decoder), (self.encoder, encoder)):
+            for m in part.modules():
+                if isinstance(m, Conv):
+                    m.circular = on
         self.circular = decoder
 
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:

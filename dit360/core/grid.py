@@ -51,16 +51,12 @@ class Grid:
 
     def wrap(self, x: Tensor) -> Tensor:
         """Tokens (B, h*w, C) -> (B, h*(w+2*pad), C), columns [last pad | grid | first pad]."""
-        if self.pad == 0:
-            return x
         g = rearrange(x, "b (h w) c -> b h w c", h=self.h)
         g = torch.cat([g[:, :, self.w - self.pad :], g, g[:, :, : self.pad]], dim=2)
         return rearrange(g, "b h w c -> b (h w) c")
 
     def crop(self, x: Tensor) -> Tensor:
         """Inverse of `wrap`: tokens (B, h*(w+2*pad), C) -> (B, h*w, C)."""
-        if self.pad == 0:
-            return x
         g = rearrange(x, "b (h w) c -> b h w c", h=self.h)
         return rearrange(g[:, :, self.pad : self.pad + self.w], "b h w c -> b (h w) c")
 
@@ -82,7 +78,7 @@ class Grid:
         return ids.reshape(1, -1, 3).expand(batch, -1, -1)
 
     def wrap_mask(self, mask: Tensor, mode: str = "wrap") -> Tensor:
-        """A token mask (..., h*w) -> (..., tokens): "wrap" pads it like the latents, "reference"
+        """A token mask (..., h*w) -> (..., tokens), padded "wrap" as the latents or "reference":
         [first cols | mask | last cols] as DiT360's editing.py (a pad gets its neighbour's)."""
         if mode == "wrap":
             flat = self.wrap(mask.reshape(-1, self.h * self.w, 1))  # (B', tokens, 1)
