@@ -3,6 +3,8 @@
 circular width padding (off: diffusers' AutoencoderKL) makes decoding roll-equivariant, no seam.
 """
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -88,17 +90,12 @@ class Resample(nn.Module):
         return self.conv(x)
 
 
-class Mid(nn.Module):
+def mid(c: int, g: int) -> nn.Sequential:
     """Resnet, attention, resnet at the coarsest level."""
-
-    def __init__(self, channels: int, groups: int) -> None:
-        super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, groups)
-        self.attn_1 = AttnBlock(channels, groups)
-        self.block_2 = ResnetBlock(channels, channels, groups)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
+    blocks = dict(
+        block_1=ResnetBlock(c, c, g), attn_1=AttnBlock(c, g), block_2=ResnetBlock(c, c, g)
+    )
+    return nn.Sequential(OrderedDict(blocks))
 
 
 class Level(nn.Module):
@@ -134,7 +131,7 @@ class Encoder(nn.Module):
             Level(([p.ch] + widths)[i], widths[i], p.num_res_blocks, g, "down" if i < last else "")
             for i in range(last + 1)
         )
-        self.mid = Mid(widths[-1], g)
+        self.mid = mid(widths[-1], g)
         self.norm_out = group_norm(widths[-1], g)
         self.conv_out = Conv(widths[-1], 2 * p.z_channels)
 
@@ -153,7 +150,7 @@ class Decoder(nn.Module):
         super().__init__()
         widths, last, g = p.channels, len(p.channels) - 1, p.norm_num_groups
         self.conv_in = Conv(p.z_channels, widths[-1])
-        self.mid = Mid(widths[-1], g)
+        self.mid = mid(widths[-1], g)
         # up[i] runs at level i (finest = 0); the levels run from last to 0
         self.up = nn.ModuleList(
             Level(
@@ -172,6 +169,13 @@ class Decoder(nn.Module):
         for level in reversed(self.up):
             h = level(h)  # x2 in size except at level 0
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def set_circular(module: nn.Module, on: bool) -> None:
+    """Switch circular width padding on or off in every 3x3 convolution inside `module`."""
+    for m in module.modules():
+        if isinstance(m, Conv):
+            m.circular = on
 
 
 def scale_latents(
@@ -201,10 +205,8 @@ class AutoEncoder(nn.Module):
 
     def set_circular(self, decoder: bool, encoder: bool = False) -> None:
         """Circular width padding in the decoder's and the encoder's 3x3 convolutions."""
-        for part, on in ((self.decoder, decoder), (self.encoder, encoder)):
-            for m in part.modules():
-                if isinstance(m, Conv):
-                    m.circular = on
+        set_circular(self.decoder, decoder)
+        set_circular(self.encoder, encoder)
         self.circular = decoder
 
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:

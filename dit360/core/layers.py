@@ -25,8 +25,7 @@ attend = sdpa  # what `attention` calls; the seam the runtime sets (dit360.kerne
 
 
 def attention(qkv: list[Tensor], pe: Tensor, out: Tensor | None = None) -> Tensor:
-    """RoPE attention on [q, k, v] (B, H, L, d) -> (B, L, H*d), into `out` if given; empties the
-    list, so the unrotated q and k are freed once rotated."""
+    """RoPE attention, [q, k, v] (B, H, L, d) -> (B, L, H*d) into `out`; empties the list."""
     q, k, v = qkv
     qkv.clear()
     q = apply_rope(q, pe)
@@ -90,10 +89,6 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.norm = QKNorm(dim // num_heads)
         self.proj = nn.Linear(dim, dim)
-
-    def qkv_heads(self, x: Tensor) -> list[Tensor]:
-        """Project x (B, L, D) to normalised q, k and v, each (B, H, L, d)."""
-        return heads(self.qkv(x), self.num_heads, self.norm)
 
 
 def heads(qkv: Tensor, num_heads: int, norm: QKNorm) -> list[Tensor]:
@@ -161,8 +156,9 @@ class DoubleStreamBlock(nn.Module):
 
     def joint_qkv(self, img: Tensor, txt: Tensor, img_mod: tuple, txt_mod: tuple) -> list[Tensor]:
         """q, k, v (B, H, L_txt + L_img, d) of both streams, [txt | img] along L."""
-        img_qkv = self.img_attn.qkv_heads(modulate(img, *img_mod[:2]))
-        txt_qkv = self.txt_attn.qkv_heads(modulate(txt, *txt_mod[:2]))
+        a, b = self.img_attn, self.txt_attn
+        img_qkv = heads(a.qkv(modulate(img, *img_mod[:2])), a.num_heads, a.norm)
+        txt_qkv = heads(b.qkv(modulate(txt, *txt_mod[:2])), b.num_heads, b.norm)
         return hooked(self, [torch.cat(p, dim=2) for p in zip(txt_qkv, img_qkv, strict=True)])
 
     def forward(
