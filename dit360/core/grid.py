@@ -46,17 +46,20 @@ class Grid:
 
     @property
     def tokens(self) -> int:
-        """Tokens of the padded grid."""
         return self.h * (self.w + 2 * self.pad)
 
     def wrap(self, x: Tensor) -> Tensor:
         """Tokens (B, h*w, C) -> (B, h*(w+2*pad), C), columns [last pad | grid | first pad]."""
+        if self.pad == 0:
+            return x
         g = rearrange(x, "b (h w) c -> b h w c", h=self.h)
         g = torch.cat([g[:, :, self.w - self.pad :], g, g[:, :, : self.pad]], dim=2)
         return rearrange(g, "b h w c -> b (h w) c")
 
     def crop(self, x: Tensor) -> Tensor:
         """Inverse of `wrap`: tokens (B, h*(w+2*pad), C) -> (B, h*w, C)."""
+        if self.pad == 0:
+            return x
         g = rearrange(x, "b (h w) c -> b h w c", h=self.h)
         return rearrange(g[:, :, self.pad : self.pad + self.w], "b h w c -> b (h w) c")
 

@@ -169,7 +169,6 @@ class DoubleStreamBlock(nn.Module):
         pairs = zip(mods, (self.img_mod, self.txt_mod), strict=True)
         mods = [m if m is not None else f(vec) for m, f in pairs]
         (img_mod1, img_mod2), (txt_mod1, txt_mod2) = chunks(mods[0], 2), chunks(mods[1], 2)
-        # Each q, k, v and attn freed as soon as dead: diffusers' peak memory, not more.
         attn = attention(self.joint_qkv(img, txt, img_mod1, txt_mod1), pe)  # (B, L, D)
         img = fma(img, img_mod1[2], self.img_attn.proj(attn[:, txt.shape[1] :]))
         txt = fma(txt, txt_mod1[2], self.txt_attn.proj(attn[:, : txt.shape[1]]))
@@ -225,7 +224,6 @@ class LastLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x: Tensor, vec: Tensor | None, mod: Tensor | None = None) -> Tensor:
-        """vec (B, D), or its modulation (B, 2D) computed ahead: mod."""
         mod = self.adaLN_modulation(vec) if mod is None else mod
         shift, scale = mod[:, None].chunk(2, dim=-1)
         return self.linear(modulate(x, shift, scale))

@@ -28,9 +28,8 @@ def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
         out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     else:
         # Eager: one complex multiply, 3.5x faster on CPU; pairs adjacent, at even offsets.
-        even = pairs.stride(-1) == 1 and all(
-            s % 2 == 0 for s in (*pairs.stride()[:-1], pairs.storage_offset())
-        )
+        strides = (*pairs.stride()[:-1], pairs.storage_offset())
+        even = pairs.stride(-1) == 1 and all(s % 2 == 0 for s in strides)
         pairs = pairs if even else pairs.clone(memory_format=torch.contiguous_format)
         out = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(pe))
     return out.flatten(-2).type_as(x)
