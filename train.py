@@ -160,7 +160,7 @@ from dit360.report import (
     summary_writer,
     write_scalars,
 )
-from dit360.sampling import Conditioning, ahead
+from dit360.sampling import Conditioning, ahead, modulation_layers
 from dit360.sources import Sources, resolve_sources
 from dit360.weights import KeyPlan, build, load_autoencoder, read_flux
 
@@ -546,7 +546,7 @@ def build_model(
             for block in blocks:  # again: FSDP moved the float8 scales to the device
                 park(block, skip=lora)
             # Not the adaLN layers: train_step computes the modulations ahead (they wait home).
-            stream(blocks, env.device, 1, [*lora, *model.modulation_layers()], recompute=True)
+            stream(blocks, env.device, 1, [*lora, *modulation_layers(model)], recompute=True)
     else:
         distributed.shard(model, blocks, env.device, env.dtype)
         model.to_empty(device=env.device)
@@ -579,7 +579,7 @@ def load_local_base(
             params[name].copy_(full)
     for block in blocks:
         if args.base_dtype == "fp8":  # one block in bf16 on the device at a time
-            quantize_block(block.to(env.device), model.modulation_layers())  # adaLN stays bf16
+            quantize_block(block.to(env.device), modulation_layers(model))  # adaLN stays bf16
         if args.offload == "blocks":  # (pinned) CPU memory, block by block
             park(block, skip=[m for m in block.modules() if isinstance(m, Adapter)])
         else:

@@ -4,6 +4,8 @@ A configuration comes from a preset, a diffusers `config.json`, our safetensors 
 the tensor shapes of a checkpoint, so a tiny test model loads exactly like FLUX.1-dev.
 """
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 from .core.params import AE_PRESETS, PRESETS, AutoEncoderParams, FluxParams  # noqa: F401
@@ -39,8 +41,13 @@ def checked(cls: type, values: dict, where: str):
         raise ValueError(f"{where}: {e}") from None
 
 
+def to_json(params: FluxParams | AutoEncoderParams) -> str:
+    """The JSON we store in safetensors metadata (read back, checked, by `from_json`)."""
+    return json.dumps(asdict(params), sort_keys=True)
+
+
 def from_json(cls: type, text: str, where: str = "the config"):
-    """`cls` from our JSON (`to_json`; from `where`, for messages): every field known and within
+    """`cls` from our JSON (`to_json`'s; from `where`, for messages): every field known and within
     its bounds."""
     return checked(cls, check_json(parse_json(text, where), RULES[cls], where, only=True), where)
 

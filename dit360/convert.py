@@ -70,7 +70,7 @@ def convert_flux(
             yield from pieces(name, t.to(dtypes[name]))
 
     specs = {k: (dtypes[n], tuple(p.shape)) for n, t in state.items() for k, p in pieces(n, t)}
-    metadata = {} if config else {FLUX_CONFIG_KEY: params.to_json()}
+    metadata = {} if config else {FLUX_CONFIG_KEY: cfg.to_json(params)}
     if pairs:  # so that sample.py does not apply the default LoRA a second time
         metadata[MERGED_KEY] = json.dumps([{"lora": str(s), "scale": x} for s, x in pairs])
     if config is None:

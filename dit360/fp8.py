@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .core.model import Flux
 from .offload import move
+from .sampling import modulation_layers
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -117,7 +118,7 @@ def to_fp8(linear: nn.Linear, weight_only: bool = False) -> FP8Linear:
 def quantize_fp8(model: Flux, device: torch.device | str | None = None) -> Flux:
     """The blocks' linears (not modulation) as FP8Linear, in place, each block moved to `device`
     first (flux-dev is never whole there in bf16). Merge a LoRA first: float8 rounds again."""
-    keep = model.modulation_layers()
+    keep = modulation_layers(model)
     for block in [*model.double_blocks, *model.single_blocks]:
         quantize_block(block if device is None else move(block, device, keep), keep)
     return model

@@ -32,7 +32,7 @@ from .offload import choose, lent, move, park, stream
 from .options import Options, SampleOptions
 from .panorama import Grid
 from .report import Report
-from .sampling import Conditioning, denoise, noise, schedule
+from .sampling import Conditioning, denoise, embedders, modulation_layers, noise, schedule
 from .sources import flagged
 from .tiling import decode
 
@@ -65,7 +65,7 @@ def offload_mode(opts: Options, log: Callable[[str], None] = print) -> str:
 
 def computed_ahead(model: Flux) -> list[nn.Module]:
     """The modules `sampling.ahead` runs before denoising: they wait in CPU memory."""
-    return [*model.modulation_layers(), *model.embedders()]
+    return [*modulation_layers(model), *embedders(model)]
 
 
 def lora_file(src: str) -> Path:

@@ -26,6 +26,18 @@ from .core.sampling import (  # noqa: F401, E501  the method's, importable from 
 from .offload import lent
 
 
+def modulation_layers(model: Flux) -> list[nn.Module]:
+    """The adaLN layers vec (B, D) -> raw modulation, in the order `Flux.forward` reads them."""
+    double = [m for b in model.double_blocks for m in (b.img_mod, b.txt_mod)]
+    single = [b.modulation for b in model.single_blocks]
+    return [*double, *single, model.final_layer.adaLN_modulation]
+
+
+def embedders(model: Flux) -> list[nn.Module]:
+    """The layers of vec: with `modulation_layers`, all that depends only on (t, y, guidance)."""
+    return [m for m in (model.time_in, model.guidance_in, model.vector_in) if m is not None]
+
+
 def bar(steps: range, name: str) -> Iterable[int]:
     """A progress bar over the steps (core's `Progress` seam)."""
     return tqdm(steps, desc=name)
@@ -42,11 +54,11 @@ def ahead(
     y = cond.vec.to(dev, dtype)
     g = None if guidance is None else torch.full((b,), guidance, device=dev)
     keys = {float(model_time(t, b, dtype, dev)[0]): t for t in times}  # predict's lookup key
-    with lent(nn.ModuleList(model.embedders()), dev):
+    with lent(nn.ModuleList(embedders(model)), dev):
         vecs = [model.conditioning_vector(model_time(t, b, dtype, dev), y, g, dtype)
                 for t in keys.values()]  # fmt: skip
     mods: list[list[Tensor]] = [[] for _ in vecs]
-    for layer in model.modulation_layers():
+    for layer in modulation_layers(model):
         with lent(layer, dev):
             for out, vec in zip(mods, vecs, strict=True):
                 out.append(layer(vec))

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from tiny import TINY_VAE, randomize, save_autoencoder
 
 from dit360 import weights
-from dit360.config import AE_PRESETS, ae_from_diffusers_config, ae_from_shapes
+from dit360.config import AE_PRESETS, ae_from_diffusers_config, ae_from_shapes, to_json
 from dit360.core.autoencoder import AutoEncoder
 from dit360.files import TensorFile
 from dit360.tiling import _starts, decode
@@ -171,7 +171,7 @@ def test_missing_tensor_is_named(reference, tmp_path):
     root, *_ = reference
     model = load_autoencoder(root)
     state = {k: v for k, v in model.state_dict().items() if k != "decoder.up.1.upsample.conv.bias"}
-    save_file(state, tmp_path / "ae.safetensors", {"dit360_ae_config": model.params.to_json()})
+    save_file(state, tmp_path / "ae.safetensors", {"dit360_ae_config": to_json(model.params)})
     with pytest.raises(ValueError, match=r"missing \(1\).*decoder.up.1.upsample.conv.bias"):
         load_autoencoder(tmp_path / "ae.safetensors")
 

@@ -119,7 +119,7 @@ def tiny_state() -> dict[str, torch.Tensor]:
 
 def with_config(path: Path, state: dict, **change: object) -> Path:
     """Our file of `state` whose dit360_config has `change` applied."""
-    params = json.loads(config.from_diffusers_config(TINY_TRANSFORMER).to_json()) | change
+    params = json.loads(config.to_json(config.from_diffusers_config(TINY_TRANSFORMER))) | change
     specs = {k: (t.dtype, tuple(t.shape)) for k, t in state.items()}
     files.write_safetensors(path, specs, state.items(), {FLUX_CONFIG_KEY: json.dumps(params)})
     return path

@@ -18,6 +18,7 @@ from dit360.files import write_safetensors
 from dit360.fp8 import FP8, FP8Linear, fp8_linear, quantize, quantize_fp8, to_fp8
 from dit360.lora_formats import set_scale, target_rows
 from dit360.offload import lent, park, stream
+from dit360.sampling import modulation_layers
 from dit360.weights import load_flux
 
 ULP_BOUND = 2**-4  # e4m3 keeps 3 mantissa bits: round to nearest errs by at most half an ulp
@@ -71,7 +72,7 @@ def test_forward_close_to_float32():
     q = quantize_fp8(copy.deepcopy(model))
     kinds = {type(m) for b in [*q.double_blocks, *q.single_blocks] for m in b.modules()}
     assert FP8Linear in kinds
-    assert all(type(m.lin) is nn.Linear for m in q.modulation_layers()[:-1])  # not quantized
+    assert all(type(m.lin) is nn.Linear for m in modulation_layers(q)[:-1])  # not quantized
     assert type(q.img_in) is type(q.final_layer.linear) is nn.Linear
     with torch.no_grad():
         ref, got = model(*xs), q(*xs)
@@ -228,7 +229,7 @@ def test_quantize_on_device_block_by_block(monkeypatch):
     events, move, quantize_block = [], fp8.move, fp8.quantize_block
 
     def spy_move(module, device, skip):
-        assert {id(m) for m in skip} == {id(m) for m in model.modulation_layers()}
+        assert {id(m) for m in skip} == {id(m) for m in modulation_layers(model)}
         wide = [m for m in module.modules() if isinstance(m, nn.Linear) and m not in skip]
         events.append(("move", module, len(wide), device))
         return move(module, device, skip)
@@ -244,7 +245,7 @@ def test_quantize_on_device_block_by_block(monkeypatch):
     assert [e[:2] for e in events] == expected
     assert all(e[2] > 0 and e[3] == "cpu" for e in events[::2])  # bf16 linears, moved
     assert not [m for b in blocks for m in b.modules() if type(m) is nn.Linear and m not in
-                {l for mod in model.modulation_layers() for l in mod.modules()}]  # fmt: skip
+                {l for mod in modulation_layers(model) for l in mod.modules()}]  # fmt: skip
 
 
 def test_fp8_needs_fit_a_16_gb_card():

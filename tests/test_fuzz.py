@@ -223,7 +223,7 @@ def tiny_bfl() -> tuple[dict, dict]:
     """A tiny transformer in our layout: its tensors (zeros) and its dit360_config."""
     params = config.from_diffusers_config(TINY_TRANSFORMER)
     state = {k: torch.zeros(v.shape) for k, v in meta_flux(params).state_dict().items()}
-    return state, json.loads(params.to_json())
+    return state, json.loads(config.to_json(params))
 
 
 @FUZZ

@@ -44,9 +44,7 @@ TOKEN, SAMPLE, YAW = LossConfig("token"), LossConfig("sample"), LossConfig(lambd
 @pytest.fixture(scope="module")
 def model() -> Flux:
     """A tiny random FLUX transformer."""
-    m = Flux(PARAMS)
-    m.init_weights()
-    return randomize(m, 0)
+    return randomize(Flux(PARAMS), 0)
 
 
 class Capture(nn.Module):

@@ -11,7 +11,16 @@ from dit360.core.editing import rows
 from dit360.editing import edit, invert
 from dit360.options import EditOptions
 from dit360.panorama import Grid
-from dit360.sampling import Conditioning, ahead, denoise, schedule, step, timestep
+from dit360.sampling import (
+    Conditioning,
+    ahead,
+    denoise,
+    embedders,
+    modulation_layers,
+    schedule,
+    step,
+    timestep,
+)
 from dit360.text import encode
 from dit360.weights import load_flux
 
@@ -62,7 +71,7 @@ def test_denoise_needs_no_modulation_weights(ours):
     with torch.no_grad():
         expected = denoise(model, x, grid, c, sigmas, 2.8)
         c = ahead(model, c, sigmas[:-1], 2.8)
-        for m in [*model.modulation_layers(), *model.embedders()]:
+        for m in [*modulation_layers(model), *embedders(model)]:
             m.to("meta")
         got = denoise(model, x, grid, c, sigmas, 2.8)
     assert torch.equal(got, expected)
@@ -101,9 +110,9 @@ def test_load_keeps_modulation_on_cpu(tiny_flux):
     """`on_cpu` fills the modulation layers and embedders in CPU memory, the rest on the device
     (the meta device stands in for a GPU here)."""
     model = load_flux(
-        tiny_flux, "meta", torch.float32, on_cpu=lambda m: [*m.modulation_layers(), *m.embedders()]
+        tiny_flux, "meta", torch.float32, on_cpu=lambda m: [*modulation_layers(m), *embedders(m)]
     )
-    home = {id(p) for m in [*model.modulation_layers(), *model.embedders()] for p in m.parameters()}
+    home = {id(p) for m in [*modulation_layers(model), *embedders(model)] for p in m.parameters()}
     devices = {(id(p) in home, p.device.type) for p in model.parameters()}
     assert devices == {(True, "cpu"), (False, "meta")}
     lin = model.double_blocks[0].img_mod.lin.weight

@@ -140,12 +140,13 @@ MODEL_INDEX = {
 
 def save_autoencoder(model, path: Path) -> Path:
     """Write our VAE as one BFL-layout safetensors file with its config in the metadata."""
+    from dit360.config import to_json
     from dit360.files import write_safetensors
     from dit360.weights import AE_CONFIG_KEY
 
     state = model.state_dict()
     specs = {k: (t.dtype, tuple(t.shape)) for k, t in state.items()}
-    write_safetensors(path, specs, state.items(), {AE_CONFIG_KEY: model.params.to_json()})
+    write_safetensors(path, specs, state.items(), {AE_CONFIG_KEY: to_json(model.params)})
     return Path(path)
 
 

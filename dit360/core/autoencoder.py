@@ -1,14 +1,9 @@
-"""The FLUX autoencoder (VAE): encoder, decoder and latent scale/shift.
-
-Parameter names are those of BFL's `ae.safetensors` (black-forest-labs/flux
-`src/flux/modules/autoencoder.py`); diffusers' `vae/` goes through `weights.AE_DIFFUSERS`.
-Images are (B, 3, H, W) in [-1, 1]; latents (B, 16, H/8, W/8), `z = scale * (mean - shift)`.
-
-A panorama option, off by default (then `decode` equals diffusers' AutoencoderKL): circular
-padding along the width in every 3x3 convolution, so a latent rolled by k columns decodes to the
-image rolled by 8k pixels (no seam at the 360-degree wrap). Tiled decoding is the runtime's
-(`dit360.tiling`).
+"""The FLUX VAE with the names of BFL's `ae.safetensors` (black-forest-labs/flux
+`modules/autoencoder.py`): images (B, 3, H, W) in [-1, 1], latents (B, 16, H/8, W/8). Optional
+circular width padding (off: diffusers' AutoencoderKL) makes decoding roll-equivariant, no seam.
 """
+
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -95,17 +90,12 @@ class Resample(nn.Module):
         return self.conv(x)
 
 
-class Mid(nn.Module):
+def mid(c: int, g: int) -> nn.Sequential:
     """Resnet, attention, resnet at the coarsest level."""
-
-    def __init__(self, channels: int, groups: int) -> None:
-        super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, groups)
-        self.attn_1 = AttnBlock(channels, groups)
-        self.block_2 = ResnetBlock(channels, channels, groups)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
+    blocks = dict(
+        block_1=ResnetBlock(c, c, g), attn_1=AttnBlock(c, g), block_2=ResnetBlock(c, c, g)
+    )
+    return nn.Sequential(OrderedDict(blocks))
 
 
 class Level(nn.Module):
@@ -141,7 +131,7 @@ class Encoder(nn.Module):
             Level(([p.ch] + widths)[i], widths[i], p.num_res_blocks, g, "down" if i < last else "")
             for i in range(last + 1)
         )
-        self.mid = Mid(widths[-1], g)
+        self.mid = mid(widths[-1], g)
         self.norm_out = group_norm(widths[-1], g)
         self.conv_out = Conv(widths[-1], 2 * p.z_channels)
 
@@ -160,7 +150,7 @@ class Decoder(nn.Module):
         super().__init__()
         widths, last, g = p.channels, len(p.channels) - 1, p.norm_num_groups
         self.conv_in = Conv(p.z_channels, widths[-1])
-        self.mid = Mid(widths[-1], g)
+        self.mid = mid(widths[-1], g)
         # up[i] runs at level i (finest = 0); the levels run from last to 0
         self.up = nn.ModuleList(
             Level(
@@ -194,9 +184,8 @@ def scale_latents(
     std: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Latents z = scale * (x - shift) of a posterior: x is its mean, or with `std` a sample
-    mean + std * eps, eps drawn in float32 on the generator's device. The one owner of the VAE's
-    latent scale and shift on the way in (`AutoEncoder.decode` undoes them)."""
+    """Latents z = scale * (x - shift), x the posterior's mean or with `std` a sample mean + std *
+    eps, eps float32 on the generator's device (`AutoEncoder.decode` undoes scale and shift)."""
     if std is not None:
         device = generator.device if generator is not None else mean.device
         eps = torch.randn(mean.shape, generator=generator, device=device, dtype=torch.float32)
@@ -215,7 +204,7 @@ class AutoEncoder(nn.Module):
         self.set_circular(False)
 
     def set_circular(self, decoder: bool, encoder: bool = False) -> None:
-        """Circular width padding in the decoder's and the encoder's convolutions."""
+        """Circular width padding in the decoder's and the encoder's 3x3 convolutions."""
         set_circular(self.decoder, decoder)
         set_circular(self.encoder, encoder)
         self.circular = decoder

@@ -1,15 +1,6 @@
-"""Panorama inpainting and outpainting: RF-Inversion with Personalize-Anything token replacement
+"""Panorama inpainting and outpainting: RF-Inversion (arXiv:2410.10792, Algorithms 1, 2) with
+Personalize Anything's token replacement (arXiv:2503.12590), as DiT360's `editing.py`, `pa_src/`
 (docs/METHOD.md section 4). Time as in sampling.py; masks: True = keep.
-
-References: DiT360 (github.com/Insta360-Research-Team/DiT360) `editing.py`, `pa_src/`; Rout et al.
-2024, RF-Inversion (arXiv:2410.10792), Algorithms 1, 2; Feng et al., "Personalize Anything for Free
-with Diffusion Transformer" (arXiv:2503.12590).
-True CFG (a negative prompt) adds a third row, the target with the negative prompt and the same
-token replacement; only the target's velocity is combined (`guided`).
-
-Kept from the reference on purpose: inversion model time and field at t_i = i / (steps + 1) with
-the reverse schedule's step sizes; the shift from the unpadded token count; the eta window
-[int(start * steps), int(stop * steps)).
 """
 
 from collections.abc import Iterator
@@ -37,10 +28,8 @@ from .sampling import (
 
 @dataclass(frozen=True)
 class RFInversion:
-    """RF-Inversion's parameters: the inversion's gamma, the editing's eta over the step window
-    [start, stop) (fractions of the steps), token replacement while t > tau, latent blending
-    while t >= blend_until, the guidance of each pass (flux-dev), and the target's true CFG
-    scale (with a negative prompt)."""
+    """RF-Inversion's parameters: gamma; eta over the steps [start, stop) (fractions); token
+    replacement while t > tau, blending while t >= blend_until; guidances; the target's true CFG."""
 
     gamma: float
     eta: float
@@ -55,11 +44,8 @@ class RFInversion:
 
 @contextmanager
 def replacing_tokens(model: Flux, keep: Tensor | None) -> Iterator[None]:
-    """Inside it, on a batch [source, target(, negative)] the other rows' image tokens at `keep`
-    (L_img,) take the source's q, k, v in every block (None: none do). The reference replaces the
-    hidden states before the projections, which act token by token like QK norm (RoPE keeps the
-    position): the same, and the MLP half of the single blocks' `linear1` reads the unreplaced
-    input, as in diffusers."""
+    """On a batch [source, target(, negative)] the later rows' image tokens at `keep` (L_img,) take
+    the source's q, k, v in every block (None: none do): the reference's hidden-state swap."""
 
     def hook(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         txt = keep.new_zeros(q.shape[2] - keep.numel())
@@ -100,8 +86,8 @@ def invert(
     ahead: Ahead = per_step,
     progress: Progress = quiet,
 ) -> Tensor:
-    """Controlled forward ODE (Algorithm 1) from x0 toward noise y1, (1, L, C). As the reference:
-    steps sigmas[i] - sigmas[i + 1], but model and field see t_i = i / len(sigmas), latent dtype."""
+    """Algorithm 1 from x0 toward noise y1 (1, L, C); as the reference, at t_i = i / len(sigmas)
+    (in the latent dtype) with the steps sigmas[i] - sigmas[i + 1]."""
     g = p.inversion_guidance if model.params.guidance_embed else None
     n, x, sigmas = len(sigmas), x0, sigmas.to(x0.device)
     times = [float(torch.tensor(i / n, dtype=x.dtype)) for i in range(n - 1)]  # parity: rounded
@@ -135,9 +121,8 @@ def edit(
     progress: Progress = quiet,
     negative: Conditioning | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Algorithm 2 + token replacement + blending on [source, target] (cond; keep (L,) padded):
-    target latents (1, L, C) from noise z, and the source's, each step both rows. With a
-    `negative` conditioning a third row, the target with it: true CFG on the target's velocity."""
+    """Algorithm 2 + token replacement + blending on [source, target(, negative)], keep (L,) padded:
+    the target's latents (1, L, C) from noise z and the source's."""
     steps, sigmas, keep = len(sigmas) - 1, sigmas.to(z.device), keep.to(z.device)
     cond, n = (cond, 1) if negative is None else (cat_rows(cond, negative), 2)
     lo, hi = int(p.start * steps), min(int(p.stop * steps), steps)
@@ -170,9 +155,8 @@ def edit_planned(
     progress: Progress = quiet,
     negative: Conditioning | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """`edit` without the calls whose results nobody reads: the source row runs only while its
-    tokens are read (t > tau) or its own velocity counts (eta < 1) before its last read; the
-    source is returned only with `keep_source`."""
+    """`edit` without the model calls nobody reads: the source row runs only while its tokens or
+    its velocity (eta < 1) are read; the source is returned with `keep_source`."""
     steps, sigmas, keep = len(sigmas) - 1, sigmas.to(z.device), keep.to(z.device)
     cond, n = (cond, 1) if negative is None else (cat_rows(cond, negative), 2)  # target rows
     times = [float(timestep(s, z.dtype)) / 1000 for s in sigmas[:-1]]  # what the model sees

@@ -46,7 +46,6 @@ class Grid:
 
     @property
     def tokens(self) -> int:
-        """Tokens of the padded grid."""
         return self.h * (self.w + 2 * self.pad)
 
     def wrap(self, x: Tensor) -> Tensor:
@@ -82,8 +81,7 @@ class Grid:
         return ids.reshape(1, -1, 3).expand(batch, -1, -1)
 
     def wrap_mask(self, mask: Tensor, mode: str = "wrap") -> Tensor:
-        """A token mask (..., h*w) -> (..., tokens): "wrap" pads it like the latents, "reference"
-        [first cols | mask | last cols] as DiT360's editing.py (a pad gets its neighbour's)."""
+        """Mask (..., h*w) -> (..., tokens): "wrap" as latents, "reference" [first|mask|last]."""
         if mode == "wrap":
             flat = self.wrap(mask.reshape(-1, self.h * self.w, 1))  # (B', tokens, 1)
             return flat.reshape(*mask.shape[:-1], self.tokens)

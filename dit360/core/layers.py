@@ -1,8 +1,5 @@
-"""FLUX building blocks: embedders, QK-RMSNorm, adaLN modulation, double/single stream blocks.
-
-Parameter names follow black-forest-labs/flux (`src/flux/modules/layers.py`) so the original
-checkpoint loads with strict names. Shapes: B batch, L tokens, D hidden, H heads, d head dim.
-"""
+"""FLUX building blocks with BFL's parameter names (black-forest-labs/flux `modules/layers.py`).
+Shapes: B batch, L tokens, D hidden, H heads, d head dim."""
 
 import math
 from collections.abc import Callable, Sequence
@@ -14,15 +11,13 @@ from torch import Tensor, nn
 
 from .rope import apply_rope
 
-# f(q, k, v) -> (q, k, v) on the joint [txt | img] heads (B, H, L, d), image tokens last, called
-# right before attention; set from outside (dit360.editing's token replacement), never by the model.
-# It must return new tensors, not keep its inputs: a single block writes over v after attention.
+# f(q, k, v) -> new (q, k, v) (B, H, L, d) [txt | img] before attention (editing's token
+# replacement); new tensors, as a single block writes over v after attention.
 QKVHook = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """PyTorch's attention on (B, H, L, d) -> (B, L, H, d). Its Flash, cuDNN and efficient
-    kernels lay the output out as (B, L, H, d): the transpose is a view, no copy."""
+    """PyTorch's attention (B, H, L, d) -> (B, L, H, d), a view: its kernels lay it out so."""
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
@@ -30,8 +25,7 @@ attend = sdpa  # what `attention` calls; the seam the runtime sets (dit360.kerne
 
 
 def attention(qkv: list[Tensor], pe: Tensor, out: Tensor | None = None) -> Tensor:
-    """Joint attention with RoPE on [q, k, v], each (B, H, L, d) -> (B, L, H*d), written into
-    `out` if given. It empties the list, so the unrotated q and k are freed once rotated."""
+    """RoPE attention, [q, k, v] (B, H, L, d) -> (B, L, H*d) into `out`; empties the list."""
     q, k, v = qkv
     qkv.clear()
     q = apply_rope(q, pe)
@@ -57,8 +51,7 @@ class MLPEmbedder(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int):
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden)
-        self.out_layer = nn.Linear(hidden, hidden)
+        self.in_layer, self.out_layer = nn.Linear(in_dim, hidden), nn.Linear(hidden, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out_layer(F.silu(self.in_layer(x)))
@@ -72,8 +65,7 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # One fused pass, float32 inside; bit-identical to x.float() * rsqrt(mean(x^2) + eps)
-        # rounded to x.dtype on the CPU (tested), as the reference computes it.
+        # One fused float32 pass, bit-identical to the reference's x.float() * rsqrt(...) (tested)
         return F.rms_norm(x, x.shape[-1:], eps=1e-6) * self.scale
 
 
@@ -82,8 +74,7 @@ class QKNorm(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.query_norm = RMSNorm(dim)
-        self.key_norm = RMSNorm(dim)
+        self.query_norm, self.key_norm = RMSNorm(dim), RMSNorm(dim)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         return self.query_norm(q).to(v), self.key_norm(k).to(v)
@@ -98,10 +89,6 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.norm = QKNorm(dim // num_heads)
         self.proj = nn.Linear(dim, dim)
-
-    def qkv_heads(self, x: Tensor) -> list[Tensor]:
-        """Project x (B, L, D) to normalised q, k and v, each (B, H, L, d)."""
-        return heads(self.qkv(x), self.num_heads, self.norm)
 
 
 def heads(qkv: Tensor, num_heads: int, norm: QKNorm) -> list[Tensor]:
@@ -133,8 +120,7 @@ def chunks(mod: Tensor, n: int) -> list[tuple[Tensor, Tensor, Tensor]]:
 
 
 def fma(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """x + a * b: in bf16 and fp16 one fused pass, rounded once (speed; the reference rounds a * b
-    first: within its round-off)."""
+    """x + a * b: in bf16 and fp16 one fused pass, rounded once (the reference: twice)."""
     # parity: float32 in the reference's two passes, bit for bit (addcmul's would differ)
     return x + a * b if x.dtype == torch.float32 else torch.addcmul(x, a, b)
 
@@ -145,8 +131,7 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 def fp16_clip(x: Tensor) -> Tensor:
-    """Clamp float16 activations to the finite range: FLUX's text stream and single blocks
-    overflow float16 (the reference runs in float16; diffusers clips at the same two places)."""
+    """Clamp float16 activations to the finite range (where diffusers clips: FLUX overflows)."""
     return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
 
@@ -171,8 +156,9 @@ class DoubleStreamBlock(nn.Module):
 
     def joint_qkv(self, img: Tensor, txt: Tensor, img_mod: tuple, txt_mod: tuple) -> list[Tensor]:
         """q, k, v (B, H, L_txt + L_img, d) of both streams, [txt | img] along L."""
-        img_qkv = self.img_attn.qkv_heads(modulate(img, *img_mod[:2]))
-        txt_qkv = self.txt_attn.qkv_heads(modulate(txt, *txt_mod[:2]))
+        a, b = self.img_attn, self.txt_attn
+        img_qkv = heads(a.qkv(modulate(img, *img_mod[:2])), a.num_heads, a.norm)
+        txt_qkv = heads(b.qkv(modulate(txt, *txt_mod[:2])), b.num_heads, b.norm)
         return hooked(self, [torch.cat(p, dim=2) for p in zip(txt_qkv, img_qkv, strict=True)])
 
     def forward(
@@ -183,8 +169,6 @@ class DoubleStreamBlock(nn.Module):
         pairs = zip(mods, (self.img_mod, self.txt_mod), strict=True)
         mods = [m if m is not None else f(vec) for m, f in pairs]
         (img_mod1, img_mod2), (txt_mod1, txt_mod2) = chunks(mods[0], 2), chunks(mods[1], 2)
-        # Freed as soon as dead (diffusers' peak, not more): the per-stream q, k, v when joint_qkv
-        # returns, the joint ones inside `attention`, its output before the MLPs run.
         attn = attention(self.joint_qkv(img, txt, img_mod1, txt_mod1), pe)  # (B, L, D)
         img = fma(img, img_mod1[2], self.img_attn.proj(attn[:, txt.shape[1] :]))
         txt = fma(txt, txt_mod1[2], self.txt_attn.proj(attn[:, : txt.shape[1]]))
@@ -208,8 +192,7 @@ class SingleStreamBlock(nn.Module):
         self.modulation = Modulation(dim, double=False)
 
     def qkv_mlp(self, x: Tensor, shift: Tensor, scale: Tensor) -> tuple[list[Tensor], Tensor]:
-        """Normalised q, k and v (B, H, L, d; v a view) and the fused `linear1` output h they
-        are cut from (B, L, 3D + mlp_hidden)."""
+        """Normalised q, k, v (B, H, L, d) and the `linear1` output (B, L, 3D + mlp_hidden)."""
         h = self.linear1(modulate(x, shift, scale))
         return hooked(self, heads(h[..., : 3 * self.dim], self.num_heads, self.norm)), h
 
@@ -241,7 +224,6 @@ class LastLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x: Tensor, vec: Tensor | None, mod: Tensor | None = None) -> Tensor:
-        """vec (B, D), or its modulation (B, 2D) computed ahead: mod."""
         mod = self.adaLN_modulation(vec) if mod is None else mod
         shift, scale = mod[:, None].chunk(2, dim=-1)
         return self.linear(modulate(x, shift, scale))

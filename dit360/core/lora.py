@@ -1,12 +1,6 @@
-"""LoRA adapters on the FLUX transformer's linear layers: add (`inject`), merge and unmerge.
-
-A LoRA adds scale * B @ A to a weight (A: (r, in), B: (out, r), scale = alpha / r). A fused layer
-(`img_attn.qkv` = diffusers' [to_q; to_k; to_v]) takes DiT360's q/k/v LoRAs as row ranges of one
-adapter: A stacked (sum r, in) for one matmul, each B on its rows. The layer gains a child `lora`
-(`.lora.<name>.A`, `.B.<i>`) and, while an adapter is unmerged and active, a forward hook adding
-its output; it keeps its class, so any linear (fp8, say) can be the base. Files, diffusers names,
-reading a LoRA onto the model (`attach`) and its weight (`set_scale`): dit360/lora_formats.py.
-Reference: Hu et al. 2021, https://arxiv.org/abs/2106.09685; mlx-examples `LoRALinear`.
+"""LoRA (Hu et al. 2021, arXiv:2106.09685): scale * B @ A added to a linear layer's weight, by a
+forward hook (`inject`) or merged. A fused layer (`qkv` = [to_q; to_k; to_v]) takes DiT360's q/k/v
+LoRAs as row ranges of one adapter: A stacked, each B on its rows. Files: dit360/lora_formats.py.
 """
 
 from collections.abc import Iterator
@@ -116,10 +110,8 @@ def inject(
     alpha: float = 64,
     dropout: float = 0.05,
 ) -> nn.Module:
-    """Add a trainable float32 LoRA "default" on row ranges of linear layers (layer name -> its
-    [start, end) ranges, one adapter part each; `dit360.lora_formats.target_rows` finds them from
-    diffusers names), freeze the rest; defaults are DiT360's. On meta: Adapter.reset_parameters
-    after `to_empty`."""
+    """Add a trainable float32 LoRA "default" (DiT360's defaults) on layer name -> [start, end) row
+    ranges, freeze the rest. On meta: Adapter.reset_parameters after `to_empty`."""
     if next(adapters(model, "default"), None):
         raise ValueError("the model holds a LoRA named 'default' already")
     model.requires_grad_(False)
@@ -143,8 +135,7 @@ def fold_(w: Tensor, parts: list[Part], factor: float) -> Tensor:
 
 
 def merge_lora(model: nn.Module, name: str | None = None, undo: bool = False) -> nn.Module:
-    """Fold unmerged LoRAs (all, or the one named) into their layers' weights and unhook them;
-    with `undo`, take merged ones back out (exact in float32, rounded in 16-bit)."""
+    """Fold unmerged LoRAs (all, or the one named) into the weights; `undo`: take them out."""
     for _, layer, ad in adapters(model, name):
         if ad.merged == undo:
             fold_(layer.weight, ad.parts(), -ad.multiplier if undo else ad.multiplier)

@@ -1,18 +1,7 @@
 """Training maths: noise levels, the masked flow-matching loss on wrap-padded tokens, DiT360's yaw
-and cube losses, the hybrid schedule (docs/METHOD.md section 5). Time as in sampling.py:
-x_t = (1 - s) x0 + s noise, target v = noise - x0.
-
-As the reference (github.com/Insta360-Research-Team/DiT360, src/dit360.py unless named):
-- sigma = the FLUX.1-dev scheduler's sigma at int(u * 1000), u from diffusers'
-  compute_density_for_timestep_sampling (:96-116; uniform, train.py:90), unshifted (that
-  scheduler shifts at inference only). Loss weight 1 (:200); perspective rows x0.5
-  (dit360_mix_staged.py:250-263).
-- Yaw / cube losses, lambda 0.5 each (train.sh), one yaw from {60, 180, 300} a step (:213-236),
-  on from epoch 2 (:239-242; dit360_mix_staged.py: while epoch < 3, but its launcher sets them
-  to 0): HybridSchedule's window, train.py's recipes. The projections are src/yaw_rotate.py's
-  and src/cube_map.py's, not panorama.py's: grids spaced over W-1 / H-1, row 0 at latitude
-  -pi/2, align_corners=True, border padding, faces H/2. Our grids are float32, the reference's
-  in the input dtype.
+and cube losses, the hybrid schedule (docs/METHOD.md section 5), as DiT360's `src/dit360.py` and
+`src/dit360_mix_staged.py`; the loss's projections are its `src/yaw_rotate.py`, `src/cube_map.py`
+(grids over W-1 / H-1, row 0 at latitude -pi/2, border padding; ours in float32). Time as sampling.
 """
 
 import math
@@ -56,19 +45,9 @@ class HybridSchedule:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The parameters of `flow_loss`: its normalisation, the perspective rows' weight, the yaw and
-    cube losses' lambdas (0 = off), and whether the pad tokens are supervised (against the
-    wrapped target; else cropped).
-
-    `flow_loss` returns a sum and a count, for the caller to divide by a step's denominator over
-    every rank and micro-batch, so their split does not change the loss. norm "sample" (the
-    reference's): the sum is B x DiT360's loss of the micro-batch (a panorama row's mean over its
-    elements, the perspective rows' mean pooled over their supervised elements x their weight x
-    their number; dit360_mix_staged.py:250-263), the count B rows; train.py divides by the
-    nominal rows of a step, as Lightning divides each training_step by accumulate_grad_batches.
-    norm "token" (torchtitan's global token count): a token's channel-mean error summed, a row's
-    yaw and cube means counted like its supervised tokens, the count the supervised tokens.
-    For one full panorama both are the reference's."""
+    """`flow_loss`'s normalisation, perspective weight, yaw and cube lambdas (0 = off), and whether
+    the pad tokens are supervised (against the wrapped target; else cropped). norm "sample" (the
+    reference's): a row's mean, the count its rows; "token": the count its supervised tokens."""
 
     norm: str = "sample"
     persp_weight: float = HybridSchedule.persp_weight
@@ -137,9 +116,8 @@ def loss_cube_faces(x: Tensor) -> Tensor:
 def sample_sigmas(
     batch: int, generator: torch.Generator, scheme: str = "none", mu: float | None = None
 ) -> Tensor:
-    """Noise levels (batch,) float32 in {1/1000, ..., 1}, on the generator's device. scheme:
-    "none" (uniform), "logit_normal" (mean 0, std 1) or "mode" (scale 1.29), SD3's densities with
-    diffusers' defaults; mu: an optional shift."""
+    """Noise levels (batch,) float32 in {1/1000, ..., 1}: the scheduler's at int(u * 1000), u from
+    SD3's densities ("none": uniform, "logit_normal", "mode"), diffusers' defaults; mu: a shift."""
     if scheme == "logit_normal":
         u = torch.sigmoid(torch.randn(batch, generator=generator, device=generator.device))
     else:
@@ -171,13 +149,8 @@ def flow_loss(
     yaw: float | None = None,
     dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Masked flow-matching loss -> (loss sum, count, detached parts), see LossConfig.norm.
-
-    x0, noise: latents (B, 16, 2h, 2w) for grid; sigmas (B,); token_mask (B, h*w) bool, True =
-    supervised; persp (B,) bool rows weigh config.persp_weight; yaw: the yaw loss's angle
-    (draw_yaw). The model sees x_t wrap-padded, in `dtype` (default x0's). The yaw / cube terms
-    apply to all-white panorama rows. parts: the "flow", "yaw", "cube" sums before the lambdas.
-    """
+    """Masked flow-matching loss -> (sum, count, detached "flow", "yaw", "cube" sums) for latents
+    x0, noise (B, 16, 2h, 2w), sigmas (B,), token_mask (B, h*w) True = supervised, persp (B,)."""
     b, h, w = x0.shape[0], grid.h, grid.w
     if x0.shape[-2:] != (2 * h, 2 * w) or noise.shape != x0.shape:
         raise ValueError(f"latents {tuple(x0.shape)}, {tuple(noise.shape)} do not fit {grid}")

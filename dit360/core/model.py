@@ -1,8 +1,5 @@
 """The FLUX MMDiT with the parameter names of the BFL checkpoint (`flux1-dev.safetensors`).
-
-Reference: black-forest-labs/flux `src/flux/model.py`. Distribution and LoRA are applied from
-outside; this module knows neither.
-"""
+Reference: black-forest-labs/flux `src/flux/model.py`."""
 
 import torch
 from torch import Tensor, nn
@@ -32,34 +29,6 @@ class Flux(nn.Module):
         )
         self.final_layer = LastLayer(d, p.out_channels)
 
-    def init_weights(self) -> None:
-        """Initialise every parameter (used after meta-device construction + `to_empty`)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif hasattr(m, "scale") and isinstance(m.scale, nn.Parameter):
-                nn.init.ones_(m.scale)
-        # adaLN-Zero: every block starts as the identity and the output as zero.
-        mods = [m for layer in self.modulation_layers() for m in layer.modules()]
-        for lin in [m for m in mods if isinstance(m, nn.Linear)] + [self.final_layer.linear]:
-            nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)
-
-    def modulation_layers(self) -> list[nn.Module]:
-        """The adaLN layers vec (B, D) -> raw modulation, in the order `forward` reads them."""
-        double = [m for b in self.double_blocks for m in (b.img_mod, b.txt_mod)]
-        return [
-            *double,
-            *(b.modulation for b in self.single_blocks),
-            self.final_layer.adaLN_modulation,
-        ]
-
-    def embedders(self) -> list[nn.Module]:
-        """The layers of the conditioning vector: with `modulation_layers`, all that depends only
-        on (timesteps, y, guidance), 27 % of flux-dev's weights."""
-        return [m for m in (self.time_in, self.guidance_in, self.vector_in) if m is not None]
-
     def conditioning_vector(
         self, timesteps: Tensor, y: Tensor, guidance: Tensor | None, dtype: torch.dtype
     ) -> Tensor:
@@ -82,10 +51,8 @@ class Flux(nn.Module):
         guidance: Tensor | None = None,
         mods: list[Tensor] | None = None,
     ) -> Tensor:
-        """Velocity (B, L_img, out_channels) for packed latents img (B, L_img, in_channels);
-        img_ids (B, L_img, 3), txt (B, L_txt, context_in_dim), txt_ids (B, L_txt, 3), timesteps
-        (B,) sigma in [0, 1], y (B, vec_in_dim) pooled CLIP, guidance (B,) for flux-dev. Or,
-        instead of those three, `mods`: what `modulation_layers` make of them, computed ahead."""
+        """Velocity (B, L_img, C_out) of tokens img (B, L_img, C_in), ids (B, L, 3), txt (B, L_txt,
+        4096), timesteps (B,) in [0, 1], pooled CLIP y, guidance (B,), or their `mods` (ahead)."""
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(
                 f"img and txt must be (B, L, C), got {tuple(img.shape)}, {tuple(txt.shape)}"
@@ -93,9 +60,8 @@ class Flux(nn.Module):
         vec = None if mods else self.conditioning_vector(timesteps, y, guidance, img.dtype)
         mods = mods or [None] * (2 * len(self.double_blocks) + len(self.single_blocks) + 1)
         img, txt = self.img_in(img), self.txt_in(txt)  # (B, L, D)
-        pe = embed_ids(
-            torch.cat((txt_ids, img_ids), dim=1), self.params.axes_dim, self.params.theta
-        )
+        p = self.params
+        pe = embed_ids(torch.cat((txt_ids, img_ids), dim=1), p.axes_dim, p.theta)  # (B,1,L,d/2,2)
         n = len(self.double_blocks)
         for i, block in enumerate(self.double_blocks):
             img, txt = block(img, txt, vec, pe, mods[2 * i : 2 * i + 2])

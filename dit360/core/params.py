@@ -1,20 +1,11 @@
-"""The model's hyperparameters: `FluxParams` (the transformer) and `AutoEncoderParams` (the VAE),
-field names as BFL's (black-forest-labs/flux `src/flux/model.py`, `modules/autoencoder.py`), and
-the presets of FLUX.1."""
+"""The hyperparameters of the transformer (`FluxParams`) and the VAE (`AutoEncoderParams`), names
+as BFL's (black-forest-labs/flux `src/flux/model.py`, `modules/autoencoder.py`), and presets."""
 
-import json
-from dataclasses import asdict, dataclass, field
-
-
-class JsonParams:
-    """The JSON we store in safetensors metadata (read back, checked, by `config.from_json`)."""
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
-class FluxParams(JsonParams):
+class FluxParams:
     """Hyperparameters of the FLUX MMDiT (names follow BFL's `FluxParams`)."""
 
     in_channels: int = 64
@@ -58,7 +49,7 @@ PRESETS: dict[str, FluxParams] = {
 
 
 @dataclass(frozen=True)
-class AutoEncoderParams(JsonParams):
+class AutoEncoderParams:
     """Hyperparameters of the FLUX VAE (names follow BFL's `AutoEncoderParams`)."""
 
     resolution: int = 256

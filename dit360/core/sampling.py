@@ -1,12 +1,8 @@
-"""Sampling: seeded noise, the shifted schedule, the time convention (`add_noise`, `timestep`),
-`predict()` (the one caller of the model, so the panoramic wrap reaches it in one way), the Euler
-`step` and the `denoise` loop (DiT360 section 3; docs/METHOD.md).
+"""Sampling: noise, the shifted schedule, `predict` (the one caller of the model, wrap included),
+the Euler `step` and `denoise`, as diffusers' FluxPipeline and DiT360's `src/pipeline.py`.
 
 Time convention, everywhere in dit360: t = 1 is noise, t = 0 is data,
 x_t = (1 - t) * x0 + t * noise, and the model predicts the velocity v = noise - x0.
-Reference conventions (diffusers FluxPipeline, DiT360 `src/pipeline.py`): sigmas
-linspace(1, 1/N, N) time-shifted with mu from the (padded) token count, a final 0 appended;
-Euler updates in float32, latents stored in the model dtype between steps.
 """
 
 import math
@@ -20,8 +16,8 @@ from torch import Tensor
 from .grid import Grid
 from .model import Flux
 
-# The loops' seams, filled by the runtime: `progress(steps, name)` yields the step indices (a
-# progress bar); `ahead(cond, times, guidance)` returns cond with the modulations at those times.
+# The loops' seams for the runtime: `progress(steps, name)` yields the steps (a progress bar);
+# `ahead(cond, times, guidance)` returns cond with the modulations at those times.
 Progress = Callable[[range, str], Iterable[int]]
 Ahead = Callable[["Conditioning", Sequence[float | Tensor], float | None], "Conditioning"]
 
@@ -76,9 +72,7 @@ def schedule(steps: int, seq_len: int) -> Tensor:
 
 @dataclass
 class Conditioning:
-    """Text conditioning: T5 tokens (B, L, 4096), their ids (B, L, 3), CLIP pooled (B, 768), and
-    optionally the model's modulations computed ahead, by (model time, guidance): a seam for the
-    runtime (`dit360.sampling.ahead`); `predict` then passes them instead of (t, y, guidance)."""
+    """T5 tokens (B, L, 4096), ids (B, L, 3), CLIP (B, 768); seam: `mods` by (time, guidance)."""
 
     txt: Tensor
     txt_ids: Tensor
@@ -98,14 +92,12 @@ def add_noise(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
 
 
 def step(x: Tensor, v: Tensor, dt: float | Tensor) -> Tensor:
-    """One Euler step x + dt * v, computed in float32 and stored in x's dtype (as the reference
-    scheduler does). The one place the ODE is integrated: sampling, inversion and editing."""
+    """One Euler step x + dt * v in float32, stored in x's dtype; sampling, inversion, editing."""
     return (x.float() + dt * v.float()).to(x.dtype)  # parity: the scheduler's dtypes
 
 
 def timestep(t: float | Tensor, dtype: torch.dtype) -> Tensor:
-    """The reference's timestep for time t: t * 1000 rounded to the model dtype. The model gets it
-    divided by 1000 again (`predict`), so t reaches it rounded as the reference rounds it."""
+    """The reference's timestep t * 1000 in the model dtype (the model sees it / 1000, rounded)."""
     return (torch.as_tensor(t, dtype=torch.float32) * 1000).to(dtype)  # parity: its rounding
 
 
@@ -132,8 +124,7 @@ def predict(
 
 
 def guided(v: Tensor, v_neg: Tensor, scale: float) -> Tensor:
-    """True classifier-free guidance: v_neg + scale (v - v_neg), in the model dtype (as
-    diffusers' FluxPipeline with `true_cfg_scale`)."""
+    """True CFG, v_neg + scale (v - v_neg) in the model dtype (FluxPipeline's `true_cfg_scale`)."""
     return v_neg + scale * (v - v_neg)
 
 
@@ -149,9 +140,7 @@ def denoise(
     negative: Conditioning | None = None,
     true_cfg: float = 1.0,
 ) -> Tensor:
-    """Integrate the flow from sigmas[0] to sigmas[-1] with Euler steps; x is padded tokens. With
-    a `negative` conditioning, true CFG at scale `true_cfg`: a second model call a step, the same
-    guidance input."""
+    """Euler steps of padded tokens x from sigmas[0] to sigmas[-1]; true CFG with a `negative`."""
     sigmas = sigmas.to(x.device)
     cond, negative = (c if c is None or c.mods is not None else ahead(c, sigmas[:-1], guidance)
                       for c in (cond, negative))  # fmt: skip
