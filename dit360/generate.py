@@ -12,13 +12,13 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
 import torch
 from PIL import Image
-from torch import nn
+from torch import Tensor, nn
 
 from .cli import check_prompt
 from .compiling import compile_blocks, first_step_timed
@@ -250,13 +250,16 @@ def check_jobs(jobs: list[J], opts: Opts) -> None:
     check_inputs(opts)
 
 
-def encode_prompts(opts: Options, prompts: list[str], offload: str) -> dict[str, Conditioning]:
-    """Each distinct prompt encoded alone (as one image encodes it), the encoders loaded once;
-    the conditionings wait in CPU memory (`lend` brings one to the device for its image)."""
+def encode_prompts(
+    opts: Options, prompts: list[str | None], offload: str
+) -> dict[str, Conditioning]:
+    """Each distinct prompt (None: none) encoded alone, as one image encodes it, the encoders
+    loaded once; the conditionings wait in CPU memory (`lend` brings one to the device)."""
     from .text import encode_prompt, load_text_encoders
 
     enc = load_text_encoders(opts.sources(), opts.device, opts.dtype, offload, opts.t5_fp8)
-    return {p: lend(Conditioning(*encode_prompt(enc, [p])), "cpu") for p in dict.fromkeys(prompts)}
+    named = dict.fromkeys(p for p in prompts if p is not None)
+    return {p: lend(Conditioning(*encode_prompt(enc, [p])), "cpu") for p in named}
 
 
 def lend(cond: Conditioning, device: torch.device | str) -> Conditioning:
@@ -278,58 +281,104 @@ def chunks(jobs: list[J], log: Callable[[str], None]) -> Iterator[list[J]]:
         yield jobs[i : i + CHUNK]
 
 
+Finish = Callable[[Tensor], Tensor]  # a decoded image (3, H, W) -> the image written
+
+
+@dataclass
+class Chunk:
+    """What the jobs of a chunk share: their prompts' conditionings (in CPU memory), and the
+    transformer and the VAE, each loaded at its first use."""
+
+    opts: Options
+    mode: str  # the offload mode
+    log: Callable[[str], None]
+    report: Report
+    conds: dict[str, Conditioning]
+    models: dict[str, nn.Module] = field(default_factory=dict)
+
+    def model(self) -> Flux:
+        """The transformer, loaded at the first call."""
+        if "model" not in self.models:
+            with self.report.stage("load transformer"):
+                self.models["model"] = load_model(self.opts, self.mode, self.log)
+        return self.models["model"]
+
+    def vae(self) -> AutoEncoder:
+        """The VAE, loaded at the first call."""
+        if "vae" not in self.models:
+            self.models["vae"] = load_vae(self.opts, self.mode)
+        return self.models["vae"]
+
+    def cond(self, prompt: str | None) -> Conditioning | None:
+        """A prompt's conditioning lent to the device; None for None."""
+        return None if prompt is None else lend(self.conds[prompt], self.opts.device)
+
+
+Step = Callable[[Chunk, J, Opts, bool], tuple[Tensor, Finish]]
+
+
+def run_jobs(
+    jobs: list[J],
+    opts: Opts,
+    log: Callable[[str], None],
+    report: Report | None,
+    prompts: Callable[[J, Opts], list[str | None]],
+    step: Step,
+    cfg: str,
+    stage: str | None = None,
+) -> Iterator[tuple[J, Image.Image, float]]:
+    """(job, image, seconds) for each checked job as soon as it is decoded, CHUNK jobs at a time:
+    their `prompts` encoded, the text encoders freed, then per job `step` (the first of a chunk
+    told so) with the chunk's models, the decode, `step`'s finish. With a `stage` (the step's
+    report stage) the transformer loads first, else `step` loads it after what it encodes; it is
+    freed after the chunk's last step (`cfg`: what true CFG costs, said if a job has a negative)."""
+    report = report or Report(opts.device, log=log)
+    mode = offload_mode(opts, log) if jobs else "none"
+    if any(job_options(opts, job).negative() is not None for job in jobs):
+        log(cfg)
+    for part in chunks(jobs, log):
+        options = [job_options(opts, job) for job in part]
+        named = [p for job, o in zip(part, options, strict=True) for p in prompts(job, o)]
+        with report.stage("text encoders"):
+            c = Chunk(opts, mode, log, report, encode_prompts(opts, named, mode))
+        if stage is not None:
+            c.model()
+        for i, (job, o) in enumerate(zip(part, options, strict=True)):
+            start, last = time.perf_counter(), i == len(part) - 1
+            with report.stage(stage) if stage else nullcontext():
+                latents, finish = step(c, job, o, i == 0)
+                if last:  # the transformer and the prompts freed before the last decode
+                    c.models.pop("model")
+                    c.conds.clear()
+            with report.stage("decode"), torch.no_grad():
+                with lent(c.vae(), opts.device) as vae:
+                    image = decode(vae, latents.to(opts.dtype), tile=opts.vae_tile)[0]
+                if last:
+                    del vae
+                    c.models.clear()
+            yield job, to_pil(finish(image.float().cpu())), time.perf_counter() - start
+
+
+def generate_step(c: Chunk, job: Job, o: SampleOptions, first: bool) -> tuple[Tensor, Finish]:
+    """A job's latents, denoised with the chunk's transformer; its image as decoded."""
+    model = c.model()
+    # With --compile the first step also compiles: its extra time is logged as compile time.
+    with first_step_timed(model, c.log) if o.compile and first else nullcontext():
+        latents = generate_latents(model, c.cond(job.prompt), o, c.mode, c.cond(o.negative()))
+    return check_finite(latents), lambda image: image
+
+
 def generate_many(
     jobs: list[Job],
     opts: SampleOptions,
     log: Callable[[str], None] = print,
     report: Report | None = None,
 ) -> Iterator[tuple[Job, Image.Image, float]]:
-    """(job, panorama, seconds) for each job as soon as it is decoded, CHUNK jobs at a time: their
-    prompts encoded first, the text encoders freed, then the transformer and the VAE loaded once
-    for the chunk. The transformer is freed after the chunk's last denoising, before the VAE
-    first loads if one job."""
+    """(job, panorama, seconds) for each job as soon as it is decoded (`run_jobs`)."""
     check_jobs(jobs, opts)
-    report = report or Report(opts.device, log=log)
-    mode = offload_mode(opts, log) if jobs else "none"
-    if any(job_options(opts, job).negative() is not None for job in jobs):
-        log(f"true CFG at scale {opts.true_cfg}: two transformer calls a step (twice the time)")
-    for part in chunks(jobs, log):
-        yield from generate_chunk(part, opts, mode, log, report)
-
-
-def generate_chunk(
-    jobs: list[Job],
-    opts: SampleOptions,
-    mode: str,
-    log: Callable[[str], None],
-    report: Report,
-) -> Iterator[tuple[Job, Image.Image, float]]:
-    """generate_many's work for one chunk of jobs, in offload `mode`."""
-    dev, dtype = opts.device, opts.dtype
-    negatives = [job_options(opts, job).negative() for job in jobs]  # None: true CFG off
-    with report.stage("text encoders"):
-        prompts = [job.prompt for job in jobs] + [n for n in negatives if n is not None]
-        conds = encode_prompts(opts, prompts, mode)
-    with report.stage("load transformer"):
-        model = load_model(opts, mode, log)
-    vae = None
-    for i, (job, neg) in enumerate(zip(jobs, negatives, strict=True)):
-        start, o, last = time.perf_counter(), job_options(opts, job), i == len(jobs) - 1
-        # With --compile the first step also compiles: its extra time is logged as compile time.
-        timed = first_step_timed(model, log) if opts.compile and i == 0 else nullcontext()
-        with report.stage("denoise"), timed:
-            negative = None if neg is None else lend(conds[neg], dev)
-            latents = check_finite(
-                generate_latents(model, lend(conds[job.prompt], dev), o, mode, negative)
-            )
-            if last:
-                del model, conds
-        with report.stage("decode"), torch.no_grad():
-            vae = load_vae(opts, mode) if vae is None else vae
-            with lent(vae, dev):
-                image = decode(vae, latents.to(dtype), tile=opts.vae_tile)
-            vae = None if last else vae
-        yield job, to_pil(image[0]), time.perf_counter() - start
+    cfg = f"true CFG at scale {opts.true_cfg}: two transformer calls a step (twice the time)"
+    prompts = lambda job, o: [job.prompt, o.negative()]  # noqa: E731
+    yield from run_jobs(jobs, opts, log, report, prompts, generate_step, cfg, stage="denoise")
 
 
 def generate(
