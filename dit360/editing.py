@@ -1,6 +1,5 @@
 """Editing as the runtime runs it: `invert` and `edit` from `EditOptions` (the method, RF-Inversion
-with token replacement, is `dit360.core.editing`), `edit_many` for a batch of edits (`EditJob`s)
-with each model loaded once, `edit_image` for one.
+with token replacement, is `dit360.core.editing`), `edit_many` (`generate.run_jobs`), `edit_image`.
 """
 
 from collections.abc import Callable, Iterator
@@ -64,9 +63,8 @@ def invert(
     opts: EditOptions,
 ) -> Tensor:
     """`core.editing.invert` with the modulations computed ahead and a progress bar."""
-    return core.invert(
-        model, x0, y1, grid, cond, sigmas, rf_params(opts), partial(ahead, model), bar
-    )
+    p, a = rf_params(opts), partial(ahead, model)
+    return core.invert(model, x0, y1, grid, cond, sigmas, p, a, bar)
 
 
 def edit(
@@ -82,8 +80,7 @@ def edit(
     keep_source: bool = False,
     negative: Conditioning | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """`core.editing.edit_planned` with the modulations computed ahead and a progress bar; true
-    CFG on the target with a `negative` conditioning."""
+    """`core.editing.edit_planned`, modulations ahead, a progress bar; true CFG with `negative`."""
     p, a = rf_params(opts), partial(ahead, model)
     return core.edit_planned(
         model, inverted, x0, z, keep, grid, cond, sigmas, p, keep_source, a, bar, negative
@@ -92,8 +89,8 @@ def edit(
 
 @dataclass(kw_only=True)
 class EditJob(Job):
-    """One edit of a batch: its source image and mask (images, or files read in their turn; the
-    source at `size` (width, height) if given) and what it sets that is not `opts`'."""
+    """One edit of a batch: source and mask (images or files; the source at `size` (w, h) if given)
+    and what it sets that is not `opts`'."""
 
     image: Image.Image | Path
     mask: Image.Image | Path
@@ -117,8 +114,7 @@ def read_source(job: EditJob) -> Image.Image:
 
 
 def token_mask(job: EditJob, o: EditOptions, width: int, height: int) -> tuple[Grid, Tensor]:
-    """The token grid of a width x height source and the job's mask on it, True = keep (h, w);
-    ValueError if it keeps everything or nothing."""
+    """The token grid of a width x height source, the job's mask on it (h, w), True = keep."""
     grid = Grid.for_image(height, width, o.wrap_pad)
     keep = read_mask(job.mask, grid.w, grid.h) ^ o.invert  # (h, w) on the token grid
     check_mask(keep)
@@ -126,8 +122,7 @@ def token_mask(job: EditJob, o: EditOptions, width: int, height: int) -> tuple[G
 
 
 def check_job(job: EditJob, opts: EditOptions) -> tuple[int, int]:
-    """Everything about a job that can fail before a model loads: its options, its source (it
-    opens; its size), its mask on the token grid, the paste-back feather. Warns if the size is
+    """What can fail about a job before a model loads (its options, source, mask, feather); warns if
     not 1024x2048. Returns the source file's own size (width, height)."""
     o = job_options(opts, job)
     own = open_image(job.image).size  # it opens and decodes
@@ -140,8 +135,7 @@ def check_job(job: EditJob, opts: EditOptions) -> tuple[int, int]:
 
 
 def edit_step(c: Chunk, job: EditJob, o: EditOptions, first: bool) -> tuple[Tensor, Finish]:
-    """A job's latents: its source encoded (the VAE then waits in CPU memory), inverted and
-    edited with the chunk's transformer; the paste-back of its decoded image, if asked."""
+    """A job's latents: its source encoded, inverted, edited; the paste-back, if asked."""
     dev, dtype = c.opts.device, c.opts.dtype
     image = read_source(job)
     width, height = image.size
@@ -181,8 +175,7 @@ def edit_many(
     log: Callable[[str], None] = print,
     report: Report | None = None,
 ) -> Iterator[tuple[EditJob, Image.Image, float]]:
-    """(job, edited panorama, seconds) for each job as soon as it is decoded (`run_jobs`), every
-    job checked first; prompts: the inversion's empty one, the source's, the target's."""
+    """(job, edited panorama, seconds) for each job as it is decoded (`run_jobs`)."""
     with warnings_last():  # fail fast, before any model loads; the size's warning once a batch
         for job in jobs:
             check_job(job, opts)

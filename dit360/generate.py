@@ -1,11 +1,7 @@
-"""Text to panorama, end to end: encode the prompt, free the text encoders, denoise with the
-transformer (+ LoRA) on the wrapped token grid, free it, decode with the VAE.
-
-Only one of T5/CLIP, the transformer and the VAE is on the device at any time (in a batch,
-`generate_many`, the transformer and the VAE stay for all its images), and of the transformer
-never its modulation layers (computed ahead, `sampling.ahead`). The offload mode
-(`dit360.offload`) says where the rest waits: loaded onto the device (none), parked in CPU memory
-and lent to the device for its stage (model), or its blocks streamed through it (blocks).
+"""Text to panorama, and the batch pipeline edits share (`run_jobs`): encode the prompts, free
+the text encoders, denoise (+ LoRA) on the wrapped token grid, decode with the VAE. One model on
+the device at a time (a batch's transformer and VAE stay for its images), never the modulations
+(`sampling.ahead`); the offload mode (none, model, blocks: `dit360.offload`) says where the rest is.
 """
 
 import time
@@ -69,8 +65,8 @@ def computed_ahead(model: Flux) -> list[nn.Module]:
 
 
 def lora_file(src: str) -> Path:
-    """--lora's file (find_lora); a train.py run without its final LoRA says what to give
-    instead; DiT360's LoRA not found also offers to go without it."""
+    """--lora's file (find_lora); the error of a train.py run without a final LoRA, or of DiT360's
+    LoRA not found, says what to give instead."""
     from .checkpoints import unfinished_run
     from .lora_formats import find_lora
 
@@ -85,9 +81,8 @@ def lora_file(src: str) -> Path:
 
 
 def lora_sources(opts: Options, log: Callable[[str], None] | None = None) -> list[LoraUse]:
-    """(--lora as given, its file, scale) of each LoRA in order; auto: DiT360's published LoRA,
-    unless the transformer has a LoRA merged in already (`convert_weights.py --merge` records it
-    in the file), which is then said through `log`."""
+    """(--lora as given, its file, scale) of each LoRA in order; auto: DiT360's, unless the
+    transformer has one merged in (`convert_weights.py --merge` records it; said through `log`)."""
     from .weights import MERGED_KEY
 
     merged = None
@@ -105,16 +100,13 @@ def lora_sources(opts: Options, log: Callable[[str], None] | None = None) -> lis
 
 
 def check_inputs(opts: Options) -> None:
-    """Resolve every weight file and check its headers against its model, the tokenizers and the
-    LoRAs (against the transformer) before anything loads: a mistake costs seconds, not minutes
-    and 33 GB read. The LoRAs are found first, so a typo fails before --base downloads anything.
-    Once per process for the same inputs: the CLI checks, then the API it calls checks again."""
+    """Every weight file's headers checked against its model, the LoRAs first (a typo fails before
+    --base downloads), before anything loads; once per process for the same inputs."""
     from .lora_formats import read_lora
 
     key = tuple(str(getattr(opts, k)) for k in ("base", "transformer", "t5", "clip", "vae", "lora"))
     if key in CHECKED:
         return
-
     for src in opts.lora or ():
         if src != "auto":
             lora_file(src)
@@ -137,8 +129,9 @@ CHECKED: set[tuple[str, ...]] = set()  # the inputs check_inputs passed in this 
 
 
 def load_model(opts: Options, offload: str = "none", log: Callable[[str], None] = print) -> Flux:
-    """The transformer with the LoRAs (merged unless asked otherwise), parked in CPU memory except,
-    with offload none, what denoising needs: that is loaded onto the device."""
+    """The transformer with the LoRAs, parked in CPU memory; with offload none, what denoising
+    needs is on the device."""
+    from .lora_formats import load_lora
     from .weights import load_flux
 
     on_cpu = computed_ahead if offload == "none" else (lambda m: [m])
@@ -146,8 +139,6 @@ def load_model(opts: Options, offload: str = "none", log: Callable[[str], None] 
     # transformer in bf16 (17 GB) would not fit the cards fp8 is for
     read_to = (lambda m: [m]) if opts.fp8 else on_cpu
     model = load_flux(opts.sources().transformer, opts.device, opts.dtype, on_cpu=read_to)
-    from .lora_formats import load_lora
-
     how = "merged into the weights" if opts.merge_lora else "as adapters"
     for src, path, scale in lora_sources(opts, log):  # merged: each folded in, in order
         log(f"LoRA {src} at scale {scale}, {how}")
@@ -164,24 +155,19 @@ def load_model(opts: Options, offload: str = "none", log: Callable[[str], None] 
 
 @contextmanager
 def placed(model: Flux, opts: Options, offload: str) -> Iterator[Flux]:
-    """The transformer ready to denoise on the device: on it already (none), lent whole (model), or
-    its blocks streamed and the rest lent (blocks); what is computed ahead stays in CPU memory.
-    Attention runs the kernel of --attention."""
-    device = opts.device
-    home = computed_ahead(model)
-    blocks = [*model.double_blocks, *model.single_blocks]
-    stop = stream(blocks, device, ahead=1, skip=home) if offload == "blocks" else None
+    """The transformer on the device (none: already; model: lent; blocks: streamed) but what is
+    computed ahead, attention on the kernel of --attention."""
+    home, blocks = computed_ahead(model), [*model.double_blocks, *model.single_blocks]
+    stop = stream(blocks, opts.device, ahead=1, skip=home) if offload == "blocks" else None
     try:
-        with lent(model, device, skip=home), attention_backend(opts.attention):
+        with lent(model, opts.device, skip=home), attention_backend(opts.attention):
             yield model
     finally:
         if stop is not None:
             stop()
 
 
-def initial_noise(
-    opts: Options, batch: int, height: int, width: int, channels: int
-) -> torch.Tensor:
+def initial_noise(opts: Options, batch: int, height: int, width: int, channels: int) -> Tensor:
     """Seeded noise: CPU float32, or on the device in the model dtype (`reference_noise`)."""
     on = (opts.device, opts.dtype) if opts.reference_noise else ()
     return noise(opts.seed, batch, height, width, channels, *on)
@@ -193,9 +179,9 @@ def generate_latents(
     opts: SampleOptions,
     offload: str = "none",
     negative: Conditioning | None = None,
-) -> torch.Tensor:
-    """Denoise seeded noise on the wrapped token grid (true CFG with the `negative` prompt's
-    conditioning); latents (B, C, H/8, W/8) without the pad."""
+) -> Tensor:
+    """Seeded noise denoised on the wrapped token grid (true CFG with a `negative`); latents
+    (B, C, H/8, W/8) without the pad."""
     grid = Grid.for_image(opts.height, opts.width, opts.wrap_pad)
     z = initial_noise(opts, 1, opts.height, opts.width, model.params.in_channels // 4)
     # Pad once and never re-sync: the reference's behaviour (a pad token and the column it copies
@@ -208,7 +194,7 @@ def generate_latents(
     return grid.unpack(x)
 
 
-def check_finite(latents: torch.Tensor) -> torch.Tensor:
+def check_finite(latents: Tensor) -> Tensor:
     """The latents, or FloatingPointError if any is NaN/inf (decoded: a black image)."""
     if latents.isfinite().all():
         return latents
@@ -220,8 +206,7 @@ def check_finite(latents: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Job:
-    """One image of a batch: its prompt, seed and output file; steps, guidance and negative
-    prompt if not opts'."""
+    """One image of a batch: prompt, seed, output file; steps, guidance, negative if not opts'."""
 
     prompt: str
     seed: int
@@ -242,8 +227,7 @@ def job_options(opts: Opts, job: Job) -> Opts:
 
 
 def check_jobs(jobs: list[J], opts: Opts) -> None:
-    """What the CLI checks before anything loads, for the API too: each job's prompt and options,
-    every weight file's headers; ValueError or OSError naming the flag (the field's name)."""
+    """The CLI's checks before anything loads; ValueError or OSError naming the flag."""
     for job in jobs:
         check_prompt(job.prompt, "--prompt (prompt)")
         job_options(opts, job)
@@ -253,8 +237,7 @@ def check_jobs(jobs: list[J], opts: Opts) -> None:
 def encode_prompts(
     opts: Options, prompts: list[str | None], offload: str
 ) -> dict[str, Conditioning]:
-    """Each distinct prompt (None: none) encoded alone, as one image encodes it, the encoders
-    loaded once; the conditionings wait in CPU memory (`lend` brings one to the device)."""
+    """Each distinct prompt (None: none) encoded alone, as one image encodes it: in CPU memory."""
     from .text import encode_prompt, load_text_encoders
 
     enc = load_text_encoders(opts.sources(), opts.device, opts.dtype, offload, opts.t5_fp8)
@@ -273,21 +256,12 @@ def lend(cond: Conditioning, device: torch.device | str) -> Conditioning:
 CHUNK = 256
 
 
-def chunks(jobs: list[J], log: Callable[[str], None]) -> Iterator[list[J]]:
-    """The jobs CHUNK at a time, each chunk said (when there are several) as it starts."""
-    for i in range(0, len(jobs), CHUNK):
-        if len(jobs) > CHUNK:
-            log(f"images {i + 1} to {min(i + CHUNK, len(jobs))} of {len(jobs)}: encoding prompts")
-        yield jobs[i : i + CHUNK]
-
-
 Finish = Callable[[Tensor], Tensor]  # a decoded image (3, H, W) -> the image written
 
 
 @dataclass
 class Chunk:
-    """What the jobs of a chunk share: their prompts' conditionings (in CPU memory), and the
-    transformer and the VAE, each loaded at its first use."""
+    """What a chunk's jobs share: conditionings, the transformer and VAE (loaded at first use)."""
 
     opts: Options
     mode: str  # the offload mode
@@ -314,39 +288,38 @@ class Chunk:
         return None if prompt is None else lend(self.conds[prompt], self.opts.device)
 
 
-Step = Callable[[Chunk, J, Opts, bool], tuple[Tensor, Finish]]
-
-
 def run_jobs(
     jobs: list[J],
     opts: Opts,
     log: Callable[[str], None],
     report: Report | None,
     prompts: Callable[[J, Opts], list[str | None]],
-    step: Step,
+    step: Callable[[Chunk, J, Opts, bool], tuple[Tensor, Finish]],
     cfg: str,
     stage: str | None = None,
 ) -> Iterator[tuple[J, Image.Image, float]]:
-    """(job, image, seconds) for each checked job as soon as it is decoded, CHUNK jobs at a time:
-    their `prompts` encoded, the text encoders freed, then per job `step` (the first of a chunk
-    told so) with the chunk's models, the decode, `step`'s finish. With a `stage` (the step's
-    report stage) the transformer loads first, else `step` loads it after what it encodes; it is
-    freed after the chunk's last step (`cfg`: what true CFG costs, said if a job has a negative)."""
+    """(job, image, seconds) for each checked job as it is decoded, CHUNK jobs at a time: their
+    `prompts` encoded, then per job `step` (told if first) with the chunk's models, the decode, its
+    finish. With a `stage` (the step's) the transformer loads first, else `step` loads it (after
+    what it encodes). `cfg`, what true CFG costs, is said if a job has a negative prompt."""
     report = report or Report(opts.device, log=log)
     mode = offload_mode(opts, log) if jobs else "none"
     if any(job_options(opts, job).negative() is not None for job in jobs):
         log(cfg)
-    for part in chunks(jobs, log):
+    for i in range(0, len(jobs), CHUNK):
+        if len(jobs) > CHUNK:
+            log(f"images {i + 1} to {min(i + CHUNK, len(jobs))} of {len(jobs)}: encoding prompts")
+        part = jobs[i : i + CHUNK]
         options = [job_options(opts, job) for job in part]
         named = [p for job, o in zip(part, options, strict=True) for p in prompts(job, o)]
         with report.stage("text encoders"):
             c = Chunk(opts, mode, log, report, encode_prompts(opts, named, mode))
         if stage is not None:
             c.model()
-        for i, (job, o) in enumerate(zip(part, options, strict=True)):
-            start, last = time.perf_counter(), i == len(part) - 1
+        for n, (job, o) in enumerate(zip(part, options, strict=True)):
+            start, last = time.perf_counter(), n == len(part) - 1
             with report.stage(stage) if stage else nullcontext():
-                latents, finish = step(c, job, o, i == 0)
+                latents, finish = step(c, job, o, n == 0)
                 if last:  # the transformer and the prompts freed before the last decode
                     c.models.pop("model")
                     c.conds.clear()
@@ -391,8 +364,7 @@ def generate(
 
 
 def load_vae(opts: Options, offload: str = "none") -> AutoEncoder:
-    """The VAE in the model dtype (as the reference decodes), seamless if asked: on the device, or
-    parked in CPU memory with offload model or blocks."""
+    """The VAE in the model dtype (as the reference), seamless if asked; parked unless none."""
     from .weights import load_autoencoder
 
     home = opts.device if offload == "none" else "cpu"
