@@ -91,11 +91,7 @@ def lora_sources(opts: Options, log: Callable[[str], None] | None = None) -> lis
         if (merged := part.open().metadata.get(MERGED_KEY)) and log:
             log(f"LoRA: none added for auto; {part} has one merged in ({merged})")
     pairs = zip(opts.lora or (), opts.lora_scale, strict=True)
-    named = [
-        (DIT360_LORA if src == "auto" else src, s)
-        for src, s in pairs
-        if not merged or src != "auto"
-    ]
+    named = [(DIT360_LORA if x == "auto" else x, s) for x, s in pairs if not merged or x != "auto"]
     return [(src, lora_file(src), s) for src, s in named]
 
 
