@@ -165,8 +165,8 @@ def edit_step(c: Chunk, job: EditJob, o: EditOptions, first: bool) -> tuple[Tens
     if not o.paste_back:
         return grid.unpack(latents), lambda out: out
     radius = height // 32 if o.feather is None else o.feather
-    keep = read_mask(job.mask, width, height) ^ o.invert
-    return grid.unpack(latents), lambda out: paste_back(out, pixels[0], keep, radius)
+    mask = read_mask(job.mask, width, height) ^ o.invert  # (H, W), True = keep
+    return grid.unpack(latents), lambda out: paste_back(out, pixels[0], mask, radius)
 
 
 def edit_many(
