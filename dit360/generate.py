@@ -65,8 +65,7 @@ def computed_ahead(model: Flux) -> list[nn.Module]:
 
 
 def lora_file(src: str) -> Path:
-    """--lora's file (find_lora); the error of a train.py run without a final LoRA, or of DiT360's
-    LoRA not found, says what to give instead."""
+    """--lora's file (find_lora); its errors say what to give instead (a run's checkpoint, none)."""
     from .checkpoints import unfinished_run
     from .lora_formats import find_lora
 
@@ -125,8 +124,7 @@ CHECKED: set[tuple[str, ...]] = set()  # the inputs check_inputs passed in this 
 
 
 def load_model(opts: Options, offload: str = "none", log: Callable[[str], None] = print) -> Flux:
-    """The transformer with the LoRAs, parked in CPU memory; with offload none, what denoising
-    needs is on the device."""
+    """The transformer with the LoRAs, parked in CPU memory but (offload none) what denoises."""
     from .lora_formats import load_lora
     from .weights import load_flux
 
