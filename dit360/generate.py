@@ -308,7 +308,7 @@ def run_jobs(
         named = [p for job, o in zip(part, options, strict=True) for p in prompts(job, o)]
         with report.stage("text encoders"):
             c = Chunk(opts, mode, log, report, encode_prompts(opts, named, mode))
-        if stage is not None:
+        if stage is not None:  # the step encodes nothing first: the transformer loads now
             c.model()
         for n, (job, o) in enumerate(zip(part, options, strict=True)):
             start, last = time.perf_counter(), n == len(part) - 1
