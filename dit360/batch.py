@@ -1,9 +1,7 @@
-"""Many images per load, for sample.py and edit.py alike: the rows of a .jsonl (or .txt) file
-read with typed keys, jobs checked with `file:line` errors before any model loads, each output
-written by one job only; then this process's share under torchrun, outputs that exist with the
-job's settings skipped (a rerun resumes), each image written as it comes with its settings
-(`info`), and a summary with the rate.
-"""
+"""Many images per load, for sample.py and edit.py alike: a .jsonl (or .txt) file's typed rows,
+jobs checked with `file:line` errors before any model loads, this process's share under torchrun,
+outputs that exist with the job's settings skipped (a rerun resumes), each image written as it
+comes with its settings (`info`), and a summary with the rate."""
 
 import json
 import os
@@ -29,9 +27,8 @@ Types = type | tuple[type, ...]
 def read_rows(
     path: Path, flag: str, keys: dict[str, Types], required: tuple[str, ...], text: bool = False
 ) -> list[tuple[int, dict]]:
-    """(line number, row) of a .jsonl file (with `text`, also a .txt: a prompt a line, # comments
-    skipped): objects with the `required` strings, their keys and types in `keys` (an int is
-    no bool, a bool no int); ValueError naming file:line on a bad row."""
+    """(line number, row) of a .jsonl file (with `text`, also a .txt: a prompt a line, # comments):
+    objects with the `required` strings, keys and types in `keys`; ValueError naming file:line."""
     suffixes = (".txt", ".jsonl") if text else (".jsonl",)
     if path.suffix not in suffixes:
         raise ValueError(f"{flag} {path}: use a {' or '.join(suffixes)} file")
@@ -73,8 +70,7 @@ def read_rows(
 def checked_jobs(
     src: str | Path, lines: Iterable[tuple[int, J]], check: Callable[[J], object]
 ) -> list[J]:
-    """The jobs of (line, job) pairs, each passing `check` and writing a valid output that no
-    other job writes; ValueError naming `src`:line on the first that does not."""
+    """The jobs, each passing `check` with its own valid output; else ValueError at `src`:line."""
     jobs, seen = [], {}
     for n, job in lines:
         where = f"{src}:{n}"
@@ -110,9 +106,8 @@ def share(jobs: list[J]) -> list[J]:
 def existing(
     jobs: list[J], record: Callable[[J], dict], overwrite: bool = False
 ) -> tuple[list[J], dict]:
-    """(the jobs to make, each output's record): an output that exists is skipped only if it
-    records the job's settings; one that records others is a ValueError naming it and the first
-    differing setting, unless `overwrite` (it is made again). The LoRAs are hashed once."""
+    """(the jobs to make, each output's record): an output that exists records the job's settings
+    (skipped), or others: ValueError naming the first that differs, unless `overwrite`."""
     todo, stamps = [], {}
     for job in jobs:
         stamps[job.out] = rec = record(job)
@@ -136,13 +131,9 @@ def run_batch(
     missing: Callable[[J], bool] = lambda job: False,
     overwrite: bool = False,
 ) -> None:
-    """Make this process's share of the jobs (rank r of w: jobs[r::w]) whose outputs are missing,
-    with `make` (the models loaded once), writing each image with its settings (`record`, see
-    `info`) as it comes and then `extras` (what it returns ends the image's line; also for a
-    skipped image whose extras are `missing`); print each, then a total. An output that exists
-    is skipped only if it records the job's settings; one that records others stops the batch
-    before anything loads (exit 2), unless `overwrite` (it is made again). Bad weights: exit 2;
-    non-finite latents or an unwritable output: exit 1."""
+    """Make this process's share of the jobs not `existing` with `make`, writing each image with its
+    `record`, then `extras` (ending its line; also for a skipped one `missing` them); print each,
+    then a total. Other settings recorded, bad weights: exit 2; NaN latents, unwritable: exit 1."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     jobs = share(jobs)  # under torchrun: this process's share
     try:  # checked before anything loads (and by the scripts before their warnings show)
@@ -188,8 +179,7 @@ def summary(who: str, written: int, skipped: int, minutes: float) -> None:
 
 
 def across_ranks(sums: list[float], maxima: list[float]) -> tuple[list[float], list[float]]:
-    """`sums` summed and `maxima` maximised over torchrun's processes, through a gloo group made
-    for it (CPU tensors, on any machine) and destroyed after: a barrier at the end of a batch."""
+    """`sums` summed and `maxima` maximised over torchrun's processes (a gloo group made for it)."""
     dist = torch.distributed
     made = not dist.is_initialized()
     if made:

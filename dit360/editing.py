@@ -1,9 +1,7 @@
 """Editing as the runtime runs it: `invert` and `edit` from `EditOptions` (the method, RF-Inversion
-with token replacement, is `dit360.core.editing`), `edit_many` for a batch of edits (`EditJob`s)
-with each model loaded once, `edit_image` for one.
+with token replacement, is `dit360.core.editing`), `edit_many` (`generate.run_jobs`), `edit_image`.
 """
 
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from functools import partial
@@ -18,26 +16,24 @@ from .core import editing as core
 from .core.editing import RFInversion, cat_rows, paste_back
 from .core.model import Flux
 from .generate import (
+    Chunk,
+    Finish,
     Job,
     check_finite,
     check_jobs,
-    chunks,
-    encode_prompts,
     initial_noise,
     job_options,
     lend,
-    load_model,
-    load_vae,
-    offload_mode,
     placed,
+    run_jobs,
 )
-from .image import from_pil, open_image, read_mask, read_rgb, to_pil
+from .image import from_pil, open_image, read_mask, read_rgb
 from .offload import lent, park
 from .options import EditOptions, check_size, warnings_last
 from .panorama import Grid
 from .report import Report
 from .sampling import Conditioning, ahead, bar, noise, schedule
-from .tiling import decode, encode
+from .tiling import encode
 
 
 def check_mask(keep: Tensor) -> None:
@@ -67,9 +63,8 @@ def invert(
     opts: EditOptions,
 ) -> Tensor:
     """`core.editing.invert` with the modulations computed ahead and a progress bar."""
-    return core.invert(
-        model, x0, y1, grid, cond, sigmas, rf_params(opts), partial(ahead, model), bar
-    )
+    p, a = rf_params(opts), partial(ahead, model)
+    return core.invert(model, x0, y1, grid, cond, sigmas, p, a, bar)
 
 
 def edit(
@@ -85,8 +80,7 @@ def edit(
     keep_source: bool = False,
     negative: Conditioning | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """`core.editing.edit_planned` with the modulations computed ahead and a progress bar; true
-    CFG on the target with a `negative` conditioning."""
+    """`core.editing.edit_planned`, modulations ahead, a progress bar; true CFG with `negative`."""
     p, a = rf_params(opts), partial(ahead, model)
     return core.edit_planned(
         model, inverted, x0, z, keep, grid, cond, sigmas, p, keep_source, a, bar, negative
@@ -95,8 +89,8 @@ def edit(
 
 @dataclass(kw_only=True)
 class EditJob(Job):
-    """One edit of a batch: its source image and mask (images, or files read in their turn; the
-    source at `size` (width, height) if given) and what it sets that is not `opts`'."""
+    """One edit of a batch: source and mask (images or files; the source at `size` (w, h) if given)
+    and what it sets that is not `opts`'."""
 
     image: Image.Image | Path
     mask: Image.Image | Path
@@ -120,8 +114,7 @@ def read_source(job: EditJob) -> Image.Image:
 
 
 def token_mask(job: EditJob, o: EditOptions, width: int, height: int) -> tuple[Grid, Tensor]:
-    """The token grid of a width x height source and the job's mask on it, True = keep (h, w);
-    ValueError if it keeps everything or nothing."""
+    """The token grid of a width x height source, the job's mask on it (h, w), True = keep."""
     grid = Grid.for_image(height, width, o.wrap_pad)
     keep = read_mask(job.mask, grid.w, grid.h) ^ o.invert  # (h, w) on the token grid
     check_mask(keep)
@@ -129,8 +122,7 @@ def token_mask(job: EditJob, o: EditOptions, width: int, height: int) -> tuple[G
 
 
 def check_job(job: EditJob, opts: EditOptions) -> tuple[int, int]:
-    """Everything about a job that can fail before a model loads: its options, its source (it
-    opens; its size), its mask on the token grid, the paste-back feather. Warns if the size is
+    """What can fail about a job before a model loads (its options, source, mask, feather); warns if
     not 1024x2048. Returns the source file's own size (width, height)."""
     o = job_options(opts, job)
     own = open_image(job.image).size  # it opens and decodes
@@ -142,85 +134,55 @@ def check_job(job: EditJob, opts: EditOptions) -> tuple[int, int]:
     return own
 
 
+def edit_step(c: Chunk, job: EditJob, o: EditOptions, first: bool) -> tuple[Tensor, Finish]:
+    """A job's latents: its source encoded, inverted, edited; the paste-back, if asked."""
+    dev, dtype = c.opts.device, c.opts.dtype
+    image = read_source(job)
+    width, height = image.size
+    grid, keep = token_mask(job, o, width, height)
+    with c.report.stage("encode image"), torch.no_grad():
+        vae = c.vae()
+        pixels = from_pil(image)[None]  # (1, 3, H, W) float32, kept for the paste-back
+        with lent(vae, dev):  # the posterior mean (the reference: a sample)
+            x0 = grid.pack(encode(vae, pixels.to(dev, dtype)))
+        park(vae)  # in CPU memory until the decode: one model on the device at a time
+    ch = x0.shape[-1] // 4
+    z, y1 = noise(o.seed, 2, height, width, ch)  # target noise, inversion noise (CPU float32)
+    if o.reference_noise:
+        z = initial_noise(o, 1, height, width, ch)[0]
+    z, y1 = (grid.pack(n[None]).to(dev, dtype) for n in (z, y1))
+    sigmas = schedule(o.steps, grid.h * grid.w)  # the reference shifts by the unpadded count
+    model = c.model()
+    with torch.no_grad(), placed(model, c.opts, c.mode):
+        with c.report.stage("invert"):
+            inverted = invert(model, x0, y1, grid, c.cond(""), sigmas, o)
+        with c.report.stage("edit"):
+            keep = grid.wrap_mask(keep.flatten(), o.mask_pad)  # (L,): on the padded tokens
+            both = lend(cat_rows(c.conds[source_prompt(o, job)], c.conds[job.prompt]), dev)
+            neg = c.cond(o.negative())
+            latents, _ = edit(model, inverted, x0, z, keep, grid, both, sigmas, o, False, neg)
+            check_finite(latents)
+    if not o.paste_back:
+        return grid.unpack(latents), lambda out: out
+    radius = height // 32 if o.feather is None else o.feather
+    mask = read_mask(job.mask, width, height) ^ o.invert  # (H, W), True = keep
+    return grid.unpack(latents), lambda out: paste_back(out, pixels[0], mask, radius)
+
+
 def edit_many(
     jobs: list[EditJob],
     opts: EditOptions,
     log: Callable[[str], None] = print,
     report: Report | None = None,
 ) -> Iterator[tuple[EditJob, Image.Image, float]]:
-    """(job, edited panorama, seconds) for each job as soon as it is decoded: every job checked
-    first; then CHUNK jobs at a time (`generate.chunks`), their prompts encoded (the inversion's
-    empty one, sources, targets), the text encoders freed, then the VAE and the transformer
-    loaded once for the chunk. Per job: encode the source (the VAE then waits in CPU memory),
-    invert, edit, decode; the transformer is freed after the chunk's last edit, before its
-    decode."""
+    """(job, edited panorama, seconds) for each job as it is decoded (`run_jobs`)."""
     with warnings_last():  # fail fast, before any model loads; the size's warning once a batch
         for job in jobs:
             check_job(job, opts)
         check_jobs(jobs, opts)
-    report = report or Report(opts.device, log=log)
-    mode = offload_mode(opts, log) if jobs else "none"
-    for part in chunks(jobs, log):
-        yield from edit_chunk(part, opts, mode, log, report)
-
-
-def edit_chunk(
-    jobs: list[EditJob],
-    opts: EditOptions,
-    mode: str,
-    log: Callable[[str], None],
-    report: Report,
-) -> Iterator[tuple[EditJob, Image.Image, float]]:
-    """edit_many's work for one chunk of checked jobs, in offload `mode`."""
-    dev, dtype = opts.device, opts.dtype
-    options = [job_options(opts, job) for job in jobs]
-    sources = [source_prompt(o, job) for o, job in zip(options, jobs, strict=True)]
-    negatives = [n for o in options if (n := o.negative()) is not None]  # true CFG's
-    if negatives:
-        log(f"true CFG at scale {opts.true_cfg} on the target: its rows run twice a step")
-    with report.stage("text encoders"):  # the inversion's empty prompt, sources, targets
-        targets = [job.prompt for job in jobs]
-        conds = encode_prompts(opts, ["", *sources, *targets, *negatives], mode)
-    model = vae = None
-    for i, (job, o, source) in enumerate(zip(jobs, options, sources, strict=True)):
-        start, last = time.perf_counter(), i == len(jobs) - 1
-        image = read_source(job)
-        width, height = image.size
-        grid, keep = token_mask(job, o, width, height)
-        with report.stage("encode image"), torch.no_grad():
-            vae = load_vae(opts, mode) if vae is None else vae
-            pixels = from_pil(image)[None]  # (1, 3, H, W) float32, kept for the paste-back
-            with lent(vae, dev):  # the posterior mean (the reference: a sample)
-                x0 = grid.pack(encode(vae, pixels.to(dev, dtype)))
-            park(vae)  # in CPU memory until the decode: one model on the device at a time
-        c = x0.shape[-1] // 4
-        z, y1 = noise(o.seed, 2, height, width, c)  # target noise, inversion noise (CPU float32)
-        if o.reference_noise:
-            z = initial_noise(o, 1, height, width, c)[0]
-        z, y1 = (grid.pack(n[None]).to(dev, dtype) for n in (z, y1))
-        sigmas = schedule(o.steps, grid.h * grid.w)  # the reference shifts by the unpadded count
-        if model is None:
-            with report.stage("load transformer"):
-                model = load_model(opts, mode, log)
-        with torch.no_grad(), placed(model, opts, mode):
-            with report.stage("invert"):
-                inverted = invert(model, x0, y1, grid, lend(conds[""], dev), sigmas, o)
-            with report.stage("edit"):
-                keep = grid.wrap_mask(keep.flatten(), o.mask_pad)  # (L,): on the padded tokens
-                both = lend(cat_rows(conds[source], conds[job.prompt]), dev)
-                neg = None if o.negative() is None else lend(conds[o.negative()], dev)
-                latents, _ = edit(model, inverted, x0, z, keep, grid, both, sigmas, o, False, neg)
-                check_finite(latents)
-        if last:
-            del model, conds
-        with report.stage("decode"), torch.no_grad(), lent(vae, dev):
-            out = decode(vae, grid.unpack(latents), tile=o.vae_tile)[0].float().cpu()  # (3, H, W)
-        if last:
-            del vae
-        if o.paste_back:
-            radius = height // 32 if o.feather is None else o.feather
-            out = paste_back(out, pixels[0], read_mask(job.mask, width, height) ^ o.invert, radius)
-        yield job, to_pil(out), time.perf_counter() - start
+    cfg = f"true CFG at scale {opts.true_cfg} on the target: its rows run twice a step"
+    prompts = lambda job, o: ["", source_prompt(o, job), job.prompt, o.negative()]  # noqa: E731
+    yield from run_jobs(jobs, opts, log, report, prompts, edit_step, cfg)
 
 
 def edit_image(

@@ -1,24 +1,20 @@
-"""Text to panorama, end to end: encode the prompt, free the text encoders, denoise with the
-transformer (+ LoRA) on the wrapped token grid, free it, decode with the VAE.
-
-Only one of T5/CLIP, the transformer and the VAE is on the device at any time (in a batch,
-`generate_many`, the transformer and the VAE stay for all its images), and of the transformer
-never its modulation layers (computed ahead, `sampling.ahead`). The offload mode
-(`dit360.offload`) says where the rest waits: loaded onto the device (none), parked in CPU memory
-and lent to the device for its stage (model), or its blocks streamed through it (blocks).
+"""Text to panorama, and the batch pipeline edits share (`run_jobs`): encode the prompts, free
+the text encoders, denoise (+ LoRA) on the wrapped token grid, decode with the VAE. One model on
+the device at a time (a batch's transformer and VAE stay for its images), never the modulations
+(`sampling.ahead`); the offload mode (none, model, blocks: `dit360.offload`) says where the rest is.
 """
 
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
 import torch
 from PIL import Image
-from torch import nn
+from torch import Tensor, nn
 
 from .cli import check_prompt
 from .compiling import compile_blocks, first_step_timed
@@ -69,8 +65,7 @@ def computed_ahead(model: Flux) -> list[nn.Module]:
 
 
 def lora_file(src: str) -> Path:
-    """--lora's file (find_lora); a train.py run without its final LoRA says what to give
-    instead; DiT360's LoRA not found also offers to go without it."""
+    """--lora's file (find_lora); its errors say what to give instead (a run's checkpoint, none)."""
     from .checkpoints import unfinished_run
     from .lora_formats import find_lora
 
@@ -85,9 +80,8 @@ def lora_file(src: str) -> Path:
 
 
 def lora_sources(opts: Options, log: Callable[[str], None] | None = None) -> list[LoraUse]:
-    """(--lora as given, its file, scale) of each LoRA in order; auto: DiT360's published LoRA,
-    unless the transformer has a LoRA merged in already (`convert_weights.py --merge` records it
-    in the file), which is then said through `log`."""
+    """(--lora as given, its file, scale) of each LoRA in order; auto: DiT360's, unless the
+    transformer has one merged in (`convert_weights.py --merge` records it; said through `log`)."""
     from .weights import MERGED_KEY
 
     merged = None
@@ -96,25 +90,18 @@ def lora_sources(opts: Options, log: Callable[[str], None] | None = None) -> lis
         if (merged := part.open().metadata.get(MERGED_KEY)) and log:
             log(f"LoRA: none added for auto; {part} has one merged in ({merged})")
     pairs = zip(opts.lora or (), opts.lora_scale, strict=True)
-    named = [
-        (DIT360_LORA if src == "auto" else src, s)
-        for src, s in pairs
-        if not merged or src != "auto"
-    ]
+    named = [(DIT360_LORA if x == "auto" else x, s) for x, s in pairs if not merged or x != "auto"]
     return [(src, lora_file(src), s) for src, s in named]
 
 
 def check_inputs(opts: Options) -> None:
-    """Resolve every weight file and check its headers against its model, the tokenizers and the
-    LoRAs (against the transformer) before anything loads: a mistake costs seconds, not minutes
-    and 33 GB read. The LoRAs are found first, so a typo fails before --base downloads anything.
-    Once per process for the same inputs: the CLI checks, then the API it calls checks again."""
+    """Every weight file's headers checked against its model, the LoRAs first (a typo fails before
+    --base downloads), before anything loads; once per process for the same inputs."""
     from .lora_formats import read_lora
 
     key = tuple(str(getattr(opts, k)) for k in ("base", "transformer", "t5", "clip", "vae", "lora"))
     if key in CHECKED:
         return
-
     for src in opts.lora or ():
         if src != "auto":
             lora_file(src)
@@ -137,8 +124,8 @@ CHECKED: set[tuple[str, ...]] = set()  # the inputs check_inputs passed in this 
 
 
 def load_model(opts: Options, offload: str = "none", log: Callable[[str], None] = print) -> Flux:
-    """The transformer with the LoRAs (merged unless asked otherwise), parked in CPU memory except,
-    with offload none, what denoising needs: that is loaded onto the device."""
+    """The transformer with the LoRAs, parked in CPU memory but (offload none) what denoises."""
+    from .lora_formats import load_lora
     from .weights import load_flux
 
     on_cpu = computed_ahead if offload == "none" else (lambda m: [m])
@@ -146,8 +133,6 @@ def load_model(opts: Options, offload: str = "none", log: Callable[[str], None] 
     # transformer in bf16 (17 GB) would not fit the cards fp8 is for
     read_to = (lambda m: [m]) if opts.fp8 else on_cpu
     model = load_flux(opts.sources().transformer, opts.device, opts.dtype, on_cpu=read_to)
-    from .lora_formats import load_lora
-
     how = "merged into the weights" if opts.merge_lora else "as adapters"
     for src, path, scale in lora_sources(opts, log):  # merged: each folded in, in order
         log(f"LoRA {src} at scale {scale}, {how}")
@@ -164,24 +149,19 @@ def load_model(opts: Options, offload: str = "none", log: Callable[[str], None] 
 
 @contextmanager
 def placed(model: Flux, opts: Options, offload: str) -> Iterator[Flux]:
-    """The transformer ready to denoise on the device: on it already (none), lent whole (model), or
-    its blocks streamed and the rest lent (blocks); what is computed ahead stays in CPU memory.
-    Attention runs the kernel of --attention."""
-    device = opts.device
-    home = computed_ahead(model)
-    blocks = [*model.double_blocks, *model.single_blocks]
-    stop = stream(blocks, device, ahead=1, skip=home) if offload == "blocks" else None
+    """The transformer on the device (none: already; model: lent; blocks: streamed) but what is
+    computed ahead, attention on the kernel of --attention."""
+    home, blocks = computed_ahead(model), [*model.double_blocks, *model.single_blocks]
+    stop = stream(blocks, opts.device, ahead=1, skip=home) if offload == "blocks" else None
     try:
-        with lent(model, device, skip=home), attention_backend(opts.attention):
+        with lent(model, opts.device, skip=home), attention_backend(opts.attention):
             yield model
     finally:
         if stop is not None:
             stop()
 
 
-def initial_noise(
-    opts: Options, batch: int, height: int, width: int, channels: int
-) -> torch.Tensor:
+def initial_noise(opts: Options, batch: int, height: int, width: int, channels: int) -> Tensor:
     """Seeded noise: CPU float32, or on the device in the model dtype (`reference_noise`)."""
     on = (opts.device, opts.dtype) if opts.reference_noise else ()
     return noise(opts.seed, batch, height, width, channels, *on)
@@ -193,9 +173,9 @@ def generate_latents(
     opts: SampleOptions,
     offload: str = "none",
     negative: Conditioning | None = None,
-) -> torch.Tensor:
-    """Denoise seeded noise on the wrapped token grid (true CFG with the `negative` prompt's
-    conditioning); latents (B, C, H/8, W/8) without the pad."""
+) -> Tensor:
+    """Seeded noise denoised on the wrapped token grid (true CFG with a `negative`); latents
+    (B, C, H/8, W/8) without the pad."""
     grid = Grid.for_image(opts.height, opts.width, opts.wrap_pad)
     z = initial_noise(opts, 1, opts.height, opts.width, model.params.in_channels // 4)
     # Pad once and never re-sync: the reference's behaviour (a pad token and the column it copies
@@ -208,7 +188,7 @@ def generate_latents(
     return grid.unpack(x)
 
 
-def check_finite(latents: torch.Tensor) -> torch.Tensor:
+def check_finite(latents: Tensor) -> Tensor:
     """The latents, or FloatingPointError if any is NaN/inf (decoded: a black image)."""
     if latents.isfinite().all():
         return latents
@@ -220,8 +200,7 @@ def check_finite(latents: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Job:
-    """One image of a batch: its prompt, seed and output file; steps, guidance and negative
-    prompt if not opts'."""
+    """One image of a batch: prompt, seed, output file; steps, guidance, negative if not opts'."""
 
     prompt: str
     seed: int
@@ -242,21 +221,22 @@ def job_options(opts: Opts, job: Job) -> Opts:
 
 
 def check_jobs(jobs: list[J], opts: Opts) -> None:
-    """What the CLI checks before anything loads, for the API too: each job's prompt and options,
-    every weight file's headers; ValueError or OSError naming the flag (the field's name)."""
+    """The CLI's checks before anything loads; ValueError or OSError naming the flag."""
     for job in jobs:
         check_prompt(job.prompt, "--prompt (prompt)")
         job_options(opts, job)
     check_inputs(opts)
 
 
-def encode_prompts(opts: Options, prompts: list[str], offload: str) -> dict[str, Conditioning]:
-    """Each distinct prompt encoded alone (as one image encodes it), the encoders loaded once;
-    the conditionings wait in CPU memory (`lend` brings one to the device for its image)."""
+def encode_prompts(
+    opts: Options, prompts: list[str | None], offload: str
+) -> dict[str, Conditioning]:
+    """Each distinct prompt (None: none) encoded alone, as one image encodes it: in CPU memory."""
     from .text import encode_prompt, load_text_encoders
 
     enc = load_text_encoders(opts.sources(), opts.device, opts.dtype, offload, opts.t5_fp8)
-    return {p: lend(Conditioning(*encode_prompt(enc, [p])), "cpu") for p in dict.fromkeys(prompts)}
+    named = dict.fromkeys(p for p in prompts if p is not None)
+    return {p: lend(Conditioning(*encode_prompt(enc, [p])), "cpu") for p in named}
 
 
 def lend(cond: Conditioning, device: torch.device | str) -> Conditioning:
@@ -270,12 +250,89 @@ def lend(cond: Conditioning, device: torch.device | str) -> Conditioning:
 CHUNK = 256
 
 
-def chunks(jobs: list[J], log: Callable[[str], None]) -> Iterator[list[J]]:
-    """The jobs CHUNK at a time, each chunk said (when there are several) as it starts."""
+Finish = Callable[[Tensor], Tensor]  # a decoded image (3, H, W) -> the image written
+
+
+@dataclass
+class Chunk:
+    """What a chunk's jobs share: conditionings, the transformer and VAE (loaded at first use)."""
+
+    opts: Options
+    mode: str  # the offload mode
+    log: Callable[[str], None]
+    report: Report
+    conds: dict[str, Conditioning]
+    models: dict[str, nn.Module] = field(default_factory=dict)
+
+    def model(self) -> Flux:
+        """The transformer, loaded at the first call."""
+        if "model" not in self.models:
+            with self.report.stage("load transformer"):
+                self.models["model"] = load_model(self.opts, self.mode, self.log)
+        return self.models["model"]
+
+    def vae(self) -> AutoEncoder:
+        """The VAE, loaded at the first call."""
+        if "vae" not in self.models:
+            self.models["vae"] = load_vae(self.opts, self.mode)
+        return self.models["vae"]
+
+    def cond(self, prompt: str | None) -> Conditioning | None:
+        """A prompt's conditioning lent to the device; None for None."""
+        return None if prompt is None else lend(self.conds[prompt], self.opts.device)
+
+
+def run_jobs(
+    jobs: list[J],
+    opts: Opts,
+    log: Callable[[str], None],
+    report: Report | None,
+    prompts: Callable[[J, Opts], list[str | None]],
+    step: Callable[[Chunk, J, Opts, bool], tuple[Tensor, Finish]],
+    cfg: str,
+    stage: str | None = None,
+) -> Iterator[tuple[J, Image.Image, float]]:
+    """(job, image, seconds) for each checked job as it is decoded, CHUNK jobs at a time: their
+    `prompts` encoded, then per job `step` (told if first) with the chunk's models, the decode, its
+    finish. With a `stage` (the step's) the transformer loads first, else `step` loads it (after
+    what it encodes). `cfg`, what true CFG costs, is said if a job has a negative prompt."""
+    report = report or Report(opts.device, log=log)
+    mode = offload_mode(opts, log) if jobs else "none"
+    if any(job_options(opts, job).negative() is not None for job in jobs):
+        log(cfg)
     for i in range(0, len(jobs), CHUNK):
         if len(jobs) > CHUNK:
             log(f"images {i + 1} to {min(i + CHUNK, len(jobs))} of {len(jobs)}: encoding prompts")
-        yield jobs[i : i + CHUNK]
+        part = jobs[i : i + CHUNK]
+        options = [job_options(opts, job) for job in part]
+        named = [p for job, o in zip(part, options, strict=True) for p in prompts(job, o)]
+        with report.stage("text encoders"):
+            c = Chunk(opts, mode, log, report, encode_prompts(opts, named, mode))
+        if stage is not None:  # the step encodes nothing first: the transformer loads now
+            c.model()
+        for n, (job, o) in enumerate(zip(part, options, strict=True)):
+            start, last = time.perf_counter(), n == len(part) - 1
+            with report.stage(stage) if stage else nullcontext():
+                latents, finish = step(c, job, o, n == 0)
+                if last:  # the transformer and the prompts freed before the last decode
+                    c.models.pop("model")
+                    c.conds.clear()
+            with report.stage("decode"), torch.no_grad():
+                with lent(c.vae(), opts.device) as vae:
+                    image = decode(vae, latents.to(opts.dtype), tile=opts.vae_tile)[0]
+                if last:
+                    del vae
+                    c.models.clear()
+            yield job, to_pil(finish(image.float().cpu())), time.perf_counter() - start
+
+
+def generate_step(c: Chunk, job: Job, o: SampleOptions, first: bool) -> tuple[Tensor, Finish]:
+    """A job's latents, denoised with the chunk's transformer; its image as decoded."""
+    model = c.model()
+    # With --compile the first step also compiles: its extra time is logged as compile time.
+    with first_step_timed(model, c.log) if o.compile and first else nullcontext():
+        latents = generate_latents(model, c.cond(job.prompt), o, c.mode, c.cond(o.negative()))
+    return check_finite(latents), lambda image: image
 
 
 def generate_many(
@@ -284,52 +341,11 @@ def generate_many(
     log: Callable[[str], None] = print,
     report: Report | None = None,
 ) -> Iterator[tuple[Job, Image.Image, float]]:
-    """(job, panorama, seconds) for each job as soon as it is decoded, CHUNK jobs at a time: their
-    prompts encoded first, the text encoders freed, then the transformer and the VAE loaded once
-    for the chunk. The transformer is freed after the chunk's last denoising, before the VAE
-    first loads if one job."""
+    """(job, panorama, seconds) for each job as soon as it is decoded (`run_jobs`)."""
     check_jobs(jobs, opts)
-    report = report or Report(opts.device, log=log)
-    mode = offload_mode(opts, log) if jobs else "none"
-    if any(job_options(opts, job).negative() is not None for job in jobs):
-        log(f"true CFG at scale {opts.true_cfg}: two transformer calls a step (twice the time)")
-    for part in chunks(jobs, log):
-        yield from generate_chunk(part, opts, mode, log, report)
-
-
-def generate_chunk(
-    jobs: list[Job],
-    opts: SampleOptions,
-    mode: str,
-    log: Callable[[str], None],
-    report: Report,
-) -> Iterator[tuple[Job, Image.Image, float]]:
-    """generate_many's work for one chunk of jobs, in offload `mode`."""
-    dev, dtype = opts.device, opts.dtype
-    negatives = [job_options(opts, job).negative() for job in jobs]  # None: true CFG off
-    with report.stage("text encoders"):
-        prompts = [job.prompt for job in jobs] + [n for n in negatives if n is not None]
-        conds = encode_prompts(opts, prompts, mode)
-    with report.stage("load transformer"):
-        model = load_model(opts, mode, log)
-    vae = None
-    for i, (job, neg) in enumerate(zip(jobs, negatives, strict=True)):
-        start, o, last = time.perf_counter(), job_options(opts, job), i == len(jobs) - 1
-        # With --compile the first step also compiles: its extra time is logged as compile time.
-        timed = first_step_timed(model, log) if opts.compile and i == 0 else nullcontext()
-        with report.stage("denoise"), timed:
-            negative = None if neg is None else lend(conds[neg], dev)
-            latents = check_finite(
-                generate_latents(model, lend(conds[job.prompt], dev), o, mode, negative)
-            )
-            if last:
-                del model, conds
-        with report.stage("decode"), torch.no_grad():
-            vae = load_vae(opts, mode) if vae is None else vae
-            with lent(vae, dev):
-                image = decode(vae, latents.to(dtype), tile=opts.vae_tile)
-            vae = None if last else vae
-        yield job, to_pil(image[0]), time.perf_counter() - start
+    cfg = f"true CFG at scale {opts.true_cfg}: two transformer calls a step (twice the time)"
+    prompts = lambda job, o: [job.prompt, o.negative()]  # noqa: E731
+    yield from run_jobs(jobs, opts, log, report, prompts, generate_step, cfg, stage="denoise")
 
 
 def generate(
@@ -342,8 +358,7 @@ def generate(
 
 
 def load_vae(opts: Options, offload: str = "none") -> AutoEncoder:
-    """The VAE in the model dtype (as the reference decodes), seamless if asked: on the device, or
-    parked in CPU memory with offload model or blocks."""
+    """The VAE in the model dtype (as the reference), seamless if asked; parked unless none."""
     from .weights import load_autoencoder
 
     home = opts.device if offload == "none" else "cpu"

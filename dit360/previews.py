@@ -1,13 +1,7 @@
-"""Preview panoramas while training (`train.py --sample-every N --sample-prompts FILE`): the
-current LoRA through the sampler of sample.py (`generate.generate_latents`, the VAE of
-`generate.load_vae`), on rank 0, without gradients, in the run's memory mode (the float8 base,
-the streamed blocks), written to out/samples/step-N/00.png, 01.png, ... (one per prompt, each
-drawn from the same seed at every step, so the previews show what the LoRA learns).
-
-With the LoRA's dropout off (eval mode) the preview is `sample.py --lora` on the step's exported
-LoRA, unmerged (`--no-merge-lora`), with --seed, --steps and --wrap-pad as here (and `--fp8` for
-a float8 base).
-"""
+"""Training previews (`train.py --sample-every N --sample-prompts FILE`): the current LoRA through
+sample.py's sampler on rank 0, in the run's memory mode, to out/samples/step-N/00.png, ... (each
+prompt from the same seed at every step): `sample.py --lora` on the step's exported LoRA with
+--no-merge-lora and the same --seed, --steps, --wrap-pad (and --fp8 for a float8 base)."""
 
 import warnings
 from pathlib import Path
@@ -42,8 +36,8 @@ def preview_options(
     seed: int,
     device: torch.device,
 ) -> SampleOptions:
-    """sample.py's options for a preview: a 2:1 panorama, no LoRA file (the model has it), the
-    weights as the model holds them (offload none); `weights`: base, transformer, t5, clip, vae."""
+    """sample.py's options for a preview: 2:1, no LoRA file (the model has it), offload none;
+    `weights`: base, transformer, t5, clip, vae."""
     with warnings.catch_warnings():  # "not 1024x2048": the training resolution is the user's
         warnings.simplefilter("ignore")
         return SampleOptions(
@@ -55,9 +49,8 @@ def preview_options(
 def render(
     model: nn.Module, conds: list[Conditioning], opts: SampleOptions, folder: Path, main: bool
 ) -> list[Path]:
-    """Every rank calls it (gathering FSDP's shards is collective); rank 0 (`main`) denoises each
-    conditioning with `model` as it is now, decodes, and writes `folder`/NN.png. The model is left
-    in training mode. A non-finite preview is skipped with a warning."""
+    """Every rank calls it (gathering FSDP's shards is collective); rank 0 (`main`) writes each
+    conditioning's preview to `folder`/NN.png, the LoRA's dropout off (a NaN one: a warning)."""
     written, was = [], model.training
     model.eval()  # the LoRA's dropout off
     try:

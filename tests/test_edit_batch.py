@@ -14,7 +14,7 @@ from test_batch import counted, pixels
 from test_editing import KEEP, PROMPT, SOURCE, write_inputs
 
 import edit
-from dit360 import editing, text
+from dit360 import editing, generate, text
 from dit360.options import EditOptions
 
 ROOT = Path(__file__).parents[1]
@@ -34,7 +34,7 @@ SINGLES = [  # the same edits as single edit.py runs: (folder, prompt, flags)
     ("a", LAKE, ["--seed", "6", "--steps", "3", "--guidance", "3"]),
 ]
 NAMES = ["0000-seed5.png", "0001-seed7.png", "sub/lake.png"]
-LOADERS = [(text, "load_text_encoders"), (editing, "load_model"), (editing, "load_vae")]
+LOADERS = [(text, "load_text_encoders"), (generate, "load_model"), (generate, "load_vae")]
 
 
 def flags(tiny_flux, *extra: str) -> list[str]:
