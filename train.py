@@ -101,6 +101,7 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from dit360 import distributed, sources
+from dit360.ahead import ahead, modulation_layers
 from dit360.checkpoints import (
     Checkpoint,
     check_out,
@@ -118,6 +119,7 @@ from dit360.config import FLUX_DEV, AutoEncoderParams
 from dit360.core.autoencoder import scale_latents
 from dit360.core.lora import Adapter, inject
 from dit360.core.loss import NORMS, HybridSchedule, LossConfig, draw_yaw, flow_loss, sample_sigmas
+from dit360.core.sampling import Conditioning
 from dit360.data import (
     Batch,
     Encode,
@@ -160,7 +162,6 @@ from dit360.report import (
     summary_writer,
     write_scalars,
 )
-from dit360.sampling import Conditioning, ahead, modulation_layers
 from dit360.sources import Sources, resolve_sources
 from dit360.weights import KeyPlan, build, load_autoencoder, read_flux
 

@@ -44,12 +44,13 @@ def run_train(
     sys.path.insert(0, str(Path(__file__).parents[1]))
     import train
     from dit360 import distributed
+    from dit360.ahead import ahead
     from dit360.core.lora import inject
     from dit360.core.loss import flow_loss
+    from dit360.core.sampling import Conditioning
     from dit360.lora_formats import target_rows
     from dit360.options import DTYPES
     from dit360.panorama import Grid
-    from dit360.sampling import Conditioning, ahead
     from dit360.weights import read_flux
 
     dev = train.check_device(device)

@@ -16,16 +16,14 @@ from torch import Tensor, nn
 
 from .distributed import print0, warn0
 from .files import atomic_path, clean_temps, dead, open_tensors, own_temp, remove, write_safetensors
-from .lora_formats import export_peft
+from .lora_formats import MARKER, export_peft, steps
 from .options import fail
 
 STATE = "state.safetensors"  # a checkpoint's LoRA, AdamW state, counters and arguments
-STEP_DIR = re.compile(r"step-(\d+)")  # a checkpoint (written as a hidden temporary, then renamed)
 COUNTERS = ("step", "epoch", "batch", "world", "batch_size")  # where a checkpoint resumes
 # A run marks --out as its own (MARKER) once its checks passed; --resume and --overwrite act only
 # on a marked folder. --overwrite removes only OUTPUTS (paths in --out) and FOLDERS: a user's files
 # stay (cache/ too: its entries are keyed by what made them, so a new run reuses them).
-MARKER = ".dit360-run"
 PEFT = r"lora/adapter_(config\.json|model\.safetensors)"
 OUTPUTS = re.compile(
     rf"args\.json|log\.jsonl|loss\.png|{PEFT}|checkpoints/step-\d+/({re.escape(STATE)}|{PEFT})"
@@ -180,21 +178,6 @@ class Checkpoint(NamedTuple):
     path: Path
     counters: dict[str, int]
     state: dict[str, Tensor]
-
-
-def steps(folder: Path) -> dict[int, Path]:
-    """The checkpoint folders `step-N` by step (complete: a checkpoint is written, then renamed)."""
-    found = ((STEP_DIR.fullmatch(p.name), p) for p in folder.glob("step-*"))
-    return {int(m[1]): p for m, p in found if m and p.is_dir()}
-
-
-def unfinished_run(folder: Path) -> str:
-    """Why a train.py run (--out) without its final lora/ is no LoRA, and what to give; or ""."""
-    if not (folder / MARKER).exists():
-        return ""
-    last = max(steps(folder / "checkpoints").items(), default=None)
-    instead = f"give its latest checkpoint, {last[1]}" if last else "it has no checkpoint yet"
-    return f"{folder} is a training run that has not written its final lora/ yet: {instead}"
 
 
 def nonfinite(state: dict[str, Tensor]) -> list[str]:

@@ -12,9 +12,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .ahead import ahead, bar
 from .core import editing as core
 from .core.editing import RFInversion, cat_rows, paste_back
 from .core.model import Flux
+from .core.sampling import Conditioning, noise, schedule
 from .generate import (
     Chunk,
     Finish,
@@ -32,7 +34,6 @@ from .offload import lent, park
 from .options import EditOptions, check_size, warnings_last
 from .panorama import Grid
 from .report import Report
-from .sampling import Conditioning, ahead, bar, noise, schedule
 from .tiling import encode
 
 

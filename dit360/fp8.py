@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .ahead import modulation_layers
 from .core.model import Flux
 from .offload import move
-from .sampling import modulation_layers
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448

@@ -1,7 +1,7 @@
 """Text to panorama, and the batch pipeline edits share (`run_jobs`): encode the prompts, free
 the text encoders, denoise (+ LoRA) on the wrapped token grid, decode with the VAE. One model on
 the device at a time (a batch's transformer and VAE stay for its images), never the modulations
-(`sampling.ahead`); the offload mode (none, model, blocks: `dit360.offload`) says where the rest is.
+(`ahead.ahead`); the offload mode (none, model, blocks: `dit360.offload`) says where the rest is.
 """
 
 import time
@@ -16,11 +16,13 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from .ahead import denoise, embedders, modulation_layers
 from .cli import check_prompt
 from .compiling import compile_blocks, first_step_timed
 from .config import DIT360_LORA
 from .core.autoencoder import AutoEncoder
 from .core.model import Flux
+from .core.sampling import Conditioning, noise, schedule
 from .fp8 import quantize_fp8
 from .image import to_pil
 from .kernels import attention_backend
@@ -28,7 +30,6 @@ from .offload import choose, lent, move, park, stream
 from .options import Options, SampleOptions
 from .panorama import Grid
 from .report import Report
-from .sampling import Conditioning, denoise, embedders, modulation_layers, noise, schedule
 from .sources import flagged
 from .tiling import decode
 
@@ -60,14 +61,13 @@ def offload_mode(opts: Options, log: Callable[[str], None] = print) -> str:
 
 
 def computed_ahead(model: Flux) -> list[nn.Module]:
-    """The modules `sampling.ahead` runs before denoising: they wait in CPU memory."""
+    """The modules `ahead.ahead` runs before denoising: they wait in CPU memory."""
     return [*modulation_layers(model), *embedders(model)]
 
 
 def lora_file(src: str) -> Path:
     """--lora's file (find_lora); its errors say what to give instead (a run's checkpoint, none)."""
-    from .checkpoints import unfinished_run
-    from .lora_formats import find_lora
+    from .lora_formats import find_lora, unfinished_run
 
     try:
         return flagged("--lora", find_lora, src)

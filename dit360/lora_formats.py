@@ -35,6 +35,9 @@ from .files import (
 from .weights import FLUX_DIFFUSERS, locate, split_sizes, strip_prefix, swap_halves, their_keys
 
 # File key endings -> which tensor: peft, diffusers-old and kohya/ComfyUI spellings.
+# A train.py run marks its --out with MARKER (dit360.checkpoints), its checkpoints are step-N/.
+MARKER = ".dit360-run"
+STEP_DIR = re.compile(r"step-(\d+)")  # a checkpoint (written as a hidden temporary, then renamed)
 KEY_KINDS = dict.fromkeys([".lora_A.weight", ".lora.down.weight", ".lora_down.weight"], "A")
 KEY_KINDS |= dict.fromkeys([".lora_B.weight", ".lora.up.weight", ".lora_up.weight"], "B")
 KEY_KINDS[".alpha"] = "alpha"
@@ -177,6 +180,21 @@ def plan_lora(
     if not plan:
         raise ValueError(f"{source} holds no LoRA tensors")
     return plan
+
+
+def steps(folder: Path) -> dict[int, Path]:
+    """The checkpoint folders `step-N` by step (complete: a checkpoint is written, then renamed)."""
+    found = ((STEP_DIR.fullmatch(p.name), p) for p in folder.glob("step-*"))
+    return {int(m[1]): p for m, p in found if m and p.is_dir()}
+
+
+def unfinished_run(folder: Path) -> str:
+    """Why a train.py run (--out) without its final lora/ is no LoRA, and what to give; or ""."""
+    if not (folder / MARKER).exists():
+        return ""
+    last = max(steps(folder / "checkpoints").items(), default=None)
+    instead = f"give its latest checkpoint, {last[1]}" if last else "it has no checkpoint yet"
+    return f"{folder} is a training run that has not written its final lora/ yet: {instead}"
 
 
 def find_lora(src: str | Path) -> Path:

@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from .cli import check_prompt
+from .core.sampling import Conditioning
 from .distributed import unsharded
 from .files import atomic_path, read_text
 from .generate import check_finite, generate_latents, load_vae
 from .image import to_pil
 from .options import SampleOptions
-from .sampling import Conditioning
 from .tiling import decode
 
 

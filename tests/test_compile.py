@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from dit360.ahead import ahead, denoise
 from dit360.compiling import compile_blocks
 from dit360.core.editing import replacing_tokens, rows
+from dit360.core.sampling import Conditioning, predict, schedule
 from dit360.offload import park, stream
 from dit360.panorama import Grid
-from dit360.sampling import Conditioning, ahead, denoise, predict, schedule
 from dit360.text import encode
 from dit360.weights import load_flux
 

@@ -91,7 +91,7 @@ def test_the_checks_catch_what_they_guard():
     """The checks fail on what the runtime does: the offload and tqdm imports of the runtime's
     sampling.py (the whole of sampling.py was once like it), the CLI options editing took, a path,
     an upward or unknown relative import."""
-    runtime = (CORE.parent / "sampling.py").read_text()
+    runtime = (CORE.parent / "ahead.py").read_text()
     assert {"dit360.offload", "tqdm.auto"} <= set(import_errors(runtime, "dit360"))
     assert import_errors("from ..offload import lent") == ["dit360.offload"]
     assert import_errors("from .offload import lent") == ["dit360.core.offload"]

@@ -14,11 +14,11 @@ from torch.testing import assert_close
 import edit as edit_cli
 from dit360.core import editing as core
 from dit360.core.editing import feather, paste_back, rows
+from dit360.core.sampling import Conditioning, schedule
 from dit360.editing import EditJob, check_mask, edit, invert, read_source, rf_params
 from dit360.image import read_mask
 from dit360.options import EditOptions
 from dit360.panorama import Grid
-from dit360.sampling import Conditioning, schedule
 from dit360.text import encode
 from dit360.weights import load_flux
 

@@ -12,13 +12,13 @@ from tiny import randomize
 from torch import nn
 
 from dit360 import fp8
+from dit360.ahead import modulation_layers
 from dit360.core.lora import adapters, inject
 from dit360.core.model import Flux
 from dit360.files import write_safetensors
 from dit360.fp8 import FP8, FP8Linear, fp8_linear, quantize, quantize_fp8, to_fp8
 from dit360.lora_formats import set_scale, target_rows
 from dit360.offload import lent, park, stream
-from dit360.sampling import modulation_layers
 from dit360.weights import load_flux
 
 ULP_BOUND = 2**-4  # e4m3 keeps 3 mantissa bits: round to nearest errs by at most half an ulp

@@ -18,9 +18,9 @@ from test_train import args as train_args
 import sample
 import train
 from dit360 import generate
+from dit360.core.sampling import Conditioning
 from dit360.generate import CHUNK, Job, generate_many
 from dit360.options import SampleOptions
-from dit360.sampling import Conditioning
 
 data, one_thread = test_train.data, test_train.one_thread
 

@@ -24,9 +24,9 @@ from dit360.core.loss import (
     sample_sigmas,
 )
 from dit360.core.model import Flux
+from dit360.core.sampling import Conditioning, time_shift
 from dit360.data import Source, encoded, epoch_order, load_batch, read_rows
 from dit360.panorama import Grid
-from dit360.sampling import Conditioning, time_shift
 
 PARAMS = FluxParams(
     hidden_size=32,

@@ -7,20 +7,12 @@ import pytest
 import torch
 
 from dit360 import editing
+from dit360.ahead import ahead, denoise, embedders, modulation_layers
 from dit360.core.editing import rows
+from dit360.core.sampling import Conditioning, schedule, step, timestep
 from dit360.editing import edit, invert
 from dit360.options import EditOptions
 from dit360.panorama import Grid
-from dit360.sampling import (
-    Conditioning,
-    ahead,
-    denoise,
-    embedders,
-    modulation_layers,
-    schedule,
-    step,
-    timestep,
-)
 from dit360.text import encode
 from dit360.weights import load_flux
 

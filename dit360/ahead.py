@@ -1,5 +1,5 @@
-"""Sampling as the runtime runs it: the method's (`dit360.core.sampling`) with the modulations
-computed ahead, one layer at a time (`ahead`), and a progress bar."""
+"""The modulations computed ahead (`ahead`), one layer at a time, so the weights they need wait in
+CPU memory; `denoise`: the method's (`dit360.core.sampling`) with them and a progress bar."""
 
 from collections.abc import Iterable
 from functools import partial
@@ -10,19 +10,7 @@ from tqdm.auto import tqdm
 
 from .core import sampling
 from .core.model import Flux
-from .core.sampling import (  # noqa: F401, E501  the method's, importable from here as before
-    Conditioning,
-    Grid,
-    add_noise,
-    model_time,
-    noise,
-    predict,
-    schedule,
-    shift_mu,
-    step,
-    time_shift,
-    timestep,
-)
+from .core.sampling import Conditioning, Grid, model_time
 from .offload import lent
 
 
