@@ -18,7 +18,7 @@ that are gone). Arguments are checked before any weights are read. Exit status: 
 arguments, 1 failed, 130 interrupted (Ctrl-C).
 """
 
-from dit360.cli import handle_signals, run_main
+from dit360.app.cli import handle_signals, run_main
 
 if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
     handle_signals()
@@ -29,9 +29,9 @@ import os
 import re
 from pathlib import Path
 
-from dit360.convert import convert_flux, convert_lora
-from dit360.lora_formats import paired_loras
-from dit360.options import DTYPES, Parser, bounded, fail
+from dit360.app.options import DTYPES, Parser, bounded, fail
+from dit360.load.convert import convert_flux, convert_lora
+from dit360.load.lora_formats import paired_loras
 
 LORA_SCALE = bounded(float, -1000, 1000)  # beyond it a LoRA outweighs any base weight
 # What a folder output may already hold (a previous output, and temporary files of a killed one).

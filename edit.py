@@ -20,7 +20,7 @@ describes the whole scene.
 torchrun, rank r of w makes rows[r::w] on GPU LOCAL_RANK (no process group is needed).
 """
 
-from dit360.cli import handle_signals, run_main, starting
+from dit360.app.cli import handle_signals, run_main, starting
 
 if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
     handle_signals()
@@ -35,14 +35,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from dit360.batch import checked_jobs, local_device, read_rows, run_batch
-from dit360.editing import EditJob, check_job, edit_image, edit_many
-from dit360.generate import job_options
-from dit360.image import open_image, read_rgb, save_panorama
-from dit360.info import record, stamp
-from dit360.options import SIDE, EditOptions, Parser, add_flags, bounded, check_height, fail
-from dit360.outputs import add_output_flags, extras_missing, write_extras
-from dit360.panorama import VIEW_RANGES, project_photo
+from dit360.app.batch import checked_jobs, local_device, read_rows, run_batch
+from dit360.app.editing import EditJob, check_job, edit_image, edit_many
+from dit360.app.generate import job_options
+from dit360.app.info import record, stamp
+from dit360.app.options import SIDE, EditOptions, Parser, add_flags, bounded, check_height, fail
+from dit360.app.outputs import add_output_flags, extras_missing, write_extras
+from dit360.app.panorama import VIEW_RANGES, project_photo
+from dit360.load.image import open_image, read_rgb, save_panorama
 from sample import batch_out, checked, checked_batch, out_dir
 
 SINGLE = ("image", "mask", "prompt")  # the flags of one edit, which --edits replaces

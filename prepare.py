@@ -12,8 +12,8 @@ run's pano.jsonl / persp.jsonl in --out is replaced only with --overwrite; --out
 an input folder.
 
 --hf-dataset writes a Hugging Face dataset's panoramas and captions into OUT/panoramas/ first
-(dit360.hub_data); --refine-poles regenerates the panoramas' poles into OUT/refined/
-(dit360.refine). Both resume where a killed run stopped; pano.jsonl lists the last of them.
+(dit360.load.hub_data); --refine-poles regenerates the panoramas' poles into OUT/refined/
+(dit360.app.refine). Both resume where a killed run stopped; pano.jsonl lists the last of them.
 
 --out receives KIND.jsonl and the folder KIND-files-N of the masks and projections its rows name
 (KIND: pano, persp; N new for each run). A KIND.jsonl switches to its new rows in one rename, once
@@ -21,7 +21,7 @@ its folder is complete, so at any moment it names only files of one run; then th
 KIND-files-N folders (an earlier run's, or a killed run's) are removed. Nothing else in --out is.
 """
 
-from dit360.cli import check_prompt, handle_signals, run_main
+from dit360.app.cli import check_prompt, handle_signals, run_main
 
 if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
     handle_signals()
@@ -41,12 +41,13 @@ from pathlib import Path
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from dit360 import hub_data, refine
-from dit360.data import READ_ERRORS
-from dit360.files import own_temp, read_text, remove
-from dit360.image import open_image
-from dit360.options import Parser, check_height, fail
-from dit360.panorama import VIEW_RANGES, project_photo
+from dit360.app import refine
+from dit360.app.options import Parser, check_height, fail
+from dit360.app.panorama import VIEW_RANGES, project_photo
+from dit360.load import hub_data
+from dit360.load.files import own_temp, read_text, remove
+from dit360.load.image import open_image
+from dit360.train.data import READ_ERRORS
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 Row = dict[str, str]

@@ -9,12 +9,12 @@ python sample.py --prompts prompts.txt --num-images 4 --out-dir panoramas   # ma
 Outputs are {index:04d}-seed{seed}.png in --out-dir (with --out NAME.png: NAME-seed{seed}.png for
 --prompt, NAME-{index:04d}-seed{seed}.png for --prompts); those already there with the same
 settings are skipped (resume); one made with other settings stops the batch (--overwrite: made
-again). Each image records its settings: `python -m dit360.info IMAGE` prints them and the command
-that makes it again.
+again). Each image records its settings: `python -m dit360.app.info IMAGE` prints them and the
+command that makes it again.
 Under torchrun, rank r of w makes jobs[r::w] on GPU LOCAL_RANK (no process group is needed).
 """
 
-from dit360.cli import JOBS, check_prompt, handle_signals, run_main, starting
+from dit360.app.cli import JOBS, check_prompt, handle_signals, run_main, starting
 
 if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
     handle_signals()
@@ -28,11 +28,10 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from dit360.batch import checked_jobs, existing, local_device, read_rows, run_batch, share
-from dit360.generate import Job, check_inputs, generate, generate_many, job_options
-from dit360.image import FORMATS, check_output_path, save_panorama
-from dit360.info import record, stamp
-from dit360.options import (
+from dit360.app.batch import checked_jobs, existing, local_device, read_rows, run_batch, share
+from dit360.app.generate import Job, check_inputs, generate, generate_many, job_options
+from dit360.app.info import record, stamp
+from dit360.app.options import (
     Options,
     Parser,
     SampleOptions,
@@ -42,7 +41,8 @@ from dit360.options import (
     from_args,
     warnings_last,
 )
-from dit360.outputs import add_output_flags, extras_missing, write_extras
+from dit360.app.outputs import add_output_flags, extras_missing, write_extras
+from dit360.load.image import FORMATS, check_output_path, save_panorama
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

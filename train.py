@@ -44,9 +44,9 @@ any other check, so a second run cannot start there meanwhile; a lock left by a 
 taken over, with a warning. Once every check passed, the run marks --out as its own
 (out/.dit360-run). A new run needs an empty --out (or one whose run stopped before its first
 step); --resume continues a marked run; --overwrite deletes a marked run's own files first (the
-table in dit360/checkpoints.py), not its cache/ nor anything else; a folder that is not marked is
-never touched. It receives checkpoints/step-N/ (state.safetensors + lora/), lora/ (the final
-LoRA in the peft format that `sample.py --lora` and diffusers read), args.json, log.jsonl (one
+table in dit360/train/checkpoints.py), not its cache/ nor anything else; a folder that is not
+marked is never touched. It receives checkpoints/step-N/ (state.safetensors + lora/), lora/ (the
+final LoRA in the peft format that `sample.py --lora` and diffusers read), args.json, log.jsonl (one
 line a step), loss.png (with matplotlib), tensorboard/ (--log tensorboard), samples/step-N/
 (previews with --sample-every), cache/ (the default --cache-dir of --base-dtype fp8 and
 --offload blocks).
@@ -66,7 +66,7 @@ has a `skipped` field); --max-nonfinite of them in a row stop the run (exit 1). 
 LoRA holding a non-finite value is never written, so every checkpoint kept is a finite one.
 """
 
-from dit360.cli import handle_signals, run_main, starting
+from dit360.app.cli import handle_signals, run_main, starting
 
 if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
     handle_signals()
@@ -89,9 +89,9 @@ from typing import NamedTuple
 
 import torch
 
-from dit360.options import require_torch
+from dit360.app.options import require_torch
 
-# Before any import that needs it. FSDP2 as dit360.distributed uses it: fully_shard 2.6,
+# Before any import that needs it. FSDP2 as dit360.train.distributed uses it: fully_shard 2.6,
 # ignored_params and src_data_rank 2.7, set_gradient_divide_factor,
 # set_force_sum_reduction_for_comms and set_reshard_after_forward 2.8.
 require_torch((2, 8), "train.py", "FSDP2's fully_shard and its settings")
@@ -100,44 +100,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from dit360 import distributed, sources
-from dit360.ahead import ahead, modulation_layers
-from dit360.checkpoints import (
-    Checkpoint,
-    check_out,
-    claim,
-    export_lora,
-    find_checkpoint,
-    nonfinite,
-    release,
-    save_checkpoint,
-    start_run,
-    steps,
-)
-from dit360.compiling import compile_blocks
-from dit360.config import FLUX_DEV, AutoEncoderParams
-from dit360.core.autoencoder import scale_latents
-from dit360.core.lora import Adapter, inject
-from dit360.core.loss import NORMS, HybridSchedule, LossConfig, draw_yaw, flow_loss, sample_sigmas
-from dit360.core.sampling import Conditioning
-from dit360.data import (
-    Batch,
-    Encode,
-    EncodeText,
-    Source,
-    build_cache,
-    encoded,
-    epoch_loader,
-    epoch_order,
-    read_rows,
-    seeded,
-)
-from dit360.distributed import print0, warn0
-from dit360.files import TensorFile, atomic_path
-from dit360.fp8 import quantize_block
-from dit360.lora_formats import DIT360_TARGETS, target_rows
-from dit360.offload import park, stream
-from dit360.options import (
+from dit360.app.options import (
     COUNT,
     FRACTION,
     GUIDANCE,
@@ -150,9 +113,8 @@ from dit360.options import (
     check_height,
     fail,
 )
-from dit360.panorama import Grid
-from dit360.previews import preview_options, read_prompts, render
-from dit360.report import (
+from dit360.app.panorama import Grid
+from dit360.app.report import (
     LOGS_EXTRA,
     free,
     has_matplotlib,
@@ -162,8 +124,47 @@ from dit360.report import (
     summary_writer,
     write_scalars,
 )
-from dit360.sources import Sources, resolve_sources
-from dit360.weights import KeyPlan, build, load_autoencoder, read_flux
+from dit360.core.autoencoder import scale_latents
+from dit360.core.lora import Adapter, inject
+from dit360.core.loss import NORMS, HybridSchedule, LossConfig, draw_yaw, flow_loss, sample_sigmas
+from dit360.core.sampling import Conditioning
+from dit360.load import sources
+from dit360.load.config import FLUX_DEV, AutoEncoderParams
+from dit360.load.files import TensorFile, atomic_path
+from dit360.load.lora_formats import DIT360_TARGETS, target_rows
+from dit360.load.sources import Sources, resolve_sources
+from dit360.load.weights import KeyPlan, build, load_autoencoder, read_flux
+from dit360.memory.ahead import ahead, modulation_layers
+from dit360.memory.fp8 import quantize_block
+from dit360.memory.offload import park, stream
+from dit360.speed.compiling import compile_blocks
+from dit360.train import distributed
+from dit360.train.checkpoints import (
+    Checkpoint,
+    check_out,
+    claim,
+    export_lora,
+    find_checkpoint,
+    nonfinite,
+    release,
+    save_checkpoint,
+    start_run,
+    steps,
+)
+from dit360.train.data import (
+    Batch,
+    Encode,
+    EncodeText,
+    Source,
+    build_cache,
+    encoded,
+    epoch_loader,
+    epoch_order,
+    read_rows,
+    seeded,
+)
+from dit360.train.distributed import print0, warn0
+from dit360.train.previews import preview_options, read_prompts, render
 
 # Streams of seeded generators; data.py uses 0 (data.AUGMENT_STREAM, panorama augmentation).
 SAMPLE_STREAM, YAW_STREAM, DROPOUT = 10, 11, 12
@@ -459,7 +460,10 @@ def weights(args: argparse.Namespace) -> Sources:
 
 def load_encoders(args: argparse.Namespace, env: Env) -> Encoders:
     """The frozen VAE and text encoders, on every rank."""
-    from dit360.text import encode_prompt, load_text_encoders  # transformers: 3 s, imported late
+    from dit360.app.text import (  # transformers: 3 s, imported late
+        encode_prompt,
+        load_text_encoders,
+    )
 
     try:
         text = load_text_encoders(weights(args), env.device, env.dtype)

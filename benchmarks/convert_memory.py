@@ -19,9 +19,9 @@ import torch
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))  # dit360 without an install
 
-from dit360.config import FluxParams, to_diffusers_config  # noqa: E402
-from dit360.files import write_safetensors  # noqa: E402
-from dit360.weights import FLUX_DIFFUSERS, meta_flux, split, their_keys  # noqa: E402
+from dit360.load.config import FluxParams, to_diffusers_config  # noqa: E402
+from dit360.load.files import write_safetensors  # noqa: E402
+from dit360.load.weights import FLUX_DIFFUSERS, meta_flux, split, their_keys  # noqa: E402
 
 MB = 2**20
 

@@ -28,10 +28,10 @@ sys.path[:0] = [str(Path(__file__).parent)]  # random_flux, gpu
 from gpu import compare  # noqa: E402
 from random_flux import TINY, medium, values, write_flux_folder  # noqa: E402
 
-from dit360 import fp8  # noqa: E402
+from dit360.app.options import Parser, SampleOptions  # noqa: E402
+from dit360.app.panorama import Grid  # noqa: E402
 from dit360.core.model import Flux  # noqa: E402
-from dit360.options import Parser, SampleOptions  # noqa: E402
-from dit360.panorama import Grid  # noqa: E402
+from dit360.memory import fp8  # noqa: E402
 
 PROMPT, SEED, GUIDANCE = "A panorama of a mountain lake at dawn, pine forests, mist.", 0, 2.8
 W8A8 = "fp8 W8A8 (torch._scaled_mm)"
@@ -127,7 +127,7 @@ def forward_errors(sizes, height: int, width: int) -> None:
 
 def image_psnr(sizes, height: int, width: int, steps: int, work: Path) -> None:
     """Section 2: generate with and without --fp8, the PSNR between the two images."""
-    from dit360.generate import generate
+    from dit360.app.generate import generate
 
     base = work / "flux"
     write_flux_folder(base, sizes, "cpu", torch.bfloat16, SEED)

@@ -41,8 +41,8 @@ import train_step
 from random_flux import FULL, TINY, folder_bytes, short_t5
 from runs import spawn
 
-from dit360.config import FluxParams
-from dit360.options import Parser
+from dit360.app.options import Parser
+from dit360.load.config import FluxParams
 
 
 class Row(NamedTuple):

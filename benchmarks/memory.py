@@ -26,9 +26,9 @@ from pathlib import Path
 from runs import spawn
 from torch import nn
 
-from dit360.config import PRESETS
-from dit360.options import Parser
-from dit360.weights import meta_flux
+from dit360.app.options import Parser
+from dit360.load.config import PRESETS
+from dit360.load.weights import meta_flux
 
 GiB, MiB = 2**30, 2**20
 # glibc's malloc keeps freed blocks for reuse and moves its mmap threshold as it goes, so a peak RSS

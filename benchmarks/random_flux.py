@@ -22,16 +22,16 @@ import torch
 ROOT = Path(__file__).parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # dit360 without an install; tests/tiny.py
 
-from dit360.config import (  # noqa: E402
+from dit360.core.autoencoder import AutoEncoder  # noqa: E402
+from dit360.load.config import (  # noqa: E402
     AE_PRESETS,
     PRESETS,
     AutoEncoderParams,
     FluxParams,
     to_diffusers_config,
 )
-from dit360.core.autoencoder import AutoEncoder  # noqa: E402
-from dit360.files import write_safetensors  # noqa: E402
-from dit360.weights import AE_DIFFUSERS, FLUX_DIFFUSERS, meta_flux, split, their_keys  # noqa: E402
+from dit360.load.files import write_safetensors  # noqa: E402
+from dit360.load.weights import AE_DIFFUSERS, FLUX_DIFFUSERS, meta_flux, split, their_keys  # noqa: E402
 
 # google/t5-v1_1-xxl and openai/clip-vit-large-patch14 as FLUX.1-dev's text_encoder_2/ and
 # text_encoder/ config.json give them (CLIP's eos id 2: it pools at the highest token id).

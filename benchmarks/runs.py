@@ -23,7 +23,7 @@ import torch
 HERE = Path(__file__).parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # dit360 without an install; random_flux
 
-from dit360.report import held_memory_gb, peak_memory_gb, reset_peak  # noqa: E402
+from dit360.app.report import held_memory_gb, peak_memory_gb, reset_peak  # noqa: E402
 
 PROMPT = "This is a panorama. A medieval castle on a hilltop surrounded by autumn forests."
 GUIDANCE, SEED = 2.8, 0
@@ -98,9 +98,9 @@ def run_dit360(
     t5_fp8: bool = False,
 ) -> dict:
     """dit360's `generate` (what sample.py runs), no LoRA."""
-    import dit360.text  # noqa: F401  generate imports it (transformers) late: not in its seconds
-    from dit360.generate import generate
-    from dit360.options import SampleOptions
+    import dit360.app.text  # noqa: F401  generate imports it (transformers) late: not in its seconds
+    from dit360.app.generate import generate
+    from dit360.app.options import SampleOptions
 
     base_gb = rss_gb()
     opts = SampleOptions(
@@ -140,9 +140,9 @@ def run_edit(
     image: str | None = None,
 ) -> dict:
     """dit360's `edit_image` with a half mask and EditOptions' defaults (no LoRA)."""
-    import dit360.text  # noqa: F401  as in run_dit360
-    from dit360.editing import edit_image
-    from dit360.options import EditOptions
+    import dit360.app.text  # noqa: F401  as in run_dit360
+    from dit360.app.editing import edit_image
+    from dit360.app.options import EditOptions
 
     source, mask = source_image(height, width)
     base_gb = rss_gb()
@@ -172,7 +172,7 @@ def run_diffusers(
     the last step's callback), decode (the rest of the call: VAE and post-processing)."""
     from diffusers import FluxPipeline
 
-    from dit360.options import DTYPES
+    from dit360.app.options import DTYPES
 
     base_gb, stages = rss_gb(), Stages(device)
     stages.begin("load")
@@ -216,8 +216,8 @@ def run_forward(
     """A float32 transformer forward on the CPU (no grad) at the tokens of height x width + 512
     text tokens: the peak RSS the first adds to the process, ours (`Flux`) or diffusers', and the
     seconds of the first and the fastest of `repeats`."""
-    from dit360.config import from_diffusers_config
-    from dit360.panorama import Grid
+    from dit360.app.panorama import Grid
+    from dit360.load.config import from_diffusers_config
 
     p = from_diffusers_config(Path(base) / "transformer" / "config.json")
     grid, g = Grid.for_image(height, width, wrap_pad), torch.Generator().manual_seed(SEED)
@@ -227,7 +227,7 @@ def run_forward(
     img_ids, txt_ids = grid.ids(1).float(), torch.zeros(1, 512, 3)
     t, guidance = torch.tensor([0.7]), torch.tensor([GUIDANCE])
     if impl == "dit360":
-        from dit360.weights import load_flux
+        from dit360.load.weights import load_flux
 
         model = load_flux(base, "cpu", torch.float32)
 
@@ -274,7 +274,7 @@ def probe(device: str, dtype: str, shape: tuple[int, ...]) -> dict:
     (B, H, L, d), their seconds, and the backend and kernels PyTorch picks when left to choose."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from dit360.options import DTYPES
+    from dit360.app.options import DTYPES
 
     g = torch.Generator(device).manual_seed(SEED)
     q, k, v = (torch.randn(shape, generator=g, device=device, dtype=DTYPES[dtype]) for _ in "qkv")
@@ -330,7 +330,7 @@ def run_prepare(
     and report the environment."""
     from random_flux import FULL, TINY, medium, short_t5, write_flux_folder
 
-    from dit360.options import DTYPES
+    from dit360.app.options import DTYPES
 
     chosen = {"full": FULL, "tiny": TINY, "medium": medium(hidden)}[sizes]
     if t5_layers:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from runs import MARK, Stages, environment, run_script, sync
 
-from dit360.config import FluxParams
+from dit360.load.config import FluxParams
 
 
 def train_tflop(p: FluxParams, img_tokens: int, recompute: bool, txt_tokens: int = 512) -> float:
@@ -43,15 +43,15 @@ def run_train(
     """Build the model as train.py does, then time `repeats` micro-batches after a warm-up."""
     sys.path.insert(0, str(Path(__file__).parents[1]))
     import train
-    from dit360 import distributed
-    from dit360.ahead import ahead
+    from dit360.app.options import DTYPES
+    from dit360.app.panorama import Grid
     from dit360.core.lora import inject
     from dit360.core.loss import flow_loss
     from dit360.core.sampling import Conditioning
-    from dit360.lora_formats import target_rows
-    from dit360.options import DTYPES
-    from dit360.panorama import Grid
-    from dit360.weights import read_flux
+    from dit360.load.lora_formats import target_rows
+    from dit360.load.weights import read_flux
+    from dit360.memory.ahead import ahead
+    from dit360.train import distributed
 
     dev = train.check_device(device)
     rank, world = distributed.init(dev)

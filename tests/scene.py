@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from dit360 import panorama as P
+from dit360.app import panorama as P
 
 MARKERS = {0: (210, 40, 40), 90: (40, 170, 60), 180: (40, 80, 210), -90: (230, 200, 40)}
 
@@ -117,7 +117,7 @@ def dom(page: Path, width: int, height: int) -> str:
 
 
 if __name__ == "__main__":  # the README's screenshot: the viewer at a shared view
-    from dit360.outputs import write_viewer
+    from dit360.app.outputs import write_viewer
 
     with tempfile.TemporaryDirectory() as tmp:
         drawn_panorama(1024).save(Path(tmp) / "scene.png")

@@ -8,9 +8,9 @@ from PIL import Image
 from test_edit_batch import no_loads
 from test_editing import PROMPT, write_inputs
 
-from dit360 import editing, generate
-from dit360.editing import EditJob
-from dit360.options import EditOptions, SampleOptions
+from dit360.app import editing, generate
+from dit360.app.editing import EditJob
+from dit360.app.options import EditOptions, SampleOptions
 
 
 def recorded() -> warnings.catch_warnings:

@@ -9,18 +9,18 @@ import torch
 from safetensors.torch import save_file
 from tiny import TINY_VAE, randomize, save_autoencoder
 
-from dit360 import weights
-from dit360.config import AE_PRESETS, ae_from_diffusers_config, ae_from_shapes, to_json
 from dit360.core.autoencoder import AutoEncoder
-from dit360.files import TensorFile
-from dit360.tiling import _starts, decode
-from dit360.weights import (
+from dit360.load import weights
+from dit360.load.config import AE_PRESETS, ae_from_diffusers_config, ae_from_shapes, to_json
+from dit360.load.files import TensorFile
+from dit360.load.weights import (
     AE_DIFFUSERS,
     check_plan,
     load_autoencoder,
     plan_from,
     their_keys,
 )
+from dit360.memory.tiling import _starts, decode
 
 DATA = Path(__file__).parent / "data"
 SCALE, SHIFT = 0.3611, 0.1159
@@ -273,7 +273,7 @@ def test_attention_gets_contiguous_inputs(monkeypatch):
 def test_vae_progress_counts_every_stage(reference, monkeypatch):
     """encode and decode (untiled and tiled) tick a progress bar once per VAE level and mid block,
     reaching its total; the outputs are the plain model's and the hooks are gone afterwards."""
-    from dit360 import tiling
+    from dit360.memory import tiling
 
     bars = []
 

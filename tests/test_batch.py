@@ -12,9 +12,9 @@ from clitest import expect_error
 from PIL import Image
 
 import sample
-from dit360 import generate as gen
-from dit360 import text
-from dit360.options import SampleOptions
+from dit360.app import generate as gen
+from dit360.app import text
+from dit360.app.options import SampleOptions
 
 ROOT = Path(__file__).parents[1]
 PROMPTS = ["This is a panorama. A castle on a hill at sunset.", "This is a panorama. A lake."]
@@ -177,7 +177,7 @@ def test_report_adds_up_a_batch():
     says how many times it ran."""
     import time
 
-    from dit360.report import Report
+    from dit360.app.report import Report
 
     report = Report("cpu", log=lambda message: None)
     for pause in (0.01, 0.02):

@@ -300,12 +300,12 @@ def test_sample_refuses_nan_latents(tiny_flux, tmp_path, capsys):
 
 def test_edit_refuses_nan_latents(tiny_flux, tmp_path, capsys, monkeypatch):
     """edit.py: an edit that ends in inf latents (fp16 overflow, say) writes no image, exit 1."""
-    import dit360.editing
+    import dit360.app.editing
 
     src, mask = write_inputs(tmp_path)
-    real = dit360.editing.edit
+    real = dit360.app.editing.edit
     monkeypatch.setattr(
-        dit360.editing, "edit", lambda *a, **k: (real(*a, **k)[0] * float("inf"), None)
+        dit360.app.editing, "edit", lambda *a, **k: (real(*a, **k)[0] * float("inf"), None)
     )
     argv = edit_args(tiny_flux, src, mask, tmp_path / "out.png", "--steps", "2")
     expect_failure(capsys, edit.main, argv, tmp_path, NON_FINITE)
@@ -372,7 +372,7 @@ def test_interrupt_is_one_line(name, rank):
 @pytest.mark.parametrize("version, refused", [("2.7.1+cu126", True), ("2.8.0", False)])
 def test_train_refuses_an_old_torch(tmp_path, version, refused):
     """train.py under a torch older than 2.8 (FSDP2's settings) stops with one line, exit 2,
-    before its imports (dit360.distributed's would be a traceback on < 2.6); 2.8 passes the
+    before its imports (dit360.train.distributed's would be a traceback on < 2.6); 2.8 passes the
     check (then --help)."""
     code = (
         "import runpy, sys, torch\n"

@@ -1,5 +1,5 @@
-"""--compile (`dit360.compiling`): compiled blocks give the eager outputs, and compile once per
-block kind, not per block, step, streamed offload, LoRA layer or editing step. Counted with
+"""--compile (`dit360.speed.compiling`): compiled blocks give the eager outputs, and compile once
+per block kind, not per block, step, streamed offload, LoRA layer or editing step. Counted with
 dynamo's counters: `frames` counts compilations (a recompile is one more)."""
 
 import copy
@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from dit360.ahead import ahead, denoise
-from dit360.compiling import compile_blocks
+from dit360.app.panorama import Grid
+from dit360.app.text import encode
 from dit360.core.editing import replacing_tokens, rows
 from dit360.core.sampling import Conditioning, predict, schedule
-from dit360.offload import park, stream
-from dit360.panorama import Grid
-from dit360.text import encode
-from dit360.weights import load_flux
+from dit360.load.weights import load_flux
+from dit360.memory.ahead import ahead, denoise
+from dit360.memory.offload import park, stream
+from dit360.speed.compiling import compile_blocks
 
 GRID = Grid(2, 4, 1)
 # Dynamo's tracing, guards and hooks are the backend's input, the same for every backend: the
@@ -84,7 +84,7 @@ def test_unmerged_lora_compiles_once_more(ours, tmp_path):
     eager outputs, one more compilation per kind (hooks guarded), none per layer."""
     from test_lora import dit360_lora
 
-    from dit360.lora_formats import load_lora
+    from dit360.load.lora_formats import load_lora
 
     model, cond = ours
     folder = str(dit360_lora(tmp_path / "lora", r=4, alpha=4)[0])

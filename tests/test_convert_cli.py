@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from test_lora import dit360_lora
 
 import convert_weights
-from dit360.weights import load_flux
+from dit360.load.weights import load_flux
 
 ROOT = Path(__file__).parents[1]
 
@@ -157,7 +157,7 @@ def test_folder_output_is_replaced(inputs, tmp_path, kind):
 # Runs convert_weights.main with a pause after the first tensors, so a test can signal it mid-write.
 PAUSED = """
 import sys, time
-import dit360.files as files
+import dit360.load.files as files
 
 write = files.write_safetensors
 
@@ -172,7 +172,7 @@ def paused(path, specs, tensors, metadata=None):
 
 files.write_safetensors = paused  # before convert_weights imports it
 import convert_weights
-from dit360.cli import handle_signals
+from dit360.app.cli import handle_signals
 
 handle_signals()  # as the script's __main__ does
 convert_weights.main(sys.argv[1:])

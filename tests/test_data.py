@@ -11,8 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from dit360.app.panorama import token_mask
 from dit360.core.loss import HybridSchedule
-from dit360.data import (
+from dit360.load.image import from_pil, read_mask, read_rgb
+from dit360.train.data import (
     Batch,
     Source,
     build_cache,
@@ -22,8 +24,6 @@ from dit360.data import (
     load_sample,
     read_rows,
 )
-from dit360.image import from_pil, read_mask, read_rgb
-from dit360.panorama import token_mask
 
 H = 32  # training height: 32 x 64 pixels = 2 x 4 tokens
 

@@ -14,8 +14,8 @@ from test_batch import counted, pixels
 from test_editing import KEEP, PROMPT, SOURCE, write_inputs
 
 import edit
-from dit360 import editing, generate, text
-from dit360.options import EditOptions
+from dit360.app import editing, generate, text
+from dit360.app.options import EditOptions
 
 ROOT = Path(__file__).parents[1]
 LAKE = "This is a panorama. A frozen lake at night."

@@ -12,15 +12,15 @@ from PIL import Image
 from torch.testing import assert_close
 
 import edit as edit_cli
+from dit360.app.editing import EditJob, check_mask, edit, invert, read_source, rf_params
+from dit360.app.options import EditOptions
+from dit360.app.panorama import Grid
+from dit360.app.text import encode
 from dit360.core import editing as core
 from dit360.core.editing import feather, paste_back, rows
 from dit360.core.sampling import Conditioning, schedule
-from dit360.editing import EditJob, check_mask, edit, invert, read_source, rf_params
-from dit360.image import read_mask
-from dit360.options import EditOptions
-from dit360.panorama import Grid
-from dit360.text import encode
-from dit360.weights import load_flux
+from dit360.load.image import read_mask
+from dit360.load.weights import load_flux
 
 SOURCE = "This is a panorama. A village by a lake under snow mountains."
 PROMPT = "This is a panorama. A city by a lake at sunset."

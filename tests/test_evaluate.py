@@ -1,5 +1,6 @@
-"""Seam scores (`dit360.outputs.seam_scores`): a deliberate seam against its rolled, seamless
-version, and `python -m dit360.evaluate` on a folder (and that `-m dit360.view` runs too)."""
+"""Seam scores (`dit360.app.outputs.seam_scores`): a deliberate seam against its rolled,
+seamless version, and `python -m dit360.app.evaluate` on a folder (and that
+`-m dit360.app.view` runs too)."""
 
 import runpy
 import sys
@@ -10,7 +11,7 @@ from clitest import expect_error
 from PIL import Image
 from scene import drawn_panorama
 
-from dit360.outputs import evaluate_main, seam_report, seam_scores
+from dit360.app.outputs import evaluate_main, seam_report, seam_scores
 
 
 def with_seam(img: Image.Image, step: float = 0.05) -> Image.Image:
@@ -36,7 +37,7 @@ def test_seam_scores_worse_than_rolled_version():
 
 
 def test_cli_prints_scores(tmp_path, capsys):
-    """`python -m dit360.evaluate DIR` prints a line per panorama (below DIR too), skips images
+    """`python -m dit360.app.evaluate DIR` prints a line per panorama (below DIR too), skips images
     that are not 2:1, and ends with the means."""
     pano = drawn_panorama(32)
     (tmp_path / "sub").mkdir()
@@ -80,9 +81,11 @@ def test_16_bit_grey_scores_as_its_8_bit_version():
     assert seam_scores(wide) == seam_scores(narrow)
 
 
-@pytest.mark.parametrize("module,match", [("dit360.evaluate", "paths"), ("dit360.view", "image")])
+@pytest.mark.parametrize(
+    "module,match", [("dit360.app.evaluate", "paths"), ("dit360.app.view", "image")]
+)
 def test_module_commands(module, match, tmp_path, capsys, monkeypatch):
-    """`python -m dit360.evaluate` and `python -m dit360.view` run their commands."""
+    """`python -m dit360.app.evaluate` and `python -m dit360.app.view` run their commands."""
 
     def run(argv: list[str]) -> None:
         monkeypatch.setattr(sys, "argv", [module, *argv])

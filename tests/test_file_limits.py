@@ -16,10 +16,10 @@ from test_lora import dit360_lora
 from tiny import TINY_TRANSFORMER
 
 import sample
-from dit360 import config, files
-from dit360.lora_formats import read_lora
-from dit360.sources import Part, flagged
-from dit360.weights import FLUX_CONFIG_KEY, meta_flux, read_flux
+from dit360.load import config, files
+from dit360.load.lora_formats import read_lora
+from dit360.load.sources import Part, flagged
+from dit360.load.weights import FLUX_CONFIG_KEY, meta_flux, read_flux
 
 
 def safetensors(path: Path, header: object, body: bytes = b"", length: int | None = None) -> Path:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from dit360.files import atomic_path, clean_temps, own_temp
+from dit360.load.files import atomic_path, clean_temps, own_temp
 
 
 @pytest.mark.parametrize("name", ["a" * 255, "é" * 127 + "x", "b" * 150 + ".png", "ü" * 75])

@@ -11,15 +11,15 @@ from test_memory import decoded
 from tiny import randomize
 from torch import nn
 
-from dit360 import fp8
-from dit360.ahead import modulation_layers
 from dit360.core.lora import adapters, inject
 from dit360.core.model import Flux
-from dit360.files import write_safetensors
-from dit360.fp8 import FP8, FP8Linear, fp8_linear, quantize, quantize_fp8, to_fp8
-from dit360.lora_formats import set_scale, target_rows
-from dit360.offload import lent, park, stream
-from dit360.weights import load_flux
+from dit360.load.files import write_safetensors
+from dit360.load.lora_formats import set_scale, target_rows
+from dit360.load.weights import load_flux
+from dit360.memory import fp8
+from dit360.memory.ahead import modulation_layers
+from dit360.memory.fp8 import FP8, FP8Linear, fp8_linear, quantize, quantize_fp8, to_fp8
+from dit360.memory.offload import lent, park, stream
 
 ULP_BOUND = 2**-4  # e4m3 keeps 3 mantissa bits: round to nearest errs by at most half an ulp
 
@@ -182,8 +182,8 @@ def test_generate_fp8(tiny_flux, tmp_path, monkeypatch, lora):
     close to the image without it, and offload blocks decodes the same image as none."""
     from test_lora import dit360_lora
 
-    from dit360 import generate as gen
-    from dit360.options import SampleOptions
+    from dit360.app import generate as gen
+    from dit360.app.options import SampleOptions
 
     seen, quantized = decoded(monkeypatch, gen), []
     monkeypatch.setattr(gen, "quantize_fp8", lambda m, d: quantized.append(m) or quantize_fp8(m, d))
@@ -251,9 +251,9 @@ def test_quantize_on_device_block_by_block(monkeypatch):
 def test_fp8_needs_fit_a_16_gb_card():
     """The offload chooser knows --fp8 halves the transformer: a 16 GiB card (about 15 GiB free)
     keeps everything on it with fp8, and streams blocks in bf16."""
-    from dit360.generate import offload_needs
-    from dit360.offload import MARGIN
-    from dit360.options import SampleOptions
+    from dit360.app.generate import offload_needs
+    from dit360.app.options import SampleOptions
+    from dit360.memory.offload import MARGIN
 
     free = 15.0
     for on, mode in ((True, "none"), (False, "blocks")):

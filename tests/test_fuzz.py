@@ -21,11 +21,13 @@ from hypothesis import strategies as st
 from PIL import Image
 from tiny import TINY_TRANSFORMER, TINY_VAE
 
-from dit360 import batch, config, data, files, image
-from dit360.lora_formats import read_lora
-from dit360.sources import Part
-from dit360.text import check_encoder
-from dit360.weights import FLUX_CONFIG_KEY, meta_flux, read_flux
+from dit360.app import batch
+from dit360.app.text import check_encoder
+from dit360.load import config, files, image
+from dit360.load.lora_formats import read_lora
+from dit360.load.sources import Part
+from dit360.load.weights import FLUX_CONFIG_KEY, meta_flux, read_flux
+from dit360.train import data
 
 FUZZ = settings(
     max_examples=40,

@@ -15,8 +15,8 @@ from clitest import expect_error
 from PIL import Image
 
 import prepare
-from dit360 import hub_data
-from dit360.data import read_rows
+from dit360.load import hub_data
+from dit360.train.data import read_rows
 
 REPO = "someone/panos"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dit360.image import check_output_path, read_mask, read_rgb
+from dit360.load.image import check_output_path, read_mask, read_rgb
 
 W, H = 64, 32
 

@@ -1,5 +1,5 @@
 """Every image records how it was made (A1111's `parameters` text and our JSON, in PNG and JPEG),
-`python -m dit360.info` prints the command that makes it again (the same pixels), batches skip
+`python -m dit360.app.info` prints the command that makes it again (the same pixels), batches skip
 only outputs recorded with the job's settings, and --captions feeds prepare.py."""
 
 import hashlib
@@ -18,11 +18,11 @@ from test_sample_cli import PROMPT
 import edit
 import prepare
 import sample
-from dit360 import info, text
+from dit360.app import info, text
 
 
 def remade(capsys, path, out) -> list[str]:
-    """The command `python -m dit360.info path --out out` prints (its last line)."""
+    """The command `python -m dit360.app.info path --out out` prints (its last line)."""
     capsys.readouterr()
     info.main([str(path), "--out", str(out)])
     return shlex.split(capsys.readouterr().out.strip().splitlines()[-1])

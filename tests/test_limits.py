@@ -17,10 +17,10 @@ from test_train import args as train_args
 
 import sample
 import train
-from dit360 import generate
+from dit360.app import generate
+from dit360.app.generate import CHUNK, Job, generate_many
+from dit360.app.options import SampleOptions
 from dit360.core.sampling import Conditioning
-from dit360.generate import CHUNK, Job, generate_many
-from dit360.options import SampleOptions
 
 data, one_thread = test_train.data, test_train.one_thread
 
@@ -45,10 +45,10 @@ def test_batch_conditionings_stay_bounded(tiny_flux, monkeypatch, tmp_path, coun
     class VAE(torch.nn.Module):  # a stand-in the runtime moves and decodes with (stubbed below)
         pass
 
-    import dit360.text
+    import dit360.app.text
 
-    monkeypatch.setattr(dit360.text, "load_text_encoders", lambda *a, **k: None)
-    monkeypatch.setattr(dit360.text, "encode_prompt", encode)
+    monkeypatch.setattr(dit360.app.text, "load_text_encoders", lambda *a, **k: None)
+    monkeypatch.setattr(dit360.app.text, "encode_prompt", encode)
     monkeypatch.setattr(generate, "load_model", lambda *a, **k: torch.nn.Linear(1, 1))
     monkeypatch.setattr(generate, "generate_latents", latents)
     monkeypatch.setattr(generate, "load_vae", lambda *a, **k: VAE())

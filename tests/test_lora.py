@@ -15,10 +15,10 @@ from test_model import inputs, rel_err, run_diffusers, run_ours
 from tiny import TINY_TRANSFORMER, diffusers_transformer, save_transformer
 
 import convert_weights
-from dit360 import config, lora_formats
 from dit360.core import lora
-from dit360.files import open_tensors
-from dit360.weights import MERGED_KEY, load_flux, meta_flux
+from dit360.load import config, lora_formats
+from dit360.load.files import open_tensors
+from dit360.load.weights import MERGED_KEY, load_flux, meta_flux
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parents[1]
@@ -523,8 +523,8 @@ def test_two_loras_match_diffusers_set_adapters(tiny_flux, x, tmp_path):
     """--lora twice with a --lora-scale each (load_model: merged, and as adapters) and
     convert_weights.py --merge of both equal diffusers' two adapters under set_adapters'
     adapter_weights; the merged file records both, so --lora auto adds nothing to it."""
-    from dit360.generate import load_model, lora_sources
-    from dit360.options import Options
+    from dit360.app.generate import load_model, lora_sources
+    from dit360.app.options import Options
 
     scales = [0.7, -0.5]
     folder, path, expected = two_loras(tiny_flux, tmp_path, x, scales)
@@ -564,8 +564,8 @@ def test_lora_from_a_training_run(tiny_flux, tmp_path):
     from PIL import Image
 
     import train
-    from dit360.generate import lora_file, lora_sources
-    from dit360.options import Options
+    from dit360.app.generate import lora_file, lora_sources
+    from dit360.app.options import Options
 
     rgb = np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "p.png")

@@ -11,7 +11,7 @@ from PIL import Image
 from tiny import SCHEDULER_CONFIG, randomize
 from torch import nn
 
-from dit360.config import AutoEncoderParams, FluxParams
+from dit360.app.panorama import Grid
 from dit360.core.autoencoder import scale_latents
 from dit360.core.loss import (
     YAW_ANGLES,
@@ -25,8 +25,8 @@ from dit360.core.loss import (
 )
 from dit360.core.model import Flux
 from dit360.core.sampling import Conditioning, time_shift
-from dit360.data import Source, encoded, epoch_order, load_batch, read_rows
-from dit360.panorama import Grid
+from dit360.load.config import AutoEncoderParams, FluxParams
+from dit360.train.data import Source, encoded, epoch_order, load_batch, read_rows
 
 PARAMS = FluxParams(
     hidden_size=32,
@@ -404,7 +404,7 @@ def panoramas(tmp_path_factory):
 
 def test_cached_and_uncached_give_the_same_loss(model, panoramas, tmp_path):
     """The cache path (both flips cached, latents rolled) gives the uncached loss, same seeds."""
-    from dit360.data import build_cache
+    from dit360.train.data import build_cache
 
     build_cache(panoramas, tmp_path, 64, "fake", fake_encode, fake_text)
     plain = Source(panoramas, [], height=64, seed=7)
@@ -418,7 +418,7 @@ def test_cached_and_uncached_give_the_same_loss(model, panoramas, tmp_path):
 def test_cache_with_circular_vae_matches(model, panoramas, tmp_path):
     """With a real (tiny) VAE whose encoder wraps the width, cached rolls match to round-off."""
     from dit360.core.autoencoder import AutoEncoder
-    from dit360.data import build_cache
+    from dit360.train.data import build_cache
 
     torch.manual_seed(0)
     params = AutoEncoderParams(ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, norm_num_groups=4)

@@ -6,15 +6,15 @@ import copy
 import pytest
 import torch
 
-from dit360 import editing
-from dit360.ahead import ahead, denoise, embedders, modulation_layers
+from dit360.app import editing
+from dit360.app.editing import edit, invert
+from dit360.app.options import EditOptions
+from dit360.app.panorama import Grid
+from dit360.app.text import encode
 from dit360.core.editing import rows
 from dit360.core.sampling import Conditioning, schedule, step, timestep
-from dit360.editing import edit, invert
-from dit360.options import EditOptions
-from dit360.panorama import Grid
-from dit360.text import encode
-from dit360.weights import load_flux
+from dit360.load.weights import load_flux
+from dit360.memory.ahead import ahead, denoise, embedders, modulation_layers
 
 PROMPTS = ["", "a lake under a cloudy sky", "a lake at sunset"]
 H, W = 2, 4  # the token grid
@@ -124,8 +124,8 @@ def test_generate_offload_modes_equal_none(tiny_flux, tmp_path, monkeypatch, lor
     and without a LoRA (merged, or as adapters that stream with their blocks)."""
     from test_lora import dit360_lora
 
-    from dit360 import generate as gen
-    from dit360.options import SampleOptions
+    from dit360.app import generate as gen
+    from dit360.app.options import SampleOptions
 
     seen, streamed, stream = decoded(monkeypatch, gen), [], gen.stream
     monkeypatch.setattr(
@@ -146,8 +146,8 @@ def test_edit_offload_modes_equal_none(tiny_flux, monkeypatch):
     """`edit_image` with offload model and blocks gives the same image as none, bit for bit."""
     from PIL import Image
 
-    from dit360 import generate
-    from dit360.editing import edit_image
+    from dit360.app import generate
+    from dit360.app.editing import edit_image
 
     seen = decoded(monkeypatch, generate)  # the batch pipeline edits go through
     image = Image.fromarray((torch.rand(32, 64, 3, generator=torch.Generator().manual_seed(0))
@@ -166,7 +166,7 @@ def test_reset_peak_before_cuda_starts(monkeypatch):
     """`--device cuda:0` reaches the first stage's peak reset before anything started CUDA, where
     resetting an indexed device's counters raises ("did you call init?"): it is not attempted
     then (nothing was allocated), and done once CUDA runs."""
-    from dit360 import report
+    from dit360.app import report
 
     calls = []
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", calls.append)

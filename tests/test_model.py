@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tiny import TINY_TRANSFORMER, diffusers_transformer, save_transformer
 
-from dit360 import config, weights
-from dit360.convert import convert_flux
-from dit360.files import TensorFile
-from dit360.weights import load_flux, meta_flux, plan_from
+from dit360.load import config, weights
+from dit360.load.convert import convert_flux
+from dit360.load.files import TensorFile
+from dit360.load.weights import load_flux, meta_flux, plan_from
 
 DATA = Path(__file__).parent / "data"
 
@@ -281,8 +281,8 @@ def test_fa3_gets_its_layout_and_matches_sdpa(reference, monkeypatch):
     import sys
     import types
 
-    from dit360.kernels import attention_backend
-    from dit360.options import SampleOptions
+    from dit360.app.options import SampleOptions
+    from dit360.speed.kernels import attention_backend
 
     root, x, _ = reference
     calls = []

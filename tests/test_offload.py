@@ -7,11 +7,11 @@ import torch
 from tiny import randomize
 from torch import nn
 
-from dit360 import offload
-from dit360.config import FluxParams
 from dit360.core.lora import adapters, inject
 from dit360.core.model import Flux
-from dit360.lora_formats import target_rows
+from dit360.load.config import FluxParams
+from dit360.load.lora_formats import target_rows
+from dit360.memory import offload
 
 CUDA = pytest.mark.gpu  # deselected by default (pyproject): run with `pytest -m gpu` on a GPU
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]

@@ -1,5 +1,5 @@
-"""Files written beside a panorama (dit360.outputs): the cube map against py360convert, the cross
-by position, the XMP packet, and sample.py / edit.py with --viewer and --cubemap."""
+"""Files written beside a panorama (dit360.app.outputs): the cube map against py360convert, the
+cross by position, the XMP packet, and sample.py / edit.py with --viewer and --cubemap."""
 
 import re
 
@@ -16,9 +16,9 @@ from test_sample_cli import args as sample_args
 
 import edit
 import sample
-from dit360 import panorama as P
-from dit360.image import XPACKET_ID, open_image, save_panorama
-from dit360.outputs import write_cubemap
+from dit360.app import panorama as P
+from dit360.app.outputs import write_cubemap
+from dit360.load.image import XPACKET_ID, open_image, save_panorama
 
 
 def smooth_image(h: int) -> Image.Image:

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from dit360 import panorama as P
+from dit360.app import panorama as P
+from dit360.app.options import EditOptions
 from dit360.core.loss import loss_cube_faces, loss_yaw_rotation
-from dit360.options import EditOptions
 
 # py360convert's list order is F R B L U D; ours is px nx py ny pz nz = R L U D F B.
 OURS_TO_P3 = [1, 3, 4, 5, 0, 2]  # position of each of our faces in py360convert's list

@@ -8,8 +8,8 @@ from clitest import expect_error
 from PIL import Image
 
 import edit
-from dit360 import editing
-from dit360.panorama import project_photo
+from dit360.app import editing
+from dit360.app.panorama import project_photo
 
 PROMPT = "This is a panorama image. A quiet lake under a cloudy sky."
 

@@ -15,8 +15,8 @@ import pytest
 from clitest import expect_error
 from PIL import Image
 
-from dit360.data import read_rows
-from dit360.panorama import VIEW_RANGES
+from dit360.app.panorama import VIEW_RANGES
+from dit360.train.data import read_rows
 from prepare import main, prepare
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dit360 import batch, data, previews
+from dit360.app import batch
+from dit360.train import data, previews
 from prepare import prepare
 
 LATIN1 = "caf\xe9".encode("latin-1")  # a file saved in Latin-1: byte 0xe9 is not UTF-8

@@ -17,7 +17,7 @@ from test_panorama import ref_cube, ref_yaw
 from test_train import ROOT, args, first_moments, log
 
 import train
-from dit360.data import Source
+from dit360.train.data import Source
 
 data, one_thread = test_train.data, test_train.one_thread  # its tiny data; one thread a process
 

@@ -8,9 +8,9 @@ from clitest import expect_error
 from PIL import Image
 
 import prepare
-from dit360 import refine
-from dit360.data import read_rows
-from dit360.refine import cap_alpha, face_mask, paste_caps, pole_faces
+from dit360.app import refine
+from dit360.app.refine import cap_alpha, face_mask, paste_caps, pole_faces
+from dit360.train.data import read_rows
 
 H, W, FACE = 64, 128, 64  # 64x128 panoramas; faces of 64 put the masked square on 2x2 tokens
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from dit360.app.generate import generate_latents
+from dit360.app.options import SampleOptions
+from dit360.app.text import encode
 from dit360.core.sampling import Conditioning, noise, schedule, shift_mu
-from dit360.generate import generate_latents
-from dit360.options import SampleOptions
-from dit360.text import encode
-from dit360.weights import load_flux
+from dit360.load.weights import load_flux
 
 PROMPT = "This is a panorama. A castle on a hill at sunset."
 
@@ -119,8 +119,8 @@ def test_wrap_pad_latents_match_reference(pipe, ours, tiny_flux, pad):
 def test_pad_columns_stay_in_sync(ours, tiny_flux):
     """A pad token and the column it copies share value and id, so the transformer moves them
     alike: re-syncing the pad columns would change nothing beyond round-off (so we never do)."""
-    from dit360.ahead import denoise
-    from dit360.panorama import Grid
+    from dit360.app.panorama import Grid
+    from dit360.memory.ahead import denoise
 
     model, cond = ours
     grid = Grid(2, 6, 1)

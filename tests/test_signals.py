@@ -25,7 +25,7 @@ def stop_while_importing(name: str, signum: int) -> subprocess.CompletedProcess:
     """Start `python NAME --help` and send `signum` once its first line ran but torch is still
     importing (the script's handlers are set: the test below waits for the module's import)."""
     code = (  # the script as its __main__, reporting when its handlers are in place
-        "import runpy, sys, dit360.cli as c\n"
+        "import runpy, sys, dit360.app.cli as c\n"
         "real = c.handle_signals\n"
         "def ready():\n"
         "    real(); print('ready', flush=True)\n"
@@ -54,11 +54,11 @@ def test_signal_while_importing(name, signum):
 
 
 def run_main_with(body: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`dit360.cli.run_main` of a main whose body is `body` (`os`, `signal` imported), in a fresh
-    process with the handlers a script installs."""
+    """`dit360.app.cli.run_main` of a main whose body is `body` (`os`, `signal` imported), in a
+    fresh process with the handlers a script installs."""
     code = (
         "import os, signal\n"
-        "from dit360.cli import handle_signals, run_main\n"
+        "from dit360.app.cli import handle_signals, run_main\n"
         "handle_signals()\n"
         "def main():\n"
         + "".join(f"    {line}\n" for line in body.splitlines())

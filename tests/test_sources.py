@@ -23,10 +23,10 @@ from test_sample_cli import args as sample_args
 
 import convert_weights
 import sample
-from dit360 import text
-from dit360.convert import convert_flux
-from dit360.sources import BUNDLE, Part, in_folder, resolve_sources
-from dit360.weights import load_autoencoder, load_flux, read_flux
+from dit360.app import text
+from dit360.load.convert import convert_flux
+from dit360.load.sources import BUNDLE, Part, in_folder, resolve_sources
+from dit360.load.weights import load_autoencoder, load_flux, read_flux
 
 F8 = torch.float8_e4m3fn
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -250,7 +250,7 @@ def test_bad_inputs_fail_before_loading(tiny_flux, tmp_path, capsys, monkeypatch
     CLIP file as --t5: one line, exit 2, in seconds, and no model was ever built."""
     built = []
     for name in ("load_flux", "load_autoencoder"):
-        monkeypatch.setattr(f"dit360.weights.{name}", lambda *a, n=name, **k: built.append(n))
+        monkeypatch.setattr(f"dit360.load.weights.{name}", lambda *a, n=name, **k: built.append(n))
     monkeypatch.setattr(text, "load_encoder", lambda *a, **k: built.append("encoder"))
     file = convert_flux(tiny_flux, tmp_path / "flux1-dev.safetensors")
     clip = tiny_flux / "text_encoder" / "model.safetensors"
@@ -282,7 +282,7 @@ def test_repo_ids_fetch_only_what_is_used(tiny_flux, tmp_path, monkeypatch) -> N
         asked.append((str(src), tuple(patterns or ())))
         return tiny_flux if str(src) == "acme/flux" else Path(src)
 
-    monkeypatch.setattr("dit360.sources.resolve", fake)
+    monkeypatch.setattr("dit360.load.sources.resolve", fake)
     file = convert_flux(tiny_flux, tmp_path / "flux1-dev.safetensors")
     src = resolve_sources("acme/flux", str(file))
     axes = tuple(

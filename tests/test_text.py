@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-from dit360 import offload, text
-from dit360.sources import Part
+from dit360.app import text
+from dit360.load.sources import Part
+from dit360.memory import offload
 
 CUDA = pytest.mark.gpu  # deselected by default (pyproject): run with `pytest -m gpu` on a GPU
 PROMPTS = [
@@ -94,7 +95,7 @@ def test_missing_subfolder(tiny_flux: Path, tmp_path: Path) -> None:
 
 def test_transformer_file_has_no_text_encoders(tiny_flux: Path, tmp_path: Path) -> None:
     """A transformer-only file as the source names the flags of the missing encoders."""
-    from dit360.convert import convert_flux
+    from dit360.load.convert import convert_flux
 
     file = convert_flux(tiny_flux, tmp_path / "flux1-dev.safetensors")
     with pytest.raises(ValueError, match=r"holds no T5-XXL, CLIP-L: give --t5 \(e.g. t5xxl"):
@@ -332,10 +333,11 @@ def test_bad_offload(tiny_flux: Path) -> None:
 PEAK = """
 import json, sys, torch
 from pathlib import Path
-from dit360 import offload, text
-from dit360.files import open_tensors
-from dit360.sources import Part
-from dit360.report import held_memory_gb, peak_memory_gb, reset_peak
+from dit360.memory import offload
+from dit360.app import text
+from dit360.load.files import open_tensors
+from dit360.load.sources import Part
+from dit360.app.report import held_memory_gb, peak_memory_gb, reset_peak
 offload.CHUNK = 2**24  # 16 MiB: parking's transient extra, small next to the model here
 tfile = open_tensors(sys.argv[1])
 size = sum(end - start for start, end in tfile.spans.values())

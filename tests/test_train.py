@@ -19,12 +19,12 @@ from test_sample_cli import args as sample_args
 
 import sample
 import train
-from dit360 import checkpoints
-from dit360.checkpoints import STATE
-from dit360.data import Source, epoch_order
-from dit360.lora_formats import load_lora
-from dit360.report import has_matplotlib
-from dit360.weights import load_flux
+from dit360.app.report import has_matplotlib
+from dit360.load.lora_formats import load_lora
+from dit360.load.weights import load_flux
+from dit360.train import checkpoints
+from dit360.train.checkpoints import STATE
+from dit360.train.data import Source, epoch_order
 
 ROOT = Path(__file__).parents[1]
 H = 32  # training height: 32 x 64 pixels = 2 x 4 tokens (2 x 6 with the wrap)
@@ -352,8 +352,8 @@ def test_component_files_train_the_same(tiny_flux, data, tmp_path, trained):
     config) train exactly as the FLUX.1-dev folder does."""
     from safetensors.torch import save_file
 
-    from dit360.convert import convert_flux
-    from dit360.weights import load_autoencoder
+    from dit360.load.convert import convert_flux
+    from dit360.load.weights import load_autoencoder
 
     bfl = convert_flux(tiny_flux, tmp_path / "flux1-dev.safetensors")
     save_file(load_autoencoder(tiny_flux).state_dict(), tmp_path / "ae.safetensors")

@@ -21,12 +21,12 @@ from torch import nn
 
 import sample
 import train
-from dit360 import fp8, offload
-from dit360.ahead import ahead
+from dit360.app.report import plot_losses, summary_writer
 from dit360.core.lora import Adapter, adapters
-from dit360.distributed import recompute_blocks
-from dit360.fp8 import quantize_fp8, to_fp8, upcast
-from dit360.report import plot_losses, summary_writer
+from dit360.memory import fp8, offload
+from dit360.memory.ahead import ahead
+from dit360.memory.fp8 import quantize_fp8, to_fp8, upcast
+from dit360.train.distributed import recompute_blocks
 
 # e4m3 rounds each weight to 3 mantissa bits: a relative error <= u = 2^-4, about u / sqrt(3) =
 # 3.6% rms when the rounding errors spread evenly. A LoRA gradient passes through several of the

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from test_train import ROOT, RUN, args, assert_same_lora, log, lora_file
 
 import train
-from dit360.checkpoints import MARKER, STATE
+from dit360.train.checkpoints import MARKER, STATE
 
 # The fixtures of test_train, module-scoped here too: the tiny data and an uninterrupted run.
 data, trained, one_thread = test_train.data, test_train.trained, test_train.one_thread
@@ -442,7 +442,7 @@ def test_a_run_failing_before_its_first_step_does_not_block_the_next(
 def test_two_runs_taking_over_one_dead_lock(tmp_path, monkeypatch, capsys):
     """Two runs find the same dead run's lock: the first takes it over; the second, which judged
     the same lock dead, must then find the first alive and stop, its lock left in place."""
-    from dit360 import checkpoints
+    from dit360.train import checkpoints
 
     host = socket.gethostname()
     lock, gone, alive = tmp_path / ".lock", f"999999999 {host}", f"{os.getppid()} {host}"

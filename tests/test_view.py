@@ -1,5 +1,5 @@
-"""The viewer page (`dit360.outputs.write_viewer`): screenshots in headless Chromium against our
-own projection, and `python -m dit360.view` on good and bad input."""
+"""The viewer page (`dit360.app.outputs.write_viewer`): screenshots in headless Chromium against our
+own projection, and `python -m dit360.app.view` on good and bad input."""
 
 import numpy as np
 import pytest
@@ -8,8 +8,8 @@ from clitest import expect_error
 from PIL import Image
 from scene import dom, drawn_panorama, screenshot
 
-from dit360 import panorama as P
-from dit360.outputs import view_main, write_viewer
+from dit360.app import panorama as P
+from dit360.app.outputs import view_main, write_viewer
 
 # Mean absolute difference (0-255 levels) allowed between a screenshot and our render of the same
 # view. Measured: 1.3e-5 (SwiftShader samples the texture bilinearly as grid_sample does; one
@@ -79,7 +79,7 @@ def test_drag_and_wheel_update_the_fragment(tmp_path):
 
 def test_page_is_self_contained(tmp_path):
     """The page embeds the image's bytes as a data URI, loads nothing from the network, and
-    `python -m dit360.view` writes it beside the image (or at --out)."""
+    `python -m dit360.app.view` writes it beside the image (or at --out)."""
     drawn_panorama(16).save(tmp_path / "p.jpg", quality=90)
     view_main([str(tmp_path / "p.jpg")])
     page = (tmp_path / "p.html").read_text()
@@ -120,4 +120,6 @@ def test_wheel_ships_the_page(tmp_path):
     assert r.returncode == 0, r.stderr
     (wheel,) = tmp_path.glob("dit360-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "dit360/viewer.html" in names and "dit360/core/model.py" in names  # and the method
+    assert "dit360/app/viewer.html" in names and "dit360/core/model.py" in names  # and the method
+    layers = ("memory/ahead", "speed/kernels", "load/files", "app/generate", "train/data")
+    assert all(f"dit360/{m}.py" in names for m in layers)  # and every layer of the runtime

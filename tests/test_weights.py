@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny import TINY_VAE, diffusers_transformer, diffusers_vae, save_autoencoder, save_transformer
 
-from dit360.convert import convert_flux
-from dit360.files import write_safetensors
-from dit360.weights import load_autoencoder, load_flux
+from dit360.load.convert import convert_flux
+from dit360.load.files import write_safetensors
+from dit360.load.weights import load_autoencoder, load_flux
 
 ROOT = Path(__file__).parents[1]
 

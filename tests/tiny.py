@@ -140,9 +140,9 @@ MODEL_INDEX = {
 
 def save_autoencoder(model, path: Path) -> Path:
     """Write our VAE as one BFL-layout safetensors file with its config in the metadata."""
-    from dit360.config import to_json
-    from dit360.files import write_safetensors
-    from dit360.weights import AE_CONFIG_KEY
+    from dit360.load.config import to_json
+    from dit360.load.files import write_safetensors
+    from dit360.load.weights import AE_CONFIG_KEY
 
     state = model.state_dict()
     specs = {k: (t.dtype, tuple(t.shape)) for k, t in state.items()}

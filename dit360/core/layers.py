@@ -21,7 +21,7 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
-attend = sdpa  # what `attention` calls; the seam the runtime sets (dit360.kernels), never the model
+attend = sdpa  # what `attention` calls; the runtime sets it (dit360.speed.kernels), never the model
 
 
 def attention(qkv: list[Tensor], pe: Tensor, out: Tensor | None = None) -> Tensor:

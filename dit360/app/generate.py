@@ -1,7 +1,8 @@
 """Text to panorama, and the batch pipeline edits share (`run_jobs`): encode the prompts, free
 the text encoders, denoise (+ LoRA) on the wrapped token grid, decode with the VAE. One model on
 the device at a time (a batch's transformer and VAE stay for its images), never the modulations
-(`ahead.ahead`); the offload mode (none, model, blocks: `dit360.offload`) says where the rest is.
+(`ahead.ahead`); the offload mode (none, model, blocks: `dit360.memory.offload`) says where the
+rest is.
 """
 
 import time
@@ -16,22 +17,22 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from .ahead import denoise, embedders, modulation_layers
+from ..core.autoencoder import AutoEncoder
+from ..core.model import Flux
+from ..core.sampling import Conditioning, noise, schedule
+from ..load.config import DIT360_LORA
+from ..load.image import to_pil
+from ..load.sources import flagged
+from ..memory.ahead import denoise, embedders, modulation_layers
+from ..memory.fp8 import quantize_fp8
+from ..memory.offload import choose, lent, move, park, stream
+from ..memory.tiling import decode
+from ..speed.compiling import compile_blocks, first_step_timed
+from ..speed.kernels import attention_backend
 from .cli import check_prompt
-from .compiling import compile_blocks, first_step_timed
-from .config import DIT360_LORA
-from .core.autoencoder import AutoEncoder
-from .core.model import Flux
-from .core.sampling import Conditioning, noise, schedule
-from .fp8 import quantize_fp8
-from .image import to_pil
-from .kernels import attention_backend
-from .offload import choose, lent, move, park, stream
 from .options import Options, SampleOptions
 from .panorama import Grid
 from .report import Report
-from .sources import flagged
-from .tiling import decode
 
 Opts = TypeVar("Opts", bound=Options)
 J = TypeVar("J")
@@ -67,7 +68,7 @@ def computed_ahead(model: Flux) -> list[nn.Module]:
 
 def lora_file(src: str) -> Path:
     """--lora's file (find_lora); its errors say what to give instead (a run's checkpoint, none)."""
-    from .lora_formats import find_lora, unfinished_run
+    from ..load.lora_formats import find_lora, unfinished_run
 
     try:
         return flagged("--lora", find_lora, src)
@@ -82,7 +83,7 @@ def lora_file(src: str) -> Path:
 def lora_sources(opts: Options, log: Callable[[str], None] | None = None) -> list[LoraUse]:
     """(--lora as given, its file, scale) of each LoRA in order; auto: DiT360's, unless the
     transformer has one merged in (`convert_weights.py --merge` records it; said through `log`)."""
-    from .weights import MERGED_KEY
+    from ..load.weights import MERGED_KEY
 
     merged = None
     if "auto" in (opts.lora or ()):
@@ -97,7 +98,7 @@ def lora_sources(opts: Options, log: Callable[[str], None] | None = None) -> lis
 def check_inputs(opts: Options) -> None:
     """Every weight file's headers checked against its model, the LoRAs first (a typo fails before
     --base downloads), before anything loads; once per process for the same inputs."""
-    from .lora_formats import read_lora
+    from ..load.lora_formats import read_lora
 
     key = tuple(str(getattr(opts, k)) for k in ("base", "transformer", "t5", "clip", "vae", "lora"))
     if key in CHECKED:
@@ -105,8 +106,8 @@ def check_inputs(opts: Options) -> None:
     for src in opts.lora or ():
         if src != "auto":
             lora_file(src)
+    from ..load.weights import read_autoencoder, read_flux
     from .text import check_encoder, load_tokenizers  # transformers: seconds to import
-    from .weights import read_autoencoder, read_flux
 
     src = opts.sources()
     flag = {p: f"--{p}" if getattr(opts, p) else "--base" for p in ("transformer", "t5", "clip")}
@@ -125,8 +126,8 @@ CHECKED: set[tuple[str, ...]] = set()  # the inputs check_inputs passed in this 
 
 def load_model(opts: Options, offload: str = "none", log: Callable[[str], None] = print) -> Flux:
     """The transformer with the LoRAs, parked in CPU memory but (offload none) what denoises."""
-    from .lora_formats import load_lora
-    from .weights import load_flux
+    from ..load.lora_formats import load_lora
+    from ..load.weights import load_flux
 
     on_cpu = computed_ahead if offload == "none" else (lambda m: [m])
     # fp8: read into CPU memory, each block quantized on the device (fast there), where the
@@ -359,7 +360,7 @@ def generate(
 
 def load_vae(opts: Options, offload: str = "none") -> AutoEncoder:
     """The VAE in the model dtype (as the reference), seamless if asked; parked unless none."""
-    from .weights import load_autoencoder
+    from ..load.weights import load_autoencoder
 
     home = opts.device if offload == "none" else "cpu"
     vae = load_autoencoder(opts.sources().vae, home, opts.dtype)

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..load.files import atomic_path
+from ..load.image import from_pil, open_image, save_panorama
 from .editing import EditJob, edit_many
-from .files import atomic_path
 from .generate import CHUNK
-from .image import from_pil, open_image, save_panorama
 from .options import EditOptions
 from .panorama import FACE_VIEWS, FACES, cube_to_equirect, equirect_dirs, equirect_to_cube, rotation
 

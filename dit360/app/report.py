@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import torch
 
-from .files import atomic_path
+from ..load.files import atomic_path
 
 
 @dataclass

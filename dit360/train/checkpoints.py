@@ -14,10 +14,18 @@ from typing import NamedTuple
 
 from torch import Tensor, nn
 
+from ..app.options import fail
+from ..load.files import (
+    atomic_path,
+    clean_temps,
+    dead,
+    open_tensors,
+    own_temp,
+    remove,
+    write_safetensors,
+)
+from ..load.lora_formats import MARKER, export_peft, steps
 from .distributed import print0, warn0
-from .files import atomic_path, clean_temps, dead, open_tensors, own_temp, remove, write_safetensors
-from .lora_formats import MARKER, export_peft, steps
-from .options import fail
 
 STATE = "state.safetensors"  # a checkpoint's LoRA, AdamW state, counters and arguments
 COUNTERS = ("step", "epoch", "batch", "world", "batch_size")  # where a checkpoint resumes

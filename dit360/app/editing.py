@@ -12,11 +12,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .ahead import ahead, bar
-from .core import editing as core
-from .core.editing import RFInversion, cat_rows, paste_back
-from .core.model import Flux
-from .core.sampling import Conditioning, noise, schedule
+from ..core import editing as core
+from ..core.editing import RFInversion, cat_rows, paste_back
+from ..core.model import Flux
+from ..core.sampling import Conditioning, noise, schedule
+from ..load.image import from_pil, open_image, read_mask, read_rgb
+from ..memory.ahead import ahead, bar
+from ..memory.offload import lent, park
+from ..memory.tiling import encode
 from .generate import (
     Chunk,
     Finish,
@@ -29,12 +32,9 @@ from .generate import (
     placed,
     run_jobs,
 )
-from .image import from_pil, open_image, read_mask, read_rgb
-from .offload import lent, park
 from .options import EditOptions, check_size, warnings_last
 from .panorama import Grid
 from .report import Report
-from .tiling import encode
 
 
 def check_mask(keep: Tensor) -> None:

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..core import autoencoder as ae
+from ..core.model import Flux
 from . import config as cfg
-from .core import autoencoder as ae
-from .core.model import Flux
 from .files import TensorFile
 from .sources import TRANSFORMER_PREFIXES, Part, config_beside, find_part
 

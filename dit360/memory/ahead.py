@@ -8,9 +8,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .core import sampling
-from .core.model import Flux
-from .core.sampling import Conditioning, Grid, model_time
+from ..core import sampling
+from ..core.model import Flux
+from ..core.sampling import Conditioning, Grid, model_time
 from .offload import lent
 
 

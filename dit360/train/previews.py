@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cli import check_prompt
-from .core.sampling import Conditioning
+from ..app.cli import check_prompt
+from ..app.generate import check_finite, generate_latents, load_vae
+from ..app.options import SampleOptions
+from ..core.sampling import Conditioning
+from ..load.files import atomic_path, read_text
+from ..load.image import to_pil
+from ..memory.tiling import decode
 from .distributed import unsharded
-from .files import atomic_path, read_text
-from .generate import check_finite, generate_latents, load_vae
-from .image import to_pil
-from .options import SampleOptions
-from .tiling import decode
 
 
 def read_prompts(path: str | Path) -> list[str]:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .core.autoencoder import AutoEncoder, set_circular
+from ..core.autoencoder import AutoEncoder, set_circular
 
 
 def _starts(n: int, tile: int, overlap: int, wrap: bool) -> list[int]:

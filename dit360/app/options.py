@@ -17,13 +17,13 @@ from typing import Any, NoReturn
 
 import torch
 
+from ..load.config import DIT360_LORA, FLUX_DEV
+from ..load.lora_formats import paired_loras
+from ..load.sources import Sources, resolve_sources
+from ..memory.offload import MODES as OFFLOADS
+from ..speed.kernels import BACKENDS
 from .cli import GUIDANCE, PROMPT_CHARS, SIDE, STEPS, fail  # noqa: F401 (scripts import them)
-from .config import DIT360_LORA, FLUX_DEV
-from .kernels import BACKENDS
-from .lora_formats import paired_loras
-from .offload import MODES as OFFLOADS
 from .panorama import Grid
-from .sources import Sources, resolve_sources
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES_16 = (torch.bfloat16, torch.float16)  # what FA3 runs in

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..core.lora import fold_
 from . import config as cfg
-from .core.lora import fold_
 from .files import atomic_path, write_safetensors
 from .lora_formats import paired_loras, read_lora, write_peft
 from .weights import (

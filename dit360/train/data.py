@@ -21,12 +21,12 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from .cli import check_prompt
-from .core.loss import HybridSchedule
-from .core.sampling import Conditioning
-from .files import atomic_path, read_text
-from .image import from_pil, open_image, read_mask, read_rgb
-from .panorama import PATCH, token_mask
+from ..app.cli import check_prompt
+from ..app.panorama import PATCH, token_mask
+from ..core.loss import HybridSchedule
+from ..core.sampling import Conditioning
+from ..load.files import atomic_path, read_text
+from ..load.image import from_pil, open_image, read_mask, read_rgb
 
 AUGMENT_STREAM = 0  # seeded(seed, epoch, AUGMENT_STREAM, index): a panorama's flip and roll
 READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError)

@@ -1,4 +1,4 @@
-"""python -m dit360.info panorama.png: the settings sample.py and edit.py write into every image
+"""python -m dit360.app.info panorama.png: the settings sample.py and edit.py write into every image
 (by `image.save_panorama`), and the command that makes it again. Two forms: `parameters`, the text
 A1111, Forge and Civitai show, and `dit360`, our JSON {"version", "script", "flags" (each that sets
 a pixel), "loras" ([name, scale, sha256[:12]])}, which batches compare to skip only equal ones."""
@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from .config import FLUX_DEV
+from ..load.config import FLUX_DEV
 from .options import DTYPES, EditOptions, Parser, SampleOptions, fail
 
 KEY = "dit360"  # our JSON's key; `parameters` is the web UIs'

@@ -7,7 +7,7 @@ from contextlib import contextmanager, nullcontext
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .core import layers
+from ..core import layers
 
 # SDPA's kernels by name (--attention); "auto" lets PyTorch pick (cuDNN or Flash on Hopper).
 BACKENDS = {

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .core.lora import Adapter, Part, adapters, add_adapter, linears, merge_lora, sync_hook
+from ..core.lora import Adapter, Part, adapters, add_adapter, linears, merge_lora, sync_hook
 from .files import (
     FLAG,
     Rule,
@@ -35,7 +35,7 @@ from .files import (
 from .weights import FLUX_DIFFUSERS, locate, split_sizes, strip_prefix, swap_halves, their_keys
 
 # File key endings -> which tensor: peft, diffusers-old and kohya/ComfyUI spellings.
-# A train.py run marks its --out with MARKER (dit360.checkpoints), its checkpoints are step-N/.
+# A train.py run marks its --out with MARKER (dit360.train.checkpoints); checkpoints: step-N/.
 MARKER = ".dit360-run"
 STEP_DIR = re.compile(r"step-(\d+)")  # a checkpoint (written as a hidden temporary, then renamed)
 KEY_KINDS = dict.fromkeys([".lora_A.weight", ".lora.down.weight", ".lora_down.weight"], "A")

@@ -1,6 +1,6 @@
 """What sample.py and edit.py write beside a panorama on request (--captions NAME.txt, --viewer
 NAME.html, --cubemap NAME-px ... NAME-nz and NAME-cross) and the seam score they print; the same
-for any file: `python -m dit360.view` (`view_main`) and `python -m dit360.evaluate`."""
+for any file: `python -m dit360.app.view` (`view_main`) and `python -m dit360.app.evaluate`."""
 
 import argparse
 import base64
@@ -14,15 +14,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .files import atomic_path
-from .image import FORMATS, from_pil, loaded, open_image, to_pil
+from ..load.files import atomic_path
+from ..load.image import FORMATS, from_pil, loaded, open_image, to_pil
 from .options import SIDE, Parser, bounded, fail
 from .panorama import FACES, cube_to_layout, discontinuity_score, equirect_to_cube
 
-SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what `python -m dit360.evaluate DIR` reads
+SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what `python -m dit360.app.evaluate DIR` reads
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L")
 MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
-# The viewer page: dit360/viewer.html, with @title@, @mime@ and @data@ (the file's bytes) filled in.
+# The viewer page: dit360/app/viewer.html, with @title@, @mime@ and @data@ (the file's bytes)
+# filled in.
 # Its WebGL2 shader looks each pixel's view direction up in the panorama with the maths of
 # `panorama.equirect_to_perspective` (the same yaw and pitch signs, horizontal fov), so a screenshot
 # equals our render (tested in headless Chromium).
@@ -115,7 +116,7 @@ def write_viewer(image: str | Path, out: str | Path | None = None) -> Path:
 
 
 def view_main(argv: list[str] | None = None) -> None:
-    """python -m dit360.view pano.png [--out pano.html]: a 360-degree viewer page, one HTML file
+    """python -m dit360.app.view pano.png [--out pano.html]: a 360-degree viewer page, one HTML file
     (the image embedded, no network). Drag to look around, the wheel zooms; the URL fragment
     holds the view (#yaw=90&pitch=10&fov=75, degrees), so a view can be shared."""
     p = Parser(description=view_main.__doc__)
@@ -149,7 +150,7 @@ def seam_report(img: Image.Image) -> str:
 
 
 def evaluate_main(argv: list[str] | None = None) -> None:
-    """python -m dit360.evaluate DIR [DIR or IMAGE ...]: the Discontinuity Score (Christensen et
+    """python -m dit360.app.evaluate DIR [DIR or IMAGE ...]: the Discontinuity Score (Christensen et
     al. 2024, arXiv 2407.18207) of each 2:1 image across the wrap, and across the middle column,
     where nothing was cut: a seam stands out when the first is clearly higher. Lower is better."""
     p = Parser(description=evaluate_main.__doc__)

@@ -18,8 +18,8 @@ from einops import rearrange
 from PIL import Image
 from torch import Tensor
 
-from .core.grid import PATCH, Grid, geo_dtype, pack, token_mask, unpack  # noqa: F401
-from .image import from_pil, to_pil
+from ..core.grid import PATCH, Grid, geo_dtype, pack, token_mask, unpack  # noqa: F401
+from ..load.image import from_pil, to_pil
 
 FACES = ("px", "nx", "py", "ny", "pz", "nz")
 # Degrees a perspective view may take (edit.py --photo, prepare.py): fov, and the orientation.

@@ -20,12 +20,12 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from ..load.files import Rule, TensorFile, check_json, number, whole
+from ..load.sources import Part, Sources, config_beside, resolve_sources
+from ..memory.fp8 import to_fp8
+from ..memory.offload import MODES, lent, park, stream
 from .cli import check_prompt
-from .files import Rule, TensorFile, check_json, number, whole
-from .fp8 import to_fp8
-from .offload import MODES, lent, park, stream
 from .report import free
-from .sources import Part, Sources, config_beside, resolve_sources
 
 # CLIP-L as FLUX.1-dev's text_encoder/config.json has it; sizes come from the tensors. Heads are
 # 64 wide in CLIP-L (and G); eos_token_id 2 makes CLIP pool at argmax(ids), the first end token.

@@ -13,10 +13,10 @@ from typing import TypeVar
 import torch
 from PIL import Image
 
+from ..load.files import read_text
+from ..load.image import check_output_path, open_image, save_panorama
 from .cli import JOBS, check_prompt
-from .files import read_text
 from .generate import Job
-from .image import check_output_path, open_image, save_panorama
 from .info import difference, read_record, stamp
 from .options import fail
 

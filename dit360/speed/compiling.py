@@ -11,7 +11,7 @@ from types import MethodType
 import torch
 from torch import nn
 
-from .core.model import Flux
+from ..core.model import Flux
 
 
 def compile_blocks(model: Flux, **options) -> Flux:

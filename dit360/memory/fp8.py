@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.model import Flux
 from .ahead import modulation_layers
-from .core.model import Flux
 from .offload import move
 
 FP8 = torch.float8_e4m3fn

@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .core.params import AE_PRESETS, PRESETS, AutoEncoderParams, FluxParams  # noqa: F401
+from ..core.params import AE_PRESETS, PRESETS, AutoEncoderParams, FluxParams  # noqa: F401
 from .files import FLAG, Rule, check_json, listed, number, parse_json, read_json, whole
 
 # Bounds of every size a config may give, far above FLUX.1's, so that a config can never make us

@@ -1,0 +1,2 @@
+"""The application: options, text encoders, the generation and editing pipelines, batches,
+reports and outputs."""

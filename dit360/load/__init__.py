@@ -1,0 +1,1 @@
+"""Loading and formats: weight files and layouts, configs, LoRA files, images, datasets."""

@@ -1,0 +1,1 @@
+"""Memory: offloading frozen weights, float8 weights, tiled VAE decoding."""

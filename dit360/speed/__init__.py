@@ -1,0 +1,1 @@
+"""Speed: regional compilation and attention kernels."""

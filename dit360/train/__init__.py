@@ -1,0 +1,1 @@
+"""Training: distribution (FSDP), the run folder and checkpoints, data, previews."""

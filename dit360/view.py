@@ -1,6 +1,0 @@
-"""`python -m dit360.view pano.png [--out pano.html]`: a panorama's 360 viewer page (`outputs`)."""
-
-from .outputs import view_main
-
-if __name__ == "__main__":
-    view_main()
