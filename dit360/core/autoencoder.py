@@ -1,7 +1,6 @@
 """The FLUX VAE with the names of BFL's `ae.safetensors` (black-forest-labs/flux
 `modules/autoencoder.py`): images (B, 3, H, W) in [-1, 1], latents (B, 16, H/8, W/8). Optional
-circular width padding (off: diffusers' AutoencoderKL) makes decoding roll-equivariant, no seam.
-"""
+circular width padding (off: diffusers' AutoencoderKL) makes decoding roll-equivariant, no seam."""
 
 from collections import OrderedDict
 
@@ -61,9 +60,7 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
         self.norm = group_norm(channels, groups)
-        self.q, self.k, self.v, self.proj_out = (
-            nn.Conv2d(channels, channels, kernel_size=1) for _ in range(4)
-        )
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.norm(x)  # contiguous q, k, v: else SDPA falls back to building all (H*W)^2 scores
@@ -146,8 +143,7 @@ def scale_latents(
     std: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Latents z = scale * (x - shift), x the posterior's mean or with `std` a sample mean + std *
-    eps, eps float32 on the generator's device (`AutoEncoder.decode` undoes scale and shift)."""
+    """Latents scale * (x - shift): x the mean, or with `std` mean + std * eps (eps: float32)."""
     if std is not None:
         device = generator.device if generator is not None else mean.device
         eps = torch.randn(mean.shape, generator=generator, device=device, dtype=torch.float32)
