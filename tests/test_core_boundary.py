@@ -113,8 +113,7 @@ def test_core_size_and_reading_traces():
     sys.path.insert(0, str(CORE.parent.parent / "benchmarks"))
     import core_size
 
-    # A ratchet: issue 24 asks CORE_LIMIT (1,400), the core is 1,456 lines; lower it as it folds.
-    assert sum(core_size.module_lines().values()) <= 1460
+    assert sum(core_size.module_lines().values()) <= core_size.CORE_LIMIT
     traces = {name: core_size.trace(entries) for name, entries in core_size.TRACES.items()}
     assert ("layers", "DoubleStreamBlock") in traces["forward with the wrap"]
     assert ("model", "Flux") not in traces["training loss"]  # the model is its own trace

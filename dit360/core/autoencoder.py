@@ -1,7 +1,6 @@
 """The FLUX VAE with the names of BFL's `ae.safetensors` (black-forest-labs/flux
 `modules/autoencoder.py`): images (B, 3, H, W) in [-1, 1], latents (B, 16, H/8, W/8). Optional
-circular width padding (off: diffusers' AutoencoderKL) makes decoding roll-equivariant, no seam.
-"""
+circular width padding (off: diffusers' AutoencoderKL) makes decoding roll-equivariant, no seam."""
 
 from collections import OrderedDict
 
@@ -61,33 +60,13 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
         self.norm = group_norm(channels, groups)
-        self.q, self.k, self.v, self.proj_out = (
-            nn.Conv2d(channels, channels, kernel_size=1) for _ in range(4)
-        )
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.norm(x)  # contiguous q, k, v: else SDPA falls back to building all (H*W)^2 scores
         q, k, v = (f(h).flatten(2).mT.contiguous()[:, None] for f in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, H*W, C)
         return x + self.proj_out(h[:, 0].mT.reshape(x.shape))
-
-
-class Resample(nn.Module):
-    """Halve the size with a stride-2 3x3 conv, or double it: nearest neighbour, then a 3x3 conv."""
-
-    def __init__(self, channels: int, up: bool) -> None:
-        super().__init__()
-        self.up = up
-        if up:
-            self.conv = Conv(channels, channels)
-        else:  # stride 2 over [x | one zero column/row] on the right/bottom, as the reference;
-            # with circular padding that column is the image's first one: a roll by 2k rolls by k
-            self.conv = Conv(channels, channels, stride=2, pad=(0, 1, 0, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.up:  # nearest x2 maps a roll by k to a roll by 2k exactly
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return self.conv(x)
 
 
 def mid(c: int, g: int) -> nn.Sequential:
@@ -98,49 +77,31 @@ def mid(c: int, g: int) -> nn.Sequential:
     return nn.Sequential(OrderedDict(blocks))
 
 
-class Level(nn.Module):
-    """One resolution level: resnet blocks, then an optional down- or up-sampler."""
-
-    def __init__(self, c_in: int, c_out: int, n: int, groups: int, resample: str = "") -> None:
-        super().__init__()
-        self.block = nn.ModuleList(
-            ResnetBlock(c_in if j == 0 else c_out, c_out, groups) for j in range(n)
-        )
-        if resample == "down":
-            self.downsample = Resample(c_out, up=False)
-        elif resample == "up":
-            self.upsample = Resample(c_out, up=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        for block in self.block:
-            x = block(x)
-        for name in ("downsample", "upsample"):
-            if hasattr(self, name):
-                x = getattr(self, name)(x)
-        return x
+def level(c_in: int, c_out: int, n: int, groups: int, resample: str = "") -> nn.Sequential:
+    """One resolution level: resnet blocks, then an optional "down"- or "up"-sampler."""
+    blocks = [ResnetBlock(c_in if j == 0 else c_out, c_out, groups) for j in range(n)]
+    parts = OrderedDict(block=nn.Sequential(*blocks))
+    if resample == "down":  # stride 2 over [x | one zero column/row] on the right/bottom, as the
+        # reference; with circular padding that column is the image's first: a roll by 2k rolls by k
+        conv = Conv(c_out, c_out, stride=2, pad=(0, 1, 0, 1))
+        parts["downsample"] = nn.Sequential(OrderedDict(conv=conv))
+    elif resample == "up":  # nearest x2 maps a roll by k to a roll by 2k exactly
+        up = nn.Upsample(scale_factor=2.0, mode="nearest")
+        parts["upsample"] = nn.Sequential(OrderedDict(up=up, conv=Conv(c_out, c_out)))
+    return nn.Sequential(parts)
 
 
-class Encoder(nn.Module):
-    """Image (B, 3, H, W) -> latent moments (B, 2 z, H/8, W/8)."""
-
-    def __init__(self, p: AutoEncoderParams) -> None:
-        super().__init__()
-        widths, last, g = p.channels, len(p.channels) - 1, p.norm_num_groups
-        self.conv_in = Conv(p.in_channels, p.ch)
-        self.down = nn.ModuleList(
-            Level(([p.ch] + widths)[i], widths[i], p.num_res_blocks, g, "down" if i < last else "")
-            for i in range(last + 1)
-        )
-        self.mid = mid(widths[-1], g)
-        self.norm_out = group_norm(widths[-1], g)
-        self.conv_out = Conv(widths[-1], 2 * p.z_channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv_in(x)  # (B, ch, H, W)
-        for level in self.down:
-            h = level(h)  # (B, width, H/2^i, W/2^i)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2 z, H/8, W/8): mean, log-variance
+def encoder(p: AutoEncoderParams) -> nn.Sequential:
+    """Image (B, 3, H, W) -> latent moments (B, 2 z, H/8, W/8): mean, log-variance."""
+    widths, last, g = p.channels, len(p.channels) - 1, p.norm_num_groups
+    down = [
+        level(([p.ch] + widths)[i], widths[i], p.num_res_blocks, g, "down" if i < last else "")
+        for i in range(last + 1)
+    ]  # level i: (B, width, H/2^i, W/2^i)
+    parts = OrderedDict(conv_in=Conv(p.in_channels, p.ch), down=nn.Sequential(*down))
+    parts.update(mid=mid(widths[-1], g), norm_out=group_norm(widths[-1], g), silu=nn.SiLU())
+    parts["conv_out"] = Conv(widths[-1], 2 * p.z_channels)
+    return nn.Sequential(parts)
 
 
 class Decoder(nn.Module):
@@ -153,9 +114,7 @@ class Decoder(nn.Module):
         self.mid = mid(widths[-1], g)
         # up[i] runs at level i (finest = 0); the levels run from last to 0
         self.up = nn.ModuleList(
-            Level(
-                widths[min(i + 1, last)], widths[i], p.num_res_blocks + 1, g, "up" if i > 0 else ""
-            )
+            level(widths[min(i + 1, last)], widths[i], p.num_res_blocks + 1, g, "up" if i else "")
             for i in range(last + 1)
         )
         self.norm_out = group_norm(widths[0], g)
@@ -166,8 +125,8 @@ class Decoder(nn.Module):
 
     def up_path(self, h: Tensor) -> Tensor:
         """From the mid-block output to pixels: the up levels, norm and output conv."""
-        for level in reversed(self.up):
-            h = level(h)  # x2 in size except at level 0
+        for lvl in reversed(self.up):
+            h = lvl(h)  # x2 in size except at level 0
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -184,8 +143,7 @@ def scale_latents(
     std: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Latents z = scale * (x - shift), x the posterior's mean or with `std` a sample mean + std *
-    eps, eps float32 on the generator's device (`AutoEncoder.decode` undoes scale and shift)."""
+    """Latents scale * (x - shift): x the mean, or with `std` mean + std * eps (eps: float32)."""
     if std is not None:
         device = generator.device if generator is not None else mean.device
         eps = torch.randn(mean.shape, generator=generator, device=device, dtype=torch.float32)
@@ -199,7 +157,7 @@ class AutoEncoder(nn.Module):
     def __init__(self, params: AutoEncoderParams) -> None:
         super().__init__()
         self.params = params
-        self.encoder = Encoder(params)
+        self.encoder = encoder(params)
         self.decoder = Decoder(params)
         self.set_circular(False)
 

@@ -1,7 +1,6 @@
 """Panorama inpainting and outpainting: RF-Inversion (arXiv:2410.10792, Algorithms 1, 2) with
 Personalize Anything's token replacement (arXiv:2503.12590), as DiT360's `editing.py`, `pa_src/`
-(docs/METHOD.md section 4). Time as in sampling.py; masks: True = keep.
-"""
+(docs/METHOD.md section 4). Time as in sampling.py; masks: True = keep."""
 
 from collections.abc import Iterator
 from contextlib import contextmanager

@@ -2,6 +2,7 @@
 Shapes: B batch, L tokens, D hidden, H heads, d head dim."""
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
@@ -46,15 +47,11 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000, factor: 
     return emb.to(t.dtype) if t.is_floating_point() else emb
 
 
-class MLPEmbedder(nn.Module):
+def embedder(in_dim: int, hidden: int) -> nn.Sequential:
     """Linear - SiLU - Linear, used for time, guidance and the pooled text vector."""
-
-    def __init__(self, in_dim: int, hidden: int):
-        super().__init__()
-        self.in_layer, self.out_layer = nn.Linear(in_dim, hidden), nn.Linear(hidden, hidden)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.out_layer(F.silu(self.in_layer(x)))
+    layers = OrderedDict(in_layer=nn.Linear(in_dim, hidden), silu=nn.SiLU())
+    layers["out_layer"] = nn.Linear(hidden, hidden)
+    return nn.Sequential(layers)
 
 
 class RMSNorm(nn.Module):
@@ -69,15 +66,9 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, x.shape[-1:], eps=1e-6) * self.scale
 
 
-class QKNorm(nn.Module):
-    """RMS-normalise queries and keys per head."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.query_norm, self.key_norm = RMSNorm(dim), RMSNorm(dim)
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return self.query_norm(q).to(v), self.key_norm(k).to(v)
+def qk_norm(dim: int) -> nn.ModuleDict:
+    """RMS norms of the queries and the keys per head."""
+    return nn.ModuleDict(dict(query_norm=RMSNorm(dim), key_norm=RMSNorm(dim)))
 
 
 class SelfAttention(nn.Module):
@@ -87,14 +78,14 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.norm = QKNorm(dim // num_heads)
+        self.norm = qk_norm(dim // num_heads)
         self.proj = nn.Linear(dim, dim)
 
 
-def heads(qkv: Tensor, num_heads: int, norm: QKNorm) -> list[Tensor]:
+def heads(qkv: Tensor, num_heads: int, norm: nn.ModuleDict) -> list[Tensor]:
     """Fused q | k | v (B, L, 3D) -> normalised q, k and v (B, H, L, d), v a view."""
     q, k, v = rearrange(qkv, "b l (k h d) -> k b h l d", k=3, h=num_heads)
-    return [*norm(q, k, v), v]
+    return [norm["query_norm"](q).to(v), norm["key_norm"](k).to(v), v]
 
 
 def hooked(block: nn.Module, qkv: list[Tensor]) -> list[Tensor]:
@@ -102,15 +93,10 @@ def hooked(block: nn.Module, qkv: list[Tensor]) -> list[Tensor]:
     return qkv if block.qkv_hook is None else list(block.qkv_hook(*qkv))
 
 
-class Modulation(nn.Module):
+def modulation(dim: int, double: bool) -> nn.Sequential:
     """adaLN: vec (B, D) -> the raw modulation (B, 6D) if double, else (B, 3D); see `chunks`."""
-
-    def __init__(self, dim: int, double: bool):
-        super().__init__()
-        self.lin = nn.Linear(dim, (6 if double else 3) * dim)
-
-    def forward(self, vec: Tensor) -> Tensor:
-        return self.lin(F.silu(vec))
+    lin = nn.Linear(dim, (6 if double else 3) * dim)
+    return nn.Sequential(OrderedDict(silu=nn.SiLU(), lin=lin))
 
 
 def chunks(mod: Tensor, n: int) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -150,7 +136,7 @@ class DoubleStreamBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qkv_bias: bool):
         super().__init__()
         for s in ("img", "txt"):
-            setattr(self, f"{s}_mod", Modulation(dim, double=True))
+            setattr(self, f"{s}_mod", modulation(dim, double=True))
             setattr(self, f"{s}_attn", SelfAttention(dim, num_heads, qkv_bias))
             setattr(self, f"{s}_mlp", mlp(dim, mlp_hidden))
 
@@ -188,8 +174,8 @@ class SingleStreamBlock(nn.Module):
         self.num_heads, self.dim = num_heads, dim
         self.linear1 = nn.Linear(dim, dim * 3 + mlp_hidden)  # rows: q | k | v | mlp
         self.linear2 = nn.Linear(dim + mlp_hidden, dim)  # cols: attention | mlp
-        self.norm = QKNorm(dim // num_heads)
-        self.modulation = Modulation(dim, double=False)
+        self.norm = qk_norm(dim // num_heads)
+        self.modulation = modulation(dim, double=False)
 
     def qkv_mlp(self, x: Tensor, shift: Tensor, scale: Tensor) -> tuple[list[Tensor], Tensor]:
         """Normalised q, k, v (B, H, L, d) and the `linear1` output (B, L, 3D + mlp_hidden)."""

@@ -1,7 +1,6 @@
 """LoRA (Hu et al. 2021, arXiv:2106.09685): scale * B @ A added to a linear layer's weight, by a
 forward hook (`inject`) or merged. A fused layer (`qkv` = [to_q; to_k; to_v]) takes DiT360's q/k/v
-LoRAs as row ranges of one adapter: A stacked, each B on its rows. Files: dit360.load.lora_formats.
-"""
+LoRAs as row ranges of one adapter: A stacked, each B on its rows. Files: dit360.load.lora_formats."""
 
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -117,9 +116,8 @@ def inject(
     model.requires_grad_(False)
     for layer, ranges in rows.items():
         parts = [(start, end, rank, alpha / rank) for start, end in ranges]
-        add_adapter(
-            model.get_submodule(layer), "default", parts, dropout
-        ).float().reset_parameters()
+        adapter = add_adapter(model.get_submodule(layer), "default", parts, dropout)
+        adapter.float().reset_parameters()
     return model
 
 

@@ -1,8 +1,7 @@
 """Training maths: noise levels, the masked flow-matching loss on wrap-padded tokens, DiT360's yaw
 and cube losses, the hybrid schedule (docs/METHOD.md section 5), as DiT360's `src/dit360.py` and
 `src/dit360_mix_staged.py`; the loss's projections are its `src/yaw_rotate.py`, `src/cube_map.py`
-(grids over W-1 / H-1, row 0 at latitude -pi/2, border padding; ours in float32). Time as sampling.
-"""
+(grids over W-1 / H-1, row 0 at latitude -pi/2, border padding; ours float32). Time as sampling."""
 
 import math
 from dataclasses import dataclass
@@ -22,8 +21,7 @@ NORMS = ("sample", "token")  # flow_loss's normalisations
 
 @dataclass(frozen=True)
 class HybridSchedule:
-    """DiT360's hybrid training over the epochs: the perspective rows an epoch mixes in, their loss
-    weight, and the epochs [aux_start, aux_stop) in which the yaw and cube losses act."""
+    """DiT360's hybrid training by epoch: perspective rows, their weight, the yaw/cube epochs."""
 
     persp_from: int = 2  # first epoch with perspective rows (src/dynamic_dataset.py:132-136)
     persp_decay: float = 0.5  # of their share, epoch by epoch from persp_from on
@@ -45,9 +43,8 @@ class HybridSchedule:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """`flow_loss`'s normalisation, perspective weight, yaw and cube lambdas (0 = off), and whether
-    the pad tokens are supervised (against the wrapped target; else cropped). norm "sample" (the
-    reference's): a row's mean, the count its rows; "token": the count its supervised tokens."""
+    """`flow_loss`'s normalisation ("sample", the reference's: a row's mean, counting rows; "token":
+    counting supervised tokens), perspective weight, yaw/cube lambdas (0 = off), pad supervision."""
 
     norm: str = "sample"
     persp_weight: float = HybridSchedule.persp_weight

@@ -4,7 +4,7 @@ Reference: black-forest-labs/flux `src/flux/model.py`."""
 import torch
 from torch import Tensor, nn
 
-from .layers import DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock, timestep_embedding
+from .layers import DoubleStreamBlock, LastLayer, SingleStreamBlock, embedder, timestep_embedding
 from .params import FluxParams
 from .rope import embed_ids
 
@@ -17,9 +17,9 @@ class Flux(nn.Module):
         self.params = p = params
         d = p.hidden_size
         self.img_in = nn.Linear(p.in_channels, d)
-        self.time_in = MLPEmbedder(256, d)
-        self.vector_in = MLPEmbedder(p.vec_in_dim, d)
-        self.guidance_in = MLPEmbedder(256, d) if p.guidance_embed else None
+        self.time_in = embedder(256, d)
+        self.vector_in = embedder(p.vec_in_dim, d)
+        self.guidance_in = embedder(256, d) if p.guidance_embed else None
         self.txt_in = nn.Linear(p.context_in_dim, d)
         self.double_blocks = nn.ModuleList(
             DoubleStreamBlock(d, p.num_heads, p.mlp_hidden, p.qkv_bias) for _ in range(p.depth)

@@ -23,15 +23,14 @@ class FluxParams:
     guidance_embed: bool = True
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} not divisible by {self.num_heads} heads"
-            )
-        if sum(self.axes_dim) != self.head_dim or any(d % 2 for d in self.axes_dim):
-            raise ValueError(
-                f"RoPE axes {tuple(self.axes_dim)} must be even and sum to head dim {self.head_dim}"
-            )
         object.__setattr__(self, "axes_dim", tuple(self.axes_dim))
+        p = self  # short: the messages fit a line
+        if p.hidden_size % p.num_heads:
+            raise ValueError(f"hidden_size {p.hidden_size} not divisible by {p.num_heads} heads")
+        if sum(p.axes_dim) != p.head_dim or any(d % 2 for d in p.axes_dim):
+            raise ValueError(
+                f"RoPE axes {p.axes_dim} must be even and sum to head dim {p.head_dim}"
+            )
 
     @property
     def head_dim(self) -> int:

@@ -2,8 +2,7 @@
 the Euler `step` and `denoise`, as diffusers' FluxPipeline and DiT360's `src/pipeline.py`.
 
 Time convention, everywhere in dit360: t = 1 is noise, t = 0 is data,
-x_t = (1 - t) * x0 + t * noise, and the model predicts the velocity v = noise - x0.
-"""
+x_t = (1 - t) * x0 + t * noise, and the model predicts the velocity v = noise - x0."""
 
 import math
 from collections.abc import Callable, Iterable, Sequence
