@@ -1,6 +1,6 @@
 """LoRA (Hu et al. 2021, arXiv:2106.09685): scale * B @ A added to a linear layer's weight, by a
 forward hook (`inject`) or merged. A fused layer (`qkv` = [to_q; to_k; to_v]) takes DiT360's q/k/v
-LoRAs as row ranges of one adapter: A stacked, each B on its rows. Files: dit360.load.lora_formats."""
+LoRAs as row ranges of one adapter: A stacked, each B on its rows. Files: load/lora_formats.py."""
 
 from collections.abc import Iterator
 from dataclasses import dataclass
