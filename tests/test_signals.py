@@ -108,6 +108,25 @@ def test_signal_swallowed_by_a_finaliser_still_ends_the_command(signum):
     assert r.returncode == code and r.stderr.endswith(line), (r.returncode, r.stderr)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_swallowed_while_importing_still_ends_the_command(signum):
+    """A signal while importing whose SystemExit a library swallowed (seen once in a full run: the
+    line said, then --help ran and exit 0): run_main ends the command, main never runs."""
+    code = (
+        "import os, signal\n"
+        "from dit360.app.cli import handle_signals, run_main\n"
+        "handle_signals()\n"
+        "try:  # an import that swallows what its code raises\n"
+        f"    os.kill(os.getpid(), {int(signum)})\n"
+        "    for _ in range(10**6): pass\n"
+        "except BaseException:\n"
+        "    pass\n"
+        "run_main(lambda: print('ran', flush=True))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert (r.returncode, r.stderr, r.stdout) == (*SAID[signum], "")
+
+
 def test_other_ranks_stop_silently():
     """Under torchrun a rank other than 0 exits 130 without a line (rank 0 says it)."""
     r = run_main_with("os.kill(os.getpid(), signal.SIGINT)\nwhile True: pass", {"RANK": "1"})

@@ -73,6 +73,8 @@ def run_main(main: Callable[[], object]) -> None:
     """A script's entry point: warnings one line each; SIGINT and SIGTERM, after main's cleanup,
     one line `error: interrupted` / `terminated`, exit 130 / 143, even if their exception was
     swallowed on the way (in a `__del__` or a finaliser, where Python only prints it)."""
+    if STATE["got"] is not None:  # while importing: its line is said, its SystemExit swallowed
+        raise SystemExit(SIGNALS[STATE["got"]][0])
     handle_signals()
     warnings.formatwarning = one_line_warning
     STATE["running"] = True
