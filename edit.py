@@ -35,7 +35,16 @@ from pathlib import Path
 
 from PIL import Image
 
-from dit360.app.batch import checked_jobs, local_device, read_rows, run_batch
+from dit360.app.batch import (
+    batch_out,
+    checked,
+    checked_batch,
+    checked_jobs,
+    local_device,
+    out_dir,
+    read_rows,
+    run_batch,
+)
 from dit360.app.editing import EditJob, check_job, edit_image, edit_many
 from dit360.app.generate import job_options
 from dit360.app.info import record, stamp
@@ -43,7 +52,6 @@ from dit360.app.options import SIDE, EditOptions, Parser, add_flags, bounded, ch
 from dit360.app.outputs import add_output_flags, extras_missing, write_extras
 from dit360.app.panorama import VIEW_RANGES, project_photo
 from dit360.load.image import open_image, read_rgb, save_panorama
-from sample import batch_out, checked, checked_batch, out_dir
 
 SINGLE = ("image", "mask", "prompt")  # the flags of one edit, which --edits replaces
 PHOTO_VIEW = [  # flag, help, default

@@ -14,7 +14,7 @@ command that makes it again.
 Under torchrun, rank r of w makes jobs[r::w] on GPU LOCAL_RANK (no process group is needed).
 """
 
-from dit360.app.cli import JOBS, check_prompt, handle_signals, run_main, starting
+from dit360.app.cli import JOBS, handle_signals, run_main, starting
 
 if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
     handle_signals()
@@ -22,14 +22,22 @@ if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while import
 
 
 import argparse
-import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from dit360.app.batch import checked_jobs, existing, local_device, read_rows, run_batch, share
-from dit360.app.generate import Job, check_inputs, generate, generate_many, job_options
+from dit360.app.batch import (
+    batch_out,
+    checked,
+    checked_batch,
+    checked_jobs,
+    local_device,
+    out_dir,
+    read_rows,
+    run_batch,
+)
+from dit360.app.generate import Job, generate, generate_many, job_options
 from dit360.app.info import record, stamp
 from dit360.app.options import (
     Options,
@@ -38,11 +46,9 @@ from dit360.app.options import (
     add_flags,
     bounded,
     fail,
-    from_args,
-    warnings_last,
 )
 from dit360.app.outputs import add_output_flags, extras_missing, write_extras
-from dit360.load.image import FORMATS, check_output_path, save_panorama
+from dit360.load.image import FORMATS, save_panorama
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,70 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_flags(p, SampleOptions)
     add_output_flags(p)
     return p.parse_args(argv)
-
-
-def checked(cls: type, args: argparse.Namespace, out: Path | None = None) -> tuple[Options, Path]:
-    """The options (`cls`, from the flags) and the output path (`out`, or --out), every one checked
-    before anything slow: a mistake is one line and exit 2. Warnings raised meanwhile are shown
-    once all pass. edit.py uses it too."""
-    with warnings_last():
-        try:
-            opts = from_args(cls, args)
-            if getattr(args, "prompt", None):
-                check_prompt(args.prompt, "--prompt")
-            out = check_output_path(out or args.out)
-            check_inputs(opts)  # every weight file found and its headers checked
-        except (ValueError, OSError) as e:
-            fail(e)
-        except RuntimeError as e:  # torch.device's, on a malformed --device
-            fail(f"--device {args.device}: {e}")
-    return opts, out
-
-
-def checked_batch(
-    cls: type, args: argparse.Namespace, make_jobs: Callable, record_for: Callable
-) -> tuple[Options, list]:
-    """A batch's options and its jobs (`make_jobs(args, opts)`), every row checked before anything
-    slow, and the outputs that exist (`batch.existing` with `record_for(opts)`, each job's
-    record): a bad one is one line `error: ...`; warnings only once all passed. edit.py uses it
-    too."""
-    with warnings_last():
-        opts = checked(cls, args, args.out_dir / "x.png")[0]
-        try:
-            jobs = make_jobs(args, opts)
-            existing(share(jobs), record_for(opts), args.overwrite)
-            return opts, jobs
-        except (ValueError, OSError) as e:
-            fail(e)
-
-
-def out_dir(args: argparse.Namespace, default: Path) -> Path:
-    """--out-dir, else `default`; one line and exit 2 if it is a file. edit.py uses it too."""
-    folder = args.out_dir or default
-    if folder.exists() and not folder.is_dir():
-        fail(f"--out-dir {folder} is a file: choose a folder")
-    made = folder.resolve()  # the folder, or the nearest one above it, where it would be made
-    while not made.exists():
-        made = made.parent
-    if not os.access(made, os.W_OK | os.X_OK):
-        fail(f"--out-dir {folder}: cannot write in {made}: make it writable or choose another")
-    return folder
-
-
-def batch_out(folder: Path, name: str, where: str) -> Path:
-    """`folder` / `name` (a row's "out", relative to --out-dir); ValueError naming `where`
-    (file:line) if it is absolute, climbs with ".." or leads out through a symbolic link: it
-    would write outside --out-dir."""
-    if Path(name).is_absolute() or ".." in Path(name).parts:
-        raise ValueError(
-            f'{where}: "out" {name} is outside --out-dir: give a path relative to it, no ".."'
-        )
-    if not (folder / name).resolve().is_relative_to(folder.resolve()):  # where it really goes
-        raise ValueError(
-            f'{where}: "out" {name} leads outside --out-dir through a symbolic link (to '
-            f"{(folder / name).resolve()}): name a path inside --out-dir"
-        )
-    return folder / name
 
 
 KEYS = {"prompt": str, "seed": int, "out": str, "steps": int, "guidance": (int, float),

@@ -3,6 +3,7 @@ jobs checked with `file:line` errors before any model loads, this process's shar
 outputs that exist with the job's settings skipped (a rerun resumes), each image written as it
 comes with its settings (`info`), and a summary with the rate."""
 
+import argparse
 import json
 import os
 import time
@@ -16,12 +17,74 @@ from PIL import Image
 from ..load.files import read_text
 from ..load.image import check_output_path, open_image, save_panorama
 from .cli import JOBS, check_prompt
-from .generate import Job
+from .generate import Job, check_inputs
 from .info import difference, read_record, stamp
-from .options import fail
+from .options import Options, fail, from_args, warnings_last
 
 J = TypeVar("J", bound=Job)
 Types = type | tuple[type, ...]
+
+
+def checked(cls: type, args: argparse.Namespace, out: Path | None = None) -> tuple[Options, Path]:
+    """The options (`cls`, from the flags) and the output path (`out`, or --out), every one checked
+    before anything slow: a mistake is one line and exit 2; warnings shown once all pass."""
+    with warnings_last():
+        try:
+            opts = from_args(cls, args)
+            if getattr(args, "prompt", None):
+                check_prompt(args.prompt, "--prompt")
+            out = check_output_path(out or args.out)
+            check_inputs(opts)  # every weight file found and its headers checked
+        except (ValueError, OSError) as e:
+            fail(e)
+        except RuntimeError as e:  # torch.device's, on a malformed --device
+            fail(f"--device {args.device}: {e}")
+    return opts, out
+
+
+def checked_batch(
+    cls: type, args: argparse.Namespace, make_jobs: Callable, record_for: Callable
+) -> tuple[Options, list]:
+    """A batch's options and its jobs (`make_jobs(args, opts)`), every row checked before anything
+    slow, and the outputs that exist (`batch.existing` with `record_for(opts)`, each job's
+    record): a bad one is one line `error: ...`; warnings only once all passed."""
+    with warnings_last():
+        opts = checked(cls, args, args.out_dir / "x.png")[0]
+        try:
+            jobs = make_jobs(args, opts)
+            existing(share(jobs), record_for(opts), args.overwrite)
+            return opts, jobs
+        except (ValueError, OSError) as e:
+            fail(e)
+
+
+def out_dir(args: argparse.Namespace, default: Path) -> Path:
+    """--out-dir, else `default`; one line and exit 2 if it is a file."""
+    folder = args.out_dir or default
+    if folder.exists() and not folder.is_dir():
+        fail(f"--out-dir {folder} is a file: choose a folder")
+    made = folder.resolve()  # the folder, or the nearest one above it, where it would be made
+    while not made.exists():
+        made = made.parent
+    if not os.access(made, os.W_OK | os.X_OK):
+        fail(f"--out-dir {folder}: cannot write in {made}: make it writable or choose another")
+    return folder
+
+
+def batch_out(folder: Path, name: str, where: str) -> Path:
+    """`folder` / `name` (a row's "out", relative to --out-dir); ValueError naming `where`
+    (file:line) if it is absolute, climbs with ".." or leads out through a symbolic link: it
+    would write outside --out-dir."""
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(
+            f'{where}: "out" {name} is outside --out-dir: give a path relative to it, no ".."'
+        )
+    if not (folder / name).resolve().is_relative_to(folder.resolve()):  # where it really goes
+        raise ValueError(
+            f'{where}: "out" {name} leads outside --out-dir through a symbolic link (to '
+            f"{(folder / name).resolve()}): name a path inside --out-dir"
+        )
+    return folder / name
 
 
 def read_rows(
