@@ -1,7 +1,5 @@
-"""Reading a model configuration (the dataclasses and presets are `dit360.core.params`').
-
-A configuration comes from a preset, a diffusers `config.json`, our safetensors metadata (JSON), or
-the tensor shapes of a checkpoint, so a tiny test model loads exactly like FLUX.1-dev.
+"""Reading a model configuration (the dataclasses and presets are `dit360.core.params`'): from a
+preset, a diffusers `config.json`, our safetensors metadata (JSON) or a checkpoint's tensor shapes.
 """
 
 import json
@@ -32,8 +30,7 @@ RULES = {FluxParams: FLUX_RULES, AutoEncoderParams: AE_RULES}
 
 
 def checked(cls: type, values: dict, where: str):
-    """`cls` (FluxParams or AutoEncoderParams) of `values`, each within its RULES, or a
-    ValueError naming `where`."""
+    """`cls` (FluxParams or AutoEncoderParams) of `values` within RULES, or ValueError at `where`"""
     check_json(values, RULES[cls], where)
     try:
         return cls(**values)
@@ -47,8 +44,7 @@ def to_json(params: FluxParams | AutoEncoderParams) -> str:
 
 
 def from_json(cls: type, text: str, where: str = "the config"):
-    """`cls` from our JSON (`to_json`'s; from `where`, for messages): every field known and within
-    its bounds."""
+    """`cls` from our JSON (`to_json`'s, read at `where`): every field known and within RULES."""
     return checked(cls, check_json(parse_json(text, where), RULES[cls], where, only=True), where)
 
 
@@ -75,8 +71,7 @@ FLUX_CONFIG_KEYS = {
 def _read_config(
     config: dict | str | Path, keys: dict[str, str], rules: dict[str, Rule], where: str
 ) -> tuple[dict, dict, str]:
-    """A diffusers config (a dict or a path to config.json) checked against `rules` and our
-    RULES through `keys`, our fields it sets, and where it comes from (for messages)."""
+    """A diffusers config (dict or config.json path) checked, our fields it sets, and its `where`"""
     if not isinstance(config, dict):
         config, where = read_json(config), str(config)
     check_json(config, rules, where)
@@ -113,7 +108,9 @@ def to_diffusers_config(p: FluxParams) -> dict:
 
 
 def _dims(shapes: dict[str, tuple[int, ...]], key: str, ndim: int) -> tuple[int, ...]:
-    """The shape of tensor `key`, which must have `ndim` dimensions (KeyError if absent)."""
+    """The shape of tensor `key`, which must be present and have `ndim` dimensions."""
+    if key not in shapes:
+        raise ValueError(f"tensor {key!r} is missing")
     if len(shape := shapes[key]) != ndim:
         raise ValueError(f"tensor {key} has shape {shape}, not {ndim} dimensions")
     return shape
@@ -146,8 +143,6 @@ def from_shapes(
             qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes,
             guidance_embed="guidance_in.in_layer.weight" in shapes,
         )
-    except KeyError as e:
-        raise ValueError(f"{where}: not a FLUX transformer: tensor {e} is missing") from None
     except ValueError as e:
         raise ValueError(f"{where}: not a FLUX transformer: {e}") from None
     axes_dim = axes_dim or DEFAULT_AXES.get(head_dim)
@@ -212,8 +207,6 @@ def ae_from_shapes(
             z_channels=_dims(shapes, "decoder.conv_in.weight", 4)[1],
             norm_num_groups=norm_num_groups,
         )
-    except KeyError as e:
-        raise ValueError(f"{where}: not a FLUX autoencoder: tensor {e} is missing") from None
     except ValueError as e:
         raise ValueError(f"{where}: not a FLUX autoencoder: {e}") from None
     return checked(AutoEncoderParams, params, f"{where} (its shapes)")

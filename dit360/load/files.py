@@ -96,8 +96,7 @@ def _read_file(path: Path, into: TensorFile | None = None) -> TensorFile:
 
 
 def open_tensors(path: str | Path, prefix: str = "") -> TensorFile:
-    """A .safetensors file, or a folder of one or of shards (index.json); with `prefix`, only the
-    tensors under it (one model of a bundle), named without it. Scaled fp8 reads dequantized."""
+    """A .safetensors file or a folder (one, or shards); `prefix`: only its tensors, unprefixed."""
     tfile = _open(Path(path))
     if prefix:
         keys = {k: k[len(prefix) :] for k in tfile.shapes if k.startswith(prefix)}
@@ -148,8 +147,7 @@ def _open(path: Path) -> TensorFile:
 
 
 def resolve(src: str | Path, allow_patterns: list[str] | None = None, expected: str = "") -> Path:
-    """A local path as is, or a Hugging Face repo id fetched (only `allow_patterns`) to the cache
-    (HF_HOME, HF_TOKEN, HF_HUB_OFFLINE apply); `expected` names the layout, for error messages."""
+    """A local path, or a Hugging Face repo id fetched (`allow_patterns`) to the cache (HF_HOME)."""
     hint = f"; expected {expected}" if expected else ""
     path = Path(src).expanduser()
     if path.exists():
@@ -325,8 +323,7 @@ def clean_temps(folder: Path, of: Path | None = None) -> None:
 
 
 def own_temp(path: Path) -> Path:
-    """Our temp name for `path`, `.NAME.tmp<pid>.<host>` (a pid is unique on one machine only),
-    removing first those of `path` that processes now gone left here."""
+    """Our temp name `.NAME.tmp<pid>.<host>` for `path`; those that dead pids left are removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path, f"{os.getpid()}.{socket.gethostname()}")
     clean_temps(path.parent, path)

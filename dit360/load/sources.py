@@ -93,8 +93,7 @@ def in_file(tfile: TensorFile, part: str) -> str | None:
 
 
 def in_folder(folder: Path, part: str) -> Part | None:
-    """`part` in a folder: FLUX.1-dev's subfolder for it, the folder's own weights, or the one
-    ComfyUI-named file that holds it (several: an error); None if none does."""
+    """`part` in a folder: its FLUX.1-dev subfolder, own weights, or one ComfyUI file; or None."""
     if (folder / FOLDERS[part]).is_dir():
         return Part(folder / FOLDERS[part])
     if any(folder.glob("*.safetensors")):
@@ -171,8 +170,7 @@ def resolve_sources(
     vae: str | None = None,
     parts: tuple[str, ...] = PARTS,
 ) -> Sources:
-    """Every part (of `parts`) from its own flag, else from `base` (default FLUX.1-dev), tokenizers
-    from `base` or the ungated repos; repo ids fetch only the folders needed."""
+    """Every part of `parts` from its flag, else `base` (default FLUX.1-dev); tokenizers too."""
     flags = dict(transformer=transformer, t5=t5, clip=clip, vae=vae)
     flags = {p: src for p, src in flags.items() if p in parts}
     found = {p: flagged(f"--{p}", find_part, src, p) for p, src in flags.items() if src is not None}

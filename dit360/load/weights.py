@@ -207,8 +207,7 @@ def fill(
     dtype: torch.dtype | None,
     on_cpu: Callable[[nn.Module], list[nn.Module]] | None = None,
 ) -> nn.Module:
-    """Fill a meta-device model tensor by tensor (one copy); dtype None: the file's. The modules
-    `on_cpu(model)` lists are filled in CPU memory, the rest on `device`."""
+    """Fill a meta model tensor by tensor (dtype None: the file's); `on_cpu(model)`'s on CPU."""
     stored = tfile.dtypes[plan.sources[next(iter(plan.sources))][1][0]]
     # but bfloat16 for float8 (norms cannot run in float8; scaled fp8 weights read dequantized)
     dtype = dtype or (torch.bfloat16 if stored.itemsize == 1 else stored)
@@ -232,8 +231,7 @@ def meta_flux(params: cfg.FluxParams) -> Flux:
 def read_flux(
     src: str | Path | Part, axes_dim: tuple[int, ...] | None = None
 ) -> tuple[TensorFile, KeyPlan, Flux]:
-    """A FLUX transformer (a `Part`, or a file, folder or repo id holding one), headers checked
-    against its meta model; config from a diffusers config.json, else our metadata, else shapes."""
+    """A FLUX transformer checked against its meta model; config: config.json, metadata, shapes."""
     part = src if isinstance(src, Part) else find_part(src, "transformer")
     tfile = part.open()
     diffusers = any(strip_prefix(k) == "x_embedder.weight" for k in tfile.shapes)
@@ -309,9 +307,7 @@ def ae_diffusers(levels: int = 4) -> list[Rule]:
         rules += _ae_resnet(f"{down}.block.{{i}}", f"{their_down}.resnets.{{i}}")
         rules += _ae_resnet(f"{up}.block.{{i}}", f"{their_up}.resnets.{{i}}")
         if l < levels - 1:
-            rules.append(
-                ("identity", f"{down}.downsample.conv", f"{their_down}.downsamplers.0.conv")
-            )
+            rules += [("identity", f"{down}.downsample.conv", f"{their_down}.downsamplers.0.conv")]
         if l > 0:
             rules.append(("identity", f"{up}.upsample.conv", f"{their_up}.upsamplers.0.conv"))
     return rules
@@ -321,8 +317,7 @@ AE_DIFFUSERS: list[Rule] = ae_diffusers(4)  # FLUX.1's VAE
 
 
 def read_autoencoder(src: str | Path | Part) -> tuple[TensorFile, KeyPlan, ae.AutoEncoder]:
-    """The FLUX VAE (a `Part`, or a file, folder or repo id holding one), headers checked against
-    its meta model; config from a diffusers config.json, else our metadata, else the shapes."""
+    """The FLUX VAE's headers checked against its meta model (config as for `read_flux`)."""
     part = src if isinstance(src, Part) else find_part(src, "vae")
     tfile = part.open()
     diffusers = any(k.startswith("encoder.down_blocks.") for k in tfile.shapes)
