@@ -35,8 +35,7 @@ def convert_flux(
     lora: str | Path | tuple[str | Path, ...] | None = None,
     lora_scale: float | tuple[float, ...] = 1.0,
 ) -> Path:
-    """The transformer of `src` (the LoRAs `lora` folded in at `lora_scale`) written as one file of
-    our layout, or a diffusers folder (`to="diffusers"`); a NaN or inf merge leaves no file."""
+    """`src`'s transformer, LoRAs `lora` folded in, as our layout's file or a diffusers folder."""
     if to not in ("bfl", "diffusers"):
         raise ValueError(f"unknown layout {to!r}: use 'bfl' or 'diffusers'")
     tfile, plan, model = read_flux(src, axes_dim)

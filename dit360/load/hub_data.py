@@ -1,8 +1,7 @@
 """A Hugging Face dataset in the Hub's parquet layout (repo id or local copy; pyarrow: extra `hub`)
 written one record batch at a time as prepare.py's panorama folder: `NNNNNN.<ext>` (the stored
 bytes) and `NNNNNN.txt` (the caption, last: a done marker, so a killed run resumes). DiT360 trains
-on `Insta360-Research/Matterport3D_polished` (columns `image`, `caption`).
-"""
+on `Insta360-Research/Matterport3D_polished` (columns `image`, `caption`)."""
 
 import io
 from collections.abc import Iterator
@@ -95,6 +94,7 @@ def open_source(
 ) -> HubSource:
     """The split's files (fetched if a repo id) with the columns checked; ValueError if not."""
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise ValueError(
@@ -109,11 +109,8 @@ def open_source(
                 f"{', '.join(schema.names)}"
             )
     kind = schema.field(image).type
-    import pyarrow as pa
-
-    binary = (pa.types.is_binary, pa.types.is_large_binary)
     struct = pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
-    if not (struct or any(t(kind) for t in binary)):
+    if not (struct or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
         raise ValueError(
             f"--image-column {image}: {kind} is not an image column (a struct with bytes, or "
             "binary); choose it with --image-column"

@@ -151,9 +151,7 @@ def check_output_path(path: str | Path) -> Path:
     return path
 
 
-def save_panorama(
-    img: Image.Image, path: str | Path, text: dict[str, str] | None = None, quality: int = 95
-) -> Path:
+def save_panorama(img: Image.Image, path: str | Path, text: dict[str, str] | None = None) -> Path:
     """Write a PNG or JPEG atomically, with GPano XMP if 2:1 and the `text` entries (`info.stamp`):
     PNG text chunks; JPEG: `parameters` as EXIF UserComment (for A1111), the rest as the comment."""
     path, (w, h), text = check_output_path(path), img.size, text or {}
@@ -174,5 +172,5 @@ def save_panorama(
                 user_comment = b"UNICODE\0" + text["parameters"].encode("utf-16-be")
                 exif.get_ifd(0x8769)[0x9286] = user_comment  # Exif IFD, UserComment
             extra = {"comment": "\n".join(rest)} if rest else {}
-            img.save(tmp, format="JPEG", quality=quality, xmp=xmp, exif=exif, **extra)
+            img.save(tmp, format="JPEG", quality=95, xmp=xmp, exif=exif, **extra)
     return path

@@ -2,16 +2,15 @@
 Read: peft/diffusers (`transformer.<diffusers module>.lora_A.weight`, DiT360's; alpha from its
 adapter_config.json), kohya (`lora_unet_<BFL module, _ for .>.lora_down.weight` + `.alpha`),
 BFL/ComfyUI (`diffusion_model.<BFL module>.lora_A.weight`, or lora_down/lora_up + `.alpha`).
-Reference: peft `src/peft/tuners/lora`; diffusers `loaders/lora_conversion_utils.py`.
-"""
+Reference: peft `src/peft/tuners/lora`; diffusers `loaders/lora_conversion_utils.py`."""
 
 import json
 import math
 import os
 import re
-from collections import Counter
 from itertools import accumulate, pairwise
 from pathlib import Path
+from statistics import mode
 
 import torch
 from torch import Tensor, nn
@@ -32,12 +31,12 @@ from .files import (
     whole,
     write_safetensors,
 )
-from .weights import FLUX_DIFFUSERS, locate, split_sizes, strip_prefix, swap_halves, their_keys
+from .weights import FLUX_DIFFUSERS, split_sizes, strip_prefix, swap_halves, their_keys
 
-# File key endings -> which tensor: peft, diffusers-old and kohya/ComfyUI spellings.
 # A train.py run marks its --out with MARKER (dit360.train.checkpoints); checkpoints: step-N/.
 MARKER = ".dit360-run"
 STEP_DIR = re.compile(r"step-(\d+)")  # a checkpoint (written as a hidden temporary, then renamed)
+# File key endings -> which tensor: peft, diffusers-old and kohya/ComfyUI spellings.
 KEY_KINDS = dict.fromkeys([".lora_A.weight", ".lora.down.weight", ".lora_down.weight"], "A")
 KEY_KINDS |= dict.fromkeys([".lora_B.weight", ".lora.up.weight", ".lora_up.weight"], "B")
 KEY_KINDS[".alpha"] = "alpha"
@@ -47,33 +46,37 @@ LoraPlan = dict[str, list[Part]]  # our layer name -> its parts, a LoRA read fro
 DIT360_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")  # diffusers names
 
 
-def diffusers_split(model: nn.Module, name: str) -> tuple[str, list[str], list[int]] | None:
-    """(op, diffusers module names, row bounds [0, ..., out]) of our layer `name`, or None."""
-    if (hit := their_keys(name + ".weight", FLUX_DIFFUSERS)) is None:
-        return None
-    op, theirs = hit
-    rows, hidden = model.get_submodule(name).out_features, model.params.hidden_size
-    sizes = split_sizes(op, rows, len(theirs), hidden)
-    return op, [k.removesuffix(".weight") for k in theirs], [0, *accumulate(sizes)]
+def diffusers_modules(model: nn.Module) -> dict[str, tuple[str, str, int, int]]:
+    """Each diffusers module name of the model -> (op, our layer, its rows [start, end))."""
+    table, hidden = {}, model.params.hidden_size
+    for layer, linear in linears(model).items():
+        if hit := their_keys(layer + ".weight", FLUX_DIFFUSERS):
+            op, keys = hit
+            sizes = split_sizes(op, linear.out_features, len(keys), hidden)
+            for key, (start, end) in zip(keys, pairwise([0, *accumulate(sizes)]), strict=True):
+                table[key.removesuffix(".weight")] = (op, layer, start, end)
+    return table
+
+
+def targeted(module: str, targets: list[str] | tuple[str, ...] | set[str]) -> bool:
+    """Whether peft's target_modules name a module: its whole name or its end."""
+    return any(module == t or module.endswith("." + t) for t in targets)
 
 
 def target_rows(
     model: nn.Module, targets: tuple[str, ...] = DIT360_TARGETS
 ) -> dict[str, list[tuple[int, int]]]:
     """Our layers' rows [start, end) that diffusers-named targets name (as peft: the name's end)."""
-    found, names = {}, set()
-    for layer in linears(model):
-        _, modules, bounds = diffusers_split(model, layer) or (None, [], [])
-        names.update(modules)
-        for j, module in enumerate(modules):
-            if any(module == t or module.endswith("." + t) for t in targets):
-                found.setdefault(layer, []).append((bounds[j], bounds[j + 1]))
-    if missing := [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]:
-        kinds = sorted({re.sub(r"^\w+\.\d+\.", "", n) for n in names})  # without the block
+    theirs, found = diffusers_modules(model), {}
+    if missing := [t for t in targets if not any(targeted(n, [t]) for n in theirs)]:
+        kinds = sorted({re.sub(r"^\w+\.\d+\.", "", n) for n in theirs})  # without the block
         raise ValueError(
             f"no layer matches the LoRA targets {', '.join(missing)} (diffusers module names, "
             f"matched as peft does: the name or its end); choose among {', '.join(kinds)}"
         )
+    for module, (_, layer, start, end) in theirs.items():
+        if targeted(module, targets):
+            found.setdefault(layer, []).append((start, end))
     return found
 
 
@@ -124,7 +127,7 @@ def _disagrees(name: str, r: int, config: dict | None) -> str | None:
     targets = config.get("target_modules")
     if isinstance(targets, str) and targets != "all-linear" and not re.fullmatch(targets, name):
         return f"not matched by the config's target_modules {targets!r}"
-    if isinstance(targets, list) and not any(name == t or name.endswith("." + t) for t in targets):
+    if isinstance(targets, list) and not targeted(name, targets):
         return f"not in the config's target_modules {targets}"
     return None
 
@@ -133,7 +136,7 @@ def plan_lora(
     tensors: dict[str, Tensor], model: nn.Module, config: dict | None = None, source: str = "LoRA"
 ) -> LoraPlan:
     """Map a LoRA state dict (any supported format) onto `model`'s layers; every key must fit."""
-    layers = linears(model)
+    layers, theirs = linears(model), diffusers_modules(model)
     kohya = {"lora_unet_" + n.replace(".", "_"): n for n in layers}
     groups, unknown, bad, plan = {}, [], [], {}  # groups: module -> {"A" | "B" | "alpha": key}
     for key in tensors:
@@ -143,12 +146,10 @@ def plan_lora(
             unknown.append(key)
     for module, keys in groups.items():
         name = kohya.get(module) or strip_prefix(module)
-        hit = locate(name + ".weight", FLUX_DIFFUSERS)
         if name in layers:  # a BFL module: the whole layer
-            ours, start, end, swap = name, 0, layers[name].out_features, False
-        elif hit and (ours := hit[1].removesuffix(".weight")) in layers:  # a diffusers module
-            bounds = diffusers_split(model, ours)[2]  # its rows of our layer; swap: B's halves
-            start, end, swap = bounds[hit[2]], bounds[hit[2] + 1], hit[0] == "swap"
+            op, ours, start, end = "", name, 0, layers[name].out_features
+        elif name in theirs:  # a diffusers module: its rows of our layer (swap: B's halves)
+            op, ours, start, end = theirs[name]
         else:
             unknown.extend(keys.values())
             continue
@@ -171,7 +172,7 @@ def plan_lora(
             bad.append(f"{module}: {problem}")
         else:
             scale = _scale(name, r, alpha, config)
-            B = swap_halves(B) if swap else B  # diffusers' row order -> ours
+            B = swap_halves(B) if op == "swap" else B  # diffusers' row order -> ours
             plan.setdefault(ours, []).append(Part(start, end, A, B, scale, tuple(keys.values())))
     if unknown or bad:
         what = [f"{len(unknown)} keys that match no layer: {unknown[:8]}"] if unknown else []
@@ -198,8 +199,7 @@ def unfinished_run(folder: Path) -> str:
 
 
 def find_lora(src: str | Path) -> Path:
-    """The LoRA's .safetensors file in a repo id (fetched: it is small), folder or file; a train.py
-    run (--out) or one of its checkpoints (step-N/) gives the one in its lora/."""
+    """The LoRA .safetensors of a repo id (fetched), folder or file; a run/step-N/: its lora/."""
     path = resolve(src, ["*.safetensors", "*.json"], "a LoRA .safetensors file or a folder of one")
     if path.is_dir():
         usual = ["adapter_model.safetensors", "pytorch_lora_weights.safetensors"]
@@ -267,18 +267,19 @@ def load_lora(
 
 def to_diffusers(plan: LoraPlan, model: nn.Module) -> tuple[dict[str, Tensor], dict[str, tuple]]:
     """peft tensors of a plan (each diffusers module: A and its rows of B), (rank, alpha) each."""
-    tensors, ranks = {}, {}
+    tensors, ranks, theirs = {}, {}, diffusers_modules(model)
     for layer, parts in plan.items():
-        op, modules, bounds = diffusers_split(model, layer)
+        modules = {m: v for m, v in theirs.items() if v[1] == layer}  # in row order
         for p in parts:
-            inside = [j for j, (a, b) in enumerate(pairwise(bounds)) if p.start <= a < b <= p.end]
-            if sum(bounds[j + 1] - bounds[j] for j in inside) != p.end - p.start:
+            inside = {m: v for m, v in modules.items() if p.start <= v[2] < v[3] <= p.end}
+            if sum(v[3] - v[2] for v in inside.values()) != p.end - p.start:
+                bounds = [0, *(v[3] for v in modules.values())]
                 raise ValueError(f"{layer}[{p.start}:{p.end}] splits diffusers modules {bounds}")
             r, alpha = p.A.shape[0], p.scale * p.A.shape[0]
-            for j in inside:
-                if (module := modules[j]) in ranks:
+            for module, (op, _, start, end) in inside.items():
+                if module in ranks:
                     raise ValueError(f"two LoRA parts act on {module}: peft holds only one")
-                B = p.B[bounds[j] - p.start : bounds[j + 1] - p.start]
+                B = p.B[start - p.start : end - p.start]
                 B = swap_halves(B) if op == "swap" else B  # our row order -> diffusers'
                 tensors[f"transformer.{module}.lora_A.weight"] = p.A
                 tensors[f"transformer.{module}.lora_B.weight"] = B
@@ -302,13 +303,10 @@ def write_peft(
         raise ValueError(
             f"the LoRA holds NaN or inf (in {unfit[0]}; a diverged training run?): not written"
         )
-    r = Counter(v[0] for v in ranks.values()).most_common(1)[0][0]
-    alpha = Counter(v[1] for v in ranks.values()).most_common(1)[0][0]
+    r, alpha = mode(v[0] for v in ranks.values()), mode(v[1] for v in ranks.values())
     # target_modules: the short names (attn.to_q, ...) if they select exactly these modules
     short = {re.sub(r"^(single_)?transformer_blocks\.\d+\.", "", m) for m in ranks}
-    splits = (diffusers_split(model, n) for n in linears(model))
-    every = {m for split in splits if split for m in split[1]}
-    chosen = {m for m in every if any(m == s or m.endswith("." + s) for s in short)}
+    chosen = {m for m in diffusers_modules(model) if targeted(m, short)}
     config = {
         "peft_type": "LORA",
         "r": r,
