@@ -1,7 +1,6 @@
-"""Many images per load, for sample.py and edit.py alike: a .jsonl (or .txt) file's typed rows,
-jobs checked with `file:line` errors before any model loads, this process's share under torchrun,
-outputs that exist with the job's settings skipped (a rerun resumes), each image written as it
-comes with its settings (`info`), and a summary with the rate."""
+"""Many images per load, for sample.py and edit.py: a .jsonl (or .txt) file's rows checked with
+`file:line` errors before any model loads, this process's share under torchrun, outputs that
+exist with the job's settings skipped (a rerun resumes), each written with its settings."""
 
 import argparse
 import json
@@ -26,8 +25,7 @@ Types = type | tuple[type, ...]
 
 
 def checked(cls: type, args: argparse.Namespace, out: Path | None = None) -> tuple[Options, Path]:
-    """The options (`cls`, from the flags) and the output path (`out`, or --out), every one checked
-    before anything slow: a mistake is one line and exit 2; warnings shown once all pass."""
+    """The options (`cls`) and output path (`out`, or --out) checked before anything slow."""
     with warnings_last():
         try:
             opts = from_args(cls, args)
@@ -45,9 +43,7 @@ def checked(cls: type, args: argparse.Namespace, out: Path | None = None) -> tup
 def checked_batch(
     cls: type, args: argparse.Namespace, make_jobs: Callable, record_for: Callable
 ) -> tuple[Options, list]:
-    """A batch's options and its jobs (`make_jobs(args, opts)`), every row checked before anything
-    slow, and the outputs that exist (`batch.existing` with `record_for(opts)`, each job's
-    record): a bad one is one line `error: ...`; warnings only once all passed."""
+    """A batch's options and jobs (`make_jobs`), their `existing` outputs checked (`record_for`)."""
     with warnings_last():
         opts = checked(cls, args, args.out_dir / "x.png")[0]
         try:
@@ -72,9 +68,7 @@ def out_dir(args: argparse.Namespace, default: Path) -> Path:
 
 
 def batch_out(folder: Path, name: str, where: str) -> Path:
-    """`folder` / `name` (a row's "out", relative to --out-dir); ValueError naming `where`
-    (file:line) if it is absolute, climbs with ".." or leads out through a symbolic link: it
-    would write outside --out-dir."""
+    """`folder` / `name` (a row's "out"); ValueError naming `where` if it leads outside `folder`."""
     if Path(name).is_absolute() or ".." in Path(name).parts:
         raise ValueError(
             f'{where}: "out" {name} is outside --out-dir: give a path relative to it, no ".."'
@@ -113,11 +107,8 @@ def read_rows(
         for k, v in row.items():
             if isinstance(v, str):  # a prompt, or a path: none is that long
                 check_prompt(v, f"{where}: {k!r}")
-            if (
-                k not in keys
-                or not isinstance(v, keys[k])
-                or isinstance(v, bool) != (keys[k] is bool)
-            ):
+            want = keys.get(k, ())  # (): no type, an unknown key
+            if not isinstance(v, want) or isinstance(v, bool) != (want is bool):
                 raise ValueError(f"{where}: bad {k!r}: {v!r} (keys: {', '.join(keys)})")
         rows.append((n, row))
         if len(rows) > JOBS:
@@ -169,8 +160,7 @@ def share(jobs: list[J]) -> list[J]:
 def existing(
     jobs: list[J], record: Callable[[J], dict], overwrite: bool = False
 ) -> tuple[list[J], dict]:
-    """(the jobs to make, each output's record): an output that exists records the job's settings
-    (skipped), or others: ValueError naming the first that differs, unless `overwrite`."""
+    """(jobs to make, each output's record); ValueError if one exists with other settings."""
     todo, stamps = [], {}
     for job in jobs:
         stamps[job.out] = rec = record(job)
@@ -194,11 +184,10 @@ def run_batch(
     missing: Callable[[J], bool] = lambda job: False,
     overwrite: bool = False,
 ) -> None:
-    """Make this process's share of the jobs not `existing` with `make`, writing each image with its
-    `record`, then `extras` (ending its line; also for a skipped one `missing` them); print each,
-    then a total. Other settings recorded, bad weights: exit 2; NaN latents, unwritable: exit 1."""
+    """Write this process's jobs not `existing` with `record` and `extras` (a skipped one `missing`
+    them too), then a total. Bad settings, weights: exit 2; NaN, unwritable: 1."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    jobs = share(jobs)  # under torchrun: this process's share
+    jobs = jobs[rank::world]  # under torchrun: this process's share (`share`)
     try:  # checked before anything loads (and by the scripts before their warnings show)
         todo, stamps = existing(jobs, record, overwrite)
     except (ValueError, OSError) as e:
@@ -218,10 +207,8 @@ def run_batch(
             except OSError as e:
                 fail(f"cannot write {job.out}: {e}", code=1)
             note = f"; {note}" if note else ""
-            size = f"{image.width}x{image.height}"
-            print(
-                f"wrote {job.out} ({size}) in {seconds:.1f}s, {k} of {len(todo)}{note}", flush=True
-            )
+            size, of = f"{image.width}x{image.height}", f"{k} of {len(todo)}"
+            print(f"wrote {job.out} ({size}) in {seconds:.1f}s, {of}{note}", flush=True)
     except (ValueError, OSError) as e:  # missing or bad weights (--base, --lora)
         fail(e)
     except FloatingPointError as e:  # NaN/inf latents: that image is not written
@@ -248,12 +235,10 @@ def across_ranks(sums: list[float], maxima: list[float]) -> tuple[list[float], l
     if made:
         dist.init_process_group("gloo")
     try:
-        out = []
-        for values, op in [(sums, dist.ReduceOp.SUM), (maxima, dist.ReduceOp.MAX)]:
-            t = torch.tensor(values, dtype=torch.float64)
-            dist.all_reduce(t, op=op)
-            out.append(t.tolist())
-        return out[0], out[1]
+        s, m = (torch.tensor(v, dtype=torch.float64) for v in (sums, maxima))
+        dist.all_reduce(s, op=dist.ReduceOp.SUM)
+        dist.all_reduce(m, op=dist.ReduceOp.MAX)
+        return s.tolist(), m.tolist()
     finally:
         if made:
             dist.destroy_process_group()

@@ -90,8 +90,7 @@ def edit(
 
 @dataclass(kw_only=True)
 class EditJob(Job):
-    """One edit of a batch: source and mask (images or files; the source at `size` (w, h) if given)
-    and what it sets that is not `opts`'."""
+    """One edit: source and mask (images or files; the source at `size` (w, h) if given)."""
 
     image: Image.Image | Path
     mask: Image.Image | Path
@@ -123,8 +122,7 @@ def token_mask(job: EditJob, o: EditOptions, width: int, height: int) -> tuple[G
 
 
 def check_job(job: EditJob, opts: EditOptions) -> tuple[int, int]:
-    """What can fail about a job before a model loads (its options, source, mask, feather); warns if
-    not 1024x2048. Returns the source file's own size (width, height)."""
+    """A job checked before a model loads (options, source, mask, feather): the source's (w, h)."""
     o = job_options(opts, job)
     own = open_image(job.image).size  # it opens and decodes
     width, height = job.size or own

@@ -1,9 +1,6 @@
-"""Text to panorama, and the batch pipeline edits share (`run_jobs`): encode the prompts, free
-the text encoders, denoise (+ LoRA) on the wrapped token grid, decode with the VAE. One model on
-the device at a time (a batch's transformer and VAE stay for its images), never the modulations
-(`ahead.ahead`); the offload mode (none, model, blocks: `dit360.memory.offload`) says where the
-rest is.
-"""
+"""Text to panorama, and the batch pipeline edits share (`run_jobs`): encode the prompts, free the
+encoders, denoise (+ LoRA) on the wrapped token grid, decode. One model on the device at a time,
+never the modulations (`ahead.ahead`); the offload mode (`offload`) says where the rest is."""
 
 import time
 import warnings
@@ -81,8 +78,7 @@ def lora_file(src: str) -> Path:
 
 
 def lora_sources(opts: Options, log: Callable[[str], None] | None = None) -> list[LoraUse]:
-    """(--lora as given, its file, scale) of each LoRA in order; auto: DiT360's, unless the
-    transformer has one merged in (`convert_weights.py --merge` records it; said through `log`)."""
+    """(--lora as given, its file, scale) of each LoRA; auto: DiT360's, unless one is merged in."""
     from ..load.weights import MERGED_KEY
 
     merged = None
@@ -96,8 +92,7 @@ def lora_sources(opts: Options, log: Callable[[str], None] | None = None) -> lis
 
 
 def check_inputs(opts: Options) -> None:
-    """Every weight file's headers checked against its model, the LoRAs first (a typo fails before
-    --base downloads), before anything loads; once per process for the same inputs."""
+    """Every weight file's headers checked, the LoRAs first (before --base downloads); once each."""
     from ..load.lora_formats import read_lora
 
     key = tuple(str(getattr(opts, k)) for k in ("base", "transformer", "t5", "clip", "vae", "lora"))
@@ -150,8 +145,7 @@ def load_model(opts: Options, offload: str = "none", log: Callable[[str], None] 
 
 @contextmanager
 def placed(model: Flux, opts: Options, offload: str) -> Iterator[Flux]:
-    """The transformer on the device (none: already; model: lent; blocks: streamed) but what is
-    computed ahead, attention on the kernel of --attention."""
+    """The transformer on the device (lent or streamed) but what is computed ahead; --attention."""
     home, blocks = computed_ahead(model), [*model.double_blocks, *model.single_blocks]
     stop = stream(blocks, opts.device, ahead=1, skip=home) if offload == "blocks" else None
     try:
@@ -175,8 +169,7 @@ def generate_latents(
     offload: str = "none",
     negative: Conditioning | None = None,
 ) -> Tensor:
-    """Seeded noise denoised on the wrapped token grid (true CFG with a `negative`); latents
-    (B, C, H/8, W/8) without the pad."""
+    """Seeded noise denoised on the wrapped grid (true CFG with `negative`): (B, C, H/8, W/8)."""
     grid = Grid.for_image(opts.height, opts.width, opts.wrap_pad)
     z = initial_noise(opts, 1, opts.height, opts.width, model.params.in_channels // 4)
     # Pad once and never re-sync: the reference's behaviour (a pad token and the column it copies
@@ -293,10 +286,8 @@ def run_jobs(
     cfg: str,
     stage: str | None = None,
 ) -> Iterator[tuple[J, Image.Image, float]]:
-    """(job, image, seconds) for each checked job as it is decoded, CHUNK jobs at a time: their
-    `prompts` encoded, then per job `step` (told if first) with the chunk's models, the decode, its
-    finish. With a `stage` (the step's) the transformer loads first, else `step` loads it (after
-    what it encodes). `cfg`, what true CFG costs, is said if a job has a negative prompt."""
+    """(job, image, seconds) for each job as decoded, CHUNK at a time: `prompts` encoded, then per
+    job `step` (told if first), the decode, its finish; a `stage`: the transformer loads first."""
     report = report or Report(opts.device, log=log)
     mode = offload_mode(opts, log) if jobs else "none"
     if any(job_options(opts, job).negative() is not None for job in jobs):

@@ -1,7 +1,6 @@
 """Text conditioning for FLUX: T5-XXL token embeddings (`txt`) and the CLIP-L pooled vector (`vec`),
-as diffusers' `FluxPipeline.encode_prompt` computes them; the only module importing transformers.
-Weights: a FLUX.1-dev folder or a Hugging Face repo of that layout, by default
-https://huggingface.co/black-forest-labs/FLUX.1-dev (gated: accept its license first)."""
+as diffusers' `FluxPipeline.encode_prompt`; the only module importing transformers. Weights: a
+folder of https://huggingface.co/black-forest-labs/FLUX.1-dev's layout (gated: accept its terms)."""
 
 import warnings
 from collections.abc import Iterator
@@ -85,8 +84,7 @@ def clip_config(tfile: TensorFile) -> CLIPTextConfig:
 
 
 def check_encoder(part: Part, kind: str) -> tuple[TensorFile, nn.Module, dict[int, str]]:
-    """A text encoder's tensors (headers), its model on the meta device and `_keys`; its config from
-    the config.json in its folder (sizes bounded), else the tensors (ComfyUI's t5xxl_*, clip_l)."""
+    """A text encoder's tensors, meta model and `_keys`; its config.json, else the tensors'."""
     tfile = part.open()
     cls, model_type, infer, model_cls = ENCODERS[kind]
     found = config_beside(part.path, model_type=model_type) if not part.prefix else None
@@ -128,8 +126,7 @@ ENCODERS = {  # config class, config.json's model_type, config from the tensors,
 
 
 def _keys(model: nn.Module, tfile: TensorFile, part: Part) -> dict[int, str]:
-    """The file's key per parameter id (CLIP's with or without `text_model.`); ValueError if any
-    is missing, misshapen or left over."""
+    """The file's key per parameter id; ValueError if any is missing, misshapen or left over."""
     names: dict[int, list[str]] = {}  # tied weights (shared, encoder.embed_tokens): one tensor
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
@@ -155,8 +152,7 @@ def _keys(model: nn.Module, tfile: TensorFile, part: Part) -> dict[int, str]:
 def load_encoder(
     part: Part, kind: str, device: torch.device | str, dtype: torch.dtype, fp8: bool = False
 ) -> T5EncoderModel | CLIPTextModel:
-    """A text encoder filled tensor by tensor straight onto `device` (float8 files load upcast);
-    `fp8` (T5 only): its linears in float8, weight-only, each as it is read."""
+    """A text encoder filled tensor by tensor onto `device`; `fp8` (T5 only): linears in float8."""
     if fp8 and kind != "t5":
         raise ValueError(f"fp8 text encoders: T5 only, not {kind}")
     tfile, model, keys = check_encoder(part, kind)
@@ -191,8 +187,7 @@ def load_text_encoders(
     offload: str = "none",
     t5_fp8: bool = False,
 ) -> TextEncoders:
-    """CLIP and T5, frozen, with their tokenizers (`Sources`, or a FLUX.1-dev folder or repo id);
-    offloaded ("model", "blocks"): parked in host memory; `t5_fp8`: see `load_encoder`."""
+    """CLIP and T5, frozen, with tokenizers (`Sources`, a folder or repo id); offloaded: parked."""
     if offload not in MODES:
         raise ValueError(f"offload must be one of {', '.join(MODES)}, got {offload!r}")
     src = src if isinstance(src, Sources) else resolve_sources(str(src), parts=("t5", "clip"))
