@@ -54,6 +54,14 @@ CHECKS = {  # field: (test of its value, what it must be); NaN fails every compa
 }  # fmt: skip
 
 
+class Several(argparse.Action):
+    """A flag that may be given several times: the tuple of its values (else the default)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        given = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, (*(() if given is self.default else given), values))
+
+
 def opt(default: Any, help: str, **flag: Any) -> Any:
     """A field whose default and help also make its command-line flag (`flag`: argparse extras)."""
     return field(default=default, metadata={"help": help, **flag})
@@ -85,10 +93,10 @@ class Options:
         "LoRA repo id, folder or .safetensors file, or a train.py run (--out) or checkpoint "
         "folder; give it several times to apply several; none; auto: DiT360's published LoRA "
         f"({DIT360_LORA}) unless the transformer has a LoRA merged in (convert_weights --merge)",
-        action="several",
+        action=Several,
     )
     lora_scale: float | tuple[float, ...] = opt(
-        1.0, "weight of the LoRA: once for all, or once per --lora in order", action="several"
+        1.0, "weight of the LoRA: once for all, or once per --lora in order", action=Several
     )
     merge_lora: bool = opt(True, "fold the LoRAs into the weights (no cost per step)")
     steps: int = opt(28, "sampling steps")
@@ -307,11 +315,10 @@ def check_height(flag: str, height: int) -> None:
         )
 
 
-def bounded(kind: type, low: float = -math.inf, high: float = math.inf, above: bool = False):
+def bounded(kind: type, low: float, high: float = math.inf, above: bool = False):
     """An argparse type: a finite `kind` (int or float) >= low (> low if `above`) and <= high."""
     name = "a whole number" if kind is int else "a finite number"
-    limits = [f" {'>' if above else '>='} {low:g}"] if low > -math.inf else []
-    limits += [f" <= {high:g}"] if high < math.inf else []
+    limits = f" {'>' if above else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
 
     def parse(text: str) -> float:
         try:
@@ -319,7 +326,7 @@ def bounded(kind: type, low: float = -math.inf, high: float = math.inf, above: b
         except ValueError:
             x = math.nan
         if not (math.isfinite(x) and (x > low if above else x >= low) and x <= high):
-            raise argparse.ArgumentTypeError(f"needs {name}{' and'.join(limits)}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"needs {name}{limits}, got {text!r}")
         return x
 
     return parse
@@ -328,14 +335,6 @@ def bounded(kind: type, low: float = -math.inf, high: float = math.inf, above: b
 # The flag types of train.py, outputs' --cubemap-size and convert_weights.py.
 COUNT, NATURAL, NONNEG = bounded(int, 1), bounded(int, 0), bounded(float, 0)
 POSITIVE, FRACTION = bounded(float, 0, above=True), bounded(float, 0, 1)
-
-
-class Several(argparse.Action):
-    """A flag that may be given several times: the tuple of its values (else the default)."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
-        given = getattr(namespace, self.dest)
-        setattr(namespace, self.dest, (*(() if given is self.default else given), values))
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -348,8 +347,6 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             meta["action"] = argparse.BooleanOptionalAction
         else:
             meta.setdefault("type", type(f.default) if f.default is not None else str)
-        if meta.get("action") == "several":
-            meta["action"] = Several
         parser.add_argument(name, default=f.default, **meta)
 
 
