@@ -341,8 +341,6 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field of the options dataclass `cls`: --field-name, its default and help."""
     for f in fields(cls):
         name, meta = "--" + f.name.replace("_", "-"), dict(f.metadata)
-        if "help" not in meta:
-            continue
         if isinstance(f.default, bool):
             meta["action"] = argparse.BooleanOptionalAction
         else:

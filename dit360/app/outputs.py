@@ -66,11 +66,8 @@ def write_cubemap(image: Image.Image, path: Path, size: int | None = None) -> li
 def extras_missing(path: Path, args: argparse.Namespace) -> bool:
     """Whether the flags ask for a file beside the panorama `path` that is not there (a resumed
     batch makes them for the images it skips)."""
-    names = (
-        [".html"] * args.viewer
-        + [".txt"] * args.captions
-        + [f"-{f}{path.suffix}" for f in (*FACES, "cross")] * args.cubemap
-    )
+    cube = [f"-{f}{path.suffix}" for f in (*FACES, "cross")] * args.cubemap
+    names = [".html"] * args.viewer + [".txt"] * args.captions + cube
     return any(not path.with_name(path.stem + name).exists() for name in names)
 
 

@@ -121,9 +121,8 @@ def project_photo(
     return to_pil(canvas[0], unit=True), mask
 
 
-def equirect_to_cube(x: Tensor, face_size: int | None = None) -> Tensor:
-    """Equirect (B, C, H, W) -> cube faces (B, 6, C, F, F) in FACES order; F defaults to W/4."""
-    face_size = face_size or x.shape[-1] // 4
+def equirect_to_cube(x: Tensor, face_size: int) -> Tensor:
+    """Equirect (B, C, H, W) -> cube faces (B, 6, C, F, F) in FACES order, F = face_size."""
     dtype = geo_dtype(x)
     rays = camera_rays(face_size, face_size, 90.0, device=x.device, dtype=dtype)  # (F, F, 3)
     rots = FACE_ROTATIONS.to(dtype).to(x.device)
