@@ -23,7 +23,6 @@ from ..load.sources import Sources, resolve_sources
 from ..memory.offload import MODES as OFFLOADS
 from ..speed.kernels import BACKENDS
 from .cli import GUIDANCE, PROMPT_CHARS, SIDE, STEPS, fail  # noqa: F401 (scripts import them)
-from .panorama import Grid
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES_16 = (torch.bfloat16, torch.float16)  # what FA3 runs in
@@ -259,7 +258,7 @@ def check_size(height: int, width: int, wrap_pad: int = 0) -> None:
             f"--height and --width must be at most {SIDE} pixels each, got {height}x{width}: "
             f"{SIDE // 2}x{SIDE} is the largest 2:1 panorama"
         )
-    if 2 * wrap_pad > Grid.for_image(height, width).w:
+    if 2 * wrap_pad > width // 16:  # the packed token columns
         raise ValueError(f"--wrap-pad {wrap_pad} must be <= half the {width // 16} columns")
     if (height, width) != (1024, 2048):
         warnings.warn(
