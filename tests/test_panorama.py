@@ -227,28 +227,23 @@ def test_general_rotation_moves_views():
     assert (back - x).abs().max() < 1e-3 * ptp(x)  # measured 3.5e-4 ptp
 
 
-def test_cube_roundtrip_and_layouts():
-    """Six faces survive c2e -> e2c; each face sits at its place in the cross and strip layouts;
-    cross edges meet."""
+def test_cube_roundtrip_and_cross():
+    """Six faces survive c2e -> e2c; each face sits at its place in the cross; cross edges meet."""
     face = 24
     faces = P.equirect_to_cube(smooth_pano(64), face)
     again = P.equirect_to_cube(P.cube_to_equirect(faces, 96), face)
     assert (again - faces).abs().max() < 0.01 * ptp(faces)  # measured 0.0044 ptp
-    for layout, shape in [("cross", (1, 3, 3 * face, 4 * face)), ("strip", (1, 3, face, 6 * face))]:
-        img = P.cube_to_layout(faces, layout)
-        assert img.shape == shape
-        for i, name in enumerate(P.FACES):  # by position: cross rows/cols, or strip order
-            r, c = P.CROSS[name] if layout == "cross" else (0, i)
-            tile = img[..., r * face : (r + 1) * face, c * face : (c + 1) * face]
-            assert_close(tile, faces[:, i], rtol=0, atol=0)
-    cross = P.cube_to_layout(faces, "cross")[0]
-    s, tol = face, 0.04 * ptp(faces)  # measured <= 0.022 ptp; a flipped face gives ~0.5
+    cross = P.cube_to_cross(faces)
+    assert cross.shape == (1, 3, 3 * face, 4 * face)
+    for i, name in enumerate(P.FACES):  # by position: cross rows and columns
+        r, c = P.CROSS[name]
+        tile = cross[..., r * face : (r + 1) * face, c * face : (c + 1) * face]
+        assert_close(tile, faces[:, i], rtol=0, atol=0)
+    cross, s, tol = cross[0], face, 0.04 * ptp(faces)  # measured <= 0.022 ptp; flipped: ~0.5
     for r in (face - 1, 2 * face - 1):  # py | pz and pz | ny horizontal edges
         assert (cross[:, r, s : 2 * s] - cross[:, r + 1, s : 2 * s]).abs().max() < tol
     for c in range(s - 1, 4 * s - 1, s):  # nx | pz | px | nz vertical edges
         assert (cross[:, s : 2 * s, c] - cross[:, s : 2 * s, c + 1]).abs().max() < tol
-    with pytest.raises(ValueError, match="layout"):
-        P.cube_to_layout(faces, "dice")
 
 
 def test_dtypes_and_gradients():

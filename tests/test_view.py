@@ -21,7 +21,7 @@ BOUND = 0.5
 def render(pano: Image.Image, yaw: float, pitch: float, fov: float, size: tuple) -> np.ndarray:
     """Our perspective render (h, w, 3) of the panorama, rounded to 8 bits like the screenshot."""
     x = torch.from_numpy(np.asarray(pano, dtype=np.float64) / 255).permute(2, 0, 1)[None]
-    out = P.equirect_to_perspective(x, fov, yaw, pitch, size=size)[0].permute(1, 2, 0)
+    out = P.equirect_to_perspective(x, fov, yaw, pitch, 0, size)[0].permute(1, 2, 0)
     return (out.numpy() * 255).round()
 
 

@@ -23,7 +23,6 @@ from ..load.sources import Sources, resolve_sources
 from ..memory.offload import MODES as OFFLOADS
 from ..speed.kernels import BACKENDS
 from .cli import GUIDANCE, PROMPT_CHARS, SIDE, STEPS, fail  # noqa: F401 (scripts import them)
-from .panorama import Grid
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES_16 = (torch.bfloat16, torch.float16)  # what FA3 runs in
@@ -52,6 +51,14 @@ CHECKS = {  # field: (test of its value, what it must be); NaN fails every compa
     "attention": (lambda v: v in ATTENTION, f"one of {', '.join(ATTENTION)}"),
     "dtype": (lambda v: v is None or v in DTYPES or v in DTYPES.values(), "fp32, bf16 or fp16"),
 }  # fmt: skip
+
+
+class Several(argparse.Action):
+    """A flag that may be given several times: the tuple of its values (else the default)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        given = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, (*(() if given is self.default else given), values))
 
 
 def opt(default: Any, help: str, **flag: Any) -> Any:
@@ -85,10 +92,10 @@ class Options:
         "LoRA repo id, folder or .safetensors file, or a train.py run (--out) or checkpoint "
         "folder; give it several times to apply several; none; auto: DiT360's published LoRA "
         f"({DIT360_LORA}) unless the transformer has a LoRA merged in (convert_weights --merge)",
-        action="several",
+        action=Several,
     )
     lora_scale: float | tuple[float, ...] = opt(
-        1.0, "weight of the LoRA: once for all, or once per --lora in order", action="several"
+        1.0, "weight of the LoRA: once for all, or once per --lora in order", action=Several
     )
     merge_lora: bool = opt(True, "fold the LoRAs into the weights (no cost per step)")
     steps: int = opt(28, "sampling steps")
@@ -251,7 +258,7 @@ def check_size(height: int, width: int, wrap_pad: int = 0) -> None:
             f"--height and --width must be at most {SIDE} pixels each, got {height}x{width}: "
             f"{SIDE // 2}x{SIDE} is the largest 2:1 panorama"
         )
-    if 2 * wrap_pad > Grid.for_image(height, width).w:
+    if 2 * wrap_pad > width // 16:  # the packed token columns
         raise ValueError(f"--wrap-pad {wrap_pad} must be <= half the {width // 16} columns")
     if (height, width) != (1024, 2048):
         warnings.warn(
@@ -307,11 +314,10 @@ def check_height(flag: str, height: int) -> None:
         )
 
 
-def bounded(kind: type, low: float = -math.inf, high: float = math.inf, above: bool = False):
+def bounded(kind: type, low: float, high: float = math.inf, above: bool = False):
     """An argparse type: a finite `kind` (int or float) >= low (> low if `above`) and <= high."""
     name = "a whole number" if kind is int else "a finite number"
-    limits = [f" {'>' if above else '>='} {low:g}"] if low > -math.inf else []
-    limits += [f" <= {high:g}"] if high < math.inf else []
+    limits = f" {'>' if above else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
 
     def parse(text: str) -> float:
         try:
@@ -319,7 +325,7 @@ def bounded(kind: type, low: float = -math.inf, high: float = math.inf, above: b
         except ValueError:
             x = math.nan
         if not (math.isfinite(x) and (x > low if above else x >= low) and x <= high):
-            raise argparse.ArgumentTypeError(f"needs {name}{' and'.join(limits)}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"needs {name}{limits}, got {text!r}")
         return x
 
     return parse
@@ -330,26 +336,14 @@ COUNT, NATURAL, NONNEG = bounded(int, 1), bounded(int, 0), bounded(float, 0)
 POSITIVE, FRACTION = bounded(float, 0, above=True), bounded(float, 0, 1)
 
 
-class Several(argparse.Action):
-    """A flag that may be given several times: the tuple of its values (else the default)."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
-        given = getattr(namespace, self.dest)
-        setattr(namespace, self.dest, (*(() if given is self.default else given), values))
-
-
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field of the options dataclass `cls`: --field-name, its default and help."""
     for f in fields(cls):
         name, meta = "--" + f.name.replace("_", "-"), dict(f.metadata)
-        if "help" not in meta:
-            continue
         if isinstance(f.default, bool):
             meta["action"] = argparse.BooleanOptionalAction
         else:
             meta.setdefault("type", type(f.default) if f.default is not None else str)
-        if meta.get("action") == "several":
-            meta["action"] = Several
         parser.add_argument(name, default=f.default, **meta)
 
 

@@ -17,16 +17,14 @@ from PIL import Image
 from ..load.files import atomic_path
 from ..load.image import FORMATS, from_pil, loaded, open_image, to_pil
 from .options import SIDE, Parser, bounded, fail
-from .panorama import FACES, cube_to_layout, discontinuity_score, equirect_to_cube
+from .panorama import FACES, cube_to_cross, discontinuity_score, equirect_to_cube
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what `python -m dit360.app.evaluate DIR` reads
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L")
 MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
-# The viewer page: dit360/app/viewer.html, with @title@, @mime@ and @data@ (the file's bytes)
-# filled in.
-# Its WebGL2 shader looks each pixel's view direction up in the panorama with the maths of
-# `panorama.equirect_to_perspective` (the same yaw and pitch signs, horizontal fov), so a screenshot
-# equals our render (tested in headless Chromium).
+# The viewer page: viewer.html with @title@, @mime@ and @data@ (the file's bytes) filled in. Its
+# WebGL2 shader looks each pixel's direction up with the maths of `equirect_to_perspective` (same
+# yaw and pitch signs, horizontal fov): a screenshot equals our render (tested in Chromium).
 FIELD = re.compile(r"@(title|mime|data)@")
 SWITCHES = {  # the flags of what is written beside the panorama, and their help
     "--captions": "also write NAME.txt, the prompt (prepare.py reads it as the caption)",
@@ -59,7 +57,7 @@ def write_cubemap(image: Image.Image, path: Path, size: int | None = None) -> li
     order) of the panorama `image`, and PATH-cross (3 x 4 faces, black elsewhere), as PATH is."""
     faces = equirect_to_cube(from_pil(image, unit=True)[None], size or image.height // 2)
     wrote = [path.with_name(f"{path.stem}-{name}{path.suffix}") for name in (*FACES, "cross")]
-    for out, face in zip(wrote, [*faces[0], cube_to_layout(faces, "cross")[0]], strict=True):
+    for out, face in zip(wrote, [*faces[0], cube_to_cross(faces)[0]], strict=True):
         with atomic_path(out) as tmp:  # faces: (1, 6, 3, F, F); PNG ignores the quality
             to_pil(face, unit=True).save(tmp, format=FORMATS[path.suffix.lower()], quality=95)
     return wrote
@@ -68,11 +66,8 @@ def write_cubemap(image: Image.Image, path: Path, size: int | None = None) -> li
 def extras_missing(path: Path, args: argparse.Namespace) -> bool:
     """Whether the flags ask for a file beside the panorama `path` that is not there (a resumed
     batch makes them for the images it skips)."""
-    names = (
-        [".html"] * args.viewer
-        + [".txt"] * args.captions
-        + [f"-{f}{path.suffix}" for f in (*FACES, "cross")] * args.cubemap
-    )
+    cube = [f"-{f}{path.suffix}" for f in (*FACES, "cross")] * args.cubemap
+    names = [".html"] * args.viewer + [".txt"] * args.captions + cube
     return any(not path.with_name(path.stem + name).exists() for name in names)
 
 

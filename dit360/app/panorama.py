@@ -1,13 +1,12 @@
-"""Panorama geometry: projections (equirect, cube, perspective, a photo onto the canvas), rotations,
-the seam metric. The token layout (`Grid`) is `dit360.core.grid`'s; the training losses' own
-projections are in core/loss.py. Conventions (py360convert's, so its functions are our oracle):
-- Equirect (B, C, H, W), W = 2H, sampled at pixel centres: lon = 2 pi (j + 0.5) / W - pi (0 at the
-  centre), lat = pi/2 - pi (i + 0.5) / H; directions x = cos(lat) sin(lon), y = sin(lat),
-  z = cos(lat) cos(lon). Views in degrees: yaw turns right, pitch looks up, roll turns the camera
-  clockwise (py360convert's u_deg, v_deg, in_rot_deg); fov is horizontal, pixels square.
-- Cube faces (B, 6, C, F, F) in three.js order px nx py ny pz nz (py360convert's F R B L U D = pz px
-  nz nx py ny): upright 90-degree views; py looks up, ny down, each with the front (pz) at the edge
-  nearest it. Masks are 1 where valid; grids are float32 (float64 for float64 images).
+"""Panorama geometry: projections (equirect, cube, perspective, a photo onto the canvas),
+rotations, the seam metric; `Grid` is core/grid.py's, the losses' projections core/loss.py's.
+Conventions are py360convert's (our oracle): equirect (B, C, H, W), W = 2H, pixel centres at
+lon = 2 pi (j + 0.5) / W - pi, lat = pi/2 - pi (i + 0.5) / H, direction (cos(lat) sin(lon),
+sin(lat), cos(lat) cos(lon)). Views in degrees: yaw turns right, pitch looks up, roll turns the
+camera clockwise (u_deg, v_deg, in_rot_deg); fov horizontal, pixels square. Cube faces
+(B, 6, C, F, F) in three.js order px nx py ny pz nz (py360convert's F R B L U D = pz px nz nx py
+ny), upright 90-degree views; py (up) and ny (down) have the front (pz) at their nearest edge.
+Masks are 1 where valid; grids float32 (float64 for float64 images).
 """
 
 import math
@@ -24,14 +23,8 @@ from ..load.image import from_pil, to_pil
 FACES = ("px", "nx", "py", "ny", "pz", "nz")
 # Degrees a perspective view may take (edit.py --photo, prepare.py): fov, and the orientation.
 VIEW_RANGES = {"fov": (1, 179), "yaw": (-180, 180), "pitch": (-90, 90), "roll": (-180, 180)}
-FACE_VIEWS = {  # (yaw, pitch) of each face's view
-    "px": (90.0, 0.0),
-    "nx": (-90.0, 0.0),
-    "py": (0.0, 90.0),
-    "ny": (0.0, -90.0),
-    "pz": (0.0, 0.0),
-    "nz": (180.0, 0.0),
-}
+# The (yaw, pitch) of each face's view, in FACES order.
+FACE_VIEWS = dict(zip(FACES, [(90, 0), (-90, 0), (0, 90), (0, -90), (0, 0), (180, 0)], strict=True))
 CROSS = {"py": (0, 1), "nx": (1, 0), "pz": (1, 1), "px": (1, 2), "nz": (1, 3), "ny": (2, 1)}
 
 
@@ -45,6 +38,9 @@ def rotation(yaw: float, pitch: float = 0.0, roll: float = 0.0) -> Tensor:
     return ry @ rx @ rz  # columns: camera right, up, forward in world coordinates
 
 
+FACE_ROTATIONS = torch.stack([rotation(*FACE_VIEWS[f]) for f in FACES])  # (6, 3, 3) float64
+
+
 def equirect_dirs(h: int, w: int, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
     """Unit directions (h, w, 3) of the pixel centres of an h x w equirectangular image."""
     lon = (torch.arange(w, device=device, dtype=dtype) + 0.5) * (2 * math.pi / w) - math.pi
@@ -53,9 +49,7 @@ def equirect_dirs(h: int, w: int, device=None, dtype: torch.dtype = torch.float3
     return torch.stack([lat.cos() * lon.sin(), lat.sin(), lat.cos() * lon.cos()], dim=-1)
 
 
-def camera_rays(
-    h: int, w: int, fov: float, device=None, dtype: torch.dtype = torch.float32
-) -> Tensor:
+def camera_rays(h: int, w: int, fov: float, dtype: torch.dtype, device=None) -> Tensor:
     """Rays (h, w, 3) = (tan x, tan y, 1) through the pixel centres of a camera with this fov."""
     tx = math.tan(math.radians(fov) / 2)
     ty = tx * h / w
@@ -82,12 +76,7 @@ def sample_equirect(x: Tensor, dirs: Tensor) -> Tensor:
 
 
 def equirect_to_perspective(
-    x: Tensor,
-    fov: float,
-    yaw: float = 0.0,
-    pitch: float = 0.0,
-    roll: float = 0.0,
-    size: tuple[int, int] = (512, 512),
+    x: Tensor, fov: float, yaw: float, pitch: float, roll: float, size: tuple[int, int]
 ) -> Tensor:
     """Perspective view (B, C, h, w), size = (h, w), of the equirect image x (B, C, H, W)."""
     dtype = geo_dtype(x)
@@ -97,12 +86,7 @@ def equirect_to_perspective(
 
 
 def perspective_to_equirect(
-    img: Tensor,
-    fov: float,
-    yaw: float = 0.0,
-    pitch: float = 0.0,
-    roll: float = 0.0,
-    height: int = 1024,
+    img: Tensor, fov: float, yaw: float, pitch: float, roll: float, height: int
 ) -> tuple[Tensor, Tensor]:
     """Perspective image (B, C, h, w) -> equirect canvas (B, C, H, 2H), its mask (B, 1, H, 2H)."""
     b, _, h, w = img.shape
@@ -110,9 +94,7 @@ def perspective_to_equirect(
         raise ValueError(f"fov must be in (0, 180) degrees, got {fov}")
     dtype = geo_dtype(img)
     rot = rotation(yaw, pitch, roll).to(dtype).to(img.device)
-    cam = (
-        equirect_dirs(height, 2 * height, img.device, dtype) @ rot
-    )  # (H, W, 3) in camera coordinates
+    cam = equirect_dirs(height, 2 * height, img.device, dtype) @ rot  # (H, W, 3) in the camera's
     tx = math.tan(math.radians(fov) / 2)
     ty = tx * h / w
     depth = cam[..., 2].clamp_min(1e-6)
@@ -139,17 +121,11 @@ def project_photo(
     return to_pil(canvas[0], unit=True), mask
 
 
-def _face_rotations() -> Tensor:
-    """Camera-to-world rotations (6, 3, 3) float64 of the cube faces, in FACES order."""
-    return torch.stack([rotation(*FACE_VIEWS[f]) for f in FACES])
-
-
-def equirect_to_cube(x: Tensor, face_size: int | None = None) -> Tensor:
-    """Equirect (B, C, H, W) -> cube faces (B, 6, C, F, F) in FACES order; F defaults to W/4."""
-    face_size = face_size or x.shape[-1] // 4
+def equirect_to_cube(x: Tensor, face_size: int) -> Tensor:
+    """Equirect (B, C, H, W) -> cube faces (B, 6, C, F, F) in FACES order, F = face_size."""
     dtype = geo_dtype(x)
     rays = camera_rays(face_size, face_size, 90.0, device=x.device, dtype=dtype)  # (F, F, 3)
-    rots = _face_rotations().to(dtype).to(x.device)
+    rots = FACE_ROTATIONS.to(dtype).to(x.device)
     dirs = torch.einsum("fij,hwj->fhwi", rots, rays)  # (6, F, F, 3)
     out = sample_equirect(x, rearrange(dirs, "f h w i -> (f h) w i"))  # (B, C, 6F, F)
     return rearrange(out, "b c (f h) w -> b f c h w", f=6)
@@ -158,7 +134,7 @@ def equirect_to_cube(x: Tensor, face_size: int | None = None) -> Tensor:
 def sample_cube(faces: Tensor, dirs: Tensor) -> Tensor:
     """Sample cube faces (B, 6, C, F, F) along directions (h, w, 3) -> (B, C, h, w)."""
     dtype = geo_dtype(faces)
-    rots = _face_rotations().to(dtype).to(faces.device)
+    rots = FACE_ROTATIONS.to(dtype).to(faces.device)
     cam = torch.einsum("fji,hwj->fhwi", rots, dirs.to(dtype))  # (6, h, w, 3) in each face's camera
     face = cam[..., 2].argmax(dim=0)  # (h, w) the face each direction hits
     cam = cam.gather(0, face[None, ..., None].expand(1, -1, -1, 3))[0]  # (h, w, 3)
@@ -178,12 +154,8 @@ def cube_to_equirect(faces: Tensor, height: int, width: int | None = None) -> Te
     return sample_cube(faces, dirs)
 
 
-def cube_to_layout(faces: Tensor, layout: str = "cross") -> Tensor:
-    """Faces (B, 6, C, F, F) -> one image: "cross" (B, C, 3F, 4F) or "strip" (B, C, F, 6F)."""
-    if layout == "strip":
-        return rearrange(faces, "b f c h w -> b c h (f w)")
-    if layout != "cross":
-        raise ValueError(f"unknown cube layout {layout!r}, expected 'cross' or 'strip'")
+def cube_to_cross(faces: Tensor) -> Tensor:
+    """Faces (B, 6, C, F, F) -> the horizontal cross (B, C, 3F, 4F), black outside the faces."""
     b, _, c, s, _ = faces.shape
     out = faces.new_zeros(b, c, 3 * s, 4 * s)
     for i, name in enumerate(FACES):

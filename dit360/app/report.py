@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -122,9 +123,8 @@ def plot_losses(log: Path, png: Path) -> bool:
     rows = [r for r in rows if "skipped" not in r]  # a skipped step's loss is not finite
     if len(rows) < 2:
         return False
-    steps, loss, mean = [r["step"] for r in rows], [r["loss"] for r in rows], []
-    for v in loss:
-        mean.append(v if not mean else 0.9 * mean[-1] + 0.1 * v)
+    steps, loss = [r["step"] for r in rows], [r["loss"] for r in rows]
+    mean = list(accumulate(loss, lambda m, v: 0.9 * m + 0.1 * v))  # the running mean
     fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
     ax.plot(steps, loss, color="0.7", linewidth=0.8, label="loss")
     ax.plot(steps, mean, color=(0, 0.27, 0.78), linewidth=1.5, label="running mean (0.9)")
