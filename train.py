@@ -490,20 +490,14 @@ def cache_rows(source: Source, enc: Encoders, args: argparse.Namespace, env: Env
     return replace(source, cache_dir=Path(args.cache_dir), model_id=model_id)
 
 
-def batches_in_epoch(
-    source: Source, epoch: int, args: argparse.Namespace, rank: int, world: int
-) -> int:
-    """Micro-batches in an epoch on every rank (the perspective share changes with the epoch)."""
-    return len(epoch_order(source, epoch, rank, world)) // args.batch_size
-
-
 def total_steps(source: Source, args: argparse.Namespace, rank: int, world: int) -> tuple[int, int]:
     """Optimizer steps of the run (--max-steps, or those of --epochs epochs; an epoch's last,
     partial accumulation still makes a step) and the count a linear warm-up takes a fraction of:
     DiT360's, the run's micro-batches // --grad-accum (its train.py:267), or --max-steps."""
-    if batches_in_epoch(source, 0, args, rank, world) == 0:
+    orders = (epoch_order(source, e, rank, world) for e in range(args.epochs))
+    batches = [len(order) // args.batch_size for order in orders]  # the persp share varies
+    if batches[0] == 0:
         fail(f"{len(source.pano)} panoramas: no batch of {args.batch_size} x {world}")
-    batches = [batches_in_epoch(source, e, args, rank, world) for e in range(args.epochs)]
     steps = sum(math.ceil(n / args.grad_accum) for n in batches)
     return args.max_steps or steps, args.max_steps or sum(batches) // args.grad_accum
 
@@ -574,9 +568,7 @@ def load_local_base(
     env: Env,
 ) -> set[nn.Parameter]:
     """--base-dtype fp8 or --offload blocks: the frozen base whole on this rank, out of FSDP (which
-    would gather float8 weights in bf16, and owns the tensors a stream swaps). Loaded into CPU
-    memory, each block made float8 on the device (fp8), then the blocks left on the device or, to
-    stream, in CPU memory; the rest on the device. Returns the frozen parameters."""
+    would gather float8 in bf16 and own the tensors a stream swaps). Returns its parameters."""
     model.to_empty(device="cpu")  # the LoRA too: FSDP moves it to the device
     params = dict(model.named_parameters())
     with torch.no_grad():

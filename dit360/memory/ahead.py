@@ -35,9 +35,8 @@ def bar(steps: range, name: str) -> Iterable[int]:
 def ahead(
     model: Flux, cond: Conditioning, times: Iterable[float | Tensor], guidance: float | None
 ) -> Conditioning:
-    """`cond` with the model's modulations at every time computed now, one layer at a time, so
-    `predict` needs no modulation weights (27 % of FLUX.1-dev): they stay in CPU memory between
-    uses (`offload.lent` brings each to the device here). Same values as computed per step."""
+    """`cond` with the modulations at every time, one layer at a time (each `lent` to the device),
+    so `predict` needs no modulation weights (27 % of FLUX.1-dev). Same values as per step."""
     dev, dtype, b = model.img_in.weight.device, model.img_in.weight.dtype, cond.vec.shape[0]
     y = cond.vec.to(dev, dtype)
     g = None if guidance is None else torch.full((b,), guidance, device=dev)
@@ -64,7 +63,6 @@ def denoise(
     negative: Conditioning | None = None,
     true_cfg: float = 1.0,
 ) -> Tensor:
-    """`core.sampling.denoise` with the modulations computed ahead (unless `cond` has them) and a
-    progress bar; true CFG with a `negative` conditioning."""
+    """`core.sampling.denoise` with the modulations computed ahead and a progress bar."""
     a = partial(ahead, model)
     return sampling.denoise(model, x, grid, cond, sigmas, guidance, a, bar, negative, true_cfg)

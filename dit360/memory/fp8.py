@@ -116,8 +116,8 @@ def to_fp8(linear: nn.Linear, weight_only: bool = False) -> FP8Linear:
 
 
 def quantize_fp8(model: Flux, device: torch.device | str | None = None) -> Flux:
-    """The blocks' linears (not modulation) as FP8Linear, in place, each block moved to `device`
-    first (flux-dev is never whole there in bf16). Merge a LoRA first: float8 rounds again."""
+    """The blocks' linears (not adaLN) as FP8Linear in place, block by block on `device`.
+    Merge a LoRA first: float8 rounds again."""
     keep = modulation_layers(model)
     for block in [*model.double_blocks, *model.single_blocks]:
         quantize_block(block if device is None else move(block, device, keep), keep)

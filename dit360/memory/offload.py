@@ -90,8 +90,7 @@ def lent(
 
 
 class _Streamer:
-    """The copies of parked blocks on `device`, made before a block runs, the next `ahead` ones
-    issued early on a side CUDA stream, dropped after (see `stream`); `stop` ends it all."""
+    """Parked blocks copied to `device` before they run (`ahead` early), dropped after: `stream`."""
 
     def __init__(
         self,
@@ -169,10 +168,8 @@ class _Streamer:
             self.drop(i)
 
     def recomputed(self, forward: Callable, i: int, *args: object, **kwargs: object) -> object:
-        """Block i's checkpointed forward; in a recomputation (..., 1, 0) it fetches itself, the
-        previous `ahead` prefetched, and drops the later blocks: autograd saved their weights
-        themselves (a frozen tensor is not detached), and their backward is over by now (it made
-        the gradient of this block's output). The first block stays for the next forward."""
+        """Block i's checkpointed forward; a recomputation (..., 1, 0) fetches it and the previous
+        `ahead`, and drops later blocks (their backward is over, autograd saved their weights)."""
         if self.called == i:  # a forward: its hooks fetch and drop
             self.called = None
         else:
@@ -197,9 +194,8 @@ def stream(
     skip: Iterable[nn.Module] = (),
     recompute: bool = False,
 ) -> Callable[[], None]:
-    """Stream parked blocks that run in order through `device`, at most ahead + 1 there, their
-    submodules in `skip` home; `recompute` (training): checkpointed, streamed again in backward.
-    Returns the function that stops."""
+    """Stream parked blocks through `device`, ahead + 1 there, `skip` home; returns the stop.
+    `recompute` (training): checkpointed, streamed again in backward."""
     return _Streamer(blocks, device, ahead, skip, recompute).stop
 
 

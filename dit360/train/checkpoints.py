@@ -47,8 +47,7 @@ MUST_MATCH += ("supervise_pad", "circular_encoder", "pano", "persp", "seed")
 
 
 def check_out(out: Path, args: argparse.Namespace) -> None:
-    """--out: writable, and empty or a run (marked) to --resume, --overwrite, or that never stepped.
-    Called early (to refuse before the slow checks) and again under the lock, which decides."""
+    """--out: writable, and empty or a marked run to --resume, --overwrite or that never stepped."""
     parent = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         fail(f"--out {out}: {parent} is not a folder this user can write; choose another --out")
@@ -97,8 +96,7 @@ def take_lock(out: Path) -> Path:
 
 
 def take_over(lock: Path, holder: str) -> bool:
-    """Remove `lock` if it still holds `holder` (a dead run's): moved aside in one step, put back if
-    another run took it over meanwhile (which the second run then finds alive). True if removed."""
+    """Remove `lock` if it still holds `holder` (a dead run's): moved aside, put back if not."""
     aside = own_temp(lock)
     try:
         os.rename(lock, aside)
@@ -115,8 +113,7 @@ def take_over(lock: Path, holder: str) -> bool:
 
 
 def create_new(path: Path, text: str) -> bool:
-    """Create `path` holding `text`, appearing whole (a hard link of a written temporary), only if
-    it does not exist (False if it does); without hard links: created, then written."""
+    """Create `path` holding `text` (whole: a hard link of a temporary) unless it exists (False)."""
     tmp = own_temp(path)
     try:
         tmp.write_text(text)
@@ -194,8 +191,7 @@ def nonfinite(state: dict[str, Tensor]) -> list[str]:
 
 
 def read_checkpoint(path: Path, args: argparse.Namespace, model: nn.Module) -> Checkpoint:
-    """A checkpoint of this model with our MUST_MATCH arguments (else one error listing them all);
-    OSError, ValueError or KeyError if it is unreadable, torn or not finite."""
+    """A checkpoint of this model with our MUST_MATCH arguments; OSError, ValueError or KeyError."""
     tfile = open_tensors(path / STATE)  # safetensors: a JSON header, raw tensors
     counters, recorded = (json.loads(tfile.metadata[k]) for k in ("counters", "args"))
     dicts = isinstance(recorded, dict) and isinstance(counters, dict)
@@ -251,8 +247,7 @@ def save_checkpoint(
     args: argparse.Namespace,
     shell: nn.Module,
 ) -> Path | None:
-    """Rank 0: write `folder/step-N` whole (a non-finite state: a warning instead); remove later
-    steps' (the branch a resume left) and all but the newest --keep."""
+    """Rank 0: write `folder/step-N` whole (if finite); remove later steps and all but --keep."""
     step = counters["step"]
     if bad := nonfinite(state):
         warn0(f"step {step}: no checkpoint, {len(bad)} tensors are not finite ({bad[0]}, ...)")

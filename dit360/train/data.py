@@ -233,21 +233,18 @@ def load_batch(source: Source, epoch: int, items: list[tuple[str, int]]) -> Batc
 
 
 def encoded(
-    batch: Batch, encode: Encode | None, encode_text: EncodeText | None = None
+    batch: Batch, encode: Encode | None, encode_text: EncodeText | None
 ) -> tuple[Tensor, Tensor, Conditioning]:
     """A batch's VAE posterior (mean, std) and text conditioning: cached, or encoded now."""
     if batch.txt is not None:
         txt_ids = batch.txt.new_zeros(*batch.txt.shape[:2], 3)  # (B, L_txt, 3)
         return batch.mean, batch.std, Conditioning(batch.txt, txt_ids, batch.vec)
-    if encode_text is None:
-        raise ValueError("the batch is not cached: pass encode_text")
     return *encode(batch.pixels), Conditioning(*encode_text(list(batch.caption)))
 
 
 def epoch_order(source: Source, epoch: int, rank: int = 0, world: int = 1) -> list[tuple[str, int]]:
-    """This rank's (kind, index) samples of an epoch, the same for the same (seed, epoch): all
-    panoramas and a fresh random subset of schedule.persp_count perspective rows, shuffled, cut
-    to a multiple of world (at most world - 1 dropped); rank r takes every world-th from r."""
+    """This rank's (kind, index) samples of an epoch, fixed by (seed, epoch): every panorama and
+    persp_count perspective rows, shuffled, cut to a multiple of world; rank r takes r::world."""
     gen = seeded(source.seed, epoch)
     n_persp = len(source.persp)
     persp = torch.randperm(n_persp, generator=gen)[: source.schedule.persp_count(n_persp, epoch)]

@@ -74,9 +74,8 @@ def shard(
     dtype: torch.dtype | None,
     ignored: set[nn.Parameter] | None = None,
 ) -> None:
-    """FSDP2 on each block, then the root: parameters gathered in `dtype` (None: as stored), inputs
-    not cast (RoPE stays fp32), gradients reduced in fp32 and summed over ranks (the caller
-    normalises its loss globally); the `ignored` parameters stay out (a float8 or streamed base)."""
+    """FSDP2 on each block, then the root: gathered in `dtype` (None: as stored), inputs not cast
+    (RoPE stays fp32), gradients summed over ranks in fp32; `ignored` stay out (a local base)."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(
         param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
@@ -119,8 +118,7 @@ def copy_full_(model: nn.Module, tensors: Iterable[tuple[str, Tensor]]) -> None:
 
 
 def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """The LoRA (`model/{name}`) and its optimizer state (`optim/{name}/{key}`) as full CPU
-    tensors, on rank 0 (the others: {}; all call)."""
+    """The LoRA (`model/{name}`), its AdamW state (`optim/{name}/{key}`): whole, on rank 0."""
     full = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     state = {f"model/{k}": v for k, v in dcp.get_model_state_dict(model, options=full).items()}
     osd = dcp.get_optimizer_state_dict(model, optimizer, options=full) if optimizer else {}
@@ -131,8 +129,7 @@ def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = Non
 def load_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Tensor]
 ) -> None:
-    """Load a gathered state (on every rank) into the sharded model and optimizer, any world size;
-    the optimizer keeps the hyperparameters it was built with."""
+    """Load a gathered state (on every rank) into the sharded model and optimizer (any world)."""
     params, moments = {}, {}
     for key, t in state.items():
         kind, name = key.split("/", 1)

@@ -36,8 +36,7 @@ def preview_options(
     seed: int,
     device: torch.device,
 ) -> SampleOptions:
-    """sample.py's options for a preview: 2:1, no LoRA file (the model has it), offload none;
-    `weights`: base, transformer, t5, clip, vae."""
+    """sample.py's options for a preview (`weights`: base, transformer, t5, clip, vae): 2:1."""
     with warnings.catch_warnings():  # "not 1024x2048": the training resolution is the user's
         warnings.simplefilter("ignore")
         return SampleOptions(
@@ -49,8 +48,7 @@ def preview_options(
 def render(
     model: nn.Module, conds: list[Conditioning], opts: SampleOptions, folder: Path, main: bool
 ) -> list[Path]:
-    """Every rank calls it (gathering FSDP's shards is collective); rank 0 (`main`) writes each
-    conditioning's preview to `folder`/NN.png, the LoRA's dropout off (a NaN one: a warning)."""
+    """All ranks call it (gathering is collective); rank 0 (`main`) writes `folder`/NN.png."""
     written, was = [], model.training
     model.eval()  # the LoRA's dropout off
     try:
