@@ -187,7 +187,7 @@ def run_batch(
     """Write this process's jobs not `existing` with `record` and `extras` (a skipped one `missing`
     them too), then a total. Bad settings, weights: exit 2; NaN, unwritable: 1."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    jobs = jobs[rank::world]  # under torchrun: this process's share (`share`)
+    jobs = share(jobs)  # under torchrun: this process's share
     try:  # checked before anything loads (and by the scripts before their warnings show)
         todo, stamps = existing(jobs, record, overwrite)
     except (ValueError, OSError) as e:
