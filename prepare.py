@@ -193,6 +193,12 @@ def check_args(
             raise ValueError(  # the next run would find its masks and projections as images
                 f"--out {out} {where} {flag} {folder}: choose an --out outside the input folders"
             )
+        top = os.path.relpath(Path(folder or target).resolve(), target).split(os.sep)[0]
+        if FILES.fullmatch(top):  # a run removes the files folders: the images with them
+            raise ValueError(
+                f"{flag} {folder} is inside {top} of --out {out}, which prepare.py replaces: "
+                "move the images out of it"
+            )
     given = [kind for kind, src in (("pano", pano or hf_dataset), ("persp", persp)) if src]
     old = [f"{kind}.jsonl" for kind in given if (Path(out) / f"{kind}.jsonl").exists()]
     if old and not overwrite:
@@ -201,7 +207,7 @@ def check_args(
             f"{'them' if len(old) > 1 else 'it'} with --overwrite, or choose another --out"
         )
     out = Path(out).absolute()
-    near = next(p for p in (out, *out.parents) if p.exists())  # the folder that gets written
+    near = next(p for p in (out, *out.parents) if os.path.lexists(p))  # a dangling link: none
     if not near.is_dir() or not os.access(near, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: {near} is not a writable folder; choose another --out")
 

@@ -337,8 +337,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp, path = own_temp(Path(path)), Path(path)
     try:
         yield tmp
-        if path.is_dir() and tmp.is_dir():
-            shutil.rmtree(path)  # os.replace cannot replace a non-empty folder
+        if path.is_dir() and not path.is_symlink() and tmp.is_dir():  # a previous output:
+            for old in path.iterdir():  # its files go (a link: itself), a folder in it stays
+                old.unlink()  # (IsADirectoryError): nothing below it is ever removed
         os.replace(tmp, path)
     finally:
         remove(tmp)

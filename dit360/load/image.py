@@ -143,9 +143,7 @@ def check_output_path(path: str | Path) -> Path:
             f"cannot write {path}: it is a symbolic link (to {os.readlink(path)}); name the file "
             "it points to, or another file"
         )
-    parent = path.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = next(p for p in path.absolute().parents if os.path.lexists(p))  # a link: its target
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write {path}: check the folder exists and is writable")
     return path

@@ -48,7 +48,8 @@ MUST_MATCH += ("supervise_pad", "circular_encoder", "pano", "persp", "seed")
 
 def check_out(out: Path, args: argparse.Namespace) -> None:
     """--out: writable, and empty or a marked run to --resume, --overwrite or that never stepped."""
-    parent = next(p for p in (out, *out.absolute().parents) if p.exists())
+    # the nearest that exists, or is a link (a dangling one is no folder)
+    parent = next(p for p in (out, *out.absolute().parents) if os.path.lexists(p))
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         fail(f"--out {out}: {parent} is not a folder this user can write; choose another --out")
     names = sorted(p.name for p in out.iterdir() if p.name != ".lock") if out.is_dir() else []
@@ -149,7 +150,8 @@ def start_run(out: Path, args: argparse.Namespace) -> None:
         remove_outputs(out)
     for folder in (out, out / "checkpoints", out / "lora", *(out / "samples").glob("step-*")):
         clean_temps(folder)  # only our names, of processes now gone, only where we write them
-    (out / MARKER).write_text("a dit360 training run: train.py --resume or --overwrite use it\n")
+    with atomic_path(out / MARKER) as tmp:  # never written through a link a user put there
+        tmp.write_text("a dit360 training run: train.py --resume or --overwrite use it\n")
 
 
 def remove_outputs(out: Path, folder: Path | None = None) -> None:
@@ -157,11 +159,12 @@ def remove_outputs(out: Path, folder: Path | None = None) -> None:
     tops = [folder] if folder else [out / name for name in OWN_FOLDERS]
     paths = [] if folder else [*out.iterdir()]
     for top in tops:
-        for root, dirs, files in os.walk(top):  # does not enter linked folders
+        for root, dirs, files in os.walk(top):  # enters a linked top, no linked folder below
             paths += [Path(root, name) for name in dirs + files]
+    real = out.resolve()
     for path in sorted([*tops, *paths], key=lambda p: len(p.parts), reverse=True):  # files first
         rel = path.relative_to(out).as_posix()
-        if path.is_symlink() or not path.exists():
+        if path.resolve() != real / rel or not path.exists():  # a link, or below one: not ours
             continue
         if path.is_file() and OUTPUTS.fullmatch(rel):
             path.unlink()
@@ -262,6 +265,8 @@ def save_checkpoint(
         for s, path in steps(folder).items():
             if s >= step:
                 remove_outputs(folder.parent, path)
+        if os.path.lexists(final):  # what remains is not ours: it stays, and no checkpoint
+            raise FileExistsError(f"{final} holds files no run wrote: move them away, resume")
     done = sorted(steps(folder).items())
     for _, old in done[: -args.keep] if args.keep else []:
         remove_outputs(folder.parent, old)
