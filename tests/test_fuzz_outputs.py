@@ -142,21 +142,45 @@ def test_a_checkpoint_never_replaces_a_users_folder(tmp_path, monkeypatch, kind)
 # --- atomic_path and the temporaries ----------------------------------------------------------
 
 
-def test_a_folder_output_never_empties_a_folder_inside_it(tmp_path):
-    """Replacing a folder output: a folder inside the old one is not entered (the replacement
-    fails), a link inside goes as a link (what it points to stays)."""
-    out, user = tmp_path / "out", tmp_path / "user"
-    (out / "config.json").mkdir(parents=True)
-    (out / "config.json" / "mine.txt").write_text("mine")
-    user.mkdir()
-    (user / "mine.txt").write_text("mine")
-    (out / "model.safetensors").symlink_to(user / "mine.txt")
-    with pytest.raises(IsADirectoryError), atomic_path(out) as tmp:
-        tmp.mkdir()
-        (tmp / "config.json").write_text("{}")
-    assert (out / "config.json" / "mine.txt").read_text() == "mine"
-    assert (user / "mine.txt").read_text() == "mine"
-    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+ENTRIES = st.dictionaries(
+    st.sampled_from(["config.json", "a.safetensors", "notes", ".x.tmp1.host", "é\nname"]),
+    st.sampled_from(["file", "folder", "link to the user's folder", "link to a user's file"]),
+    max_size=4,
+)
+
+
+@FUZZ
+@given(old=ENTRIES)
+def test_a_folder_output_never_empties_a_folder_inside_it(tmp_path_factory, old):
+    """Replacing a folder output over a previous one of files, folders and links (to a user's
+    folder outside): with a folder in it the replacement fails and the folder keeps its files;
+    else the new output stands whole. A link goes as a link; no temporary is left."""
+    root = tmp_path_factory.mktemp("atomic")
+    out, user = root / "out", root / "user"
+    (user / "sub").mkdir(parents=True)
+    (user / "sub" / "mine.txt").write_text("mine")
+    (user / "x").write_text("mine")
+    out.mkdir()
+    for name, kind in old.items():
+        if kind == "folder":
+            (out / name).mkdir()
+            (out / name / "mine.txt").write_text("mine")
+        elif kind == "file":
+            (out / name).write_text("a previous output's")
+        else:
+            (out / name).symlink_to(user if "folder" in kind else user / "x")
+    outside, folders = hashes(user), {n for n, k in old.items() if k == "folder"}
+    below = {k: v for k, v in hashes(out).items() if k.split("/")[0] in folders}
+    try:
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            (tmp / "config.json").write_text("new")
+    except IsADirectoryError:
+        assert folders and below.items() <= hashes(out).items()
+    else:
+        assert not folders and hashes(out) == {"config.json": hashlib.sha256(b"new").hexdigest()}
+    assert hashes(user) == outside
+    assert not [p for p in root.iterdir() if ".tmp" in p.name]
 
 
 def test_temporaries_that_are_links_or_folders(tmp_path):
