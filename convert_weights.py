@@ -104,21 +104,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--axes-dim needs --base (it describes the base model)")
     args.kind = "peft" if args.lora and not args.merge else args.to or "bfl"
     try:
-        check_out(
-            args.out,
-            args.kind,
-            {"--base": [args.base] if args.base else [], "--lora": args.lora or []},
-        )
+        check_out(args.out, args.kind, {"--base": args.base, "--lora": args.lora})
     except OSError as e:  # an --out folder we may not even list
         p.error(f"--out {args.out}: {e}")
     return args
 
 
-def check_out(out: Path, kind: str, inputs: dict[str, list[str]]) -> None:
+def check_out(out: Path, kind: str, inputs: dict[str, str | tuple[str, ...] | None]) -> None:
     """Fail (exit 2) on an --out the conversion could not write, or must not replace: a link, an
     input (or a folder holding one, or inside one), a folder holding more than a previous output."""
     for flag, srcs in inputs.items():
-        for src in srcs:
+        for src in [srcs] if isinstance(srcs, str) else srcs or ():
             o, i = out.resolve(), Path(src).resolve()
             what = {o == i: "is", o in i.parents: "holds", i in o.parents: "lies inside"}.get(True)
             if what and Path(src).exists():

@@ -266,7 +266,7 @@ def save_checkpoint(
             if s >= step:
                 remove_outputs(folder.parent, path)
         if os.path.lexists(final):  # what remains is not ours: it stays, and no checkpoint
-            raise FileExistsError(f"{final} holds files no run wrote: move them away, resume")
+            raise FileExistsError(f"{final} holds files no run wrote: move them, then --resume")
     done = sorted(steps(folder).items())
     for _, old in done[: -args.keep] if args.keep else []:
         remove_outputs(folder.parent, old)
