@@ -228,9 +228,10 @@ def staging(out: Path) -> Iterator[Path]:
         yield stage
         for files in sorted(p.name for p in stage.iterdir() if FILES.fullmatch(p.name)):
             kind = FILES.fullmatch(files)[1]
+            replaced = (out / f"{kind}.jsonl").exists()  # else a KIND-files-N here is no run's
             os.replace(stage / files, out / files)
             os.replace(stage / f"{kind}.jsonl", out / f"{kind}.jsonl")  # the switch
-            for old in out.iterdir():  # the files of earlier (or killed) runs
+            for old in out.iterdir() if replaced else ():  # the files of earlier (or killed) runs
                 if (m := FILES.fullmatch(old.name)) and m[1] == kind and old.name != files:
                     remove(old)
     except BaseException:

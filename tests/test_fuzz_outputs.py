@@ -283,8 +283,13 @@ def test_outputs_through_a_dangling_link_are_refused_up_front(
     assert link.is_symlink() and not (work / "nowhere").exists()
 
 
-def test_prepare_refuses_an_input_inside_its_files_folders(tmp_path, capsys):
-    """prepare.py --pano inside --out's pano-files-N (which a run replaces): one line, exit 2."""
+def test_prepare_replaces_only_a_runs_files_folders(tmp_path, capsys):
+    """prepare.py --pano inside --out's pano-files-N (which a run replaces): one line, exit 2;
+    a first run (no pano.jsonl) into a folder holding a user's pano-files-N leaves it."""
     make_images(tmp_path / "data" / "pano-files-3", {"a.png": (64, 32)})
     argv = ["--out", str(tmp_path / "data"), "--pano", str(tmp_path / "data" / "pano-files-3")]
     expect_error(capsys, prepare.main, argv + ["--overwrite"], tmp_path, r"is inside pano-files-3")
+    make_images(tmp_path / "pano", {"b.png": (64, 32)})
+    before = hashes(tmp_path / "data")
+    prepare.main(["--out", str(tmp_path / "data"), "--pano", str(tmp_path / "pano")])
+    assert before.items() <= hashes(tmp_path / "data").items()
