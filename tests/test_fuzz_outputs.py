@@ -105,6 +105,23 @@ def test_overwrite_removes_only_our_files_and_follows_no_link(tmp_path_factory, 
     assert set(hashes(out)) == set(inside) - goes
 
 
+@pytest.mark.parametrize("link", ["lora", "checkpoints", "samples/step-00000002", "tensorboard"])
+@pytest.mark.parametrize("mode", ["--resume", "--overwrite"])
+def test_a_run_refuses_its_folders_linked_elsewhere(tiny_flux, data, tmp_path, capsys, link, mode):
+    """A marked run whose own folder (or one inside) links to a user's folder holding files of
+    our names: --resume and --overwrite are one line, exit 2, before the user's files are
+    removed (--overwrite) or replaced (the final LoRA, the previews)."""
+    out, user = tmp_path / "run", tmp_path / "user"
+    user.mkdir()
+    for name in ["adapter_model.safetensors", "adapter_config.json", "00.png", "log.jsonl"]:
+        (user / name).write_text("mine")
+    (out / link).parent.mkdir(parents=True)
+    (out / MARKER).write_text("a run")
+    (out / link).symlink_to(user)
+    argv = train_args(tiny_flux, data, out, "--max-steps", "2", mode)
+    expect_error(capsys, train.main, argv, tmp_path, rf"{link} is a link to a folder; a run")
+
+
 def test_the_marker_is_not_written_through_a_link(tmp_path):
     """A `.dit360-run` that is a link to a user's file: the file is unchanged."""
     (tmp_path / "notes.txt").write_text("mine")

@@ -58,6 +58,9 @@ def check_out(out: Path, args: argparse.Namespace) -> None:
             f"--out {out} holds files that no training run wrote ({', '.join(names[:4])}): "
             f"choose a new or empty --out (--resume and --overwrite act only on a run's folder)"
         )
+    ours = [p for name in OWN_FOLDERS for p in (out / name, *(out / name).rglob("*"))]
+    if linked := [p for p in ours if p.is_symlink() and p.is_dir()]:  # we write through no link
+        fail(f"--out {out}: {linked[0]} is a link to a folder; a run writes only inside --out")
     log = out / "log.jsonl"
     idle = set(names) <= IDLE and not (log.is_file() and log.stat().st_size)
     if not (idle or args.resume or args.overwrite):
