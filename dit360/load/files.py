@@ -21,6 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+try:
+    from re import _parser as sre  # CPython's parser of re's patterns
+except ImportError:  # Python 3.10
+    import sre_parse as sre
+
 ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
@@ -65,6 +70,8 @@ class TensorFile:
 
 # Limits of the safetensors format (its header is at most 100 MB) and of what we accept in one file.
 MAX_HEADER, MAX_TENSORS, MAX_DIM = 100_000_000, 100_000, 2**40
+# A regular expression's length, a module name's (ours: at most 44), re's ways to match a name
+MAX_REGEX, NAME, PATHS = 1000, 64, 10**6
 
 
 def _read_file(path: Path, into: TensorFile | None = None) -> TensorFile:
@@ -260,13 +267,27 @@ def mapping(rule: Rule) -> Rule:
     return dict, lambda v: all(follows(x, rule) for x in v.values()), what
 
 
-def is_regex(text: str) -> bool:
-    """Whether `text` compiles as a Python regular expression."""
+def paths(items: sre.SubPattern) -> int:
+    """At most how many ways re's backtracking tries `items` on a NAME-long name (<= PATHS + 1)."""
+    ways = 1  # a choice (an alternative, a repeat's count) multiplies them; a repeated choice nests
+    for op, av in items:
+        if str(op).endswith("_REPEAT"):  # MAX_, MIN_, POSSESSIVE_ (3.11+); failed counts too
+            way = sum(paths(av[2]) ** k for k in range(min(av[1], NAME) + 1))
+        elif op is sre.BRANCH:
+            way = sum(map(paths, av[1]))
+        else:  # a group, lookaround, atomic group, condition (yes x no): its parts; else one way
+            parts = av if type(av) is tuple else (av,)
+            way = math.prod(paths(a) for a in parts if type(a) is sre.SubPattern)
+        ways = min(ways * way, PATHS + 1)
+    return ways
+
+
+def regex_paths(text: str) -> int:
+    """paths() of `text`, or PATHS + 1 if it is no regular expression of at most MAX_REGEX chars."""
     try:
-        re.compile(text)
+        return paths(sre.parse(text)) if len(text) <= MAX_REGEX and re.compile(text) else PATHS + 1
     except (re.error, RecursionError, OverflowError):
-        return False
-    return True
+        return PATHS + 1
 
 
 FLAG: Rule = (bool, lambda v: True, "true or false")
