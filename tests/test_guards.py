@@ -237,3 +237,21 @@ def test_racers_for_a_dead_lock(tmp_path, seed):
     assert all(len(s) == 1 for s in said) and sum(winner) == 1, said
     assert all("is in use by process" in e for e, c in zip(errors, codes, strict=True) if c), errors
     assert [*out.iterdir()] == []
+
+
+def test_lock_where_flock_is_refused(tmp_path, monkeypatch, capsys):
+    """A file system that refuses flock (some FUSE mounts): one warning, and the run goes on with
+    its `pid host` lock, released (and the folder it made removed) at its end."""
+    import errno
+    import fcntl
+
+    def refuse(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    lock = checkpoints.take_lock(tmp_path / "out")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "cannot lock files (No locks available)" in err[0], err
+    assert lock.read_text() == f"{os.getpid()} {socket.gethostname()}"
+    checkpoints.release(lock, made=True)
+    assert [*tmp_path.iterdir()] == []
