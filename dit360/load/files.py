@@ -21,11 +21,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-try:
-    from re import _parser as sre  # CPython's parser of re's patterns
-except ImportError:  # Python 3.10
-    import sre_parse as sre
-
 ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
@@ -70,8 +65,9 @@ class TensorFile:
 
 # Limits of the safetensors format (its header is at most 100 MB) and of what we accept in one file.
 MAX_HEADER, MAX_TENSORS, MAX_DIM = 100_000_000, 100_000, 2**40
-# A regular expression's length, a module name's (ours: at most 44), re's ways to match a name
+# A regular expression's length, a module name's (FLUX's: at most 43), re's ways to match a name
 MAX_REGEX, NAME, PATHS = 1000, 64, 10**6
+sre = getattr(re, "_parser", None) or __import__("sre_parse")  # CPython's parser of re (3.10: sre_)
 
 
 def _read_file(path: Path, into: TensorFile | None = None) -> TensorFile:
