@@ -80,8 +80,8 @@ def take_lock(out: Path) -> Path:
             if (fd := create_new(lock, me)) is not None:
                 break
             continue  # another run created it first
-        except OSError as e:  # a folder, a link, unreadable: not a lock of ours
-            fail(f"--out {out}: its lock {lock} is no file of ours ({e.strerror}): delete it")
+        except OSError as e:  # a folder, a link, another user's: not a lock we can take
+            fail(f"--out {out}: cannot open its lock {lock} ({e.strerror}): delete it if unused")
         free, stays = flock(fd, lock), held(fd, lock)  # stays: its run did not just remove it
         pid, _, host = (holder := os.pread(fd, 200, 0).decode(errors="replace")).partition(" ")
         if free and stays and pid.isdigit() and host:
