@@ -39,10 +39,10 @@ however it is split over ranks.
 
 Every argument is checked before anything slow; a bad one is one line `error: ...` (exit 2).
 
---out holds one run. out/.lock (the pid and host of the run writing there) is taken first, before
-any other check, so a second run cannot start there meanwhile; a lock left by a dead process is
-taken over, with a warning. Once every check passed, the run marks --out as its own
-(out/.dit360-run). A new run needs an empty --out (or one whose run stopped before its first
+--out holds one run. out/.lock (the pid and host of the run writing there, flocked while it runs)
+is taken first, before any other check, so a second run cannot start there meanwhile; a lock left
+by a dead process is taken over, with a warning. Once every check passed, the run marks --out as
+its own (out/.dit360-run). A new run needs an empty --out (or one whose run stopped before its first
 step); --resume continues a marked run; --overwrite deletes a marked run's own files first (the
 table in dit360/train/checkpoints.py), not its cache/ nor anything else; a folder that is not
 marked is never touched. It receives checkpoints/step-N/ (state.safetensors + lora/), lora/ (the

@@ -3,6 +3,7 @@ a run's folder is its own (relaunch refused, lock), a SIGKILLed run resumes bit-
 non-finite steps are skipped and never saved, checkpoints hold no pickle and a torn one is
 skipped."""
 
+import fcntl
 import math
 import os
 import pickle
@@ -48,8 +49,9 @@ def make_file(path: Path, text: str = "x") -> None:
 
 
 def lock_it(tmp_path: Path) -> None:
-    """The lock of a live run (this process) on tmp_path/out."""
+    """The lock of a live run (this process: flocked while it lives) on tmp_path/out."""
     make_file(tmp_path / "out" / ".lock", f"{os.getpid()} {socket.gethostname()}")
+    fcntl.flock(os.open(tmp_path / "out" / ".lock", os.O_RDONLY), fcntl.LOCK_EX)
 
 
 BAD = {  # case: (extra arguments, what the error says, what to set up in tmp_path)
@@ -439,28 +441,25 @@ def test_a_run_failing_before_its_first_step_does_not_block_the_next(
     assert checkpoints(out) == [2] and [r["step"] for r in log(out)] == [1, 2]
 
 
-def test_two_runs_taking_over_one_dead_lock(tmp_path, monkeypatch, capsys):
-    """Two runs find the same dead run's lock: the first takes it over; the second, which judged
-    the same lock dead, must then find the first alive and stop, its lock left in place."""
+def test_two_runs_taking_over_one_dead_lock(tmp_path, capsys):
+    """A dead run's lock is taken over; while another run holds it (flocked: here an open file of
+    this process), the next one stops, naming it, the lock left as it was; once it is released
+    (closed: the process ended, however), it is taken over again."""
     from dit360.train import checkpoints
 
     host = socket.gethostname()
-    lock, gone, alive = tmp_path / ".lock", f"999999999 {host}", f"{os.getppid()} {host}"
+    lock, gone = tmp_path / ".lock", f"999999999 {host}"
     lock.write_text(gone)
-    judged = []
-
-    def dead(pid: str) -> bool:
-        if not judged:  # the other run takes the lock over while this one looks at it
-            judged.append(pid)
-            (tmp_path / ".other").write_text(alive)
-            os.replace(tmp_path / ".other", lock)
-            return True  # what this run saw: the dead run's pid
-        return pid == "999999999"
-
-    monkeypatch.setattr(checkpoints, "dead", dead)
+    assert checkpoints.take_lock(tmp_path) == lock and lock.read_text() == f"{os.getpid()} {host}"
+    assert "process 999999999, which held" in capsys.readouterr().err
+    checkpoints.release(lock, made=False)
+    assert not lock.exists()
+    lock.write_text(f"{os.getppid()} {host}")
+    fcntl.flock(holder := os.open(lock, os.O_RDONLY), fcntl.LOCK_EX)  # another live run
     with pytest.raises(SystemExit):
         checkpoints.take_lock(tmp_path)
     assert f"in use by process {os.getppid()}" in capsys.readouterr().err
-    assert lock.read_text() == alive and sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
-    lock.write_text(gone)  # alone, a dead run's lock is taken over
+    assert lock.read_text() == f"{os.getppid()} {host}" and [*tmp_path.iterdir()] == [lock]
+    os.close(holder)  # it ended
     assert checkpoints.take_lock(tmp_path) == lock and lock.read_text() == f"{os.getpid()} {host}"
+    checkpoints.release(lock, made=False)

@@ -65,6 +65,9 @@ class TensorFile:
 
 # Limits of the safetensors format (its header is at most 100 MB) and of what we accept in one file.
 MAX_HEADER, MAX_TENSORS, MAX_DIM = 100_000_000, 100_000, 2**40
+# A regular expression's length, a module name's (FLUX's: at most 43), re's ways to match a name
+MAX_REGEX, NAME, PATHS = 1000, 64, 10**6
+sre = getattr(re, "_parser", None) or __import__("sre_parse")  # CPython's parser of re (3.10: sre_)
 
 
 def _read_file(path: Path, into: TensorFile | None = None) -> TensorFile:
@@ -260,13 +263,27 @@ def mapping(rule: Rule) -> Rule:
     return dict, lambda v: all(follows(x, rule) for x in v.values()), what
 
 
-def is_regex(text: str) -> bool:
-    """Whether `text` compiles as a Python regular expression."""
+def paths(items: sre.SubPattern) -> int:
+    """At most how many ways re's backtracking tries `items` on a NAME-long name (<= PATHS + 1)."""
+    ways = 1  # a choice (an alternative, a repeat's count) multiplies them; a repeated choice nests
+    for op, av in items:
+        if str(op).endswith("_REPEAT"):  # MAX_, MIN_, POSSESSIVE_ (3.11+); failed counts too
+            way = sum(paths(av[2]) ** k for k in range(min(av[1], NAME) + 1))
+        elif op is sre.BRANCH:
+            way = sum(map(paths, av[1]))
+        else:  # a group, lookaround, atomic group, condition (yes x no): its parts; else one way
+            parts = av if type(av) is tuple else (av,)
+            way = math.prod(paths(a) for a in parts if type(a) is sre.SubPattern)
+        ways = min(ways * way, PATHS + 1)
+    return ways
+
+
+def regex_paths(text: str) -> int:
+    """paths() of `text`, or PATHS + 1 if it is no regular expression of at most MAX_REGEX chars."""
     try:
-        re.compile(text)
+        return paths(sre.parse(text)) if len(text) <= MAX_REGEX and re.compile(text) else PATHS + 1
     except (re.error, RecursionError, OverflowError):
-        return False
-    return True
+        return PATHS + 1
 
 
 FLAG: Rule = (bool, lambda v: True, "true or false")

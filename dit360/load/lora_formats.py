@@ -18,15 +18,17 @@ from torch import Tensor, nn
 from ..core.lora import Adapter, Part, adapters, add_adapter, linears, merge_lora, sync_hook
 from .files import (
     FLAG,
+    MAX_REGEX,
+    PATHS,
     Rule,
     atomic_path,
     check_json,
     follows,
-    is_regex,
     number,
     open_tensors,
     parse_json,
     read_json,
+    regex_paths,
     resolve,
     whole,
     write_safetensors,
@@ -82,18 +84,23 @@ def target_rows(
 
 PATTERNS = {"lora_alpha": "alpha_pattern", "r": "rank_pattern"}  # peft's per-module overrides
 RANK, ALPHA = whole(1, 2**16), number(-1e6, 1e6)
+BOUND = (  # re backtracks: a bound on its ways to match keeps a hostile file from hanging us
+    f"(a regular expression: at most {MAX_REGEX} characters and {PATHS:,} ways to match a name, "
+    "so no repeat of a repeat or of an alternation)"
+)
 
 
 def patterns(rule: Rule) -> Rule:
     """peft's {module regex: value} (`_configured` matches the regex as a name's suffix)."""
-    test = lambda v: all(is_regex(rf"(.*\.)?({p})$") and follows(x, rule) for p, x in v.items())  # noqa: E731
-    return dict, test, f"an object {{regular expression: {rule[2]}}}"
+    bounded = lambda v: sum(regex_paths(rf"(.*\.)?({p})$") for p in v) <= PATHS  # noqa: E731
+    test = lambda v: bounded(v) and all(follows(x, rule) for x in v.values())  # noqa: E731
+    return dict, test, f"an object {{regular expression: {rule[2]}}} {BOUND}"
 
 
 TARGETS: Rule = (
     (str, list),
-    lambda v: is_regex(v) if isinstance(v, str) else all(isinstance(t, str) for t in v),
-    "a regular expression or a list of module names",
+    lambda v: regex_paths(v) <= PATHS if isinstance(v, str) else all(isinstance(t, str) for t in v),
+    f"a regular expression or a list of module names {BOUND}",
 )
 ADAPTER_RULES = {  # what we read of peft's adapter_config.json
     "r": RANK, "lora_alpha": ALPHA, "target_modules": TARGETS, "use_rslora": FLAG,

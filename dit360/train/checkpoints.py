@@ -5,6 +5,7 @@ full tensors, counters and arguments as JSON metadata: nothing unpickled) and th
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -18,7 +19,6 @@ from ..app.options import fail
 from ..load.files import (
     atomic_path,
     clean_temps,
-    dead,
     open_tensors,
     own_temp,
     remove,
@@ -44,6 +44,7 @@ IDLE = {MARKER, "args.json", "log.jsonl", "cache"}  # a run stopped before its f
 # the LoRA's shape and what its state means.
 MUST_MATCH = ("lora_rank", "alpha", "targets", "dropout", "resolution", "wrap_pad")
 MUST_MATCH += ("supervise_pad", "circular_encoder", "pano", "persp", "seed")
+HELD: dict[Path, int] = {}  # our locks, open: a flock lasts while its file is open (not a SIGKILL)
 
 
 def check_out(out: Path, args: argparse.Namespace) -> None:
@@ -72,68 +73,79 @@ def check_out(out: Path, args: argparse.Namespace) -> None:
 
 
 def take_lock(out: Path) -> Path:
-    """Create out/.lock holding `pid host` (one run a folder); a dead process's is taken over."""
+    """Hold out/.lock (`pid host`) with an exclusive flock while this process lives: one run a
+    folder; a lock that no process holds (its run is gone, even SIGKILLed) is taken over."""
     lock, me = out / ".lock", f"{os.getpid()} {socket.gethostname()}"
     out.mkdir(parents=True, exist_ok=True)
-    while True:
+    while True:  # an existing lock: hold it unless a live run does; none: create it, held
         try:
-            holder = lock.read_text(errors="replace")
+            fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
         except FileNotFoundError:
-            if create_new(lock, me):
-                return lock
-            continue  # another run took it first: read its lock
-        except OSError:  # a folder, unreadable: not a lock of ours
-            holder = ""
-        pid, _, host = holder.partition(" ")
-        if not pid.isdigit() or not host:
+            if (fd := create_new(lock, me)) is not None:
+                break
+            continue  # another run created it first
+        except OSError as e:  # a folder, a link, another user's: not a lock we can take
+            fail(f"--out {out}: cannot open its lock {lock} ({e.strerror}): delete it if unused")
+        free, stays = flock(fd, lock), held(fd, lock)  # stays: its run did not just remove it
+        pid, _, host = (holder := os.pread(fd, 200, 0).decode(errors="replace")).partition(" ")
+        if free and stays and pid.isdigit() and host:
+            warn0(f"process {pid}, which held {lock}, is gone: taking the lock over")
+            os.pwrite(fd, me.encode(), 0)  # then cut: never empty for a reader
+            os.ftruncate(fd, len(me.encode()))
+            break
+        os.close(fd)
+        if stays and not free:
+            fail(f"--out {out} is in use by process {pid} on {host}: wait for it, or stop it")
+        if stays:
             fail(
                 f"--out {out}: its lock {lock} names no run ({holder[:40]!r}, not `pid host`): "
                 "delete it if no run is using --out"
             )
-        if host != socket.gethostname() or not dead(pid):
-            fail(
-                f"--out {out} is in use by process {pid} on {host}: wait for it, "
-                f"or delete {lock} if that run is gone"
-            )
-        if take_over(lock, holder):
-            warn0(f"process {pid}, which held {lock}, is gone: taking the lock over")
+    HELD[lock] = fd
+    return lock
 
 
-def take_over(lock: Path, holder: str) -> bool:
-    """Remove `lock` if it still holds `holder` (a dead run's): moved aside, put back if not."""
-    aside = own_temp(lock)
+def flock(fd: int, lock: Path) -> bool:
+    """Take an exclusive flock on `fd` unless another process holds one (False)."""
     try:
-        os.rename(lock, aside)
-    except FileNotFoundError:  # another run removed it first
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return False
-    try:
-        if aside.read_text(errors="replace") == holder:
-            return True
-        with contextlib.suppress(FileExistsError):  # a third run's lock stands there now
-            os.link(aside, lock)  # a live run's lock, moved by mistake: back in place
-        return False
-    finally:
-        remove(aside)
+    except OSError as e:  # a file system without locks (NFS mounted nolock, some FUSE)
+        warn0(f"{lock}: this file system cannot lock files ({e.strerror}): runs are not kept out")
+    return True
 
 
-def create_new(path: Path, text: str) -> bool:
-    """Create `path` holding `text` (whole: a hard link of a temporary) unless it exists (False)."""
+def held(fd: int, path: Path) -> bool:
+    """Whether `path` is still the file open as `fd` (its run did not remove it)."""
+    with contextlib.suppress(FileNotFoundError):
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    return False
+
+
+def create_new(path: Path, text: str) -> int | None:
+    """Create `path` holding `text`, flocked (`fd` open), unless it exists (None): a flocked
+    temporary hard-linked there, so that it never stands unlocked."""
     tmp = own_temp(path)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        tmp.write_text(text)
+        flock(fd, path)
+        os.write(fd, text.encode())
         os.link(tmp, path)
     except FileExistsError:
-        return False
-    except OSError:  # no hard links here
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return False
-        os.write(fd, text.encode())
         os.close(fd)
+        return None
+    except OSError:  # no hard links here
+        os.close(fd)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+        except FileExistsError:
+            return None
+        flock(fd, path)
+        os.write(fd, text.encode())
     finally:
         remove(tmp)
-    return True
+    return fd
 
 
 def claim(out: Path, args: argparse.Namespace, made: bool) -> Path:
@@ -176,9 +188,11 @@ def remove_outputs(out: Path, folder: Path | None = None) -> None:
 
 
 def release(lock: Path, made: bool) -> None:
-    """Delete our lock, and --out if this run made it and wrote nothing in it."""
-    if lock.exists() and lock.read_text() == f"{os.getpid()} {socket.gethostname()}":
-        lock.unlink()
+    """Delete our lock, then unlock it, and --out if this run made it and wrote nothing in it."""
+    if (fd := HELD.pop(lock, None)) is not None:
+        if held(fd, lock):  # removed while held: a waiting run then finds it gone (`held`)
+            lock.unlink()
+        os.close(fd)
     if made and lock.parent.is_dir() and not any(lock.parent.iterdir()):
         lock.parent.rmdir()
 
