@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from dit360.app import refine
@@ -140,7 +140,7 @@ def collect_perspectives(
                 raise ValueError(f"same name as {seen[name].name}")
             seen[name] = image
             caption = read_caption(image)
-            img = ImageOps.exif_transpose(open_image(image)).convert("RGB")
+            img = open_image(image).convert("RGB")  # turned as its EXIF says
             canvas, mask = project_photo(img, view_fov, *angles, height)
         except READ_ERRORS as e:  # a bad row, reported with the others at the end
             bad.append((str(image), str(e) or type(e).__name__))
