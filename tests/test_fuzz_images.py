@@ -144,6 +144,16 @@ def test_exif_orientation_is_honoured(tmp_path):
         assert read_rgb(tmp_path / name, H, W).size == (H, W)
 
 
+@pytest.mark.parametrize("fmt", ["WEBP", "JPEG"])
+def test_corrupt_exif_reads_unturned(tmp_path, fmt):
+    """A file whose EXIF block is not TIFF (WebP), or is cut inside its orientation entry (JPEG),
+    reads as it is stored, as viewers show it: the block is not the image."""
+    blob = b"MQ\0*\0\0\0\x08" if fmt == "WEBP" else b"Exif\0\0MM\0*\0\0\0\x08\0\x01\x01\x12"
+    path = written(tmp_path / "e.img", encoded(Image.new("RGB", (W, H), 9), fmt, exif=blob))
+    img = outcome(lambda: open_image(path), "e.img")
+    assert img is not None and img.size == (W, H)
+
+
 @pytest.mark.parametrize("fmt", ["GIF", "PNG", "TIFF", "WEBP"])
 def test_multi_frame_files_read_their_first_frame(tmp_path, fmt):
     """An animation or a multi-page file reads as its first frame (what a still viewer shows)."""

@@ -72,8 +72,12 @@ def plain(img: Image.Image, name: str) -> Image.Image:
         raise ValueError(
             f"{name}: a 32-bit float image has no standard 8-bit range: save it as 8 or 16 bits"
         )
-    if img.getexif().get(0x0112, 1) != 1:  # Orientation; a copy only where it turns
-        img = ImageOps.exif_transpose(img)
+    try:  # Orientation: a copy only where it turns; a corrupt EXIF block leaves it, as viewers
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img
+    except Exception:  # noqa: BLE001 - PIL's EXIF parser fails with errors of many kinds
+        pass
     if img.mode == "I" or img.mode.startswith("I;16"):
         img = img if img.mode in ("I", "I;16") else img.convert("I")  # I;16B...: no extrema
         lo, hi = img.getextrema()
