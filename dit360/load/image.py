@@ -88,14 +88,7 @@ def plain(img: Image.Image, name: str) -> Image.Image:
             out.putalpha(Image.fromarray((np.asarray(img) != t).astype(np.uint8) * 255))
         out.info = {k: v for k, v in img.info.items() if k != "transparency"}  # keeps EXIF
         return out
-    if img.mode not in PLAIN:
-        try:
-            return img.convert("RGBA" if img.mode == "RGBa" else "RGB")
-        except ValueError:
-            raise ValueError(
-                f"{name}: PIL cannot convert mode {img.mode}: save it as RGB"
-            ) from None
-    return img
+    return img if img.mode in PLAIN else img.convert("RGBA" if img.mode == "RGBa" else "RGB")
 
 
 def read_rgb(src: str | Path | Image.Image, width: int, height: int) -> Image.Image:
