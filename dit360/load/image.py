@@ -36,7 +36,8 @@ def loaded(src: str | Path) -> Iterator[Image.Image]:
     over PIL's decompression-bomb limit (its warning too: refused before allocating the pixels)."""
     f = None
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # the file's faults are its error, not PIL's warnings
+            warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             f = Image.open(src)
             f.load()  # truncated or corrupt files fail here, without naming the file
