@@ -19,6 +19,7 @@ from PIL import Image, PngImagePlugin
 from test_fuzz import FUZZ, bounded_rss, byte_edits, json_edits, outcome, written  # noqa: F401
 
 from dit360.app import info, outputs
+from dit360.load.hub_data import suffix
 from dit360.load.image import open_image, read_mask, read_rgb
 
 W, H = 64, 32
@@ -260,12 +261,25 @@ def test_info_hostile_records(tmp_path, capsys, name):
     info_outcome(capsys, stamped(tmp_path / f"{name}.png", HOSTILE_RECORDS[name]))
 
 
-def test_info_on_a_bomb(tmp_path, capsys):
-    """An image over PIL's pixel limit (whose pixels info never reads): one line, not a trace."""
+@pytest.mark.parametrize("side", [10_000, 20_000])
+def test_info_on_a_bomb(tmp_path, capsys, side):
+    """An image over PIL's pixel limit (100 M pixels: PIL warns; 200 M: it raises), whose pixels
+    info never reads: its record printed, or one line, and no warning (a second line)."""
     meta = PngImagePlugin.PngInfo()
     meta.add_itxt(info.KEY, json.dumps(RECORD))
-    Image.new("1", (20000, 10000)).save(tmp_path / "bomb.png", pnginfo=meta)  # 200 M pixels
-    info_outcome(capsys, tmp_path / "bomb.png")
+    Image.new("1", (side, 10_000)).save(tmp_path / "bomb.png", pnginfo=meta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = info_outcome(capsys, tmp_path / "bomb.png")
+    assert bool(out) == (side == 10_000)
+
+
+def test_hub_image_suffix_of_a_bomb():
+    """A dataset's image over PIL's limits gets a suffix (prepare then reads it and says why)."""
+    for side in (10_000, 20_000):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert suffix(encoded(Image.new("1", (side, 10_000)), "PNG")) == ".png"
 
 
 @FUZZ

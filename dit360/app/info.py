@@ -89,9 +89,10 @@ def stamp(rec: dict) -> dict[str, str]:
 def read_record(path: str | Path) -> dict | None:
     """The record written into the image at `path`; None if it has none (or is unreadable)."""
     try:
-        with warnings.catch_warnings(), Image.open(path) as f:  # text comes before the pixels
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a large or corrupt image: its pixels are not read
-            text = f.info.get(KEY) or f.info.get("comment")
+            with Image.open(path) as f:  # text comes before the pixels
+                text = f.info.get(KEY) or f.info.get("comment")
         rec = json.loads(text.decode() if isinstance(text, bytes) else text)
     except Exception:  # noqa: BLE001 - PIL and json (deep nesting: RecursionError) fail in many ways
         return None
