@@ -5,6 +5,8 @@ record is one error, and what info prints shows the terminal only what it is."""
 
 import io
 import json
+import os
+import signal
 import struct
 import subprocess
 import warnings
@@ -124,12 +126,23 @@ def test_every_mode_reads_as_its_rgb(tmp_path, mode):
     assert np.array_equal(read_mask(src, W, H).numpy(), expect)
 
 
-def test_folder_named_like_an_image(tmp_path):
-    """A folder named x.png: an OSError naming it (as every command reports one)."""
-    (tmp_path / "x.png").mkdir()
-    for read in (read_rgb, read_mask):
-        with pytest.raises(OSError, match=r"x\.png"):
-            read(tmp_path / "x.png", W, H)
+@pytest.mark.parametrize("kind", ["folder", "pipe"])
+def test_not_a_file_named_like_an_image(tmp_path, kind):
+    """A folder or a named pipe (with no writer: opening it would block for ever) called x.png:
+    our error naming it, at once."""
+    (tmp_path / "x.png").mkdir() if kind == "folder" else os.mkfifo(tmp_path / "x.png")
+
+    def blocked(*_):
+        raise TimeoutError("x.png: open blocked")  # not our error: the test fails, not hangs
+
+    old = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(5)
+    try:
+        for read in (read_rgb, read_mask):
+            assert outcome(lambda r=read: r(tmp_path / "x.png", W, H), "x.png") is None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def test_exif_orientation_is_honoured(tmp_path):

@@ -34,6 +34,8 @@ def from_pil(img: Image.Image, unit: bool = False) -> Tensor:
 def loaded(src: str | Path) -> Iterator[Image.Image]:
     """The image file `src` opened and read whole; ValueError naming it if truncated, corrupt, or
     over PIL's decompression-bomb limit (its warning too: refused before allocating the pixels)."""
+    if (path := Path(src)).exists() and not path.is_file():  # a pipe with no writer: open blocks
+        raise ValueError(f"{src}: not a file (a folder, pipe or device): name an image file")
     f = None
     try:
         with warnings.catch_warnings():  # the file's faults are its error, not PIL's warnings
