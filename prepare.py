@@ -266,7 +266,7 @@ def prepare(
             kw = dict(absolute=absolute, files=files_folder(stage.parent, "persp"), **views)
             found["persp"] = collect_perspectives(Path(persp), out, stage, **kw)
         bad = [b for _, bad_rows in found.values() for b in bad_rows]
-        listing = "\n".join(f"  {file}: {reason}" for file, reason in bad)
+        listing = "\n".join(f"  {f}: {why.removeprefix(f'{f}: ')}" for f, why in bad)  # named once
         if bad and not skip_bad:
             raise ValueError(f"{len(bad)} bad rows, nothing written:\n{listing}")
         if empty := [kind for kind, (rows, _) in found.items() if not rows]:

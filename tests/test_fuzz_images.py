@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 from test_fuzz import FUZZ, bounded_rss, byte_edits, json_edits, outcome, written  # noqa: F401
 
+import prepare
 from dit360.app import info, outputs
 from dit360.load.hub_data import suffix
 from dit360.load.image import open_image, read_mask, read_rgb
@@ -327,3 +328,20 @@ def test_evaluate_tiny_panorama(tmp_path, capsys):
     outputs.evaluate_main([str(tmp_path)])
     out = capsys.readouterr().out
     assert "tiny.png: skipped" in out and "small.png: seam" in out
+
+
+def test_prepare_names_a_bad_image_once(tmp_path, capsys):
+    """prepare.py lists each bad image on its line, named once (the reader's error names it too)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, data in (("cut.jpg", FILES["cut.jpeg"]), ("head.png", FILES["head.png"])):
+        (photos / name).write_bytes(data)
+        (photos / name).with_suffix(".txt").write_text("a room")
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["--persp", str(photos), "--out", str(tmp_path / "d"), "--height", "32"])
+    err = capsys.readouterr().err
+    lines = err[err.index("error:") :].splitlines()  # after tqdm's bars
+    assert e.value.code == 1 and lines[0] == "error: 2 bad rows, nothing written:", lines
+    for line, name in zip(lines[1:], ("cut.jpg", "head.png"), strict=True):
+        assert line.startswith(f"  {photos / name}: not a readable image"), line
+        assert line.count(f"{photos / name}: ") == 1, line
