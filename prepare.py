@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from dit360.app import refine
@@ -140,7 +140,7 @@ def collect_perspectives(
                 raise ValueError(f"same name as {seen[name].name}")
             seen[name] = image
             caption = read_caption(image)
-            img = ImageOps.exif_transpose(open_image(image)).convert("RGB")
+            img = open_image(image).convert("RGB")  # turned as its EXIF says
             canvas, mask = project_photo(img, view_fov, *angles, height)
         except READ_ERRORS as e:  # a bad row, reported with the others at the end
             bad.append((str(image), str(e) or type(e).__name__))
@@ -273,7 +273,7 @@ def prepare(
             kw = dict(absolute=absolute, files=files_folder(stage.parent, "persp"), **views)
             found["persp"] = collect_perspectives(Path(persp), out, stage, **kw)
         bad = [b for _, bad_rows in found.values() for b in bad_rows]
-        listing = "\n".join(f"  {file}: {reason}" for file, reason in bad)
+        listing = "\n".join(f"  {f}: {why.removeprefix(f'{f}: ')}" for f, why in bad)  # named once
         if bad and not skip_bad:
             raise ValueError(f"{len(bad)} bad rows, nothing written:\n{listing}")
         if empty := [kind for kind, (rows, _) in found.items() if not rows]:

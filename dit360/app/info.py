@@ -8,6 +8,7 @@ import hashlib
 import json
 import shlex
 import sys
+import warnings
 from dataclasses import fields
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -88,10 +89,12 @@ def stamp(rec: dict) -> dict[str, str]:
 def read_record(path: str | Path) -> dict | None:
     """The record written into the image at `path`; None if it has none (or is unreadable)."""
     try:
-        with Image.open(path) as f:  # text chunks and comments come before the pixels
-            text = f.info.get(KEY) or f.info.get("comment")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a large or corrupt image: its pixels are not read
+            with Image.open(path) as f:  # text comes before the pixels
+                text = f.info.get(KEY) or f.info.get("comment")
         rec = json.loads(text.decode() if isinstance(text, bytes) else text)
-    except (OSError, ValueError, TypeError, AttributeError):
+    except Exception:  # noqa: BLE001 - PIL and json (deep nesting: RecursionError) fail in many ways
         return None
     return rec if isinstance(rec, dict) and isinstance(rec.get("flags"), dict) else None
 
@@ -106,6 +109,29 @@ def difference(old: dict | None, new: dict) -> str | None:
     if old.get("loras") != new["loras"]:
         return f"the LoRAs are {old.get('loras')} there, {new['loras']} now"
     return None
+
+
+def escaped(c: str) -> str:
+    """A character as bash's $'...' (and Python) escape it: \\r, \\x1b, \\', \\U0000202e..."""
+    if c > "\x7f":  # \xe9 would be a byte to bash
+        return f"\\U{ord(c):08x}"
+    return "\\'" if c == "'" else c.encode("unicode_escape").decode()
+
+
+def shown(text: str) -> str:
+    """`text` with its characters that are not printable but newlines escaped (\\r, ESC...: they
+    could show the terminal another text)."""
+    return "".join(c if c.isprintable() or c == "\n" else escaped(c) for c in text)
+
+
+def quote(arg: str) -> str:
+    """A shell word for `arg` on one line: bash's $'...' where it holds \\n, \\r, ESC... (they
+    could show another command than the one pasted), else shlex's."""
+    if arg.isprintable():
+        return shlex.quote(arg)
+    return (
+        "$'" + "".join(c if c.isprintable() and c not in "'\\" else escaped(c) for c in arg) + "'"
+    )
 
 
 def command(rec: dict, out: str | Path) -> list[str]:
@@ -138,10 +164,13 @@ def main(argv: list[str] | None = None) -> None:
     rec = read_record(args.image)
     if rec is None:
         fail(f"{args.image}: records no dit360 settings (made by another tool, or an older dit360)")
-    print(parameters(rec))
-    print(json.dumps(rec, indent=1, ensure_ascii=False))
     out = args.out or args.image.with_name(f"{args.image.stem}-again{args.image.suffix}")
-    print(shlex.join(command(rec, out)))
+    try:  # all of it made before a line is printed: a malformed record is one error
+        lines = [shown(parameters(rec)), shown(json.dumps(rec, indent=1, ensure_ascii=False))]
+        lines.append(" ".join(map(quote, command(rec, out))))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        fail(f"{args.image}: its dit360 settings are malformed ({e!r:.80})")
+    print(*lines, sep="\n")
 
 
 if __name__ == "__main__":

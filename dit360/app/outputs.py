@@ -167,8 +167,8 @@ def evaluate_main(argv: list[str] | None = None) -> None:
             img = open_image(path)  # a ValueError or OSError that names the file
         except (OSError, ValueError) as e:
             fail(e)
-        if img.width != 2 * img.height:  # e.g. the cube faces --cubemap writes beside a panorama
-            print(f"{path}: skipped, {img.width}x{img.height} is not 2:1")
+        if img.width != 2 * img.height or img.height < 3:  # e.g. the cube faces --cubemap writes
+            print(f"{path}: skipped, {img.width}x{img.height} is not 2:1 (or is under 6x3)")
             continue
         scores.append(seam_scores(img))
         print(f"{path}: seam {scores[-1][0]:.3f}, middle {scores[-1][1]:.3f}")

@@ -4,6 +4,7 @@ bytes) and `NNNNNN.txt` (the caption, last: a done marker, so a killed run resum
 on `Insta360-Research/Matterport3D_polished` (columns `image`, `caption`)."""
 
 import io
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,9 +132,11 @@ def image_bytes(value: dict | bytes | None, where: str) -> bytes:
 def suffix(data: bytes) -> str:
     """The file suffix of encoded image bytes (.png if PIL cannot tell: prepare says unreadable)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return SUFFIXES.get(img.format, ".png")
-    except (UnidentifiedImageError, OSError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # too large: prepare reads it and says so
+            with Image.open(io.BytesIO(data)) as img:
+                return SUFFIXES.get(img.format, ".png")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
         return ".png"
 
 

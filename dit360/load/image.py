@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 from torch import Tensor
 
 from .files import atomic_path
@@ -34,9 +34,12 @@ def from_pil(img: Image.Image, unit: bool = False) -> Tensor:
 def loaded(src: str | Path) -> Iterator[Image.Image]:
     """The image file `src` opened and read whole; ValueError naming it if truncated, corrupt, or
     over PIL's decompression-bomb limit (its warning too: refused before allocating the pixels)."""
+    if (path := Path(src)).exists() and not path.is_file():  # a pipe with no writer: open blocks
+        raise ValueError(f"{src}: not a file (a folder, pipe or device): name an image file")
     f = None
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # the file's faults are its error, not PIL's warnings
+            warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             f = Image.open(src)
             f.load()  # truncated or corrupt files fail here, without naming the file
@@ -54,30 +57,41 @@ def loaded(src: str | Path) -> Iterator[Image.Image]:
 
 
 def open_image(src: str | Path | Image.Image) -> Image.Image:
-    """An image read whole from a file (closed again), or the image given, 16-bit grey at 8 bits."""
+    """An image read whole from a file (closed again), or the image given, as `plain` makes it."""
     if isinstance(src, Image.Image):
-        return eight_bit(src, "the image")
-    with loaded(src) as f:
-        return eight_bit(f.copy(), str(src))
+        return plain(src, "the image")
+    with loaded(src) as f:  # leaving it closes the file, not the pixels read
+        return plain(f, str(src))
 
 
-def eight_bit(img: Image.Image, name: str) -> Image.Image:
-    """16-bit grey (modes I;16... and I, 0-65535) as 8-bit L, v / 257 rounded, where PIL's convert
-    would clip at 255 (16-bit RGB PNGs open as 8-bit already); float images (mode F) refused."""
+PLAIN = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")  # the modes the readers convert as they need
+
+
+def plain(img: Image.Image, name: str) -> Image.Image:
+    """`img` turned as its EXIF orientation says (as viewers show it), in a mode of PLAIN: 16-bit
+    grey (modes I;16... and I, 0-65535) as 8-bit L, v / 257 rounded, where PIL's convert would
+    clip at 255 (16-bit RGB PNGs open as 8-bit already), CMYK, LAB... as RGB; float (F) refused."""
     if img.mode == "F":
         raise ValueError(
             f"{name}: a 32-bit float image has no standard 8-bit range: save it as 8 or 16 bits"
         )
-    if img.mode != "I" and not img.mode.startswith("I;16"):
-        return img
-    x = np.asarray(img).astype(np.int64)
-    if x.size and (x.min() < 0 or x.max() > 65535):
-        raise ValueError(f"{name}: integer pixels outside 0-65535: save it as 8 or 16 bits")
-    out = Image.fromarray(((x + 128) // 257).astype(np.uint8))  # = round(x / 257)
-    if (t := img.info.get("transparency")) is not None:  # a transparent grey: as an alpha
-        out = Image.merge("LA", [out, Image.fromarray(((x != t) * 255).astype(np.uint8))])
-    out.info = {k: v for k, v in img.info.items() if k != "transparency"}  # keeps EXIF
-    return out
+    try:  # Orientation: a copy only where it turns; a corrupt EXIF block leaves it, as viewers
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img
+    except Exception:  # noqa: BLE001 - PIL's EXIF parser fails with errors of many kinds
+        pass
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        img = img if img.mode in ("I", "I;16") else img.convert("I")  # I;16B...: no extrema
+        lo, hi = img.getextrema()
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"{name}: integer pixels outside 0-65535: save it as 8 or 16 bits")
+        out = img.point(lambda v: v / 257 + 0.5).convert("L")  # PIL's point truncates: rounded
+        if (t := img.info.get("transparency")) is not None:  # a transparent grey: as an alpha
+            out.putalpha(Image.fromarray((np.asarray(img) != t).astype(np.uint8) * 255))
+        out.info = {k: v for k, v in img.info.items() if k != "transparency"}  # keeps EXIF
+        return out
+    return img if img.mode in PLAIN else img.convert("RGBA" if img.mode == "RGBa" else "RGB")
 
 
 def read_rgb(src: str | Path | Image.Image, width: int, height: int) -> Image.Image:
