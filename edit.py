@@ -36,6 +36,7 @@ from pathlib import Path
 from PIL import Image
 
 from dit360.app.batch import (
+    REFUSED,
     batch_out,
     checked,
     checked_batch,
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out = args.out or "edited.png"
     try:
         check_not_source(args.out, "--out", {f"--{k}": getattr(args, k) for k in SOURCES})
-    except ValueError as e:
+    except REFUSED as e:
         fail(e)
     opts, out = checked(EditOptions, args)  # every flag, before anything slow (exit 2)
     try:  # edit_image checks the size and the mask before it loads any model
