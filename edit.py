@@ -20,7 +20,7 @@ describes the whole scene.
 torchrun, rank r of w makes rows[r::w] on GPU LOCAL_RANK (no process group is needed).
 """
 
-from dit360.app.cli import handle_signals, run_main, starting
+from dit360.app.cli import REFUSED, handle_signals, run_main, starting
 
 if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
     handle_signals()
@@ -36,7 +36,6 @@ from pathlib import Path
 from PIL import Image
 
 from dit360.app.batch import (
-    REFUSED,
     batch_out,
     checked,
     checked_batch,

@@ -15,14 +15,13 @@ from PIL import Image
 
 from ..load.files import read_text
 from ..load.image import check_output_path, open_image, save_panorama
-from .cli import JOBS, check_prompt
+from .cli import JOBS, REFUSED, check_prompt
 from .generate import Job, check_inputs
 from .info import difference, read_record, stamp
 from .options import Options, fail, from_args, warnings_last
 
 J = TypeVar("J", bound=Job)
 Types = type | tuple[type, ...]
-REFUSED = (ValueError, OSError, RuntimeError)  # RuntimeError: a symbolic link loop (Python < 3.13)
 
 
 def checked(cls: type, args: argparse.Namespace, out: Path | None = None) -> tuple[Options, Path]:

@@ -155,7 +155,8 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     files = []
     for path in args.paths:
         if os.path.isdir(path):  # False, not OSError, on a name too long
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES)
+            found = (p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES)
+            files += sorted(p for p in found if p.is_file())  # not a folder x.png, nor a FIFO
         elif os.path.isfile(path):
             files.append(path)
         else:
