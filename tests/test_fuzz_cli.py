@@ -28,14 +28,14 @@ LONG = "x" * 300  # a file name over the 255 bytes a name may have
 
 @pytest.fixture
 def odd(tmp_path: Path) -> Path:
-    """A folder of hostile paths: a FIFO, a symbolic link loop, links (named .txt / .jsonl) to
-    /dev/zero and /proc/self/mem, a sparse 8 GB prompt file, a regular file `file.txt`."""
+    """A folder of hostile paths: a FIFO, a symbolic link loop, links (named .txt) to /dev/zero
+    and /proc/self/mem, sparse 200 MB prompt files (a text file has at most 100 MB), `file.txt`."""
     os.mkfifo(tmp_path / "fifo.txt")
     os.symlink(tmp_path / "loop", tmp_path / "loop")
     for name, target in {"zero.txt": "/dev/zero", "mem.txt": "/proc/self/mem"}.items():
         os.symlink(target, tmp_path / name)
     for name in ("big.txt", "big.jsonl"):
-        os.truncate(os.open(tmp_path / name, os.O_CREAT | os.O_WRONLY), 8 << 30)
+        os.truncate(os.open(tmp_path / name, os.O_CREAT | os.O_WRONLY), 200 << 20)
     (tmp_path / "file.txt").write_text("a regular file")
     (tmp_path / "pano.jsonl").write_text("{}\n")
     return tmp_path
@@ -82,7 +82,7 @@ SAMPLE = [  # extra flags ({tmp}: the `odd` folder), what the one line says
     (["--device", "\udcff"], r"--device \\udcff: "),
 ]
 PROMPTS = [  # FILE, what sample.py --prompts FILE says, and train.py --sample-prompts FILE
-    ("big.txt", r"big\.txt: over 100,000,000 bytes", None),  # was an 8 GB read
+    ("big.txt", r"big\.txt: over 100,000,000 bytes", None),  # was read whole
     ("big.jsonl", r"big\.jsonl: over 100,000,000 bytes", None),
     ("mem.txt", r"mem\.txt: cannot read it \(Input/output error\)", None),  # named no file
     ("zero.txt", r"zero\.txt: no such file", None),
@@ -103,8 +103,8 @@ def test_sample_hostile_values(tiny_flux, odd, capsys, extra, match):
 
 @pytest.mark.parametrize("name,match,train_match", PROMPTS, ids=[c[0][:20] for c in PROMPTS])
 def test_prompt_files_are_bounded(tiny_flux, odd, capsys, name, match, train_match):
-    """--prompts and train.py --sample-prompts: a FIFO, /dev/zero, /proc/self/mem or a sparse 8 GB
-    file is one line naming it, at once, read at most 100 MB (never an 8 GB read or a wait)."""
+    """--prompts and train.py --sample-prompts: a FIFO, /dev/zero, /proc/self/mem or a sparse 200
+    MB file is one line naming it, at once (not read whole: sparse, it could be 8 GB, or a wait)."""
     argv = sample_argv(
         tiny_flux, "--out-dir", str(odd / "o"), prompt=("--prompts", f"{odd}/{name}")
     )
@@ -115,7 +115,7 @@ def test_prompt_files_are_bounded(tiny_flux, odd, capsys, name, match, train_mat
 
 
 def test_train_rows_are_bounded(tiny_flux, odd, capsys):
-    """train.py --pano: a sparse 8 GB jsonl is one line naming it, read at most 100 MB."""
+    """train.py --pano: a sparse 200 MB jsonl is one line naming it, not read."""
     argv = ["--pano", str(odd / "big.jsonl"), "--out", str(odd / "run"), "--device", "cpu"]
     bounded(capsys, train.main, [*argv, "--base", str(tiny_flux)], odd, r"big\.jsonl: over 100")
 
@@ -193,7 +193,7 @@ def test_any_value_of_other_scripts_is_one_line(tmp_path, capsys, script, data):
 )  # fmt: skip
 def test_readers_refuse_odd_files(odd, capsys, main, argv):
     """python -m dit360.app.info / view / evaluate: a FIFO, a device, a loop, a name too long or
-    a sparse 8 GB file is one line, at once (a name too long was a traceback)."""
+    a sparse 200 MB file is one line, at once (a name too long was a traceback)."""
     bounded(capsys, main, [a.format(tmp=odd) for a in argv], odd, r"^error: ")
 
 
