@@ -79,6 +79,7 @@ SAMPLE = [  # extra flags ({tmp}: the `odd` folder), what the one line says
     (["--out-dir", "{tmp}/loop", "--num-images", "2"], r"--out-dir \S+loop: "),  # a traceback
     (["--out-dir", f"{{tmp}}/{LONG}", "--num-images", "2"], r"--out-dir \S+x: .*too long"),
     (["--device", "cpu\n"], r"--device cpu\\n: "),
+    (["--lora", "{tmp}", "--lora", "{tmp}/./"], r"--lora \S+ is given twice"),  # was used twice
     (["--device", "\udcff"], r"--device \\udcff: "),
 ]
 PROMPTS = [  # FILE, what sample.py --prompts FILE says, and train.py --sample-prompts FILE
