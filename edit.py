@@ -20,7 +20,7 @@ describes the whole scene.
 torchrun, rank r of w makes rows[r::w] on GPU LOCAL_RANK (no process group is needed).
 """
 
-from dit360.app.cli import handle_signals, run_main, starting
+from dit360.app.cli import REFUSED, handle_signals, run_main, starting
 
 if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
     handle_signals()
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out = args.out or "edited.png"
     try:
         check_not_source(args.out, "--out", {f"--{k}": getattr(args, k) for k in SOURCES})
-    except ValueError as e:
+    except REFUSED as e:
         fail(e)
     opts, out = checked(EditOptions, args)  # every flag, before anything slow (exit 2)
     try:  # edit_image checks the size and the mask before it loads any model

@@ -21,7 +21,7 @@ its folder is complete, so at any moment it names only files of one run; then th
 KIND-files-N folders (an earlier run's, or a killed run's) are removed. Nothing else in --out is.
 """
 
-from dit360.app.cli import check_prompt, handle_signals, run_main
+from dit360.app.cli import REFUSED, check_prompt, handle_signals, run_main
 
 if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
     handle_signals()
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError("--refine-poles refines panoramas: give --pano or --hf-dataset")
         if poles:
             refine.check_weights(poles)  # found and checked before any work
-    except (ValueError, OSError) as e:
+    except REFUSED as e:
         fail(e)
     try:
         if source is not None:

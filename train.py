@@ -387,7 +387,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as e:
         fail(e)
     for flag in ("pano", "persp"):  # recorded resolved: a resume compares them
-        if (path := getattr(args, flag)) is not None and not Path(path).is_file():
+        if (path := getattr(args, flag)) is not None and not os.path.isfile(path):  # no OSError
             fail(f"--{flag} {path}: no such file")
         setattr(args, flag, path and str(Path(path).resolve()))
     if args.resume and args.overwrite:
@@ -399,7 +399,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if bool(args.sample_every) != bool(args.sample_prompts):
         fail("previews need both --sample-every N and --sample-prompts FILE")
-    if args.sample_prompts and not Path(args.sample_prompts).is_file():
+    if args.sample_prompts and not os.path.isfile(args.sample_prompts):
         fail(f"--sample-prompts {args.sample_prompts}: no such file")
     try:
         args.prompts = read_prompts(args.sample_prompts) if args.sample_prompts else []

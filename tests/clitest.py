@@ -9,9 +9,10 @@ import pytest
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every file and folder under `folder` (hidden ones too) with its size and mtime."""
+    """Every file, folder and link (not followed: a loop) under `folder` (hidden ones too) with
+    its size and mtime."""
     return {
-        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        str(p.relative_to(folder)): (p.lstat().st_size, p.lstat().st_mtime_ns)
         for p in sorted(Path(folder).rglob("*"))
     }
 

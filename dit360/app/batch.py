@@ -15,7 +15,7 @@ from PIL import Image
 
 from ..load.files import read_text
 from ..load.image import check_output_path, open_image, save_panorama
-from .cli import JOBS, check_prompt
+from .cli import JOBS, REFUSED, check_prompt
 from .generate import Job, check_inputs
 from .info import difference, read_record, stamp
 from .options import Options, fail, from_args, warnings_last
@@ -33,10 +33,8 @@ def checked(cls: type, args: argparse.Namespace, out: Path | None = None) -> tup
                 check_prompt(args.prompt, "--prompt")
             out = check_output_path(out or args.out)
             check_inputs(opts)  # every weight file found and its headers checked
-        except (ValueError, OSError) as e:
+        except REFUSED as e:
             fail(e)
-        except RuntimeError as e:  # torch.device's, on a malformed --device
-            fail(f"--device {args.device}: {e}")
     return opts, out
 
 
@@ -50,18 +48,21 @@ def checked_batch(
             jobs = make_jobs(args, opts)
             existing(share(jobs), record_for(opts), args.overwrite)
             return opts, jobs
-        except (ValueError, OSError) as e:
+        except REFUSED as e:
             fail(e)
 
 
 def out_dir(args: argparse.Namespace, default: Path) -> Path:
     """--out-dir, else `default`; one line and exit 2 if it is a file."""
     folder = args.out_dir or default
-    if folder.exists() and not folder.is_dir():
-        fail(f"--out-dir {folder} is a file: choose a folder")
-    made = folder.resolve()  # the folder, or the nearest one above it, where it would be made
-    while not made.exists():
-        made = made.parent
+    try:  # a name too long, a symbolic link loop
+        if folder.exists() and not folder.is_dir():
+            fail(f"--out-dir {folder} is a file: choose a folder")
+        made = folder.resolve()  # the folder, or the nearest one above it, where it would be made
+        while not made.exists():
+            made = made.parent
+    except REFUSED as e:
+        fail(f"--out-dir {folder}: {e}")
     if not os.access(made, os.W_OK | os.X_OK):
         fail(f"--out-dir {folder}: cannot write in {made}: make it writable or choose another")
     return folder

@@ -3,6 +3,7 @@ stated limits, one-line errors (`fail`), SIGINT and SIGTERM as one line and exit
 first second on (`handle_signals`, `run_main`), a first line at once on a terminal (`starting`)."""
 
 import os
+import re
 import signal
 import sys
 import warnings
@@ -16,6 +17,8 @@ STEPS = 1000  # sampling steps: the modulations of every step are computed ahead
 SIDE = 8192  # pixels a side of what we make: <= 67 M pixels, under PIL's limit, so all reads back
 JOBS = 100_000  # images of one batch (rows x --num-images)
 GUIDANCE = 100  # the guidance input's magnitude (FLUX.1-dev was distilled on 1 to ~5)
+SURROGATE = re.compile("[\ud800-\udfff]")  # how Python decodes an argument's non-UTF-8 byte
+REFUSED = (ValueError, OSError, RuntimeError)  # bad input (RuntimeError: a link loop, < 3.13)
 
 SIGNALS = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated")}
 STATE: dict[str, Any] = {"running": False, "got": None}  # run_main's main runs; last signal
@@ -25,18 +28,27 @@ def fail(message: object, code: int = 2) -> NoReturn:
     """Stop with one line `error: ...` on stderr; code 2: bad usage, 1: a failure, 130 / 143: a
     signal (which only rank 0 reports under torchrun)."""
     if code not in (130, 143) or os.environ.get("RANK", "0") == "0":
-        line = f"error: {message}\n".encode("utf-8", "backslashreplace").decode()  # odd names too
-        sys.stderr.write(line)
+        sys.stderr.write(f"error: {one_line(message)}\n")
     raise SystemExit(code)
 
 
+def one_line(message: object) -> str:
+    """`message` on one line: a control character, a line break or a lone surrogate (a name's
+    undecodable byte) escaped, but a break before an indented line (a listing of bad files)."""
+    text = "".join(c if c.isprintable() or c == "\n" else ascii(c)[1:-1] for c in str(message))
+    return re.sub(r"\n(?!  )", r"\\n", text)
+
+
 def check_prompt(text: str, what: str) -> str:
-    """`text`, or ValueError naming `what` if it is longer than PROMPT_CHARS (before tokenizing)."""
+    """`text`, or ValueError naming `what` if it is longer than PROMPT_CHARS (before tokenizing)
+    or holds a lone surrogate (an argument's undecodable byte: not text a tokenizer reads)."""
     if len(text) > PROMPT_CHARS:
         raise ValueError(
             f"{what} is {len(text):,} characters: at most {PROMPT_CHARS:,} (T5 reads 512 tokens, "
             "about 2,500 characters): shorten it"
         )
+    if SURROGATE.search(text):
+        raise ValueError(f"{what} is not UTF-8 text (an undecodable byte): give it as UTF-8")
     return text
 
 
@@ -66,7 +78,7 @@ def starting(command: str) -> None:
 
 def one_line_warning(message: Warning | str, *args: Any, **kw: Any) -> str:
     """A warning as the scripts print it: one line `warning: ...` (warnings.formatwarning)."""
-    return f"warning: {message}\n"
+    return f"warning: {one_line(message)}\n"
 
 
 def run_main(main: Callable[[], object]) -> None:

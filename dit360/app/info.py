@@ -6,6 +6,7 @@ a pixel), "loras" ([name, scale, sha256[:12]])}, which batches compare to skip o
 import functools
 import hashlib
 import json
+import os
 import shlex
 import sys
 import warnings
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("image", type=Path)
     p.add_argument("--out", help="the remade image's name in the command (default: NAME-again)")
     args = p.parse_args(argv)
-    if not args.image.is_file():
+    if not os.path.isfile(args.image):  # False, not OSError, on a name too long
         fail(f"{args.image}: no such file")
     rec = read_record(args.image)
     if rec is None:

@@ -22,7 +22,7 @@ from ..load.lora_formats import paired_loras
 from ..load.sources import Sources, resolve_sources
 from ..memory.offload import MODES as OFFLOADS
 from ..speed.kernels import BACKENDS
-from .cli import GUIDANCE, PROMPT_CHARS, SIDE, STEPS, fail  # noqa: F401 (scripts import them)
+from .cli import GUIDANCE, PROMPT_CHARS, SIDE, STEPS, SURROGATE, fail  # noqa: F401 (scripts)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES_16 = (torch.bfloat16, torch.float16)  # what FA3 runs in
@@ -31,8 +31,8 @@ ATTENTION = ("auto", *BACKENDS, "fa3")  # SDPA's kernels and FA3: layers.attenti
 FINITE, UNIT = (math.isfinite, "a finite number"), (lambda v: 0 <= v <= 1, "in [0, 1]")
 GUIDE = (lambda v: abs(v) <= GUIDANCE, f"a finite number from -{GUIDANCE} to {GUIDANCE}")
 PROMPT = (
-    lambda v: v is None or len(v) <= PROMPT_CHARS,
-    f"at most {PROMPT_CHARS:,} characters (T5 reads 512 tokens, about 2,500 characters)",
+    lambda v: v is None or len(v) <= PROMPT_CHARS and not SURROGATE.search(v),
+    f"at most {PROMPT_CHARS:,} characters of UTF-8 text (T5 reads 512 tokens, about 2,500)",
 )
 CHECKS = {  # field: (test of its value, what it must be); NaN fails every comparison
     "lora_scale": (lambda v: all(map(math.isfinite, v if isinstance(v, tuple | list) else [v])),
@@ -151,7 +151,10 @@ class Options:
                 flag += f" ({name})" if "_" in name else ""
                 raise ValueError(f"{flag} must be {what}, got {value!r}")
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(self.device)  # RuntimeError naming the device types if malformed
+        try:
+            dev = torch.device(self.device)
+        except RuntimeError as e:  # torch's line naming the device types
+            raise ValueError(f"--device {self.device}: {e}") from None
         mps = torch.backends.mps.is_available()
         if dev.type not in ("cpu", "cuda") and not (dev.type == "mps" and mps):
             runs = "cpu, cuda, cuda:N or mps" if mps else "cpu, cuda or cuda:N"

@@ -5,6 +5,7 @@ for any file: `python -m dit360.app.view` (`view_main`) and `python -m dit360.ap
 import argparse
 import base64
 import html
+import os
 import re
 import warnings
 from importlib import resources
@@ -118,7 +119,7 @@ def view_main(argv: list[str] | None = None) -> None:
     p.add_argument("image", type=Path, help="an equirectangular panorama (2:1 PNG, JPEG or WebP)")
     p.add_argument("--out", type=Path, help="the page to write (default: IMAGE with .html)")
     args = p.parse_args(argv)
-    if not args.image.is_file():
+    if not os.path.isfile(args.image):  # False, not OSError, on a name too long
         fail(f"{args.image}: no such file")
     if args.out is not None and args.out.suffix.lower() not in (".html", ".htm"):
         fail(f"--out {args.out}: use a .html file name")
@@ -153,9 +154,10 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     files = []
     for path in args.paths:
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES)
-        elif path.is_file():
+        if os.path.isdir(path):  # False, not OSError, on a name too long
+            found = (p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES)
+            files += sorted(p for p in found if p.is_file())  # not a folder x.png, nor a FIFO
+        elif os.path.isfile(path):
             files.append(path)
         else:
             fail(f"{path}: no such file or folder")

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -179,8 +180,22 @@ def resolve(src: str | Path, allow_patterns: list[str] | None = None, expected: 
 
 
 def read_text(path: str | Path) -> str:
-    """A text file read as UTF-8 (a leading BOM dropped); ValueError naming the file if not."""
-    data = Path(path).read_bytes()
+    """A text file read as UTF-8 (a leading BOM dropped); ValueError naming the file if it is not,
+    is not a regular file (a FIFO or /dev/zero: no wait, no read without end) or is over 100 MB."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens without waiting for a writer
+    try:
+        if not stat.S_ISREG((info := os.fstat(fd)).st_mode):  # /dev/zero, a FIFO, a folder
+            raise ValueError(f"{path}: not a regular file: give a text file")
+        with open(fd, "rb", closefd=False) as f:  # its size, and on: /proc's files say 0
+            parts = [f.read(info.st_size + 1)] if info.st_size <= MAX_HEADER else []
+            while parts and sum(map(len, parts)) <= MAX_HEADER and (more := f.read(1 << 20)):
+                parts.append(more)
+    except OSError as e:  # /proc/self/mem's, whose line would not name the file
+        raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    if info.st_size > MAX_HEADER or len(data := b"".join(parts)) > MAX_HEADER:
+        raise ValueError(f"{path}: over {MAX_HEADER:,} bytes, more than a text file we read")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:

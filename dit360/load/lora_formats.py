@@ -366,7 +366,8 @@ def paired_loras(
                 f"--lora-scale {said} needs --lora, which is none: give a LoRA or drop --lora-scale"
             )
         return None, ()
-    if twice := next((n for n in names if names.count(n) > 1), None):
+    same = [os.path.realpath(n) if os.path.exists(n) else n for n in names]  # ./a/ is a
+    if twice := next((n for n, s in zip(names, same, strict=True) if same.count(s) > 1), None):
         raise ValueError(f"--lora {twice} is given twice: give it once, weighted by --lora-scale")
     if len(scales) not in (1, len(names)):
         raise ValueError(
