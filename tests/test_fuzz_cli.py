@@ -24,6 +24,7 @@ import prepare
 import sample
 import train
 from dit360.app import info, outputs
+from dit360.load import files, image
 
 SECONDS, PYTHON_MB = 10, 64
 LONG = "x" * 300  # a file name over the 255 bytes a name may have
@@ -219,3 +220,12 @@ def test_evaluate_skips_what_is_no_file(odd, capsys):
     (src.parent / "mask.png").unlink()  # 2:1 too
     bounded(capsys, outputs.evaluate_main, [str(src.parent)], odd, None)
     assert "mean of 1 panoramas" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("read", [files.open_tensors, image.open_image])
+def test_read_errors_name_the_file(read):
+    """A file whose read fails (/proc/self/mem: EIO at offset 0) is an OSError naming it (the
+    weights reader and the image reader said `[Errno 5] Input/output error`, naming nothing)."""
+    with pytest.raises(OSError) as error:
+        read("/proc/self/mem")
+    assert type(error.value) is OSError and "/proc/self/mem" in str(error.value), error.value

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -345,3 +346,17 @@ def test_prepare_names_a_bad_image_once(tmp_path, capsys):
     for line, name in zip(lines[1:], ("cut.jpg", "head.png"), strict=True):
         assert line.startswith(f"  {photos / name}: not a readable image"), line
         assert line.count(f"{photos / name}: ") == 1, line
+
+
+def test_threads_leave_the_warning_filters(tmp_path):
+    """Images opened by 8 threads at once (data.read_rows' pool; EXIF turned too) leave the
+    process's warning filters as they were: catch_warnings from threads, interleaved, left
+    `ignore` behind, which hid every later warning of the run."""
+    img = Image.new("RGB", (64, 32), (9, 99, 199))
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(path := tmp_path / "turned.jpg", exif=exif)
+    before = list(warnings.filters)
+    with ThreadPoolExecutor(8) as pool:
+        sizes = set(pool.map(lambda _: open_image(path).size, range(400)))
+    assert sizes == {(32, 64)} and warnings.filters == before

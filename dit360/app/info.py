@@ -9,7 +9,6 @@ import json
 import os
 import shlex
 import sys
-import warnings
 from dataclasses import fields
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 from PIL import Image
 
 from ..load.config import FLUX_DEV
+from ..load.image import pil_quiet
 from .options import DTYPES, EditOptions, Parser, SampleOptions, fail
 
 KEY = "dit360"  # our JSON's key; `parameters` is the web UIs'
@@ -90,10 +90,8 @@ def stamp(rec: dict) -> dict[str, str]:
 def read_record(path: str | Path) -> dict | None:
     """The record written into the image at `path`; None if it has none (or is unreadable)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a large or corrupt image: its pixels are not read
-            with Image.open(path) as f:  # text comes before the pixels
-                text = f.info.get(KEY) or f.info.get("comment")
+        with pil_quiet("ignore"), Image.open(path) as f:  # large or corrupt: pixels not read
+            text = f.info.get(KEY) or f.info.get("comment")
         rec = json.loads(text.decode() if isinstance(text, bytes) else text)
     except Exception:  # noqa: BLE001 - PIL and json (deep nesting: RecursionError) fail in many ways
         return None

@@ -75,14 +75,19 @@ def _read_file(path: Path, into: TensorFile | None = None) -> TensorFile:
     """A safetensors header parsed (into `into`: shards), every entry checked before allocating."""
     size = path.stat().st_size
     bad = f"{path} is not a readable safetensors file"
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else size
-        if n > MAX_HEADER:  # the format's limit: read no more (a sparse file may be that large)
-            raise ValueError(f"{bad}: its header claims {n} bytes, over the format's {MAX_HEADER}")
-        if n > size - 8:
-            raise ValueError(f"{bad}: it may be truncated or corrupt, download it again")
-        header = parse_json(f.read(n), f"{bad}: its header")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else size
+            if n > MAX_HEADER:  # the format's limit: read no more (a sparse file may be so large)
+                limit = f"over the format's {MAX_HEADER}"
+                raise ValueError(f"{bad}: its header claims {n} bytes, {limit}")
+            if n > size - 8:
+                raise ValueError(f"{bad}: it may be truncated or corrupt, download it again")
+            header = parse_json(f.read(n), f"{bad}: its header")
+    except OSError as e:  # a read's error (EIO) names no file
+        e.filename = e.filename or str(path)
+        raise
     header = check_json(header, {"__metadata__": STR_MAP}, f"{path}: header")
     if len(header) > MAX_TENSORS:
         raise ValueError(f"{bad}: {len(header)} tensors, more than the {MAX_TENSORS} we read")

@@ -4,7 +4,6 @@ bytes) and `NNNNNN.txt` (the caption, last: a done marker, so a killed run resum
 on `Insta360-Research/Matterport3D_polished` (columns `image`, `caption`)."""
 
 import io
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .files import atomic_path
+from .image import pil_quiet
 
 BATCH = 64  # rows decoded at a time: a row group can be large, a batch of images is not
 SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
@@ -132,10 +132,8 @@ def image_bytes(value: dict | bytes | None, where: str) -> bytes:
 def suffix(data: bytes) -> str:
     """The file suffix of encoded image bytes (.png if PIL cannot tell: prepare says unreadable)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # too large: prepare reads it and says so
-            with Image.open(io.BytesIO(data)) as img:
-                return SUFFIXES.get(img.format, ".png")
+        with pil_quiet("ignore"), Image.open(io.BytesIO(data)) as img:  # too large: prepare says
+            return SUFFIXES.get(img.format, ".png")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
         return ".png"
 

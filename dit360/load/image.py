@@ -2,6 +2,7 @@
 GPano XMP (https://developers.google.com/streetview/spherical-metadata) for 360 viewers."""
 
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +31,18 @@ def from_pil(img: Image.Image, unit: bool = False) -> Tensor:
     return x.permute(2, 0, 1) if unit else x.permute(2, 0, 1) * 2 - 1
 
 
+QUIET = threading.Lock()  # catch_warnings swaps the process's filters: threads (data.py) in turn
+
+
+@contextmanager
+def pil_quiet(bombs: str = "error") -> Iterator[None]:
+    """PIL's warnings dropped (a file's faults are its error), a decompression bomb's an error."""
+    with QUIET, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter(bombs, Image.DecompressionBombWarning)
+        yield
+
+
 @contextmanager
 def loaded(src: str | Path) -> Iterator[Image.Image]:
     """The image file `src` opened and read whole; ValueError naming it if truncated, corrupt, or
@@ -38,11 +51,9 @@ def loaded(src: str | Path) -> Iterator[Image.Image]:
         raise ValueError(f"{src}: not a file (a folder, pipe or device): name an image file")
     f = None
     try:
-        with warnings.catch_warnings():  # the file's faults are its error, not PIL's warnings
-            warnings.simplefilter("ignore")
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pil_quiet():  # the header: its size checked (a bomb), no line of PIL's
             f = Image.open(src)
-            f.load()  # truncated or corrupt files fail here, without naming the file
+        f.load()  # truncated or corrupt files fail here, without naming the file
     except Exception as e:  # noqa: BLE001 - PIL reports a corrupt file with errors of many kinds
         if f is not None:
             f.close()
@@ -50,6 +61,7 @@ def loaded(src: str | Path) -> Iterator[Image.Image]:
             limit = f"at most {Image.MAX_IMAGE_PIXELS:,} pixels: resize it"
             raise ValueError(f"{src}: {e} ({limit})") from None
         if isinstance(e, OSError) and e.errno is not None:  # the file itself: missing, unreadable
+            e.filename = e.filename or str(src)  # a read's error (EIO) names no file
             raise
         raise ValueError(f"{src}: not a readable image ({' '.join(str(e).split())})") from None
     with f:
@@ -76,8 +88,7 @@ def plain(img: Image.Image, name: str) -> Image.Image:
             f"{name}: a 32-bit float image has no standard 8-bit range: save it as 8 or 16 bits"
         )
     try:  # Orientation: a copy only where it turns; a corrupt EXIF block leaves it, as viewers
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with pil_quiet():
             img = ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img
     except Exception:  # noqa: BLE001 - PIL's EXIF parser fails with errors of many kinds
         pass
