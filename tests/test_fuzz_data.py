@@ -212,14 +212,17 @@ BAD_PARQUET = {  # name -> (how the file is made, what the error line says)
     "text": (lambda p: p.write_text("not parquet"), "not a parquet file"),
     "empty": (lambda p: p.write_bytes(b""), "not a parquet file"),
     "cut": (lambda p: (table(p), p.write_bytes(p.read_bytes()[:-9])), "not a parquet file"),
-    "caption bytes": (lambda p: table(p, caption=pa.array([b"a room"])), "binary .* not a text"),
-    "caption int": (lambda p: table(p, caption=pa.array([5])), "int64 .* not a text"),
-    "caption list": (lambda p: table(p, caption=pa.array([["a", "b"]])), "not a text"),
-    "caption null type": (lambda p: table(p, caption=pa.array([None])), "null .* not a text"),
-    "image string": (lambda p: table(p, image=pa.array(["x.png"])), "not an image"),
+    "caption bytes": (
+        lambda p: table(p, caption=pa.array([b"a room"])),
+        "binary in .*, not string",
+    ),
+    "caption int": (lambda p: table(p, caption=pa.array([5])), "int64 in .*, not string"),
+    "caption list": (lambda p: table(p, caption=pa.array([["a", "b"]])), "not string"),
+    "caption null type": (lambda p: table(p, caption=pa.array([None])), "null in .*, not string"),
+    "image string": (lambda p: table(p, image=pa.array(["x.png"])), "not binary"),
     "image bytes int": (
         lambda p: table(p, image=pa.array([{"bytes": 5}], pa.struct([("bytes", pa.int64())]))),
-        "int64 .* not an image",
+        "int64 in .*, not binary",
     ),
     "zero rows": (lambda p: table(p, pa.array([], IMAGE), pa.array([], pa.string())), "no rows"),
 }

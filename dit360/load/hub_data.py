@@ -108,25 +108,23 @@ def open_source(
         except (pa.ArrowException, OSError) as e:
             raise ValueError(f"--hf-dataset {name}: {file} is not a parquet file ({e})") from None
         schema, rows = meta.schema.to_arrow_schema(), rows + meta.num_rows
-        for flag, column in (("--image-column", image), ("--caption-column", caption)):
+        for flag, column, ok in (
+            ("--image-column", image, (pa.binary(), pa.large_binary())),
+            ("--caption-column", caption, (pa.string(), pa.large_string())),
+        ):
             if column not in schema.names:
                 raise ValueError(
                     f"{flag} {column}: no such column in {name} ({file.name}); its columns: "
                     f"{', '.join(schema.names)}"
                 )
-        kind, text = schema.field(image).type, schema.field(caption).type
-        if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
-            kind = kind.field("bytes").type  # the Hub's {bytes, path}
-        if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
-            raise ValueError(
-                f"--image-column {image}: {kind} in {file.name} is not an image column (a struct "
-                "with bytes, or binary); choose it with --image-column"
-            )
-        if not (pa.types.is_string(text) or pa.types.is_large_string(text)):
-            raise ValueError(
-                f"--caption-column {caption}: {text} in {file.name} is not a text column; "
-                "choose it with --caption-column"
-            )
+            kind = schema.field(column).type
+            if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+                kind = kind.field("bytes").type  # the Hub's image: {bytes, path}
+            if kind not in ok:
+                raise ValueError(
+                    f"{flag} {column}: {kind} in {file.name}, not {' or '.join(map(str, ok))} "
+                    f"(an image: its bytes; a caption: text); choose it with {flag}"
+                )
     if not rows:
         raise ValueError(f"--hf-dataset {name}: split {split!r} has no rows; choose another")
     return HubSource(name, files, image, caption, rows)
