@@ -168,15 +168,18 @@ def build_cache(
     encode_text: EncodeText,
 ) -> int:
     """Cache the rows not cached yet (a rank passes its share); returns how many were written."""
-    written = 0
+    todo, stale = [], []
     for row in rows:
         try:
             cache_entry(row, Path(cache_dir), height, model_id)
-            continue
         except FileNotFoundError:
-            pass
-        except ValueError as e:  # a copy cut short, another row's, edited: replaced
-            print(f"warning: {e}: encoding it again", file=sys.stderr)
+            todo.append(row)
+        except ValueError as e:  # a copy cut short, another row's, edited, of a version before
+            todo, stale = [*todo, row], [*stale, e]
+    if stale:  # one line, not one a row (a whole cache may be stale)
+        more = f" and {len(stale) - 1} more" if len(stale) > 1 else ""
+        print(f"warning: {stale[0]}{more}: encoding them again", file=sys.stderr)
+    for row in todo:
         x = from_pil(read_rgb(row.image, 2 * height, height))
         mean, std = encode(torch.stack([x, x.flip(-1)]))  # (2, 16, H/8, W/8): as is, mirrored
         txt, _, vec = encode_text([row.caption])
@@ -186,8 +189,7 @@ def build_cache(
         key = cache_key(row, height, model_id)
         with atomic_path(cache_path(row, Path(cache_dir), height, model_id)) as tmp:
             save_file(tensors, tmp, metadata=dict(row=key))  # a killed run leaves no partial entry
-        written += 1
-    return written
+    return len(todo)
 
 
 @dataclass(frozen=True)
