@@ -101,22 +101,32 @@ def open_source(
         raise ValueError(
             "--hf-dataset needs pyarrow: pip install 'dit360[hub]' (or pip install pyarrow)"
         ) from None
-    files = split_files(fetch(name, split, config), split, config)
-    schema = pq.read_schema(files[0])
-    for flag, column in (("--image-column", image), ("--caption-column", caption)):
-        if column not in schema.names:
-            raise ValueError(
-                f"{flag} {column}: no such column in {name} ({files[0].name}); its columns: "
-                f"{', '.join(schema.names)}"
-            )
-    kind = schema.field(image).type
-    struct = pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
-    if not (struct or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
-        raise ValueError(
-            f"--image-column {image}: {kind} is not an image column (a struct with bytes, or "
-            "binary); choose it with --image-column"
-        )
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    files, rows = split_files(fetch(name, split, config), split, config), 0
+    for file in files:  # each file's columns: a later file may lack them, or hold other types
+        try:
+            meta = pq.ParquetFile(file).metadata
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"--hf-dataset {name}: {file} is not a parquet file ({e})") from None
+        schema, rows = meta.schema.to_arrow_schema(), rows + meta.num_rows
+        for flag, column, ok in (
+            ("--image-column", image, (pa.binary(), pa.large_binary())),
+            ("--caption-column", caption, (pa.string(), pa.large_string())),
+        ):
+            if column not in schema.names:
+                raise ValueError(
+                    f"{flag} {column}: no such column in {name} ({file.name}); its columns: "
+                    f"{', '.join(schema.names)}"
+                )
+            kind = schema.field(column).type
+            if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+                kind = kind.field("bytes").type  # the Hub's image: {bytes, path}
+            if kind not in ok:
+                raise ValueError(
+                    f"{flag} {column}: {kind} in {file.name}, not {' or '.join(map(str, ok))} "
+                    f"(an image: its bytes; a caption: text); choose it with {flag}"
+                )
+    if not rows:
+        raise ValueError(f"--hf-dataset {name}: split {split!r} has no rows; choose another")
     return HubSource(name, files, image, caption, rows)
 
 
@@ -157,7 +167,9 @@ def extract(src: HubSource, folder: Path) -> Path:
     import pyarrow.parquet as pq
 
     folder.mkdir(parents=True, exist_ok=True)
-    done, index = {p.stem for p in folder.glob("*.txt")}, 0
+    names, index = {p.name for p in folder.iterdir() if p.is_file()}, 0
+    done = {n[:-4] for n in names if n.endswith(".txt")}  # a marker counts with its image only
+    done = {n for n in done if any(n + s in names for s in SUFFIXES.values())}
     with tqdm(total=src.rows, desc="dataset", unit="img") as bar:
         for path in src.files:
             pf = pq.ParquetFile(path)

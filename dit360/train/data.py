@@ -7,6 +7,8 @@ encoder. Masks and rolls differ from DiT360's src/dynamic_dataset.py: README, Re
 
 import hashlib
 import json
+import os
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -16,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -25,12 +26,13 @@ from ..app.cli import check_prompt
 from ..app.panorama import PATCH, token_mask
 from ..core.loss import HybridSchedule
 from ..core.sampling import Conditioning
-from ..load.files import atomic_path, read_text
+from ..load.files import TensorFile, atomic_path, open_tensors, read_text
 from ..load.image import from_pil, open_image, read_mask, read_rgb
 
 AUGMENT_STREAM = 0  # seeded(seed, epoch, AUGMENT_STREAM, index): a panorama's flip and roll
 READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
 Encode = Callable[[Tensor], tuple[Tensor, Tensor]]  # pixels (B, 3, H, W) -> posterior mean, std
+CACHED = ("mean", "std", "mean_flip", "std_flip", "txt", "vec")  # a cache entry's tensors
 EncodeText = Callable[[list[str]], tuple[Tensor, Tensor, Tensor]]  # -> txt, txt_ids, vec
 
 
@@ -122,12 +124,38 @@ def read_rows(
     return rows
 
 
-def cache_path(row: Row, cache_dir: Path, height: int, model_id: str) -> Path:
-    """The cache file of a row: a hash of the image file's identity, caption, size and model."""
+def cache_key(row: Row, height: int, model_id: str) -> str:
+    """What a row's cache entry is made of: the image file's identity, caption, size and model."""
     stat = row.image.stat()
     key = [str(row.image.resolve()), stat.st_size, stat.st_mtime_ns, row.caption, height, model_id]
-    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
+    return json.dumps(key)
+
+
+def cache_path(row: Row, cache_dir: Path, height: int, model_id: str) -> Path:
+    """The cache file of a row: named by a hash of its key."""
+    digest = hashlib.sha256(cache_key(row, height, model_id).encode()).hexdigest()[:32]
     return Path(cache_dir) / digest[:2] / f"{digest}.safetensors"
+
+
+def cache_entry(row: Row, cache_dir: Path, height: int, model_id: str) -> TensorFile:
+    """A row's cache entry, its header checked: made for this row and settings (its key, written
+    in it: a file copied or renamed is not), float32 latents of the size; ValueError if not."""
+    path = cache_path(row, cache_dir, height, model_id)
+    if not os.path.lexists(path):
+        raise FileNotFoundError(f"{row.source} ({row.image.name}) is not cached ({path})")
+    if not path.is_file():  # not ours to replace: a user's folder
+        raise OSError(f"cache entry {path} is not a file: move it out of {cache_dir}")
+    f = open_tensors(path)  # its header bounded and checked
+    shapes = [f.shapes.get(k, ()) for k in CACHED]
+    if (
+        f.metadata.get("row") != cache_key(row, height, model_id)
+        or set(f.shapes) != set(CACHED)
+        or set(f.dtypes.values()) != {torch.float32}
+        or {s[1:] for s in shapes[:4]} != {(height // 8, height // 4)}
+        or [len(s) for s in shapes] != [3, 3, 3, 3, 2, 1]
+    ):
+        raise ValueError(f"cache entry {path} was not made for {row.source} with these settings")
+    return f
 
 
 @torch.no_grad()
@@ -140,20 +168,28 @@ def build_cache(
     encode_text: EncodeText,
 ) -> int:
     """Cache the rows not cached yet (a rank passes its share); returns how many were written."""
-    written = 0
+    todo, stale = [], []
     for row in rows:
-        path = cache_path(row, Path(cache_dir), height, model_id)
-        if path.exists():
-            continue
+        try:
+            cache_entry(row, Path(cache_dir), height, model_id)
+        except FileNotFoundError:
+            todo.append(row)
+        except ValueError as e:  # a copy cut short, another row's, edited, of a version before
+            todo, stale = [*todo, row], [*stale, e]
+    if stale:  # one line, not one a row (a whole cache may be stale)
+        more = f" and {len(stale) - 1} more" if len(stale) > 1 else ""
+        print(f"warning: {stale[0]}{more}: encoding them again", file=sys.stderr)
+    for row in todo:
         x = from_pil(read_rgb(row.image, 2 * height, height))
         mean, std = encode(torch.stack([x, x.flip(-1)]))  # (2, 16, H/8, W/8): as is, mirrored
         txt, _, vec = encode_text([row.caption])
         tensors = dict(mean=mean[0], std=std[0], mean_flip=mean[1], std_flip=std[1])
         tensors |= dict(txt=txt[0], vec=vec[0])
-        with atomic_path(path) as tmp:  # a killed run leaves no partial entry
-            save_file({k: v.to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, tmp)
-        written += 1
-    return written
+        tensors = {k: v.to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+        key = cache_key(row, height, model_id)
+        with atomic_path(cache_path(row, Path(cache_dir), height, model_id)) as tmp:
+            save_file(tensors, tmp, metadata=dict(row=key))  # a killed run leaves no partial entry
+    return len(todo)
 
 
 @dataclass(frozen=True)
@@ -212,14 +248,16 @@ def load_sample(source: Source, kind: str, index: int, epoch: int) -> dict:
         pixels = from_pil(read_rgb(row.image, 2 * h, h))  # (3, H, W)
         sample["pixels"] = augment(pixels, flip, shift * PATCH)
         return sample
-    path = cache_path(row, source.cache_dir, h, source.model_id)
-    if not path.exists():
-        raise FileNotFoundError(f"{row.source} ({row.image.name}) is not cached: run build_cache")
-    with safe_open(path, "pt") as f:  # only this flip's entries are read
-        for key in ("mean", "std"):
-            x = f.get_tensor(key + ("_flip" if flip else ""))  # (16, H/8, W/8)
-            sample[key] = torch.roll(x, 2 * shift, dims=-1)  # 2 latent columns a token
-        sample["txt"], sample["vec"] = f.get_tensor("txt"), f.get_tensor("vec")
+    try:  # checked again (a file may change during the run); OSError: train.py stops on one line
+        f = cache_entry(row, source.cache_dir, h, source.model_id)
+    except ValueError as e:
+        raise OSError(f"{e}: delete it, then --resume (it is encoded again)") from None
+    for key in ("mean", "std"):  # only this flip's entries are read
+        x = f.get(key + ("_flip" if flip else ""))  # (16, H/8, W/8)
+        sample[key] = torch.roll(x, 2 * shift, dims=-1)  # 2 latent columns a token
+    sample["txt"], sample["vec"] = f.get("txt"), f.get("vec")
+    if not all(torch.isfinite(sample[k]).all() for k in ("mean", "std", "txt", "vec")):
+        raise OSError(f"cache entry {f.source} holds non-finite values: delete it, then --resume")
     return sample
 
 
