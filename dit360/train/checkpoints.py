@@ -38,8 +38,7 @@ OUTPUTS = re.compile(
     r"|samples/step-\d+/\d+\.png|tensorboard/events\.out\.tfevents\.[^/]+"
 )
 FOLDERS = re.compile(r"lora|checkpoints(/step-\d+(/lora)?)?|samples(/step-\d+)?|tensorboard")
-# Where a run writes: what is there must be of the kind it writes (no link), and a checkpoint
-# (replaced whole) holds only a checkpoint's files.
+# Where a run writes (check_out): a checkpoint, replaced whole, holds only a checkpoint's files.
 LAYOUT = re.compile(rf"{OUTPUTS.pattern}|{FOLDERS.pattern}|checkpoints/step-\d+/.+")
 OWN_FOLDERS = ("lora", "checkpoints", "samples", "tensorboard")
 IDLE = {MARKER, "args.json", "log.jsonl", "cache"}  # a run stopped before its first step
@@ -65,14 +64,11 @@ def check_out(out: Path, args: argparse.Namespace) -> None:
     ours = [p for name in OWN_FOLDERS for p in (out / name, *(out / name).rglob("*"))]
     if linked := [p for p in ours if p.is_symlink() and p.is_dir()]:  # we write through no link
         fail(f"--out {out}: {linked[0]} is a link to a folder; a run writes only inside --out")
-    rel = {p: p.relative_to(out).as_posix() for p in ours if os.path.lexists(p)}
-    if odd := [
-        p
-        for p, r in rel.items()
-        if LAYOUT.fullmatch(r)
-        and (p.is_symlink() or not (FOLDERS if p.is_dir() else OUTPUTS).fullmatch(r))
-    ]:
-        fail(f"--out {out}: {odd[0]} is not what a run writes there: move it out of --out")
+    for p in ours:  # where a run writes: what it writes, of its kind (a file, a folder; no link)
+        rel = p.relative_to(out).as_posix()
+        own = (FOLDERS if p.is_dir() else OUTPUTS).fullmatch(rel) and not p.is_symlink()
+        if LAYOUT.fullmatch(rel) and os.path.lexists(p) and not own:
+            fail(f"--out {out}: {p} is not what a run writes there: move it out of --out")
     log = out / "log.jsonl"
     idle = set(names) <= IDLE and not (log.is_file() and log.stat().st_size)
     if not (idle or args.resume or args.overwrite):
