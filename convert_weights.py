@@ -115,7 +115,7 @@ def check_out(out: Path, kind: str, inputs: dict[str, str | tuple[str, ...] | No
     input (or a folder holding one, or inside one), a folder holding more than a previous output."""
     for flag, srcs in inputs.items():
         for src in [srcs] if isinstance(srcs, str) else srcs or ():
-            o, i = out.resolve(), Path(src).resolve()
+            o, i = Path(os.path.realpath(out)), Path(os.path.realpath(src))  # a loop: no raise
             what = {o == i: "is", o in i.parents: "holds", i in o.parents: "lies inside"}.get(True)
             if what and Path(src).exists():
                 fail(f"--out {out} {what} {flag} {src}: choose an --out apart from the inputs")

@@ -28,6 +28,7 @@ if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while import
 
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -109,7 +110,7 @@ def check_not_source(out: str | Path, flag: str, sources: dict[str, str | Path |
     """ValueError if the output `out` (given by `flag`) is one of the `sources` ({what: path}):
     the edit would overwrite its own input."""
     for what, src in sources.items():
-        if src is not None and Path(src).resolve() == Path(out).resolve():
+        if src is not None and os.path.realpath(src) == os.path.realpath(out):  # a loop: no raise
             raise ValueError(
                 f"{flag} {out} is {what}, which the edit would overwrite: choose another {flag}"
             )
@@ -173,7 +174,7 @@ def edit_jobs(args: argparse.Namespace, opts: EditOptions) -> list[EditJob]:
         if other := inputs.get(job.out.resolve()):  # another edit's source: never overwritten
             check_not_source(job.out, '"out"', {other: job.out})
 
-    return checked_jobs(args.edits, lines(), check)
+    return checked_jobs(args.edits, lines(), check, args)
 
 
 def run_edits(args: argparse.Namespace) -> None:

@@ -116,7 +116,7 @@ def batch_jobs(args: argparse.Namespace, opts: SampleOptions) -> list[Job]:
                 sets = {k: row.get(k) for k in Job.SETS}
                 yield n, Job(row["prompt"], seed, out, **sets)
 
-    jobs = checked_jobs(src, lines(), lambda job: job_options(opts, job))
+    jobs = checked_jobs(src, lines(), lambda job: job_options(opts, job), args)
     if opts.true_cfg == 1 and any(job.negative_prompt is not None for job in jobs):
         warnings.warn(f'{src}: "negative_prompt" is ignored at --true-cfg 1: give --true-cfg > 1',
                       stacklevel=2)  # fmt: skip

@@ -30,7 +30,14 @@ import sample
 import train
 from dit360.load.files import atomic_path, clean_temps
 from dit360.train import checkpoints
-from dit360.train.checkpoints import MARKER, OUTPUTS, remove_outputs, save_checkpoint, start_run
+from dit360.train.checkpoints import (
+    MARKER,
+    OUTPUTS,
+    STATE,
+    remove_outputs,
+    save_checkpoint,
+    start_run,
+)
 
 data = test_train.data  # the tiny training rows, module-scoped here too
 
@@ -286,7 +293,11 @@ def test_outputs_through_a_dangling_link_are_refused_up_front(
     make_images(work / "pano", {"a.png": (64, 32)})
     link.symlink_to(work / "nowhere")
     cases = [
-        (sample.main, sample_args(tiny_flux, link / "x.png"), r"cannot write \S+x\.png: check"),
+        (
+            sample.main,
+            sample_args(tiny_flux, link / "x.png"),
+            r"cannot write --out \S+x\.png: check",
+        ),
         (
             convert_weights.main,
             ["--base", str(tiny_flux), "--out", str(link / "f.safetensors")],
@@ -310,3 +321,114 @@ def test_prepare_replaces_only_a_runs_files_folders(tmp_path, capsys):
     before = hashes(tmp_path / "data")
     prepare.main(["--out", str(tmp_path / "data"), "--pano", str(tmp_path / "pano")])
     assert before.items() <= hashes(tmp_path / "data").items()
+
+
+# --- refused up front, not late: every output of a command, links loops, a run's folders --------
+# (each case failed late, exit 1 after the work, or named no flag, before these rules)
+
+BESIDE = [("--viewer", "{}.html"), ("--captions", "{}.txt"), ("--cubemap", "{}-nz.png")]
+
+
+def edit_argv(tiny_flux, folder: Path, out: Path, *extra: str) -> list[str]:
+    """edit.py's one edit of a source and mask (written in folder/src), to `out`."""
+    (folder / "src").mkdir(exist_ok=True)
+    image, mask = sources(folder / "src") / "a" / "src.png", folder / "src" / "a" / "mask.png"
+    argv = ["--image", str(image), "--mask", str(mask), "--prompt", "p", "--out", str(out)]
+    return flags(tiny_flux, *argv, *extra)
+
+
+@pytest.mark.parametrize(("flag", "name"), BESIDE)
+def test_files_beside_the_panorama_are_checked_up_front(
+    tiny_flux, tmp_path, capsys, monkeypatch, flag, name
+):
+    """The file a flag writes beside --out (or beside a batch's output) that is a folder: one
+    line naming it, exit 2, before any model loads (it failed after the panorama was written)."""
+    no_loads(monkeypatch)
+    (tmp_path / name.format("x")).mkdir()
+    (tmp_path / "b" / name.format("x-seed4")).mkdir(parents=True)
+    match = rf"{name.format('x')} \(beside --out \S+x\.png\): it is a folder"
+    runs = [
+        (sample.main, sample_args(tiny_flux, tmp_path / "x.png", flag)),
+        (edit.main, edit_argv(tiny_flux, tmp_path, tmp_path / "x.png", flag)),
+        (sample.main, sample_args(tiny_flux, tmp_path / "b" / "x.png", flag, "--num-images", "2")),
+    ]
+    for i, (main, argv) in enumerate(runs):
+        expect_error(capsys, main, argv, tmp_path, match if i < 2 else r"--prompt:1: .*folder")
+
+
+def test_outputs_through_a_link_loop_are_one_line_naming_out(tiny_flux, tmp_path, capsys):
+    """--out through a symbolic-link loop (a link to itself, two links to each other, a folder
+    below one): one line naming --out, exit 2, before any weight is read (convert_weights.py
+    raised a traceback or failed late; edit.py's line named no flag)."""
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "b").symlink_to(tmp_path / "c")
+    (tmp_path / "c").symlink_to(tmp_path / "b")
+    for below in ["loop", "b", "loop/sub"]:
+        out = tmp_path / below / "x"
+        for argv in [[], ["--to", "diffusers"]]:
+            argv += ["--base", str(tiny_flux), "--out", f"{out}{'' if argv else '.safetensors'}"]
+            expect_error(capsys, convert_weights.main, argv, tmp_path, rf"--out \S+{below}/x")
+        argv = edit_argv(tiny_flux, tmp_path, out.with_suffix(".png"))
+        expect_error(capsys, edit.main, argv, tmp_path, rf"--out \S+{below}/x\.png: check")
+        argv = sample_args(tiny_flux, out.with_suffix(".png"))
+        expect_error(capsys, sample.main, argv, tmp_path, rf"--out \S+{below}/x\.png: check")
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        "checkpoints/step-00000004/notes.txt",  # a step the resumed run writes again
+        "checkpoints/step-00000004/lora/mine/",
+        "checkpoints/step-00000006",  # a file where the checkpoint's folder goes
+        "lora/adapter_model.safetensors/",  # a folder where the LoRA's file goes
+        "samples/step-00000002/00.png/",
+        "checkpoints/step-00000004/state.safetensors -> notes.txt",
+    ],
+)
+@pytest.mark.parametrize("mode", ["--resume", "--overwrite"])
+def test_a_runs_folders_hold_only_its_layout(tiny_flux, data, tmp_path, capsys, odd, mode):
+    """A marked run whose folders hold, where the run writes, what it does not write (a user's
+    file in a checkpoint folder, a folder where a file goes, a link): --resume and --overwrite
+    are one line naming it, exit 2, up front (the checkpoint's save failed late, exit 1)."""
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-00000002" / "lora").mkdir(parents=True)
+    (out / "checkpoints" / "step-00000002" / STATE).write_text("a checkpoint")
+    (out / MARKER).write_text("a run")
+    (out / "log.jsonl").write_text('{"step": 2}\n')
+    (tmp_path / "notes.txt").write_text("mine")
+    name, _, target = odd.partition(" -> ")
+    (out / name).parent.mkdir(parents=True, exist_ok=True)
+    if target:
+        (out / name).symlink_to(tmp_path / target)
+    elif name.endswith("/"):
+        (out / name).mkdir()
+    else:
+        (out / name).write_text("mine")
+    argv = train_args(tiny_flux, data, out, "--max-steps", "6", "--save-every", "2", mode)
+    expect_error(capsys, train.main, argv, tmp_path, rf"{name.rstrip('/')} is not what a run")
+
+
+def test_a_read_only_out_is_not_replaced(tiny_flux, tmp_path, capsys, monkeypatch):
+    """An existing --out (or a file beside it) its owner made read-only: sample.py and edit.py
+    refuse it up front (they silently replaced it), as cp and shell redirection do; a batch
+    output made with other settings that is read-only is refused by --overwrite too."""
+    no_loads(monkeypatch)
+    for name in ["x.png", "y.html", "b/x-seed4.png"]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"mine")
+        (tmp_path / name).chmod(0o444)
+    fix = r": it is read-only: chmod u\+w it or choose another --out"
+    for argv, shown in [
+        ([], rf"--out \S+x\.png{fix}"),
+        (["--viewer"], rf"y\.html \(beside --out \S+\){fix}"),
+    ]:
+        out = tmp_path / ("y.png" if argv else "x.png")
+        expect_error(capsys, sample.main, sample_args(tiny_flux, out, *argv), tmp_path, shown)
+        expect_error(capsys, edit.main, edit_argv(tiny_flux, tmp_path, out, *argv), tmp_path, shown)
+    batch = sample_args(tiny_flux, tmp_path / "b" / "x.png", "--num-images", "2")
+    expect_error(
+        capsys, sample.main, batch, tmp_path, r"records no settings\): --overwrite replaces"
+    )
+    expect_error(
+        capsys, sample.main, [*batch, "--overwrite"], tmp_path, r"x-seed4\.png: it is read"
+    )

@@ -287,8 +287,9 @@ class Payload:
 
 
 def test_a_pickle_checkpoint_runs_nothing(tiny_flux, data, trained, tmp_path, capsys):
-    """A newer checkpoint made of pickles (DCP's .metadata, a .distcp, a fake state file) is
-    skipped with a warning and never unpickled; the resume uses the latest real one."""
+    """A newer checkpoint made of pickles (DCP's .metadata, a .distcp: refused up front, as any
+    file a checkpoint does not hold; a fake state file) is skipped with a warning and never
+    unpickled; the resume uses the latest real one."""
     out, marker = tmp_path / "run", tmp_path / "pwned"
     shutil.copytree(trained, out)
     payload = pickle.dumps(Payload(marker))
@@ -299,7 +300,11 @@ def test_a_pickle_checkpoint_runs_nothing(tiny_flux, data, trained, tmp_path, ca
     crafted.mkdir()
     for name in (".metadata", "__0_0.distcp", STATE):
         (crafted / name).write_bytes(payload)
-    train.main(args(tiny_flux, data, out, *RUN, "--resume"))
+    argv = args(tiny_flux, data, out, *RUN, "--resume")
+    expect_error(capsys, train.main, argv, out, r"step-00000009/\S+ is not what a run writes")
+    for name in (".metadata", "__0_0.distcp"):  # not of a checkpoint's layout: refused, now gone
+        (crafted / name).unlink()
+    train.main(argv)
     assert "warning: skipping checkpoint" in capsys.readouterr().err
     expect_error(
         capsys, train.main, args(tiny_flux, data, out, *RUN, "--resume", str(crafted)), out,

@@ -19,19 +19,23 @@ from .cli import JOBS, REFUSED, check_prompt
 from .generate import Job, check_inputs
 from .info import difference, read_record, stamp
 from .options import Options, fail, from_args, warnings_last
+from .outputs import beside
 
 J = TypeVar("J", bound=Job)
 Types = type | tuple[type, ...]
 
 
-def checked(cls: type, args: argparse.Namespace, out: Path | None = None) -> tuple[Options, Path]:
-    """The options (`cls`) and output path (`out`, or --out) checked before anything slow."""
+def checked(
+    cls: type, args: argparse.Namespace, batch: bool = False
+) -> tuple[Options, Path | None]:
+    """The options (`cls`) and --out with the files beside it (not in a `batch`: its jobs' are)
+    checked before anything slow."""
     with warnings_last():
         try:
             opts = from_args(cls, args)
             if getattr(args, "prompt", None):
                 check_prompt(args.prompt, "--prompt")
-            out = check_output_path(out or args.out)
+            out = None if batch else check_output_path(args.out, "--out", beside(args.out, args))
             check_inputs(opts)  # every weight file found and its headers checked
         except REFUSED as e:
             fail(e)
@@ -43,7 +47,7 @@ def checked_batch(
 ) -> tuple[Options, list]:
     """A batch's options and jobs (`make_jobs`), their `existing` outputs checked (`record_for`)."""
     with warnings_last():
-        opts = checked(cls, args, args.out_dir / "x.png")[0]
+        opts = checked(cls, args, batch=True)[0]
         try:
             jobs = make_jobs(args, opts)
             existing(share(jobs), record_for(opts), args.overwrite)
@@ -123,9 +127,13 @@ def read_rows(
 
 
 def checked_jobs(
-    src: str | Path, lines: Iterable[tuple[int, J]], check: Callable[[J], object]
+    src: str | Path,
+    lines: Iterable[tuple[int, J]],
+    check: Callable[[J], object],
+    args: argparse.Namespace,
 ) -> list[J]:
-    """The jobs, each passing `check` with its own valid output; else ValueError at `src`:line."""
+    """The jobs, each passing `check` with its own valid outputs (those that exist are replaced
+    only by --overwrite: `existing`); else ValueError at `src`:line."""
     jobs, seen = [], {}
     for n, job in lines:
         where = f"{src}:{n}"
@@ -135,7 +143,7 @@ def checked_jobs(
             )
         try:
             check(job)
-            check_output_path(job.out)
+            check_output_path(job.out, beside=beside(job.out, args), replace=False)
         except (ValueError, OSError) as e:
             raise ValueError(f"{where}: {e}") from None
         if job.out.resolve() in seen:
@@ -173,6 +181,7 @@ def existing(
                     f"{job.out} exists, made with other settings ({why}): --overwrite replaces "
                     "it, or choose another --out-dir"
                 )
+            check_output_path(job.out)  # replaced: not if read-only
             todo.append(job)
     return todo, stamps
 

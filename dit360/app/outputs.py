@@ -64,12 +64,18 @@ def write_cubemap(image: Image.Image, path: Path, size: int | None = None) -> li
     return wrote
 
 
-def extras_missing(path: Path, args: argparse.Namespace) -> bool:
-    """Whether the flags ask for a file beside the panorama `path` that is not there (a resumed
-    batch makes them for the images it skips)."""
+def beside(path: str | Path, args: argparse.Namespace) -> list[Path]:
+    """The files the flags ask for beside the panorama `path`."""
+    path = Path(path)
     cube = [f"-{f}{path.suffix}" for f in (*FACES, "cross")] * args.cubemap
     names = [".html"] * args.viewer + [".txt"] * args.captions + cube
-    return any(not path.with_name(path.stem + name).exists() for name in names)
+    return [path.with_name(path.stem + name) for name in names]
+
+
+def extras_missing(path: Path, args: argparse.Namespace) -> bool:
+    """Whether a file `beside` the panorama `path` is not there (a resumed batch makes them for
+    the images it skips)."""
+    return not all(p.exists() for p in beside(path, args))
 
 
 def write_extras(image: Image.Image, path: Path, args: argparse.Namespace, prompt: str) -> str:

@@ -4,7 +4,7 @@ GPano XMP (https://developers.google.com/streetview/spherical-metadata) for 360 
 import os
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -150,27 +150,38 @@ def gpano_xmp(width: int, height: int) -> bytes:
     ).encode()
 
 
-def check_output_path(path: str | Path) -> Path:
-    """Fail early (before any model runs) on an output path that cannot be written."""
-    path = Path(path)
+def check_output_path(
+    path: str | Path, flag: str = "", beside: Iterable[Path] = (), replace: bool = True
+) -> Path:
+    """Fail early (before any model runs) on an output path (given by `flag`), or a file written
+    `beside` it, that cannot be written, or is read-only and would be replaced (`replace`)."""
+    path, named = Path(path), f"{flag} {path}".lstrip()
     if path.suffix.lower() not in FORMATS:
-        raise ValueError(f"{path}: use a .png, .jpg or .jpeg file name")
+        raise ValueError(f"{named}: use a .png, .jpg or .jpeg file name")
     try:  # a name that is not UTF-8 could be written, but not printed or put in a viewer page
         str(path).encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError(f"{path}: the name is not UTF-8 text: choose a UTF-8 name") from None
-    if path.is_dir():
-        raise IsADirectoryError(
-            f"cannot write {path}: it is a folder; choose another file name or remove the folder"
-        )
-    if path.is_symlink():  # replacing it would replace the link, not what it points to
-        raise ValueError(
-            f"cannot write {path}: it is a symbolic link (to {os.readlink(path)}); name the file "
-            "it points to, or another file"
-        )
+        raise ValueError(f"{named}: the name is not UTF-8 text: choose a UTF-8 name") from None
+    for out in [path, *beside]:
+        name = named if out == path else f"{out} (beside {named})"
+        if out.is_dir():
+            raise IsADirectoryError(
+                f"cannot write {name}: it is a folder; choose another file name or remove it"
+            )
+        if out.is_symlink():  # replacing it would replace the link, not what it points to
+            raise ValueError(
+                f"cannot write {name}: it is a symbolic link (to {os.readlink(out)}); name the "
+                "file it points to, or another file"
+            )
+        writable = os.access(out, os.W_OK) and out.stat().st_mode & 0o222  # root: the mode
+        if replace and out.exists() and not writable:  # "do not replace", as cp and > hear it
+            raise PermissionError(
+                f"cannot write {name}: it is read-only: chmod u+w it or choose another "
+                + (flag or "file")
+            )
     parent = next(p for p in path.absolute().parents if os.path.lexists(p))  # a link: its target
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write {path}: check the folder exists and is writable")
+        raise PermissionError(f"cannot write {named}: check the folder exists and is writable")
     return path
 
 

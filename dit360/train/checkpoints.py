@@ -38,6 +38,8 @@ OUTPUTS = re.compile(
     r"|samples/step-\d+/\d+\.png|tensorboard/events\.out\.tfevents\.[^/]+"
 )
 FOLDERS = re.compile(r"lora|checkpoints(/step-\d+(/lora)?)?|samples(/step-\d+)?|tensorboard")
+# Where a run writes (check_out): a checkpoint, replaced whole, holds only a checkpoint's files.
+LAYOUT = re.compile(rf"{OUTPUTS.pattern}|{FOLDERS.pattern}|checkpoints/step-\d+/.+")
 OWN_FOLDERS = ("lora", "checkpoints", "samples", "tensorboard")
 IDLE = {MARKER, "args.json", "log.jsonl", "cache"}  # a run stopped before its first step
 # A resume must keep them: the counters index the data order and every random draw, and these fix
@@ -62,6 +64,11 @@ def check_out(out: Path, args: argparse.Namespace) -> None:
     ours = [p for name in OWN_FOLDERS for p in (out / name, *(out / name).rglob("*"))]
     if linked := [p for p in ours if p.is_symlink() and p.is_dir()]:  # we write through no link
         fail(f"--out {out}: {linked[0]} is a link to a folder; a run writes only inside --out")
+    for p in ours:  # where a run writes: what it writes, of its kind (a file, a folder; no link)
+        rel = p.relative_to(out).as_posix()
+        own = (FOLDERS if p.is_dir() else OUTPUTS).fullmatch(rel) and not p.is_symlink()
+        if LAYOUT.fullmatch(rel) and os.path.lexists(p) and not own:
+            fail(f"--out {out}: {p} is not what a run writes there: move it out of --out")
     log = out / "log.jsonl"
     idle = set(names) <= IDLE and not (log.is_file() and log.stat().st_size)
     if not (idle or args.resume or args.overwrite):
