@@ -151,8 +151,10 @@ def edit_jobs(args: argparse.Namespace, opts: EditOptions) -> list[EditJob]:
     keeps something and generates something, the output is new to the batch); ValueError if bad."""
     rows = read_rows(args.edits, "--edits", KEYS, SINGLE)
     folder, size = args.edits.parent, (2 * args.height, args.height)
-    inputs = {
-        (folder / r[k]).resolve(): f'line {n}\'s "{k}"' for n, r in rows for k in ("image", "mask")
+    inputs = {  # every row's sources, resolved (realpath: a link loop does not raise)
+        os.path.realpath(folder / r[k]): f'line {n}\'s "{k}"'
+        for n, r in rows
+        for k in ("image", "mask")
     }
 
     def lines() -> Iterator[tuple[int, EditJob]]:
@@ -171,8 +173,8 @@ def edit_jobs(args: argparse.Namespace, opts: EditOptions) -> list[EditJob]:
             warnings.simplefilter("ignore")
             check_ratio(job.image, check_job(job, opts), args.resize)
         check_not_source(job.out, '"out"', {'its "image"': job.image, 'its "mask"': job.mask})
-        if other := inputs.get(job.out.resolve()):  # another edit's source: never overwritten
-            check_not_source(job.out, '"out"', {other: job.out})
+        if other := inputs.get(os.path.realpath(job.out)):  # another edit's source
+            raise ValueError(f'"out" {job.out} is {other}, which the batch reads: choose another')
 
     return checked_jobs(args.edits, lines(), check, args)
 

@@ -229,3 +229,13 @@ def test_read_errors_name_the_file(read):
     with pytest.raises(OSError) as error:
         read("/proc/self/mem")
     assert type(error.value) is OSError and "/proc/self/mem" in str(error.value), error.value
+
+
+def test_training_warnings_are_one_line(capsys):
+    """warn0 (a lock's, a checkpoint's warning) escapes what a path may hold: a line break, ESC."""
+    from dit360.train.distributed import warn0
+
+    warn0("skipping checkpoint out/a\nb\x1b[2Kc: unreadable")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err, err
+    assert err == "warning: skipping checkpoint out/a\\nb\\x1b[2Kc: unreadable\n"

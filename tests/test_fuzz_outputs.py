@@ -177,7 +177,7 @@ ENTRIES = st.dictionaries(
 @given(old=ENTRIES)
 def test_a_folder_output_never_empties_a_folder_inside_it(tmp_path_factory, old):
     """Replacing a folder output over a previous one of files, folders and links (to a user's
-    folder outside): with a folder in it the replacement fails and the folder keeps its files;
+    folder outside): with a folder in it the replacement fails and the old output stays whole;
     else the new output stands whole. A link goes as a link; no temporary is left."""
     root = tmp_path_factory.mktemp("atomic")
     out, user = root / "out", root / "user"
@@ -195,12 +195,14 @@ def test_a_folder_output_never_empties_a_folder_inside_it(tmp_path_factory, old)
             (out / name).symlink_to(user if "folder" in kind else user / "x")
     outside, folders = hashes(user), {n for n, k in old.items() if k == "folder"}
     below = {k: v for k, v in hashes(out).items() if k.split("/")[0] in folders}
+    before = hashes(out)
     try:
         with atomic_path(out) as tmp:
             tmp.mkdir()
             (tmp / "config.json").write_text("new")
     except IsADirectoryError:
         assert folders and below.items() <= hashes(out).items()
+        assert hashes(out) == before  # refused before any file of the old output went
     else:
         assert not folders and hashes(out) == {"config.json": hashlib.sha256(b"new").hexdigest()}
     assert hashes(user) == outside

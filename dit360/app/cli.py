@@ -32,11 +32,16 @@ def fail(message: object, code: int = 2) -> NoReturn:
     raise SystemExit(code)
 
 
+def printable(text: object) -> str:
+    """`text` with its characters that are not printable but line breaks escaped: a control
+    character (\\r, ESC: they could show the terminal another text), a lone surrogate (a name's
+    undecodable byte)."""
+    return "".join(c if c.isprintable() or c == "\n" else ascii(c)[1:-1] for c in str(text))
+
+
 def one_line(message: object) -> str:
-    """`message` on one line: a control character, a line break or a lone surrogate (a name's
-    undecodable byte) escaped, but a break before an indented line (a listing of bad files)."""
-    text = "".join(c if c.isprintable() or c == "\n" else ascii(c)[1:-1] for c in str(message))
-    return re.sub(r"\n(?!  )", r"\\n", text)
+    """`message` `printable` on one line, but a break before an indented line (a listing)."""
+    return re.sub(r"\n(?!  )", r"\\n", printable(message))
 
 
 def check_prompt(text: str, what: str) -> str:

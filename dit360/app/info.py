@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..load.config import FLUX_DEV
 from ..load.image import pil_quiet
+from .cli import printable
 from .options import DTYPES, EditOptions, Parser, SampleOptions, fail
 
 KEY = "dit360"  # our JSON's key; `parameters` is the web UIs'
@@ -117,12 +118,6 @@ def escaped(c: str) -> str:
     return "\\'" if c == "'" else c.encode("unicode_escape").decode()
 
 
-def shown(text: str) -> str:
-    """`text` with its characters that are not printable but newlines escaped (\\r, ESC...: they
-    could show the terminal another text)."""
-    return "".join(c if c.isprintable() or c == "\n" else escaped(c) for c in text)
-
-
 def quote(arg: str) -> str:
     """A shell word for `arg` on one line: bash's $'...' where it holds \\n, \\r, ESC... (they
     could show another command than the one pasted), else shlex's."""
@@ -165,7 +160,10 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"{args.image}: records no dit360 settings (made by another tool, or an older dit360)")
     out = args.out or args.image.with_name(f"{args.image.stem}-again{args.image.suffix}")
     try:  # all of it made before a line is printed: a malformed record is one error
-        lines = [shown(parameters(rec)), shown(json.dumps(rec, indent=1, ensure_ascii=False))]
+        lines = [
+            printable(parameters(rec)),
+            printable(json.dumps(rec, indent=1, ensure_ascii=False)),
+        ]
         lines.append(" ".join(map(quote, command(rec, out))))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         fail(f"{args.image}: its dit360 settings are malformed ({e!r:.80})")

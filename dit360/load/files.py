@@ -66,6 +66,7 @@ class TensorFile:
 
 # Limits of the safetensors format (its header is at most 100 MB) and of what we accept in one file.
 MAX_HEADER, MAX_TENSORS, MAX_DIM = 100_000_000, 100_000, 2**40
+MAX_TEXT = 100_000_000  # a text file we read (prompts, rows): far more than any real one
 # A regular expression's length, a module name's (FLUX's: at most 43), re's ways to match a name
 MAX_REGEX, NAME, PATHS = 1000, 64, 10**6
 sre = getattr(re, "_parser", None) or __import__("sre_parse")  # CPython's parser of re (3.10: sre_)
@@ -192,15 +193,15 @@ def read_text(path: str | Path) -> str:
         if not stat.S_ISREG((info := os.fstat(fd)).st_mode):  # /dev/zero, a FIFO, a folder
             raise ValueError(f"{path}: not a regular file: give a text file")
         with open(fd, "rb", closefd=False) as f:  # its size, and on: /proc's files say 0
-            parts = [f.read(info.st_size + 1)] if info.st_size <= MAX_HEADER else []
-            while parts and sum(map(len, parts)) <= MAX_HEADER and (more := f.read(1 << 20)):
+            parts = [f.read(info.st_size + 1)] if info.st_size <= MAX_TEXT else []
+            while parts and sum(map(len, parts)) <= MAX_TEXT and (more := f.read(1 << 20)):
                 parts.append(more)
     except OSError as e:  # /proc/self/mem's, whose line would not name the file
         raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
     finally:
         os.close(fd)
-    if info.st_size > MAX_HEADER or len(data := b"".join(parts)) > MAX_HEADER:
-        raise ValueError(f"{path}: over {MAX_HEADER:,} bytes, more than a text file we read")
+    if info.st_size > MAX_TEXT or len(data := b"".join(parts)) > MAX_TEXT:
+        raise ValueError(f"{path}: over {MAX_TEXT:,} bytes, more than a text file we read")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -375,8 +376,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink() and tmp.is_dir():  # a previous output:
-            for old in path.iterdir():  # its files go (a link: itself), a folder in it stays
-                old.unlink()  # (IsADirectoryError): nothing below it is ever removed
+            olds = list(path.iterdir())  # its files go (a link: itself), before any: no folder
+            if inner := next((p for p in olds if p.is_dir() and not p.is_symlink()), None):
+                raise IsADirectoryError(f"{inner} is a folder in {path}, which no output holds")
+            for old in olds:
+                old.unlink()
         os.replace(tmp, path)
     finally:
         remove(tmp)

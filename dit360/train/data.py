@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from ..app.cli import check_prompt
+from ..app.cli import check_prompt, one_line
 from ..app.panorama import PATCH, token_mask
 from ..core.loss import HybridSchedule
 from ..core.sampling import Conditioning
@@ -178,7 +178,7 @@ def build_cache(
             todo, stale = [*todo, row], [*stale, e]
     if stale:  # one line, not one a row (a whole cache may be stale)
         more = f" and {len(stale) - 1} more" if len(stale) > 1 else ""
-        print(f"warning: {stale[0]}{more}: encoding them again", file=sys.stderr)
+        print(f"warning: {one_line(f'{stale[0]}{more}')}: encoding them again", file=sys.stderr)
     for row in todo:
         x = from_pil(read_rgb(row.image, 2 * height, height))
         mean, std = encode(torch.stack([x, x.flip(-1)]))  # (2, 16, H/8, W/8): as is, mirrored

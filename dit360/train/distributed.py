@@ -19,6 +19,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..app.cli import one_line
+
 
 def init(dev: torch.device) -> tuple[int, int]:
     """Join the process group on `dev` (a CUDA one with its index) -> (rank, world)."""
@@ -51,7 +53,7 @@ def print0(*args, **kwargs) -> None:
 
 def warn0(message: str) -> None:
     """One line `warning: ...` on stderr, from rank 0."""
-    print0(f"warning: {message}", file=sys.stderr)
+    print0(f"warning: {one_line(message)}", file=sys.stderr)
 
 
 def all_sum(x: Tensor) -> Tensor:
