@@ -587,22 +587,25 @@ def load_local_base(
     return {p for p in model.parameters() if not p.requires_grad}
 
 
-def resume(
-    ckpt: Checkpoint | None,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    args: argparse.Namespace,
-    world: int,
+def place(
+    ckpt: Checkpoint | None, source: Source, total: int, args: argparse.Namespace, world: int
 ) -> tuple[int, int, int]:
-    """(step, epoch, batch) to start from: zeros, or the checkpoint's, its state loaded."""
+    """(step, epoch, batch) to start at: zeros, or the checkpoint's, within this run and data."""
     if ckpt is None:
         return 0, 0, 0
-    distributed.load_state(model, optimizer, ckpt.state)
-    ckpt.state.clear()  # the full tensors, on every rank: free them
     c = ckpt.counters  # the samples consumed in the epoch, whatever the world and batch then
-    batch = c["batch"] * c["batch_size"] * c["world"] // (args.batch_size * world)
-    print0(f"resumed from {ckpt.path}: step {c['step']}, epoch {c['epoch']}, batch {batch}")
-    return c["step"], c["epoch"], batch
+    done, held = c["batch"] * c["batch_size"] * c["world"], len(epoch_order(source, c["epoch"]))
+    if c["step"] > total:
+        fail(
+            f"--resume {ckpt.path} is at step {c['step']}, past this run's {total}: raise "
+            "--max-steps or --epochs, or --resume an earlier checkpoint"
+        )
+    if done > held:
+        fail(
+            f"--resume {ckpt.path} took {done} samples of epoch {c['epoch']}, which --pano and "
+            f"--persp now make {held}: restore the rows it was trained on, or start a new run"
+        )
+    return c["step"], c["epoch"], done // (args.batch_size * world)
 
 
 # --- training step ----------------------------------------------------------------------------
@@ -750,6 +753,7 @@ def main(argv: list[str] | None = None) -> None:
             rows["pano"], rows["persp"], args.resolution, args.seed, schedule=schedule(args)
         )
         total, counted = total_steps(source, args, rank, world)
+        start, epoch, batch = place(ckpt, source, total, args, world)  # before writing
         enc = load_encoders(args, env)
         if rank == 0:  # every check passed: the run is ours to write
             start_run(out, args)
@@ -770,7 +774,10 @@ def main(argv: list[str] | None = None) -> None:
         optimizer = torch.optim.AdamW(
             params, lr=args.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=args.weight_decay
         )
-        start, epoch, batch = resume(ckpt, model, optimizer, args, world)
+        if ckpt is not None:
+            distributed.load_state(model, optimizer, ckpt.state)
+            ckpt.state.clear()  # the full tensors, on every rank: free them
+            print0(f"resumed from {ckpt.path}: step {start}, epoch {epoch}, batch {batch}")
         print0(
             f"{sum(p.numel() for p in params) / 1e6:.2f}M LoRA parameters; {total} steps of "
             f"{world} x {args.batch_size} x {args.grad_accum} samples of {grid.tokens} tokens"

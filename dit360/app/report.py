@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 import torch
 
-from ..load.files import atomic_path
+from ..load.files import atomic_path, parse_json
 
 
 @dataclass
@@ -98,8 +98,11 @@ def open_log(path: Path, step: int) -> TextIO:
     """Append to the jsonl log, less a killed run's lines past `step` and (warned) bad ones."""
     lines, kept = path.read_text(errors="replace").splitlines() if path.exists() else [], []
     for n, line in enumerate(lines, start=1):
-        try:
-            kept += [line + "\n"] if line.strip() and json.loads(line)["step"] <= step else []
+        try:  # a row holds what plot_losses reads: a whole step and a loss
+            row = parse_json(line, str(path)) if line.strip() else {}
+            if row and (type(row["step"]), type(row["loss"])) != (int, float):
+                raise TypeError
+            kept += [line + "\n"] if row and row["step"] <= step else []
         except (ValueError, KeyError, TypeError):
             warnings.warn(f"{path}:{n}: dropped an unreadable line", stacklevel=2)
     with atomic_path(path) as tmp:

@@ -37,7 +37,9 @@ from .weights import FLUX_DIFFUSERS, split_sizes, strip_prefix, swap_halves, the
 
 # A train.py run marks its --out with MARKER (dit360.train.checkpoints); checkpoints: step-N/.
 MARKER = ".dit360-run"
-STEP_DIR = re.compile(r"step-(\d+)")  # a checkpoint (written as a hidden temporary, then renamed)
+# A checkpoint (written as a hidden temporary, then renamed), named as f"step-{N:08d}" names it:
+# one name a step (not step-5 beside step-00000005, nor other scripts' digits).
+STEP_DIR = re.compile(r"step-(\d{8}|[1-9]\d{8,})", re.ASCII)
 # File key endings -> which tensor: peft, diffusers-old and kohya/ComfyUI spellings.
 KEY_KINDS = dict.fromkeys([".lora_A.weight", ".lora.down.weight", ".lora_down.weight"], "A")
 KEY_KINDS |= dict.fromkeys([".lora_B.weight", ".lora.up.weight", ".lora_up.weight"], "B")

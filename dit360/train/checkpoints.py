@@ -13,22 +13,28 @@ import socket
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from ..app.options import fail
 from ..load.files import (
+    MAX_TEXT,
     atomic_path,
+    check_json,
     clean_temps,
     open_tensors,
     own_temp,
+    parse_json,
     remove,
+    whole,
     write_safetensors,
 )
-from ..load.lora_formats import MARKER, export_peft, steps
+from ..load.lora_formats import MARKER, STEP_DIR, export_peft, steps
 from .distributed import print0, warn0
 
 STATE = "state.safetensors"  # a checkpoint's LoRA, AdamW state, counters and arguments
 COUNTERS = ("step", "epoch", "batch", "world", "batch_size")  # where a checkpoint resumes
+COUNTED = {k: whole(int(k in ("step", "world", "batch_size")), 2**53) for k in COUNTERS}
 # A run marks --out as its own (MARKER) once its checks passed; --resume and --overwrite act only
 # on a marked folder. --overwrite removes only OUTPUTS (paths in --out) and FOLDERS: a user's files
 # stay (cache/ too: its entries are keyed by what made them, so a new run reuses them).
@@ -56,20 +62,23 @@ def check_out(out: Path, args: argparse.Namespace) -> None:
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         fail(f"--out {out}: {parent} is not a folder this user can write; choose another --out")
     names = sorted(p.name for p in out.iterdir() if p.name != ".lock") if out.is_dir() else []
-    if names and MARKER not in names:
+    if names and not (out / MARKER).is_file():
         fail(
             f"--out {out} holds files that no training run wrote ({', '.join(names[:4])}): "
             f"choose a new or empty --out (--resume and --overwrite act only on a run's folder)"
         )
-    ours = [p for name in OWN_FOLDERS for p in (out / name, *(out / name).rglob("*"))]
+    tops = (*OWN_FOLDERS, "args.json", "log.jsonl", "loss.png")
+    ours = [p for name in tops for p in (out / name, *(out / name).rglob("*"))]
     if linked := [p for p in ours if p.is_symlink() and p.is_dir()]:  # we write through no link
         fail(f"--out {out}: {linked[0]} is a link to a folder; a run writes only inside --out")
     for p in ours:  # where a run writes: what it writes, of its kind (a file, a folder; no link)
         rel = p.relative_to(out).as_posix()
-        own = (FOLDERS if p.is_dir() else OUTPUTS).fullmatch(rel) and not p.is_symlink()
-        if LAYOUT.fullmatch(rel) and os.path.lexists(p) and not own:
+        own = FOLDERS.fullmatch(rel) if p.is_dir() else p.is_file() and OUTPUTS.fullmatch(rel)
+        if LAYOUT.fullmatch(rel) and os.path.lexists(p) and (p.is_symlink() or not own):
             fail(f"--out {out}: {p} is not what a run writes there: move it out of --out")
     log = out / "log.jsonl"
+    if log.is_file() and log.stat().st_size > MAX_TEXT:  # open_log reads it whole
+        fail(f"--out {out}: {log} is over {MAX_TEXT:,} bytes, no run's log: move it out of --out")
     idle = set(names) <= IDLE and not (log.is_file() and log.stat().st_size)
     if not (idle or args.resume or args.overwrite):
         run = [n for n in names if n != MARKER]
@@ -220,10 +229,15 @@ def nonfinite(state: dict[str, Tensor]) -> list[str]:
 def read_checkpoint(path: Path, args: argparse.Namespace, model: nn.Module) -> Checkpoint:
     """A checkpoint of this model with our MUST_MATCH arguments; OSError, ValueError or KeyError."""
     tfile = open_tensors(path / STATE)  # safetensors: a JSON header, raw tensors
-    counters, recorded = (json.loads(tfile.metadata[k]) for k in ("counters", "args"))
-    dicts = isinstance(recorded, dict) and isinstance(counters, dict)
-    if not dicts or not all(type(counters.get(k)) is int for k in COUNTERS):
-        raise ValueError("its counters or arguments are incomplete")
+    where = f"{STATE} metadata"
+    counters, recorded = (
+        parse_json(tfile.metadata[k], f"{where} {k}") for k in ("counters", "args")
+    )
+    check_json(recorded, {}, f"{where} args")
+    check_json(counters, COUNTED, f"{where} counters", required=COUNTERS)
+    named = STEP_DIR.fullmatch(path.name)  # written at step N; a step ends no epoch before its own
+    if named and int(named[1]) != counters["step"] or counters["epoch"] > counters["step"]:
+        raise ValueError(f"its counters {counters} are not those of a run's {path.name}")
     now = vars(args)
     if diff := [k for k in MUST_MATCH if recorded.get(k) != now[k]]:
         flag = {"resolution": "height"}  # train.py's --height stores "resolution" (its alias)
@@ -239,11 +253,17 @@ def read_checkpoint(path: Path, args: argparse.Namespace, model: nn.Module) -> C
         if p.requires_grad:
             shapes |= {f"model/{n}": (shape := tuple(p.shape)), f"optim/{n}/step": ()}
             shapes |= {f"optim/{n}/exp_avg": shape, f"optim/{n}/exp_avg_sq": shape}
-    if tfile.shapes != shapes:
-        raise ValueError("it holds other tensors than this LoRA and its AdamW state")
+    if tfile.shapes != shapes or set(tfile.dtypes.values()) != {torch.float32}:
+        raise ValueError("it holds other tensors than this LoRA and its AdamW state (float32)")
     state = {k: tfile.get(k) for k in tfile.shapes}
     if bad := nonfinite(state):
         raise ValueError(f"{len(bad)} tensors hold non-finite values ({bad[0]}, ...)")
+    # AdamW's: one whole step count, at most the run's (a non-finite step skipped it), and v >= 0
+    adam = {t.item() for k, t in state.items() if k.endswith("/step")}
+    if len(adam) != 1 or not (n := adam.pop()).is_integer() or not 0 <= n <= counters["step"]:
+        raise ValueError(f"its AdamW step counts are not one whole number 0-{counters['step']}")
+    if neg := [k for k, t in state.items() if k.endswith("/exp_avg_sq") and (t < 0).any()]:
+        raise ValueError(f"{len(neg)} AdamW second moments hold negative values ({neg[0]}, ...)")
     return Checkpoint(path, counters, state)
 
 
