@@ -237,7 +237,8 @@ def read_checkpoint(path: Path, args: argparse.Namespace, model: nn.Module) -> C
     check_json(counters, COUNTED, f"{where} counters", required=COUNTERS)
     named = STEP_DIR.fullmatch(path.name)  # written at step N; a step ends no epoch before its own
     if named and int(named[1]) != counters["step"] or counters["epoch"] > counters["step"]:
-        raise ValueError(f"its counters {counters} are not those of a run's {path.name}")
+        at = f"step {counters['step']}, epoch {counters['epoch']}"  # (not its other keys: any size)
+        raise ValueError(f"its counters ({at}) are not those of a run's {path.name}")
     now = vars(args)
     if diff := [k for k in MUST_MATCH if recorded.get(k) != now[k]]:
         flag = {"resolution": "height"}  # train.py's --height stores "resolution" (its alias)
