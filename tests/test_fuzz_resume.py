@@ -249,14 +249,16 @@ KINDS = {  # case: (the file, what is done to it, what the error says)
     "args a folder": ("args.json", folder, r"args.json is not what a run writes there"),
     "loss.png a folder": ("loss.png", folder, r"loss.png is not what a run writes there"),
     "marker a folder": (MARKER, folder, r"holds files that no training run wrote"),
+    "lock a FIFO": (".lock", fifo, r"its lock \S+ is not a file: delete it if no run is using"),
 }
 
 
 @pytest.mark.parametrize("case", KINDS)
 @pytest.mark.parametrize("mode", ["--resume", "--overwrite"])
 def test_a_run_file_of_another_kind_is_refused(case, mode, tiny_flux, data, ran, tmp_path, capsys):
-    """A run's own file that is a FIFO (read_text waited for a writer forever), a folder, a link
-    or 100 MB: one error naming it, exit 2, within seconds, the folder as it was."""
+    """A run's own file that is a FIFO (reading log.jsonl waited for a writer forever, the lock's
+    pread raised), a folder, a link or 100 MB: one error naming it, exit 2, within seconds, the
+    folder as it was."""
     out = copy_run(ran, tmp_path)
     name, change, match = KINDS[case]
     change(out / name)

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import socket
+import stat
 from pathlib import Path
 from typing import NamedTuple
 
@@ -102,6 +103,9 @@ def take_lock(out: Path) -> Path:
             continue  # another run created it first
         except OSError as e:  # a folder, a link, another user's: not a lock we can take
             fail(f"--out {out}: cannot open its lock {lock} ({e.strerror}): delete it if unused")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO, a device: no file to read or write
+            os.close(fd)
+            fail(f"--out {out}: its lock {lock} is not a file: delete it if no run is using --out")
         free, stays = flock(fd, lock), held(fd, lock)  # stays: its run did not just remove it
         pid, _, host = (holder := os.pread(fd, 200, 0).decode(errors="replace")).partition(" ")
         if free and stays and pid.isdigit() and host:
