@@ -276,21 +276,28 @@ def test_other_step_names_are_no_checkpoints(tiny_flux, data, ran, tmp_path, cap
     first three is a checkpoint (they stay as they were); the last is skipped (its counters are
     not its name's; a later step, replaced as the resume passes step 2): the resume goes on from
     step-00000002 and ends bit-identical to the unstopped run (it failed at the step-4 save,
-    step-4 in the way)."""
+    step-4 in the way). What no resume reads changes nothing: args.json nested 10^5 deep, the
+    marker's bytes, a log line nested 10^5 deep (a traceback) among the kept rows."""
     out = copy_run(ran, tmp_path)
+    (out / "args.json").write_text("[" * 100_000)
+    (out / MARKER).write_bytes(b"\xff\x00" * 1000)
+    rows = (out / "log.jsonl").read_text().splitlines(keepends=True)
+    (out / "log.jsonl").write_text("".join([rows[0], "[" * 100_000 + "\n", *rows[1:]]))
     edit(ckpt(out, 4), each("/exp_avg_sq", lambda t: -t - 1))
     others = ["step-4", "step-000000004", "step-\u0664"]
     for name in [*others, "step-" + "9" * 30]:
         shutil.copytree(ckpt(out, 2), out / "checkpoints" / name)
     before = {n: snapshot(out / "checkpoints" / n) for n in others}
     shutil.rmtree(out / "lora")
-    train.main(args(tiny_flux, data, out, *FOUR, "--resume"))
+    with pytest.warns(UserWarning, match=r"log.jsonl:2: dropped an unreadable line"):
+        train.main(args(tiny_flux, data, out, *FOUR, "--resume"))
     err = capsys.readouterr().err
     skipped = re.findall(r"warning: skipping checkpoint \S+/(step-\S+): ", err)
     assert skipped == ["step-" + "9" * 30, "step-00000004"], err
     assert [r["loss"] for r in log(out)] == [r["loss"] for r in log(ran)]
     assert_same_lora(out, ran)
     assert {n: snapshot(out / "checkpoints" / n) for n in others} == before
+    assert json.loads((out / "args.json").read_text())["max_steps"] == 4
 
 
 # --- log.jsonl: rows plot_losses cannot read are dropped with a warning --------------------------
