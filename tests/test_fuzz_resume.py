@@ -149,7 +149,7 @@ JSON = st.recursive(
 )
 
 
-@given(st.dictionaries(st.sampled_from(COUNTERS), JSON, max_size=5))
+@given(st.dictionaries(st.sampled_from(COUNTERS), st.integers(-2, 12) | JSON, max_size=2))
 @FUZZ
 def test_fuzzed_counters_resume_inside_the_run_or_are_skipped(
     tiny_flux, data, ran, model, tmp_path_factory, capsys, change
