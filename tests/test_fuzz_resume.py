@@ -142,6 +142,24 @@ def test_a_tampered_checkpoint_is_skipped(case, tiny_flux, data, ran, model, tmp
     assert snapshot(out) == before
 
 
+def test_other_arguments_of_other_types_or_sizes_are_one_short_line(
+    tiny_flux, data, ran, model, tmp_path, capsys
+):
+    """A checkpoint's recorded arguments of another type (the rank "4", printed as 4 it read as
+    the same) or a megabyte long (a seed): one error listing them, as JSON gives them and cut."""
+    out = copy_run(ran, tmp_path)
+    with safe_open(ckpt(out, 4) / STATE, "pt") as f:
+        recorded = json.loads(f.metadata()["args"])
+    edit(ckpt(out, 4), args=json.dumps(recorded | dict(lora_rank="4", seed="9" * 2**20)))
+    a = train.parse_args(args(tiny_flux, data, out, *FOUR, "--resume"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        find_checkpoint(out, a, model)
+    err = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and len(err[0]) < 1000, err[0][:1000]
+    assert re.search(r"--lora-rank '4' \(now 4\); --seed '9{100,200} \(now 3\)", err[0]), err[0]
+
+
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),

@@ -246,8 +246,9 @@ def read_checkpoint(path: Path, args: argparse.Namespace, model: nn.Module) -> C
     now = vars(args)
     if diff := [k for k in MUST_MATCH if recorded.get(k) != now[k]]:
         flag = {"resolution": "height"}  # train.py's --height stores "resolution" (its alias)
-        diff = [
-            f"--{flag.get(k, k).replace('_', '-')} {recorded.get(k)} (now {now[k]})" for k in diff
+        diff = [  # its values as JSON gives them (4 is not "4"), of any size: cut
+            f"--{flag.get(k, k).replace('_', '-')} {recorded.get(k)!r:.200} (now {now[k]})"
+            for k in diff
         ]
         fail(
             f"--resume {path} was trained with other settings: {'; '.join(diff)}; resume "
