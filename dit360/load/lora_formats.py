@@ -176,6 +176,7 @@ def plan_lora(
             bad.append(f"{module}: has {sorted(keys)}, needs A and B")
             continue
         A, B, n_in = tensors[keys["A"]], tensors[keys["B"]], layers[ours].in_features
+        A, B = (t.float() if t.is_floating_point() and t.itemsize == 1 else t for t in (A, B))
         alpha = tensors[keys["alpha"]] if "alpha" in keys else None
         r, rows = A.shape[0] if A.ndim == 2 else 0, f"{ours} rows [{start}:{end}]"
         floats = A.is_floating_point() and B.is_floating_point()
@@ -259,7 +260,7 @@ def attach(model: nn.Module, plan: LoraPlan, name: str, multiplier: float = 1.0)
         parts, lin = sorted(parts, key=lambda p: p.start), model.get_submodule(layer)
         ad = add_adapter(lin, name, [(p.start, p.end, p.A.shape[0], p.scale) for p in parts])
         with torch.no_grad():
-            ad.A.copy_(torch.cat([p.A.to(ad.A.dtype) for p in parts]))  # float8: no promotion
+            ad.A.copy_(torch.cat([p.A for p in parts]))
             for b, p in zip(ad.B, parts, strict=True):
                 b.copy_(p.B)
     return set_scale(model, multiplier, name)
