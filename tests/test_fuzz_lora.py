@@ -135,19 +135,21 @@ def modules(tensors: dict) -> dict[str, tuple[str, str]]:
 
 def change(tensors: dict, cfg: dict, draw, hostile: bool) -> None:
     """One change drawn: a valid one (another spelling, dtype, alpha, config, a kohya layer instead
-    of its thirds) or, if `hostile`, any."""
-    pick = lambda good, bad=(): draw(st.sampled_from([*good, *bad] if hostile else good))  # noqa: E731
-    what = pick(["respell", "dtype", "alpha", "config", "kohya"], ["drop", "shape", "foreign"])
+    of its thirds) or, if `hostile`, an invalid one."""
+    pick = lambda good, bad=(): draw(st.sampled_from(bad if hostile and bad else good))  # noqa: E731
+    what = pick(["respell", "dtype", "alpha", "config", "kohya"])
+    what = pick([what], [what, "drop", "shape", "foreign"])
     mods = modules(tensors)
     if not mods:
         return
     stem = draw(st.sampled_from(sorted(mods)))
     key = stem + mods[stem][draw(st.integers(0, 1))]
     if what == "respell":  # the module's A, B and alpha renamed (hostile: also kept)
-        prefix, (a, b) = draw(st.sampled_from(PREFIXES)), draw(st.sampled_from(SPELLINGS))
+        keep = pick([False], [True])  # hostile: the same module in two spellings
+        other = [x for x in SPELLINGS if x != mods[stem]] if keep else SPELLINGS
+        prefix, (a, b) = draw(st.sampled_from(PREFIXES)), draw(st.sampled_from(other))
         new = re.sub(r"^(transformer\.|base_model\.model\.)?", prefix, stem, count=1)
-        new = stem if stem.startswith("lora_unet_") else new  # kohya's names have no prefix
-        keep = pick([False], [True])
+        new = stem if keep or stem.startswith("lora_unet_") else new  # kohya's: no prefix
         for old, end in [(mods[stem][0], a), (mods[stem][1], b), (".alpha", ".alpha")]:
             if stem + old in tensors and new + end != stem + old:
                 tensors[new + end] = tensors[stem + old] if keep else tensors.pop(stem + old)
