@@ -299,3 +299,35 @@ def test_info_command_with_an_option_like_lora(tmp_path, lora):
     argv = info.command({"script": "sample.py", "flags": flags}, tmp_path / "o.png")[2:]
     args = sample.parse_args(argv)
     assert (args.prompt, args.lora, args.lora_scale) == (lora, (lora, "b"), (-0.5, 1.0))
+
+
+@pytest.mark.parametrize(
+    "key, dtype",
+    [("model/weight", torch.float16), ("optim/weight/exp_avg", torch.bfloat16),
+     ("optim/bias/exp_avg_sq", torch.int64), ("optim/bias/step", torch.int32),
+     ("model/bias", torch.float64)],
+)  # fmt: skip
+def test_resume_refuses_a_checkpoint_of_other_dtypes(tmp_path, key, dtype):
+    """--resume reads the LoRA and its AdamW state as they were written (float32, the step too): a
+    checkpoint with a tensor of another dtype, right shapes, is not resumed (it was cast silently:
+    not the run it claims to continue)."""
+    import argparse
+
+    from dit360.train import checkpoints
+
+    model = torch.nn.Linear(3, 2)  # its weight and bias stand for a LoRA's A and B
+    args = argparse.Namespace(**dict.fromkeys(checkpoints.MUST_MATCH, 1))
+    state = {}
+    for n, p in model.named_parameters():
+        state |= {f"model/{n}": p.detach().clone(), f"optim/{n}/step": torch.tensor(5.0)}
+        state |= {
+            f"optim/{n}/exp_avg": torch.rand(p.shape),
+            f"optim/{n}/exp_avg_sq": torch.rand(p.shape),
+        }
+    counters = json.dumps(dict.fromkeys(checkpoints.COUNTERS, 1))
+    meta = {"counters": counters, "args": json.dumps(vars(args))}
+    save_file(state, tmp_path / checkpoints.STATE, metadata=meta)
+    assert checkpoints.read_checkpoint(tmp_path, args, model).state.keys() == state.keys()
+    save_file(state | {key: state[key].to(dtype)}, tmp_path / checkpoints.STATE, metadata=meta)
+    with pytest.raises(ValueError, match="other tensors than this LoRA and its AdamW state"):
+        checkpoints.read_checkpoint(tmp_path, args, model)

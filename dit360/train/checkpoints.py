@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from ..app.options import fail
@@ -234,12 +235,13 @@ def read_checkpoint(path: Path, args: argparse.Namespace, model: nn.Module) -> C
             f"--resume {path} was trained with other settings: {'; '.join(diff)}; resume "
             "with those, or start a new run (another --out, or --overwrite)"
         )
-    shapes = {}  # the LoRA, its AdamW moments and step
+    want = {}  # the LoRA, its AdamW moments and step: shapes and dtypes (an int is cast silently)
     for n, p in model.named_parameters():
         if p.requires_grad:
-            shapes |= {f"model/{n}": (shape := tuple(p.shape)), f"optim/{n}/step": ()}
-            shapes |= {f"optim/{n}/exp_avg": shape, f"optim/{n}/exp_avg_sq": shape}
-    if tfile.shapes != shapes:
+            want |= {f"model/{n}": (like := (tuple(p.shape), p.dtype))}
+            want |= {f"optim/{n}/exp_avg": like, f"optim/{n}/exp_avg_sq": like}
+            want[f"optim/{n}/step"] = ((), torch.float32)  # AdamW's
+    if {k: (tfile.shapes[k], tfile.dtypes[k]) for k in tfile.shapes} != want:
         raise ValueError("it holds other tensors than this LoRA and its AdamW state")
     state = {k: tfile.get(k) for k in tfile.shapes}
     if bad := nonfinite(state):
