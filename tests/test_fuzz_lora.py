@@ -331,3 +331,14 @@ def test_resume_refuses_a_checkpoint_of_other_dtypes(tmp_path, key, dtype):
     save_file(state | {key: state[key].to(dtype)}, tmp_path / checkpoints.STATE, metadata=meta)
     with pytest.raises(ValueError, match="other tensors than this LoRA and its AdamW state"):
         checkpoints.read_checkpoint(tmp_path, args, model)
+
+
+def test_folder_with_two_usual_lora_names_refused(valid, tmp_path, capsys, tiny_flux):
+    """A folder holding both adapter_model.safetensors (peft reads it) and
+    pytorch_lora_weights.safetensors (diffusers' load_lora_weights reads it): --lora of it is one
+    line naming both, exit 2 (the first was taken silently)."""
+    folder = write(tmp_path / "lora", valid[0], valid[1])
+    save_file(dict(valid[0]), folder / "pytorch_lora_weights.safetensors")
+    argv = sample_args(tiny_flux, tmp_path / "pano.png", lora=str(folder))
+    found = r"found \['adapter_model.safetensors', 'pytorch_lora_weights.safetensors'\]"
+    expect_error(capsys, sample.main, argv, tmp_path, rf"--lora: \S+lora must hold one .*{found}")

@@ -225,9 +225,10 @@ def find_lora(src: str | Path) -> Path:
     if path.is_dir():
         usual = ["adapter_model.safetensors", "pytorch_lora_weights.safetensors"]
         usual = [path / n for n in usual] + [path / "lora" / usual[0]]  # a run's, a checkpoint's
-        files = [f for f in usual if f.is_file()][:1] or sorted(path.glob("*.safetensors"))
-        if len(files) != 1:
-            found = f"{path} must hold one LoRA .safetensors file, found {[f.name for f in files]}"
+        files = [f for f in usual if f.is_file()] or sorted(path.glob("*.safetensors"))
+        if len(files) != 1:  # peft's and diffusers' names both: each reads its own, we neither
+            names = [str(f.relative_to(path)) for f in files]
+            found = f"{path} must hold one LoRA .safetensors file, found {names}"
             raise FileNotFoundError(found)
         path = files[0]
     return path
