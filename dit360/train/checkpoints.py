@@ -223,7 +223,7 @@ def read_checkpoint(path: Path, args: argparse.Namespace, model: nn.Module) -> C
     tfile = open_tensors(path / STATE)  # safetensors: a JSON header, raw tensors
     counters, recorded = (json.loads(tfile.metadata[k]) for k in ("counters", "args"))
     dicts = isinstance(recorded, dict) and isinstance(counters, dict)
-    if not dicts or not all(type(counters.get(k)) is int for k in COUNTERS):
+    if not dicts or not all(type(n := counters.get(k)) is int and n >= 0 for k in COUNTERS):
         raise ValueError("its counters or arguments are incomplete")
     now = vars(args)
     if diff := [k for k in MUST_MATCH if recorded.get(k) != now[k]]:
