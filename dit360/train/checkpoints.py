@@ -13,7 +13,6 @@ import socket
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
 from torch import Tensor, nn
 
 from ..app.options import fail
@@ -223,7 +222,7 @@ def read_checkpoint(path: Path, args: argparse.Namespace, model: nn.Module) -> C
     tfile = open_tensors(path / STATE)  # safetensors: a JSON header, raw tensors
     counters, recorded = (json.loads(tfile.metadata[k]) for k in ("counters", "args"))
     dicts = isinstance(recorded, dict) and isinstance(counters, dict)
-    if not dicts or not all(type(n := counters.get(k)) is int and n >= 0 for k in COUNTERS):
+    if not dicts or not all(type(counters.get(k)) is int for k in COUNTERS):
         raise ValueError("its counters or arguments are incomplete")
     now = vars(args)
     if diff := [k for k in MUST_MATCH if recorded.get(k) != now[k]]:
@@ -235,13 +234,12 @@ def read_checkpoint(path: Path, args: argparse.Namespace, model: nn.Module) -> C
             f"--resume {path} was trained with other settings: {'; '.join(diff)}; resume "
             "with those, or start a new run (another --out, or --overwrite)"
         )
-    want = {}  # the LoRA, its AdamW moments and step: shapes and dtypes (an int is cast silently)
+    shapes = {}  # the LoRA, its AdamW moments and step
     for n, p in model.named_parameters():
         if p.requires_grad:
-            want |= {f"model/{n}": (like := (tuple(p.shape), p.dtype))}
-            want |= {f"optim/{n}/exp_avg": like, f"optim/{n}/exp_avg_sq": like}
-            want[f"optim/{n}/step"] = ((), torch.float32)  # AdamW's
-    if {k: (tfile.shapes[k], tfile.dtypes[k]) for k in tfile.shapes} != want:
+            shapes |= {f"model/{n}": (shape := tuple(p.shape)), f"optim/{n}/step": ()}
+            shapes |= {f"optim/{n}/exp_avg": shape, f"optim/{n}/exp_avg_sq": shape}
+    if tfile.shapes != shapes:
         raise ValueError("it holds other tensors than this LoRA and its AdamW state")
     state = {k: tfile.get(k) for k in tfile.shapes}
     if bad := nonfinite(state):
