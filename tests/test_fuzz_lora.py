@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from clitest import expect_error
-from hypothesis import event, given
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 from test_fuzz import FUZZ, outcome
@@ -310,3 +310,36 @@ def test_folder_with_two_usual_lora_names_refused(valid, tmp_path, capsys, tiny_
     argv = sample_args(tiny_flux, tmp_path / "pano.png", lora=str(folder))
     found = r"found \['adapter_model.safetensors', 'pytorch_lora_weights.safetensors'\]"
     expect_error(capsys, sample.main, argv, tmp_path, rf"--lora: \S+lora must hold one .*{found}")
+
+
+PEFT = settings(FUZZ, max_examples=12)  # each builds diffusers' model: ~0.5 s
+
+
+@PEFT
+@given(st.data())
+def test_random_peft_configs_match_peft(base, tmp_path, data):
+    """A peft LoRA of random targets, ranks (rank_pattern), alphas (alpha_pattern, negative and
+    fractional too) and use_rslora: ours, merged, equals diffusers + peft on the same file."""
+    draw, g = data.draw, torch.Generator().manual_seed(data.draw(st.integers(0, 99)))
+    short = draw(st.sets(st.sampled_from(lora_formats.DIT360_TARGETS + ("proj_mlp",)), min_size=1))
+    r, tensors, ranks, alphas = draw(st.integers(1, 4)), {}, {}, {}
+    for name, m in diffusers_transformer(SEED).named_modules():
+        if lora_formats.targeted(name, short):
+            ranks[name], alphas[name] = (
+                draw(st.integers(1, 4)),
+                draw(st.sampled_from([None, -2, 0.5, 6])),
+            )
+            tensors[f"transformer.{name}.lora_A.weight"] = (
+                torch.randn(ranks[name], m.in_features, generator=g) * 0.1
+            )
+            tensors[f"transformer.{name}.lora_B.weight"] = (
+                torch.randn(m.out_features, ranks[name], generator=g) * 0.1
+            )
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": draw(st.sampled_from([1, 4, 16, 2.5])),
+           "target_modules": sorted(short), "use_rslora": draw(st.booleans()),
+           "rank_pattern": {n: k for n, k in ranks.items() if k != r},
+           "alpha_pattern": {n: a for n, a in alphas.items() if a is not None}}  # fmt: skip
+    folder = write(tmp_path / "lora", tensors, cfg)
+    x = inputs()
+    model = merge_lora(lora_formats.load_lora(load_flux(base, dtype=torch.float32), folder))
+    assert rel_err(out(model, x), with_peft(tensors, cfg, x)) < 1e-5
