@@ -2,7 +2,8 @@
 tensors dropped, spelled twice, cast, reshaped, given odd alphas, foreign keys, peft options we do
 not apply. Each file is our one-line error naming it, or applied whole: every key it holds used,
 the merge equal to a re-statement of the LoRA formula in this file (and to peft's where it reads
-the file), finite. Also: a full checkpoint given as a LoRA is refused unread, and info's command
+the file, for random peft configs too), finite. Also: a full checkpoint given as a LoRA is
+refused unread, a folder with both peft's and diffusers' file names is refused, and info's command
 for an option-like --lora parses back."""
 
 import json
