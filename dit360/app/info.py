@@ -139,11 +139,9 @@ def command(rec: dict, out: str | Path) -> list[str]:
         elif isinstance(v, bool):
             if v != defaults.get(k, False):  # a switch at its default is left out
                 argv += [flag] if v else [f"--no-{k.replace('_', '-')}"]
-        elif isinstance(v, list):
-            for item in v:
-                argv += [flag, str(item)]
-        elif v is not None:
-            argv += [flag, str(v)]
+        else:  # a value like an option (--lora -x.safetensors) joined by "=", as argparse needs
+            for item in v if isinstance(v, list) else [] if v is None else [v]:
+                argv += [f"{flag}={item}"] if str(item).startswith("-") else [flag, str(item)]
     return [*argv, "--out", str(out)]
 
 

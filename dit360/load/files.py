@@ -49,6 +49,11 @@ class TensorFile:
             t = t.float() * self._read(scale).float().reshape(-1, *[1] * (t.ndim - 1))
         return t
 
+    __getitem__ = get  # a mapping of names to tensors, each read when asked for
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
     def _read(self, key: str) -> Tensor:
         """The tensor's bytes in its dtype, flat."""
         start, end = self.spans[key]

@@ -21,6 +21,7 @@ from .files import (
     MAX_REGEX,
     PATHS,
     Rule,
+    TensorFile,
     atomic_path,
     check_json,
     follows,
@@ -104,10 +105,15 @@ TARGETS: Rule = (
     lambda v: regex_paths(v) <= PATHS if isinstance(v, str) else all(isinstance(t, str) for t in v),
     f"a regular expression or a list of module names {BOUND}",
 )
+OFF: Rule = (bool, lambda v: not v, "null or false: dit360 applies plain LoRA only")
 ADAPTER_RULES = {  # what we read of peft's adapter_config.json
     "r": RANK, "lora_alpha": ALPHA, "target_modules": TARGETS, "use_rslora": FLAG,
     "rank_pattern": patterns(RANK), "alpha_pattern": patterns(ALPHA),
-}  # fmt: skip
+    "peft_type": (str, lambda v: v == "LORA", '"LORA" (dit360 reads no LoKr, LoHa, IA3...)'),
+} | dict.fromkeys(  # peft options that change what its tensors do (DoRA, aLoRA...): not read
+    ["use_dora", "use_qalora", "alora_invocation_tokens", "layers_to_transform", "exclude_modules",
+     "layer_replication", "target_parameters", "kasa_config", "arrow_config", "use_bdlora"], OFF
+)  # fmt: skip
 
 
 def _configured(config: dict, key: str, name: str, default: float) -> float:
@@ -142,7 +148,10 @@ def _disagrees(name: str, r: int, config: dict | None) -> str | None:
 
 
 def plan_lora(
-    tensors: dict[str, Tensor], model: nn.Module, config: dict | None = None, source: str = "LoRA"
+    tensors: dict[str, Tensor] | TensorFile,
+    model: nn.Module,
+    config: dict | None = None,
+    source: str = "LoRA",
 ) -> LoraPlan:
     """Map a LoRA state dict (any supported format) onto `model`'s layers; every key must fit."""
     layers, theirs = linears(model), diffusers_modules(model)
@@ -150,7 +159,10 @@ def plan_lora(
     groups, unknown, bad, plan = {}, [], [], {}  # groups: module -> {"A" | "B" | "alpha": key}
     for key in tensors:
         if end := next((e for e in KEY_KINDS if key.endswith(e)), None):
-            groups.setdefault(key[: -len(end)], {})[KEY_KINDS[end]] = key
+            kinds, kind = groups.setdefault(key[: -len(end)], {}), KEY_KINDS[end]
+            if kind in kinds:  # two spellings of one tensor (lora_A and lora.down): which one?
+                bad.append(f"{key}: a second {kind} beside {kinds[kind]}")
+            kinds[kind] = key
         else:
             unknown.append(key)
     for module, keys in groups.items():
@@ -166,6 +178,7 @@ def plan_lora(
             bad.append(f"{module}: has {sorted(keys)}, needs A and B")
             continue
         A, B, n_in = tensors[keys["A"]], tensors[keys["B"]], layers[ours].in_features
+        A, B = (t.float() if t.is_floating_point() and t.itemsize == 1 else t for t in (A, B))
         alpha = tensors[keys["alpha"]] if "alpha" in keys else None
         r, rows = A.shape[0] if A.ndim == 2 else 0, f"{ours} rows [{start}:{end}]"
         floats = A.is_floating_point() and B.is_floating_point()
@@ -174,8 +187,9 @@ def plan_lora(
             need = f"A (r, {n_in}), B ({end - start}, r) of floats, r >= 1"
             bad.append(f"{module}: {shapes}; {rows} needs {need}")
         elif alpha is not None and (alpha.numel() != 1 or not alpha.float().isfinite().all()):
-            bad.append(f"{module}: its .alpha must be one finite number, got {alpha.tolist()}")
-        elif any((p.start, p.end) == (start, end) for p in plan.get(ours, [])):
+            got = f"shape {tuple(alpha.shape)}" if alpha.numel() != 1 else alpha.item()
+            bad.append(f"{module}: its .alpha must be one finite number, got {got}")
+        elif any(p.start < end and start < p.end for p in plan.get(ours, [])):  # kohya + peft
             bad.append(f"{module}: a second LoRA for {rows}")
         elif problem := _disagrees(name, r, config):
             bad.append(f"{module}: {problem}")
@@ -213,9 +227,10 @@ def find_lora(src: str | Path) -> Path:
     if path.is_dir():
         usual = ["adapter_model.safetensors", "pytorch_lora_weights.safetensors"]
         usual = [path / n for n in usual] + [path / "lora" / usual[0]]  # a run's, a checkpoint's
-        files = [f for f in usual if f.is_file()][:1] or sorted(path.glob("*.safetensors"))
-        if len(files) != 1:
-            found = f"{path} must hold one LoRA .safetensors file, found {[f.name for f in files]}"
+        files = [f for f in usual if f.is_file()] or sorted(path.glob("*.safetensors"))
+        if len(files) != 1:  # peft's and diffusers' names both: each reads its own, we neither
+            names = [str(f.relative_to(path)) for f in files]
+            found = f"{path} must hold one LoRA .safetensors file, found {names}"
             raise FileNotFoundError(found)
         path = files[0]
     return path
@@ -232,7 +247,7 @@ def read_lora(src: str | Path, model: nn.Module) -> LoraPlan:
         meta = check_json(parse_json(meta, where), {}, where)
         config = {k[12:]: v for k, v in meta.items() if k.startswith("transformer.")}
         check_json(config, ADAPTER_RULES, f"{where} (transformer.*)")
-    return plan_lora({k: tfile.get(k) for k in tfile.shapes}, model, config, str(path))
+    return plan_lora(tfile, model, config, str(path))  # read lazily: a full checkpoint is refused
 
 
 def lora_names(model: nn.Module) -> set[str]:
