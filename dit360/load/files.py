@@ -130,10 +130,10 @@ def open_tensors(path: str | Path, prefix: str = "") -> TensorFile:
     if "scaled_fp8" in tfile.shapes:
         for key in [k for k in tfile.shapes if k.endswith((".scale_weight", ".scale_input"))]:
             weight, shape = key.rsplit(".", 1)[0] + ".weight", tfile.shapes.pop(key)
-            if key.endswith(".scale_weight") and (into := tfile.shapes.get(weight)) is not None:
-                ends = zip(shape, into[len(into) - len(shape) :], strict=True)  # broadcast to it
-                if len(shape) > len(into) or any(s not in (1, w) for s, w in ends):
-                    raise ValueError(f"{tfile.where(key)}: {key} {shape} does not scale {into}")
+            if key.endswith(".scale_weight") and (full := tfile.shapes.get(weight)) is not None:
+                ends = zip(shape, full[len(full) - len(shape) :], strict=True)  # broadcast to it
+                if len(shape) > len(full) or any(s not in (1, w) for s, w in ends):
+                    raise ValueError(f"{tfile.where(key)}: {key} {shape} does not scale {full}")
                 tfile.scales[weight] = (key, shape)  # still readable; no longer in `shapes`
         del tfile.shapes["scaled_fp8"]
     return tfile

@@ -88,12 +88,11 @@ def config_beside(path: Path, **match: str) -> tuple[dict, Path] | None:
 def in_file(tfile: TensorFile, part: str) -> str | None:
     """The prefix under which `tfile` holds `part` ("" if unprefixed), or None if it does not."""
     prefixes = [BUNDLE[part], *(TRANSFORMER_PREFIXES if part == "transformer" else ()), ""]
-    found = [
-        p for p in dict.fromkeys(prefixes) if any(p + m in tfile.shapes for m in MARKERS[part])
-    ]
+    keys = tfile.shapes.keys()
+    found = {p for p in prefixes if any(p + m in keys for m in MARKERS[part])}
     if len(found) > 1:  # which copy is meant is unknown
-        raise ValueError(f"{tfile.source} holds a {WHAT[part]} twice, as {found} names: keep one")
-    return found[0] if found else None
+        raise ValueError(f"{tfile.source} holds a {WHAT[part]} twice, as {sorted(found)}: keep one")
+    return next(iter(found), None)
 
 
 def in_folder(folder: Path, part: str) -> Part | None:
