@@ -170,6 +170,22 @@ def test_shard_count_bounds_the_folder(tiny_flux, monkeypatch):
         files.open_tensors(tiny_flux / "transformer")
 
 
+@pytest.mark.parametrize("index", [True, False])
+def test_large_folders_give_a_short_line(tmp_path, index):
+    """An index naming 5,000 missing shards, a folder of 5,000 files and no index: one line of
+    a few names (not a megabyte), in seconds."""
+    names = [f"model-{i:05d}.safetensors" for i in range(5_000)]
+    if index:
+        (tmp_path / INDEX).write_text(json.dumps({"weight_map": {n: n for n in names}}))
+    else:
+        for name in names:
+            (tmp_path / name).touch()
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)) as error:
+        files.open_tensors(tmp_path)
+    assert len(str(error.value)) < 1000 and time.perf_counter() - start < 5
+
+
 # --- one file: scales, fused parts, dtypes, overlapping tensors --------------------------------
 
 

@@ -152,7 +152,7 @@ def _open(path: Path) -> TensorFile:
         weight_map = index["weight_map"]
         shards = [path / name for name in sorted(set(weight_map.values()))]
         if missing := [str(p) for p in shards if not p.is_file()]:
-            raise FileNotFoundError(f"{indexes[0]} lists shards that are missing: {missing}")
+            raise FileNotFoundError(f"{indexes[0]} lists shards that are missing: {missing[:5]}")
         tfile = TensorFile({}, {}, {}, {}, path)
         for shard in shards:
             _read_file(shard, into=tfile)
@@ -161,7 +161,7 @@ def _open(path: Path) -> TensorFile:
         return tfile
     if len(indexes) == 0 and len(files) == 1:
         return _read_file(files[0])
-    found = [p.name for p in path.iterdir()]
+    found = sorted(p.name for p in path.iterdir())[:8]
     raise FileNotFoundError(
         f"{path} must hold one .safetensors file or one *.safetensors.index.json with its shards; "
         f"found {found}"
