@@ -286,6 +286,17 @@ def test_parts_of_other_shapes_and_dtypes(tiny_flux, diffusers_files, tmp_path, 
     assert (model is not None) == fine
 
 
+def test_vae_levels_are_bounded_before_matching(diffusers_files, tmp_path):
+    """A VAE file naming 400 decoder levels (a FLUX VAE has 4, a config at most 8): our error at
+    once, not a key table of 400 levels matched against every key (quadratic: minutes)."""
+    tensors = dict(diffusers_files["vae"])
+    tensors |= {f"decoder.up_blocks.{i}.x": torch.zeros(1) for i in range(400)}
+    save_file(tensors, tmp_path / "ae.safetensors")
+    start = time.perf_counter()
+    assert outcome(lambda: load_autoencoder(tmp_path / "ae.safetensors"), "ae.safetensors") is None
+    assert time.perf_counter() - start < 1
+
+
 def raw(path: Path, header: dict, data: bytes) -> Path:
     """A safetensors file with this header (as JSON) and data area."""
     blob = json.dumps(header).encode()

@@ -328,6 +328,8 @@ def read_autoencoder(src: str | Path | Part) -> tuple[TensorFile, KeyPlan, ae.Au
     if not diffusers and not any(k.startswith("encoder.down.") for k in tfile.shapes):
         raise ValueError(f"{part} holds no FLUX autoencoder (no encoder.down weights)")
     levels = len({k.split(".")[2] for k in tfile.shapes if k.startswith("decoder.up_blocks.")})
+    if levels > 8:  # ch_mult's bound (AE_RULES); each level's rules are matched against each key
+        raise ValueError(f"{part}: {levels} decoder.up_blocks, more than the 8 levels a VAE has")
     plan = plan_from(tfile, ae_diffusers(levels) if diffusers else None)
     if config := diffusers and config_beside(part.path, _class_name="AutoencoderKL"):
         params = cfg.ae_from_diffusers_config(*config)
