@@ -135,9 +135,8 @@ def _keys(model: nn.Module, tfile: TensorFile, part: Part) -> dict[int, str]:
     for pid, ns in names.items():
         spellings = [s for n in ns for s in (n, "text_model." + n, n.removeprefix("text_model."))]
         key = next((k for k in spellings if k in tfile.shapes), None)
-        shape = tuple(params[pid].shape)
-        if key is None or (tfile.shapes[key], tfile.dtypes[key].is_floating_point) != (shape, True):
-            problems.append(f"{ns[0]} {shape} float")  # what the model needs
+        if key is None or tfile.shapes[key] != params[pid].shape:
+            problems.append(f"{ns[0]} {tuple(params[pid].shape)}")
         else:
             keys[pid] = key
             used.update(k for k in spellings if k in tfile.shapes)
