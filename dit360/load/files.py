@@ -41,8 +41,7 @@ class TensorFile:
     metadata: dict[str, str]
     source: Path
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # byte range in its file
-    # scaled fp8: weight -> its scale's key and shape (which broadcasts to the weight's)
-    scales: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+    scales: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)  # scale, shape
 
     def get(self, key: str) -> Tensor:
         """One tensor read into memory; a scaled fp8 weight comes back dequantized, in float32."""
@@ -104,9 +103,7 @@ def _read_file(path: Path, into: TensorFile | None = None) -> TensorFile:
         if not start <= end <= data or end - start != math.prod(shape) * dtype.itemsize:
             raise ValueError(f"{bad}: {key} lies outside the file (truncated? download again)")
         if key in tfile.files:  # two shards (or links to one file): which is right is unknown
-            raise ValueError(
-                f"{path}: {key} is also in {tfile.files[key]}: keep one (download again)"
-            )
+            raise ValueError(f"{path}: {key} is also in {tfile.files[key]}: download again")
         tfile.files[key], tfile.shapes[key], tfile.dtypes[key] = path, tuple(shape), dtype
         tfile.spans[key] = (8 + n + start, 8 + n + end)
     # no byte in two tensors (the format's rule): the tensors, so the model, fit in the file
