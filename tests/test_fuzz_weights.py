@@ -149,9 +149,7 @@ def test_sharded_folder(tiny_flux, clean, tmp_path, data):
     outside = tmp_path / "outside.safetensors"
     os.mkfifo(outside)
     edits = data.draw(st.lists(st.sampled_from(sorted(CONTENT_EDITS)), max_size=2, unique=True))
-    edits += data.draw(
-        st.lists(st.sampled_from(sorted(SHAPE_EDITS)), min_size=int(not edits), max_size=1)
-    )
+    edits += [data.draw(st.sampled_from(sorted(SHAPE_EDITS)))] * data.draw(st.booleans())
     for edit in edits:
         FOLDER_EDITS[edit](folder, outside, data.draw(st.integers(0, 100)))
     before = snapshot(tmp_path)
@@ -161,6 +159,27 @@ def test_sharded_folder(tiny_flux, clean, tmp_path, data):
         got = state(model)
         assert got.keys() == clean.keys() and all(torch.equal(got[k], clean[k]) for k in got)
     assert snapshot(tmp_path) == before
+
+
+def _snapshot_links(folder: Path, outside: Path, n: int) -> None:
+    """A Hugging Face snapshot: each file a link to a blob outside the folder."""
+    (folder.parent / "blobs").mkdir()
+    for shard in [*_shards(folder), folder / INDEX]:
+        shard.rename(folder.parent / "blobs" / f"{shard.name}.blob")
+        shard.symlink_to(Path("..") / "blobs" / f"{shard.name}.blob")
+
+
+@pytest.mark.parametrize(
+    "edit", ["entry moved to another shard", "entry dropped", "stray files", "snapshot links"]
+)
+def test_harmless_edits_give_the_clean_weights(tiny_flux, clean, tmp_path, edit):
+    """What a folder may hold that changes no weight (an index entry moved or dropped, stray
+    files, every file a link out of the folder, as a Hugging Face snapshot): the clean weights."""
+    folder = tmp_path / "transformer"
+    shutil.copytree(tiny_flux / "transformer", folder)
+    {**FOLDER_EDITS, "snapshot links": _snapshot_links}[edit](folder, tmp_path / "x", 5)
+    got = state(load_flux(folder, dtype=torch.float32))
+    assert got.keys() == clean.keys() and all(torch.equal(got[k], clean[k]) for k in got)
 
 
 def test_shard_count_bounds_the_folder(tiny_flux, monkeypatch):
