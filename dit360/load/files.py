@@ -16,6 +16,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,13 @@ class TensorFile:
     metadata: dict[str, str]
     source: Path
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # byte range in its file
-    scales: dict[str, str] = field(default_factory=dict)  # scaled fp8: weight -> its scale's key
+    scales: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)  # scale, shape
 
     def get(self, key: str) -> Tensor:
         """One tensor read into memory; a scaled fp8 weight comes back dequantized, in float32."""
         t = self._read(key).reshape(self.shapes[key])
-        if scale := self.scales.get(key):  # a scalar, or one per output row
-            t = t.float() * self._read(scale).float().reshape(-1, *[1] * (t.ndim - 1))
+        if scale := self.scales.get(key):  # as ComfyUI multiplies: broadcast (a scalar, a row)
+            t = t.float() * self._read(scale[0]).float().reshape(scale[1])
         return t
 
     __getitem__ = get  # a mapping of names to tensors, each read when asked for
@@ -95,18 +96,25 @@ def _read_file(path: Path, into: TensorFile | None = None) -> TensorFile:
         e.filename = e.filename or str(path)
         raise
     header = check_json(header, {"__metadata__": STR_MAP}, f"{path}: header")
-    if len(header) > MAX_TENSORS:
-        raise ValueError(f"{bad}: {len(header)} tensors, more than the {MAX_TENSORS} we read")
+    tfile = into or TensorFile({}, {}, {}, {}, path)
+    if (count := len(header) + len(tfile.files)) > MAX_TENSORS:  # a folder's: all its shards'
+        raise ValueError(f"{tfile.source}: {count} tensors, more than the {MAX_TENSORS} we read")
     metadata = header.pop("__metadata__", None) or {}
-    tfile = into or TensorFile({}, {}, {}, metadata, path)
+    tfile.metadata = tfile.metadata or metadata  # a folder's: its first shard's
     data = size - 8 - n
     for key, info in header.items():
         check_json(info, TENSOR, f"{path}: tensor {short(key)}", required=tuple(TENSOR))
         (start, end), dtype, shape = info["data_offsets"], ST_DTYPES[info["dtype"]], info["shape"]
         if not start <= end <= data or end - start != math.prod(shape) * dtype.itemsize:
             raise ValueError(f"{bad}: {key} lies outside the file (truncated? download again)")
+        if key in tfile.files:  # two shards (or links to one file): which is right is unknown
+            raise ValueError(f"{path}: {key} is also in {tfile.files[key]}: download again")
         tfile.files[key], tfile.shapes[key], tfile.dtypes[key] = path, tuple(shape), dtype
         tfile.spans[key] = (8 + n + start, 8 + n + end)
+    # no byte in two tensors (the format's rule): the tensors, so the model, fit in the file
+    spans = sorted((*info["data_offsets"], key) for key, info in header.items())
+    if clash := next((b for a, b in pairwise(spans) if a[1] > b[0]), None):
+        raise ValueError(f"{bad}: {clash[2]} overlaps another tensor's bytes (download it again)")
     return tfile
 
 
@@ -123,10 +131,12 @@ def open_tensors(path: str | Path, prefix: str = "") -> TensorFile:
     # `X.scale_input` (for fp8 matmuls, unused: we dequantize) and a `scaled_fp8` marker
     if "scaled_fp8" in tfile.shapes:
         for key in [k for k in tfile.shapes if k.endswith((".scale_weight", ".scale_input"))]:
-            weight = key.rsplit(".", 1)[0] + ".weight"
-            if key.endswith(".scale_weight") and weight in tfile.shapes:
-                tfile.scales[weight] = key  # still readable; no longer listed in `shapes`
-            del tfile.shapes[key]
+            weight, shape = key.rsplit(".", 1)[0] + ".weight", tfile.shapes.pop(key)
+            if key.endswith(".scale_weight") and (full := tfile.shapes.get(weight)) is not None:
+                ends = zip(shape, full[len(full) - len(shape) :], strict=True)  # broadcast to it
+                if len(shape) > len(full) or any(s not in (1, w) for s, w in ends):
+                    raise ValueError(f"{tfile.where(key)}: {key} {shape} does not scale {full}")
+                tfile.scales[weight] = (key, shape)  # still readable; no longer in `shapes`
         del tfile.shapes["scaled_fp8"]
     return tfile
 
@@ -138,23 +148,22 @@ def _open(path: Path) -> TensorFile:
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint at {path}")
     indexes = sorted(path.glob("*.safetensors.index.json"))
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(p for p in path.glob("*.safetensors") if p.is_file())  # no FIFO: no wait
     if len(indexes) == 1:
         index = check_json(read_json(indexes[0]), INDEX, str(indexes[0]), required=("weight_map",))
         weight_map = index["weight_map"]
         shards = [path / name for name in sorted(set(weight_map.values()))]
         if missing := [str(p) for p in shards if not p.is_file()]:
-            raise FileNotFoundError(f"{indexes[0]} lists shards that are missing: {missing}")
-        tfile = _read_file(shards[0])  # its metadata stands for the whole folder
-        tfile.source = path
-        for shard in shards[1:]:
+            raise FileNotFoundError(f"{indexes[0]} lists shards that are missing: {missing[:5]}")
+        tfile = TensorFile({}, {}, {}, {}, path)
+        for shard in shards:
             _read_file(shard, into=tfile)
         if absent := sorted(set(weight_map) - set(tfile.shapes)):
             raise ValueError(f"{indexes[0]} names tensors no shard holds: {absent[:5]}")
         return tfile
     if len(indexes) == 0 and len(files) == 1:
         return _read_file(files[0])
-    found = [p.name for p in path.iterdir()]
+    found = sorted(p.name for p in path.iterdir())[:8]
     raise FileNotFoundError(
         f"{path} must hold one .safetensors file or one *.safetensors.index.json with its shards; "
         f"found {found}"

@@ -89,7 +89,10 @@ def in_file(tfile: TensorFile, part: str) -> str | None:
     """The prefix under which `tfile` holds `part` ("" if unprefixed), or None if it does not."""
     prefixes = [BUNDLE[part], *(TRANSFORMER_PREFIXES if part == "transformer" else ()), ""]
     keys = tfile.shapes.keys()
-    return next((p for p in prefixes if any(p + m in keys for m in MARKERS[part])), None)
+    found = {p for p in prefixes if any(p + m in keys for m in MARKERS[part])}
+    if len(found) > 1:  # which copy is meant is unknown
+        raise ValueError(f"{tfile.source} holds a {WHAT[part]} twice, as {sorted(found)}: keep one")
+    return next(iter(found), None)
 
 
 def in_folder(folder: Path, part: str) -> Part | None:
@@ -99,7 +102,9 @@ def in_folder(folder: Path, part: str) -> Part | None:
     if any(folder.glob("*.safetensors")):
         try:
             tfile = open_tensors(folder)
-        except FileNotFoundError:  # several files: not one model's folder
+        except FileNotFoundError:  # several files: not one model's folder (with an index: is)
+            if any(folder.glob("*.safetensors.index.json")):
+                raise
             tfile = None
         if tfile is not None and (prefix := in_file(tfile, part)) is not None:
             return Part(folder, prefix)

@@ -138,7 +138,11 @@ def plan_from(tfile: TensorFile, table: list[Rule] | None) -> KeyPlan:
     shapes = {}
     for ours, (op, keys) in sources.items():
         parts = [torch.empty(tfile.shapes[k], device="meta") for k in keys]
-        shapes[ours] = tuple(combine(op, parts).shape)
+        try:  # shapes that do not combine (a fused part's width, a scalar): the file's fault
+            shapes[ours] = tuple(combine(op, parts).shape)
+        except (RuntimeError, IndexError):
+            got = [tfile.shapes[k] for k in keys]
+            raise ValueError(f"{tfile.source}: {ours} cannot be made of {keys} {got}") from None
     return KeyPlan(sources, shapes)
 
 
@@ -181,11 +185,11 @@ def check_plan(plan: KeyPlan, expected: dict[str, tuple[int, ...]], tfile: Tenso
         for k in expected
         if k in plan.shapes and plan.shapes[k] != expected[k]
     ]
-    problems = [
-        f"{what} ({len(keys)}): {keys[:8]}"
-        for what, keys in [("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)]
-        if keys
-    ]
+    stored = [(k, tfile.dtypes[s]) for k, (_, keys) in plan.sources.items() for s in keys]
+    integer = [f"{k}: {dtype} in {files(k)}" for k, dtype in stored if not dtype.is_floating_point]
+    named = {"missing": missing, "unexpected": unexpected, "wrong shape": wrong}
+    named["not floating point"] = integer
+    problems = [f"{what} ({len(keys)}): {keys[:8]}" for what, keys in named.items() if keys]
     if problems:
         raise ValueError(f"{tfile.source} does not fit the model: " + "; ".join(problems))
 
@@ -324,6 +328,8 @@ def read_autoencoder(src: str | Path | Part) -> tuple[TensorFile, KeyPlan, ae.Au
     if not diffusers and not any(k.startswith("encoder.down.") for k in tfile.shapes):
         raise ValueError(f"{part} holds no FLUX autoencoder (no encoder.down weights)")
     levels = len({k.split(".")[2] for k in tfile.shapes if k.startswith("decoder.up_blocks.")})
+    if levels > 8:  # ch_mult's bound (AE_RULES); each level's rules are matched against each key
+        raise ValueError(f"{part}: {levels} decoder.up_blocks, more than the 8 levels a VAE has")
     plan = plan_from(tfile, ae_diffusers(levels) if diffusers else None)
     if config := diffusers and config_beside(part.path, _class_name="AutoencoderKL"):
         params = cfg.ae_from_diffusers_config(*config)
