@@ -19,7 +19,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from ..load.files import MAX_TEXT, Rule, TensorFile, check_json, number, whole
+from ..load.files import MAX_TEXT, Rule, TensorFile, check_json, number, read_json, whole
 from ..load.sources import TOKENIZER_REPOS, Part, Sources, config_beside, resolve_sources
 from ..memory.fp8 import to_fp8
 from ..memory.offload import MODES, lent, park, stream
@@ -93,9 +93,8 @@ def check_encoder(part: Part, kind: str) -> tuple[TensorFile, nn.Module, dict[in
             config = infer(tfile)
         else:
             config = cls.from_dict(check_json(found[0], ENCODER_RULES, str(found[1])))
-        check_json(
-            config.to_dict(), ENCODER_RULES, str(found[1] if found else part)
-        )  # or the tensors
+        # the sizes read from the tensors too (a 0-row position table: a late error)
+        check_json(config.to_dict(), ENCODER_RULES, str(found[1] if found else part))
     except KeyError as e:
         raise ValueError(f"{part} is not a {kind.upper()} text encoder: no tensor {e}") from None
     except Exception as e:  # noqa: BLE001 - transformers checks a config with errors of many kinds
@@ -211,6 +210,13 @@ TOKENIZERS = {
     "t5": (T5TokenizerFast, ("tokenizer.json", "spiece.model")),
 }
 
+# Token lists transformers adds one at a time, in quadratic time (200,000 tokens: an hour);
+# FLUX.1-dev's T5 tokenizer has 103.
+TOKEN_LISTS: dict[str, Rule] = {
+    k: ((list, dict), lambda v: len(v) <= 1000, "at most 1,000 tokens")
+    for k in ("additional_special_tokens", "extra_special_tokens", "added_tokens_decoder")
+}
+
 
 def load_tokenizers(src: Sources) -> tuple[CLIPTokenizer, T5TokenizerFast]:
     """CLIP's and T5's tokenizers (small: also loaded to check them before the models)."""
@@ -228,6 +234,8 @@ def load_tokenizer(folder: Path, part: Part, kind: str) -> CLIPTokenizer | T5Tok
         for f in (f for f in folder.iterdir() if f.suffix in (".json", ".txt", ".model", ".jinja")):
             if not f.is_file() or f.stat().st_size > MAX_TEXT:  # a FIFO, /dev/zero, 8 GB
                 raise ValueError(f"{f.name} is not a file of at most {MAX_TEXT:,} bytes")
+            if f.name in ("tokenizer_config.json", "special_tokens_map.json"):
+                check_json(read_json(f), TOKEN_LISTS, f.name)
         if not any((folder / f).is_file() for f in needs):
             raise ValueError(f"no {' or '.join(needs)}")
         tok = cls.from_pretrained(folder)  # trust_remote_code stays off: auto_map is never run
