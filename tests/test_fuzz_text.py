@@ -17,6 +17,7 @@ from clitest import expect_error
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
+from test_cli_errors import expect_failure
 from test_fuzz import FUZZ, bounded_rss, byte_edits, json_edits, outcome  # noqa: F401
 from test_sample_cli import args as sample_args
 
@@ -159,7 +160,9 @@ def test_vocabulary_past_embedding(tiny_flux, tmp_path, capsys, monkeypatch, kin
     file = tmp_path / f"{kind}.safetensors"
     save_file(smaller(state, key, 50), file)
     argv = [*sample_args(tiny_flux, tmp_path / "o.png"), f"--{kind}", str(file)]
-    err = expect_error(capsys, sample.main, argv, tmp_path, rf"{KINDS[kind]} has token ids up")
+    err = expect_error(
+        capsys, sample.main, argv, tmp_path, rf"{KINDS[kind]} is not a .* \(ids up to"
+    )
     assert f"{file} embeds ids below 50" in err and built == []
 
 
@@ -228,3 +231,14 @@ def test_prompts_encode(encoders, prompt) -> None:
     assert all(" are used" in str(w.message) for w in caught), [str(w.message) for w in caught]
     assert txt.shape == (1, 64, encoders.t5.config.d_model) and txt.isfinite().all()
     assert vec.shape == (1, encoders.clip.config.hidden_size) and vec.isfinite().all()
+
+
+@pytest.mark.filterwarnings("ignore:32x64")
+def test_nan_t5_weights_named(tiny_flux, tmp_path, capsys) -> None:
+    """A --t5 file holding a NaN: exit 1, one line naming the text encoders among the causes
+    (it named the LoRA, --guidance and fp16 only), no image written."""
+    state = load_file(tiny_flux / ENCODERS["t5"] / "model.safetensors")
+    state["shared.weight"][:] = float("nan")
+    save_file(state, file := tmp_path / "t5xxl_fp16.safetensors")
+    argv = [*sample_args(tiny_flux, tmp_path / "o.png"), "--t5", str(file)]
+    expect_failure(capsys, sample.main, argv, tmp_path, r"NaN/inf.* text encoders \(NaN")

@@ -227,9 +227,10 @@ def load_tokenizers(src: Sources) -> tuple[CLIPTokenizer, T5TokenizerFast]:
 
 def load_tokenizer(folder: Path, part: Part, kind: str) -> CLIPTokenizer | T5TokenizerFast:
     """A tokenizer folder's, or ValueError naming it: its files bounded before transformers reads
-    them (never its code), its token ids inside `part`'s embedding (else an IndexError later)."""
+    them (never its code), its token ids inside `part`'s embedding."""
     cls, needs = TOKENIZERS[kind]
     repo = TOKENIZER_REPOS[f"{kind}_tokenizer"][0]
+    rows = check_encoder(part, kind)[1].config.vocab_size  # the ids its encoder embeds
     try:
         for f in (f for f in folder.iterdir() if f.suffix in (".json", ".txt", ".model", ".jinja")):
             if not f.is_file() or f.stat().st_size > MAX_TEXT:  # a FIFO, /dev/zero, 8 GB
@@ -239,18 +240,14 @@ def load_tokenizer(folder: Path, part: Part, kind: str) -> CLIPTokenizer | T5Tok
         if not any((folder / f).is_file() for f in needs):
             raise ValueError(f"no {' or '.join(needs)}")
         tok = cls.from_pretrained(folder)  # trust_remote_code stays off: auto_map is never run
-        ids = max(tok.get_vocab().values()) + 1
+        if (top := max(tok.get_vocab().values())) >= rows:  # an IndexError later
+            raise ValueError(f"ids up to {top}, but {part} embeds ids below {rows}")
         _token_ids(tok, ["a"], 8, kind)  # as encoding calls it (a model_max_length of "77")
     except Exception as e:  # noqa: BLE001 - transformers and tokenizers fail with many kinds
         what = " ".join(str(e).split()) or type(e).__name__
         raise ValueError(
             f"{folder} is not a {kind.upper()} tokenizer ({what}): use {repo}'s files"
         ) from None
-    if ids > (rows := check_encoder(part, kind)[1].config.vocab_size):
-        raise ValueError(
-            f"{folder} has token ids up to {ids - 1}, but {part} embeds ids below {rows}: use "
-            f"the tokenizer of that {kind.upper()}"
-        )
     return tok
 
 
