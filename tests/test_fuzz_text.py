@@ -6,6 +6,7 @@ embeds, or our one-line error naming the file, before the encoders load; never r
 
 import json
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from test_sample_cli import args as sample_args
 import sample
 from dit360.app import text
 from dit360.load.files import MAX_TEXT
-from dit360.load.sources import Part, Sources
+from dit360.load.sources import Part, Sources, resolve_sources
 
 KINDS = {"clip": "tokenizer", "t5": "tokenizer_2"}  # a tokenizer's folder in FLUX.1-dev's layout
 ENCODERS = {"clip": "text_encoder", "t5": "text_encoder_2"}
@@ -129,6 +130,18 @@ def test_tokenizer_files_refused(tiny_flux, tmp_path, kind, change, match) -> No
     with pytest.raises(ValueError, match=match) as e:
         text.load_tokenizers(src)
     assert str(e.value).endswith("'s files") and len(str(e.value).splitlines()) == 1
+
+
+def test_tokenizer_folder_loop(tiny_flux, tmp_path) -> None:
+    """--base's tokenizer_2/ a symbolic link loop: our error naming it (the ungated repo was
+    fetched instead: offline, a line naming only that repo)."""
+    for name in ("text_encoder", "text_encoder_2", "tokenizer"):
+        (tmp_path / name).symlink_to(tiny_flux / name)
+    (tmp_path / "tokenizer_2").symlink_to(tmp_path / "tokenizer_2")
+    src = resolve_sources(str(tmp_path), parts=("t5", "clip"))
+    where = re.escape(str(tmp_path / "tokenizer_2"))
+    with pytest.raises(ValueError, match=rf"^{where} is not a T5 tokenizer \(.*symbolic links"):
+        text.load_tokenizers(src)
 
 
 def test_no_remote_code(tiny_flux, tmp_path) -> None:
