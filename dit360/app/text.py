@@ -230,7 +230,7 @@ def load_tokenizer(folder: Path, part: Part, kind: str) -> CLIPTokenizer | T5Tok
     them (never its code), its token ids inside `part`'s embedding."""
     cls, needs = TOKENIZERS[kind]
     repo = TOKENIZER_REPOS[f"{kind}_tokenizer"][0]
-    rows = check_encoder(part, kind)[1].config.vocab_size  # the ids its encoder embeds
+    config = check_encoder(part, kind)[1].config  # the ids it embeds; where CLIP pools
     try:
         for f in (f for f in folder.iterdir() if f.suffix in (".json", ".txt", ".model", ".jinja")):
             if not f.is_file() or f.stat().st_size > MAX_TEXT:  # a FIFO, /dev/zero, 8 GB
@@ -240,8 +240,11 @@ def load_tokenizer(folder: Path, part: Part, kind: str) -> CLIPTokenizer | T5Tok
         if not any((folder / f).is_file() for f in needs):
             raise ValueError(f"no {' or '.join(needs)}")
         tok = cls.from_pretrained(folder)  # trust_remote_code stays off: auto_map is never run
-        if (top := max(tok.get_vocab().values())) >= rows:  # an IndexError later
-            raise ValueError(f"ids up to {top}, but {part} embeds ids below {rows}")
+        if (top := max(tok.get_vocab().values())) >= config.vocab_size:  # an IndexError later
+            raise ValueError(f"ids up to {top}, but {part} embeds ids below {config.vocab_size}")
+        pools = top if config.eos_token_id == 2 else config.eos_token_id  # transformers' rule
+        if kind == "clip" and tok.eos_token_id != pools:  # another tokenizer (T5's), silently
+            raise ValueError(f"its end token is id {tok.eos_token_id}; {part} pools at id {pools}")
         _token_ids(tok, ["a"], 8, kind)  # as encoding calls it (a model_max_length of "77")
     except Exception as e:  # noqa: BLE001 - transformers and tokenizers fail with many kinds
         what = " ".join(str(e).split()) or type(e).__name__
