@@ -31,12 +31,12 @@ KINDS = {"clip": "tokenizer", "t5": "tokenizer_2"}  # a tokenizer's folder in FL
 ENCODERS = {"clip": "text_encoder", "t5": "text_encoder_2"}
 
 
-def copied(tiny_flux: Path, to: Path, **parts: Path) -> Sources:
-    """The tiny FLUX's two tokenizer folders copied into `to`, with its encoders (or `parts`)."""
+def copied(tiny_flux: Path, to: Path) -> Sources:
+    """The tiny FLUX's two tokenizer folders copied into `to`, with its encoders."""
     for folder in KINDS.values():
         shutil.rmtree(to / folder, ignore_errors=True)
         shutil.copytree(tiny_flux / folder, to / folder)
-    encoders = {k: Part(parts.get(k, tiny_flux / folder)) for k, folder in ENCODERS.items()}
+    encoders = {k: Part(tiny_flux / folder) for k, folder in ENCODERS.items()}
     return Sources(to / "tokenizer", to / "tokenizer_2", **encoders)
 
 
