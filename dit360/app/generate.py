@@ -187,8 +187,8 @@ def check_finite(latents: Tensor) -> Tensor:
     if latents.isfinite().all():
         return latents
     raise FloatingPointError(
-        "the latents are NaN/inf, so nothing is decoded: check the LoRA (non-finite weights), "
-        "--guidance and --lora-scale, or fp16 overflow (use --dtype bf16 or fp32)"
+        "the latents are NaN/inf, so nothing is decoded: check the LoRA and text encoders (NaN "
+        "weights), --guidance and --lora-scale, or fp16 overflow (use --dtype bf16 or fp32)"
     )
 
 

@@ -19,8 +19,8 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from ..load.files import Rule, TensorFile, check_json, number, whole
-from ..load.sources import Part, Sources, config_beside, resolve_sources
+from ..load.files import MAX_TEXT, Rule, TensorFile, check_json, number, read_json, whole
+from ..load.sources import TOKENIZER_REPOS, Part, Sources, config_beside, resolve_sources
 from ..memory.fp8 import to_fp8
 from ..memory.offload import MODES, lent, park, stream
 from .cli import check_prompt
@@ -93,6 +93,8 @@ def check_encoder(part: Part, kind: str) -> tuple[TensorFile, nn.Module, dict[in
             config = infer(tfile)
         else:
             config = cls.from_dict(check_json(found[0], ENCODER_RULES, str(found[1])))
+        # the sizes read from the tensors too (a 0-row position table: a late error)
+        check_json(config.to_dict(), ENCODER_RULES, str(found[1] if found else part))
     except KeyError as e:
         raise ValueError(f"{part} is not a {kind.upper()} text encoder: no tensor {e}") from None
     except Exception as e:  # noqa: BLE001 - transformers checks a config with errors of many kinds
@@ -137,9 +139,11 @@ def _keys(model: nn.Module, tfile: TensorFile, part: Part) -> dict[int, str]:
         key = next((k for k in spellings if k in tfile.shapes), None)
         if key is None or tfile.shapes[key] != params[pid].shape:
             problems.append(f"{ns[0]} {tuple(params[pid].shape)}")
-        else:
-            keys[pid] = key
-            used.update(k for k in spellings if k in tfile.shapes)
+            continue
+        if not tfile.dtypes[key].is_floating_point:  # int8, bool: not weights we can read
+            problems.append(f"{key} of {tfile.dtypes[key]}")
+        keys[pid] = key
+        used.update(k for k in spellings if k in tfile.shapes)
     extra = [k for k in tfile.shapes if k not in used and k not in CLIP_EXTRAS]
     if problems or extra:
         raise ValueError(
@@ -191,21 +195,63 @@ def load_text_encoders(
     if offload not in MODES:
         raise ValueError(f"offload must be one of {', '.join(MODES)}, got {offload!r}")
     src = src if isinstance(src, Sources) else resolve_sources(str(src), parts=("t5", "clip"))
+    clip_tokenizer, t5_tokenizer = load_tokenizers(src)  # before the ~10 GB they check
     home = device if offload == "none" else "cpu"
     clip = load_encoder(src.clip, "clip", home, dtype)  # small: ~250 MB
     t5 = load_encoder(src.t5, "t5", home, dtype, t5_fp8)  # ~9.5 GB in bf16, 5.8 GB with fp8
     if offload != "none":  # pinned host memory, tensor by tensor
         clip, t5 = park(clip), park(t5)
-    clip_tokenizer, t5_tokenizer = load_tokenizers(src)
     return TextEncoders(clip_tokenizer, clip, t5_tokenizer, t5, torch.device(device), offload)
+
+
+# Each tokenizer's class and the files it reads its vocabulary from (one of them is needed).
+TOKENIZERS = {
+    "clip": (CLIPTokenizer, ("tokenizer.json", "vocab.json")),
+    "t5": (T5TokenizerFast, ("tokenizer.json", "spiece.model")),
+}
+
+# Token lists transformers adds one at a time, in quadratic time (200,000 tokens: an hour);
+# FLUX.1-dev's T5 tokenizer has 103.
+TOKEN_LISTS: dict[str, Rule] = {
+    k: ((list, dict), lambda v: len(v) <= 1000, "at most 1,000 tokens")
+    for k in ("additional_special_tokens", "extra_special_tokens", "added_tokens_decoder")
+}
 
 
 def load_tokenizers(src: Sources) -> tuple[CLIPTokenizer, T5TokenizerFast]:
     """CLIP's and T5's tokenizers (small: also loaded to check them before the models)."""
-    return (
-        CLIPTokenizer.from_pretrained(src.clip_tokenizer),
-        T5TokenizerFast.from_pretrained(src.t5_tokenizer),
+    return tuple(
+        load_tokenizer(getattr(src, f"{k}_tokenizer"), getattr(src, k), k) for k in TOKENIZERS
     )
+
+
+def load_tokenizer(folder: Path, part: Part, kind: str) -> CLIPTokenizer | T5TokenizerFast:
+    """A tokenizer folder's, or ValueError naming it: its files bounded before transformers reads
+    them (never its code), its token ids inside `part`'s embedding."""
+    cls, needs = TOKENIZERS[kind]
+    repo = TOKENIZER_REPOS[f"{kind}_tokenizer"][0]
+    config = check_encoder(part, kind)[1].config  # the ids it embeds; where CLIP pools
+    try:
+        for f in (f for f in folder.iterdir() if f.suffix in (".json", ".txt", ".model", ".jinja")):
+            if not f.is_file() or f.stat().st_size > MAX_TEXT:  # a FIFO, /dev/zero, 8 GB
+                raise ValueError(f"{f.name} is not a file of at most {MAX_TEXT:,} bytes")
+            if f.name in ("tokenizer_config.json", "special_tokens_map.json"):
+                check_json(read_json(f), TOKEN_LISTS, f.name)
+        if not any((folder / f).is_file() for f in needs):
+            raise ValueError(f"no {' or '.join(needs)}")
+        tok = cls.from_pretrained(folder)  # trust_remote_code stays off: auto_map is never run
+        if (top := max(tok.get_vocab().values())) >= config.vocab_size:  # an IndexError later
+            raise ValueError(f"ids up to {top}, but {part} embeds ids below {config.vocab_size}")
+        pools = top if config.eos_token_id == 2 else config.eos_token_id  # transformers' rule
+        if kind == "clip" and tok.eos_token_id != pools:  # another tokenizer (T5's), silently
+            raise ValueError(f"its end token is id {tok.eos_token_id}; {part} pools at id {pools}")
+        _token_ids(tok, ["a"], 8, kind)  # as encoding calls it (a model_max_length of "77")
+    except Exception as e:  # noqa: BLE001 - transformers and tokenizers fail with many kinds
+        what = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(
+            f"{folder} is not a {kind.upper()} tokenizer ({what}): use {repo}'s files"
+        ) from None
+    return tok
 
 
 @contextmanager

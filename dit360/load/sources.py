@@ -139,8 +139,9 @@ def find_in(path: Path, part: str) -> Part | None:
 
 def tokenizer(root: Path | None, name: str) -> Path:
     """A tokenizer folder: --base's if it has one, else the ungated repo's (cache or hub)."""
-    if root is not None and root.is_dir() and (root / FOLDERS[name]).is_dir():
-        return root / FOLDERS[name]
+    folder = root / FOLDERS[name] if root is not None and root.is_dir() else None
+    if folder is not None and (folder.exists() or folder.is_symlink()):  # a loop: its error
+        return folder
     repo, files = TOKENIZER_REPOS[name]
     return resolve(repo, files, f"the tokenizer of {repo} (or --base with {FOLDERS[name]}/)")
 
