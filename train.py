@@ -78,6 +78,7 @@ import copy
 import json
 import math
 import os
+import resource
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -392,6 +393,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         setattr(args, flag, path and str(Path(path).resolve()))
     if args.resume and args.overwrite:
         fail("--resume continues the run in --out, --overwrite deletes it: pass one")
+    # A loader process passes each batch's tensors as descriptors: too few, and one is dropped,
+    # the run waits for it for ever (2 workers: hung at 40, ran at 50; none: ran at 12)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if -1 < soft < (need := 64 + 16 * args.workers):  # -1: RLIM_INFINITY
+        if -1 < hard < need:
+            fail(f"--workers {args.workers}: needs {need} open files, ulimit -n allows {hard}: "
+                 "raise it, or give fewer --workers")  # fmt: skip
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
     if args.offload == "blocks" and args.no_recompute:
         fail(
             "--offload blocks streams each block again for backward's recomputation: "

@@ -382,6 +382,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             for old in olds:
                 old.unlink()
         os.replace(tmp, path)
+    except OSError as e:  # a write's error (a full disk) names no file, or one in our temporary
+        e.filename = str(e.filename or tmp).replace(str(tmp), str(path), 1)
+        raise
     finally:
         remove(tmp)
 
