@@ -131,7 +131,7 @@ from dit360.core.loss import NORMS, HybridSchedule, LossConfig, draw_yaw, flow_l
 from dit360.core.sampling import Conditioning
 from dit360.load import sources
 from dit360.load.config import FLUX_DEV, AutoEncoderParams
-from dit360.load.files import TensorFile, atomic_path
+from dit360.load.files import TensorFile, atomic_path, unwritable
 from dit360.load.lora_formats import DIT360_TARGETS, target_rows
 from dit360.load.sources import Sources, resolve_sources
 from dit360.load.weights import KeyPlan, build, load_autoencoder, read_flux
@@ -418,6 +418,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         fail(e)
     if local_base(args) and not args.cache_dir:  # T5-XXL beside the base would not fit 24 GB
         args.cache_dir = str(Path(args.out) / "cache")
+    if args.cache_dir and (near := unwritable(args.cache_dir)):  # before the run is marked
+        fail(f"--cache-dir {args.cache_dir}: {near} is not a folder this user can write")
     return args
 
 

@@ -351,6 +351,13 @@ def dead(pid: str) -> bool:
     return False
 
 
+def unwritable(folder: str | Path) -> Path | None:
+    """The nearest of `folder` and the folders above it that exists (a link: its target) if this
+    user cannot make files in it (not a folder, or not writable); None if they can."""
+    near = next(p for p in (Path(folder), *Path(folder).absolute().parents) if os.path.lexists(p))
+    return None if near.is_dir() and os.access(near, os.W_OK | os.X_OK) else near
+
+
 def clean_temps(folder: Path, of: Path | None = None) -> None:
     """Remove exactly our `.NAME.tmp<pid>.<host>` in `folder` (of `of` only) that dead pids left."""
     stem = re.escape(temp_path(of).name) if of else r"\..+\.tmp"

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin
 from torch import Tensor
 
-from .files import atomic_path
+from .files import atomic_path, unwritable
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
@@ -179,8 +179,7 @@ def check_output_path(
                 f"cannot write {name}: it is read-only: chmod u+w it or choose another "
                 + (flag or "file")
             )
-    parent = next(p for p in path.absolute().parents if os.path.lexists(p))  # a link: its target
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if unwritable(path.absolute().parent):
         raise PermissionError(f"cannot write {named}: check the folder exists and is writable")
     return path
 
