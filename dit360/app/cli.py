@@ -50,6 +50,9 @@ def said(message: object) -> str:
     """`message` `one_line`, with the fix if it says that a resource ran out (`RAN_OUT`)."""
     text = one_line(message) or type(message).__name__  # a MemoryError may say nothing
     told = f"{type(message).__name__}: {text}"
+    for name, value in os.environ.items():  # a folder the user set for a cache or temporaries
+        if re.search("TMP|TEMP|CACHE|_HOME", name) and value and f"'{value}" in text:
+            text += f" (from {name}={value}: make it a folder you can write, or unset it)"
     return next((f"{text}: {fix}" for k, fix in RAN_OUT.items() if re.search(k, told)), text)
 
 

@@ -165,7 +165,7 @@ def resolve(src: str | Path, allow_patterns: list[str] | None = None, expected: 
     parts = str(src).split("/")  # a repo id is 'owner/name', with no path syntax
     if len(parts) != 2 or not all(parts) or str(src).startswith((".", "~")):
         raise FileNotFoundError(f"{src}: no such file or folder (nor a Hugging Face repo id){hint}")
-    from huggingface_hub import errors, snapshot_download
+    from huggingface_hub import constants, errors, snapshot_download
 
     try:
         return Path(snapshot_download(str(src), allow_patterns=allow_patterns))
@@ -178,10 +178,12 @@ def resolve(src: str | Path, allow_patterns: list[str] | None = None, expected: 
         raise FileNotFoundError(
             f"Hugging Face repo {src} not found (or private: log in with `hf auth login`){hint}"
         ) from None
-    except errors.LocalEntryNotFoundError:
+    except errors.LocalEntryNotFoundError:  # what to fetch, as the Hub's command line does it
+        get = f"hf download {src}" + "".join(f" --include '{p}'" for p in allow_patterns or ())
         raise FileNotFoundError(
-            f"{src} is not in the Hugging Face cache and cannot be downloaded now (offline mode or "
-            f"no network): download it once with network access, or pass a local folder{hint}"
+            f"{src} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and cannot be "
+            f"downloaded now (HF_HUB_OFFLINE=1 or no network): download it once with `{get}`, "
+            f"or pass a local folder{hint}"
         ) from None
 
 
@@ -376,6 +378,12 @@ def own_temp(path: Path) -> Path:
     return tmp
 
 
+def named(e: OSError, tmp: Path, path: Path) -> None:
+    """Make `e` name `path` where it names our temporary `tmp` or no file (a write's error: a
+    full disk), so that its line names the output."""
+    e.filename = str(e.filename or tmp).replace(str(tmp), str(path), 1)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp name for `path` (a file or folder), moved into place only on success."""
@@ -389,8 +397,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             for old in olds:
                 old.unlink()
         os.replace(tmp, path)
-    except OSError as e:  # a write's error (a full disk) names no file, or one in our temporary
-        e.filename = str(e.filename or tmp).replace(str(tmp), str(path), 1)
+    except OSError as e:
+        named(e, tmp, path)
         raise
     finally:
         remove(tmp)
