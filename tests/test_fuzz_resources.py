@@ -28,7 +28,6 @@ from test_sample_cli import args as sample_args
 from test_train import ROOT, RUN
 from test_train import args as train_args
 
-import convert_weights
 import prepare
 import sample
 import train
@@ -161,20 +160,144 @@ def test_a_full_disk_names_the_output_and_keeps_the_previous(name, tiny_flux, da
     }
 
 
-def test_a_full_disk_in_a_command_is_one_line(tiny_flux, tmp_path):
-    """`sample.py --viewer` whose image fits but whose viewer page does not: one line naming the
-    page (it named the image), exit 1, the previous page whole, no temporary."""
-    out = tmp_path / "x.png"
-    sample.main([*sample_args(tiny_flux, out), "--viewer"])  # the sizes of the image and page
-    sizes = out.stat().st_size, out.with_suffix(".html").stat().st_size
-    assert sizes[0] < sizes[1]
-    out.with_suffix(".html").write_text("the previous page")
-    cmd = [sys.executable, "sample.py", *sample_args(tiny_flux, out), "--viewer"]
-    r = subprocess.run(
-        cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
-        preexec_fn=limited(FSIZE=sum(sizes) // 2),
-    )  # fmt: skip
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert error_lines(r.stderr) == [f"error: {said(OSError(27, 'File too large', str(out.with_suffix('.html'))))}"]
-    assert out.with_suffix(".html").read_text() == "the previous page"
+def test_a_full_disk_in_a_command_is_one_line(tiny_flux, tmp_path, capsys):
+    """`sample.py --viewer` whose image fits in 10 kB but whose viewer page does not: one line
+    (what the script's `cli.on_uncaught` says of the error) naming the page (it named the image),
+    the previous page whole, no temporary."""
+    out, page = tmp_path / "x.png", tmp_path / "x.html"
+    page.write_text("the previous page")
+    with small_files(10_000), pytest.raises(OSError) as e:
+        sample.main([*sample_args(tiny_flux, out), "--viewer"])
+    capsys.readouterr()
+    on_uncaught(type(e.value), e.value, e.tb)
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"error: {TOO_LARGE[:-1]}\n", err) and f"'{page}'" in err, err
+    assert page.read_text() == "the previous page" and out.stat().st_size < 10_000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.html", "x.png"]
+
+
+# --- memory: one line naming what ran out and the fix, while importing too --------------------
+
+RAN_OUT = [  # what a failed allocation raises: Python's, torch's (CPU and CUDA), numpy's
+    MemoryError(),
+    RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+        "memory: you tried to allocate 262144 bytes. Error code 12 (Cannot allocate memory)"
+    ),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nGPU 0 has ..."),
+    MemoryError("Unable to allocate 1.00 TiB for an array with shape (2**40,)"),
+    ImportError("libtorch_cpu.so: failed to map segment from shared object"),
+    OSError(12, "Cannot allocate memory"),
+    RuntimeError("Too many open files. Communication with the workers is no longer possible."),
+    OSError(28, "No space left on device", "/data/out.png"),
+]
+
+
+@pytest.mark.parametrize("e", RAN_OUT, ids=lambda e: type(e).__name__)
+def test_running_out_is_one_line_with_the_fix(e, capsys):
+    """An uncaught resource error, wherever it is raised, is one line `error: ...` with what ran
+    out and the fix (--offload, --fp8, smaller sizes; ulimit), not a traceback."""
+    on_uncaught(type(e), e, None)
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(r"out of memory: .*--offload, --fp8|ulimit -n|free space there", err), err
+
+
+def test_a_bug_is_still_a_traceback(capsys):
+    """Any other uncaught error keeps Python's traceback (a bug must show where it is)."""
+    on_uncaught(KeyError, KeyError("x"), None)
+    assert capsys.readouterr().err.startswith("KeyError")
+
+
+def test_memory_running_out_while_importing_torch(tmp_path):
+    """A script whose address space cannot map torch's libraries: one line and exit 1 (it was a
+    20-line ImportError traceback): the hook is set before the imports."""
+    code = (
+        "from dit360.app.cli import handle_signals\n"
+        "handle_signals()\n"
+        "import resource\n"
+        "size = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (size + 2**26, resource.RLIM_INFINITY))\n"
+        "import torch\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert len(error_lines(r.stderr)) == 1 and "out of memory: " in r.stderr, r.stderr
+
+
+# --- few file descriptors: the loader's workers ---------------------------------------------
+
+
+def test_workers_without_their_open_files_are_refused(tiny_flux, data, tmp_path):
+    """train.py --workers 2 where `ulimit -n` allows 40: one line naming --workers and the limit,
+    exit 2, nothing written (a worker's batch, passed as descriptors, was dropped: the run waited
+    for it for ever)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py", *train_args(tiny_flux, data, out, *RUN, "--workers", "2")]
+    r = subprocess.run(
+        cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
+        preexec_fn=limited(NOFILE=40),
+    )  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert error_lines(r.stderr) == [
+        "error: --workers 2: needs 96 open files, ulimit -n allows 40: raise it, or give fewer "
+        "--workers"
+    ]
+    assert not out.exists()
+
+
+def test_workers_raise_the_soft_limit_they_need(tiny_flux, data, tmp_path):
+    """Under a soft limit of 40 open files (the hard one higher), --workers 2 raises it to what
+    they need instead of hanging."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (40, hard))
+    try:
+        train.parse_args(train_args(tiny_flux, data, tmp_path / "run", "--workers", "2"))
+        raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert raised >= 96
+
+
+# --- unwritable places besides --out; the Hub offline -----------------------------------------
+
+
+@pytest.mark.parametrize("how", ["a file in its path", "a read-only folder"])
+def test_an_unwritable_cache_dir_is_refused_up_front(how, tiny_flux, data, tmp_path, capsys,
+                                                     monkeypatch):  # fmt: skip
+    """train.py --cache-dir that cannot be written: one line naming the flag, exit 2, nothing
+    written (it failed after the run's folder was marked, exit 1)."""
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "locked").mkdir()
+    cache = tmp_path / ("file/cache" if how.startswith("a file") else "locked/cache")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: Path(p) != tmp_path / "locked" and access(p, m))
+    argv = train_args(tiny_flux, data, tmp_path / "run", *RUN, "--cache-dir", str(cache))
+    expect_error(capsys, train.main, argv, tmp_path, r"--cache-dir \S+: \S+ is not a folder")
+
+
+def test_an_unwritable_cache_of_the_environment_names_its_variable(tmp_path, monkeypatch):
+    """A cache folder set in the environment that cannot be made (TORCHINDUCTOR_CACHE_DIR, which
+    importing transformers creates): the line names the variable, not only a path."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "file" / "inductor"))
+    with pytest.raises(OSError) as e:
+        cache_dir()
+    assert f"(from TORCHINDUCTOR_CACHE_DIR={tmp_path}/file/inductor: make it" in said(e.value)
+
+
+def test_an_uncached_repo_offline_says_what_to_download(tiny_flux, tmp_path, capsys, monkeypatch):
+    """HF_HUB_OFFLINE=1 and a --base repo id not in the cache: one line with the `hf download`
+    command of the files needed (it said only "download it once with network access")."""
+
+    def offline(*a, **kw):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    argv = sample_args("someone/flux", tmp_path / "x.png")
+    expect_error(
+        capsys, sample.main, argv, tmp_path, r"`hf download someone/flux( --include '.+')+`"
+    )
