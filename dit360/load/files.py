@@ -381,7 +381,8 @@ def own_temp(path: Path) -> Path:
 def named(e: OSError, tmp: Path, path: Path) -> None:
     """Make `e` name `path` where it names our temporary `tmp` or no file (a write's error: a
     full disk), so that its line names the output."""
-    e.filename = str(e.filename or tmp).replace(str(tmp), str(path), 1)
+    if e.errno is not None:  # the system's (ours say all in their message)
+        e.filename = str(e.filename or tmp).replace(str(tmp), str(path), 1)
 
 
 @contextmanager
