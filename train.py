@@ -396,7 +396,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # A loader process passes each batch's tensors as descriptors: too few, and one is dropped,
     # the run waits for it for ever (2 workers: hung at 40, ran at 50; none: ran at 12)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if -1 < soft < (need := 64 + 16 * args.workers):  # -1: RLIM_INFINITY
+    if args.workers and -1 < soft < (need := 32 + 16 * args.workers):  # -1: RLIM_INFINITY
         if -1 < hard < need:
             fail(f"--workers {args.workers}: needs {need} open files, ulimit -n allows {hard}: "
                  "raise it, or give fewer --workers")  # fmt: skip

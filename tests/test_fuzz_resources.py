@@ -241,7 +241,7 @@ def test_workers_without_their_open_files_are_refused(tiny_flux, data, tmp_path)
     )  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert error_lines(r.stderr) == [
-        "error: --workers 2: needs 96 open files, ulimit -n allows 40: raise it, or give fewer "
+        "error: --workers 2: needs 64 open files, ulimit -n allows 40: raise it, or give fewer "
         "--workers"
     ]
     assert not out.exists()
@@ -257,7 +257,7 @@ def test_workers_raise_the_soft_limit_they_need(tiny_flux, data, tmp_path):
         raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert raised >= 96
+    assert raised >= 64
 
 
 # --- unwritable places besides --out; the Hub offline -----------------------------------------
