@@ -31,6 +31,7 @@ from pathlib import Path
 
 from dit360.app.options import DTYPES, Parser, bounded, fail
 from dit360.load.convert import convert_flux, convert_lora
+from dit360.load.files import unwritable
 from dit360.load.lora_formats import paired_loras
 
 LORA_SCALE = bounded(float, -1000, 1000)  # beyond it a LoRA outweighs any base weight
@@ -136,9 +137,7 @@ def check_out(out: Path, kind: str, inputs: dict[str, str | tuple[str, ...] | No
             )
     elif out.suffix != ".safetensors" or out.is_dir():
         fail(f"--out {out}: name a .safetensors file (a folder only with --to diffusers)")
-    parent = next(p for p in out.absolute().parents if os.path.lexists(p))  # a link: its target
-    writable = [parent, out] if out.is_dir() else [parent]
-    if not parent.is_dir() or not all(os.access(p, os.W_OK | os.X_OK) for p in writable):
+    if unwritable(out.absolute().parent) or out.is_dir() and unwritable(out):  # its files go
         fail(f"--out {out}: cannot write there (check the folder exists and is writable)")
 
 

@@ -241,11 +241,9 @@ def main(argv: list[str] | None = None) -> None:
         fail(e)
     except FloatingPointError as e:  # NaN/inf latents: nothing is written
         fail(e, code=1)
-    try:
-        save_panorama(result, out, stamp(rec))
-        extras = write_extras(result, out, args, args.prompt)
-    except OSError as e:
-        fail(f"cannot write {out}: {e}", code=1)
+    # a failed write is one line naming its file, exit 1 (cli.on_uncaught)
+    save_panorama(result, out, stamp(rec))
+    extras = write_extras(result, out, args, args.prompt)
     print(f"wrote {out} ({result.width}x{result.height}): {report}; {extras}")
 
 

@@ -45,7 +45,7 @@ from dit360.app import refine
 from dit360.app.options import Parser, check_height, fail
 from dit360.app.panorama import VIEW_RANGES, project_photo
 from dit360.load import hub_data
-from dit360.load.files import own_temp, read_text, remove
+from dit360.load.files import named, own_temp, read_text, remove, unwritable
 from dit360.load.image import open_image
 from dit360.train.data import READ_ERRORS
 
@@ -206,9 +206,7 @@ def check_args(
             f"--out {out} holds {' and '.join(old)} from an earlier run: replace "
             f"{'them' if len(old) > 1 else 'it'} with --overwrite, or choose another --out"
         )
-    out = Path(out).absolute()
-    near = next(p for p in (out, *out.parents) if os.path.lexists(p))  # a dangling link: none
-    if not near.is_dir() or not os.access(near, os.W_OK | os.X_OK):
+    if near := unwritable(out := Path(out).absolute()):
         raise ValueError(f"--out {out}: {near} is not a writable folder; choose another --out")
 
 
@@ -234,9 +232,11 @@ def staging(out: Path) -> Iterator[Path]:
             for old in out.iterdir() if replaced else ():  # the files of earlier (or killed) runs
                 if (m := FILES.fullmatch(old.name)) and m[1] == kind and old.name != files:
                     remove(old)
-    except BaseException:
+    except BaseException as e:
         if made is not None:  # the folders this run created, out among them
             remove(made)
+        if isinstance(e, OSError):
+            named(e, stage, out)
         raise
     finally:
         remove(stage)

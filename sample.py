@@ -153,11 +153,9 @@ def main(argv: list[str] | None = None) -> None:
         fail(e)
     except FloatingPointError as e:  # NaN/inf latents: nothing is written
         fail(e, code=1)
-    try:
-        save_panorama(image, out, stamp(made))
-        extras = write_extras(image, out, args, args.prompt)
-    except OSError as e:
-        fail(f"cannot write {out}: {e}", code=1)
+    # a failed write is one line naming its file, exit 1 (cli.on_uncaught)
+    save_panorama(image, out, stamp(made))
+    extras = write_extras(image, out, args, args.prompt)
     print(f"wrote {out} ({image.width}x{image.height}): {report}; {extras}")
 
 

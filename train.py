@@ -78,6 +78,7 @@ import copy
 import json
 import math
 import os
+import resource
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -130,7 +131,7 @@ from dit360.core.loss import NORMS, HybridSchedule, LossConfig, draw_yaw, flow_l
 from dit360.core.sampling import Conditioning
 from dit360.load import sources
 from dit360.load.config import FLUX_DEV, AutoEncoderParams
-from dit360.load.files import TensorFile, atomic_path
+from dit360.load.files import TensorFile, atomic_path, unwritable
 from dit360.load.lora_formats import DIT360_TARGETS, target_rows
 from dit360.load.sources import Sources, resolve_sources
 from dit360.load.weights import KeyPlan, build, load_autoencoder, read_flux
@@ -392,6 +393,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         setattr(args, flag, path and str(Path(path).resolve()))
     if args.resume and args.overwrite:
         fail("--resume continues the run in --out, --overwrite deletes it: pass one")
+    # A loader process passes each batch's tensors as descriptors: too few, and one is dropped,
+    # the run waits for it for ever (2 workers: hung at 40, ran at 50; none: ran at 12)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if args.workers and -1 < soft < (need := 32 + 16 * args.workers):  # -1: RLIM_INFINITY
+        if -1 < hard < need:
+            fail(f"--workers {args.workers}: needs {need} open files, ulimit -n allows {hard}: "
+                 "raise it, or give fewer --workers")  # fmt: skip
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
     if args.offload == "blocks" and args.no_recompute:
         fail(
             "--offload blocks streams each block again for backward's recomputation: "
@@ -409,6 +418,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         fail(e)
     if local_base(args) and not args.cache_dir:  # T5-XXL beside the base would not fit 24 GB
         args.cache_dir = str(Path(args.out) / "cache")
+    if args.cache_dir and (near := unwritable(args.cache_dir)):  # before the run is marked
+        fail(f"--cache-dir {args.cache_dir}: {near} is not a folder this user can write")
     return args
 
 

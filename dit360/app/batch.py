@@ -215,7 +215,7 @@ def run_batch(
                 save_panorama(image, job.out, stamp(stamps[job.out]))
                 note = extras(job, image)
             except OSError as e:
-                fail(f"cannot write {job.out}: {e}", code=1)
+                fail(e, code=1)  # naming the file (files.atomic_path)
             note = f"; {note}" if note else ""
             size, of = f"{image.width}x{image.height}", f"{k} of {len(todo)}"
             print(f"wrote {job.out} ({size}) in {seconds:.1f}s, {of}{note}", flush=True)

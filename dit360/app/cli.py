@@ -1,6 +1,8 @@
 """What every command shares with no heavy import, so a script sets it up before torch loads: the
 stated limits, one-line errors (`fail`), SIGINT and SIGTERM as one line and exit 130 / 143 from the
-first second on (`handle_signals`, `run_main`), a first line at once on a terminal (`starting`)."""
+first second on (`handle_signals`, `run_main`), and so a resource that ran out (memory, open files,
+the disk) or a late OSError, with its fix (`RAN_OUT`, `on_uncaught`); a first line at once on a
+terminal (`starting`)."""
 
 import os
 import re
@@ -22,14 +24,45 @@ REFUSED = (ValueError, OSError, RuntimeError)  # bad input (RuntimeError: a link
 
 SIGNALS = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated")}
 STATE: dict[str, Any] = {"running": False, "got": None}  # run_main's main runs; last signal
+# What an error's text says ran out (the OS's, torch's allocator, gloo's, the loader's), and the fix
+# its line ends with: wherever it is caught, or nowhere (`on_uncaught`), it is one line, exit 1.
+RAN_OUT = {
+    r"MemoryError|allocate memory|Unable to allocate|out of memory|failed to map segment": (
+        "out of memory: free some, or use less: a smaller --height, --width or --batch-size; "
+        "sample.py, edit.py: --offload, --fp8; train.py: --base-dtype fp8, --offload blocks"
+    ),
+    r"Too many open files": "raise the limit of open files (ulimit -n), or give fewer --workers",
+    r"No space left|File too large|Disk quota": (
+        "free space there, write elsewhere, or raise the file size limit (ulimit -f)"
+    ),
+}
 
 
 def fail(message: object, code: int = 2) -> NoReturn:
     """Stop with one line `error: ...` on stderr; code 2: bad usage, 1: a failure, 130 / 143: a
     signal (which only rank 0 reports under torchrun)."""
     if code not in (130, 143) or os.environ.get("RANK", "0") == "0":
-        sys.stderr.write(f"error: {one_line(message)}\n")
+        sys.stderr.write(f"error: {said(message)}\n")
     raise SystemExit(code)
+
+
+def said(message: object) -> str:
+    """`message` `one_line`, with the fix if it says that a resource ran out (`RAN_OUT`)."""
+    text = one_line(message) or type(message).__name__  # a MemoryError may say nothing
+    told = f"{type(message).__name__}: {text}"
+    for name, value in os.environ.items():  # a folder the user set for a cache or temporaries
+        if re.search("TMP|TEMP|CACHE|_HOME", name) and value and f"'{value}" in text:
+            text += f" (from {name}={value}: make it a folder you can write, or unset it)"
+    return next((f"{text}: {fix}" for k, fix in RAN_OUT.items() if re.search(k, told)), text)
+
+
+def on_uncaught(kind: type, e: BaseException, tb: object) -> None:
+    """sys.excepthook: an OSError or a resource that ran out, one line (Python exits 1); else
+    the traceback (a bug)."""
+    if isinstance(e, (OSError, MemoryError)) or said(e) != one_line(e):
+        sys.stderr.write(f"error: {said(e)}\n")
+    else:
+        sys.__excepthook__(kind, e, tb)
 
 
 def printable(text: object) -> str:
@@ -70,7 +103,9 @@ def on_signal(signum: int, frame: object) -> None:
 
 
 def handle_signals() -> None:
-    """Install `on_signal` for SIGINT and SIGTERM (the scripts call it before their imports)."""
+    """Install `on_signal` for SIGINT and SIGTERM, and `on_uncaught` (the scripts call it before
+    their imports: an import can run out of memory)."""
+    sys.excepthook = on_uncaught
     for signum in SIGNALS:
         signal.signal(signum, on_signal)
 

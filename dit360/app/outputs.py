@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from ..load.files import atomic_path
-from ..load.image import FORMATS, from_pil, loaded, open_image, to_pil
+from ..load.image import FORMATS, from_pil, loaded, open_image, save_image, to_pil
 from .options import SIDE, Parser, bounded, fail
 from .panorama import FACES, cube_to_cross, discontinuity_score, equirect_to_cube
 
@@ -59,8 +59,8 @@ def write_cubemap(image: Image.Image, path: Path, size: int | None = None) -> li
     faces = equirect_to_cube(from_pil(image, unit=True)[None], size or image.height // 2)
     wrote = [path.with_name(f"{path.stem}-{name}{path.suffix}") for name in (*FACES, "cross")]
     for out, face in zip(wrote, [*faces[0], cube_to_cross(faces)[0]], strict=True):
-        with atomic_path(out) as tmp:  # faces: (1, 6, 3, F, F); PNG ignores the quality
-            to_pil(face, unit=True).save(tmp, format=FORMATS[path.suffix.lower()], quality=95)
+        fmt = FORMATS[path.suffix.lower()]  # faces: (1, 6, 3, F, F); PNG ignores the quality
+        save_image(to_pil(face, unit=True), out, format=fmt, quality=95)
     return wrote
 
 

@@ -179,7 +179,7 @@ def resolve(src: str | Path, allow_patterns: list[str] | None = None, expected: 
     parts = str(src).split("/")  # a repo id is 'owner/name', with no path syntax
     if len(parts) != 2 or not all(parts) or str(src).startswith((".", "~")):
         raise FileNotFoundError(f"{src}: no such file or folder (nor a Hugging Face repo id){hint}")
-    from huggingface_hub import errors, snapshot_download
+    from huggingface_hub import constants, errors, snapshot_download
 
     try:
         return Path(snapshot_download(str(src), allow_patterns=allow_patterns))
@@ -192,10 +192,12 @@ def resolve(src: str | Path, allow_patterns: list[str] | None = None, expected: 
         raise FileNotFoundError(
             f"Hugging Face repo {src} not found (or private: log in with `hf auth login`){hint}"
         ) from None
-    except errors.LocalEntryNotFoundError:
+    except errors.LocalEntryNotFoundError:  # what to fetch, as the Hub's command line does it
+        get = f"hf download {src}" + "".join(f" --include '{p}'" for p in allow_patterns or ())
         raise FileNotFoundError(
-            f"{src} is not in the Hugging Face cache and cannot be downloaded now (offline mode or "
-            f"no network): download it once with network access, or pass a local folder{hint}"
+            f"{src} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and cannot be "
+            f"downloaded now (HF_HUB_OFFLINE=1 or no network): download it once with `{get}`, "
+            f"or pass a local folder{hint}"
         ) from None
 
 
@@ -365,6 +367,13 @@ def dead(pid: str) -> bool:
     return False
 
 
+def unwritable(folder: str | Path) -> Path | None:
+    """The nearest of `folder` and the folders above it that exists (a link: its target) if this
+    user cannot make files in it (not a folder, or not writable); None if they can."""
+    near = next(p for p in (Path(folder), *Path(folder).absolute().parents) if os.path.lexists(p))
+    return None if near.is_dir() and os.access(near, os.W_OK | os.X_OK) else near
+
+
 def clean_temps(folder: Path, of: Path | None = None) -> None:
     """Remove exactly our `.NAME.tmp<pid>.<host>` in `folder` (of `of` only) that dead pids left."""
     stem = re.escape(temp_path(of).name) if of else r"\..+\.tmp"
@@ -383,6 +392,13 @@ def own_temp(path: Path) -> Path:
     return tmp
 
 
+def named(e: OSError, tmp: Path, path: Path) -> None:
+    """Make `e` name `path` where it names our temporary `tmp` or no file (a write's error: a
+    full disk), so that its line names the output."""
+    if e.errno is not None:  # the system's (ours say all in their message)
+        e.filename = str(e.filename or tmp).replace(str(tmp), str(path), 1)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp name for `path` (a file or folder), moved into place only on success."""
@@ -396,6 +412,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             for old in olds:
                 old.unlink()
         os.replace(tmp, path)
+    except OSError as e:
+        named(e, tmp, path)
+        raise
     finally:
         remove(tmp)
 

@@ -1,19 +1,21 @@
 """Images in and out: the one reader of images and masks, tensors <-> PIL, and panorama files with
 GPano XMP (https://developers.google.com/streetview/spherical-metadata) for 360 viewers."""
 
+import io
 import os
 import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin
 from torch import Tensor
 
-from .files import atomic_path
+from .files import atomic_path, unwritable
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
@@ -179,8 +181,7 @@ def check_output_path(
                 f"cannot write {name}: it is read-only: chmod u+w it or choose another "
                 + (flag or "file")
             )
-    parent = next(p for p in path.absolute().parents if os.path.lexists(p))  # a link: its target
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if unwritable(path.absolute().parent):
         raise PermissionError(f"cannot write {named}: check the folder exists and is writable")
     return path
 
@@ -192,19 +193,27 @@ def save_panorama(img: Image.Image, path: str | Path, text: dict[str, str] | Non
     xmp = gpano_xmp(w, h) if w == 2 * h else None
     if xmp is None:
         warnings.warn(f"{w}x{h} is not 2:1, so {path} gets no 360 (GPano) metadata", stacklevel=2)
-    with atomic_path(path) as tmp:
-        if FORMATS[path.suffix.lower()] == "PNG":
-            info = PngImagePlugin.PngInfo()
-            if xmp:
-                info.add_itxt("XML:com.adobe.xmp", xmp.decode())
-            for key, value in text.items():
-                info.add_itxt(key, value)
-            img.save(tmp, format="PNG", pnginfo=info)
-        else:
-            exif, rest = Image.Exif(), [v for k, v in text.items() if k != "parameters"]
-            if "parameters" in text:  # EXIF's UNICODE comments are UTF-16, as piexif writes them
-                user_comment = b"UNICODE\0" + text["parameters"].encode("utf-16-be")
-                exif.get_ifd(0x8769)[0x9286] = user_comment  # Exif IFD, UserComment
-            extra = {"comment": "\n".join(rest)} if rest else {}
-            img.save(tmp, format="JPEG", quality=95, xmp=xmp, exif=exif, **extra)
+    if FORMATS[path.suffix.lower()] == "PNG":
+        info = PngImagePlugin.PngInfo()
+        if xmp:
+            info.add_itxt("XML:com.adobe.xmp", xmp.decode())
+        for key, value in text.items():
+            info.add_itxt(key, value)
+        save_image(img, path, format="PNG", pnginfo=info)
+    else:
+        exif, rest = Image.Exif(), [v for k, v in text.items() if k != "parameters"]
+        if "parameters" in text:  # EXIF's UNICODE comments are UTF-16, as piexif writes them
+            user_comment = b"UNICODE\0" + text["parameters"].encode("utf-16-be")
+            exif.get_ifd(0x8769)[0x9286] = user_comment  # Exif IFD, UserComment
+        extra = {"comment": "\n".join(rest)} if rest else {}
+        save_image(img, path, format="JPEG", quality=95, xmp=xmp, exif=exif, **extra)
     return path
+
+
+def save_image(img: Image.Image, path: Path, **kw: Any) -> None:
+    """`img` saved by PIL (`kw`) atomically, encoded in memory first: PIL's JPEG encoder writes to
+    a file with os.write and misses a short write (a full disk: a cut JPEG, kept as whole)."""
+    data = io.BytesIO()
+    img.save(data, **kw)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.getbuffer())

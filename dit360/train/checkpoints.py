@@ -27,6 +27,7 @@ from ..load.files import (
     own_temp,
     parse_json,
     remove,
+    unwritable,
     whole,
     write_safetensors,
 )
@@ -58,9 +59,7 @@ HELD: dict[Path, int] = {}  # our locks, open: a flock lasts while its file is o
 
 def check_out(out: Path, args: argparse.Namespace) -> None:
     """--out: writable, and empty or a marked run to --resume, --overwrite or that never stepped."""
-    # the nearest that exists, or is a link (a dangling one is no folder)
-    parent = next(p for p in (out, *out.absolute().parents) if os.path.lexists(p))
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if parent := unwritable(out):
         fail(f"--out {out}: {parent} is not a folder this user can write; choose another --out")
     names = sorted(p.name for p in out.iterdir() if p.name != ".lock") if out.is_dir() else []
     if names and not (out / MARKER).is_file():

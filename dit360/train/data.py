@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -26,7 +25,7 @@ from ..app.cli import check_prompt, one_line
 from ..app.panorama import PATCH, token_mask
 from ..core.loss import HybridSchedule
 from ..core.sampling import Conditioning
-from ..load.files import TensorFile, atomic_path, open_tensors, read_text
+from ..load.files import TensorFile, open_tensors, read_text, write_safetensors
 from ..load.image import from_pil, open_image, read_mask, read_rgb
 
 AUGMENT_STREAM = 0  # seeded(seed, epoch, AUGMENT_STREAM, index): a panorama's flip and roll
@@ -186,9 +185,10 @@ def build_cache(
         tensors = dict(mean=mean[0], std=std[0], mean_flip=mean[1], std_flip=std[1])
         tensors |= dict(txt=txt[0], vec=vec[0])
         tensors = {k: v.to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
-        key = cache_key(row, height, model_id)
-        with atomic_path(cache_path(row, Path(cache_dir), height, model_id)) as tmp:
-            save_file(tensors, tmp, metadata=dict(row=key))  # a killed run leaves no partial entry
+        specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+        meta = dict(row=cache_key(row, height, model_id))
+        path = cache_path(row, Path(cache_dir), height, model_id)
+        write_safetensors(path, specs, tensors.items(), meta)  # atomic: no partial entry
     return len(todo)
 
 

@@ -13,8 +13,8 @@ from ..app.cli import check_prompt
 from ..app.generate import check_finite, generate_latents, load_vae
 from ..app.options import SampleOptions
 from ..core.sampling import Conditioning
-from ..load.files import atomic_path, read_text
-from ..load.image import to_pil
+from ..load.files import read_text
+from ..load.image import save_image, to_pil
 from ..memory.tiling import decode
 from .distributed import unsharded
 
@@ -63,8 +63,7 @@ def render(
                         warnings.warn(f"preview {folder.name}/{i:02d}: {e}", stacklevel=2)
                         continue
                     image = decode(vae, latents.to(opts.dtype), tile=opts.vae_tile)
-                    with atomic_path(folder / f"{i:02d}.png") as tmp:
-                        to_pil(image[0]).save(tmp, format="PNG")
+                    save_image(to_pil(image[0]), folder / f"{i:02d}.png", format="PNG")
                     written.append(folder / f"{i:02d}.png")
             torch.distributed.barrier()
     finally:
