@@ -123,7 +123,9 @@ def test_full_size_layouts():
 
     diffusers = json.loads((DATA / "ae.diffusers.json").read_text())
     shapes = {k: tuple(v["shape"]) for k, v in diffusers["tensors"].items()}
-    tfile = TensorFile({}, shapes, {}, {}, DATA / "ae.diffusers.json")
+    tfile = TensorFile(
+        {}, shapes, dict.fromkeys(shapes, torch.float32), {}, DATA / "ae.diffusers.json"
+    )
     plan = plan_from(tfile, AE_DIFFUSERS)
     check_plan(plan, ours, tfile)  # nothing missing, unexpected or misshapen
     used = [k for _, keys in plan.sources.values() for k in keys]

@@ -98,7 +98,7 @@ def marker(folder: Path, src: dict) -> None:
 def log(folder: Path, src: dict) -> None:
     """A run's log as a resumed run rewrites it (less the lines past its step)."""
     if not src.get("again"):
-        (folder / "log.jsonl").write_text('{"step": 1}\n' * 200)
+        (folder / "log.jsonl").write_text('{"step": 1, "loss": 0.5}\n' * 200)
     open_log(folder / "log.jsonl", 1000).close()
 
 

@@ -202,3 +202,17 @@ def test_help_says_out_dirs_default(capsys):
         sample.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--out-dir OUT_DIR batch outputs (default: --out's folder, else panoramas)" in text
+
+
+def test_schnell_transformer_warns_guidance_unused(tiny_flux, tmp_path, capsys):
+    """A transformer without the guidance embedder (FLUX.1-schnell) runs, and says --guidance does
+    nothing (it was silently ignored)."""
+    from tiny import diffusers_transformer, save_transformer
+
+    schnell = save_transformer(diffusers_transformer(seed=3, guidance_embeds=False), tmp_path / "t")
+    out = tmp_path / "pano.png"
+    with pytest.warns(UserWarning) as warned:
+        sample.main(args(tiny_flux, out, "--transformer", str(schnell)))
+    said = [str(w.message) for w in warned if "guidance" in str(w.message)]
+    assert len(said) == 1 and "no guidance input (FLUX.1-schnell?)" in said[0], said
+    assert out.is_file()
