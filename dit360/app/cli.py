@@ -1,8 +1,7 @@
 """What every command shares with no heavy import, so a script sets it up before torch loads: the
-stated limits, one-line errors (`fail`), SIGINT and SIGTERM as one line and exit 130 / 143 from the
-first second on (`handle_signals`, `run_main`), and so a resource that ran out (memory, open files,
-the disk) or a late OSError, with its fix (`RAN_OUT`, `on_uncaught`); a first line at once on a
-terminal (`starting`)."""
+stated limits, one-line errors (`fail`; a resource that ran out with its fix: `RAN_OUT`), SIGINT,
+SIGTERM and an uncaught OSError as one line from the first second on (`handle_signals`,
+`run_main`), a first line at once on a terminal (`starting`)."""
 
 import os
 import re
@@ -57,8 +56,7 @@ def said(message: object) -> str:
 
 
 def on_uncaught(kind: type, e: BaseException, tb: object) -> None:
-    """sys.excepthook: an OSError or a resource that ran out, one line (Python exits 1); else
-    the traceback (a bug)."""
+    """sys.excepthook: an OSError or a resource run out as one line (exit 1); else the traceback."""
     if isinstance(e, (OSError, MemoryError)) or said(e) != one_line(e):
         sys.stderr.write(f"error: {said(e)}\n")
     else:
@@ -66,9 +64,8 @@ def on_uncaught(kind: type, e: BaseException, tb: object) -> None:
 
 
 def printable(text: object) -> str:
-    """`text` with its characters that are not printable but line breaks escaped: a control
-    character (\\r, ESC: they could show the terminal another text), a lone surrogate (a name's
-    undecodable byte)."""
+    """`text` with what is not printable but line breaks escaped: control characters (\\r, ESC:
+    they could show the terminal another text), a lone surrogate (a name's undecodable byte)."""
     return "".join(c if c.isprintable() or c == "\n" else ascii(c)[1:-1] for c in str(text))
 
 
@@ -103,8 +100,7 @@ def on_signal(signum: int, frame: object) -> None:
 
 
 def handle_signals() -> None:
-    """Install `on_signal` for SIGINT and SIGTERM, and `on_uncaught` (the scripts call it before
-    their imports: an import can run out of memory)."""
+    """Install `on_signal` and `on_uncaught` (the scripts call it before their imports)."""
     sys.excepthook = on_uncaught
     for signum in SIGNALS:
         signal.signal(signum, on_signal)

@@ -226,8 +226,7 @@ def load_tokenizers(src: Sources) -> tuple[CLIPTokenizer, T5TokenizerFast]:
 
 
 def load_tokenizer(folder: Path, part: Part, kind: str) -> CLIPTokenizer | T5TokenizerFast:
-    """A tokenizer folder's, or ValueError naming it: its files bounded before transformers reads
-    them (never its code), its token ids inside `part`'s embedding."""
+    """A folder's tokenizer (files bounded, no code run, ids inside `part`'s), or ValueError."""
     cls, needs = TOKENIZERS[kind]
     repo = TOKENIZER_REPOS[f"{kind}_tokenizer"][0]
     config = check_encoder(part, kind)[1].config  # the ids it embeds; where CLIP pools

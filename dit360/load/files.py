@@ -368,8 +368,7 @@ def dead(pid: str) -> bool:
 
 
 def unwritable(folder: str | Path) -> Path | None:
-    """The nearest of `folder` and the folders above it that exists (a link: its target) if this
-    user cannot make files in it (not a folder, or not writable); None if they can."""
+    """The nearest existing of `folder` and its parents if we cannot write in it; None if we can."""
     near = next(p for p in (Path(folder), *Path(folder).absolute().parents) if os.path.lexists(p))
     return None if near.is_dir() and os.access(near, os.W_OK | os.X_OK) else near
 
@@ -393,8 +392,7 @@ def own_temp(path: Path) -> Path:
 
 
 def named(e: OSError, tmp: Path, path: Path) -> None:
-    """Make `e` name `path` where it names our temporary `tmp` or no file (a write's error: a
-    full disk), so that its line names the output."""
+    """Make `e` name the output `path` where it names our temporary `tmp` or no file (disk full)."""
     if e.errno is not None:  # the system's (ours say all in their message)
         e.filename = str(e.filename or tmp).replace(str(tmp), str(path), 1)
 

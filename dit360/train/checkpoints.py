@@ -77,9 +77,10 @@ def check_out(out: Path, args: argparse.Namespace) -> None:
         if LAYOUT.fullmatch(rel) and os.path.lexists(p) and (p.is_symlink() or not own):
             fail(f"--out {out}: {p} is not what a run writes there: move it out of --out")
     log = out / "log.jsonl"
-    if log.is_file() and log.stat().st_size > MAX_TEXT:  # open_log reads it whole
+    logged = log.stat().st_size if log.is_file() else 0
+    if logged > MAX_TEXT:  # open_log reads it whole
         fail(f"--out {out}: {log} is over {MAX_TEXT:,} bytes, no run's log: move it out of --out")
-    idle = set(names) <= IDLE and not (log.is_file() and log.stat().st_size)
+    idle = set(names) <= IDLE and not logged
     if not (idle or args.resume or args.overwrite):
         run = [n for n in names if n != MARKER]
         fail(
@@ -233,10 +234,8 @@ def read_checkpoint(path: Path, args: argparse.Namespace, model: nn.Module) -> C
     """A checkpoint of this model with our MUST_MATCH arguments; OSError, ValueError or KeyError."""
     tfile = open_tensors(path / STATE)  # safetensors: a JSON header, raw tensors
     where = f"{STATE} metadata"
-    counters, recorded = (
-        parse_json(tfile.metadata[k], f"{where} {k}") for k in ("counters", "args")
-    )
-    check_json(recorded, {}, f"{where} args")
+    counters = parse_json(tfile.metadata["counters"], f"{where} counters")
+    recorded = check_json(parse_json(tfile.metadata["args"], f"{where} args"), {}, f"{where} args")
     check_json(counters, COUNTED, f"{where} counters", required=COUNTERS)
     named = STEP_DIR.fullmatch(path.name)  # written at step N; a step ends no epoch before its own
     if named and int(named[1]) != counters["step"] or counters["epoch"] > counters["step"]:

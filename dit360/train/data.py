@@ -25,7 +25,7 @@ from ..app.cli import check_prompt, one_line
 from ..app.panorama import PATCH, token_mask
 from ..core.loss import HybridSchedule
 from ..core.sampling import Conditioning
-from ..load.files import TensorFile, open_tensors, read_text, write_safetensors
+from ..load.files import TensorFile, open_tensors, parse_json, read_text, write_safetensors
 from ..load.image import from_pil, open_image, read_mask, read_rgb
 
 AUGMENT_STREAM = 0  # seeded(seed, epoch, AUGMENT_STREAM, index): a panorama's flip and roll
@@ -53,10 +53,7 @@ def seeded(*keys: int) -> torch.Generator:
 
 def _parse(line: str, folder: Path, source: str) -> Row:
     """A jsonl line {"image", "caption", "mask"} as a Row (src/dynamic_dataset.py:18-33)."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not JSON ({e.msg})") from None
+    obj = parse_json(line, "the line")  # [[...]] nested 10^5 deep too: a bad row, no traceback
     if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
         raise ValueError('no "image" path')
     caption = obj.get("caption")
