@@ -179,9 +179,8 @@ def build_cache(
         x = from_pil(read_rgb(row.image, 2 * height, height))
         mean, std = encode(torch.stack([x, x.flip(-1)]))  # (2, 16, H/8, W/8): as is, mirrored
         txt, _, vec = encode_text([row.caption])
-        tensors = dict(mean=mean[0], std=std[0], mean_flip=mean[1], std_flip=std[1])
-        tensors |= dict(txt=txt[0], vec=vec[0])
-        tensors = {k: v.to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+        parts = (mean[0], std[0], mean[1], std[1], txt[0], vec[0])  # as CACHED names them
+        tensors = {k: v.to("cpu", torch.float32) for k, v in zip(CACHED, parts, strict=True)}
         specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
         meta = dict(row=cache_key(row, height, model_id))
         path = cache_path(row, Path(cache_dir), height, model_id)
