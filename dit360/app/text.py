@@ -88,19 +88,19 @@ def check_encoder(part: Part, kind: str) -> tuple[TensorFile, nn.Module, dict[in
     tfile = part.open()
     cls, model_type, infer, model_cls = ENCODERS[kind]
     found = config_beside(part.path, model_type=model_type) if not part.prefix else None
+    where = str(found[1] if found else part)
     try:
         if found is None:
             config = infer(tfile)
         else:
-            config = cls.from_dict(check_json(found[0], ENCODER_RULES, str(found[1])))
+            config = cls.from_dict(check_json(found[0], ENCODER_RULES, where))
         # the sizes read from the tensors too (a 0-row position table: a late error)
-        check_json(config.to_dict(), ENCODER_RULES, str(found[1] if found else part))
+        check_json(config.to_dict(), ENCODER_RULES, where)
     except KeyError as e:
         raise ValueError(f"{part} is not a {kind.upper()} text encoder: no tensor {e}") from None
     except Exception as e:  # noqa: BLE001 - transformers checks a config with errors of many kinds
         message = " ".join(str(e).split())
-        where = "" if message.startswith(str(found[1] if found else part)) else f"{part}: "
-        raise ValueError(f"{where}{message}") from None
+        raise ValueError(message if message.startswith(where) else f"{part}: {message}") from None
     try:
         with torch.device("meta"):
             model = model_cls(config)
