@@ -106,7 +106,9 @@ def _read_file(path: Path, into: TensorFile | None = None) -> TensorFile:
         check_json(info, TENSOR, f"{path}: tensor {short(key)}", required=tuple(TENSOR))
         (start, end), dtype, shape = info["data_offsets"], ST_DTYPES[info["dtype"]], info["shape"]
         if not start <= end <= data or end - start != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"{bad}: {short(key)} lies outside the file (cut? download again)")
+            raise ValueError(
+                f"{bad}: {short(key)} lies outside the file: truncated? download again"
+            )
         if key in tfile.files:  # two shards (or links to one file): which is right is unknown
             raise ValueError(f"{path}: {short(key)} is also in {tfile.files[key]}: download again")
         tfile.files[key], tfile.shapes[key], tfile.dtypes[key] = path, tuple(shape), dtype
