@@ -20,7 +20,7 @@ describes the whole scene.
 torchrun, rank r of w makes rows[r::w] on GPU LOCAL_RANK (no process group is needed).
 """
 
-from dit360.app.cli import REFUSED, handle_signals, run_main, starting
+from dit360.app.cli import LATE, REFUSED, handle_signals, run_main, starting
 
 if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
     handle_signals()
@@ -222,24 +222,26 @@ def main(argv: list[str] | None = None) -> None:
     except REFUSED as e:
         fail(e)
     opts, out = checked(EditOptions, args)  # every flag, before anything slow (exit 2)
-    try:  # edit_image checks the size and the mask before it loads any model
-        log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    try:  # the source, the mask and the size, before any model loads
         if args.photo:
             image, mask = read_photo(args)
         else:
             image = read_panorama(args.image, args.height, args.resize, log)
             mask = open_image(args.mask)
-        view = {k: getattr(args, k) for k, _, _ in PHOTO_VIEW} if args.photo else {}
-        sources = (
-            {"photo": args.photo, **view}
-            if args.photo
-            else {"image": args.image, "mask": args.mask}
-        )
+        with warnings.catch_warnings():  # the size's, which edit_image gives once all is good
+            warnings.simplefilter("ignore")
+            check_job(EditJob(args.prompt, opts.seed, Path(), image=image, mask=mask), opts)
+    except REFUSED as e:
+        fail(e)
+    view = {k: getattr(args, k) for k, _, _ in PHOTO_VIEW} if args.photo else {}
+    sources = (
+        {"photo": args.photo, **view} if args.photo else {"image": args.image, "mask": args.mask}
+    )
+    try:  # every input was checked: a weight file that fails to read, NaN latents
         rec = made(args, opts, args.prompt, **sources)  # its LoRAs hashed before loading
         result, report = edit_image(image, mask, args.prompt, opts, log=log)
-    except (ValueError, OSError) as e:  # also missing or bad weights (--base, --lora)
-        fail(e)
-    except FloatingPointError as e:  # NaN/inf latents: nothing is written
+    except LATE as e:
         fail(e, code=1)
     # a failed write is one line naming its file, exit 1 (cli.on_uncaught)
     save_panorama(result, out, stamp(rec))

@@ -14,7 +14,7 @@ command that makes it again.
 Under torchrun, rank r of w makes jobs[r::w] on GPU LOCAL_RANK (no process group is needed).
 """
 
-from dit360.app.cli import JOBS, handle_signals, run_main, starting
+from dit360.app.cli import JOBS, LATE, handle_signals, run_main, starting
 
 if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
     handle_signals()
@@ -149,9 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         made = record("sample.py", opts, prompt=args.prompt)  # its LoRAs hashed before loading
         image, report = generate(args.prompt, opts, log=lambda m: print(m, file=sys.stderr))
-    except (ValueError, OSError) as e:  # missing or bad weights (--base, --lora)
-        fail(e)
-    except FloatingPointError as e:  # NaN/inf latents: nothing is written
+    except LATE as e:  # every input was checked: a weight file that fails to read, NaN latents
         fail(e, code=1)
     # a failed write is one line naming its file, exit 1 (cli.on_uncaught)
     save_panorama(image, out, stamp(made))

@@ -37,8 +37,8 @@ HEADERS = [
     ({"a": F32 | {"shape": [-2]}}, r"tensor 'a': 'shape' must be a list of values, each an int"),
     ({"a": F32 | {"dtype": "Q4"}}, "tensor 'a': 'dtype' must be one of F64"),
     ({"a": F32 | {"shape": [2.0]}}, r"'shape' must be .*got \[2\.0\]"),
-    ({"a": F32 | {"data_offsets": [0, 16]}}, "a lies outside the file"),
-    ({"a": F32 | {"data_offsets": [8, 8]}}, "a lies outside the file"),
+    ({"a": F32 | {"data_offsets": [0, 16]}}, "'a' lies outside the file"),
+    ({"a": F32 | {"data_offsets": [8, 8]}}, "'a' lies outside the file"),
     ({"a": F32, "__metadata__": {"k": 1}}, "'__metadata__' must be an object whose values"),
     ({"a": "F32"}, "tensor 'a': expected a JSON object"),
 ]

@@ -383,7 +383,7 @@ def _folder(tiny_flux, tmp: Path, edit: str) -> Path:
 
 
 CASES = {  # a hostile --transformer -> what its line says
-    "scale that does not fit": (_scaled, r"scale_weight \(\d+,\) does not scale \(\d+, \d+\)"),
+    "scale that does not fit": (_scaled, r"scale_weight' \(\d+,\) does not scale \(\d+, \d+\)"),
     "only file a FIFO": (lambda b, t: _fifo(t), r"fifo holds no FLUX transformer"),
     "shard a FIFO": (lambda b, t: _folder(b, t, "shard a FIFO"), r"shards that are missing"),
     "shard missing": (lambda b, t: _folder(b, t, "shard missing"), r"shards that are missing"),

@@ -15,7 +15,7 @@ from PIL import Image
 
 from ..load.files import read_text
 from ..load.image import check_output_path, open_image, save_panorama
-from .cli import JOBS, REFUSED, check_prompt
+from .cli import JOBS, LATE, REFUSED, check_prompt
 from .generate import Job, check_inputs
 from .info import difference, read_record, stamp
 from .options import Options, fail, from_args, warnings_last
@@ -195,7 +195,7 @@ def run_batch(
     overwrite: bool = False,
 ) -> None:
     """Write this process's jobs not `existing` with `record` and `extras` (a skipped one `missing`
-    them too), then a total. Bad settings, weights: exit 2; NaN, unwritable: 1."""
+    them too), then a total. Outputs with other settings: exit 2; a failure once they load: 1."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     jobs = share(jobs)  # under torchrun: this process's share
     try:  # checked before anything loads (and by the scripts before their warnings show)
@@ -209,19 +209,15 @@ def run_batch(
             print(f"skip {job.out}: it exists" + (f"; {note}" if note else ""))
     start = time.perf_counter()
     print(f"{len(todo)} images to make, {len(jobs) - len(todo)} exist", flush=True)
-    try:
+    try:  # every input was checked: a weight file that fails to read, NaN latents (that image is
+        # not written), a failed write (naming the file: files.atomic_path) are late failures
         for k, (job, image, seconds) in enumerate(make(todo), start=1):
-            try:
-                save_panorama(image, job.out, stamp(stamps[job.out]))
-                note = extras(job, image)
-            except OSError as e:
-                fail(e, code=1)  # naming the file (files.atomic_path)
+            save_panorama(image, job.out, stamp(stamps[job.out]))
+            note = extras(job, image)
             note = f"; {note}" if note else ""
             size, of = f"{image.width}x{image.height}", f"{k} of {len(todo)}"
             print(f"wrote {job.out} ({size}) in {seconds:.1f}s, {of}{note}", flush=True)
-    except (ValueError, OSError) as e:  # missing or bad weights (--base, --lora)
-        fail(e)
-    except FloatingPointError as e:  # NaN/inf latents: that image is not written
+    except LATE as e:
         fail(e, code=1)
     minutes = (time.perf_counter() - start) / 60
     who = f"rank {rank} of {world}: " if world > 1 else ""

@@ -20,6 +20,7 @@ JOBS = 100_000  # images of one batch (rows x --num-images)
 GUIDANCE = 100  # the guidance input's magnitude (FLUX.1-dev was distilled on 1 to ~5)
 SURROGATE = re.compile("[\ud800-\udfff]")  # how Python decodes an argument's non-UTF-8 byte
 REFUSED = (ValueError, OSError, RuntimeError)  # bad input (RuntimeError: a link loop, < 3.13)
+LATE = (ValueError, OSError, FloatingPointError)  # once every check passed: exit 1, not 2
 
 SIGNALS = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated")}
 STATE: dict[str, Any] = {"running": False, "got": None}  # run_main's main runs; last signal

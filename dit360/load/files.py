@@ -62,7 +62,7 @@ class TensorFile:
         with open(self.files[key], "rb") as f:
             f.seek(start)
             if f.readinto(data.numpy()) != end - start:
-                raise ValueError(f"{self.files[key]} ended early reading {key}: download it again")
+                raise ValueError(f"{self.files[key]} ended early at {short(key)}: download again")
         return data.view(self.dtypes[key])
 
     def where(self, key: str) -> str:
@@ -106,20 +106,23 @@ def _read_file(path: Path, into: TensorFile | None = None) -> TensorFile:
         check_json(info, TENSOR, f"{path}: tensor {short(key)}", required=tuple(TENSOR))
         (start, end), dtype, shape = info["data_offsets"], ST_DTYPES[info["dtype"]], info["shape"]
         if not start <= end <= data or end - start != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"{bad}: {key} lies outside the file (truncated? download again)")
+            raise ValueError(
+                f"{bad}: {short(key)} lies outside the file: truncated? download again"
+            )
         if key in tfile.files:  # two shards (or links to one file): which is right is unknown
-            raise ValueError(f"{path}: {key} is also in {tfile.files[key]}: download again")
+            raise ValueError(f"{path}: {short(key)} is also in {tfile.files[key]}: download again")
         tfile.files[key], tfile.shapes[key], tfile.dtypes[key] = path, tuple(shape), dtype
         tfile.spans[key] = (8 + n + start, 8 + n + end)
     # no byte in two tensors (the format's rule): the tensors, so the model, fit in the file
     spans = sorted((*info["data_offsets"], key) for key, info in header.items())
     if clash := next((b for a, b in pairwise(spans) if a[1] > b[0]), None):
-        raise ValueError(f"{bad}: {clash[2]} overlaps another tensor's bytes (download it again)")
+        raise ValueError(f"{bad}: {short(clash[2])} overlaps another tensor: download again")
     return tfile
 
 
-def open_tensors(path: str | Path, prefix: str = "") -> TensorFile:
-    """A .safetensors file or a folder (one, or shards); `prefix`: only its tensors, unprefixed."""
+def open_tensors(path: str | Path, prefix: str = "", scaled: bool = True) -> TensorFile:
+    """A .safetensors file or a folder (one, or shards); `prefix`: only its tensors, unprefixed;
+    `scaled`: ComfyUI's scaled fp8 read as such (a model's), else its keys kept as they are."""
     tfile = _open(Path(path))
     if prefix:
         keys = {k: k[len(prefix) :] for k in tfile.shapes if k.startswith(prefix)}
@@ -129,13 +132,15 @@ def open_tensors(path: str | Path, prefix: str = "") -> TensorFile:
         tfile = view
     # ComfyUI's "scaled fp8": float8 `X.weight` * float32 `X.scale_weight` (biases unscaled),
     # `X.scale_input` (for fp8 matmuls, unused: we dequantize) and a `scaled_fp8` marker
-    if "scaled_fp8" in tfile.shapes:
+    if scaled and "scaled_fp8" in tfile.shapes:
         for key in [k for k in tfile.shapes if k.endswith((".scale_weight", ".scale_input"))]:
             weight, shape = key.rsplit(".", 1)[0] + ".weight", tfile.shapes.pop(key)
             if key.endswith(".scale_weight") and (full := tfile.shapes.get(weight)) is not None:
                 ends = zip(shape, full[len(full) - len(shape) :], strict=True)  # broadcast to it
                 if len(shape) > len(full) or any(s not in (1, w) for s, w in ends):
-                    raise ValueError(f"{tfile.where(key)}: {key} {shape} does not scale {full}")
+                    raise ValueError(
+                        f"{tfile.where(key)}: {short(key)} {shape} does not scale {full}"
+                    )
                 tfile.scales[weight] = (key, shape)  # still readable; no longer in `shapes`
         del tfile.shapes["scaled_fp8"]
     return tfile
@@ -230,9 +235,10 @@ Rule = tuple[type | tuple[type, ...], Callable[[Any], bool], str]
 
 
 def short(value: object) -> str:
-    """A value for a one-line message: its repr, cut to 60 characters."""
+    """A value (a key, a name) for a one-line message: its repr, cut to 200 characters (FLUX's
+    longest LoRA key is 66; a file's key may be a megabyte)."""
     text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def parse_json(text: str | bytes, where: str) -> Any:

@@ -31,6 +31,7 @@ from .files import (
     read_json,
     regex_paths,
     resolve,
+    short,
     whole,
     write_safetensors,
 )
@@ -198,8 +199,9 @@ def plan_lora(
             B = swap_halves(B) if op == "swap" else B  # diffusers' row order -> ours
             plan.setdefault(ours, []).append(Part(start, end, A, B, scale, tuple(keys.values())))
     if unknown or bad:
-        what = [f"{len(unknown)} keys that match no layer: {unknown[:8]}"] if unknown else []
-        what += [f"{len(bad)} bad: {bad[:8]}"] if bad else []
+        listed = lambda xs: f"[{', '.join(map(short, xs[:8]))}]"  # noqa: E731  # a key may be 1 MB
+        what = [f"{len(unknown)} keys that match no layer: {listed(unknown)}"] if unknown else []
+        what += [f"{len(bad)} bad: {listed(bad)}"] if bad else []
         raise ValueError(f"{source} does not fit the model: " + "; ".join(what))
     if not plan:
         raise ValueError(f"{source} holds no LoRA tensors")
@@ -239,7 +241,9 @@ def find_lora(src: str | Path) -> Path:
 def read_lora(src: str | Path, model: nn.Module) -> LoraPlan:
     """Read a LoRA from a repo id, folder or .safetensors file and map it onto `model`."""
     path = find_lora(src)
-    tfile, config = open_tensors(path), None
+    tfile, config = open_tensors(path, scaled=False), None
+    if "scaled_fp8" in tfile.shapes:  # ComfyUI writes it in models only: read as one, it is not
+        raise ValueError(f"{path} holds scaled_fp8, a marker of ComfyUI's fp8 models: no LoRA")
     if (config_file := path.parent / "adapter_config.json").is_file():
         config = check_json(read_json(config_file), ADAPTER_RULES, str(config_file))
     elif meta := tfile.metadata.get("lora_adapter_metadata"):  # diffusers' save_lora_weights

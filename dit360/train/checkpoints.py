@@ -110,7 +110,7 @@ def take_lock(out: Path) -> Path:
         pid, _, host = (holder := os.pread(fd, 200, 0).decode(errors="replace")).partition(" ")
         if free and stays and pid.isdigit() and host:
             warn0(f"process {pid}, which held {lock}, is gone: taking the lock over")
-            os.pwrite(fd, me.encode(), 0)  # then cut: never empty for a reader
+            written(fd, me, lock)  # then cut: never empty for a reader
             os.ftruncate(fd, len(me.encode()))
             break
         os.close(fd)
@@ -150,7 +150,7 @@ def create_new(path: Path, text: str) -> int | None:
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         flock(fd, path)
-        os.write(fd, text.encode())
+        written(fd, text, path)  # or exit 1: the temporary removed below
         os.link(tmp, path)
     except FileExistsError:
         os.close(fd)
@@ -162,10 +162,23 @@ def create_new(path: Path, text: str) -> int | None:
         except FileExistsError:
             return None
         flock(fd, path)
-        os.write(fd, text.encode())
+        written(fd, text, path, made=True)
     finally:
         remove(tmp)
     return fd
+
+
+def written(fd: int, text: str, lock: Path, made: bool = False) -> None:
+    """`text` whole at the start of the lock `fd` (a write may be short: a full disk, ulimit -f),
+    else one line naming `lock` and exit 1 (the lock removed if this process `made` it)."""
+    data, done = text.encode(), 0
+    try:
+        while done < len(data):  # after a short write the next one says why
+            done += os.pwrite(fd, data[done:], done)
+    except OSError as e:
+        if made:
+            remove(lock)
+        fail(f"cannot write the lock {lock} ({e.strerror})", code=1)
 
 
 def claim(out: Path, args: argparse.Namespace, made: bool) -> Path:
