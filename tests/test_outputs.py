@@ -1,6 +1,7 @@
 """Files written beside a panorama (dit360.app.outputs): the cube map against py360convert, the
 cross by position, the XMP packet, and sample.py / edit.py with --viewer and --cubemap."""
 
+import os
 import re
 
 import numpy as np
@@ -113,6 +114,15 @@ def test_sample_writes_extras(tiny_flux, tmp_path, capsys):
     assert "skip " in printed and "pano-seed5.jpg: it exists; seam score" in printed
     assert (tmp_path / "b" / "pano-seed5.html").is_file()
     assert (tmp_path / "b" / "pano-seed4.html").stat().st_mtime_ns == page  # not rewritten
+    (tmp_path / "b" / "pano-seed5.html").unlink()  # its image cut after its record: one line
+    os.truncate(
+        tmp_path / "b" / "pano-seed5.jpg", (tmp_path / "b" / "pano-seed5.jpg").stat().st_size - 99
+    )
+    with pytest.warns(UserWarning, match="trained at 1024x2048"):
+        cut = r"pano-seed5.jpg: not a readable image \(image file is truncated.*\)"
+        expect_error(
+            capsys, sample.main, argv, tmp_path / "b", cut + ": remove it to make it again$"
+        )
 
 
 def test_edit_writes_extras(tiny_flux, tmp_path, capsys):

@@ -205,7 +205,7 @@ def run_batch(
     made = {job.out for job in todo}
     for job in jobs:  # once every output is known to be the job's or to be made
         if job.out not in made:
-            note = extras(job, open_image(job.out)) if missing(job) else ""
+            note = extras(job, reread(job.out)) if missing(job) else ""
             print(f"skip {job.out}: it exists" + (f"; {note}" if note else ""))
     start = time.perf_counter()
     print(f"{len(todo)} images to make, {len(jobs) - len(todo)} exist", flush=True)
@@ -226,6 +226,14 @@ def run_batch(
         (written, skipped), (minutes,) = across_ranks([len(todo), len(jobs) - len(todo)], [minutes])
         if rank == 0:
             summary(f"all {world} processes: ", int(written), int(skipped), minutes)
+
+
+def reread(path: Path) -> Image.Image:
+    """An output a batch skips, read for the extras it lacks; unreadable: one line, exit 2."""
+    try:
+        return open_image(path)
+    except REFUSED as e:  # its record was read, but its pixels are cut or corrupt
+        fail(f"{e}: remove it to make it again")
 
 
 def summary(who: str, written: int, skipped: int, minutes: float) -> None:
