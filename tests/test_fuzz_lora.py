@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+import test_lora
 import torch
 from clitest import expect_error
 from hypothesis import event, given, settings
@@ -21,7 +22,7 @@ from test_fuzz import FUZZ, outcome
 from test_lora import SEED, dit360_lora, out, with_peft
 from test_model import inputs, rel_err
 from test_sample_cli import args as sample_args
-from tiny import TINY_TRANSFORMER, diffusers_transformer, save_transformer
+from tiny import TINY_TRANSFORMER, diffusers_transformer
 
 import convert_weights
 import sample
@@ -31,15 +32,8 @@ from dit360.load import config, files, lora_formats
 from dit360.load.weights import load_flux, meta_flux
 
 HIDDEN = TINY_TRANSFORMER["num_attention_heads"] * TINY_TRANSFORMER["attention_head_dim"]  # 32
+base = test_lora.base  # the tiny transformer in the FLUX.1-dev folder layout (a fixture)
 QKV = "lora_unet_double_blocks_0_img_attn_qkv"  # kohya's name of a fused layer (to_q, to_k, to_v)
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """The tiny random transformer in the FLUX.1-dev folder layout."""
-    root = tmp_path_factory.mktemp("base")
-    save_transformer(diffusers_transformer(SEED), root)
-    return root
 
 
 @pytest.fixture(scope="module")
