@@ -6,6 +6,7 @@ a failed write leaves no temporary and the previous output whole."""
 
 import argparse
 import contextlib
+import errno
 import os
 import re
 import resource
@@ -289,6 +290,8 @@ def test_an_unwritable_cache_of_the_environment_names_its_variable(tmp_path, mon
     with pytest.raises(OSError) as e:
         cache_dir()
     assert f"(from TORCHINDUCTOR_CACHE_DIR={tmp_path}/file/inductor: make it" in said(e.value)
+    cut = OSError(errno.EIO, "Input/output error", f"{tmp_path}/file/inductor/x")  # a failed read
+    assert "TORCHINDUCTOR_CACHE_DIR" not in said(cut)  # of a file in it: no such hint
 
 
 def test_an_uncached_repo_offline_says_what_to_download(tiny_flux, tmp_path, capsys, monkeypatch):

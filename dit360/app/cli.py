@@ -3,6 +3,7 @@ stated limits, one-line errors (`fail`; a resource that ran out with its fix: `R
 SIGTERM and an uncaught OSError as one line from the first second on (`handle_signals`,
 `run_main`), a first line at once on a terminal (`starting`)."""
 
+import errno
 import os
 import re
 import signal
@@ -19,6 +20,9 @@ SIDE = 8192  # pixels a side of what we make: <= 67 M pixels, under PIL's limit,
 JOBS = 100_000  # images of one batch (rows x --num-images)
 GUIDANCE = 100  # the guidance input's magnitude (FLUX.1-dev was distilled on 1 to ~5)
 SURROGATE = re.compile("[\ud800-\udfff]")  # how Python decodes an argument's non-UTF-8 byte
+# what says a folder the user set for a cache or temporaries cannot be made or written (not a
+# failed read of a file in it)
+UNMADE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST)
 REFUSED = (ValueError, OSError, RuntimeError)  # bad input (RuntimeError: a link loop, < 3.13)
 LATE = (ValueError, OSError, FloatingPointError)  # once every check passed: exit 1, not 2
 
@@ -50,7 +54,7 @@ def said(message: object) -> str:
     """`message` `one_line`, with the fix if it says that a resource ran out (`RAN_OUT`)."""
     text = one_line(message) or type(message).__name__  # a MemoryError may say nothing
     told = f"{type(message).__name__}: {text}"
-    for name, value in os.environ.items():  # a folder the user set for a cache or temporaries
+    for name, value in os.environ.items() if getattr(message, "errno", 0) in UNMADE else ():
         if re.search("TMP|TEMP|CACHE|_HOME", name) and value and f"'{value}" in text:
             text += f" (from {name}={value}: make it a folder you can write, or unset it)"
     return next((f"{text}: {fix}" for k, fix in RAN_OUT.items() if re.search(k, told)), text)
