@@ -21,7 +21,7 @@ its folder is complete, so at any moment it names only files of one run; then th
 KIND-files-N folders (an earlier run's, or a killed run's) are removed. Nothing else in --out is.
 """
 
-from dit360.app.cli import REFUSED, check_prompt, handle_signals, run_main
+from dit360.app.cli import REFUSED, check_prompt, handle_signals, one_line, run_main
 
 if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
     handle_signals()
@@ -35,7 +35,7 @@ import random
 import re
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from PIL import Image
@@ -62,7 +62,7 @@ def find_images(folder: Path) -> list[Path]:
 
 def read_caption(image: Path) -> str:
     """The caption of an image: the text of the .txt file with the same stem next to it."""
-    path = image.with_suffix(".txt")
+    path = check_prompt(str(image), "its name") and image.with_suffix(".txt")  # a jsonl's text
     if not path.is_file():
         raise ValueError(f"missing caption {path.name}")
     caption = check_prompt(read_text(path).strip(), f"caption {path.name}")
@@ -233,8 +233,10 @@ def staging(out: Path) -> Iterator[Path]:
                 if (m := FILES.fullmatch(old.name)) and m[1] == kind and old.name != files:
                     remove(old)
     except BaseException as e:
-        if made is not None:  # the folders this run created, out among them
-            remove(made)
+        remove(stage)  # then the folders this run made, if empty (another run may write there)
+        for folder in [out, *out.parents][: len(out.relative_to(made).parts) + 1] if made else []:
+            with suppress(OSError):
+                folder.rmdir()
         if isinstance(e, OSError):
             named(e, stage, out)
         raise
@@ -370,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as e:  # bad rows (listed), or a failed write
         fail(e, code=1)
     for path in written.values():
-        print(f"wrote {path}")
+        print(f"wrote {one_line(path)}")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ has a `skipped` field); --max-nonfinite of them in a row stop the run (exit 1). 
 LoRA holding a non-finite value is never written, so every checkpoint kept is a finite one.
 """
 
-from dit360.app.cli import handle_signals, run_main, starting
+from dit360.app.cli import handle_signals, run_main, starting, torchrun
 
 if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
     handle_signals()
@@ -436,7 +436,7 @@ def check_device(name: str | None) -> torch.device:
         fail(f"--device {name}: not a device (cpu, cuda, cuda:1)")
     if dev.type not in ("cpu", "cuda"):
         fail(f"--device {name}: train.py runs on cpu or cuda")
-    index = int(os.environ.get("LOCAL_RANK", 0)) if dev.index is None else dev.index
+    index = torchrun()[2] if dev.index is None else dev.index
     if dev.type == "cuda" and index >= torch.cuda.device_count():
         fail(f"--device {name}: {torch.cuda.device_count()} CUDA devices here; try --device cpu")
     return torch.device("cuda", index) if dev.type == "cuda" else dev

@@ -77,7 +77,10 @@ SAMPLE_CASES = [  # extra flags (the last of a repeated flag wins), the error li
         ["--num-images", "2", "--seed", str(2**64 - 1), "--out-dir", "{tmp}/o"],
         r"--prompt:1: the seeds 18446744073709551615\.\.18446744073709551616 .* must fit in 64 b",
     ),
-    (["--out", "{tmp}/\udcff.png", "--viewer"], r"the name is not UTF-8 text: choose a UTF-8 name"),
+    (
+        ["--out", "{tmp}/\udcff.png", "--viewer"],
+        r"the name is not printable UTF-8 text: choose another",
+    ),
     (["--lora", "{tmp}/a", "--lora", "none"], r"--lora none cannot be combined with other LoRAs"),
     (["--lora", "{tmp}/a", "--lora", "{tmp}/a"], r"--lora \S+a is given twice: give it once"),
     (

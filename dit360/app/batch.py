@@ -15,7 +15,7 @@ from PIL import Image
 
 from ..load.files import read_text
 from ..load.image import check_output_path, open_image, save_panorama
-from .cli import JOBS, LATE, REFUSED, check_prompt
+from .cli import JOBS, LATE, REFUSED, check_prompt, torchrun
 from .generate import Job, check_inputs
 from .info import difference, read_record, stamp
 from .options import Options, fail, from_args, warnings_last
@@ -155,14 +155,13 @@ def checked_jobs(
 
 def local_device(device: str | None) -> str | None:
     """`device`; under torchrun on GPUs with none given, this process's own: cuda:LOCAL_RANK."""
-    if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        return f"cuda:{os.environ['LOCAL_RANK']}"
-    return device
+    _, world, local = torchrun()  # checked before anything
+    return f"cuda:{local}" if device is None and world > 1 and torch.cuda.is_available() else device
 
 
 def share(jobs: list[J]) -> list[J]:
     """This process's jobs: under torchrun rank r of w makes jobs[r::w]."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world, _ = torchrun()
     return jobs[rank::world]
 
 
@@ -196,7 +195,7 @@ def run_batch(
 ) -> None:
     """Write this process's jobs not `existing` with `record` and `extras` (a skipped one `missing`
     them too), then a total. Outputs with other settings: exit 2; a failure once they load: 1."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world, _ = torchrun()
     jobs = share(jobs)  # under torchrun: this process's share
     try:  # checked before anything loads (and by the scripts before their warnings show)
         todo, stamps = existing(jobs, record, overwrite)

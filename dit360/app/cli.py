@@ -1,8 +1,10 @@
 """What every command shares with no heavy import, so a script sets it up before torch loads: the
 stated limits, one-line errors (`fail`; a resource that ran out with its fix: `RAN_OUT`), SIGINT,
 SIGTERM and an uncaught OSError as one line from the first second on (`handle_signals`,
-`run_main`), a first line at once on a terminal (`starting`)."""
+`run_main`), standard streams a line always reaches, a first line at once on a terminal
+(`starting`)."""
 
+import atexit
 import errno
 import os
 import re
@@ -27,7 +29,7 @@ REFUSED = (ValueError, OSError, RuntimeError)  # bad input (RuntimeError: a link
 LATE = (ValueError, OSError, FloatingPointError)  # once every check passed: exit 1, not 2
 
 SIGNALS = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated")}
-STATE: dict[str, Any] = {"running": False, "got": None}  # run_main's main runs; last signal
+STATE: dict[str, Any] = {"running": False, "got": None, "said": False}  # main runs; last signal
 # What an error's text says ran out (the OS's, torch's allocator, gloo's, the loader's), and the fix
 # its line ends with: wherever it is caught, or nowhere (`on_uncaught`), it is one line, exit 1.
 RAN_OUT = {
@@ -46,8 +48,14 @@ def fail(message: object, code: int = 2) -> NoReturn:
     """Stop with one line `error: ...` on stderr; code 2: bad usage, 1: a failure, 130 / 143: a
     signal (which only rank 0 reports under torchrun)."""
     if code not in (130, 143) or os.environ.get("RANK", "0") == "0":
-        sys.stderr.write(f"error: {said(message)}\n")
+        say(message)
     raise SystemExit(code)
+
+
+def say(message: object) -> None:
+    """Write the line `error: {said(message)}`."""
+    STATE["said"] = True  # `on_exit` adds no second line
+    sys.stderr.write(f"error: {said(message)}\n")
 
 
 def said(message: object) -> str:
@@ -63,7 +71,7 @@ def said(message: object) -> str:
 def on_uncaught(kind: type, e: BaseException, tb: object) -> None:
     """sys.excepthook: an OSError or a resource run out as one line (exit 1); else the traceback."""
     if isinstance(e, (OSError, MemoryError)) or said(e) != one_line(e):
-        sys.stderr.write(f"error: {said(e)}\n")
+        say(e)
     else:
         sys.__excepthook__(kind, e, tb)
 
@@ -92,6 +100,21 @@ def check_prompt(text: str, what: str) -> str:
     return text
 
 
+def torchrun() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as torchrun sets them, (0, 1, 0) without it; one line, exit
+    2, for a set torchrun makes not (a rank out of the world: the jobs of none, or a hang)."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")  # and MASTER_ADDR
+    if not ({"RANK", "WORLD_SIZE"} & set(os.environ)):
+        return 0, 1, 0
+    rank, world, local, port = (int(v) if (v := os.environ.get(k, "")).isdecimal() else -1
+                                for k in names)  # fmt: skip
+    if not (0 <= rank < world and local >= 0 and 0 < port < 65536 and os.getenv("MASTER_ADDR")):
+        told = " ".join(f"{k}={os.environ.get(k)}" for k in (*names, "MASTER_ADDR"))
+        fail(f"{told}: not as torchrun sets them (0 <= RANK < WORLD_SIZE; LOCAL_RANK, "
+             "MASTER_ADDR, MASTER_PORT): launch with torchrun, or unset them")  # fmt: skip
+    return rank, world, local
+
+
 def on_signal(signum: int, frame: object) -> None:
     """While importing: one line and exit now. In run_main's main: SIGINT is a KeyboardInterrupt
     and SIGTERM a SystemExit(143), so `finally` blocks (temporary files) run before the line."""
@@ -104,11 +127,37 @@ def on_signal(signum: int, frame: object) -> None:
     raise SystemExit(code)
 
 
+def on_exit() -> None:
+    """atexit, before Python's own last flush of stdout (a closed pipe or a full disk there was two
+    lines and exit 120): one line `error: stdout: ...`, exit 1; none after another error's line."""
+    try:
+        sys.stdout.flush()
+    except OSError as e:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the bytes left go there
+        if not STATE["said"]:
+            say(f"stdout: {e}")
+            sys.stderr.flush()
+            os._exit(1)
+
+
 def handle_signals() -> None:
-    """Install `on_signal` and `on_uncaught` (the scripts call it before their imports)."""
+    """Install `on_signal`, `on_uncaught` and `on_exit` (the scripts call it before their imports);
+    a standard stream closed at the start is /dev/null (not the next file opened, and `fail` can
+    say its line), and stdout escapes what its encoding lacks (PYTHONIOENCODING=ascii)."""
     sys.excepthook = on_uncaught
     for signum in SIGNALS:
         signal.signal(signum, on_signal)
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # MKL then failed to load torch's library, no `error:` line
+        fail("the current folder was removed: cd into a folder that exists")
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):
+        if getattr(sys, name) is None:
+            os.dup2(os.open(os.devnull, os.O_RDWR), fd)
+            setattr(sys, name, open(fd, "w" if fd else "r", closefd=False))
+    sys.stdout.reconfigure(errors="backslashreplace")
+    atexit.unregister(on_exit)  # once, though run_main calls this again
+    atexit.register(on_exit)
 
 
 def starting(command: str) -> None:

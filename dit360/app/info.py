@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import shlex
-import sys
 from dataclasses import fields
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -18,7 +17,7 @@ from PIL import Image
 
 from ..load.config import FLUX_DEV
 from ..load.image import pil_quiet
-from .cli import printable
+from .cli import printable, run_main
 from .options import DTYPES, EditOptions, Parser, SampleOptions, fail
 
 KEY = "dit360"  # our JSON's key; `parameters` is the web UIs'
@@ -169,4 +168,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -17,6 +17,7 @@ from PIL import Image
 
 from ..load.files import atomic_path
 from ..load.image import FORMATS, from_pil, loaded, open_image, save_image, to_pil
+from .cli import one_line
 from .options import SIDE, Parser, bounded, fail
 from .panorama import FACES, cube_to_cross, discontinuity_score, equirect_to_cube
 
@@ -176,10 +177,10 @@ def evaluate_main(argv: list[str] | None = None) -> None:
         except (OSError, ValueError) as e:
             fail(e)
         if img.width != 2 * img.height or img.height < 3:  # e.g. the cube faces --cubemap writes
-            print(f"{path}: skipped, {img.width}x{img.height} is not 2:1 (or is under 6x3)")
+            print(f"{one_line(path)}: skipped, {img.width}x{img.height} is not 2:1 (or under 6x3)")
             continue
         scores.append(seam_scores(img))
-        print(f"{path}: seam {scores[-1][0]:.3f}, middle {scores[-1][1]:.3f}")
+        print(f"{one_line(path)}: seam {scores[-1][0]:.3f}, middle {scores[-1][1]:.3f}")
     if not scores:
         fail("no 2:1 panoramas among the images")
     wrap, middle = np.mean(scores, axis=0)

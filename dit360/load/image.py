@@ -160,10 +160,8 @@ def check_output_path(
     path, named = Path(path), f"{flag} {path}".lstrip()
     if path.suffix.lower() not in FORMATS:
         raise ValueError(f"{named}: use a .png, .jpg or .jpeg file name")
-    try:  # a name that is not UTF-8 could be written, but not printed or put in a viewer page
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"{named}: the name is not UTF-8 text: choose a UTF-8 name") from None
+    if not str(path).isprintable():  # written, but not printed on one line nor put in a page
+        raise ValueError(f"{named}: the name is not printable UTF-8 text: choose another")
     for out in [path, *beside]:
         name = named if out == path else f"{out} (beside {named})"
         if out.is_dir():

@@ -19,7 +19,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..app.cli import one_line
+from ..app.cli import one_line, torchrun
 
 
 def init(dev: torch.device) -> tuple[int, int]:
@@ -42,7 +42,7 @@ def cleanup() -> None:
 
 def is_main() -> bool:
     """Rank 0 (before the process group exists: torchrun's RANK; no torchrun: rank 0)."""
-    return (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))) == 0
+    return (dist.get_rank() if dist.is_initialized() else torchrun()[0]) == 0
 
 
 def print0(*args, **kwargs) -> None:
