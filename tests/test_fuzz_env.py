@@ -96,6 +96,15 @@ def test_a_current_folder_that_was_removed(tmp_path):
     assert r.stderr.startswith("error: the current folder was removed"), r.stderr
 
 
+@pytest.mark.parametrize("value", ["abc", "0", "", "1.5", "-2"])
+def test_a_bad_omp_num_threads(value):
+    """OMP_NUM_THREADS that libgomp cannot read: one line naming it, exit 2, before torch loads
+    (libgomp said "Invalid value for environment variable" on two lines, and ran on)."""
+    r = command("sample.py", "--prompt", "x", env={"OMP_NUM_THREADS": value})
+    said = f"error: OMP_NUM_THREADS={value}: not a number of threads: set 1, 2, ..., or unset it\n"
+    assert r.returncode == 2 and r.stderr == said, r.stderr
+
+
 def test_an_ascii_stdout_escapes_what_it_cannot_encode(tmp_path):
     """PYTHONIOENCODING=ascii (or a C locale's stdout) and a folder named in UTF-8: the line says
     the name escaped, exit 0 (it was a UnicodeEncodeError traceback after the work was done)."""

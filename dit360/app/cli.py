@@ -147,15 +147,18 @@ def handle_signals() -> None:
     sys.excepthook = on_uncaught
     for signum in SIGNALS:
         signal.signal(signum, on_signal)
-    try:
-        os.getcwd()
-    except FileNotFoundError:  # MKL then failed to load torch's library, no `error:` line
-        fail("the current folder was removed: cd into a folder that exists")
     for fd, name in enumerate(("stdin", "stdout", "stderr")):
         if getattr(sys, name) is None:
             os.dup2(os.open(os.devnull, os.O_RDWR), fd)
             setattr(sys, name, open(fd, "w" if fd else "r", closefd=False))
     sys.stdout.reconfigure(errors="backslashreplace")
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # MKL then failed to load torch's library, no `error:` line
+        fail("the current folder was removed: cd into a folder that exists")
+    threads = os.environ.get("OMP_NUM_THREADS", "1")  # else libgomp's two lines, ignoring it
+    if not all(n.strip().isdecimal() and int(n) > 0 for n in threads.split(",")):
+        fail(f"OMP_NUM_THREADS={threads}: not a number of threads: set 1, 2, ..., or unset it")
     atexit.unregister(on_exit)  # once, though run_main calls this again
     atexit.register(on_exit)
 
