@@ -18,7 +18,7 @@ that are gone). Arguments are checked before any weights are read. Exit status: 
 arguments, 1 failed, 130 interrupted (Ctrl-C).
 """
 
-from dit360.app.cli import handle_signals, run_main
+from dit360.app.cli import handle_signals, one_line, run_main
 
 if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while importing is one line
     handle_signals()
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
             out = convert_flux(args.base, args.out, dtype, args.kind, args.axes_dim, **merge)
     except (ValueError, OSError) as e:  # unreadable or unfit weights, a failed write
         fail(" ".join(str(e).split()), code=1)
-    print(f"wrote {out}")
+    print(f"wrote {one_line(out)}")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ from test_prepare import make_images
 from test_sample_cli import args as sample_args
 from test_train import ROOT
 
+import convert_weights
 import prepare
 import sample
 from dit360.app import batch
-from dit360.app.outputs import evaluate_main
+from dit360.app.outputs import evaluate_main, view_main
 from dit360.train import distributed
 
 # Buffered stdout (the suite may run with PYTHONUNBUFFERED): the bytes left for Python's last flush.
@@ -115,13 +116,18 @@ def test_an_ascii_stdout_escapes_what_it_cannot_encode(tmp_path):
     assert r.stdout.startswith(f"{tmp_path}/f\\xfcr/a.png: seam "), r.stdout
 
 
-def test_names_with_line_breaks_are_said_on_one_line(tmp_path, capsys):
-    """`python -m dit360.app.evaluate DIR` of images named with a line break or an escape: one
-    line each on stdout (a name's line break made it two, an escape moved the terminal)."""
+def test_names_with_line_breaks_are_said_on_one_line(tiny_flux, tmp_path, capsys):
+    """Files named with a line break or an escape, in a folder so named: `python -m
+    dit360.app.evaluate` and `view`, `convert_weights.py --out`, train.py's lines say each on one
+    line (a name's line break made two, an escape moved the terminal)."""
     names = ["a\nb.png", "c\r.png", "\x1b[2Jd.png", "e.png"]
-    evaluate_main([str(panoramas(tmp_path, *names))])
+    folder = panoramas(tmp_path / "p\nq", *names)
+    evaluate_main([str(folder)])
+    view_main([str(folder / "e.png"), "--out", str(tmp_path / "v\nw.html")])
+    convert_weights.main(["--base", str(tiny_flux), "--out", str(tmp_path / "c\nd.safetensors")])
+    distributed.print0("wrote", folder / "lora")
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == len(names) + 1 and all("\x1b" not in line for line in lines), lines
+    assert len(lines) == len(names) + 1 + 3 and all("\x1b" not in line for line in lines), lines
 
 
 @pytest.mark.parametrize("name", ["a\nb.png", "a\rb.png", "\x1b]0;x\x07.png", "\udcff.png"])

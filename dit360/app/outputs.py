@@ -136,7 +136,7 @@ def view_main(argv: list[str] | None = None) -> None:
         fail(e)
     except OSError as e:
         fail(f"cannot write {args.out or args.image.with_suffix('.html')}: {e}")
-    print(f"wrote {out}: open it in a browser (drag to look around, the wheel zooms)")
+    print(f"wrote {one_line(out)}: open it in a browser (drag to look around, the wheel zooms)")
 
 
 def seam_scores(img: Image.Image) -> tuple[float, float]:

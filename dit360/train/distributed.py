@@ -46,14 +46,14 @@ def is_main() -> bool:
 
 
 def print0(*args, **kwargs) -> None:
-    """print on rank 0 only."""
+    """print on rank 0 only, each argument `one_line` (a name's line break made two)."""
     if is_main():
-        print(*args, **kwargs, flush=True)
+        print(*map(one_line, args), **kwargs, flush=True)
 
 
 def warn0(message: str) -> None:
     """One line `warning: ...` on stderr, from rank 0."""
-    print0(f"warning: {one_line(message)}", file=sys.stderr)
+    print0(f"warning: {message}", file=sys.stderr)
 
 
 def all_sum(x: Tensor) -> Tensor:
