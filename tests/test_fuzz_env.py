@@ -4,12 +4,14 @@ line break or an undecodable byte; two runs into one --out. Each ends with a who
 line `error: ...` and its status, no traceback, nothing of another run's removed."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import test_train
 from clitest import expect_error
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,6 +21,7 @@ from test_fuzz import FUZZ
 from test_prepare import make_images
 from test_sample_cli import args as sample_args
 from test_train import ROOT
+from test_train import args as train_args
 
 import convert_weights
 import prepare
@@ -29,6 +32,7 @@ from dit360.train import distributed
 
 # Buffered stdout (the suite may run with PYTHONUNBUFFERED): the bytes left for Python's last flush.
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"OMP_NUM_THREADS": "1"}
+data, one_thread = test_train.data, test_train.one_thread  # the tiny training rows
 TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -182,6 +186,25 @@ def test_torchrun_variables_that_torchrun_never_sets(env, monkeypatch, capsys):
     assert (
         err.startswith(f"error: RANK={env['RANK']} WORLD_SIZE=") and "launch with torchrun" in err
     )
+
+
+def test_a_training_process_whose_peers_never_come(tiny_flux, data, tmp_path):
+    """train.py under torchrun's variables, WORLD_SIZE=2, but no second process: one line, exit
+    1, once `distributed.JOIN` is over (it waited 30 minutes, then a traceback); here 2 s."""
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    argv = train_args(tiny_flux, data, tmp_path / "run", "--max-steps", "1")
+    code = (
+        "import datetime, runpy, sys\nimport dit360.train.distributed as d\n"
+        f"d.JOIN = datetime.timedelta(seconds=2)\nsys.argv = ['train.py', *{argv!r}]\n"
+        "runpy.run_path('train.py', run_name='__main__')"
+    )
+    env = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    r = command("-c", code, env=env, stdout=subprocess.DEVNULL)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    said = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(said) == 1 and "launch all WORLD_SIZE processes with torchrun" in said[0], said
 
 
 # --- names and two runs into one --out (prepare.py) ---------------------------------------------

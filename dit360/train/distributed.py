@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from functools import partial
 
 import torch
@@ -19,7 +20,9 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..app.cli import one_line, torchrun
+from ..app.cli import fail, one_line, torchrun
+
+JOIN = timedelta(minutes=10)  # as torchrun's own rendezvous (its join_timeout)
 
 
 def init(dev: torch.device) -> tuple[int, int]:
@@ -28,7 +31,12 @@ def init(dev: torch.device) -> tuple[int, int]:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
-        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+        try:  # the others join within JOIN (a missing one was a hang of 30 minutes, a traceback)
+            store, rank, world = next(dist.rendezvous("env://", timeout=JOIN))
+        except dist.DistError as e:
+            fail(f"{e}: launch all WORLD_SIZE processes with torchrun", 1)
+        device = dev if dev.type == "cuda" else None
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, device_id=device)
     else:  # a world of one: an in-memory store
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return dist.get_rank(), dist.get_world_size()
