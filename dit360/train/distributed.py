@@ -34,7 +34,7 @@ def init(dev: torch.device) -> tuple[int, int]:
         try:  # the others join within JOIN (a missing one was a hang of 30 minutes, a traceback)
             store, rank, world = next(dist.rendezvous("env://", timeout=JOIN))
         except dist.DistError as e:
-            fail(f"{e}: launch all WORLD_SIZE processes with torchrun", 1)
+            fail(f"the other processes did not join ({e}): launch all with torchrun", 1)
         device = dev if dev.type == "cuda" else None
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, device_id=device)
     else:  # a world of one: an in-memory store
