@@ -23,26 +23,31 @@ NO_PARSER = {"runs.py": "one JSON argument", "tests/scene.py": "the screenshot's
 
 
 def command_lines() -> list[list[str]]:
-    """Every `python ...` / `torchrun ...` command of the README's shell blocks, as argv (from the
-    script or `-m module` on); `pip` and other programs are left out."""
+    """Every `python ...` / `torchrun ...` command of the README, in its shell blocks or inline, as
+    argv (from the script or `-m module` on); `pip`, `pytest` and other programs are left out."""
+    lines = [
+        ln
+        for lang, body in BLOCKS
+        if lang == "bash"
+        for ln in body.replace("\\\n", " ").split("\n")
+    ]
+    lines += [c.replace("\n", " ") for c in re.findall(r"`((?:python|torchrun) [^`]+)`", README)]
     found = []
-    for lang, body in BLOCKS:
-        if lang != "bash":
-            continue
-        for line in body.replace("\\\n", " ").splitlines():
-            for part in re.split(r"&&|;", line):
-                words = shlex.split(part, comments=True)
-                if words[:1] == ["torchrun"]:  # its own flags, then the script
-                    words = words[next(i for i, w in enumerate(words) if w.endswith(".py")) :]
-                elif words[:1] == ["python"] and (words[1] != "-m" or "dit360." in words[2]):
-                    words = words[1:]
-                else:
-                    continue
-                found.append(words)
+    for line in lines:
+        for part in re.split(r"&&|;", line):
+            words = shlex.split(part, comments=True)
+            if words[:1] == ["torchrun"]:  # its own flags, then the script
+                words = words[next(i for i, w in enumerate(words) if w.endswith(".py")) :]
+            elif words[:1] == ["python"] and (words[1] != "-m" or "dit360." in words[2]):
+                words = words[1:]
+            else:
+                continue
+            found.append(words)
     return found
 
 
-COMMANDS = command_lines()
+COMMANDS = command_lines()  # also bare mentions, "`python benchmarks/memory.py`, about 3 minutes"
+RUNS = [w for w in COMMANDS if w[2 if w[0] == "-m" else 1 :]]  # the command lines with arguments
 
 
 class Parsed(Exception):
@@ -84,7 +89,7 @@ def test_commands_found():
     assert expected | {"dit360.app.view", "dit360.app.evaluate"} <= scripts
 
 
-@pytest.mark.parametrize("words", COMMANDS, ids=lambda w: shlex.join(w)[:70])
+@pytest.mark.parametrize("words", RUNS, ids=lambda w: shlex.join(w)[:70])
 def test_command_line_parses(words, monkeypatch, capsys, tmp_path):
     """The script's own parser accepts the README's command line (stopped right after parsing)."""
     if words[0] in NO_PARSER:  # no flags: check the one argument instead
@@ -102,11 +107,54 @@ def test_command_line_parses(words, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
     monkeypatch.setattr(sys, "argv", [words[0], *args])
     monkeypatch.chdir(tmp_path)  # nothing a parser might touch lands in the repository
-    with pytest.raises(Parsed):
+    with pytest.raises(SystemExit if "--help" in args else Parsed) as raised:
         try:
             namespace[entry(namespace, source)]()
         except SystemExit as e:
+            if e.code == 0 and "--help" in args:
+                raise
             pytest.fail(f"{shlex.join(words)}: exit {e.code}: {capsys.readouterr().err.strip()}")
+    assert raised.type is Parsed or "usage:" in capsys.readouterr().out  # --help printed it
+
+
+# Flags of other programs the README runs (pip, torchrun, hf, farm-bench)
+FOREIGN = {
+    "--index-url",
+    "--nproc_per_node",
+    "--repo-type",
+    "--include",
+    "--timeout",
+    "--vs",
+    "--no-deps",
+}
+
+
+def parsers(monkeypatch: pytest.MonkeyPatch) -> list[argparse.ArgumentParser]:
+    """The parser of each script and module the README's command lines run."""
+    found = []
+
+    def keep_and_stop(self, args=None, namespace=None):
+        found.append(self)
+        raise Parsed
+
+    for words in {tuple(w[:2] if w[0] == "-m" else w[:1]) for w in COMMANDS} - {
+        (k,) for k in NO_PARSER
+    }:
+        namespace, source, _ = script_namespace(list(words), monkeypatch)
+        with monkeypatch.context() as m:
+            m.setattr(argparse.ArgumentParser, "parse_args", keep_and_stop)
+            m.setattr(sys, "argv", [words[0]])
+            with pytest.raises(Parsed):
+                namespace[entry(namespace, source)]()
+    return found
+
+
+def test_every_flag_named_exists(monkeypatch):
+    """Every `--flag` the README names, in prose, tables or commands, is one of our scripts' flags
+    (the ones it runs) or of the other programs it runs."""
+    ours = {o for p in parsers(monkeypatch) for a in p._actions for o in a.option_strings}
+    named = set(re.findall(r"(?<![\w-])--[a-z][\w-]*[a-z0-9](?![\w*-])", README))
+    assert sorted(named - ours - FOREIGN) == []
 
 
 def python_blocks() -> list[str]:
