@@ -290,6 +290,7 @@ def test_named_paths_exist():
     tops = ("tests/", "benchmarks/", "dit360/", "docs/", ".ci/")
     named = {p for p in re.findall(r"`([\w./-]+)`", README) if p.startswith(tops)}
     named |= {w for _, body in BLOCKS for w in re.findall(r"[\w./-]+", body) if w.startswith(tops)}
+    named |= {f"tests/{t}" for t in re.findall(r"`(test_\w+\.py)`", README)}  # "`test_x.py` for"
     assert named
     missing = [p for p in sorted(named) if not (ROOT / p).exists()]
     assert missing == []
