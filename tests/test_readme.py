@@ -94,9 +94,11 @@ def test_command_line_parses(words, monkeypatch, capsys, tmp_path):
     """The script's own parser accepts the README's command line (stopped right after parsing)."""
     if words[0] in NO_PARSER:  # no flags: check the one argument instead
         assert len(words) == 2, f"{words[0]} takes {NO_PARSER[words[0]]}"
-        if words[0] == "runs.py":
-            json.loads(words[1])
         assert (ROOT / CWD.get(words[0], "") / words[0]).is_file()
+        if words[0] == "runs.py":  # the JSON names a kind, and its keys are that run's arguments
+            args = json.loads(words[1])
+            namespace, _, _ = script_namespace(words, monkeypatch)
+            inspect.signature(namespace["KINDS"][args.pop("kind")]).bind(**args)
         return
     namespace, source, args = script_namespace(words, monkeypatch)
     real = argparse.ArgumentParser.parse_args
