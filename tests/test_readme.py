@@ -1,6 +1,7 @@
 """The README against the code: every command line's flags parse with its script's own parser (no
-model loaded), every `from dit360...` import and dotted name resolves, the Python API's layer table
-names modules and names that exist, and every relative link and repository path is there."""
+model loaded) and every `--flag` it names is one of its scripts' flags; every `from dit360...`
+import and dotted name resolves; the Python API's layer table lists every module, with names and
+signatures that exist; every relative link, anchor and repository path is there."""
 
 import argparse
 import ast
