@@ -78,6 +78,7 @@ def script_namespace(words: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple
         return vars(module), inspect.getsource(module), words[2:]
     path = ROOT / CWD.get(words[0], "") / words[0]
     assert path.is_file(), f"README runs {words[0]}, which is not in the repository"
+    monkeypatch.setattr(sys, "path", [*sys.path])  # restored after: scripts add folders to it
     monkeypatch.syspath_prepend(str(path.parent))  # as `python path` puts its folder first
     namespace = runpy.run_path(str(path), run_name=f"readme_{path.stem}")
     return namespace, path.read_text(), words[1:]
