@@ -22,7 +22,7 @@ from ..load.lora_formats import paired_loras
 from ..load.sources import Sources, resolve_sources
 from ..memory.offload import MODES as OFFLOADS
 from ..speed.kernels import BACKENDS
-from .cli import GUIDANCE, PROMPT_CHARS, SIDE, STEPS, SURROGATE, fail  # noqa: F401 (scripts)
+from .cli import GUIDANCE, PROMPT_CHARS, SIDE, STATE, STEPS, SURROGATE, fail  # noqa: F401 (scripts)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES_16 = (torch.bfloat16, torch.float16)  # what FA3 runs in
@@ -286,6 +286,10 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         fail(message)
+
+    def parse_known_args(self, *args: Any, **kw: Any) -> tuple[argparse.Namespace, list[str]]:
+        STATE["flags"] = tuple(self._option_string_actions)  # what running out's fix may name
+        return super().parse_known_args(*args, **kw)
 
 
 def require_torch(floor: tuple[int, int], command: str, why: str) -> None:
