@@ -42,6 +42,14 @@ def test_edit_image_checks_before_loading(tiny_flux, tmp_path, monkeypatch):
         editing.edit_image(Image.open(src), Image.open(mask), "a" * 30_000, opts)
 
 
+def test_a_bad_value_is_cut_in_its_line():
+    """A 20,001-character --source-prompt: its error line shows 200 characters of it (it showed
+    all 20,001)."""
+    with pytest.raises(ValueError, match=r"^--source-prompt \(source_prompt\) must be") as e:
+        EditOptions(source_prompt="a" * 20_001)
+    assert len(str(e.value)) < 400 and str(e.value).endswith("aaa..."), len(str(e.value))
+
+
 def test_edit_checks_each_source_once(tiny_flux, tmp_path, monkeypatch):
     """edit.py, one edit or a batch of one, checks the source and mask once before loading (it
     checked them twice: itself, then in edit_image or edit_many); edit_image alone checks them."""

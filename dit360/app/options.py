@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import torch
 
 from ..load.config import DIT360_LORA, FLUX_DEV
+from ..load.files import short
 from ..load.lora_formats import paired_loras
 from ..load.sources import Sources, resolve_sources
 from ..memory.offload import MODES as OFFLOADS
@@ -149,7 +150,7 @@ class Options:
             if hasattr(self, name) and not test(value := getattr(self, name)):
                 flag = f"--{name.replace('_', '-')}"  # the CLI's name, and the API's if other
                 flag += f" ({name})" if "_" in name else ""
-                raise ValueError(f"{flag} must be {what}, got {value!r}")
+                raise ValueError(f"{flag} must be {what}, got {short(value)}")
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             dev = torch.device(self.device)
