@@ -102,7 +102,7 @@ def check_inputs(opts: Options) -> None:
         if src != "auto":
             lora_file(src)
     from ..load.weights import read_autoencoder, read_flux
-    from .text import check_encoders, load_tokenizers  # transformers: seconds to import
+    from .text import load_tokenizers  # transformers: seconds to import
 
     src = opts.sources()
     model = flagged(src.origin["transformer"], read_flux, src.transformer)[2]
@@ -111,9 +111,8 @@ def check_inputs(opts: Options) -> None:
         warnings.warn(
             f"{src.transformer} has no guidance input (FLUX.1-schnell?): {why}", stacklevel=2
         )
-    checked = check_encoders(src)
+    load_tokenizers(src)  # each against its encoder, checked first
     flagged(src.origin["vae"], read_autoencoder, src.vae)
-    load_tokenizers(src, checked)
     for _, path, _ in lora_sources(opts):
         flagged("--lora", read_lora, path, model)
     CHECKED.add(key)

@@ -14,8 +14,6 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
-    PretrainedConfig,
-    PreTrainedTokenizerBase,
     T5Config,
     T5EncoderModel,
     T5TokenizerFast,
@@ -159,18 +157,17 @@ def _keys(model: nn.Module, tfile: TensorFile, part: Part) -> dict[int, str]:
 
 
 def load_encoder(
-    part: Part,
+    part: Part | Checked,
     kind: str,
     device: torch.device | str,
     dtype: torch.dtype,
     fp8: bool = False,
-    checked: Checked | None = None,
 ) -> T5EncoderModel | CLIPTextModel:
-    """A text encoder filled tensor by tensor onto `device` (its meta model: `checked`'s, if given);
-    `fp8` (T5 only): linears in float8."""
+    """A text encoder (`part`, or what `check_encoder` made of it) filled tensor by tensor onto
+    `device`; `fp8` (T5 only): linears in float8."""
     if fp8 and kind != "t5":
         raise ValueError(f"fp8 text encoders: T5 only, not {kind}")
-    tfile, model, keys = checked or check_encoder(part, kind)
+    tfile, model, keys = part if isinstance(part, tuple) else check_encoder(part, kind)
     # Not the feed-forward's `wo`: T5 casts its input to its weight dtype (float8 would wreck it)
     # and keeps it in float32 for 8-bit and float16 loads, as precision-critical.
     targets = {
@@ -209,8 +206,8 @@ def load_text_encoders(
     checked = check_encoders(src)
     clip_tokenizer, t5_tokenizer = load_tokenizers(src, checked)  # before the ~10 GB they check
     home = device if offload == "none" else "cpu"
-    clip = load_encoder(src.clip, "clip", home, dtype, checked=checked["clip"])  # ~250 MB
-    t5 = load_encoder(src.t5, "t5", home, dtype, t5_fp8, checked["t5"])  # 9.5 GB, 5.8 in fp8
+    clip = load_encoder(checked["clip"], "clip", home, dtype)  # small: ~250 MB
+    t5 = load_encoder(checked["t5"], "t5", home, dtype, t5_fp8)  # ~9.5 GB in bf16, 5.8 GB with fp8
     if offload != "none":  # pinned host memory, tensor by tensor
         clip, t5 = park(clip), park(t5)
     return TextEncoders(clip_tokenizer, clip, t5_tokenizer, t5, torch.device(device), offload)
@@ -244,17 +241,17 @@ def load_tokenizers(
     else checked now), an error led by where the folder came from (`src.origin`)."""
     checked = checked or check_encoders(src)
     return tuple(
-        flagged(src.origin.get(f"{k}_tokenizer", ""), load_tokenizer, src, k, checked[k][1].config)
+        flagged(src.origin.get(f"{k}_tokenizer", ""), load_tokenizer, src, k, checked[k][1])
         for k in TOKENIZERS
     )
 
 
-def load_tokenizer(src: Sources, kind: str, config: PretrainedConfig) -> PreTrainedTokenizerBase:
-    """`kind`'s tokenizer (files bounded, no code run, ids inside its encoder's, of `config`), or
-    ValueError."""
+def load_tokenizer(src: Sources, kind: str, encoder: nn.Module) -> CLIPTokenizer | T5TokenizerFast:
+    """`kind`'s tokenizer (files bounded, no code run, ids its `encoder` embeds), or ValueError."""
     cls, needs = TOKENIZERS[kind]
     folder, part = getattr(src, f"{kind}_tokenizer"), getattr(src, kind)
     repo = TOKENIZER_REPOS[f"{kind}_tokenizer"][0]
+    config = encoder.config  # the ids it embeds; where CLIP pools
     try:
         for f in (f for f in folder.iterdir() if f.suffix in (".json", ".txt", ".model", ".jinja")):
             if not f.is_file() or f.stat().st_size > MAX_TEXT:  # a FIFO, /dev/zero, 8 GB
