@@ -228,7 +228,7 @@ TOKEN_LISTS: dict[str, Rule] = {
 
 
 def check_encoders(src: Sources) -> dict[str, Checked]:
-    """CLIP's and T5's `check_encoder`, an error led by where the file came from (`src.origin`)."""
+    """CLIP's and T5's `check_encoder`, an error led by where its file came from (`src.origin`)."""
     return {
         k: flagged(src.origin.get(k, ""), check_encoder, getattr(src, k), k) for k in TOKENIZERS
     }
@@ -237,8 +237,8 @@ def check_encoders(src: Sources) -> dict[str, Checked]:
 def load_tokenizers(
     src: Sources, checked: dict[str, Checked] | None = None
 ) -> tuple[CLIPTokenizer, T5TokenizerFast]:
-    """CLIP's and T5's tokenizers, each checked against its encoder (`checked`: `check_encoders`'s,
-    else checked now), an error led by where the folder came from (`src.origin`)."""
+    """CLIP's and T5's tokenizers checked against their encoders (`checked`, else made), errors led
+    by where each folder came from (`src.origin`)."""
     checked = checked or check_encoders(src)
     return tuple(
         flagged(src.origin.get(f"{k}_tokenizer", ""), load_tokenizer, src, k, checked[k][1])

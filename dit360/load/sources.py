@@ -140,8 +140,7 @@ def find_in(path: Path, part: str) -> Part | None:
 
 
 def tokenizer(root: Path | None, name: str, home: str) -> tuple[Path, str]:
-    """A tokenizer folder and its origin: `home`, --base's if it has one, else the ungated repo's
-    (cache or hub; its errors name it)."""
+    """A tokenizer folder and its origin: --base's (`home`) if it has one, else the hub repo's."""
     folder = root / FOLDERS[name] if root is not None and root.is_dir() else None
     if folder is not None and (folder.exists() or folder.is_symlink()):  # a loop: its error
         return folder, home
@@ -215,8 +214,7 @@ KINDS = (FileNotFoundError, PermissionError, OSError, ValueError)
 
 
 def flagged(flag: str, find: Callable[..., T], *args: object) -> T:
-    """find(*args), an error's message prefixed by the flag (or repo id) it is about, if it has
-    none: one led by a flag or by `flag` (a repo id's own error) is kept, as is every one if ""."""
+    """find(*args), an error's message led by `flag` (or repo id) unless led by a flag or by it."""
     try:
         return find(*args)
     except KINDS as e:
