@@ -36,7 +36,7 @@ RAN_OUT = {
     r"MemoryError|allocate memory|Unable to allocate|out of memory|failed to map segment": (
         "out of memory: free some memory",
         ("--height", "--width", "--batch-size", "--offload", "--fp8", "--base-dtype fp8")
-        + ("--refine-face-size", "--refine-batch", "--refine-offload", "--refine-fp8"),
+        + ("--refine-face-size", "--refine-batch", "--refine-offload", "--refine-fp8"),  # prepare
     ),
     r"Too many open files": ("raise the limit of open files (ulimit -n)", ("--workers",)),
     r"No space left|File too large|Disk quota": (
