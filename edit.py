@@ -46,12 +46,13 @@ from dit360.app.batch import (
     read_rows,
     run_batch,
 )
-from dit360.app.editing import EditJob, check_job, edit_image, edit_many
+from dit360.app.editing import EditJob, check_job, edit_many
 from dit360.app.generate import job_options
 from dit360.app.info import record, stamp
 from dit360.app.options import SIDE, EditOptions, Parser, add_flags, bounded, check_height, fail
 from dit360.app.outputs import add_output_flags, extras_missing, write_extras
 from dit360.app.panorama import VIEW_RANGES, project_photo
+from dit360.app.report import Report
 from dit360.load.image import open_image, read_rgb, save_panorama
 
 SINGLE = ("image", "mask", "prompt")  # the flags of one edit, which --edits replaces
@@ -193,7 +194,7 @@ def run_edits(args: argparse.Namespace) -> None:
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     run_batch(
         jobs,
-        lambda todo: edit_many(todo, opts, log),
+        lambda todo: edit_many(todo, opts, log, checked=True),  # edit_jobs checked them
         record_for(opts),
         lambda job, image: write_extras(image, job.out, args, job.prompt),
         lambda job: extras_missing(job.out, args),
@@ -223,15 +224,15 @@ def main(argv: list[str] | None = None) -> None:
         fail(e)
     opts, out = checked(EditOptions, args)  # every flag, before anything slow (exit 2)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    report = Report(opts.device, log=log)
     try:  # the source, the mask and the size, before any model loads
         if args.photo:
             image, mask = read_photo(args)
         else:
             image = read_panorama(args.image, args.height, args.resize, log)
             mask = open_image(args.mask)
-        with warnings.catch_warnings():  # the size's, which edit_image gives once all is good
-            warnings.simplefilter("ignore")
-            check_job(EditJob(args.prompt, opts.seed, Path(), image=image, mask=mask), opts)
+        job = EditJob(args.prompt, opts.seed, Path(), image=image, mask=mask)
+        edits = edit_many([job], opts, log, report)  # checked now, made as it is read
     except REFUSED as e:
         fail(e)
     view = {k: getattr(args, k) for k, _, _ in PHOTO_VIEW} if args.photo else {}
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:  # every input was checked: a weight file that fails to read, NaN latents
         rec = made(args, opts, args.prompt, **sources)  # its LoRAs hashed before loading
-        result, report = edit_image(image, mask, args.prompt, opts, log=log)
+        [(_, result, _)] = edits
     except LATE as e:
         fail(e, code=1)
     # a failed write is one line naming its file, exit 1 (cli.on_uncaught)

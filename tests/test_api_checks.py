@@ -1,13 +1,15 @@
 """The Python API checks its inputs before anything loads, as the CLI does, and its warnings name
 the caller's line (not a line inside dit360); a batch warns its size once."""
 
+import json
 import warnings
 
 import pytest
 from PIL import Image
-from test_edit_batch import no_loads
+from test_edit_batch import flags, no_loads
 from test_editing import PROMPT, write_inputs
 
+import edit
 from dit360.app import editing, generate
 from dit360.app.editing import EditJob
 from dit360.app.options import EditOptions, SampleOptions
@@ -38,6 +40,45 @@ def test_edit_image_checks_before_loading(tiny_flux, tmp_path, monkeypatch):
     opts = EditOptions(base=str(tiny_flux), lora="none", device="cpu")
     with pytest.raises(ValueError, match=r"--prompt \(prompt\) is 30,000 characters"):
         editing.edit_image(Image.open(src), Image.open(mask), "a" * 30_000, opts)
+
+
+def test_a_bad_value_is_cut_in_its_line():
+    """A 20,001-character --source-prompt: its error line shows 200 characters of it (it showed
+    all 20,001)."""
+    with pytest.raises(ValueError, match=r"^--source-prompt \(source_prompt\) must be") as e:
+        EditOptions(source_prompt="a" * 20_001)
+    assert len(str(e.value)) < 400 and str(e.value).endswith("aaa..."), len(str(e.value))
+
+
+def test_edit_checks_each_source_once(tiny_flux, tmp_path, monkeypatch):
+    """edit.py, one edit or a batch of one, checks the source and mask once before loading (it
+    checked them twice: itself, then in edit_image or edit_many); edit_image alone checks them."""
+    no_loads(monkeypatch)
+    checks, check = [], editing.check_job
+    for module in (editing, edit):
+        monkeypatch.setattr(module, "check_job", lambda *a: checks.append(1) or check(*a))
+    src, mask = write_inputs(tmp_path)
+    rows = tmp_path / "edits.jsonl"
+    rows.write_text(json.dumps({"image": "src.png", "mask": "mask.png", "prompt": PROMPT}))
+    one = [
+        "--image",
+        str(src),
+        "--mask",
+        str(mask),
+        "--prompt",
+        PROMPT,
+        "--out",
+        str(tmp_path / "o.png"),
+    ]
+    for argv in (one, ["--edits", str(rows), "--out-dir", str(tmp_path / "out")]):
+        checks.clear()
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            edit.main([*flags(tiny_flux), *argv])
+        assert checks == [1], argv
+    Image.new("L", (128, 64), 255).save(white := tmp_path / "white.png")
+    opts = EditOptions(base=str(tiny_flux), lora="none", device="cpu")
+    with pytest.raises(ValueError, match="the mask keeps everything"):
+        editing.edit_image(Image.open(src), Image.open(white), PROMPT, opts)
 
 
 def test_warnings_name_the_callers_line(tiny_flux, tmp_path, monkeypatch):

@@ -29,10 +29,12 @@ from test_sample_cli import args as sample_args
 from test_train import ROOT, RUN
 from test_train import args as train_args
 
+import convert_weights
+import edit
 import prepare
 import sample
 import train
-from dit360.app.cli import on_uncaught, said
+from dit360.app.cli import STATE, on_uncaught, said
 from dit360.app.outputs import write_cubemap, write_viewer
 from dit360.app.report import open_log
 from dit360.load.convert import convert_flux
@@ -197,13 +199,34 @@ RAN_OUT = [  # what a failed allocation raises: Python's, torch's (CPU and CUDA)
 
 
 @pytest.mark.parametrize("e", RAN_OUT, ids=lambda e: type(e).__name__)
-def test_running_out_is_one_line_with_the_fix(e, capsys):
+def test_running_out_is_one_line_with_the_fix(e, capsys, monkeypatch):
     """An uncaught resource error, wherever it is raised, is one line `error: ...` with what ran
-    out and the fix (--offload, --fp8, smaller sizes; ulimit), not a traceback."""
+    out and the fix (sample.py's --offload, --fp8, smaller sizes; ulimit), not a traceback."""
+    monkeypatch.setitem(STATE, "flags", ("--height", "--offload", "--fp8"))  # sample.py's
     on_uncaught(type(e), e, None)
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert re.search(r"out of memory: .*--offload, --fp8|ulimit -n|free space there", err), err
+
+
+FLAG = r"(?<![\w-])--[\w-]+"  # a flag, not the end of another (--fp8 in --t5-fp8)
+
+
+@pytest.mark.parametrize("script", [sample, edit, train, prepare, convert_weights])
+def test_running_out_names_only_the_commands_options(script, capsys, monkeypatch):
+    """The fix of running out of memory or open files names only options the running command has
+    (its --help lists them), and some where it has them: every command named sample.py's and
+    train.py's (prepare.py, convert_weights.py have none of them)."""
+    monkeypatch.setitem(STATE, "flags", ())
+    with pytest.raises(SystemExit):
+        getattr(script, "parse_args", script.main)(["--help"])
+    has = set(re.findall(FLAG, capsys.readouterr().out))
+    named = [
+        re.findall(FLAG, said(e)) for e in (MemoryError(), RuntimeError("Too many open files"))
+    ]
+    assert set(named[0] + named[1]) <= has, (named, has)
+    assert bool(named[0]) == (script is not convert_weights), named
+    assert named[1] == (["--workers"] if script is train else []), named
 
 
 def test_a_bug_is_still_a_traceback(capsys):

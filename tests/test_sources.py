@@ -8,6 +8,7 @@ model's axes cannot be read from its shapes. Everything else is as the real file
 config beside T5, CLIP or the VAE, ComfyUI's prefixes and spare tensors, float8 norms."""
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -331,3 +332,32 @@ def test_uncached_defaults_say_what_to_do(tiny_flux, tmp_path, capsys, monkeypat
     expect_error(capsys, sample.main, no_base, out, gated)
     auto = r"--lora: Insta360-Research/DiT360.* not in the Hugging Face cache .*; or run without "
     expect_error(capsys, sample.main, argv, out, auto + r"it: --lora none \(plain FLUX.1-dev\)$")
+
+
+def test_text_errors_name_where_the_files_came_from(tiny_flux, tmp_path, capsys, monkeypatch):
+    """A broken CLIP tokenizer of the cache's ungated repo (every part given by its flag), a broken
+    T5 config of the cached default FLUX.1-dev: one line led by the repo id, naming the cache
+    path; not `--base:` (no --base was given: it was)."""
+    hub = tmp_path / "hub"
+    tokenizer_cache(tiny_flux, hub, monkeypatch)
+    cached = hub / "models--openai--clip-vit-large-patch14" / "snapshots" / COMMIT
+    (cached / "vocab.json").write_text("[1, 2]")
+    flux = hub / "models--black-forest-labs--FLUX.1-dev"
+    shutil.copytree(tiny_flux, flux / "snapshots" / COMMIT)
+    (flux / "refs").mkdir()
+    (flux / "refs" / "main").write_text(COMMIT)
+    config = flux / "snapshots" / COMMIT / "text_encoder_2" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "d_model": 0}))
+    (out := tmp_path / "out").mkdir()
+    argv = sample_args(tiny_flux, out / "o.png")
+    i = argv.index("--base")
+    no_base = argv[:i] + argv[i + 2 :]
+    parts = [x for p in ("transformer", "t5", "clip", "vae") for x in (f"--{p}", str(tiny_flux))]
+    resolve_sources.cache_clear()  # the default FLUX.1-dev: from this cache
+    for flags, repo, path in [
+        (parts, "openai/clip-vit-large-patch14", cached),
+        ([], "black-forest-labs/FLUX.1-dev", config),
+    ]:
+        where = rf"^error: {re.escape(repo)}: {re.escape(str(path))}"
+        err = expect_error(capsys, sample.main, [*no_base, *flags], out, where)
+        assert "--base" not in err, err

@@ -29,17 +29,22 @@ REFUSED = (ValueError, OSError, RuntimeError)  # bad input (RuntimeError: a link
 LATE = (ValueError, OSError, FloatingPointError)  # once every check passed: exit 1, not 2
 
 SIGNALS = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated")}
-STATE: dict[str, Any] = {"running": False, "got": None, "said": False}  # main runs; last signal
-# What an error's text says ran out (the OS's, torch's allocator, gloo's, the loader's), and the fix
-# its line ends with: wherever it is caught, or nowhere (`on_uncaught`), it is one line, exit 1.
+# run_main's main runs; the last signal; the running command's flags (its Parser records them);
+# an error's line said (`on_exit` adds none)
+STATE: dict[str, Any] = {"running": False, "got": None, "flags": (), "said": False}
+# What an error's text says ran out (the OS's, torch's allocator, gloo's, the loader's), the fix
+# its line ends with, and the options that use less, named where the running command has them:
+# wherever it is caught, or nowhere (`on_uncaught`), it is one line, exit 1.
 RAN_OUT = {
     r"MemoryError|allocate memory|Unable to allocate|out of memory|failed to map segment": (
-        "out of memory: free some, or use less: a smaller --height, --width or --batch-size; "
-        "sample.py, edit.py: --offload, --fp8; train.py: --base-dtype fp8, --offload blocks"
+        "out of memory: free some memory",
+        ("--height", "--width", "--batch-size", "--offload", "--fp8", "--base-dtype fp8")
+        + ("--refine-face-size", "--refine-batch", "--refine-offload", "--refine-fp8"),  # prepare
     ),
-    r"Too many open files": "raise the limit of open files (ulimit -n), or give fewer --workers",
+    r"Too many open files": ("raise the limit of open files (ulimit -n)", ("--workers",)),
     r"No space left|File too large|Disk quota": (
-        "free space there, write elsewhere, or raise the file size limit (ulimit -f)"
+        "free space there, write elsewhere, or raise the file size limit (ulimit -f)",
+        (),
     ),
 }
 
@@ -65,7 +70,11 @@ def said(message: object) -> str:
     for name, value in os.environ.items() if getattr(message, "errno", 0) in UNMADE else ():
         if re.search("TMP|TEMP|CACHE|_HOME", name) and value and f"'{value}" in text:
             text += f" (from {name}={value}: make it a folder you can write, or unset it)"
-    return next((f"{text}: {fix}" for k, fix in RAN_OUT.items() if re.search(k, told)), text)
+    for pattern, (fix, options) in RAN_OUT.items():
+        if re.search(pattern, told):
+            less = ", ".join(o for o in options if o.split()[0] in STATE["flags"])
+            return f"{text}: {fix}" + (f", or use less with: {less}" if less else "")
+    return text
 
 
 def on_uncaught(kind: type, e: BaseException, tb: object) -> None:

@@ -173,15 +173,17 @@ def edit_many(
     opts: EditOptions,
     log: Callable[[str], None] = print,
     report: Report | None = None,
+    checked: bool = False,
 ) -> Iterator[tuple[EditJob, Image.Image, float]]:
-    """(job, edited panorama, seconds) for each job as it is decoded (`run_jobs`)."""
-    with warnings_last():  # fail fast, before any model loads; the size's warning once a batch
-        for job in jobs:
+    """(job, edited panorama, seconds) for each job as it is decoded (`run_jobs`); the jobs are
+    checked at the call (but their sources if `checked`: edit.py's rows), before any model loads."""
+    with warnings_last():  # the size's warning once a batch
+        for job in () if checked else jobs:
             check_job(job, opts)
         check_jobs(jobs, opts)
     cfg = f"true CFG at scale {opts.true_cfg} on the target: its rows run twice a step"
     prompts = lambda job, o: ["", source_prompt(o, job), job.prompt, o.negative()]  # noqa: E731
-    yield from run_jobs(jobs, opts, log, report, prompts, edit_step, cfg)
+    return run_jobs(jobs, opts, log, report, prompts, edit_step, cfg)
 
 
 def edit_image(

@@ -102,20 +102,17 @@ def check_inputs(opts: Options) -> None:
         if src != "auto":
             lora_file(src)
     from ..load.weights import read_autoencoder, read_flux
-    from .text import check_encoder, load_tokenizers  # transformers: seconds to import
+    from .text import load_tokenizers  # transformers: seconds to import
 
     src = opts.sources()
-    flag = {p: f"--{p}" if getattr(opts, p) else "--base" for p in ("transformer", "t5", "clip")}
-    model = flagged(flag["transformer"], read_flux, src.transformer)[2]
+    model = flagged(src.origin["transformer"], read_flux, src.transformer)[2]
     if not model.params.guidance_embed:  # FLUX.1-schnell: guidance is no input of it
         why = "--guidance does nothing, and DiT360's LoRA was trained on FLUX.1-dev"
         warnings.warn(
             f"{src.transformer} has no guidance input (FLUX.1-schnell?): {why}", stacklevel=2
         )
-    for kind in ("t5", "clip"):
-        flagged(flag[kind], check_encoder, getattr(src, kind), kind)
-    flagged("--vae" if opts.vae else "--base", read_autoencoder, src.vae)
-    flagged("--base", load_tokenizers, src)
+    load_tokenizers(src)  # each against its encoder, checked first
+    flagged(src.origin["vae"], read_autoencoder, src.vae)
     for _, path, _ in lora_sources(opts):
         flagged("--lora", read_lora, path, model)
     CHECKED.add(key)

@@ -18,11 +18,12 @@ from typing import Any, NoReturn
 import torch
 
 from ..load.config import DIT360_LORA, FLUX_DEV
+from ..load.files import short
 from ..load.lora_formats import paired_loras
 from ..load.sources import Sources, resolve_sources
 from ..memory.offload import MODES as OFFLOADS
 from ..speed.kernels import BACKENDS
-from .cli import GUIDANCE, PROMPT_CHARS, SIDE, STEPS, SURROGATE, fail  # noqa: F401 (scripts)
+from .cli import GUIDANCE, PROMPT_CHARS, SIDE, STATE, STEPS, SURROGATE, fail  # noqa: F401 (scripts)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES_16 = (torch.bfloat16, torch.float16)  # what FA3 runs in
@@ -149,7 +150,7 @@ class Options:
             if hasattr(self, name) and not test(value := getattr(self, name)):
                 flag = f"--{name.replace('_', '-')}"  # the CLI's name, and the API's if other
                 flag += f" ({name})" if "_" in name else ""
-                raise ValueError(f"{flag} must be {what}, got {value!r}")
+                raise ValueError(f"{flag} must be {what}, got {short(value)}")
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             dev = torch.device(self.device)
@@ -286,6 +287,10 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         fail(message)
+
+    def parse_known_args(self, *args: Any, **kw: Any) -> tuple[argparse.Namespace, list[str]]:
+        STATE["flags"] = tuple(self._option_string_actions)  # what running out's fix may name
+        return super().parse_known_args(*args, **kw)
 
 
 def require_torch(floor: tuple[int, int], command: str, why: str) -> None:

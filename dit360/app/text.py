@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from ..load.files import MAX_TEXT, Rule, TensorFile, check_json, number, read_json, whole
-from ..load.sources import TOKENIZER_REPOS, Part, Sources, config_beside, resolve_sources
+from ..load.sources import TOKENIZER_REPOS, Part, Sources, config_beside, flagged, resolve_sources
 from ..memory.fp8 import to_fp8
 from ..memory.offload import MODES, lent, park, stream
 from .cli import check_prompt
@@ -83,7 +83,10 @@ def clip_config(tfile: TensorFile) -> CLIPTextConfig:
     )  # fmt: skip
 
 
-def check_encoder(part: Part, kind: str) -> tuple[TensorFile, nn.Module, dict[int, str]]:
+Checked = tuple[TensorFile, nn.Module, dict[int, str]]  # a text encoder's tensors, meta model, keys
+
+
+def check_encoder(part: Part, kind: str) -> Checked:
     """A text encoder's tensors, meta model and `_keys`; its config.json, else the tensors'."""
     tfile = part.open()
     cls, model_type, infer, model_cls = ENCODERS[kind]
@@ -154,12 +157,17 @@ def _keys(model: nn.Module, tfile: TensorFile, part: Part) -> dict[int, str]:
 
 
 def load_encoder(
-    part: Part, kind: str, device: torch.device | str, dtype: torch.dtype, fp8: bool = False
+    part: Part | Checked,
+    kind: str,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    fp8: bool = False,
 ) -> T5EncoderModel | CLIPTextModel:
-    """A text encoder filled tensor by tensor onto `device`; `fp8` (T5 only): linears in float8."""
+    """A text encoder (`part`, or what `check_encoder` made of it) filled tensor by tensor onto
+    `device`; `fp8` (T5 only): linears in float8."""
     if fp8 and kind != "t5":
         raise ValueError(f"fp8 text encoders: T5 only, not {kind}")
-    tfile, model, keys = check_encoder(part, kind)
+    tfile, model, keys = part if isinstance(part, tuple) else check_encoder(part, kind)
     # Not the feed-forward's `wo`: T5 casts its input to its weight dtype (float8 would wreck it)
     # and keeps it in float32 for 8-bit and float16 loads, as precision-critical.
     targets = {
@@ -195,10 +203,11 @@ def load_text_encoders(
     if offload not in MODES:
         raise ValueError(f"offload must be one of {', '.join(MODES)}, got {offload!r}")
     src = src if isinstance(src, Sources) else resolve_sources(str(src), parts=("t5", "clip"))
-    clip_tokenizer, t5_tokenizer = load_tokenizers(src)  # before the ~10 GB they check
+    checked = check_encoders(src)
+    clip_tokenizer, t5_tokenizer = load_tokenizers(src, checked)  # before the ~10 GB they check
     home = device if offload == "none" else "cpu"
-    clip = load_encoder(src.clip, "clip", home, dtype)  # small: ~250 MB
-    t5 = load_encoder(src.t5, "t5", home, dtype, t5_fp8)  # ~9.5 GB in bf16, 5.8 GB with fp8
+    clip = load_encoder(checked["clip"], "clip", home, dtype)  # small: ~250 MB
+    t5 = load_encoder(checked["t5"], "t5", home, dtype, t5_fp8)  # ~9.5 GB in bf16, 5.8 GB with fp8
     if offload != "none":  # pinned host memory, tensor by tensor
         clip, t5 = park(clip), park(t5)
     return TextEncoders(clip_tokenizer, clip, t5_tokenizer, t5, torch.device(device), offload)
@@ -218,18 +227,31 @@ TOKEN_LISTS: dict[str, Rule] = {
 }
 
 
-def load_tokenizers(src: Sources) -> tuple[CLIPTokenizer, T5TokenizerFast]:
-    """CLIP's and T5's tokenizers (small: also loaded to check them before the models)."""
+def check_encoders(src: Sources) -> dict[str, Checked]:
+    """CLIP's and T5's `check_encoder`, an error led by where its file came from (`src.origin`)."""
+    return {
+        k: flagged(src.origin.get(k, ""), check_encoder, getattr(src, k), k) for k in TOKENIZERS
+    }
+
+
+def load_tokenizers(
+    src: Sources, checked: dict[str, Checked] | None = None
+) -> tuple[CLIPTokenizer, T5TokenizerFast]:
+    """CLIP's and T5's tokenizers checked against their encoders (`checked`, else made), errors led
+    by where each folder came from (`src.origin`)."""
+    checked = checked or check_encoders(src)
     return tuple(
-        load_tokenizer(getattr(src, f"{k}_tokenizer"), getattr(src, k), k) for k in TOKENIZERS
+        flagged(src.origin.get(f"{k}_tokenizer", ""), load_tokenizer, src, k, checked[k][1])
+        for k in TOKENIZERS
     )
 
 
-def load_tokenizer(folder: Path, part: Part, kind: str) -> CLIPTokenizer | T5TokenizerFast:
-    """A folder's tokenizer (files bounded, no code run, ids inside `part`'s), or ValueError."""
+def load_tokenizer(src: Sources, kind: str, encoder: nn.Module) -> CLIPTokenizer | T5TokenizerFast:
+    """`kind`'s tokenizer (files bounded, no code run, ids its `encoder` embeds), or ValueError."""
     cls, needs = TOKENIZERS[kind]
+    folder, part = getattr(src, f"{kind}_tokenizer"), getattr(src, kind)
     repo = TOKENIZER_REPOS[f"{kind}_tokenizer"][0]
-    config = check_encoder(part, kind)[1].config  # the ids it embeds; where CLIP pools
+    config = encoder.config  # the ids it embeds; where CLIP pools
     try:
         for f in (f for f in folder.iterdir() if f.suffix in (".json", ".txt", ".model", ".jinja")):
             if not f.is_file() or f.stat().st_size > MAX_TEXT:  # a FIFO, /dev/zero, 8 GB

@@ -4,7 +4,7 @@ bundled .safetensors) and resolved before anything loads: README "The weights yo
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import TypeVar
@@ -76,6 +76,8 @@ class Sources:
     t5: Part | None = None
     clip: Part | None = None
     vae: Part | None = None
+    # where each came from, to lead its errors: the flag given, or the repo id of a cached one
+    origin: dict[str, str] = field(default_factory=dict, compare=False)
 
 
 def config_beside(path: Path, **match: str) -> tuple[dict, Path] | None:
@@ -137,13 +139,14 @@ def find_in(path: Path, part: str) -> Part | None:
     return None if prefix is None else Part(path, prefix)
 
 
-def tokenizer(root: Path | None, name: str) -> Path:
-    """A tokenizer folder: --base's if it has one, else the ungated repo's (cache or hub)."""
+def tokenizer(root: Path | None, name: str, home: str) -> tuple[Path, str]:
+    """A tokenizer folder and its origin: --base's (`home`) if it has one, else the hub repo's."""
     folder = root / FOLDERS[name] if root is not None and root.is_dir() else None
     if folder is not None and (folder.exists() or folder.is_symlink()):  # a loop: its error
-        return folder
+        return folder, home
     repo, files = TOKENIZER_REPOS[name]
-    return resolve(repo, files, f"the tokenizer of {repo} (or --base with {FOLDERS[name]}/)")
+    expected = f"the tokenizer of {repo} (or --base with {FOLDERS[name]}/)"
+    return flagged(repo, resolve, repo, files, expected), repo
 
 
 def base_axes(root: Path) -> tuple[int, ...] | None:
@@ -181,12 +184,14 @@ def resolve_sources(
     flags = {p: src for p, src in flags.items() if p in parts}
     found = {p: flagged(f"--{p}", find_part, src, p) for p, src in flags.items() if src is not None}
     missing, root = [p for p in parts if p not in found], None
+    home = "--base" if base is not None else FLUX_DEV  # the parts no flag gives: from the cache
+    origin = {p: f"--{p}" for p in found} | dict.fromkeys(missing, home)
     if missing or base is not None:
         wanted = [f"{FOLDERS[p]}/*" for p in (*missing, *TOKENIZERS)] + ["model_index.json"]
         root = fetch_base(base, [*wanted, "transformer/config.json"])
-        if "transformer" in found and (axes := flagged("--base", base_axes, root)):
+        if "transformer" in found and (axes := flagged(home, base_axes, root)):
             found["transformer"] = replace(found["transformer"], axes_dim=axes)
-        from_base = {p: flagged("--base", find_in, root, p) for p in missing}
+        from_base = {p: flagged(home, find_in, root, p) for p in missing}
         if absent := [p for p, part in from_base.items() if part is None]:
             has = [WHAT[p] for p, part in from_base.items() if part is not None]
             holds = f"holds the {' and '.join(has)} but" if has else "holds"
@@ -198,8 +203,9 @@ def resolve_sources(
                 f"or {instead or '--base a FLUX.1-dev folder or repo id'}"
             )
         found |= from_base
-    tokenizers = {n: flagged("--base", tokenizer, root, n) for n in TOKENIZERS}
-    return Sources(**found, **tokenizers)
+    for name in TOKENIZERS:
+        found[name], origin[name] = tokenizer(root, name, home)
+    return Sources(**found, origin=origin)
 
 
 # The kinds of error callers tell apart; a flagged error is raised again as the first it is (an
@@ -208,9 +214,9 @@ KINDS = (FileNotFoundError, PermissionError, OSError, ValueError)
 
 
 def flagged(flag: str, find: Callable[..., T], *args: object) -> T:
-    """find(*args), an error's message prefixed by the flag it is about."""
+    """find(*args), an error's message led by `flag` (or repo id) unless led by a flag or by it."""
     try:
         return find(*args)
     except KINDS as e:
-        message = str(e) if str(e).startswith("--") else f"{flag}: {e}"
+        message = str(e) if str(e).startswith(("--", flag)) else f"{flag}: {e}"
         raise next(k for k in KINDS if isinstance(e, k))(message) from None
