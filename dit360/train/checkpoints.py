@@ -207,7 +207,7 @@ def start_run(out: Path, args: argparse.Namespace) -> None:
 def remove_outputs(out: Path, folder: Path | None = None) -> None:
     """Delete OUTPUTS in `folder` (None: all of out), then FOLDERS left empty; no link followed."""
     if folder:  # a checkpoint goes whole: hidden first (a killed run's: a dead one's temporary)
-        os.replace(folder, hidden := own_temp(folder))
+        os.replace(folder, hidden := own_temp(folder.with_suffix(".old")))  # not a new one's
     tops = [hidden] if folder else [out / name for name in OWN_FOLDERS]
     paths = [] if folder else [*out.iterdir()]
     for top in tops:
