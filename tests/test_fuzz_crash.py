@@ -129,7 +129,7 @@ def crash(run: Callable[[], object], k: int, death: bool, capsys) -> str:
             assert "Traceback" not in err, err
         except OSError:
             assert not death
-    return done[-1] if len(done) >= k else ""
+    return done[k - 1] if len(done) >= k else ""
 
 
 def temps(folder: Path) -> list[Path]:
@@ -214,19 +214,23 @@ def test_train_resumes_after_a_crash_at_any_mutation(tiny_flux, data, ref, death
 
 
 def test_sigkill_at_seeded_instants_then_resume(tiny_flux, data, ref, tmp_path, capsys):
-    """`python train.py` SIGKILLed at 2 seeded instants of its run (after its lock appears; the
-    second of a --resume); a last --resume ends with the uninterrupted run's LoRA, bit for bit."""
+    """`python train.py` SIGKILLed at 2 seeded instants: while it starts (after its lock appears),
+    then a --resume once it logged 1 to 3 steps; a last --resume ends with the uninterrupted
+    run's LoRA and losses, bit for bit."""
     want, _, extra = ref
     out, rng = tmp_path / "killed", random.Random(7)
     env = dict(os.environ, OMP_NUM_THREADS="1")  # as the in-process run: the same sums
-    for resume in [(), ("--resume",)]:
+    for resume, steps in [((), 0), (("--resume",), rng.randint(1, 3))]:
         cmd = [sys.executable, "train.py", *args(tiny_flux, data, out, *extra, *resume)]
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=-3)
         deadline = time.monotonic() + 120
         while not (out / ".lock").is_file() or f"{proc.pid} " not in (out / ".lock").read_text():
             assert proc.poll() is None and time.monotonic() < deadline, "the run never locked"
             time.sleep(0.01)
-        time.sleep(rng.uniform(0, 1.5))
+        while steps and len(losses(out) if (out / "log.jsonl").exists() else []) < steps:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never stepped"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 1.5 if not steps else 0.3))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     train.main(args(tiny_flux, data, out, *extra, "--resume"))
@@ -332,7 +336,7 @@ def test_batch_rerun_completes_the_extras_at_any_mutation(tiny_flux, tmp_path, c
     with faults(0, False) as log:
         run(want := tmp_path / "want")
     for death in (True, False):
-        for k in picks(log, 4, 8, r"open .*\.a\.png"):
+        for k in picks(log, 4, 8, r"open .*/\.a\.png", r"open .*/\.a\.txt", r"open .*/\.a-nz"):
             out = tmp_path / f"k{k}{death}"
             what = crash(lambda out=out: run(out), k, death, capsys)
             ended(out)
