@@ -4,6 +4,7 @@ safetensors (https://github.com/huggingface/safetensors): an 8-byte header lengt
 the raw bytes; read with plain file I/O, not mmap (mapped pages stay resident until closed).
 """
 
+import ctypes
 import hashlib
 import json
 import math
@@ -379,13 +380,18 @@ def unwritable(folder: str | Path) -> Path | None:
     return None if near.is_dir() and os.access(near, os.W_OK | os.X_OK) else near
 
 
-def clean_temps(folder: Path, of: Path | None = None) -> None:
-    """Remove exactly our `.NAME.tmp<pid>.<host>` in `folder` (of `of` only) that dead pids left."""
+def stale(folder: Path, of: Path | None = None) -> list[Path]:
+    """Exactly our `.NAME.tmp<pid>.<host>` in `folder` (of `of` only) that dead pids left."""
     stem = re.escape(temp_path(of).name) if of else r"\..+\.tmp"
     ours = re.compile(rf"{stem}([1-9][0-9]*)\.{re.escape(socket.gethostname())}", re.S)
-    for old in folder.iterdir() if folder.is_dir() else ():
-        if (m := ours.fullmatch(old.name)) and int(m[1]) != os.getpid() and dead(m[1]):
-            remove(old)
+    found = [(p, ours.fullmatch(p.name)) for p in (folder.iterdir() if folder.is_dir() else ())]
+    return [p for p, m in found if m and int(m[1]) != os.getpid() and dead(m[1])]
+
+
+def clean_temps(folder: Path, of: Path | None = None) -> None:
+    """Remove the temporaries of `folder` (of `of` only) that dead pids left (`stale`)."""
+    for old in stale(folder, of):
+        remove(old)
 
 
 def own_temp(path: Path) -> Path:
@@ -403,6 +409,12 @@ def named(e: OSError, tmp: Path, path: Path) -> None:
         e.filename = str(e.filename or tmp).replace(str(tmp), str(path), 1)
 
 
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux's renameat2 RENAME_EXCHANGE); False where unsupported."""
+    call = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc 2.28+
+    return call is not None and call(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0  # cwd
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp name for `path` (a file or folder), moved into place only on success."""
@@ -413,6 +425,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             olds = list(path.iterdir())  # its files go (a link: itself), before any: no folder
             if inner := next((p for p in olds if p.is_dir() and not p.is_symlink()), None):
                 raise IsADirectoryError(f"{inner} is a folder in {path}, which no output holds")
+            if exchange(tmp, path):  # in one step; `tmp` now holds the old files, removed below
+                return
             for old in olds:
                 old.unlink()
         os.replace(tmp, path)

@@ -27,6 +27,7 @@ from ..load.files import (
     own_temp,
     parse_json,
     remove,
+    stale,
     unwritable,
     whole,
     write_safetensors,
@@ -61,7 +62,8 @@ def check_out(out: Path, args: argparse.Namespace) -> None:
     """--out: writable, and empty or a marked run to --resume, --overwrite or that never stepped."""
     if parent := unwritable(out):
         fail(f"--out {out}: {parent} is not a folder this user can write; choose another --out")
-    names = sorted(p.name for p in out.iterdir() if p.name != ".lock") if out.is_dir() else []
+    skip = {".lock", *(p.name for p in stale(out))}  # a killed run's temporaries: start_run's
+    names = sorted(p.name for p in out.iterdir() if p.name not in skip) if out.is_dir() else []
     if names and not (out / MARKER).is_file():
         fail(
             f"--out {out} holds files that no training run wrote ({', '.join(names[:4])}): "
@@ -204,7 +206,9 @@ def start_run(out: Path, args: argparse.Namespace) -> None:
 
 def remove_outputs(out: Path, folder: Path | None = None) -> None:
     """Delete OUTPUTS in `folder` (None: all of out), then FOLDERS left empty; no link followed."""
-    tops = [folder] if folder else [out / name for name in OWN_FOLDERS]
+    if folder:  # a checkpoint goes whole: hidden first (a killed run's: a dead one's temporary)
+        os.replace(folder, hidden := own_temp(folder.with_suffix(".old")))  # not a new one's
+    tops = [hidden] if folder else [out / name for name in OWN_FOLDERS]
     paths = [] if folder else [*out.iterdir()]
     for top in tops:
         for root, dirs, files in os.walk(top):  # enters a linked top, no linked folder below
@@ -214,10 +218,13 @@ def remove_outputs(out: Path, folder: Path | None = None) -> None:
         rel = path.relative_to(out).as_posix()
         if path.resolve() != real / rel or not path.exists():  # a link, or below one: not ours
             continue
+        rel = rel.replace(hidden.name, folder.name, 1) if folder else rel  # as the run named it
         if path.is_file() and OUTPUTS.fullmatch(rel):
             path.unlink()
         elif path.is_dir() and FOLDERS.fullmatch(rel) and not any(path.iterdir()):
             path.rmdir()
+    if folder and os.path.lexists(hidden):  # what stays is not ours: back where it was
+        os.replace(hidden, folder)
 
 
 def release(lock: Path, made: bool) -> None:
