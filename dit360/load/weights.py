@@ -212,6 +212,8 @@ def fill(
     on_cpu: Callable[[nn.Module], list[nn.Module]] | None = None,
 ) -> nn.Module:
     """Fill a meta model tensor by tensor (dtype None: the file's); `on_cpu(model)`'s on CPU."""
+    if not (dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a float torch.dtype, e.g. torch.bfloat16, got {dtype!r}")
     stored = tfile.dtypes[plan.sources[next(iter(plan.sources))][1][0]]
     # but bfloat16 for float8 (norms cannot run in float8; scaled fp8 weights read dequantized)
     dtype = dtype or (torch.bfloat16 if stored.itemsize == 1 else stored)
