@@ -26,7 +26,7 @@ from test_edit_batch import no_loads
 from test_fuzz import FUZZ
 from test_lora import dit360_lora
 
-from dit360.app import editing, generate, outputs, panorama
+from dit360.app import editing, generate, outputs, panorama, text
 from dit360.app.cli import JOBS
 from dit360.app.editing import EditJob
 from dit360.app.generate import Job
@@ -310,13 +310,14 @@ def test_lora_scale_finite(tiny_flux, lora, scale):
     assert all(torch.equal(before[k], v) for k, v in state.items())
 
 
-def test_load_flux_dtype_named(tiny_flux):
-    """dtype "bf16" (a string) or an integer dtype: TypeError naming dtype (torch's "Invalid device
-    string: 'bf16'" before)."""
-    for dtype in ("bf16", torch.int8):
-        with pytest.raises(TypeError) as e:
-            weights.load_flux(tiny_flux, dtype=dtype)
-        refused(e.value, "dtype must be a float torch.dtype")
+@pytest.mark.parametrize("dtype", ["bf16", torch.int8], ids=str)
+@pytest.mark.parametrize("load", [weights.load_flux, text.load_text_encoders], ids=["flux", "text"])
+def test_loaders_dtype_named(tiny_flux, load, dtype):
+    """dtype "bf16" (a string) or an integer dtype: TypeError naming dtype, before a tensor is read
+    (torch's "Invalid device string: 'bf16'"; text encoders cast to int8, in silence)."""
+    with pytest.raises(TypeError) as e:
+        load(tiny_flux, dtype=dtype)
+    refused(e.value, "dtype must be a float torch.dtype")
 
 
 def test_conversions_never_write_over_an_input(tiny_flux, lora, tmp_path):
@@ -336,16 +337,21 @@ def test_conversions_never_write_over_an_input(tiny_flux, lora, tmp_path):
         lambda: convert.convert_lora(lora, lora / "sub", base=base),
     ]
     for call in calls:
-        with pytest.raises(ValueError) as e:
+        with pytest.raises((TypeError, ValueError)) as e:
             call()
-        refused(e.value, "--out", "--dtype")
+        refused(e.value, "--out", "dtype")
     assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == files
 
 
-def test_core_masks_never_broadcast():
+def test_core_shapes_never_broadcast():
     """paste_back with a mask or source of another shape, edit / edit_planned with a keep that is
-    not one bool per token: ValueError (a (1, W) mask was broadcast over every row; a keep of
-    length 1 swapped the last token only), before the model is called."""
+    not one bool per token, a Grid padded wider than it is: ValueError (a (1, W) mask was
+    broadcast over every row; a keep of length 1 swapped the last token only; a pad of 5 on 4
+    columns copied 5 + 4, `tokens` counted 10, the schedule shifted for them), before the model is
+    called."""
+    for pad in (-1, 5):
+        with pytest.raises(ValueError, match="pad must be 0 to w"):
+            Grid(2, 4, pad)
     edited, keep = torch.rand(3, 32, 64), torch.ones(32, 64, dtype=torch.bool)
     for args in [
         (edited, edited, keep[:1]),

@@ -20,6 +20,7 @@ from .weights import (
     FLUX_CONFIG_KEY,
     FLUX_DIFFUSERS,
     MERGED_KEY,
+    float_dtype,
     meta_flux,
     read_flux,
     split,
@@ -87,8 +88,7 @@ def convert_flux(
     """`src`'s transformer, LoRAs `lora` folded in, as our layout's file or a diffusers folder."""
     if to not in ("bfl", "diffusers"):
         raise ValueError(f"unknown layout {to!r}: use 'bfl' or 'diffusers'")
-    if dtype is not None and not dtype.is_floating_point:  # we read no integer transformer
-        raise ValueError(f"--dtype (dtype) must be a float dtype, got {dtype}")
+    float_dtype(dtype)  # we read no integer transformer
     check_out(out, to, {"--base": src, "--lora": lora})  # never over an input
     tfile, plan, model = read_flux(src, axes_dim)
     params, state, out = model.params, model.state_dict(), Path(out)  # state: names and shapes
