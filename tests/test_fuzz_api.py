@@ -55,21 +55,16 @@ def refused(e: BaseException, *names: str) -> None:
 
 def settled(value: object, kind: object) -> bool:
     """Whether an accepted field `value` is of what its annotation `kind` says, restated: no bool
-    for a number, numbers finite, text as str (a path taken as its text), tuples of those."""
+    for a number, floats finite, text as str (a path taken as its text), tuples of those."""
     arms = getattr(kind, "__args__", (kind,))
-    if value is None or isinstance(value, bool):
-        return (type(None) if value is None else bool) in arms
+    items = [a.__args__[0] for a in arms if getattr(a, "__origin__", None) is tuple]
     if isinstance(value, tuple):
-        return any(getattr(a, "__origin__", None) is tuple for a in arms) and all(
-            settled(v, a.__args__[0]) for a in arms if getattr(a, "__origin__", None) for v in value
-        )
-    if isinstance(value, int | float):
-        return (int in arms or float in arms and math.isfinite(value)) and (
-            float in arms or type(value) is int
-        )
-    return any(isinstance(value, a) for a in arms if isinstance(a, type)) and not isinstance(
-        value, Path
-    )
+        return bool(items) and all(settled(v, items[0]) for v in value)
+    if isinstance(value, float):
+        return float in arms and math.isfinite(value)
+    if type(value) in (int, bool, str, type(None)):
+        return type(value) in arms or type(value) is int and float in arms
+    return any(isinstance(value, a) for a in arms if isinstance(a, type))  # a dtype, a device
 
 
 @FUZZ
@@ -407,3 +402,14 @@ def test_readme_layer_table_names_exist():
     for module, names in prose.items():
         assert all(f"`{n}" in API for n in names)
         assert all(hasattr(importlib.import_module(f"dit360.app.{module}"), n) for n in names)
+
+
+def test_a_nan_image_is_never_made(tiny_flux, monkeypatch):
+    """A decode that gives NaN (the VAE overflowing in fp16): FloatingPointError, no image (to_pil
+    clamped NaN to black, and generate returned that in silence)."""
+    with pytest.raises(FloatingPointError, match="NaN"):
+        image.to_pil(torch.full((3, 4, 8), math.nan))
+    nan = lambda vae, latents, **k: torch.full((1, 3, 32, 64), math.nan)  # noqa: E731
+    monkeypatch.setattr(generate, "decode", nan)
+    with pytest.raises(FloatingPointError, match="fp16 overflows in the VAE"):
+        generate.generate("a", opts(base=str(tiny_flux)), log=lambda _: None)

@@ -23,6 +23,11 @@ FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 def to_pil(x: Tensor, unit: bool = False) -> Image.Image:
     """An image (3, H, W) in [-1, 1] ([0, 1] if `unit`) -> 8-bit RGB, rounded as diffusers' does."""
     x = x.detach().float().cpu()
+    if not x.isfinite().all():  # clamped, NaN would be black, in silence
+        raise FloatingPointError(
+            "the image is NaN/inf, so it is not made: fp16 overflows in the VAE (use --dtype bf16 "
+            "or fp32), or the weights hold NaN"
+        )
     x = (x if unit else x / 2 + 0.5).clamp(0, 1)
     return Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
