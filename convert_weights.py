@@ -25,22 +25,13 @@ if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while import
 
 
 import argparse
-import os
-import re
 from pathlib import Path
 
 from dit360.app.options import DTYPES, Parser, bounded, fail
-from dit360.load.convert import convert_flux, convert_lora
-from dit360.load.files import unwritable
+from dit360.load.convert import check_out, convert_flux, convert_lora
 from dit360.load.lora_formats import paired_loras
 
 LORA_SCALE = bounded(float, -1000, 1000)  # beyond it a LoRA outweighs any base weight
-# What a folder output may already hold (a previous output, and temporary files of a killed one):
-# files of these names, no folder or link.
-FOLDER_FILES = {
-    "diffusers": r"config\.json|diffusion_pytorch_model.*\.safetensors(\.index\.json)?",
-    "peft": r"adapter_config\.json|adapter_model\.safetensors",
-}
 
 
 def axes(text: str) -> tuple[int, ...]:
@@ -106,39 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.kind = "peft" if args.lora and not args.merge else args.to or "bfl"
     try:
         check_out(args.out, args.kind, {"--base": args.base, "--lora": args.lora})
+    except ValueError as e:
+        p.error(str(e))
     except OSError as e:  # an --out folder we may not even list
         p.error(f"--out {args.out}: {e}")
     return args
-
-
-def check_out(out: Path, kind: str, inputs: dict[str, str | tuple[str, ...] | None]) -> None:
-    """Fail (exit 2) on an --out the conversion could not write, or must not replace: a link, an
-    input (or a folder holding one, or inside one), a folder holding more than a previous output."""
-    for flag, srcs in inputs.items():
-        for src in [srcs] if isinstance(srcs, str) else srcs or ():
-            o, i = Path(os.path.realpath(out)), Path(os.path.realpath(src))  # a loop: no raise
-            what = {o == i: "is", o in i.parents: "holds", i in o.parents: "lies inside"}.get(True)
-            if what and Path(src).exists():
-                fail(f"--out {out} {what} {flag} {src}: choose an --out apart from the inputs")
-    if out.is_symlink():  # replacing it would replace the link (or, through it, a cache's blob)
-        fail(
-            f"--out {out} is a symbolic link (to {os.readlink(out)}): name what it points to, "
-            "or another --out"
-        )
-    if kind in FOLDER_FILES:
-        if out.suffix == ".safetensors" or out.is_file():
-            fail(f"--out {out}: the {kind} output is a folder (not a file, nor *.safetensors)")
-        ours = re.compile(rf"\.?({FOLDER_FILES[kind]})(\.tmp[1-9][0-9]*\..+)?")
-        foreign = lambda p: not ours.fullmatch(p.name) or p.is_symlink() or not p.is_file()  # noqa: E731
-        if other := sorted(p.name for p in (out.iterdir() if out.is_dir() else ()) if foreign(p)):
-            fail(
-                f"--out {out} holds other files ({', '.join(sorted(other)[:3])}): give a new or "
-                f"empty folder, or a previous {kind} output"
-            )
-    elif out.suffix != ".safetensors" or out.is_dir():
-        fail(f"--out {out}: name a .safetensors file (a folder only with --to diffusers)")
-    if unwritable(out.absolute().parent) or out.is_dir() and unwritable(out):  # its files go
-        fail(f"--out {out}: cannot write there (check the folder exists and is writable)")
 
 
 def main(argv: list[str] | None = None) -> None:

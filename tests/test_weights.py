@@ -24,7 +24,7 @@ def bfl_file(tmp_path_factory) -> Path:
     """A tiny transformer as one BFL-layout file."""
     root = tmp_path_factory.mktemp("src")
     save_transformer(diffusers_transformer(seed=5), root)
-    return convert_flux(root, root / "flux.safetensors")
+    return convert_flux(root, tmp_path_factory.mktemp("bfl") / "flux.safetensors")  # not in --base
 
 
 def edited(src: Path, dst: Path, drop=(), add=None, reshape=()) -> Path:

@@ -2,7 +2,7 @@
 with token replacement, is `dit360.core.editing`), `edit_many` (`generate.run_jobs`), `edit_image`.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -26,13 +26,14 @@ from .generate import (
     Job,
     check_finite,
     check_jobs,
+    check_opts,
     initial_noise,
     job_options,
     lend,
     placed,
     run_jobs,
 )
-from .options import EditOptions, check_size, warnings_last
+from .options import EditOptions, check_size
 from .panorama import Grid
 from .report import Report
 
@@ -99,6 +100,7 @@ class EditJob(Job):
     source_prompt: str | None = None
 
     SETS: ClassVar = ("steps", "guidance", "negative_prompt", "invert", "source_prompt")
+    OPTIONS: ClassVar = EditOptions
 
 
 def source_prompt(o: EditOptions, job: EditJob) -> str:
@@ -169,7 +171,7 @@ def edit_step(c: Chunk, job: EditJob, o: EditOptions, first: bool) -> tuple[Tens
 
 
 def edit_many(
-    jobs: list[EditJob],
+    jobs: Iterable[EditJob],
     opts: EditOptions,
     log: Callable[[str], None] = print,
     report: Report | None = None,
@@ -177,10 +179,7 @@ def edit_many(
 ) -> Iterator[tuple[EditJob, Image.Image, float]]:
     """(job, edited panorama, seconds) for each job as it is decoded (`run_jobs`); the jobs are
     checked at the call (but their sources if `checked`: edit.py's rows), before any model loads."""
-    with warnings_last():  # the size's warning once a batch
-        for job in () if checked else jobs:
-            check_job(job, opts)
-        check_jobs(jobs, opts)
+    jobs = check_jobs(jobs, opts, EditJob, None if checked else check_job)
     cfg = f"true CFG at scale {opts.true_cfg} on the target: its rows run twice a step"
     prompts = lambda job, o: ["", source_prompt(o, job), job.prompt, o.negative()]  # noqa: E731
     return run_jobs(jobs, opts, log, report, prompts, edit_step, cfg)
@@ -194,7 +193,7 @@ def edit_image(
     log: Callable[[str], None] = print,
 ) -> tuple[Image.Image, Report]:
     """Outpaint `image` where `mask` is black (with `invert`: where white), guided by `prompt`."""
-    report = Report(opts.device, log=log)
+    report = Report(check_opts(opts, EditOptions).device, log=log)
     job = EditJob(prompt, opts.seed, Path(), image=image, mask=mask)
     [(_, result, _)] = edit_many([job], opts, log, report)
     return result, report

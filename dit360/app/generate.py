@@ -4,9 +4,10 @@ never the modulations (`ahead.ahead`); the offload mode (`offload`) says where t
 
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
@@ -26,8 +27,8 @@ from ..memory.offload import choose, lent, move, park, stream
 from ..memory.tiling import decode
 from ..speed.compiling import compile_blocks, first_step_timed
 from ..speed.kernels import attention_backend
-from .cli import check_prompt
-from .options import Options, SampleOptions
+from .cli import JOBS, check_prompt
+from .options import Options, SampleOptions, check_types, warnings_last
 from .panorama import Grid
 from .report import Report
 
@@ -206,6 +207,10 @@ class Job:
     negative_prompt: str | None = None
 
     SETS: ClassVar = ("steps", "guidance", "negative_prompt")  # set where not None
+    OPTIONS: ClassVar = SampleOptions  # the options of its batch
+
+    def __post_init__(self) -> None:
+        check_types(self)
 
 
 def job_options(opts: Opts, job: Job) -> Opts:
@@ -216,12 +221,29 @@ def job_options(opts: Opts, job: Job) -> Opts:
         return replace(opts, seed=job.seed, **given)
 
 
-def check_jobs(jobs: list[J], opts: Opts) -> None:
-    """The CLI's checks before anything loads; ValueError or OSError naming the flag."""
-    for job in jobs:
-        check_prompt(job.prompt, "--prompt (prompt)")
-        job_options(opts, job)
-    check_inputs(opts)
+def check_opts(opts: Opts, kind: type[Opts]) -> Opts:
+    """`opts` if a `kind` (SampleOptions, EditOptions), else TypeError (before a field is read)."""
+    if not isinstance(opts, kind):
+        raise TypeError(f"opts must be {kind.__name__}(...), got {type(opts).__name__}")
+    return opts
+
+
+def check_jobs(
+    jobs: Iterable[J], opts: Opts, kind: type[J], each: Callable[[J, Opts], object] | None = None
+) -> list[J]:
+    """The jobs (any iterable, at most JOBS), each a `kind` passing the CLI's checks (`each`), and
+    the weights checked, before anything loads; TypeError, ValueError or OSError naming the flag."""
+    check_opts(opts, kind.OPTIONS)
+    if len(jobs := list(islice(jobs, JOBS + 1))) > JOBS:  # a generator too, never endless
+        raise ValueError(f"more than {JOBS:,} jobs: a batch makes at most {JOBS:,}; split it")
+    with warnings_last():  # fail fast; the size's warning once a batch
+        for job in jobs:
+            if not isinstance(job, kind):
+                raise TypeError(f"jobs must be {kind.__name__}s, got {type(job).__name__}")
+            check_prompt(job.prompt, "--prompt (prompt)")
+            each(job, opts) if each else job_options(opts, job)
+        check_inputs(opts)
+    return jobs
 
 
 def encode_prompts(
@@ -330,23 +352,25 @@ def generate_step(c: Chunk, job: Job, o: SampleOptions, first: bool) -> tuple[Te
 
 
 def generate_many(
-    jobs: list[Job],
+    jobs: Iterable[Job],
     opts: SampleOptions,
     log: Callable[[str], None] = print,
     report: Report | None = None,
 ) -> Iterator[tuple[Job, Image.Image, float]]:
-    """(job, panorama, seconds) for each job as soon as it is decoded (`run_jobs`)."""
-    check_jobs(jobs, opts)
+    """(job, panorama, seconds) for each job as soon as it is decoded (`run_jobs`); the jobs are
+    checked at the call, before any model loads."""
+    jobs = check_jobs(jobs, opts, Job)
     cfg = f"true CFG at scale {opts.true_cfg}: two transformer calls a step (twice the time)"
     prompts = lambda job, o: [job.prompt, o.negative()]  # noqa: E731
-    yield from run_jobs(jobs, opts, log, report, prompts, generate_step, cfg, stage="denoise")
+    return run_jobs(jobs, opts, log, report, prompts, generate_step, cfg, stage="denoise")
 
 
 def generate(
     prompt: str, opts: SampleOptions, log: Callable[[str], None] = print
 ) -> tuple[Image.Image, Report]:
     """One equirectangular panorama for `prompt`."""
-    report, job = Report(opts.device, log=log), Job(prompt, opts.seed, Path())
+    report = Report(check_opts(opts, SampleOptions).device, log=log)
+    job = Job(prompt, opts.seed, Path())
     [(_, image, _)] = generate_many([job], opts, log, report)
     return image, report
 

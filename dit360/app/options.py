@@ -9,11 +9,13 @@ import inspect
 import math
 import os
 import sys
+import types
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import Any, NoReturn, get_origin
 
 import torch
 
@@ -40,8 +42,8 @@ CHECKS = {  # field: (test of its value, what it must be); NaN fails every compa
                    "a finite number (each)"),
     "guidance": GUIDE, "inversion_guidance": GUIDE, "tau": FINITE,
     "blend_until": FINITE, "gamma": UNIT, "eta": UNIT, "start": UNIT, "stop": UNIT,
-    "steps": (lambda v: isinstance(v, int) and 1 <= v <= STEPS, f"an integer from 1 to {STEPS}"),
-    "seed": (lambda v: isinstance(v, int) and 0 <= v < 2**64, "an integer from 0 to 2**64 - 1"),
+    "steps": (lambda v: 1 <= v <= STEPS, f"an integer from 1 to {STEPS}"),
+    "seed": (lambda v: 0 <= v < 2**64, "an integer from 0 to 2**64 - 1"),
     "source_prompt": PROMPT, "negative_prompt": PROMPT,
     "true_cfg": (lambda v: math.isfinite(v) and v >= 1, "a finite number >= 1 (1: off)"),
     "wrap_pad": (lambda v: v in range(5), "0 to 4 (packed columns a side)"),
@@ -116,7 +118,9 @@ class Options:
     reference_noise: bool = opt(
         False, "draw the noise on --device in --dtype, as DiT360's inference.py (else CPU fp32)"
     )
-    device: str | None = opt(None, "cuda, cuda:1, cpu; default: cuda if available, else cpu")
+    device: str | torch.device | None = opt(
+        None, "cuda, cuda:1, cpu; default: cuda if available, else cpu"
+    )
     offload: str | None = opt(
         None,
         "none: all on the GPU; model: each model on it for its stage only, parked in CPU memory; "
@@ -146,11 +150,10 @@ class Options:
     )
 
     def __post_init__(self) -> None:
-        for name, (test, what) in CHECKS.items():  # before anything slow, so scripts fail fast
+        check_types(self, flag)  # before anything slow, so scripts fail fast
+        for name, (test, what) in CHECKS.items():
             if hasattr(self, name) and not test(value := getattr(self, name)):
-                flag = f"--{name.replace('_', '-')}"  # the CLI's name, and the API's if other
-                flag += f" ({name})" if "_" in name else ""
-                raise ValueError(f"{flag} must be {what}, got {short(value)}")
+                raise ValueError(f"{flag(name)} must be {what}, got {short(value)}")
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             dev = torch.device(self.device)
@@ -237,6 +240,34 @@ class EditOptions(Options):
         super().__post_init__()
         if self.start > self.stop:
             raise ValueError(f"need --start <= --stop, got {self.start} > {self.stop}")
+
+
+def flag(name: str) -> str:
+    """A field's flag, and its API name if other: --seed, --lora-scale (lora_scale)."""
+    return f"--{name.replace('_', '-')}" + (f" ({name})" if "_" in name else "")
+
+
+def typed(value: Any, kind: Any) -> bool:
+    """Whether `value` is of the annotation `kind`: an arm of a union, tuple[X, ...] (a list too),
+    an int for a float, a path for a str or Path; a bool is no number."""
+    if isinstance(kind, types.UnionType):
+        return any(typed(value, k) for k in kind.__args__)
+    if get_origin(kind) is tuple:
+        return isinstance(value, tuple | list) and all(typed(v, kind.__args__[0]) for v in value)
+    kind = {float: int | float, Path: str | os.PathLike, str: str | os.PathLike}.get(kind, kind)
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def check_types(obj: Any, name: Callable[[str], str] = str) -> None:
+    """Each field of the dataclass `obj` of its annotated type (`typed`; a path given for text
+    taken as its text), else TypeError naming it as `name` does (API users pass anything)."""
+    for f in fields(obj):
+        value, arms = getattr(obj, f.name), getattr(f.type, "__args__", (f.type,))
+        if isinstance(value, os.PathLike) and Path not in arms:  # base=Path(...): its text
+            setattr(obj, f.name, value := os.fspath(value))
+        if not typed(value, f.type):
+            kind, said = getattr(f.type, "__name__", f.type), " ".join(repr(value)[:100].split())
+            raise TypeError(f"{name(f.name)} must be {kind}, got {type(value).__name__} {said}")
 
 
 # Frames a warning is not about: this package's, and those dataclasses make (__init__, replace).

@@ -54,10 +54,16 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def write_cubemap(image: Image.Image, path: Path, size: int | None = None) -> list[Path]:
+def write_cubemap(image: Image.Image, path: str | Path, size: int | None = None) -> list[Path]:
     """Write the faces PATH-px ... PATH-nz (size x size, default height / 2; three.js and Unity's
-    order) of the panorama `image`, and PATH-cross (3 x 4 faces, black elsewhere), as PATH is."""
-    faces = equirect_to_cube(from_pil(image, unit=True)[None], size or image.height // 2)
+    order) of the 2:1 panorama `image`, and PATH-cross (3 x 4 faces, black elsewhere), as PATH is;
+    ValueError (before a pixel is sampled) if not 2:1, or the size or format is not one we make."""
+    path, size = Path(path), image.height // 2 if size is None else size
+    if image.width != 2 * image.height or path.suffix.lower() not in FORMATS:
+        raise ValueError(f"{path}: cube faces are made of a 2:1 image to .png or .jpg files")
+    if not (type(size) is int and 1 <= size <= SIDE):  # 6 faces of size^2 pixels are allocated
+        raise ValueError(f"--cubemap-size (size) must be a whole number 1 to {SIDE}, got {size!r}")
+    faces = equirect_to_cube(from_pil(image, unit=True)[None], size)
     wrote = [path.with_name(f"{path.stem}-{name}{path.suffix}") for name in (*FACES, "cross")]
     for out, face in zip(wrote, [*faces[0], cube_to_cross(faces)[0]], strict=True):
         fmt = FORMATS[path.suffix.lower()]  # faces: (1, 6, 3, F, F); PNG ignores the quality
@@ -79,10 +85,12 @@ def extras_missing(path: Path, args: argparse.Namespace) -> bool:
     return not all(p.exists() for p in beside(path, args))
 
 
-def write_extras(image: Image.Image, path: Path, args: argparse.Namespace, prompt: str) -> str:
+def write_extras(
+    image: Image.Image, path: str | Path, args: argparse.Namespace, prompt: str
+) -> str:
     """Write what the flags ask for beside the panorama `path` (made from `prompt`); returns the
     seam score and what was written, for the script's line."""
-    wrote = []
+    wrote, path = [], Path(path)
     if args.captions:
         wrote.append(path.with_suffix(".txt"))
         with atomic_path(wrote[-1]) as tmp:
@@ -100,6 +108,9 @@ def write_viewer(image: str | Path, out: str | Path | None = None) -> Path:
     """Write the viewer page of the 2:1 panorama file `image` (its bytes embedded as they are) to
     `out` (default: beside it, .html), atomically; ValueError if not readable or not 2:1."""
     image = Path(image)
+    out = Path(out) if out else image.with_suffix(".html")
+    if out.suffix.lower() not in (".html", ".htm"):  # not the image, nor another of the user's
+        raise ValueError(f"--out {out}: use a .html file name")
     try:
         with loaded(image) as img:
             fmt, (w, h) = img.format, img.size
@@ -112,7 +123,6 @@ def write_viewer(image: str | Path, out: str | Path | None = None) -> Path:
     data = base64.b64encode(image.read_bytes()).decode("ascii")
     fields = dict(title=html.escape(image.stem), mime=MIME[fmt], data=data)
     page = resources.files(__package__).joinpath("viewer.html").read_text(encoding="utf-8")
-    out = Path(out) if out else image.with_suffix(".html")
     with atomic_path(out) as tmp:
         tmp.write_text(FIELD.sub(lambda m: fields[m[1]], page), encoding="utf-8")
     return out
@@ -128,8 +138,6 @@ def view_main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not os.path.isfile(args.image):  # False, not OSError, on a name too long
         fail(f"{args.image}: no such file")
-    if args.out is not None and args.out.suffix.lower() not in (".html", ".htm"):
-        fail(f"--out {args.out}: use a .html file name")
     try:
         out = write_viewer(args.image, args.out)
     except ValueError as e:

@@ -18,7 +18,8 @@ from PIL import Image
 from torch import Tensor
 
 from ..core.grid import PATCH, Grid, geo_dtype, pack, token_mask, unpack  # noqa: F401
-from ..load.image import from_pil, to_pil
+from ..load.image import from_pil, open_image, to_pil
+from .options import check_height
 
 FACES = ("px", "nx", "py", "ny", "pz", "nz")
 # Degrees a perspective view may take (edit.py --photo, prepare.py): fov, and the orientation.
@@ -109,7 +110,13 @@ def perspective_to_equirect(
 def project_photo(
     img: Image.Image, fov: float, yaw: float, pitch: float, roll: float, height: int
 ) -> tuple[Image.Image, Image.Image]:
-    """An RGB photo (horizontal `fov`, view yaw/pitch/roll) in an H x 2H canvas, and its mask."""
+    """An RGB photo (horizontal `fov`, view yaw/pitch/roll) in an H x 2H canvas, and its mask;
+    ValueError (before allocating) on an angle out of VIEW_RANGES or a height edit.py refuses."""
+    for (name, (lo, hi)), v in zip(VIEW_RANGES.items(), (fov, yaw, pitch, roll), strict=True):
+        if not lo <= v <= hi:  # NaN too
+            raise ValueError(f"--{name} must be {lo} to {hi} degrees, got {v!r}")
+    check_height("--height (height)", height)
+    img = open_image(img)  # a PIL image (a tensor: TypeError)
     # The width whose centre pixels match the canvas resolution at the equator.
     target = max(1, round(2 * height * math.tan(math.radians(fov) / 2) / math.pi))
     if img.width > target:  # downscale with antialiasing first; bilinear sampling would alias
@@ -183,6 +190,11 @@ def discontinuity_score(gray: Tensor, col: int = 0, c: float = 0.1) -> Tensor:
     # 1 .. 4 (rows reflected, OpenCV's default border): DS = 1/(2H) sum_y [g(2, y) / (g(1, y) + c)
     # + g(3, y) / (g(4, y) + c)], the gradient across the boundary relative to the one beside it.
     # (The paper weights DS over a representation's borders: an equirectangular image has one.)
+    if gray.ndim < 2 or not gray.is_floating_point() or not c > 0:  # else NaN or any number
+        raise ValueError(
+            f"the Discontinuity Score is of float grey images (..., H, W) in [0, 1] and c > 0, "
+            f"got {gray.dtype} {[*gray.shape]} and c = {c}"
+        )
     h, w = gray.shape[-2:]
     if h < 2 or w < 6:
         raise ValueError(f"the Discontinuity Score needs at least 2 x 6 pixels, got {h}x{w}")

@@ -21,6 +21,7 @@ from transformers import (
 
 from ..load.files import MAX_TEXT, Rule, TensorFile, check_json, number, read_json, whole
 from ..load.sources import TOKENIZER_REPOS, Part, Sources, config_beside, flagged, resolve_sources
+from ..load.weights import float_dtype
 from ..memory.fp8 import to_fp8
 from ..memory.offload import MODES, lent, park, stream
 from .cli import check_prompt
@@ -167,6 +168,7 @@ def load_encoder(
     `device`; `fp8` (T5 only): linears in float8."""
     if fp8 and kind != "t5":
         raise ValueError(f"fp8 text encoders: T5 only, not {kind}")
+    dtype = float_dtype(dtype)
     tfile, model, keys = part if isinstance(part, tuple) else check_encoder(part, kind)
     # Not the feed-forward's `wo`: T5 casts its input to its weight dtype (float8 would wreck it)
     # and keeps it in float32 for 8-bit and float16 loads, as precision-critical.
@@ -301,7 +303,7 @@ def encode_prompt(
     enc: TextEncoders, prompts: list[str], max_length: int = 512
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Encode to txt (B, L, d_t5), txt_ids (B, L, 3) zeros, vec (B, d_clip); L = max_length."""
-    if isinstance(prompts, str) or not prompts:
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
     for p in prompts:  # before the tokenizer: a 100 MB prompt aborts it, 10 MB takes a minute
         check_prompt(p, f"prompt {p[:28]!r}...")

@@ -102,6 +102,14 @@ def invert(
     return x
 
 
+def kept(keep: Tensor, z: Tensor) -> Tensor:
+    """`keep` on z's device if a bool per token of z (B, L, C), else ValueError: a mask of another
+    length would be broadcast, or swap the last tokens only, in silence."""
+    if keep.dtype != torch.bool or keep.shape != z.shape[1:2]:
+        raise ValueError(f"keep must be bool ({z.shape[1]},), got {keep.dtype} {[*keep.shape]}")
+    return keep.to(z.device)
+
+
 def controlled(v: Tensor | None, v_cond: Tensor, eta: float) -> Tensor:
     """The source's controlled field v + eta (v_cond - v), Algorithm 2; v_cond itself at eta 1."""
     return v_cond if eta == 1 else v + eta * (v_cond - v)
@@ -122,7 +130,7 @@ def edit(
 ) -> tuple[Tensor, Tensor]:
     """Algorithm 2 + token replacement + blending on [source, target(, negative)], keep (L,) padded:
     the target's latents (1, L, C) from noise z and the source's."""
-    steps, sigmas, keep = len(sigmas) - 1, sigmas.to(z.device), keep.to(z.device)
+    steps, sigmas, keep = len(sigmas) - 1, sigmas.to(z.device), kept(keep, z)
     cond, n = (cond, 1) if negative is None else (cat_rows(cond, negative), 2)
     lo, hi = int(p.start * steps), min(int(p.stop * steps), steps)
     g = p.guidance if model.params.guidance_embed else None
@@ -156,7 +164,7 @@ def edit_planned(
 ) -> tuple[Tensor, Tensor | None]:
     """`edit` without the model calls nobody reads: the source row runs only while its tokens or
     its velocity (eta < 1) are read; the source is returned with `keep_source`."""
-    steps, sigmas, keep = len(sigmas) - 1, sigmas.to(z.device), keep.to(z.device)
+    steps, sigmas, keep = len(sigmas) - 1, sigmas.to(z.device), kept(keep, z)
     cond, n = (cond, 1) if negative is None else (cat_rows(cond, negative), 2)  # target rows
     times = [float(timestep(s, z.dtype)) / 1000 for s in sigmas[:-1]]  # what the model sees
     lo, hi = int(p.start * steps), min(int(p.stop * steps), steps)
@@ -211,5 +219,10 @@ def feather(keep: Tensor, radius: int) -> Tensor:
 
 def paste_back(edited: Tensor, source: Tensor, keep: Tensor, radius: int) -> Tensor:
     """Images (3, H, W): the source where keep (H, W), the edit beyond the feather."""
+    if edited.shape != source.shape or keep.shape != edited.shape[-2:]:  # no broadcast
+        raise ValueError(
+            f"paste_back needs images of one shape and a mask of theirs, got {[*edited.shape]}, "
+            f"{[*source.shape]} and {[*keep.shape]}"
+        )
     alpha = feather(keep, radius).to(edited)
     return alpha * source + (1 - alpha) * edited

@@ -35,6 +35,10 @@ class Grid:
     w: int
     pad: int = 1
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.pad <= self.w:  # wider: fewer columns copied than `tokens` counts
+            raise ValueError(f"pad must be 0 to w ({self.w}) token columns, got {self.pad}")
+
     @classmethod
     def for_image(cls, height: int, width: int, pad: int = 1) -> "Grid":
         """The grid of a height x width image: VAE x8, then 2x2 packing."""

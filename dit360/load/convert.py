@@ -3,6 +3,8 @@ folded in, and LoRAs in the peft/diffusers format; streamed one tensor at a time
 atomically, so a 24 GB model never sits in memory and a failure leaves no file."""
 
 import json
+import os
+import re
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -12,18 +14,66 @@ from torch import Tensor
 
 from ..core.lora import fold_
 from . import config as cfg
-from .files import atomic_path, write_safetensors
+from .files import atomic_path, unwritable, write_safetensors
 from .lora_formats import paired_loras, read_lora, write_peft
 from .weights import (
     FLUX_CONFIG_KEY,
     FLUX_DIFFUSERS,
     MERGED_KEY,
+    float_dtype,
     meta_flux,
     read_flux,
     split,
     stream_tensors,
     their_keys,
 )
+
+Source = str | Path | None
+# What a folder output may already hold (a previous output, and temporary files of a killed one):
+# files of these names, no folder or link.
+FOLDER_FILES = {
+    "diffusers": r"config\.json|diffusion_pytorch_model.*\.safetensors(\.index\.json)?",
+    "peft": r"adapter_config\.json|adapter_model\.safetensors",
+}
+
+
+def check_out(out: str | Path, kind: str, inputs: dict[str, Source | tuple[Source, ...]]) -> None:
+    """ValueError on an --out the conversion could not write, or must not replace: a link, an
+    input (or a folder holding one, or inside one), a folder holding more than a previous output."""
+    out = Path(out)
+    for flag, srcs in inputs.items():
+        for src in [srcs] if isinstance(srcs, str | os.PathLike) else srcs or ():
+            o, i = Path(os.path.realpath(out)), Path(os.path.realpath(src))  # a loop: no raise
+            what = {o == i: "is", o in i.parents: "holds", i in o.parents: "lies inside"}.get(True)
+            if what and Path(src).exists():
+                raise ValueError(
+                    f"--out {out} {what} {flag} {src}: choose an --out apart from the inputs"
+                )
+    if out.is_symlink():  # replacing it would replace the link (or, through it, a cache's blob)
+        raise ValueError(
+            f"--out {out} is a symbolic link (to {os.readlink(out)}): name what it points to, "
+            "or another --out"
+        )
+    if kind in FOLDER_FILES:
+        if out.suffix == ".safetensors" or out.is_file():
+            raise ValueError(
+                f"--out {out}: the {kind} output is a folder (not a file, nor *.safetensors)"
+            )
+        ours = re.compile(rf"\.?({FOLDER_FILES[kind]})(\.tmp[1-9][0-9]*\..+)?")
+        foreign = lambda p: not ours.fullmatch(p.name) or p.is_symlink() or not p.is_file()  # noqa: E731
+        if other := sorted(p.name for p in (out.iterdir() if out.is_dir() else ()) if foreign(p)):
+            raise ValueError(
+                f"--out {out} holds other files ({', '.join(sorted(other)[:3])}): give a new or "
+                f"empty folder, or a previous {kind} output"
+            )
+    elif out.suffix != ".safetensors" or out.is_dir():
+        raise ValueError(
+            f"--out {out}: name a .safetensors file (a folder only with --to diffusers)"
+        )
+    if unwritable(out.absolute().parent) or out.is_dir() and unwritable(out):  # its files go
+        raise ValueError(
+            f"--out {out}: cannot write there (check the folder exists and is writable)"
+        )
 
 
 def convert_flux(
@@ -38,6 +88,8 @@ def convert_flux(
     """`src`'s transformer, LoRAs `lora` folded in, as our layout's file or a diffusers folder."""
     if to not in ("bfl", "diffusers"):
         raise ValueError(f"unknown layout {to!r}: use 'bfl' or 'diffusers'")
+    float_dtype(dtype)  # we read no integer transformer
+    check_out(out, to, {"--base": src, "--lora": lora})  # never over an input
     tfile, plan, model = read_flux(src, axes_dim)
     params, state, out = model.params, model.state_dict(), Path(out)  # state: names and shapes
     config = cfg.to_diffusers_config(params) if to == "diffusers" else None  # fails before writing
@@ -90,6 +142,7 @@ def convert_lora(
     dtype: torch.dtype | None = None,
 ) -> Path:
     """A LoRA as a peft/diffusers folder, `scale` in alpha; sizes from `base`, else flux-dev's."""
+    check_out(out_dir, "peft", {"--base": base, "--lora": src})  # never over an input
     model = read_flux(base, axes_dim)[2] if base else meta_flux(cfg.PRESETS["flux-dev"])
     try:
         plan = read_lora(src, model)

@@ -23,6 +23,11 @@ FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 def to_pil(x: Tensor, unit: bool = False) -> Image.Image:
     """An image (3, H, W) in [-1, 1] ([0, 1] if `unit`) -> 8-bit RGB, rounded as diffusers' does."""
     x = x.detach().float().cpu()
+    if not x.isfinite().all():  # clamped, NaN would be black, in silence
+        raise FloatingPointError(
+            "the image is NaN/inf, so it is not made: fp16 overflows in the VAE (use --dtype bf16 "
+            "or fp32), or the weights hold NaN"
+        )
     x = (x if unit else x / 2 + 0.5).clamp(0, 1)
     return Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
@@ -74,6 +79,11 @@ def open_image(src: str | Path | Image.Image) -> Image.Image:
     """An image read whole from a file (closed again), or the image given, as `plain` makes it."""
     if isinstance(src, Image.Image):
         return plain(src, "the image")
+    if not isinstance(src, str | os.PathLike):  # an API user's tensor or array
+        raise TypeError(
+            f"a {type(src).__name__} is not an image: give a PIL image (to_pil makes one of a "
+            "tensor) or an image file's path"
+        )
     with loaded(src) as f:  # leaving it closes the file, not the pixels read
         return plain(f, str(src))
 
@@ -109,8 +119,19 @@ def plain(img: Image.Image, name: str) -> Image.Image:
 
 def read_rgb(src: str | Path | Image.Image, width: int, height: int) -> Image.Image:
     """RGB at width x height, resized with bicubic (as the reference resizes images)."""
-    img = open_image(src).convert("RGB")
-    return img if img.size == (width, height) else img.resize((width, height), Image.BICUBIC)
+    return resized(open_image(src).convert("RGB"), width, height, Image.BICUBIC)
+
+
+def resized(img: Image.Image, width: int, height: int, how: int) -> Image.Image:
+    """`img` at width x height (PIL's `how`), a size that PIL reads; else ValueError."""
+    if not all(isinstance(n, int) and n > 0 for n in (width, height)) or (
+        width * height > Image.MAX_IMAGE_PIXELS
+    ):
+        raise ValueError(
+            f"cannot resize to {width!r}x{height!r}: give whole numbers > 0, at most "
+            f"{Image.MAX_IMAGE_PIXELS:,} pixels in all (PIL's limit)"
+        )
+    return img if img.size == (width, height) else img.resize((width, height), how)
 
 
 def read_mask(src: str | Path | Image.Image, width: int, height: int) -> Tensor:
@@ -125,9 +146,7 @@ def read_mask(src: str | Path | Image.Image, width: int, height: int) -> Tensor:
                 f"{name} has transparent pixels: masks are read from grey levels (white = the "
                 "masked region), not from alpha; flatten it onto a black or white background"
             )
-    gray = img.convert("L")
-    if gray.size != (width, height):
-        gray = gray.resize((width, height), Image.NEAREST)
+    gray = resized(img.convert("L"), width, height, Image.NEAREST)
     return torch.from_numpy(np.asarray(gray) >= 128)
 
 
@@ -187,7 +206,8 @@ def check_output_path(
 def save_panorama(img: Image.Image, path: str | Path, text: dict[str, str] | None = None) -> Path:
     """Write a PNG or JPEG atomically, with GPano XMP if 2:1 and the `text` entries (`info.stamp`):
     PNG text chunks; JPEG: `parameters` as EXIF UserComment (for A1111), the rest as the comment."""
-    path, (w, h), text = check_output_path(path), img.size, text or {}
+    path, img, text = check_output_path(path), open_image(img), text or {}  # a PIL image
+    w, h = img.size
     xmp = gpano_xmp(w, h) if w == 2 * h else None
     if xmp is None:
         warnings.warn(f"{w}x{h} is not 2:1, so {path} gets no 360 (GPano) metadata", stacklevel=2)
@@ -204,6 +224,7 @@ def save_panorama(img: Image.Image, path: str | Path, text: dict[str, str] | Non
             user_comment = b"UNICODE\0" + text["parameters"].encode("utf-16-be")
             exif.get_ifd(0x8769)[0x9286] = user_comment  # Exif IFD, UserComment
         extra = {"comment": "\n".join(rest)} if rest else {}
+        img = img if img.mode in ("L", "RGB") else img.convert("RGB")  # what JPEG holds
         save_image(img, path, format="JPEG", quality=95, xmp=xmp, exif=exif, **extra)
     return path
 

@@ -261,6 +261,7 @@ def lora_names(model: nn.Module) -> set[str]:
 
 def attach(model: nn.Module, plan: LoraPlan, name: str, multiplier: float = 1.0) -> nn.Module:
     """Add a read LoRA to the model, unmerged, in the dtype of the weights."""
+    finite(multiplier)  # before a layer changes
     if name in lora_names(model):
         raise ValueError(f"a LoRA named {name!r} is already applied")
     for layer, parts in plan.items():
@@ -273,8 +274,18 @@ def attach(model: nn.Module, plan: LoraPlan, name: str, multiplier: float = 1.0)
     return set_scale(model, multiplier, name)
 
 
+def finite(scale: float) -> bool:
+    """True, or ValueError if `scale` is not a finite number (NaN weights, or a str kept)."""
+    if not (isinstance(scale, int | float) and math.isfinite(scale)):
+        raise ValueError(f"a LoRA's scale must be a finite number, got {scale!r}")
+    return True
+
+
 def set_scale(model: nn.Module, scale: float, name: str | None = None) -> nn.Module:
-    """Change the weight of unmerged LoRAs (all, or the one named)."""
+    """Change the weight of unmerged LoRAs (all, or the one named); ValueError if not `finite` or
+    no LoRA is so named (nothing would change)."""
+    if finite(scale) and name is not None and name not in (names := lora_names(model)):
+        raise ValueError(f"no LoRA named {name!r} is applied; those applied: {sorted(names)}")
     for _, layer, ad in adapters(model, name):
         if ad.merged:
             raise ValueError("unmerge the LoRA before changing its scale")

@@ -203,6 +203,14 @@ def stream_tensors(
         yield name, build(tfile, *plan.sources[name]).to(dtype)  # dtype None: as stored
 
 
+def float_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
+    """`dtype` if None or a float torch.dtype, else TypeError (a str is taken for a device, an
+    integer dtype would cast the weights to integers)."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    raise TypeError(f"dtype must be a float torch.dtype, e.g. torch.bfloat16, got {dtype!r}")
+
+
 def fill(
     model: nn.Module,
     tfile: TensorFile,
@@ -212,7 +220,7 @@ def fill(
     on_cpu: Callable[[nn.Module], list[nn.Module]] | None = None,
 ) -> nn.Module:
     """Fill a meta model tensor by tensor (dtype None: the file's); `on_cpu(model)`'s on CPU."""
-    stored = tfile.dtypes[plan.sources[next(iter(plan.sources))][1][0]]
+    dtype, stored = float_dtype(dtype), tfile.dtypes[plan.sources[next(iter(plan.sources))][1][0]]
     # but bfloat16 for float8 (norms cannot run in float8; scaled fp8 weights read dequantized)
     dtype = dtype or (torch.bfloat16 if stored.itemsize == 1 else stored)
     model = model.to(dtype)

@@ -59,11 +59,11 @@ def render(
                 for i, cond in enumerate(conds):
                     try:
                         latents = check_finite(generate_latents(model, cond, opts))
+                        image = to_pil(decode(vae, latents.to(opts.dtype), tile=opts.vae_tile)[0])
                     except FloatingPointError as e:
                         warnings.warn(f"preview {folder.name}/{i:02d}: {e}", stacklevel=2)
                         continue
-                    image = decode(vae, latents.to(opts.dtype), tile=opts.vae_tile)
-                    save_image(to_pil(image[0]), folder / f"{i:02d}.png", format="PNG")
+                    save_image(image, folder / f"{i:02d}.png", format="PNG")
                     written.append(folder / f"{i:02d}.png")
             torch.distributed.barrier()
     finally:
