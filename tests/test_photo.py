@@ -53,7 +53,7 @@ def test_photo_to_panorama(tiny_flux, tmp_path, monkeypatch) -> None:
         seen.extend((job.image, job.mask) for job in jobs)
         return real(jobs, *a, **k)
 
-    monkeypatch.setattr(editing, "edit_many", spy)
+    monkeypatch.setattr(edit, "edit_many", spy)  # edit.py's own name for it
     edit.main(args(tiny_flux, photo, tmp_path / "pasted.png", "--paste-back"))
     canvas, mask = project_photo(Image.open(photo).convert("RGB"), 90, 0, 0, 0, 64)
     [(image, used)] = seen

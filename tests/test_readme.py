@@ -57,17 +57,20 @@ class Parsed(Exception):
 
 def entry(namespace: dict, source: str) -> str:
     """The function a script's last `if __name__ == "__main__":` block runs (`run_main(main)`:
-    main); the earlier one of the scripts only installs the signal handlers."""
+    main; the block's imports are run into `namespace`); the earlier one of the scripts only
+    installs the signal handlers, as the `-m` modules' first lines do."""
     mains = [
         n
         for n in ast.parse(source).body
         if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)
     ]
+    imports = [n for n in mains[-1].body if isinstance(n, ast.Import | ast.ImportFrom)]
+    exec(compile(ast.Module(imports, []), "<main block>", "exec"), namespace)
     calls = [
         c for c in ast.walk(mains[-1]) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)
     ]
-    name = calls[0].func.id
-    return calls[0].args[0].id if name == "run_main" else name
+    ran = next((c.args[0].id for c in calls if c.func.id == "run_main"), None)
+    return ran or calls[0].func.id
 
 
 def script_namespace(words: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[dict, str, list]:

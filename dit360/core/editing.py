@@ -103,8 +103,7 @@ def invert(
 
 
 def kept(keep: Tensor, z: Tensor) -> Tensor:
-    """`keep` on z's device if a bool per token of z (B, L, C), else ValueError: a mask of another
-    length would be broadcast, or swap the last tokens only, in silence."""
+    """`keep`, one bool per token of z (B, L, C), on z's device (never broadcast: ValueError)."""
     if keep.dtype != torch.bool or keep.shape != z.shape[1:2]:
         raise ValueError(f"keep must be bool ({z.shape[1]},), got {keep.dtype} {[*keep.shape]}")
     return keep.to(z.device)
@@ -178,11 +177,8 @@ def edit_planned(
     # Both rows run while the source's tokens or velocity are needed, else the target alone;
     # the modulations of each batch are computed ahead in that batch's shape.
     both = [swap[i] or (i < last and eta[i] != 1) for i in range(steps)]
-    times = {
-        b: [s for s, x in zip(sigmas[:-1], both, strict=True) if x == b] for b in (False, True)
-    }
-    pair = ahead(cond, times[True], g)
-    target = ahead(rows(cond, slice(1, None)), times[False], g)
+    pick = lambda b: [s for s, x in zip(sigmas[:-1], both, strict=True) if x == b]  # noqa: E731
+    pair, target = ahead(cond, pick(True), g), ahead(rows(cond, slice(1, None)), pick(False), g)
     src, tgt = inverted, z
     for i in progress(range(steps), "edit"):
         dt = sigmas[i + 1] - sigmas[i]
@@ -219,10 +215,8 @@ def feather(keep: Tensor, radius: int) -> Tensor:
 
 def paste_back(edited: Tensor, source: Tensor, keep: Tensor, radius: int) -> Tensor:
     """Images (3, H, W): the source where keep (H, W), the edit beyond the feather."""
-    if edited.shape != source.shape or keep.shape != edited.shape[-2:]:  # no broadcast
-        raise ValueError(
-            f"paste_back needs images of one shape and a mask of theirs, got {[*edited.shape]}, "
-            f"{[*source.shape]} and {[*keep.shape]}"
-        )
+    if edited.shape != source.shape or keep.shape != edited.shape[-2:]:  # never broadcast
+        shapes = [[*t.shape] for t in (edited, source, keep)]
+        raise ValueError(f"paste_back needs images of one shape and a mask of theirs: {shapes}")
     alpha = feather(keep, radius).to(edited)
     return alpha * source + (1 - alpha) * edited

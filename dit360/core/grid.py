@@ -43,9 +43,7 @@ class Grid:
     def for_image(cls, height: int, width: int, pad: int = 1) -> "Grid":
         """The grid of a height x width image: VAE x8, then 2x2 packing."""
         if height % PATCH or width % PATCH or height <= 0 or width <= 0:
-            raise ValueError(
-                f"height and width must be positive multiples of 16, got {height}x{width}"
-            )
+            raise ValueError(f"height and width: multiples of 16 over 0, got {height}x{width}")
         return cls(height // PATCH, width // PATCH, pad)
 
     @property

@@ -59,8 +59,7 @@ class LossConfig:
 
 def _loss_lat_range(h: int, w: int) -> tuple[float, float]:
     """Latitudes of the first and last rows of a centred crop of height h of a w/2-high panorama."""
-    full = w // 2
-    top = (full - h) // 2
+    full, top = w // 2, (w // 2 - h) // 2
     return math.pi / 2 - math.pi * (top + h) / full, math.pi / 2 - math.pi * top / full
 
 
