@@ -26,7 +26,7 @@ from test_train import args as train_args
 import convert_weights
 import prepare
 import sample
-from dit360.app import batch
+from dit360.app import batch, cli
 from dit360.app.outputs import evaluate_main, view_main
 from dit360.train import distributed
 
@@ -186,6 +186,17 @@ def test_torchrun_variables_that_torchrun_never_sets(env, monkeypatch, capsys):
     assert (
         err.startswith(f"error: RANK={env['RANK']} WORLD_SIZE=") and "launch with torchrun" in err
     )
+
+
+def test_a_launcher_without_local_rank(monkeypatch):
+    """RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT without LOCAL_RANK (Kubeflow's PyTorchJob, one
+    process a machine): LOCAL_RANK 0, the rank's share (was refused as not torchrun's)."""
+    for k in TORCHRUN:
+        monkeypatch.delenv(k, raising=False)
+    env = dict(RANK="1", WORLD_SIZE="2", MASTER_ADDR="h", MASTER_PORT="29500")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert cli.torchrun() == (1, 2, 0) and batch.share(list(range(5))) == [1, 3]
 
 
 def test_a_training_process_whose_peers_never_come(tiny_flux, data, tmp_path):

@@ -115,12 +115,15 @@ def torchrun() -> tuple[int, int, int]:
     names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")  # and MASTER_ADDR
     if not ({"RANK", "WORLD_SIZE"} & set(os.environ)):
         return 0, 1, 0
-    rank, world, local, port = (int(v) if (v := os.environ.get(k, "")).isdecimal() else -1
-                                for k in names)  # fmt: skip
+    # LOCAL_RANK 0 if unset: launchers that start one process a machine (Kubeflow's) set no other
+    given = [os.environ.get(k, "0" if k == "LOCAL_RANK" else "") for k in names]
+    rank, world, local, port = (int(v) if v.isdecimal() else -1 for v in given)
     if not (0 <= rank < world and local >= 0 and 0 < port < 65536 and os.getenv("MASTER_ADDR")):
         told = " ".join(f"{k}={os.environ.get(k)}" for k in (*names, "MASTER_ADDR"))
-        fail(f"{told}: not as torchrun sets them (0 <= RANK < WORLD_SIZE; LOCAL_RANK, "
-             "MASTER_ADDR, MASTER_PORT): launch with torchrun, or unset them")  # fmt: skip
+        fail(
+            f"{told}: not as torchrun sets them (0 <= RANK < WORLD_SIZE; LOCAL_RANK, MASTER_ADDR, "
+            "MASTER_PORT): launch with torchrun, or unset them"
+        )
     return rank, world, local
 
 
