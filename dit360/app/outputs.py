@@ -56,8 +56,7 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
 
 def write_cubemap(image: Image.Image, path: str | Path, size: int | None = None) -> list[Path]:
     """Write the faces PATH-px ... PATH-nz (size x size, default height / 2; three.js and Unity's
-    order) of the 2:1 panorama `image`, and PATH-cross (3 x 4 faces, black elsewhere), as PATH is;
-    ValueError (before a pixel is sampled) if not 2:1, or the size or format is not one we make."""
+    order) of the 2:1 panorama `image`, and PATH-cross (3 x 4), as PATH is; else ValueError."""
     path, size = Path(path), image.height // 2 if size is None else size
     if image.width != 2 * image.height or path.suffix.lower() not in FORMATS:
         raise ValueError(f"{path}: cube faces are made of a 2:1 image to .png or .jpg files")
@@ -85,12 +84,10 @@ def extras_missing(path: Path, args: argparse.Namespace) -> bool:
     return not all(p.exists() for p in beside(path, args))
 
 
-def write_extras(
-    image: Image.Image, path: str | Path, args: argparse.Namespace, prompt: str
-) -> str:
+def write_extras(image: Image.Image, path: Path, args: argparse.Namespace, prompt: str) -> str:
     """Write what the flags ask for beside the panorama `path` (made from `prompt`); returns the
     seam score and what was written, for the script's line."""
-    wrote, path = [], Path(path)
+    wrote = []
     if args.captions:
         wrote.append(path.with_suffix(".txt"))
         with atomic_path(wrote[-1]) as tmp:

@@ -110,8 +110,7 @@ def perspective_to_equirect(
 def project_photo(
     img: Image.Image, fov: float, yaw: float, pitch: float, roll: float, height: int
 ) -> tuple[Image.Image, Image.Image]:
-    """An RGB photo (horizontal `fov`, view yaw/pitch/roll) in an H x 2H canvas, and its mask;
-    ValueError (before allocating) on an angle out of VIEW_RANGES or a height edit.py refuses."""
+    """An RGB photo (horizontal `fov`, view yaw/pitch/roll) in an H x 2H canvas, and its mask."""
     for (name, (lo, hi)), v in zip(VIEW_RANGES.items(), (fov, yaw, pitch, roll), strict=True):
         if not lo <= v <= hi:  # NaN too
             raise ValueError(f"--{name} must be {lo} to {hi} degrees, got {v!r}")

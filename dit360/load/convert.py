@@ -38,42 +38,33 @@ FOLDER_FILES = {
 
 
 def check_out(out: str | Path, kind: str, inputs: dict[str, Source | tuple[Source, ...]]) -> None:
-    """ValueError on an --out the conversion could not write, or must not replace: a link, an
-    input (or a folder holding one, or inside one), a folder holding more than a previous output."""
-    out = Path(out)
+    """ValueError on an --out we cannot write or must not replace (link, input, foreign files)."""
+    out, at = Path(out), f"--out {out}"
     for flag, srcs in inputs.items():
         for src in [srcs] if isinstance(srcs, str | os.PathLike) else srcs or ():
             o, i = Path(os.path.realpath(out)), Path(os.path.realpath(src))  # a loop: no raise
             what = {o == i: "is", o in i.parents: "holds", i in o.parents: "lies inside"}.get(True)
             if what and Path(src).exists():
-                raise ValueError(
-                    f"--out {out} {what} {flag} {src}: choose an --out apart from the inputs"
-                )
+                raise ValueError(f"{at} {what} {flag} {src}: choose an --out apart from the inputs")
     if out.is_symlink():  # replacing it would replace the link (or, through it, a cache's blob)
         raise ValueError(
-            f"--out {out} is a symbolic link (to {os.readlink(out)}): name what it points to, "
-            "or another --out"
+            f"{at} is a symbolic link (to {os.readlink(out)}): name what it points to, or "
+            "another --out"
         )
     if kind in FOLDER_FILES:
         if out.suffix == ".safetensors" or out.is_file():
-            raise ValueError(
-                f"--out {out}: the {kind} output is a folder (not a file, nor *.safetensors)"
-            )
+            raise ValueError(f"{at}: the {kind} output is a folder (not a file, nor *.safetensors)")
         ours = re.compile(rf"\.?({FOLDER_FILES[kind]})(\.tmp[1-9][0-9]*\..+)?")
         foreign = lambda p: not ours.fullmatch(p.name) or p.is_symlink() or not p.is_file()  # noqa: E731
         if other := sorted(p.name for p in (out.iterdir() if out.is_dir() else ()) if foreign(p)):
             raise ValueError(
-                f"--out {out} holds other files ({', '.join(sorted(other)[:3])}): give a new or "
-                f"empty folder, or a previous {kind} output"
+                f"{at} holds other files ({', '.join(other[:3])}): give a new or empty folder, "
+                f"or a previous {kind} output"
             )
     elif out.suffix != ".safetensors" or out.is_dir():
-        raise ValueError(
-            f"--out {out}: name a .safetensors file (a folder only with --to diffusers)"
-        )
+        raise ValueError(f"{at}: name a .safetensors file (a folder only with --to diffusers)")
     if unwritable(out.absolute().parent) or out.is_dir() and unwritable(out):  # its files go
-        raise ValueError(
-            f"--out {out}: cannot write there (check the folder exists and is writable)"
-        )
+        raise ValueError(f"{at}: cannot write there (check the folder exists and is writable)")
 
 
 def convert_flux(

@@ -282,8 +282,7 @@ def finite(scale: float) -> bool:
 
 
 def set_scale(model: nn.Module, scale: float, name: str | None = None) -> nn.Module:
-    """Change the weight of unmerged LoRAs (all, or the one named); ValueError if not `finite` or
-    no LoRA is so named (nothing would change)."""
+    """Change the weight of unmerged LoRAs (all, or the one named); ValueError if none so named."""
     if finite(scale) and name is not None and name not in (names := lora_names(model)):
         raise ValueError(f"no LoRA named {name!r} is applied; those applied: {sorted(names)}")
     for _, layer, ad in adapters(model, name):

@@ -204,8 +204,7 @@ def stream_tensors(
 
 
 def float_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
-    """`dtype` if None or a float torch.dtype, else TypeError (a str is taken for a device, an
-    integer dtype would cast the weights to integers)."""
+    """`dtype` if None or a float dtype, else TypeError (a str: a device; an int dtype casts)."""
     if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
     raise TypeError(f"dtype must be a float torch.dtype, e.g. torch.bfloat16, got {dtype!r}")
