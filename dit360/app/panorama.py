@@ -189,14 +189,12 @@ def discontinuity_score(gray: Tensor, col: int = 0, c: float = 0.1) -> Tensor:
     # 1 .. 4 (rows reflected, OpenCV's default border): DS = 1/(2H) sum_y [g(2, y) / (g(1, y) + c)
     # + g(3, y) / (g(4, y) + c)], the gradient across the boundary relative to the one beside it.
     # (The paper weights DS over a representation's borders: an equirectangular image has one.)
-    if gray.ndim < 2 or not gray.is_floating_point() or not c > 0:  # else NaN or any number
+    h, w = gray.shape[-2:] if gray.ndim >= 2 else (0, 0)
+    if h < 2 or w < 6 or not gray.is_floating_point() or not c > 0:  # else NaN or any number
         raise ValueError(
-            f"the Discontinuity Score is of float grey images (..., H, W) in [0, 1] and c > 0, "
-            f"got {gray.dtype} {[*gray.shape]} and c = {c}"
+            f"the Discontinuity Score is of float grey images (..., H, W) of at least 2 x 6 pixels "
+            f"in [0, 1] and c > 0, got {gray.dtype} {[*gray.shape]} and c = {c}"
         )
-    h, w = gray.shape[-2:]
-    if h < 2 or w < 6:
-        raise ValueError(f"the Discontinuity Score needs at least 2 x 6 pixels, got {h}x{w}")
     strip = gray.roll(3 - col, dims=-1)[..., :6].reshape(-1, 1, h, 6)  # (N, 1, H, 6)
     strip = F.pad(strip, (0, 0, 1, 1), mode="reflect")  # (N, 1, H+2, 6)
     kernel = torch.tensor(SCHARR_X, dtype=strip.dtype, device=strip.device)[None, None]
