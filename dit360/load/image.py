@@ -124,12 +124,11 @@ def read_rgb(src: str | Path | Image.Image, width: int, height: int) -> Image.Im
 
 def resized(img: Image.Image, width: int, height: int, how: int) -> Image.Image:
     """`img` at width x height (PIL's `how`), a size that PIL reads; else ValueError."""
-    if not all(isinstance(n, int) and n > 0 for n in (width, height)) or (
-        width * height > Image.MAX_IMAGE_PIXELS
-    ):
+    limit = Image.MAX_IMAGE_PIXELS  # read at the call: a user may raise it
+    if not all(isinstance(n, int) and n > 0 for n in (width, height)) or width * height > limit:
         raise ValueError(
-            f"cannot resize to {width!r}x{height!r}: give whole numbers > 0, at most "
-            f"{Image.MAX_IMAGE_PIXELS:,} pixels in all (PIL's limit)"
+            f"cannot resize to {width!r}x{height!r}: give whole numbers > 0, at most {limit:,} "
+            "pixels in all (PIL's limit)"
         )
     return img if img.size == (width, height) else img.resize((width, height), how)
 
