@@ -217,12 +217,22 @@ def test_save_panorama_jpeg_of_any_mode(tmp_path):
             assert f.mode in ("RGB", "L") and f.size == (64, 32)
 
 
+def test_save_panorama_text_is_text(tmp_path):
+    """`text` entries that are not strings: TypeError naming `text`, nothing written (an
+    AttributeError from PIL's PNG writer before)."""
+    for entries in ({"a": 3}, {3: "a"}, {"parameters": None}):
+        for name in ("a.png", "a.jpg"):
+            with pytest.raises(TypeError, match="text must be"):
+                image.save_panorama(photo(), tmp_path / name, entries)
+    assert not any(tmp_path.iterdir())
+
+
 VIEWS = [  # project_photo's fov, yaw, pitch, roll, height; what the error names
     ((0, 0, 0, 0, 32), "--fov"), ((math.nan, 0, 0, 0, 32), "--fov"),
     ((90, math.inf, 0, 0, 32), "--yaw"), ((90, 0, 91, 0, 32), "--pitch"),
     ((90, 0, 0, -181, 32), "--roll"), ((90, 0, 0, 0, 0), "--height"),
     ((90, 0, 0, 0, -5), "--height"), ((90, 0, 0, 0, 33), "--height"),
-    ((90, 0, 0, 0, 10**5), "--height"),
+    ((90, 0, 0, 0, 10**5), "--height"), (("90", 0, 0, 0, 32), "--fov"),
 ]  # fmt: skip
 
 

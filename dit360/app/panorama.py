@@ -112,7 +112,7 @@ def project_photo(
 ) -> tuple[Image.Image, Image.Image]:
     """An RGB photo (horizontal `fov`, view yaw/pitch/roll) in an H x 2H canvas, and its mask."""
     for (name, (lo, hi)), v in zip(VIEW_RANGES.items(), (fov, yaw, pitch, roll), strict=True):
-        if not lo <= v <= hi:  # NaN too
+        if not (isinstance(v, int | float) and lo <= v <= hi):  # NaN, text too
             raise ValueError(f"--{name} must be {lo} to {hi} degrees, got {v!r}")
     check_height("--height (height)", height)
     img = open_image(img)  # a PIL image (a tensor: TypeError)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin
 from torch import Tensor
 
-from .files import atomic_path, unwritable
+from .files import atomic_path, short, unwritable
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
@@ -206,6 +206,8 @@ def save_panorama(img: Image.Image, path: str | Path, text: dict[str, str] | Non
     """Write a PNG or JPEG atomically, with GPano XMP if 2:1 and the `text` entries (`info.stamp`):
     PNG text chunks; JPEG: `parameters` as EXIF UserComment (for A1111), the rest as the comment."""
     path, img, text = check_output_path(path), open_image(img), text or {}  # a PIL image
+    if not all(isinstance(x, str) for entry in text.items() for x in entry):  # written as text
+        raise TypeError(f"text must be {{str: str}} (`info.stamp` makes it), got {short(text)}")
     w, h = img.size
     xmp = gpano_xmp(w, h) if w == 2 * h else None
     if xmp is None:
