@@ -229,7 +229,7 @@ def check_opts(opts: Opts, kind: type[Opts]) -> Opts:
 
 
 def check_jobs(
-    jobs: Iterable[J], opts: Opts, kind: type[J], each: Callable[[J, Opts], object] | None = None
+    jobs: Iterable[J], opts: Opts, kind: type[J], each: Callable[[J, Opts], object] = job_options
 ) -> list[J]:
     """The jobs (any iterable, at most JOBS), each a `kind` passing the CLI's checks (`each`), and
     the weights checked, before anything loads; TypeError, ValueError or OSError naming the flag."""
@@ -241,7 +241,7 @@ def check_jobs(
             if not isinstance(job, kind):
                 raise TypeError(f"jobs must be {kind.__name__}s, got {type(job).__name__}")
             check_prompt(job.prompt, "--prompt (prompt)")
-            each(job, opts) if each else job_options(opts, job)
+            each(job, opts)
         check_inputs(opts)
     return jobs
 
@@ -357,8 +357,7 @@ def generate_many(
     log: Callable[[str], None] = print,
     report: Report | None = None,
 ) -> Iterator[tuple[Job, Image.Image, float]]:
-    """(job, panorama, seconds) for each job as soon as it is decoded (`run_jobs`); the jobs are
-    checked at the call, before any model loads."""
+    """(job, panorama, seconds) for each job as it is decoded (`run_jobs`); the jobs checked now."""
     jobs = check_jobs(jobs, opts, Job)
     cfg = f"true CFG at scale {opts.true_cfg}: two transformer calls a step (twice the time)"
     prompts = lambda job, o: [job.prompt, o.negative()]  # noqa: E731
