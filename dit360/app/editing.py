@@ -123,7 +123,7 @@ def token_mask(job: EditJob, o: EditOptions, width: int, height: int) -> tuple[G
     return grid, keep
 
 
-def check_job(job: EditJob, opts: EditOptions) -> tuple[int, int]:
+def check_job(opts: EditOptions, job: EditJob) -> tuple[int, int]:
     """A job checked before a model loads (options, source, mask, feather): the source's (w, h)."""
     o = job_options(opts, job)
     own = open_image(job.image).size  # it opens and decodes

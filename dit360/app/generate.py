@@ -229,7 +229,7 @@ def check_opts(opts: Opts, kind: type[Opts]) -> Opts:
 
 
 def check_jobs(
-    jobs: Iterable[J], opts: Opts, kind: type[J], each: Callable[[J, Opts], object] = job_options
+    jobs: Iterable[J], opts: Opts, kind: type[J], each: Callable[[Opts, J], object] = job_options
 ) -> list[J]:
     """The jobs (any iterable, at most JOBS), each a `kind` passing the CLI's checks (`each`), and
     the weights checked, before anything loads; TypeError, ValueError or OSError naming the flag."""
@@ -241,7 +241,7 @@ def check_jobs(
             if not isinstance(job, kind):
                 raise TypeError(f"jobs must be {kind.__name__}s, got {type(job).__name__}")
             check_prompt(job.prompt, "--prompt (prompt)")
-            each(job, opts)
+            each(opts, job)
         check_inputs(opts)
     return jobs
 
