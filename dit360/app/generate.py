@@ -207,7 +207,6 @@ class Job:
     negative_prompt: str | None = None
 
     SETS: ClassVar = ("steps", "guidance", "negative_prompt")  # set where not None
-    OPTIONS: ClassVar = SampleOptions  # the options of its batch
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -233,7 +232,6 @@ def check_jobs(
 ) -> list[J]:
     """The jobs (any iterable, at most JOBS), each a `kind` passing the CLI's checks (`each`), and
     the weights checked, before anything loads; TypeError, ValueError or OSError naming the flag."""
-    check_opts(opts, kind.OPTIONS)
     if len(jobs := list(islice(jobs, JOBS + 1))) > JOBS:  # a generator too, never endless
         raise ValueError(f"more than {JOBS:,} jobs: a batch makes at most {JOBS:,}; split it")
     with warnings_last():  # fail fast; the size's warning once a batch
@@ -358,7 +356,7 @@ def generate_many(
     report: Report | None = None,
 ) -> Iterator[tuple[Job, Image.Image, float]]:
     """(job, panorama, seconds) for each job as it is decoded (`run_jobs`); the jobs checked now."""
-    jobs = check_jobs(jobs, opts, Job)
+    jobs = check_jobs(jobs, check_opts(opts, SampleOptions), Job)
     cfg = f"true CFG at scale {opts.true_cfg}: two transformer calls a step (twice the time)"
     prompts = lambda job, o: [job.prompt, o.negative()]  # noqa: E731
     return run_jobs(jobs, opts, log, report, prompts, generate_step, cfg, stage="denoise")
