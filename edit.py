@@ -172,7 +172,7 @@ def edit_jobs(args: argparse.Namespace, opts: EditOptions) -> list[EditJob]:
     def check(job: EditJob) -> None:
         with warnings.catch_warnings():  # the size's, which edit_many gives once all is good
             warnings.simplefilter("ignore")
-            check_ratio(job.image, check_job(job, opts), args.resize)
+            check_ratio(job.image, check_job(opts, job), args.resize)
         check_not_source(job.out, '"out"', {'its "image"': job.image, 'its "mask"': job.mask})
         if other := inputs.get(os.path.realpath(job.out)):  # another edit's source
             raise ValueError(f'"out" {job.out} is {other}, which the batch reads: choose another')

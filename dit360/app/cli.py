@@ -110,8 +110,7 @@ def check_prompt(text: str, what: str) -> str:
 
 
 def torchrun() -> tuple[int, int, int]:
-    """(RANK, WORLD_SIZE, LOCAL_RANK) as torchrun sets them, (0, 1, 0) without it; one line, exit
-    2, for a set torchrun makes not (a rank out of the world: the jobs of none, or a hang)."""
+    """(RANK, WORLD_SIZE, LOCAL_RANK), (0, 1, 0) without torchrun; a set it never makes: exit 2."""
     names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")  # and MASTER_ADDR
     if not ({"RANK", "WORLD_SIZE"} & set(os.environ)):
         return 0, 1, 0
@@ -153,14 +152,13 @@ def on_exit() -> None:
 
 
 def handle_signals() -> None:
-    """Install `on_signal`, `on_uncaught` and `on_exit` (the scripts call it before their imports);
-    a standard stream closed at the start is /dev/null (not the next file opened, and `fail` can
-    say its line), and stdout escapes what its encoding lacks (PYTHONIOENCODING=ascii)."""
+    """Install `on_signal`, `on_uncaught`, `on_exit` (the scripts call it before their imports); a
+    closed standard stream is /dev/null; stdout escapes what its encoding lacks (ascii)."""
     sys.excepthook = on_uncaught
     for signum in SIGNALS:
         signal.signal(signum, on_signal)
     for fd, name in enumerate(("stdin", "stdout", "stderr")):
-        if getattr(sys, name) is None:
+        if getattr(sys, name) is None:  # /dev/null, not the next file opened; `fail` can say
             os.dup2(os.open(os.devnull, os.O_RDWR), fd)
             setattr(sys, name, open(fd, "w" if fd else "r", closefd=False))
     sys.stdout.reconfigure(errors="backslashreplace")

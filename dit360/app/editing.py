@@ -100,7 +100,6 @@ class EditJob(Job):
     source_prompt: str | None = None
 
     SETS: ClassVar = ("steps", "guidance", "negative_prompt", "invert", "source_prompt")
-    OPTIONS: ClassVar = EditOptions
 
 
 def source_prompt(o: EditOptions, job: EditJob) -> str:
@@ -123,7 +122,7 @@ def token_mask(job: EditJob, o: EditOptions, width: int, height: int) -> tuple[G
     return grid, keep
 
 
-def check_job(job: EditJob, opts: EditOptions) -> tuple[int, int]:
+def check_job(opts: EditOptions, job: EditJob) -> tuple[int, int]:
     """A job checked before a model loads (options, source, mask, feather): the source's (w, h)."""
     o = job_options(opts, job)
     own = open_image(job.image).size  # it opens and decodes
@@ -179,7 +178,8 @@ def edit_many(
 ) -> Iterator[tuple[EditJob, Image.Image, float]]:
     """(job, edited panorama, seconds) for each job as it is decoded (`run_jobs`); the jobs are
     checked at the call (but their sources if `checked`: edit.py's rows), before any model loads."""
-    jobs = check_jobs(jobs, opts, EditJob, None if checked else check_job)
+    each = job_options if checked else check_job
+    jobs = check_jobs(jobs, check_opts(opts, EditOptions), EditJob, each)
     cfg = f"true CFG at scale {opts.true_cfg} on the target: its rows run twice a step"
     prompts = lambda job, o: ["", source_prompt(o, job), job.prompt, o.negative()]  # noqa: E731
     return run_jobs(jobs, opts, log, report, prompts, edit_step, cfg)

@@ -207,7 +207,6 @@ class Job:
     negative_prompt: str | None = None
 
     SETS: ClassVar = ("steps", "guidance", "negative_prompt")  # set where not None
-    OPTIONS: ClassVar = SampleOptions  # the options of its batch
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -229,11 +228,10 @@ def check_opts(opts: Opts, kind: type[Opts]) -> Opts:
 
 
 def check_jobs(
-    jobs: Iterable[J], opts: Opts, kind: type[J], each: Callable[[J, Opts], object] | None = None
+    jobs: Iterable[J], opts: Opts, kind: type[J], each: Callable[[Opts, J], object] = job_options
 ) -> list[J]:
     """The jobs (any iterable, at most JOBS), each a `kind` passing the CLI's checks (`each`), and
     the weights checked, before anything loads; TypeError, ValueError or OSError naming the flag."""
-    check_opts(opts, kind.OPTIONS)
     if len(jobs := list(islice(jobs, JOBS + 1))) > JOBS:  # a generator too, never endless
         raise ValueError(f"more than {JOBS:,} jobs: a batch makes at most {JOBS:,}; split it")
     with warnings_last():  # fail fast; the size's warning once a batch
@@ -241,7 +239,7 @@ def check_jobs(
             if not isinstance(job, kind):
                 raise TypeError(f"jobs must be {kind.__name__}s, got {type(job).__name__}")
             check_prompt(job.prompt, "--prompt (prompt)")
-            each(job, opts) if each else job_options(opts, job)
+            each(opts, job)
         check_inputs(opts)
     return jobs
 
@@ -357,9 +355,8 @@ def generate_many(
     log: Callable[[str], None] = print,
     report: Report | None = None,
 ) -> Iterator[tuple[Job, Image.Image, float]]:
-    """(job, panorama, seconds) for each job as soon as it is decoded (`run_jobs`); the jobs are
-    checked at the call, before any model loads."""
-    jobs = check_jobs(jobs, opts, Job)
+    """(job, panorama, seconds) for each job as it is decoded (`run_jobs`); the jobs checked now."""
+    jobs = check_jobs(jobs, check_opts(opts, SampleOptions), Job)
     cfg = f"true CFG at scale {opts.true_cfg}: two transformer calls a step (twice the time)"
     prompts = lambda job, o: [job.prompt, o.negative()]  # noqa: E731
     return run_jobs(jobs, opts, log, report, prompts, generate_step, cfg, stage="denoise")

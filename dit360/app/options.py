@@ -259,11 +259,10 @@ def typed(value: Any, kind: Any) -> bool:
 
 
 def check_types(obj: Any, name: Callable[[str], str] = str) -> None:
-    """Each field of the dataclass `obj` of its annotated type (`typed`; a path given for text
-    taken as its text), else TypeError naming it as `name` does (API users pass anything)."""
+    """Each field of the dataclass `obj` of its type (`typed`), else TypeError named by `name`."""
     for f in fields(obj):
         value, arms = getattr(obj, f.name), getattr(f.type, "__args__", (f.type,))
-        if isinstance(value, os.PathLike) and Path not in arms:  # base=Path(...): its text
+        if isinstance(value, os.PathLike) and Path not in arms:  # base=Path(...): as its text
             setattr(obj, f.name, value := os.fspath(value))
         if not typed(value, f.type):
             kind, said = getattr(f.type, "__name__", f.type), " ".join(repr(value)[:100].split())

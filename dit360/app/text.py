@@ -164,8 +164,7 @@ def load_encoder(
     dtype: torch.dtype,
     fp8: bool = False,
 ) -> T5EncoderModel | CLIPTextModel:
-    """A text encoder (`part`, or what `check_encoder` made of it) filled tensor by tensor onto
-    `device`; `fp8` (T5 only): linears in float8."""
+    """A text encoder (`part` or its `check_encoder`) read tensor by tensor; fp8: T5's in float8."""
     if fp8 and kind != "t5":
         raise ValueError(f"fp8 text encoders: T5 only, not {kind}")
     dtype = float_dtype(dtype)
@@ -239,8 +238,7 @@ def check_encoders(src: Sources) -> dict[str, Checked]:
 def load_tokenizers(
     src: Sources, checked: dict[str, Checked] | None = None
 ) -> tuple[CLIPTokenizer, T5TokenizerFast]:
-    """CLIP's and T5's tokenizers checked against their encoders (`checked`, else made), errors led
-    by where each folder came from (`src.origin`)."""
+    """CLIP's and T5's tokenizers checked against their encoders (`checked`, else made here)."""
     checked = checked or check_encoders(src)
     return tuple(
         flagged(src.origin.get(f"{k}_tokenizer", ""), load_tokenizer, src, k, checked[k][1])
