@@ -218,6 +218,29 @@ def test_a_training_process_whose_peers_never_come(tiny_flux, data, tmp_path):
     assert len(said) == 1 and "the other processes did not join (" in said[0], said
 
 
+def test_a_batch_process_whose_peers_never_report(tiny_flux, tmp_path):
+    """sample.py --prompts under torchrun's variables, WORLD_SIZE=2, no second process: its share
+    is written, then one line, exit 1, once `batch.CLOSING` is over (it waited 30 minutes, then a
+    traceback); here 2 s."""
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    (tmp_path / "p.txt").write_text("a\nb\n")
+    argv = [*sample_args(tiny_flux, tmp_path / "x.png")[2:-2], "--prompts", str(tmp_path / "p.txt")]
+    argv += ["--out-dir", str(tmp_path / "out")]
+    code = (
+        "import datetime, runpy, sys\nimport dit360.app.batch as b\n"
+        f"b.CLOSING = datetime.timedelta(seconds=2)\nsys.argv = ['sample.py', *{argv!r}]\n"
+        "runpy.run_path('sample.py', run_name='__main__')"
+    )
+    env = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    r = command("-c", code, env=env, stdout=subprocess.DEVNULL)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    said = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(said) == 1 and "the other processes did not report within" in said[0], said
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1  # rank 0's share: jobs[0::2]
+
+
 # --- names and two runs into one --out (prepare.py) ---------------------------------------------
 
 

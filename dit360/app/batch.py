@@ -7,6 +7,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable
+from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,6 +23,9 @@ from .options import Options, fail, from_args, warnings_last
 from .outputs import beside
 
 J = TypeVar("J", bound=Job)
+# How long a batch's process waits for the others' totals at its end (gloo's default): ranks may
+# finish far apart (one whose outputs all exist, at once)
+CLOSING = timedelta(minutes=30)
 Types = type | tuple[type, ...]
 
 
@@ -242,16 +246,20 @@ def summary(who: str, written: int, skipped: int, minutes: float) -> None:
 
 
 def across_ranks(sums: list[float], maxima: list[float]) -> tuple[list[float], list[float]]:
-    """`sums` summed and `maxima` maximised over torchrun's processes (a gloo group made for it)."""
+    """`sums` summed and `maxima` maximised over torchrun's processes (a gloo group made for it);
+    others that never report within CLOSING: one line, exit 1 (was a hang, then a traceback)."""
     dist = torch.distributed
     made = not dist.is_initialized()
-    if made:
-        dist.init_process_group("gloo")
     try:
+        if made:
+            dist.init_process_group("gloo", timeout=CLOSING)
         s, m = (torch.tensor(v, dtype=torch.float64) for v in (sums, maxima))
         dist.all_reduce(s, op=dist.ReduceOp.SUM)
         dist.all_reduce(m, op=dist.ReduceOp.MAX)
         return s.tolist(), m.tolist()
+    except dist.DistError as e:
+        missing = "the images of the processes that never came are not made: run the batch again"
+        fail(f"the other processes did not report within {CLOSING} ({e}); {missing}", 1)
     finally:
-        if made:
+        if made and dist.is_initialized():
             dist.destroy_process_group()
