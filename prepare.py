@@ -62,7 +62,8 @@ def find_images(folder: Path) -> list[Path]:
 
 def read_caption(image: Path) -> str:
     """The caption of an image: the text of the .txt file with the same stem next to it."""
-    path = check_prompt(str(image), "its name") and image.with_suffix(".txt")  # a jsonl's text
+    check_prompt(str(image), "its name")  # it goes into a jsonl as text: no undecodable byte
+    path = image.with_suffix(".txt")
     if not path.is_file():
         raise ValueError(f"missing caption {path.name}")
     caption = check_prompt(read_text(path).strip(), f"caption {path.name}")

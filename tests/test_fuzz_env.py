@@ -199,45 +199,44 @@ def test_a_launcher_without_local_rank(monkeypatch):
     assert cli.torchrun() == (1, 2, 0) and batch.share(list(range(5))) == [1, 3]
 
 
-def test_a_training_process_whose_peers_never_come(tiny_flux, data, tmp_path):
-    """train.py under torchrun's variables, WORLD_SIZE=2, but no second process: one line, exit
-    1, once `distributed.JOIN` is over (it waited 30 minutes, then a traceback); here 2 s."""
+def alone(script: str, argv: list[str], wait: str) -> str:
+    """`python SCRIPT ARGV` as rank 0 of a torchrun world of 2 whose other process never comes,
+    `wait` (module.NAME, a timedelta) set to 2 s: its one `error:` line, after exit 1 and no
+    traceback."""
     with socket.socket() as s:  # a free port
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    argv = train_args(tiny_flux, data, tmp_path / "run", "--max-steps", "1")
+    module, name = wait.rsplit(".", 1)
     code = (
-        "import datetime, runpy, sys\nimport dit360.train.distributed as d\n"
-        f"d.JOIN = datetime.timedelta(seconds=2)\nsys.argv = ['train.py', *{argv!r}]\n"
-        "runpy.run_path('train.py', run_name='__main__')"
+        f"import datetime, runpy, sys\nimport {module} as m\n"
+        f"m.{name} = datetime.timedelta(seconds=2)\nsys.argv = [{script!r}, *{argv!r}]\n"
+        f"runpy.run_path({script!r}, run_name='__main__')"
     )
     env = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     r = command("-c", code, env=env, stdout=subprocess.DEVNULL)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     said = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert len(said) == 1 and "the other processes did not join (" in said[0], said
+    assert len(said) == 1, said
+    return said[0]
+
+
+def test_a_training_process_whose_peers_never_come(tiny_flux, data, tmp_path):
+    """train.py under torchrun's variables, WORLD_SIZE=2, but no second process: one line, exit
+    1, once `distributed.JOIN` is over (it waited 30 minutes, then a traceback); here 2 s."""
+    argv = train_args(tiny_flux, data, tmp_path / "run", "--max-steps", "1")
+    said = alone("train.py", argv, "dit360.train.distributed.JOIN")
+    assert "the other processes did not join (" in said, said
 
 
 def test_a_batch_process_whose_peers_never_report(tiny_flux, tmp_path):
     """sample.py --prompts under torchrun's variables, WORLD_SIZE=2, no second process: its share
     is written, then one line, exit 1, once `batch.CLOSING` is over (it waited 30 minutes, then a
     traceback); here 2 s."""
-    with socket.socket() as s:  # a free port
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
     (tmp_path / "p.txt").write_text("a\nb\n")
     argv = [*sample_args(tiny_flux, tmp_path / "x.png")[2:-2], "--prompts", str(tmp_path / "p.txt")]
     argv += ["--out-dir", str(tmp_path / "out")]
-    code = (
-        "import datetime, runpy, sys\nimport dit360.app.batch as b\n"
-        f"b.CLOSING = datetime.timedelta(seconds=2)\nsys.argv = ['sample.py', *{argv!r}]\n"
-        "runpy.run_path('sample.py', run_name='__main__')"
-    )
-    env = dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    r = command("-c", code, env=env, stdout=subprocess.DEVNULL)
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    said = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert len(said) == 1 and "the other processes did not report within" in said[0], said
+    said = alone("sample.py", argv, "dit360.app.batch.CLOSING")
+    assert "the other processes did not report within" in said, said
     assert len(list((tmp_path / "out").glob("*.png"))) == 1  # rank 0's share: jobs[0::2]
 
 
