@@ -27,8 +27,9 @@ from .sampling import (
 
 @dataclass(frozen=True)
 class RFInversion:
-    """RF-Inversion's parameters: gamma; eta over the steps [start, stop) (fractions); token
-    replacement while t > tau, blending while t >= blend_until; guidances; the target's true CFG."""
+    """RF-Inversion's parameters: gamma; eta over the steps [start, stop) (fractions: DiT360's
+    start_timestep, stop_timestep); token replacement while t > tau; blending while t >= blend_until
+    (its t_l); guidances (inversion_guidance: its source_guidance_scale); the target's true CFG."""
 
     gamma: float
     eta: float
@@ -85,8 +86,8 @@ def invert(
     ahead: Ahead = per_step,
     progress: Progress = quiet,
 ) -> Tensor:
-    """Algorithm 1 from x0 toward noise y1 (1, L, C); as the reference, at t_i = i / len(sigmas)
-    (in the latent dtype) with the steps sigmas[i] - sigmas[i + 1]."""
+    """Algorithm 1: Y_t from x0 to noise y1 (1, L, C), field u(Y_t) + gamma (u(Y_t|y1) - u(Y_t));
+    as the reference, at t_i = i / len(sigmas) (latent dtype), steps sigmas[i] - sigmas[i + 1]."""
     g = p.inversion_guidance if model.params.guidance_embed else None
     n, x, sigmas = len(sigmas), x0, sigmas.to(x0.device)
     times = [float(torch.tensor(i / n, dtype=x.dtype)) for i in range(n - 1)]  # parity: rounded
@@ -165,12 +166,11 @@ def edit_planned(
     its velocity (eta < 1) are read; the source is returned with `keep_source`."""
     steps, sigmas, keep = len(sigmas) - 1, sigmas.to(z.device), kept(keep, z)
     cond, n = (cond, 1) if negative is None else (cat_rows(cond, negative), 2)  # target rows
-    times = [float(timestep(s, z.dtype)) / 1000 for s in sigmas[:-1]]  # what the model sees
+    times = [float(timestep(s, z.dtype)) / 1000 for s in sigmas[:-1]]  # parity: the model's t
     lo, hi = int(p.start * steps), min(int(p.stop * steps), steps)
     eta = [p.eta if lo <= i < hi else 0.0 for i in range(steps)]
     swap, blend = [t > p.tau for t in times], [t >= p.blend_until for t in times]
-    # The source is read as input at step i while swapping, after it when blending, at the end if
-    # asked: track it up to the last read, no further.
+    # The source is read while swapping, after a blend, at the end if asked; tracked no further.
     reads = [i for i in range(steps) if swap[i]] + [i + 1 for i in range(steps) if blend[i]]
     last = max(reads + [steps if keep_source else 0])
     g = p.guidance if model.params.guidance_embed else None

@@ -108,7 +108,7 @@ def predict(
     t: float | Tensor,
     guidance: float | None,
 ) -> Tensor:
-    """Velocity (B, grid.tokens, C) of wrap-padded tokens x, with the grid's image ids."""
+    """Velocity (B, grid.tokens, C) of wrap-padded tokens x at time t (1 = noise), with grid.ids."""
     b, dtype = x.shape[0], x.dtype
     ids = grid.ids(b, x.device).to(dtype)
     t = model_time(t, b, dtype, x.device)
