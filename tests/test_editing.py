@@ -363,8 +363,8 @@ def cli(tiny_flux, src, mask, out, *extra) -> list[str]:
 
 @pytest.mark.parametrize("offload", ["none", "blocks"])
 def test_cli_outpaint_matches_reference(pipe, tiny_flux, tmp_path, capsys, offload):
-    """edit.py writes the reference's edited image (diffusers' VAE, posterior mean) with XMP, in
-    each --offload mode."""
+    """edit.py writes the reference's edited image (diffusers' VAE, a posterior sample) with XMP,
+    in each --offload mode."""
     from diffusers.utils.torch_utils import randn_tensor
 
     src, mask = write_inputs(tmp_path)
@@ -374,13 +374,15 @@ def test_cli_outpaint_matches_reference(pipe, tiny_flux, tmp_path, capsys, offlo
 
     vae, sc = pipe.vae, pipe.vae.config
     pack = lambda x: pipe._pack_latents(x, 1, 16, 2 * H, 2 * W)  # noqa: E731
+    # target noise, inversion noise, the posterior's eps: one draw from --seed
+    n = randn_tensor((3, 16, 2 * H, 2 * W), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         x = pipe.image_processor.preprocess(Image.open(src).convert("RGB"))
-        x0 = pack((vae.encode(x).latent_dist.mean - sc.shift_factor) * sc.scaling_factor)
-    n = randn_tensor((2, 16, 2 * H, 2 * W), generator=torch.Generator().manual_seed(5))
+        post = vae.encode(x).latent_dist
+        x0 = pack((post.mean + post.std * n[2:] - sc.shift_factor) * sc.scaling_factor)
     gray = Image.open(mask).resize((W, H), Image.Resampling.NEAREST).convert("L")
     keep = torch.from_numpy(np.asarray(gray) == 255)  # pa_src/utils.py create_mask
-    _, tgt = reference(pipe, x0, pack(n[1:]), pack(n[:1]), keep, DEFAULT)
+    _, tgt = reference(pipe, x0, pack(n[1:2]), pack(n[:1]), keep, DEFAULT)
     tgt = tgt.reshape(1, H, W + 2, 64)[:, :, 1:-1].reshape(1, -1, 64)
     with torch.no_grad():
         lat = pipe._unpack_latents(tgt, 16 * H, 16 * W, 8) / sc.scaling_factor + sc.shift_factor

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from dit360.load.image import check_output_path, read_mask, read_rgb
 
@@ -76,6 +76,24 @@ def test_16_bit_mask_thresholds_at_half_range(tmp_path):
     levels = np.array([[0, 32767, 32768, 65535]], np.uint16)
     for path in grey16_files(tmp_path, levels):
         assert read_mask(path, 4, 1).tolist() == [[False, False, True, True]], path
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_jpeg_or_anti_aliased_mask_reads_as_its_clean_png(tmp_path, seed):
+    """A binary mask saved as JPEG (quality 75) or with anti-aliased (blurred) edges gives the
+    clean PNG's token mask: grey >= 128 is white. DiT360's rule (pixels == 255 after a nearest
+    resize, pa_src/utils.py create_mask) misreads both: their white is 246..255."""
+    keep = np.random.default_rng(seed).random((8, 16)) < 0.5  # a (h, w) token mask
+    # 10 pixels a token: the 8x8 JPEG blocks straddle its edges (a multiple of 8 would not)
+    clean = Image.fromarray(keep.astype(np.uint8) * 255).resize((160, 80), Image.NEAREST)
+    clean.save(tmp_path / "clean.png")
+    clean.save(tmp_path / "mask.jpg", quality=75)
+    clean.filter(ImageFilter.GaussianBlur(3)).save(tmp_path / "soft.png")
+    assert np.array_equal(read_mask(tmp_path / "clean.png", 16, 8).numpy(), keep)
+    for name in ("mask.jpg", "soft.png"):
+        assert np.array_equal(read_mask(tmp_path / name, 16, 8).numpy(), keep), name
+        grey = Image.open(tmp_path / name).resize((16, 8), Image.NEAREST).convert("L")
+        assert not np.array_equal(np.asarray(grey) == 255, keep), name  # the test has teeth
 
 
 def test_16_bit_mask_with_a_transparent_grey_refused(tmp_path):

@@ -143,11 +143,12 @@ def edit_step(c: Chunk, job: EditJob, o: EditOptions, first: bool) -> tuple[Tens
     with c.report.stage("encode image"), torch.no_grad():
         vae = c.vae()
         pixels = from_pil(image)[None]  # (1, 3, H, W) float32, kept for the paste-back
-        with lent(vae, dev):  # the posterior mean (the reference: a sample)
-            x0 = grid.pack(encode(vae, pixels.to(dev, dtype)))
+        ch = vae.params.z_channels
+        # target noise, inversion noise, the posterior's eps: one seeded draw (CPU float32)
+        z, y1, eps = noise(o.seed, 3, height, width, ch)
+        with lent(vae, dev):  # a posterior sample, as the reference's (unseeded) one
+            x0 = grid.pack(encode(vae, pixels.to(dev, dtype), eps[None]))
         park(vae)  # in CPU memory until the decode: one model on the device at a time
-    ch = x0.shape[-1] // 4
-    z, y1 = noise(o.seed, 2, height, width, ch)  # target noise, inversion noise (CPU float32)
     if o.reference_noise:
         z = initial_noise(o, 1, height, width, ch)[0]
     z, y1 = (grid.pack(n[None]).to(dev, dtype) for n in (z, y1))

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..core.autoencoder import AutoEncoder, set_circular
+from ..core.autoencoder import AutoEncoder, scale_latents, set_circular
 
 
 def _starts(n: int, tile: int, overlap: int, wrap: bool) -> list[int]:
@@ -49,11 +49,14 @@ def stages(modules: list[nn.Module], desc: str, total: int) -> Iterator[None]:
         bar.close()
 
 
-def encode(vae: AutoEncoder, x: Tensor) -> Tensor:
-    """Image (B, 3, H, W) -> the posterior mean's scaled latents, with a progress bar."""
+def encode(vae: AutoEncoder, x: Tensor, eps: Tensor | None = None) -> Tensor:
+    """Image (B, 3, H, W) -> scaled latents in x's dtype, with a progress bar: the posterior mean,
+    or with `eps` (float32, the latents' shape) the sample mean + std * eps."""
     enc = vae.encoder
     with stages([*enc.down, enc.mid], "encode", len(enc.down) + 1):
-        return vae.encode(x)
+        mean, std = vae.posterior(x)
+    mean = mean if eps is None else mean.float() + std.float() * eps.to(mean.device)
+    return scale_latents(vae.params, mean).to(x.dtype)
 
 
 def decode(
