@@ -273,8 +273,9 @@ def test_attention_gets_contiguous_inputs(monkeypatch):
 
 
 def test_vae_progress_counts_every_stage(reference, monkeypatch):
-    """encode and decode (untiled and tiled) tick a progress bar once per VAE level and mid block,
-    reaching its total; the outputs are the plain model's and the hooks are gone afterwards."""
+    """encode (mean and sample) and decode (untiled and tiled) tick a progress bar once per VAE
+    level and mid block, reaching its total; the outputs are the plain model's (a sample: with the
+    same eps) and the hooks are gone afterwards."""
     from dit360.memory import tiling
 
     bars = []
@@ -295,13 +296,18 @@ def test_vae_progress_counts_every_stage(reference, monkeypatch):
     model = load_autoencoder(root)
     z = torch.randn(1, 16, 8, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        assert tiling.encode(model, x).equal(model.encode(x))
+        mean = model.encode(x)
+        assert tiling.encode(model, x).equal(mean)
+        eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(4))  # a sample's
+        sample = model.encode(x, sample=True, generator=torch.Generator().manual_seed(4))
+        assert tiling.encode(model, x, eps).equal(sample)
         assert tiling.decode(model, z).equal(model.decode(z))
         tiling.decode(model, z, tile=4, overlap=2)
     levels = len(model.params.ch_mult)
     tiles = len(_starts(8, 4, 2, False)) * len(_starts(16, 4, 2, False))  # 3 x 7
     assert [(b.desc, b.total) for b in bars] == [
-        ("encode", levels + 1), ("decode", levels + 1), ("decode", 1 + levels * tiles)
+        ("encode", levels + 1), ("encode", levels + 1), ("decode", levels + 1),
+        ("decode", 1 + levels * tiles)
     ]  # fmt: skip
     assert all(b.n == b.total for b in bars), [(b.n, b.total) for b in bars]
     assert not any(m._forward_hooks for m in model.modules())
