@@ -193,13 +193,15 @@ def test_train_resumes_after_a_crash_at_any_mutation(tiny_flux, data, ref, death
     """Killed at the lock's temporary or the run's marker: --resume was refused ("holds files
     that no training run wrote"); while --keep removed a checkpoint: a half checkpoint stayed
     (state.safetensors without lora/). Now: the dead run's temporaries are no user's files, a
-    checkpoint is hidden before it is removed, and the rerun ends as the uninterrupted run."""
+    checkpoint is hidden before it is removed, and the rerun ends as the uninterrupted run (its
+    checkpoints too: killed before --keep's removal at the last step, one more stayed)."""
     (want, log, extra), lock = ref, r"os.open \S*/\.\.lock\.tmp"
     found = [
         lock,
         r"open \S*/\.\.dit360-run\.tmp",
         r"unlink \S*/step-00000002/lora/adapter_c",
         r"\brun/\.?lora\S*adapter_config",
+        r"replace \S*/step-00000002$",  # --keep's removal, once step 4 is saved
     ]
     for k in picks(log, 1, 4, *found):
         out = tmp_path / f"k{k}"
@@ -214,6 +216,7 @@ def test_train_resumes_after_a_crash_at_any_mutation(tiny_flux, data, ref, death
         assert not temps(out), (k, what)
         whole_checkpoints(out, want)
         assert set(tree(want)) - {".lock"} <= set(tree(out)), (k, what)
+        assert os.listdir(out / "checkpoints") == os.listdir(want / "checkpoints"), (k, what)
         assert losses(out) == losses(want), (k, what)
         x, y = lora_file(out), lora_file(want)
         assert x.keys() == y.keys() and all(torch.equal(x[n], y[n]) for n in x), (k, what)

@@ -335,11 +335,16 @@ def save_checkpoint(
                 remove_outputs(folder.parent, path)
         if os.path.lexists(final):  # what remains is not ours: it stays, and no checkpoint
             raise FileExistsError(f"{final} holds files no run wrote: move them, then --resume")
-    done = sorted(steps(folder).items())
-    for _, old in done[: -args.keep] if args.keep else []:
-        remove_outputs(folder.parent, old)
+    prune(folder, args.keep, step)
     clean_temps(folder)
     return final
+
+
+def prune(folder: Path, keep: int, step: int) -> None:
+    """Remove all but the `keep` (0: all) latest checkpoints up to `step` (later ones: unread)."""
+    done = sorted((s, path) for s, path in steps(folder).items() if s <= step)
+    for _, old in done[:-keep] if keep else []:
+        remove_outputs(folder.parent, old)
 
 
 def export_lora(state: dict[str, Tensor], shell: nn.Module, folder: Path) -> None:
