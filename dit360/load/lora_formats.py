@@ -334,7 +334,8 @@ def write_peft(
     dropout: float = 0.0,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write `adapter_model.safetensors` + `adapter_config.json` (peft/diffusers), atomically."""
+    """Write `adapter_model.safetensors` + `adapter_config.json` (peft/diffusers) as one folder
+    (a previous one replaced whole: FileExistsError if it holds other files)."""
     tensors, ranks = to_diffusers(plan, model)
     unfit = [k for k, t in tensors.items() if not t.isfinite().all()]
     unfit += [m for m, (_, alpha) in ranks.items() if not math.isfinite(alpha)]
