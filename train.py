@@ -147,6 +147,7 @@ from dit360.train.checkpoints import (
     export_lora,
     find_checkpoint,
     nonfinite,
+    prune,
     release,
     save_checkpoint,
     start_run,
@@ -848,6 +849,7 @@ def main(argv: list[str] | None = None) -> None:
         if rank == 0:
             if bad := nonfinite(lora):
                 fail(f"the LoRA holds non-finite values ({bad[0]}, ...): not exported", code=1)
+            prune(out / "checkpoints", args.keep, total)  # a crash before a save's prune
             export_lora(lora, shell, out / "lora")
             log.close()
             if board:

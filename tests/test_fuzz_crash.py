@@ -32,6 +32,9 @@ import convert_weights
 import prepare
 import sample
 import train
+from dit360.core import lora
+from dit360.load import lora_formats
+from dit360.load.weights import load_flux
 from dit360.train import checkpoints
 
 data, one_thread = test_train.data, test_train.one_thread
@@ -190,9 +193,16 @@ def test_train_resumes_after_a_crash_at_any_mutation(tiny_flux, data, ref, death
     """Killed at the lock's temporary or the run's marker: --resume was refused ("holds files
     that no training run wrote"); while --keep removed a checkpoint: a half checkpoint stayed
     (state.safetensors without lora/). Now: the dead run's temporaries are no user's files, a
-    checkpoint is hidden before it is removed, and the rerun ends as the uninterrupted run."""
+    checkpoint is hidden before it is removed, and the rerun ends as the uninterrupted run (its
+    checkpoints too: killed before --keep's removal at the last step, one more stayed)."""
     (want, log, extra), lock = ref, r"os.open \S*/\.\.lock\.tmp"
-    found = [lock, r"open \S*/\.\.dit360-run\.tmp", r"unlink \S*/step-00000002/lora/adapter_c"]
+    found = [
+        lock,
+        r"open \S*/\.\.dit360-run\.tmp",
+        r"unlink \S*/step-00000002/lora/adapter_c",
+        r"\brun/\.?lora\S*adapter_config",
+        r"replace \S*/step-00000002$",  # --keep's removal, once step 4 is saved
+    ]
     for k in picks(log, 1, 4, *found):
         out = tmp_path / f"k{k}"
         what = crash(
@@ -206,6 +216,7 @@ def test_train_resumes_after_a_crash_at_any_mutation(tiny_flux, data, ref, death
         assert not temps(out), (k, what)
         whole_checkpoints(out, want)
         assert set(tree(want)) - {".lock"} <= set(tree(out)), (k, what)
+        assert os.listdir(out / "checkpoints") == os.listdir(want / "checkpoints"), (k, what)
         assert losses(out) == losses(want), (k, what)
         x, y = lora_file(out), lora_file(want)
         assert x.keys() == y.keys() and all(torch.equal(x[n], y[n]) for n in x), (k, what)
@@ -263,6 +274,33 @@ def test_convert_replaces_a_folder_whole_at_any_mutation(tiny_flux, tmp_path, ca
             assert {k_: v for k_, v in tree(out).items() if ".tmp" not in k_} in (
                 tree(old), tree(new), {}), (k, what)  # fmt: skip
             convert_weights.main([*flags, str(out)])
+            assert tree(out) == tree(new) and not temps(out.parent), (k, what)
+
+
+# --- a LoRA folder (train.py's lora/, a checkpoint's, convert_weights.py's): replaced whole ------
+
+
+def test_a_lora_folder_is_replaced_whole_at_any_mutation(tiny_flux, tmp_path, capsys):
+    """export_peft over a previous LoRA folder, crashed at each of its mutations: the folder is
+    the old LoRA or the new one, whole (its two files were written one after the other: the new
+    adapter_model beside the old adapter_config), and the rerun writes the new one."""
+
+    def lora_model(alpha: float) -> torch.nn.Module:  # A random: each one's two files differ
+        base = load_flux(tiny_flux, dtype=torch.float32)
+        return lora.inject(base, lora_formats.target_rows(base), rank=2, alpha=alpha, dropout=0)
+
+    old, model = lora_formats.export_peft(lora_model(1.0), tmp_path / "old"), lora_model(2.0)
+    with faults(0, False) as log:
+        lora_formats.export_peft(model, (new := tmp_path / "new"))
+    for death in (True, False):
+        for k in range(1, len(log) + 1):
+            out = tmp_path / f"k{k}{death}" / "lora"
+            shutil.copytree(old, out)
+            what = crash(lambda out=out: lora_formats.export_peft(model, out), k, death, capsys)
+            ended(out.parent)
+            files = {n: h for n, h in tree(out).items() if not re.search(r"\.tmp\d+\.", n)}
+            assert files in (tree(old), tree(new)), (k, what)
+            lora_formats.export_peft(model, out)
             assert tree(out) == tree(new) and not temps(out.parent), (k, what)
 
 

@@ -110,6 +110,16 @@ def test_a_bad_omp_num_threads(value):
     assert r.returncode == 2 and r.stderr == said, r.stderr
 
 
+@pytest.mark.parametrize("script", ["sample.py", "edit.py", "train.py", "prepare.py",
+                                    "convert_weights.py"])  # fmt: skip
+def test_help_whatever_omp_num_threads_holds(script):
+    """--help (-h) prints the help, exit 0, with an OMP_NUM_THREADS libgomp cannot read (it was
+    refused as a run is) and no line of libgomp's."""
+    flag = "-h" if script in ("edit.py", "prepare.py") else "--help"
+    r = command(script, flag, env={"OMP_NUM_THREADS": "abc"}, stdout=subprocess.PIPE)
+    assert r.returncode == 0 and r.stdout.startswith("usage: ") and r.stderr == "", r.stderr
+
+
 def test_an_ascii_stdout_escapes_what_it_cannot_encode(tmp_path):
     """PYTHONIOENCODING=ascii (or a C locale's stdout) and a folder named in UTF-8: the line says
     the name escaped, exit 0 (it was a UnicodeEncodeError traceback after the work was done)."""

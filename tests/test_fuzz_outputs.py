@@ -174,11 +174,12 @@ ENTRIES = st.dictionaries(
 
 
 @FUZZ
-@given(old=ENTRIES)
-def test_a_folder_output_never_empties_a_folder_inside_it(tmp_path_factory, old):
+@given(old=ENTRIES, holds=st.sampled_from([".+", r"config\.json|a\.safetensors|x"]))
+def test_a_folder_output_never_empties_a_folder_inside_it(tmp_path_factory, old, holds):
     """Replacing a folder output over a previous one of files, folders and links (to a user's
-    folder outside): with a folder in it the replacement fails and the old output stays whole;
-    else the new output stands whole. A link goes as a link; no temporary is left."""
+    folder outside): with a folder in it, or a name that is not `holds` (nor its temporary), the
+    replacement fails and the old output stays whole; else the new output stands whole. A link
+    goes as a link; no temporary is left."""
     root = tmp_path_factory.mktemp("atomic")
     out, user = root / "out", root / "user"
     (user / "sub").mkdir(parents=True)
@@ -194,17 +195,16 @@ def test_a_folder_output_never_empties_a_folder_inside_it(tmp_path_factory, old)
         else:
             (out / name).symlink_to(user if "folder" in kind else user / "x")
     outside, folders = hashes(user), {n for n, k in old.items() if k == "folder"}
-    below = {k: v for k, v in hashes(out).items() if k.split("/")[0] in folders}
-    before = hashes(out)
+    named = {"config.json", "a.safetensors", ".x.tmp1.host"} if holds != ".+" else set(old)
+    refused, before = folders or set(old) - named, hashes(out)
     try:
-        with atomic_path(out) as tmp:
+        with atomic_path(out, holds) as tmp:
             tmp.mkdir()
             (tmp / "config.json").write_text("new")
-    except IsADirectoryError:
-        assert folders and below.items() <= hashes(out).items()
-        assert hashes(out) == before  # refused before any file of the old output went
+    except FileExistsError:
+        assert refused and hashes(out) == before  # refused before any file of the old output went
     else:
-        assert not folders and hashes(out) == {"config.json": hashlib.sha256(b"new").hexdigest()}
+        assert not refused and hashes(out) == {"config.json": hashlib.sha256(b"new").hexdigest()}
     assert hashes(user) == outside
     assert not [p for p in root.iterdir() if ".tmp" in p.name]
 
@@ -383,6 +383,7 @@ def test_outputs_through_a_link_loop_are_one_line_naming_out(tiny_flux, tmp_path
         "checkpoints/step-00000004/lora/mine/",
         "checkpoints/step-00000006",  # a file where the checkpoint's folder goes
         "lora/adapter_model.safetensors/",  # a folder where the LoRA's file goes
+        "lora/notes.txt",  # lora/ is replaced whole: it would go
         "samples/step-00000002/00.png/",
         "checkpoints/step-00000004/state.safetensors -> notes.txt",
     ],

@@ -1,6 +1,7 @@
 """Files written beside a panorama (dit360.app.outputs): the cube map against py360convert, the
 cross by position, the XMP packet, and sample.py / edit.py with --viewer and --cubemap."""
 
+import argparse
 import os
 import re
 
@@ -18,7 +19,7 @@ from test_sample_cli import args as sample_args
 import edit
 import sample
 from dit360.app import panorama as P
-from dit360.app.outputs import write_cubemap
+from dit360.app.outputs import extras_missing, write_cubemap, write_extras
 from dit360.load.image import XPACKET_ID, open_image, save_panorama
 
 
@@ -65,6 +66,27 @@ def test_cubemap_files(tmp_path):
     write_cubemap(img, tmp_path / "small.jpg", 8)
     assert Image.open(tmp_path / "small-nz.jpg").size == (8, 8)
     assert Image.open(tmp_path / "small-cross.jpg").size == (32, 24)
+
+
+def test_write_extras_takes_a_mapping(tmp_path):
+    """write_extras and extras_missing (the README's API) take the flags as a mapping too; else,
+    or a flag of another type, one TypeError naming what `args` holds, nothing written (a dict
+    was an AttributeError deep inside)."""
+    img, path = smooth_image(16), tmp_path / "p.png"
+    img.save(path)
+    flags = {"captions": True, "viewer": True, "cubemap": False, "cubemap_size": None}
+    assert extras_missing(path, flags) and extras_missing(path, argparse.Namespace(**flags))
+    line = write_extras(img, str(path), flags, "A lake.")
+    assert line.endswith("also wrote p.txt, p.html")
+    assert (tmp_path / "p.txt").read_text() == "A lake.\n"
+    assert not extras_missing(path, flags) and not extras_missing(path, argparse.Namespace(**flags))
+    before = sorted(os.listdir(tmp_path))
+    for bad in [{**flags, "viewer": "yes"}, {"captions": True}, object(), None]:
+        with pytest.raises(TypeError, match=r"^args must hold captions, viewer, cubemap \("):
+            write_extras(img, path, bad, "x")
+        with pytest.raises(TypeError, match=r"^args must hold captions, viewer, cubemap \("):
+            extras_missing(path, bad)
+    assert sorted(os.listdir(tmp_path)) == before
 
 
 def test_xmp_is_a_standard_packet(tmp_path):

@@ -166,6 +166,8 @@ def handle_signals() -> None:
         os.getcwd()
     except FileNotFoundError:  # MKL then failed to load torch's library, no `error:` line
         fail("the current folder was removed: cd into a folder that exists")
+    if {"-h", "--help"} & set(sys.argv[1:]):  # the help runs nothing: no thread count to check
+        os.environ.pop("OMP_NUM_THREADS", None)  # (before torch loads libgomp, which reads it)
     threads = os.environ.get("OMP_NUM_THREADS", "1")  # else libgomp's two lines, ignoring it
     if not all(n.strip().isdecimal() and int(n) > 0 for n in threads.split(",")):
         fail(f"OMP_NUM_THREADS={threads}: not a number of threads: set 1, 2, ..., or unset it")

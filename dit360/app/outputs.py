@@ -8,6 +8,7 @@ import html
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..load.files import atomic_path
+from ..load.files import atomic_path, short
 from ..load.image import FORMATS, from_pil, loaded, open_image, save_image, to_pil
 from .cli import one_line
 from .options import SIDE, Parser, bounded, fail
@@ -70,24 +71,37 @@ def write_cubemap(image: Image.Image, path: str | Path, size: int | None = None)
     return wrote
 
 
-def beside(path: str | Path, args: argparse.Namespace) -> list[Path]:
+EXTRAS = {"captions": bool, "viewer": bool, "cubemap": bool, "cubemap_size": int | None}
+Extras = argparse.Namespace | Mapping[str, object]  # the scripts' flags, or {"viewer": True, ...}
+
+
+def extras(args: Extras) -> argparse.Namespace:
+    """The EXTRAS of `args` (a mapping, or an object with them as attributes); else TypeError."""
+    got = args if isinstance(args, Mapping) else getattr(args, "__dict__", {})
+    if bad := [k for k, t in EXTRAS.items() if not isinstance(got.get(k), t)]:
+        what = "captions, viewer, cubemap (True or False), cubemap_size (an int or None)"
+        raise TypeError(f"args must hold {what}: {bad[0]} is {short(got.get(bad[0]))}")
+    return argparse.Namespace(**{k: got.get(k) for k in EXTRAS})
+
+
+def beside(path: str | Path, args: Extras) -> list[Path]:
     """The files the flags ask for beside the panorama `path`."""
-    path = Path(path)
+    path, args = Path(path), extras(args)
     cube = [f"-{f}{path.suffix}" for f in (*FACES, "cross")] * args.cubemap
     names = [".html"] * args.viewer + [".txt"] * args.captions + cube
     return [path.with_name(path.stem + name) for name in names]
 
 
-def extras_missing(path: Path, args: argparse.Namespace) -> bool:
+def extras_missing(path: Path, args: Extras) -> bool:
     """Whether a file `beside` the panorama `path` is not there (a resumed batch makes them for
     the images it skips)."""
     return not all(p.exists() for p in beside(path, args))
 
 
-def write_extras(image: Image.Image, path: Path, args: argparse.Namespace, prompt: str) -> str:
+def write_extras(image: Image.Image, path: str | Path, args: Extras, prompt: str) -> str:
     """Write what the flags ask for beside the panorama `path` (made from `prompt`); returns the
     seam score and what was written, for the script's line."""
-    wrote = []
+    wrote, args, path = [], extras(args), Path(path)
     if args.captions:
         wrote.append(path.with_suffix(".txt"))
         with atomic_path(wrote[-1]) as tmp:

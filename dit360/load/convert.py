@@ -15,7 +15,7 @@ from torch import Tensor
 from ..core.lora import fold_
 from . import config as cfg
 from .files import atomic_path, unwritable, write_safetensors
-from .lora_formats import paired_loras, read_lora, write_peft
+from .lora_formats import PEFT_FILES, paired_loras, read_lora, write_peft
 from .weights import (
     FLUX_CONFIG_KEY,
     FLUX_DIFFUSERS,
@@ -33,7 +33,7 @@ Source = str | Path | None
 # files of these names, no folder or link.
 FOLDER_FILES = {
     "diffusers": r"config\.json|diffusion_pytorch_model.*\.safetensors(\.index\.json)?",
-    "peft": r"adapter_config\.json|adapter_model\.safetensors",
+    "peft": PEFT_FILES,
 }
 
 
@@ -118,7 +118,7 @@ def convert_flux(
     if config is None:
         write_safetensors(out, specs, tensors(), metadata)
         return out
-    with atomic_path(out) as tmp:  # the whole folder appears at once, or not at all
+    with atomic_path(out, FOLDER_FILES[to]) as tmp:  # the folder appears whole, or not at all
         write_safetensors(tmp / "diffusion_pytorch_model.safetensors", specs, tensors(), metadata)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return out
@@ -145,6 +145,4 @@ def convert_lora(
             "assumes: give the model it was trained on with --base"
         ) from None
     plan = {k: [replace(p, scale=p.scale * scale) for p in ps] for k, ps in plan.items()}
-    with atomic_path(out_dir) as tmp:  # a killed run leaves no folder of half a LoRA
-        write_peft(plan, model, tmp, dtype=dtype)
-    return Path(out_dir)
+    return write_peft(plan, model, out_dir, dtype=dtype)  # whole, or no folder

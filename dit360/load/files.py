@@ -416,15 +416,18 @@ def exchange(a: Path, b: Path) -> bool:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp name for `path` (a file or folder), moved into place only on success."""
+def atomic_path(path: str | Path, holds: str = ".+") -> Iterator[Path]:
+    """Yield a temp name for `path` (a file or folder), moved into place only on success; a
+    previous folder is replaced whole if it holds only files named `holds` (or their temps)."""
     tmp, path = own_temp(Path(path)), Path(path)
+    ours = re.compile(rf"\.?({holds})(\.tmp[1-9][0-9]*\..+)?", re.S)
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink() and tmp.is_dir():  # a previous output:
             olds = list(path.iterdir())  # its files go (a link: itself), before any: no folder
-            if inner := next((p for p in olds if p.is_dir() and not p.is_symlink()), None):
-                raise IsADirectoryError(f"{inner} is a folder in {path}, which no output holds")
+            alien = lambda p: p.is_dir() and not p.is_symlink() or not ours.fullmatch(p.name)  # noqa: E731
+            if odd := next(filter(alien, olds), None):
+                raise FileExistsError(f"{odd} is in {path}, which holds only an output: move it")
             if exchange(tmp, path):  # in one step; `tmp` now holds the old files, removed below
                 return
             for old in olds:

@@ -42,6 +42,7 @@ MARKER = ".dit360-run"
 # A checkpoint (written as a hidden temporary, then renamed), named as f"step-{N:08d}" names it:
 # one name a step (not step-5 beside step-00000005, nor other scripts' digits).
 STEP_DIR = re.compile(r"step-(\d{8}|[1-9]\d{8,})", re.ASCII)
+PEFT_FILES = r"adapter_config\.json|adapter_model\.safetensors"  # a LoRA folder's
 # File key endings -> which tensor: peft, diffusers-old and kohya/ComfyUI spellings.
 KEY_KINDS = dict.fromkeys([".lora_A.weight", ".lora.down.weight", ".lora_down.weight"], "A")
 KEY_KINDS |= dict.fromkeys([".lora_B.weight", ".lora.up.weight", ".lora_up.weight"], "B")
@@ -333,7 +334,8 @@ def write_peft(
     dropout: float = 0.0,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write `adapter_model.safetensors` + `adapter_config.json` (peft/diffusers), atomically."""
+    """Write `adapter_model.safetensors` + `adapter_config.json` (peft/diffusers) as one folder
+    (a previous one replaced whole: FileExistsError if it holds other files)."""
     tensors, ranks = to_diffusers(plan, model)
     unfit = [k for k, t in tensors.items() if not t.isfinite().all()]
     unfit += [m for m, (_, alpha) in ranks.items() if not math.isfinite(alpha)]
@@ -355,16 +357,15 @@ def write_peft(
         "lora_dropout": dropout,
         "init_lora_weights": "gaussian",
     }
-    out = Path(out_dir)
     # diffusers ignores adapter_config.json and reads alpha from this metadata entry instead.
     meta = {"transformer." + k: v for k, v in config.items()}
     meta = {"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True)}
     specs = {k: (dtype or t.dtype, tuple(t.shape)) for k, t in tensors.items()}
     stream = ((k, t.detach().to(dtype or t.dtype)) for k, t in tensors.items())
-    write_safetensors(out / "adapter_model.safetensors", specs, stream, meta)
-    with atomic_path(out / "adapter_config.json") as tmp:
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-    return out
+    with atomic_path(out_dir, PEFT_FILES) as tmp:  # both files appear (over old ones) at once
+        write_safetensors(tmp / "adapter_model.safetensors", specs, stream, meta)
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return Path(out_dir)
 
 
 def export_peft(model: nn.Module, out_dir: str | Path, name: str | None = None) -> Path:

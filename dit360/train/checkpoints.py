@@ -47,8 +47,8 @@ OUTPUTS = re.compile(
     r"|samples/step-\d+/\d+\.png|tensorboard/events\.out\.tfevents\.[^/]+"
 )
 FOLDERS = re.compile(r"lora|checkpoints(/step-\d+(/lora)?)?|samples(/step-\d+)?|tensorboard")
-# Where a run writes (check_out): a checkpoint, replaced whole, holds only a checkpoint's files.
-LAYOUT = re.compile(rf"{OUTPUTS.pattern}|{FOLDERS.pattern}|checkpoints/step-\d+/.+")
+# Where a run writes (check_out): a checkpoint or lora/, replaced whole, holds only their files.
+LAYOUT = re.compile(rf"{OUTPUTS.pattern}|{FOLDERS.pattern}|(lora|checkpoints/step-\d+)/.+")
 OWN_FOLDERS = ("lora", "checkpoints", "samples", "tensorboard")
 IDLE = {MARKER, "args.json", "log.jsonl", "cache"}  # a run stopped before its first step
 # A resume must keep them: the counters index the data order and every random draw, and these fix
@@ -198,7 +198,7 @@ def start_run(out: Path, args: argparse.Namespace) -> None:
     """Rank 0, every check passed: --overwrite's removal, dead processes' temporaries, MARKER."""
     if args.overwrite:
         remove_outputs(out)
-    for folder in (out, out / "checkpoints", out / "lora", *(out / "samples").glob("step-*")):
+    for folder in (out, out / "checkpoints", *(out / "samples").glob("step-*")):
         clean_temps(folder)  # only our names, of processes now gone, only where we write them
     with atomic_path(out / MARKER) as tmp:  # never written through a link a user put there
         tmp.write_text("a dit360 training run: train.py --resume or --overwrite use it\n")
@@ -335,11 +335,16 @@ def save_checkpoint(
                 remove_outputs(folder.parent, path)
         if os.path.lexists(final):  # what remains is not ours: it stays, and no checkpoint
             raise FileExistsError(f"{final} holds files no run wrote: move them, then --resume")
-    done = sorted(steps(folder).items())
-    for _, old in done[: -args.keep] if args.keep else []:
-        remove_outputs(folder.parent, old)
+    prune(folder, args.keep, step)
     clean_temps(folder)
     return final
+
+
+def prune(folder: Path, keep: int, step: int) -> None:
+    """Remove all but the `keep` (0: all) latest checkpoints up to `step` (later ones: unread)."""
+    done = sorted((s, path) for s, path in steps(folder).items() if s <= step)
+    for _, old in done[:-keep] if keep else []:
+        remove_outputs(folder.parent, old)
 
 
 def export_lora(state: dict[str, Tensor], shell: nn.Module, folder: Path) -> None:
