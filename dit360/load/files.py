@@ -425,8 +425,10 @@ def atomic_path(path: str | Path, holds: str = ".+") -> Iterator[Path]:
         yield tmp
         if path.is_dir() and not path.is_symlink() and tmp.is_dir():  # a previous output:
             olds = list(path.iterdir())  # its files go (a link: itself), before any: no folder
-            alien = lambda p: p.is_dir() and not p.is_symlink() or not ours.fullmatch(p.name)  # noqa: E731
-            if odd := next(filter(alien, olds), None):
+            alien = (
+                p for p in olds if p.is_dir() and not p.is_symlink() or not ours.fullmatch(p.name)
+            )
+            if odd := next(alien, None):
                 raise FileExistsError(f"{odd} is in {path}, which holds only an output: move it")
             if exchange(tmp, path):  # in one step; `tmp` now holds the old files, removed below
                 return
