@@ -337,9 +337,7 @@ def test_input_errors(tiny_flux, data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(args(tiny_flux, data, tmp_path / "o", "--pano", str(bad)))
     err = capsys.readouterr().err
-    assert re.search(
-        r"error: 2 bad rows:\n.*bad.jsonl:1.*\n.*bad.jsonl:2.*missing file ", err
-    )
+    assert re.search(r"error: 2 bad rows:\n.*bad.jsonl:1.*\n.*bad.jsonl:2.*missing file ", err)
     # the file as read, from the jsonl's folder (the bare name before: not the path to fix)
     assert Path(re.search(r"missing file (\S+)$", err, re.M)[1]) == tmp_path / "sub" / "nope.png"
     no_base = args(tiny_flux, data, tmp_path / "o", "--base", str(tmp_path / "no-such-base"))
