@@ -30,7 +30,6 @@ if __name__ == "__main__":  # before torch loads: Ctrl-C or SIGTERM while import
 import argparse
 import os
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -170,9 +169,7 @@ def edit_jobs(args: argparse.Namespace, opts: EditOptions) -> list[EditJob]:
             )  # fmt: skip
 
     def check(job: EditJob) -> None:
-        with warnings.catch_warnings():  # the size's, which edit_many gives once all is good
-            warnings.simplefilter("ignore")
-            check_ratio(job.image, check_job(opts, job), args.resize)
+        check_ratio(job.image, check_job(opts, job), args.resize)  # the size's warning: once
         check_not_source(job.out, '"out"', {'its "image"': job.image, 'its "mask"': job.mask})
         if other := inputs.get(os.path.realpath(job.out)):  # another edit's source
             raise ValueError(f'"out" {job.out} is {other}, which the batch reads: choose another')

@@ -355,7 +355,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="previews with the current LoRA every N steps, to OUT/samples/step-N/ (0: none)",
     )
-    p.add_argument("--sample-prompts", help="text file, one preview prompt a line")
+    p.add_argument(
+        "--sample-prompts", help="text file, one preview prompt a line (# comments skipped)"
+    )
     p.add_argument(
         "--sample-steps",
         type=bounded(int, 1, STEPS),

@@ -342,7 +342,10 @@ def test_warning_is_one_line(tiny_flux, tmp_path):
     flags = batch_flags(tiny_flux, "--prompt", "a", "--out-dir", str(tmp_path))
     assert script("sample.py", *flags).returncode == 0
     r = script("sample.py", *flags)
-    warning = "warning: 32x64: DiT360 was trained at 1024x2048 only; expect weaker panoramas"
+    warning = (
+        "warning: 32x64 (height x width): DiT360 was trained at 1024x2048 only; expect weaker "
+        "panoramas"
+    )
     assert r.returncode == 0 and r.stderr.splitlines()[0] == warning, r.stderr
     assert "UserWarning" not in r.stderr and "skip " in r.stdout
     r = script("sample.py", *batch_flags(tiny_flux, "--prompt", "b", "--out-dir", str(tmp_path)))

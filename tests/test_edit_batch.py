@@ -4,6 +4,7 @@ written as they finish, resumed without loading, bad rows as one-line errors, to
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -103,9 +104,12 @@ def test_batch_equals_single_runs_and_resumes(tiny_flux, tmp_path, singles, monk
     assert "images/minute" in printed
 
     no_loads(monkeypatch)
-    edit.main(argv)
+    with warnings.catch_warnings(record=True) as warned:  # the size's, once (never, before)
+        warnings.simplefilter("always")
+        edit.main(argv)
     printed = capsys.readouterr().out
     assert printed.count("skip ") == 3 and "0 images written, 3 skipped" in printed
+    assert ["trained at 1024x2048" in str(w.message) for w in warned] == [True]
 
 
 def test_bad_rows(tiny_flux, tmp_path, capsys, monkeypatch):

@@ -60,3 +60,13 @@ def test_utf8_with_byte_order_mark_reads(tmp_path):
     assert previews.read_prompts(tmp_path / "previews.txt") == ["caf\xe9"]
     rows = batch.read_rows(tmp_path / "prompts.txt", "--prompts", {"prompt": str}, (), text=True)
     assert rows == [(1, {"prompt": "caf\xe9"})]
+
+
+def test_preview_prompts_read_as_sample_prompts(tmp_path):
+    """train.py --sample-prompts reads a prompt list as sample.py --prompts does: blank lines and
+    `#` comments skipped (a comment was rendered as a preview before)."""
+    path = tmp_path / "prompts.txt"
+    path.write_text("# mine\nThis is a panorama. A harbour.\n\n  # later\nA desert.\n")
+    rows = batch.read_rows(path, "--prompts", {"prompt": str}, ("prompt",), text=True)
+    assert previews.read_prompts(path) == [row["prompt"] for _, row in rows]
+    assert len(rows) == 2

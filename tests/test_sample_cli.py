@@ -143,6 +143,17 @@ def test_gpano_metadata(tiny_flux, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pano.jpg", "pano.png"]
 
 
+def test_height_alone_makes_a_full_panorama(tiny_flux, tmp_path):
+    """--height alone: the width follows, 2 x height, a 2:1 image with GPano metadata (the width
+    stayed 2048 before: --height 32 made a 32x2048 strip without it)."""
+    argv = args(tiny_flux, tmp_path / "pano.png", "--steps", "1")
+    del argv[argv.index("--width") : argv.index("--width") + 2]
+    with pytest.warns(UserWarning, match="trained at 1024x2048"):
+        sample.main(argv)
+    image = Image.open(tmp_path / "pano.png")
+    assert image.size == (64, 32) and "xmp" in image.info
+
+
 def test_cli_errors(tiny_flux, tmp_path, capsys):
     """Bad sizes, a missing base folder and an unwritable output fail with one clear line, exit 2,
     and write nothing."""

@@ -331,15 +331,15 @@ def test_input_errors(tiny_flux, data, tmp_path, capsys):
     """Bad rows are all named; a missing base and a bad resolution are one clear line each."""
     bad = write_rows(
         tmp_path / "bad.jsonl",
-        [{"image": "p0.png", "caption": ""}, {"image": "nope.png", "caption": "x"}],
+        [{"image": "p0.png", "caption": ""}, {"image": "sub/nope.png", "caption": "x"}],
     )
     (tmp_path / "p0.png").write_bytes((data / "p0.png").read_bytes())
     with pytest.raises(SystemExit):
         train.main(args(tiny_flux, data, tmp_path / "o", "--pano", str(bad)))
     err = capsys.readouterr().err
-    assert re.search(
-        r"error: 2 bad rows:\n.*bad.jsonl:1.*\n.*bad.jsonl:2.*missing file nope.png", err
-    )
+    assert re.search(r"error: 2 bad rows:\n.*bad.jsonl:1.*\n.*bad.jsonl:2.*missing file ", err)
+    # the file as read, from the jsonl's folder (the bare name before: not the path to fix)
+    assert Path(re.search(r"missing file (\S+)$", err, re.M)[1]) == tmp_path / "sub" / "nope.png"
     no_base = args(tiny_flux, data, tmp_path / "o", "--base", str(tmp_path / "no-such-base"))
     expect_error(capsys, train.main, no_base, tmp_path, "no-such-base: no such file or folder")
     resolution = args(tiny_flux, data, tmp_path / "o", "--resolution", "40")

@@ -204,10 +204,11 @@ class SampleOptions(Options):
     """Options of text-to-panorama generation."""
 
     height: int = opt(1024, "image height (a multiple of 16)")
-    width: int = opt(2048, "image width (a multiple of 16; 2 x height for a full panorama)")
+    width: int | None = opt(None, "image width, a multiple of 16; None: 2 x --height", type=int)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.width = 2 * self.height if self.width is None else self.width  # --height alone: 2:1
         check_size(self.height, self.width, self.wrap_pad)
 
 
@@ -296,7 +297,8 @@ def check_size(height: int, width: int, wrap_pad: int = 0) -> None:
         raise ValueError(f"--wrap-pad {wrap_pad} must be <= half the {width // 16} columns")
     if (height, width) != (1024, 2048):
         warnings.warn(
-            f"{height}x{width}: DiT360 was trained at 1024x2048 only; expect weaker panoramas",
+            f"{height}x{width} (height x width): DiT360 was trained at 1024x2048 only; expect "
+            "weaker panoramas",
             stacklevel=caller(),
         )
 

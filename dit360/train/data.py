@@ -82,7 +82,7 @@ def _check(row: Row, kind: str) -> str | None:
             if abs(mw / mh - w / h) > 0.02:
                 return f"mask {row.mask.name} is {mw}x{mh}, image is {w}x{h}"
     except FileNotFoundError as e:
-        return f"missing file {Path(e.filename or '').name}"
+        return f"missing file {e.filename or row.image}"  # as read: from the jsonl's folder
     except READ_ERRORS as e:
         return f"unreadable: {e}"
     return None

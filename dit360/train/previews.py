@@ -20,9 +20,10 @@ from .distributed import unsharded
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """The non-empty lines of a text file; ValueError if there are none."""
-    lines = enumerate(read_text(path).splitlines(), start=1)
-    prompts = [check_prompt(t.strip(), f"{path}:{n}") for n, t in lines if t.strip()]
+    """The lines of a text file but blank ones and `#` comments (as sample.py --prompts reads
+    it); ValueError if there are none."""
+    lines = [(n, t.strip()) for n, t in enumerate(read_text(path).splitlines(), start=1)]
+    prompts = [check_prompt(t, f"{path}:{n}") for n, t in lines if t and not t.startswith("#")]
     if not prompts:
         raise ValueError(f"--sample-prompts {path}: no prompt in it (one a line)")
     return prompts
