@@ -411,8 +411,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if bool(args.sample_every) != bool(args.sample_prompts):
         fail("previews need both --sample-every N and --sample-prompts FILE")
-    if args.sample_prompts and not os.path.isfile(args.sample_prompts):
-        fail(f"--sample-prompts {args.sample_prompts}: no such file")
     try:
         args.prompts = read_prompts(args.sample_prompts) if args.sample_prompts else []
         if args.log == "tensorboard":

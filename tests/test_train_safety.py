@@ -136,7 +136,7 @@ BAD = {  # case: (extra arguments, what the error says, what to set up in tmp_pa
     ),
     "empty prompts": (
         ["--sample-every", "2", "--sample-prompts", "p.txt"],
-        r"--sample-prompts p.txt: no prompt in it",
+        r"--sample-prompts p.txt: no sample-prompts in it",
         lambda t: make_file(t / "p.txt", "\n  \n"),
     ),
 }
@@ -382,7 +382,7 @@ def test_a_run_started_during_anothers_checks_is_refused(
     assert checkpoints(out) == [2, 4, 6] and not leftovers(out)
 
 
-USERS = [".thesis.tex.tmp", "checkpoints/.thesis.tex.tmp", "lora/.a.tmp", "notes/.b.tmp7"]
+USERS = [".thesis.tex.tmp", "checkpoints/.thesis.tex.tmp", "notes/.b.tmp7"]  # in lora/: refused
 USERS += ["samples/step-00000002/.c.png.tmp", "checkpoints/.x.tmp1." + socket.gethostname()]
 
 

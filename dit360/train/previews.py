@@ -9,24 +9,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..app.cli import check_prompt
+from ..app.batch import read_rows
 from ..app.generate import check_finite, generate_latents, load_vae
 from ..app.options import SampleOptions
 from ..core.sampling import Conditioning
-from ..load.files import read_text
 from ..load.image import save_image, to_pil
 from ..memory.tiling import decode
 from .distributed import unsharded
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """The lines of a text file but blank ones and `#` comments (as sample.py --prompts reads
-    it); ValueError if there are none."""
-    lines = [(n, t.strip()) for n, t in enumerate(read_text(path).splitlines(), start=1)]
-    prompts = [check_prompt(t, f"{path}:{n}") for n, t in lines if t and not t.startswith("#")]
-    if not prompts:
-        raise ValueError(f"--sample-prompts {path}: no prompt in it (one a line)")
-    return prompts
+    """The prompts of a .txt (one a line, # comments) or .jsonl file, as sample.py --prompts."""
+    rows = read_rows(Path(path), "--sample-prompts", {"prompt": str}, ("prompt",), text=True)
+    return [row["prompt"] for _, row in rows]
 
 
 def preview_options(
