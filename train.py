@@ -356,7 +356,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="previews with the current LoRA every N steps, to OUT/samples/step-N/ (0: none)",
     )
     p.add_argument(
-        "--sample-prompts", help="text file, one preview prompt a line (# comments skipped)"
+        "--sample-prompts", help="preview prompts, read as sample.py --prompts (.txt or .jsonl)"
     )
     p.add_argument(
         "--sample-steps",
