@@ -158,7 +158,8 @@ def test_out_names_the_batch(tmp_path):
 
 def test_torchrun_shares_the_jobs(tiny_flux, tmp_path, singles):
     """Under torchrun (2 CPU processes) rank r makes jobs[r::2]: together the 4 images of the
-    single runs; rank 0 sums up the whole batch (a gloo all-reduce)."""
+    single runs; rank 0 sums up the whole batch (a gloo all-reduce) and shows the inputs' warnings
+    (the size's), each once (every rank did)."""
     prompts, out = tmp_path / "prompts.txt", tmp_path / "out"
     prompts.write_text("\n".join(PROMPTS))
     argv = flags(tiny_flux, "--prompts", str(prompts), "--num-images", "2", "--out-dir", str(out))
@@ -168,6 +169,8 @@ def test_torchrun_shares_the_jobs(tiny_flux, tmp_path, singles):
     for rank in (0, 1):
         assert f"rank {rank} of 2: 2 images written, 0 skipped" in r.stdout, r.stdout
     assert "all 2 processes: 4 images written, 0 skipped" in r.stdout, r.stdout
+    warned = [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
+    assert warned and len(set(warned)) == len(warned), r.stderr
     for (i, seed), expected in singles.items():
         assert np.array_equal(pixels(out / f"{i:04d}-seed{seed}.png"), expected), (i, seed)
 
