@@ -28,8 +28,8 @@ import argparse
 from pathlib import Path
 
 from dit360.app.options import DTYPES, Parser, bounded, fail
-from dit360.load.convert import check_out, convert_flux, convert_lora
-from dit360.load.lora_formats import paired_loras
+from dit360.load.convert import check_out, convert_flux, peft_plan
+from dit360.load.lora_formats import paired_loras, write_peft
 
 LORA_SCALE = bounded(float, -1000, 1000)  # beyond it a LoRA outweighs any base weight
 
@@ -107,10 +107,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     dtype = DTYPES.get(args.dtype)
+    if args.kind == "peft":  # the LoRA read and fitted before any work: unfit, a bad input
+        try:
+            [lora], [scale] = args.lora, args.lora_scale
+            plan = peft_plan(lora, args.base, scale, args.axes_dim)
+        except (ValueError, OSError) as e:
+            fail(" ".join(str(e).split()))
     try:
         if args.kind == "peft":
-            [lora], [scale] = args.lora, args.lora_scale
-            out = convert_lora(lora, args.out, args.base, scale, args.axes_dim, dtype)
+            out = write_peft(*plan, args.out, dtype=dtype)
         else:
             merge = dict(lora=args.lora, lora_scale=args.lora_scale) if args.merge else {}
             out = convert_flux(args.base, args.out, dtype, args.kind, args.axes_dim, **merge)

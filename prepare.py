@@ -101,7 +101,7 @@ def collect_panoramas(
 ) -> tuple[list[Row], Bad]:
     """Rows for the 2:1 panoramas under folder, their all-white masks staged for out/files."""
     rows, bad = [], []
-    for image in tqdm(find_images(folder), desc="panoramas", unit="img"):
+    for image in tqdm(find_images(folder), desc="panoramas", unit="img", disable=None):
         try:
             caption, (w, h) = check_panorama(image)
         except READ_ERRORS as e:  # a bad row, reported with the others at the end
@@ -131,7 +131,7 @@ def collect_perspectives(
     """Rows for the photos under folder, projected with their masks, staged for out/files."""
     rng = random.Random(seed)
     rows, bad, seen = [], [], {}
-    for image in tqdm(find_images(folder), desc="perspective", unit="img"):
+    for image in tqdm(find_images(folder), desc="perspective", unit="img", disable=None):
         # Drawn for every file, so one bad file does not change the others' views.
         view_fov = fov if fov is not None else rng.uniform(*fov_range)
         angles = [rng.uniform(*r) for r in (yaw_range, pitch_range, roll_range)]

@@ -547,7 +547,7 @@ def build_model(
     if not args.no_recompute and args.offload == "none":  # streaming recomputes on its own
         distributed.recompute_blocks(blocks)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    frozen = tqdm(frozen, desc="loading base", unit="tensor", disable=env.rank != 0)
+    frozen = tqdm(frozen, desc="loading base", unit="tensor", disable=env.rank != 0 or None)
     weights = ((n, build(tfile, *plan.sources[n])) for n in frozen)
     if local_base(args):  # the base outside FSDP, on this rank: FSDP shards the LoRA only
         base = load_local_base(model, blocks, weights, args, env)
@@ -810,7 +810,7 @@ def main(argv: list[str] | None = None) -> None:
         sizes = dict(world=world, batch_size=args.batch_size)  # a checkpoint's batch is in these
 
         # --- loop
-        bar = tqdm(total=total, initial=start, desc="train", disable=rank != 0)
+        bar = tqdm(total=total, initial=start, desc="train", disable=rank != 0 or None)
         batches = micro_batches(source, args, epoch, batch, rank, world)
         skipped = 0  # non-finite steps in a row
         for step, (epoch, batch, micro) in zip(range(start, total), batches, strict=False):

@@ -1,7 +1,9 @@
 """sample.py batches (--prompts, --num-images, --out-dir): the images of single runs, the models
 loaded once, resumed without loading, .jsonl rows, and bad rows as one-line errors."""
 
+import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +84,31 @@ def test_batch_equals_single_runs_and_resumes(tiny_flux, tmp_path, singles, monk
     assert printed.count("skip ") == 4 and "0 images written, 4 skipped" in printed
 
 
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_on_a_terminal_only(tiny_flux, tmp_path, monkeypatch, capsys):
+    """A batch whose stderr is no terminal (a log) gets no bar (no \\r redraw per image: they
+    were drawn whatever stderr was), but each image's `wrote` line and the summary; on a terminal
+    the weights', denoise's and decode's bars are drawn (README, Progress)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    argv = flags(tiny_flux, "--prompts", str(prompts), "--out-dir", str(tmp_path / "log"))
+    sample.main(argv)
+    out, err = capsys.readouterr()
+    assert out.count("wrote ") == 2 and "2 images written" in out, out
+    assert "\r" not in err and not re.search("(reading .*|denoise|decode): ", err), err
+    monkeypatch.setattr(sys, "stderr", terminal := Terminal())
+    sample.main([*argv[:-1], str(tmp_path / "terminal")])
+    assert capsys.readouterr().out.count("wrote ") == 2
+    for bar in (r"\rreading \S+: ", r"\rdenoise: 100%\|", r"\rdecode: "):
+        assert re.search(bar, terminal.getvalue()), (bar, terminal.getvalue())
+
+
 def test_jsonl_rows(tiny_flux, tmp_path, singles):
     """.jsonl rows with their own seed and output name (relative to --out-dir), or neither."""
     rows = tmp_path / "rows.jsonl"
@@ -158,7 +185,8 @@ def test_out_names_the_batch(tmp_path):
 
 def test_torchrun_shares_the_jobs(tiny_flux, tmp_path, singles):
     """Under torchrun (2 CPU processes) rank r makes jobs[r::2]: together the 4 images of the
-    single runs; rank 0 sums up the whole batch (a gloo all-reduce)."""
+    single runs; rank 0 sums up the whole batch (a gloo all-reduce) and shows the inputs' warnings
+    (the size's), each once (every rank did)."""
     prompts, out = tmp_path / "prompts.txt", tmp_path / "out"
     prompts.write_text("\n".join(PROMPTS))
     argv = flags(tiny_flux, "--prompts", str(prompts), "--num-images", "2", "--out-dir", str(out))
@@ -168,6 +196,8 @@ def test_torchrun_shares_the_jobs(tiny_flux, tmp_path, singles):
     for rank in (0, 1):
         assert f"rank {rank} of 2: 2 images written, 0 skipped" in r.stdout, r.stdout
     assert "all 2 processes: 4 images written, 0 skipped" in r.stdout, r.stdout
+    warned = [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
+    assert warned and len(set(warned)) == len(warned), r.stderr
     for (i, seed), expected in singles.items():
         assert np.array_equal(pixels(out / f"{i:04d}-seed{seed}.png"), expected), (i, seed)
 

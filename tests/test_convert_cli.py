@@ -63,7 +63,7 @@ BAD = [
         "--lora {lora} --out {out}/p",
         r"^error: --lora \S+ does not fit full-size FLUX.1-dev, whose "
         r"layer sizes --lora alone assumes: give the model it was trained on with --base$",
-        1,
+        2,  # checked before any work (it was exit 1, a late failure)
     ),
     ("--base {base} --dtype fp8 --out {out}/a.safetensors", "invalid choice: 'fp8'", 2),
     ("--base {base} --out {out}/a.bin", "name a .safetensors file", 2),
@@ -75,6 +75,7 @@ BAD = [
     ("--base {out}/none.safetensors --out {out}/a.safetensors", "no such file or folder", 1),
     ("--base {junk} --out {out}/a.safetensors", "holds no FLUX transformer", 1),
     ("--base {base} --lora {junk} --merge --out {out}/a.safetensors", "junk", 1),
+    ("--base {base} --lora {junk} --out {out}/p", "junk", 2),  # the LoRA alone: read first
     ("--base {base} --lora {nan} --merge --out {out}/a.safetensors", "not finite.*NaN", 1),
     (
         "--base {base} --lora {lora} --merge --lora-scale 1e39 --out {out}/a.safetensors",

@@ -177,7 +177,8 @@ def test_flags(tiny_flux, tmp_path, capsys, monkeypatch):
 
 
 def test_torchrun_shares_the_edits(tiny_flux, tmp_path, singles):
-    """Under torchrun (2 CPU processes) rank r makes rows[r::2]: the single runs' images."""
+    """Under torchrun (2 CPU processes) rank r makes rows[r::2]: the single runs' images;
+    the inputs' warnings (the size's) shown once, by rank 0 (every rank did)."""
     rows, out = write_rows(sources(tmp_path) / "edits.jsonl", ROWS), tmp_path / "out"
     argv = flags(tiny_flux, "--edits", str(rows), "--out-dir", str(out))
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -185,5 +186,7 @@ def test_torchrun_shares_the_edits(tiny_flux, tmp_path, singles):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rank 0 of 2: 2 images written, 0 skipped" in r.stdout, r.stdout
     assert "rank 1 of 2: 1 images written, 0 skipped" in r.stdout, r.stdout
+    warned = [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
+    assert warned and len(set(warned)) == len(warned), r.stderr
     for name, expected in zip(NAMES, singles, strict=True):
         assert np.array_equal(pixels(out / name), expected), name

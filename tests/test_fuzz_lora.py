@@ -264,7 +264,7 @@ def test_full_checkpoint_as_lora_refused_unread(base, tmp_path, capsys, monkeypa
         lora_formats.read_lora(full, meta)
     assert reads == []
     argv = ["--base", str(base), "--lora", str(full), "--out", str(tmp_path / "p")]
-    expect_error(capsys, convert_weights.main, argv, tmp_path, "match no layer", code=1)
+    expect_error(capsys, convert_weights.main, argv, tmp_path, "match no layer")  # bad input: 2
 
 
 def test_float8_and_mixed_dtypes_match_peft(base, valid, tmp_path):
@@ -338,3 +338,18 @@ def test_random_peft_configs_match_peft(base, tmp_path, data):
     x = inputs()
     model = merge_lora(lora_formats.load_lora(load_flux(base, dtype=torch.float32), folder))
     assert rel_err(out(model, x), with_peft(tensors, cfg, x)) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["x.png", "x.json", "x.txt", "runs"])
+def test_no_lora_file_said_in_words(tiny_flux, tmp_path, capsys, name):
+    """--lora of a .png, .json or text file says it is no safetensors file (not the header length
+    its first bytes read as); of a folder of train.py runs, what was looked for there (not `[]`)."""
+    given = tmp_path / name
+    if name == "runs":
+        (given / "run1" / "lora").mkdir(parents=True)
+    else:
+        given.write_bytes({"png": b"\x89PNG\r\n\x1a\n" + bytes(64)}.get(name[2:], b'{"r": 4}\n'))
+    said = {"runs": r"runs holds no LoRA: looked for adapter_model.safetensors, .*\*.safetensors"}
+    said = said.get(name, rf"{name}: not a safetensors file \(its first 8 bytes are no header len")
+    argv = sample_args(tiny_flux, tmp_path / "pano.png", lora=str(given))
+    expect_error(capsys, sample.main, argv, tmp_path, rf"--lora: \S+{said}.*: give ")

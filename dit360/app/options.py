@@ -337,11 +337,13 @@ def require_torch(floor: tuple[int, int], command: str, why: str) -> None:
 @contextmanager
 def warnings_last() -> Iterator[None]:
     """Warnings raised inside are shown as it ends, each once (a batch's rows share the size's), and
-    only if it ends without an error (a bad flag or row is the one line `error: ...`)."""
+    only if it ends without an error (a bad flag or row is the one line `error: ...`); under
+    torchrun by rank 0 only (they are about the inputs, the same on every rank)."""
     with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always")
         yield
-    for w in {(str(w.message), w.category): w for w in warned}.values():
+    shown = {(str(w.message), w.category): w for w in warned}.values()
+    for w in shown if os.environ.get("RANK", "0") == "0" else ():
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 

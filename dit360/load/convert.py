@@ -10,12 +10,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..core.lora import fold_
 from . import config as cfg
 from .files import atomic_path, unwritable, write_safetensors
-from .lora_formats import PEFT_FILES, paired_loras, read_lora, write_peft
+from .lora_formats import PEFT_FILES, LoraPlan, paired_loras, read_lora, write_peft
 from .weights import (
     FLUX_CONFIG_KEY,
     FLUX_DIFFUSERS,
@@ -134,6 +134,13 @@ def convert_lora(
 ) -> Path:
     """A LoRA as a peft/diffusers folder, `scale` in alpha; sizes from `base`, else flux-dev's."""
     check_out(out_dir, "peft", {"--base": base, "--lora": src})  # never over an input
+    return write_peft(*peft_plan(src, base, scale, axes_dim), out_dir, dtype=dtype)  # whole or none
+
+
+def peft_plan(
+    src: str | Path, base: str | Path | None, scale: float, axes_dim: tuple[int, ...] | None
+) -> tuple[LoraPlan, nn.Module]:
+    """convert_lora's checks: the LoRA read, fitted to `base` (else flux-dev) and scaled."""
     model = read_flux(base, axes_dim)[2] if base else meta_flux(cfg.PRESETS["flux-dev"])
     try:
         plan = read_lora(src, model)
@@ -144,5 +151,4 @@ def convert_lora(
             f"--lora {src} does not fit full-size FLUX.1-dev, whose layer sizes --lora alone "
             "assumes: give the model it was trained on with --base"
         ) from None
-    plan = {k: [replace(p, scale=p.scale * scale) for p in ps] for k, ps in plan.items()}
-    return write_peft(plan, model, out_dir, dtype=dtype)  # whole, or no folder
+    return {k: [replace(p, scale=p.scale * scale) for p in ps] for k, ps in plan.items()}, model

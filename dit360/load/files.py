@@ -87,9 +87,11 @@ def _read_file(path: Path, into: TensorFile | None = None) -> TensorFile:
         with open(path, "rb") as f:
             head = f.read(8)
             n = struct.unpack("<Q", head)[0] if len(head) == 8 else size
-            if n > MAX_HEADER:  # the format's limit: read no more (a sparse file may be so large)
-                limit = f"over the format's {MAX_HEADER}"
-                raise ValueError(f"{bad}: its header claims {n} bytes, {limit}")
+            if n > MAX_HEADER:  # over the format's limit (a .png, .json, text): read no more
+                why = "its first 8 bytes are no header length"
+                raise ValueError(
+                    f"{path}: not a safetensors file ({why}): give a .safetensors or its folder"
+                )
             if n > size - 8:
                 raise ValueError(f"{bad}: it may be truncated or corrupt, download it again")
             header = parse_json(f.read(n), f"{bad}: its header")

@@ -170,7 +170,7 @@ def extract(src: HubSource, folder: Path) -> Path:
     names, index = {p.name for p in folder.iterdir() if p.is_file()}, 0
     done = {n[:-4] for n in names if n.endswith(".txt")}  # a marker counts with its image only
     done = {n for n in done if any(n + s in names for s in SUFFIXES.values())}
-    with tqdm(total=src.rows, desc="dataset", unit="img") as bar:
+    with tqdm(total=src.rows, desc="dataset", unit="img", disable=None) as bar:
         for path in src.files:
             pf = pq.ParquetFile(path)
             for group in range(pf.num_row_groups):

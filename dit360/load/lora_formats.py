@@ -234,7 +234,10 @@ def find_lora(src: str | Path) -> Path:
         if len(files) != 1:  # peft's and diffusers' names both: each reads its own, we neither
             names = [str(f.relative_to(path)) for f in files]
             found = f"{path} must hold one LoRA .safetensors file, found {names}"
-            raise FileNotFoundError(found)
+            looked = ", ".join(str(f.relative_to(path)) for f in usual)
+            none = f"{path} holds no LoRA: looked for {looked} or one *.safetensors in it: give "
+            none += "a LoRA's .safetensors or its folder (a train.py run's lora/)"
+            raise FileNotFoundError(found if files else none)
         path = files[0]
     return path
 

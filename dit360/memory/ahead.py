@@ -28,7 +28,7 @@ def embedders(model: Flux) -> list[nn.Module]:
 
 def bar(steps: range, name: str) -> Iterable[int]:
     """A progress bar over the steps (core's `Progress` seam)."""
-    return tqdm(steps, desc=name)
+    return tqdm(steps, desc=name, disable=None)  # None: on a terminal only (no log gets \r)
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ def _ramp(n: int, ramp: int) -> Tensor:
 @contextmanager
 def stages(modules: list[nn.Module], desc: str, total: int) -> Iterator[None]:
     """A progress bar `desc` of `total` ticks, one per forward of one of `modules` (hooked)."""
-    bar = tqdm(total=total, desc=desc, unit="stage", leave=False)
+    bar = tqdm(total=total, desc=desc, unit="stage", leave=False, disable=None)
 
     def tick(*_: object) -> None:  # None: the module's output stays as it is
         bar.update()
