@@ -766,7 +766,7 @@ def main(argv: list[str] | None = None) -> None:
         start, epoch, batch = place(ckpt, source, total, args, world)  # before writing
         enc = load_encoders(args, env)
         if rank == 0:  # every check passed: the run is ours to write
-            start_run(out, args)
+            start_run(out, args, start)
         base = "float8" if args.base_dtype == "fp8" else str(dtype).removeprefix("torch.")
         print0(f"{world} x {device.type}, {env.dtype}, base {base}, offload "
                f"{args.offload}; writing to {out}")  # fmt: skip

@@ -184,3 +184,27 @@ def test_every_train_flag_reaches_train_py_through_torchrun(monkeypatch):
     for name in names:
         argv = ["--standalone", "--nproc_per_node", "2", "train.py", name, "x"]
         assert torchrun.parse_args(argv).training_script_args == [name, "x"], name
+
+
+def test_a_resume_drops_the_previews_of_the_steps_it_redoes(tiny_flux, data, tmp_path, monkeypatch):
+    """Killed after its step-3 preview (checkpoint at step 2), resumed with --sample-every 2 and
+    another --lr: step 3's preview, of a LoRA no run now has, goes as the log's line does."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a lake\n")
+    out, run = tmp_path / "run", ("--max-steps", "3", "--save-every", "2", "--grad-accum", "1")
+    run += ("--sample-prompts", str(prompts), "--sample-steps", "2")
+    render = train.render
+
+    def render_then_die(model, conds, view, folder, main):
+        written = render(model, conds, view, folder, main)
+        if folder.name == "step-00000003":
+            raise KeyboardInterrupt  # killed after the preview, before the step-4 checkpoint
+        return written
+
+    monkeypatch.setattr(train, "render", render_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args(tiny_flux, data, out, *run, "--sample-every", "1"))
+    monkeypatch.setattr(train, "render", render)
+    train.main(args(tiny_flux, data, out, *run, "--sample-every", "2", "--lr", "1e-2", "--resume"))
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-00000001", "step-00000002"]
+    assert [r["step"] for r in log(out)] == [1, 2, 3]

@@ -194,10 +194,14 @@ def claim(out: Path, args: argparse.Namespace, made: bool) -> Path:
     return lock
 
 
-def start_run(out: Path, args: argparse.Namespace) -> None:
-    """Rank 0, every check passed: --overwrite's removal, dead processes' temporaries, MARKER."""
+def start_run(out: Path, args: argparse.Namespace, start: int = 0) -> None:
+    """Rank 0, every check passed: --overwrite's removal, the previews of steps past `start` (a
+    killed run's, as the log's lines), dead processes' temporaries, MARKER."""
     if args.overwrite:
         remove_outputs(out)
+    for step, folder in steps(out / "samples").items():
+        if step > start:
+            remove_outputs(out, folder)
     for folder in (out, out / "checkpoints", *(out / "samples").glob("step-*")):
         clean_temps(folder)  # only our names, of processes now gone, only where we write them
     with atomic_path(out / MARKER) as tmp:  # never written through a link a user put there
