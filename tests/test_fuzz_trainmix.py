@@ -1,8 +1,9 @@
 """Valid train.py flags together (fuzz round 5): seeded combinations of a small table of each
 flag's valid values, run to the end on the tiny model, checked against what the README promises
 for any combination: the outputs each flag asks for and nothing else, memory modes and a resume
-that change nothing, a resume with another --batch-size that trains no sample twice, and every
-flag reaching train.py through torchrun."""
+that change nothing, a resume with another --batch-size that trains no sample twice, a resume's
+previews, and every flag reaching train.py through torchrun; prepare.py's photo flags that a run
+would ignore (without --persp, or --fov with --fov-range) refused."""
 
 import random
 import re
@@ -11,11 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import test_train
+from clitest import expect_error
 from PIL import Image
 from safetensors.torch import load_file
+from test_prepare import make_images
 from test_train import args, assert_same_lora, log
 from torch.distributed.run import get_args_parser
 
+import prepare
 import train
 from dit360.app.options import Parser
 
@@ -208,3 +212,27 @@ def test_a_resume_drops_the_previews_of_the_steps_it_redoes(tiny_flux, data, tmp
     train.main(args(tiny_flux, data, out, *run, "--sample-every", "2", "--lr", "1e-2", "--resume"))
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-00000001", "step-00000002"]
     assert [r["step"] for r in log(out)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--pano", "{tmp}/pano", "--fov", "90"], r"^error: --fov without --persp: add it"),
+        (
+            ["--pano", "{tmp}/pano", "--height", "64", "--seed", "3", "--yaw-range", "0", "9"],
+            r"^error: --height, --seed, --yaw-range without --persp: add it, or drop them$",
+        ),
+        (
+            ["--persp", "{tmp}/photos", "--fov", "90", "--fov-range", "30", "60"],
+            r"^error: --fov gives every photo its fov, --fov-range draws it: give one$",
+        ),
+    ],
+    ids=["fov, panoramas only", "views, panoramas only", "fov and fov-range"],
+)
+def test_prepare_refuses_photo_flags_a_run_would_ignore(extra, match, tmp_path, capsys):
+    """prepare.py's view flags place photos only: with --pano alone (they did nothing) or --fov
+    beside --fov-range (the range was dropped), one line naming them, exit 2, nothing written."""
+    make_images(tmp_path / "pano", {"a.png": (64, 32)})
+    make_images(tmp_path / "photos", {"b.png": (32, 24)})
+    argv = ["--out", str(tmp_path / "data"), *(a.format(tmp=tmp_path) for a in extra)]
+    expect_error(capsys, prepare.main, argv, tmp_path, match)
