@@ -236,3 +236,18 @@ def test_prepare_refuses_photo_flags_a_run_would_ignore(extra, match, tmp_path, 
     make_images(tmp_path / "photos", {"b.png": (32, 24)})
     argv = ["--out", str(tmp_path / "data"), *(a.format(tmp=tmp_path) for a in extra)]
     expect_error(capsys, prepare.main, argv, tmp_path, match)
+
+
+QK = ("attn.to_q", "attn.to_k")
+
+
+def test_a_resume_takes_the_targets_in_any_order(tiny_flux, data, tmp_path):
+    """--targets names modules: a resume that gives them in another order, or one twice, is the
+    same LoRA (not refused as other settings), and equals a run never stopped."""
+    run = ("--save-every", "1", "--grad-accum", "1", "--lr", "1e-3")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train.main(args(tiny_flux, data, whole, *run, "--max-steps", "2", "--targets", *QK))
+    train.main(args(tiny_flux, data, cut, *run, "--max-steps", "1", "--targets", *QK))
+    again = ("--max-steps", "2", "--targets", *QK[::-1], QK[0], "--resume")
+    train.main(args(tiny_flux, data, cut, *run, *again))
+    assert_same_lora(cut, whole)
