@@ -356,6 +356,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         hub, poles = hub_data.from_flags(args), refine.from_flags(args)
         views = {k: v for k, v in args.items() if k not in ("skip_bad", "absolute")}
+        placing = [
+            f"--{k.replace('_', '-')}" for k in views if k not in ("out", "pano", "overwrite")
+        ]
+        if placing and "persp" not in args:  # they place photos only: a panorama run drops them
+            raise ValueError(f"{', '.join(placing)} without --persp: add it, or drop them")
+        if "fov" in args and "fov_range" in args:
+            raise ValueError("--fov gives every photo its fov, --fov-range draws it: give one")
         check_args(**views, hf_dataset=hub.get("name"))
         source = hub_data.open_source(**hub) if hub else None  # fetched or found in the cache
         if poles and "pano" not in args and not hub:

@@ -57,9 +57,9 @@ state's meaning must be as it was trained: --lora-rank, --alpha, --targets, --dr
 --height, --wrap-pad, --supervise-pad, --circular-encoder, --pano, --persp, --seed (one error
 lists every difference; a recipe's values count as given, so the same flags resolve the same).
 The rest may change: steps, learning rate and schedule, loss weights and normalisation,
-clipping, batch size, accumulation and world size (the place in the epoch is kept in samples),
-checkpoint interval and count, workers, device, the base's dtype and offloading (memory modes),
-previews, logs.
+clipping, batch size, accumulation and world size (the place in the epoch is kept in samples,
+rounded up to a whole batch: no sample twice), checkpoint interval and count, workers, device,
+the base's dtype and offloading (memory modes), previews, logs.
 
 Non-finite guard: a step whose loss or gradient norm is not finite updates nothing (its log line
 has a `skipped` field); --max-nonfinite of them in a row stop the run (exit 1). A checkpoint or
@@ -364,12 +364,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=28,
         help="sampling steps of a preview",
     )
-    p.add_argument(
-        "--log",
-        choices=("jsonl", "tensorboard"),
-        default="jsonl",
+    p.add_argument(  # not --log: torchrun takes it for its --log-dir (an ambiguous prefix)
+        "--logger", "--log", dest="log", choices=("jsonl", "tensorboard"), default="jsonl",
         help="tensorboard: event files in OUT/tensorboard too (pip install tensorboard)",
-    )
+    )  # fmt: skip
     p.add_argument(
         "--compile",
         action="store_true",
@@ -617,7 +615,7 @@ def place(
             f"--resume {ckpt.path} took {done} samples of epoch {c['epoch']}, which --pano and "
             f"--persp now make {held}: restore the rows it was trained on, or start a new run"
         )
-    return c["step"], c["epoch"], done // (args.batch_size * world)
+    return c["step"], c["epoch"], -(-done // (args.batch_size * world))  # up: no sample twice
 
 
 # --- training step ----------------------------------------------------------------------------
@@ -768,7 +766,7 @@ def main(argv: list[str] | None = None) -> None:
         start, epoch, batch = place(ckpt, source, total, args, world)  # before writing
         enc = load_encoders(args, env)
         if rank == 0:  # every check passed: the run is ours to write
-            start_run(out, args)
+            start_run(out, args, start)
         base = "float8" if args.base_dtype == "fp8" else str(dtype).removeprefix("torch.")
         print0(f"{world} x {device.type}, {env.dtype}, base {base}, offload "
                f"{args.offload}; writing to {out}")  # fmt: skip

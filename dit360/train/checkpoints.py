@@ -194,10 +194,14 @@ def claim(out: Path, args: argparse.Namespace, made: bool) -> Path:
     return lock
 
 
-def start_run(out: Path, args: argparse.Namespace) -> None:
-    """Rank 0, every check passed: --overwrite's removal, dead processes' temporaries, MARKER."""
+def start_run(out: Path, args: argparse.Namespace, start: int = 0) -> None:
+    """Rank 0, every check passed: --overwrite's removal, the previews of steps past `start` (a
+    killed run's, as the log's lines), dead processes' temporaries, MARKER."""
     if args.overwrite:
         remove_outputs(out)
+    for step, folder in steps(out / "samples").items():
+        if step > start:
+            remove_outputs(out, folder)
     for folder in (out, out / "checkpoints", *(out / "samples").glob("step-*")):
         clean_temps(folder)  # only our names, of processes now gone, only where we write them
     with atomic_path(out / MARKER) as tmp:  # never written through a link a user put there
@@ -250,6 +254,13 @@ def nonfinite(state: dict[str, Tensor]) -> list[str]:
     return [k for k, t in state.items() if t.is_floating_point() and not t.isfinite().all()]
 
 
+def same(a: object, b: object) -> bool:
+    """Equal arguments; names (--targets) as sets: their order and repeats change nothing."""
+    if isinstance(a, list) and isinstance(b, list) and all(isinstance(x, str) for x in a + b):
+        return set(a) == set(b)
+    return a == b
+
+
 def read_checkpoint(path: Path, args: argparse.Namespace, model: nn.Module) -> Checkpoint:
     """A checkpoint of this model with our MUST_MATCH arguments; OSError, ValueError or KeyError."""
     tfile = open_tensors(path / STATE)  # safetensors: a JSON header, raw tensors
@@ -262,7 +273,7 @@ def read_checkpoint(path: Path, args: argparse.Namespace, model: nn.Module) -> C
         at = f"step {counters['step']}, epoch {counters['epoch']}"  # (not its other keys: any size)
         raise ValueError(f"its counters ({at}) are not those of a run's {path.name}")
     now = vars(args)
-    if diff := [k for k in MUST_MATCH if recorded.get(k) != now[k]]:
+    if diff := [k for k in MUST_MATCH if not same(recorded.get(k), now[k])]:
         flag = {"resolution": "height"}  # train.py's --height stores "resolution" (its alias)
         diff = [  # its values as JSON gives them (4 is not "4"), of any size: cut
             f"--{flag.get(k, k).replace('_', '-')} {recorded.get(k)!r:.200} (now {now[k]})"
