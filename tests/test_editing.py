@@ -459,6 +459,9 @@ def test_cli_errors(tiny_flux, tmp_path, capsys):
         ([*cli(tiny_flux, src, mask, out), "--height", "40"], "multiple of 16"),
         (cli(tiny_flux, tmp_path / "text.png", mask, out), "cannot identify"),
         (cli(tiny_flux, src, tmp_path / "missing.png", out), "No such file"),
-        ([*cli(tiny_flux, src, mask, out), "--start", "0.5", "--stop", "0.2"], "start <= --stop"),
+        (
+            [*cli(tiny_flux, src, mask, out), "--eta-start", "0.5", "--eta-stop", "0.2"],
+            "start <= --eta-stop",
+        ),
     ]:
         expect_error(capsys, edit_cli.main, argv, tmp_path, match)

@@ -163,7 +163,7 @@ SCRIPTS = {  # a script's main, a command line failing late (at --base, after ev
                 "--height", "--width", "--wrap-pad", "--vae-tile", "--attention"]),
     "edit": (edit.main, ["--prompt", "a", "--photo", "{tmp}/in/src.png", "--height", "32"],
              ["--fov", "--yaw", "--pitch", "--roll", "--feather", "--gamma", "--tau", "--out",
-              "--mask-pad", "--source-prompt", "--start", "--photo"]),
+              "--mask-pad", "--source-prompt", "--eta-start", "--photo"]),
     "train": (train.main, ["--pano", "{tmp}/pano.jsonl", "--height", "32", "--out", "{tmp}/run"],
               ["--height", "--lr", "--warmup", "--aux-epochs", "--dropout", "--device", "--out",
                "--sample-prompts", "--lora-rank", "--alpha", "--cache-dir", "--workers"]),

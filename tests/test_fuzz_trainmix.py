@@ -19,7 +19,9 @@ from test_prepare import make_images
 from test_train import args, assert_same_lora, log
 from torch.distributed.run import get_args_parser
 
+import edit
 import prepare
+import sample
 import train
 from dit360.app.options import Parser
 
@@ -180,13 +182,15 @@ def parser_of(main, monkeypatch) -> Parser:
     return made[0]
 
 
-def test_every_train_flag_reaches_train_py_through_torchrun(monkeypatch):
-    """`torchrun ... train.py --FLAG V`: torchrun hands every flag's name (as --help gives it
-    first) to train.py; a prefix of its own options (--log: --log-dir, --logs-specs) it refuses."""
-    parser, torchrun = parser_of(train.main, monkeypatch), get_args_parser()
+@pytest.mark.parametrize("script", [train, sample, edit], ids=lambda m: m.__name__)
+def test_every_flag_reaches_the_script_through_torchrun(monkeypatch, script):
+    """`torchrun ... train.py --FLAG V` (sample.py, edit.py: the README runs them so too):
+    torchrun hands every flag's name (as --help gives it first) to the script; a prefix of its own
+    options it refuses (--log: --log-dir, --logs-specs; --start: --start-method)."""
+    parser, torchrun = parser_of(script.main, monkeypatch), get_args_parser()
     names = [a.option_strings[0] for a in parser._actions if a.option_strings[0] != "-h"]
     for name in names:
-        argv = ["--standalone", "--nproc_per_node", "2", "train.py", name, "x"]
+        argv = ["--standalone", "--nproc_per_node", "2", "script.py", name, "x"]
         assert torchrun.parse_args(argv).training_script_args == [name, "x"], name
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 from ..load.config import FLUX_DEV
 from ..load.image import pil_quiet
 from .cli import printable, run_main
-from .options import DTYPES, EditOptions, Parser, SampleOptions, fail
+from .options import DTYPES, EditOptions, Parser, SampleOptions, fail, flag
 
 KEY = "dit360"  # our JSON's key; `parameters` is the web UIs'
 RUNTIME = ("device", "offload", "compile", "attention")  # how it runs, not what it makes
@@ -104,7 +104,7 @@ def difference(old: dict | None, new: dict) -> str | None:
         return "it records no settings"
     for k in {**new["flags"], **old["flags"]}:  # a flag either gives, in order
         if (was := old["flags"].get(k)) != (now := new["flags"].get(k)):
-            return f"--{k.replace('_', '-')} is {was!r} there, {now!r} now"
+            return f"{flag(k, api=False)} is {was!r} there, {now!r} now"
     if old.get("loras") != new["loras"]:
         return f"the LoRAs are {old.get('loras')} there, {new['loras']} now"
     return None
@@ -132,15 +132,15 @@ def command(rec: dict, out: str | Path) -> list[str]:
     defaults = {f.name: f.default for cls in (SampleOptions, EditOptions) for f in fields(cls)}
     argv = ["python", rec["script"]]
     for k, v in rec["flags"].items():
-        flag = f"--{k.replace('_', '-')}"
+        name = flag(k, api=False)
         if k == "lora" and v is None:
             argv += ["--lora", "none"]
         elif isinstance(v, bool):
             if v != defaults.get(k, False):  # a switch at its default is left out
-                argv += [flag] if v else [f"--no-{k.replace('_', '-')}"]
+                argv += [name] if v else [f"--no-{name[2:]}"]
         else:  # a value like an option (--lora -x.safetensors) joined by "=", as argparse needs
             for item in v if isinstance(v, list) else [] if v is None else [v]:
-                argv += [f"{flag}={item}"] if str(item).startswith("-") else [flag, str(item)]
+                argv += [f"{name}={item}"] if str(item).startswith("-") else [name, str(item)]
     return [*argv, "--out", str(out)]
 
 

@@ -240,12 +240,16 @@ class EditOptions(Options):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.start > self.stop:
-            raise ValueError(f"need --start <= --stop, got {self.start} > {self.stop}")
+            raise ValueError(f"need --eta-start <= --eta-stop, got {self.start} > {self.stop}")
 
 
-def flag(name: str) -> str:
+RENAMED = {"start": "--eta-start", "stop": "--eta-stop"}  # torchrun takes --start as its own
+
+
+def flag(name: str, api: bool = True) -> str:
     """A field's flag, and its API name if other: --seed, --lora-scale (lora_scale)."""
-    return f"--{name.replace('_', '-')}" + (f" ({name})" if "_" in name else "")
+    said = RENAMED.get(name, f"--{name.replace('_', '-')}")
+    return said + (f" ({name})" if api and said != f"--{name}" else "")
 
 
 def typed(value: Any, kind: Any) -> bool:
@@ -381,12 +385,12 @@ POSITIVE, FRACTION = bounded(float, 0, above=True), bounded(float, 0, 1)
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field of the options dataclass `cls`: --field-name, its default and help."""
     for f in fields(cls):
-        name, meta = "--" + f.name.replace("_", "-"), dict(f.metadata)
+        name, meta = flag(f.name, api=False), dict(f.metadata)
         if isinstance(f.default, bool):
             meta["action"] = argparse.BooleanOptionalAction
         else:
             meta.setdefault("type", type(f.default) if f.default is not None else str)
-        parser.add_argument(name, default=f.default, **meta)
+        parser.add_argument(name, dest=f.name, default=f.default, **meta)
 
 
 def from_args(cls: type, args: argparse.Namespace) -> Any:
