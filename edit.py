@@ -96,8 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     given = [f"--{k.replace('_', '-')}" for k in (*SINGLE, "out") if getattr(args, k) is not None]
     if args.edits and (given or args.photo):
         p.error(f"argument --edits: not allowed with argument {(given or ['--photo'])[0]}")
-    if args.photo and (args.image or args.mask):
-        p.error("argument --photo: not allowed with --image or --mask (it makes both)")
+    if args.photo and (args.image or args.mask or args.invert):  # --invert: redo the photo only
+        p.error("argument --photo: not allowed with --image, --mask (it makes both) or --invert")
     single = ("prompt",) if args.photo else SINGLE
     missing = [f"--{k}" for k in single if getattr(args, k) is None]
     if not args.edits and missing:
