@@ -1,7 +1,7 @@
 """Valid flags together (README: each flag's row, "What is guaranteed"): seeded combinations of
 sample.py's valid flags run to the end on the tiny model, each checked for its documented files
 and for the images of single `--prompt --seed` runs; the warnings of a batch shown once each; a
-rerun with another --cubemap-size; edit.py --photo with --invert."""
+rerun with another --cubemap-size; edit.py --photo with --invert, and too narrow a --fov."""
 
 import random
 import sys
@@ -152,3 +152,12 @@ def test_photo_with_invert_is_refused(tiny_flux, tmp_path, capsys):
     photo = photo_file(tmp_path / "photo.png")
     argv = photo_args(tiny_flux, photo, tmp_path / "o.png", "--invert")
     expect_error(capsys, edit.main, argv, tmp_path, r"--photo: not allowed with .*--invert")
+
+
+def test_photo_too_narrow_names_fov(tiny_flux, tmp_path, capsys):
+    """edit.py --photo at a valid --fov whose footprint is under a token: one line naming --photo
+    and --fov and the fix, not a mask the user never gave."""
+    photo = photo_file(tmp_path / "photo.png")
+    argv = photo_args(tiny_flux, photo, tmp_path / "o.png", "--fov", "3", "--height", "256")
+    err = expect_error(capsys, edit.main, argv, tmp_path, r"--photo's footprint \(--fov 3.0\)")
+    assert "the mask" not in err and "a wider --fov" in err, err
