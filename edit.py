@@ -95,8 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     given = [f"--{k.replace('_', '-')}" for k in (*SINGLE, "out") if getattr(args, k) is not None]
     if args.edits and (given or args.photo):
         p.error(f"argument --edits: not allowed with argument {(given or ['--photo'])[0]}")
-    if args.photo and (args.image or args.mask):
-        p.error("argument --photo: not allowed with --image or --mask (it makes both)")
+    if args.photo and (args.image or args.mask or args.invert):  # --invert: redo the photo only
+        p.error("argument --photo: not allowed with --image, --mask (it makes both) or --invert")
     single = ("prompt",) if args.photo else SINGLE
     missing = [f"--{k}" for k in single if getattr(args, k) is None]
     if not args.edits and missing:
@@ -230,8 +230,13 @@ def main(argv: list[str] | None = None) -> None:
             mask = open_image(args.mask)
         job = EditJob(args.prompt, opts.seed, Path(), image=image, mask=mask)
         edits = edit_many([job], opts, log, report)  # checked now, made as it is read
-    except REFUSED as e:
-        fail(e)
+    except REFUSED as e:  # --photo's mask is its footprint: too small a --fov keeps no token
+        photo = f"--photo's footprint (--fov {args.fov})", "use a wider --fov, or sample.py"
+        fail(
+            str(e).replace("the mask", photo[0]).replace("use sample.py", photo[1])
+            if args.photo
+            else e
+        )
     view = {k: getattr(args, k) for k, _, _ in PHOTO_VIEW} if args.photo else {}
     sources = (
         {"photo": args.photo, **view} if args.photo else {"image": args.image, "mask": args.mask}

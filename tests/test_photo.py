@@ -81,7 +81,7 @@ BAD = [  # extra flags, the error line
     (["--pitch", "nan"], r"--pitch: needs a finite number >= -90 and <= 90"),
     (["--roll", "inf"], r"argument --roll: needs a finite number >= -180 and <= 180, got 'inf'"),
     (["--out", "{tmp}/photo.png"], r"--out .*photo\.png is --photo, which the edit would overwr"),
-    (["--mask", "{tmp}/m.png"], r"--photo: not allowed with --image or --mask"),
+    (["--mask", "{tmp}/m.png"], r"--photo: not allowed with --image, --mask"),
     (["--photo", "{tmp}/notes.txt"], r"cannot identify image file .*notes.txt"),
     (["--photo", "{tmp}/missing.jpg"], r"No such file or directory.*missing.jpg"),
 ]

@@ -32,6 +32,7 @@ SIGNALS = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminate
 # run_main's main runs; the last signal; the running command's flags (its Parser records them);
 # an error's line said (`on_exit` adds none)
 STATE: dict[str, Any] = {"running": False, "got": None, "flags": (), "said": False}
+SHOWN: set[str] = set()  # the warning lines shown (one_line_warning)
 # What an error's text says ran out (the OS's, torch's allocator, gloo's, the loader's), the fix
 # its line ends with, and the options that use less, named where the running command has them:
 # wherever it is caught, or nowhere (`on_uncaught`), it is one line, exit 1.
@@ -181,9 +182,12 @@ def starting(command: str) -> None:
         print(f"{command}: starting (importing torch)...", file=sys.stderr, flush=True)
 
 
-def one_line_warning(message: Warning | str, *args: Any, **kw: Any) -> str:
-    """A warning as the scripts print it: one line `warning: ...` (warnings.formatwarning)."""
-    return f"warning: {one_line(message)}\n"
+def one_line_warning(message: Warning | str, *args: Any, **kw: Any) -> None:
+    """A warning as the scripts show it: one line `warning: ...`, each once (a batch's images share
+    theirs; Python's own memory of what it showed is reset by every `catch_warnings`)."""
+    if (line := f"warning: {one_line(message)}") not in SHOWN:
+        SHOWN.add(line)
+        print(line, file=sys.stderr)
 
 
 def run_main(main: Callable[[], object]) -> None:
@@ -193,7 +197,7 @@ def run_main(main: Callable[[], object]) -> None:
     if STATE["got"] is not None:  # while importing: its line is said, its SystemExit swallowed
         raise SystemExit(SIGNALS[STATE["got"]][0])
     handle_signals()
-    warnings.formatwarning = one_line_warning
+    warnings.showwarning = one_line_warning
     STATE["running"] = True
     try:
         main()

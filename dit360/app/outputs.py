@@ -93,9 +93,19 @@ def beside(path: str | Path, args: Extras) -> list[Path]:
 
 
 def extras_missing(path: Path, args: Extras) -> bool:
-    """Whether a file `beside` the panorama `path` is not there (a resumed batch makes them for
-    the images it skips)."""
-    return not all(p.exists() for p in beside(path, args))
+    """Whether a file `beside` the panorama `path` is not there, or its cube faces are not of the
+    size asked (a resumed batch makes them for the images it skips)."""
+    files = beside(path, args)
+    if not all(p.exists() for p in files):
+        return True
+    if not extras(args).cubemap:
+        return False
+    try:  # the headers only: the cross is 4 x 3 faces
+        with Image.open(path) as pano, Image.open(files[-1]) as cross:
+            side = extras(args).cubemap_size or pano.height // 2
+            return cross.size != (4 * side, 3 * side)
+    except Exception:  # noqa: BLE001 - PIL fails in many ways: made again
+        return True
 
 
 def write_extras(image: Image.Image, path: str | Path, args: Extras, prompt: str) -> str:
@@ -107,7 +117,9 @@ def write_extras(image: Image.Image, path: str | Path, args: Extras, prompt: str
         with atomic_path(wrote[-1]) as tmp:
             tmp.write_text(prompt + "\n", encoding="utf-8")
     if (args.viewer or args.cubemap) and image.width != 2 * image.height:
-        warnings.warn(f"{path} is not 2:1: no viewer page or cube map", stacklevel=2)
+        warnings.warn(
+            f"{image.width}x{image.height} is not 2:1: no viewer page or cube map", stacklevel=2
+        )
     else:
         wrote += [write_viewer(path)] if args.viewer else []
         wrote += write_cubemap(image, path, args.cubemap_size) if args.cubemap else []

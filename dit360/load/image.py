@@ -211,7 +211,7 @@ def save_panorama(img: Image.Image, path: str | Path, text: dict[str, str] | Non
     w, h = img.size
     xmp = gpano_xmp(w, h) if w == 2 * h else None
     if xmp is None:
-        warnings.warn(f"{w}x{h} is not 2:1, so {path} gets no 360 (GPano) metadata", stacklevel=2)
+        warnings.warn(f"{w}x{h} is not 2:1: no 360 (GPano) metadata", stacklevel=2)  # once a batch
     if FORMATS[path.suffix.lower()] == "PNG":
         info = PngImagePlugin.PngInfo()
         if xmp:
