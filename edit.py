@@ -231,12 +231,11 @@ def main(argv: list[str] | None = None) -> None:
         job = EditJob(args.prompt, opts.seed, Path(), image=image, mask=mask)
         edits = edit_many([job], opts, log, report)  # checked now, made as it is read
     except REFUSED as e:  # --photo's mask is its footprint: too small a --fov keeps no token
-        photo = f"--photo's footprint (--fov {args.fov})", "use a wider --fov, or sample.py"
-        fail(
-            str(e).replace("the mask", photo[0]).replace("use sample.py", photo[1])
-            if args.photo
-            else e
-        )
+        said = str(e)
+        if args.photo:
+            said = said.replace("the mask", f"--photo's footprint (--fov {args.fov})")
+            said = said.replace("use sample.py", "use a wider --fov, or sample.py")
+        fail(said)
     view = {k: getattr(args, k) for k, _, _ in PHOTO_VIEW} if args.photo else {}
     sources = (
         {"photo": args.photo, **view} if args.photo else {"image": args.image, "mask": args.mask}

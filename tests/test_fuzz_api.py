@@ -29,7 +29,7 @@ from dit360.app import editing, generate, outputs, panorama, text
 from dit360.app.cli import JOBS
 from dit360.app.editing import EditJob
 from dit360.app.generate import Job
-from dit360.app.options import EditOptions, SampleOptions
+from dit360.app.options import EditOptions, SampleOptions, flag
 from dit360.core import editing as core
 from dit360.core.grid import Grid
 from dit360.load import convert, image, lora_formats, weights
@@ -82,7 +82,7 @@ def test_options_fields_typed_or_refused(cls, data, value):
             warnings.simplefilter("ignore")
             o = cls(**{**(TINY if cls is SampleOptions else BASE), field.name: value})
     except Exception as e:  # noqa: BLE001 - the property is about which exceptions escape
-        return refused(e, f"--{field.name.replace('_', '-')}")
+        return refused(e, flag(field.name, api=False))  # the name as it says it
     for f in fields(o):
         assert settled(getattr(o, f.name), f.type), (f.name, getattr(o, f.name))
     json.dumps({f.name: getattr(o, f.name) for f in fields(o) if f.name not in ("dtype", "device")})
