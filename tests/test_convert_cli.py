@@ -5,6 +5,7 @@ import contextlib
 import io
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -146,7 +147,8 @@ def test_folder_output_is_replaced(inputs, tmp_path, kind):
     shutil.copytree(previous, out)
     names = {"diffusers": ["config.json", "diffusion_pytorch_model.safetensors"]}
     names["peft"] = ["adapter_config.json", "adapter_model.safetensors"]
-    (out / f".{names[kind][1]}.tmp1.elsewhere").write_text("a killed run's")
+    dead = f".{names[kind][1]}.tmp99999999.{socket.gethostname()}"  # a pid that cannot exist
+    (out / dead).write_text("a killed run's")
     flags = ["--to", "diffusers"] if kind == "diffusers" else ["--lora", str(inputs["lora"])]
     convert_weights.main(["--base", base, "--out", str(out), *flags])
     assert sorted(p.name for p in out.iterdir()) == names[kind]

@@ -46,3 +46,25 @@ def test_only_our_temporaries_of_gone_processes_are_removed(tmp_path):
     assert all((tmp_path / n).exists() for n in stays) and not any(
         (tmp_path / n).exists() for n in goes
     )
+
+
+def write_folder(out, text: str) -> None:
+    """A folder output `out` holding a.json = `text`, through atomic_path."""
+    with atomic_path(out, r"a\.json") as tmp:
+        tmp.mkdir()
+        (tmp / "a.json").write_text(text)
+
+
+def test_a_folder_output_keeps_a_live_process_temporary(tmp_path):
+    """A previous folder output is replaced whole only if all it holds is ours: files named as it
+    holds them, and temporaries of processes now gone. A live one's (pid 1) refuses it, kept."""
+    out, host = tmp_path / "lora", socket.gethostname()
+    write_folder(out, "old")
+    live = out / f".a.json.tmp1.{host}"
+    live.write_text("being written")
+    with pytest.raises(FileExistsError, match="holds only an output"):
+        write_folder(out, "new")
+    assert live.read_text() == "being written" and (out / "a.json").read_text() == "old"
+    live.rename(out / f".a.json.tmp99999999.{host}")  # a pid that cannot exist: left by the dead
+    write_folder(out, "new")
+    assert [p.name for p in out.iterdir()] == ["a.json"] and (out / "a.json").read_text() == "new"

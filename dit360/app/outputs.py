@@ -95,14 +95,15 @@ def beside(path: str | Path, args: Extras) -> list[Path]:
 def extras_missing(path: Path, args: Extras) -> bool:
     """Whether a file `beside` the panorama `path` is not there, or its cube faces are not of the
     size asked (a resumed batch makes them for the images it skips)."""
+    args = extras(args)
     files = beside(path, args)
     if not all(p.exists() for p in files):
         return True
-    if not extras(args).cubemap:
+    if not args.cubemap:
         return False
     try:  # the headers only: the cross is 4 x 3 faces
         with Image.open(path) as pano, Image.open(files[-1]) as cross:
-            side = extras(args).cubemap_size or pano.height // 2
+            side = args.cubemap_size or pano.height // 2
             return cross.size != (4 * side, 3 * side)
     except Exception:  # noqa: BLE001 - PIL fails in many ways: made again
         return True

@@ -420,18 +420,16 @@ def exchange(a: Path, b: Path) -> bool:
 @contextmanager
 def atomic_path(path: str | Path, holds: str = ".+") -> Iterator[Path]:
     """Yield a temp name for `path` (a file or folder), moved into place only on success; a
-    previous folder is replaced whole if it holds only files named `holds` (or their temps)."""
-    tmp, path = own_temp(Path(path)), Path(path)
-    ours = re.compile(rf"\.?({holds})(\.tmp[1-9][0-9]*\..+)?", re.S)
+    previous folder is replaced whole if it holds only files named `holds` (or dead temps)."""
+    tmp, path, ours = own_temp(Path(path)), Path(path), re.compile(holds, re.S)
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink() and tmp.is_dir():  # a previous output:
-            olds = list(path.iterdir())  # its files go (a link: itself), before any: no folder
-            alien = (
-                p for p in olds if p.is_dir() and not p.is_symlink() or not ours.fullmatch(p.name)
-            )
-            if odd := next(alien, None):
-                raise FileExistsError(f"{odd} is in {path}, which holds only an output: move it")
+            olds, dead = list(path.iterdir()), stale(path)  # its files go (a link: itself)
+            odd = [p for p in olds if not (ours.fullmatch(p.name) or p in dead)]
+            odd += [p for p in olds if p.is_dir() and not p.is_symlink()]  # never a folder
+            if odd:
+                raise FileExistsError(f"{odd[0]} is in {path}, which holds only an output: move it")
             if exchange(tmp, path):  # in one step; `tmp` now holds the old files, removed below
                 return
             for old in olds:
