@@ -417,3 +417,17 @@ def test_a_terminal_sees_a_first_line_at_once(name):
     loaded = next(i for i, x in enumerate(lines) if re.search(r"\| +torch$", x))
     assert r.returncode == 0 and lines[first] == f"{name}: starting (importing torch)..."
     assert first < loaded, (first, loaded)
+
+
+@pytest.mark.parametrize("script", [sample, edit, prepare])
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_bad_flag_under_torchrun_is_said_by_rank_0(script, rank, monkeypatch, capsys):
+    """torchrun gives every rank the same arguments: a bad flag is one line from rank 0, and the
+    other ranks exit 2 without repeating it (was a line per rank)."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as e:
+        script.main(["--no-such-flag"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.count("error: ") == (rank == "0") and err.count("\n") == (rank == "0"), err

@@ -194,6 +194,21 @@ def test_loss_plot_with_matplotlib(tmp_path):
     assert Image.open(tmp_path / "loss.png").size == (800, 400)
 
 
+@pytest.mark.extras
+def test_tensorboard_events_and_loss_plot_of_a_run(tiny_flux, tmp_path, data):
+    """With the logs extra, train.py --log tensorboard writes event files that tensorboard reads
+    back with log.jsonl's loss at every step, and the run ends with its 800x400 loss.png."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    train.main(args(tiny_flux, data, out, *SHORT, "--log", "tensorboard"))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    board = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert board == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in log(out)]
+    assert len(board) == 2 and Image.open(out / "loss.png").size == (800, 400)
+
+
 # --- train.py end to end ------------------------------------------------------------------------
 
 data, trained, one_thread = test_train.data, test_train.trained, test_train.one_thread

@@ -322,6 +322,8 @@ class Parser(argparse.ArgumentParser):
         super().__init__(description=description, formatter_class=HelpFormatter, **kw)
 
     def error(self, message: str) -> NoReturn:
+        if os.environ.get("RANK", "0") != "0" and "TORCHELASTIC_RUN_ID" in os.environ:
+            raise SystemExit(2)  # torchrun gives every rank the same arguments: rank 0 says it
         fail(message)
 
     def parse_known_args(self, *args: Any, **kw: Any) -> tuple[argparse.Namespace, list[str]]:
