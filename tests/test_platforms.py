@@ -55,16 +55,25 @@ builtins.__import__, ctypes.CDLL, os.kill, os.replace = imports, CDLL, kill, rep
 warnings.filterwarnings("ignore", category=EncodingWarning)  # a library's: Linux's code paths
 warnings.filterwarnings("error", category=EncodingWarning, module=OURS)
 """
+# macOS: Python starts a process by spawn (Linux: fork), so the loader's workers get what they run
+# pickled; MPS is no device of torch.distributed: train.py runs on the CPU there (gloo).
+MACOS = r"""
+import multiprocessing, warnings
+
+multiprocessing.set_start_method("spawn", force=True)
+warnings.filterwarnings("ignore", category=EncodingWarning)
+warnings.filterwarnings("error", category=EncodingWarning, module=r"(dit360|__(mp_)?main__)(\.|$)")
+"""
 TINY = ("--device", "cpu", "--dtype", "fp32", "--lora", "none", "--steps", "2", "--seed", "4")
 EXTRAS = ("--viewer", "--captions", "--cubemap")
 CAFE = "This is a panorama. A café at dawn, ☕ and 東京 signs."  # not cp1252 text
 
 
-def windows(tmp_path: Path, *argv: object) -> subprocess.CompletedProcess:
-    """`python -X warn_default_encoding *argv` in the repository, as on Windows (WINDOWS)."""
+def windows(tmp_path: Path, *argv: object, system: str = WINDOWS) -> subprocess.CompletedProcess:
+    """`python -X warn_default_encoding *argv` in the repository, as on Windows (or `system`)."""
     site = tmp_path / "site"
     site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(WINDOWS, encoding="utf-8")
+    (site / "sitecustomize.py").write_text(system, encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
     env["PYTHONIOENCODING"] = "cp1252"  # Windows' standard streams to a pipe or a file
     cmd = [sys.executable, "-X", "warn_default_encoding", *map(str, argv)]
@@ -145,6 +154,17 @@ def test_scripts_run_on_simulated_windows(tiny_flux, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and "WSL2" in r.stderr
     assert not run.exists()
     assert not [p for p in tmp_path.rglob("*.tmp*")], "a temporary was left"
+
+
+def test_train_runs_on_simulated_macos(tiny_flux, tmp_path):
+    """train.py with a loader process started by spawn (MACOS) trains and exports its LoRA."""
+    Image.new("RGB", (64, 32), (90, 140, 200)).save(tmp_path / "p.png")
+    row = json.dumps({"image": "p.png", "caption": CAFE}, ensure_ascii=False)
+    (rows := tmp_path / "pano.jsonl").write_text(row + "\n", encoding="utf-8")
+    run = ("--pano", rows, "--out", tmp_path / "run", "--workers", "1", "--max-steps", "1")
+    run += ("--grad-accum", "1", "--lora-rank", "4", "--device", "cpu")
+    ok(windows(tmp_path, "train.py", "--base", tiny_flux, "--height", "32", *run, system=MACOS))
+    assert (tmp_path / "run" / "lora" / "adapter_model.safetensors").is_file()
 
 
 def test_no_signal_where_kill_terminates(tmp_path, monkeypatch):
