@@ -11,10 +11,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from clitest import expect_error
 from PIL import Image
 from test_editing import write_inputs
 
 import prepare
+import sample
 from dit360.app import report
 from dit360.load import files
 
@@ -165,6 +167,22 @@ def test_train_runs_on_simulated_macos(tiny_flux, tmp_path):
     run += ("--grad-accum", "1", "--lora-rank", "4", "--device", "cpu")
     ok(windows(tmp_path, "train.py", "--base", tiny_flux, "--height", "32", *run, system=MACOS))
     assert (tmp_path / "run" / "lora" / "adapter_model.safetensors").is_file()
+
+
+def test_batch_names_differing_in_case(tiny_flux, tmp_path, capsys):
+    """Two rows whose outputs differ only in case write one file on Windows and macOS (their file
+    systems ignore case): refused, or the second would replace the first."""
+    rows = [{"prompt": CAFE, "out": name} for name in ("Pano.png", "pano.png")]
+    lines = "".join(json.dumps(row) + "\n" for row in rows)
+    (prompts := tmp_path / "rows.jsonl").write_text(lines, encoding="utf-8")
+    argv = ["--prompts", str(prompts), "--out-dir", str(tmp_path / "out"), "--base", str(tiny_flux)]
+    expect_error(
+        capsys,
+        sample.main,
+        [*argv, *TINY],
+        tmp_path,
+        "rows.jsonl:2: writes .*line 1 does \\(Pano.png: Windows",
+    )
 
 
 def test_no_signal_where_kill_terminates(tmp_path, monkeypatch):
