@@ -71,8 +71,8 @@ EXTRAS = ("--viewer", "--captions", "--cubemap")
 CAFE = "This is a panorama. A café at dawn, ☕ and 東京 signs."  # not cp1252 text
 
 
-def windows(tmp_path: Path, *argv: object, system: str = WINDOWS) -> subprocess.CompletedProcess:
-    """`python -X warn_default_encoding *argv` in the repository, as on Windows (or `system`)."""
+def run_on(system: str, tmp_path: Path, *argv: object) -> subprocess.CompletedProcess:
+    """`python -X warn_default_encoding *argv` in the repository, `system` loaded first."""
     site = tmp_path / "site"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(system, encoding="utf-8")
@@ -106,7 +106,7 @@ def test_simulated_windows_takes_effect(tmp_path):
         "try: open(sys.argv[1], 'w')\n"
         "except EncodingWarning: print('raised')\n"
     )
-    assert ok(windows(tmp_path, "-c", probe, tmp_path / "x.txt")).strip() == "raised"
+    assert ok(run_on(WINDOWS, tmp_path, "-c", probe, tmp_path / "x.txt")).strip() == "raised"
 
 
 def test_scripts_run_on_simulated_windows(tiny_flux, tmp_path):
@@ -117,11 +117,8 @@ def test_scripts_run_on_simulated_windows(tiny_flux, tmp_path):
     (prompts := tmp_path / "prompts.jsonl").write_text(row + "\n", encoding="utf-8")
     gen = tmp_path / "gen"
     base = ("--base", tiny_flux, "--height", "32")
-    ok(
-        windows(
-            tmp_path, "sample.py", "--prompts", prompts, "--out-dir", gen, *base, *TINY, *EXTRAS
-        )
-    )
+    sample_py = ("sample.py", "--prompts", prompts, "--out-dir", gen)
+    ok(run_on(WINDOWS, tmp_path, *sample_py, *base, *TINY, *EXTRAS))
     pano = gen / "café ☕.png"
     assert pano.with_suffix(".txt").read_text(encoding="utf-8") == CAFE + "\n"
     assert "<title>café ☕</title>" in pano.with_suffix(".html").read_text(encoding="utf-8")
@@ -130,28 +127,28 @@ def test_scripts_run_on_simulated_windows(tiny_flux, tmp_path):
     src, mask = write_inputs(tmp_path / "edit")
     edited = tmp_path / "edit" / "out.png"
     edit = ("--image", src, "--mask", mask, "--prompt", CAFE, "--out", edited)
-    ok(windows(tmp_path, "edit.py", *edit, *base, *TINY, *EXTRAS))
+    ok(run_on(WINDOWS, tmp_path, "edit.py", *edit, *base, *TINY, *EXTRAS))
     assert edited.with_suffix(".txt").read_text(encoding="utf-8") == CAFE + "\n"
 
     data, panos = tmp_path / "data", tmp_path / "panos"
     panos.mkdir()
     for p in (pano, pano.with_suffix(".txt")):
         (panos / p.name).write_bytes(p.read_bytes())
-    ok(windows(tmp_path, "prepare.py", "--pano", panos, "--out", data))
+    ok(run_on(WINDOWS, tmp_path, "prepare.py", "--pano", panos, "--out", data))
     assert CAFE in (data / "pano.jsonl").read_text(encoding="utf-8")
 
     converted = tmp_path / "converted"
+    convert = ("convert_weights.py", "--base", tiny_flux, "--to", "diffusers", "--out", converted)
     for _ in range(2):  # the second replaces the first's folder
-        ok(windows(tmp_path, "convert_weights.py", "--base", tiny_flux, "--to", "diffusers",
-                   "--out", converted))  # fmt: skip
+        ok(run_on(WINDOWS, tmp_path, *convert))
     assert (converted / "config.json").is_file()
 
-    assert "sample.py" in ok(windows(tmp_path, "-m", "dit360.app.info", pano))
-    ok(windows(tmp_path, "-m", "dit360.app.view", pano, "--out", tmp_path / "view.html"))
+    assert "sample.py" in ok(run_on(WINDOWS, tmp_path, "-m", "dit360.app.info", pano))
+    ok(run_on(WINDOWS, tmp_path, "-m", "dit360.app.view", pano, "--out", tmp_path / "view.html"))
     assert "data:image/png;base64," in (tmp_path / "view.html").read_text(encoding="utf-8")
 
     run = tmp_path / "run"
-    r = windows(tmp_path, "train.py", "--pano", data / "pano.jsonl", "--out", run, *base)
+    r = run_on(WINDOWS, tmp_path, "train.py", "--pano", data / "pano.jsonl", "--out", run, *base)
     assert r.returncode == 2 and r.stderr.startswith("error: train.py needs"), r.stderr[-3000:]
     assert len(r.stderr.strip().splitlines()) == 1 and "WSL2" in r.stderr
     assert not run.exists()
@@ -165,7 +162,7 @@ def test_train_runs_on_simulated_macos(tiny_flux, tmp_path):
     (rows := tmp_path / "pano.jsonl").write_text(row + "\n", encoding="utf-8")
     run = ("--pano", rows, "--out", tmp_path / "run", "--workers", "1", "--max-steps", "1")
     run += ("--grad-accum", "1", "--lora-rank", "4", "--device", "cpu")
-    ok(windows(tmp_path, "train.py", "--base", tiny_flux, "--height", "32", *run, system=MACOS))
+    ok(run_on(MACOS, tmp_path, "train.py", "--base", tiny_flux, "--height", "32", *run))
     assert (tmp_path / "run" / "lora" / "adapter_model.safetensors").is_file()
 
 
@@ -176,13 +173,8 @@ def test_batch_names_differing_in_case(tiny_flux, tmp_path, capsys):
     lines = "".join(json.dumps(row) + "\n" for row in rows)
     (prompts := tmp_path / "rows.jsonl").write_text(lines, encoding="utf-8")
     argv = ["--prompts", str(prompts), "--out-dir", str(tmp_path / "out"), "--base", str(tiny_flux)]
-    expect_error(
-        capsys,
-        sample.main,
-        [*argv, *TINY],
-        tmp_path,
-        "rows.jsonl:2: writes .*line 1 does \\(Pano.png: Windows",
-    )
+    match = r"rows.jsonl:2: writes .*line 1 does \(Pano.png: Windows and macOS ignore case"
+    expect_error(capsys, sample.main, [*argv, *TINY], tmp_path, match)
 
 
 def test_no_signal_where_kill_terminates(tmp_path, monkeypatch):
