@@ -435,9 +435,7 @@ def check_device(name: str | None) -> torch.device:
     except RuntimeError:
         fail(f"--device {name}: not a device (cpu, cuda, cuda:1)")
     if dev.type not in ("cpu", "cuda"):
-        fail(
-            f"--device {name}: train.py runs on cpu or cuda (torch.distributed has no mps backend)"
-        )
+        fail(f"--device {name}: train.py runs on cpu or cuda (torch.distributed has no mps)")
     index = torchrun()[2] if dev.index is None else dev.index
     if dev.type == "cuda" and index >= torch.cuda.device_count():
         fail(f"--device {name}: {torch.cuda.device_count()} CUDA devices here; try --device cpu")

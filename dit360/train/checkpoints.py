@@ -209,9 +209,7 @@ def start_run(out: Path, args: argparse.Namespace, start: int = 0) -> None:
     for folder in (out, out / "checkpoints", *(out / "samples").glob("step-*")):
         clean_temps(folder)  # only our names, of processes now gone, only where we write them
     with atomic_path(out / MARKER) as tmp:  # never written through a link a user put there
-        tmp.write_text(
-            "a dit360 training run: train.py --resume or --overwrite use it\n", encoding="utf-8"
-        )
+        tmp.write_bytes(b"a dit360 training run: train.py --resume or --overwrite use it\n")
 
 
 def remove_outputs(out: Path, folder: Path | None = None) -> None:
