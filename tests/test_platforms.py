@@ -3,6 +3,7 @@
 process is signalled where a signal would end it, and macOS's peak RSS is read in its unit."""
 
 import ast
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from clitest import expect_error
 from PIL import Image
 from test_editing import write_inputs
@@ -175,6 +177,19 @@ def test_batch_names_differing_in_case(tiny_flux, tmp_path, capsys):
     argv = ["--prompts", str(prompts), "--out-dir", str(tmp_path / "out"), "--base", str(tiny_flux)]
     match = r"rows.jsonl:2: writes .*line 1 does \(Pano.png: Windows and macOS ignore case"
     expect_error(capsys, sample.main, [*argv, *TINY], tmp_path, match)
+
+
+def test_compile_without_triton(tiny_flux, tmp_path, capsys, monkeypatch):
+    """--compile on a CUDA GPU where triton is not installed (Windows' torch has none) is refused
+    before anything loads, not a compiler's traceback at the first step."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    find = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "triton" else find(n, *a)
+    )
+    argv = ["--prompt", CAFE, "--base", str(tiny_flux), "--lora", "none", "--device", "cuda"]
+    argv += ["--compile", "--out", str(tmp_path / "p.png")]
+    expect_error(capsys, sample.main, argv, tmp_path, "--compile on a CUDA GPU needs triton")
 
 
 def test_no_signal_where_kill_terminates(tmp_path, monkeypatch):
