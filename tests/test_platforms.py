@@ -228,6 +228,16 @@ def test_peak_rss_without_proc(monkeypatch, platform, unit):
     assert "peak" not in str(run) and str(run).startswith("load 0.")
 
 
+def test_mps_stage_waits_for_the_gpu(monkeypatch):
+    """On MPS, as on CUDA, a stage's time ends once the GPU has done its work (it runs behind)."""
+    waits = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waits.append(1))
+    run = report.Report(device="mps", log=lambda m: None)
+    with run.stage("denoise"):
+        assert not waits
+    assert waits == [1]
+
+
 def test_prepare_out_on_another_drive(tmp_path, monkeypatch):
     """--pano on another Windows drive than --out: no relative path between them (relpath's
     ValueError there) is no refusal."""

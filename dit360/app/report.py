@@ -43,8 +43,8 @@ class Report:
         reset_peak(self.device)
         start = time.perf_counter()
         yield
-        if str(self.device).startswith("cuda"):
-            torch.cuda.synchronize()
+        if (kind := str(self.device).split(":")[0]) in ("cuda", "mps"):  # the GPU runs behind
+            getattr(torch, kind).synchronize()
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
         self.counts[name] = self.counts.get(name, 0) + 1
         now, was = (peak_memory_gb(self.device), held_memory_gb(self.device)), self.peaks.get(name)
