@@ -80,9 +80,9 @@ def save_png(img: Image.Image, path: Path) -> None:
 
 def row(image: Path, caption: str, mask: Path, out: Path, absolute: bool = False) -> Row:
     """One jsonl row for a jsonl file in folder out: paths relative to out, or absolute."""
-    image, mask = image.resolve(), mask.resolve()
-    if not absolute:
-        image, mask = (Path(os.path.relpath(p, out.resolve())) for p in (image, mask))
+    image, mask, out = image.resolve(), mask.resolve(), out.resolve()
+    if not absolute and image.drive == out.drive:  # on another Windows drive: absolute
+        image, mask = (Path(os.path.relpath(p, out)) for p in (image, mask))
     return {"image": image.as_posix(), "caption": caption, "mask": mask.as_posix()}
 
 
@@ -194,7 +194,8 @@ def check_args(
             raise ValueError(  # the next run would find its masks and projections as images
                 f"--out {out} {where} {flag} {folder}: choose an --out outside the input folders"
             )
-        top = os.path.relpath(Path(folder or target).resolve(), target).split(os.sep)[0]
+        src = Path(folder or target).resolve()  # (relpath: an error across Windows drives)
+        top = src.relative_to(target).parts[0] if target in src.parents else ""
         if FILES.fullmatch(top):  # a run removes the files folders: the images with them
             raise ValueError(
                 f"{flag} {folder} is inside {top} of --out {out}, which prepare.py replaces: "

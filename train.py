@@ -78,7 +78,6 @@ import copy
 import json
 import math
 import os
-import resource
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -139,7 +138,7 @@ from dit360.memory.ahead import ahead, modulation_layers
 from dit360.memory.fp8 import quantize_block
 from dit360.memory.offload import park, stream
 from dit360.speed.compiling import compile_blocks
-from dit360.train import distributed
+from dit360.train import checkpoints, distributed
 from dit360.train.checkpoints import (
     Checkpoint,
     check_out,
@@ -396,6 +395,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         fail("--resume continues the run in --out, --overwrite deletes it: pass one")
     # A loader process passes each batch's tensors as descriptors: too few, and one is dropped,
     # the run waits for it for ever (2 workers: hung at 40, ran at 50; none: ran at 12)
+    import resource  # POSIX only: main refused Windows before
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if args.workers and -1 < soft < (need := 32 + 16 * args.workers):  # -1: RLIM_INFINITY
         if -1 < hard < need:
@@ -434,7 +435,7 @@ def check_device(name: str | None) -> torch.device:
     except RuntimeError:
         fail(f"--device {name}: not a device (cpu, cuda, cuda:1)")
     if dev.type not in ("cpu", "cuda"):
-        fail(f"--device {name}: train.py runs on cpu or cuda")
+        fail(f"--device {name}: train.py runs on cpu or cuda (torch.distributed has no mps)")
     index = torchrun()[2] if dev.index is None else dev.index
     if dev.type == "cuda" and index >= torch.cuda.device_count():
         fail(f"--device {name}: {torch.cuda.device_count()} CUDA devices here; try --device cpu")
@@ -727,6 +728,11 @@ def train_step(
 
 def main(argv: list[str] | None = None) -> None:
     # --- config: check every input before anything slow, and before writing anything
+    if checkpoints.fcntl is None:  # out/.lock is a flock (one run a folder); GPUs train over NCCL
+        fail(
+            "train.py needs POSIX file locks (fcntl) and, to train on GPUs, NCCL, which Windows "
+            "lacks: run it in WSL2 (Windows Subsystem for Linux) or on Linux"
+        )
     args = parse_args(argv)
     out, rank0 = Path(args.out), distributed.is_main()
     print0(settings(args))
@@ -794,7 +800,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         if rank == 0:
             with atomic_path(out / "args.json") as tmp:
-                tmp.write_text(json.dumps(vars(args), indent=2) + "\n")
+                tmp.write_text(json.dumps(vars(args), indent=2) + "\n", encoding="utf-8")
             log = open_log(out / "log.jsonl", start)
             board = (
                 summary_writer()(str(out / "tensorboard")) if args.log == "tensorboard" else None

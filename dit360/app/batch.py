@@ -150,10 +150,13 @@ def checked_jobs(
             check_output_path(job.out, beside=beside(job.out, args), replace=False)
         except (ValueError, OSError) as e:
             raise ValueError(f"{where}: {e}") from None
-        if job.out.resolve() in seen:
-            raise ValueError(f"{where}: writes {job.out}, as line {seen[job.out.resolve()]} does")
+        key = str(job.out.resolve()).casefold()  # Windows and macOS: one file, whatever the case
+        if key in seen:
+            m, other = seen[key]
+            case = "" if other == job.out else f" ({other.name}: Windows and macOS ignore case)"
+            raise ValueError(f"{where}: writes {job.out}, as line {m} does{case}")
         jobs.append(job)
-        seen[job.out.resolve()] = n
+        seen[key] = n, job.out
     return jobs
 
 

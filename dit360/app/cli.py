@@ -161,7 +161,7 @@ def handle_signals() -> None:
     for fd, name in enumerate(("stdin", "stdout", "stderr")):
         if getattr(sys, name) is None:  # /dev/null, not the next file opened; `fail` can say
             os.dup2(os.open(os.devnull, os.O_RDWR), fd)
-            setattr(sys, name, open(fd, "w" if fd else "r", closefd=False))
+            setattr(sys, name, open(fd, "w" if fd else "r", encoding="utf-8", closefd=False))
     sys.stdout.reconfigure(errors="backslashreplace")
     try:
         os.getcwd()

@@ -183,6 +183,11 @@ class Options:
                 "flash-attention's hopper/ folder (cd hopper && python setup.py install); without "
                 "it use --attention auto"
             )
+        if self.compile and dev.type == "cuda" and importlib.util.find_spec("triton") is None:
+            raise ValueError(  # Linux's torch wheels bring triton, Windows' do not
+                "--compile on a CUDA GPU needs triton (on Windows: pip install triton-windows): "
+                "install it, or drop --compile"
+            )
         if self.attention == "fa3" and (dev.type != "cuda" or self.dtype not in DTYPES_16):
             raise ValueError(
                 f"--attention fa3 runs on a CUDA GPU in bf16 or fp16, not {dev.type} {self.dtype}; "

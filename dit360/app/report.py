@@ -5,7 +5,7 @@ events (both optional: `pip install 'dit360[logs]'`)."""
 import gc
 import json
 import re
-import resource
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -18,6 +18,11 @@ from typing import Any, TextIO
 import torch
 
 from ..load.files import atomic_path, parse_json
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
 
 
 @dataclass
@@ -38,8 +43,8 @@ class Report:
         reset_peak(self.device)
         start = time.perf_counter()
         yield
-        if str(self.device).startswith("cuda"):
-            torch.cuda.synchronize()
+        if (kind := str(self.device).split(":")[0]) in ("cuda", "mps"):  # the GPU runs behind
+            getattr(torch, kind).synchronize()
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
         self.counts[name] = self.counts.get(name, 0) + 1
         now, was = (peak_memory_gb(self.device), held_memory_gb(self.device)), self.peaks.get(name)
@@ -49,10 +54,8 @@ class Report:
     def __str__(self) -> str:
         what = "GPU" if str(self.device).startswith("cuda") else "RSS"
         times = {k: f" x{n}" if (n := self.counts.get(k, 1)) > 1 else "" for k in self.seconds}
-        stages = ", ".join(
-            f"{k}{times[k]} {v:.1f}s ({what} peak {self.peaks[k][0]:.2f} GiB)"
-            for k, v in self.seconds.items()
-        )
+        peaks = {k: f" ({what} peak {p[0]:.2f} GiB)" if p[0] else "" for k, p in self.peaks.items()}
+        stages = ", ".join(f"{k}{times[k]} {v:.1f}s{peaks[k]}" for k, v in self.seconds.items())
         return f"{stages}; total {sum(self.seconds.values()):.1f}s"
 
 
@@ -64,16 +67,21 @@ def free(device: str | torch.device) -> None:
 
 
 def peak_memory_gb(device: str | torch.device = "cpu") -> float:
-    """Peak GPU memory allocated on CUDA, else the process's peak RSS (since `reset_peak`), GiB."""
+    """Peak GPU memory allocated on CUDA, else the process's peak RSS (since `reset_peak`), GiB;
+    0 where it is not known (Windows)."""
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return _status_gb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB
+    if (peak := _status_gb("VmHWM")) is not None or resource is None:
+        return peak or 0.0
+    unit = 2**30 if sys.platform == "darwin" else 2**20  # ru_maxrss: bytes on macOS, kB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit
 
 
 def _status_gb(field: str) -> float | None:
     """A memory field of /proc/self/status in GiB; None without /proc."""
     if (status := Path("/proc/self/status")).exists():
-        return int(re.search(rf"{field}:\s+(\d+)", status.read_text())[1]) / 2**20  # kB
+        text = status.read_text(encoding="utf-8")
+        return int(re.search(rf"{field}:\s+(\d+)", text)[1]) / 2**20  # kB
     return None
 
 
@@ -91,12 +99,14 @@ def reset_peak(device: str | torch.device = "cpu") -> None:
         if torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats(device)
     elif Path("/proc/self/clear_refs").exists():
-        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size
+        # 5: reset the peak resident set size
+        Path("/proc/self/clear_refs").write_text("5", encoding="utf-8")
 
 
 def open_log(path: Path, step: int) -> TextIO:
     """Append to the jsonl log, less a killed run's lines past `step` and (warned) bad ones."""
-    lines, kept = path.read_text(errors="replace").splitlines() if path.exists() else [], []
+    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+    lines, kept = text.splitlines(), []
     for n, line in enumerate(lines, start=1):
         try:  # a row holds what plot_losses reads: a whole step and a loss
             row = parse_json(line, str(path)) if line.strip() else {}
@@ -106,8 +116,8 @@ def open_log(path: Path, step: int) -> TextIO:
         except (ValueError, KeyError, TypeError):
             warnings.warn(f"{path}:{n}: dropped an unreadable line", stacklevel=2)
     with atomic_path(path) as tmp:
-        tmp.write_text("".join(kept))
-    return open(path, "a")  # noqa: SIM115
+        tmp.write_text("".join(kept), encoding="utf-8")
+    return open(path, "a", encoding="utf-8")  # noqa: SIM115
 
 
 LOGS_EXTRA = "pip install 'dit360[logs]'"  # matplotlib and tensorboard, optional
@@ -122,7 +132,8 @@ def plot_losses(log: Path, png: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    text = log.read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     rows = [r for r in rows if "skipped" not in r]  # a skipped step's loss is not finite
     if len(rows) < 2:
         return False

@@ -120,7 +120,7 @@ def convert_flux(
         return out
     with atomic_path(out, FOLDER_FILES[to]) as tmp:  # the folder appears whole, or not at all
         write_safetensors(tmp / "diffusion_pytorch_model.safetensors", specs, tensors(), metadata)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return out
 
 

@@ -212,7 +212,9 @@ def resolve(src: str | Path, allow_patterns: list[str] | None = None, expected: 
 def read_text(path: str | Path) -> str:
     """A text file read as UTF-8 (a leading BOM dropped); ValueError naming the file if it is not,
     is not a regular file (a FIFO or /dev/zero: no wait, no read without end) or is over 100 MB."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens without waiting for a writer
+    # O_NONBLOCK (POSIX): a FIFO opens without waiting for a writer; O_BINARY (Windows): no CRLF
+    # translation, no Ctrl-Z as the end (an fd os.open gives is in text mode there)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     try:
         if not stat.S_ISREG((info := os.fstat(fd)).st_mode):  # /dev/zero, a FIFO, a folder
             raise ValueError(f"{path}: not a regular file: give a text file")
@@ -365,8 +367,16 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+# Whether os.kill(pid, 0) only asks if a process exists (POSIX); on Windows it terminates it,
+# so there every pid counts as alive: temporaries of killed runs stay, never a process is touched.
+KILL_ASKS = os.name == "posix"
+
+
 def dead(pid: str) -> bool:
-    """Whether `pid` is a process id of this machine that no longer runs."""
+    """Whether `pid` is a process id of this machine that no longer runs (never, without
+    KILL_ASKS)."""
+    if not KILL_ASKS:
+        return False
     try:
         os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
@@ -413,7 +423,10 @@ def named(e: OSError, tmp: Path, path: Path) -> None:
 
 def exchange(a: Path, b: Path) -> bool:
     """Swap two paths in one step (Linux's renameat2 RENAME_EXCHANGE); False where unsupported."""
-    call = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc 2.28+
+    try:
+        call = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc 2.28+
+    except (TypeError, OSError):  # Windows: no process-wide symbol table to look it up in
+        return False
     return call is not None and call(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0  # cwd
 
 
@@ -434,6 +447,7 @@ def atomic_path(path: str | Path, holds: str = ".+") -> Iterator[Path]:
                 return
             for old in olds:
                 old.unlink()
+            path.rmdir()  # Windows replaces no folder, even an empty one
         os.replace(tmp, path)
     except OSError as e:
         named(e, tmp, path)

@@ -367,7 +367,9 @@ def write_peft(
     stream = ((k, t.detach().to(dtype or t.dtype)) for k, t in tensors.items())
     with atomic_path(out_dir, PEFT_FILES) as tmp:  # both files appear (over old ones) at once
         write_safetensors(tmp / "adapter_model.safetensors", specs, stream, meta)
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "adapter_config.json").write_text(
+            json.dumps(config, indent=2) + "\n", encoding="utf-8"
+        )
     return Path(out_dir)
 
 

@@ -5,7 +5,6 @@ full tensors, counters and arguments as JSON metadata: nothing unpickled) and th
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -34,6 +33,11 @@ from ..load.files import (
 )
 from ..load.lora_formats import MARKER, STEP_DIR, export_peft, steps
 from .distributed import print0, warn0
+
+try:
+    import fcntl
+except ImportError:  # Windows: train.py refuses to start
+    fcntl = None
 
 STATE = "state.safetensors"  # a checkpoint's LoRA, AdamW state, counters and arguments
 COUNTERS = ("step", "epoch", "batch", "world", "batch_size")  # where a checkpoint resumes
@@ -205,7 +209,7 @@ def start_run(out: Path, args: argparse.Namespace, start: int = 0) -> None:
     for folder in (out, out / "checkpoints", *(out / "samples").glob("step-*")):
         clean_temps(folder)  # only our names, of processes now gone, only where we write them
     with atomic_path(out / MARKER) as tmp:  # never written through a link a user put there
-        tmp.write_text("a dit360 training run: train.py --resume or --overwrite use it\n")
+        tmp.write_bytes(b"a dit360 training run: train.py --resume or --overwrite use it\n")
 
 
 def remove_outputs(out: Path, folder: Path | None = None) -> None:
