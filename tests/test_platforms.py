@@ -192,6 +192,22 @@ def test_compile_without_triton(tiny_flux, tmp_path, capsys, monkeypatch):
     expect_error(capsys, sample.main, argv, tmp_path, "--compile on a CUDA GPU needs triton")
 
 
+@pytest.mark.parametrize("fp8", ["--fp8", "--t5-fp8"])
+def test_fp8_on_mps_is_refused_before_loading(tiny_flux, tmp_path, capsys, monkeypatch, fp8):
+    """MPS has no float8 dtype (pytorch/pytorch#132624): --fp8 or --t5-fp8 with --device mps is
+    one line naming the flag before anything loads, not a TypeError traceback at load."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    argv = ["--prompt", CAFE, "--base", str(tiny_flux), "--lora", "none", "--device", "mps"]
+    argv += [fp8, "--out", str(tmp_path / "p.png")]
+    expect_error(
+        capsys,
+        sample.main,
+        argv,
+        tmp_path,
+        f"^error: {fp8}.* needs float8 tensors, which MPS lacks",
+    )
+
+
 def test_no_signal_where_kill_terminates(tmp_path, monkeypatch):
     """Without POSIX kill semantics (Windows: os.kill ends the process) no pid is signalled and
     a dead run's temporary stays; with them it is removed (so the test can tell)."""

@@ -165,6 +165,11 @@ class Options:
             raise ValueError(f"--device {self.device}: cannot run there; use {runs}")
         if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
             raise ValueError(f"--device {self.device}: no such CUDA GPU here; use --device cpu")
+        if dev.type == "mps" and (fp8 := [f for f in ("fp8", "t5_fp8") if getattr(self, f)]):
+            raise ValueError(  # pytorch/pytorch#132624: no float8 dtype on MPS
+                f"{flag(fp8[0])} needs float8 tensors, which MPS lacks: drop it (and give "
+                "--dtype bf16 to halve the memory), or use --device cpu"
+            )
         if dev.type != "cuda" and self.attention in ("cudnn", "efficient"):
             raise ValueError(f"--attention {self.attention} needs a CUDA GPU; use auto or flash")
         self.lora, self.lora_scale = paired_loras(self.lora, self.lora_scale)
