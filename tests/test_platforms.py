@@ -208,6 +208,16 @@ def test_fp8_on_mps_is_refused_before_loading(tiny_flux, tmp_path, capsys, monke
     )
 
 
+def test_mps_defaults_to_bf16(monkeypatch):
+    """On Apple Silicon's GPU the default dtype is bf16, as on CUDA (fp32 FLUX.1-dev is 48 GB of
+    unified memory); the CPU keeps fp32."""
+    from dit360.app.options import SampleOptions
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert SampleOptions(device="mps").dtype == torch.bfloat16
+    assert SampleOptions(device="cpu").dtype == torch.float32
+
+
 def test_no_signal_where_kill_terminates(tmp_path, monkeypatch):
     """Without POSIX kill semantics (Windows: os.kill ends the process) no pid is signalled and
     a dead run's temporary stays; with them it is removed (so the test can tell)."""

@@ -180,7 +180,7 @@ class Options:
             warnings.warn(f"--true-cfg {self.true_cfg} is off where no negative prompt is given: "
                           "give --negative-prompt ('' for an empty one)",
                           stacklevel=caller())  # fmt: skip
-        dtype = self.dtype or ("bf16" if dev.type == "cuda" else "fp32")
+        dtype = self.dtype or ("fp32" if dev.type == "cpu" else "bf16")  # a GPU's: CUDA's, MPS's
         self.dtype = DTYPES.get(dtype, dtype)
         if self.attention == "fa3" and importlib.util.find_spec("flash_attn_interface") is None:
             raise ValueError(
