@@ -255,13 +255,15 @@ def test_peak_rss_without_proc(monkeypatch, platform, unit):
 
 
 def test_mps_stage_waits_for_the_gpu(monkeypatch):
-    """On MPS, as on CUDA, a stage's time ends once the GPU has done its work (it runs behind)."""
-    waits = []
-    monkeypatch.setattr(torch.mps, "synchronize", lambda: waits.append(1))
+    """On MPS, as on CUDA, a stage's time ends once the GPU has done its work (it runs behind),
+    and its cached memory goes back (to the unified memory the system shares) after it."""
+    calls = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("synchronize"))
+    monkeypatch.setattr(torch.mps, "empty_cache", lambda: calls.append("empty_cache"))
     run = report.Report(device="mps", log=lambda m: None)
     with run.stage("denoise"):
-        assert not waits
-    assert waits == [1]
+        assert not calls
+    assert calls == ["synchronize", "empty_cache"]
 
 
 def test_prepare_out_on_another_drive(tmp_path, monkeypatch):

@@ -60,10 +60,11 @@ class Report:
 
 
 def free(device: str | torch.device) -> None:
-    """Collect garbage and hand cached GPU memory back, so the next model fits."""
+    """Collect garbage and hand cached GPU memory back, so the next model fits (MPS: to the
+    unified memory the system shares)."""
     gc.collect()
-    if str(device).startswith("cuda"):
-        torch.cuda.empty_cache()
+    if (kind := str(device).split(":")[0]) in ("cuda", "mps"):
+        getattr(torch, kind).empty_cache()
 
 
 def peak_memory_gb(device: str | torch.device = "cpu") -> float:
