@@ -90,7 +90,7 @@ def test_warnings_name_the_callers_line(tiny_flux, tmp_path, monkeypatch):
     with recorded() as warned, pytest.raises(AssertionError, match="a model was loaded"):
         editing.edit_image(Image.open(src), Image.open(mask), PROMPT, opts)
     with recorded() as more:
-        SampleOptions(negative_prompt="blurry")
+        SampleOptions(negative_prompt="blurry", device="cpu")
     found = [
         (str(w.message)[:20], w.filename) for w in [*warned, *more] if w.category is UserWarning
     ]

@@ -3,6 +3,7 @@
 process is signalled where a signal would end it, and macOS's peak RSS is read in its unit."""
 
 import ast
+import contextlib
 import importlib.util
 import json
 import os
@@ -208,14 +209,28 @@ def test_fp8_on_mps_is_refused_before_loading(tiny_flux, tmp_path, capsys, monke
     )
 
 
-def test_mps_defaults_to_bf16(monkeypatch):
-    """On Apple Silicon's GPU the default dtype is bf16, as on CUDA (fp32 FLUX.1-dev is 48 GB of
-    unified memory); the CPU keeps fp32."""
+@pytest.mark.parametrize("cuda,mps", [(True, True), (False, True), (False, False)])
+def test_the_default_device(monkeypatch, cuda, mps):
+    """No --device: CUDA's GPU, else Apple Silicon's (MPS), else the CPU with a warning that says
+    why and what to install (a CPU build of torch, as PyPI's on Windows: hours at full size). The
+    default dtype is bf16 on a GPU, MPS's too (fp32 FLUX.1-dev is 48 GB of unified memory)."""
     from dit360.app.options import SampleOptions
 
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert SampleOptions(device="mps").dtype == torch.bfloat16
-    assert SampleOptions(device="cpu").dtype == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: int(cuda))
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.warns() if not (cuda or mps) else contextlib.nullcontext() as warned:
+        opts = SampleOptions()
+    device = "cuda" if cuda else "mps" if mps else "cpu"
+    assert (opts.device, opts.dtype) == (
+        device,
+        torch.float32 if device == "cpu" else torch.bfloat16,
+    )
+    if warned is not None:
+        [w] = [w for w in warned if "no GPU" in str(w.message)]
+        assert str(w.message).startswith("no GPU (this torch is a CPU build): running on the CPU")
+        assert "install a CUDA build of torch" in str(w.message) and w.filename == __file__
 
 
 def test_no_signal_where_kill_terminates(tmp_path, monkeypatch):

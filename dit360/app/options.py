@@ -154,7 +154,15 @@ class Options:
         for name, (test, what) in CHECKS.items():
             if hasattr(self, name) and not test(value := getattr(self, name)):
                 raise ValueError(f"{flag(name)} must be {what}, got {short(value)}")
-        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device is None:  # the first GPU there is: CUDA's, Apple Silicon's, else the CPU
+            mps = torch.backends.mps.is_available()
+            self.device = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+            if self.device == "cpu":
+                why = "this torch is a CPU build" if torch.version.cuda is None else "none is seen"
+                warnings.warn(f"no GPU ({why}): running on the CPU in fp32, which at 1024x2048 "
+                              "takes hours and about 50 GB of memory; install a CUDA build of "
+                              "torch (https://pytorch.org/get-started/locally/), or give --device "
+                              "cpu to run here", stacklevel=caller())  # fmt: skip
         try:
             dev = torch.device(self.device)
         except RuntimeError as e:  # torch's line naming the device types
