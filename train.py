@@ -112,6 +112,7 @@ from dit360.app.options import (
     bounded,
     check_height,
     fail,
+    no_gpu,
 )
 from dit360.app.panorama import Grid
 from dit360.app.report import (
@@ -436,6 +437,8 @@ def check_device(name: str | None) -> torch.device:
         fail(f"--device {name}: not a device (cpu, cuda, cuda:1)")
     if dev.type not in ("cpu", "cuda"):
         fail(f"--device {name}: train.py runs on cpu or cuda (torch.distributed has no mps)")
+    if name is None and dev.type == "cpu":
+        warn0(no_gpu("training", "days"))
     index = torchrun()[2] if dev.index is None else dev.index
     if dev.type == "cuda" and index >= torch.cuda.device_count():
         fail(f"--device {name}: {torch.cuda.device_count()} CUDA devices here; try --device cpu")

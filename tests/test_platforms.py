@@ -319,3 +319,17 @@ def test_text_names_its_encoding():
         for n in unencoded(ast.parse(p.read_bytes()))
     }
     assert len(sources) > 40 and not found, sorted(found)
+
+
+def test_train_without_a_gpu_warns(monkeypatch, capsys):
+    """train.py with no --device and no GPU trains on the CPU, saying why and what to install;
+    --device cpu says nothing."""
+    import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert train.check_device(None) == torch.device("cpu")
+    err = capsys.readouterr().err
+    assert err.startswith("warning: no GPU (this torch is a CPU build): training on the CPU")
+    assert "takes days; install a CUDA build of torch" in err and err.count("\n") == 1
+    assert train.check_device("cpu") == torch.device("cpu") and capsys.readouterr().err == ""

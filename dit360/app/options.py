@@ -158,11 +158,8 @@ class Options:
             mps = torch.backends.mps.is_available()
             self.device = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
             if self.device == "cpu":
-                why = "this torch is a CPU build" if torch.version.cuda is None else "none is seen"
-                warnings.warn(f"no GPU ({why}): running on the CPU in fp32, which at 1024x2048 "
-                              "takes hours and about 50 GB of memory; install a CUDA build of "
-                              "torch (https://pytorch.org/get-started/locally/), or give --device "
-                              "cpu to run here", stacklevel=caller())  # fmt: skip
+                warnings.warn(no_gpu("running", "hours (fp32: about 50 GB of memory)"),
+                              stacklevel=caller())  # fmt: skip
         try:
             dev = torch.device(self.device)
         except RuntimeError as e:  # torch's line naming the device types
@@ -294,6 +291,16 @@ def check_types(obj: Any, name: Callable[[str], str] = str) -> None:
 
 # Frames a warning is not about: this package's, and those dataclasses make (__init__, replace).
 INSIDE = (os.path.dirname(__file__), "<", dataclasses.__file__)
+
+
+def no_gpu(doing: str, takes: str) -> str:
+    """The warning of a command that found no GPU where no --device was given: why, and the fix."""
+    why = "this torch is a CPU build" if torch.version.cuda is None else "none is seen"
+    return (
+        f"no GPU ({why}): {doing} on the CPU, which at 1024x2048 takes {takes}; install a "
+        "CUDA build of torch (https://pytorch.org/get-started/locally/), or give --device cpu to "
+        "run here"
+    )
 
 
 def caller() -> int:
