@@ -93,6 +93,22 @@ def test_missing_subfolder(tiny_flux: Path, tmp_path: Path) -> None:
         text.load_text_encoders(tmp_path)
 
 
+def test_t5_tokenizer_reads_tokenizer_json(tiny_flux: Path, monkeypatch, capfd) -> None:
+    """FLUX.1-dev's T5 tokenizer is its tokenizer.json, read without protobuf and without a word
+    on stderr (transformers 4.x, told add_prefix_space, rebuilt it from spiece.model: a warning,
+    and without protobuf an error)."""
+    from tokenizers import Tokenizer
+
+    from dit360.load.sources import resolve_sources
+
+    monkeypatch.setitem(sys.modules, "google.protobuf", None)  # not a dependency of ours
+    _, t5 = text.load_tokenizers(resolve_sources(str(tiny_flux), parts=("t5", "clip")))
+    prompt = "A quiet lake at dawn, café lights <extra_id_0>"
+    reference = Tokenizer.from_file(str(tiny_flux / "tokenizer_2" / "tokenizer.json"))
+    assert t5([prompt]).input_ids[0] == reference.encode(prompt).ids
+    assert capfd.readouterr().err == ""
+
+
 def test_transformer_file_has_no_text_encoders(tiny_flux: Path, tmp_path: Path) -> None:
     """A transformer-only file as the source names the flags of the missing encoders."""
     from dit360.load.convert import convert_flux

@@ -260,7 +260,12 @@ def load_tokenizer(src: Sources, kind: str, encoder: nn.Module) -> CLIPTokenizer
                 check_json(read_json(f), TOKEN_LISTS, f.name)
         if not any((folder / f).is_file() for f in needs):
             raise ValueError(f"no {' or '.join(needs)}")
-        tok = cls.from_pretrained(folder)  # trust_remote_code stays off: auto_map is never run
+        # T5's add_prefix_space (FLUX.1-dev's tokenizer_config sets it) made transformers 4.x
+        # rebuild tokenizer.json from spiece.model: a warning, and an error without protobuf (no
+        # dependency of ours). Unset, tokenizer.json gives the same ids.
+        fast = kind == "t5" and (folder / "tokenizer.json").is_file()
+        kwargs = {"add_prefix_space": None} if fast else {}
+        tok = cls.from_pretrained(folder, **kwargs)  # trust_remote_code off: no auto_map is run
         if (top := max(tok.get_vocab().values())) >= config.vocab_size:  # an IndexError later
             raise ValueError(f"ids up to {top}, but {part} embeds ids below {config.vocab_size}")
         pools = top if config.eos_token_id == 2 else config.eos_token_id  # transformers' rule
