@@ -93,6 +93,33 @@ def test_missing_subfolder(tiny_flux: Path, tmp_path: Path) -> None:
         text.load_text_encoders(tmp_path)
 
 
+def test_tokenizers_read_tokenizer_json(
+    tiny_flux: Path, tmp_path: Path, monkeypatch, capfd
+) -> None:
+    """Each tokenizer is its folder's tokenizer.json (CLIP's alone here), read without protobuf
+    and without a word on stderr. transformers 4.x's CLIPTokenizer needed vocab.json (and split
+    accented words otherwise than 5.x); its T5 tokenizer, told add_prefix_space (as FLUX.1-dev's
+    config does), rebuilt itself from spiece.model: a warning, and without protobuf an error."""
+    from tokenizers import Tokenizer
+    from transformers import CLIPTokenizerFast
+
+    from dit360.load.sources import Part, Sources
+
+    clip = shutil.copytree(tiny_flux / "tokenizer", tmp_path / "tokenizer")
+    CLIPTokenizerFast.from_pretrained(clip).backend_tokenizer.save(str(clip / "tokenizer.json"))
+    for name in ("vocab.json", "merges.txt"):  # the fast form only, as some repos ship it
+        (clip / name).unlink()
+    t5 = tiny_flux / "tokenizer_2"  # tokenizer.json and spiece.model, as FLUX.1-dev's
+    monkeypatch.setitem(sys.modules, "google.protobuf", None)  # not a dependency of ours
+    parts = {k: Part(tiny_flux / f"text_encoder{n}") for k, n in (("clip", ""), ("t5", "_2"))}
+    toks = text.load_tokenizers(Sources(clip, t5, **parts))
+    prompt = "A quiet lake at dawn, café lights, résumé of a naïve ÉCOLE <extra_id_0>"
+    for tok, folder in zip(toks, (clip, t5), strict=True):
+        reference = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        assert tok([prompt]).input_ids[0] == reference.encode(prompt).ids, folder.name
+    assert capfd.readouterr().err == ""
+
+
 def test_transformer_file_has_no_text_encoders(tiny_flux: Path, tmp_path: Path) -> None:
     """A transformer-only file as the source names the flags of the missing encoders."""
     from dit360.load.convert import convert_flux

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
-    CLIPTokenizer,
+    CLIPTokenizerFast,
     T5Config,
     T5EncoderModel,
     T5TokenizerFast,
@@ -38,7 +38,7 @@ CLIP_EXTRAS = ("text_projection.weight", "logit_scale", "text_model.embeddings.p
 class TextEncoders:
     """The two tokenizers and encoders; drop the object (and empty the CUDA cache) to free them."""
 
-    clip_tokenizer: CLIPTokenizer
+    clip_tokenizer: CLIPTokenizerFast
     clip: CLIPTextModel
     t5_tokenizer: T5TokenizerFast
     t5: T5EncoderModel
@@ -215,8 +215,10 @@ def load_text_encoders(
 
 
 # Each tokenizer's class and the files it reads its vocabulary from (one of them is needed).
+# The fast (tokenizers-backed) classes, transformers 5's only ones: 4.x gives 5's ids.
+Tokenizer = CLIPTokenizerFast | T5TokenizerFast
 TOKENIZERS = {
-    "clip": (CLIPTokenizer, ("tokenizer.json", "vocab.json")),
+    "clip": (CLIPTokenizerFast, ("tokenizer.json", "vocab.json")),
     "t5": (T5TokenizerFast, ("tokenizer.json", "spiece.model")),
 }
 
@@ -237,7 +239,7 @@ def check_encoders(src: Sources) -> dict[str, Checked]:
 
 def load_tokenizers(
     src: Sources, checked: dict[str, Checked] | None = None
-) -> tuple[CLIPTokenizer, T5TokenizerFast]:
+) -> tuple[CLIPTokenizerFast, T5TokenizerFast]:
     """CLIP's and T5's tokenizers checked against their encoders (`checked`, else made here)."""
     checked = checked or check_encoders(src)
     return tuple(
@@ -246,7 +248,7 @@ def load_tokenizers(
     )
 
 
-def load_tokenizer(src: Sources, kind: str, encoder: nn.Module) -> CLIPTokenizer | T5TokenizerFast:
+def load_tokenizer(src: Sources, kind: str, encoder: nn.Module) -> Tokenizer:
     """`kind`'s tokenizer (files bounded, no code run, ids its `encoder` embeds), or ValueError."""
     cls, needs = TOKENIZERS[kind]
     folder, part = getattr(src, f"{kind}_tokenizer"), getattr(src, kind)
@@ -260,7 +262,12 @@ def load_tokenizer(src: Sources, kind: str, encoder: nn.Module) -> CLIPTokenizer
                 check_json(read_json(f), TOKEN_LISTS, f.name)
         if not any((folder / f).is_file() for f in needs):
             raise ValueError(f"no {' or '.join(needs)}")
-        tok = cls.from_pretrained(folder)  # trust_remote_code stays off: auto_map is never run
+        # T5's add_prefix_space (FLUX.1-dev's tokenizer_config sets it) made transformers 4.x
+        # rebuild tokenizer.json from spiece.model: a warning, and an error without protobuf (no
+        # dependency of ours). Unset, tokenizer.json gives the same ids.
+        fast = kind == "t5" and (folder / "tokenizer.json").is_file()
+        kwargs = {"add_prefix_space": None} if fast else {}
+        tok = cls.from_pretrained(folder, **kwargs)  # trust_remote_code off: no auto_map is run
         if (top := max(tok.get_vocab().values())) >= config.vocab_size:  # an IndexError later
             raise ValueError(f"ids up to {top}, but {part} embeds ids below {config.vocab_size}")
         pools = top if config.eos_token_id == 2 else config.eos_token_id  # transformers' rule
@@ -286,7 +293,7 @@ def _on_device(enc: TextEncoders, model: nn.Module) -> Iterator[None]:
         yield
 
 
-def _token_ids(tok: CLIPTokenizer | T5TokenizerFast, texts: list[str], n: int, name: str) -> Tensor:
+def _token_ids(tok: Tokenizer, texts: list[str], n: int, name: str) -> Tensor:
     """Token ids (B, n): each prompt padded and truncated to n tokens; we warn if cut, not HF."""
     for text, ids in zip(texts, tok(texts, verbose=False).input_ids, strict=True):
         if len(ids) > n:

@@ -223,7 +223,8 @@ def save_panorama(img: Image.Image, path: str | Path, text: dict[str, str] | Non
         exif, rest = Image.Exif(), [v for k, v in text.items() if k != "parameters"]
         if "parameters" in text:  # EXIF's UNICODE comments are UTF-16, as piexif writes them
             user_comment = b"UNICODE\0" + text["parameters"].encode("utf-16-be")
-            exif.get_ifd(0x8769)[0x9286] = user_comment  # Exif IFD, UserComment
+            # The Exif IFD as a dict: Pillow 11.0 drops what get_ifd() of a new Exif is given
+            exif[0x8769] = {0x9286: user_comment}  # Exif IFD, UserComment
         extra = {"comment": "\n".join(rest)} if rest else {}
         img = img if img.mode in ("L", "RGB") else img.convert("RGB")  # what JPEG holds
         save_image(img, path, format="JPEG", quality=95, xmp=xmp, exif=exif, **extra)
