@@ -3,12 +3,12 @@
 process is signalled where a signal would end it, and macOS's peak RSS is read in its unit."""
 
 import ast
-import contextlib
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -220,17 +220,24 @@ def test_the_default_device(monkeypatch, cuda, mps):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: int(cuda))
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
     monkeypatch.setattr(torch.version, "cuda", None)
-    with pytest.warns() if not (cuda or mps) else contextlib.nullcontext() as warned:
+    monkeypatch.setattr(torch.version, "hip", None)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
         opts = SampleOptions()
     device = "cuda" if cuda else "mps" if mps else "cpu"
     assert (opts.device, opts.dtype) == (
         device,
         torch.float32 if device == "cpu" else torch.bfloat16,
     )
-    if warned is not None:
-        [w] = [w for w in warned if "no GPU" in str(w.message)]
+    said = [w for w in warned if "no GPU" in str(w.message)]
+    assert len(said) == (device == "cpu")  # a GPU found: nothing said
+    for w in said:
         assert str(w.message).startswith("no GPU (this torch is a CPU build): running on the CPU")
         assert "install a CUDA build of torch" in str(w.message) and w.filename == __file__
+    monkeypatch.setattr(torch.version, "hip", "6.4")  # ROCm's build, no GPU seen: not a CPU build
+    if device == "cpu":
+        with pytest.warns(UserWarning, match=r"^no GPU \(none is seen\)"):
+            SampleOptions()
 
 
 def test_no_signal_where_kill_terminates(tmp_path, monkeypatch):

@@ -172,8 +172,8 @@ class Options:
             raise ValueError(f"--device {self.device}: no such CUDA GPU here; use --device cpu")
         if dev.type == "mps" and (fp8 := [f for f in ("fp8", "t5_fp8") if getattr(self, f)]):
             raise ValueError(  # pytorch/pytorch#132624: no float8 dtype on MPS
-                f"{flag(fp8[0])} needs float8 tensors, which MPS lacks: drop it (and give "
-                "--dtype bf16 to halve the memory), or use --device cpu"
+                f"{flag(fp8[0])} needs float8 tensors, which MPS lacks: drop it (MPS runs bf16), "
+                "or use --device cpu"
             )
         if dev.type != "cuda" and self.attention in ("cudnn", "efficient"):
             raise ValueError(f"--attention {self.attention} needs a CUDA GPU; use auto or flash")
@@ -295,7 +295,8 @@ INSIDE = (os.path.dirname(__file__), "<", dataclasses.__file__)
 
 def no_gpu(doing: str, takes: str) -> str:
     """The warning of a command that found no GPU where no --device was given: why, and the fix."""
-    why = "this torch is a CPU build" if torch.version.cuda is None else "none is seen"
+    cpu_build = torch.version.cuda is None and torch.version.hip is None  # hip: ROCm's build
+    why = "this torch is a CPU build" if cpu_build else "none is seen"
     return (
         f"no GPU ({why}): {doing} on the CPU, which at 1024x2048 takes {takes}; install a "
         "CUDA build of torch (https://pytorch.org/get-started/locally/), or give --device cpu to "

@@ -43,8 +43,8 @@ class Report:
         reset_peak(self.device)
         start = time.perf_counter()
         yield
-        if (kind := str(self.device).split(":")[0]) in ("cuda", "mps"):  # the GPU runs behind
-            getattr(torch, kind).synchronize()
+        if gpu := backend(self.device):  # the GPU runs behind: its work done first
+            gpu.synchronize()
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
         self.counts[name] = self.counts.get(name, 0) + 1
         now, was = (peak_memory_gb(self.device), held_memory_gb(self.device)), self.peaks.get(name)
@@ -63,8 +63,14 @@ def free(device: str | torch.device) -> None:
     """Collect garbage and hand cached GPU memory back, so the next model fits (MPS: to the
     unified memory the system shares)."""
     gc.collect()
-    if (kind := str(device).split(":")[0]) in ("cuda", "mps"):
-        getattr(torch, kind).empty_cache()
+    if gpu := backend(device):
+        gpu.empty_cache()
+
+
+def backend(device: str | torch.device) -> Any:
+    """torch.cuda or torch.mps for a device of theirs (synchronize, empty_cache), else None."""
+    kind = torch.device(device).type
+    return getattr(torch, kind) if kind in ("cuda", "mps") else None
 
 
 def peak_memory_gb(device: str | torch.device = "cpu") -> float:
